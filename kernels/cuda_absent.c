@@ -1,0 +1,17 @@
+/* The device probe of a build without the CUDA backend (-Dcuda=disabled, or no nvcc). */
+#include "kernels/device_probe.h"
+
+int lq_cuda_compiled(void) {
+    return 0;
+}
+
+int lq_cuda_device_count(int *count, struct lq_error *err) {
+    *count = 0;
+    return lq_error_set(err, LQ_EUNSUPPORTED, "this lqd was built without the CUDA backend");
+}
+
+int lq_cuda_device_describe(int index, char *buffer, int buffer_size, struct lq_error *err) {
+    (void)index;
+    if (buffer_size > 0) buffer[0] = '\0';
+    return lq_error_set(err, LQ_EUNSUPPORTED, "this lqd was built without the CUDA backend");
+}

@@ -1,0 +1,14 @@
+/* The `lqd` command's subcommands. Each takes argc/argv from its own name on and returns
+ * the process exit status: 0 success, 1 failure, 2 bad usage. */
+#ifndef LQ_CLI_H
+#define LQ_CLI_H
+
+int lq_cli_decompose(int argc, char **argv);
+int lq_cli_version(int argc, char **argv);
+
+/* Strict number parsing for options: the whole string must be a number in range.
+ * Return 0 on success, -1 otherwise. */
+int lq_cli_parse_int(const char *text, long min, long max, long *out);
+int lq_cli_parse_double(const char *text, double min, double max, double *out);
+
+#endif
