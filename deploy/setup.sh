@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs every Debian package lqd's build, tests and benchmarks need on a fresh machine.
-# Usage: sudo deploy/setup.sh   (root: apt-get must be able to write)
+# Usage: deploy/setup.sh, as root (apt-get must be able to write)
 set -euo pipefail
 
 packages=(

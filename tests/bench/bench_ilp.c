@@ -6,28 +6,14 @@
 #include <stdlib.h>
 
 #include "core/ilp.h"
+#include "core/nf.h"
 #include "core/rng.h"
 
 enum { LAYERS = 32, TYPES = 7, MATRICES = LAYERS * TYPES, CONFIGS = 243 };
 
-struct config {
-    int b0, b1, b2, B0, B1;
-    double b2_penalty; /* bf16 keeps 8 significant bits, fp16 11, fp32 24 */
-};
-
-/* Table 1: b0, b1 in {2,3,4}; b2 in {bf16, fp16, fp32}; B0 in {16,32,64}; B1 in {16,64,256}. */
-static void make_grid(struct config grid[CONFIGS]) {
-    static const int bits[3] = {2, 3, 4}, B0s[3] = {16, 32, 64}, B1s[3] = {16, 64, 256};
-    static const int b2_bits[3] = {16, 16, 32};
-    static const double b2_penalty[3] = {0.004, 0.0005, 0.0};
-    int n = 0;
-    for (int a = 0; a < 3; a++)
-        for (int b = 0; b < 3; b++)
-            for (int c = 0; c < 3; c++)
-                for (int d = 0; d < 3; d++)
-                    for (int e = 0; e < 3; e++)
-                        grid[n++] = (struct config){bits[a], bits[b], b2_bits[c],
-                                                    B0s[d],  B1s[e],  b2_penalty[c]};
+/* Extra error of a b2 type: bf16 keeps 8 significant bits, fp16 11, fp32 24. */
+static double b2_penalty(enum lq_scale_dtype b2) {
+    return b2 == LQ_SCALE_BF16 ? 0.004 : b2 == LQ_SCALE_FP16 ? 0.0005 : 0.0;
 }
 
 int main(void) {
@@ -37,8 +23,8 @@ int main(void) {
     /* Relative difficulty per matrix type: v and down are the hard ones in LLaMA-style models. */
     static const double type_factor[TYPES] = {0.7, 0.65, 1.4, 1.1, 1.0, 0.95, 1.3};
 
-    struct config grid[CONFIGS];
-    make_grid(grid);
+    struct lq_nf_config grid[LQ_NF_TABLE1_SIZE];
+    lq_nf_grid_table1(grid);
     size_t *numel = malloc(MATRICES * sizeof *numel);
     double *cost = malloc((size_t)MATRICES * CONFIGS * sizeof *cost);
     double *bits = malloc((size_t)MATRICES * CONFIGS * sizeof *bits);
@@ -54,15 +40,13 @@ int main(void) {
             size_t m = (size_t)layer * TYPES + (size_t)t;
             numel[m] = rows[t] * cols[t];
             for (int c = 0; c < CONFIGS; c++) {
-                const struct config *g = &grid[c];
+                const struct lq_nf_config *g = &grid[c];
                 double n = (double)numel[m];
-                /* Eq. 3 */
-                bits[m * CONFIGS + c] =
-                    n * (g->b0 + (double)g->b1 / g->B0 + (double)g->b2 / ((double)g->B0 * g->B1));
+                bits[m * CONFIGS + c] = lq_nf_storage_bits(numel[m], g); /* Eq. 3 */
                 /* NF error falls ~4x per bit; larger blocks and coarser scales cost a little. */
                 double penalty = 0.08 * log2(g->B0 / 16.0) * (1.0 + 1.5 * pow(2.0, -g->b1)) +
                                  0.6 * pow(4.0, -g->b1) * (1.0 + 0.1 * log2(g->B1 / 16.0)) +
-                                 g->b2_penalty;
+                                 b2_penalty(g->b2);
                 double noise = exp(0.03 * lq_rng_normal(&rng));
                 cost[m * CONFIGS + c] = n * 1e-4 * difficulty * type_factor[t] * pow(4.0, -g->b0) *
                                         (1.0 + penalty) * noise;
