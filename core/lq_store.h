@@ -12,6 +12,7 @@
 #define LQ_STORE_H
 
 #include "core/lq.h"
+#include "core/model.h"
 #include "core/nf.h"
 #include "core/safetensors.h"
 
@@ -22,5 +23,11 @@ int lq_nf_matrix_store(struct lq_safetensors_writer *writer, const char *prefix,
 /* Adds Q's tensors, lora_A/lora_B (when rank > 0) and the rank metadata under prefix. */
 int lq_decomposition_store(struct lq_safetensors_writer *writer, const char *prefix,
                            const struct lq_decomposition *d, struct lq_error *err);
+
+/* Reads the LQ matrix stored under prefix into linear (is_lq = 1, rows/cols from lq_shape,
+ * which must equal linear->rows/cols when those are set). Every size is checked against
+ * the configuration and shape; errors name the tensor. */
+int lq_linear_load_lq(const struct lq_safetensors *file, const char *prefix,
+                      struct lq_linear *linear, struct lq_error *err);
 
 #endif

@@ -463,22 +463,30 @@ done:
     return rc;
 }
 
-void lq_nf_dequantize(const struct lq_nf_matrix *m, float *out) {
+void lq_nf_dequantize_range(const struct lq_nf_matrix *m, size_t first, size_t count, float *out) {
     const struct lq_nf_config *c = &m->config;
-    size_t numel = m->rows * m->cols;
-    size_t n_blocks = lq_nf_block_count(numel, c);
     const float *table = lq_nf_code_table(c->b0);
-    uint8_t codes[65536];
-    for (size_t block = 0; block < n_blocks; block++) {
-        size_t group = block / (size_t)c->B1;
-        float group_scale = load_group_scale(m->group_scales, group, c->b2);
+    const size_t block_size = (size_t)c->B0;
+    uint8_t codes[4096];
+    size_t done = 0;
+    while (done < count) {
+        size_t index = first + done;
+        size_t block = index / block_size;
+        float group_scale = load_group_scale(m->group_scales, block / (size_t)c->B1, c->b2);
         unsigned scale_code = lq_bitpack_get(m->scale_codes, block, c->b1);
         float scale = reconstruct_scale(m->scale_offset, scale_code, group_scale, c->b1);
-        size_t begin = block * (size_t)c->B0;
-        size_t count = numel - begin < (size_t)c->B0 ? numel - begin : (size_t)c->B0;
-        lq_bitpack_unpack(m->codes, begin, count, c->b0, codes);
-        for (size_t i = 0; i < count; i++) out[begin + i] = table[codes[i]] * scale;
+        /* the rest of this block, the rest of the range, and the scratch size bound the run */
+        size_t run = (block + 1) * block_size - index;
+        if (run > count - done) run = count - done;
+        if (run > sizeof codes) run = sizeof codes;
+        lq_bitpack_unpack(m->codes, index, run, c->b0, codes);
+        for (size_t i = 0; i < run; i++) out[done + i] = table[codes[i]] * scale;
+        done += run;
     }
+}
+
+void lq_nf_dequantize(const struct lq_nf_matrix *m, float *out) {
+    lq_nf_dequantize_range(m, 0, m->rows * m->cols, out);
 }
 
 int lq_nf_quantize_dequantize(const float *a, size_t numel, const struct lq_nf_config *c,

@@ -84,6 +84,10 @@ int lq_nf_quantize(const float *a, size_t rows, size_t cols, const struct lq_nf_
 
 /* Writes the rows*cols dequantized values into out. */
 void lq_nf_dequantize(const struct lq_nf_matrix *matrix, float *out);
+/* Dequantizes the flattened values [first, first + count) into out[0..count): rows of a
+ * tile, for dequantizing matmuls. Bit-identical to lq_nf_dequantize. */
+void lq_nf_dequantize_range(const struct lq_nf_matrix *matrix, size_t first, size_t count,
+                            float *out);
 
 /* out = dequantize(quantize(a)) for numel values, bit for bit, without building the packed
  * form: the inner step of the LQ decomposition. a and out may be the same array. */

@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/file_util.h"
 #include "core/half.h"
 #include "core/safetensors_internal.h"
 
@@ -410,11 +411,7 @@ static int parse_file(struct lq_safetensors *file, const uint8_t *bytes, size_t 
     memcpy(text, header, length);
     text[length] = '\0';
     const char *end = NULL;
-    /* cJSON writes its last error to a global on every parse: serialise concurrent opens. */
-    static pthread_mutex_t parse_lock = PTHREAD_MUTEX_INITIALIZER;
-    pthread_mutex_lock(&parse_lock);
-    cJSON *root = cJSON_ParseWithLengthOpts(text, length, &end, 0);
-    pthread_mutex_unlock(&parse_lock);
+    cJSON *root = lq_json_parse_end(text, length, &end);
     size_t end_at = end ? (size_t)(end - text) : 0;
     free(text);
     if (!root)

@@ -5,6 +5,10 @@
 
 int lq_cli_decompose(int argc, char **argv);
 int lq_cli_version(int argc, char **argv);
+int lq_cli_generate(int argc, char **argv);
+int lq_cli_eval(int argc, char **argv);
+int lq_cli_compress(int argc, char **argv);
+int lq_cli_inspect(int argc, char **argv);
 
 /* Strict number parsing for options: the whole string must be a number in range.
  * Return 0 on success, -1 otherwise. */

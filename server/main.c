@@ -16,6 +16,10 @@ struct command {
 static const struct command commands[] = {
     {"decompose", lq_cli_decompose,
      "LQ-decompose one matrix of a safetensors file (W = Q + L1 L2) and report its errors"},
+    {"generate", lq_cli_generate, "generate text from a model (HF, llama2.c .bin or LQ directory)"},
+    {"eval", lq_cli_eval, "perplexity on a text file, or logits of given tokens as .npy"},
+    {"compress", lq_cli_compress, "compress a model with LQ-LoRA to a bit budget (Algorithm 1)"},
+    {"inspect", lq_cli_inspect, "show an LQ model's per-matrix allocation (text, JSON or SVG)"},
     {"version", lq_cli_version, "print versions of lqd, its libraries and the CUDA devices seen"},
 };
 

@@ -1,0 +1,103 @@
+/* Compression of a full-precision model to mixed-configuration LQ (LQ-LoRA Algorithm 1):
+ * the error table over every linear matrix x NF configuration (cached, core/error_table.h),
+ * the ILP at the bit budget (core/ilp.h), and the final decomposition of each matrix with its
+ * chosen configuration. Matrices and configurations are independent: a pool of worker threads
+ * runs whole decompositions, with OpenBLAS single-threaded meanwhile (a process-wide setting,
+ * restored afterwards) so that every result is the same whatever the scheduling. */
+#ifndef LQ_COMPRESS_H
+#define LQ_COMPRESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+#include "core/model.h"
+#include "core/nf.h"
+
+/* Parses a configuration grid: "table1" (the paper's Table 1, 243 configurations), a list of
+ * configurations separated by ';' ("4,8,fp32,64,256;3,8,fp32,64,256"), or the name of a file
+ * holding one configuration per line (or ';'-separated; '#' starts a comment). Duplicates
+ * are refused. *grid is malloc'ed (the caller frees it). */
+int lq_compress_grid_parse(const char *text, struct lq_nf_config **grid, size_t *count,
+                           struct lq_error *err);
+
+enum lq_compress_phase {
+    LQ_COMPRESS_TABLE, /* error table: one decomposition per (matrix, configuration) */
+    LQ_COMPRESS_ILP,   /* allocation */
+    LQ_COMPRESS_FINAL, /* one decomposition per matrix at its chosen configuration */
+};
+const char *lq_compress_phase_name(enum lq_compress_phase phase); /* "error table", ... */
+
+struct lq_compress_progress {
+    enum lq_compress_phase phase;
+    size_t matrices_done, matrices_total; /* rows of the table, or final matrices */
+    size_t cells_done, cells_total;       /* decompositions of this phase, cached ones included */
+    size_t cells_cached;                  /* of cells_done, read from the cache */
+    double elapsed_seconds;               /* since the phase began */
+    double eta_seconds;                   /* remaining, from this run's rate; < 0: unknown */
+    int finished;                         /* 1 on the phase's last report */
+};
+
+/* Called on the thread that called lq_compress (never concurrently): at each phase's start
+ * and end, and a few times a second in between. Return 0 to go on; a negative LQ_E* code
+ * stops the run, and lq_compress returns that code (finished table rows stay cached). */
+typedef int (*lq_compress_progress_fn)(void *context, const struct lq_compress_progress *p);
+/* Non-fatal notices (an unreadable cache ignored, ...), on the calling thread. */
+typedef void (*lq_compress_warning_fn)(void *context, const char *message);
+
+struct lq_compress_options {
+    double budget;                   /* average bits per linear parameter (quantized part) */
+    int rank;                        /* of L1 L2, >= 0 (0: plain quantization + ILP) */
+    const struct lq_nf_config *grid; /* borrowed; NULL: Table 1 */
+    size_t grid_size;
+    int iters;                     /* decomposition steps at most (default 20) */
+    uint64_t seed;                 /* mixed with each (matrix, configuration) */
+    const char *cache_dir;         /* NULL: lq_error_table_cache_dir_default */
+    int use_cache;                 /* 0: neither read nor write a cache */
+    int threads;                   /* workers; 0: lq_parallel_threads() */
+    const char *weighting;         /* "none" (Fisher weighting: not yet) */
+    double ilp_time_limit_seconds; /* 0: solve to proven optimality */
+    lq_compress_progress_fn progress;
+    lq_compress_warning_fn warning;
+    void *context; /* passed to progress and warning */
+};
+
+/* Budget 0 (must be set), rank 64, Table 1, 20 steps, seed 0, default cache, all CPUs. */
+void lq_compress_options_default(struct lq_compress_options *options);
+
+struct lq_compress_report {
+    size_t n_matrices, n_configs;
+    struct lq_nf_config *chosen; /* chosen[i]: configuration of matrix i (owned) */
+    int *choice;                 /* choice[i]: its index in the grid (owned) */
+    double *error;               /* error[i]: squared error of the final decomposition (owned) */
+    double *table_error;         /* table_error[i]: the table's cell for choice[i]; equals
+                                    error[i] unless the cache came from another machine (owned) */
+    double *norm;                /* norm[i]: ||W_i||_F^2 (owned) */
+    double bits_per_param;       /* achieved average of the quantized part, <= budget */
+    double effective_bits;       /* with L1 L2 at fp32 */
+    double min_budget;           /* smallest feasible budget for this grid */
+    double total_error;          /* sum of error[] */
+    double table_min, table_max; /* smallest and largest relative error (sqrt(cost)/||W||) */
+    size_t decompositions;       /* lq_decompose calls of the table phase (0 on a cache hit) */
+    size_t cells_cached;         /* table cells read from the cache */
+    int cache_used;              /* 1 when a cache file was read or written */
+    char cache_path[4096];
+    int ilp_proven_optimal;
+    int threads;
+    double seconds_hash; /* hashing the source for the cache key, and the norms */
+    double seconds_table, seconds_ilp, seconds_final;
+};
+
+/* Compresses source (dense linears; borrowed) into *out, a new model holding copies of the
+ * embeddings, norms and head and an LQ linear (is_lq, q, rank, lora_A = L2, lora_B = L1) per
+ * matrix, chosen by the ILP at options->budget. Errors: LQ_EINVAL for a rank larger than a
+ * matrix (naming it) or bad options, LQ_EINFEASIBLE for a budget below the grid's cheapest
+ * assignment (message names the smallest feasible budget; checked before any work), and
+ * whatever a decomposition, the solver or the progress callback returned. On success the
+ * caller frees *out with lq_model_free and report with lq_compress_report_free. */
+int lq_compress(const struct lq_model *source, const struct lq_compress_options *options,
+                struct lq_model **out, struct lq_compress_report *report, struct lq_error *err);
+
+void lq_compress_report_free(struct lq_compress_report *report);
+
+#endif

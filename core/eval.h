@@ -1,0 +1,35 @@
+/* Perplexity of a model on text, with the protocol of ../shared/README.md's reference figure:
+ * documents are the text's non-empty lines (LQ_SPLIT_LINES; blank lines separate paragraphs
+ * and are skipped) or its paragraphs (LQ_SPLIT_PARAGRAPHS: split on blank lines), trimmed,
+ * each tokenized with BOS and evaluated from position 0 (no context carried between
+ * documents), at most `context` positions per document; every position after BOS predicts
+ * the next token, and the count stops at max_tokens predicted tokens. */
+#ifndef LQ_EVAL_H
+#define LQ_EVAL_H
+
+#include <stddef.h>
+
+#include "core/forward.h"
+#include "core/tokenizer.h"
+
+enum lq_eval_split { LQ_SPLIT_LINES, LQ_SPLIT_PARAGRAPHS };
+
+struct lq_eval_options {
+    enum lq_eval_split split;
+    size_t max_tokens; /* predicted tokens at most (0 = the whole text) */
+    int context;       /* positions per document (0 = the model's max_position_embeddings) */
+};
+
+struct lq_eval_result {
+    double nll;       /* summed negative log-likelihood (nats) */
+    size_t tokens;    /* predicted tokens */
+    size_t documents; /* documents that contributed */
+    double ppl;       /* exp(nll / tokens) */
+    double seconds;
+};
+
+int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *tokenizer,
+                       const char *text, size_t length, const struct lq_eval_options *options,
+                       struct lq_eval_result *result, struct lq_error *err);
+
+#endif

@@ -1,0 +1,383 @@
+#include "lq_model_file.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "file_util.h"
+#include "lq_store.h"
+#include "safetensors.h"
+
+/* ---------- tokenizer files ---------- */
+
+static const char *const tokenizer_names[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin",
+                                              "tokenizer_config.json", "special_tokens_map.json"};
+#define N_TOKENIZER_NAMES (sizeof tokenizer_names / sizeof tokenizer_names[0])
+
+static const char *base_name(const char *path) {
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
+static int ends_with(const char *text, const char *suffix) {
+    size_t a = strlen(text), b = strlen(suffix);
+    return a >= b && strcmp(text + a - b, suffix) == 0;
+}
+
+static void add_tokenizer_file(struct lq_tokenizer_files *out, const char *source,
+                               const char *name) {
+    if (out->count == LQ_TOKENIZER_MAX_FILES) return;
+    snprintf(out->source[out->count], sizeof out->source[0], "%s", source);
+    snprintf(out->name[out->count], sizeof out->name[0], "%s", name);
+    out->count++;
+}
+
+static void scan_directory(const char *dir, struct lq_tokenizer_files *out) {
+    for (size_t i = 0; i < N_TOKENIZER_NAMES; i++) {
+        char path[4096];
+        int n = snprintf(path, sizeof path, "%s/%s", dir, tokenizer_names[i]);
+        if (n > 0 && (size_t)n < sizeof path && lq_path_is_file(path))
+            add_tokenizer_file(out, path, tokenizer_names[i]);
+    }
+}
+
+int lq_model_file_find_tokenizer(const char *path, int beside_model, struct lq_tokenizer_files *out,
+                                 struct lq_error *err) {
+    memset(out, 0, sizeof *out);
+    if (beside_model) {
+        if (lq_path_is_dir(path)) {
+            scan_directory(path, out);
+        } else {
+            char dir[4096];
+            snprintf(dir, sizeof dir, "%s", path);
+            char *slash = strrchr(dir, '/');
+            if (slash)
+                *slash = '\0';
+            else
+                snprintf(dir, sizeof dir, ".");
+            scan_directory(dir, out);
+        }
+        return LQ_OK;
+    }
+    if (lq_path_is_dir(path)) {
+        scan_directory(path, out);
+        if (out->count == 0)
+            return lq_error_set(err, LQ_ENOTFOUND,
+                                "%s: no tokenizer.json, tokenizer.model or "
+                                "tokenizer.bin in this directory",
+                                path);
+        return LQ_OK;
+    }
+    if (!lq_path_is_file(path))
+        return lq_error_set(err, LQ_ENOTFOUND, "%s: no such tokenizer file", path);
+    const char *name = base_name(path);
+    for (size_t i = 0; i < N_TOKENIZER_NAMES; i++)
+        if (strcmp(name, tokenizer_names[i]) == 0) {
+            add_tokenizer_file(out, path, name);
+            return LQ_OK;
+        }
+    /* Other names (llama2.c's tok512.bin) get the standard name the loaders look for. */
+    add_tokenizer_file(out, path,
+                       ends_with(name, ".json")    ? "tokenizer.json"
+                       : ends_with(name, ".model") ? "tokenizer.model"
+                                                   : "tokenizer.bin");
+    return LQ_OK;
+}
+
+/* ---------- directories ---------- */
+
+/* Removes path and, when it is a directory, everything under it, never following links. */
+static int remove_tree(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return errno == ENOENT ? 0 : -1;
+    if (!S_ISDIR(st.st_mode)) return unlink(path);
+    DIR *dir = opendir(path);
+    if (!dir) return -1;
+    int rc = 0;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) continue;
+        char child[4096];
+        if ((size_t)snprintf(child, sizeof child, "%s/%s", path, entry->d_name) >= sizeof child) {
+            rc = -1;
+            continue;
+        }
+        if (remove_tree(child) != 0) rc = -1;
+    }
+    closedir(dir);
+    return rmdir(path) != 0 ? -1 : rc;
+}
+
+static int directory_is_empty(const char *path) {
+    DIR *dir = opendir(path);
+    if (!dir) return 0;
+    struct dirent *entry;
+    int empty = 1;
+    while (empty && (entry = readdir(dir)) != NULL)
+        if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, "..") != 0) empty = 0;
+    closedir(dir);
+    return empty;
+}
+
+/* Only an LQ model directory (or an empty one) may be replaced: --force on a wrong path
+ * must not delete someone's data. */
+static int is_lq_model_dir(const char *path) {
+    char file[4096 + 32];
+    snprintf(file, sizeof file, "%s/model.safetensors", path);
+    struct lq_safetensors *st;
+    if (lq_safetensors_open(file, &st, NULL) != 0) return 0;
+    const char *format = lq_safetensors_metadata(st, "lqd.format");
+    int yes = format != NULL;
+    lq_safetensors_close(st);
+    return yes;
+}
+
+/* dir without trailing slashes, in buffer. */
+static int normalize_dir(const char *dir, char *buffer, size_t size, struct lq_error *err) {
+    size_t length = strlen(dir);
+    while (length > 1 && dir[length - 1] == '/') length--;
+    if (length == 0) return lq_error_set(err, LQ_EINVAL, "empty output directory name");
+    if (length + 32 >= size) return lq_error_set(err, LQ_EINVAL, "%s: path too long", dir);
+    memcpy(buffer, dir, length);
+    buffer[length] = '\0';
+    return LQ_OK;
+}
+
+int lq_model_file_check_destination(const char *dir, int force, struct lq_error *err) {
+    char path[4096], parent[4096];
+    int rc = normalize_dir(dir, path, sizeof path, err);
+    if (rc) return rc;
+    snprintf(parent, sizeof parent, "%s", path);
+    char *slash = strrchr(parent, '/');
+    if (slash == parent)
+        parent[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(parent, sizeof parent, ".");
+    if (!lq_path_is_dir(parent))
+        return lq_error_set(err, LQ_EINVAL, "%s: parent directory %s does not exist", path, parent);
+    struct stat st;
+    if (lstat(path, &st) != 0) return LQ_OK;
+    if (!force)
+        return lq_error_set(err, LQ_EINVAL,
+                            "%s already exists (--force replaces an LQ model "
+                            "directory)",
+                            path);
+    if (!S_ISDIR(st.st_mode) || (!directory_is_empty(path) && !is_lq_model_dir(path)))
+        return lq_error_set(err, LQ_EINVAL,
+                            "%s exists and is not an LQ model directory: not replacing it", path);
+    return LQ_OK;
+}
+
+static void sync_path(const char *path) {
+    int fd = open(path, O_RDONLY | O_DIRECTORY);
+    if (fd < 0) return;
+    fsync(fd);
+    close(fd);
+}
+
+/* ---------- the safetensors file ---------- */
+
+static int add_f32(struct lq_safetensors_writer *w, const char *name, const float *data, int64_t d0,
+                   int64_t d1, struct lq_error *err) {
+    int64_t shape[2] = {d0, d1};
+    return lq_safetensors_writer_add(w, name, LQ_DTYPE_F32, d1 ? 2 : 1, shape, data, err);
+}
+
+static int add_linear(struct lq_safetensors_writer *w, int layer, enum lq_linear_kind kind,
+                      const struct lq_linear *linear, struct lq_error *err) {
+    char name[256];
+    lq_model_linear_name(layer, kind, name, sizeof name);
+    if (!linear->is_lq) {
+        if (!linear->dense) return lq_error_set(err, LQ_EINVAL, "%s: no weights", name);
+        return add_f32(w, name, linear->dense, linear->rows, linear->cols, err);
+    }
+    name[strlen(name) - strlen(".weight")] = '\0';
+    /* A view of the linear as a decomposition: the store only reads it. */
+    struct lq_decomposition view = {0};
+    view.rows = (size_t)linear->rows, view.cols = (size_t)linear->cols;
+    view.rank = linear->rank;
+    view.L1 = linear->lora_B, view.L2 = linear->lora_A;
+    view.Q = linear->q;
+    return lq_decomposition_store(w, name, &view, err);
+}
+
+static int set_metadata(struct lq_safetensors_writer *w, const char *key, const char *format,
+                        double value, struct lq_error *err) {
+    char text[64];
+    snprintf(text, sizeof text, format, value);
+    return lq_safetensors_writer_set_metadata(w, key, text, err);
+}
+
+static int write_safetensors(const struct lq_model *m, const struct lq_model_file_options *o,
+                             const char *path, struct lq_error *err) {
+    const struct lq_model_config *c = &m->config;
+    struct lq_safetensors_writer *w;
+    int rc = lq_safetensors_writer_create(&w, err);
+    if (rc) return rc;
+    rc = add_f32(w, "model.embed_tokens.weight", m->embed, c->vocab_size, c->dim, err);
+    if (!rc) rc = add_f32(w, "model.norm.weight", m->final_norm, c->dim, 0, err);
+    if (!rc && !c->tie_embeddings)
+        rc = add_f32(w, "lm_head.weight", m->lm_head, c->vocab_size, c->dim, err);
+    for (int l = 0; l < c->n_layers && !rc; l++) {
+        char name[256];
+        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
+        if ((rc = add_f32(w, name, m->layers[l].attn_norm, c->dim, 0, err))) break;
+        snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", l);
+        if ((rc = add_f32(w, name, m->layers[l].ffn_norm, c->dim, 0, err))) break;
+        for (int k = 0; k < LQ_LINEARS_PER_LAYER && !rc; k++)
+            rc = add_linear(w, l, (enum lq_linear_kind)k, &m->layers[l].linear[k], err);
+    }
+    if (!rc) rc = lq_safetensors_writer_set_metadata(w, "lqd.format", LQ_MODEL_FILE_FORMAT, err);
+    if (!rc && o->source) rc = lq_safetensors_writer_set_metadata(w, "lqd.source", o->source, err);
+    if (!rc && o->budget > 0) rc = set_metadata(w, "lqd.bits", "%.17g", o->budget, err);
+    if (!rc && o->achieved_bits > 0)
+        rc = set_metadata(w, "lqd.bits_per_param", "%.17g", o->achieved_bits, err);
+    if (!rc && o->rank >= 0) rc = set_metadata(w, "lqd.rank", "%.0f", o->rank, err);
+    if (!rc && o->grid_size) rc = set_metadata(w, "lqd.grid", "%.0f", (double)o->grid_size, err);
+    if (!rc && o->iters > 0) {
+        char seed[32];
+        snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
+        if (!(rc = set_metadata(w, "lqd.iters", "%.0f", o->iters, err)))
+            rc = lq_safetensors_writer_set_metadata(w, "lqd.seed", seed, err);
+    }
+    if (!rc && o->weighting)
+        rc = lq_safetensors_writer_set_metadata(w, "lqd.weighting", o->weighting, err);
+    if (!rc) rc = lq_safetensors_writer_write(w, path, err);
+    lq_safetensors_writer_free(w);
+    return rc;
+}
+
+/* ---------- the directory ---------- */
+
+void lq_model_file_options_default(struct lq_model_file_options *options) {
+    memset(options, 0, sizeof *options);
+    options->rank = -1;
+}
+
+static int fill_directory(const struct lq_model *m, const struct lq_model_file_options *o,
+                          const char *tmp, struct lq_error *err) {
+    char path[4096 + 64];
+    snprintf(path, sizeof path, "%s/config.json", tmp);
+    int rc = lq_model_config_write(&m->config, path, err);
+    if (rc) return rc;
+    snprintf(path, sizeof path, "%s/model.safetensors", tmp);
+    if ((rc = write_safetensors(m, o, path, err))) return rc;
+    for (size_t i = 0; o->tokenizer && i < o->tokenizer->count; i++) {
+        snprintf(path, sizeof path, "%s/%s", tmp, o->tokenizer->name[i]);
+        if ((rc = lq_file_copy(o->tokenizer->source[i], path, err))) return rc;
+    }
+    return LQ_OK;
+}
+
+int lq_model_file_write(const struct lq_model *m, const char *dir,
+                        const struct lq_model_file_options *o, struct lq_error *err) {
+    struct lq_model_file_options defaults;
+    if (!o) lq_model_file_options_default(&defaults), o = &defaults;
+    char path[4096], tmp[4096 + 16], old[4096 + 16];
+    int rc = normalize_dir(dir, path, sizeof path, err);
+    if (rc || (rc = lq_model_file_check_destination(path, o->force, err))) return rc;
+    snprintf(tmp, sizeof tmp, "%s.tmp-XXXXXX", path);
+    if (!mkdtemp(tmp)) return lq_error_set(err, LQ_EIO, "%s: %s", tmp, strerror(errno));
+    chmod(tmp, 0755); /* mkdtemp makes it 0700; a model directory is shared like any other */
+    if ((rc = fill_directory(m, o, tmp, err))) {
+        remove_tree(tmp);
+        return rc;
+    }
+    sync_path(tmp);
+    struct stat st;
+    int replacing = lstat(path, &st) == 0;
+    if (replacing) {
+        /* Rename the old directory onto a fresh empty one (allowed for directories), then
+         * the new one into place; if that fails, the old one goes back. */
+        snprintf(old, sizeof old, "%s.old-XXXXXX", path);
+        if (!mkdtemp(old) || rename(path, old) != 0) {
+            rc = lq_error_set(err, LQ_EIO, "%s: cannot move the old directory aside: %s", path,
+                              strerror(errno));
+            if (old[0]) rmdir(old);
+            remove_tree(tmp);
+            return rc;
+        }
+    }
+    if (rename(tmp, path) != 0) {
+        rc = lq_error_set(err, LQ_EIO, "%s: %s", path, strerror(errno));
+        if (replacing) rename(old, path);
+        remove_tree(tmp);
+        return rc;
+    }
+    char parent[4096];
+    snprintf(parent, sizeof parent, "%s", path);
+    char *slash = strrchr(parent, '/');
+    if (slash == parent)
+        parent[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(parent, sizeof parent, ".");
+    sync_path(parent);
+    if (replacing && remove_tree(old) != 0)
+        return lq_error_set(err, LQ_EIO, "%s written, but the old copy %s could not be removed",
+                            path, old);
+    return LQ_OK;
+}
+
+/* ---------- summaries ---------- */
+
+int lq_model_summary_compute(const struct lq_model *m, struct lq_model_summary *out,
+                             struct lq_error *err) {
+    memset(out, 0, sizeof *out);
+    const struct lq_model_config *c = &m->config;
+    size_t n = (size_t)c->n_layers * LQ_LINEARS_PER_LAYER;
+    out->matrices = calloc(n ? n : 1, sizeof *out->matrices);
+    if (!out->matrices) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    out->n_matrices = n;
+    double quantized_bits = 0.0, factor_bits = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        int layer = (int)(i / LQ_LINEARS_PER_LAYER);
+        enum lq_linear_kind kind = (enum lq_linear_kind)(i % LQ_LINEARS_PER_LAYER);
+        const struct lq_linear *linear = &m->layers[layer].linear[kind];
+        struct lq_matrix_summary *s = &out->matrices[i];
+        lq_model_linear_name(layer, kind, s->name, sizeof s->name);
+        s->layer = layer, s->kind = kind;
+        s->rows = linear->rows, s->cols = linear->cols;
+        s->is_lq = linear->is_lq, s->rank = linear->is_lq ? linear->rank : 0;
+        size_t numel = (size_t)s->rows * (size_t)s->cols;
+        double bits, factors = (double)s->rank * (double)(s->rows + s->cols);
+        if (s->is_lq) {
+            s->config = linear->q.config;
+            bits = lq_nf_storage_bits(numel, &s->config);
+            s->bytes = lq_nf_matrix_bytes(&linear->q) + (size_t)factors * sizeof(float);
+        } else {
+            bits = 32.0 * (double)numel;
+            s->bytes = numel * sizeof(float);
+        }
+        s->bits_per_param = bits / (double)numel;
+        s->effective_bits = (bits + 32.0 * factors) / (double)numel;
+        s->effective_bits_16 = (bits + 16.0 * factors) / (double)numel;
+        quantized_bits += bits;
+        factor_bits += factors;
+        out->linear_params += numel;
+        out->linear_bytes += s->bytes;
+    }
+    double params = (double)out->linear_params;
+    out->bits_per_param = quantized_bits / params;
+    out->effective_bits = (quantized_bits + 32.0 * factor_bits) / params;
+    out->effective_bits_16 = (quantized_bits + 16.0 * factor_bits) / params;
+    size_t vd = (size_t)c->vocab_size * (size_t)c->dim;
+    out->other_params =
+        vd + (size_t)c->dim * (1 + 2 * (size_t)c->n_layers) + (m->lm_head != m->embed ? vd : 0);
+    out->other_bytes = out->other_params * sizeof(float);
+    out->total_bytes = out->linear_bytes + out->other_bytes;
+    return LQ_OK;
+}
+
+void lq_model_summary_free(struct lq_model_summary *summary) {
+    free(summary->matrices);
+    memset(summary, 0, sizeof *summary);
+}

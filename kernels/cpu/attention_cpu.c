@@ -1,0 +1,117 @@
+/* Causal grouped-query attention on the CPU: one task per (token, head), in parallel. */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+
+#include "core/parallel.h"
+#include "kernels/cpu/cpu_ops.h"
+
+struct attention_job {
+    const float *q, *k_cache, *v_cache;
+    int start, heads, kv_heads, head_dim;
+    float *out;
+};
+
+static void attention_body(void *context, size_t begin, size_t end) {
+    const struct attention_job *job = context;
+    const int hd = job->head_dim, kv_dim = job->kv_heads * hd, group = job->heads / job->kv_heads;
+    const float scale = 1.0f / sqrtf((float)hd);
+    int capacity = 0;
+    float *scores = NULL;
+    for (size_t task = begin; task < end; task++) {
+        int token = (int)(task / (size_t)job->heads), head = (int)(task % (size_t)job->heads);
+        int last = job->start + token; /* attends to positions 0..last */
+        if (last + 1 > capacity) {
+            free(scores);
+            capacity = last + 1;
+            scores = malloc((size_t)capacity * sizeof *scores);
+            if (!scores) return; /* leaves out untouched; the caller's poisoning shows it */
+        }
+        const float *q = job->q + ((size_t)token * job->heads + head) * hd;
+        const float *k = job->k_cache + (size_t)(head / group) * hd;
+        const float *v = job->v_cache + (size_t)(head / group) * hd;
+        float max = -INFINITY;
+        for (int t = 0; t <= last; t++) {
+            const float *kt = k + (size_t)t * kv_dim;
+            float dot = 0.0f;
+            for (int d = 0; d < hd; d++) dot += q[d] * kt[d];
+            scores[t] = dot * scale;
+            max = scores[t] > max ? scores[t] : max;
+        }
+        double sum = 0.0;
+        for (int t = 0; t <= last; t++) {
+            scores[t] = expf(scores[t] - max);
+            sum += scores[t];
+        }
+        float *o = job->out + ((size_t)token * job->heads + head) * hd;
+        for (int d = 0; d < hd; d++) o[d] = 0.0f;
+        float inverse = (float)(1.0 / sum);
+        for (int t = 0; t <= last; t++) {
+            const float *vt = v + (size_t)t * kv_dim;
+            float p = scores[t] * inverse;
+            for (int d = 0; d < hd; d++) o[d] += p * vt[d];
+        }
+    }
+    free(scores);
+}
+
+/* Prefill: per head, scores = Q_h·K_hᵀ and out_h = softmax(scores)·V_h as two GEMMs over all n
+ * new tokens at once (strided views of q and the cache, no copies). */
+struct prefill_job {
+    const float *q, *k_cache, *v_cache;
+    int n, start, heads, kv_heads, head_dim;
+    float *out;
+};
+
+static void prefill_body(void *context, size_t first_head, size_t end_head) {
+    const struct prefill_job *job = context;
+    const int hd = job->head_dim, n = job->n, total = job->start + n;
+    const int q_ld = job->heads * hd, kv_ld = job->kv_heads * hd,
+              group = job->heads / job->kv_heads;
+    float *scores = malloc((size_t)n * total * sizeof *scores);
+    if (!scores) return;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (size_t h = first_head; h < end_head; h++) {
+        const float *q = job->q + h * (size_t)hd;
+        const float *k = job->k_cache + (size_t)(h / (size_t)group) * hd;
+        const float *v = job->v_cache + (size_t)(h / (size_t)group) * hd;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, total, hd, scale, q, q_ld, k, kv_ld,
+                    0.0f, scores, total);
+        for (int i = 0; i < n; i++) {
+            float *row = scores + (size_t)i * total;
+            int last = job->start + i;
+            float max = -INFINITY;
+            for (int t = 0; t <= last; t++) max = row[t] > max ? row[t] : max;
+            double sum = 0.0;
+            for (int t = 0; t <= last; t++) {
+                row[t] = expf(row[t] - max);
+                sum += row[t];
+            }
+            float inverse = (float)(1.0 / sum);
+            for (int t = 0; t <= last; t++) row[t] *= inverse;
+            for (int t = last + 1; t < total; t++) row[t] = 0.0f; /* causal mask */
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores, total, v,
+                    kv_ld, 0.0f, job->out + h * (size_t)hd, q_ld);
+    }
+    free(scores);
+}
+
+int lq_cpu_attention(struct lq_backend *backend, const float *q, const float *k_cache,
+                     const float *v_cache, int n, int start, int heads, int kv_heads, int head_dim,
+                     float *out) {
+    (void)backend;
+    if (n >= 16) {
+        struct prefill_job job = {q, k_cache, v_cache, n, start, heads, kv_heads, head_dim, out};
+        size_t per_head = (size_t)n * (size_t)(start + n) * (size_t)head_dim;
+        lq_parallel_for((size_t)heads, per_head >= 65536 ? 1 : 65536 / per_head + 1, prefill_body,
+                        &job);
+        return LQ_OK;
+    }
+    struct attention_job job = {q, k_cache, v_cache, start, heads, kv_heads, head_dim, out};
+    size_t tasks = (size_t)n * (size_t)heads;
+    /* each task costs ~ (start + n) * head_dim: split only when that is worth a thread */
+    size_t per_task = (size_t)(start + n) * (size_t)head_dim;
+    lq_parallel_for(tasks, per_task >= 65536 ? 1 : 65536 / per_task + 1, attention_body, &job);
+    return LQ_OK;
+}

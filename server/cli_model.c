@@ -1,0 +1,60 @@
+#include "server/cli_model.h"
+
+#include <libgen.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core/file_util.h"
+
+static int find_tokenizer(const char *model_path, char *out, size_t size) {
+    if (lq_path_is_dir(model_path)) {
+        static const char *const names[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
+        for (size_t i = 0; i < 3; i++) {
+            snprintf(out, size, "%s/%s", model_path, names[i]);
+            if (lq_path_is_file(out)) return 1;
+        }
+        return 0;
+    }
+    char copy[4096];
+    snprintf(copy, sizeof copy, "%s", model_path);
+    snprintf(out, size, "%s/tokenizer.bin", dirname(copy));
+    return lq_path_is_file(out);
+}
+
+int lq_cli_model_open(const char *model_path, const char *tokenizer_path, int need_tokenizer,
+                      struct lq_cli_model *out, struct lq_error *err) {
+    memset(out, 0, sizeof *out);
+    int rc = lq_model_load(model_path, &out->model, err);
+    if (rc) return rc;
+    char found[4096];
+    if (tokenizer_path || find_tokenizer(model_path, found, sizeof found)) {
+        const char *path = tokenizer_path ? tokenizer_path : found;
+        if ((rc = lq_tokenizer_load(path, &out->tokenizer, err))) goto fail;
+        if (lq_tokenizer_vocab_size(out->tokenizer) > out->model->config.vocab_size) {
+            rc = lq_error_set(err, LQ_EINVAL, "%s has %d pieces but the model's vocabulary is %d",
+                              path, lq_tokenizer_vocab_size(out->tokenizer),
+                              out->model->config.vocab_size);
+            goto fail;
+        }
+    } else if (need_tokenizer) {
+        rc = lq_error_set(err, LQ_ENOTFOUND,
+                          "%s: no tokenizer.json, tokenizer.model or tokenizer.bin found; pass "
+                          "--tokenizer FILE",
+                          model_path);
+        goto fail;
+    }
+    if ((rc = lq_backend_cpu_create(&out->backend, err))) goto fail;
+    if ((rc = lq_runtime_create(out->backend, out->model, &out->runtime, err))) goto fail;
+    return LQ_OK;
+fail:
+    lq_cli_model_close(out);
+    return rc;
+}
+
+void lq_cli_model_close(struct lq_cli_model *m) {
+    lq_runtime_free(m->runtime);
+    if (m->backend) m->backend->ops->destroy(m->backend);
+    lq_tokenizer_free(m->tokenizer);
+    lq_model_free(m->model);
+    memset(m, 0, sizeof *m);
+}

@@ -1,0 +1,446 @@
+/* lqd compress: a full-precision model to a mixed-configuration LQ model directory
+ * (LQ-LoRA Algorithm 1: error table, ILP at the budget, final decompositions). */
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/compress.h"
+#include "core/lq_model_file.h"
+#include "core/model.h"
+#include "core/parallel.h"
+#include "server/cli.h"
+
+
+static const char compress_usage[] =
+    "usage: lqd compress --model SRC --bits B --rank R --out DIR [--tokenizer T]\n"
+    "                    [--configs GRID] [--iters T] [--seed S] [--threads N]\n"
+    "                    [--cache-dir DIR | --no-cache] [--ilp-time-limit SECONDS]\n"
+    "                    [--force] [--quiet] [--json]\n"
+    "\n"
+    "Compresses a LLaMA-family model (HuggingFace directory or llama2.c .bin) to an LQ model\n"
+    "directory: every linear matrix W of every layer becomes W = Q + L1 L2, Q NormalFloat-\n"
+    "quantized with a configuration (b0, b1, b2, B0, B1) chosen per matrix, L1 L2 of rank R.\n"
+    "LQ-LoRA Algorithm 1: the decomposition error of every matrix under every configuration\n"
+    "of the grid (the error table), an integer program choosing one configuration per matrix\n"
+    "to minimise the total squared error at an average of B bits per parameter (quantized\n"
+    "part, over the 7 linear matrices of each layer), then the final decompositions.\n"
+    "\n"
+    "  --model SRC          the full-precision source model\n"
+    "  --bits B             the budget: average bits/param of the quantized part (e.g. 2.75)\n"
+    "  --rank R             rank of L1 L2 (0: plain quantization with the same allocation)\n"
+    "  --out DIR            the LQ model directory to write (config.json, model.safetensors,\n"
+    "                       tokenizer); built beside DIR and renamed into place\n"
+    "  --tokenizer T        tokenizer file or directory to copy into DIR (default: the\n"
+    "                       tokenizer.json/.model/.bin found in or beside SRC)\n"
+    "  --configs GRID       'table1' (default: the paper's Table 1, 243 configurations), a\n"
+    "                       ';'-separated list ('4,8,fp32,64,256;3,8,fp32,64,256'), or a\n"
+    "                       file with one configuration per line\n"
+    "  --iters T            decomposition steps at most (default 20)\n"
+    "  --seed S             seed of the randomized SVDs (default 0)\n"
+    "  --threads N          worker threads, each running whole decompositions (default:\n"
+    "                       all CPUs, or LQ_THREADS)\n"
+    "  --cache-dir DIR      where the error table is cached (default $LQD_CACHE_DIR, else\n"
+    "                       $XDG_CACHE_HOME/lqd, else ~/.cache/lqd); the same source, rank,\n"
+    "                       grid, iters and seed at another budget then skips the table, and\n"
+    "                       an interrupted run resumes\n"
+    "  --no-cache           neither read nor write the cache\n"
+    "  --ilp-time-limit S   stop the integer program after S seconds (default: solve exactly)\n"
+    "  --force              replace DIR if it is an existing LQ model directory\n"
+    "  --quiet              no progress on stderr\n"
+    "  --json               print the report as one JSON object\n"
+    "\n"
+    "example: lqd compress --model models/stories260K-hf --bits 3 --rank 8 --out stories-3bit\n";
+
+struct compress_args {
+    const char *model, *out, *tokenizer, *configs, *cache_dir;
+    double bits, ilp_time_limit;
+    int rank, iters, threads, no_cache, force, quiet, json;
+    unsigned long long seed;
+    int have_bits, have_rank;
+};
+
+static int usage_error(const char *format, const char *value) {
+    fprintf(stderr, "lqd compress: ");
+    fprintf(stderr, format, value);
+    fprintf(stderr, "\n(see 'lqd compress --help')\n");
+    return 2;
+}
+
+static int parse_args(int argc, char **argv, struct compress_args *a) {
+    enum {
+        OPT_TOKENIZER = 256,
+        OPT_CONFIGS,
+        OPT_ITERS,
+        OPT_SEED,
+        OPT_THREADS,
+        OPT_CACHE_DIR,
+        OPT_NO_CACHE,
+        OPT_ILP_TIME,
+        OPT_FORCE,
+        OPT_QUIET,
+        OPT_JSON
+    };
+    static const struct option long_options[] = {
+        {"model", required_argument, NULL, 'm'},
+        {"bits", required_argument, NULL, 'b'},
+        {"rank", required_argument, NULL, 'r'},
+        {"out", required_argument, NULL, 'o'},
+        {"tokenizer", required_argument, NULL, OPT_TOKENIZER},
+        {"configs", required_argument, NULL, OPT_CONFIGS},
+        {"iters", required_argument, NULL, OPT_ITERS},
+        {"seed", required_argument, NULL, OPT_SEED},
+        {"threads", required_argument, NULL, OPT_THREADS},
+        {"cache-dir", required_argument, NULL, OPT_CACHE_DIR},
+        {"no-cache", no_argument, NULL, OPT_NO_CACHE},
+        {"ilp-time-limit", required_argument, NULL, OPT_ILP_TIME},
+        {"force", no_argument, NULL, OPT_FORCE},
+        {"quiet", no_argument, NULL, OPT_QUIET},
+        {"json", no_argument, NULL, OPT_JSON},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    memset(a, 0, sizeof *a);
+    a->iters = 20;
+    a->configs = "table1";
+    long number;
+    double real;
+    optind = 1;
+    opterr = 0;
+    int option;
+    while ((option = getopt_long(argc, argv, "m:b:r:o:h", long_options, NULL)) != -1) {
+        switch (option) {
+        case 'm':
+            a->model = optarg;
+            break;
+        case 'o':
+            a->out = optarg;
+            break;
+        case 'b':
+            if (lq_cli_parse_double(optarg, 0.001, 64.0, &real))
+                return usage_error("--bits '%s': expected a number of bits per parameter", optarg);
+            a->bits = real, a->have_bits = 1;
+            break;
+        case 'r':
+            if (lq_cli_parse_int(optarg, 0, 1 << 20, &number))
+                return usage_error("--rank '%s': expected an integer >= 0", optarg);
+            a->rank = (int)number, a->have_rank = 1;
+            break;
+        case OPT_TOKENIZER:
+            a->tokenizer = optarg;
+            break;
+        case OPT_CONFIGS:
+            a->configs = optarg;
+            break;
+        case OPT_ITERS:
+            if (lq_cli_parse_int(optarg, 1, 100000, &number))
+                return usage_error("--iters '%s': expected an integer >= 1", optarg);
+            a->iters = (int)number;
+            break;
+        case OPT_SEED:
+            if (lq_cli_parse_int(optarg, 0, __LONG_MAX__, &number))
+                return usage_error("--seed '%s': expected an integer >= 0", optarg);
+            a->seed = (unsigned long long)number;
+            break;
+        case OPT_THREADS:
+            if (lq_cli_parse_int(optarg, 1, 1024, &number))
+                return usage_error("--threads '%s': expected an integer >= 1", optarg);
+            a->threads = (int)number;
+            break;
+        case OPT_CACHE_DIR:
+            a->cache_dir = optarg;
+            break;
+        case OPT_NO_CACHE:
+            a->no_cache = 1;
+            break;
+        case OPT_ILP_TIME:
+            if (lq_cli_parse_double(optarg, 0.0, 1e9, &real))
+                return usage_error("--ilp-time-limit '%s': expected seconds >= 0", optarg);
+            a->ilp_time_limit = real;
+            break;
+        case OPT_FORCE:
+            a->force = 1;
+            break;
+        case OPT_QUIET:
+            a->quiet = 1;
+            break;
+        case OPT_JSON:
+            a->json = 1;
+            break;
+        case 'h':
+            fputs(compress_usage, stdout);
+            return -1;
+        default:
+            return usage_error("unknown or incomplete option '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind < argc) return usage_error("unexpected argument '%s'", argv[optind]);
+    if (!a->model) return usage_error("%s", "--model SRC is required");
+    if (!a->have_bits) return usage_error("%s", "--bits B is required");
+    if (!a->have_rank) return usage_error("%s", "--rank R is required");
+    if (!a->out) return usage_error("%s", "--out DIR is required");
+    if (a->cache_dir && a->no_cache)
+        return usage_error("%s", "--cache-dir and --no-cache exclude each other");
+    return 0;
+}
+
+/* ---------- progress on stderr ---------- */
+
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int signal_number) {
+    (void)signal_number;
+    interrupted = 1;
+}
+
+struct progress_state {
+    int quiet, tty;
+    double last_line; /* elapsed seconds of the last plain line */
+    enum lq_compress_phase phase;
+    int phase_started;
+};
+
+static void format_seconds(double seconds, char *buffer, size_t size) {
+    if (seconds < 0)
+        snprintf(buffer, size, "?");
+    else if (seconds < 60)
+        snprintf(buffer, size, "%.0fs", seconds);
+    else if (seconds < 3600)
+        snprintf(buffer, size, "%dm%02ds", (int)seconds / 60, (int)seconds % 60);
+    else
+        snprintf(buffer, size, "%dh%02dm", (int)seconds / 3600, (int)seconds / 60 % 60);
+}
+
+static int on_progress(void *context, const struct lq_compress_progress *p) {
+    struct progress_state *s = context;
+    if (interrupted) return LQ_EINVAL; /* stops the run; the table rows done stay cached */
+    if (s->quiet) return 0;
+    if (!s->phase_started || s->phase != p->phase)
+        s->phase = p->phase, s->phase_started = 1, s->last_line = -1e9;
+    double fraction = p->cells_total ? (double)p->cells_done / (double)p->cells_total : 1.0;
+    char elapsed[32], eta[32], counts[160];
+    format_seconds(p->elapsed_seconds, elapsed, sizeof elapsed);
+    format_seconds(p->eta_seconds, eta, sizeof eta);
+    if (p->phase == LQ_COMPRESS_ILP)
+        snprintf(counts, sizeof counts, "%s", p->finished ? "solved" : "solving");
+    else if (p->phase == LQ_COMPRESS_TABLE)
+        snprintf(counts, sizeof counts, "%zu/%zu matrices, %zu/%zu decompositions (%zu cached)",
+                 p->matrices_done, p->matrices_total, p->cells_done, p->cells_total,
+                 p->cells_cached);
+    else
+        snprintf(counts, sizeof counts, "%zu/%zu matrices", p->matrices_done, p->matrices_total);
+    if (s->tty) {
+        char bar[31];
+        int filled = (int)(fraction * 30.0 + 0.5);
+        for (int i = 0; i < 30; i++) bar[i] = i < filled ? '#' : '-';
+        bar[30] = '\0';
+        fprintf(stderr, "\r\033[K%-13s [%s] %3.0f%%  %s  %s  ETA %s",
+                lq_compress_phase_name(p->phase), bar, 100.0 * fraction, counts, elapsed, eta);
+        if (p->finished) fputc('\n', stderr);
+        fflush(stderr);
+    } else if (p->finished || p->elapsed_seconds - s->last_line >= 5.0) {
+        /* Logs get a line at each phase's start and end and every 5 seconds between. */
+        s->last_line = p->elapsed_seconds;
+        fprintf(stderr, "lqd compress: %s: %s, %s elapsed, ETA %s%s\n",
+                lq_compress_phase_name(p->phase), counts, elapsed, eta,
+                p->finished ? " (done)" : "");
+    }
+    return 0;
+}
+
+static void on_warning(void *context, const char *message) {
+    (void)context;
+    fprintf(stderr, "lqd compress: warning: %s\n", message);
+}
+
+/* ---------- the report ---------- */
+
+/* The configurations chosen, each with how many matrices took it, in grid order. */
+static size_t count_configs(const struct lq_compress_report *r, int *counts) {
+    size_t distinct = 0;
+    for (size_t c = 0; c < r->n_configs; c++) counts[c] = 0;
+    for (size_t i = 0; i < r->n_matrices; i++)
+        if (counts[r->choice[i]]++ == 0) distinct++;
+    return distinct;
+}
+
+static double total_norm(const struct lq_compress_report *r) {
+    double sum = 0.0;
+    for (size_t i = 0; i < r->n_matrices; i++) sum += r->norm[i];
+    return sum;
+}
+
+static void print_text(const struct compress_args *a, const struct lq_compress_report *r,
+                       const struct lq_nf_config *grid, const int *counts) {
+    printf("source          %s\n", a->model);
+    printf("budget          %g bits/param (smallest feasible %.6f)\n", a->bits, r->min_budget);
+    printf("achieved        %.6f bits/param quantized, %.6f effective with L1 L2 (rank %d, fp32)\n",
+           r->bits_per_param, r->effective_bits, a->rank);
+    printf("error           %.6g total squared, %.6f relative (sqrt(sum err^2 / sum ||W||^2))\n",
+           r->total_error, sqrt(r->total_error / total_norm(r)));
+    printf("configurations ");
+    for (size_t c = 0; c < r->n_configs; c++) {
+        if (!counts[c]) continue;
+        char text[64];
+        printf(" %s x%d", lq_nf_config_format(&grid[c], text, sizeof text), counts[c]);
+    }
+    printf("\n");
+    printf("error table     %zu x %zu: %zu decompositions in %.2f s, %zu cells cached (%s)\n",
+           r->n_matrices, r->n_configs, r->decompositions, r->seconds_table, r->cells_cached,
+           r->cache_used ? r->cache_path : "no cache");
+    printf("allocation      %.3f s%s\n", r->seconds_ilp,
+           r->ilp_proven_optimal ? " (proven optimal)" : "");
+    printf("decomposition   %zu matrices in %.2f s on %d threads\n", r->n_matrices,
+           r->seconds_final, r->threads);
+    printf("written         %s\n", a->out);
+}
+
+static int print_json(const struct compress_args *a, const struct lq_compress_report *r,
+                      const struct lq_nf_config *grid, const int *counts) {
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "source", a->model);
+    cJSON_AddStringToObject(root, "out", a->out);
+    cJSON_AddNumberToObject(root, "budget", a->bits);
+    cJSON_AddNumberToObject(root, "min_budget", r->min_budget);
+    cJSON_AddNumberToObject(root, "rank", a->rank);
+    cJSON_AddNumberToObject(root, "bits_per_param", r->bits_per_param);
+    cJSON_AddNumberToObject(root, "effective_bits", r->effective_bits);
+    cJSON_AddNumberToObject(root, "total_error", r->total_error);
+    cJSON_AddNumberToObject(root, "relative_error", sqrt(r->total_error / total_norm(r)));
+    cJSON_AddNumberToObject(root, "n_matrices", (double)r->n_matrices);
+    cJSON_AddNumberToObject(root, "n_configs", (double)r->n_configs);
+    cJSON_AddNumberToObject(root, "decompositions", (double)r->decompositions);
+    cJSON_AddNumberToObject(root, "cells_cached", (double)r->cells_cached);
+    if (r->cache_used)
+        cJSON_AddStringToObject(root, "cache", r->cache_path);
+    else
+        cJSON_AddNullToObject(root, "cache");
+    cJSON_AddBoolToObject(root, "ilp_proven_optimal", r->ilp_proven_optimal);
+    cJSON_AddNumberToObject(root, "threads", r->threads);
+    cJSON *seconds = cJSON_AddObjectToObject(root, "seconds");
+    cJSON_AddNumberToObject(seconds, "table", r->seconds_table);
+    cJSON_AddNumberToObject(seconds, "ilp", r->seconds_ilp);
+    cJSON_AddNumberToObject(seconds, "final", r->seconds_final);
+    cJSON *configs = cJSON_AddObjectToObject(root, "configs");
+    for (size_t c = 0; c < r->n_configs; c++) {
+        if (!counts[c]) continue;
+        char text[96];
+        snprintf(text, sizeof text, "%d,%d,%s,%d,%d", grid[c].b0, grid[c].b1,
+                 lq_scale_dtype_name(grid[c].b2), grid[c].B0, grid[c].B1);
+        cJSON_AddNumberToObject(configs, text, counts[c]);
+    }
+    char *text = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    if (!text) return -1;
+    puts(text);
+    cJSON_free(text);
+    return 0;
+}
+
+/* ---------- the command ---------- */
+
+int lq_cli_compress(int argc, char **argv) {
+    struct compress_args a;
+    int rc = parse_args(argc, argv, &a);
+    if (rc) return rc < 0 ? 0 : rc;
+
+    struct lq_error err = {0};
+    struct lq_nf_config *grid = NULL;
+    size_t grid_size = 0;
+    struct lq_model *source = NULL, *compressed = NULL;
+    struct lq_compress_report report = {0};
+    int *counts = NULL, status = 1;
+    struct lq_tokenizer_files tokenizer;
+    if (lq_compress_grid_parse(a.configs, &grid, &grid_size, &err)) {
+        fprintf(stderr, "lqd compress: --configs: %s\n", err.message);
+        return 2;
+    }
+    /* Refuse what would fail at the end before hours of work. */
+    if (lq_model_file_check_destination(a.out, a.force, &err)) goto fail;
+    if (a.tokenizer ? lq_model_file_find_tokenizer(a.tokenizer, 0, &tokenizer, &err)
+                    : lq_model_file_find_tokenizer(a.model, 1, &tokenizer, &err))
+        goto fail;
+    if (!a.tokenizer && tokenizer.count == 0)
+        fprintf(stderr,
+                "lqd compress: warning: no tokenizer found in or beside %s (use "
+                "--tokenizer): %s will have none\n",
+                a.model, a.out);
+    if (lq_model_load(a.model, &source, &err)) goto fail;
+
+    struct progress_state progress = {a.quiet, isatty(STDERR_FILENO), 0, LQ_COMPRESS_TABLE, 0};
+    struct lq_compress_options options;
+    lq_compress_options_default(&options);
+    options.budget = a.bits, options.rank = a.rank, options.iters = a.iters;
+    options.grid = grid, options.grid_size = grid_size, options.seed = a.seed;
+    options.cache_dir = a.cache_dir, options.use_cache = !a.no_cache, options.threads = a.threads;
+    options.ilp_time_limit_seconds = a.ilp_time_limit;
+    options.progress = on_progress, options.warning = on_warning, options.context = &progress;
+    if (!a.quiet)
+        fprintf(stderr,
+                "lqd compress: %s: %d layers x 7 matrices, %zu parameters; %zu "
+                "configurations, rank %d, budget %g bits/param, %d threads\n",
+                a.model, source->config.n_layers, lq_model_linear_params(&source->config),
+                grid_size, a.rank, a.bits, a.threads ? a.threads : lq_parallel_threads());
+
+    struct sigaction action = {0}, old_int, old_term;
+    action.sa_handler = on_signal;
+    action.sa_flags = SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, &old_int);
+    sigaction(SIGTERM, &action, &old_term);
+    rc = lq_compress(source, &options, &compressed, &report, &err);
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    if (progress.tty && !a.quiet && rc) fputc('\n', stderr);
+    if (rc && interrupted) {
+        fprintf(stderr, "lqd compress: interrupted; the error-table rows finished are cached: "
+                        "the same command resumes\n");
+        status = 130;
+        goto done;
+    }
+    if (rc) goto fail;
+
+    struct lq_model_file_options file_options;
+    lq_model_file_options_default(&file_options);
+    file_options.source = a.model;
+    file_options.budget = a.bits;
+    file_options.achieved_bits = report.bits_per_param;
+    file_options.rank = a.rank;
+    file_options.grid_size = grid_size;
+    file_options.iters = a.iters;
+    file_options.seed = a.seed;
+    file_options.weighting = "none";
+    file_options.tokenizer = &tokenizer;
+    file_options.force = a.force;
+    if (lq_model_file_write(compressed, a.out, &file_options, &err)) goto fail;
+
+    counts = calloc(grid_size, sizeof *counts);
+    if (!counts) {
+        lq_error_set(&err, LQ_ENOMEM, "out of memory");
+        goto fail;
+    }
+    count_configs(&report, counts);
+    if (a.json) {
+        if (print_json(&a, &report, grid, counts)) {
+            lq_error_set(&err, LQ_ENOMEM, "out of memory printing JSON");
+            goto fail;
+        }
+    } else {
+        print_text(&a, &report, grid, counts);
+    }
+    status = 0;
+    goto done;
+fail:
+    fprintf(stderr, "lqd compress: %s\n", err.message);
+done:
+    free(counts);
+    free(grid);
+    lq_compress_report_free(&report);
+    lq_model_free(compressed);
+    lq_model_free(source);
+    return status;
+}

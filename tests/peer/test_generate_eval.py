@@ -1,0 +1,72 @@
+"""`lqd generate` and `lqd eval` on stories260K against llama2.c's and HF transformers' outputs:
+greedy text equal to llama2.c's run.c, logits equal to transformers' to 1e-4, perplexity on
+the TinyStories subset equal to the reference figure of ../shared/README.md."""
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+from peer_util import ROOT, Checks, require_numpy, run_lqd  # noqa: E402
+
+require_numpy()
+import numpy as np  # noqa: E402
+
+checks = Checks()
+BIN = os.path.join(ROOT, "models/stories260K/stories260K.bin")
+TOK = os.path.join(ROOT, "models/stories260K/tok512.bin")
+HF = os.path.join(ROOT, "models/stories260K-hf")
+EXPECTED = open(os.path.join(ROOT, "models/stories260K/expected_run_t0_n200.txt")).read()
+TINYSTORIES = os.path.join(ROOT, "..", "shared", "data", "tinystories_val_subset.txt")
+
+# greedy generation equals llama2.c run.c -t 0 -n 200, from the .bin and the HF directory
+for model in (BIN, HF):
+    out = run_lqd("generate", "--model", model, "--tokenizer", TOK, "--prompt", "", "--max-tokens", "200",
+                  "--temperature", "0").stdout
+    checks.check(out.rstrip("\n") == EXPECTED.rstrip("\n"), f"{model}: greedy text\n{out!r}\nvs\n{EXPECTED!r}")
+
+# a prompt continues it; sampling with a seed repeats; stop strings cut the text
+prompted = run_lqd("generate", "--model", BIN, "--tokenizer", TOK, "--prompt", "Once upon a time,",
+                   "--max-tokens", "30", "--temperature", "0").stdout
+checks.check(EXPECTED.startswith("Once upon a time," + prompted[:20]), f"prompted continuation {prompted!r}")
+sampled = [run_lqd("generate", "--model", BIN, "--tokenizer", TOK, "--max-tokens", "60", "--temperature", "0.9",
+                   "--top-p", "0.9", "--seed", str(seed)).stdout for seed in (7, 7, 8)]
+checks.check(sampled[0] == sampled[1] and sampled[0] != sampled[2], "same seed, same text; other seed, other text")
+stopped = run_lqd("generate", "--model", BIN, "--tokenizer", TOK, "--max-tokens", "200", "--temperature", "0",
+                  "--stop", "Lily").stdout
+checks.check(stopped == EXPECTED[: EXPECTED.index("Lily")], f"stop string: {stopped!r}")
+
+# logits of the reference ids equal HF transformers' (float32) to 1e-4
+reference = json.load(open(os.path.join(HF, "ref_logits.json")))["greedy200"]["ids"]
+expected_logits = np.load(os.path.join(HF, "ref_logits_greedy200.npy"))
+with tempfile.TemporaryDirectory() as tmp:
+    for model in (HF, BIN):
+        out = os.path.join(tmp, "logits.npy")
+        run_lqd("eval", "--model", model, "--tokens", ",".join(map(str, reference)), "--dump-logits", out)
+        logits = np.load(out)
+        worst = float(np.abs(logits - expected_logits).max())
+        checks.check(logits.shape == (200, 512) and worst < 1e-4, f"{model}: logits differ by {worst}")
+
+# perplexity: 4.844 +- 0.005 on the first 200,000 tokens (../shared/README.md)
+if os.path.exists(TINYSTORIES):
+    report = json.loads(run_lqd("eval", "--model", HF, "--tokenizer", TOK, "--ppl", TINYSTORIES,
+                                "--max-tokens", "200000", "--json").stdout)
+    checks.check(report["tokens"] == 200000, f"tokens {report['tokens']}")
+    checks.check(abs(report["ppl"] - 4.844) <= 0.005, f"perplexity {report['ppl']}")
+    for key in ("ppl", "nll", "tokens", "seconds"):
+        checks.check(key in report, f"eval JSON has {key}")
+else:
+    print("../shared/data is absent: perplexity check skipped")
+
+# bad input
+for args, text in [
+    (["generate", "--model", "/nonexistent"], "/nonexistent"),
+    (["generate", "--model", HF], "--tokenizer"),
+    (["eval", "--model", HF, "--tokenizer", TOK, "--ppl", "/nonexistent.txt"], "/nonexistent.txt"),
+    (["eval", "--model", BIN, "--tokens", "1,999", "--dump-logits", "/tmp/x.npy"], "999"),
+    (["generate", "--model", BIN, "--tokenizer", TOK, "--temperature", "-1"], "--temperature"),
+]:
+    result = run_lqd(*args, check=False)
+    checks.check(result.returncode != 0 and text in result.stderr, f"lqd {' '.join(args)}: {result.stderr!r}")
+
+checks.finish()
