@@ -202,10 +202,10 @@ static size_t top_k_collect(struct lq_sampler *sampler, const float *logits, siz
         if (logits[i] > -INFINITY) c[count++] = (struct lq_sampler_candidate){logits[i], 0.0f, i};
     if (count < k) return count;
     for (size_t j = k / 2; j-- > 0;) heap_sift_down(c, k, j);
+    /* Scanning in id order, a logit equal to the root's comes after it: only larger ones enter. */
     for (; i < vocab_size; i++) {
-        struct lq_sampler_candidate next = {logits[i], 0.0f, i};
-        if (logits[i] > c[0].logit || (logits[i] == c[0].logit && i < c[0].id)) {
-            c[0] = next;
+        if (logits[i] > c[0].logit) {
+            c[0] = (struct lq_sampler_candidate){logits[i], 0.0f, i};
             heap_sift_down(c, k, 0);
         }
     }

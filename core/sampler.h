@@ -42,7 +42,7 @@ int lq_sampler_params_validate(const struct lq_sampler_params *params, struct lq
 
 struct lq_sampler; /* per sequence: holds the random state and scratch space */
 
-/* Validates params, copies them and seeds the generator; all scratch space (about 17 bytes per
+/* Validates params, copies them and seeds the generator; all scratch space (about 19 bytes per
  * vocabulary entry) is allocated here, none per call. */
 int lq_sampler_create(const struct lq_sampler_params *params, int vocab_size,
                       struct lq_sampler **out, struct lq_error *err);

@@ -58,6 +58,55 @@ if os.path.exists(TINYSTORIES):
 else:
     print("../shared/data is absent: perplexity check skipped")
 
+# an LQ directory: its logits equal those of a dense checkpoint holding Q + L1 L2 dequantized
+# by NumPy (tests/peer/nf_reference.py), so the dequantizing matmul is checked independently
+import shutil  # noqa: E402
+import struct  # noqa: E402
+
+import nf_reference as ref  # noqa: E402
+
+with tempfile.TemporaryDirectory() as tmp:
+    lq_dir = os.path.join(tmp, "lq")
+    run_lqd("compress", "--model", HF, "--tokenizer", TOK, "--bits", "3.5", "--rank", "8", "--out", lq_dir,
+            "--configs", "4,8,fp32,64,256;3,4,bf16,16,64;2,8,fp16,32,16", "--no-cache", "--quiet")
+    tensors, metadata = ref.read_safetensors(os.path.join(lq_dir, "model.safetensors"))
+    dense = {}
+    for name, array in tensors.items():
+        if name.endswith(".q_codes"):
+            prefix = name[: -len(".q_codes")]
+            b0, b1, b2, B0, B1 = metadata[prefix + ".lq_config"].split(",")
+            shape = tuple(int(v) for v in metadata[prefix + ".lq_shape"].split(","))
+            q, *_ = ref.dequantize_stored(tensors, prefix, shape, (int(b0), int(b1), b2, int(B0), int(B1)))
+            weight = q + tensors[prefix + ".lora_B"].astype(np.float64) @ tensors[prefix + ".lora_A"]
+            dense[prefix + ".weight"] = weight.astype(np.float32)
+        elif not any(name.endswith(s) for s in (".q_scale_codes", ".q_group_scales", ".q_scale_offset",
+                                                 ".lora_A", ".lora_B")):
+            dense[name] = np.asarray(tensors[name], dtype=np.float32)
+    dense_dir = os.path.join(tmp, "dense")
+    os.makedirs(dense_dir)
+    shutil.copy(os.path.join(HF, "config.json"), dense_dir)
+    ref.write_safetensors(os.path.join(dense_dir, "model.safetensors"),
+                          {k: ("F32", v.shape, np.ascontiguousarray(v).tobytes()) for k, v in dense.items()})
+    ids = ",".join(map(str, reference[:120]))
+    outs = []
+    for model in (lq_dir, dense_dir):
+        out = os.path.join(tmp, os.path.basename(model) + ".npy")
+        run_lqd("eval", "--model", model, "--tokens", ids, "--dump-logits", out)
+        outs.append(np.load(out))
+    worst = float(np.abs(outs[0] - outs[1]).max())
+    checks.check(worst < 1e-3, f"LQ directory logits vs NumPy-dequantized dense: {worst}")
+    # the decode path (1 token per step) of the LQ directory gives the same greedy text
+    text_lq = run_lqd("generate", "--model", lq_dir, "--max-tokens", "60", "--temperature", "0").stdout
+    text_dense = run_lqd("generate", "--model", dense_dir, "--tokenizer", TOK, "--max-tokens", "60",
+                         "--temperature", "0").stdout
+    checks.check(text_lq == text_dense and len(text_lq) > 100, f"LQ greedy text {text_lq!r} vs {text_dense!r}")
+    if os.path.exists(TINYSTORIES):
+        lq_ppl = json.loads(run_lqd("eval", "--model", lq_dir, "--ppl", TINYSTORIES, "--max-tokens", "20000",
+                                    "--json").stdout)["ppl"]
+        fp_ppl = json.loads(run_lqd("eval", "--model", HF, "--tokenizer", TOK, "--ppl", TINYSTORIES,
+                                    "--max-tokens", "20000", "--json").stdout)["ppl"]
+        checks.check(fp_ppl < lq_ppl < fp_ppl * 1.15, f"LQ perplexity {lq_ppl} vs fp32 {fp_ppl}")
+
 # bad input
 for args, text in [
     (["generate", "--model", "/nonexistent"], "/nonexistent"),

@@ -1,7 +1,10 @@
+#include "core/file_util.h"
 #include "core/model.h"
+#include "core/safetensors.h"
 #include "tests/unit/lq_test.h"
 
 #include <stdlib.h>
+#include <unistd.h>
 
 static const char *root(void) {
     return getenv("LQ_REPO_ROOT") ? getenv("LQ_REPO_ROOT") : ".";
@@ -65,4 +68,102 @@ static void test_config_errors(void) {
     CHECK(lq_model_load("/nonexistent/model", &m, &err) == LQ_ENOTFOUND);
 }
 
-LQ_TEST_MAIN(LQ_TEST(test_llama2c_equals_hf), LQ_TEST(test_config_errors))
+/* The HF checkpoint split into two shards with model.safetensors.index.json loads the same. */
+static void test_sharded_checkpoint(void)
+{
+    char source[1024], dir[] = "/tmp/lq-test-shards-XXXXXX", path[1200];
+    snprintf(source, sizeof source, "%s/models/stories260K-hf", root());
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof path, "%s/model.safetensors", source);
+    struct lq_safetensors *file;
+    struct lq_error err = {0};
+    CHECK(lq_safetensors_open(path, &file, &err) == 0);
+    struct lq_safetensors_writer *shards[2];
+    CHECK(lq_safetensors_writer_create(&shards[0], &err) == 0);
+    CHECK(lq_safetensors_writer_create(&shards[1], &err) == 0);
+    char index[16384] = "{\"metadata\": {}, \"weight_map\": {";
+    for (size_t i = 0; i < lq_safetensors_count(file); i++) {
+        const struct lq_safetensors_tensor *t = lq_safetensors_tensor_at(file, i);
+        int shard = i % 2;
+        CHECK(lq_safetensors_writer_add(shards[shard], t->name, t->dtype, t->ndim, t->shape,
+                                        lq_safetensors_data(file, t), &err) == 0);
+        size_t used = strlen(index);
+        snprintf(index + used, sizeof index - used, "%s\"%s\": \"model-0000%d-of-00002.safetensors\"",
+                 i ? ", " : "", t->name, shard + 1);
+    }
+    strcat(index, "}}");
+    for (int k = 0; k < 2; k++) {
+        snprintf(path, sizeof path, "%s/model-0000%d-of-00002.safetensors", dir, k + 1);
+        CHECK(lq_safetensors_writer_write(shards[k], path, &err) == 0);
+        lq_safetensors_writer_free(shards[k]);
+    }
+    lq_safetensors_close(file);
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    CHECK(lq_file_write_atomic(path, index, strlen(index), &err) == 0);
+    char config_src[1200], config_dst[1200];
+    snprintf(config_src, sizeof config_src, "%s/config.json", source);
+    snprintf(config_dst, sizeof config_dst, "%s/config.json", dir);
+    CHECK(lq_file_copy(config_src, config_dst, &err) == 0);
+
+    struct lq_model *a = NULL, *b = NULL;
+    CHECK_MSG(lq_model_load(source, &a, &err) == 0, "%s", err.message);
+    CHECK_MSG(lq_model_load(dir, &b, &err) == 0, "%s", err.message);
+    if (a && b) {
+        CHECK(same(a->embed, b->embed, 512 * 64));
+        for (int l = 0; l < 5; l++)
+            for (int k = 0; k < LQ_LINEARS_PER_LAYER; k++)
+                CHECK(same(a->layers[l].linear[k].dense, b->layers[l].linear[k].dense,
+                           (size_t)a->layers[l].linear[k].rows * a->layers[l].linear[k].cols));
+    }
+    lq_model_free(a);
+    lq_model_free(b);
+    /* a shard that is missing is named in the error */
+    snprintf(path, sizeof path, "%s/model-00002-of-00002.safetensors", dir);
+    unlink(path);
+    CHECK(lq_model_load(dir, &b, &err) != 0);
+    CHECK(strstr(err.message, "model-00002-of-00002") != NULL);
+    snprintf(path, sizeof path, "rm -rf '%s'", dir);
+    CHECK(system(path) == 0);
+}
+
+/* A llama2.c checkpoint with a separate classifier (negative vocab_size in the header). */
+static void test_llama2c_separate_classifier(void)
+{
+    char bin[1024];
+    snprintf(bin, sizeof bin, "%s/models/stories260K/stories260K.bin", root());
+    char *data;
+    size_t length;
+    struct lq_error err = {0};
+    CHECK(lq_file_read_all(bin, 1 << 24, &data, &length, &err) == 0);
+    int32_t header[7];
+    memcpy(header, data, sizeof header);
+    size_t classifier = (size_t)header[5] * header[0];
+    header[5] = -header[5];
+    char *copy = malloc(length + classifier * sizeof(float));
+    memcpy(copy, data, length);
+    memcpy(copy, header, sizeof header);
+    float *wcls = (float *)(copy + length); /* classifier = 2 x embedding */
+    memcpy(wcls, data + sizeof header, classifier * sizeof(float));
+    for (size_t i = 0; i < classifier; i++) wcls[i] *= 2.0f;
+    char path[] = "/tmp/lq-test-cls-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0 && write(fd, copy, length + classifier * sizeof(float)) == (ssize_t)(length + classifier * sizeof(float)));
+    close(fd);
+    struct lq_model *m = NULL;
+    CHECK_MSG(lq_model_load(path, &m, &err) == 0, "%s", err.message);
+    if (m) {
+        CHECK(!m->config.tie_embeddings && m->lm_head != m->embed);
+        CHECK(m->lm_head[5] == 2.0f * m->embed[5]);
+        lq_model_free(m);
+    }
+    /* cut short: refused with the sizes */
+    CHECK(truncate(path, (off_t)length) == 0);
+    CHECK(lq_model_load(path, &m, &err) == LQ_EFORMAT);
+    CHECK(strstr(err.message, "needs") != NULL);
+    unlink(path);
+    free(copy);
+    free(data);
+}
+
+LQ_TEST_MAIN(LQ_TEST(test_llama2c_equals_hf), LQ_TEST(test_config_errors),
+             LQ_TEST(test_sharded_checkpoint), LQ_TEST(test_llama2c_separate_classifier))
