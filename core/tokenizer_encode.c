@@ -1,6 +1,7 @@
 /* Encoding: SentencePiece's normalization (spaces to "▁", the dummy prefix), the split into
  * characters, then BPE: repeatedly merge the adjacent pair with the best priority, kept in a
- * binary heap so that a line of n characters takes O(n log n) (the naive rescan is O(n^2)).
+ * binary heap so that a line of n characters takes O(n log n) (the naive rescan is O(n^2)),
+ * one heap per stretch of text that no merge can cross (see crossable).
  * The priority is the merged piece's score for SentencePiece files (bpe_model.cc) and the
  * pair's rank in "merges" for tokenizer.json (HF tokenizers' Word::merge_all); ties go to the
  * leftmost pair in both. */
@@ -361,8 +362,7 @@ int lq_tokenizer_encode(const struct lq_tokenizer *tokenizer, const char *text, 
     *count = 0;
     if (length > MAX_TEXT_BYTES)
         return lq_error_set(err, LQ_EINVAL,
-                            "tokenizer encode: text of %zu bytes exceeds the %zu "
-                            "-byte limit",
+                            "tokenizer encode: text of %zu bytes exceeds the %zu-byte limit",
                             length, MAX_TEXT_BYTES);
     struct encoder encoder = {.tokenizer = tokenizer};
     char *normalized = normalize(tokenizer, text, length, &encoder.length);

@@ -4,6 +4,7 @@
  * (Prepend "▁" + Replace " " -> "▁", legacy Llama) or the pre-tokenizer (Metaspace, split
  * false). Anything that would tokenize differently (byte-level BPE, NFKC, word splitting)
  * is refused with LQ_EUNSUPPORTED rather than approximated. */
+#include "core/file_util.h"
 #include "core/tokenizer_internal.h"
 
 #include <cjson/cJSON.h>
@@ -365,11 +366,8 @@ int lq_tokenizer_parse_json(const uint8_t *data, size_t size, const char *label,
     memcpy(text, data, size);
     text[size] = '\0';
     const char *end = NULL;
-    /* cJSON records its last error in a global on every parse: serialise concurrent loads. */
-    static pthread_mutex_t parse_lock = PTHREAD_MUTEX_INITIALIZER;
-    pthread_mutex_lock(&parse_lock);
-    cJSON *root = cJSON_ParseWithLengthOpts(text, size, &end, 0);
-    pthread_mutex_unlock(&parse_lock);
+
+    cJSON *root = lq_json_parse_end(text, size, &end);
     size_t end_at = end ? (size_t)(end - text) : 0;
     free(text);
     if (!root)

@@ -110,7 +110,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # bad input
 for args, text in [
     (["generate", "--model", "/nonexistent"], "/nonexistent"),
-    (["generate", "--model", HF], "--tokenizer"),
+    (["generate", "--model", BIN, "--tokenizer", "/nonexistent.bin"], "/nonexistent.bin"),
     (["eval", "--model", HF, "--tokenizer", TOK, "--ppl", "/nonexistent.txt"], "/nonexistent.txt"),
     (["eval", "--model", BIN, "--tokens", "1,999", "--dump-logits", "/tmp/x.npy"], "999"),
     (["generate", "--model", BIN, "--tokenizer", TOK, "--temperature", "-1"], "--temperature"),
