@@ -10,6 +10,10 @@ int lq_cli_eval(int argc, char **argv);
 int lq_cli_compress(int argc, char **argv);
 int lq_cli_inspect(int argc, char **argv);
 
+/* Prints "lqd COMMAND: <format with value>" and a pointer to --help on stderr; returns 2,
+ * the exit status of a usage error. */
+int lq_cli_usage_error(const char *command, const char *format, const char *value);
+
 /* Strict number parsing for options: the whole string must be a number in range.
  * Return 0 on success, -1 otherwise. */
 int lq_cli_parse_int(const char *text, long min, long max, long *out);

@@ -64,12 +64,7 @@ struct compress_args {
     int have_bits, have_rank;
 };
 
-static int usage_error(const char *format, const char *value) {
-    fprintf(stderr, "lqd compress: ");
-    fprintf(stderr, format, value);
-    fprintf(stderr, "\n(see 'lqd compress --help')\n");
-    return 2;
-}
+#define usage_error(format, value) lq_cli_usage_error("compress", format, value)
 
 static int parse_args(int argc, char **argv, struct compress_args *a) {
     enum {

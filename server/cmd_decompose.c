@@ -53,12 +53,7 @@ static double seconds_now(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-static int usage_error(const char *format, const char *value) {
-    fprintf(stderr, "lqd decompose: ");
-    fprintf(stderr, format, value);
-    fprintf(stderr, "\n(see 'lqd decompose --help')\n");
-    return 2;
-}
+#define usage_error(format, value) lq_cli_usage_error("decompose", format, value)
 
 static int parse_args(int argc, char **argv, struct decompose_args *a) {
     enum {

@@ -26,12 +26,7 @@ static const char eval_usage[] =
     "example: lqd eval --model models/stories260K-hf --tokenizer models/stories260K/tok512.bin "
     "--ppl ../shared/data/tinystories_val_subset.txt --max-tokens 200000\n";
 
-static int usage_error(const char *message, const char *value) {
-    fprintf(stderr, "lqd eval: ");
-    fprintf(stderr, message, value);
-    fprintf(stderr, "\n(see 'lqd eval --help')\n");
-    return 2;
-}
+#define usage_error(format, value) lq_cli_usage_error("eval", format, value)
 
 /* "1,5,9" -> ids; returns count or -1. */
 static int parse_tokens(const char *text, int **ids) {

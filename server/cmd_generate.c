@@ -39,12 +39,7 @@ static int print_text(void *context, const char *text, size_t length) {
     return 0;
 }
 
-static int usage_error(const char *message, const char *value) {
-    fprintf(stderr, "lqd generate: ");
-    fprintf(stderr, message, value);
-    fprintf(stderr, "\n(see 'lqd generate --help')\n");
-    return 2;
-}
+#define usage_error(format, value) lq_cli_usage_error("generate", format, value)
 
 int lq_cli_generate(int argc, char **argv) {
     enum {

@@ -27,12 +27,7 @@ static const char inspect_usage[] =
     "  --svg OUT.svg  also draw the allocation (bits/param of each matrix type against the\n"
     "                 layer) as a self-contained SVG picture\n";
 
-static int usage_error(const char *format, const char *value) {
-    fprintf(stderr, "lqd inspect: ");
-    fprintf(stderr, format, value);
-    fprintf(stderr, "\n(see 'lqd inspect --help')\n");
-    return 2;
-}
+#define usage_error(format, value) lq_cli_usage_error("inspect", format, value)
 
 /* The "lqd.*" metadata of DIR/model.safetensors, when there is one. */
 struct file_info {

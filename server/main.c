@@ -30,6 +30,13 @@ static void usage(FILE *out) {
     fprintf(out, "\n'lqd <command> --help' describes a command's options.\n");
 }
 
+int lq_cli_usage_error(const char *command, const char *format, const char *value) {
+    fprintf(stderr, "lqd %s: ", command);
+    fprintf(stderr, format, value);
+    fprintf(stderr, "\n(see 'lqd %s --help')\n", command);
+    return 2;
+}
+
 int lq_cli_parse_int(const char *text, long min, long max, long *out) {
     char *end;
     errno = 0;
