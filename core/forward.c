@@ -1,24 +1,8 @@
 #include "forward.h"
+#include "forward_internal.h"
 
 #include <stdlib.h>
 #include <string.h>
-
-struct lq_runtime {
-    struct lq_backend *backend;
-    struct lq_model *model;
-    const float *embed, *final_norm, *lm_head;
-    const float **attn_norm, **ffn_norm;
-    int prepared_layers; /* layers whose linears were prepared (for cleanup) */
-};
-
-struct lq_session {
-    struct lq_runtime *runtime;
-    int context, max_batch, position;
-    float **k_cache, **v_cache;                /* per layer: [context, kv_dim] device buffers */
-    float *x, *h, *q, *attn, *gate, *up, *out; /* activations, [max_batch, width] */
-    float *logits;                             /* device [max_batch, vocab] */
-    int *positions;                            /* host */
-};
 
 const struct lq_model_config *lq_runtime_config(const struct lq_runtime *runtime) {
     return &runtime->model->config;
@@ -160,6 +144,10 @@ int lq_session_context(const struct lq_session *s) {
 
 int lq_session_max_batch(const struct lq_session *s) {
     return s->max_batch;
+}
+
+const struct lq_model_config *lq_session_config(const struct lq_session *s) {
+    return &s->runtime->model->config;
 }
 
 /* One transformer block on n tokens at positions start..start+n-1 (x updated in place). */

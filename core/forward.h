@@ -12,8 +12,8 @@ struct lq_runtime;
 struct lq_session;
 
 /* Prepares model's weights on backend (both borrowed: they must outlive the runtime). */
-int lq_runtime_create(struct lq_backend *backend, struct lq_model *model,
-                      struct lq_runtime **out, struct lq_error *err);
+int lq_runtime_create(struct lq_backend *backend, struct lq_model *model, struct lq_runtime **out,
+                      struct lq_error *err);
 void lq_runtime_free(struct lq_runtime *runtime);
 const struct lq_model_config *lq_runtime_config(const struct lq_runtime *runtime);
 
@@ -26,10 +26,30 @@ void lq_session_reset(struct lq_session *session);
 int lq_session_position(const struct lq_session *session);
 int lq_session_context(const struct lq_session *session);
 int lq_session_max_batch(const struct lq_session *session);
+/* The model's hyperparameters (logits rows hold config->vocab_size values). */
+const struct lq_model_config *lq_session_config(const struct lq_session *session);
 
 /* Appends tokens[0..n) (n <= max_batch, position + n <= context) and writes logits to the
  * host array logits: [n, vocab] when all_logits, else the last token's [vocab]. */
 int lq_session_forward(struct lq_session *session, const int *tokens, int n, int all_logits,
                        float *logits, struct lq_error *err);
+
+/* Batched decoding (forward_batch.c). A batch is the scratch space of one decode step of up to
+ * max_sequences sequences of one runtime; use it from one thread at a time. */
+struct lq_batch;
+
+int lq_batch_create(struct lq_runtime *runtime, int max_sequences, struct lq_batch **out,
+                    struct lq_error *err);
+void lq_batch_free(struct lq_batch *batch);
+int lq_batch_max_sequences(const struct lq_batch *batch);
+
+/* Appends tokens[i] to sessions[i] for i < n (distinct sessions of the batch's runtime, each
+ * with room for one more position) in one pass: every linear layer runs once on the n stacked
+ * tokens, RoPE and attention per sequence at its own position. logits (host) receives
+ * [n, vocab]: row i is what lq_session_forward(sessions[i], &tokens[i], 1, ...) would give
+ * (bit for bit on a batch-invariant backend, such as the CPU's). Each position advances by
+ * one; on error none does. */
+int lq_forward_batch(struct lq_batch *batch, struct lq_session **sessions, const int *tokens, int n,
+                     float *logits, struct lq_error *err);
 
 #endif

@@ -5,12 +5,10 @@
 
 #include "core/forward.h"
 #include "core/sampler.h"
+#include "core/text_stream.h" /* enum lq_finish_reason, lq_text_callback */
 #include "core/tokenizer.h"
 
-enum lq_finish_reason { LQ_FINISH_LENGTH, LQ_FINISH_STOP, LQ_FINISH_EOS };
-const char *lq_finish_reason_name(enum lq_finish_reason reason); /* "length", "stop", "stop" */
-
-#define LQ_GENERATE_MAX_STOPS 8
+#define LQ_GENERATE_MAX_STOPS LQ_TEXT_STREAM_MAX_STOPS
 
 struct lq_generate_options {
     int max_tokens; /* generated tokens at most (>= 0) */
@@ -20,10 +18,6 @@ struct lq_generate_options {
 };
 
 void lq_generate_options_default(struct lq_generate_options *options);
-
-/* Receives text as it becomes final (never text a stop string may still claim); returns
- * nonzero to cancel (finish reason then "stop"). */
-typedef int (*lq_text_callback)(void *context, const char *text, size_t length);
 
 struct lq_generate_result {
     int prompt_tokens;

@@ -4,9 +4,10 @@
 
 #include "kernels/backend.h"
 
-/* linear_cpu.c: y[n, rows] (leading dimension ldy) = x[n, cols] · w[rows, cols]ᵀ + beta·y,
- * split over the thread pool by output rows when large enough (OpenBLAS itself runs
- * single-threaded under this backend, so its threads never compete with the pool's). */
+/* linear_cpu.c: y[n, rows] (leading dimension ldy) = x[n, cols] · w[rows, cols]ᵀ + beta·y with
+ * beta 0 or 1, split over the thread pool by output rows when large enough (OpenBLAS itself
+ * runs single-threaded under this backend, so its threads never compete with the pool's). Up
+ * to 64 tokens it is batch-invariant: row i of y has the same bits whatever the other rows. */
 void lq_cpu_gemm_nt(int n, int rows, int cols, const float *x, const float *w, float *y, int ldy,
                     float beta);
 

@@ -1,11 +1,141 @@
-/* Linear layers on the CPU. Dense: one OpenBLAS call. LQ: Q is dequantized tile by tile (never
- * a full dense copy) and multiplied, then the low-rank part L1·(L2·x) is added. */
+/* Linear layers on the CPU. Dense: OpenBLAS for many tokens, a row-wise kernel for few. LQ: Q is
+ * dequantized tile by tile (never a full dense copy) and multiplied, then the low-rank part
+ * L1·(L2·x) is added.
+ *
+ * Batch invariance: for up to LQ_CPU_ROWWISE_MAX_TOKENS tokens every output y[i, r] is computed
+ * by the same sequence of rounded operations whatever the other tokens of the call, the row
+ * split between threads, and the position of r in its block. So a sequence decoded alone (one
+ * token per call) and the same sequence decoded in a batch with others (one call for all) get
+ * bit-identical logits, and the daemon gives a request the same text whether or not it was
+ * batched. OpenBLAS gives no such guarantee: its sgemv (one token) and sgemm (several) sum in
+ * different orders. */
+#include <assert.h>
 #include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/parallel.h"
 #include "kernels/cpu/cpu_ops.h"
+
+/* Up to this many tokens per call the batch-invariant row-wise kernel runs (decode, batched
+ * decode, short prompts); above it OpenBLAS sgemm (prefill), whose speed it cannot match. */
+#define LQ_CPU_ROWWISE_MAX_TOKENS 64
+
+/* The row-wise kernel sums each dot product in 8 lanes (lane j takes the columns c ≡ j mod 8),
+ * adds the lanes in a fixed tree, then the leftover columns in order. The vector type is a
+ * GCC/Clang extension: lanes are independent, so the result does not depend on how the
+ * compiler maps them to SSE, AVX or scalar registers (the x86-64 build carries an AVX2 clone
+ * of the kernel, chosen at load time, that gives the same bits); with floating-point
+ * contraction off (ISO C mode; Clang is told below) no multiply-add is fused in one place and
+ * not in another. */
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+#if defined(__FAST_MATH__)
+#error "linear_cpu.c relies on IEEE evaluation order: build it without -ffast-math"
+#endif
+typedef float lq_v8 __attribute__((vector_size(32)));
+
+/* Macros, not functions: passing 32-byte vectors by value changes the ABI with AVX. */
+#define LQ_LOAD8(target, pointer) memcpy(&(target), (pointer), sizeof(lq_v8))
+#define LQ_LANES_SUM(v) (((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])))
+
+/* target_clones needs the loader's ifunc support (glibc); ThreadSanitizer dislikes resolvers
+ * that run before it is set up. */
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define LQ_NO_VECTOR_CLONES 1
+#endif
+#endif
+#if defined(__x86_64__) && defined(__GLIBC__) && !defined(__SANITIZE_THREAD__) &&                  \
+    !defined(LQ_NO_VECTOR_CLONES)
+#define LQ_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LQ_VECTOR_CLONES
+#endif
+
+#if defined(__clang__)
+#define LQ_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define LQ_UNROLL _Pragma("GCC unroll 8")
+#else
+#define LQ_UNROLL
+#endif
+
+/* Stores (or adds, when accumulate) the dot products of a block: dots[t][k] is row k, token t. */
+static inline void store_block(float *y, int ldy, int count, int tokens, int stride,
+                               const float *dots, int accumulate) {
+    for (int t = 0; t < tokens; t++) {
+        float *yt = y + (size_t)t * ldy;
+        const float *d = dots + (size_t)t * stride;
+        for (int k = 0; k < count; k++) yt[k] = accumulate ? yt[k] + d[k] : d[k];
+    }
+}
+
+/* The dot products of ROWS rows w[0..ROWS) with TOKENS tokens x[0..TOKENS) into
+ * dots[TOKENS][ROWS]. Every product follows one recipe, whatever the block shape: per lane j,
+ * the running sum over the columns c ≡ j mod 8 (each product rounded, then added); the lanes
+ * summed in a fixed tree; the leftover columns added in order. */
+#define LQ_DOT_BLOCK(ROWS, TOKENS, w, x, cols, dots)                                               \
+    do {                                                                                           \
+        lq_v8 acc[TOKENS][ROWS], xv[TOKENS], wv[ROWS], product;                                    \
+        memset(acc, 0, sizeof acc);                                                                \
+        int c = 0;                                                                                 \
+        for (; c + 8 <= (cols); c += 8) {                                                          \
+            LQ_UNROLL for (int t = 0; t < (TOKENS); t++) LQ_LOAD8(xv[t], (x)[t] + c);              \
+            LQ_UNROLL for (int k = 0; k < (ROWS); k++) LQ_LOAD8(wv[k], (w)[k] + c);                \
+            LQ_UNROLL for (int t = 0; t < (TOKENS); t++)                                           \
+                LQ_UNROLL for (int k = 0; k < (ROWS); k++) product = wv[k] * xv[t],                \
+                                                           acc[t][k] += product;                   \
+        }                                                                                          \
+        for (int t = 0; t < (TOKENS); t++)                                                         \
+            for (int k = 0; k < (ROWS); k++) (dots)[t][k] = LQ_LANES_SUM(acc[t][k]);               \
+        for (; c < (cols); c++)                                                                    \
+            for (int t = 0; t < (TOKENS); t++)                                                     \
+                for (int k = 0; k < (ROWS); k++) {                                                 \
+                    float p = (w)[k][c] * (x)[t][c];                                               \
+                    (dots)[t][k] += p;                                                             \
+                }                                                                                  \
+    } while (0)
+
+/* Rows [r0, r0 + ROWS) of w as pointers; past end, the first row again (padding whose
+ * products are dropped), so a short last block runs the same code. */
+static inline int block_rows(const float *w, int cols, size_t r0, size_t end, int rows,
+                             const float **out) {
+    int count = end - r0 < (size_t)rows ? (int)(end - r0) : rows;
+    for (int k = 0; k < rows; k++) out[k] = w + (r0 + (size_t)(k < count ? k : 0)) * (size_t)cols;
+    return count;
+}
+
+/* y[i, r] = w[r]·x[i] (+ y[i, r] when accumulate) for rows [begin, end) of w[rows, cols] and
+ * all n tokens: four rows by four tokens at a time, so that each loaded vector serves four
+ * products; the tokens left over (all of them in single-sequence decode) eight rows at a time,
+ * which keeps more loads in flight where the weights' memory bandwidth is the limit. */
+LQ_VECTOR_CLONES
+static void rowwise(const float *w, int cols, size_t begin, size_t end, const float *x, int n,
+                    float *y, int ldy, int accumulate) {
+    const int blocked = n / 4 * 4;
+    const float *rows[8];
+    for (size_t r0 = begin; r0 < end && blocked > 0; r0 += 4) {
+        int count = block_rows(w, cols, r0, end, 4, rows);
+        for (int i = 0; i < blocked; i += 4) {
+            const float *tokens[4] = {x + (size_t)i * cols, x + (size_t)(i + 1) * cols,
+                                      x + (size_t)(i + 2) * cols, x + (size_t)(i + 3) * cols};
+            float dots[4][4];
+            LQ_DOT_BLOCK(4, 4, rows, tokens, cols, dots);
+            store_block(y + (size_t)i * ldy + r0, ldy, count, 4, 4, &dots[0][0], accumulate);
+        }
+    }
+    for (size_t r0 = begin; r0 < end && blocked < n; r0 += 8) {
+        int count = block_rows(w, cols, r0, end, 8, rows);
+        for (int i = blocked; i < n; i++) {
+            const float *tokens[1] = {x + (size_t)i * cols};
+            float dots[1][8];
+            LQ_DOT_BLOCK(8, 1, rows, tokens, cols, dots);
+            store_block(y + (size_t)i * ldy + r0, ldy, count, 1, 8, &dots[0][0], accumulate);
+        }
+    }
+}
 
 struct gemm_job {
     int n, cols, ldy;
@@ -16,19 +146,19 @@ struct gemm_job {
 
 static void gemm_body(void *context, size_t begin, size_t end) {
     const struct gemm_job *job = context;
-    int rows = (int)(end - begin);
-    if (job->n == 1)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, rows, job->cols, 1.0f,
-                    job->w + begin * (size_t)job->cols, job->cols, job->x, 1, job->beta,
-                    job->y + begin, 1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, job->n, rows, job->cols, 1.0f, job->x,
-                    job->cols, job->w + begin * (size_t)job->cols, job->cols, job->beta,
-                    job->y + begin, job->ldy);
+    if (job->n <= LQ_CPU_ROWWISE_MAX_TOKENS) {
+        rowwise(job->w, job->cols, begin, end, job->x, job->n, job->y, job->ldy, job->beta != 0.0f);
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, job->n, (int)(end - begin), job->cols,
+                1.0f, job->x, job->cols, job->w + begin * (size_t)job->cols, job->cols, job->beta,
+                job->y + begin, job->ldy);
 }
 
 void lq_cpu_gemm_nt(int n, int rows, int cols, const float *x, const float *w, float *y, int ldy,
                     float beta) {
+    /* the row-wise kernel overwrites (beta 0) or accumulates (beta 1): all callers need */
+    assert(beta == 0.0f || beta == 1.0f);
     struct gemm_job job = {n, cols, ldy, x, w, y, beta};
     /* a thread is worth ~2^18 multiply-adds: below that the work stays on the caller */
     size_t per_row = (size_t)n * (size_t)cols;
@@ -42,32 +172,28 @@ static int tile_rows(int cols) {
     return rows < 1 ? 1 : rows;
 }
 
-/* Few tokens (decode): each thread dequantizes its rows into a small tile and takes dot
- * products, so every packed byte is read once per call. */
+/* Few tokens (decode): each thread dequantizes its rows into a small tile and runs the
+ * row-wise kernel on it, so every packed byte is read once per call. */
 struct gemv_job {
     const struct lq_linear *w;
     const float *x;
     int n;
     float *y;
+    int failed;
 };
 
 static void gemv_body(void *context, size_t first_row, size_t end_row) {
-    const struct gemv_job *job = context;
+    struct gemv_job *job = context;
     const int cols = job->w->cols, rows = job->w->rows, step = tile_rows(cols);
     float *tile = malloc((size_t)step * cols * sizeof *tile);
-    if (!tile) return;
+    if (!tile) {
+        __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
     for (size_t r0 = first_row; r0 < end_row; r0 += (size_t)step) {
         size_t count = end_row - r0 < (size_t)step ? end_row - r0 : (size_t)step;
         lq_nf_dequantize_range(&job->w->q, r0 * (size_t)cols, count * (size_t)cols, tile);
-        for (int i = 0; i < job->n; i++) {
-            const float *x = job->x + (size_t)i * cols;
-            for (size_t r = 0; r < count; r++) {
-                const float *wr = tile + r * (size_t)cols;
-                float dot = 0.0f;
-                for (int c = 0; c < cols; c++) dot += wr[c] * x[c];
-                job->y[(size_t)i * rows + r0 + r] = dot;
-            }
-        }
+        rowwise(tile, cols, 0, count, job->x, job->n, job->y + r0, rows, 0);
     }
     free(tile);
 }
@@ -111,9 +237,10 @@ int lq_cpu_linear(struct lq_backend *backend, const struct lq_linear *w, const f
         lq_cpu_gemm_nt(n, rows, cols, x, w->dense, y, rows, 0.0f);
         return LQ_OK;
     }
-    if (n < 8) {
-        struct gemv_job job = {w, x, n, y};
+    if (n <= LQ_CPU_ROWWISE_MAX_TOKENS) {
+        struct gemv_job job = {w, x, n, y, 0};
         lq_parallel_for((size_t)rows, (size_t)tile_rows(cols), gemv_body, &job);
+        if (job.failed) return LQ_ENOMEM;
     } else if (quantized_gemm(w, x, n, y)) {
         return LQ_ENOMEM;
     }

@@ -1,0 +1,58 @@
+/* The daemon's REST API: the state its handlers share and the handlers themselves (routed by
+ * server/routes.def). Handlers parse and validate on their HTTP thread, then call the registry
+ * and the scheduler; no model math happens here. */
+#ifndef LQ_API_H
+#define LQ_API_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <time.h>
+
+#include "server/http_server.h"
+#include "server/metrics.h"
+#include "server/registry.h"
+#include "server/scheduler.h"
+
+struct lq_api_config {
+    int context;            /* positions per sequence; 0: each model's maximum */
+    double request_timeout; /* seconds a generation may run; 0: no limit */
+    int max_choices;        /* prompts x n of one request, at most */
+    char **model_roots;     /* directories POST /v1/models/load may read (real paths) */
+    size_t n_model_roots;
+    const char *version; /* for system_fingerprint */
+};
+
+struct lq_api {
+    struct lq_registry *registry;   /* borrowed */
+    struct lq_scheduler *scheduler; /* borrowed; see lq_api_close_scheduler */
+    struct lq_metrics *metrics;     /* borrowed */
+    struct lq_api_config config;
+    /* Submissions hold it shared; lq_api_close_scheduler takes it exclusively, so no request
+     * reaches a scheduler that is being freed. */
+    pthread_rwlock_t scheduler_lock;
+    int scheduler_closed;
+    atomic_int draining; /* SIGTERM seen: refuse new work with 503 */
+    time_t started;
+};
+
+/* Sets up api (fields above filled by the caller first). */
+int lq_api_init(struct lq_api *api);
+/* After this, generation requests get 503 and none is submitted; the caller may then free the
+ * scheduler. */
+void lq_api_close_scheduler(struct lq_api *api);
+void lq_api_destroy(struct lq_api *api);
+
+/* Handlers (void *app is the struct lq_api). */
+void lq_api_health(void *app, struct lq_http_request *request);
+void lq_api_ready(void *app, struct lq_http_request *request);
+void lq_api_metrics(void *app, struct lq_http_request *request);
+void lq_api_completions(void *app, struct lq_http_request *request);
+void lq_api_chat_completions(void *app, struct lq_http_request *request);
+void lq_api_models_list(void *app, struct lq_http_request *request);
+void lq_api_models_get(void *app, struct lq_http_request *request);
+void lq_api_models_allocation(void *app, struct lq_http_request *request);
+void lq_api_models_load(void *app, struct lq_http_request *request);
+void lq_api_models_unload(void *app, struct lq_http_request *request);
+
+#endif

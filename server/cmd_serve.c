@@ -1,0 +1,354 @@
+/* lqd serve: the daemon. Wires the registry (models), the scheduler (continuous batching),
+ * the HTTP server and the API together, then runs a libuv loop on the main thread that waits
+ * for SIGTERM/SIGINT and drains: stop accepting, let requests in flight finish within the
+ * grace period, cancel what is left, exit 0. */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/file_util.h"
+#include "kernels/backend.h"
+#include "server/api.h"
+#include "server/api_request.h"
+#include "server/cli.h"
+#include "server/http_server.h"
+#include "server/log.h"
+#include "server/serve_config.h"
+/* Last: uv.h brings termios.h, whose B0 macro would clash with core/nf.h's field. */
+#include <uv.h>
+
+#ifndef LQD_VERSION
+#define LQD_VERSION "dev"
+#endif
+
+static int usage_error(const char *message) {
+    fprintf(stderr, "lqd serve: %s\n(see 'lqd serve --help')\n", message);
+    return 2;
+}
+
+/* ---------- the bundled model and the state directory ---------- */
+
+/* models/stories260K-hf, looked for where a checkout or an install keeps it. */
+static int find_bundled_model(char *out, size_t size) {
+    char exe[PATH_MAX] = "";
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (slash) *slash = '\0';
+    }
+    const char *env = getenv("LQD_DATA_DIR");
+    char candidates[7][PATH_MAX + 64];
+    size_t count = 0;
+    if (env) snprintf(candidates[count++], sizeof candidates[0], "%s/models/stories260K-hf", env);
+#ifdef LQD_MODELS_DIR /* the build's source tree (meson sets it), for builds outside it */
+    snprintf(candidates[count++], sizeof candidates[0], "%s/stories260K-hf", LQD_MODELS_DIR);
+#endif
+    snprintf(candidates[count++], sizeof candidates[0], "models/stories260K-hf");
+    if (exe[0]) {
+        static const char *const relative[] = {"../models", "../../models", "../share/lqd/models",
+                                               "../../share/lqd/models"};
+        for (size_t i = 0; i < 4; i++)
+            snprintf(candidates[count++], sizeof candidates[0], "%s/%s/stories260K-hf", exe,
+                     relative[i]);
+    }
+    for (size_t i = 0; i < count; i++)
+        if (lq_path_is_dir(candidates[i]) && realpath(candidates[i], out) && strlen(out) < size)
+            return 1;
+    return 0;
+}
+
+static int make_dirs(const char *path) {
+    char copy[PATH_MAX];
+    snprintf(copy, sizeof copy, "%s", path);
+    for (char *p = copy + 1; *p; p++)
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(copy, 0700) && errno != EEXIST) return -1;
+            *p = '/';
+        }
+    return mkdir(copy, 0700) && errno != EEXIST ? -1 : 0;
+}
+
+static char *default_state_dir(void) {
+    char path[PATH_MAX];
+    const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+    if (xdg && *xdg)
+        snprintf(path, sizeof path, "%s/lqd", xdg);
+    else if (home && *home)
+        snprintf(path, sizeof path, "%s/.local/state/lqd", home);
+    else
+        snprintf(path, sizeof path, "lqd-state");
+    return strdup(path);
+}
+
+/* ---------- models and keys from the configuration ---------- */
+
+/* "NAME=PATH" or "PATH" -> name and path. */
+static void split_model(const char *spec, char *name, size_t name_size, char *path,
+                        size_t path_size) {
+    const char *equals = strchr(spec, '=');
+    if (equals && (size_t)(equals - spec) < name_size) {
+        snprintf(name, name_size, "%.*s", (int)(equals - spec), spec);
+        if (lq_model_name_valid(name)) {
+            snprintf(path, path_size, "%s", equals + 1);
+            return;
+        }
+    }
+    snprintf(path, path_size, "%s", spec);
+    char copy[PATH_MAX];
+    snprintf(copy, sizeof copy, "%s", spec);
+    size_t length = strlen(copy);
+    while (length > 1 && copy[length - 1] == '/') copy[--length] = '\0';
+    const char *base = strrchr(copy, '/') ? strrchr(copy, '/') + 1 : copy;
+    snprintf(name, name_size, "%s", base);
+    char *dot = strrchr(name, '.');
+    if (dot && dot != name && (strcmp(dot, ".bin") == 0 || strcmp(dot, ".safetensors") == 0))
+        *dot = '\0';
+    for (char *p = name; *p; p++)
+        if (!strchr("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-", *p))
+            *p = '_';
+}
+
+static int read_key_file(struct lq_serve_config *config, struct lq_error *err) {
+    char *text = NULL;
+    size_t length = 0;
+    if (lq_file_read_all(config->api_key_file, 1 << 16, &text, &length, err))
+        return lq_error_prefix(err, "--api-key-file");
+    char *save = NULL;
+    for (char *line = strtok_r(text, "\r\n", &save); line; line = strtok_r(NULL, "\r\n", &save)) {
+        while (*line == ' ' || *line == '\t') line++;
+        size_t n = strlen(line);
+        while (n && (line[n - 1] == ' ' || line[n - 1] == '\t')) line[--n] = '\0';
+        if (!n || line[0] == '#') continue;
+        if (config->n_api_keys == LQ_SERVE_MAX_LIST) break;
+        config->api_keys[config->n_api_keys++] = strdup(line);
+    }
+    free(text);
+    if (config->n_api_keys == 0)
+        return lq_error_set(err, LQ_EINVAL, "--api-key-file %s holds no key", config->api_key_file);
+    return LQ_OK;
+}
+
+/* ---------- the loop: signals and the drain ---------- */
+
+struct daemon {
+    struct lq_serve_config config;
+    struct lq_api api;
+    struct lq_http_server *http;
+    uv_loop_t loop;
+    uv_signal_t sigterm, sigint;
+    uv_timer_t timer;
+    int draining;
+    double drain_deadline;
+    char state_file[PATH_MAX + 32];
+};
+
+static void on_timer(uv_timer_t *timer) {
+    struct daemon *d = timer->data;
+    if (!d->draining) return;
+    int active = d->http ? lq_http_server_active(d->http) : 0;
+    if (active == 0) {
+        lq_log(LQ_LOG_INFO, "drained", LQ_LOG_STR("detail", "every request finished"));
+        uv_stop(&d->loop);
+    } else if (lq_http_now() >= d->drain_deadline) {
+        lq_log(LQ_LOG_WARN, "grace period over", LQ_LOG_INT("requests_cancelled", active));
+        uv_stop(&d->loop);
+    }
+}
+
+static void on_signal(uv_signal_t *handle, int signal_number) {
+    struct daemon *d = handle->data;
+    const char *name = signal_number == SIGTERM ? "SIGTERM" : "SIGINT";
+    if (d->draining) { /* a second signal: stop now */
+        lq_log(LQ_LOG_WARN, "stopping now", LQ_LOG_STR("signal", name));
+        uv_stop(&d->loop);
+        return;
+    }
+    d->draining = 1;
+    atomic_store(&d->api.draining, 1);
+    d->drain_deadline = lq_http_now() + d->config.grace_period;
+    lq_log(LQ_LOG_INFO, "draining", LQ_LOG_STR("signal", name),
+           LQ_LOG_NUM("grace_seconds", d->config.grace_period),
+           LQ_LOG_INT("requests", d->http ? lq_http_server_active(d->http) : 0));
+    if (d->http) lq_http_server_quiesce(d->http);
+    uv_timer_start(&d->timer, on_timer, 0, 50);
+}
+
+static int write_state(struct daemon *d, const char *state_dir, struct lq_error *err) {
+    snprintf(d->state_file, sizeof d->state_file, "%s/serve.json", state_dir);
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddNumberToObject(root, "pid", (double)getpid());
+    cJSON_AddStringToObject(root, "host", d->config.host);
+    cJSON_AddNumberToObject(root, "port", lq_http_server_port(d->http));
+    cJSON_AddNumberToObject(root, "started", (double)d->api.started);
+    cJSON_AddStringToObject(root, "version", LQD_VERSION);
+    char *text = cJSON_Print(root);
+    cJSON_Delete(root);
+    if (!text) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    int rc = lq_file_write_atomic(d->state_file, text, strlen(text), err);
+    cJSON_free(text);
+    return rc;
+}
+
+/* ---------- start, serve, stop ---------- */
+
+static int start(struct daemon *d, struct lq_backend **backend, struct lq_error *err) {
+    struct lq_serve_config *c = &d->config;
+    if (c->api_key_file && read_key_file(c, err)) return -1;
+    if (!c->state_dir) c->state_dir = default_state_dir();
+    if (!c->state_dir || make_dirs(c->state_dir) || access(c->state_dir, W_OK))
+        return lq_error_set(err, LQ_EIO, "cannot create or write the state directory %s: %s",
+                            c->state_dir ? c->state_dir : "?", strerror(errno));
+    if (c->n_models == 0) {
+        char bundled[PATH_MAX];
+        if (!find_bundled_model(bundled, sizeof bundled))
+            return lq_error_set(err, LQ_ENOTFOUND,
+                                "no --model given and the bundled models/stories260K-hf is not "
+                                "found (set LQD_DATA_DIR to the directory holding models/)");
+        size_t length = strlen(bundled) + 16;
+        c->models[0] = malloc(length);
+        snprintf(c->models[0], length, "stories260K=%s", bundled);
+        c->n_models = 1;
+    }
+    /* Directories a client may load from: --models-dir, else those of the startup models. */
+    struct lq_api_config *api_config = &d->api.config;
+    api_config->model_roots = calloc(LQ_SERVE_MAX_LIST * 2, sizeof(char *));
+    if (!api_config->model_roots) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    for (size_t i = 0; i < (c->n_models_dirs ? c->n_models_dirs : c->n_models); i++) {
+        char name[72], path[PATH_MAX], real[PATH_MAX];
+        if (c->n_models_dirs) {
+            snprintf(path, sizeof path, "%s", c->models_dirs[i]);
+        } else {
+            split_model(c->models[i], name, sizeof name, path, sizeof path);
+            char *slash = strrchr(path, '/');
+            while (slash && slash[1] == '\0' && slash != path)
+                *slash = '\0', slash = strrchr(path, '/');
+            if (slash && slash != path)
+                *slash = '\0';
+            else
+                snprintf(path, sizeof path, "%s", slash ? "/" : ".");
+        }
+        if (!realpath(path, real) || !lq_path_is_dir(real)) {
+            if (c->n_models_dirs)
+                return lq_error_set(err, LQ_ENOTFOUND, "--models-dir %s is not a directory",
+                                    c->models_dirs[i]);
+            continue;
+        }
+        api_config->model_roots[api_config->n_model_roots++] = strdup(real);
+    }
+    if (lq_backend_cpu_create(backend, err) || lq_registry_create(*backend, &d->api.registry, err))
+        return -1;
+    for (size_t i = 0; i < c->n_models; i++) {
+        char name[72], path[PATH_MAX];
+        split_model(c->models[i], name, sizeof name, path, sizeof path);
+        if (!lq_model_name_valid(name))
+            return lq_error_set(err, LQ_EINVAL,
+                                "--model %s: cannot make a model name of it; "
+                                "write NAME=PATH",
+                                c->models[i]);
+        double started = lq_http_now();
+        if (lq_registry_load(d->api.registry, name, path, c->tokenizer, err)) return -1;
+        lq_log(LQ_LOG_INFO, "model loaded", LQ_LOG_STR("name", name), LQ_LOG_STR("path", path),
+               LQ_LOG_NUM("seconds", lq_http_now() - started));
+    }
+    if (lq_metrics_create(&d->api.metrics)) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    struct lq_scheduler_options scheduler_options;
+    lq_scheduler_options_default(&scheduler_options);
+    scheduler_options.max_running = c->max_running;
+    scheduler_options.max_queued = c->max_queued;
+    scheduler_options.context = c->context;
+    if (lq_scheduler_create(&scheduler_options, &d->api.scheduler, err)) return -1;
+    api_config->context = c->context;
+    api_config->request_timeout = c->request_timeout;
+    api_config->max_choices = c->max_choices;
+    api_config->version = LQD_VERSION;
+    struct lq_http_server_options http = {
+        .host = c->host,
+        .port = c->port,
+        .api_keys = (const char *const *)c->api_keys,
+        .n_api_keys = c->n_api_keys,
+        .max_body = (size_t)c->max_body,
+        .max_connections = (unsigned)c->max_connections,
+        .idle_timeout = 120,
+        .metrics = d->api.metrics,
+        .app = &d->api,
+    };
+    if (lq_http_server_start(&http, &d->http, err)) return -1;
+    return write_state(d, c->state_dir, err);
+}
+
+int lq_cli_serve(int argc, char **argv) {
+    struct daemon *d = calloc(1, sizeof *d);
+    if (!d) return 1;
+    char message[512];
+    int rc = lq_serve_config_load(argc, argv, &d->config, message, sizeof message);
+    if (rc) {
+        free(d);
+        return rc == 1 ? 0 : usage_error(message);
+    }
+    struct lq_serve_config *c = &d->config;
+    int level = lq_log_level_parse(c->log_level);
+    if (level < 0) {
+        lq_serve_config_free(c);
+        free(d);
+        return usage_error("--log-level: expected debug, info, warn or error");
+    }
+    lq_log_configure(strcmp(c->log_format, "json") == 0 ? LQ_LOG_JSON : LQ_LOG_TEXT,
+                     (enum lq_log_level)level);
+    signal(SIGPIPE, SIG_IGN); /* a client gone mid-write is an error code, not a death */
+    /* Signals are caught from the start, so a SIGTERM while models load drains at once. */
+    uv_loop_init(&d->loop);
+    uv_signal_init(&d->loop, &d->sigterm);
+    uv_signal_init(&d->loop, &d->sigint);
+    uv_timer_init(&d->loop, &d->timer);
+    d->sigterm.data = d->sigint.data = d->timer.data = d;
+    uv_signal_start(&d->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&d->sigint, on_signal, SIGINT);
+
+    struct lq_backend *backend = NULL;
+    struct lq_error err = {0};
+    int status = 0;
+    if (lq_api_init(&d->api)) {
+        lq_error_set(&err, LQ_ENOMEM, "out of memory");
+        status = 1;
+    } else if (start(d, &backend, &err)) {
+        lq_log(LQ_LOG_ERROR, "cannot start", LQ_LOG_STR("error", err.message));
+        fprintf(stderr, "lqd serve: %s\n", err.message);
+        status = 1;
+    } else {
+        lq_log(LQ_LOG_INFO, "listening", LQ_LOG_STR("host", c->host),
+               LQ_LOG_INT("port", lq_http_server_port(d->http)),
+               LQ_LOG_STR("auth", c->n_api_keys ? "bearer" : "none"),
+               LQ_LOG_STR("state_dir", c->state_dir), LQ_LOG_STR("version", LQD_VERSION));
+        uv_run(&d->loop, UV_RUN_DEFAULT);
+    }
+    /* Stop: refuse new submissions, cancel what runs (each on_finish comes), let the streams
+     * write their last chunks, then close every connection. */
+    lq_api_close_scheduler(&d->api);
+    if (d->api.scheduler) lq_scheduler_free(d->api.scheduler);
+    for (int i = 0; d->http && i < 100 && lq_http_server_active(d->http) > 0; i++) usleep(10000);
+    lq_http_server_stop(d->http);
+    if (status == 0 && d->state_file[0]) unlink(d->state_file);
+    if (d->api.registry) lq_registry_free(d->api.registry);
+    if (backend) backend->ops->destroy(backend);
+    lq_metrics_free(d->api.metrics);
+    for (size_t i = 0; i < d->api.config.n_model_roots; i++) free(d->api.config.model_roots[i]);
+    free(d->api.config.model_roots);
+    lq_api_destroy(&d->api);
+    uv_close((uv_handle_t *)&d->sigterm, NULL);
+    uv_close((uv_handle_t *)&d->sigint, NULL);
+    uv_close((uv_handle_t *)&d->timer, NULL);
+    uv_run(&d->loop, UV_RUN_NOWAIT);
+    uv_loop_close(&d->loop);
+    if (status == 0) lq_log(LQ_LOG_INFO, "stopped", LQ_LOG_INT("exit", 0));
+    lq_serve_config_free(c);
+    free(d);
+    return status;
+}

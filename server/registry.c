@@ -1,0 +1,261 @@
+/* The model registry: a name table under one mutex, pointing at reference-counted models.
+ * Loading (seconds to minutes) happens outside the lock; only the pointer swap is inside, so
+ * lookups from HTTP threads never wait for a load. */
+#include "server/registry.h"
+
+#include <cjson/cJSON.h>
+#include <libgen.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/file_util.h"
+#include "core/lq_model_file.h"
+
+struct lq_registry {
+    struct lq_backend *backend;
+    pthread_mutex_t lock;            /* guards models and count: the name table */
+    struct lq_served_model **models; /* published, in load order (a swap keeps the place) */
+    size_t count, capacity;
+};
+
+struct lq_served_model *lq_served_model_retain(struct lq_served_model *model) {
+    __atomic_fetch_add(&model->references, 1, __ATOMIC_RELAXED);
+    return model;
+}
+
+static void served_model_destroy(struct lq_served_model *m) {
+    lq_runtime_free(m->runtime); /* before the model whose weights it borrows */
+    lq_model_free(m->model);
+    lq_tokenizer_free(m->tokenizer);
+    free(m->chat_template);
+    free(m->name);
+    free(m->path);
+    free(m);
+}
+
+void lq_served_model_release(struct lq_served_model *model) {
+    if (!model) return;
+    /* acquire-release: the thread that frees sees every write of the other users */
+    if (__atomic_sub_fetch(&model->references, 1, __ATOMIC_ACQ_REL) == 0)
+        served_model_destroy(model);
+}
+
+int lq_registry_create(struct lq_backend *backend, struct lq_registry **out, struct lq_error *err) {
+    *out = calloc(1, sizeof **out);
+    if (!*out) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    (*out)->backend = backend;
+    pthread_mutex_init(&(*out)->lock, NULL);
+    return LQ_OK;
+}
+
+void lq_registry_free(struct lq_registry *registry) {
+    if (!registry) return;
+    for (size_t i = 0; i < registry->count; i++) lq_served_model_release(registry->models[i]);
+    free(registry->models);
+    pthread_mutex_destroy(&registry->lock);
+    free(registry);
+}
+
+/* The directory a model lives in: path itself, or the directory of a llama2.c .bin. */
+static void model_directory(const char *path, char *out, size_t size) {
+    if (lq_path_is_dir(path)) {
+        snprintf(out, size, "%s", path);
+        return;
+    }
+    char copy[4096];
+    snprintf(copy, sizeof copy, "%s", path);
+    snprintf(out, size, "%s", dirname(copy));
+}
+
+/* tokenizer.json, tokenizer.model or tokenizer.bin in the model's directory (as lqd generate
+ * looks for them); 0 when there is none. */
+static int find_tokenizer(const char *directory, char *out, size_t size) {
+    static const char *const names[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        snprintf(out, size, "%s/%s", directory, names[i]);
+        if (lq_path_is_file(out)) return 1;
+    }
+    return 0;
+}
+
+/* The "chat_template" of DIR/tokenizer_config.json: a string, or HF's list of {"name",
+ * "template"} (the one named "default", else the first). *out stays NULL when there is none. */
+static int load_chat_template(const char *directory, char **out, struct lq_error *err) {
+    *out = NULL;
+    char path[4096 + 64];
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", directory);
+    if (!lq_path_is_file(path)) return LQ_OK;
+    char *text;
+    size_t length;
+    int rc = lq_file_read_all(path, (size_t)64 << 20, &text, &length, err);
+    if (rc) return rc;
+    cJSON *json = lq_json_parse(text, length);
+    free(text);
+    if (!json) return lq_error_set(err, LQ_EFORMAT, "%s: not valid JSON", path);
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(json, "chat_template");
+    const char *chosen = cJSON_IsString(item) ? item->valuestring : NULL;
+    if (cJSON_IsArray(item)) {
+        const cJSON *entry;
+        cJSON_ArrayForEach(entry, item) {
+            const cJSON *name = cJSON_GetObjectItemCaseSensitive(entry, "name");
+            const cJSON *body = cJSON_GetObjectItemCaseSensitive(entry, "template");
+            if (!cJSON_IsString(body)) continue;
+            if (!chosen) chosen = body->valuestring;
+            if (cJSON_IsString(name) && strcmp(name->valuestring, "default") == 0) {
+                chosen = body->valuestring;
+                break;
+            }
+        }
+    }
+    if (chosen && !(*out = strdup(chosen))) rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
+    cJSON_Delete(json);
+    return rc;
+}
+
+/* Bits per parameter and memory, as lqd inspect reports them. */
+static int measure_model(struct lq_served_model *m, struct lq_error *err) {
+    struct lq_model_summary summary;
+    int rc = lq_model_summary_compute(m->model, &summary, err);
+    if (rc) return rc;
+    int any_lq = 0;
+    for (size_t i = 0; i < summary.n_matrices; i++) any_lq |= summary.matrices[i].is_lq;
+    m->bits_per_param = any_lq ? summary.bits_per_param : 0.0;
+    m->effective_bits = summary.effective_bits;
+    m->memory_bytes = summary.total_bytes;
+    lq_model_summary_free(&summary);
+    return LQ_OK;
+}
+
+/* Builds a complete served model (one reference, the caller's), touching no shared state. */
+static int served_model_build(struct lq_backend *backend, const char *name, const char *path,
+                              const char *tokenizer_path, struct lq_served_model **out,
+                              struct lq_error *err) {
+    *out = NULL;
+    struct lq_served_model *m = calloc(1, sizeof *m);
+    if (!m) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    m->references = 1;
+    m->backend = backend;
+    m->created = (long long)time(NULL);
+    int rc = LQ_OK;
+    if (strlen(path) >= 4000 || (tokenizer_path && strlen(tokenizer_path) >= 4000)) {
+        rc = lq_error_set(err, LQ_EINVAL, "path too long");
+        goto fail;
+    }
+    if (!(m->name = strdup(name)) || !(m->path = strdup(path))) {
+        rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
+        goto fail;
+    }
+    if ((rc = lq_model_load(path, &m->model, err))) goto fail;
+    char directory[4096], found[4096 + 32];
+    model_directory(path, directory, sizeof directory);
+    if (!tokenizer_path && !find_tokenizer(directory, found, sizeof found)) {
+        rc = lq_error_set(err, LQ_ENOTFOUND,
+                          "%s: no tokenizer.json, tokenizer.model or tokenizer.bin beside the "
+                          "model; give a tokenizer path",
+                          path);
+        goto fail;
+    }
+    const char *tokenizer = tokenizer_path ? tokenizer_path : found;
+    if ((rc = lq_tokenizer_load(tokenizer, &m->tokenizer, err))) goto fail;
+    if (lq_tokenizer_vocab_size(m->tokenizer) > m->model->config.vocab_size) {
+        rc = lq_error_set(err, LQ_EINVAL, "%s has %d pieces but the model's vocabulary is %d",
+                          tokenizer, lq_tokenizer_vocab_size(m->tokenizer),
+                          m->model->config.vocab_size);
+        goto fail;
+    }
+    if ((rc = load_chat_template(directory, &m->chat_template, err))) goto fail;
+    if ((rc = measure_model(m, err))) goto fail;
+    if ((rc = lq_runtime_create(backend, m->model, &m->runtime, err))) goto fail;
+    *out = m;
+    return LQ_OK;
+fail:
+    served_model_destroy(m);
+    return rc;
+}
+
+static int check_name(const char *name, struct lq_error *err) {
+    if (!name || !name[0]) return lq_error_set(err, LQ_EINVAL, "a model needs a name");
+    if (strchr(name, ':'))
+        return lq_error_set(err, LQ_EINVAL, "model name '%s': ':' separates an adapter", name);
+    return LQ_OK;
+}
+
+/* Index of name in the table, or -1 (lock held). */
+static long find_locked(const struct lq_registry *registry, const char *name) {
+    for (size_t i = 0; i < registry->count; i++)
+        if (strcmp(registry->models[i]->name, name) == 0) return (long)i;
+    return -1;
+}
+
+int lq_registry_load(struct lq_registry *registry, const char *name, const char *path,
+                     const char *tokenizer_path, struct lq_error *err) {
+    int rc = check_name(name, err);
+    if (rc) return rc;
+    struct lq_served_model *fresh;
+    if ((rc = served_model_build(registry->backend, name, path, tokenizer_path, &fresh, err)))
+        return lq_error_prefix(err, "loading model '%s'", name);
+    struct lq_served_model *replaced = NULL;
+    pthread_mutex_lock(&registry->lock);
+    long at = find_locked(registry, name);
+    if (at >= 0) {
+        replaced = registry->models[at];
+        registry->models[at] = fresh; /* the hot swap: later lookups see only the new one */
+    } else if (registry->count == registry->capacity) {
+        size_t capacity = registry->capacity ? registry->capacity * 2 : 8;
+        struct lq_served_model **grown =
+            realloc(registry->models, capacity * sizeof *registry->models);
+        if (!grown)
+            rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
+        else
+            registry->models = grown, registry->capacity = capacity;
+    }
+    if (at < 0 && !rc) registry->models[registry->count++] = fresh;
+    pthread_mutex_unlock(&registry->lock);
+    /* the old model goes when its last request does; freeing it here (if unused) is outside
+     * the lock */
+    lq_served_model_release(replaced);
+    if (rc) lq_served_model_release(fresh);
+    return rc;
+}
+
+int lq_registry_unload(struct lq_registry *registry, const char *name, struct lq_error *err) {
+    struct lq_served_model *removed = NULL;
+    pthread_mutex_lock(&registry->lock);
+    long at = name ? find_locked(registry, name) : -1;
+    if (at >= 0) {
+        removed = registry->models[at];
+        memmove(&registry->models[at], &registry->models[at + 1],
+                (registry->count - (size_t)at - 1) * sizeof *registry->models);
+        registry->count--;
+    }
+    pthread_mutex_unlock(&registry->lock);
+    if (!removed) return lq_error_set(err, LQ_ENOTFOUND, "no model named '%s'", name ? name : "");
+    lq_served_model_release(removed);
+    return LQ_OK;
+}
+
+struct lq_served_model *lq_registry_get(struct lq_registry *registry, const char *name) {
+    struct lq_served_model *found = NULL;
+    pthread_mutex_lock(&registry->lock);
+    long at = name ? find_locked(registry, name) : -1;
+    if (at >= 0) found = lq_served_model_retain(registry->models[at]);
+    pthread_mutex_unlock(&registry->lock);
+    return found;
+}
+
+struct lq_served_model **lq_registry_list(struct lq_registry *registry, size_t *count) {
+    *count = 0;
+    pthread_mutex_lock(&registry->lock);
+    /* one spare slot: a valid array even when nothing is published */
+    struct lq_served_model **list = malloc((registry->count + 1) * sizeof *list);
+    if (list) {
+        for (size_t i = 0; i < registry->count; i++)
+            list[i] = lq_served_model_retain(registry->models[i]);
+        *count = registry->count;
+    }
+    pthread_mutex_unlock(&registry->lock);
+    return list;
+}
