@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include "server/http_server.h"
+#include "server/jobs.h"
 #include "server/metrics.h"
 #include "server/registry.h"
 #include "server/scheduler.h"
@@ -27,6 +28,7 @@ struct lq_api {
     struct lq_registry *registry;   /* borrowed */
     struct lq_scheduler *scheduler; /* borrowed; see lq_api_close_scheduler */
     struct lq_metrics *metrics;     /* borrowed */
+    struct lq_jobs *jobs;           /* borrowed; NULL: the job routes answer 503 */
     struct lq_api_config config;
     /* Submissions hold it shared; lq_api_close_scheduler takes it exclusively, so no request
      * reaches a scheduler that is being freed. */
@@ -54,5 +56,10 @@ void lq_api_models_get(void *app, struct lq_http_request *request);
 void lq_api_models_allocation(void *app, struct lq_http_request *request);
 void lq_api_models_load(void *app, struct lq_http_request *request);
 void lq_api_models_unload(void *app, struct lq_http_request *request);
+void lq_api_jobs_create(void *app, struct lq_http_request *request);
+void lq_api_jobs_list(void *app, struct lq_http_request *request);
+void lq_api_jobs_get(void *app, struct lq_http_request *request);
+void lq_api_jobs_events(void *app, struct lq_http_request *request);
+void lq_api_jobs_cancel(void *app, struct lq_http_request *request);
 
 #endif

@@ -50,6 +50,9 @@ void lq_api_ready(void *app, struct lq_http_request *request) {
     cJSON_Delete(root);
 }
 
+_Static_assert(sizeof(((struct lq_metrics_gauges *)0)->jobs) == LQ_JOB_STATUS_COUNT * sizeof(int),
+               "lq_metrics_gauges.jobs holds one count per job status");
+
 void lq_api_metrics(void *app, struct lq_http_request *request) {
     struct lq_api *api = app;
     struct lq_metrics_gauges gauges = {0};
@@ -62,6 +65,7 @@ void lq_api_metrics(void *app, struct lq_http_request *request) {
     }
     pthread_rwlock_unlock(&api->scheduler_lock);
     gauges.draining = atomic_load(&api->draining);
+    if (api->jobs) lq_jobs_count(api->jobs, gauges.jobs);
     size_t count = 0;
     struct lq_served_model **models = lq_registry_list(api->registry, &count);
     struct lq_metrics_model *entries = calloc(count + 1, sizeof *entries);

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/error_table.h"
 #include "core/file_util.h"
 #include "kernels/backend.h"
 #include "server/api.h"
@@ -212,10 +213,19 @@ static int start(struct daemon *d, struct lq_backend **backend, struct lq_error 
             return lq_error_set(err, LQ_ENOTFOUND,
                                 "no --model given and the bundled models/stories260K-hf is not "
                                 "found (set LQD_DATA_DIR to the directory holding models/)");
-        size_t length = strlen(bundled) + 16;
+        size_t length = strlen(bundled) + 32;
         c->models[0] = malloc(length);
         snprintf(c->models[0], length, "stories260K=%s", bundled);
         c->n_models = 1;
+        /* The same model shipped LQ-compressed (models/stories260K-lq), served second so that
+         * the first listed model stays the reference fp32 one. */
+        char compressed[PATH_MAX];
+        snprintf(compressed, sizeof compressed, "%.*s-lq", (int)(strlen(bundled) - 3), bundled);
+        if (lq_path_is_dir(compressed)) {
+            c->models[1] = malloc(strlen(compressed) + 32);
+            sprintf(c->models[1], "stories260K-lq=%s", compressed);
+            c->n_models = 2;
+        }
     }
     /* Directories a client may load from: --models-dir, else those of the startup models. */
     struct lq_api_config *api_config = &d->api.config;
@@ -265,6 +275,18 @@ static int start(struct daemon *d, struct lq_backend **backend, struct lq_error 
     scheduler_options.max_queued = c->max_queued;
     scheduler_options.context = c->context;
     if (lq_scheduler_create(&scheduler_options, &d->api.scheduler, err)) return -1;
+    /* Jobs found in the state directory (queued, or running when the last daemon died) start
+     * again now. */
+    /* The error-table cache: the user's ($LQD_CACHE_DIR, ~/.cache/lqd), shared with the CLI,
+     * or the state directory's when the environment names none. */
+    static char cache_dir[PATH_MAX];
+    if (lq_error_table_cache_dir_default(cache_dir, sizeof cache_dir, NULL) != LQ_OK)
+        snprintf(cache_dir, sizeof cache_dir, "%s/cache", c->state_dir);
+    struct lq_jobs_options jobs_options = {.state_dir = c->state_dir,
+                                           .max_jobs = c->max_jobs,
+                                           .cache_dir = cache_dir,
+                                           .registry = d->api.registry};
+    if (lq_jobs_create(&jobs_options, &d->api.jobs, err)) return -1;
     api_config->context = c->context;
     api_config->request_timeout = c->request_timeout;
     api_config->max_choices = c->max_choices;
@@ -332,9 +354,13 @@ int lq_cli_serve(int argc, char **argv) {
     /* Stop: refuse new submissions, cancel what runs (each on_finish comes), let the streams
      * write their last chunks, then close every connection. */
     lq_api_close_scheduler(&d->api);
+    /* Jobs stop at their next progress report and stay queued for the next start; the table
+     * lives on until the HTTP threads are gone. */
+    if (d->api.jobs) lq_jobs_stop(d->api.jobs);
     if (d->api.scheduler) lq_scheduler_free(d->api.scheduler);
     for (int i = 0; d->http && i < 100 && lq_http_server_active(d->http) > 0; i++) usleep(10000);
     lq_http_server_stop(d->http);
+    lq_jobs_free(d->api.jobs);
     if (status == 0 && d->state_file[0]) unlink(d->state_file);
     if (d->api.registry) lq_registry_free(d->api.registry);
     if (backend) backend->ops->destroy(backend);

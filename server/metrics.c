@@ -230,6 +230,11 @@ char *lq_metrics_render(struct lq_metrics *m, const struct lq_metrics_gauges *g,
         write_label_value(out, g->models[i].name);
         fprintf(out, "\"} %.6g\n", g->models[i].bits_per_param);
     }
+    header(out, "lqd_jobs", "gauge", "Background jobs (POST /v1/jobs) by status.");
+    static const char *const job_statuses[5] = {"queued", "running", "succeeded", "failed",
+                                                "cancelled"};
+    for (int i = 0; i < 5; i++)
+        fprintf(out, "lqd_jobs{status=\"%s\"} %d\n", job_statuses[i], g->jobs[i]);
     header(out, "lqd_start_time_seconds", "gauge", "Unix time the daemon started.");
     fprintf(out, "lqd_start_time_seconds %lld\n", (long long)m->started);
     if (fclose(out) != 0) {

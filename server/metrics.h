@@ -36,6 +36,9 @@ struct lq_metrics_gauges {
     int draining;
     const struct lq_metrics_model *models;
     size_t n_models;
+    /* Background jobs by status, in the order of enum lq_job_status (server/jobs.h):
+     * queued, running, succeeded, failed, cancelled. */
+    int jobs[5];
 };
 
 /* The exposition text, malloc'ed (the caller frees it). NULL when out of memory. */

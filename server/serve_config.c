@@ -36,6 +36,8 @@ const char lq_serve_usage[] =
     "  --max-queued N         requests waiting; more get 429 with Retry-After (default 64)\n"
     "  --context N            positions per sequence (default: each model's maximum)\n"
     "  --max-choices N        prompts x n of one request, at most (default 64)\n"
+    "  --max-jobs N           background jobs (POST /v1/jobs) running at once; the rest\n"
+    "                         queue (default 1); records in STATE_DIR/jobs\n"
     "  --request-timeout S    seconds one generation may run (default 600; 0: no limit)\n"
     "  --grace-period S       on SIGTERM, seconds to finish requests before cancelling them\n"
     "                         (default 10)\n"
@@ -76,6 +78,7 @@ static const struct setting settings[] = {
     {"context", KIND_INT, FIELD(context), 0, 0, 1 << 24},
     {"max-choices", KIND_INT, FIELD(max_choices), 0, 1, 1024},
     {"max-connections", KIND_INT, FIELD(max_connections), 0, 1, 1 << 20},
+    {"max-jobs", KIND_INT, FIELD(max_jobs), 0, 1, 64},
     {"request-timeout", KIND_DOUBLE, FIELD(request_timeout), 0, 0, 1e7},
     {"grace-period", KIND_DOUBLE, FIELD(grace_period), 0, 0, 86400},
     {"max-body", KIND_SIZE, FIELD(max_body), 0, 1024, 1 << 30},
@@ -280,6 +283,7 @@ static void set_defaults(struct lq_serve_config *c) {
     c->max_queued = 64;
     c->max_choices = 64;
     c->max_connections = 256;
+    c->max_jobs = 1;
     c->request_timeout = 600;
     c->grace_period = 10;
     c->max_body = 1 << 20;

@@ -22,6 +22,7 @@ struct lq_serve_config {
     char *models_dirs[LQ_SERVE_MAX_LIST];
     size_t n_models_dirs;
     int max_running, max_queued, context, max_choices, max_connections;
+    int max_jobs; /* background jobs running at once */
     double request_timeout, grace_period;
     long max_body;
     char *log_format, *log_level;

@@ -1,0 +1,472 @@
+/* Background jobs over HTTP: POST /v1/jobs (a compress job), GET /v1/jobs, GET /v1/jobs/{id},
+ * GET /v1/jobs/{id}/events (a JSON array, or Server-Sent Events until the job ends with
+ * Accept: text/event-stream) and POST /v1/jobs/{id}/cancel. Everything a client can get wrong
+ * (unknown model, infeasible budget, rank, paths outside the model directories) is refused
+ * here with a 4xx before a job exists; the work itself is server/jobs.c's. */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/compress.h"
+#include "core/file_util.h"
+#include "core/ilp.h"
+#include "core/nf.h"
+#include "server/api.h"
+#include "server/api_request.h"
+#include "server/jobs.h"
+
+static int refuse(struct lq_http_request *request, const struct lq_api_error *e) {
+    return lq_http_respond_error(request, e->status, e->type ? e->type : "invalid_request_error",
+                                 e->code, e->param[0] ? e->param : NULL, "%s", e->message);
+}
+
+static int jobs_available(struct lq_api *api, struct lq_http_request *request) {
+    if (api->jobs) return 1;
+    lq_http_respond_error(request, 503, "server_error", "jobs_unavailable", NULL,
+                          "background jobs are not available on this daemon");
+    return 0;
+}
+
+static int job_not_found(struct lq_http_request *request, const char *id) {
+    return lq_http_respond_error(request, 404, "invalid_request_error", "job_not_found", "id",
+                                 "the job '%s' does not exist", id ? id : "");
+}
+
+/* ---------- POST /v1/jobs: validation ---------- */
+
+static int inside_roots(const struct lq_api_config *config, const char *real) {
+    for (size_t i = 0; i < config->n_model_roots; i++) {
+        size_t length = strlen(config->model_roots[i]);
+        if (strncmp(real, config->model_roots[i], length) == 0 &&
+            (real[length] == '/' || (length == 1 && config->model_roots[i][0] == '/')))
+            return 1;
+    }
+    return 0;
+}
+
+/* The output directory as an absolute path inside a model directory: a relative one is made
+ * under the first --models-dir; its parent must exist, it must not. */
+static int resolve_output(const struct lq_api_config *config, const char *path, char *out,
+                          struct lq_api_error *e) {
+    if (config->n_model_roots == 0)
+        return lq_api_error_set(e, 403, "loading_disabled", "output",
+                                "jobs write under --models-dir: start lqd serve with one");
+    if (!*path || strlen(path) >= PATH_MAX / 2)
+        return lq_api_error_set(e, 400, "invalid_value", "output", "'output' is empty or too long");
+    for (const char *p = path; *p;) {
+        const char *end = strchr(p, '/');
+        size_t length = end ? (size_t)(end - p) : strlen(p);
+        if (length == 2 && p[0] == '.' && p[1] == '.')
+            return lq_api_error_set(e, 403, "path_not_allowed", "output",
+                                    "'output' may not contain '..'");
+        p += length + (end ? 1 : 0);
+    }
+    char joined[PATH_MAX * 2], parent[PATH_MAX], real_parent[PATH_MAX];
+    if (path[0] == '/')
+        snprintf(joined, sizeof joined, "%s", path);
+    else
+        snprintf(joined, sizeof joined, "%s/%s", config->model_roots[0], path);
+    size_t length = strlen(joined);
+    while (length > 1 && joined[length - 1] == '/') joined[--length] = '\0';
+    char *slash = strrchr(joined, '/');
+    const char *base = slash + 1;
+    if (!*base || strcmp(base, ".") == 0)
+        return lq_api_error_set(e, 400, "invalid_value", "output", "'output' names no directory");
+    snprintf(parent, sizeof parent, "%.*s", (int)(slash - joined), joined);
+    if (!realpath(parent[0] ? parent : "/", real_parent))
+        return lq_api_error_set(e, 404, "path_not_found", "output",
+                                "the parent directory of '%s' does not exist", path);
+    char whole[PATH_MAX * 2];
+    if ((size_t)snprintf(whole, sizeof whole, "%s/%s", real_parent, base) >= PATH_MAX)
+        return lq_api_error_set(e, 400, "invalid_value", "output", "'output' is too long");
+    memcpy(out, whole, strlen(whole) + 1);
+    if (!inside_roots(config, out))
+        return lq_api_error_set(e, 403, "path_not_allowed", "output",
+                                "'%s' is outside the model directories", path);
+    struct stat info;
+    if (lstat(out, &info) == 0)
+        return lq_api_error_set(e, 409, "output_exists", "output", "'%s' already exists", path);
+    return 0;
+}
+
+/* The smallest feasible budget of grid for model's matrices (as lq_compress computes it). */
+static double min_budget(const struct lq_model *model, const struct lq_nf_config *grid,
+                         size_t grid_size) {
+    size_t n = (size_t)model->config.n_layers * LQ_LINEARS_PER_LAYER;
+    double *storage = malloc(n * grid_size * sizeof *storage);
+    double *cost = calloc(n * grid_size, sizeof *cost);
+    size_t *numel = malloc(n * sizeof *numel);
+    double minimum = NAN;
+    if (storage && cost && numel) {
+        for (size_t i = 0; i < n; i++) {
+            const struct lq_linear *linear =
+                &model->layers[i / LQ_LINEARS_PER_LAYER].linear[i % LQ_LINEARS_PER_LAYER];
+            numel[i] = (size_t)linear->rows * (size_t)linear->cols;
+            for (size_t c = 0; c < grid_size; c++)
+                storage[i * grid_size + c] = lq_nf_storage_bits(numel[i], &grid[c]);
+        }
+        struct lq_ilp_problem problem = {n, grid_size, cost, storage, numel, 0.0};
+        minimum = lq_ilp_min_budget(&problem);
+    }
+    free(storage);
+    free(cost);
+    free(numel);
+    return minimum;
+}
+
+/* The largest rank every matrix allows, and whether the model is full precision. */
+static int max_rank(const struct lq_model *model, int *dense) {
+    int largest = INT_MAX;
+    *dense = 1;
+    for (int l = 0; l < model->config.n_layers; l++)
+        for (int k = 0; k < LQ_LINEARS_PER_LAYER; k++) {
+            const struct lq_linear *linear = &model->layers[l].linear[k];
+            int smaller = linear->rows < linear->cols ? linear->rows : linear->cols;
+            if (smaller < largest) largest = smaller;
+            if (linear->is_lq || !linear->dense) *dense = 0;
+        }
+    return largest;
+}
+
+static int get_integer(const cJSON *body, const char *key, double min, double max, double otherwise,
+                       double *out, struct lq_api_error *e) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(body, key);
+    if (!item || cJSON_IsNull(item)) {
+        *out = otherwise;
+        return 0;
+    }
+    if (!cJSON_IsNumber(item) || item->valuedouble != floor(item->valuedouble) ||
+        item->valuedouble < min || item->valuedouble > max)
+        return lq_api_error_set(e, 400, "invalid_value", key,
+                                "'%s' must be an integer in [%.0f, %.0f]", key, min, max);
+    *out = item->valuedouble;
+    return 0;
+}
+
+static const char *get_string(const cJSON *body, const char *key) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(body, key);
+    return cJSON_IsString(item) ? item->valuestring : NULL;
+}
+
+static int parse_job(struct lq_api *api, const cJSON *body, struct lq_job_spec *s,
+                     struct lq_api_error *e) {
+    memset(s, 0, sizeof *s);
+    if (!cJSON_IsObject(body))
+        return lq_api_error_set(e, 400, "invalid_json", NULL, "the body must be a JSON object");
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(body, "type");
+    if (!cJSON_IsString(type))
+        return lq_api_error_set(e, 400, "missing_field", "type",
+                                "'type' is required: \"compress\"");
+    if (strcmp(type->valuestring, "compress") != 0)
+        return lq_api_error_set(e, 400, "invalid_value", "type",
+                                "unknown job type '%.64s': only \"compress\"", type->valuestring);
+    const char *model = get_string(body, "model");
+    if (!model)
+        return lq_api_error_set(e, 400, "missing_field", "model", "'model' (a string) is required");
+    const cJSON *bits = cJSON_GetObjectItemCaseSensitive(body, "target_bits");
+    if (!cJSON_IsNumber(bits) || !(bits->valuedouble > 0) || bits->valuedouble > 64)
+        return lq_api_error_set(e, 400, "invalid_value", "target_bits",
+                                "'target_bits' must be a number of bits per parameter in (0, 64]");
+    s->target_bits = bits->valuedouble;
+    double number = 0;
+    if (get_integer(body, "rank", 0, 1 << 20, 64, &number, e)) return -1;
+    s->rank = (int)number;
+    if (get_integer(body, "iters", 1, 100000, 20, &number, e)) return -1;
+    s->iters = (int)number;
+    if (get_integer(body, "seed", 0, 9007199254740991.0, 0, &number, e)) return -1;
+    s->seed = (unsigned long long)number;
+    const cJSON *activate = cJSON_GetObjectItemCaseSensitive(body, "activate");
+    if (activate && !cJSON_IsBool(activate) && !cJSON_IsNull(activate))
+        return lq_api_error_set(e, 400, "invalid_value", "activate",
+                                "'activate' must be a boolean");
+    s->activate = cJSON_IsTrue(activate);
+    const cJSON *configs = cJSON_GetObjectItemCaseSensitive(body, "configs");
+    if (configs && !cJSON_IsNull(configs)) {
+        /* A list or "table1", never a file name: clients do not read the daemon's files. */
+        if (!cJSON_IsString(configs) || strlen(configs->valuestring) >= sizeof s->configs ||
+            (strcmp(configs->valuestring, "table1") != 0 &&
+             (!strchr(configs->valuestring, ',') || strchr(configs->valuestring, '/'))))
+            return lq_api_error_set(e, 400, "invalid_value", "configs",
+                                    "'configs' must be \"table1\" or a ';'-separated list of "
+                                    "configurations (\"4,8,fp32,64,256;3,8,fp32,64,256\")");
+        snprintf(s->configs, sizeof s->configs, "%s", configs->valuestring);
+    } else {
+        snprintf(s->configs, sizeof s->configs, "table1");
+    }
+    const char *output = get_string(body, "output");
+    if (!output)
+        return lq_api_error_set(e, 400, "missing_field", "output",
+                                "'output' (a directory name under --models-dir) is required");
+    const char *name = get_string(body, "name");
+    const cJSON *name_item = cJSON_GetObjectItemCaseSensitive(body, "name");
+    if (name_item && !cJSON_IsNull(name_item) && !name)
+        return lq_api_error_set(e, 400, "invalid_value", "name", "'name' must be a string");
+
+    struct lq_served_model *served = lq_registry_get(api->registry, model);
+    if (!served)
+        return lq_api_error_set(e, 404, "model_not_found", "model",
+                                "the model '%.64s' does not exist", model);
+    snprintf(s->model, sizeof s->model, "%s", served->name);
+    snprintf(s->source, sizeof s->source, "%s", served->path);
+    int dense = 1, largest = max_rank(served->model, &dense), rc = 0;
+    struct lq_nf_config *grid = NULL;
+    size_t grid_size = 0;
+    struct lq_error err = {0};
+    if (!dense) {
+        rc = lq_api_error_set(e, 400, "invalid_value", "model",
+                              "the model '%s' is already LQ-compressed: compress a "
+                              "full-precision model",
+                              s->model);
+    } else if (s->rank > largest) {
+        rc = lq_api_error_set(e, 400, "invalid_value", "rank",
+                              "rank %d is larger than the smallest matrix of '%s' allows: at "
+                              "most %d",
+                              s->rank, s->model, largest);
+    } else if (lq_compress_grid_parse(s->configs, &grid, &grid_size, &err)) {
+        rc = lq_api_error_set(e, 400, "invalid_value", "configs", "'configs': %s", err.message);
+    } else {
+        double minimum = min_budget(served->model, grid, grid_size);
+        /* Printed so that it reads back as itself: pasted into target_bits, it is feasible. */
+        char text[64] = "?";
+        for (int decimals = 6; decimals <= 20; decimals++) {
+            snprintf(text, sizeof text, "%.*f", decimals, minimum);
+            if (strtod(text, NULL) == minimum) break;
+        }
+        if (!(s->target_bits >= minimum))
+            rc = lq_api_error_set(e, 400, "budget_infeasible", "target_bits",
+                                  "target_bits %g is infeasible: the smallest feasible budget "
+                                  "for this grid is %s bits/param (every matrix at its cheapest "
+                                  "configuration)",
+                                  s->target_bits, text);
+    }
+    free(grid);
+    lq_served_model_release(served);
+    if (rc) return rc;
+    if (resolve_output(&api->config, output, s->output, e)) return -1;
+    if (name) {
+        snprintf(s->name, sizeof s->name, "%.71s", name);
+    } else {
+        const char *slash = strrchr(s->output, '/');
+        snprintf(s->name, sizeof s->name, "%.71s", slash ? slash + 1 : s->output);
+    }
+    if (!lq_model_name_valid(s->name))
+        return lq_api_error_set(e, 400, "invalid_value", "name",
+                                "'%s' is not a usable model name: give 'name' (1 to 64 of "
+                                "A-Z a-z 0-9 . _ -)",
+                                s->name);
+    return 0;
+}
+
+void lq_api_jobs_create(void *app, struct lq_http_request *request) {
+    struct lq_api *api = app;
+    if (!jobs_available(api, request)) return;
+    if (atomic_load(&api->draining)) {
+        lq_http_respond_error(request, 503, "server_error", "draining", NULL,
+                              "the daemon is shutting down");
+        return;
+    }
+    size_t length;
+    const char *text = lq_http_request_body(request, &length);
+    cJSON *body = lq_json_parse(text, length);
+    struct lq_job_spec spec;
+    struct lq_api_error e = {0};
+    if (!body && length) {
+        lq_api_error_set(&e, 400, "invalid_json", NULL, "the body is not valid JSON");
+        refuse(request, &e);
+        return;
+    }
+    int rc = parse_job(api, body, &spec, &e);
+    cJSON_Delete(body);
+    if (rc) {
+        refuse(request, &e);
+        return;
+    }
+    cJSON *record = NULL;
+    struct lq_error err = {0};
+    if (lq_jobs_submit(api->jobs, &spec, &record, &err)) {
+        int status = err.code == LQ_ENOMEM ? 500 : 409;
+        lq_http_respond_error(request, status,
+                              status == 500 ? "server_error" : "invalid_request_error",
+                              status == 500 ? NULL : "output_in_use", "output", "%s", err.message);
+        return;
+    }
+    lq_http_respond_json(request, 200, record);
+    cJSON_Delete(record);
+}
+
+void lq_api_jobs_list(void *app, struct lq_http_request *request) {
+    struct lq_api *api = app;
+    if (!jobs_available(api, request)) return;
+    cJSON *list = lq_jobs_list(api->jobs);
+    lq_http_respond_json(request, 200, list);
+    cJSON_Delete(list);
+}
+
+void lq_api_jobs_get(void *app, struct lq_http_request *request) {
+    struct lq_api *api = app;
+    if (!jobs_available(api, request)) return;
+    const char *id = lq_http_request_path_param(request);
+    cJSON *record = id ? lq_jobs_get(api->jobs, id) : NULL;
+    if (!record) {
+        job_not_found(request, id);
+        return;
+    }
+    lq_http_respond_json(request, 200, record);
+    cJSON_Delete(record);
+}
+
+void lq_api_jobs_cancel(void *app, struct lq_http_request *request) {
+    struct lq_api *api = app;
+    if (!jobs_available(api, request)) return;
+    const char *id = lq_http_request_path_param(request);
+    cJSON *record = NULL;
+    struct lq_error err = {0};
+    int rc = id ? lq_jobs_cancel(api->jobs, id, &record, &err) : LQ_ENOTFOUND;
+    if (rc == LQ_ENOTFOUND)
+        job_not_found(request, id);
+    else if (rc)
+        lq_http_respond_error(request, 409, "invalid_request_error", "job_finished", "id", "%s",
+                              err.message);
+    else
+        lq_http_respond_json(request, 200, record);
+    cJSON_Delete(record);
+}
+
+/* ---------- GET /v1/jobs/{id}/events ---------- */
+
+/* Server-Sent Events: each line of the event log as "event: TYPE\ndata: JSON\n\n", read as it
+ * grows, until the job has ended and every event is out; then "data: [DONE]". */
+struct event_stream {
+    struct lq_api *api;
+    char id[64];
+    char path[PATH_MAX + 64];
+    long offset;   /* bytes of the log consumed */
+    char *pending; /* formatted bytes not yet handed out */
+    size_t n_pending, sent;
+    int done; /* [DONE] queued */
+};
+
+static void event_stream_free(void *context) {
+    struct event_stream *s = context;
+    free(s->pending);
+    free(s);
+}
+
+/* Formats the complete lines of the log past s->offset into s->pending; 1 if any. */
+static int event_stream_fill(struct event_stream *s) {
+    FILE *file = fopen(s->path, "r");
+    if (!file) return 0;
+    fseek(file, 0, SEEK_END);
+    long end = ftell(file);
+    if (end <= s->offset) {
+        fclose(file);
+        return 0;
+    }
+    size_t length = (size_t)(end - s->offset);
+    char *chunk = malloc(length + 1);
+    fseek(file, s->offset, SEEK_SET);
+    size_t got = chunk ? fread(chunk, 1, length, file) : 0;
+    fclose(file);
+    char *last = NULL;
+    for (size_t i = 0; i < got; i++)
+        if (chunk[i] == '\n') last = chunk + i;
+    if (!last) { /* a line still being written */
+        free(chunk);
+        return 0;
+    }
+    *last = '\0';
+    s->offset += (long)(last - chunk) + 1;
+    size_t capacity = (size_t)(last - chunk) * 2 + 256;
+    char *out = malloc(capacity);
+    size_t used = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(chunk, "\n", &save); out && line;
+         line = strtok_r(NULL, "\n", &save)) {
+        cJSON *event = lq_json_parse(line, strlen(line));
+        const char *type = "message";
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(event, "type");
+        if (cJSON_IsString(t)) type = t->valuestring;
+        size_t need = strlen(line) + strlen(type) + 32;
+        if (used + need > capacity) {
+            capacity = (used + need) * 2;
+            char *grown = realloc(out, capacity);
+            if (!grown) {
+                cJSON_Delete(event);
+                break;
+            }
+            out = grown;
+        }
+        used +=
+            (size_t)snprintf(out + used, capacity - used, "event: %s\ndata: %s\n\n", type, line);
+        cJSON_Delete(event);
+    }
+    free(chunk);
+    free(s->pending);
+    s->pending = out, s->n_pending = out ? used : 0, s->sent = 0;
+    return s->n_pending > 0;
+}
+
+static ssize_t event_stream_read(void *context, struct lq_http_request *request, char *buffer,
+                                 size_t size) {
+    struct event_stream *s = context;
+    for (;;) {
+        if (s->sent < s->n_pending) {
+            size_t n = s->n_pending - s->sent < size ? s->n_pending - s->sent : size;
+            memcpy(buffer, s->pending + s->sent, n);
+            s->sent += n;
+            return (ssize_t)n;
+        }
+        if (s->done) return LQ_HTTP_STREAM_END;
+        if (lq_http_request_client_gone(request)) return LQ_HTTP_STREAM_ABORT;
+        /* Ended is read before the log, so the last events are in the file when it says so. */
+        int ended = lq_jobs_finished(s->api->jobs, s->id) != 0;
+        if (event_stream_fill(s)) continue;
+        if (ended) {
+            static const char done[] = "data: [DONE]\n\n";
+            free(s->pending);
+            s->pending = strdup(done);
+            s->n_pending = s->pending ? strlen(done) : 0, s->sent = 0;
+            s->done = 1;
+            continue;
+        }
+        usleep(200 * 1000);
+    }
+}
+
+void lq_api_jobs_events(void *app, struct lq_http_request *request) {
+    struct lq_api *api = app;
+    if (!jobs_available(api, request)) return;
+    const char *id = lq_http_request_path_param(request);
+    const char *accept = lq_http_request_header(request, "Accept");
+    if (id && accept && strstr(accept, "text/event-stream")) {
+        struct event_stream *s = calloc(1, sizeof *s);
+        if (!s) {
+            lq_http_respond_error(request, 500, "server_error", NULL, NULL, "out of memory");
+            return;
+        }
+        s->api = api;
+        snprintf(s->id, sizeof s->id, "%s", id);
+        if (lq_jobs_events_path(api->jobs, id, s->path, sizeof s->path)) {
+            free(s);
+            job_not_found(request, id);
+            return;
+        }
+        lq_http_set_header(request, "Cache-Control", "no-cache");
+        lq_http_respond_stream(request, 200, "text/event-stream", event_stream_read,
+                               event_stream_free, s);
+        return;
+    }
+    cJSON *events = id ? lq_jobs_events(api->jobs, id) : NULL;
+    if (!events) {
+        job_not_found(request, id);
+        return;
+    }
+    lq_http_respond_json(request, 200, events);
+    cJSON_Delete(events);
+}

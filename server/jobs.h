@@ -1,0 +1,84 @@
+/* Background jobs of the daemon (compress, for now): a table of jobs, each a record in
+ * STATE_DIR/jobs/<id>.json (rewritten atomically at every change of state and about once a
+ * second while it runs) and an event log STATE_DIR/jobs/<id>.events.jsonl (appended). A fixed
+ * pool of worker threads runs the queued jobs, oldest first; the HTTP threads only submit,
+ * read and cancel. Records outlive the process: a job found queued at start is queued again,
+ * one found running (the daemon died under it) is resumed, cheaply, since the error-table rows
+ * it finished are cached. */
+#ifndef LQ_JOBS_H
+#define LQ_JOBS_H
+
+#include <limits.h>
+#include <stddef.h>
+
+#include "core/error.h"
+#include "server/registry.h"
+
+struct cJSON;
+struct lq_jobs;
+
+enum lq_job_status {
+    LQ_JOB_QUEUED,
+    LQ_JOB_RUNNING,
+    LQ_JOB_SUCCEEDED,
+    LQ_JOB_FAILED,
+    LQ_JOB_CANCELLED,
+    LQ_JOB_STATUS_COUNT
+};
+const char *lq_job_status_name(enum lq_job_status status); /* "queued", ... */
+
+struct lq_jobs_options {
+    const char *state_dir;        /* records go to state_dir/jobs (created) */
+    int max_jobs;                 /* jobs running at once (worker threads), >= 1 */
+    const char *cache_dir;        /* error-table cache; NULL: lq_compress's default */
+    struct lq_registry *registry; /* borrowed: "activate" loads the result into it */
+};
+
+/* A compress job as validated by the API (server/api_jobs.c): every path already resolved. */
+struct lq_job_spec {
+    char model[72];          /* the served model named by the client */
+    char source[PATH_MAX];   /* what is compressed: that model's path */
+    char output[PATH_MAX];   /* the LQ directory to create (absolute; must not exist) */
+    char configs[4096];      /* grid as lqd compress --configs takes it ("table1", a list) */
+    double target_bits;      /* budget, bits/param of the quantized part */
+    int rank, iters;         /* rank of L1 L2; decomposition steps */
+    unsigned long long seed; /* of the randomized SVDs */
+    int activate;            /* load the output into the registry when done */
+    char name[72];           /* the name it is loaded under */
+};
+
+/* Reads the records under state_dir/jobs (queued ones queued again, running ones resumed)
+ * and starts the workers. */
+int lq_jobs_create(const struct lq_jobs_options *options, struct lq_jobs **out,
+                   struct lq_error *err);
+/* Stops the workers: a running job is interrupted and left queued, so the next start resumes
+ * it. Waits for them (a job stops at its next progress report, a few times a second). The
+ * table still answers reads; nothing runs any more. Idempotent. */
+void lq_jobs_stop(struct lq_jobs *jobs);
+/* Stops (if not yet) and frees. */
+void lq_jobs_free(struct lq_jobs *jobs);
+
+/* Queues a job; *record (optional) receives its JSON (the caller frees it). LQ_EINVAL with a
+ * message when another unfinished job writes the same output. */
+int lq_jobs_submit(struct lq_jobs *jobs, const struct lq_job_spec *spec, struct cJSON **record,
+                   struct lq_error *err);
+/* A job's record as JSON (the caller frees it), or NULL for an unknown id. */
+struct cJSON *lq_jobs_get(struct lq_jobs *jobs, const char *id);
+/* {"object": "list", "data": [records, oldest first]}. */
+struct cJSON *lq_jobs_list(struct lq_jobs *jobs);
+/* Cancels a queued or running job (a running one stops within seconds and its partial output
+ * is removed); *record (optional) receives its JSON. LQ_ENOTFOUND for an unknown id, LQ_EINVAL
+ * when the job has already finished. */
+int lq_jobs_cancel(struct lq_jobs *jobs, const char *id, struct cJSON **record,
+                   struct lq_error *err);
+/* The events so far as a JSON array (the caller frees it), or NULL for an unknown id. */
+struct cJSON *lq_jobs_events(struct lq_jobs *jobs, const char *id);
+/* The path of a job's event log; 0, or LQ_ENOTFOUND for an unknown id. */
+int lq_jobs_events_path(struct lq_jobs *jobs, const char *id, char *path, size_t size);
+/* 1 when the job has ended (succeeded, failed, cancelled) or the table is stopped (it will not
+ * change any more), 0 when not, -1 for an unknown id. */
+int lq_jobs_finished(struct lq_jobs *jobs, const char *id);
+/* Jobs by status (counts[LQ_JOB_STATUS_COUNT]). */
+void lq_jobs_count(struct lq_jobs *jobs, int *counts);
+
+#endif
