@@ -557,5 +557,9 @@ done:
         lq_ilp_result_free(out);
     else
         out->seconds = now_seconds() - started;
+    /* GLPK keeps an environment per thread until told otherwise: free it, so that callers on
+     * long-lived worker threads (the daemon's jobs) do not carry it. No GLPK object outlives
+     * this call. */
+    glp_free_env();
     return rc;
 }
