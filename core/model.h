@@ -10,12 +10,12 @@
 #include "core/nf.h"
 
 struct lq_model_config {
-    int dim;          /* hidden_size */
-    int n_layers;     /* num_hidden_layers */
-    int n_heads;      /* num_attention_heads */
-    int n_kv_heads;   /* num_key_value_heads */
-    int head_dim;     /* head_dim, else dim / n_heads */
-    int hidden_dim;   /* intermediate_size */
+    int dim;        /* hidden_size */
+    int n_layers;   /* num_hidden_layers */
+    int n_heads;    /* num_attention_heads */
+    int n_kv_heads; /* num_key_value_heads */
+    int head_dim;   /* head_dim, else dim / n_heads */
+    int hidden_dim; /* intermediate_size */
     int vocab_size;
     int max_seq_len;  /* max_position_embeddings */
     float rope_theta; /* rope_theta (or rope_parameters.rope_theta) */
@@ -36,8 +36,16 @@ int lq_model_config_write(const struct lq_model_config *config, const char *path
                           struct lq_error *err);
 
 /* The seven linear matrices of a layer, in this order everywhere (error tables, files). */
-enum lq_linear_kind { LQ_Q_PROJ, LQ_K_PROJ, LQ_V_PROJ, LQ_O_PROJ, LQ_GATE_PROJ, LQ_UP_PROJ,
-                      LQ_DOWN_PROJ, LQ_LINEARS_PER_LAYER };
+enum lq_linear_kind {
+    LQ_Q_PROJ,
+    LQ_K_PROJ,
+    LQ_V_PROJ,
+    LQ_O_PROJ,
+    LQ_GATE_PROJ,
+    LQ_UP_PROJ,
+    LQ_DOWN_PROJ,
+    LQ_LINEARS_PER_LAYER
+};
 /* "self_attn.q_proj", ..., "mlp.down_proj". */
 const char *lq_linear_kind_name(enum lq_linear_kind kind);
 /* Short name for tables and plots: "q", "k", "v", "o", "gate", "up", "down". */
@@ -47,7 +55,7 @@ const char *lq_linear_kind_short(enum lq_linear_kind kind);
  * [rows, rank], L2 = lora_A [rank, cols]). */
 struct lq_linear {
     int rows, cols;
-    float *dense;          /* rows x cols, row-major, when not LQ (owned) */
+    float *dense; /* rows x cols, row-major, when not LQ (owned) */
     int is_lq;
     struct lq_nf_matrix q; /* when LQ (owned) */
     int rank;              /* 0: no low-rank part */
@@ -68,8 +76,8 @@ struct lq_model {
     float *final_norm; /* dim */
     float *lm_head;    /* vocab x dim; equals embed when tied (not separately owned then) */
     struct lq_layer *layers;
-    char *path;        /* where it was loaded from */
-    int is_lq;         /* 1 when loaded from an LQ model directory */
+    char *path; /* where it was loaded from */
+    int is_lq;  /* 1 when loaded from an LQ model directory */
 };
 
 /* Loads a model: a directory with config.json + model.safetensors (or shards listed in

@@ -15,7 +15,6 @@
 #include "core/parallel.h"
 #include "server/cli.h"
 
-
 static const char compress_usage[] =
     "usage: lqd compress --model SRC --bits B --rank R --out DIR [--tokenizer T]\n"
     "                    [--configs GRID] [--iters T] [--seed S] [--threads N]\n"

@@ -69,8 +69,7 @@ static void test_config_errors(void) {
 }
 
 /* The HF checkpoint split into two shards with model.safetensors.index.json loads the same. */
-static void test_sharded_checkpoint(void)
-{
+static void test_sharded_checkpoint(void) {
     char source[1024], dir[] = "/tmp/lq-test-shards-XXXXXX", path[1200];
     snprintf(source, sizeof source, "%s/models/stories260K-hf", root());
     CHECK(mkdtemp(dir) != NULL);
@@ -88,8 +87,9 @@ static void test_sharded_checkpoint(void)
         CHECK(lq_safetensors_writer_add(shards[shard], t->name, t->dtype, t->ndim, t->shape,
                                         lq_safetensors_data(file, t), &err) == 0);
         size_t used = strlen(index);
-        snprintf(index + used, sizeof index - used, "%s\"%s\": \"model-0000%d-of-00002.safetensors\"",
-                 i ? ", " : "", t->name, shard + 1);
+        snprintf(index + used, sizeof index - used,
+                 "%s\"%s\": \"model-0000%d-of-00002.safetensors\"", i ? ", " : "", t->name,
+                 shard + 1);
     }
     strcat(index, "}}");
     for (int k = 0; k < 2; k++) {
@@ -127,8 +127,7 @@ static void test_sharded_checkpoint(void)
 }
 
 /* A llama2.c checkpoint with a separate classifier (negative vocab_size in the header). */
-static void test_llama2c_separate_classifier(void)
-{
+static void test_llama2c_separate_classifier(void) {
     char bin[1024];
     snprintf(bin, sizeof bin, "%s/models/stories260K/stories260K.bin", root());
     char *data;
@@ -147,7 +146,8 @@ static void test_llama2c_separate_classifier(void)
     for (size_t i = 0; i < classifier; i++) wcls[i] *= 2.0f;
     char path[] = "/tmp/lq-test-cls-XXXXXX";
     int fd = mkstemp(path);
-    CHECK(fd >= 0 && write(fd, copy, length + classifier * sizeof(float)) == (ssize_t)(length + classifier * sizeof(float)));
+    CHECK(fd >= 0 && write(fd, copy, length + classifier * sizeof(float)) ==
+                         (ssize_t)(length + classifier * sizeof(float)));
     close(fd);
     struct lq_model *m = NULL;
     CHECK_MSG(lq_model_load(path, &m, &err) == 0, "%s", err.message);
