@@ -10,25 +10,14 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-ROOT = os.path.abspath(os.environ.get("LQ_REPO_ROOT", os.path.join(os.path.dirname(__file__), "..", "..")))
-LQD = os.path.abspath(os.environ.get("LQD", os.path.join(ROOT, "build/server/lqd")))
-passed = failed = 0
-
-
-def check(condition, message):
-    global passed, failed
-    if condition:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL:", message, flush=True)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_util import LQD, ROOT, STARTED, check, finish, free_port  # noqa: E402
 
 
 def request(port, method, path, body=None):
@@ -47,7 +36,7 @@ def stream(port, prompt, results, index):
     body = {"model": "story", "prompt": prompt, "max_tokens": 200, "temperature": 0, "stream": True}
     connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
-    text, finish, done = "", None, False
+    text, reason, done = "", None, False
     for raw in response:
         line = raw.decode().strip()
         if not line.startswith("data: "):
@@ -57,9 +46,9 @@ def stream(port, prompt, results, index):
             break
         chunk = json.loads(line[6:])
         text += chunk["choices"][0]["text"]
-        finish = chunk["choices"][0]["finish_reason"] or finish
+        reason = chunk["choices"][0]["finish_reason"] or reason
         time.sleep(0.002)
-    results[index] = (response.status, text, finish, done, time.time())
+    results[index] = (response.status, text, reason, done, time.time())
     connection.close()
 
 
@@ -70,13 +59,12 @@ with tempfile.TemporaryDirectory() as tmp:
     subprocess.run([LQD, "compress", "--model", os.path.join(models, "fp32"), "--bits", "2.5", "--rank", "4",
                     "--out", os.path.join(models, "lq"), "--configs", "2,8,fp32,64,256;3,8,fp32,64,256",
                     "--no-cache", "--quiet"], check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(os.path.join(tmp, "daemon.log"), "w")
     daemon = subprocess.Popen([LQD, "serve", "--host", "127.0.0.1", "--port", str(port), "--state-dir",
                                os.path.join(tmp, "state"), "--model", "story=" + os.path.join(models, "fp32"),
                                "--models-dir", models, "--max-running", "16"], stdout=log, stderr=subprocess.STDOUT)
+    STARTED.append(daemon)
     try:
         for _ in range(600):
             try:
@@ -103,8 +91,8 @@ with tempfile.TemporaryDirectory() as tmp:
         for t in threads:
             t.join()
         for i, p in enumerate(prompts):
-            status, text, finish, done, ended = results[i]
-            check(status == 200 and done and finish in ("stop", "length"), f"stream {i}: {results[i][0]} {finish}")
+            status, text, reason, done, ended = results[i]
+            check(status == 200 and done and reason in ("stop", "length"), f"stream {i}: {results[i][0]} {reason}")
             check(text == expected[p], f"stream {i} finished on the old weights: {text[:60]!r} vs {expected[p][:60]!r}")
         check(sum(r[4] > swapped_at for r in results) >= 4, "most streams were still running at the swap")
         status, body = request(port, "POST", "/v1/completions",
@@ -126,5 +114,4 @@ with tempfile.TemporaryDirectory() as tmp:
             code = -9
         check(code == 0, f"SIGTERM exit code {code}")
 
-print(f"{passed} checks passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("test_hot_swap")

@@ -8,52 +8,27 @@ JSON array and as Server-Sent Events; a catalogue of bad requests, each a 4xx wi
 shape; auth on every job route; the jobs gauge in /metrics.
 
 Environment: LQD (the binary, default build/server/lqd), LQ_REPO_ROOT."""
-import atexit
 import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.abspath(os.environ.get("LQ_REPO_ROOT", os.path.join(os.path.dirname(__file__), "..", "..")))
-LQD = os.path.abspath(os.environ.get("LQD", os.path.join(ROOT, "build/server/lqd")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_util import LQD, ROOT, STARTED, check, finish, free_port  # noqa: E402
+
 KEY = "jobs-key-0123456789"
 SMALL_GRID = "4,8,fp32,64,256;3,8,fp32,64,256;2,8,fp32,64,256"
 # 162 configurations: long enough (about 10 s on 2 CPUs) to be killed in the middle of.
 MEDIUM_GRID = ";".join(f"{b0},{b1},{b2},{B0},{B1}" for b0 in (2, 3, 4) for b1 in (2, 3, 4)
                        for b2 in ("bf16", "fp16", "fp32") for B0 in (16, 32, 64) for B1 in (64, 256))
 
-passed = failed = 0
 
 
-def check(condition, message):
-    global passed, failed
-    if condition:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL:", message, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-STARTED = []
-
-
-@atexit.register
-def kill_leftovers():
-    for process in STARTED:
-        if process.poll() is None:
-            process.kill()
 
 
 class Daemon:
@@ -328,5 +303,4 @@ daemon.wait(job5["id"], ("cancelled",), 10)
 daemon.stop()
 
 shutil.rmtree(work, ignore_errors=True)
-print(f"test_jobs: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("test_jobs")

@@ -6,7 +6,6 @@ shape, the daemon serving on), 429 from a full queue, a client leaving mid-strea
 sequence, hot swap, and SIGTERM draining to exit 0.
 
 Environment: LQD (the binary, default build/server/lqd), LQ_REPO_ROOT."""
-import atexit
 import concurrent.futures
 import http.client
 import json
@@ -20,9 +19,9 @@ import tempfile
 import threading
 import time
 
-SKIP = 77
-ROOT = os.path.abspath(os.environ.get("LQ_REPO_ROOT", os.path.join(os.path.dirname(__file__), "..", "..")))
-LQD = os.path.abspath(os.environ.get("LQD", os.path.join(ROOT, "build/server/lqd")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_util import LQD, ROOT, SKIP, STARTED, check, failures, finish, free_port  # noqa: E402
+
 EXPECTED = open(os.path.join(ROOT, "models/stories260K/expected_run_t0_n200.txt")).read().rstrip("\n")
 KEY = "test-key-0123456789"
 try:
@@ -31,33 +30,8 @@ except ImportError:
     print("the openai package is not installed (tests/run.sh installs it in .venv): skipped")
     sys.exit(SKIP)
 
-passed = failed = 0
 
 
-def check(condition, message):
-    global passed, failed
-    if condition:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL:", message, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-STARTED = []
-
-
-@atexit.register
-def kill_leftovers():
-    """A test that fails half-way must not leave daemons behind."""
-    for process in STARTED:
-        if process.poll() is None:
-            process.kill()
 
 
 class Daemon:
@@ -533,12 +507,11 @@ lines = [line for line in open(configured.log_path) if line.strip()]
 check(all(json.loads(line).get("level") for line in lines), "--log-format json writes JSON lines")
 check(any(json.loads(line).get("msg") == "listening" for line in lines), "JSON log has the listening line")
 
-if failed:
+if failures():
     print("--- main daemon log (tail) ---\n" + "".join(open(main.log_path).readlines()[-20:]))
 for daemon in (main, small, configured):
     shutil.rmtree(daemon.dir, ignore_errors=True)
 shutil.rmtree(models_dir, ignore_errors=True)
 shutil.rmtree(config_dir, ignore_errors=True)
 
-print(f"{passed} checks passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("test_server")
