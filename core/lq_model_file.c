@@ -148,18 +148,23 @@ static int normalize_dir(const char *dir, char *buffer, size_t size, struct lq_e
     return LQ_OK;
 }
 
-int lq_model_file_check_destination(const char *dir, int force, struct lq_error *err) {
-    char path[4096], parent[4096];
-    int rc = normalize_dir(dir, path, sizeof path, err);
-    if (rc) return rc;
-    snprintf(parent, sizeof parent, "%s", path);
+/* The directory holding path: "/" for "/x", "." for a bare name. */
+static void parent_of(const char *path, char *parent, size_t size) {
+    snprintf(parent, size, "%s", path);
     char *slash = strrchr(parent, '/');
     if (slash == parent)
         parent[1] = '\0';
     else if (slash)
         *slash = '\0';
     else
-        snprintf(parent, sizeof parent, ".");
+        snprintf(parent, size, ".");
+}
+
+int lq_model_file_check_destination(const char *dir, int force, struct lq_error *err) {
+    char path[4096], parent[4096];
+    int rc = normalize_dir(dir, path, sizeof path, err);
+    if (rc) return rc;
+    parent_of(path, parent, sizeof parent);
     if (!lq_path_is_dir(parent))
         return lq_error_set(err, LQ_EINVAL, "%s: parent directory %s does not exist", path, parent);
     struct stat st;
@@ -312,14 +317,7 @@ int lq_model_file_write(const struct lq_model *m, const char *dir,
         return rc;
     }
     char parent[4096];
-    snprintf(parent, sizeof parent, "%s", path);
-    char *slash = strrchr(parent, '/');
-    if (slash == parent)
-        parent[1] = '\0';
-    else if (slash)
-        *slash = '\0';
-    else
-        snprintf(parent, sizeof parent, ".");
+    parent_of(path, parent, sizeof parent);
     sync_path(parent);
     if (replacing && remove_tree(old) != 0)
         return lq_error_set(err, LQ_EIO, "%s written, but the old copy %s could not be removed",

@@ -20,10 +20,7 @@
 #include "server/api_request.h"
 #include "server/chat_template.h"
 
-#define FUZZ_ASSERT(condition)                                                                     \
-    do {                                                                                           \
-        if (!(condition)) __builtin_trap();                                                        \
-    } while (0)
+#include "tests/fuzz/fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -32,30 +29,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 static struct lq_tokenizer *builtin_tokenizer(void) {
     static const char *const normal[] = {
         " ", "e", "t", " the", "User", ":", "<|im_start|>", "<|im_end|>", "[INST]"};
-    const int n_normal = (int)(sizeof normal / sizeof normal[0]);
-    uint8_t buffer[8192];
-    size_t at = 4;
-    int32_t max_length = 12;
-    memcpy(buffer, &max_length, 4);
-    for (int i = 0; i < 3 + 256 + n_normal; i++) {
-        char text[16];
-        const char *piece = text;
-        if (i < 3)
-            piece = (const char *[]){"<unk>", "\n<s>\n", "\n</s>\n"}[i];
-        else if (i < 259)
-            snprintf(text, sizeof text, "<0x%02X>", i - 3);
-        else
-            piece = normal[i - 259];
-        float score = i < 259 ? 0.0f : -(float)(i - 259);
-        int32_t length = (int32_t)strlen(piece);
-        memcpy(buffer + at, &score, 4);
-        memcpy(buffer + at + 4, &length, 4);
-        memcpy(buffer + at + 8, piece, (size_t)length);
-        at += 8 + (size_t)length;
-    }
-    struct lq_tokenizer *tokenizer = NULL;
-    FUZZ_ASSERT(lq_tokenizer_load_buffer(buffer, at, "builtin", &tokenizer, NULL) == LQ_OK);
-    return tokenizer;
+    return fuzz_builtin_tokenizer(normal, (int)(sizeof normal / sizeof normal[0]), 12);
 }
 
 static void check_refusal(const struct lq_api_error *err) {

@@ -8,10 +8,7 @@
 
 #include "core/safetensors.h"
 
-#define FUZZ_ASSERT(condition)                                                                     \
-    do {                                                                                           \
-        if (!(condition)) __builtin_trap();                                                        \
-    } while (0)
+#include "tests/fuzz/fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

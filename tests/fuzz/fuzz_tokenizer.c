@@ -21,10 +21,7 @@
 
 #include "core/tokenizer_internal.h"
 
-#define FUZZ_ASSERT(condition)                                                                     \
-    do {                                                                                           \
-        if (!(condition)) __builtin_trap();                                                        \
-    } while (0)
+#include "tests/fuzz/fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -99,29 +96,7 @@ static const char *const probes[] = {
 static struct lq_tokenizer *builtin_tokenizer(void) {
     static const char *const normal[] = {" ",  "t",    "h",  "e",  "a",  "n",    "d",  " t",
                                          "he", " the", " a", "an", "nd", " and", "  ", "\xc3\xa9"};
-    uint8_t buffer[8192];
-    size_t at = 4;
-    int32_t max_length = 7;
-    memcpy(buffer, &max_length, 4);
-    for (int i = 0; i < 3 + 256 + 16; i++) {
-        char text[8];
-        const char *piece = text;
-        if (i < 3)
-            piece = (const char *[]){"<unk>", "\n<s>\n", "\n</s>\n"}[i];
-        else if (i < 259)
-            snprintf(text, sizeof text, "<0x%02X>", i - 3);
-        else
-            piece = normal[i - 259];
-        float score = i < 259 ? 0.0f : -(float)(i - 259);
-        int32_t length = (int32_t)strlen(piece);
-        memcpy(buffer + at, &score, 4);
-        memcpy(buffer + at + 4, &length, 4);
-        memcpy(buffer + at + 8, piece, (size_t)length);
-        at += 8 + (size_t)length;
-    }
-    struct lq_tokenizer *tokenizer = NULL;
-    FUZZ_ASSERT(lq_tokenizer_load_buffer(buffer, at, "builtin", &tokenizer, NULL) == LQ_OK);
-    return tokenizer;
+    return fuzz_builtin_tokenizer(normal, (int)(sizeof normal / sizeof normal[0]), 7);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
