@@ -157,6 +157,7 @@ struct job {
     double *final_error;
 
     int (*run)(struct job *job, size_t task, struct lq_error *err);
+    size_t task_stride; /* tasks one run() call covers (a table row on a device), else 1 */
 };
 
 /* The seed of one decomposition: from the run's seed, the matrix and the configuration's
@@ -167,16 +168,29 @@ static uint64_t decomposition_seed(uint64_t seed, size_t matrix, const struct lq
     return lq_hash_bytes(words, sizeof words, 0x73656564ull);
 }
 
+static void cell_options(const struct job *job, size_t matrix, const struct lq_nf_config *c,
+                         struct lq_decompose_options *options) {
+    lq_decompose_options_default(options);
+    options->rank = job->options->rank;
+    options->max_iters = job->options->iters;
+    options->svd.seed = decomposition_seed(job->options->seed, matrix, c);
+}
+
+/* The backend that decomposes on a device, or NULL for core's CPU code. */
+static struct lq_backend *device_of(const struct job *job) {
+    struct lq_backend *b = job->options->device;
+    return b && b->ops->decompose && b->ops->decompose_errors ? b : NULL;
+}
+
 static int decompose_cell(const struct job *job, size_t matrix, size_t config,
                           struct lq_decomposition *d, struct lq_error *err) {
     const struct matrix_ref *m = &job->matrices[matrix];
     const struct lq_nf_config *c = &job->grid[config];
     struct lq_decompose_options options;
-    lq_decompose_options_default(&options);
-    options.rank = job->options->rank;
-    options.max_iters = job->options->iters;
-    options.svd.seed = decomposition_seed(job->options->seed, matrix, c);
-    int rc = lq_decompose(m->w, m->rows, m->cols, c, &options, d, err);
+    cell_options(job, matrix, c, &options);
+    struct lq_backend *device = device_of(job);
+    int rc = device ? device->ops->decompose(device, m->w, m->rows, m->cols, c, &options, d, err)
+                    : lq_decompose(m->w, m->rows, m->cols, c, &options, d, err);
     if (rc) {
         char text[64];
         lq_error_prefix(err, "%s at %s", m->name, lq_nf_config_format(c, text, sizeof text));
@@ -200,6 +214,38 @@ static int run_table_cell(struct job *job, size_t task, struct lq_error *err) {
     }
     pthread_mutex_unlock(&job->lock);
     return LQ_OK;
+}
+
+/* A whole row of the table in one device call (the matrix is uploaded once). */
+static int run_table_row(struct job *job, size_t task, struct lq_error *err) {
+    size_t row = job->pending_rows[task / job->n_configs];
+    const struct matrix_ref *m = &job->matrices[row];
+    struct lq_backend *device = device_of(job);
+    size_t G = job->n_configs;
+    uint64_t *seeds = malloc(G * sizeof *seeds);
+    double *costs = malloc(G * sizeof *costs);
+    int rc = seeds && costs ? LQ_OK : lq_error_set(err, LQ_ENOMEM, "out of memory");
+    struct lq_decompose_options options;
+    cell_options(job, row, &job->grid[0], &options);
+    for (size_t c = 0; c < G && !rc; c++)
+        seeds[c] = decomposition_seed(job->options->seed, row, &job->grid[c]);
+    if (!rc)
+        rc = device->ops->decompose_errors(device, m->w, m->rows, m->cols, job->grid, seeds, G,
+                                           &options, costs, err);
+    if (rc) {
+        lq_error_prefix(err, "%s", m->name);
+    } else {
+        pthread_mutex_lock(&job->lock);
+        memcpy(job->table.cost + row * G, costs, G * sizeof *costs);
+        job->table.done[row] = 1;
+        job->save_pending = 1;
+        /* the pool counts a task as one cell: the row's other cells are done too */
+        job->tasks_done += G - 1;
+        pthread_cond_signal(&job->wake);
+        pthread_mutex_unlock(&job->lock);
+    }
+    free(seeds), free(costs);
+    return rc;
 }
 
 static int run_final_matrix(struct job *job, size_t matrix, struct lq_error *err) {
@@ -226,7 +272,8 @@ static void *worker_main(void *argument) {
     struct lq_error err = {0};
     pthread_mutex_lock(&job->lock);
     while (!job->stop && job->next_task < job->task_count) {
-        size_t task = job->next_task++;
+        size_t task = job->next_task;
+        job->next_task += job->task_stride;
         pthread_mutex_unlock(&job->lock);
         int rc = job->run(job, task, &err);
         pthread_mutex_lock(&job->lock);
@@ -307,6 +354,7 @@ static int report_progress(struct job *job, const struct phase_state *s, int fin
 static int run_pool(struct job *job, size_t task_count, int threads, struct phase_state *s,
                     struct lq_error *err) {
     job->next_task = 0, job->task_count = task_count, job->tasks_done = 0;
+    if (job->task_stride == 0) job->task_stride = 1;
     job->stop = 0, job->rc = 0;
     if ((size_t)threads > task_count) threads = task_count ? (int)task_count : 1;
     pthread_t *handles = calloc((size_t)threads, sizeof *handles);
@@ -610,9 +658,14 @@ int lq_compress(const struct lq_model *source, const struct lq_compress_options 
                                 .cache_path = cache_path,
                                 .key = &key,
                                 .snapshot = &s.snapshot};
-    job.run = run_table_cell;
+    job.run = run_table_cell, job.task_stride = 1;
+    int table_threads = report->threads;
+    if (device_of(&job)) {
+        job.run = run_table_row, job.task_stride = G;
+        table_threads = o->device_workers > 0 ? o->device_workers : 2;
+    }
     t0 = seconds_now();
-    rc = run_pool(&job, pending * G, report->threads, &phase, err);
+    rc = run_pool(&job, pending * G, table_threads, &phase, err);
     report->seconds_table = seconds_now() - t0;
     if (phase.save_failed && report->cells_cached == 0) report->cache_used = 0;
     if (rc) goto destroy;
@@ -647,11 +700,11 @@ int lq_compress(const struct lq_model *source, const struct lq_compress_options 
 
     /* Phase 3: each matrix at its configuration, with the table's seed: the same result. */
     job.choice = s.ilp.choice, job.out = s.linears, job.final_error = report->error;
-    job.run = run_final_matrix;
+    job.run = run_final_matrix, job.task_stride = 1;
     struct phase_state final_phase = {
         .phase = LQ_COMPRESS_FINAL, .matrices_total = n, .cells_total = n};
     t0 = seconds_now();
-    rc = run_pool(&job, n, report->threads, &final_phase, err);
+    rc = run_pool(&job, n, device_of(&job) ? table_threads : report->threads, &final_phase, err);
     report->seconds_final = seconds_now() - t0;
     if (rc) goto destroy;
 

@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/model.h"
 #include "core/nf.h"
+#include "kernels/backend.h"
 
 /* Parses a configuration grid: "table1" (the paper's Table 1, 243 configurations), a list of
  * configurations separated by ';' ("4,8,fp32,64,256;3,8,fp32,64,256"), or the name of a file
@@ -57,6 +58,11 @@ struct lq_compress_options {
     int threads;                   /* workers; 0: lq_parallel_threads() */
     const char *weighting;         /* "none" (Fisher weighting: not yet) */
     double ilp_time_limit_seconds; /* 0: solve to proven optimality */
+    /* A backend that decomposes on its device (ops->decompose_errors, ops->decompose; borrowed),
+     * or NULL for the CPU. The table then goes row by row, one matrix's whole grid per call,
+     * on `device_workers` threads (default 2: one uploads while the other computes). */
+    struct lq_backend *device;
+    int device_workers;
     lq_compress_progress_fn progress;
     lq_compress_warning_fn warning;
     void *context; /* passed to progress and warning */

@@ -17,6 +17,7 @@ struct lq_batch {
     float *x, *h, *q, *k, *v, *attn, *gate, *up, *out; /* device [max_sequences, width] */
     float *logits;                                     /* device [max_sequences, vocab] */
     int *positions;                                    /* host: each sequence's position */
+    float **k_caches, **v_caches; /* host: one layer's cache of each sequence */
 };
 
 int lq_batch_create(struct lq_runtime *runtime, int max_sequences, struct lq_batch **out,
@@ -49,7 +50,9 @@ int lq_batch_create(struct lq_runtime *runtime, int max_sequences, struct lq_bat
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0] && !rc; i++)
         rc = b->ops->buffer_alloc(b, n * buffers[i].width * sizeof(float),
                                   (void **)buffers[i].buffer, err);
-    if (!rc && !(batch->positions = malloc(n * sizeof *batch->positions)))
+    if (!rc && (!(batch->positions = malloc(n * sizeof *batch->positions)) ||
+                !(batch->k_caches = malloc(n * sizeof *batch->k_caches)) ||
+                !(batch->v_caches = malloc(n * sizeof *batch->v_caches))))
         rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
     if (rc) {
         lq_batch_free(batch);
@@ -67,6 +70,8 @@ void lq_batch_free(struct lq_batch *batch) {
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++)
         if (buffers[i]) b->ops->buffer_free(b, buffers[i]);
     free(batch->positions);
+    free(batch->k_caches);
+    free(batch->v_caches);
     free(batch);
 }
 
@@ -81,7 +86,6 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
     struct lq_backend *b = r->backend;
     const struct lq_backend_ops *ops = b->ops;
     const struct lq_linear *w = r->model->layers[l].linear;
-    const int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
     int rc;
     if ((rc = ops->rmsnorm(b, batch->x, r->attn_norm[l], n, c->dim, c->norm_eps, batch->h)) ||
         (rc = ops->linear(b, &w[LQ_Q_PROJ], batch->h, n, batch->q)) ||
@@ -92,18 +96,13 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
         (rc = ops->rope(b, batch->k, n, c->n_kv_heads, c->head_dim, batch->positions,
                         c->rope_theta)))
         return rc;
-    for (int i = 0; i < n; i++) {
-        struct lq_session *s = sessions[i];
-        size_t row = (size_t)s->position * kv_dim;
-        /* embed is the ops table's row gather: it moves sequence i's K and V rows into its
-         * cache at its position without a round trip through the host */
-        if ((rc = ops->embed(b, batch->k, kv_dim, &i, 1, s->k_cache[l] + row)) ||
-            (rc = ops->embed(b, batch->v, kv_dim, &i, 1, s->v_cache[l] + row)) ||
-            (rc = ops->attention(b, batch->q + (size_t)i * q_dim, s->k_cache[l], s->v_cache[l], 1,
-                                 s->position, c->n_heads, c->n_kv_heads, c->head_dim,
-                                 batch->attn + (size_t)i * q_dim)))
-            return rc;
-    }
+    /* every sequence's new K, V rows into its own cache, and its attention, in one op */
+    for (int i = 0; i < n; i++)
+        batch->k_caches[i] = sessions[i]->k_cache[l], batch->v_caches[i] = sessions[i]->v_cache[l];
+    if ((rc = ops->attention_batch(b, batch->q, batch->k, batch->v, batch->k_caches,
+                                   batch->v_caches, batch->positions, n, c->n_heads, c->n_kv_heads,
+                                   c->head_dim, batch->attn)))
+        return rc;
     if ((rc = ops->linear(b, &w[LQ_O_PROJ], batch->attn, n, batch->out)) ||
         (rc = ops->add(b, batch->x, batch->out, (size_t)n * c->dim)) ||
         (rc = ops->rmsnorm(b, batch->x, r->ffn_norm[l], n, c->dim, c->norm_eps, batch->h)) ||

@@ -11,9 +11,12 @@
 #include <stddef.h>
 
 #include "core/error.h"
+#include "core/lq.h"
 #include "core/model.h"
 
 struct lq_backend;
+struct lq_backend_memory;
+struct lq_adamw_params; /* the training ops' AdamW settings, below */
 
 struct lq_backend_ops {
     const char *name;
@@ -55,10 +58,119 @@ struct lq_backend_ops {
     int (*attention)(struct lq_backend *backend, const float *q, const float *k_cache,
                      const float *v_cache, int n, int start, int heads, int kv_heads, int head_dim,
                      float *out);
+    /* One decode step of n sequences, one new token each: sequence i's k_new[i] and v_new[i]
+     * rows ([n, kv_heads*hd]) are stored into its caches at positions[i], then q[i] attends
+     * to positions 0..positions[i] of them. k_caches, v_caches (device pointers) and
+     * positions live on the host. Row i of out equals what attention(q[i], ..., 1,
+     * positions[i], ...) gives after the rows were stored. */
+    int (*attention_batch)(struct lq_backend *backend, const float *q, const float *k_new,
+                           const float *v_new, float *const *k_caches, float *const *v_caches,
+                           const int *positions, int n, int heads, int kv_heads, int head_dim,
+                           float *out);
     /* gate = silu(gate) ⊙ up. */
     int (*swiglu)(struct lq_backend *backend, float *gate, const float *up, size_t count);
     /* x += y. */
     int (*add)(struct lq_backend *backend, float *x, const float *y, size_t count);
+    /* Waits until every queued op has finished (timing, error checks). */
+    int (*synchronize)(struct lq_backend *backend, struct lq_error *err);
+    /* What the device holds (see struct lq_backend_memory). */
+    void (*memory)(struct lq_backend *backend, struct lq_backend_memory *out);
+
+    /* LQ decomposition on the device (NULL where the backend has none: callers then use
+     * core's lq_decompose). Same contract as lq_decompose for the host matrix w; results come
+     * back in host memory. Equal to the CPU's within rounding for the same seed. */
+    int (*decompose)(struct lq_backend *backend, const float *w, size_t rows, size_t cols,
+                     const struct lq_nf_config *config, const struct lq_decompose_options *options,
+                     struct lq_decomposition *out, struct lq_error *err);
+    /* One error-table row: errors[i] = (decompose(w, configs[i]) with options and the SVD
+     * seed seeds[i]).error², for i < n_configs; w is uploaded once. NULL like decompose. */
+    int (*decompose_errors)(struct lq_backend *backend, const float *w, size_t rows, size_t cols,
+                            const struct lq_nf_config *configs, const uint64_t *seeds,
+                            size_t n_configs, const struct lq_decompose_options *options,
+                            double *errors, struct lq_error *err);
+
+    /* ---- training ops: LoRA finetuning (core/train.h) and the Fisher estimate (core/fisher.h).
+     * NULL on a backend that has none yet: the trainer then refuses it by name. Same
+     * conventions as above (device buffers, row-major, host arrays named "host"); an output
+     * "+=" accumulates into what the caller's buffer holds, "=" overwrites it. ---- */
+
+    /* x[0..count) = 0. */
+    int (*zero)(struct lq_backend *backend, float *x, size_t count);
+    /* Device-to-device copy of bytes. */
+    int (*copy)(struct lq_backend *backend, void *to, const void *from, size_t bytes);
+    /* y[n, rows] = x · (W + L1·L2)ᵀ: W is the frozen layer w (dense, or Q plus its own low-rank
+     * part when w->rank > 0) and L1 [rows, rank], L2 [rank, cols] a trainable pair in device
+     * buffers (rank 0: none, and it is linear). */
+    int (*linear_lora)(struct lq_backend *backend, const struct lq_linear *w, const float *L1,
+                       const float *L2, int rank, const float *x, int n, float *y);
+    /* Backward of linear_lora at input x[n, cols], output gradient dy[n, rows]:
+     *   dx = dy · (W + L1·L2)        (+= when accumulate_dx; skipped when dx is NULL)
+     *   dL1 += dyᵀ · (x · L2ᵀ)        [rows, rank]   } when rank > 0; either may be NULL
+     *   dL2 += (dy · L1)ᵀ · x          [rank, cols]   }
+     *   dW += dyᵀ · x                 [rows, cols]   (dense w only; skipped when NULL)
+     * Q is dequantized tile by tile, never as a whole matrix. */
+    int (*linear_backward)(struct lq_backend *backend, const struct lq_linear *w, const float *L1,
+                           const float *L2, int rank, const float *x, const float *dy, int n,
+                           float *dx, int accumulate_dx, float *dL1, float *dL2, float *dW);
+    /* Backward of matmul for the input: dx[n, cols] = dy[n, rows] · w (+= when accumulate). */
+    int (*matmul_backward)(struct lq_backend *backend, const float *w, int rows, int cols,
+                           const float *dy, int n, float *dx, int accumulate);
+    /* Backward of rmsnorm (weight frozen): dx[n, dim] += dy · ∂rmsnorm(x)/∂x. */
+    int (*rmsnorm_backward)(struct lq_backend *backend, const float *x, const float *weight,
+                            const float *dy, int n, int dim, float eps, float *dx);
+    /* Backward of rope, in place on the gradient dx[n, heads * head_dim] (the inverse rotation). */
+    int (*rope_backward)(struct lq_backend *backend, float *dx, int n, int heads, int head_dim,
+                         const int *positions, float theta);
+    /* Backward of causal grouped-query attention over `batch` independent sequences of n
+     * tokens each, every one attending to its own positions 0..i (as attention(q, k, v, n, 0,
+     * ...) per sequence). q, dout, dq: [batch * n, heads * hd]; k, v, dk, dv: [batch * n,
+     * kv_heads * hd]; q and k as attention saw them (after rope). The softmax is recomputed
+     * from q and k. dq, dk, dv are overwritten. */
+    int (*attention_backward)(struct lq_backend *backend, const float *q, const float *k,
+                              const float *v, const float *dout, int batch, int n, int heads,
+                              int kv_heads, int head_dim, float *dq, float *dk, float *dv);
+    /* Backward of swiglu (out = silu(gate) ⊙ up) at the pre-activation gate and up:
+     * dgate = dout ⊙ up ⊙ silu'(gate), dup = dout ⊙ silu(gate) (overwritten; dgate may be
+     * dout itself). */
+    int (*swiglu_backward)(struct lq_backend *backend, const float *gate, const float *up,
+                           const float *dout, size_t count, float *dgate, float *dup);
+    /* Token-level cross-entropy of logits[n, vocab] against targets (host, [n]) where mask
+     * (host, [n]; NULL: every token) is nonzero: *loss_sum (host) += Σ (logsumexp − logit of
+     * the target), in double. When dlogits is not NULL it receives grad_scale · (softmax −
+     * onehot(target)) on masked-in rows and 0 elsewhere; it may be logits itself. */
+    int (*cross_entropy)(struct lq_backend *backend, const float *logits, const int *targets,
+                         const unsigned char *mask, int n, int vocab, float grad_scale,
+                         double *loss_sum, float *dlogits);
+    /* *out (host) = Σ x[i]², summed in double in an order that does not depend on threads. */
+    int (*sum_squares)(struct lq_backend *backend, const float *x, size_t count, double *out);
+    /* acc[i] += scale · x[i]² (the diagonal Fisher estimate from one sample's gradient). */
+    int (*accumulate_squares)(struct lq_backend *backend, float *acc, const float *x, size_t count,
+                              float scale);
+    /* One AdamW update (struct lq_adamw_params) of params[0..count) from grads, with the
+     * first and second moments m and v updated in place. */
+    int (*adamw)(struct lq_backend *backend, float *params, const float *grads, float *m, float *v,
+                 size_t count, const struct lq_adamw_params *hyper);
+};
+
+/* AdamW as PyTorch's torch.optim.AdamW computes it (decoupled weight decay, bias-corrected
+ * moments), with g = grad_scale · grad:
+ *   p ← p·(1 − lr·weight_decay);  m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²
+ *   p ← p − lr/(1 − β1^step) · m / (√v / √(1 − β2^step) + eps) */
+struct lq_adamw_params {
+    float learning_rate, beta1, beta2, eps, weight_decay;
+    float grad_scale; /* 1, or the clipping coefficient of the global gradient norm */
+    long step;        /* this update's number, from 1 (the bias corrections) */
+};
+
+/* Device memory by purpose, in bytes. Host backends report their allocations the same way,
+ * with device_total 0. */
+struct lq_backend_memory {
+    size_t weights; /* weights_upload + linear_prepare */
+    size_t buffers; /* buffer_alloc: KV caches, activations */
+    size_t scratch; /* the backend's own workspaces */
+    size_t jobs;    /* decompositions running on the device */
+    size_t limit;   /* allocations beyond this are refused (0: none) */
+    size_t device_free, device_total;
 };
 
 struct lq_backend {
@@ -68,5 +180,12 @@ struct lq_backend {
 
 /* The CPU backend (OpenBLAS + threads). Free with backend->ops->destroy(backend). */
 int lq_backend_cpu_create(struct lq_backend **out, struct lq_error *err);
+
+/* The CUDA backend on GPU `device` (cuBLAS, cuSOLVER, lqd's kernels). memory_limit caps what
+ * it allocates in bytes (0: the device's free memory at creation less a 5% margin).
+ * LQ_EUNSUPPORTED when the build has no CUDA or the machine no such GPU. Free with
+ * backend->ops->destroy(backend). */
+int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,
+                           struct lq_error *err);
 
 #endif

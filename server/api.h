@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <time.h>
 
+#include "server/files.h"
 #include "server/http_server.h"
 #include "server/jobs.h"
 #include "server/metrics.h"
@@ -29,6 +30,7 @@ struct lq_api {
     struct lq_scheduler *scheduler; /* borrowed; see lq_api_close_scheduler */
     struct lq_metrics *metrics;     /* borrowed */
     struct lq_jobs *jobs;           /* borrowed; NULL: the job routes answer 503 */
+    struct lq_files *files;         /* borrowed; NULL: the file routes answer 503 */
     struct lq_api_config config;
     /* Submissions hold it shared; lq_api_close_scheduler takes it exclusively, so no request
      * reaches a scheduler that is being freed. */
@@ -61,5 +63,10 @@ void lq_api_jobs_list(void *app, struct lq_http_request *request);
 void lq_api_jobs_get(void *app, struct lq_http_request *request);
 void lq_api_jobs_events(void *app, struct lq_http_request *request);
 void lq_api_jobs_cancel(void *app, struct lq_http_request *request);
+void lq_api_files_create(void *app, struct lq_http_request *request);
+void lq_api_files_list(void *app, struct lq_http_request *request);
+void lq_api_files_get(void *app, struct lq_http_request *request);
+void lq_api_files_content(void *app, struct lq_http_request *request);
+void lq_api_files_delete(void *app, struct lq_http_request *request);
 
 #endif

@@ -11,11 +11,11 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "core/chat_template.h"
 #include "core/lq_model_file.h"
 #include "server/allocation_svg.h"
 #include "server/api.h"
 #include "server/api_request.h"
-#include "server/chat_template.h"
 #include "server/log.h"
 
 static int refuse(struct lq_http_request *request, const struct lq_api_error *e) {

@@ -14,10 +14,10 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "core/chat_template.h"
 #include "server/api.h"
 #include "server/api_call.h"
 #include "server/api_request.h"
-#include "server/chat_template.h"
 #include "server/log.h"
 
 /* ---------- scheduler callbacks (scheduler thread: append, signal, never block) ---------- */

@@ -72,6 +72,9 @@ void lq_api_metrics(void *app, struct lq_http_request *request) {
     for (size_t i = 0; models && entries && i < count; i++)
         entries[i] = (struct lq_metrics_model){models[i]->name, models[i]->memory_bytes,
                                                models[i]->bits_per_param};
+    struct lq_backend *backend = lq_registry_backend(api->registry);
+    backend->ops->memory(backend, &gauges.device_memory);
+    gauges.device = backend->ops->name;
     gauges.models = entries;
     gauges.n_models = entries && models ? count : 0;
     size_t length = 0;

@@ -7,6 +7,7 @@
 
 #include <stddef.h>
 
+#include "core/chat_template.h" /* struct lq_chat_message */
 #include "core/generate.h"
 #include "core/sampler.h"
 
@@ -31,13 +32,6 @@ struct lq_request_limits {
 };
 /* 64 choices, 1024 messages, depth 16, 1 MiB strings. */
 void lq_request_limits_default(struct lq_request_limits *limits);
-
-enum lq_chat_role { LQ_ROLE_SYSTEM, LQ_ROLE_USER, LQ_ROLE_ASSISTANT };
-
-struct lq_chat_message {
-    enum lq_chat_role role;
-    char *content; /* text parts joined; "" for null content */
-};
 
 /* One prompt of a completions request: text, or token ids given as such. */
 struct lq_prompt {

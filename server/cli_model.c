@@ -5,6 +5,8 @@
 #include <string.h>
 
 #include "core/file_util.h"
+#include "kernels/backend_select.h"
+#include "server/cli.h"
 
 static int find_tokenizer(const char *model_path, char *out, size_t size) {
     if (lq_path_is_dir(model_path)) {
@@ -21,8 +23,26 @@ static int find_tokenizer(const char *model_path, char *out, size_t size) {
     return lq_path_is_file(out);
 }
 
+int lq_cli_device_option(const char *command, const char *name, const char *value,
+                         struct lq_cli_device *d) {
+    if (strcmp(name, "device") == 0) {
+        d->device = value;
+        return 1;
+    }
+    if (strcmp(name, "gpu-memory") == 0) {
+        if (lq_parse_memory_size(value, &d->memory_limit) || d->memory_limit == 0) {
+            lq_cli_usage_error(command, "--gpu-memory '%s': expected a size such as 40G or 512M",
+                               value);
+            return 2;
+        }
+        return 1;
+    }
+    return 0;
+}
+
 int lq_cli_model_open(const char *model_path, const char *tokenizer_path, int need_tokenizer,
-                      struct lq_cli_model *out, struct lq_error *err) {
+                      const struct lq_cli_device *device, struct lq_cli_model *out,
+                      struct lq_error *err) {
     memset(out, 0, sizeof *out);
     int rc = lq_model_load(model_path, &out->model, err);
     if (rc) return rc;
@@ -43,7 +63,12 @@ int lq_cli_model_open(const char *model_path, const char *tokenizer_path, int ne
                           model_path);
         goto fail;
     }
-    if ((rc = lq_backend_cpu_create(&out->backend, err))) goto fail;
+    char notice[LQ_BACKEND_NOTICE_SIZE];
+    const char *name = device ? device->device : NULL;
+    if ((rc = lq_backend_open(name, device ? device->memory_limit : 0, &out->backend, notice,
+                              err)))
+        goto fail;
+    if (name && strcmp(name, "cpu") != 0) fprintf(stderr, "lqd: %s\n", notice);
     if ((rc = lq_runtime_create(out->backend, out->model, &out->runtime, err))) goto fail;
     return LQ_OK;
 fail:

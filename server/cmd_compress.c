@@ -13,7 +13,9 @@
 #include "core/lq_model_file.h"
 #include "core/model.h"
 #include "core/parallel.h"
+#include "kernels/backend_select.h"
 #include "server/cli.h"
+#include "server/cli_model.h"
 
 static const char compress_usage[] =
     "usage: lqd compress --model SRC --bits B --rank R --out DIR [--tokenizer T]\n"
@@ -48,6 +50,9 @@ static const char compress_usage[] =
     "                       grid, iters and seed at another budget then skips the table, and\n"
     "                       an interrupted run resumes\n"
     "  --no-cache           neither read nor write the cache\n"
+    "  --device D           cpu (default), cuda, cuda:N or auto: with a GPU the error table and\n"
+    "                       the final decompositions run on it (cuBLAS + cuSOLVER)\n"
+    "  --gpu-memory SIZE    most GPU memory to take (default: what is free)\n"
     "  --ilp-time-limit S   stop the integer program after S seconds (default: solve exactly)\n"
     "  --force              replace DIR if it is an existing LQ model directory\n"
     "  --quiet              no progress on stderr\n"
@@ -61,6 +66,7 @@ struct compress_args {
     int rank, iters, threads, no_cache, force, quiet, json;
     unsigned long long seed;
     int have_bits, have_rank;
+    struct lq_cli_device device;
 };
 
 #define usage_error(format, value) lq_cli_usage_error("compress", format, value)
@@ -77,7 +83,9 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
         OPT_ILP_TIME,
         OPT_FORCE,
         OPT_QUIET,
-        OPT_JSON
+        OPT_JSON,
+        OPT_DEVICE,
+        OPT_GPU_MEMORY
     };
     static const struct option long_options[] = {
         {"model", required_argument, NULL, 'm'},
@@ -95,6 +103,8 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
         {"force", no_argument, NULL, OPT_FORCE},
         {"quiet", no_argument, NULL, OPT_QUIET},
         {"json", no_argument, NULL, OPT_JSON},
+        {"device", required_argument, NULL, OPT_DEVICE},
+        {"gpu-memory", required_argument, NULL, OPT_GPU_MEMORY},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -164,6 +174,12 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
             break;
         case OPT_JSON:
             a->json = 1;
+            break;
+        case OPT_DEVICE:
+        case OPT_GPU_MEMORY:
+            if (lq_cli_device_option("compress", option == OPT_DEVICE ? "device" : "gpu-memory",
+                                     optarg, &a->device) == 2)
+                return 2;
             break;
         case 'h':
             fputs(compress_usage, stdout);
@@ -346,6 +362,7 @@ int lq_cli_compress(int argc, char **argv) {
     struct lq_nf_config *grid = NULL;
     size_t grid_size = 0;
     struct lq_model *source = NULL, *compressed = NULL;
+    struct lq_backend *backend = NULL;
     struct lq_compress_report report = {0};
     int *counts = NULL, status = 1;
     struct lq_tokenizer_files tokenizer;
@@ -373,6 +390,13 @@ int lq_cli_compress(int argc, char **argv) {
     options.cache_dir = a.cache_dir, options.use_cache = !a.no_cache, options.threads = a.threads;
     options.ilp_time_limit_seconds = a.ilp_time_limit;
     options.progress = on_progress, options.warning = on_warning, options.context = &progress;
+    if (a.device.device && strcmp(a.device.device, "cpu") != 0) {
+        char notice[LQ_BACKEND_NOTICE_SIZE];
+        if (lq_backend_open(a.device.device, a.device.memory_limit, &backend, notice, &err))
+            goto fail;
+        fprintf(stderr, "lqd compress: %s\n", notice);
+        options.device = backend;
+    }
     if (!a.quiet)
         fprintf(stderr,
                 "lqd compress: %s: %d layers x 7 matrices, %zu parameters; %zu "
@@ -436,5 +460,6 @@ done:
     lq_compress_report_free(&report);
     lq_model_free(compressed);
     lq_model_free(source);
+    if (backend) backend->ops->destroy(backend);
     return status;
 }

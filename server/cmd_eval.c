@@ -12,7 +12,7 @@
 
 static const char eval_usage[] =
     "usage: lqd eval --model M [--tokenizer T] --ppl FILE [--max-tokens N] [--context N]\n"
-    "                [--documents lines|paragraphs] [--json]\n"
+    "                [--documents lines|paragraphs] [--json] [--device D]\n"
     "       lqd eval --model M --tokens ID,ID,... --dump-logits OUT.npy\n"
     "\n"
     "Perplexity of M (HuggingFace directory, llama2.c .bin or LQ directory) on FILE: documents\n"
@@ -22,6 +22,8 @@ static const char eval_usage[] =
     "stops after --max-tokens predicted tokens. --json prints {\"ppl\",\"nll\",\"tokens\",\n"
     "\"seconds\",...}. With --tokens, the logits of that token sequence (no BOS added) are\n"
     "written as float32 [n, vocab] to OUT.npy.\n"
+    "\n"
+    LQ_CLI_DEVICE_USAGE
     "\n"
     "example: lqd eval --model models/stories260K-hf --tokenizer models/stories260K/tok512.bin "
     "--ppl ../shared/data/tinystories_val_subset.txt --max-tokens 200000\n";
@@ -97,7 +99,9 @@ int lq_cli_eval(int argc, char **argv) {
         OPT_JSON,
         OPT_TOKENS,
         OPT_DUMP,
-        OPT_DOCUMENTS
+        OPT_DOCUMENTS,
+        OPT_DEVICE,
+        OPT_GPU_MEMORY
     };
     static const struct option long_options[] = {
         {"model", required_argument, NULL, 'm'},
@@ -109,6 +113,8 @@ int lq_cli_eval(int argc, char **argv) {
         {"tokens", required_argument, NULL, OPT_TOKENS},
         {"dump-logits", required_argument, NULL, OPT_DUMP},
         {"documents", required_argument, NULL, OPT_DOCUMENTS},
+        {"device", required_argument, NULL, OPT_DEVICE},
+        {"gpu-memory", required_argument, NULL, OPT_GPU_MEMORY},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -117,6 +123,7 @@ int lq_cli_eval(int argc, char **argv) {
     struct lq_eval_options options = {LQ_SPLIT_LINES, 0, 0};
     int json = 0;
     long number;
+    struct lq_cli_device device = {NULL, 0};
     optind = 1;
     opterr = 0;
     int option;
@@ -158,6 +165,12 @@ int lq_cli_eval(int argc, char **argv) {
             else
                 return usage_error("--documents '%s': expected lines or paragraphs", optarg);
             break;
+        case OPT_DEVICE:
+        case OPT_GPU_MEMORY:
+            if (lq_cli_device_option("eval", option == OPT_DEVICE ? "device" : "gpu-memory",
+                                     optarg, &device) == 2)
+                return 2;
+            break;
         case 'h':
             fputs(eval_usage, stdout);
             return 0;
@@ -178,7 +191,7 @@ int lq_cli_eval(int argc, char **argv) {
     char *text = NULL;
     size_t length = 0;
     int status = 1;
-    if (lq_cli_model_open(model_path, tokenizer_path, ppl_path != NULL, &m, &err)) {
+    if (lq_cli_model_open(model_path, tokenizer_path, ppl_path != NULL, &device, &m, &err)) {
         fprintf(stderr, "lqd eval: %s\n", err.message);
         free(ids);
         return 1;

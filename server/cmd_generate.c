@@ -28,6 +28,7 @@ static const char generate_usage[] =
     "  --stop TEXT          stop before TEXT (up to 8)\n"
     "  --context N          positions to allocate (default: the model's maximum)\n"
     "  --stats              print token counts, finish reason and speed on stderr\n"
+    LQ_CLI_DEVICE_USAGE
     "\n"
     "example: lqd generate --model models/stories260K/stories260K.bin --tokenizer "
     "models/stories260K/tok512.bin --temperature 0 --max-tokens 200\n";
@@ -55,7 +56,9 @@ int lq_cli_generate(int argc, char **argv) {
         OPT_STOP,
         OPT_NOBOS,
         OPT_CONTEXT,
-        OPT_STATS
+        OPT_STATS,
+        OPT_DEVICE,
+        OPT_GPU_MEMORY
     };
     static const struct option long_options[] = {
         {"model", required_argument, NULL, 'm'},
@@ -72,6 +75,8 @@ int lq_cli_generate(int argc, char **argv) {
         {"no-bos", no_argument, NULL, OPT_NOBOS},
         {"context", required_argument, NULL, OPT_CONTEXT},
         {"stats", no_argument, NULL, OPT_STATS},
+        {"device", required_argument, NULL, OPT_DEVICE},
+        {"gpu-memory", required_argument, NULL, OPT_GPU_MEMORY},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -81,6 +86,7 @@ int lq_cli_generate(int argc, char **argv) {
     int stops = 0, context = 0, stats = 0;
     long number;
     double real;
+    struct lq_cli_device device = {NULL, 0};
     optind = 1;
     opterr = 0;
     int option;
@@ -146,6 +152,12 @@ int lq_cli_generate(int argc, char **argv) {
         case OPT_STATS:
             stats = 1;
             break;
+        case OPT_DEVICE:
+        case OPT_GPU_MEMORY:
+            if (lq_cli_device_option("generate", option == OPT_DEVICE ? "device" : "gpu-memory",
+                                     optarg, &device) == 2)
+                return 2;
+            break;
         case 'h':
             fputs(generate_usage, stdout);
             return 0;
@@ -158,7 +170,7 @@ int lq_cli_generate(int argc, char **argv) {
 
     struct lq_error err = {0};
     struct lq_cli_model m;
-    if (lq_cli_model_open(model_path, tokenizer_path, 1, &m, &err)) {
+    if (lq_cli_model_open(model_path, tokenizer_path, 1, &device, &m, &err)) {
         fprintf(stderr, "lqd generate: %s\n", err.message);
         return 1;
     }

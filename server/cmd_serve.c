@@ -15,6 +15,7 @@
 #include "core/error_table.h"
 #include "core/file_util.h"
 #include "kernels/backend.h"
+#include "kernels/backend_select.h"
 #include "server/api.h"
 #include "server/api_request.h"
 #include "server/cli.h"
@@ -253,8 +254,18 @@ static int start(struct daemon *d, struct lq_backend **backend, struct lq_error 
         }
         api_config->model_roots[api_config->n_model_roots++] = strdup(real);
     }
-    if (lq_backend_cpu_create(backend, err) || lq_registry_create(*backend, &d->api.registry, err))
-        return -1;
+    size_t gpu_memory = 0;
+    if (c->gpu_memory && (lq_parse_memory_size(c->gpu_memory, &gpu_memory) || gpu_memory == 0))
+        return lq_error_set(err, LQ_EINVAL, "--gpu-memory '%s': expected a size such as 40G",
+                            c->gpu_memory);
+    char notice[LQ_BACKEND_NOTICE_SIZE];
+    if (lq_backend_open(c->device, gpu_memory, backend, notice, err)) return -1;
+    lq_log(c->device && strcmp(c->device, "cpu") != 0 && strcmp((*backend)->ops->name, "cpu") == 0
+               ? LQ_LOG_WARN
+               : LQ_LOG_INFO,
+           "compute device", LQ_LOG_STR("backend", (*backend)->ops->name),
+           LQ_LOG_STR("detail", notice));
+    if (lq_registry_create(*backend, &d->api.registry, err)) return -1;
     for (size_t i = 0; i < c->n_models; i++) {
         char name[72], path[PATH_MAX];
         split_model(c->models[i], name, sizeof name, path, sizeof path);
@@ -285,18 +296,23 @@ static int start(struct daemon *d, struct lq_backend **backend, struct lq_error 
     struct lq_jobs_options jobs_options = {.state_dir = c->state_dir,
                                            .max_jobs = c->max_jobs,
                                            .cache_dir = cache_dir,
-                                           .registry = d->api.registry};
+                                           .registry = d->api.registry,
+                                           .device = *backend};
     if (lq_jobs_create(&jobs_options, &d->api.jobs, err)) return -1;
     api_config->context = c->context;
     api_config->request_timeout = c->request_timeout;
     api_config->max_choices = c->max_choices;
     api_config->version = LQD_VERSION;
+    /* Uploaded files (POST /v1/files) live in STATE_DIR/files; uploads stream into it. */
+    if (lq_files_open(c->state_dir, &d->api.files, err)) return -1;
     struct lq_http_server_options http = {
         .host = c->host,
         .port = c->port,
         .api_keys = (const char *const *)c->api_keys,
         .n_api_keys = c->n_api_keys,
         .max_body = (size_t)c->max_body,
+        .upload_dir = lq_files_dir(d->api.files),
+        .max_upload = (size_t)c->max_upload_size,
         .max_connections = (unsigned)c->max_connections,
         .idle_timeout = 120,
         .metrics = d->api.metrics,
@@ -360,6 +376,7 @@ int lq_cli_serve(int argc, char **argv) {
     if (d->api.scheduler) lq_scheduler_free(d->api.scheduler);
     for (int i = 0; d->http && i < 100 && lq_http_server_active(d->http) > 0; i++) usleep(10000);
     lq_http_server_stop(d->http);
+    lq_files_free(d->api.files);
     lq_jobs_free(d->api.jobs);
     if (status == 0 && d->state_file[0]) unlink(d->state_file);
     if (d->api.registry) lq_registry_free(d->api.registry);

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -88,6 +89,21 @@ struct lq_http_server {
     atomic_int closing;
 };
 
+/* One field of a multipart/form-data body. */
+struct form_field {
+    char *name, *filename, *content_type; /* filename: NULL for a text field */
+    char *value;                          /* a text field's bytes (NUL-terminated) */
+    char *path;                           /* a file field's temporary file; NULL once deleted */
+    int fd;                               /* open while the field is being written, else -1 */
+    size_t size;
+    int taken; /* moved away by the handler: not deleted */
+};
+
+#define MAX_FORM_FIELDS 16
+/* A body beyond the limit is counted and dropped; past this many bytes more the connection is
+ * closed (a chunked upload that never ends). */
+#define DISCARD_LIMIT (64u << 20)
+
 struct lq_http_request {
     struct lq_http_server *server;
     struct MHD_Connection *connection;
@@ -103,6 +119,15 @@ struct lq_http_request {
     double arrival;
     char *header_names[MAX_EXTRA_HEADERS], *header_values[MAX_EXTRA_HEADERS];
     int n_headers;
+    /* multipart/form-data with an upload directory: parsed as it arrives. */
+    int is_form;
+    struct MHD_PostProcessor *form;
+    struct form_field *fields; /* MAX_FORM_FIELDS */
+    size_t n_fields;
+    size_t form_text;      /* bytes of text fields kept */
+    int form_status;       /* refused while streaming: the status to answer with form_message */
+    size_t form_failed_at; /* body bytes seen then; the rest is read and dropped */
+    char form_message[256];
 };
 
 double lq_http_now(void) {
@@ -126,6 +151,9 @@ const char *lq_http_request_body(const struct lq_http_request *r, size_t *length
 }
 const char *lq_http_request_header(const struct lq_http_request *r, const char *name) {
     return MHD_lookup_connection_value(r->connection, MHD_HEADER_KIND, name);
+}
+const char *lq_http_request_query(const struct lq_http_request *r, const char *name) {
+    return MHD_lookup_connection_value(r->connection, MHD_GET_ARGUMENT_KIND, name);
 }
 double lq_http_request_arrival(const struct lq_http_request *r) {
     return r->arrival;
@@ -179,6 +207,17 @@ int lq_http_respond(struct lq_http_request *r, int status, const char *content_t
     if (r->responded) return LQ_EINVAL;
     struct MHD_Response *response =
         MHD_create_response_from_buffer(length, (void *)body, MHD_RESPMEM_MUST_COPY);
+    return queue(r, status, content_type, response);
+}
+
+int lq_http_respond_file(struct lq_http_request *r, int status, const char *content_type, int fd,
+                         size_t size) {
+    if (r->responded) {
+        close(fd);
+        return LQ_EINVAL;
+    }
+    struct MHD_Response *response = MHD_create_response_from_fd64(size, fd);
+    if (!response) close(fd);
     return queue(r, status, content_type, response);
 }
 
@@ -298,10 +337,193 @@ static int authorized(const struct lq_http_server *server, struct lq_http_reques
     return match;
 }
 
+/* ---------- multipart/form-data ---------- */
+
+int lq_http_request_is_form(const struct lq_http_request *r) {
+    return r->is_form;
+}
+
+size_t lq_http_request_form_count(const struct lq_http_request *r) {
+    return r->n_fields;
+}
+
+void lq_http_request_form_field(const struct lq_http_request *r, size_t index,
+                                struct lq_http_form_field *out) {
+    const struct form_field *f = &r->fields[index];
+    *out = (struct lq_http_form_field){
+        f->name, f->filename, f->content_type, f->filename ? NULL : f->value, f->path, f->size};
+}
+
+int lq_http_request_form_find(const struct lq_http_request *r, const char *name) {
+    for (size_t i = 0; i < r->n_fields; i++)
+        if (strcmp(r->fields[i].name, name) == 0) return (int)i;
+    return -1;
+}
+
+void lq_http_request_form_take(struct lq_http_request *r, size_t index) {
+    r->fields[index].taken = 1;
+}
+
+/* Closes the temporary files; with remove, deletes those the handler has not taken. */
+static void form_close_files(struct lq_http_request *r, int remove) {
+    for (size_t i = 0; i < r->n_fields; i++) {
+        struct form_field *f = &r->fields[i];
+        if (f->fd >= 0) close(f->fd);
+        f->fd = -1;
+        if (remove && f->path && !f->taken) {
+            unlink(f->path);
+            free(f->path);
+            f->path = NULL;
+        }
+    }
+}
+
+/* Refuses the upload (the first reason wins): its files go at once, the rest of the body is
+ * read and dropped, and the status is answered when the body has ended. */
+static void form_fail(struct lq_http_request *r, int status, const char *format, ...)
+    __attribute__((format(printf, 3, 4)));
+static void form_fail(struct lq_http_request *r, int status, const char *format, ...) {
+    if (r->form_status) return;
+    va_list args;
+    va_start(args, format);
+    vsnprintf(r->form_message, sizeof r->form_message, format, args);
+    va_end(args);
+    r->form_status = status;
+    r->form_failed_at = r->body_received;
+    form_close_files(r, 1);
+}
+
+static int write_all(int fd, const char *data, size_t size) {
+    while (size) {
+        ssize_t n = write(fd, data, size);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        data += n, size -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Starts a field: a temporary file for a file field, an empty value for a text one. */
+static struct form_field *form_field_begin(struct lq_http_request *r, const char *name,
+                                           const char *filename, const char *content_type) {
+    if (r->n_fields == MAX_FORM_FIELDS) {
+        form_fail(r, 400, "the form has more than %d fields", MAX_FORM_FIELDS);
+        return NULL;
+    }
+    if (!r->fields && !(r->fields = calloc(MAX_FORM_FIELDS, sizeof *r->fields))) {
+        form_fail(r, 500, "out of memory");
+        return NULL;
+    }
+    form_close_files(r, 0); /* the previous file is complete */
+    struct form_field *f = &r->fields[r->n_fields++];
+    f->fd = -1;
+    f->name = strdup(name);
+    f->filename = filename ? strdup(filename) : NULL;
+    f->content_type = content_type ? strdup(content_type) : NULL;
+    if (!f->name || (filename && !f->filename) || (content_type && !f->content_type)) {
+        form_fail(r, 500, "out of memory");
+        return NULL;
+    }
+    if (!filename) {
+        if (!(f->value = calloc(1, 1))) form_fail(r, 500, "out of memory");
+        return f->value ? f : NULL;
+    }
+    size_t length = strlen(r->server->options.upload_dir) + 32;
+    if (!(f->path = malloc(length))) {
+        form_fail(r, 500, "out of memory");
+        return NULL;
+    }
+    snprintf(f->path, length, "%s/.upload-XXXXXX", r->server->options.upload_dir);
+    if ((f->fd = mkstemp(f->path)) < 0) {
+        free(f->path);
+        f->path = NULL;
+        form_fail(r, 500, "cannot store the upload: %s", strerror(errno));
+        return NULL;
+    }
+    return f;
+}
+
+/* MHD's post processor hands each field over in pieces, the first at offset 0 (with no bytes
+ * for an empty field), the next ones at later offsets. */
+static enum MHD_Result on_form_data(void *cls, enum MHD_ValueKind kind, const char *key,
+                                    const char *filename, const char *content_type,
+                                    const char *transfer_encoding, const char *data, uint64_t off,
+                                    size_t size) {
+    (void)kind, (void)transfer_encoding;
+    struct lq_http_request *r = cls;
+    if (r->form_status) return MHD_NO;
+    struct form_field *f = r->n_fields ? &r->fields[r->n_fields - 1] : NULL;
+    if (off == 0 || !f || strcmp(f->name, key) != 0)
+        f = form_field_begin(r, key, filename, content_type);
+    if (!f) return MHD_NO;
+    if (size == 0) return MHD_YES;
+    if (f->filename) {
+        if (write_all(f->fd, data, size)) {
+            form_fail(r, 500, "cannot store the upload: %s", strerror(errno));
+            return MHD_NO;
+        }
+    } else {
+        r->form_text += size;
+        if (r->form_text > r->server->options.max_body) {
+            form_fail(r, 413, "the form's text fields are larger than %zu bytes",
+                      r->server->options.max_body);
+            return MHD_NO;
+        }
+        char *grown = realloc(f->value, f->size + size + 1);
+        if (!grown) {
+            form_fail(r, 500, "out of memory");
+            return MHD_NO;
+        }
+        f->value = grown;
+        memcpy(f->value + f->size, data, size);
+        f->value[f->size + size] = '\0';
+    }
+    f->size += size;
+    return MHD_YES;
+}
+
+/* A piece of a form body: parsed, or counted and dropped once refused (then the connection
+ * closes past DISCARD_LIMIT more bytes). 0 closes the connection. */
+static int form_append(struct lq_http_server *server, struct lq_http_request *r, const char *data,
+                       size_t size) {
+    r->body_received += size;
+    if (!r->form_status && r->body_received > server->options.max_upload)
+        form_fail(r, 413, "the upload is larger than %zu bytes", server->options.max_upload);
+    if (r->form_status) return r->body_received - r->form_failed_at < DISCARD_LIMIT;
+    if (MHD_post_process(r->form, data, size) != MHD_YES)
+        form_fail(r, 400, "the multipart/form-data body is malformed");
+    return 1;
+}
+
+/* The body has ended: the parse is finished; 0, or the refusal is answered. A body that stops
+ * before its closing boundary is refused: its last file would be silently cut short. */
+static int form_end(struct lq_http_request *r) {
+    if (MHD_destroy_post_processor(r->form) != MHD_YES)
+        form_fail(r, 400,
+                  "the multipart/form-data body is cut short or malformed (it must end "
+                  "with the closing boundary)");
+    r->form = NULL;
+    form_close_files(r, 0);
+    if (!r->form_status) return 0;
+    const char *type = r->form_status >= 500 ? "server_error" : "invalid_request_error";
+    const char *code = r->form_status == 413   ? "body_too_large"
+                       : r->form_status == 400 ? "invalid_form"
+                                               : NULL;
+    lq_http_respond_error(r, r->form_status, type, code, NULL, "%s", r->form_message);
+    return -1;
+}
+
 /* ---------- the request cycle ---------- */
 
 static void request_free(struct lq_http_request *r) {
     for (int i = 0; i < r->n_headers; i++) free(r->header_names[i]), free(r->header_values[i]);
+    if (r->form) MHD_destroy_post_processor(r->form);
+    form_close_files(r, 1);
+    for (size_t i = 0; i < r->n_fields; i++) {
+        struct form_field *f = &r->fields[i];
+        free(f->name), free(f->filename), free(f->content_type), free(f->value), free(f->path);
+    }
+    free(r->fields);
     free(r->body);
     free(r);
 }
@@ -327,21 +549,31 @@ static void request_begin(struct lq_http_server *server, struct lq_http_request 
                               "missing or incorrect API key: send 'Authorization: Bearer KEY'");
         return;
     }
+    const char *type = lq_http_request_header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
+    int form = server->options.upload_dir && type &&
+               strncasecmp(type, "multipart/form-data", strlen("multipart/form-data")) == 0;
+    size_t limit = form ? server->options.max_upload : server->options.max_body;
     const char *declared = lq_http_request_header(r, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (declared) {
         char *end;
         errno = 0;
         unsigned long long length = strtoull(declared, &end, 10);
-        if (errno || end == declared || length > server->options.max_body)
+        if (errno || end == declared || length > limit) {
             lq_http_respond_error(r, 413, "invalid_request_error", "body_too_large", NULL,
-                                  "the request body is larger than %zu bytes",
-                                  server->options.max_body);
+                                  "the %s is larger than %zu bytes",
+                                  form ? "upload" : "request body", limit);
+            return;
+        }
+    }
+    if (form) {
+        r->is_form = 1;
+        /* 64 KiB: the longest part header or text value piece MHD buffers at once. */
+        r->form = MHD_create_post_processor(r->connection, 65536, on_form_data, r);
+        if (!r->form)
+            lq_http_respond_error(r, 400, "invalid_request_error", "invalid_form", NULL,
+                                  "a multipart/form-data body needs a boundary parameter");
     }
 }
-
-/* A body beyond the limit is counted and dropped; past this many bytes more the connection is
- * closed (a chunked upload that never ends). */
-#define DISCARD_LIMIT (64u << 20)
 
 static int body_append(struct lq_http_server *server, struct lq_http_request *r, const char *data,
                        size_t size) {
@@ -390,9 +622,11 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *connection, c
         size_t size = *upload_data_size;
         *upload_data_size = 0;
         if (r->responded) return MHD_YES; /* answered early: the body is not needed */
+        if (r->form) return form_append(server, r, upload_data, size) ? MHD_YES : MHD_NO;
         return body_append(server, r, upload_data, size) ? MHD_YES : MHD_NO;
     }
     if (r->responded) return MHD_YES;
+    if (r->form && form_end(r)) return MHD_YES;
     if (r->body_too_large) {
         lq_http_respond_error(r, 413, "invalid_request_error", "body_too_large", NULL,
                               "the request body is larger than %zu bytes",

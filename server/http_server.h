@@ -1,6 +1,7 @@
 /* The HTTP side of the daemon: a libmicrohttpd server with a thread per connection, request
- * bodies gathered up to a size limit, bearer-token auth, a router built from routes.def, and
- * responses as JSON, OpenAI-style errors or streams.
+ * bodies gathered up to a size limit (multipart/form-data uploads streamed to disk instead),
+ * bearer-token auth, a router built from routes.def, and responses as JSON, OpenAI-style
+ * errors, streams or files.
  *
  * A handler runs on its connection's own thread, so it may block (waiting for generation,
  * loading a model) without holding up other clients; a stream's reader likewise blocks on
@@ -25,6 +26,8 @@ struct lq_http_server_options {
     const char *const *api_keys; /* accepted bearer tokens (borrowed); none: no auth */
     size_t n_api_keys;
     size_t max_body;            /* larger request bodies get 413 */
+    const char *upload_dir;     /* form uploads are written here (below); NULL: no streaming */
+    size_t max_upload;          /* larger multipart/form-data bodies get 413 */
     unsigned max_connections;   /* more are refused at accept */
     unsigned idle_timeout;      /* seconds an idle connection is kept */
     struct lq_metrics *metrics; /* borrowed; requests are counted here */
@@ -51,8 +54,10 @@ const char *lq_http_request_method(const struct lq_http_request *request);
 const char *lq_http_request_path(const struct lq_http_request *request);
 /* The segment matched by the route's "{...}" placeholder, or NULL. */
 const char *lq_http_request_path_param(const struct lq_http_request *request);
-/* The body (NUL-terminated; may hold NULs), *length its size. */
+/* The body (NUL-terminated; may hold NULs), *length its size. Empty for a form upload. */
 const char *lq_http_request_body(const struct lq_http_request *request, size_t *length);
+/* A query-string argument (?name=value, decoded), or NULL. */
+const char *lq_http_request_query(const struct lq_http_request *request, const char *name);
 /* A request header (case-insensitive name), or NULL. */
 const char *lq_http_request_header(const struct lq_http_request *request, const char *name);
 /* Monotonic seconds at which the request arrived. */
@@ -61,6 +66,34 @@ double lq_http_request_arrival(const struct lq_http_request *request);
 int lq_http_request_client_gone(struct lq_http_request *request);
 /* Monotonic clock in seconds, as lq_http_request_arrival. */
 double lq_http_now(void);
+
+/* ---- multipart/form-data uploads ----
+ * With an upload_dir, a multipart/form-data body is parsed as it arrives and never held in
+ * memory: each file field is written to a temporary file in upload_dir, text fields are kept
+ * (max_body bytes in all), a body over max_upload gets 413, one cut short before its closing
+ * boundary 400. The handler runs once the whole body is in; without upload_dir such bodies
+ * are gathered like any other. */
+
+struct lq_http_form_field {
+    const char *name;
+    const char *filename;     /* a file field: the client's file name (may be ""); text: NULL */
+    const char *content_type; /* of the part, as sent, or NULL */
+    const char *value;        /* a text field: its value (NUL-terminated); a file field: NULL */
+    const char *path;         /* a file field: the temporary file holding its bytes */
+    size_t size;              /* bytes of the value or the file */
+};
+
+/* 1 when the body was multipart/form-data, parsed into fields. */
+int lq_http_request_is_form(const struct lq_http_request *request);
+/* The fields in the order sent (index < lq_http_request_form_count). */
+size_t lq_http_request_form_count(const struct lq_http_request *request);
+void lq_http_request_form_field(const struct lq_http_request *request, size_t index,
+                                struct lq_http_form_field *out);
+/* The index of the first field named so, or -1. */
+int lq_http_request_form_find(const struct lq_http_request *request, const char *name);
+/* The handler has moved field index's file away (renamed it): it is not deleted when the
+ * request ends, as every other temporary file is. */
+void lq_http_request_form_take(struct lq_http_request *request, size_t index);
 
 /* Each request gets exactly one response; a handler that returns without one gets a 500.
  * These return 0, or LQ_ENOMEM / LQ_EIO when the response could not be queued. */
@@ -75,6 +108,10 @@ int lq_http_respond_json(struct lq_http_request *request, int status, const stru
 int lq_http_respond_error(struct lq_http_request *request, int status, const char *type,
                           const char *code, const char *param, const char *format, ...)
     __attribute__((format(printf, 6, 7)));
+
+/* The file fd (size bytes from its start) as the body; the server closes fd, also on error. */
+int lq_http_respond_file(struct lq_http_request *request, int status, const char *content_type,
+                         int fd, size_t size);
 
 #define LQ_HTTP_STREAM_END 0      /* reader: the stream is complete */
 #define LQ_HTTP_STREAM_ABORT (-1) /* reader: close the connection (client gone, failure) */

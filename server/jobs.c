@@ -365,6 +365,7 @@ static enum lq_job_status run_compress(struct lq_jobs *jobs, struct job *job, cJ
     options.budget = s->target_bits, options.rank = s->rank, options.iters = s->iters;
     options.grid = grid, options.grid_size = grid_size, options.seed = s->seed;
     options.cache_dir = jobs->options.cache_dir;
+    options.device = jobs->options.device; /* compress ignores a backend without decompose */
     options.progress = on_progress, options.warning = on_warning, options.context = &run;
     int rc = lq_compress(source, &options, &compressed, &report, err);
     if (!rc && !atomic_load(&job->cancel)) {

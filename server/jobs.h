@@ -32,6 +32,7 @@ struct lq_jobs_options {
     int max_jobs;                 /* jobs running at once (worker threads), >= 1 */
     const char *cache_dir;        /* error-table cache; NULL: lq_compress's default */
     struct lq_registry *registry; /* borrowed: "activate" loads the result into it */
+    struct lq_backend *device;    /* borrowed: decomposes on its GPU when it can; NULL: CPU */
 };
 
 /* A compress job as validated by the API (server/api_jobs.c): every path already resolved. */

@@ -235,6 +235,27 @@ char *lq_metrics_render(struct lq_metrics *m, const struct lq_metrics_gauges *g,
                                                 "cancelled"};
     for (int i = 0; i < 5; i++)
         fprintf(out, "lqd_jobs{status=\"%s\"} %d\n", job_statuses[i], g->jobs[i]);
+    if (g->device) {
+        const struct lq_backend_memory *d = &g->device_memory;
+        header(out, "lqd_device_memory_bytes", "gauge",
+               "Memory the compute device holds for lqd, by purpose.");
+        const struct {
+            const char *purpose;
+            size_t bytes;
+        } rows[] = {{"weights", d->weights}, {"kv_and_activations", d->buffers},
+                    {"workspace", d->scratch}, {"jobs", d->jobs}};
+        for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
+            fprintf(out, "lqd_device_memory_bytes{device=\"%s\",purpose=\"%s\"} %zu\n",
+                    g->device, rows[i].purpose, rows[i].bytes);
+        header(out, "lqd_device_memory_limit_bytes", "gauge",
+               "Most device memory lqd may take (0: no limit, the CPU).");
+        fprintf(out, "lqd_device_memory_limit_bytes{device=\"%s\"} %zu\n", g->device, d->limit);
+        if (d->device_total) {
+            header(out, "lqd_device_memory_free_bytes", "gauge", "Free memory on the GPU.");
+            fprintf(out, "lqd_device_memory_free_bytes{device=\"%s\"} %zu\n", g->device,
+                    d->device_free);
+        }
+    }
     header(out, "lqd_start_time_seconds", "gauge", "Unix time the daemon started.");
     fprintf(out, "lqd_start_time_seconds %lld\n", (long long)m->started);
     if (fclose(out) != 0) {

@@ -4,6 +4,8 @@
 #ifndef LQ_METRICS_H
 #define LQ_METRICS_H
 
+#include "kernels/backend.h"
+
 #include <stddef.h>
 
 struct lq_metrics;
@@ -39,6 +41,9 @@ struct lq_metrics_gauges {
     /* Background jobs by status, in the order of enum lq_job_status (server/jobs.h):
      * queued, running, succeeded, failed, cancelled. */
     int jobs[5];
+    /* What the compute device holds (kernels/backend.h), and its name ("cpu", "cuda"). */
+    struct lq_backend_memory device_memory;
+    const char *device;
 };
 
 /* The exposition text, malloc'ed (the caller frees it). NULL when out of memory. */

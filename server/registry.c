@@ -130,6 +130,10 @@ static int measure_model(struct lq_served_model *m, struct lq_error *err) {
 }
 
 /* Builds a complete served model (one reference, the caller's), touching no shared state. */
+struct lq_backend *lq_registry_backend(struct lq_registry *registry) {
+    return registry->backend;
+}
+
 static int served_model_build(struct lq_backend *backend, const char *name, const char *path,
                               const char *tokenizer_path, struct lq_served_model **out,
                               struct lq_error *err) {

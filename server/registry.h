@@ -34,6 +34,8 @@ void lq_served_model_release(struct lq_served_model *model);
 struct lq_registry;
 
 int lq_registry_create(struct lq_backend *backend, struct lq_registry **out, struct lq_error *err);
+/* The backend every model of the registry runs on (borrowed). */
+struct lq_backend *lq_registry_backend(struct lq_registry *registry);
 void lq_registry_free(struct lq_registry *registry);
 
 /* Loads path (any model lq_model_load accepts; tokenizer_path may be NULL) and publishes it

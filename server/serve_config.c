@@ -42,7 +42,13 @@ const char lq_serve_usage[] =
     "  --grace-period S       on SIGTERM, seconds to finish requests before cancelling them\n"
     "                         (default 10)\n"
     "  --max-body BYTES       largest request body, e.g. 1048576 or 1M (default 1M)\n"
+    "  --max-upload-size N    largest file upload (POST /v1/files, streamed to\n"
+    "                         STATE_DIR/files), e.g. 64M; at most 1G (default 256M)\n"
     "  --max-connections N    open connections at most (default 256)\n"
+    "  --device D             cpu (default), cuda, cuda:N or auto: where models run and jobs\n"
+    "                         decompose; without a usable GPU the CPU runs and the log says why\n"
+    "  --gpu-memory SIZE      most GPU memory the daemon may take, e.g. 40G (default: what is\n"
+    "                         free); a model that does not fit is refused with what is held\n"
     "  --log-format F         text or json (JSON lines), on stderr (default text)\n"
     "  --log-level L          debug, info, warn or error (default info)\n"
     "  --config FILE          settings from FILE: 'key = value' lines (# comments) or a JSON\n"
@@ -82,8 +88,11 @@ static const struct setting settings[] = {
     {"request-timeout", KIND_DOUBLE, FIELD(request_timeout), 0, 0, 1e7},
     {"grace-period", KIND_DOUBLE, FIELD(grace_period), 0, 0, 86400},
     {"max-body", KIND_SIZE, FIELD(max_body), 0, 1024, 1 << 30},
+    {"max-upload-size", KIND_SIZE, FIELD(max_upload_size), 0, 1024, 1 << 30},
     {"log-format", KIND_STRING, FIELD(log_format), 0, 0, 0},
     {"log-level", KIND_STRING, FIELD(log_level), 0, 0, 0},
+    {"device", KIND_STRING, FIELD(device), 0, 0, 0},
+    {"gpu-memory", KIND_STRING, FIELD(gpu_memory), 0, 0, 0},
 };
 #undef FIELD
 #define N_SETTINGS (sizeof settings / sizeof settings[0])
@@ -287,6 +296,7 @@ static void set_defaults(struct lq_serve_config *c) {
     c->request_timeout = 600;
     c->grace_period = 10;
     c->max_body = 1 << 20;
+    c->max_upload_size = 256L << 20;
     c->log_format = strdup("text");
     c->log_level = strdup("info");
 }
@@ -360,6 +370,8 @@ void lq_serve_config_free(struct lq_serve_config *c) {
     free(c->api_key_file);
     free(c->log_format);
     free(c->log_level);
+    free(c->device);
+    free(c->gpu_memory);
     free(c->config_file);
     memset(c, 0, sizeof *c);
 }

@@ -9,21 +9,38 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
 
+/* What the backend has allocated, for memory(): buffers only (weights stay the model's). */
+struct cpu_backend {
+    struct lq_backend base;
+    size_t buffers; /* bytes, updated atomically */
+};
+
 static void cpu_destroy(struct lq_backend *backend) {
     free(backend);
 }
 
+/* Each buffer carries its size in a 64-byte header before it, so free can count it. */
+#define CPU_HEADER 64
+
 static int cpu_buffer_alloc(struct lq_backend *backend, size_t bytes, void **out,
                             struct lq_error *err) {
-    (void)backend;
-    *out = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (!*out) return lq_error_set(err, LQ_ENOMEM, "out of memory for a %zu-byte buffer", bytes);
+    size_t total = CPU_HEADER + (bytes + 63) / 64 * 64;
+    unsigned char *block = aligned_alloc(64, total);
+    *out = NULL;
+    if (!block) return lq_error_set(err, LQ_ENOMEM, "out of memory for a %zu-byte buffer", bytes);
+    memcpy(block, &total, sizeof total);
+    __atomic_add_fetch(&((struct cpu_backend *)backend)->buffers, total, __ATOMIC_RELAXED);
+    *out = block + CPU_HEADER;
     return LQ_OK;
 }
 
 static void cpu_buffer_free(struct lq_backend *backend, void *buffer) {
-    (void)backend;
-    free(buffer);
+    if (!buffer) return;
+    unsigned char *block = (unsigned char *)buffer - CPU_HEADER;
+    size_t total;
+    memcpy(&total, block, sizeof total);
+    __atomic_sub_fetch(&((struct cpu_backend *)backend)->buffers, total, __ATOMIC_RELAXED);
+    free(block);
 }
 
 static int cpu_copy(struct lq_backend *backend, void *to, const void *from, size_t bytes) {
@@ -107,6 +124,22 @@ static int cpu_rope(struct lq_backend *backend, float *x, int n, int heads, int 
     return LQ_OK;
 }
 
+static int cpu_attention_batch(struct lq_backend *backend, const float *q, const float *k_new,
+                               const float *v_new, float *const *k_caches, float *const *v_caches,
+                               const int *positions, int n, int heads, int kv_heads, int head_dim,
+                               float *out) {
+    const size_t kv_dim = (size_t)kv_heads * head_dim, q_dim = (size_t)heads * head_dim;
+    for (int i = 0; i < n; i++) {
+        size_t row = (size_t)positions[i] * kv_dim;
+        memcpy(k_caches[i] + row, k_new + i * kv_dim, kv_dim * sizeof(float));
+        memcpy(v_caches[i] + row, v_new + i * kv_dim, kv_dim * sizeof(float));
+        int rc = lq_cpu_attention(backend, q + i * q_dim, k_caches[i], v_caches[i], 1,
+                                  positions[i], heads, kv_heads, head_dim, out + i * q_dim);
+        if (rc) return rc;
+    }
+    return LQ_OK;
+}
+
 static int cpu_swiglu(struct lq_backend *backend, float *gate, const float *up, size_t count) {
     (void)backend;
     for (size_t i = 0; i < count; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
@@ -117,6 +150,16 @@ static int cpu_add(struct lq_backend *backend, float *x, const float *y, size_t 
     (void)backend;
     for (size_t i = 0; i < count; i++) x[i] += y[i];
     return LQ_OK;
+}
+
+static int cpu_synchronize(struct lq_backend *backend, struct lq_error *err) {
+    (void)backend, (void)err;
+    return LQ_OK; /* every op has finished when it returns */
+}
+
+static void cpu_memory(struct lq_backend *backend, struct lq_backend_memory *out) {
+    memset(out, 0, sizeof *out);
+    out->buffers = __atomic_load_n(&((struct cpu_backend *)backend)->buffers, __ATOMIC_RELAXED);
 }
 
 static const struct lq_backend_ops cpu_ops = {
@@ -136,12 +179,32 @@ static const struct lq_backend_ops cpu_ops = {
     .matmul = cpu_matmul,
     .rope = cpu_rope,
     .attention = lq_cpu_attention,
+    .attention_batch = cpu_attention_batch,
     .swiglu = cpu_swiglu,
     .add = cpu_add,
+    .synchronize = cpu_synchronize,
+    .memory = cpu_memory,
+    .decompose = NULL, /* core's lq_decompose is the CPU's */
+    .decompose_errors = NULL,
+    /* training ops (train_cpu.c) */
+    .zero = lq_cpu_zero,
+    .copy = cpu_copy,
+    .linear_lora = lq_cpu_linear_lora,
+    .linear_backward = lq_cpu_linear_backward,
+    .matmul_backward = lq_cpu_matmul_backward,
+    .rmsnorm_backward = lq_cpu_rmsnorm_backward,
+    .rope_backward = lq_cpu_rope_backward,
+    .attention_backward = lq_cpu_attention_backward,
+    .swiglu_backward = lq_cpu_swiglu_backward,
+    .cross_entropy = lq_cpu_cross_entropy,
+    .sum_squares = lq_cpu_sum_squares,
+    .accumulate_squares = lq_cpu_accumulate_squares,
+    .adamw = lq_cpu_adamw,
 };
 
 int lq_backend_cpu_create(struct lq_backend **out, struct lq_error *err) {
-    *out = calloc(1, sizeof **out);
+    struct cpu_backend *cpu = calloc(1, sizeof *cpu);
+    *out = cpu ? &cpu->base : NULL;
     if (!*out) return lq_error_set(err, LQ_ENOMEM, "out of memory");
     /* The backend parallelises over its own pool (core/parallel.h); OpenBLAS's threads would
      * spin against it, so OpenBLAS runs one thread per call from here on. */

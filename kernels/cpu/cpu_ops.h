@@ -20,4 +20,31 @@ int lq_cpu_attention(struct lq_backend *backend, const float *q, const float *k_
                      const float *v_cache, int n, int start, int heads, int kv_heads, int head_dim,
                      float *out);
 
+/* train_cpu.c: the training ops (kernels/backend.h, "training ops"). */
+int lq_cpu_zero(struct lq_backend *backend, float *x, size_t count);
+int lq_cpu_linear_lora(struct lq_backend *backend, const struct lq_linear *w, const float *L1,
+                       const float *L2, int rank, const float *x, int n, float *y);
+int lq_cpu_linear_backward(struct lq_backend *backend, const struct lq_linear *w, const float *L1,
+                           const float *L2, int rank, const float *x, const float *dy, int n,
+                           float *dx, int accumulate_dx, float *dL1, float *dL2, float *dW);
+int lq_cpu_matmul_backward(struct lq_backend *backend, const float *w, int rows, int cols,
+                           const float *dy, int n, float *dx, int accumulate);
+int lq_cpu_rmsnorm_backward(struct lq_backend *backend, const float *x, const float *weight,
+                            const float *dy, int n, int dim, float eps, float *dx);
+int lq_cpu_rope_backward(struct lq_backend *backend, float *dx, int n, int heads, int head_dim,
+                         const int *positions, float theta);
+int lq_cpu_attention_backward(struct lq_backend *backend, const float *q, const float *k,
+                              const float *v, const float *dout, int batch, int n, int heads,
+                              int kv_heads, int head_dim, float *dq, float *dk, float *dv);
+int lq_cpu_swiglu_backward(struct lq_backend *backend, const float *gate, const float *up,
+                           const float *dout, size_t count, float *dgate, float *dup);
+int lq_cpu_cross_entropy(struct lq_backend *backend, const float *logits, const int *targets,
+                         const unsigned char *mask, int n, int vocab, float grad_scale,
+                         double *loss_sum, float *dlogits);
+int lq_cpu_sum_squares(struct lq_backend *backend, const float *x, size_t count, double *out);
+int lq_cpu_accumulate_squares(struct lq_backend *backend, float *acc, const float *x, size_t count,
+                              float scale);
+int lq_cpu_adamw(struct lq_backend *backend, float *params, const float *grads, float *m, float *v,
+                 size_t count, const struct lq_adamw_params *hyper);
+
 #endif

@@ -15,10 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/chat_template.h"
 #include "core/sampler.h"
 #include "core/tokenizer.h"
 #include "server/api_request.h"
-#include "server/chat_template.h"
 
 #include "tests/fuzz/fuzz_util.h"
 

@@ -1,0 +1,343 @@
+#include "core/chat_template.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* lq_tokenizer_find: special pieces are looked up by their text, in the piece index. */
+#include "core/tokenizer_internal.h"
+
+enum lq_chat_format lq_chat_format_detect(const char *chat_template) {
+    if (!chat_template) return LQ_CHAT_PLAIN;
+    if (strstr(chat_template, "<|im_start|>")) return LQ_CHAT_CHATML;
+    if (strstr(chat_template, "[INST]")) return LQ_CHAT_LLAMA2;
+    return LQ_CHAT_PLAIN;
+}
+
+const char *lq_chat_format_name(enum lq_chat_format format) {
+    return format == LQ_CHAT_CHATML ? "chatml" : format == LQ_CHAT_LLAMA2 ? "llama2" : "plain";
+}
+
+static int push(struct lq_chat_prompt *p, enum lq_chat_segment_kind kind, int trainable,
+                const char *a, const char *b, const char *c) {
+    if (p->n_segments == p->capacity) {
+        size_t capacity = p->capacity ? 2 * p->capacity : 16;
+        struct lq_chat_segment *grown = realloc(p->segments, capacity * sizeof *grown);
+        if (!grown) return LQ_ENOMEM;
+        p->segments = grown, p->capacity = capacity;
+    }
+    char *text = NULL;
+    if (a) {
+        size_t la = strlen(a), lb = b ? strlen(b) : 0, lc = c ? strlen(c) : 0;
+        if (!(text = malloc(la + lb + lc + 1))) return LQ_ENOMEM;
+        memcpy(text, a, la);
+        if (b) memcpy(text + la, b, lb);
+        if (c) memcpy(text + la + lb, c, lc);
+        text[la + lb + lc] = '\0';
+    }
+    p->segments[p->n_segments++] = (struct lq_chat_segment){kind, text, trainable != 0};
+    return LQ_OK;
+}
+
+int lq_chat_prompt_append(struct lq_chat_prompt *prompt, enum lq_chat_segment_kind kind,
+                          const char *text, int trainable) {
+    return push(prompt, kind, trainable, text, NULL, NULL);
+}
+
+static const char *role_name(enum lq_chat_role role) {
+    return role == LQ_ROLE_SYSTEM ? "system" : role == LQ_ROLE_USER ? "user" : "assistant";
+}
+
+/* How a render treats the conversation: for generation (the last assistant message, if any,
+ * is left open and a generation prompt follows a last user message), or for training (every
+ * message closed, trained assistant contents and their end markers flagged). */
+struct render_mode {
+    int training;
+    const unsigned char *trained; /* per message; NULL: every assistant message */
+};
+
+/* 1 when message i's content (and end marker) are loss targets. */
+static int trains(const struct render_mode *mode, const struct lq_chat_message *m, size_t i) {
+    return mode->training && m[i].role == LQ_ROLE_ASSISTANT && (!mode->trained || mode->trained[i]);
+}
+
+/* An assistant message is left open (continued) only when generating and it is the last. */
+static int left_open(const struct render_mode *mode, const struct lq_chat_message *m, size_t i,
+                     size_t n) {
+    return !mode->training && i + 1 == n && m[i].role == LQ_ROLE_ASSISTANT;
+}
+
+static int render_chatml(const struct lq_chat_message *m, size_t n, const struct render_mode *mode,
+                         struct lq_chat_prompt *p) {
+    int rc = push(p, LQ_SEGMENT_BOS, 0, NULL, NULL, NULL);
+    for (size_t i = 0; i < n && !rc; i++) {
+        int train = trains(mode, m, i);
+        rc = push(p, LQ_SEGMENT_SPECIAL, 0, "<|im_start|>", NULL, NULL) ||
+             push(p, LQ_SEGMENT_TEXT, 0, role_name(m[i].role), "\n", NULL) ||
+             push(p, LQ_SEGMENT_TEXT, train, m[i].content, NULL, NULL);
+        if (!rc && !left_open(mode, m, i, n))
+            rc = push(p, LQ_SEGMENT_SPECIAL, train, "<|im_end|>", NULL, NULL) ||
+                 push(p, LQ_SEGMENT_TEXT, 0, "\n", NULL, NULL);
+    }
+    if (!rc && !mode->training && m[n - 1].role != LQ_ROLE_ASSISTANT)
+        rc = push(p, LQ_SEGMENT_SPECIAL, 0, "<|im_start|>", NULL, NULL) ||
+             push(p, LQ_SEGMENT_TEXT, 0, "assistant\n", NULL, NULL);
+    p->stop = "<|im_end|>";
+    return rc ? LQ_ENOMEM : LQ_OK;
+}
+
+/* As Meta's reference and the HF template: system text folded into the first user turn; each
+ * user turn opens with BOS, each answer closes with EOS. */
+static int render_llama2(const struct lq_chat_message *m, size_t n, const struct render_mode *mode,
+                         struct lq_chat_prompt *p) {
+    char *system = NULL;
+    size_t system_length = 0;
+    int rc = 0;
+    for (size_t i = 0; i < n && m[i].role == LQ_ROLE_SYSTEM; i++) {
+        size_t length = strlen(m[i].content);
+        char *grown = realloc(system, system_length + length + 2);
+        if (!grown) {
+            free(system);
+            return LQ_ENOMEM;
+        }
+        system = grown;
+        if (system_length) system[system_length++] = '\n';
+        memcpy(system + system_length, m[i].content, length + 1);
+        system_length += length;
+    }
+    int system_pending = system != NULL, opened = 0;
+    for (size_t i = 0; i < n && !rc; i++) {
+        if (m[i].role == LQ_ROLE_SYSTEM) continue; /* leading ones are folded in; later ones too */
+        if (m[i].role == LQ_ROLE_ASSISTANT && !opened) /* an answer with no question before it */
+            rc = push(p, LQ_SEGMENT_BOS, 0, NULL, NULL, NULL) ||
+                 (system_pending ? push(p, LQ_SEGMENT_TEXT, 0, "[INST] <<SYS>>\n", system,
+                                        "\n<</SYS>>\n\n [/INST]")
+                                 : push(p, LQ_SEGMENT_TEXT, 0, "[INST]  [/INST]", NULL, NULL));
+        if (m[i].role == LQ_ROLE_ASSISTANT && !opened) system_pending = 0;
+        opened = 1;
+        if (rc) break;
+        if (m[i].role == LQ_ROLE_USER) {
+            rc = push(p, LQ_SEGMENT_BOS, 0, NULL, NULL, NULL);
+            if (!rc && system_pending)
+                rc = push(p, LQ_SEGMENT_TEXT, 0, "[INST] <<SYS>>\n", system, "\n<</SYS>>\n\n") ||
+                     push(p, LQ_SEGMENT_TEXT, 0, m[i].content, " [/INST]", NULL);
+            else if (!rc)
+                rc = push(p, LQ_SEGMENT_TEXT, 0, "[INST] ", m[i].content, " [/INST]");
+            system_pending = 0;
+        } else {
+            int train = trains(mode, m, i);
+            rc = push(p, LQ_SEGMENT_TEXT, 0, " ", NULL, NULL) ||
+                 push(p, LQ_SEGMENT_TEXT, train, m[i].content, NULL, NULL);
+            if (!rc && !left_open(mode, m, i, n))
+                rc = push(p, LQ_SEGMENT_TEXT, train, " ", NULL, NULL) ||
+                     push(p, LQ_SEGMENT_EOS, train, NULL, NULL, NULL);
+        }
+    }
+    if (!rc && !opened) /* only system messages: they become the instruction */
+        rc = push(p, LQ_SEGMENT_BOS, 0, NULL, NULL, NULL) ||
+             push(p, LQ_SEGMENT_TEXT, 0, "[INST] <<SYS>>\n", system, "\n<</SYS>>\n\n [/INST]");
+    free(system);
+    return rc ? LQ_ENOMEM : LQ_OK;
+}
+
+static int render_plain(const struct lq_chat_message *m, size_t n, const struct render_mode *mode,
+                        struct lq_chat_prompt *p) {
+    int rc = push(p, LQ_SEGMENT_BOS, 0, NULL, NULL, NULL);
+    for (size_t i = 0; i < n && !rc; i++) {
+        if (m[i].role == LQ_ROLE_SYSTEM) {
+            rc = push(p, LQ_SEGMENT_TEXT, 0, m[i].content, "\n\n", NULL);
+        } else if (m[i].role == LQ_ROLE_USER) {
+            rc = push(p, LQ_SEGMENT_TEXT, 0, "User: ", m[i].content, "\n");
+        } else {
+            int train = trains(mode, m, i);
+            rc = push(p, LQ_SEGMENT_TEXT, 0, "Assistant: ", NULL, NULL) ||
+                 push(p, LQ_SEGMENT_TEXT, train, m[i].content, NULL, NULL);
+            if (!rc && !left_open(mode, m, i, n))
+                rc = push(p, LQ_SEGMENT_TEXT, train, "\n", NULL, NULL);
+        }
+    }
+    if (!rc && !mode->training && m[n - 1].role != LQ_ROLE_ASSISTANT)
+        rc = push(p, LQ_SEGMENT_TEXT, 0, "Assistant:", NULL, NULL);
+    /* Plain has no end token of its own: a trained conversation's last answer ends with EOS,
+     * which stops generation as "\nUser:" does between turns. */
+    if (!rc && mode->training && m[n - 1].role == LQ_ROLE_ASSISTANT)
+        rc = push(p, LQ_SEGMENT_EOS, trains(mode, m, n - 1), NULL, NULL, NULL);
+    p->stop = "\nUser:";
+    return rc ? LQ_ENOMEM : LQ_OK;
+}
+
+static int render(enum lq_chat_format format, const struct lq_chat_message *messages, size_t n,
+                  const struct render_mode *mode, struct lq_chat_prompt *out) {
+    memset(out, 0, sizeof *out);
+    if (n == 0) return LQ_EINVAL;
+    int rc = format == LQ_CHAT_CHATML   ? render_chatml(messages, n, mode, out)
+             : format == LQ_CHAT_LLAMA2 ? render_llama2(messages, n, mode, out)
+                                        : render_plain(messages, n, mode, out);
+    if (rc) lq_chat_prompt_free(out);
+    return rc;
+}
+
+int lq_chat_render(enum lq_chat_format format, const struct lq_chat_message *messages, size_t n,
+                   struct lq_chat_prompt *out) {
+    const struct render_mode mode = {0, NULL};
+    return render(format, messages, n, &mode, out);
+}
+
+int lq_chat_render_training(enum lq_chat_format format, const struct lq_chat_message *messages,
+                            size_t n, const unsigned char *trained, struct lq_chat_prompt *out) {
+    const struct render_mode mode = {1, trained};
+    return render(format, messages, n, &mode, out);
+}
+
+void lq_chat_prompt_free(struct lq_chat_prompt *prompt) {
+    for (size_t i = 0; i < prompt->n_segments; i++) free(prompt->segments[i].text);
+    free(prompt->segments);
+    memset(prompt, 0, sizeof *prompt);
+}
+
+struct id_list {
+    int *ids;
+    unsigned char *mask; /* NULL when no mask is wanted */
+    size_t count, capacity;
+};
+
+static int append_ids(struct id_list *list, const int *ids, size_t count, int trainable) {
+    if (list->count + count > list->capacity) {
+        size_t capacity = (list->count + count) * 2 + 16;
+        int *grown = realloc(list->ids, capacity * sizeof *grown);
+        if (!grown) return LQ_ENOMEM;
+        list->ids = grown;
+        if (list->mask) {
+            unsigned char *mask = realloc(list->mask, capacity);
+            if (!mask) return LQ_ENOMEM;
+            list->mask = mask;
+        }
+        list->capacity = capacity;
+    }
+    memcpy(list->ids + list->count, ids, count * sizeof *ids);
+    if (list->mask) memset(list->mask + list->count, trainable != 0, count);
+    list->count += count;
+    return LQ_OK;
+}
+
+/* Text of adjacent segments, merged for tokenization, with the byte spans whose segments are
+ * trainable. */
+struct text_run {
+    char *text;
+    size_t length, capacity;
+    size_t (*spans)[2];
+    size_t n_spans, spans_capacity;
+};
+
+static int run_add(struct text_run *run, const char *text, int trainable) {
+    size_t add = strlen(text);
+    if (run->length + add + 1 > run->capacity) {
+        size_t capacity = (run->length + add + 1) * 2;
+        char *grown = realloc(run->text, capacity);
+        if (!grown) return LQ_ENOMEM;
+        run->text = grown, run->capacity = capacity;
+    }
+    if (trainable && add) {
+        if (run->n_spans && run->spans[run->n_spans - 1][1] == run->length) {
+            run->spans[run->n_spans - 1][1] += add; /* contiguous with the last span */
+        } else {
+            if (run->n_spans == run->spans_capacity) {
+                size_t capacity = run->spans_capacity ? 2 * run->spans_capacity : 8;
+                size_t(*grown)[2] = realloc(run->spans, capacity * sizeof *grown);
+                if (!grown) return LQ_ENOMEM;
+                run->spans = grown, run->spans_capacity = capacity;
+            }
+            run->spans[run->n_spans][0] = run->length;
+            run->spans[run->n_spans++][1] = run->length + add;
+        }
+    }
+    memcpy(run->text + run->length, text, add);
+    run->length += add;
+    return LQ_OK;
+}
+
+/* How many leading tokens the text before `end`, tokenized alone, shares with ids. */
+static int shared_prefix(const struct lq_tokenizer *tokenizer, const struct text_run *run,
+                         size_t end, const int *ids, size_t count, size_t *shared,
+                         struct lq_error *err) {
+    if (end == 0 || end == run->length) {
+        *shared = end == 0 ? 0 : count;
+        return LQ_OK;
+    }
+    int *prefix = NULL;
+    size_t n = 0;
+    int rc = lq_tokenizer_encode(tokenizer, run->text, end, 0, &prefix, &n, err);
+    if (rc) return rc;
+    size_t k = 0;
+    while (k < n && k < count && prefix[k] == ids[k]) k++;
+    free(prefix);
+    *shared = k;
+    return LQ_OK;
+}
+
+/* Encodes the run (if any), flags the tokens of its trainable spans, and empties it. */
+static int flush_text(const struct lq_tokenizer *tokenizer, struct text_run *run,
+                      struct id_list *list, struct lq_error *err) {
+    if (run->length == 0) return LQ_OK;
+    int *ids = NULL;
+    size_t count = 0, first = list->count;
+    int rc = lq_tokenizer_encode(tokenizer, run->text, run->length, 0, &ids, &count, err);
+    if (!rc) rc = append_ids(list, ids, count, 0);
+    for (size_t s = 0; !rc && list->mask && s < run->n_spans; s++) {
+        size_t begin = 0, end = 0;
+        rc = shared_prefix(tokenizer, run, run->spans[s][0], ids, count, &begin, err);
+        if (!rc) rc = shared_prefix(tokenizer, run, run->spans[s][1], ids, count, &end, err);
+        for (size_t k = begin; !rc && k < end; k++) list->mask[first + k] = 1;
+    }
+    free(ids);
+    run->length = 0;
+    run->n_spans = 0;
+    return rc;
+}
+
+static int tokenize(const struct lq_tokenizer *tokenizer, const struct lq_chat_prompt *prompt,
+                    int want_mask, int **ids, unsigned char **mask, size_t *count,
+                    struct lq_error *err) {
+    struct id_list list = {0};
+    struct text_run run = {0};
+    int rc = LQ_OK;
+    if (want_mask && !(list.mask = malloc(1))) rc = LQ_ENOMEM;
+    for (size_t i = 0; i < prompt->n_segments && !rc; i++) {
+        const struct lq_chat_segment *s = &prompt->segments[i];
+        int id = -1;
+        if (s->kind == LQ_SEGMENT_BOS) id = lq_tokenizer_bos_id(tokenizer);
+        if (s->kind == LQ_SEGMENT_EOS) id = lq_tokenizer_eos_id(tokenizer);
+        if (s->kind == LQ_SEGMENT_SPECIAL)
+            id = lq_tokenizer_find(tokenizer, s->text, strlen(s->text));
+        if (id >= 0) {
+            if (!(rc = flush_text(tokenizer, &run, &list, err)))
+                rc = append_ids(&list, &id, 1, s->trainable);
+            continue;
+        }
+        if (s->kind == LQ_SEGMENT_BOS || s->kind == LQ_SEGMENT_EOS) continue;
+        rc = run_add(&run, s->text, s->trainable); /* text, or a special piece not in the vocab */
+    }
+    if (!rc) rc = flush_text(tokenizer, &run, &list, err);
+    free(run.text);
+    free(run.spans);
+    if (rc) {
+        free(list.ids);
+        free(list.mask);
+        if (rc == LQ_ENOMEM) lq_error_set(err, rc, "out of memory");
+        return rc;
+    }
+    *ids = list.ids;
+    if (mask) *mask = list.mask;
+    *count = list.count;
+    return LQ_OK;
+}
+
+int lq_chat_tokenize(const struct lq_tokenizer *tokenizer, const struct lq_chat_prompt *prompt,
+                     int **ids, size_t *count, struct lq_error *err) {
+    return tokenize(tokenizer, prompt, 0, ids, NULL, count, err);
+}
+
+int lq_chat_tokenize_masked(const struct lq_tokenizer *tokenizer,
+                            const struct lq_chat_prompt *prompt, int **ids, unsigned char **mask,
+                            size_t *count, struct lq_error *err) {
+    return tokenize(tokenizer, prompt, 1, ids, mask, count, err);
+}

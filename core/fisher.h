@@ -1,0 +1,54 @@
+/* The diagonal empirical Fisher information of every linear matrix of a dense model (LQ-LoRA
+ * paper §3.3): F = mean over N calibration sequences of (∂loss/∂W)², the loss being each
+ * sequence's mean next-token cross-entropy (batch size 1, as the authors' reference). It feeds
+ * lq_decompose's `fisher` option (core/lq.h). The backward pass is the trainer's
+ * (core/train_internal.h) with the dense weights' gradients switched on. */
+#ifndef LQ_FISHER_H
+#define LQ_FISHER_H
+
+#include <stddef.h>
+
+#include "core/error.h"
+#include "core/model.h"
+#include "kernels/backend.h"
+
+/* Called after each sequence on the calling thread; return 0 to go on, or a negative LQ_E*
+ * code to stop (lq_fisher_compute then returns it). */
+typedef int (*lq_fisher_progress_fn)(void *context, int done, int total);
+
+struct lq_fisher_options {
+    int max_seq_len; /* longer sequences are cut to this many positions (0: the model's) */
+    lq_fisher_progress_fn progress;
+    void *context;
+};
+
+void lq_fisher_options_default(struct lq_fisher_options *options);
+
+struct lq_fisher {
+    int n_layers;
+    int samples;      /* sequences averaged */
+    float **matrices; /* [n_layers · LQ_LINEARS_PER_LAYER]: rows × cols each, row-major, in
+                         the model's matrix order (layer-major, enum lq_linear_kind order) */
+};
+
+/* F for every linear matrix of model (dense: LQ_EINVAL naming the first LQ matrix) on
+ * backend, from n sequences of token ids (sequences[i] of lengths[i] >= 2 tokens; a sequence
+ * predicts tokens 1..length−1 from what precedes them, so give it its BOS). Memory on the
+ * backend: one gradient and one accumulator per linear weight (twice the linear weights),
+ * plus the activations of one sequence. On success free out with lq_fisher_free. */
+int lq_fisher_compute(struct lq_backend *backend, const struct lq_model *model,
+                      const int *const *sequences, const int *lengths, int n,
+                      const struct lq_fisher_options *options, struct lq_fisher *out,
+                      struct lq_error *err);
+void lq_fisher_free(struct lq_fisher *fisher);
+
+/* F of one matrix (borrowed), or NULL out of range. */
+const float *lq_fisher_matrix(const struct lq_fisher *fisher, int layer, enum lq_linear_kind kind);
+
+/* Writes fisher to a safetensors file (atomically), each matrix under its weight's HF name
+ * ("model.layers.0.self_attn.q_proj.weight", F32 [rows, cols]), metadata lqd.fisher_samples:
+ * `lqd decompose --fisher FILE:NAME` reads it as is. model gives the shapes. */
+int lq_fisher_save(const struct lq_fisher *fisher, const struct lq_model *model, const char *path,
+                   struct lq_error *err);
+
+#endif

@@ -1,0 +1,147 @@
+// What the CUDA backend's files share: the backend's state, error checks, device memory with
+// accounting, growable workspaces, and the op entry points each file implements. CUDA C++ only.
+//
+// Threading: every op of the ops table runs with cuda->lock held (backend_cuda.cu takes it),
+// so an op's kernels, workspaces and host-argument staging are never interleaved with
+// another op's; all ops queue on cuda->stream in call order. Decompositions are long: they run
+// on their own stream and handles without the op lock, and take only memory_lock to count.
+#ifndef LQ_CUDA_INTERNAL_H
+#define LQ_CUDA_INTERNAL_H
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+#include <pthread.h>
+
+extern "C" {
+#include "kernels/backend.h"
+}
+
+enum lq_cuda_purpose {
+    LQ_CUDA_WEIGHTS,
+    LQ_CUDA_BUFFERS,
+    LQ_CUDA_SCRATCH,
+    LQ_CUDA_JOBS,
+};
+
+// Workspaces, one per use, grown on demand and kept: only ever used inside an op (lock held).
+enum lq_cuda_slot {
+    LQ_CUDA_STAGE_0, // host arguments copied to the device (positions, ids, pointers)
+    LQ_CUDA_STAGE_1,
+    LQ_CUDA_STAGE_2,
+    LQ_CUDA_LINEAR_TILE,  // dequantized weight tiles (large-batch linear)
+    LQ_CUDA_LINEAR_INPUT, // the activations converted for the tensor-core path
+    LQ_CUDA_LOWRANK,      // x·L2ᵀ of the low-rank path
+    LQ_CUDA_ATTENTION,    // attention partial results
+    LQ_CUDA_SLOT_COUNT
+};
+
+struct lq_cuda_allocation; // the accounting table's entries (backend_cuda.cu)
+
+#define LQ_CUDA_RING_BYTES ((size_t)1 << 20)
+#define LQ_CUDA_RING_SEGMENTS 16
+
+struct lq_cuda {
+    int device;
+    int sm_count;
+    size_t l2_bytes;
+    char name[256];
+    cudaStream_t stream;
+    cublasHandle_t cublas; // bound to stream
+    pthread_mutex_t lock;  // held by every op (see above)
+
+    pthread_mutex_t memory_lock; // the accounting below
+    struct lq_backend_memory memory;
+    struct lq_cuda_allocation *allocations; // open-addressing table keyed by pointer
+    size_t allocation_capacity, allocation_count;
+
+    void *slot[LQ_CUDA_SLOT_COUNT];
+    size_t slot_bytes[LQ_CUDA_SLOT_COUNT];
+
+    // Pinned host ring that op arguments pass through on their way to the device, so that
+    // staging never waits for the stream (a copy from pageable memory can). Segments are
+    // reused only after the event recorded behind their last copy has completed.
+    unsigned char *ring;
+    size_t ring_head;
+    cudaEvent_t ring_events[LQ_CUDA_RING_SEGMENTS];
+    int ring_recorded[LQ_CUDA_RING_SEGMENTS];
+};
+
+static inline struct lq_cuda *lq_cuda_of(struct lq_backend *backend) {
+    return (struct lq_cuda *)backend->impl;
+}
+
+// Turns a failed CUDA/cuBLAS/cuSOLVER status into an LQ_E* code, printing "lqd: cuda: what:
+// reason" to stderr (ops return bare codes, so the reason would otherwise be lost) and into
+// err when given. cudaErrorMemoryAllocation gives LQ_ENOMEM, others LQ_EIO.
+int lq_cuda_fail(cudaError_t status, const char *what, struct lq_error *err);
+int lq_cublas_fail(cublasStatus_t status, const char *what, struct lq_error *err);
+int lq_cusolver_fail(cusolverStatus_t status, const char *what, struct lq_error *err);
+
+#define LQ_CUDA_TRY(call, what)                                                                    \
+    do {                                                                                           \
+        cudaError_t lq_status_ = (call);                                                           \
+        if (lq_status_ != cudaSuccess) return lq_cuda_fail(lq_status_, (what), NULL);              \
+    } while (0)
+// After a kernel launch: the launch's own error (bad configuration, no kernel image).
+#define LQ_CUDA_LAUNCHED(what) LQ_CUDA_TRY(cudaGetLastError(), (what))
+#define LQ_CUBLAS_TRY(call, what)                                                                  \
+    do {                                                                                           \
+        cublasStatus_t lq_status_ = (call);                                                        \
+        if (lq_status_ != CUBLAS_STATUS_SUCCESS) return lq_cublas_fail(lq_status_, (what), NULL);  \
+    } while (0)
+
+// Device memory, counted under `purpose` and refused (LQ_ENOMEM, with a message saying what
+// the device holds) beyond the backend's limit. Never managed memory. Free with lq_cuda_free.
+int lq_cuda_malloc(struct lq_cuda *cuda, size_t bytes, enum lq_cuda_purpose purpose, void **out,
+                   struct lq_error *err);
+void lq_cuda_free(struct lq_cuda *cuda, void *pointer);
+
+// The workspace `slot`, at least `bytes` large (grown, counted as scratch). Lock held.
+int lq_cuda_slot(struct lq_cuda *cuda, enum lq_cuda_slot slot, size_t bytes, void **out);
+// Copies bytes of host memory into workspace `slot` on the op stream; *device gets the copy.
+int lq_cuda_stage(struct lq_cuda *cuda, enum lq_cuda_slot slot, const void *host, size_t bytes,
+                  void **device);
+
+// ---- the ops, by file; each runs with cuda->lock held and queues on cuda->stream ----
+
+// linear_cuda.cu: LQ layers stay packed on the device (codes, scale codes, group scales,
+// L1/L2); dense layers are uploaded as they are.
+int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
+                           struct lq_error *err);
+void lq_cuda_linear_release(struct lq_backend *backend, struct lq_linear *linear);
+int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
+                   float *y);
+int lq_cuda_matmul(struct lq_backend *backend, const float *w, int rows, int cols, const float *x,
+                   int n, float *y);
+
+// ops_cuda.cu: the element-wise and row-wise ops.
+int lq_cuda_embed(struct lq_backend *backend, const float *table, int dim, const int *ids, int n,
+                  float *out);
+int lq_cuda_rmsnorm(struct lq_backend *backend, const float *x, const float *weight, int n, int dim,
+                    float eps, float *out);
+int lq_cuda_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
+                 const int *positions, float theta);
+int lq_cuda_swiglu(struct lq_backend *backend, float *gate, const float *up, size_t count);
+int lq_cuda_add(struct lq_backend *backend, float *x, const float *y, size_t count);
+
+// attention_cuda.cu
+int lq_cuda_attention(struct lq_backend *backend, const float *q, const float *k_cache,
+                      const float *v_cache, int n, int start, int heads, int kv_heads, int head_dim,
+                      float *out);
+int lq_cuda_attention_batch(struct lq_backend *backend, const float *q, const float *k_new,
+                            const float *v_new, float *const *k_caches, float *const *v_caches,
+                            const int *positions, int n, int heads, int kv_heads, int head_dim,
+                            float *out);
+
+// decompose_cuda.cu: run WITHOUT cuda->lock (own stream and handles per call).
+int lq_cuda_decompose(struct lq_backend *backend, const float *w, size_t rows, size_t cols,
+                      const struct lq_nf_config *config, const struct lq_decompose_options *options,
+                      struct lq_decomposition *out, struct lq_error *err);
+int lq_cuda_decompose_errors(struct lq_backend *backend, const float *w, size_t rows, size_t cols,
+                             const struct lq_nf_config *configs, const uint64_t *seeds,
+                             size_t n_configs, const struct lq_decompose_options *options,
+                             double *errors, struct lq_error *err);
+
+#endif

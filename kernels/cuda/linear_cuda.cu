@@ -1,0 +1,512 @@
+// Linear layers on the GPU: y[n, rows] = x[n, cols] · Wᵀ (+ x · L2ᵀ · L1ᵀ for LQ layers).
+//
+// Dense layers are uploaded as they are and run as cuBLAS SGEMM in full fp32 (the handle's
+// default math mode: no TF32). LQ layers stay packed on the device exactly as core/nf.h lays them
+// out (b0-bit codes, b1-bit block-scale codes, b2 group scales, the offset) next to the fp32
+// factors L1 = lora_B [rows, rank] and L2 = lora_A [rank, cols]. No dense copy of Q is ever made:
+// decode dequantizes in registers, prefill one bounded tile of rows at a time.
+//
+// Decode, n <= LQ_DECODE_MAX_TOKENS (8) tokens, every row of every token from one packed read:
+//   1. (rank > 0) lq_lowrank_project_kernel: t[n, rank] = x · L2ᵀ, one CTA per rank row. It lets
+//      the next kernel start at once (programmatic dependent launch, Hopper), so the two overlap.
+//   2. lq_decode_kernel (fast path: cols % 32 == 0, blocks of 8, 16 or a multiple of 32 values):
+//      a grid of (row bands) x (column slices of 1024 columns). In a slice, lane l of each warp
+//      owns the 32-value chunk l of every row: the chunk's 32 codes are exactly b0 aligned 32-bit
+//      words at word (flat/32)·b0, loaded in one or two vector loads with nothing wasted, and each
+//      code is extracted with a compile-time shift. Warps take R rows at a time (R = 8 for one
+//      token, 4 for more: up to 8·b0 words in flight per lane), so each x value read from
+//      shared memory serves R rows; the first R rows are requested before the CTA stages its x
+//      slice, so HBM latency overlaps that setup. 256 threads and <= 128 registers: two CTAs
+//      (16 warps) per SM at least. Why lane = chunk and not lane = row: a warp's 32 lanes then read
+//      32 consecutive chunks of a row (fully coalesced), the thread count grows with rows·cols/32
+//      (enough warps to cover HBM latency even at 4096 rows), and a CTA needs only its slice of x.
+//      Code → value lookups are the limit of this kernel, not arithmetic: shared memory and
+//      shuffles each deliver 32 fp32 values per clock per SM, while HBM delivers ~13 B per clock
+//      per SM, i.e. ~51 2-bit codes. So:
+//        - b0 = 2, one token: the CTA first builds a pair table P[pair][16] = t[c0]·x0 + t[c1]·x1
+//          for its slice (x folded in), laid out so lane l always reads bank l (conflict-free
+//          whatever the codes); one 4-byte lookup then yields two codes' products.
+//        - otherwise: the NF table sits in one register per lane (lane i holds table[i mod 2^b0]),
+//          and __shfl_sync with the code's bits as source lane is the lookup (shfl uses the low 5
+//          bits, so the neighbouring codes above need no masking); b0 = 8 uses a shared table.
+//      The block scale is rebuilt exactly as core/nf.c does (offset + code·gs/(2^b1−1), the
+//      division by an exact FMA-corrected reciprocal) once per chunk and row. With one token the
+//      scale multiplies the block's partial dot product; with more it multiplies each value
+//      (table·scale, the CPU's rounding) before the token FMAs. The low-rank term rides along:
+//      the CTA of slice s also adds L1[rows, k]·t[k] for its 1/slices share of the rank, per
+//      lane before the reduction; its L1 values are requested with the packed words and only the
+//      t reads wait for kernel 1. Each warp reduces its rows across lanes (a reduce-scatter: R·NT
+//      values in ~R·NT shuffles) and writes one partial per row, token and slice; the last CTA
+//      of a band to finish (an atomic ticket) sums the slices in slice order into y.
+//      Deterministic: the same inputs give the same bits on every run.
+//   3. Anything else (odd shapes such as 37 x 53, B0 <= 4 or not 8, 16, 32k, chunks whose blocks
+//      fall in two groups, x not 16-byte aligned):
+//      lq_decode_generic_kernel, one warp per row, every value decoded on its own. Correct for
+//      every configuration, much slower.
+//   Bytes read per decode call (what lq_cuda_linear_bytes_read returns, n = 1): codes
+//   rows·cols·b0/8 + scale codes rows·cols·b1/(8·B0) + group scales + L2 rank·cols·4 (kernel 1)
+//   + L1 rows·rank·4 (kernel 2), each once from HBM. Besides, from L2: each CTA's 1024-column
+//   slice of x (4 KiB per token), and slices·n·rows·4 bytes of partials written and read back.
+//
+// Prefill, n > 8 (prompts, evaluation, wide batched decode): x is converted to fp16 once
+// (LQ_CUDA_LINEAR_INPUT), then per tile of at most LQ_TILE_BYTES of rows (LQ_CUDA_LINEAR_TILE) Q
+// is dequantized to fp16 (8 values per thread, one 16-byte store) and cublasGemmEx (fp16 inputs,
+// fp32 accumulate and output, tensor cores) writes y straight in place (ldc = rows); then
+// t = x·L2ᵀ and y += t·L1ᵀ as fp32 SGEMMs. Bytes: the packed matrix once, 2·rows·cols·2 of fp16
+// tiles (mostly L2), x and y.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cuda/cuda_internal.h"
+#include "kernels/cuda/linear_cuda_kernels.cuh"
+
+extern "C" {
+#include "core/nf.h"
+}
+
+// Bytes one decode call at batch 1 reads (packed buffers + L1 + L2; rows·cols·4 when dense).
+size_t lq_cuda_linear_bytes_read(const struct lq_linear *w);
+
+// Up to this many tokens the fused decode kernels run (tokens padded to 1, 2, 4 or 8 slots).
+// There every decoded value feeds n fp32 FMAs, so their time grows with n; the tile path moves
+// ~4 bytes of fp16 tile per weight (write + read) instead of b0/8 but is nearly flat in n on
+// tensor cores. The two cross somewhere between 8 and 16 tokens by our estimate for an H100;
+// 8 also bounds the decode kernels' R·n accumulators (no spills).
+#define LQ_DECODE_MAX_TOKENS 8
+// A fp16 tile of rows at most this large: dequantized, then read by the GEMM while in L2.
+#define LQ_TILE_BYTES ((size_t)16 << 20)
+// Bytes of zeros after each packed buffer, so that a two-word window at the end stays inside.
+#define LQ_PACKED_PADDING 16
+
+// ---------------------------------------------------------------------------------------------
+// What prepare leaves in lq_linear.backend_data.
+
+struct lq_cuda_linear_data {
+    float *dense;           // dense layers: rows x cols
+    uint32_t *codes;        // the packed codes as 32-bit words (+ padding)
+    uint32_t *scale_codes;  // the packed block-scale codes (+ padding)
+    uint8_t *group_scales;  // the group scales (+ padding)
+    float *table;           // the NF table of b0 bits
+    float *lora_A;          // L2 [rank, cols]
+    float *lora_B;          // L1 [rows, rank]
+    unsigned *tickets;      // per decode row band: slices finished (back to 0 after each call)
+    int overlap;            // programmatic dependent launch works (sm_90 device and code)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+typedef void (*lq_decode_fn)(lq_decode_args);
+
+// One token at b0 = 2 takes the pair-table kernel, everything else the table lookups.
+template <int BITS, int BPC>
+static lq_decode_fn lq_decode_one_token(void) {
+    if constexpr (BITS == 2)
+        return lq_decode_kernel<2, BPC, 1, true>;
+    else
+        return lq_decode_kernel<BITS, BPC, 1, false>;
+}
+
+template <int BITS, int BPC>
+static lq_decode_fn lq_decode_kernel_for(int nt) {
+    switch (nt) {
+    case 1:
+        return lq_decode_one_token<BITS, BPC>();
+    case 2:
+        return lq_decode_kernel<BITS, BPC, 2, false>;
+    case 4:
+        return lq_decode_kernel<BITS, BPC, 4, false>;
+    default:
+        return lq_decode_kernel<BITS, BPC, 8, false>;
+    }
+}
+
+template <int BITS>
+static lq_decode_fn lq_decode_kernel_for(int bpc, int nt) {
+    switch (bpc) {
+    case 1:
+        return lq_decode_kernel_for<BITS, 1>(nt);
+    case 2:
+        return lq_decode_kernel_for<BITS, 2>(nt);
+    default:
+        return lq_decode_kernel_for<BITS, 4>(nt);
+    }
+}
+
+static lq_decode_fn lq_decode_kernel_for(int bits, int bpc, int nt) {
+    switch (bits) {
+    case 2:
+        return lq_decode_kernel_for<2>(bpc, nt);
+    case 3:
+        return lq_decode_kernel_for<3>(bpc, nt);
+    case 4:
+        return lq_decode_kernel_for<4>(bpc, nt);
+    default:
+        return lq_decode_kernel_for<8>(bpc, nt);
+    }
+}
+
+static lq_decode_fn lq_decode_generic_for(int nt) {
+    switch (nt) {
+    case 1:
+        return lq_decode_generic_kernel<1>;
+    case 2:
+        return lq_decode_generic_kernel<2>;
+    case 4:
+        return lq_decode_generic_kernel<4>;
+    default:
+        return lq_decode_generic_kernel<8>;
+    }
+}
+
+// Launches with "may start while the previous kernel still runs" when after_prologue: the
+// kernel then waits (griddepcontrol.wait) before it reads what that kernel writes.
+template <typename... Params, typename... Args>
+static cudaError_t lq_launch(void (*kernel)(Params...), dim3 grid, dim3 block,
+                             cudaStream_t stream, bool after_prologue, Args... args) {
+    cudaLaunchAttribute attribute = {};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    config.attrs = after_prologue ? &attribute : NULL;
+    config.numAttrs = after_prologue ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+static int lq_pad_tokens(int n) {
+    return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8;
+}
+
+static unsigned lq_grid_for(size_t items, const struct lq_cuda *cuda) {
+    size_t blocks = (items + 255) / 256, cap = (size_t)(cuda->sm_count > 0 ? cuda->sm_count : 1) * 16;
+    return (unsigned)(blocks < 1 ? 1 : blocks < cap ? blocks : cap);
+}
+
+static lq_packed lq_packed_of(const struct lq_linear *w, const struct lq_cuda_linear_data *data) {
+    const struct lq_nf_config *c = &w->q.config;
+    lq_packed q;
+    memset(&q, 0, sizeof q);
+    q.codes = data->codes;
+    q.scale_codes = data->scale_codes;
+    q.group_scales = data->group_scales;
+    q.table = data->table;
+    q.rows = w->rows, q.cols = w->cols;
+    q.b0 = c->b0, q.b1 = c->b1, q.b2 = (int)c->b2, q.B0 = c->B0, q.B1 = c->B1;
+    q.offset = w->q.scale_offset;
+    q.levels = (float)((1u << c->b1) - 1u);
+    q.inv_levels = 1.0f / q.levels;
+    q.chunk_block = lq_make_divisor(c->B0 % 32 == 0 ? (uint32_t)c->B0 / 32 : 1u);
+    q.block = lq_make_divisor((uint32_t)c->B0);
+    q.group = lq_make_divisor((uint32_t)c->B1);
+    return q;
+}
+
+// Blocks per 32-value chunk for the fast decode kernel, or 0 when it cannot run: each chunk
+// must lie in one group and hold whole blocks or be inside one.
+static int lq_blocks_per_chunk(const struct lq_linear *w) {
+    const struct lq_nf_config *c = &w->q.config;
+    if (w->cols % 32 != 0 || (size_t)w->rows * (size_t)w->cols >= ((size_t)1 << 31)) return 0;
+    if (c->B0 % 32 == 0) return 1;
+    if (c->B0 == 16 && c->B1 % 2 == 0) return 2;
+    if (c->B0 == 8 && c->B1 % 4 == 0) return 4;
+    return 0;
+}
+
+// cuBLAS is column-major: y[n, rows] row-major is yᵀ [rows × n] with ld rows, so
+// yᵀ = W · xᵀ with W read transposed from its row-major [rows, cols] storage.
+static int lq_sgemm_nt(struct lq_cuda *cuda, const float *w, int rows, int cols, const float *x,
+                       int n, float beta, float *y, int ldy) {
+    const float one = 1.0f;
+    LQ_CUBLAS_TRY(cublasSgemm(cuda->cublas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &one, w, cols,
+                              x, cols, &beta, y, ldy),
+                  "cublasSgemm (linear)");
+    return LQ_OK;
+}
+
+// The fast decode kernel's grid: bands of rows x slices of 1024 columns.
+struct lq_decode_grid {
+    int slices, iters, bands;
+};
+
+static lq_decode_grid lq_decode_grid_for(const struct lq_cuda *cuda, const struct lq_linear *w,
+                                         int nt) {
+    lq_decode_grid g;
+    const int chunks_per_row = w->cols / 32, warp_rows = lq_decode_rows(w->q.config.b0, nt);
+    g.slices = (chunks_per_row + LQ_SLICE_CHUNKS - 1) / LQ_SLICE_CHUNKS;
+    // One row group per warp keeps CTAs small, so the last wave is short (the setup that a
+    // second group would amortize already overlaps the first loads). Two only for grids of 8+
+    // waves, where the tail no longer matters.
+    const long rows_one = LQ_DECODE_WARPS * warp_rows;
+    const long ctas_one = (w->rows + rows_one - 1) / rows_one * g.slices;
+    g.iters = ctas_one >= 16L * (cuda->sm_count > 0 ? cuda->sm_count : 1) ? 2 : 1;
+    const int band_rows = LQ_DECODE_WARPS * warp_rows * g.iters;
+    g.bands = (w->rows + band_rows - 1) / band_rows;
+    return g;
+}
+
+// t = x · L2ᵀ into workspace t (kernel 1 of decode).
+static int lq_launch_projection(struct lq_cuda *cuda, const struct lq_linear *w,
+                                const struct lq_cuda_linear_data *data, const float *x, int n,
+                                int nt, float *t) {
+    const int vector = w->cols % 4 == 0 && ((uintptr_t)x & 15u) == 0;
+    void (*project)(const float *, int, int, const float *, int, int, float *) =
+        nt == 1   ? lq_lowrank_project_kernel<1>
+        : nt == 2 ? lq_lowrank_project_kernel<2>
+        : nt == 4 ? lq_lowrank_project_kernel<4>
+                  : lq_lowrank_project_kernel<8>;
+    project<<<w->rank, 256, 0, cuda->stream>>>(x, n, w->cols, data->lora_A, w->rank, vector, t);
+    LQ_CUDA_LAUNCHED("lq_lowrank_project_kernel");
+    return LQ_OK;
+}
+
+static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
+                     const struct lq_cuda_linear_data *data, const float *x, int n, float *y) {
+    const int nt = lq_pad_tokens(n);
+    const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_blocks_per_chunk(w) : 0;
+    const lq_decode_grid grid = lq_decode_grid_for(cuda, w, nt);
+    lq_decode_args a;
+    memset(&a, 0, sizeof a);
+    a.q = lq_packed_of(w, data);
+    a.x = x, a.n = n, a.y = y;
+    a.lora_B = data->lora_B, a.rank = w->rank;
+    a.tickets = data->tickets;
+    a.chunks_per_row = w->cols / 32;
+    a.iters = grid.iters;
+
+    // Workspaces first: nothing is queued when one cannot be had.
+    void *t = NULL, *partials = NULL;
+    int rc;
+    if (w->rank > 0 &&
+        (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, (size_t)n * w->rank * sizeof(float), &t)))
+        return rc;
+    if (bpc && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
+                                  (size_t)grid.slices * nt * w->rows * sizeof(float), &partials)))
+        return rc;
+    a.t = (const float *)t;
+    a.partials = (float *)partials;
+
+    if (w->rank > 0 && (rc = lq_launch_projection(cuda, w, data, x, n, nt, (float *)t)))
+        return rc;
+    const bool overlap = w->rank > 0 && data->overlap;
+    if (!bpc) {
+        LQ_CUDA_TRY(lq_launch(lq_decode_generic_for(nt), dim3((unsigned)((w->rows + 7) / 8)),
+                              dim3(256), cuda->stream, overlap, a),
+                    "lq_decode_generic_kernel");
+        return LQ_OK;
+    }
+    LQ_CUDA_TRY(lq_launch(lq_decode_kernel_for(w->q.config.b0, bpc, nt),
+                          dim3((unsigned)grid.bands, (unsigned)grid.slices),
+                          dim3(LQ_DECODE_THREADS), cuda->stream, overlap, a),
+                "lq_decode_kernel");
+    return LQ_OK;
+}
+
+// Dequantizes rows [r0, r0 + count) of Q into the fp16 tile.
+static int lq_launch_dequant(struct lq_cuda *cuda, const struct lq_linear *w, const lq_packed &q,
+                             size_t r0, size_t count, __half *tile) {
+    const struct lq_nf_config *c = &w->q.config;
+    const size_t cols = (size_t)w->cols, values = count * cols, first = r0 * cols;
+    const bool octets = cols % 8 == 0 && c->B0 % 8 == 0 &&
+                        (size_t)w->rows * cols < ((size_t)1 << 31);
+    if (!octets) {
+        lq_dequant_tile_generic_kernel<<<lq_grid_for(values, cuda), 256, 0, cuda->stream>>>(
+            q, (uint64_t)first, (uint64_t)values, tile);
+        LQ_CUDA_LAUNCHED("lq_dequant_tile_generic_kernel");
+        return LQ_OK;
+    }
+    void (*dequant)(lq_packed, uint32_t, uint32_t, __half *) =
+        c->b0 == 2   ? lq_dequant_tile_kernel<2>
+        : c->b0 == 3 ? lq_dequant_tile_kernel<3>
+        : c->b0 == 4 ? lq_dequant_tile_kernel<4>
+                     : lq_dequant_tile_kernel<8>;
+    dequant<<<lq_grid_for(values / 8, cuda), 256, 0, cuda->stream>>>(
+        q, (uint32_t)(first / 8), (uint32_t)(values / 8), tile);
+    LQ_CUDA_LAUNCHED("lq_dequant_tile_kernel");
+    return LQ_OK;
+}
+
+static int lq_prefill(struct lq_cuda *cuda, const struct lq_linear *w,
+                      const struct lq_cuda_linear_data *data, const float *x, int n, float *y) {
+    const int rows = w->rows, cols = w->cols, rank = w->rank;
+    const size_t x_count = (size_t)n * cols;
+    size_t step = LQ_TILE_BYTES / ((size_t)cols * sizeof(__half)); // rows per tile
+    if (step < 1) step = 1;
+    if (step >= (size_t)rows) step = (size_t)rows;
+    else if (step >= 128) step -= step % 128; // whole GEMM tiles
+
+    void *input = NULL, *tile = NULL, *t = NULL;
+    int rc;
+    if ((rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_INPUT, x_count * sizeof(__half), &input)) ||
+        (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, step * cols * sizeof(__half), &tile)) ||
+        (rank > 0 &&
+         (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, (size_t)n * rank * sizeof(float), &t))))
+        return rc;
+
+    lq_to_half_kernel<<<lq_grid_for(x_count, cuda), 256, 0, cuda->stream>>>(x, x_count,
+                                                                           (__half *)input);
+    LQ_CUDA_LAUNCHED("lq_to_half_kernel");
+    const lq_packed q = lq_packed_of(w, data);
+    const float one = 1.0f, zero = 0.0f;
+    for (size_t r0 = 0; r0 < (size_t)rows; r0 += step) {
+        const size_t count = (size_t)rows - r0 < step ? (size_t)rows - r0 : step;
+        if ((rc = lq_launch_dequant(cuda, w, q, r0, count, (__half *)tile))) return rc;
+        // y[:, r0 : r0 + count] = x16 · tileᵀ, written in place (ldc = rows)
+        LQ_CUBLAS_TRY(cublasGemmEx(cuda->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)count, n, cols,
+                                   &one, tile, CUDA_R_16F, cols, input, CUDA_R_16F, cols, &zero,
+                                   y + r0, CUDA_R_32F, rows, CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT),
+                      "cublasGemmEx (LQ tile)");
+    }
+    if (rank > 0) { // y += (x · L2ᵀ) · L1ᵀ in fp32
+        if ((rc = lq_sgemm_nt(cuda, data->lora_A, rank, cols, x, n, 0.0f, (float *)t, rank)))
+            return rc;
+        return lq_sgemm_nt(cuda, data->lora_B, rows, rank, (const float *)t, n, 1.0f, y, rows);
+    }
+    return LQ_OK;
+}
+
+int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
+                   float *y) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const struct lq_cuda_linear_data *data = (const struct lq_cuda_linear_data *)w->backend_data;
+    if (!data || n < 0) return LQ_EINVAL;
+    if (n == 0) return LQ_OK;
+    if (!w->is_lq) return lq_sgemm_nt(cuda, data->dense, w->rows, w->cols, x, n, 0.0f, y, w->rows);
+    if (n <= LQ_DECODE_MAX_TOKENS) return lq_decode(cuda, w, data, x, n, y);
+    return lq_prefill(cuda, w, data, x, n, y);
+}
+
+int lq_cuda_matmul(struct lq_backend *backend, const float *w, int rows, int cols,
+                   const float *x, int n, float *y) {
+    if (n < 0 || rows < 0 || cols < 0) return LQ_EINVAL;
+    if (n == 0 || rows == 0) return LQ_OK;
+    return lq_sgemm_nt(lq_cuda_of(backend), w, rows, cols, x, n, 0.0f, y, rows);
+}
+
+size_t lq_cuda_linear_bytes_read(const struct lq_linear *w) {
+    if (!w->is_lq) return (size_t)w->rows * (size_t)w->cols * sizeof(float);
+    const size_t factors = (size_t)(w->rank > 0 ? w->rank : 0) * ((size_t)w->rows + w->cols);
+    return lq_nf_codes_bytes(&w->q) + lq_nf_scale_codes_bytes(&w->q) +
+           lq_nf_group_scales_bytes(&w->q) + factors * sizeof(float);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prepare / release.
+
+static void lq_linear_data_free(struct lq_cuda *cuda, struct lq_cuda_linear_data *data) {
+    void *pointers[] = {data->dense,  data->codes,  data->scale_codes, data->group_scales,
+                        data->table,  data->lora_A, data->lora_B,      data->tickets};
+    for (size_t i = 0; i < sizeof pointers / sizeof pointers[0]; i++)
+        if (pointers[i]) lq_cuda_free(cuda, pointers[i]);
+    free(data);
+}
+
+// A device copy of host bytes; `padding` zero bytes after the data rounded up to 4 bytes.
+static int lq_upload(struct lq_cuda *cuda, const void *host, size_t bytes, size_t padding,
+                     void **out, struct lq_error *err) {
+    const size_t total = (bytes + 3) / 4 * 4 + padding;
+    int rc = lq_cuda_malloc(cuda, total > 0 ? total : 4, LQ_CUDA_WEIGHTS, out, err);
+    if (rc) return rc;
+    cudaError_t status = bytes ? cudaMemcpyAsync(*out, host, bytes, cudaMemcpyHostToDevice,
+                                                 cuda->stream)
+                               : cudaSuccess;
+    if (status == cudaSuccess && total > bytes)
+        status = cudaMemsetAsync((char *)*out + bytes, 0, total - bytes, cuda->stream);
+    return status == cudaSuccess ? LQ_OK : lq_cuda_fail(status, "uploading a linear layer", err);
+}
+
+static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
+                        struct lq_cuda_linear_data *data, struct lq_error *err) {
+    const struct lq_nf_matrix *q = &w->q;
+    int rc = lq_nf_config_validate(&q->config, err);
+    if (rc) return rc;
+    if (q->rows != (size_t)w->rows || q->cols != (size_t)w->cols || !q->codes ||
+        !q->scale_codes || !q->group_scales)
+        return lq_error_set(err, LQ_EINVAL, "packed matrix is %zu x %zu or missing buffers",
+                            q->rows, q->cols);
+    if (w->rank < 0 || (w->rank > 0 && (!w->lora_A || !w->lora_B)))
+        return lq_error_set(err, LQ_EINVAL, "rank %d without both low-rank factors", w->rank);
+    if ((rc = lq_upload(cuda, q->codes, lq_nf_codes_bytes(q), LQ_PACKED_PADDING,
+                        (void **)&data->codes, err)) ||
+        (rc = lq_upload(cuda, q->scale_codes, lq_nf_scale_codes_bytes(q), LQ_PACKED_PADDING,
+                        (void **)&data->scale_codes, err)) ||
+        (rc = lq_upload(cuda, q->group_scales, lq_nf_group_scales_bytes(q), LQ_PACKED_PADDING,
+                        (void **)&data->group_scales, err)) ||
+        (rc = lq_upload(cuda, lq_nf_code_table(q->config.b0),
+                        ((size_t)1 << q->config.b0) * sizeof(float), 0, (void **)&data->table,
+                        err)))
+        return rc;
+    if (w->rank > 0 &&
+        ((rc = lq_upload(cuda, w->lora_A, (size_t)w->rank * w->cols * sizeof(float), 0,
+                         (void **)&data->lora_A, err)) ||
+         (rc = lq_upload(cuda, w->lora_B, (size_t)w->rows * w->rank * sizeof(float), 0,
+                         (void **)&data->lora_B, err))))
+        return rc;
+    // One ticket per band of the smallest band height (8 warps x 4 rows), all zero.
+    const size_t tickets = ((size_t)w->rows + 31) / 32;
+    return lq_upload(cuda, NULL, 0, tickets * sizeof(unsigned), (void **)&data->tickets, err);
+}
+
+// PDL needs a Hopper device and kernels compiled for it (the wait is compiled out below sm_90,
+// also when sm_90 JIT-compiles older PTX).
+static int lq_overlap_supported(struct lq_cuda *cuda) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cuda->device) !=
+        cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    cudaFuncAttributes attributes;
+    if (major < 9 ||
+        cudaFuncGetAttributes(&attributes, lq_decode_kernel<4, 1, 1, false>) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return attributes.ptxVersion >= 90;
+}
+
+int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
+                           struct lq_error *err) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    linear->backend_data = NULL;
+    if (linear->rows <= 0 || linear->cols <= 0)
+        return lq_error_set(err, LQ_EINVAL, "linear layer %d x %d: bad shape", linear->rows,
+                            linear->cols);
+    struct lq_cuda_linear_data *data =
+        (struct lq_cuda_linear_data *)calloc(1, sizeof(struct lq_cuda_linear_data));
+    if (!data)
+        return lq_error_set(err, LQ_ENOMEM, "linear layer %d x %d: out of host memory",
+                            linear->rows, linear->cols);
+    int rc;
+    if (!linear->is_lq)
+        rc = linear->dense
+                 ? lq_upload(cuda, linear->dense,
+                             (size_t)linear->rows * linear->cols * sizeof(float), 0,
+                             (void **)&data->dense, err)
+                 : lq_error_set(err, LQ_EINVAL, "dense layer without weights");
+    else
+        rc = lq_upload_lq(cuda, linear, data, err);
+    if (!rc) {
+        cudaError_t status = cudaStreamSynchronize(cuda->stream);
+        if (status != cudaSuccess) rc = lq_cuda_fail(status, "uploading a linear layer", err);
+    }
+    if (rc) {
+        lq_linear_data_free(cuda, data);
+        lq_error_prefix(err, "linear layer %d x %d", linear->rows, linear->cols);
+        return rc;
+    }
+    data->overlap = linear->is_lq ? lq_overlap_supported(cuda) : 0;
+    linear->backend_data = data;
+    return LQ_OK;
+}
+
+void lq_cuda_linear_release(struct lq_backend *backend, struct lq_linear *linear) {
+    if (!linear->backend_data) return;
+    lq_linear_data_free(lq_cuda_of(backend), (struct lq_cuda_linear_data *)linear->backend_data);
+    linear->backend_data = NULL;
+}

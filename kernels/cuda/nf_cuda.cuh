@@ -1,0 +1,375 @@
+// NF quantize-dequantize on the device: out = dequantize(quantize(a)), bit for bit what core's
+// lq_nf_quantize_dequantize (core/nf.c) writes, for the LQ decomposition's inner step.
+//
+// The pipeline, three kernels on one stream:
+//   1. lq_nf_absmax_kernel: the absmax of each block of B0 values, their minimum (the per-matrix
+//      offset, by an atomic minimum on the float's bits: every absmax is >= +0, where unsigned
+//      order is float order) and the index of the first non-finite value.
+//   2. lq_nf_group_kernel: per group of B1 blocks (one warp each), the range max(absmax - offset)
+//      rounded to b2, the b1-bit code of each block scale and the reconstructed scale
+//      ŝ = offset + code·range/(2^b1 − 1) that codes and values use.
+//   3. lq_nf_values_kernel: the nearest NF code of value/ŝ (ties to the lower code, saturating)
+//      and the value table[code]·ŝ; optionally also the squared (Fisher-weighted) distance
+//      of the result to W − lowrank, summed per thread block in double.
+//
+// Why equal bit for bit: maxima and minima are exact in any order; every other operation is
+// one IEEE float operation done in the CPU's order, and written with the _rn intrinsics so
+// that nvcc can neither contract a product and a sum into an FMA nor (under fast-math flags)
+// approximate a division. The b2 roundings reuse core/half.h's integer algorithms. The only
+// requirement on the build: no -ftz=true (a subnormal fp16 scale would flush; lqd's build
+// does not set it).
+//
+// The arithmetic lives in __host__ __device__ helpers so that it can be checked against
+// core on a machine without a GPU.
+#ifndef LQ_NF_CUDA_CUH
+#define LQ_NF_CUDA_CUH
+
+#include <cuda_runtime.h>
+#include <float.h>
+#include <stdint.h>
+#include <string.h>
+
+extern "C" {
+#include "core/nf.h"
+}
+
+#define LQ_NF_THREADS 256   // threads per thread block of every NF kernel
+#define LQ_NF_MAX_GRID 4096 // thread blocks at most (the partial sums array has this many)
+#define LQ_NF_FULL_MASK 0xffffffffu
+
+// ---------- arithmetic shared by host checks and device kernels ----------
+
+// One rounded IEEE operation each, never fused with a neighbour.
+__host__ __device__ static inline float lq_nf_sub(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fsub_rn(a, b);
+#else
+    return a - b;
+#endif
+}
+
+__host__ __device__ static inline float lq_nf_add(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
+__host__ __device__ static inline float lq_nf_mul(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+__host__ __device__ static inline float lq_nf_div(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fdiv_rn(a, b);
+#else
+    return a / b;
+#endif
+}
+
+__host__ __device__ static inline uint32_t lq_nf_float_bits(float value) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(value);
+#else
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+#endif
+}
+
+__host__ __device__ static inline float lq_nf_bits_float(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+    return __uint_as_float(bits);
+#else
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+#endif
+}
+
+// core/half.h's conversions, the same integer steps (round to nearest even).
+__host__ __device__ static inline float lq_nf_round_bf16(float value) {
+    uint32_t bits = lq_nf_float_bits(value);
+    uint16_t half;
+    if ((bits & 0x7fffffffu) > 0x7f800000u)
+        half = (uint16_t)((bits >> 16) | 0x40);
+    else
+        half = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    return lq_nf_bits_float((uint32_t)half << 16);
+}
+
+__host__ __device__ static inline float lq_nf_fp16_to_float(uint16_t half) {
+    uint32_t sign = (uint32_t)(half & 0x8000u) << 16;
+    uint32_t exponent = (half >> 10) & 0x1fu;
+    uint32_t mantissa = half & 0x3ffu;
+    if (exponent == 0x1f) return lq_nf_bits_float(sign | 0x7f800000u | (mantissa << 13));
+    if (exponent == 0) {
+        float magnitude = lq_nf_mul((float)mantissa, 5.9604644775390625e-8f);
+        return sign ? -magnitude : magnitude;
+    }
+    return lq_nf_bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+__host__ __device__ static inline uint16_t lq_nf_float_to_fp16(float value) {
+    uint32_t bits = lq_nf_float_bits(value);
+    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);
+    if (magnitude >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);
+    if (magnitude < 0x38800000u) {
+        float shifted = lq_nf_add(lq_nf_bits_float(magnitude), 0.5f);
+        return (uint16_t)(sign | (uint16_t)(lq_nf_float_bits(shifted) - lq_nf_float_bits(0.5f)));
+    }
+    uint32_t odd = (magnitude >> 13) & 1u;
+    magnitude += 0xc8000fffu + odd;
+    return (uint16_t)(sign | (uint16_t)(magnitude >> 13));
+}
+
+// A group's range as stored in b2 and read back (round_to_scale_dtype of core/nf.c).
+__host__ __device__ static inline float lq_nf_round_scale(float value, int dtype) {
+    if (dtype == LQ_SCALE_BF16) return lq_nf_round_bf16(value);
+    if (dtype == LQ_SCALE_FP16) return lq_nf_fp16_to_float(lq_nf_float_to_fp16(value));
+    return value;
+}
+
+// The b1-bit code of a block's absmax in a group with stored range `stored` > 0:
+// nearbyint((absmax − offset)·levels / stored), clamped (core: plan_scales).
+__host__ __device__ static inline unsigned lq_nf_scale_code(float absmax, float offset,
+                                                            float stored, unsigned levels) {
+    float q = rintf(lq_nf_div(lq_nf_mul(lq_nf_sub(absmax, offset), (float)levels), stored));
+    return q <= 0.0f ? 0u : q >= (float)levels ? levels : (unsigned)q;
+}
+
+// ŝ = offset + code·range/(2^b1 − 1), the scale quantization and dequantization share.
+__host__ __device__ static inline float lq_nf_block_scale(float offset, unsigned code,
+                                                          float group_scale, int b1) {
+    float levels = (float)((1u << b1) - 1u);
+    return lq_nf_add(offset, lq_nf_div(lq_nf_mul((float)code, group_scale), levels));
+}
+
+// The number of midpoints strictly below v: the nearest code, the lower one on a tie, and
+// the end codes past ±1 (core: nearest_code). midpoints holds 2^bits − 1 values.
+__host__ __device__ static inline unsigned lq_nf_nearest_code(float v, const float *midpoints,
+                                                              int bits) {
+    unsigned index = 0;
+    for (unsigned step = 1u << (bits - 1); step > 0; step >>= 1)
+        index += (v > midpoints[index + step - 1]) ? step : 0u;
+    return index;
+}
+
+// The dequantized value of x in a block of scale ŝ (core: block_codes, codes_body).
+__host__ __device__ static inline float lq_nf_value(float x, float scale, const float *table,
+                                                    const float *midpoints, int bits) {
+    // A zero scale dequantizes the whole block to 0: core stores the exact zero code.
+    unsigned code = scale == 0.0f ? (1u << (bits - 1)) - 1u
+                                  : lq_nf_nearest_code(lq_nf_div(x, scale), midpoints, bits);
+    return lq_nf_mul(table[code], scale);
+}
+
+// ---------- the configuration as the kernels see it ----------
+
+struct lq_nf_device_config {
+    int b0, b1, b2, B0, B1;
+    int team; // lanes that share one block: B0 rounded up to a power of two, at most 32
+    unsigned long long numel, n_blocks, n_groups;
+    float table[256];     // the NF-b0 code table (2^b0 values)
+    float midpoints[256]; // (table[i] + table[i+1]) / 2, computed on the host as core does
+};
+
+// Fills the device view of configuration c for numel values (host side).
+static inline void lq_nf_device_config_init(struct lq_nf_device_config *d,
+                                            const struct lq_nf_config *c, size_t numel) {
+    memset(d, 0, sizeof *d);
+    d->b0 = c->b0, d->b1 = c->b1, d->b2 = (int)c->b2, d->B0 = c->B0, d->B1 = c->B1;
+    d->team = 1;
+    while (d->team < c->B0 && d->team < 32) d->team <<= 1;
+    d->numel = numel;
+    d->n_blocks = lq_nf_block_count(numel, c);
+    d->n_groups = lq_nf_group_count(numel, c);
+    const float *table = lq_nf_code_table(c->b0);
+    int n = 1 << c->b0;
+    for (int i = 0; i < n; i++) d->table[i] = table[i];
+    for (int i = 0; i + 1 < n; i++) d->midpoints[i] = (table[i] + table[i + 1]) * 0.5f;
+}
+
+// Thread blocks for `items` work items handled `per_block` at a time, capped.
+static inline unsigned lq_nf_grid(unsigned long long items, unsigned long long per_block) {
+    unsigned long long blocks = (items + per_block - 1) / per_block;
+    if (blocks < 1) blocks = 1;
+    return (unsigned)(blocks < LQ_NF_MAX_GRID ? blocks : LQ_NF_MAX_GRID);
+}
+
+// ---------- reductions ----------
+
+// Sum of one double per thread over the thread block; the result is valid in thread 0.
+// The order is fixed by the launch shape, so equal launches give equal sums.
+__device__ static inline double lq_nf_block_sum(double value) {
+    __shared__ double warp_sums[LQ_NF_THREADS / 32];
+    for (int offset = 16; offset > 0; offset >>= 1)
+        value += __shfl_down_sync(LQ_NF_FULL_MASK, value, offset);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = value;
+    __syncthreads();
+    double total = 0.0;
+    if (threadIdx.x == 0)
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) total += warp_sums[i];
+    return total;
+}
+
+// ---------- kernels ----------
+
+// Teams of `team` lanes (a power of two <= 32) each take one block; a warp holds 32/team
+// teams and walks the blocks in warp-uniform strides, so every lane reaches the shuffles.
+struct lq_nf_teams {
+    unsigned member;                // lane within the team
+    unsigned long long first, step; // this thread's first block and the stride
+};
+
+__device__ static inline struct lq_nf_teams lq_nf_teams_of(int team) {
+    struct lq_nf_teams t;
+    const unsigned lane = threadIdx.x & 31u, per_warp = 32u / (unsigned)team;
+    const unsigned long long warp =
+        (unsigned long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    t.member = lane & (unsigned)(team - 1);
+    t.first = warp * per_warp + lane / (unsigned)team;
+    t.step = (unsigned long long)gridDim.x * (blockDim.x >> 5) * per_warp;
+    return t;
+}
+
+// The teams of a warp share one stride and their first blocks differ by less than 32/team,
+// so looping while the warp's first team has a block keeps the loop warp-uniform.
+__device__ static inline int lq_nf_warp_has_block(unsigned long long block, int team,
+                                                  unsigned long long n_blocks) {
+    return block - (threadIdx.x & 31u) / (unsigned)team < n_blocks;
+}
+
+// 1. Block absmax, the minimum of them into *offset_bits (preset to 0xffffffff by the
+// caller) and the first non-finite index into *first_bad (an atomic minimum).
+__global__ static void lq_nf_absmax_kernel(const float *a, unsigned long long numel, int B0,
+                                           int team, unsigned long long n_blocks, float *absmax,
+                                           unsigned *offset_bits, unsigned long long *first_bad) {
+    unsigned smallest = 0xffffffffu;
+    const struct lq_nf_teams t = lq_nf_teams_of(team);
+    for (unsigned long long block = t.first; lq_nf_warp_has_block(block, team, n_blocks);
+         block += t.step) {
+        float m = 0.0f;
+        if (block < n_blocks) {
+            unsigned long long begin = block * (unsigned long long)B0;
+            unsigned long long end = begin + (unsigned long long)B0;
+            if (end > numel) end = numel;
+            for (unsigned long long i = begin + t.member; i < end; i += (unsigned)team) {
+                float v = fabsf(a[i]);
+                if (!(v <= FLT_MAX)) atomicMin(first_bad, i);
+                m = v > m ? v : m;
+            }
+        }
+        for (int s = team >> 1; s > 0; s >>= 1) {
+            float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
+            m = other > m ? other : m;
+        }
+        if (block < n_blocks) {
+            if (t.member == 0) absmax[block] = m;
+            unsigned bits = __float_as_uint(m);
+            smallest = bits < smallest ? bits : smallest;
+        }
+    }
+    for (int s = 16; s > 0; s >>= 1) {
+        unsigned other = __shfl_xor_sync(LQ_NF_FULL_MASK, smallest, s);
+        smallest = other < smallest ? other : smallest;
+    }
+    __shared__ unsigned warp_min[LQ_NF_THREADS / 32];
+    if ((threadIdx.x & 31) == 0) warp_min[threadIdx.x >> 5] = smallest;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int i = 1; i < (int)(blockDim.x >> 5); i++)
+            smallest = warp_min[i] < smallest ? warp_min[i] : smallest;
+        if (smallest != 0xffffffffu) atomicMin(offset_bits, smallest);
+    }
+}
+
+// 2. One warp per group: the stored range, then each block's reconstructed scale. A range
+// that overflows b2 records the group in *bad_group (atomic minimum: the first, as core
+// reports) and keeps the unrounded range in group_scale for the message.
+__global__ static void lq_nf_group_kernel(const float *absmax, unsigned long long n_blocks,
+                                          unsigned long long n_groups, int B1, int b1, int b2,
+                                          const unsigned *offset_bits, float *group_scale,
+                                          float *block_scale, unsigned long long *bad_group) {
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned long long warp =
+        (unsigned long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const unsigned long long warps = (unsigned long long)gridDim.x * (blockDim.x >> 5);
+    const float offset = __uint_as_float(*offset_bits);
+    const unsigned levels = (1u << b1) - 1u;
+    for (unsigned long long group = warp; group < n_groups; group += warps) {
+        unsigned long long begin = group * (unsigned long long)B1;
+        unsigned long long end = begin + (unsigned long long)B1;
+        if (end > n_blocks) end = n_blocks;
+        float range = 0.0f;
+        for (unsigned long long b = begin + lane; b < end; b += 32) {
+            float d = lq_nf_sub(absmax[b], offset);
+            range = d > range ? d : range;
+        }
+        for (int s = 16; s > 0; s >>= 1) {
+            float other = __shfl_xor_sync(LQ_NF_FULL_MASK, range, s);
+            range = other > range ? other : range;
+        }
+        float stored = lq_nf_round_scale(range, b2);
+        if (!isfinite(stored)) {
+            if (lane == 0) {
+                atomicMin(bad_group, group);
+                group_scale[group] = range;
+            }
+            continue;
+        }
+        if (lane == 0) group_scale[group] = stored;
+        for (unsigned long long b = begin + lane; b < end; b += 32) {
+            // A group whose blocks all equal the minimum has range 0: code 0 is exact there.
+            unsigned code =
+                stored > 0.0f ? lq_nf_scale_code(absmax[b], offset, stored, levels) : 0u;
+            block_scale[b] = lq_nf_block_scale(offset, code, stored, b1);
+        }
+    }
+}
+
+// 3. out = table[code]·ŝ for every value. With WITH_ERROR, also the sum over this thread
+// block of F·(w − out − lowrank)² in double (F = 1 without fisher, lowrank = 0 without
+// lowrank), core's error_pass for the new Q, into partials[blockIdx.x].
+template <bool WITH_ERROR>
+__global__ static void
+lq_nf_values_kernel(const float *a, const __grid_constant__ lq_nf_device_config cfg,
+                    const float *block_scale, float *out, const float *w, const float *lowrank,
+                    const float *fisher, double *partials) {
+    __shared__ float table[256], midpoints[256];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        table[i] = cfg.table[i], midpoints[i] = cfg.midpoints[i];
+    __syncthreads();
+    double sum = 0.0;
+    const struct lq_nf_teams t = lq_nf_teams_of(cfg.team);
+    // No shuffles here: each thread simply walks its own blocks.
+    for (unsigned long long block = t.first; block < cfg.n_blocks; block += t.step) {
+        const float scale = block_scale[block];
+        unsigned long long begin = block * (unsigned long long)cfg.B0;
+        unsigned long long end = begin + (unsigned long long)cfg.B0;
+        if (end > cfg.numel) end = cfg.numel;
+        for (unsigned long long i = begin + t.member; i < end; i += (unsigned)cfg.team) {
+            float v = lq_nf_value(a[i], scale, table, midpoints, cfg.b0);
+            out[i] = v;
+            if (WITH_ERROR) {
+                double d = (double)w[i] - (double)v;
+                if (lowrank) d -= (double)lowrank[i];
+                sum += (fisher ? (double)fisher[i] : 1.0) * d * d;
+            }
+        }
+    }
+    if (WITH_ERROR) {
+        double total = lq_nf_block_sum(sum);
+        if (threadIdx.x == 0) partials[blockIdx.x] = total;
+    }
+}
+
+#endif

@@ -1,0 +1,242 @@
+// The element-wise and row-wise ops of the CUDA backend: embed, rmsnorm, rope, swiglu, add.
+//
+// Design. Each op is one launch on cuda->stream and matches kernels/cpu/backend_cpu.c to
+// within a float rounding or two, since the daemon's tests compare the two backends:
+//   - embed: one block per output row copies table[ids[i]] (ids staged to LQ_CUDA_STAGE_0).
+//   - rmsnorm: one block per row; the sum of squares is taken in double as on the CPU (each
+//     square of a float is exact in double, so only the summation order differs), and the
+//     scale is formed in double and rounded once, like the CPU's.
+//   - rope: one block per token (positions staged to LQ_CUDA_STAGE_0). The block first builds
+//     the token's head_dim/2 cos/sin pairs in shared memory, with the angle, pow and sincos
+//     in double exactly as the CPU writes them (float angles lose the phase at long
+//     positions), then rotates every head with them. The rotation is rounded step by step
+//     (no fused multiply-add) to give the CPU's bits.
+//   - swiglu, add: grid-stride loops over float4 when both arrays are 16-byte aligned, with a
+//     scalar tail; plain float loops otherwise.
+// Row kernels also use float4 when the row length is a multiple of 4 and the arrays are
+// aligned. Every output element is written by exactly one thread.
+#include <math.h>
+#include <stdint.h>
+
+#include "kernels/cuda/cuda_internal.h"
+
+namespace {
+
+constexpr int MAX_THREADS = 256; // a row kernel's block; element-wise kernels use it too
+
+bool aligned16(const void *pointer) {
+    return ((uintptr_t)pointer & 15) == 0;
+}
+
+// Threads for a block walking `units` items of one row: whole warps, 32..MAX_THREADS, so
+// short rows do not launch idle warps.
+int row_threads(int units) {
+    int threads = (units + 31) / 32 * 32;
+    return threads < 32 ? 32 : threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
+// Blocks for a grid-stride loop over `units` items: enough for every item up to a few waves
+// per SM; the loop takes what is beyond.
+unsigned stride_blocks(const struct lq_cuda *cuda, size_t units) {
+    size_t blocks = (units + MAX_THREADS - 1) / MAX_THREADS;
+    size_t cap = (size_t)(cuda->sm_count > 0 ? cuda->sm_count : 1) * 16;
+    if (blocks > cap) blocks = cap;
+    return blocks < 1 ? 1u : (unsigned)blocks;
+}
+
+// ---------- embed ----------
+
+__global__ void embed_rows(const float *table, const int *ids, int dim, int vec, float *out) {
+    const size_t row = blockIdx.x;
+    const float *src = table + (size_t)ids[row] * dim;
+    float *dst = out + row * dim;
+    if (vec) {
+        const float4 *src4 = (const float4 *)src;
+        float4 *dst4 = (float4 *)dst;
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) dst4[i] = src4[i];
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+// ---------- rmsnorm ----------
+
+// The sum of every thread's `value` in the block, returned to all threads. `shared` holds one
+// double per warp.
+__device__ double block_sum(double value, double *shared) {
+    for (int offset = 16; offset > 0; offset >>= 1)
+        value += __shfl_xor_sync(0xffffffffu, value, offset);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) shared[warp] = value;
+    __syncthreads();
+    double total = 0.0;
+    for (int i = 0; i < warps; i++) total += shared[i];
+    return total;
+}
+
+__global__ void rmsnorm_rows(const float *x, const float *weight, int dim, float eps, int vec,
+                             float *out) {
+    __shared__ double warp_sums[MAX_THREADS / 32];
+    const float *row = x + (size_t)blockIdx.x * dim;
+    float *y = out + (size_t)blockIdx.x * dim;
+
+    double sum = 0.0;
+    if (vec) {
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            float4 v = ((const float4 *)row)[i];
+            sum += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) sum += (double)row[i] * row[i];
+    }
+    sum = block_sum(sum, warp_sums);
+    // the CPU's formula: double mean plus eps, one rounding to float
+    const float scale = (float)(1.0 / sqrt(sum / dim + eps));
+
+    // (x * scale) * weight, in the CPU's order; two products, so nothing is fused
+    if (vec) {
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            float4 v = ((const float4 *)row)[i], w = ((const float4 *)weight)[i];
+            ((float4 *)y)[i] = make_float4(v.x * scale * w.x, v.y * scale * w.y, v.z * scale * w.z,
+                                           v.w * scale * w.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) y[i] = row[i] * scale * weight[i];
+    }
+}
+
+// ---------- rope ----------
+
+// Token blockIdx.x: cos/sin of its head_dim/2 angles into shared memory, then every head's
+// pairs (k, k + half) rotated with them. Dynamic shared memory: 2 * half floats.
+__global__ void rope_rows(float *x, const int *positions, int heads, int head_dim, float theta) {
+    extern __shared__ float table[]; // cos[half], then sin[half]
+    const int half = head_dim / 2;
+    const int position = positions[blockIdx.x];
+    for (int k = threadIdx.x; k < half; k += blockDim.x) {
+        // written as the CPU writes it, so that both round the same way
+        double angle = position * pow((double)theta, -2.0 * k / head_dim);
+        double s, c;
+        sincos(angle, &s, &c);
+        table[k] = (float)c;
+        table[half + k] = (float)s;
+    }
+    __syncthreads();
+
+    float *token = x + (size_t)blockIdx.x * heads * head_dim;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        const int h = i / half, k = i - h * half;
+        float *v = token + (size_t)h * head_dim;
+        const float c = table[k], s = table[half + k];
+        const float x0 = v[k], x1 = v[k + half];
+        // each product rounded on its own like the CPU's; a fused form differs in the last bit
+        v[k] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+        v[k + half] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+    }
+}
+
+// ---------- swiglu, add ----------
+
+__device__ float silu_times(float gate, float up) {
+    return gate / (1.0f + expf(-gate)) * up; // the CPU's expression, IEEE division
+}
+
+// gate = silu(gate) * up. vec: both arrays 16-byte aligned, so the first count/4*4 elements
+// go as float4 and the rest one by one.
+__global__ void swiglu_elements(float *gate, const float *up, size_t count, int vec) {
+    const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    const size_t quads = vec ? count / 4 : 0;
+    for (size_t i = first; i < quads; i += stride) {
+        float4 g = ((float4 *)gate)[i];
+        const float4 u = ((const float4 *)up)[i];
+        g.x = silu_times(g.x, u.x);
+        g.y = silu_times(g.y, u.y);
+        g.z = silu_times(g.z, u.z);
+        g.w = silu_times(g.w, u.w);
+        ((float4 *)gate)[i] = g;
+    }
+    for (size_t i = quads * 4 + first; i < count; i += stride) gate[i] = silu_times(gate[i], up[i]);
+}
+
+// x += y, laid out like swiglu_elements.
+__global__ void add_elements(float *x, const float *y, size_t count, int vec) {
+    const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    const size_t quads = vec ? count / 4 : 0;
+    for (size_t i = first; i < quads; i += stride) {
+        float4 a = ((float4 *)x)[i];
+        const float4 b = ((const float4 *)y)[i];
+        a.x += b.x;
+        a.y += b.y;
+        a.z += b.z;
+        a.w += b.w;
+        ((float4 *)x)[i] = a;
+    }
+    for (size_t i = quads * 4 + first; i < count; i += stride) x[i] += y[i];
+}
+
+} // namespace
+
+// ---------- the ops ----------
+
+int lq_cuda_embed(struct lq_backend *backend, const float *table, int dim, const int *ids, int n,
+                  float *out) {
+    if (n <= 0 || dim <= 0) return n < 0 || dim < 0 ? LQ_EINVAL : LQ_OK;
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    void *device_ids = NULL;
+    int rc = lq_cuda_stage(cuda, LQ_CUDA_STAGE_0, ids, (size_t)n * sizeof(int), &device_ids);
+    if (rc) return rc;
+    const int vec = dim % 4 == 0 && aligned16(table) && aligned16(out);
+    embed_rows<<<n, row_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(
+        table, (const int *)device_ids, dim, vec, out);
+    LQ_CUDA_LAUNCHED("embed");
+    return LQ_OK;
+}
+
+int lq_cuda_rmsnorm(struct lq_backend *backend, const float *x, const float *weight, int n, int dim,
+                    float eps, float *out) {
+    if (n <= 0 || dim <= 0) return n < 0 || dim < 0 ? LQ_EINVAL : LQ_OK;
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const int vec = dim % 4 == 0 && aligned16(x) && aligned16(weight) && aligned16(out);
+    rmsnorm_rows<<<n, row_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(x, weight, dim, eps, vec,
+                                                                           out);
+    LQ_CUDA_LAUNCHED("rmsnorm");
+    return LQ_OK;
+}
+
+int lq_cuda_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
+                 const int *positions, float theta) {
+    if (n < 0 || heads < 0 || head_dim < 0) return LQ_EINVAL;
+    const int half = head_dim / 2;
+    if (n == 0 || heads == 0 || half == 0) return LQ_OK; // nothing rotates
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    void *device_positions = NULL;
+    int rc =
+        lq_cuda_stage(cuda, LQ_CUDA_STAGE_0, positions, (size_t)n * sizeof(int), &device_positions);
+    if (rc) return rc;
+    rope_rows<<<n, row_threads(heads * half), 2 * (size_t)half * sizeof(float), cuda->stream>>>(
+        x, (const int *)device_positions, heads, head_dim, theta);
+    LQ_CUDA_LAUNCHED("rope");
+    return LQ_OK;
+}
+
+int lq_cuda_swiglu(struct lq_backend *backend, float *gate, const float *up, size_t count) {
+    if (count == 0) return LQ_OK;
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const int vec = aligned16(gate) && aligned16(up);
+    swiglu_elements<<<stride_blocks(cuda, vec ? count / 4 + 4 : count), MAX_THREADS, 0,
+                      cuda->stream>>>(gate, up, count, vec);
+    LQ_CUDA_LAUNCHED("swiglu");
+    return LQ_OK;
+}
+
+int lq_cuda_add(struct lq_backend *backend, float *x, const float *y, size_t count) {
+    if (count == 0) return LQ_OK;
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const int vec = aligned16(x) && aligned16(y);
+    add_elements<<<stride_blocks(cuda, vec ? count / 4 + 4 : count), MAX_THREADS, 0,
+                   cuda->stream>>>(x, y, count, vec);
+    LQ_CUDA_LAUNCHED("add");
+    return LQ_OK;
+}

@@ -1,0 +1,380 @@
+/* GPU figures for a model of LLaMA-2-7B's shapes (dim 4096, hidden 11008, 32 layers, 32 heads,
+ * vocab 32000, untied head) held LQ-compressed on the GPU, random weights (speed does not
+ * depend on their values; the packed codes are random bytes, the scales valid):
+ *
+ *   decode   tokens/s at batch 1, 8, 32, 64 (lq_forward_batch, logits copied to the host each
+ *            step as the daemon does), against the memory-bandwidth limit: bytes read per step
+ *            (packed Q, L1, L2, the fp32 head, norms, the KV cache) over the measured
+ *            device-to-device copy bandwidth (bytes read + written);
+ *   prefill  tokens/s and TFLOP/s of one 512-token prompt;
+ *   decomposition  ms per LQ iteration (rank 64) on 4096 x 4096 and 4096 x 11008, and the time
+ *            of one error-table row over a sample of the 243-configuration grid, extrapolated
+ *            to the whole 7B table (224 matrices x 243 configurations).
+ *
+ * Two allocations are measured: ~3 bits (every matrix NF3 with double quantization, (3, 8,
+ * fp32, 64, 256) = 3.127 bits) and ~2.75 bits (k, v and up at (2, 8, fp32, 64, 256), the rest
+ * NF3: 2.74 bits, the kind of mix the ILP picks). Prints figures; exit 1 only on errors, 77
+ * without a GPU. Also each linear layer alone at several batch sizes.
+ * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--table-sample K] */
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/forward.h"
+#include "core/lq.h"
+#include "core/rng.h"
+#include "kernels/backend.h"
+
+static double copy_bw; /* measured, bytes per second */
+
+enum { DIM = 4096, HIDDEN = 11008, HEADS = 32, VOCAB = 32000, RANK = 64, CONTEXT = 1024 };
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static float *normal_array(struct lq_rng *rng, size_t count, float scale) {
+    float *a = malloc(count * sizeof *a);
+    if (!a) return NULL;
+    for (size_t i = 0; i < count; i++) a[i] = scale * (float)(lq_rng_uniform(rng) * 2.0 - 1.0);
+    return a;
+}
+
+static uint8_t *random_bytes(struct lq_rng *rng, size_t count) {
+    uint8_t *b = malloc(count + 8);
+    if (!b) return NULL;
+    for (size_t i = 0; i < count; i += 8) {
+        uint64_t word = lq_rng_next(rng);
+        memcpy(b + i, &word, 8);
+    }
+    return b;
+}
+
+/* A packed LQ matrix with random codes and valid scales, plus rank-64 factors. */
+static int random_lq(struct lq_rng *rng, int rows, int cols, struct lq_nf_config c,
+                     struct lq_linear *w) {
+    memset(w, 0, sizeof *w);
+    w->rows = rows, w->cols = cols, w->is_lq = 1, w->rank = RANK;
+    struct lq_nf_matrix *q = &w->q;
+    q->config = c, q->rows = (size_t)rows, q->cols = (size_t)cols;
+    q->codes = random_bytes(rng, lq_nf_codes_bytes(q));
+    q->scale_codes = random_bytes(rng, lq_nf_scale_codes_bytes(q));
+    size_t groups = lq_nf_group_count((size_t)rows * cols, &c);
+    q->group_scales = malloc(groups * 4 + 8);
+    for (size_t g = 0; q->group_scales && g < groups; g++) {
+        float scale = 0.02f;
+        memcpy(q->group_scales + 4 * g, &scale, 4); /* the configs here store fp32 scales */
+    }
+    q->scale_offset = 0.001f;
+    w->lora_A = normal_array(rng, (size_t)RANK * cols, 0.01f);
+    w->lora_B = normal_array(rng, (size_t)rows * RANK, 0.01f);
+    return q->codes && q->scale_codes && q->group_scales && w->lora_A && w->lora_B ? 0 : -1;
+}
+
+static size_t linear_bytes(const struct lq_linear *w) {
+    return lq_nf_matrix_bytes(&w->q) + (size_t)w->rank * (w->rows + w->cols) * sizeof(float);
+}
+
+static struct lq_model *build_model(int layers, int mixed, struct lq_rng *rng, double *bits) {
+    struct lq_model *m = calloc(1, sizeof *m);
+    struct lq_model_config *c = &m->config;
+    *c = (struct lq_model_config){DIM,  layers,   HEADS, HEADS, DIM / HEADS, HIDDEN, VOCAB,
+                                  4096, 10000.0f, 1e-5f, 0,     1,           2};
+    m->embed = normal_array(rng, (size_t)VOCAB * DIM, 0.02f);
+    m->lm_head = normal_array(rng, (size_t)VOCAB * DIM, 0.02f);
+    m->final_norm = normal_array(rng, DIM, 1.0f);
+    m->layers = calloc((size_t)layers, sizeof *m->layers);
+    m->is_lq = 1;
+    const struct lq_nf_config nf3 = {3, 8, LQ_SCALE_FP32, 64, 256};
+    const struct lq_nf_config nf2 = {2, 8, LQ_SCALE_FP32, 64, 256};
+    double total_bits = 0, params = 0;
+    for (int l = 0; l < layers; l++) {
+        m->layers[l].attn_norm = normal_array(rng, DIM, 1.0f);
+        m->layers[l].ffn_norm = normal_array(rng, DIM, 1.0f);
+        for (int k = 0; k < LQ_LINEARS_PER_LAYER; k++) {
+            int rows = k == LQ_GATE_PROJ || k == LQ_UP_PROJ ? HIDDEN : DIM;
+            int cols = k == LQ_DOWN_PROJ ? HIDDEN : DIM;
+            int low = mixed && (k == LQ_K_PROJ || k == LQ_V_PROJ || k == LQ_UP_PROJ);
+            struct lq_nf_config cfg = low ? nf2 : nf3;
+            if (random_lq(rng, rows, cols, cfg, &m->layers[l].linear[k])) return NULL;
+            total_bits += lq_nf_storage_bits((size_t)rows * cols, &cfg);
+            params += (double)rows * cols;
+        }
+    }
+    *bits = total_bits / params;
+    return m;
+}
+
+/* Device-to-device copy bandwidth, bytes read + written per second (median of 20). */
+static double copy_bandwidth(void) {
+    size_t bytes = (size_t)2 << 30;
+    void *a = NULL, *b = NULL;
+    if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
+    cudaMemset(a, 1, bytes);
+    cudaEvent_t start, stop;
+    cudaEventCreate(&start), cudaEventCreate(&stop);
+    float times[20];
+    for (int i = 0; i < 23; i++) {
+        cudaEventRecord(start, 0);
+        cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+        cudaEventRecord(stop, 0);
+        cudaEventSynchronize(stop);
+        if (i >= 3) cudaEventElapsedTime(&times[i - 3], start, stop);
+    }
+    for (int i = 0; i < 20; i++) /* insertion sort for the median */
+        for (int j = i; j > 0 && times[j] < times[j - 1]; j--) {
+            float t = times[j];
+            times[j] = times[j - 1], times[j - 1] = t;
+        }
+    cudaFree(a), cudaFree(b);
+    cudaEventDestroy(start), cudaEventDestroy(stop);
+    return 2.0 * (double)bytes / (times[10] * 1e-3);
+}
+
+static int decode(struct lq_runtime *runtime, const struct lq_model *m, int batch_size,
+                  double bandwidth, struct lq_error *err) {
+    struct lq_session *sessions[64] = {0};
+    struct lq_batch *batch = NULL;
+    float *logits = malloc((size_t)batch_size * VOCAB * sizeof *logits);
+    int rc = lq_batch_create(runtime, batch_size, &batch, err);
+    const int prompt = 64, warmup = 3, steps = 32;
+    int tokens[64];
+    for (int i = 0; i < batch_size && !rc; i++) {
+        rc = lq_session_create(runtime, CONTEXT, prompt, &sessions[i], err);
+        int ids[64];
+        for (int t = 0; t < prompt; t++) ids[t] = (t * 97 + i * 13) % VOCAB;
+        if (!rc) rc = lq_session_forward(sessions[i], ids, prompt, 0, logits, err);
+    }
+    double start = 0;
+    for (int step = 0; step < warmup + steps && !rc; step++) {
+        if (step == warmup) start = now();
+        for (int i = 0; i < batch_size; i++) tokens[i] = (step * 31 + i * 7) % VOCAB;
+        rc = lq_forward_batch(batch, sessions, tokens, batch_size, logits, err);
+    }
+    if (!rc) {
+        double seconds = (now() - start) / steps;
+        size_t bytes = (size_t)VOCAB * DIM * 4 + DIM * 4; /* head and final norm */
+        for (int l = 0; l < m->config.n_layers; l++) {
+            bytes += 2 * DIM * 4;
+            for (int k = 0; k < LQ_LINEARS_PER_LAYER; k++)
+                bytes += linear_bytes(&m->layers[l].linear[k]);
+        }
+        double average_position = prompt + warmup + steps / 2.0;
+        bytes += (size_t)(batch_size * average_position * DIM * 4.0 * 2 * m->config.n_layers);
+        double limit = bandwidth / (double)bytes; /* steps per second at full bandwidth */
+        printf("decode batch %2d: %8.1f tokens/s, %6.2f ms/step; %.2f GB read per step, "
+               "bandwidth limit %.1f steps/s: %.0f%% of it\n",
+               batch_size, batch_size / seconds, seconds * 1e3, bytes / 1e9, limit,
+               100.0 / seconds / limit);
+    }
+    for (int i = 0; i < batch_size; i++) lq_session_free(sessions[i]);
+    lq_batch_free(batch);
+    free(logits);
+    return rc;
+}
+
+static int prefill(struct lq_runtime *runtime, const struct lq_model *m, struct lq_error *err) {
+    const int n = 512;
+    struct lq_session *s = NULL;
+    float *logits = malloc(VOCAB * sizeof *logits);
+    int ids[512];
+    for (int t = 0; t < n; t++) ids[t] = (t * 101) % VOCAB;
+    int rc = lq_session_create(runtime, CONTEXT, n, &s, err);
+    double best = 1e30;
+    for (int round = 0; round < 4 && !rc; round++) {
+        lq_session_reset(s);
+        double start = now();
+        rc = lq_session_forward(s, ids, n, 0, logits, err);
+        double seconds = now() - start;
+        if (round > 0 && seconds < best) best = seconds; /* round 0 warms up */
+    }
+    if (!rc) {
+        double params = 0;
+        for (int l = 0; l < m->config.n_layers; l++)
+            for (int k = 0; k < LQ_LINEARS_PER_LAYER; k++)
+                params += (double)m->layers[l].linear[k].rows * m->layers[l].linear[k].cols;
+        /* linears at 2 flops per weight per token, plus causal attention (QKᵀ and PV) */
+        double flops =
+            2.0 * params * n + 2.0 * 2.0 * m->config.n_layers * DIM * (n * (n + 1) / 2.0);
+        printf("prefill %d tokens: %.3f s, %.0f tokens/s, %.1f TFLOP/s\n", n, best, n / best,
+               flops / best / 1e12);
+    }
+    lq_session_free(s);
+    free(logits);
+    return rc;
+}
+
+/* One linear layer alone: microseconds per call (host clock over 50 queued calls, so launch
+ * costs count as in a forward pass) and the bandwidth its bytes imply. */
+static int linear_alone(struct lq_backend *gpu, struct lq_error *err) {
+    struct lq_rng rng;
+    lq_rng_seed(&rng, 3);
+    const int shapes[3][2] = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
+    const struct lq_nf_config configs[2] = {{2, 8, LQ_SCALE_FP32, 64, 256},
+                                            {3, 8, LQ_SCALE_FP32, 64, 256}};
+    const int batches[] = {1, 2, 4, 8, 9, 16, 32, 64, 512};
+    float *x = NULL, *y = NULL;
+    if (gpu->ops->buffer_alloc(gpu, (size_t)512 * 11008 * 4, (void **)&x, err) ||
+        gpu->ops->buffer_alloc(gpu, (size_t)512 * 11008 * 4, (void **)&y, err))
+        return -1;
+    float *host = normal_array(&rng, (size_t)512 * 11008, 1.0f);
+    gpu->ops->copy_to_device(gpu, x, host, (size_t)512 * 11008 * 4);
+    free(host);
+    for (int s = 0; s < 3; s++)
+        for (int c = 0; c < 2; c++) {
+            struct lq_linear w;
+            if (random_lq(&rng, shapes[s][0], shapes[s][1], configs[c], &w) ||
+                gpu->ops->linear_prepare(gpu, &w, err))
+                return -1;
+            printf("linear %5d x %5d b0=%d rank %d (%.1f MB):", w.rows, w.cols, configs[c].b0, RANK,
+                   linear_bytes(&w) / 1e6);
+            for (size_t b = 0; b < sizeof batches / sizeof batches[0]; b++) {
+                const int n = batches[b], calls = 50;
+                for (int i = 0; i < 5; i++) gpu->ops->linear(gpu, &w, x, n, y);
+                gpu->ops->synchronize(gpu, err);
+                double start = now();
+                for (int i = 0; i < calls; i++) gpu->ops->linear(gpu, &w, x, n, y);
+                if (gpu->ops->synchronize(gpu, err)) return -1;
+                double us = (now() - start) / calls * 1e6;
+                printf(" n%d %.0fus", n, us);
+                if (n == 1)
+                    printf(" (%.0f%% of copy bw)",
+                           100.0 * linear_bytes(&w) / (us * 1e-6) / copy_bw);
+            }
+            printf("\n");
+            gpu->ops->linear_release(gpu, &w);
+            lq_linear_free(&w);
+        }
+    gpu->ops->buffer_free(gpu, x), gpu->ops->buffer_free(gpu, y);
+    return 0;
+}
+
+static int decomposition(struct lq_backend *gpu, int table_sample, struct lq_error *err) {
+    struct lq_rng rng;
+    lq_rng_seed(&rng, 7);
+    const int shapes[2][2] = {{4096, 4096}, {4096, 11008}};
+    double row_seconds[2] = {0, 0};
+    for (int s = 0; s < 2; s++) {
+        size_t rows = (size_t)shapes[s][0], cols = (size_t)shapes[s][1];
+        float *w = malloc(rows * cols * sizeof *w);
+        lq_rng_fill_normal(&rng, w, rows * cols);
+        for (size_t i = 0; i < rows * cols; i++) w[i] *= 0.02f;
+        struct lq_nf_config nf3 = {3, 8, LQ_SCALE_FP32, 64, 256};
+        struct lq_decompose_options o;
+        lq_decompose_options_default(&o);
+        o.rank = RANK;
+        o.min_improvement = 0;
+        double t[2];
+        int iters[2];
+        const int steps[2] = {1, 6};
+        for (int k = 0; k < 2; k++) {
+            struct lq_decomposition d;
+            o.max_iters = steps[k];
+            if (k == 0 && gpu->ops->decompose(gpu, w, rows, cols, &nf3, &o, &d, err)) return -1;
+            if (k == 0) lq_decomposition_free(&d); /* warm-up: handles, workspaces */
+            double start = now();
+            if (gpu->ops->decompose(gpu, w, rows, cols, &nf3, &o, &d, err)) return -1;
+            t[k] = now() - start, iters[k] = d.iters;
+            lq_decomposition_free(&d);
+        }
+        double per_iter = iters[1] > iters[0] ? (t[1] - t[0]) / (iters[1] - iters[0]) : t[1];
+        printf("LQ iteration %zu x %zu rank %d: %.2f ms (%d and %d steps took %.1f and %.1f ms)\n",
+               rows, cols, RANK, per_iter * 1e3, iters[0], iters[1], t[0] * 1e3, t[1] * 1e3);
+
+        /* an error-table row over every table_sample-th configuration of Table 1 */
+        struct lq_nf_config grid[LQ_NF_TABLE1_SIZE], sample[LQ_NF_TABLE1_SIZE];
+        uint64_t seeds[LQ_NF_TABLE1_SIZE];
+        double errors[LQ_NF_TABLE1_SIZE];
+        lq_nf_grid_table1(grid);
+        size_t count = 0;
+        for (size_t g = 0; g < LQ_NF_TABLE1_SIZE; g += (size_t)table_sample)
+            seeds[count] = g, sample[count++] = grid[g];
+        lq_decompose_options_default(&o);
+        o.rank = RANK;
+        double start = now();
+        if (gpu->ops->decompose_errors(gpu, w, rows, cols, sample, seeds, count, &o, errors, err))
+            return -1;
+        double seconds = now() - start;
+        row_seconds[s] = seconds / count * LQ_NF_TABLE1_SIZE;
+        printf("error-table row %zu x %zu: %zu configurations (T = %d, stop when the error stops "
+               "falling) in %.2f s: %.1f ms each, %.1f s for all 243\n",
+               rows, cols, count, o.max_iters, seconds, seconds / count * 1e3, row_seconds[s]);
+        free(w);
+    }
+    /* per layer: q, k, v, o are 4096 x 4096; gate, up, down 11008 x 4096 (same cost as 4096 x
+     * 11008 up to the transpose) */
+    double total = 32 * (4 * row_seconds[0] + 3 * row_seconds[1]);
+    printf("whole 7B error table (224 x 243), extrapolated from the rows above: %.1f min\n",
+           total / 60.0);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    int layers = 32, skip_decompose = 0, table_sample = 9, skip_models = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
+            layers = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--skip-decompose") == 0)
+            skip_decompose = 1;
+        else if (strcmp(argv[i], "--skip-models") == 0)
+            skip_models = 1;
+        else if (strcmp(argv[i], "--table-sample") == 0 && i + 1 < argc)
+            table_sample = atoi(argv[++i]);
+    }
+    struct lq_error err = {0};
+    struct lq_backend *gpu = NULL;
+    if (lq_backend_cuda_create(0, 0, &gpu, &err)) {
+        printf("SKIP: %s\n", err.message);
+        return 77;
+    }
+    struct cudaDeviceProp properties;
+    cudaGetDeviceProperties(&properties, 0);
+    double bandwidth = copy_bw = copy_bandwidth();
+    printf("device: %s; copy bandwidth %.2f TB/s (read + write)\n", properties.name,
+           bandwidth / 1e12);
+    struct lq_rng rng;
+    lq_rng_seed(&rng, 1);
+    if (linear_alone(gpu, &err)) {
+        fprintf(stderr, "bench_cuda: linear: %s\n", err.message);
+        return 1;
+    }
+    for (int mixed = 1; mixed >= 0 && !skip_models; mixed--) {
+        double bits = 0;
+        double t0 = now();
+        struct lq_model *m = build_model(layers, mixed, &rng, &bits);
+        struct lq_runtime *runtime = NULL;
+        if (!m || lq_runtime_create(gpu, m, &runtime, &err)) {
+            fprintf(stderr, "bench_cuda: %s\n", m ? err.message : "out of memory");
+            return 1;
+        }
+        struct lq_backend_memory memory;
+        gpu->ops->memory(gpu, &memory);
+        printf("\nmodel: %d layers, %.3f bits/param (%s), rank %d fp32 factors; %.2f GB of "
+               "weights on the GPU; built and uploaded in %.1f s\n",
+               layers, bits, mixed ? "k, v, up NF2 + rest NF3" : "all NF3", RANK,
+               memory.weights / 1e9, now() - t0);
+        const int batches[] = {1, 8, 32, 64};
+        for (int b = 0; b < 4; b++)
+            if (decode(runtime, m, batches[b], bandwidth, &err)) {
+                fprintf(stderr, "bench_cuda: decode: %s\n", err.message);
+                return 1;
+            }
+        if (prefill(runtime, m, &err)) {
+            fprintf(stderr, "bench_cuda: prefill: %s\n", err.message);
+            return 1;
+        }
+        lq_runtime_free(runtime);
+        lq_model_free(m);
+    }
+    if (!skip_decompose && decomposition(gpu, table_sample, &err)) {
+        fprintf(stderr, "bench_cuda: decomposition: %s\n", err.message);
+        return 1;
+    }
+    gpu->ops->destroy(gpu);
+    return 0;
+}

@@ -1,0 +1,34 @@
+#!/bin/sh
+# The GPU checks in one run (what tests/kernels/pack_for_gpu.sh packed into .devrun/): every
+# CUDA op against the CPU op, end to end on the GPU, then the 7B-shaped benchmark. Logs go to
+# $OUT when it is set (the device tool's output folder), else to .devrun/logs.
+root=$(cd "$(dirname "$0")/../.." && pwd)
+run="$root/.devrun"
+logs=${OUT:-$run/logs}
+mkdir -p "$logs"
+[ -d "$run/lib" ] || tar -C "$run" -xJf "$run/lib.tar.xz"
+cuda_libs=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '*/proc/*' 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH="$run/lib:$cuda_libs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export LQD="$run/lqd" LQ_REPO_ROOT="$root" LQ_PPL_TEXT="$run/tinystories_val_subset.txt"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+status=0
+step() { # name, command...
+    name=$1; shift
+    start=$(date +%s)
+    timeout "${STEP_TIMEOUT:-300}" "$@" >"$logs/$name.log" 2>&1
+    rc=$?
+    echo "== $name: exit $rc in $(( $(date +%s) - start )) s"
+    tail -n "${TAIL:-25}" "$logs/$name.log"
+    [ $rc -eq 0 ] || status=1
+}
+case "${1:-all}" in
+all|ops) step cuda_ops "$run/test_cuda_ops" ;;
+esac
+case "${1:-all}" in
+all|e2e) step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
+esac
+case "${1:-all}" in
+all|bench) TAIL=40 step bench_cuda "$run/bench_cuda" ${BENCH_ARGS:-} ;;
+esac
+exit $status

@@ -1,0 +1,423 @@
+/* Every CUDA op against the CPU op (the reference) on fresh random inputs at several shapes,
+ * odd ones included, through the one backend interface both implement. Device outputs are
+ * poisoned with NaN before each run, so an element a kernel never writes fails the check.
+ * Tolerances are relative L2 errors ‖gpu − cpu‖ / ‖cpu‖, stated per path below.
+ * Without a usable GPU (or in a build without CUDA) the test exits 77: meson's "skipped". */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/lq.h"
+#include "core/nf.h"
+#include "core/rng.h"
+#include "kernels/backend.h"
+#include "tests/unit/lq_test.h"
+
+/* fp32 arithmetic in another order (cuBLAS, warp reductions): far under 1e-5. */
+#define TOL_FP32 2e-5
+/* The large-batch LQ path multiplies fp16 tiles on tensor cores (fp32 accumulate). */
+#define TOL_FP16 4e-3
+
+static struct lq_backend *cpu, *gpu;
+static struct lq_rng rng;
+
+static float *random_floats(size_t count, float scale) {
+    float *x = malloc((count ? count : 1) * sizeof *x);
+    lq_rng_fill_normal(&rng, x, count);
+    for (size_t i = 0; i < count; i++) x[i] *= scale;
+    return x;
+}
+
+/* A device buffer holding host data (or NaN poison when host is NULL). */
+static float *device_floats(const float *host, size_t count) {
+    void *buffer = NULL;
+    struct lq_error err = {0};
+    if (gpu->ops->buffer_alloc(gpu, (count ? count : 1) * sizeof(float), &buffer, &err)) {
+        fprintf(stderr, "buffer_alloc: %s\n", err.message);
+        exit(1);
+    }
+    float *staging = malloc((count ? count : 1) * sizeof *staging);
+    for (size_t i = 0; i < count; i++) staging[i] = host ? host[i] : NAN;
+    gpu->ops->copy_to_device(gpu, buffer, staging, count * sizeof(float));
+    free(staging);
+    return buffer;
+}
+
+static float *to_host(const float *device, size_t count) {
+    float *host = malloc((count ? count : 1) * sizeof *host);
+    CHECK_OK(gpu->ops->copy_to_host(gpu, host, device, count * sizeof(float)));
+    return host;
+}
+
+/* ‖a − b‖ / ‖b‖ in double; NaN anywhere (an unwritten output) gives +inf. */
+static double relative_error(const float *a, const float *b, size_t count) {
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < count; i++) {
+        if (!isfinite(a[i]) || !isfinite(b[i])) return INFINITY;
+        double d = (double)a[i] - b[i];
+        diff += d * d, norm += (double)b[i] * b[i];
+    }
+    return norm > 0 ? sqrt(diff / norm) : sqrt(diff);
+}
+
+#define CHECK_CLOSE(gpu_out, cpu_out, count, tolerance, ...)                                       \
+    do {                                                                                           \
+        double lq_rel_ = relative_error((gpu_out), (cpu_out), (count));                            \
+        if (!(lq_rel_ <= (tolerance))) {                                                           \
+            fprintf(stderr, "%s:%d: relative error %.3g > %.1g: ", __FILE__, __LINE__, lq_rel_,    \
+                    (double)(tolerance));                                                          \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fputc('\n', stderr);                                                                   \
+            lq_test_failures++;                                                                    \
+        }                                                                                          \
+    } while (0)
+
+/* ---------- element-wise and row-wise ops ---------- */
+
+static void test_rmsnorm(void) {
+    const int shapes[][2] = {{1, 64}, {7, 4096}, {3, 37}, {33, 288}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int n = shapes[s][0], dim = shapes[s][1];
+        float *x = random_floats((size_t)n * dim, 3.0f), *w = random_floats((size_t)dim, 1.0f);
+        float *ref = malloc((size_t)n * dim * sizeof *ref);
+        cpu->ops->rmsnorm(cpu, x, w, n, dim, 1e-5f, ref);
+        float *dx = device_floats(x, (size_t)n * dim), *dw = device_floats(w, (size_t)dim);
+        float *dout = device_floats(NULL, (size_t)n * dim);
+        CHECK_OK(gpu->ops->rmsnorm(gpu, dx, dw, n, dim, 1e-5f, dout));
+        float *out = to_host(dout, (size_t)n * dim);
+        CHECK_CLOSE(out, ref, (size_t)n * dim, TOL_FP32, "rmsnorm %d x %d", n, dim);
+        gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dw);
+        gpu->ops->buffer_free(gpu, dout);
+        free(x), free(w), free(ref), free(out);
+    }
+}
+
+static void test_embed(void) {
+    const int vocab = 1000, dim = 72, n = 9;
+    float *table = random_floats((size_t)vocab * dim, 1.0f);
+    int ids[9];
+    for (int i = 0; i < n; i++) ids[i] = (int)(lq_rng_next(&rng) % vocab);
+    ids[3] = vocab - 1, ids[4] = 0;
+    float *ref = malloc((size_t)n * dim * sizeof *ref);
+    cpu->ops->embed(cpu, table, dim, ids, n, ref);
+    float *dt = device_floats(table, (size_t)vocab * dim),
+          *dout = device_floats(NULL, (size_t)n * dim);
+    CHECK_OK(gpu->ops->embed(gpu, dt, dim, ids, n, dout));
+    float *out = to_host(dout, (size_t)n * dim);
+    CHECK(memcmp(out, ref, (size_t)n * dim * sizeof *out) == 0);
+    gpu->ops->buffer_free(gpu, dt), gpu->ops->buffer_free(gpu, dout);
+    free(table), free(ref), free(out);
+}
+
+static void test_rope(void) {
+    const int shapes[][3] = {{5, 8, 8}, {3, 32, 128}, {2, 4, 48}, {1, 1, 2}};
+    const float thetas[] = {10000.0f, 500000.0f};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (size_t t = 0; t < 2; t++) {
+            int n = shapes[s][0], heads = shapes[s][1], hd = shapes[s][2];
+            size_t count = (size_t)n * heads * hd;
+            float *x = random_floats(count, 1.0f), *ref = malloc(count * sizeof *ref);
+            int positions[5];
+            for (int i = 0; i < n; i++) positions[i] = (int)(lq_rng_next(&rng) % 32768);
+            positions[0] = 0;
+            memcpy(ref, x, count * sizeof *ref);
+            cpu->ops->rope(cpu, ref, n, heads, hd, positions, thetas[t]);
+            float *dx = device_floats(x, count);
+            CHECK_OK(gpu->ops->rope(gpu, dx, n, heads, hd, positions, thetas[t]));
+            float *out = to_host(dx, count);
+            CHECK_CLOSE(out, ref, count, TOL_FP32, "rope n %d heads %d hd %d theta %g", n, heads,
+                        hd, (double)thetas[t]);
+            gpu->ops->buffer_free(gpu, dx);
+            free(x), free(ref), free(out);
+        }
+}
+
+static void test_swiglu_add(void) {
+    const size_t counts[] = {1, 1023, 4096 * 7 + 3};
+    for (size_t s = 0; s < 3; s++) {
+        size_t count = counts[s];
+        float *gate = random_floats(count, 4.0f), *up = random_floats(count, 1.0f);
+        float *ref = malloc(count * sizeof *ref);
+        memcpy(ref, gate, count * sizeof *ref);
+        cpu->ops->swiglu(cpu, ref, up, count);
+        float *dg = device_floats(gate, count), *du = device_floats(up, count);
+        CHECK_OK(gpu->ops->swiglu(gpu, dg, du, count));
+        float *out = to_host(dg, count);
+        CHECK_CLOSE(out, ref, count, TOL_FP32, "swiglu %zu", count);
+        cpu->ops->add(cpu, ref, up, count);
+        CHECK_OK(gpu->ops->add(gpu, dg, du, count));
+        free(out);
+        out = to_host(dg, count);
+        CHECK_CLOSE(out, ref, count, TOL_FP32, "add %zu", count);
+        gpu->ops->buffer_free(gpu, dg), gpu->ops->buffer_free(gpu, du);
+        free(gate), free(up), free(ref), free(out);
+    }
+}
+
+/* ---------- linear layers ---------- */
+
+/* Runs w on both backends for n random tokens and compares. */
+static void compare_linear(struct lq_linear *w, int n, double tolerance, const char *label) {
+    struct lq_error err = {0};
+    struct lq_linear on_gpu = *w;
+    if (gpu->ops->linear_prepare(gpu, &on_gpu, &err)) {
+        CHECK_MSG(0, "linear_prepare %s: %s", label, err.message);
+        return;
+    }
+    float *x = random_floats((size_t)n * w->cols, 1.0f);
+    float *ref = malloc((size_t)n * w->rows * sizeof *ref);
+    CHECK_OK(cpu->ops->linear(cpu, w, x, n, ref));
+    float *dx = device_floats(x, (size_t)n * w->cols);
+    float *dy = device_floats(NULL, (size_t)n * w->rows);
+    CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, n, dy));
+    float *out = to_host(dy, (size_t)n * w->rows);
+    CHECK_CLOSE(out, ref, (size_t)n * w->rows, tolerance, "%s, n %d", label, n);
+    gpu->ops->linear_release(gpu, &on_gpu);
+    gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dy);
+    free(x), free(ref), free(out);
+}
+
+static void test_linear_dense(void) {
+    const int shapes[][3] = {{37, 53, 1}, {64, 64, 5}, {512, 256, 65}, {300, 129, 3}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        struct lq_linear w = {0};
+        w.rows = shapes[s][0], w.cols = shapes[s][1];
+        w.dense = random_floats((size_t)w.rows * w.cols, 0.1f);
+        char label[64];
+        snprintf(label, sizeof label, "dense %d x %d", w.rows, w.cols);
+        compare_linear(&w, shapes[s][2], TOL_FP32, label);
+        free(w.dense);
+    }
+}
+
+/* An LQ layer: Q = Quantize(random) under c, and random rank-r factors. */
+static int make_lq(int rows, int cols, struct lq_nf_config c, int rank, struct lq_linear *w) {
+    memset(w, 0, sizeof *w);
+    w->rows = rows, w->cols = cols, w->is_lq = 1, w->rank = rank;
+    float *dense = random_floats((size_t)rows * cols, 0.05f);
+    struct lq_error err = {0};
+    int rc = lq_nf_quantize(dense, (size_t)rows, (size_t)cols, &c, &w->q, &err);
+    free(dense);
+    if (rc) {
+        fprintf(stderr, "lq_nf_quantize: %s\n", err.message);
+        return rc;
+    }
+    if (rank > 0) {
+        w->lora_A = random_floats((size_t)rank * cols, 0.05f);
+        w->lora_B = random_floats((size_t)rows * rank, 0.05f);
+    }
+    return 0;
+}
+
+static void test_linear_lq(void) {
+    /* Every b0, block sizes that divide 32, are multiples of it and neither (generic path),
+     * every scale type, partial last blocks and groups, odd shapes. */
+    const struct lq_nf_config configs[] = {
+        {2, 2, LQ_SCALE_BF16, 16, 16},  {3, 3, LQ_SCALE_FP16, 32, 64},
+        {4, 4, LQ_SCALE_FP32, 64, 256}, {8, 8, LQ_SCALE_FP32, 64, 256},
+        {3, 8, LQ_SCALE_FP32, 64, 256}, {2, 4, LQ_SCALE_FP16, 48, 3},
+        {4, 2, LQ_SCALE_BF16, 8, 5},    {3, 1, LQ_SCALE_FP32, 128, 7},
+    };
+    const int shapes[][2] = {{256, 512}, {37, 53}, {96, 4096}};
+    const int batches[] = {1, 3, 8, 9, 64, 100};
+    const int ranks[] = {0, 8};
+    for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++)
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            for (size_t r = 0; r < 2; r++) {
+                struct lq_linear w;
+                if (make_lq(shapes[s][0], shapes[s][1], configs[c], ranks[r], &w)) {
+                    CHECK(0);
+                    continue;
+                }
+                for (size_t b = 0; b < sizeof batches / sizeof batches[0]; b++) {
+                    char label[128], text[64];
+                    snprintf(label, sizeof label, "LQ %s %d x %d rank %d",
+                             lq_nf_config_format(&configs[c], text, sizeof text), w.rows, w.cols,
+                             w.rank);
+                    /* the decode path is fp32; batches beyond it may take fp16 tensor cores */
+                    compare_linear(&w, batches[b], batches[b] <= 8 ? TOL_FP32 : TOL_FP16, label);
+                }
+                lq_linear_free(&w);
+            }
+}
+
+static void test_matmul(void) {
+    const int shapes[][3] = {{1000, 64, 1}, {512, 288, 17}, {33, 7, 2}};
+    for (size_t s = 0; s < 3; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        float *w = random_floats((size_t)rows * cols, 0.1f),
+              *x = random_floats((size_t)n * cols, 1.0f);
+        float *ref = malloc((size_t)n * rows * sizeof *ref);
+        cpu->ops->matmul(cpu, w, rows, cols, x, n, ref);
+        struct lq_error err = {0};
+        const float *dw = NULL;
+        CHECK_OK(gpu->ops->weights_upload(gpu, w, (size_t)rows * cols, &dw, &err));
+        float *dx = device_floats(x, (size_t)n * cols), *dy = device_floats(NULL, (size_t)n * rows);
+        CHECK_OK(gpu->ops->matmul(gpu, dw, rows, cols, dx, n, dy));
+        float *out = to_host(dy, (size_t)n * rows);
+        CHECK_CLOSE(out, ref, (size_t)n * rows, TOL_FP32, "matmul %d x %d, n %d", rows, cols, n);
+        gpu->ops->weights_release(gpu, dw);
+        gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dy);
+        free(w), free(x), free(ref), free(out);
+    }
+}
+
+/* ---------- attention ---------- */
+
+static void test_attention(void) {
+    /* {n, start, heads, kv_heads, head_dim} */
+    const int cases[][5] = {{13, 0, 8, 4, 8},       {1, 500, 8, 4, 8}, {5, 100, 32, 8, 128},
+                            {1, 4095, 32, 32, 128}, {7, 0, 4, 4, 48},  {3, 61, 2, 1, 256},
+                            {64, 0, 32, 8, 64},     {1, 0, 8, 8, 64}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        int n = cases[k][0], start = cases[k][1], heads = cases[k][2], kv = cases[k][3];
+        int hd = cases[k][4], positions = start + n;
+        size_t q_count = (size_t)n * heads * hd, kv_count = (size_t)positions * kv * hd;
+        float *q = random_floats(q_count, 1.0f), *kc = random_floats(kv_count, 1.0f);
+        float *vc = random_floats(kv_count, 1.0f), *ref = malloc(q_count * sizeof *ref);
+        CHECK_OK(cpu->ops->attention(cpu, q, kc, vc, n, start, heads, kv, hd, ref));
+        float *dq = device_floats(q, q_count), *dk = device_floats(kc, kv_count);
+        float *dv = device_floats(vc, kv_count), *dout = device_floats(NULL, q_count);
+        CHECK_OK(gpu->ops->attention(gpu, dq, dk, dv, n, start, heads, kv, hd, dout));
+        float *out = to_host(dout, q_count);
+        CHECK_CLOSE(out, ref, q_count, TOL_FP32, "attention n %d start %d heads %d/%d hd %d", n,
+                    start, heads, kv, hd);
+        gpu->ops->buffer_free(gpu, dq), gpu->ops->buffer_free(gpu, dk);
+        gpu->ops->buffer_free(gpu, dv), gpu->ops->buffer_free(gpu, dout);
+        free(q), free(kc), free(vc), free(ref), free(out);
+    }
+}
+
+static void test_attention_batch(void) {
+    enum { N = 6 };
+    const int heads = 8, kv = 2, hd = 64, context = 3000;
+    const int positions[N] = {0, 1, 17, 2999, 640, 5};
+    size_t kv_dim = (size_t)kv * hd, q_dim = (size_t)heads * hd;
+    float *kc[N], *vc[N], *dkc[N], *dvc[N];
+    for (int i = 0; i < N; i++) {
+        kc[i] = random_floats((size_t)context * kv_dim, 1.0f);
+        vc[i] = random_floats((size_t)context * kv_dim, 1.0f);
+        dkc[i] = device_floats(kc[i], (size_t)context * kv_dim);
+        dvc[i] = device_floats(vc[i], (size_t)context * kv_dim);
+    }
+    float *q = random_floats(N * q_dim, 1.0f), *kn = random_floats(N * kv_dim, 1.0f);
+    float *vn = random_floats(N * kv_dim, 1.0f), *ref = malloc(N * q_dim * sizeof *ref);
+    CHECK_OK(cpu->ops->attention_batch(cpu, q, kn, vn, kc, vc, positions, N, heads, kv, hd, ref));
+    float *dq = device_floats(q, N * q_dim), *dkn = device_floats(kn, N * kv_dim);
+    float *dvn = device_floats(vn, N * kv_dim), *dout = device_floats(NULL, N * q_dim);
+    CHECK_OK(
+        gpu->ops->attention_batch(gpu, dq, dkn, dvn, dkc, dvc, positions, N, heads, kv, hd, dout));
+    float *out = to_host(dout, N * q_dim);
+    CHECK_CLOSE(out, ref, N * q_dim, TOL_FP32, "attention_batch of %d sequences", N);
+    for (int i = 0; i < N; i++) { /* the new rows landed in each cache at its position */
+        float *cache = to_host(dkc[i], (size_t)context * kv_dim);
+        CHECK(memcmp(cache, kc[i], (size_t)context * kv_dim * sizeof(float)) == 0);
+        free(cache);
+        gpu->ops->buffer_free(gpu, dkc[i]), gpu->ops->buffer_free(gpu, dvc[i]);
+        free(kc[i]), free(vc[i]);
+    }
+    gpu->ops->buffer_free(gpu, dq), gpu->ops->buffer_free(gpu, dkn);
+    gpu->ops->buffer_free(gpu, dvn), gpu->ops->buffer_free(gpu, dout);
+    free(q), free(kn), free(vn), free(ref), free(out);
+}
+
+/* ---------- decomposition ---------- */
+
+static void test_decompose(void) {
+    if (!gpu->ops->decompose || !gpu->ops->decompose_errors) {
+        CHECK_MSG(0, "%s", "the CUDA backend has no decompose op");
+        return;
+    }
+    const size_t rows = 192, cols = 320;
+    float *w = random_floats(rows * cols, 0.02f);
+    const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
+                                           {2, 2, LQ_SCALE_BF16, 16, 16},
+                                           {4, 3, LQ_SCALE_FP16, 32, 64}};
+    uint64_t seeds[3] = {1, 2, 3};
+    double errors[3];
+    struct lq_decompose_options options;
+    lq_decompose_options_default(&options);
+    options.rank = 16, options.max_iters = 5;
+    options.svd.method = LQ_SVD_RANDOMIZED;
+    struct lq_error err = {0};
+    CHECK_OK(
+        gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 3, &options, errors, &err));
+    for (int c = 0; c < 3; c++) {
+        struct lq_decompose_options o = options;
+        o.svd.seed = seeds[c];
+        struct lq_decomposition ref, dev;
+        CHECK_OK(lq_decompose(w, rows, cols, &configs[c], &o, &ref, &err));
+        int rc = gpu->ops->decompose(gpu, w, rows, cols, &configs[c], &o, &dev, &err);
+        CHECK_MSG(rc == 0, "decompose: %s", err.message);
+        if (rc) continue;
+        /* The same algorithm and sketch in another arithmetic order: the errors agree closely,
+         * and a step may stop one iteration apart, so compare the errors, not the factors. */
+        double ref_error = ref.error * ref.error;
+        CHECK_MSG(fabs(dev.error * dev.error - ref_error) <= 0.02 * ref_error,
+                  "decompose error %.6g vs CPU %.6g", dev.error * dev.error, ref_error);
+        CHECK_MSG(fabs(errors[c] - ref_error) <= 0.02 * ref_error,
+                  "decompose_errors %.6g vs CPU %.6g", errors[c], ref_error);
+        /* what it returns reconstructs to its stated error */
+        float *back = malloc(rows * cols * sizeof *back);
+        lq_decomposition_reconstruct(&dev, back);
+        double stated = lq_weighted_distance(w, back, NULL, rows * cols);
+        CHECK_NEAR(stated, dev.error, 1e-3 * dev.error);
+        free(back);
+        lq_decomposition_free(&ref), lq_decomposition_free(&dev);
+    }
+    free(w);
+}
+
+static void test_memory_accounting(void) {
+    struct lq_backend_memory before, during, after;
+    gpu->ops->memory(gpu, &before);
+    void *buffer = NULL;
+    struct lq_error err = {0};
+    CHECK_OK(gpu->ops->buffer_alloc(gpu, 3 << 20, &buffer, &err));
+    gpu->ops->memory(gpu, &during);
+    CHECK(during.buffers == before.buffers + (3 << 20));
+    CHECK(during.device_total > 0 && during.limit > 0);
+    gpu->ops->buffer_free(gpu, buffer);
+    gpu->ops->memory(gpu, &after);
+    CHECK(after.buffers == before.buffers);
+    /* beyond the limit: refused with a message, nothing allocated */
+    void *huge = NULL;
+    int rc = gpu->ops->buffer_alloc(gpu, during.limit + 1, &huge, &err);
+    CHECK(rc == LQ_ENOMEM && huge == NULL && strstr(err.message, "MiB") != NULL);
+}
+
+int main(int argc, char **argv) {
+    struct lq_error err = {0};
+    if (lq_backend_cuda_create(0, 0, &gpu, &err)) {
+        printf("SKIP: %s\n", err.message);
+        return 77;
+    }
+    CHECK_OK(lq_backend_cpu_create(&cpu, &err));
+    lq_rng_seed(&rng, 20261126);
+    static const struct lq_test_case cases[] = {
+        LQ_TEST(test_rmsnorm),
+        LQ_TEST(test_embed),
+        LQ_TEST(test_rope),
+        LQ_TEST(test_swiglu_add),
+        LQ_TEST(test_linear_dense),
+        LQ_TEST(test_linear_lq),
+        LQ_TEST(test_matmul),
+        LQ_TEST(test_attention),
+        LQ_TEST(test_attention_batch),
+        LQ_TEST(test_decompose),
+        LQ_TEST(test_memory_accounting),
+    };
+    int failed = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (argc > 1 && !strstr(cases[i].name, argv[1])) continue;
+        int before = lq_test_failures;
+        cases[i].run();
+        printf("%s %s\n", lq_test_failures == before ? "ok  " : "FAIL", cases[i].name);
+        failed |= lq_test_failures != before;
+    }
+    gpu->ops->destroy(gpu);
+    cpu->ops->destroy(cpu);
+    return failed ? 1 : 0;
+}

@@ -1,0 +1,117 @@
+"""End to end on the GPU, through the lqd binary: the CUDA backend must give what the CPU gives.
+
+- greedy generation of stories260K (fp32, HF directory) equals the CPU's text;
+- perplexities of stories260K and of the shipped LQ model within 0.5% of the CPU's;
+- a compress run with --device cuda (error table and final decompositions on the GPU) writes a
+  model whose perplexity is close to the CPU-compressed one's;
+- `lqd serve --device cuda` answers a streaming completion with the CPU's greedy text.
+Skips (exit 77) where no GPU is usable: lqd then says it falls back to the CPU.
+"""
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
+from serve_util import LQD, ROOT, SKIP, STARTED, check, finish, free_port  # noqa: E402
+
+HF = os.path.join(ROOT, "models/stories260K-hf")
+LQ = os.path.join(ROOT, "models/stories260K-lq")
+TOKENIZER = os.path.join(ROOT, "models/stories260K/tok512.bin")
+TEXT = os.environ.get("LQ_PPL_TEXT", os.path.join(ROOT, "..", "shared", "data", "tinystories_val_subset.txt"))
+
+
+def lqd(*args, timeout=900):
+    return subprocess.run([LQD, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def generate(device, prompt):
+    r = lqd("generate", "--model", HF, "--tokenizer", TOKENIZER, "--temperature", "0",
+            "--max-tokens", "200", "--prompt", prompt, "--device", device)
+    check(r.returncode == 0, f"generate on {device}: {r.stderr}")
+    return r.stdout, r.stderr
+
+
+def ppl(device, model, max_tokens="40000"):
+    r = lqd("eval", "--model", model, "--tokenizer", TOKENIZER, "--ppl", TEXT, "--max-tokens",
+            max_tokens, "--json", "--device", device)
+    check(r.returncode == 0, f"eval {model} on {device}: {r.stderr}")
+    return json.loads(r.stdout)["ppl"] if r.returncode == 0 else float("nan")
+
+
+def main():
+    probe = lqd("generate", "--model", HF, "--tokenizer", TOKENIZER, "--max-tokens", "1",
+                "--device", "cuda")
+    if "falling back to the CPU" in probe.stderr or probe.returncode != 0:
+        print("no usable GPU:", probe.stderr.strip(), "- skipped")
+        sys.exit(SKIP)
+    print(probe.stderr.strip())
+
+    for prompt in ["", "Once upon a time", "The little dog"]:
+        cpu_text, _ = generate("cpu", prompt)
+        gpu_text, _ = generate("cuda", prompt)
+        check(gpu_text == cpu_text and len(cpu_text) > 100,
+              f"greedy text differs for prompt {prompt!r}:\nCPU {cpu_text!r}\nGPU {gpu_text!r}")
+
+    for model in (HF, LQ):
+        p_cpu, p_gpu = ppl("cpu", model), ppl("cuda", model)
+        print(f"ppl {os.path.basename(model)}: cpu {p_cpu:.4f} cuda {p_gpu:.4f}")
+        check(abs(p_gpu - p_cpu) <= 0.005 * p_cpu, f"{model}: ppl cuda {p_gpu} vs cpu {p_cpu}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = "2,8,fp32,64,256;3,8,fp32,64,256;4,8,fp32,64,256;3,4,bf16,32,64"
+        outputs = {}
+        for device in ("cpu", "cuda"):
+            out = os.path.join(tmp, device)
+            started = time.time()
+            r = lqd("compress", "--model", HF, "--bits", "3", "--rank", "8", "--configs", grid,
+                    "--out", out, "--no-cache", "--quiet", "--json", "--device", device)
+            check(r.returncode == 0, f"compress on {device}: {r.stderr}")
+            print(f"compress on {device}: {time.time() - started:.1f} s")
+            outputs[device] = out
+        p_cpu, p_gpu = ppl("cpu", outputs["cpu"]), ppl("cpu", outputs["cuda"])
+        print(f"ppl of the compressed model: CPU-compressed {p_cpu:.4f}, GPU-compressed {p_gpu:.4f}")
+        check(abs(p_gpu - p_cpu) <= 0.03 * p_cpu, f"GPU-compressed ppl {p_gpu} vs {p_cpu}")
+
+        port = free_port()
+        daemon = subprocess.Popen([LQD, "serve", "--model", f"s={HF}", "--tokenizer", TOKENIZER,
+                                   "--port", str(port), "--device", "cuda",
+                                   "--state-dir", os.path.join(tmp, "state")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        STARTED.append(daemon)
+        for _ in range(300):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        expected, _ = generate("cpu", "Once upon a time")
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"model": "s", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0,
+                "stream": True}
+        c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = c.getresponse()
+        text = ""
+        for line in response.read().decode().splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[6:])["choices"][0].get("text", "")
+        check(response.status == 200 and text == expected,
+              f"served text on cuda differs:\n{text!r}\n{expected!r}")
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/metrics")
+        metrics = c.getresponse().read().decode()
+        check('lqd_device_memory_bytes{device="cuda",purpose="weights"}' in metrics,
+              "metrics name the GPU's memory")
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    finish("test_gpu_e2e")
+
+
+if __name__ == "__main__":
+    main()
