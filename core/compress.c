@@ -24,7 +24,6 @@ void lq_compress_options_default(struct lq_compress_options *o) {
     o->rank = 64;
     o->iters = 20;
     o->use_cache = 1;
-    o->weighting = "none";
 }
 
 const char *lq_compress_phase_name(enum lq_compress_phase phase) {
@@ -174,6 +173,7 @@ static void cell_options(const struct job *job, size_t matrix, const struct lq_n
     options->rank = job->options->rank;
     options->max_iters = job->options->iters;
     options->svd.seed = decomposition_seed(job->options->seed, matrix, c);
+    options->fisher = job->options->fisher ? job->options->fisher[matrix] : NULL;
 }
 
 /* The backend that decomposes on a device, or NULL for core's CPU code. */
@@ -457,9 +457,6 @@ static int check_options(const struct lq_compress_options *o, const struct lq_nf
     if (o->rank < 0) return lq_error_set(err, LQ_EINVAL, "rank %d: must be >= 0", o->rank);
     if (o->iters < 1) return lq_error_set(err, LQ_EINVAL, "iters %d: must be >= 1", o->iters);
     if (o->threads < 0) return lq_error_set(err, LQ_EINVAL, "threads %d: must be >= 0", o->threads);
-    if (o->weighting && strcmp(o->weighting, "none") != 0)
-        return lq_error_set(err, LQ_EUNSUPPORTED, "weighting '%s': only \"none\" for now",
-                            o->weighting);
     if (n_configs == 0) return lq_error_set(err, LQ_EINVAL, "empty configuration grid");
     for (size_t c = 0; c < n_configs; c++) {
         int rc = lq_nf_config_validate(&grid[c], err);
@@ -477,6 +474,39 @@ static uint64_t hash_source(const struct matrix_ref *m, size_t n) {
         h = lq_hash_bytes(m[i].w, m[i].rows * m[i].cols * sizeof(float), h);
     }
     return h;
+}
+
+/* The Fisher information's identity for the cache ("fisher-<hash>" of every matrix's floats
+ * and how they were estimated), after checking what lq_decompose would refuse mid-run. */
+static int fisher_weighting(const struct lq_compress_options *o, const struct matrix_ref *m,
+                            size_t n, char *weighting, size_t size, struct lq_error *err) {
+    if (!o->fisher) {
+        snprintf(weighting, size, "none");
+        return LQ_OK;
+    }
+    const char *source = o->fisher_source ? o->fisher_source : "";
+    uint64_t h = lq_hash_bytes(source, strlen(source), 0x666973686572ull);
+    for (size_t i = 0; i < n; i++) {
+        const float *f = o->fisher[i];
+        size_t numel = m[i].rows * m[i].cols, nonzero = 0;
+        if (!f) return lq_error_set(err, LQ_EINVAL, "no Fisher information for %s", m[i].name);
+        for (size_t j = 0; j < numel; j++) {
+            if (!(f[j] >= 0.0f) || isinf(f[j]))
+                return lq_error_set(err, LQ_EINVAL,
+                                    "Fisher information of %s: value %zu is %g, not finite and "
+                                    ">= 0",
+                                    m[i].name, j, (double)f[j]);
+            nonzero += f[j] > 0.0f;
+        }
+        if (!nonzero)
+            return lq_error_set(err, LQ_EINVAL,
+                                "Fisher information of %s is all zero: the calibration data "
+                                "never reached it",
+                                m[i].name);
+        h = lq_hash_bytes(f, numel * sizeof *f, h);
+    }
+    snprintf(weighting, size, "fisher-%016llx", (unsigned long long)h);
+    return LQ_OK;
 }
 
 /* ---------- the output model ---------- */
@@ -564,7 +594,8 @@ int lq_compress(const struct lq_model *source, const struct lq_compress_options 
     }
     size_t n = (size_t)source->config.n_layers * LQ_LINEARS_PER_LAYER;
     if ((rc = check_options(o, grid, G, err)) ||
-        (rc = collect_matrices(source, o->rank, &s.matrices, err)))
+        (rc = collect_matrices(source, o->rank, &s.matrices, err)) ||
+        (rc = fisher_weighting(o, s.matrices, n, report->weighting, sizeof report->weighting, err)))
         goto done;
 
     /* Storage depends on shapes only: an impossible budget is refused before any work. */
@@ -613,9 +644,11 @@ int lq_compress(const struct lq_model *source, const struct lq_compress_options 
     lq_decompose_options_default(&key.decompose);
     key.decompose.rank = o->rank, key.decompose.max_iters = o->iters;
     key.decompose.svd.seed = o->seed;
-    snprintf(key.weighting, sizeof key.weighting, "%s", o->weighting ? o->weighting : "none");
-    for (size_t i = 0; i < n; i++)
-        report->norm[i] = pow(lq_weighted_distance(s.matrices[i].w, NULL, NULL, s.numel[i]), 2);
+    snprintf(key.weighting, sizeof key.weighting, "%s", report->weighting);
+    for (size_t i = 0; i < n; i++) /* weighted like the errors, so error / norm is relative */
+        report->norm[i] = pow(lq_weighted_distance(s.matrices[i].w, NULL,
+                                                   o->fisher ? o->fisher[i] : NULL, s.numel[i]),
+                              2);
     report->seconds_hash = seconds_now() - t0;
     if ((rc = lq_error_table_create(n, G, &job.table, err)) ||
         (rc = lq_error_table_create(n, G, &s.snapshot, err)))

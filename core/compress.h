@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "core/error.h"
+#include "core/error_table.h"
 #include "core/model.h"
 #include "core/nf.h"
 #include "kernels/backend.h"
@@ -56,8 +57,15 @@ struct lq_compress_options {
     const char *cache_dir;         /* NULL: lq_error_table_cache_dir_default */
     int use_cache;                 /* 0: neither read nor write a cache */
     int threads;                   /* workers; 0: lq_parallel_threads() */
-    const char *weighting;         /* "none" (Fisher weighting: not yet) */
     double ilp_time_limit_seconds; /* 0: solve to proven optimality */
+    /* Fisher-weighted compression (§3.3), or NULL: one array per linear matrix in the model's
+     * order (layer-major, enum lq_linear_kind order), rows·cols values, finite and >= 0, not all
+     * zero (borrowed; core/fisher.h computes them). Every decomposition then minimises
+     * ||sqrt(F) ⊙ (W − Q − L1·L2)||_F (lq_decompose's `fisher`), the table's cost is its square
+     * (Algorithm 4's weighted error), and the cache key's weighting is "fisher-<hash of F and
+     * fisher_source>", so weighted and unweighted tables never mix. */
+    const float *const *fisher;
+    const char *fisher_source; /* how F was estimated (any text; NULL: ""), hashed into the key */
     /* A backend that decomposes on its device (ops->decompose_errors, ops->decompose; borrowed),
      * or NULL for the CPU. The table then goes row by row, one matrix's whole grid per call,
      * on `device_workers` threads (default 2: one uploads while the other computes). */
@@ -68,17 +76,21 @@ struct lq_compress_options {
     void *context; /* passed to progress and warning */
 };
 
-/* Budget 0 (must be set), rank 64, Table 1, 20 steps, seed 0, default cache, all CPUs. */
+/* Budget 0 (must be set), rank 64, Table 1, 20 steps, seed 0, default cache, all CPUs, no
+ * Fisher weighting. */
 void lq_compress_options_default(struct lq_compress_options *options);
 
 struct lq_compress_report {
     size_t n_matrices, n_configs;
     struct lq_nf_config *chosen; /* chosen[i]: configuration of matrix i (owned) */
     int *choice;                 /* choice[i]: its index in the grid (owned) */
+    /* With Fisher information, error, table_error, norm, total_error and table_min/max are
+     * all Fisher-weighted (||sqrt(F) ⊙ ·||): the objective the table and the ILP minimise. */
+    char weighting[LQ_WEIGHTING_NAME_SIZE]; /* "none" or "fisher-<16 hex digits>": the key's */
     double *error;               /* error[i]: squared error of the final decomposition (owned) */
     double *table_error;         /* table_error[i]: the table's cell for choice[i]; equals
                                     error[i] unless the cache came from another machine (owned) */
-    double *norm;                /* norm[i]: ||W_i||_F^2 (owned) */
+    double *norm;                /* norm[i]: ||W_i||_F^2, weighted like error (owned) */
     double bits_per_param;       /* achieved average of the quantized part, <= budget */
     double effective_bits;       /* with L1 L2 at fp32 */
     double min_budget;           /* smallest feasible budget for this grid */

@@ -2,10 +2,13 @@
  * with every dense weight's gradient on, then F += g²/N on the backend. */
 #include "core/fisher.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/error_table.h"
+#include "core/rng.h"
 #include "core/safetensors.h"
 #include "core/train_internal.h"
 
@@ -158,7 +161,147 @@ int lq_fisher_save(const struct lq_fisher *f, const struct lq_model *model, cons
     char samples[32];
     snprintf(samples, sizeof samples, "%d", f->samples);
     if (!rc) rc = lq_safetensors_writer_set_metadata(w, "lqd.fisher_samples", samples, err);
+    if (!rc && f->source[0])
+        rc = lq_safetensors_writer_set_metadata(w, "lqd.fisher_source", f->source, err);
     if (!rc) rc = lq_safetensors_writer_write(w, path, err);
     lq_safetensors_writer_free(w);
+    return rc;
+}
+
+int lq_fisher_load(const char *path, const struct lq_model *model, struct lq_fisher *out,
+                   struct lq_error *err) {
+    memset(out, 0, sizeof *out);
+    const struct lq_model_config *c = &model->config;
+    const int matrices = c->n_layers * LQ_LINEARS_PER_LAYER;
+    struct lq_safetensors *file = NULL;
+    int rc = lq_safetensors_open(path, &file, err);
+    if (rc) return rc;
+    out->n_layers = c->n_layers;
+    if (!(out->matrices = calloc((size_t)matrices, sizeof *out->matrices)))
+        rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
+    for (int i = 0; i < matrices && !rc; i++) {
+        const struct lq_linear *linear =
+            &model->layers[i / LQ_LINEARS_PER_LAYER].linear[i % LQ_LINEARS_PER_LAYER];
+        char name[128];
+        lq_model_linear_name(i / LQ_LINEARS_PER_LAYER,
+                             (enum lq_linear_kind)(i % LQ_LINEARS_PER_LAYER), name, sizeof name);
+        const struct lq_safetensors_tensor *t = NULL;
+        rc = lq_safetensors_read_f32(file, name, &out->matrices[i], &t, err);
+        if (rc == LQ_ENOTFOUND) {
+            rc = lq_error_set(err, LQ_ENOTFOUND,
+                              "no tensor '%s' (not the Fisher information of this model?)", name);
+            break;
+        }
+        if (rc) break;
+        if (t->ndim != 2 || t->shape[0] != linear->rows || t->shape[1] != linear->cols) {
+            rc = lq_error_set(err, LQ_EFORMAT, "tensor '%s' is not %d x %d like the model's", name,
+                              linear->rows, linear->cols);
+            break;
+        }
+        for (size_t j = 0; j < t->numel; j++)
+            if (!(out->matrices[i][j] >= 0.0f) || isinf(out->matrices[i][j])) {
+                rc = lq_error_set(err, LQ_EFORMAT,
+                                  "tensor '%s': value %zu is %g, not finite and >= 0", name, j,
+                                  (double)out->matrices[i][j]);
+                break;
+            }
+    }
+    const char *samples = rc ? NULL : lq_safetensors_metadata(file, "lqd.fisher_samples");
+    const char *source = rc ? NULL : lq_safetensors_metadata(file, "lqd.fisher_source");
+    if (samples) out->samples = atoi(samples);
+    if (source) snprintf(out->source, sizeof out->source, "%s", source);
+    lq_safetensors_close(file);
+    if (rc) {
+        lq_error_prefix(err, "%s", path);
+        lq_fisher_free(out);
+    }
+    return rc;
+}
+
+/* ---------- calibration sequences ---------- */
+
+void lq_fisher_calibration_free(struct lq_fisher_calibration *cal) {
+    for (int i = 0; cal->sequences && i < cal->count; i++) free(cal->sequences[i]);
+    free(cal->sequences), free(cal->lengths);
+    memset(cal, 0, sizeof *cal);
+}
+
+static int is_blank(char ch) {
+    return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\f' || ch == '\v';
+}
+
+int lq_fisher_calibration_draw(const struct lq_tokenizer *tokenizer, const char *text,
+                               size_t length, int count, int max_tokens, uint64_t seed,
+                               struct lq_fisher_calibration *out, struct lq_error *err) {
+    memset(out, 0, sizeof *out);
+    if (count < 1 || max_tokens < 2)
+        return lq_error_set(err, LQ_EINVAL, "%d sequences of %d tokens: need >= 1 of >= 2", count,
+                            max_tokens);
+    /* the documents: each non-empty line, trimmed (lq_eval_perplexity's LQ_SPLIT_LINES) */
+    size_t capacity = 0, n = 0, *spans = NULL; /* begin, end pairs */
+    for (size_t at = 0; at < length;) {
+        size_t end = at;
+        while (end < length && text[end] != '\n') end++;
+        size_t begin = at, stop = end;
+        while (begin < stop && is_blank(text[begin])) begin++;
+        while (stop > begin && is_blank(text[stop - 1])) stop--;
+        if (stop > begin) {
+            if (n == capacity) {
+                capacity = capacity ? capacity * 2 : 1024;
+                size_t *grown = realloc(spans, capacity * 2 * sizeof *spans);
+                if (!grown) {
+                    free(spans);
+                    return lq_error_set(err, LQ_ENOMEM, "out of memory");
+                }
+                spans = grown;
+            }
+            spans[2 * n] = begin, spans[2 * n + 1] = stop, n++;
+        }
+        at = end + 1;
+    }
+    out->documents = n;
+    size_t *order = malloc((n ? n : 1) * sizeof *order);
+    out->sequences = calloc((size_t)count, sizeof *out->sequences);
+    out->lengths = calloc((size_t)count, sizeof *out->lengths);
+    int rc = order && out->sequences && out->lengths
+                 ? LQ_OK
+                 : lq_error_set(err, LQ_ENOMEM, "out of memory");
+    /* Fisher–Yates with lqd's seeded generator: the draw repeats on every machine */
+    struct lq_rng rng;
+    lq_rng_seed(&rng, seed);
+    for (size_t i = 0; i < n && !rc; i++) order[i] = i;
+    for (size_t i = 0; i < n && out->count < count && !rc; i++) {
+        size_t j = i + (size_t)(lq_rng_next(&rng) % (uint64_t)(n - i));
+        size_t d = order[j];
+        order[j] = order[i], order[i] = d;
+        int *ids = NULL;
+        size_t tokens = 0;
+        rc = lq_tokenizer_encode(tokenizer, text + spans[2 * d], spans[2 * d + 1] - spans[2 * d], 1,
+                                 &ids, &tokens, err);
+        if (rc) break;
+        if (tokens < 2) {
+            free(ids);
+            continue;
+        }
+        if (tokens > (size_t)max_tokens) tokens = (size_t)max_tokens;
+        out->sequences[out->count] = ids;
+        out->lengths[out->count++] = (int)tokens;
+        out->tokens += tokens;
+    }
+    snprintf(out->source, sizeof out->source,
+             "lines of text %016llx, %d sequences of at most %d tokens, seed %llu",
+             (unsigned long long)lq_hash_bytes(text, length, 0), count, max_tokens,
+             (unsigned long long)seed);
+    if (!rc && out->count < count)
+        rc = lq_error_set(err, LQ_EINVAL,
+                          "%zu documents (non-empty lines), %d with a token to predict after BOS: "
+                          "too few to draw %d sequences",
+                          n, out->count, count);
+    free(order), free(spans);
+    if (rc) {
+        size_t documents = out->documents;
+        lq_fisher_calibration_free(out);
+        out->documents = documents;
+    }
     return rc;
 }

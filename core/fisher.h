@@ -7,9 +7,11 @@
 #define LQ_FISHER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "core/error.h"
 #include "core/model.h"
+#include "core/tokenizer.h"
 #include "kernels/backend.h"
 
 /* Called after each sequence on the calling thread; return 0 to go on, or a negative LQ_E*
@@ -24,11 +26,16 @@ struct lq_fisher_options {
 
 void lq_fisher_options_default(struct lq_fisher_options *options);
 
+#define LQ_FISHER_SOURCE_SIZE 256
+
 struct lq_fisher {
     int n_layers;
     int samples;      /* sequences averaged */
     float **matrices; /* [n_layers · LQ_LINEARS_PER_LAYER]: rows × cols each, row-major, in
                          the model's matrix order (layer-major, enum lq_linear_kind order) */
+    /* How the sequences were drawn (free text the caller sets; lq_fisher_compute leaves it
+     * empty): saved as metadata lqd.fisher_source, and part of a weighted table's cache key. */
+    char source[LQ_FISHER_SOURCE_SIZE];
 };
 
 /* F for every linear matrix of model (dense: LQ_EINVAL naming the first LQ matrix) on
@@ -46,9 +53,37 @@ void lq_fisher_free(struct lq_fisher *fisher);
 const float *lq_fisher_matrix(const struct lq_fisher *fisher, int layer, enum lq_linear_kind kind);
 
 /* Writes fisher to a safetensors file (atomically), each matrix under its weight's HF name
- * ("model.layers.0.self_attn.q_proj.weight", F32 [rows, cols]), metadata lqd.fisher_samples:
- * `lqd decompose --fisher FILE:NAME` reads it as is. model gives the shapes. */
+ * ("model.layers.0.self_attn.q_proj.weight", F32 [rows, cols]), metadata lqd.fisher_samples
+ * and lqd.fisher_source: `lqd decompose --fisher FILE:NAME` reads it as is. model gives the
+ * shapes. */
 int lq_fisher_save(const struct lq_fisher *fisher, const struct lq_model *model, const char *path,
                    struct lq_error *err);
+
+/* Reads a file lq_fisher_save wrote (or any safetensors file with those tensors, F32/F16/
+ * BF16) for model: every linear matrix must be there with the model's shape and values
+ * finite and >= 0. LQ_ENOTFOUND / LQ_EFORMAT name the file and the tensor. On success free
+ * out with lq_fisher_free. */
+int lq_fisher_load(const char *path, const struct lq_model *model, struct lq_fisher *out,
+                   struct lq_error *err);
+
+/* Calibration sequences for lq_fisher_compute, drawn from text with `lqd eval`'s protocol:
+ * each non-empty line (trimmed) is a document, tokenized with BOS and cut to its first
+ * max_tokens tokens; documents are taken in an order shuffled by seed (without replacement)
+ * until `count` sequences of >= 2 tokens are drawn. The same text, count, max_tokens and seed
+ * draw the same sequences. LQ_EINVAL, saying how many the text holds, when it has fewer. */
+struct lq_fisher_calibration {
+    int count;
+    int **sequences; /* owned */
+    int *lengths;
+    size_t tokens;    /* over every sequence */
+    size_t documents; /* non-empty lines of the text */
+    /* What the draw depends on ("lines of text <hash>, N sequences of at most L tokens, seed
+     * S"): copy it into lq_fisher.source, so that the same draw gives the same cache key. */
+    char source[LQ_FISHER_SOURCE_SIZE];
+};
+int lq_fisher_calibration_draw(const struct lq_tokenizer *tokenizer, const char *text,
+                               size_t length, int count, int max_tokens, uint64_t seed,
+                               struct lq_fisher_calibration *out, struct lq_error *err);
+void lq_fisher_calibration_free(struct lq_fisher_calibration *calibration);
 
 #endif

@@ -16,6 +16,7 @@ int lq_runtime_create(struct lq_backend *backend, struct lq_model *model, struct
     if (!r) return lq_error_set(err, LQ_ENOMEM, "out of memory");
     r->backend = backend;
     r->model = model;
+    pthread_mutex_init(&r->own_lock, NULL);
     r->attn_norm = calloc((size_t)c->n_layers, sizeof *r->attn_norm);
     r->ffn_norm = calloc((size_t)c->n_layers, sizeof *r->ffn_norm);
     const struct lq_backend_ops *ops = backend->ops;
@@ -59,6 +60,8 @@ void lq_runtime_free(struct lq_runtime *r) {
     if (r->lm_head && r->lm_head != r->embed) ops->weights_release(r->backend, r->lm_head);
     if (r->embed) ops->weights_release(r->backend, r->embed);
     if (r->final_norm) ops->weights_release(r->backend, r->final_norm);
+    lq_runtime_free_own_pairs(r);
+    pthread_mutex_destroy(&r->own_lock);
     free(r->attn_norm);
     free(r->ffn_norm);
     free(r);
@@ -156,30 +159,31 @@ static int block(struct lq_session *s, int l, int n) {
     const struct lq_model_config *c = &r->model->config;
     struct lq_backend *b = r->backend;
     const struct lq_backend_ops *ops = b->ops;
-    const struct lq_linear *w = r->model->layers[l].linear;
     const int start = s->position, q_dim = c->n_heads * c->head_dim;
     const size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     float *k_new = s->k_cache[l] + (size_t)start * kv_dim,
           *v_new = s->v_cache[l] + (size_t)start * kv_dim;
+    /* every token of the call on the session's adapter (or none) */
+    const struct lq_row_run run = {s->adapter, 0, n};
+#define LINEAR(kind, x, y) lq_forward_linear(r, l, kind, &run, 1, x, n, y)
     int rc;
     /* K and V are written straight into the cache rows of the new positions. */
     if ((rc = ops->rmsnorm(b, s->x, r->attn_norm[l], n, c->dim, c->norm_eps, s->h)) ||
-        (rc = ops->linear(b, &w[LQ_Q_PROJ], s->h, n, s->q)) ||
-        (rc = ops->linear(b, &w[LQ_K_PROJ], s->h, n, k_new)) ||
-        (rc = ops->linear(b, &w[LQ_V_PROJ], s->h, n, v_new)) ||
+        (rc = LINEAR(LQ_Q_PROJ, s->h, s->q)) || (rc = LINEAR(LQ_K_PROJ, s->h, k_new)) ||
+        (rc = LINEAR(LQ_V_PROJ, s->h, v_new)) ||
         (rc = ops->rope(b, s->q, n, c->n_heads, c->head_dim, s->positions, c->rope_theta)) ||
         (rc = ops->rope(b, k_new, n, c->n_kv_heads, c->head_dim, s->positions, c->rope_theta)) ||
         (rc = ops->attention(b, s->q, s->k_cache[l], s->v_cache[l], n, start, c->n_heads,
                              c->n_kv_heads, c->head_dim, s->attn)) ||
-        (rc = ops->linear(b, &w[LQ_O_PROJ], s->attn, n, s->out)) ||
+        (rc = LINEAR(LQ_O_PROJ, s->attn, s->out)) ||
         (rc = ops->add(b, s->x, s->out, (size_t)n * c->dim)) ||
         (rc = ops->rmsnorm(b, s->x, r->ffn_norm[l], n, c->dim, c->norm_eps, s->h)) ||
-        (rc = ops->linear(b, &w[LQ_GATE_PROJ], s->h, n, s->gate)) ||
-        (rc = ops->linear(b, &w[LQ_UP_PROJ], s->h, n, s->up)) ||
+        (rc = LINEAR(LQ_GATE_PROJ, s->h, s->gate)) || (rc = LINEAR(LQ_UP_PROJ, s->h, s->up)) ||
         (rc = ops->swiglu(b, s->gate, s->up, (size_t)n * c->hidden_dim)) ||
-        (rc = ops->linear(b, &w[LQ_DOWN_PROJ], s->gate, n, s->out)) ||
+        (rc = LINEAR(LQ_DOWN_PROJ, s->gate, s->out)) ||
         (rc = ops->add(b, s->x, s->out, (size_t)n * c->dim)))
         return rc;
+#undef LINEAR
     (void)q_dim;
     return LQ_OK;
 }

@@ -34,6 +34,30 @@ const struct lq_model_config *lq_session_config(const struct lq_session *session
 int lq_session_forward(struct lq_session *session, const int *tokens, int n, int all_logits,
                        float *logits, struct lq_error *err);
 
+/* Adapters (forward_adapter.c): a LoRA adapter (core/adapter.h) prepared for one runtime, its
+ * factors on the runtime's backend (weights_upload) while it lives. Shared and read-only like
+ * the runtime: any number of sessions may use it at once. A session on an adapter computes
+ * every linear layer as the adapter's mode says: REPLACE, Q + L1'·L2' (the model's own pair
+ * left out); ADD, the layer as it is + L1'·L2'. */
+struct lq_adapter;
+struct lq_adapter_weights;
+
+/* Checks adapter against the runtime's model (lq_adapter_check: LQ_EINVAL naming the first
+ * mismatch) and uploads its factors. Both runtime and adapter are borrowed and must outlive
+ * the weights (the CPU backend computes with adapter's own arrays). */
+int lq_adapter_weights_create(struct lq_runtime *runtime, const struct lq_adapter *adapter,
+                              struct lq_adapter_weights **out, struct lq_error *err);
+void lq_adapter_weights_free(struct lq_adapter_weights *weights);
+/* Device bytes the weights hold (the factors). */
+size_t lq_adapter_weights_bytes(const struct lq_adapter_weights *weights);
+/* Runs session with weights (NULL: the bare model) from its next token on; set it before the
+ * first token (or after a reset), since the KV cache keeps what the earlier tokens saw.
+ * LQ_EINVAL when the weights belong to another runtime. Borrowed: weights must outlive the
+ * session's use of them. */
+int lq_session_set_adapter(struct lq_session *session, const struct lq_adapter_weights *weights,
+                           struct lq_error *err);
+const struct lq_adapter_weights *lq_session_adapter(const struct lq_session *session);
+
 /* Batched decoding (forward_batch.c). A batch is the scratch space of one decode step of up to
  * max_sequences sequences of one runtime; use it from one thread at a time. */
 struct lq_batch;
@@ -45,10 +69,13 @@ int lq_batch_max_sequences(const struct lq_batch *batch);
 
 /* Appends tokens[i] to sessions[i] for i < n (distinct sessions of the batch's runtime, each
  * with room for one more position) in one pass: every linear layer runs once on the n stacked
- * tokens, RoPE and attention per sequence at its own position. logits (host) receives
- * [n, vocab]: row i is what lq_session_forward(sessions[i], &tokens[i], 1, ...) would give
- * (bit for bit on a batch-invariant backend, such as the CPU's). Each position advances by
- * one; on error none does. */
+ * tokens, RoPE and attention per sequence at its own position. Sessions may use different
+ * adapters (or none): the layer's shared part runs once for all rows, then each run of
+ * consecutive sessions on the same adapter gets its low-rank part (callers order sessions by
+ * adapter for the fewest runs). logits (host) receives [n, vocab]: row i is what
+ * lq_session_forward(sessions[i], &tokens[i], 1, ...) would give (bit for bit on a
+ * batch-invariant backend, such as the CPU's, whatever adapters the other rows use). Each
+ * position advances by one; on error none does. */
 int lq_forward_batch(struct lq_batch *batch, struct lq_session **sessions, const int *tokens, int n,
                      float *logits, struct lq_error *err);
 

@@ -5,7 +5,9 @@
  *
  * Every op here is applied to each row exactly as lq_session_forward applies it to a lone
  * token, so with a batch-invariant backend (the CPU's linear is, up to 64 tokens) a sequence
- * gets bit-identical logits whether it is decoded alone or in a batch. */
+ * gets bit-identical logits whether it is decoded alone or in a batch. Sequences on different
+ * adapters share the batch: lq_forward_linear (forward_adapter.c) runs each layer's shared
+ * part once and every run of sequences' low-rank part after it. */
 #include "forward.h"
 #include "forward_internal.h"
 
@@ -18,6 +20,8 @@ struct lq_batch {
     float *logits;                                     /* device [max_sequences, vocab] */
     int *positions;                                    /* host: each sequence's position */
     float **k_caches, **v_caches; /* host: one layer's cache of each sequence */
+    struct lq_row_run *runs;      /* host: this step's runs of sequences on one adapter */
+    int n_runs;
 };
 
 int lq_batch_create(struct lq_runtime *runtime, int max_sequences, struct lq_batch **out,
@@ -52,7 +56,8 @@ int lq_batch_create(struct lq_runtime *runtime, int max_sequences, struct lq_bat
                                   (void **)buffers[i].buffer, err);
     if (!rc && (!(batch->positions = malloc(n * sizeof *batch->positions)) ||
                 !(batch->k_caches = malloc(n * sizeof *batch->k_caches)) ||
-                !(batch->v_caches = malloc(n * sizeof *batch->v_caches))))
+                !(batch->v_caches = malloc(n * sizeof *batch->v_caches)) ||
+                !(batch->runs = malloc(n * sizeof *batch->runs))))
         rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
     if (rc) {
         lq_batch_free(batch);
@@ -72,6 +77,7 @@ void lq_batch_free(struct lq_batch *batch) {
     free(batch->positions);
     free(batch->k_caches);
     free(batch->v_caches);
+    free(batch->runs);
     free(batch);
 }
 
@@ -85,12 +91,12 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
     const struct lq_model_config *c = &r->model->config;
     struct lq_backend *b = r->backend;
     const struct lq_backend_ops *ops = b->ops;
-    const struct lq_linear *w = r->model->layers[l].linear;
+#define LINEAR(kind, x, y) lq_forward_linear(r, l, kind, batch->runs, batch->n_runs, x, n, y)
     int rc;
     if ((rc = ops->rmsnorm(b, batch->x, r->attn_norm[l], n, c->dim, c->norm_eps, batch->h)) ||
-        (rc = ops->linear(b, &w[LQ_Q_PROJ], batch->h, n, batch->q)) ||
-        (rc = ops->linear(b, &w[LQ_K_PROJ], batch->h, n, batch->k)) ||
-        (rc = ops->linear(b, &w[LQ_V_PROJ], batch->h, n, batch->v)) ||
+        (rc = LINEAR(LQ_Q_PROJ, batch->h, batch->q)) ||
+        (rc = LINEAR(LQ_K_PROJ, batch->h, batch->k)) ||
+        (rc = LINEAR(LQ_V_PROJ, batch->h, batch->v)) ||
         (rc =
              ops->rope(b, batch->q, n, c->n_heads, c->head_dim, batch->positions, c->rope_theta)) ||
         (rc = ops->rope(b, batch->k, n, c->n_kv_heads, c->head_dim, batch->positions,
@@ -103,15 +109,16 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
                                    batch->v_caches, batch->positions, n, c->n_heads, c->n_kv_heads,
                                    c->head_dim, batch->attn)))
         return rc;
-    if ((rc = ops->linear(b, &w[LQ_O_PROJ], batch->attn, n, batch->out)) ||
+    if ((rc = LINEAR(LQ_O_PROJ, batch->attn, batch->out)) ||
         (rc = ops->add(b, batch->x, batch->out, (size_t)n * c->dim)) ||
         (rc = ops->rmsnorm(b, batch->x, r->ffn_norm[l], n, c->dim, c->norm_eps, batch->h)) ||
-        (rc = ops->linear(b, &w[LQ_GATE_PROJ], batch->h, n, batch->gate)) ||
-        (rc = ops->linear(b, &w[LQ_UP_PROJ], batch->h, n, batch->up)) ||
+        (rc = LINEAR(LQ_GATE_PROJ, batch->h, batch->gate)) ||
+        (rc = LINEAR(LQ_UP_PROJ, batch->h, batch->up)) ||
         (rc = ops->swiglu(b, batch->gate, batch->up, (size_t)n * c->hidden_dim)) ||
-        (rc = ops->linear(b, &w[LQ_DOWN_PROJ], batch->gate, n, batch->out)) ||
+        (rc = LINEAR(LQ_DOWN_PROJ, batch->gate, batch->out)) ||
         (rc = ops->add(b, batch->x, batch->out, (size_t)n * c->dim)))
         return rc;
+#undef LINEAR
     return LQ_OK;
 }
 
@@ -137,6 +144,15 @@ int lq_forward_batch(struct lq_batch *batch, struct lq_session **sessions, const
             if (sessions[j] == s)
                 return lq_error_set(err, LQ_EINVAL, "sequence %d appears twice in the batch", i);
         batch->positions[i] = s->position;
+    }
+    /* runs of consecutive sequences on one adapter: each adds its low-rank part once */
+    batch->n_runs = 0;
+    for (int i = 0; i < n; i++) {
+        struct lq_row_run *last = batch->n_runs ? &batch->runs[batch->n_runs - 1] : NULL;
+        if (last && last->adapter == sessions[i]->adapter)
+            last->count++;
+        else
+            batch->runs[batch->n_runs++] = (struct lq_row_run){sessions[i]->adapter, i, 1};
     }
     int rc = b->ops->embed(b, r->embed, c->dim, tokens, n, batch->x);
     for (int l = 0; l < c->n_layers && !rc; l++) rc = batch_block(batch, sessions, l, n);

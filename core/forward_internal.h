@@ -3,7 +3,15 @@
 #ifndef LQ_FORWARD_INTERNAL_H
 #define LQ_FORWARD_INTERNAL_H
 
+#include <pthread.h>
+
 #include "core/forward.h"
+
+/* One linear layer's low-rank pair on the device: L1 [rows, rank], L2 [rank, cols]. */
+struct lq_lowrank_pair {
+    int rank; /* 0: none */
+    const float *L1, *L2;
+};
 
 struct lq_runtime {
     struct lq_backend *backend;
@@ -11,7 +19,35 @@ struct lq_runtime {
     const float *embed, *final_norm, *lm_head;
     const float **attn_norm, **ffn_norm;
     int prepared_layers; /* layers whose linears were prepared (for cleanup) */
+    /* The model's own pairs as plain device arrays (n_layers * LQ_LINEARS_PER_LAYER), made
+     * when the first REPLACE adapter is prepared: a batch mixing REPLACE rows with others runs
+     * linear_base once and adds each row's pair, the bare rows' being these. Written once
+     * under own_lock, before any session can use an adapter; read-only after. */
+    pthread_mutex_t own_lock;
+    struct lq_lowrank_pair *own;
 };
+
+struct lq_adapter_weights {
+    struct lq_runtime *runtime;
+    int replace;                   /* LQ_ADAPTER_REPLACE: the layer's own pair is left out */
+    struct lq_lowrank_pair *pairs; /* n_layers * LQ_LINEARS_PER_LAYER, layer-major */
+    size_t bytes;
+};
+
+/* Consecutive rows [first, first + count) of a forward call that use one adapter (NULL: the
+ * bare model). */
+struct lq_row_run {
+    const struct lq_adapter_weights *adapter;
+    int first, count;
+};
+
+/* y[n, rows] = x · Wᵀ for layer l's linear kind, each run of rows as its adapter changes W
+ * (forward_adapter.c). With no adapter in any run it is exactly ops->linear. */
+int lq_forward_linear(const struct lq_runtime *runtime, int layer, enum lq_linear_kind kind,
+                      const struct lq_row_run *runs, int n_runs, const float *x, int n, float *y);
+
+/* Frees the runtime's own pairs (lq_runtime_free). */
+void lq_runtime_free_own_pairs(struct lq_runtime *runtime);
 
 struct lq_session {
     struct lq_runtime *runtime;
@@ -20,6 +56,7 @@ struct lq_session {
     float *x, *h, *q, *attn, *gate, *up, *out; /* activations, [max_batch, width] */
     float *logits;                             /* device [max_batch, vocab] */
     int *positions;                            /* host */
+    const struct lq_adapter_weights *adapter;  /* NULL: the bare model */
 };
 
 #endif

@@ -150,6 +150,22 @@ struct lq_backend_ops {
      * first and second moments m and v updated in place. */
     int (*adamw)(struct lq_backend *backend, float *params, const float *grads, float *m, float *v,
                  size_t count, const struct lq_adamw_params *hyper);
+
+    /* ---- adapters in serving (core/forward.h, lq_adapter_weights): a batch that mixes
+     * requests on different adapters runs each linear's shared part once for every row, then
+     * each group of rows' own low-rank part. On a batch-invariant backend (the CPU's, up to 64
+     * rows), linear_base then lowrank_add of w's own pair gives row for row the bits linear
+     * gives. ---- */
+
+    /* y[n, rows] = x · Qᵀ: the linear layer w without its own low-rank part (w->rank is
+     * ignored); a dense w gives x · Wᵀ, as linear does. */
+    int (*linear_base)(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
+                       float *y);
+    /* y[n, rows] += (x[n, cols] · L2ᵀ) · L1ᵀ for device factors L1 [rows, rank] and L2
+     * [rank, cols] (weights_upload'ed or buffers); x and y are device rows of cols and rows
+     * floats. rank 0 or n 0: nothing. */
+    int (*lowrank_add)(struct lq_backend *backend, const float *L1, const float *L2, int rows,
+                       int cols, int rank, const float *x, int n, float *y);
 };
 
 /* AdamW as PyTorch's torch.optim.AdamW computes it (decoupled weight decay, bias-corrected

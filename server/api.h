@@ -22,6 +22,8 @@ struct lq_api_config {
     int max_choices;        /* prompts x n of one request, at most */
     char **model_roots;     /* directories POST /v1/models/load may read (real paths) */
     size_t n_model_roots;
+    char *adapters_dir;  /* STATE_DIR/adapters (a real path): adapters load from the model
+                            directories and from here; NULL: the model directories only */
     const char *version; /* for system_fingerprint */
 };
 
@@ -68,5 +70,18 @@ void lq_api_files_list(void *app, struct lq_http_request *request);
 void lq_api_files_get(void *app, struct lq_http_request *request);
 void lq_api_files_content(void *app, struct lq_http_request *request);
 void lq_api_files_delete(void *app, struct lq_http_request *request);
+void lq_api_adapters_list(void *app, struct lq_http_request *request);
+void lq_api_adapters_load(void *app, struct lq_http_request *request);
+void lq_api_adapters_unload(void *app, struct lq_http_request *request);
+
+struct lq_api_error;
+struct cJSON;
+/* Resolves a path a client names to a real path inside one of roots (api_models.c): ".." and
+ * links leading out are refused (403), a relative path is looked up under each root in turn
+ * (404 when in none). 0, or -1 with e filled; real holds PATH_MAX bytes. */
+int lq_api_confine(char *const *roots, size_t n_roots, const char *path, const char *param,
+                   char *real, struct lq_api_error *e);
+/* An adapter as GET /v1/adapters lists it (api_adapters.c). */
+struct cJSON *lq_api_adapter_json(const struct lq_served_adapter *adapter);
 
 #endif

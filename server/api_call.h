@@ -51,7 +51,7 @@ struct lq_call {
     int top_logprobs;  /* chat: top_logprobs; completions: the logprobs number */
     char id[48];
     long long created;
-    char model[72];
+    char model[160]; /* what the response names: "model" or "model:adapter" */
     double arrival;
     int context, max_tokens;
     int **prompt_ids;

@@ -1,6 +1,6 @@
-/* Background jobs over HTTP: POST /v1/jobs (a compress job), GET /v1/jobs, GET /v1/jobs/{id},
- * GET /v1/jobs/{id}/events (a JSON array, or Server-Sent Events until the job ends with
- * Accept: text/event-stream) and POST /v1/jobs/{id}/cancel. Everything a client can get wrong
+/* Background jobs over HTTP: POST /v1/jobs (a compress or finetune job), GET /v1/jobs, GET
+ * /v1/jobs/{id}, GET /v1/jobs/{id}/events (a JSON array, or Server-Sent Events until the job ends
+ * with Accept: text/event-stream) and POST /v1/jobs/{id}/cancel. Everything a client can get wrong
  * (unknown model, infeasible budget, rank, paths outside the model directories) is refused
  * here with a 4xx before a job exists; the work itself is server/jobs.c's. */
 #include <cjson/cJSON.h>
@@ -17,6 +17,7 @@
 #include "core/file_util.h"
 #include "core/ilp.h"
 #include "core/nf.h"
+#include "core/train.h"
 #include "server/api.h"
 #include "server/api_request.h"
 #include "server/jobs.h"
@@ -154,6 +155,192 @@ static const char *get_string(const cJSON *body, const char *key) {
     return cJSON_IsString(item) ? item->valuestring : NULL;
 }
 
+/* ---------- finetune jobs ---------- */
+
+static int get_number(const cJSON *body, const char *key, double min, double max, double otherwise,
+                      double *out, struct lq_api_error *e) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(body, key);
+    if (!item || cJSON_IsNull(item)) {
+        *out = otherwise;
+        return 0;
+    }
+    if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble) || item->valuedouble < min ||
+        item->valuedouble > max)
+        return lq_api_error_set(e, 400, "invalid_value", key, "'%s' must be a number in [%g, %g]",
+                                key, min, max);
+    *out = item->valuedouble;
+    return 0;
+}
+
+/* A string field that may be absent or null: NULL then; -1 (e filled) when not a string. */
+static int get_optional_string(const cJSON *body, const char *key, const char **out,
+                               struct lq_api_error *e) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(body, key);
+    *out = NULL;
+    if (!item || cJSON_IsNull(item)) return 0;
+    if (!cJSON_IsString(item))
+        return lq_api_error_set(e, 400, "invalid_value", key, "'%s' must be a string", key);
+    *out = item->valuestring;
+    return 0;
+}
+
+/* An uploaded file by id: its path and record (404 for an unknown id). */
+static int resolve_upload(struct lq_api *api, const char *key, const char *id, char *path,
+                          size_t size, struct lq_file_info *info, struct lq_api_error *e) {
+    if (!api->files)
+        return lq_api_error_set(e, 503, "files_unavailable", key,
+                                "uploaded files are not available on this daemon");
+    struct lq_error err = {0};
+    if (lq_files_resolve(api->files, id, path, size, info, &err))
+        return lq_api_error_set(e, 404, "file_not_found", key, "'%s': %s", key, err.message);
+    return 0;
+}
+
+/* Whether every linear of model is an LQ matrix with a low-rank part (init "lq" trains it). */
+static int trainable_lq(const struct lq_model *model) {
+    for (int l = 0; l < model->config.n_layers; l++)
+        for (int k = 0; k < LQ_LINEARS_PER_LAYER; k++)
+            if (!model->layers[l].linear[k].is_lq || model->layers[l].linear[k].rank < 1) return 0;
+    return 1;
+}
+
+static int parse_finetune_job(struct lq_api *api, const cJSON *body, struct lq_job_spec *s,
+                              struct lq_api_error *e) {
+    struct lq_finetune_job_spec *f = &s->finetune;
+    s->type = LQ_JOB_FINETUNE;
+    const char *model = NULL, *training = NULL, *validation = NULL, *adapter = NULL;
+    const char *init = NULL, *schedule = NULL, *format = NULL;
+    if (get_optional_string(body, "model", &model, e) ||
+        get_optional_string(body, "training_file", &training, e) ||
+        get_optional_string(body, "validation_file", &validation, e) ||
+        get_optional_string(body, "adapter", &adapter, e) ||
+        get_optional_string(body, "init", &init, e) ||
+        get_optional_string(body, "schedule", &schedule, e) ||
+        get_optional_string(body, "format", &format, e))
+        return -1;
+    if (!model)
+        return lq_api_error_set(e, 400, "missing_field", "model", "'model' (a string) is required");
+    if (!training)
+        return lq_api_error_set(e, 400, "missing_field", "training_file",
+                                "'training_file' (the id of an uploaded file) is required");
+    if (!adapter)
+        return lq_api_error_set(e, 400, "missing_field", "adapter",
+                                "'adapter' (the name of the adapter to create) is required");
+    if (!lq_model_name_valid(adapter))
+        return lq_api_error_set(
+            e, 400, "invalid_value", "adapter",
+            "'%.80s' is not a usable adapter name (1 to 64 of A-Z a-z 0-9 . _ -, "
+            "not starting with '.')",
+            adapter);
+    snprintf(s->name, sizeof s->name, "%s", adapter);
+    double number = 0;
+    const cJSON *steps = cJSON_GetObjectItemCaseSensitive(body, "steps");
+    const cJSON *epochs = cJSON_GetObjectItemCaseSensitive(body, "epochs");
+    if (steps && !cJSON_IsNull(steps) && epochs && !cJSON_IsNull(epochs))
+        return lq_api_error_set(e, 400, "invalid_value", "steps",
+                                "give 'steps' or 'epochs', not both");
+    if (get_integer(body, "steps", 1, 1e9, 0, &number, e)) return -1;
+    f->steps = (long)number;
+    if (get_number(body, "epochs", 1e-6, 1e4, 1.0, &f->epochs, e)) return -1;
+    if (get_number(body, "validation_fraction", 0, 0.99, 0, &f->validation_fraction, e)) return -1;
+    if (validation && f->validation_fraction > 0)
+        return lq_api_error_set(e, 400, "invalid_value", "validation_fraction",
+                                "give 'validation_file' or 'validation_fraction', not both");
+    if (get_number(body, "learning_rate", 0, 10, 2e-4, &f->learning_rate, e) ||
+        get_number(body, "weight_decay", 0, 1e3, 0, &f->weight_decay, e) ||
+        get_number(body, "max_grad_norm", 0, 1e12, 1.0, &f->max_grad_norm, e))
+        return -1;
+    if (get_integer(body, "batch_size", 1, 1 << 16, 8, &number, e)) return -1;
+    f->batch_size = (int)number;
+    if (get_integer(body, "micro_batch", 1, f->batch_size, f->batch_size < 4 ? f->batch_size : 4,
+                    &number, e))
+        return -1;
+    f->micro_batch = (int)number;
+    if (get_integer(body, "warmup", 0, 1e9, 0, &number, e)) return -1;
+    f->warmup = (int)number;
+    if (get_integer(body, "eval_every", 0, 1e9, 0, &number, e)) return -1;
+    f->eval_every = (int)number;
+    if (get_integer(body, "checkpoint_every", 0, 1e9, 0, &number, e)) return -1;
+    f->checkpoint_every = (int)number;
+    if (get_integer(body, "seed", 0, 9007199254740991.0, 0, &number, e)) return -1;
+    s->seed = (unsigned long long)number;
+    enum lq_lr_schedule parsed_schedule;
+    if (schedule && lq_lr_schedule_parse(schedule, &parsed_schedule, NULL))
+        return lq_api_error_set(e, 400, "invalid_value", "schedule",
+                                "'schedule' must be \"cosine\", \"linear\" or \"constant\"");
+    snprintf(f->schedule, sizeof f->schedule, "%s", schedule ? schedule : "cosine");
+    if (init && strcmp(init, "lq") != 0 && strcmp(init, "zero") != 0)
+        return lq_api_error_set(e, 400, "invalid_value", "init",
+                                "'init' must be \"lq\" or \"zero\"");
+    const cJSON *rank = cJSON_GetObjectItemCaseSensitive(body, "rank");
+    if (init && strcmp(init, "lq") == 0 && rank && !cJSON_IsNull(rank))
+        return lq_api_error_set(
+            e, 400, "invalid_value", "rank",
+            "'rank' applies to \"init\": \"zero\" (\"lq\" trains the model's own "
+            "rank)");
+    if (get_integer(body, "rank", 1, 4096, 8, &number, e)) return -1;
+    f->rank = (int)number;
+    const cJSON *activate = cJSON_GetObjectItemCaseSensitive(body, "activate");
+    if (activate && !cJSON_IsBool(activate) && !cJSON_IsNull(activate))
+        return lq_api_error_set(e, 400, "invalid_value", "activate",
+                                "'activate' must be a boolean");
+    s->activate = cJSON_IsTrue(activate);
+    enum lq_dataset_format parsed_format = LQ_DATASET_AUTO;
+    if (format && lq_dataset_format_parse(format, &parsed_format))
+        return lq_api_error_set(e, 400, "invalid_value", "format",
+                                "'format' must be \"auto\", \"plain\", \"text\", "
+                                "\"prompt-completion\" or \"chat\"");
+
+    /* The files: the training file's own format (detected at upload) unless one is given. */
+    struct lq_file_info info;
+    if (resolve_upload(api, "training_file", training, f->training_path, sizeof f->training_path,
+                       &info, e))
+        return -1;
+    snprintf(f->training_file, sizeof f->training_file, "%s", info.id);
+    snprintf(f->training_name, sizeof f->training_name, "%s", info.filename);
+    f->format = (int)(parsed_format != LQ_DATASET_AUTO ? parsed_format : info.format);
+    if (validation) {
+        struct lq_file_info vinfo;
+        if (resolve_upload(api, "validation_file", validation, f->validation_path,
+                           sizeof f->validation_path, &vinfo, e))
+            return -1;
+        snprintf(f->validation_file, sizeof f->validation_file, "%s", vinfo.id);
+        snprintf(f->validation_name, sizeof f->validation_name, "%s", vinfo.filename);
+        if (parsed_format == LQ_DATASET_AUTO && vinfo.format != info.format)
+            return lq_api_error_set(e, 400, "invalid_value", "validation_file",
+                                    "the validation file is %s and the training file %s: give "
+                                    "files of one format",
+                                    lq_dataset_format_name(vinfo.format),
+                                    lq_dataset_format_name(info.format));
+    }
+
+    /* The model: served, trainable the way init asks, its context long enough. */
+    struct lq_served_model *served = lq_registry_get(api->registry, model);
+    if (!served)
+        return lq_api_error_set(e, 404, "model_not_found", "model",
+                                "the model '%.64s' does not exist", model);
+    snprintf(s->model, sizeof s->model, "%s", served->name);
+    snprintf(s->source, sizeof s->source, "%s", served->path);
+    int lq = trainable_lq(served->model), context = served->model->config.max_seq_len, rc = 0;
+    int has_tokenizer = served->tokenizer != NULL;
+    lq_served_model_release(served);
+    snprintf(f->init, sizeof f->init, "%s", init ? init : lq ? "lq" : "zero");
+    if (strcmp(f->init, "lq") == 0 && !lq)
+        return lq_api_error_set(
+            e, 400, "invalid_value", "init",
+            "the model '%s' is not LQ-compressed with a low-rank part: \"init\": "
+            "\"lq\" needs one (use \"init\": \"zero\")",
+            s->model);
+    if (!has_tokenizer)
+        return lq_api_error_set(e, 400, "invalid_value", "model",
+                                "the model '%s' has no tokenizer to read the training file with",
+                                s->model);
+    if (get_integer(body, "seq_len", 2, context, context < 256 ? context : 256, &number, e))
+        return -1;
+    f->seq_len = (int)number;
+    return rc;
+}
+
 static int parse_job(struct lq_api *api, const cJSON *body, struct lq_job_spec *s,
                      struct lq_api_error *e) {
     memset(s, 0, sizeof *s);
@@ -162,10 +349,12 @@ static int parse_job(struct lq_api *api, const cJSON *body, struct lq_job_spec *
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(body, "type");
     if (!cJSON_IsString(type))
         return lq_api_error_set(e, 400, "missing_field", "type",
-                                "'type' is required: \"compress\"");
+                                "'type' is required: \"compress\" or \"finetune\"");
+    if (strcmp(type->valuestring, "finetune") == 0) return parse_finetune_job(api, body, s, e);
     if (strcmp(type->valuestring, "compress") != 0)
         return lq_api_error_set(e, 400, "invalid_value", "type",
-                                "unknown job type '%.64s': only \"compress\"", type->valuestring);
+                                "unknown job type '%.64s': \"compress\" or \"finetune\"",
+                                type->valuestring);
     const char *model = get_string(body, "model");
     if (!model)
         return lq_api_error_set(e, 400, "missing_field", "model", "'model' (a string) is required");
@@ -290,10 +479,20 @@ void lq_api_jobs_create(void *app, struct lq_http_request *request) {
     cJSON *record = NULL;
     struct lq_error err = {0};
     if (lq_jobs_submit(api->jobs, &spec, &record, &err)) {
-        int status = err.code == LQ_ENOMEM ? 500 : 409;
+        int finetune = spec.type == LQ_JOB_FINETUNE;
+        int status = err.code == LQ_ENOMEM || err.code == LQ_EIO ? 500
+                     : err.code == LQ_ENOTFOUND                  ? 404
+                                                                 : 409;
+        const char *code = status == 500   ? NULL
+                           : status == 404 ? "file_not_found"
+                           : finetune      ? "adapter_exists"
+                                           : "output_in_use";
         lq_http_respond_error(request, status,
-                              status == 500 ? "server_error" : "invalid_request_error",
-                              status == 500 ? NULL : "output_in_use", "output", "%s", err.message);
+                              status == 500 ? "server_error" : "invalid_request_error", code,
+                              status == 404 ? "training_file"
+                              : finetune    ? "adapter"
+                                            : "output",
+                              "%s", err.message);
         return;
     }
     lq_http_respond_json(request, 200, record);

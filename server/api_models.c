@@ -55,10 +55,26 @@ static cJSON *model_json(const struct lq_api *api, const struct lq_served_model 
     return model;
 }
 
+/* An adapter's entry, "model:adapter": its base model's entry under the adapter's id, with
+ * "parent" naming the base and "adapter" what GET /v1/adapters says of it. */
+static cJSON *adapter_model_json(const struct lq_api *api, const struct lq_served_adapter *a) {
+    cJSON *model = model_json(api, a->model);
+    cJSON *adapter = lq_api_adapter_json(a);
+    cJSON_ReplaceItemInObjectCaseSensitive(
+        model, "id",
+        cJSON_CreateString(cJSON_GetObjectItemCaseSensitive(adapter, "id")->valuestring));
+    cJSON_ReplaceItemInObjectCaseSensitive(model, "created",
+                                           cJSON_CreateNumber((double)a->loaded_at));
+    cJSON_AddStringToObject(model, "parent", a->model->name);
+    cJSON_AddItemToObject(model, "adapter", adapter);
+    return model;
+}
+
 void lq_api_models_list(void *app, struct lq_http_request *request) {
     struct lq_api *api = app;
-    size_t count = 0;
+    size_t count = 0, n_adapters = 0;
     struct lq_served_model **models = lq_registry_list(api->registry, &count);
+    struct lq_served_adapter **adapters = lq_registry_adapter_list(api->registry, &n_adapters);
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "object", "list");
     cJSON *data = cJSON_AddArrayToObject(root, "data");
@@ -66,14 +82,29 @@ void lq_api_models_list(void *app, struct lq_http_request *request) {
         cJSON_AddItemToArray(data, model_json(api, models[i]));
         lq_served_model_release(models[i]);
     }
+    for (size_t i = 0; adapters && i < n_adapters; i++) { /* then "model:adapter" entries */
+        cJSON_AddItemToArray(data, adapter_model_json(api, adapters[i]));
+        lq_served_adapter_release(adapters[i]);
+    }
     free(models);
+    free(adapters);
     lq_http_respond_json(request, 200, root);
     cJSON_Delete(root);
 }
 
-static struct lq_served_model *find(struct lq_api *api, struct lq_http_request *request) {
+/* The model (and, for "model:adapter", the adapter) a path names; NULL after a 404. */
+static struct lq_served_model *find(struct lq_api *api, struct lq_http_request *request,
+                                    struct lq_served_adapter **adapter) {
     const char *id = lq_http_request_path_param(request);
-    struct lq_served_model *served = id ? lq_registry_get(api->registry, id) : NULL;
+    char base[72], name[72];
+    struct lq_served_model *served = NULL;
+    *adapter = NULL;
+    if (id && lq_model_id_split(id, base, sizeof base, name, sizeof name) == 0 && name[0]) {
+        if ((*adapter = lq_registry_adapter_get(api->registry, base, name)))
+            served = lq_served_model_retain((*adapter)->model);
+    } else if (id) {
+        served = lq_registry_get(api->registry, id);
+    }
     if (!served)
         lq_http_respond_error(request, 404, "invalid_request_error", "model_not_found", "model",
                               "the model '%s' does not exist", id ? id : "");
@@ -82,17 +113,22 @@ static struct lq_served_model *find(struct lq_api *api, struct lq_http_request *
 
 void lq_api_models_get(void *app, struct lq_http_request *request) {
     struct lq_api *api = app;
-    struct lq_served_model *served = find(api, request);
+    struct lq_served_adapter *adapter;
+    struct lq_served_model *served = find(api, request, &adapter);
     if (!served) return;
-    cJSON *model = model_json(api, served);
+    cJSON *model = adapter ? adapter_model_json(api, adapter) : model_json(api, served);
     lq_http_respond_json(request, 200, model);
     cJSON_Delete(model);
+    lq_served_adapter_release(adapter);
     lq_served_model_release(served);
 }
 
+/* An adapter's allocation is its base model's: the adapter changes only L1·L2. */
 void lq_api_models_allocation(void *app, struct lq_http_request *request) {
     struct lq_api *api = app;
-    struct lq_served_model *served = find(api, request);
+    struct lq_served_adapter *adapter;
+    struct lq_served_model *served = find(api, request, &adapter);
+    lq_served_adapter_release(adapter);
     if (!served) return;
     struct lq_model_summary summary = {0};
     struct lq_error err = {0};
@@ -114,19 +150,18 @@ void lq_api_models_allocation(void *app, struct lq_http_request *request) {
 
 /* ---------- load / unload ---------- */
 
-static int inside_roots(const struct lq_api_config *config, const char *real) {
-    for (size_t i = 0; i < config->n_model_roots; i++) {
-        size_t length = strlen(config->model_roots[i]);
-        if (strncmp(real, config->model_roots[i], length) == 0 &&
-            (real[length] == '/' || real[length] == '\0' ||
-             (length == 1 && config->model_roots[i][0] == '/')))
+static int inside_roots(char *const *roots, size_t n_roots, const char *real) {
+    for (size_t i = 0; i < n_roots; i++) {
+        size_t length = strlen(roots[i]);
+        if (strncmp(real, roots[i], length) == 0 &&
+            (real[length] == '/' || real[length] == '\0' || (length == 1 && roots[i][0] == '/')))
             return 1;
     }
     return 0;
 }
 
-/* 1 when an entry of directory resolves outside the model directories. */
-static int directory_escapes(const struct lq_api_config *config, const char *directory) {
+/* 1 when an entry of directory resolves outside the roots. */
+static int directory_escapes(char *const *roots, size_t n_roots, const char *directory) {
     DIR *dir = opendir(directory);
     struct dirent *entry;
     int escape = 0;
@@ -136,18 +171,18 @@ static int directory_escapes(const struct lq_api_config *config, const char *dir
             continue;
         char inner[PATH_MAX * 2], resolved[PATH_MAX];
         snprintf(inner, sizeof inner, "%s/%s", directory, entry->d_name);
-        escape = realpath(inner, resolved) && !inside_roots(config, resolved);
+        escape = realpath(inner, resolved) && !inside_roots(roots, n_roots, resolved);
     }
     if (dir) closedir(dir);
     return escape;
 }
 
-/* Resolves a client's path to a real path inside the model directories: ".." is refused
- * outright, a relative path is looked up under each directory in turn, and the result (and, for
- * a directory, every entry in it) must resolve inside one, so symbolic links cannot lead out. */
-static int confine(const struct lq_api_config *config, const char *path, const char *param,
+/* Resolves a client's path to a real path inside the roots: ".." is refused outright, a
+ * relative path is looked up under each root in turn, and the result (and, for a directory,
+ * every entry in it) must resolve inside one, so symbolic links cannot lead out. */
+int lq_api_confine(char *const *roots, size_t n_roots, const char *path, const char *param,
                    char *real, struct lq_api_error *e) {
-    if (config->n_model_roots == 0)
+    if (n_roots == 0)
         return lq_api_error_set(e, 403, "loading_disabled", param,
                                 "loading models is disabled: start lqd serve with --models-dir");
     for (const char *p = path; *p;) {
@@ -162,18 +197,18 @@ static int confine(const struct lq_api_config *config, const char *path, const c
     if (path[0] == '/') {
         found = realpath(path, real) != NULL;
     } else {
-        for (size_t i = 0; i < config->n_model_roots && !found; i++) {
+        for (size_t i = 0; i < n_roots && !found; i++) {
             char joined[PATH_MAX * 2];
-            snprintf(joined, sizeof joined, "%s/%s", config->model_roots[i], path);
+            snprintf(joined, sizeof joined, "%s/%s", roots[i], path);
             found = realpath(joined, real) != NULL;
         }
     }
     if (!found)
         return lq_api_error_set(e, 404, "path_not_found", param,
-                                "'%s' does not exist in the model directories", path);
-    if (!inside_roots(config, real))
+                                "'%s' does not exist in the directories lqd loads from", path);
+    if (!inside_roots(roots, n_roots, real))
         return lq_api_error_set(e, 403, "path_not_allowed", param,
-                                "'%s' is outside the model directories", path);
+                                "'%s' is outside the directories lqd loads from", path);
     /* The loader reads the directory (a model file's: its tokenizer beside it). */
     char directory[PATH_MAX];
     snprintf(directory, sizeof directory, "%s", real);
@@ -182,9 +217,11 @@ static int confine(const struct lq_api_config *config, const char *path, const c
         char *slash = strrchr(directory, '/');
         if (slash) slash[slash == directory ? 1 : 0] = '\0';
     }
-    if (directory_escapes(config, directory))
+    if (directory_escapes(roots, n_roots, directory))
         return lq_api_error_set(e, 403, "path_not_allowed", param,
-                                "'%s' holds a link that leads outside the model directories", path);
+                                "'%s' holds a link that leads outside the directories lqd loads "
+                                "from",
+                                path);
     return 0;
 }
 
@@ -211,8 +248,10 @@ void lq_api_models_load(void *app, struct lq_http_request *request) {
         return;
     }
     char real[PATH_MAX], tokenizer[PATH_MAX], name[72];
-    if (confine(&api->config, req.path, "path", real, &e) ||
-        (req.tokenizer && confine(&api->config, req.tokenizer, "tokenizer", tokenizer, &e))) {
+    const struct lq_api_config *config = &api->config;
+    if (lq_api_confine(config->model_roots, config->n_model_roots, req.path, "path", real, &e) ||
+        (req.tokenizer && lq_api_confine(config->model_roots, config->n_model_roots, req.tokenizer,
+                                         "tokenizer", tokenizer, &e))) {
         refuse(request, &e);
         lq_model_request_free(&req);
         return;

@@ -164,8 +164,8 @@ static int tokenize_prompts(const struct lq_completion_request *req,
 
 /* Submits every choice; on a refusal cancels those already queued. */
 static int submit_all(struct lq_api *api, const struct lq_completion_request *req,
-                      struct lq_served_model *served, struct lq_call *call,
-                      struct lq_api_error *e) {
+                      struct lq_served_model *served, struct lq_served_adapter *adapter,
+                      struct lq_call *call, struct lq_api_error *e) {
     uint64_t seed = req->seed_given ? req->sampler.seed : random_seed();
     pthread_rwlock_rdlock(&api->scheduler_lock);
     int rc = 0;
@@ -198,6 +198,7 @@ static int submit_all(struct lq_api *api, const struct lq_completion_request *re
         struct lq_request_callbacks callbacks = {on_text, on_finish, choice};
         struct lq_error err = {0};
         lq_served_model_retain(served);
+        params.adapter = adapter ? lq_served_adapter_retain(adapter) : NULL;
         pthread_mutex_lock(&call->lock);
         call->references++; /* the scheduler's, dropped in on_finish */
         pthread_mutex_unlock(&call->lock);
@@ -208,6 +209,7 @@ static int submit_all(struct lq_api *api, const struct lq_completion_request *re
             continue;
         }
         free(params.prompt);
+        lq_served_adapter_release(params.adapter);
         lq_served_model_release(served);
         pthread_mutex_lock(&call->lock);
         call->references--;
@@ -270,6 +272,7 @@ static void handle(struct lq_api *api, struct lq_http_request *request, int chat
         return;
     }
     struct lq_served_model *served = NULL;
+    struct lq_served_adapter *adapter = NULL;
     struct lq_call *call = NULL;
     if (req.echo && req.logprobs >= 0) {
         lq_api_error_set(&e, 400, "unsupported_parameter", "echo",
@@ -280,17 +283,36 @@ static void handle(struct lq_api *api, struct lq_http_request *request, int chat
         lq_api_error_set(&e, 503, "draining", NULL, "the server is shutting down");
         goto refused;
     }
-    if (!(served = lq_registry_get(api->registry, req.model))) {
-        lq_api_error_set(&e, 404, "model_not_found", "model",
-                         "the model '%s' does not exist (GET /v1/models lists them)", req.model);
+    /* "model" or "model:adapter": the request runs on what is published now, to its end */
+    char base[72] = "", adapter_name[72] = "";
+    int split = lq_model_id_split(req.model, base, sizeof base, adapter_name, sizeof adapter_name);
+    if (split == 0 && adapter_name[0]) {
+        if ((adapter = lq_registry_adapter_get(api->registry, base, adapter_name)))
+            served = lq_served_model_retain(adapter->model);
+    } else if (!strchr(req.model, ':')) {
+        served = lq_registry_get(api->registry, req.model);
+    }
+    if (!served) {
+        struct lq_served_model *exists =
+            adapter_name[0] ? lq_registry_get(api->registry, base) : NULL;
+        if (exists)
+            lq_api_error_set(&e, 404, "model_not_found", "model",
+                             "the model '%s' has no adapter '%s' (GET /v1/adapters lists them)",
+                             base, adapter_name);
+        else
+            lq_api_error_set(&e, 404, "model_not_found", "model",
+                             "the model '%s' does not exist (GET /v1/models lists them)",
+                             req.model);
+        lq_served_model_release(exists);
         goto refused;
     }
     if (!(call = lq_call_create(api, &req, served, lq_http_request_arrival(request)))) {
         lq_api_error_set(&e, 500, NULL, NULL, "out of memory");
         goto refused;
     }
+    if (adapter) snprintf(call->model, sizeof call->model, "%s:%s", base, adapter->name);
     if (tokenize_prompts(&req, served, call, &e) || lq_call_prepare_echo(call, &req, served, &e) ||
-        submit_all(api, &req, served, call, &e))
+        submit_all(api, &req, served, adapter, call, &e))
         goto refused;
     if (req.stream) {
         lq_http_respond_stream(request, 200, "text/event-stream", lq_call_stream_read,
@@ -316,6 +338,7 @@ static void handle(struct lq_api *api, struct lq_http_request *request, int chat
                               "the client closed the connection");
     }
     lq_call_release(call);
+    lq_served_adapter_release(adapter);
     lq_served_model_release(served);
     lq_completion_request_free(&req);
     return;
@@ -324,6 +347,7 @@ refused:
     if (e.status == 503) lq_http_set_header(request, "Retry-After", "5");
     refuse(request, &e);
     lq_call_release(call);
+    lq_served_adapter_release(adapter);
     lq_served_model_release(served);
     lq_completion_request_free(&req);
 }

@@ -556,3 +556,56 @@ void lq_model_request_free(struct lq_model_request *r) {
     free(r->tokenizer);
     memset(r, 0, sizeof *r);
 }
+
+/* ---------- adapters ---------- */
+
+int lq_adapter_request_parse(const char *body, size_t length, int unload,
+                             struct lq_adapter_request *out, struct lq_api_error *err) {
+    memset(out, 0, sizeof *out);
+    cJSON *root = parse_object(body, length, 4, err);
+    if (!root) return -1;
+    int rc = -1;
+    static const char *const names[] = {"model", "name"};
+    char **values[] = {&out->model, &out->name};
+    for (int i = 0; i < 2; i++) {
+        if (get_string(root, names[i], 64, 1, values[i], err)) goto done;
+        if (!lq_model_name_valid(*values[i])) {
+            lq_api_error_set(err, 400, "invalid_value", names[i],
+                             "'%s' must be 1 to 64 characters of A-Z a-z 0-9 . _ - (not "
+                             "starting with '.')",
+                             names[i]);
+            goto done;
+        }
+    }
+    if (!unload && get_string(root, "path", 4096, 1, &out->path, err)) goto done;
+    if (out->path && out->path[0] == '\0') {
+        lq_api_error_set(err, 400, "invalid_value", "path", "'path' is empty");
+        goto done;
+    }
+    rc = 0;
+done:
+    cJSON_Delete(root);
+    if (rc) lq_adapter_request_free(out);
+    return rc;
+}
+
+void lq_adapter_request_free(struct lq_adapter_request *r) {
+    free(r->model);
+    free(r->name);
+    free(r->path);
+    memset(r, 0, sizeof *r);
+}
+
+int lq_model_id_split(const char *id, char *model, size_t model_size, char *adapter,
+                      size_t adapter_size) {
+    const char *colon = strchr(id, ':');
+    size_t base = colon ? (size_t)(colon - id) : strlen(id);
+    size_t rest = colon ? strlen(colon + 1) : 0;
+    if (base == 0 || base >= model_size || (colon && (rest == 0 || rest >= adapter_size)))
+        return -1;
+    memcpy(model, id, base);
+    model[base] = '\0';
+    adapter[0] = '\0';
+    if (colon) memcpy(adapter, colon + 1, rest + 1);
+    return 0;
+}

@@ -1,7 +1,7 @@
 /* Parsing and validation of the JSON bodies the API accepts: OpenAI completions and chat
- * completions, model load and unload. Everything a client can get wrong is caught here, with
- * the HTTP status and OpenAI-style error it deserves, before any model or queue is touched.
- * Pure functions of the body (no daemon state), so the fuzzer drives them directly. */
+ * completions, model and adapter load and unload. Everything a client can get wrong is caught
+ * here, with the HTTP status and OpenAI-style error it deserves, before any model or queue is
+ * touched. Pure functions of the body (no daemon state), so the fuzzer drives them directly. */
 #ifndef LQ_API_REQUEST_H
 #define LQ_API_REQUEST_H
 
@@ -78,5 +78,22 @@ void lq_model_request_free(struct lq_model_request *request);
 
 /* 1 when name is a usable model id: 1..64 bytes of [A-Za-z0-9._-], not starting with '.'. */
 int lq_model_name_valid(const char *name);
+
+/* POST /v1/adapters/load {"model", "name", "path"} and /v1/adapters/unload {"model", "name"}:
+ * model and name are valid model names (lq_model_name_valid), path non-empty. */
+struct lq_adapter_request {
+    char *model; /* the base model's name */
+    char *name;  /* the adapter's */
+    char *path;  /* load */
+};
+int lq_adapter_request_parse(const char *body, size_t length, int unload,
+                             struct lq_adapter_request *out, struct lq_api_error *err);
+void lq_adapter_request_free(struct lq_adapter_request *request);
+
+/* Splits a model id a client names: "base:adapter" (an adapter served on base) or "base".
+ * model and adapter receive the parts (adapter empty when there is none); 0, or -1 when a part
+ * is empty or does not fit its buffer. */
+int lq_model_id_split(const char *id, char *model, size_t model_size, char *adapter,
+                      size_t adapter_size);
 
 #endif

@@ -8,6 +8,7 @@ int lq_cli_version(int argc, char **argv);
 int lq_cli_generate(int argc, char **argv);
 int lq_cli_eval(int argc, char **argv);
 int lq_cli_compress(int argc, char **argv);
+int lq_cli_finetune(int argc, char **argv);
 int lq_cli_inspect(int argc, char **argv);
 int lq_cli_serve(int argc, char **argv);
 

@@ -7,9 +7,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/compress.h"
+#include "core/file_util.h"
+#include "core/fisher.h"
+#include "core/ilp.h"
 #include "core/lq_model_file.h"
 #include "core/model.h"
 #include "core/parallel.h"
@@ -22,6 +26,8 @@ static const char compress_usage[] =
     "                    [--configs GRID] [--iters T] [--seed S] [--threads N]\n"
     "                    [--cache-dir DIR | --no-cache] [--ilp-time-limit SECONDS]\n"
     "                    [--force] [--quiet] [--json]\n"
+    "                    [--fisher FILE --fisher-samples N [--fisher-seq-len L] [--fisher-seed S]\n"
+    "                     [--fisher-save PATH] | --fisher-load PATH]\n"
     "\n"
     "Compresses a LLaMA-family model (HuggingFace directory or llama2.c .bin) to an LQ model\n"
     "directory: every linear matrix W of every layer becomes W = Q + L1 L2, Q NormalFloat-\n"
@@ -58,7 +64,22 @@ static const char compress_usage[] =
     "  --quiet              no progress on stderr\n"
     "  --json               print the report as one JSON object\n"
     "\n"
-    "example: lqd compress --model models/stories260K-hf --bits 3 --rank 8 --out stories-3bit\n";
+    "Fisher-weighted LQ (LQ-LoRA paper section 3.3): every decomposition minimises\n"
+    "||sqrt(F) * (W - Q - L1 L2)||, F the diagonal empirical Fisher information of W, and the\n"
+    "error table, the allocation and the report use that weighted error.\n"
+    "  --fisher FILE        estimate F on the CPU from calibration text FILE: each non-empty\n"
+    "                       line is a document (as lqd eval --ppl reads it), tokenized with BOS\n"
+    "  --fisher-samples N   sequences averaged: N documents drawn without replacement\n"
+    "  --fisher-seq-len L   tokens per sequence at most, BOS included (default 1024, at most\n"
+    "                       the model's context); longer documents are cut\n"
+    "  --fisher-seed S      seed of the draw (default 0): the same seed draws the same lines\n"
+    "  --fisher-save PATH   also write F (safetensors, one F32 tensor per matrix under its\n"
+    "                       weight's name; lqd decompose --fisher PATH:NAME reads it)\n"
+    "  --fisher-load PATH   use F from a --fisher-save file instead of estimating it\n"
+    "\n"
+    "example: lqd compress --model models/stories260K-hf --bits 3 --rank 8 --out stories-3bit\n"
+    "         lqd compress --model models/stories260K-hf --bits 3 --rank 8 --out stories-3f \\\n"
+    "             --fisher calibration.txt --fisher-samples 128\n";
 
 struct compress_args {
     const char *model, *out, *tokenizer, *configs, *cache_dir;
@@ -66,6 +87,9 @@ struct compress_args {
     int rank, iters, threads, no_cache, force, quiet, json;
     unsigned long long seed;
     int have_bits, have_rank;
+    const char *fisher, *fisher_save, *fisher_load; /* calibration text, F files */
+    int fisher_samples, fisher_seq_len, have_fisher_seq_len, have_fisher_seed;
+    unsigned long long fisher_seed;
     struct lq_cli_device device;
 };
 
@@ -85,7 +109,13 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
         OPT_QUIET,
         OPT_JSON,
         OPT_DEVICE,
-        OPT_GPU_MEMORY
+        OPT_GPU_MEMORY,
+        OPT_FISHER,
+        OPT_FISHER_SAMPLES,
+        OPT_FISHER_SEQ_LEN,
+        OPT_FISHER_SEED,
+        OPT_FISHER_SAVE,
+        OPT_FISHER_LOAD
     };
     static const struct option long_options[] = {
         {"model", required_argument, NULL, 'm'},
@@ -105,12 +135,19 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
         {"json", no_argument, NULL, OPT_JSON},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"gpu-memory", required_argument, NULL, OPT_GPU_MEMORY},
+        {"fisher", required_argument, NULL, OPT_FISHER},
+        {"fisher-samples", required_argument, NULL, OPT_FISHER_SAMPLES},
+        {"fisher-seq-len", required_argument, NULL, OPT_FISHER_SEQ_LEN},
+        {"fisher-seed", required_argument, NULL, OPT_FISHER_SEED},
+        {"fisher-save", required_argument, NULL, OPT_FISHER_SAVE},
+        {"fisher-load", required_argument, NULL, OPT_FISHER_LOAD},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     memset(a, 0, sizeof *a);
     a->iters = 20;
     a->configs = "table1";
+    a->fisher_seq_len = 1024; /* the paper's sequence length */
     long number;
     double real;
     optind = 1;
@@ -181,6 +218,30 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
                                      optarg, &a->device) == 2)
                 return 2;
             break;
+        case OPT_FISHER:
+            a->fisher = optarg;
+            break;
+        case OPT_FISHER_SAMPLES:
+            if (lq_cli_parse_int(optarg, 1, 100000000, &number))
+                return usage_error("--fisher-samples '%s': expected an integer >= 1", optarg);
+            a->fisher_samples = (int)number;
+            break;
+        case OPT_FISHER_SEQ_LEN:
+            if (lq_cli_parse_int(optarg, 2, 1 << 24, &number))
+                return usage_error("--fisher-seq-len '%s': expected an integer >= 2", optarg);
+            a->fisher_seq_len = (int)number, a->have_fisher_seq_len = 1;
+            break;
+        case OPT_FISHER_SEED:
+            if (lq_cli_parse_int(optarg, 0, __LONG_MAX__, &number))
+                return usage_error("--fisher-seed '%s': expected an integer >= 0", optarg);
+            a->fisher_seed = (unsigned long long)number, a->have_fisher_seed = 1;
+            break;
+        case OPT_FISHER_SAVE:
+            a->fisher_save = optarg;
+            break;
+        case OPT_FISHER_LOAD:
+            a->fisher_load = optarg;
+            break;
         case 'h':
             fputs(compress_usage, stdout);
             return -1;
@@ -195,6 +256,14 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
     if (!a->out) return usage_error("%s", "--out DIR is required");
     if (a->cache_dir && a->no_cache)
         return usage_error("%s", "--cache-dir and --no-cache exclude each other");
+    if (a->fisher && a->fisher_load)
+        return usage_error("%s", "--fisher and --fisher-load exclude each other");
+    if (a->fisher && !a->fisher_samples)
+        return usage_error("%s", "--fisher FILE needs --fisher-samples N");
+    if (!a->fisher &&
+        (a->fisher_samples || a->have_fisher_seq_len || a->have_fisher_seed || a->fisher_save))
+        return usage_error("%s", "--fisher-samples, --fisher-seq-len, --fisher-seed and "
+                                 "--fisher-save need --fisher FILE");
     return 0;
 }
 
@@ -212,7 +281,14 @@ struct progress_state {
     double last_line; /* elapsed seconds of the last plain line */
     enum lq_compress_phase phase;
     int phase_started;
+    double fisher_start; /* monotonic seconds when the Fisher estimate began */
 };
+
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
 
 static void format_seconds(double seconds, char *buffer, size_t size) {
     if (seconds < 0)
@@ -267,6 +343,153 @@ static void on_warning(void *context, const char *message) {
     fprintf(stderr, "lqd compress: warning: %s\n", message);
 }
 
+/* The Fisher estimate's progress: one forward and backward pass per sequence. */
+static int on_fisher_progress(void *context, int done, int total) {
+    struct progress_state *s = context;
+    if (interrupted) return LQ_EINVAL;
+    if (s->quiet) return 0;
+    double elapsed = seconds_now() - s->fisher_start;
+    double eta = done ? elapsed / done * (total - done) : -1.0;
+    char elapsed_text[32], eta_text[32];
+    format_seconds(elapsed, elapsed_text, sizeof elapsed_text);
+    format_seconds(eta, eta_text, sizeof eta_text);
+    if (s->tty) {
+        fprintf(stderr, "\r\033[KFisher        %d/%d sequences  %s  ETA %s", done, total,
+                elapsed_text, eta_text);
+        if (done == total) fputc('\n', stderr);
+        fflush(stderr);
+    } else if (done == total || elapsed - s->last_line >= 5.0) {
+        s->last_line = elapsed;
+        fprintf(stderr, "lqd compress: Fisher information: %d/%d sequences, %s elapsed, ETA %s%s\n",
+                done, total, elapsed_text, eta_text, done == total ? " (done)" : "");
+    }
+    return 0;
+}
+
+/* ---------- the Fisher information ---------- */
+
+struct fisher_summary {
+    int samples, seq_len;
+    size_t tokens, documents;
+    double seconds;
+};
+
+/* Refuses an LQ source, an infeasible budget or too large a rank before the Fisher estimate
+ * (lq_compress checks them too, but only after it). */
+static int check_before_fisher(const struct lq_model *model, const struct lq_nf_config *grid,
+                               size_t G, double bits, int rank, struct lq_error *err) {
+    size_t n = (size_t)model->config.n_layers * LQ_LINEARS_PER_LAYER;
+    double *storage = malloc(n * G * sizeof *storage), *cost = calloc(n * G, sizeof *cost);
+    size_t *numel = malloc(n * sizeof *numel);
+    int rc = storage && cost && numel ? LQ_OK : lq_error_set(err, LQ_ENOMEM, "out of memory");
+    for (size_t i = 0; i < n && !rc; i++) {
+        const struct lq_linear *linear =
+            &model->layers[i / LQ_LINEARS_PER_LAYER].linear[i % LQ_LINEARS_PER_LAYER];
+        numel[i] = (size_t)linear->rows * (size_t)linear->cols;
+        for (size_t c = 0; c < G; c++) storage[i * G + c] = lq_nf_storage_bits(numel[i], &grid[c]);
+        char name[128];
+        lq_model_linear_name((int)(i / LQ_LINEARS_PER_LAYER),
+                             (enum lq_linear_kind)(i % LQ_LINEARS_PER_LAYER), name, sizeof name);
+        if (linear->is_lq || !linear->dense)
+            rc = lq_error_set(err, LQ_EINVAL,
+                              "%s: %s is already LQ-compressed; the Fisher estimate and "
+                              "compression need the full-precision source",
+                              model->path ? model->path : "model", name);
+        else if (rank > linear->rows || rank > linear->cols)
+            rc = lq_error_set(err, LQ_EINVAL, "rank %d is larger than %s (%d x %d): at most %d",
+                              rank, name, linear->rows, linear->cols,
+                              linear->rows < linear->cols ? linear->rows : linear->cols);
+    }
+    if (!rc) {
+        struct lq_ilp_problem problem = {n, G, cost, storage, numel, bits};
+        double minimum = lq_ilp_min_budget(&problem);
+        if (bits < minimum)
+            rc = lq_error_set(err, LQ_EINFEASIBLE,
+                              "budget %g bits/param is infeasible: the smallest feasible budget "
+                              "for this grid is %.17g bits/param",
+                              bits, minimum);
+    }
+    free(storage), free(cost), free(numel);
+    return rc;
+}
+
+/* The tokenizer of the calibration text: the one copied into DIR (json, model, then bin). */
+static int load_tokenizer(const struct lq_tokenizer_files *files, struct lq_tokenizer **out,
+                          struct lq_error *err) {
+    static const char *const names[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
+    for (size_t k = 0; k < 3; k++)
+        for (size_t i = 0; i < files->count; i++)
+            if (strcmp(files->name[i], names[k]) == 0)
+                return lq_tokenizer_load(files->source[i], out, err);
+    return lq_error_set(
+        err, LQ_ENOTFOUND,
+        "--fisher needs a tokenizer: none found beside the model (use --tokenizer)");
+}
+
+/* F from --fisher-load, or estimated from --fisher's text on the CPU backend. */
+static int fisher_obtain(const struct compress_args *a, const struct lq_model *source,
+                         const struct lq_tokenizer_files *tokenizer_files,
+                         struct progress_state *progress, struct lq_fisher *fisher,
+                         struct fisher_summary *summary, struct lq_error *err) {
+    memset(summary, 0, sizeof *summary);
+    double start = seconds_now();
+    if (a->fisher_load) {
+        int rc = lq_fisher_load(a->fisher_load, source, fisher, err);
+        summary->samples = fisher->samples;
+        summary->seconds = seconds_now() - start;
+        return rc ? lq_error_prefix(err, "--fisher-load") : LQ_OK;
+    }
+    struct lq_tokenizer *tokenizer = NULL;
+    struct lq_backend *cpu = NULL;
+    struct lq_fisher_calibration calibration = {0};
+    char *text = NULL;
+    size_t length = 0;
+    int context = source->config.max_seq_len;
+    summary->seq_len = a->fisher_seq_len < context ? a->fisher_seq_len : context;
+    int rc = lq_file_read_all(a->fisher, (size_t)1 << 32, &text, &length, err);
+    if (rc) {
+        lq_error_prefix(err, "--fisher");
+        goto done;
+    }
+    if ((rc = load_tokenizer(tokenizer_files, &tokenizer, err))) goto done;
+    if ((rc = lq_fisher_calibration_draw(tokenizer, text, length, a->fisher_samples,
+                                         summary->seq_len, a->fisher_seed, &calibration, err))) {
+        lq_error_prefix(err, "--fisher %s", a->fisher);
+        goto done;
+    }
+    summary->samples = calibration.count, summary->tokens = calibration.tokens;
+    summary->documents = calibration.documents;
+    if ((rc = lq_backend_cpu_create(&cpu, err))) goto done;
+    if (!a->quiet)
+        fprintf(stderr,
+                "lqd compress: Fisher information from %d of %zu lines of %s (%zu tokens, at "
+                "most %d per sequence, seed %llu) on the CPU\n",
+                calibration.count, calibration.documents, a->fisher, calibration.tokens,
+                summary->seq_len, a->fisher_seed);
+    struct lq_fisher_options options;
+    lq_fisher_options_default(&options);
+    options.max_seq_len = summary->seq_len;
+    options.progress = on_fisher_progress, options.context = progress;
+    progress->fisher_start = seconds_now(), progress->last_line = -1e9;
+    rc = lq_fisher_compute(cpu, source, (const int *const *)calibration.sequences,
+                           calibration.lengths, calibration.count, &options, fisher, err);
+    if (rc) goto done;
+    /* how F was made: saved with it, and hashed into the error table's cache key with it */
+    memcpy(fisher->source, calibration.source, sizeof fisher->source);
+    if (a->fisher_save && (rc = lq_fisher_save(fisher, source, a->fisher_save, err))) {
+        lq_error_prefix(err, "--fisher-save");
+        goto done;
+    }
+done:
+    summary->seconds = seconds_now() - start;
+    if (rc) lq_fisher_free(fisher);
+    lq_fisher_calibration_free(&calibration);
+    if (cpu) cpu->ops->destroy(cpu);
+    lq_tokenizer_free(tokenizer);
+    free(text);
+    return rc;
+}
+
 /* ---------- the report ---------- */
 
 /* The configurations chosen, each with how many matrices took it, in grid order. */
@@ -285,13 +508,21 @@ static double total_norm(const struct lq_compress_report *r) {
 }
 
 static void print_text(const struct compress_args *a, const struct lq_compress_report *r,
-                       const struct lq_nf_config *grid, const int *counts) {
+                       const struct lq_nf_config *grid, const int *counts,
+                       const struct fisher_summary *fisher) {
     printf("source          %s\n", a->model);
     printf("budget          %g bits/param (smallest feasible %.6f)\n", a->bits, r->min_budget);
     printf("achieved        %.6f bits/param quantized, %.6f effective with L1 L2 (rank %d, fp32)\n",
            r->bits_per_param, r->effective_bits, a->rank);
-    printf("error           %.6g total squared, %.6f relative (sqrt(sum err^2 / sum ||W||^2))\n",
-           r->total_error, sqrt(r->total_error / total_norm(r)));
+    if (a->fisher)
+        printf("fisher          %d sequences, %zu tokens (at most %d each) of %s in %.2f s%s%s\n",
+               fisher->samples, fisher->tokens, fisher->seq_len, a->fisher, fisher->seconds,
+               a->fisher_save ? "; saved to " : "", a->fisher_save ? a->fisher_save : "");
+    else if (a->fisher_load)
+        printf("fisher          %s (%d sequences)\n", a->fisher_load, fisher->samples);
+    printf("error           %.6g total squared, %.6f relative (sqrt(sum err^2 / sum ||W||^2))%s\n",
+           r->total_error, sqrt(r->total_error / total_norm(r)),
+           strcmp(r->weighting, "none") ? ", Fisher-weighted" : "");
     printf("configurations ");
     for (size_t c = 0; c < r->n_configs; c++) {
         if (!counts[c]) continue;
@@ -310,7 +541,8 @@ static void print_text(const struct compress_args *a, const struct lq_compress_r
 }
 
 static int print_json(const struct compress_args *a, const struct lq_compress_report *r,
-                      const struct lq_nf_config *grid, const int *counts) {
+                      const struct lq_nf_config *grid, const int *counts,
+                      const struct fisher_summary *fisher) {
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "source", a->model);
     cJSON_AddStringToObject(root, "out", a->out);
@@ -321,6 +553,22 @@ static int print_json(const struct compress_args *a, const struct lq_compress_re
     cJSON_AddNumberToObject(root, "effective_bits", r->effective_bits);
     cJSON_AddNumberToObject(root, "total_error", r->total_error);
     cJSON_AddNumberToObject(root, "relative_error", sqrt(r->total_error / total_norm(r)));
+    cJSON_AddStringToObject(root, "weighting", r->weighting);
+    if (a->fisher || a->fisher_load) {
+        cJSON *f = cJSON_AddObjectToObject(root, "fisher");
+        cJSON_AddStringToObject(f, a->fisher ? "text" : "file",
+                                a->fisher ? a->fisher : a->fisher_load);
+        cJSON_AddNumberToObject(f, "samples", fisher->samples);
+        if (a->fisher) {
+            cJSON_AddNumberToObject(f, "tokens", (double)fisher->tokens);
+            cJSON_AddNumberToObject(f, "documents", (double)fisher->documents);
+            cJSON_AddNumberToObject(f, "seq_len", fisher->seq_len);
+            cJSON_AddNumberToObject(f, "seed", (double)a->fisher_seed);
+        }
+        cJSON_AddNumberToObject(f, "seconds", fisher->seconds);
+    } else {
+        cJSON_AddNullToObject(root, "fisher");
+    }
     cJSON_AddNumberToObject(root, "n_matrices", (double)r->n_matrices);
     cJSON_AddNumberToObject(root, "n_configs", (double)r->n_configs);
     cJSON_AddNumberToObject(root, "decompositions", (double)r->decompositions);
@@ -342,6 +590,24 @@ static int print_json(const struct compress_args *a, const struct lq_compress_re
         snprintf(text, sizeof text, "%d,%d,%s,%d,%d", grid[c].b0, grid[c].b1,
                  lq_scale_dtype_name(grid[c].b2), grid[c].B0, grid[c].B1);
         cJSON_AddNumberToObject(configs, text, counts[c]);
+    }
+    /* per matrix: the squared error and ||W||^2, Fisher-weighted when F is given */
+    cJSON *matrices = cJSON_AddArrayToObject(root, "matrices");
+    for (size_t i = 0; i < r->n_matrices; i++) {
+        cJSON *m = cJSON_CreateObject();
+        char name[128], config[96];
+        lq_model_linear_name((int)(i / LQ_LINEARS_PER_LAYER),
+                             (enum lq_linear_kind)(i % LQ_LINEARS_PER_LAYER), name, sizeof name);
+        char *suffix = strstr(name, ".weight");
+        if (suffix && suffix[7] == '\0') *suffix = '\0';
+        const struct lq_nf_config *c = &r->chosen[i];
+        snprintf(config, sizeof config, "%d,%d,%s,%d,%d", c->b0, c->b1, lq_scale_dtype_name(c->b2),
+                 c->B0, c->B1);
+        cJSON_AddStringToObject(m, "name", name);
+        cJSON_AddStringToObject(m, "config", config);
+        cJSON_AddNumberToObject(m, "error", r->error[i]);
+        cJSON_AddNumberToObject(m, "norm", r->norm[i]);
+        cJSON_AddItemToArray(matrices, m);
     }
     char *text = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
@@ -366,6 +632,8 @@ int lq_cli_compress(int argc, char **argv) {
     struct lq_compress_report report = {0};
     int *counts = NULL, status = 1;
     struct lq_tokenizer_files tokenizer;
+    struct lq_fisher fisher = {0};
+    struct fisher_summary fisher_summary = {0};
     if (lq_compress_grid_parse(a.configs, &grid, &grid_size, &err)) {
         fprintf(stderr, "lqd compress: --configs: %s\n", err.message);
         return 2;
@@ -382,7 +650,7 @@ int lq_cli_compress(int argc, char **argv) {
                 a.model, a.out);
     if (lq_model_load(a.model, &source, &err)) goto fail;
 
-    struct progress_state progress = {a.quiet, isatty(STDERR_FILENO), 0, LQ_COMPRESS_TABLE, 0};
+    struct progress_state progress = {a.quiet, isatty(STDERR_FILENO), 0, LQ_COMPRESS_TABLE, 0, 0};
     struct lq_compress_options options;
     lq_compress_options_default(&options);
     options.budget = a.bits, options.rank = a.rank, options.iters = a.iters;
@@ -410,13 +678,20 @@ int lq_cli_compress(int argc, char **argv) {
     sigemptyset(&action.sa_mask);
     sigaction(SIGINT, &action, &old_int);
     sigaction(SIGTERM, &action, &old_term);
-    rc = lq_compress(source, &options, &compressed, &report, &err);
+    rc = a.fisher ? check_before_fisher(source, grid, grid_size, a.bits, a.rank, &err) : LQ_OK;
+    if (!rc && (a.fisher || a.fisher_load))
+        rc = fisher_obtain(&a, source, &tokenizer, &progress, &fisher, &fisher_summary, &err);
+    int in_fisher = rc != LQ_OK;
+    options.fisher = (const float *const *)fisher.matrices;
+    options.fisher_source = fisher.source;
+    if (!rc) rc = lq_compress(source, &options, &compressed, &report, &err);
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     if (progress.tty && !a.quiet && rc) fputc('\n', stderr);
     if (rc && interrupted) {
-        fprintf(stderr, "lqd compress: interrupted; the error-table rows finished are cached: "
-                        "the same command resumes\n");
+        fprintf(stderr, in_fisher ? "lqd compress: interrupted during the Fisher estimate\n"
+                                  : "lqd compress: interrupted; the error-table rows finished "
+                                    "are cached: the same command resumes\n");
         status = 130;
         goto done;
     }
@@ -431,7 +706,7 @@ int lq_cli_compress(int argc, char **argv) {
     file_options.grid_size = grid_size;
     file_options.iters = a.iters;
     file_options.seed = a.seed;
-    file_options.weighting = "none";
+    file_options.weighting = report.weighting;
     file_options.tokenizer = &tokenizer;
     file_options.force = a.force;
     if (lq_model_file_write(compressed, a.out, &file_options, &err)) goto fail;
@@ -443,12 +718,12 @@ int lq_cli_compress(int argc, char **argv) {
     }
     count_configs(&report, counts);
     if (a.json) {
-        if (print_json(&a, &report, grid, counts)) {
+        if (print_json(&a, &report, grid, counts, &fisher_summary)) {
             lq_error_set(&err, LQ_ENOMEM, "out of memory printing JSON");
             goto fail;
         }
     } else {
-        print_text(&a, &report, grid, counts);
+        print_text(&a, &report, grid, counts, &fisher_summary);
     }
     status = 0;
     goto done;
@@ -457,6 +732,7 @@ fail:
 done:
     free(counts);
     free(grid);
+    lq_fisher_free(&fisher);
     lq_compress_report_free(&report);
     lq_model_free(compressed);
     lq_model_free(source);

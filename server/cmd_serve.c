@@ -3,6 +3,7 @@
  * for SIGTERM/SIGINT and drains: stop accepting, let requests in flight finish within the
  * grace period, cancel what is left, exit 0. */
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <signal.h>
@@ -201,6 +202,65 @@ static int write_state(struct daemon *d, const char *state_dir, struct lq_error 
 
 /* ---------- start, serve, stop ---------- */
 
+/* ---------- adapters from finetune jobs ---------- */
+
+/* A finetune job finished (server/job_finetune.c): "activate" swaps the adapter into serving
+ * under its name; without it the adapter is published only when no adapter of that name is
+ * serving yet, so a job never silently changes what clients of an existing name get. */
+static int on_adapter_ready(void *context, const char *model, const char *adapter, const char *dir,
+                            int activate, struct lq_error *err) {
+    struct lq_registry *registry = context;
+    struct lq_served_adapter *serving = lq_registry_adapter_get(registry, model, adapter);
+    if (serving) {
+        lq_served_adapter_release(serving);
+        if (!activate) {
+            lq_log(LQ_LOG_INFO, "adapter written, not activated", LQ_LOG_STR("model", model),
+                   LQ_LOG_STR("adapter", adapter), LQ_LOG_STR("path", dir));
+            return LQ_OK;
+        }
+    }
+    int rc = lq_registry_adapter_load(registry, model, adapter, dir, err);
+    if (!rc)
+        lq_log(LQ_LOG_INFO, "adapter loaded", LQ_LOG_STR("model", model),
+               LQ_LOG_STR("adapter", adapter), LQ_LOG_STR("path", dir));
+    return rc;
+}
+
+/* Serves again what finetune jobs left in STATE_DIR/adapters/<model>/<adapter> for the models
+ * being served. One that no longer loads (its model changed) is skipped with a warning. */
+static void load_saved_adapters(struct daemon *d) {
+    char root[PATH_MAX];
+    snprintf(root, sizeof root, "%.2000s/adapters", d->config.state_dir);
+    DIR *models = opendir(root);
+    if (!models) return;
+    struct dirent *m;
+    while ((m = readdir(models))) {
+        if (m->d_name[0] == '.') continue;
+        struct lq_served_model *served = lq_registry_get(d->api.registry, m->d_name);
+        if (!served) continue;
+        lq_served_model_release(served);
+        char model_dir[PATH_MAX];
+        snprintf(model_dir, sizeof model_dir, "%.2000s/%.200s", root, m->d_name);
+        DIR *adapters = opendir(model_dir);
+        struct dirent *a;
+        while (adapters && (a = readdir(adapters))) {
+            if (a->d_name[0] == '.' || strchr(a->d_name, '~')) continue;
+            char dir[PATH_MAX];
+            snprintf(dir, sizeof dir, "%.3000s/%.200s", model_dir, a->d_name);
+            if (!lq_path_is_dir(dir)) continue;
+            struct lq_error err = {0};
+            if (lq_registry_adapter_load(d->api.registry, m->d_name, a->d_name, dir, &err))
+                lq_log(LQ_LOG_WARN, "saved adapter not loaded", LQ_LOG_STR("path", dir),
+                       LQ_LOG_STR("error", err.message));
+            else
+                lq_log(LQ_LOG_INFO, "adapter loaded", LQ_LOG_STR("model", m->d_name),
+                       LQ_LOG_STR("adapter", a->d_name), LQ_LOG_STR("path", dir));
+        }
+        if (adapters) closedir(adapters);
+    }
+    closedir(models);
+}
+
 static int start(struct daemon *d, struct lq_backend **backend, struct lq_error *err) {
     struct lq_serve_config *c = &d->config;
     if (c->api_key_file && read_key_file(c, err)) return -1;
@@ -254,6 +314,12 @@ static int start(struct daemon *d, struct lq_backend **backend, struct lq_error 
         }
         api_config->model_roots[api_config->n_model_roots++] = strdup(real);
     }
+    /* Adapters (POST /v1/adapters/load) also load from STATE_DIR/adapters, where finetune
+     * jobs leave them. */
+    char adapters[PATH_MAX + 16], adapters_real[PATH_MAX];
+    snprintf(adapters, sizeof adapters, "%s/adapters", c->state_dir);
+    if (make_dirs(adapters) == 0 && realpath(adapters, adapters_real))
+        api_config->adapters_dir = strdup(adapters_real);
     size_t gpu_memory = 0;
     if (c->gpu_memory && (lq_parse_memory_size(c->gpu_memory, &gpu_memory) || gpu_memory == 0))
         return lq_error_set(err, LQ_EINVAL, "--gpu-memory '%s': expected a size such as 40G",
@@ -297,7 +363,10 @@ static int start(struct daemon *d, struct lq_backend **backend, struct lq_error 
                                            .max_jobs = c->max_jobs,
                                            .cache_dir = cache_dir,
                                            .registry = d->api.registry,
-                                           .device = *backend};
+                                           .device = *backend,
+                                           .adapter_ready = on_adapter_ready,
+                                           .adapter_context = d->api.registry};
+    load_saved_adapters(d);
     if (lq_jobs_create(&jobs_options, &d->api.jobs, err)) return -1;
     api_config->context = c->context;
     api_config->request_timeout = c->request_timeout;
@@ -384,6 +453,7 @@ int lq_cli_serve(int argc, char **argv) {
     lq_metrics_free(d->api.metrics);
     for (size_t i = 0; i < d->api.config.n_model_roots; i++) free(d->api.config.model_roots[i]);
     free(d->api.config.model_roots);
+    free(d->api.config.adapters_dir);
     lq_api_destroy(&d->api);
     uv_close((uv_handle_t *)&d->sigterm, NULL);
     uv_close((uv_handle_t *)&d->sigint, NULL);

@@ -23,6 +23,7 @@
 #include "core/file_util.h"
 #include "core/lq_model_file.h"
 #include "core/model.h"
+#include "server/job_finetune.h"
 #include "server/log.h"
 
 /* The share of the progress fraction each phase takes: the table dominates a cold run. */
@@ -64,6 +65,10 @@ struct lq_jobs {
 static const char *const status_names[LQ_JOB_STATUS_COUNT] = {"queued", "running", "succeeded",
                                                               "failed", "cancelled"};
 
+const char *lq_job_type_name(enum lq_job_type type) {
+    return type == LQ_JOB_FINETUNE ? "finetune" : "compress";
+}
+
 const char *lq_job_status_name(enum lq_job_status status) {
     return status < LQ_JOB_STATUS_COUNT ? status_names[status] : "unknown";
 }
@@ -87,6 +92,7 @@ static int finished(enum lq_job_status status) {
 /* ---------- records and events (called with the lock held) ---------- */
 
 static cJSON *spec_json(const struct lq_job_spec *s) {
+    if (s->type == LQ_JOB_FINETUNE) return lq_job_finetune_spec_json(s);
     cJSON *r = cJSON_CreateObject();
     cJSON_AddStringToObject(r, "type", "compress");
     cJSON_AddStringToObject(r, "model", s->model);
@@ -113,7 +119,7 @@ static cJSON *job_json(const struct job *job) {
     cJSON *r = cJSON_CreateObject();
     cJSON_AddStringToObject(r, "id", job->id);
     cJSON_AddStringToObject(r, "object", "job");
-    cJSON_AddStringToObject(r, "type", "compress");
+    cJSON_AddStringToObject(r, "type", lq_job_type_name(job->spec.type));
     cJSON_AddStringToObject(r, "status", status_names[job->status]);
     cJSON_AddStringToObject(r, "model", job->spec.model);
     add_time(r, "created_at", job->created_at);
@@ -405,13 +411,61 @@ done:
     return status;
 }
 
+/* ---------- finetune jobs (server/job_finetune.c does the work) ---------- */
+
+static void job_dir(const struct lq_jobs *jobs, const char *id, char *out, size_t size) {
+    snprintf(out, size, "%s/%s", jobs->dir, id);
+}
+
+static int finetune_stop_requested(void *context) {
+    struct run *run = context;
+    return atomic_load(&run->job->cancel) ? 1 : atomic_load(&run->jobs->stopping) ? 2 : 0;
+}
+
+static void finetune_event(void *context, const char *type, cJSON *extra) {
+    struct run *run = context;
+    pthread_mutex_lock(&run->jobs->lock);
+    event_append(run->jobs, run->job, type, extra);
+    pthread_mutex_unlock(&run->jobs->lock);
+}
+
+static void finetune_progress(void *context, const char *phase, double progress, double eta) {
+    struct run *run = context;
+    struct job *job = run->job;
+    pthread_mutex_lock(&run->jobs->lock);
+    int phase_changed = strcmp(job->phase, phase) != 0;
+    snprintf(job->phase, sizeof job->phase, "%s", phase);
+    job->progress = progress > job->progress ? progress : job->progress;
+    job->eta = eta;
+    if (phase_changed || monotonic_now() - job->last_record >= RECORD_INTERVAL)
+        record_write(run->jobs, job);
+    pthread_mutex_unlock(&run->jobs->lock);
+}
+
+static enum lq_job_status run_finetune(struct lq_jobs *jobs, struct job *job, cJSON **result,
+                                       struct lq_error *err) {
+    struct run run = {jobs, job, -1};
+    struct lq_job_finetune_hooks hooks = {&run, finetune_stop_requested, finetune_event,
+                                          finetune_progress};
+    char dir[PATH_MAX + 64];
+    job_dir(jobs, job->id, dir, sizeof dir);
+    remove_partial(job->spec.output);
+    enum lq_job_status status =
+        lq_job_finetune_run(&job->spec, dir, &jobs->options, job->resumed, &hooks, result, err);
+    if (status != LQ_JOB_SUCCEEDED) remove_partial(job->spec.output);
+    return status;
+}
+
 static void run_job(struct lq_jobs *jobs, struct job *job) {
     struct lq_error err = {0};
     cJSON *result = NULL;
     job->run_started = monotonic_now();
-    enum lq_job_status status = run_compress(jobs, job, &result, &err);
+    enum lq_job_status status = job->spec.type == LQ_JOB_FINETUNE
+                                    ? run_finetune(jobs, job, &result, &err)
+                                    : run_compress(jobs, job, &result, &err);
     char message[LQ_ERROR_MESSAGE_SIZE + 128] = "";
-    if (status == LQ_JOB_SUCCEEDED && job->spec.activate) {
+    /* A finetune job hands its adapter over itself (lq_jobs_options.adapter_ready). */
+    if (job->spec.type == LQ_JOB_COMPRESS && status == LQ_JOB_SUCCEEDED && job->spec.activate) {
         struct lq_error load_err = {0};
         int rc = lq_registry_load(jobs->options.registry, job->spec.name, job->spec.output, NULL,
                                   &load_err);
@@ -422,7 +476,7 @@ static void run_job(struct lq_jobs *jobs, struct job *job) {
             snprintf(message, sizeof message, "%.200s was written but could not be loaded: %.400s",
                      job->spec.output, load_err.message);
         }
-    } else if (result) {
+    } else if (result && !cJSON_HasObjectItem(result, "activated")) {
         cJSON_AddBoolToObject(result, "activated", 0);
     }
     if (status != LQ_JOB_SUCCEEDED && !message[0])
@@ -438,7 +492,8 @@ static void run_job(struct lq_jobs *jobs, struct job *job) {
         if (status == LQ_JOB_SUCCEEDED) {
             job->progress = 1.0;
             snprintf(job->phase, sizeof job->phase, "done");
-            if (job->spec.activate) {
+            if (job->spec.activate &&
+                cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "activated"))) {
                 cJSON *e = cJSON_CreateObject();
                 cJSON_AddStringToObject(e, "name", job->spec.name);
                 cJSON_AddStringToObject(e, "path", job->spec.output);
@@ -523,17 +578,42 @@ int lq_jobs_submit(struct lq_jobs *jobs, const struct lq_job_spec *spec, cJSON *
     job->created_at = unix_now();
     job->eta = -1;
     atomic_init(&job->cancel, 0);
+    struct stat info;
+    if (spec->type == LQ_JOB_FINETUNE) {
+        char state[PATH_MAX];
+        if (!realpath(jobs->options.state_dir, state))
+            snprintf(state, sizeof state, "%s", jobs->options.state_dir);
+        snprintf(job->spec.output, sizeof job->spec.output, "%.*s/adapters/%s/%s", PATH_MAX / 2,
+                 state, spec->model, spec->name);
+        if (lstat(job->spec.output, &info) == 0) {
+            int rc = lq_error_set(err, LQ_EINVAL, "the adapter '%s' of '%s' already exists (%s)",
+                                  spec->name, spec->model, job->spec.output);
+            free(job);
+            return rc;
+        }
+    }
     pthread_mutex_lock(&jobs->lock);
     for (size_t i = 0; i < jobs->count; i++)
         if (!finished(jobs->jobs[i]->status) &&
-            strcmp(jobs->jobs[i]->spec.output, spec->output) == 0) {
+            strcmp(jobs->jobs[i]->spec.output, job->spec.output) == 0) {
+            int rc = lq_error_set(err, LQ_EINVAL, "job %s is already writing %s", jobs->jobs[i]->id,
+                                  job->spec.output);
             pthread_mutex_unlock(&jobs->lock);
             free(job);
-            return lq_error_set(err, LQ_EINVAL, "job %s is already writing %s", jobs->jobs[i]->id,
-                                spec->output);
+            return rc;
         }
     do new_id(job->id, sizeof job->id);
     while (table_find(jobs, job->id));
+    if (spec->type == LQ_JOB_FINETUNE) {
+        char dir[PATH_MAX + 64];
+        job_dir(jobs, job->id, dir, sizeof dir);
+        int rc = lq_job_finetune_prepare(&job->spec, dir, err);
+        if (rc) {
+            pthread_mutex_unlock(&jobs->lock);
+            free(job);
+            return rc;
+        }
+    }
     if (table_add(jobs, job)) {
         pthread_mutex_unlock(&jobs->lock);
         free(job);
@@ -577,6 +657,11 @@ int lq_jobs_cancel(struct lq_jobs *jobs, const char *id, cJSON **record, struct 
         atomic_store(&job->cancel, 1);
         if (job->status == LQ_JOB_QUEUED) {
             remove_partial(job->spec.output);
+            if (job->spec.type == LQ_JOB_FINETUNE) {
+                char dir[PATH_MAX + 64];
+                job_dir(jobs, job->id, dir, sizeof dir);
+                lq_job_finetune_discard(dir);
+            }
             job_set_status(jobs, job, LQ_JOB_CANCELLED, "cancelled before it ran");
         } else {
             cJSON *e = cJSON_CreateObject();
@@ -683,6 +768,8 @@ static struct job *job_read(struct lq_jobs *jobs, const char *path) {
     s->iters = (int)json_number(request, "iters", 20);
     s->seed = (unsigned long long)json_number(request, "seed", 0);
     s->activate = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(request, "activate"));
+    if (strcmp(json_string(request, "type"), "finetune") == 0)
+        lq_job_finetune_spec_read(request, s);
     job->status = (enum lq_job_status)status;
     job->created_at = json_number(r, "created_at", 0);
     job->started_at = json_number(r, "started_at", 0);

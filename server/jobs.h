@@ -1,10 +1,11 @@
-/* Background jobs of the daemon (compress, for now): a table of jobs, each a record in
+/* Background jobs of the daemon (compress and finetune): a table of jobs, each a record in
  * STATE_DIR/jobs/<id>.json (rewritten atomically at every change of state and about once a
  * second while it runs) and an event log STATE_DIR/jobs/<id>.events.jsonl (appended). A fixed
  * pool of worker threads runs the queued jobs, oldest first; the HTTP threads only submit,
  * read and cancel. Records outlive the process: a job found queued at start is queued again,
  * one found running (the daemon died under it) is resumed, cheaply, since the error-table rows
- * it finished are cached. */
+ * it finished are cached (compress) or from its last checkpoint in STATE_DIR/jobs/<id>/
+ * (finetune, which also keeps a hard link of its data there). */
 #ifndef LQ_JOBS_H
 #define LQ_JOBS_H
 
@@ -33,10 +34,43 @@ struct lq_jobs_options {
     const char *cache_dir;        /* error-table cache; NULL: lq_compress's default */
     struct lq_registry *registry; /* borrowed: "activate" loads the result into it */
     struct lq_backend *device;    /* borrowed: decomposes on its GPU when it can; NULL: CPU */
+    /* Called (on the job's worker) by a finetune job that has written its adapter to dir,
+     * STATE_DIR/adapters/<model>/<adapter> (PEFT layout, core/adapter.h): hands it to the
+     * daemon's adapter registry, activate asking to make it the model's active adapter.
+     * Nonzero (err filled) fails the job; the adapter stays on disk. NULL: the job only
+     * records the adapter's path in its result. */
+    int (*adapter_ready)(void *context, const char *model, const char *adapter, const char *dir,
+                         int activate, struct lq_error *err);
+    void *adapter_context;
 };
 
-/* A compress job as validated by the API (server/api_jobs.c): every path already resolved. */
+enum lq_job_type { LQ_JOB_COMPRESS, LQ_JOB_FINETUNE };
+const char *lq_job_type_name(enum lq_job_type type); /* "compress", "finetune" */
+
+/* A finetune job's settings (server/job_finetune.c runs it; core/finetune.h trains). */
+struct lq_finetune_job_spec {
+    char training_file[40], validation_file[40];   /* upload ids ("" for no validation file) */
+    char training_name[256], validation_name[256]; /* their filenames: labels in messages */
+    /* The data as linked into the job's directory at submission (so deleting an upload does
+     * not break a resume); before submission, the upload's own path. */
+    char training_path[PATH_MAX], validation_path[PATH_MAX];
+    int format;                 /* enum lq_dataset_format: the upload's */
+    double validation_fraction; /* of the training file, when no validation file */
+    char init[8];               /* "lq" or "zero" */
+    int rank;                   /* zero init: of the new pair */
+    long steps;                 /* > 0, else epochs */
+    double epochs;
+    double learning_rate, weight_decay, max_grad_norm;
+    int batch_size, micro_batch, seq_len, warmup;
+    char schedule[16];
+    int eval_every, checkpoint_every; /* 0: validation before and after; time-based checkpoints */
+};
+
+/* A job as validated by the API (server/api_jobs.c): every path already resolved. A finetune
+ * job uses model, source (the model's path), output (its adapter directory, set at
+ * submission), seed, activate, name (the adapter's name) and finetune. */
 struct lq_job_spec {
+    enum lq_job_type type;
     char model[72];          /* the served model named by the client */
     char source[PATH_MAX];   /* what is compressed: that model's path */
     char output[PATH_MAX];   /* the LQ directory to create (absolute; must not exist) */
@@ -46,6 +80,7 @@ struct lq_job_spec {
     unsigned long long seed; /* of the randomized SVDs */
     int activate;            /* load the output into the registry when done */
     char name[72];           /* the name it is loaded under */
+    struct lq_finetune_job_spec finetune;
 };
 
 /* Reads the records under state_dir/jobs (queued ones queued again, running ones resumed)
@@ -60,7 +95,8 @@ void lq_jobs_stop(struct lq_jobs *jobs);
 void lq_jobs_free(struct lq_jobs *jobs);
 
 /* Queues a job; *record (optional) receives its JSON (the caller frees it). LQ_EINVAL with a
- * message when another unfinished job writes the same output. */
+ * message when another unfinished job writes the same output (or a finetune job's adapter
+ * exists already); LQ_ENOTFOUND when a finetune job's upload was deleted meanwhile. */
 int lq_jobs_submit(struct lq_jobs *jobs, const struct lq_job_spec *spec, struct cJSON **record,
                    struct lq_error *err);
 /* A job's record as JSON (the caller frees it), or NULL for an unknown id. */

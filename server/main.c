@@ -19,6 +19,8 @@ static const struct command commands[] = {
     {"generate", lq_cli_generate, "generate text from a model (HF, llama2.c .bin or LQ directory)"},
     {"eval", lq_cli_eval, "perplexity on a text file, or logits of given tokens as .npy"},
     {"compress", lq_cli_compress, "compress a model with LQ-LoRA to a bit budget (Algorithm 1)"},
+    {"finetune", lq_cli_finetune,
+     "LoRA-finetune a model on a dataset file and write a PEFT adapter directory"},
     {"inspect", lq_cli_inspect, "show an LQ model's per-matrix allocation (text, JSON or SVG)"},
     {"serve", lq_cli_serve, "serve models over HTTP (OpenAI-compatible API, metrics, hot swap)"},
     {"version", lq_cli_version, "print versions of lqd, its libraries and the CUDA devices seen"},

@@ -16,9 +16,13 @@
 
 struct lq_registry {
     struct lq_backend *backend;
-    pthread_mutex_t lock;            /* guards models and count: the name table */
+    pthread_mutex_t lock;            /* guards models, count and adapters: the name tables */
     struct lq_served_model **models; /* published, in load order (a swap keeps the place) */
     size_t count, capacity;
+    /* Published adapters, in load order (a replacement keeps the place), linked through
+     * ->next. Every one's model is the one published under its model's name: a model swap or
+     * unload takes its adapters out in the same critical section. */
+    struct lq_served_adapter *adapters;
 };
 
 struct lq_served_model *lq_served_model_retain(struct lq_served_model *model) {
@@ -43,6 +47,52 @@ void lq_served_model_release(struct lq_served_model *model) {
         served_model_destroy(model);
 }
 
+struct lq_served_adapter *lq_served_adapter_retain(struct lq_served_adapter *adapter) {
+    __atomic_fetch_add(&adapter->references, 1, __ATOMIC_RELAXED);
+    return adapter;
+}
+
+static void served_adapter_destroy(struct lq_served_adapter *a) {
+    lq_adapter_weights_free(a->weights); /* before the adapter and runtime it borrows */
+    lq_adapter_free(a->adapter);
+    lq_served_model_release(a->model);
+    free(a->name);
+    free(a->path);
+    free(a);
+}
+
+void lq_served_adapter_release(struct lq_served_adapter *adapter) {
+    if (!adapter) return;
+    if (__atomic_sub_fetch(&adapter->references, 1, __ATOMIC_ACQ_REL) == 0)
+        served_adapter_destroy(adapter);
+}
+
+/* Releases the registry's reference to every adapter of a list unlinked from the table. */
+static void release_adapter_list(struct lq_served_adapter *list) {
+    while (list) {
+        struct lq_served_adapter *next = list->next;
+        lq_served_adapter_release(list);
+        list = next;
+    }
+}
+
+/* Unlinks the adapters of model (published under its name) into a list (lock held). */
+static struct lq_served_adapter *take_adapters_locked(struct lq_registry *registry,
+                                                      const struct lq_served_model *model) {
+    struct lq_served_adapter *taken = NULL, **taken_tail = &taken;
+    for (struct lq_served_adapter **link = &registry->adapters; *link;) {
+        struct lq_served_adapter *a = *link;
+        if (a->model != model) {
+            link = &a->next;
+            continue;
+        }
+        *link = a->next;
+        a->next = NULL;
+        *taken_tail = a, taken_tail = &a->next;
+    }
+    return taken;
+}
+
 int lq_registry_create(struct lq_backend *backend, struct lq_registry **out, struct lq_error *err) {
     *out = calloc(1, sizeof **out);
     if (!*out) return lq_error_set(err, LQ_ENOMEM, "out of memory");
@@ -53,6 +103,7 @@ int lq_registry_create(struct lq_backend *backend, struct lq_registry **out, str
 
 void lq_registry_free(struct lq_registry *registry) {
     if (!registry) return;
+    release_adapter_list(registry->adapters); /* before the models they hold */
     for (size_t i = 0; i < registry->count; i++) lq_served_model_release(registry->models[i]);
     free(registry->models);
     pthread_mutex_destroy(&registry->lock);
@@ -202,11 +253,13 @@ int lq_registry_load(struct lq_registry *registry, const char *name, const char 
     if ((rc = served_model_build(registry->backend, name, path, tokenizer_path, &fresh, err)))
         return lq_error_prefix(err, "loading model '%s'", name);
     struct lq_served_model *replaced = NULL;
+    struct lq_served_adapter *dropped = NULL;
     pthread_mutex_lock(&registry->lock);
     long at = find_locked(registry, name);
     if (at >= 0) {
         replaced = registry->models[at];
         registry->models[at] = fresh; /* the hot swap: later lookups see only the new one */
+        dropped = take_adapters_locked(registry, replaced);
     } else if (registry->count == registry->capacity) {
         size_t capacity = registry->capacity ? registry->capacity * 2 : 8;
         struct lq_served_model **grown =
@@ -220,6 +273,7 @@ int lq_registry_load(struct lq_registry *registry, const char *name, const char 
     pthread_mutex_unlock(&registry->lock);
     /* the old model goes when its last request does; freeing it here (if unused) is outside
      * the lock */
+    release_adapter_list(dropped);
     lq_served_model_release(replaced);
     if (rc) lq_served_model_release(fresh);
     return rc;
@@ -227,6 +281,7 @@ int lq_registry_load(struct lq_registry *registry, const char *name, const char 
 
 int lq_registry_unload(struct lq_registry *registry, const char *name, struct lq_error *err) {
     struct lq_served_model *removed = NULL;
+    struct lq_served_adapter *dropped = NULL;
     pthread_mutex_lock(&registry->lock);
     long at = name ? find_locked(registry, name) : -1;
     if (at >= 0) {
@@ -234,9 +289,11 @@ int lq_registry_unload(struct lq_registry *registry, const char *name, struct lq
         memmove(&registry->models[at], &registry->models[at + 1],
                 (registry->count - (size_t)at - 1) * sizeof *registry->models);
         registry->count--;
+        dropped = take_adapters_locked(registry, removed);
     }
     pthread_mutex_unlock(&registry->lock);
     if (!removed) return lq_error_set(err, LQ_ENOTFOUND, "no model named '%s'", name ? name : "");
+    release_adapter_list(dropped);
     lq_served_model_release(removed);
     return LQ_OK;
 }
@@ -259,6 +316,142 @@ struct lq_served_model **lq_registry_list(struct lq_registry *registry, size_t *
         for (size_t i = 0; i < registry->count; i++)
             list[i] = lq_served_model_retain(registry->models[i]);
         *count = registry->count;
+    }
+    pthread_mutex_unlock(&registry->lock);
+    return list;
+}
+
+/* ---------- adapters ---------- */
+
+/* The adapter model:name in the list, or NULL (lock held). */
+static struct lq_served_adapter **find_adapter_locked(struct lq_registry *registry,
+                                                      const char *model, const char *name) {
+    for (struct lq_served_adapter **link = &registry->adapters; *link; link = &(*link)->next)
+        if (strcmp((*link)->model->name, model) == 0 && strcmp((*link)->name, name) == 0)
+            return link;
+    return NULL;
+}
+
+/* Loads, checks and prepares an adapter for model, touching no shared state (one reference,
+ * the caller's). */
+static int served_adapter_build(struct lq_served_model *model, const char *name, const char *dir,
+                                struct lq_served_adapter **out, struct lq_error *err) {
+    *out = NULL;
+    struct lq_served_adapter *a = calloc(1, sizeof *a);
+    if (!a) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    a->references = 1;
+    a->model = lq_served_model_retain(model);
+    a->loaded_at = (long long)time(NULL);
+    int rc = LQ_OK;
+    if (strlen(dir) >= 4000) {
+        rc = lq_error_set(err, LQ_EINVAL, "path too long");
+        goto fail;
+    }
+    if (!(a->name = strdup(name)) || !(a->path = strdup(dir))) {
+        rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
+        goto fail;
+    }
+    /* everything is read and checked before anything is published: a corrupt or mismatched
+     * directory never replaces a good adapter */
+    if ((rc = lq_adapter_load(dir, &a->adapter, err)) ||
+        (rc = lq_adapter_weights_create(model->runtime, a->adapter, &a->weights, err)))
+        goto fail;
+    size_t count = (size_t)a->adapter->n_layers * LQ_LINEARS_PER_LAYER;
+    for (size_t i = 0; i < count; i++)
+        if (a->adapter->matrices[i].rank > a->rank) a->rank = a->adapter->matrices[i].rank;
+    a->memory_bytes = lq_adapter_weights_bytes(a->weights);
+    *out = a;
+    return LQ_OK;
+fail:
+    served_adapter_destroy(a);
+    return rc;
+}
+
+int lq_registry_adapter_load(struct lq_registry *registry, const char *model, const char *name,
+                             const char *dir, struct lq_error *err) {
+    if (!model || !name || !dir)
+        return lq_error_set(err, LQ_EINVAL, "model, name and directory needed");
+    if (!name[0] || strlen(name) > 64 || strchr(name, ':') || strchr(name, '/'))
+        return lq_error_set(err, LQ_EINVAL, "adapter name '%.80s': 1 to 64 characters, no ':'",
+                            name);
+    struct lq_served_model *base = lq_registry_get(registry, model);
+    if (!base) return lq_error_set(err, LQ_ENOTFOUND, "no model named '%s'", model);
+    struct lq_served_adapter *fresh = NULL;
+    int rc = served_adapter_build(base, name, dir, &fresh, err);
+    if (rc) {
+        lq_served_model_release(base);
+        return lq_error_prefix(err, "loading adapter '%s' of '%s'", name, model);
+    }
+    struct lq_served_adapter *replaced = NULL;
+    pthread_mutex_lock(&registry->lock);
+    long at = find_locked(registry, model);
+    if (at < 0 || registry->models[at] != base) {
+        /* the model went away or was swapped meanwhile: its adapters went with it */
+        rc = lq_error_set(err, LQ_ENOTFOUND,
+                          "the model '%s' was unloaded or replaced while adapter '%s' loaded",
+                          model, name);
+    } else {
+        struct lq_served_adapter **link = find_adapter_locked(registry, model, name);
+        if (link) { /* the swap: later lookups see only the new one */
+            replaced = *link;
+            fresh->version = replaced->version + 1;
+            fresh->next = replaced->next;
+            replaced->next = NULL;
+            *link = fresh;
+        } else {
+            fresh->version = 1;
+            struct lq_served_adapter **tail = &registry->adapters;
+            while (*tail) tail = &(*tail)->next;
+            *tail = fresh;
+        }
+    }
+    pthread_mutex_unlock(&registry->lock);
+    lq_served_model_release(base); /* fresh holds its own */
+    if (rc) lq_served_adapter_release(fresh);
+    /* the old version goes when its last request does */
+    lq_served_adapter_release(replaced);
+    return rc;
+}
+
+int lq_registry_adapter_unload(struct lq_registry *registry, const char *model, const char *name,
+                               struct lq_error *err) {
+    struct lq_served_adapter *removed = NULL;
+    pthread_mutex_lock(&registry->lock);
+    struct lq_served_adapter **link =
+        model && name ? find_adapter_locked(registry, model, name) : NULL;
+    if (link) {
+        removed = *link;
+        *link = removed->next;
+        removed->next = NULL;
+    }
+    pthread_mutex_unlock(&registry->lock);
+    if (!removed)
+        return lq_error_set(err, LQ_ENOTFOUND, "no adapter '%s' of model '%s'", name ? name : "",
+                            model ? model : "");
+    lq_served_adapter_release(removed);
+    return LQ_OK;
+}
+
+struct lq_served_adapter *lq_registry_adapter_get(struct lq_registry *registry, const char *model,
+                                                  const char *name) {
+    struct lq_served_adapter *found = NULL;
+    pthread_mutex_lock(&registry->lock);
+    struct lq_served_adapter **link =
+        model && name ? find_adapter_locked(registry, model, name) : NULL;
+    if (link) found = lq_served_adapter_retain(*link);
+    pthread_mutex_unlock(&registry->lock);
+    return found;
+}
+
+struct lq_served_adapter **lq_registry_adapter_list(struct lq_registry *registry, size_t *count) {
+    *count = 0;
+    pthread_mutex_lock(&registry->lock);
+    size_t n = 0;
+    for (const struct lq_served_adapter *a = registry->adapters; a; a = a->next) n++;
+    struct lq_served_adapter **list = malloc((n + 1) * sizeof *list);
+    if (list) {
+        for (struct lq_served_adapter *a = registry->adapters; a; a = a->next)
+            list[(*count)++] = lq_served_adapter_retain(a);
     }
     pthread_mutex_unlock(&registry->lock);
     return list;

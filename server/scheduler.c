@@ -4,7 +4,8 @@
  * the running sequences of each model go through lq_forward_batch together, and each samples
  * its next token with its own sampler. A sequence's tokens depend only on its own logits,
  * sampler and history, and its logits do not depend on its batch-mates, so a request gives the
- * text lq_generate gives it alone.
+ * text lq_generate gives it alone. Requests on different adapters of a model decode in the
+ * same step: their sessions are ordered by adapter, so each adapter's rows are one run.
  *
  * Threads: the HTTP threads call submit, cancel, release and stats; everything else (the
  * running set, sessions, batches, callbacks) belongs to the scheduler thread. They share only
@@ -28,6 +29,7 @@ struct lq_request {
     int cancelled;  /* atomic */
     struct lq_request *next; /* in the queue (under the scheduler's lock) */
     struct lq_served_model *model;
+    struct lq_served_adapter *adapter; /* NULL: the bare model */
     int *prompt, prompt_tokens;
     int max_tokens, logprobs, context;
     double deadline; /* monotonic seconds; 0: none */
@@ -67,6 +69,7 @@ struct lq_scheduler {
     struct model_batch *batches;
     int batch_count;
     int *members; /* one decode group, as indices into running: [max_running] */
+    int *order;   /* the group's members gathered by adapter: [max_running] */
     struct lq_session **sessions;
     int *tokens;
     char *grouped; /* running[i] already stepped this iteration */
@@ -98,6 +101,8 @@ static void request_release_resources(struct lq_request *r) {
     r->history = NULL;
     free(r->prompt);
     r->prompt = NULL;
+    lq_served_adapter_release(r->adapter); /* after the session that used it */
+    r->adapter = NULL;
     lq_served_model_release(r->model);
     r->model = NULL;
 }
@@ -202,6 +207,7 @@ static int request_admit(struct lq_scheduler *s, struct lq_request *r) {
     int chunk = r->prompt_tokens < LQ_SCHEDULER_PREFILL_CHUNK ? r->prompt_tokens
                                                               : LQ_SCHEDULER_PREFILL_CHUNK;
     int rc = lq_session_create(r->model->runtime, r->context, chunk, &r->session, &err);
+    if (!rc && r->adapter) rc = lq_session_set_adapter(r->session, r->adapter->weights, &err);
     size_t vocab = (size_t)lq_runtime_config(r->model->runtime)->vocab_size;
     if (!rc && s->prefill_capacity < vocab) {
         float *grown = realloc(s->prefill_logits, vocab * sizeof *grown);
@@ -281,10 +287,22 @@ static void decode_step(struct lq_scheduler *s) {
         for (int i = first; i < s->running_count; i++)
             if (!s->grouped[i] && s->running[i]->model == model) {
                 s->grouped[i] = 1;
-                s->members[n] = i;
-                s->sessions[n] = s->running[i]->session;
-                s->tokens[n++] = s->running[i]->next_token;
+                s->order[n++] = i;
             }
+        /* gathered by adapter (in order of first appearance), so each adapter's sequences are
+         * one run of rows and its low-rank part one product */
+        for (int k = 0, placed = 0; k < n; k++) {
+            if (s->order[k] < 0) continue;
+            const struct lq_served_adapter *adapter = s->running[s->order[k]]->adapter;
+            for (int j = k; j < n; j++) {
+                int i = s->order[j];
+                if (i < 0 || s->running[i]->adapter != adapter) continue;
+                s->order[j] = -1;
+                s->members[placed] = i;
+                s->sessions[placed] = s->running[i]->session;
+                s->tokens[placed++] = s->running[i]->next_token;
+            }
+        }
         struct lq_error err = {0};
         struct model_batch *b = model_batch_get(s, model, &err);
         int failed = !b || lq_forward_batch(b->batch, s->sessions, s->tokens, n, b->logits, &err);
@@ -401,12 +419,14 @@ int lq_scheduler_create(const struct lq_scheduler_options *options, struct lq_sc
     s->running = calloc(n, sizeof *s->running);
     s->batches = calloc(2 * n, sizeof *s->batches);
     s->members = calloc(n, sizeof *s->members);
+    s->order = calloc(n, sizeof *s->order);
     s->sessions = calloc(n, sizeof *s->sessions);
     s->tokens = calloc(n, sizeof *s->tokens);
     s->grouped = calloc(n, 1);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->wake, NULL);
-    int rc = !s->running || !s->batches || !s->members || !s->sessions || !s->tokens || !s->grouped
+    int rc = !s->running || !s->batches || !s->members || !s->order || !s->sessions || !s->tokens ||
+                     !s->grouped
                  ? lq_error_set(err, LQ_ENOMEM, "out of memory")
                  : 0;
     if (!rc && pthread_create(&s->thread, NULL, scheduler_main, s))
@@ -414,7 +434,7 @@ int lq_scheduler_create(const struct lq_scheduler_options *options, struct lq_sc
     if (rc) {
         pthread_cond_destroy(&s->wake);
         pthread_mutex_destroy(&s->lock);
-        free(s->running), free(s->batches), free(s->members), free(s->sessions);
+        free(s->running), free(s->batches), free(s->members), free(s->order), free(s->sessions);
         free(s->tokens), free(s->grouped), free(s);
         return rc;
     }
@@ -431,7 +451,7 @@ void lq_scheduler_free(struct lq_scheduler *s) {
     pthread_join(s->thread, NULL);
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->lock);
-    free(s->running), free(s->batches), free(s->members), free(s->sessions);
+    free(s->running), free(s->batches), free(s->members), free(s->order), free(s->sessions);
     free(s->tokens), free(s->grouped), free(s->prefill_logits), free(s);
 }
 
@@ -445,6 +465,9 @@ static int check_params(const struct lq_scheduler *s, const struct lq_request_pa
                         struct lq_error *err) {
     if (!p->model || !p->model->runtime || !p->model->tokenizer)
         return lq_error_set(err, LQ_EINVAL, "the request names no loaded model");
+    if (p->adapter && p->adapter->model != p->model)
+        return lq_error_set(err, LQ_EINVAL, "adapter '%s' belongs to another model",
+                            p->adapter->name);
     if (!p->prompt || p->prompt_tokens < 1)
         return lq_error_set(err, LQ_EINVAL, "the prompt is empty");
     int vocab = lq_runtime_config(p->model->runtime)->vocab_size;
@@ -494,8 +517,8 @@ int lq_scheduler_submit(struct lq_scheduler *s, struct lq_request_params *params
     }
     memcpy(r->history, params->prompt, (size_t)params->prompt_tokens * sizeof *r->history);
     r->seen = (size_t)params->prompt_tokens;
-    /* from here the scheduler may run it: it must own its model and prompt */
-    r->model = params->model, r->prompt = params->prompt;
+    /* from here the scheduler may run it: it must own its model, adapter and prompt */
+    r->model = params->model, r->adapter = params->adapter, r->prompt = params->prompt;
     pthread_mutex_lock(&s->lock);
     if (s->stopping)
         rc = lq_error_set(err, LQ_EBUSY, "the server is stopping");
@@ -512,10 +535,10 @@ int lq_scheduler_submit(struct lq_scheduler *s, struct lq_request_params *params
     }
     pthread_mutex_unlock(&s->lock);
     if (rc) {
-        r->model = NULL, r->prompt = NULL; /* still the caller's */
+        r->model = NULL, r->adapter = NULL, r->prompt = NULL; /* still the caller's */
         goto fail;
     }
-    params->model = NULL, params->prompt = NULL;
+    params->model = NULL, params->adapter = NULL, params->prompt = NULL;
     if (handle) *handle = r;
     return LQ_OK;
 fail:

@@ -34,7 +34,11 @@ struct lq_request_callbacks {
 
 struct lq_request_params {
     struct lq_served_model *model; /* a reference the request takes over */
-    int *prompt;                   /* token ids (BOS included as wanted); taken over */
+    /* NULL (the bare model), or a reference the request takes over to an adapter of model
+     * (adapter->model == model): the request runs on it from start to end, whatever is loaded
+     * under its name meanwhile */
+    struct lq_served_adapter *adapter;
+    int *prompt; /* token ids (BOS included as wanted); taken over */
     int prompt_tokens;
     struct lq_generate_options generate; /* max_tokens, sampler, stop strings (copied) */
     int logprobs;                        /* report log-probabilities */
@@ -59,8 +63,8 @@ int lq_scheduler_create(const struct lq_scheduler_options *options, struct lq_sc
  * the thread, frees. */
 void lq_scheduler_free(struct lq_scheduler *scheduler);
 
-/* Queues a request. On success the scheduler has taken over params->model and ->prompt (both
- * set to NULL in params), copied the stop strings, and
+/* Queues a request. On success the scheduler has taken over params->model, ->adapter and
+ * ->prompt (set to NULL in params), copied the stop strings, and
  * *handle is the caller's reference to the request (two references exist: the scheduler's,
  * dropped after on_finish, and the caller's, dropped with lq_request_release). LQ_EBUSY when
  * the queue is full, LQ_EINVAL when the prompt plus max_tokens cannot fit the context; on

@@ -200,6 +200,9 @@ static const struct lq_backend_ops cpu_ops = {
     .sum_squares = lq_cpu_sum_squares,
     .accumulate_squares = lq_cpu_accumulate_squares,
     .adamw = lq_cpu_adamw,
+    /* adapter ops (lowrank_cpu.c) */
+    .linear_base = lq_cpu_linear_base,
+    .lowrank_add = lq_cpu_lowrank_add,
 };
 
 int lq_backend_cpu_create(struct lq_backend **out, struct lq_error *err) {

@@ -15,6 +15,13 @@ void lq_cpu_gemm_nt(int n, int rows, int cols, const float *x, const float *w, f
 int lq_cpu_linear(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
                   float *y);
 
+/* lowrank_cpu.c: the adapter ops (kernels/backend.h): linear without the layer's own low-rank
+ * part, and y += (x · L2ᵀ) · L1ᵀ, which lq_cpu_linear also uses for its own pair. */
+int lq_cpu_linear_base(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
+                       float *y);
+int lq_cpu_lowrank_add(struct lq_backend *backend, const float *L1, const float *L2, int rows,
+                       int cols, int rank, const float *x, int n, float *y);
+
 /* attention_cpu.c: causal grouped-query attention against a KV cache. */
 int lq_cpu_attention(struct lq_backend *backend, const float *q, const float *k_cache,
                      const float *v_cache, int n, int start, int heads, int kv_heads, int head_dim,

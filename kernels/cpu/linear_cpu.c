@@ -231,7 +231,6 @@ static int quantized_gemm(const struct lq_linear *w, const float *x, int n, floa
 
 int lq_cpu_linear(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
                   float *y) {
-    (void)backend;
     const int rows = w->rows, cols = w->cols;
     if (!w->is_lq) {
         lq_cpu_gemm_nt(n, rows, cols, x, w->dense, y, rows, 0.0f);
@@ -244,13 +243,9 @@ int lq_cpu_linear(struct lq_backend *backend, const struct lq_linear *w, const f
     } else if (quantized_gemm(w, x, n, y)) {
         return LQ_ENOMEM;
     }
-    if (w->rank > 0) {
-        /* y += (x · L2ᵀ) · L1ᵀ: two thin products instead of a dense L1·L2 */
-        float *t = malloc((size_t)n * w->rank * sizeof *t);
-        if (!t) return LQ_ENOMEM;
-        lq_cpu_gemm_nt(n, w->rank, cols, x, w->lora_A, t, w->rank, 0.0f);
-        lq_cpu_gemm_nt(n, rows, w->rank, t, w->lora_B, y, rows, 1.0f);
-        free(t);
-    }
+    /* y += (x · L2ᵀ) · L1ᵀ, the one code path adapters use too (lowrank_cpu.c), so a row's
+     * bits are the same through linear as through linear_base + lowrank_add */
+    if (w->rank > 0)
+        return lq_cpu_lowrank_add(backend, w->lora_B, w->lora_A, rows, cols, w->rank, x, n, y);
     return LQ_OK;
 }

@@ -116,6 +116,21 @@ int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const 
 int lq_cuda_matmul(struct lq_backend *backend, const float *w, int rows, int cols, const float *x,
                    int n, float *y);
 
+// linear_mma_cuda.cu: LQ layers at 8 < n <= 64 tokens (batched decode) on tensor cores, the
+// packed codes dequantized in registers into mma fragments. The device buffers of a prepared
+// LQ layer (linear_cuda.cu's), and whether programmatic dependent launch works.
+#define LQ_CUDA_MMA_MAX_TOKENS 64
+struct lq_cuda_lq_buffers {
+    const uint32_t *codes, *scale_codes;
+    const uint8_t *group_scales;
+    const float *table, *lora_A, *lora_B;
+    int overlap;
+};
+// Whether lq_cuda_linear_mma runs w at n tokens (b0 2..4, chunks inside groups, sm_80+ code).
+int lq_cuda_linear_mma_supported(struct lq_cuda *cuda, const struct lq_linear *w, int n);
+int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
+                       const struct lq_cuda_lq_buffers *buffers, const float *x, int n, float *y);
+
 // ops_cuda.cu: the element-wise and row-wise ops.
 int lq_cuda_embed(struct lq_backend *backend, const float *table, int dim, const int *ids, int n,
                   float *out);
@@ -143,5 +158,16 @@ int lq_cuda_decompose_errors(struct lq_backend *backend, const float *w, size_t 
                              const struct lq_nf_config *configs, const uint64_t *seeds,
                              size_t n_configs, const struct lq_decompose_options *options,
                              double *errors, struct lq_error *err);
+
+// lowrank_cuda.cu: the adapter ops (the layer without its own pair; y += (x · L2ᵀ) · L1ᵀ), and
+// their ops-table entries, which take cuda->lock themselves.
+int lq_cuda_linear_base(struct lq_backend *backend, const struct lq_linear *w, const float *x,
+                        int n, float *y);
+int lq_cuda_lowrank_add(struct lq_backend *backend, const float *L1, const float *L2, int rows,
+                        int cols, int rank, const float *x, int n, float *y);
+int lq_cuda_op_linear_base(struct lq_backend *backend, const struct lq_linear *w, const float *x,
+                           int n, float *y);
+int lq_cuda_op_lowrank_add(struct lq_backend *backend, const float *L1, const float *L2, int rows,
+                           int cols, int rank, const float *x, int n, float *y);
 
 #endif

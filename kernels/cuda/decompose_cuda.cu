@@ -1,25 +1,50 @@
 // The LQ decomposition W ≈ Q + L1·L2 (LQ-LoRA Algorithm 2, core/lq.c) on the GPU.
 //
 // Design
-//   * One call = one context (struct dec): its own non-blocking stream, cuBLAS handle (with
-//     a counted workspace) and cuSOLVER handle, and device buffers counted under
-//     LQ_CUDA_JOBS. Nothing is shared with the backend's ops, so no lock is taken.
+//   * One decomposition runs on one worker context (struct dec): its own non-blocking stream,
+//     cuBLAS handle (with a counted workspace of its own, which keeps cuBLAS's results
+//     reproducible with several streams active) and cuSOLVER handle, and its device buffers,
+//     carved from one allocation counted under LQ_CUDA_JOBS. What every worker only reads (W,
+//     the Fisher data and weights, the sketch's jump matrices) is uploaded once per call into
+//     a shared context (struct dec_shared). Nothing is shared with the backend's ops, so no
+//     lock is taken.
+//   * lq_cuda_decompose_errors runs K workers at once: the calling thread and K − 1 pthreads,
+//     each pulling the next configuration index from a shared counter and writing its error
+//     by index, so the results are those of running the configurations one after another
+//     (each is independent and deterministic). The first failure stops the others between
+//     steps and is returned with its message. K = min(8, configurations, what fits in half
+//     of the free device memory — and in the backend's limit — at the measured size of a
+//     worker); the environment variable LQ_CUDA_DECOMPOSE_STREAMS=N sets K = min(N, 64,
+//     configurations) instead. A worker beyond the first that cannot be set up (memory) is
+//     dropped and the others go on. With several workers a step's wait blocks the thread
+//     (cudaEventBlockingSync) instead of spinning, so the host threads leave the CPU free.
+//     lq_cuda_decompose is one worker on the calling thread.
 //   * Matrices stay row-major on the device. cuBLAS is column-major, so a row-major m x n
 //     matrix is used as the column-major n x m matrix (its transpose); the thin sketch
 //     matrices (Y, Z, ...) are kept column-major because cuSOLVER's QR wants them so.
-//   * One step is queued without a host wait: R = W − Q (weighted), the randomized SVD of R,
-//     L1, L2, L1·L2, then one pass that gives the half-step error ||W − Q_old − L1L2|| and
-//     the next quantizer input W − L1L2, then the NF pipeline (nf_cuda.cuh) whose last
-//     kernel also sums the full-step error. Errors and ||W|| are sums of double terms per
-//     thread, reduced per thread block and then in one block in a fixed order, so a step is
+//   * One step is queued without a host wait: the randomized SVD of R = W − Q (weighted),
+//     L1, L2, L1·L2, then one pass that sums the half-step error ||W − Q_old − L1L2|| and,
+//     when B0 divides 256, also takes the quantizer's block absmax of W − L1L2 (formed in
+//     registers, never stored), then the NF pipeline (nf_cuda.cuh) whose last kernel reads
+//     W and L1L2 again, writes Q, sums the full-step error and writes the next step's
+//     residual R = W − Q (weighted). Errors and ||W|| are sums of double terms per thread,
+//     reduced per thread block and then in one block in a fixed order, so a step is
 //     deterministic (the CPU also sums in double; only the order differs). The step ends
 //     with one copy of a small status (the sums, solver infos, the first bad value, the
-//     first overflowing group) and one stream synchronization: the stopping rule needs the
-//     error, and the candidate bookkeeping runs on the host as in lq.c.
-//   * While the device runs a step, the host draws the next step's Gaussian sketch with
-//     core's rng: the xoshiro stream is walked once to find chunk starts, then chunks are
-//     filled with lq_rng_fill_normal in parallel, giving exactly the values svd.c draws.
-//     They go up from pinned memory (two buffers, alternating).
+//     first overflowing group, the sketch's fix-ups) and one wait: the stopping rule needs
+//     the error, and the candidate bookkeeping runs on the host as in lq.c.
+//   * The Gaussian sketch is drawn on the device, equal bit for bit to what core's rng gives
+//     svd.c (lq_rng_fill_normal with the step's seed): each thread starts at its place in
+//     the xoshiro256** stream by GF(2) jump matrices (computed once from core's lq_rng_next)
+//     and does Box-Muller in double as rng.c does. The device's log/sincos may differ from
+//     the host's libm in the last bits (a few ulps are documented on both sides), which
+//     changes the float only when the double lies within 2^-46 (relative) of a float
+//     rounding boundary; those rare pairs (about one in 10^6) are listed in the status with
+//     their xoshiro state, redrawn on the host with core's lq_rng_normal, and patched in
+//     before the step that uses the sketch. The next step's sketch is queued behind the
+//     current step, so the fix-ups come with its status. LQ_CUDA_DECOMPOSE_SKETCH=host draws
+//     every sketch on the host instead (core's rng, uploaded); =check draws on the device
+//     and compares every sketch with the host's, failing on the first differing value.
 //   * Randomized SVD (Halko et al., as svd.c): Y = A·Ω, Householder QR (geqrf + orgqr), power
 //     iterations Z = Aᵀ·Y, QR, Y = A·Z, QR; Bᵀ = Aᵀ·Y. The small SVD of B (q x n) comes from
 //     the eigendecomposition of the q x q Gram matrix B·Bᵀ, formed and solved in double
@@ -36,8 +61,8 @@
 //     end lq_cuda_decompose downloads L1, L2 and the kept step's W − L1·L2 and packs Q with
 //     core's lq_nf_quantize: the same input gives the same packed Q, equal bit for bit to
 //     the dense Q the device used.
-//   * lq_cuda_decompose_errors uploads W (and Fisher weights) once and reuses every buffer
-//     for all configurations; nothing but the status comes back (the exact SVD path aside).
+//   * lq_cuda_decompose_errors reuses every worker's buffers for all its configurations;
+//     nothing but the status comes back (the exact SVD path aside).
 //
 // Differences from core's lq_decompose (same seed):
 //   * L1·L2 agrees to float rounding (cuBLAS vs OpenBLAS summation order, Gram
@@ -51,6 +76,7 @@
 //   * Components below the noise threshold above are 0 where the CPU keeps tiny values.
 //   * The exact path gives the CPU's factors bit for bit from the same residual.
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,14 +113,37 @@ extern "C" {
         if (dec_rc_) return dec_rc_;                                                               \
     } while (0)
 
-#define DEC_THREADS 256
-#define DEC_MAX_ALLOCATIONS 48
-#define DEC_SKETCH_CHUNK 16384                  // sketch values per parallel chunk (even)
+#define DEC_THREADS 256                         // threads per block of the element-wise kernels
+#define DEC_ALIGN 256                           // bytes: where each carved buffer starts
+#define DEC_SKETCH_CHUNK 16384                  // host-drawn sketch values per parallel chunk (even)
 #define DEC_BLAS_WORKSPACE ((size_t)32 << 20)   // cuBLAS's recommended size on Hopper
 #define DEC_NO_INDEX 0xffffffffffffffffull      // status: nothing recorded
 #define DEC_STEP_SEED_MIX 0x9e3779b97f4a7c15ull // lq.c mixes the step into the seed
+// The device sketch: each thread draws 2^DEC_SKETCH_LOG2 values (an even number: whole
+// Box-Muller pairs), starting DEC_SKETCH_PER_THREAD·t draws into the stream.
+#define DEC_SKETCH_LOG2 6
+#define DEC_SKETCH_PER_THREAD (1u << DEC_SKETCH_LOG2)
+#define DEC_SKETCH_BLOCK 128
+#define DEC_JUMP_LEVELS 40           // jump matrices T^(64·2^k), k < 40: sketches below 2^46 values
+#define DEC_JUMP_WORDS (256 * 4)     // one 256 x 256 GF(2) matrix: 256 columns of 4 words
+#define DEC_SKETCH_MARGIN 0x1.0p-46  // relative: far above both libms' documented errors
+#define DEC_FIXUP_MAX 128            // fix-ups one status holds (about one is expected)
+// Workers of lq_cuda_decompose_errors.
+#define DEC_DEFAULT_WORKERS 8
+#define DEC_MAX_WORKERS 64
+#define DEC_WORKER_OVERHEAD ((size_t)64 << 20) // a worker's handles' own device memory, roughly
+#define DEC_STOPPED 1 // run(): another worker failed, so this one stopped (not an LQ code)
 
-// What one step reports to the host: one copy, one synchronization.
+enum dec_sketch_mode { DEC_SKETCH_DEVICE, DEC_SKETCH_HOST, DEC_SKETCH_CHECK };
+
+// A Box-Muller pair whose float values the device could not settle: the xoshiro state
+// before its two draws, so the host redraws it with core's rng.
+struct dec_fixup {
+    unsigned long long pair; // values 2·pair and 2·pair + 1
+    unsigned long long state[4];
+};
+
+// What one step reports to the host: one copy, one wait.
 enum { DEC_SUM_HALF, DEC_SUM_FULL, DEC_SUM_NORM, DEC_SUM_COUNT };
 struct dec_status {
     double sums[DEC_SUM_COUNT];   // Σ F·d²: half step, full step (or init), and Σ F·W²
@@ -102,6 +151,8 @@ struct dec_status {
     unsigned long long bad_group; // first group whose range overflows b2, or DEC_NO_INDEX
     unsigned offset_bits;         // the quantizer's offset (min block absmax) as bits
     int qr_info, eig_info;        // cuSOLVER's devInfo
+    unsigned fixup_count;         // sketch pairs to redraw on the host (may exceed the list)
+    struct dec_fixup fixups[DEC_FIXUP_MAX];
 };
 
 // The fixed sizes of one call.
@@ -116,44 +167,70 @@ struct dec_shape {
     size_t max_blocks, max_groups; // NF plan sizes, the largest over the configurations
 };
 
+// What every worker of a call reads: uploaded once.
+struct dec_shared {
+    struct lq_cuda *cuda;
+    struct dec_shape shape;
+    int sketch_mode; // enum dec_sketch_mode
+    int jump_levels; // jump matrices the device sketch uses
+
+    // host
+    const float *host_w, *host_fisher;        // borrowed
+    float *host_row_weight, *host_col_weight; // owned (malloc)
+    float *host_inverse;                      // 1/row weights, then 1/column weights (owned)
+
+    // device: one allocation
+    void *slab;
+    float *w, *fisher;                                          // rows x cols row-major
+    float *row_weight, *col_weight, *inverse_row, *inverse_col; // weighted only
+    unsigned long long *jumps; // jump_levels matrices (device sketch only)
+};
+
+// One worker: a decomposition at a time.
 struct dec {
+    const struct dec_shared *shared;
     struct lq_cuda *cuda;
     struct dec_shape shape;
     cudaStream_t stream;
+    cudaEvent_t done; // waits block on it when set (several workers); else the stream spins
     cublasHandle_t blas;
     cusolverDnHandle_t solver;
 
-    // device: matrices, rows x cols row-major
-    float *w, *q, *r, *lowrank, *fisher;
-    float *row_weight, *col_weight, *inverse_row, *inverse_col;
-    // device: the NF plan and the reductions
+    // device, borrowed from the shared context
+    const float *w, *fisher;
+    const float *row_weight, *col_weight, *inverse_row, *inverse_col;
+
+    // device, own: one allocation (slab) plus the cuSOLVER workspaces (work)
+    void *slab, *work;
+    size_t slab_bytes, work_bytes;
+    float *q, *r, *lowrank; // rows x cols row-major; r and lowrank only with a rank
     float *absmax, *block_scale, *group_scale;
     double *partials;
     struct dec_status *status;
-    // device: the randomized SVD (column-major thin matrices)
+    void *blas_workspace;
+    // the randomized SVD (column-major thin matrices)
     float *omega; // q x n (Ω row-major n x q, as drawn)
     float *y;     // m x q range basis
     float *z;     // n x q co-range basis, then Bᵀ
     float *tau, *solver_work, *ub;
     double *bt, *gram, *lambda, *ubs, *l2t, *eig_work;
     int solver_lwork, eig_lwork;
-    // device: factors (L1 rows x rank, L2 rank x cols, row-major)
+    // factors (L1 rows x rank, L2 rank x cols, row-major)
     float *L1, *L2, *prev_L1, *prev_L2, *best_q_L1, *best_q_L2, *out_L1, *out_L2;
 
     // host
-    const float *host_w;
-    float *host_row_weight, *host_col_weight; // owned (malloc)
-    float *host_inverse;                      // 1/row weights, then 1/column weights
-    float *omega_host[2];                     // pinned
-    struct dec_status *status_host;           // pinned
+    struct dec_status *status_host; // pinned
+    float *fixup_host;              // pinned: 2·DEC_FIXUP_MAX redrawn values
+    float *omega_host;              // pinned: a host-drawn sketch (host or check mode, fallback)
+    float *check_host;              // the device's sketch, downloaded (check mode)
     struct lq_rng *chunk_starts;
     size_t chunk_count;
     float *host_residual, *host_u, *host_s, *host_vt, *host_L1, *host_L2; // exact SVD, final Q
-    const float *last_input; // device: what the quantizer read last (for error messages)
+    // The quantizer last read W − last_lowrank (NULL: W itself); for error messages.
+    const float *last_lowrank;
+    int sketch_pending;   // a sketch was queued: settle it after the next wait
+    uint64_t sketch_seed; // ... drawn with this seed
     struct lq_nf_device_config nf;
-
-    void *allocations[DEC_MAX_ALLOCATIONS];
-    int allocation_count;
 };
 
 // What one decomposition found.
@@ -164,8 +241,8 @@ struct dec_result {
 
 // ---------- kernels ----------
 
-// r = (W − Q), times row_weight[i]·col_weight[j] when weighted (lq.c: factorize). One
-// thread block per row, so the weights need no division.
+// r = (W − Q), times row_weight[i]·col_weight[j] when weighted (lq.c: factorize); q NULL is
+// the zero start. One thread block per row, so the weights need no division.
 __global__ static void dec_residual_kernel(const float *w, const float *q, size_t rows, size_t cols,
                                            const float *row_weight, const float *col_weight,
                                            float *r) {
@@ -173,33 +250,87 @@ __global__ static void dec_residual_kernel(const float *w, const float *q, size_
         const size_t base = row * cols;
         const float rw = row_weight ? row_weight[row] : 1.0f;
         for (size_t col = threadIdx.x; col < cols; col += blockDim.x) {
-            float v = lq_nf_sub(w[base + col], q[base + col]);
+            float v = lq_nf_sub(w[base + col], q ? q[base + col] : 0.0f);
             if (row_weight) v = lq_nf_mul(v, lq_nf_mul(rw, col_weight[col]));
             r[base + col] = v;
         }
     }
 }
 
-// r = W − lowrank; with SUM also Σ F·(W − Q − lowrank)² of the block into partials
-// (lq.c: error_pass with residual_out).
-template <bool SUM>
-__global__ static void dec_half_kernel(const float *w, const float *q, const float *lowrank,
-                                       const float *fisher, size_t count, float *r,
-                                       double *partials) {
-    double sum = 0.0;
+// r = W − lowrank (collect: the kept step's quantizer input).
+__global__ static void dec_difference_kernel(const float *w, const float *lowrank, size_t count,
+                                             float *r) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const float wi = w[i], li = lowrank[i];
-        r[i] = lq_nf_sub(wi, li);
-        if (SUM) {
-            double d = (double)wi - (double)q[i] - (double)li;
+         i += (size_t)gridDim.x * blockDim.x)
+        r[i] = lq_nf_sub(w[i], lowrank[i]);
+}
+
+// The half step (lq.c: error_pass with residual_out): Σ F·(W − Q − lowrank)² of the block
+// into partials (q NULL: the zero start). Thread i of block b takes elements
+// b·256 + i + k·stride, the same split and order as a plain grid-stride loop, so the sums
+// do not depend on ABSMAX. With ABSMAX (B0 a power of two <= 256, so every NF block lies in
+// one 256-element tile), also the quantizer's first stage for the input W − lowrank (as
+// lq_nf_absmax_kernel): block absmax, their minimum into *offset_bits, the first
+// non-finite index into *first_bad. Launch with DEC_THREADS threads per block.
+template <bool ABSMAX>
+__global__ static void dec_half_step_kernel(const float *w, const float *q, const float *lowrank,
+                                            const float *fisher, size_t count, double *partials,
+                                            unsigned B0, unsigned long long n_blocks,
+                                            float *absmax, unsigned *offset_bits,
+                                            unsigned long long *first_bad) {
+    double sum = 0.0;
+    unsigned smallest = 0xffffffffu;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    // The loop condition is uniform over the thread block: everyone reaches the shuffles.
+    for (size_t base = (size_t)blockIdx.x * blockDim.x; base < count; base += stride) {
+        const size_t i = base + threadIdx.x;
+        float m = 0.0f;
+        if (i < count) {
+            const float wi = w[i], li = lowrank[i];
+            const float qi = q ? q[i] : 0.0f;
+            double d = (double)wi - (double)qi - (double)li;
             sum += (fisher ? (double)fisher[i] : 1.0) * d * d;
+            if (ABSMAX) {
+                const float v = fabsf(lq_nf_sub(wi, li));
+                if (!(v <= FLT_MAX)) atomicMin(first_bad, (unsigned long long)i);
+                m = v > m ? v : m;
+            }
+        }
+        if (ABSMAX) {
+            // The maximum over each run of B0 threads (exact in any order: NaN never wins).
+            if (B0 <= 32) {
+                for (unsigned s = B0 >> 1; s > 0; s >>= 1) {
+                    const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
+                    m = other > m ? other : m;
+                }
+            } else {
+                __shared__ float warp_max[DEC_THREADS / 32];
+                for (unsigned s = 16; s > 0; s >>= 1) {
+                    const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
+                    m = other > m ? other : m;
+                }
+                if ((threadIdx.x & 31u) == 0) warp_max[threadIdx.x >> 5] = m;
+                __syncthreads();
+                if ((threadIdx.x & (B0 - 1)) == 0)
+                    for (unsigned k = 1; k < B0 / 32; k++) {
+                        const float other = warp_max[(threadIdx.x >> 5) + k];
+                        m = other > m ? other : m;
+                    }
+                __syncthreads(); // warp_max is written again next round
+            }
+            if ((threadIdx.x & (B0 - 1)) == 0) {
+                const unsigned long long block = (unsigned long long)i / B0;
+                if (block < n_blocks) {
+                    absmax[block] = m;
+                    const unsigned bits = __float_as_uint(m);
+                    smallest = bits < smallest ? bits : smallest;
+                }
+            }
         }
     }
-    if (SUM) {
-        double total = lq_nf_block_sum(sum);
-        if (threadIdx.x == 0) partials[blockIdx.x] = total;
-    }
+    double total = lq_nf_block_sum(sum);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
+    if (ABSMAX) lq_nf_offset_min(smallest, offset_bits);
 }
 
 // Σ F·W² of the block into partials (lq_weighted_distance(W, NULL, F), squared).
@@ -268,24 +399,324 @@ __global__ static void dec_scale_rows_kernel(float *L1, size_t count, int rank,
         L1[i] = lq_nf_mul(L1[i], inverse_row[i / (size_t)rank]);
 }
 
-// ---------- context ----------
+// ---------- the Gaussian sketch on the device ----------
+//
+// The per-thread work is __host__ __device__ so that it can be checked against core's rng on
+// a machine without a GPU (the host build uses the host's libm and no atomics).
 
-static int dec_alloc(struct dec *d, size_t bytes, void **out, struct lq_error *err) {
-    *out = NULL;
-    if (d->allocation_count == DEC_MAX_ALLOCATIONS)
-        return lq_error_set(err, LQ_EINVAL, "decomposition: too many device buffers");
-    int rc = lq_cuda_malloc(d->cuda, bytes ? bytes : 1, LQ_CUDA_JOBS, out, err);
-    if (rc) return rc;
-    d->allocations[d->allocation_count++] = *out;
+struct dec_rng_state {
+    unsigned long long s[4];
+};
+
+// rng.c's xoshiro256** step, word for word.
+__host__ __device__ static inline unsigned long long dec_rotl(unsigned long long x, int k) {
+    return (x << k) | (x >> (64 - k));
+}
+
+__host__ __device__ static inline unsigned long long dec_rng_next(unsigned long long *s) {
+    const unsigned long long result = dec_rotl(s[1] * 5, 7) * 9;
+    const unsigned long long t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = dec_rotl(s[3], 45);
+    return result;
+}
+
+// One rounded double product, never fused with a neighbour.
+__host__ __device__ static inline double dec_mul(double a, double b) {
+#ifdef __CUDA_ARCH__
+    return __dmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+__host__ __device__ static inline void dec_sincos(double x, double *sine, double *cosine) {
+#ifdef __CUDA_ARCH__
+    sincos(x, sine, cosine);
+#else
+    *sine = sin(x), *cosine = cos(x);
+#endif
+}
+
+// s = M·s over GF(2): the XOR of the columns of M (256 of 4 words) at s's set bits.
+__host__ __device__ static inline void dec_jump(const unsigned long long *matrix,
+                                                unsigned long long *s) {
+    unsigned long long r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+    for (int word = 0; word < 4; word++) {
+        unsigned long long bits = s[word];
+        while (bits) {
+#ifdef __CUDA_ARCH__
+            const int bit = __ffsll((long long)bits) - 1;
+            const ulonglong2 *column =
+                (const ulonglong2 *)(matrix + ((size_t)word * 64 + (size_t)bit) * 4);
+            const ulonglong2 low = __ldg(column), high = __ldg(column + 1);
+            r0 ^= low.x, r1 ^= low.y, r2 ^= high.x, r3 ^= high.y;
+#else
+            const int bit = __builtin_ctzll(bits);
+            const unsigned long long *column = matrix + ((size_t)word * 64 + (size_t)bit) * 4;
+            r0 ^= column[0], r1 ^= column[1], r2 ^= column[2], r3 ^= column[3];
+#endif
+            bits &= bits - 1;
+        }
+    }
+    s[0] = r0, s[1] = r1, s[2] = r2, s[3] = r3;
+}
+
+// Whether the float nearest v could differ for any double within DEC_SKETCH_MARGIN·|v| of
+// it: then the host's libm, a few ulps away at most, might round to the other float.
+__host__ __device__ static inline bool dec_unsettled(double v) {
+    const double e = fabs(v) * DEC_SKETCH_MARGIN;
+    return (float)(v - e) != (float)(v + e);
+}
+
+// Thread t of the sketch: values [64t, 64t + 64) ∩ [0, count) of what lq_rng_fill_normal
+// writes from the state `start` (lq_rng_seed of the step's seed), drawn from T^(64t)·start
+// by applying the jump matrix T^(64·2^k) for every set bit k of t. Each pair is Box-Muller as
+// rng.c's lq_rng_normal: the first value r·cos θ, the second r·sin θ, rounded to float.
+// Pairs that cannot be settled here go to status->fixups.
+__host__ __device__ static inline void dec_sketch_thread(const dec_rng_state &start,
+                                                         const unsigned long long *jumps,
+                                                         int levels, unsigned long long count,
+                                                         unsigned long long t, float *omega,
+                                                         struct dec_status *status) {
+    const unsigned long long begin = t * DEC_SKETCH_PER_THREAD;
+    if (begin >= count) return;
+    unsigned long long s[4] = {start.s[0], start.s[1], start.s[2], start.s[3]};
+    for (int k = 0; k < levels; k++)
+        if ((t >> k) & 1ull) dec_jump(jumps + (size_t)k * DEC_JUMP_WORDS, s);
+    const unsigned long long end =
+        count - begin < DEC_SKETCH_PER_THREAD ? count : begin + DEC_SKETCH_PER_THREAD;
+    for (unsigned long long i = begin; i < end; i += 2) {
+        const unsigned long long before[4] = {s[0], s[1], s[2], s[3]};
+        double u1 = (double)(dec_rng_next(s) >> 11) * 0x1.0p-53;
+        const double u2 = (double)(dec_rng_next(s) >> 11) * 0x1.0p-53;
+        if (u1 < 0x1.0p-60) u1 = 0x1.0p-60; // log(0) guard
+        const double radius = sqrt(dec_mul(-2.0, log(u1)));
+        const double angle = dec_mul(6.283185307179586476925, u2);
+        double sine, cosine;
+        dec_sincos(angle, &sine, &cosine);
+        const double first = dec_mul(radius, cosine), second = dec_mul(radius, sine);
+        const bool has_second = i + 1 < count; // an odd count drops the last sine
+        omega[i] = (float)first;
+        if (has_second) omega[i + 1] = (float)second;
+        if (dec_unsettled(first) || (has_second && dec_unsettled(second))) {
+#ifdef __CUDA_ARCH__
+            const unsigned slot = atomicAdd(&status->fixup_count, 1u);
+#else
+            const unsigned slot = status->fixup_count++;
+#endif
+            if (slot < DEC_FIXUP_MAX) {
+                status->fixups[slot].pair = i / 2;
+                for (int k = 0; k < 4; k++) status->fixups[slot].state[k] = before[k];
+            }
+        }
+    }
+}
+
+__global__ static void dec_sketch_kernel(const dec_rng_state start,
+                                         const unsigned long long *jumps, int levels,
+                                         unsigned long long count, float *omega,
+                                         struct dec_status *status) {
+    const unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    dec_sketch_thread(start, jumps, levels, count, t, omega, status);
+}
+
+// ---------- the sketch's jump matrices (host, once per process) ----------
+
+// DEC_JUMP_LEVELS matrices over GF(2): level k advances the xoshiro256** state by
+// DEC_SKETCH_PER_THREAD·2^k draws. Column j (4 words) is the image of state bit j
+// (word j / 64, bit j % 64). The step matrix comes from core's lq_rng_next itself.
+static unsigned long long dec_jump_table[DEC_JUMP_LEVELS][256][4];
+static pthread_once_t dec_jump_once = PTHREAD_ONCE_INIT;
+
+static void gf2_apply(const unsigned long long (*m)[4], const unsigned long long *x,
+                      unsigned long long *y) {
+    unsigned long long r[4] = {0, 0, 0, 0};
+    for (int j = 0; j < 256; j++)
+        if ((x[j >> 6] >> (j & 63)) & 1ull)
+            for (int k = 0; k < 4; k++) r[k] ^= m[j][k];
+    memcpy(y, r, sizeof r);
+}
+
+// out = a·a (out must not be a).
+static void gf2_square(const unsigned long long (*a)[4], unsigned long long (*out)[4]) {
+    for (int j = 0; j < 256; j++) gf2_apply(a, a[j], out[j]);
+}
+
+static void dec_build_jumps(void) {
+    static unsigned long long step[256][4], scratch[256][4];
+    for (int j = 0; j < 256; j++) {
+        struct lq_rng rng;
+        memset(&rng, 0, sizeof rng);
+        rng.state[j >> 6] = 1ull << (j & 63);
+        lq_rng_next(&rng); // the state update is linear over GF(2)
+        memcpy(step[j], rng.state, sizeof step[j]);
+    }
+    for (int i = 0; i < DEC_SKETCH_LOG2; i++) {
+        gf2_square(step, scratch);
+        memcpy(step, scratch, sizeof step);
+    }
+    memcpy(dec_jump_table[0], step, sizeof step);
+    for (int k = 1; k < DEC_JUMP_LEVELS; k++) gf2_square(dec_jump_table[k - 1], dec_jump_table[k]);
+}
+
+static int dec_sketch_mode(void) {
+    const char *mode = getenv("LQ_CUDA_DECOMPOSE_SKETCH");
+    if (mode && strcmp(mode, "host") == 0) return DEC_SKETCH_HOST;
+    if (mode && strcmp(mode, "check") == 0) return DEC_SKETCH_CHECK;
+    return DEC_SKETCH_DEVICE;
+}
+
+// ---------- contexts ----------
+
+// Buffers carved from one allocation: a first pass with base NULL measures.
+struct dec_carver {
+    char *base;
+    size_t offset;
+};
+
+template <typename T>
+static void carve(struct dec_carver *c, size_t count, T **out) {
+    c->offset = (c->offset + DEC_ALIGN - 1) / DEC_ALIGN * DEC_ALIGN;
+    *out = c->base ? (T *)(c->base + c->offset) : NULL;
+    c->offset += (count ? count : 1) * sizeof(T);
+}
+
+static size_t dec_shared_layout(struct dec_shared *sh, char *base) {
+    const struct dec_shape *s = &sh->shape;
+    struct dec_carver c = {base, 0};
+    carve(&c, s->numel, &sh->w);
+    if (s->weighted) {
+        carve(&c, s->numel, &sh->fisher);
+        carve(&c, s->rows, &sh->row_weight);
+        carve(&c, s->cols, &sh->col_weight);
+        carve(&c, s->rows, &sh->inverse_row);
+        carve(&c, s->cols, &sh->inverse_col);
+    }
+    if (sh->jump_levels > 0) carve(&c, (size_t)sh->jump_levels * DEC_JUMP_WORDS, &sh->jumps);
+    return c.offset;
+}
+
+static void dec_shared_close(struct dec_shared *sh) {
+    if (sh->slab) lq_cuda_free(sh->cuda, sh->slab);
+    free(sh->host_row_weight), free(sh->host_col_weight), free(sh->host_inverse);
+    memset(sh, 0, sizeof *sh);
+}
+
+// The shared context: the host weights (malloc'ed) become its own, even on failure.
+static int dec_shared_open(struct dec_shared *sh, struct lq_cuda *cuda,
+                           const struct dec_shape *shape, const float *w, const float *fisher,
+                           float *row_weight, float *col_weight, struct lq_error *err) {
+    memset(sh, 0, sizeof *sh);
+    sh->cuda = cuda;
+    sh->shape = *shape;
+    sh->host_w = w, sh->host_fisher = fisher;
+    sh->host_row_weight = row_weight, sh->host_col_weight = col_weight;
+    const struct dec_shape *s = &sh->shape;
+    sh->sketch_mode = dec_sketch_mode();
+    if (s->randomized && sh->sketch_mode != DEC_SKETCH_HOST) {
+        const unsigned long long count = (unsigned long long)s->cols * (unsigned long long)s->sketch;
+        const unsigned long long threads = (count + DEC_SKETCH_PER_THREAD - 1) / DEC_SKETCH_PER_THREAD;
+        int levels = 0;
+        while (levels < 63 && (1ull << levels) < threads) levels++;
+        if (levels > DEC_JUMP_LEVELS) {
+            sh->sketch_mode = DEC_SKETCH_HOST; // beyond any matrix that fits a device
+        } else {
+            sh->jump_levels = levels;
+            pthread_once(&dec_jump_once, dec_build_jumps);
+        }
+    }
+    if (s->weighted) {
+        sh->host_inverse = (float *)malloc((s->rows + s->cols) * sizeof(float));
+        if (!sh->host_inverse)
+            return lq_error_set(err, LQ_ENOMEM, "out of memory for Fisher weights");
+        for (size_t i = 0; i < s->rows; i++) sh->host_inverse[i] = 1.0f / row_weight[i];
+        for (size_t j = 0; j < s->cols; j++) sh->host_inverse[s->rows + j] = 1.0f / col_weight[j];
+    }
+    const size_t bytes = dec_shared_layout(sh, NULL);
+    DEC_TRY(lq_cuda_malloc(cuda, bytes, LQ_CUDA_JOBS, &sh->slab, err));
+    dec_shared_layout(sh, (char *)sh->slab);
     return LQ_OK;
 }
 
-template <typename T>
-static int dec_array(struct dec *d, size_t count, T **out, struct lq_error *err) {
-    void *p = NULL;
-    int rc = dec_alloc(d, count * sizeof(T), &p, err);
-    *out = (T *)p;
-    return rc;
+// W, the Fisher data and weights and the jump matrices, queued on stream.
+static int dec_shared_upload(const struct dec_shared *sh, cudaStream_t stream,
+                             struct lq_error *err) {
+    const struct dec_shape *s = &sh->shape;
+    DEC_CUDA(cudaMemcpyAsync(sh->w, sh->host_w, s->numel * sizeof(float), cudaMemcpyHostToDevice,
+                             stream),
+             "upload W");
+    if (s->weighted) {
+        const struct {
+            float *device;
+            const float *host;
+            size_t count;
+        } uploads[5] = {
+            {sh->fisher, sh->host_fisher, s->numel},
+            {sh->row_weight, sh->host_row_weight, s->rows},
+            {sh->col_weight, sh->host_col_weight, s->cols},
+            {sh->inverse_row, sh->host_inverse, s->rows},
+            {sh->inverse_col, sh->host_inverse + s->rows, s->cols},
+        };
+        for (int i = 0; i < 5; i++)
+            DEC_CUDA(cudaMemcpyAsync(uploads[i].device, uploads[i].host,
+                                     uploads[i].count * sizeof(float), cudaMemcpyHostToDevice,
+                                     stream),
+                     "upload the Fisher weights");
+    }
+    if (sh->jump_levels > 0)
+        DEC_CUDA(cudaMemcpyAsync(sh->jumps, dec_jump_table,
+                                 (size_t)sh->jump_levels * DEC_JUMP_WORDS * sizeof(unsigned long long),
+                                 cudaMemcpyHostToDevice, stream),
+                 "upload the sketch's jump matrices");
+    return LQ_OK;
+}
+
+static size_t dec_layout(struct dec *d, char *base) {
+    const struct dec_shape *s = &d->shape;
+    const size_t n = s->numel, r = (size_t)s->rank;
+    struct dec_carver c = {base, 0};
+    carve(&c, n, &d->q);
+    carve(&c, s->max_blocks, &d->absmax);
+    carve(&c, s->max_blocks, &d->block_scale);
+    carve(&c, s->max_groups, &d->group_scale);
+    carve(&c, LQ_NF_MAX_GRID, &d->partials);
+    carve(&c, 1, &d->status);
+    char *workspace = NULL;
+    carve(&c, DEC_BLAS_WORKSPACE, &workspace);
+    d->blas_workspace = workspace;
+    if (r > 0) {
+        carve(&c, n, &d->r);
+        carve(&c, n, &d->lowrank);
+        carve(&c, s->rows * r, &d->L1);
+        carve(&c, r * s->cols, &d->L2);
+    }
+    if (r > 0 && s->keep) {
+        carve(&c, s->rows * r, &d->prev_L1);
+        carve(&c, r * s->cols, &d->prev_L2);
+        carve(&c, s->rows * r, &d->best_q_L1);
+        carve(&c, r * s->cols, &d->best_q_L2);
+        carve(&c, s->rows * r, &d->out_L1);
+        carve(&c, r * s->cols, &d->out_L2);
+    }
+    if (s->randomized) {
+        const size_t m = s->rows, cols = s->cols, q = (size_t)s->sketch;
+        carve(&c, cols * q, &d->omega);
+        carve(&c, m * q, &d->y);
+        carve(&c, cols * q, &d->z);
+        carve(&c, q, &d->tau);
+        carve(&c, q * r, &d->ub);
+        carve(&c, cols * q, &d->bt);
+        carve(&c, q * q, &d->gram);
+        carve(&c, q, &d->lambda);
+        carve(&c, q * r, &d->ubs);
+        carve(&c, cols * r, &d->l2t);
+    }
+    return c.offset;
 }
 
 static void dec_close(struct dec *d) {
@@ -293,48 +724,36 @@ static void dec_close(struct dec *d) {
     // The handles go first: the cuBLAS workspace is ours and must outlive its handle.
     if (d->solver) cusolverDnDestroy(d->solver);
     if (d->blas) cublasDestroy(d->blas);
-    for (int i = 0; i < d->allocation_count; i++) lq_cuda_free(d->cuda, d->allocations[i]);
-    for (int i = 0; i < 2; i++)
-        if (d->omega_host[i]) cudaFreeHost(d->omega_host[i]);
+    if (d->slab) lq_cuda_free(d->cuda, d->slab);
+    if (d->work) lq_cuda_free(d->cuda, d->work);
     if (d->status_host) cudaFreeHost(d->status_host);
+    if (d->fixup_host) cudaFreeHost(d->fixup_host);
+    if (d->omega_host) cudaFreeHost(d->omega_host);
+    if (d->done) cudaEventDestroy(d->done);
     if (d->stream) cudaStreamDestroy(d->stream);
-    free(d->chunk_starts);
+    free(d->check_host), free(d->chunk_starts);
     free(d->host_residual), free(d->host_u), free(d->host_s), free(d->host_vt);
     free(d->host_L1), free(d->host_L2);
-    free(d->host_row_weight), free(d->host_col_weight), free(d->host_inverse);
     memset(d, 0, sizeof *d);
 }
 
-static int dec_handles(struct dec *d, struct lq_error *err) {
+static int dec_handles(struct dec *d, int blocking, struct lq_error *err) {
     DEC_CUDA(cudaSetDevice(d->cuda->device), "cudaSetDevice");
     DEC_CUDA(cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    if (blocking)
+        DEC_CUDA(cudaEventCreateWithFlags(&d->done, cudaEventBlockingSync | cudaEventDisableTiming),
+                 "cudaEventCreate");
     DEC_BLAS(cublasCreate(&d->blas), "cublasCreate");
     DEC_BLAS(cublasSetStream(d->blas, d->stream), "cublasSetStream");
-    // A workspace of our own: counted, and the same for every GEMM of the call, which keeps
-    // cuBLAS's results reproducible.
-    void *workspace = NULL;
-    DEC_TRY(dec_alloc(d, DEC_BLAS_WORKSPACE, &workspace, err));
-    DEC_BLAS(cublasSetWorkspace(d->blas, workspace, DEC_BLAS_WORKSPACE), "cublasSetWorkspace");
     DEC_SOLVER(cusolverDnCreate(&d->solver), "cusolverDnCreate");
     DEC_SOLVER(cusolverDnSetStream(d->solver, d->stream), "cusolverDnSetStream");
     return LQ_OK;
 }
 
-// The randomized SVD's buffers and cuSOLVER workspaces.
-static int dec_sketch_buffers(struct dec *d, struct lq_error *err) {
+// The cuSOLVER workspaces of the randomized SVD (their sizes are asked with the buffers).
+static int dec_solver_work(struct dec *d, struct lq_error *err) {
     const struct dec_shape *s = &d->shape;
-    const size_t m = s->rows, n = s->cols, q = (size_t)s->sketch, r = (size_t)s->rank;
-    DEC_TRY(dec_array(d, n * q, &d->omega, err));
-    DEC_TRY(dec_array(d, m * q, &d->y, err));
-    DEC_TRY(dec_array(d, n * q, &d->z, err));
-    DEC_TRY(dec_array(d, q, &d->tau, err));
-    DEC_TRY(dec_array(d, q * r, &d->ub, err));
-    DEC_TRY(dec_array(d, n * q, &d->bt, err));
-    DEC_TRY(dec_array(d, q * q, &d->gram, err));
-    DEC_TRY(dec_array(d, q, &d->lambda, err));
-    DEC_TRY(dec_array(d, q * r, &d->ubs, err));
-    DEC_TRY(dec_array(d, n * r, &d->l2t, err));
-    const int M = (int)m, N = (int)n, Q = (int)q;
+    const int M = (int)s->rows, N = (int)s->cols, Q = s->sketch;
     int sizes[4] = {0, 0, 0, 0};
     DEC_SOLVER(cusolverDnSgeqrf_bufferSize(d->solver, M, Q, d->y, M, &sizes[0]),
                "cusolverDnSgeqrf_bufferSize");
@@ -347,21 +766,22 @@ static int dec_sketch_buffers(struct dec *d, struct lq_error *err) {
     d->solver_lwork = 1;
     for (int i = 0; i < 4; i++)
         d->solver_lwork = sizes[i] > d->solver_lwork ? sizes[i] : d->solver_lwork;
-    DEC_TRY(dec_array(d, (size_t)d->solver_lwork, &d->solver_work, err));
     DEC_SOLVER(cusolverDnDsyevd_bufferSize(d->solver, CUSOLVER_EIG_MODE_VECTOR,
                                            CUBLAS_FILL_MODE_LOWER, Q, d->gram, Q, d->lambda,
                                            &d->eig_lwork),
                "cusolverDnDsyevd_bufferSize");
     if (d->eig_lwork < 1) d->eig_lwork = 1;
-    DEC_TRY(dec_array(d, (size_t)d->eig_lwork, &d->eig_work, err));
-
-    for (int i = 0; i < 2; i++)
-        DEC_CUDA(
-            cudaHostAlloc((void **)&d->omega_host[i], n * q * sizeof(float), cudaHostAllocDefault),
-            "cudaHostAlloc (sketch)");
-    d->chunk_count = (n * q + DEC_SKETCH_CHUNK - 1) / DEC_SKETCH_CHUNK;
-    d->chunk_starts = (struct lq_rng *)malloc(d->chunk_count * sizeof *d->chunk_starts);
-    if (!d->chunk_starts) return lq_error_set(err, LQ_ENOMEM, "out of memory for the sketch");
+    struct dec_carver c = {NULL, 0};
+    for (int pass = 0; pass < 2; pass++) {
+        c.offset = 0;
+        carve(&c, (size_t)d->solver_lwork, &d->solver_work);
+        carve(&c, (size_t)d->eig_lwork, &d->eig_work);
+        if (pass == 0) {
+            d->work_bytes = c.offset;
+            DEC_TRY(lq_cuda_malloc(d->cuda, c.offset, LQ_CUDA_JOBS, &d->work, err));
+            c.base = (char *)d->work;
+        }
+    }
     return LQ_OK;
 }
 
@@ -381,83 +801,35 @@ static int dec_exact_buffers(struct dec *d, struct lq_error *err) {
     return LQ_OK;
 }
 
-// The Fisher information (for the errors), the row and column weights (for the SVD input)
-// and their inverses (for the factors: lq.c multiplies by 1.0f / weight, the same values).
-static int upload_weights(struct dec *d, const float *fisher, struct lq_error *err) {
-    const struct dec_shape *s = &d->shape;
-    DEC_TRY(dec_array(d, s->numel, &d->fisher, err));
-    DEC_TRY(dec_array(d, s->rows, &d->row_weight, err));
-    DEC_TRY(dec_array(d, s->cols, &d->col_weight, err));
-    DEC_TRY(dec_array(d, s->rows, &d->inverse_row, err));
-    DEC_TRY(dec_array(d, s->cols, &d->inverse_col, err));
-    d->host_inverse = (float *)malloc((s->rows + s->cols) * sizeof(float));
-    if (!d->host_inverse) return lq_error_set(err, LQ_ENOMEM, "out of memory for Fisher weights");
-    for (size_t i = 0; i < s->rows; i++) d->host_inverse[i] = 1.0f / d->host_row_weight[i];
-    for (size_t j = 0; j < s->cols; j++)
-        d->host_inverse[s->rows + j] = 1.0f / d->host_col_weight[j];
-    const struct {
-        float *device;
-        const float *host;
-        size_t count;
-    } uploads[5] = {
-        {d->fisher, fisher, s->numel},
-        {d->row_weight, d->host_row_weight, s->rows},
-        {d->col_weight, d->host_col_weight, s->cols},
-        {d->inverse_row, d->host_inverse, s->rows},
-        {d->inverse_col, d->host_inverse + s->rows, s->cols},
-    };
-    for (int i = 0; i < 5; i++)
-        DEC_CUDA(cudaMemcpyAsync(uploads[i].device, uploads[i].host,
-                                 uploads[i].count * sizeof(float), cudaMemcpyHostToDevice,
-                                 d->stream),
-                 "upload the Fisher weights");
-    return LQ_OK;
-}
-
-// Opens the context: handles, every buffer, W (and the Fisher data) uploaded. The host
-// weights (malloc'ed) become the context's.
-static int dec_open(struct dec *d, struct lq_cuda *cuda, const struct dec_shape *shape,
-                    const float *w, const float *fisher, float *row_weight, float *col_weight,
+// Opens a worker on the shared context: handles, its buffers, a clean status. blocking:
+// waits sleep on an event (several workers) instead of spinning.
+static int dec_open(struct dec *d, const struct dec_shared *sh, int blocking,
                     struct lq_error *err) {
     memset(d, 0, sizeof *d);
-    d->cuda = cuda;
-    d->shape = *shape;
-    d->host_w = w;
-    d->host_row_weight = row_weight, d->host_col_weight = col_weight;
+    d->shared = sh;
+    d->cuda = sh->cuda;
+    d->shape = sh->shape;
+    d->w = sh->w, d->fisher = sh->fisher;
+    d->row_weight = sh->row_weight, d->col_weight = sh->col_weight;
+    d->inverse_row = sh->inverse_row, d->inverse_col = sh->inverse_col;
     const struct dec_shape *s = &d->shape;
-    const size_t n = s->numel, r = (size_t)s->rank;
-    DEC_TRY(dec_handles(d, err));
+    DEC_TRY(dec_handles(d, blocking, err));
 
-    DEC_TRY(dec_array(d, n, &d->w, err));
-    DEC_TRY(dec_array(d, n, &d->q, err));
-    DEC_TRY(dec_array(d, n, &d->r, err));
-    DEC_TRY(dec_array(d, s->max_blocks, &d->absmax, err));
-    DEC_TRY(dec_array(d, s->max_blocks, &d->block_scale, err));
-    DEC_TRY(dec_array(d, s->max_groups, &d->group_scale, err));
-    DEC_TRY(dec_array(d, LQ_NF_MAX_GRID, &d->partials, err));
-    DEC_TRY(dec_array(d, 1, &d->status, err));
-    if (r > 0) {
-        DEC_TRY(dec_array(d, n, &d->lowrank, err));
-        DEC_TRY(dec_array(d, s->rows * r, &d->L1, err));
-        DEC_TRY(dec_array(d, r * s->cols, &d->L2, err));
-    }
-    if (r > 0 && s->keep) {
-        DEC_TRY(dec_array(d, s->rows * r, &d->prev_L1, err));
-        DEC_TRY(dec_array(d, r * s->cols, &d->prev_L2, err));
-        DEC_TRY(dec_array(d, s->rows * r, &d->best_q_L1, err));
-        DEC_TRY(dec_array(d, r * s->cols, &d->best_q_L2, err));
-        DEC_TRY(dec_array(d, s->rows * r, &d->out_L1, err));
-        DEC_TRY(dec_array(d, r * s->cols, &d->out_L2, err));
-    }
-    if (s->randomized) DEC_TRY(dec_sketch_buffers(d, err));
+    d->slab_bytes = dec_layout(d, NULL);
+    DEC_TRY(lq_cuda_malloc(d->cuda, d->slab_bytes, LQ_CUDA_JOBS, &d->slab, err));
+    dec_layout(d, (char *)d->slab);
+    // Our own workspace: counted, and the same for every GEMM of the worker, which keeps
+    // cuBLAS's results reproducible.
+    DEC_BLAS(cublasSetWorkspace(d->blas, d->blas_workspace, DEC_BLAS_WORKSPACE),
+             "cublasSetWorkspace");
+    if (s->randomized) DEC_TRY(dec_solver_work(d, err));
     if (s->exact) DEC_TRY(dec_exact_buffers(d, err));
     DEC_CUDA(cudaHostAlloc((void **)&d->status_host, sizeof *d->status_host, cudaHostAllocDefault),
              "cudaHostAlloc (status)");
-
-    DEC_CUDA(cudaMemcpyAsync(d->w, w, n * sizeof(float), cudaMemcpyHostToDevice, d->stream),
-             "upload W");
-    if (s->weighted) DEC_TRY(upload_weights(d, fisher, err));
-    // Clean status: no bad value, no bad group, solver infos 0.
+    DEC_CUDA(cudaHostAlloc((void **)&d->fixup_host, 2 * DEC_FIXUP_MAX * sizeof(float),
+                           cudaHostAllocDefault),
+             "cudaHostAlloc (sketch fix-ups)");
+    // Clean status: no bad value, no bad group, solver infos 0, no fix-ups.
     DEC_CUDA(cudaMemsetAsync(d->status, 0, sizeof *d->status, d->stream), "cudaMemset");
     DEC_CUDA(cudaMemsetAsync(&d->status->first_bad, 0xff, sizeof(unsigned long long), d->stream),
              "cudaMemset");
@@ -466,7 +838,18 @@ static int dec_open(struct dec *d, struct lq_cuda *cuda, const struct dec_shape 
     return LQ_OK;
 }
 
-// ---------- the Gaussian sketch, drawn on the host ----------
+// Waits for everything queued on the worker's stream.
+static int dec_wait(struct dec *d, const char *what, struct lq_error *err) {
+    if (d->done) {
+        DEC_CUDA(cudaEventRecord(d->done, d->stream), what);
+        DEC_CUDA(cudaEventSynchronize(d->done), what);
+    } else {
+        DEC_CUDA(cudaStreamSynchronize(d->stream), what);
+    }
+    return LQ_OK;
+}
+
+// ---------- the Gaussian sketch ----------
 
 struct sketch_job {
     const struct lq_rng *starts;
@@ -485,12 +868,35 @@ static void sketch_body(void *context, size_t begin, size_t end) {
     }
 }
 
+static size_t sketch_count(const struct dec *d) {
+    return d->shape.cols * (size_t)d->shape.sketch;
+}
+
+// The host's buffers for drawing a sketch (host or check mode, or a fix-up overflow).
+static int sketch_host_buffers(struct dec *d, struct lq_error *err) {
+    const size_t count = sketch_count(d);
+    if (!d->omega_host)
+        DEC_CUDA(cudaHostAlloc((void **)&d->omega_host, count * sizeof(float),
+                               cudaHostAllocDefault),
+                 "cudaHostAlloc (sketch)");
+    if (!d->chunk_starts) {
+        d->chunk_count = (count + DEC_SKETCH_CHUNK - 1) / DEC_SKETCH_CHUNK;
+        d->chunk_starts = (struct lq_rng *)malloc(d->chunk_count * sizeof *d->chunk_starts);
+        if (!d->chunk_starts) return lq_error_set(err, LQ_ENOMEM, "out of memory for the sketch");
+    }
+    if (d->shared->sketch_mode == DEC_SKETCH_CHECK && !d->check_host) {
+        d->check_host = (float *)malloc(count * sizeof(float));
+        if (!d->check_host) return lq_error_set(err, LQ_ENOMEM, "out of memory for the sketch");
+    }
+    return LQ_OK;
+}
+
 // out[0..n·q) = what lq_rng_fill_normal(seeded with seed) writes, as svd.c draws Ω. Each
 // normal pair costs two 64-bit draws, so a chunk of an even number c of values starts c
 // draws further along the stream, with no spare value pending: walking the cheap integer
 // stream once gives every chunk's start, and the costly Box-Muller runs in parallel.
 static void sketch_fill(struct dec *d, uint64_t seed, float *out) {
-    const size_t count = d->shape.cols * (size_t)d->shape.sketch;
+    const size_t count = sketch_count(d);
     struct lq_rng rng;
     lq_rng_seed(&rng, seed);
     for (size_t chunk = 0; chunk < d->chunk_count; chunk++) {
@@ -504,6 +910,84 @@ static void sketch_fill(struct dec *d, uint64_t seed, float *out) {
 
 static uint64_t step_seed(uint64_t seed, int step) {
     return seed ^ (DEC_STEP_SEED_MIX * (uint64_t)step);
+}
+
+// Queues the sketch Ω for seed into d->omega (the device mode; the host modes draw it when
+// it is settled). It must be settled after the next wait and before a step reads it.
+static int sketch_queue(struct dec *d, uint64_t seed, struct lq_error *err) {
+    d->sketch_seed = seed;
+    d->sketch_pending = 1;
+    if (d->shared->sketch_mode == DEC_SKETCH_HOST) return LQ_OK;
+    struct lq_rng rng;
+    lq_rng_seed(&rng, seed);
+    dec_rng_state start;
+    memcpy(start.s, rng.state, sizeof start.s);
+    const unsigned long long count = sketch_count(d);
+    const unsigned long long threads = (count + DEC_SKETCH_PER_THREAD - 1) / DEC_SKETCH_PER_THREAD;
+    const unsigned blocks = (unsigned)((threads + DEC_SKETCH_BLOCK - 1) / DEC_SKETCH_BLOCK);
+    DEC_CUDA(cudaMemsetAsync(&d->status->fixup_count, 0, sizeof(unsigned), d->stream),
+             "cudaMemset");
+    dec_sketch_kernel<<<blocks, DEC_SKETCH_BLOCK, 0, d->stream>>>(
+        start, d->shared->jumps, d->shared->jump_levels, count, d->omega, d->status);
+    DEC_LAUNCHED("sketch kernel");
+    return LQ_OK;
+}
+
+// Check mode: the device's sketch (fixed up) against the host's, value for value.
+static int sketch_check(struct dec *d, struct lq_error *err) {
+    const size_t count = sketch_count(d);
+    DEC_CUDA(cudaMemcpyAsync(d->check_host, d->omega, count * sizeof(float),
+                             cudaMemcpyDeviceToHost, d->stream),
+             "download the sketch");
+    DEC_TRY(dec_wait(d, "download the sketch", err));
+    sketch_fill(d, d->sketch_seed, d->omega_host);
+    for (size_t i = 0; i < count; i++)
+        if (memcmp(&d->check_host[i], &d->omega_host[i], sizeof(float)) != 0)
+            return lq_error_set(err, LQ_EIO,
+                                "sketch check: value %zu of %zu (seed %#llx) is %.9g on the "
+                                "device and %.9g on the host (%u pairs fixed up)",
+                                i, count, (unsigned long long)d->sketch_seed,
+                                (double)d->check_host[i], (double)d->omega_host[i],
+                                d->status_host->fixup_count);
+    return LQ_OK;
+}
+
+// After the wait that follows sketch_queue: the pairs the device could not settle are
+// redrawn with core's lq_rng_normal from their recorded state and patched in (a list that
+// overflowed, or the host mode, draws the whole sketch on the host). Queued before the step
+// that reads Ω; the pinned values are not touched again before the next wait.
+static int sketch_settle(struct dec *d, struct lq_error *err) {
+    d->sketch_pending = 0;
+    const size_t count = sketch_count(d);
+    const int mode = d->shared->sketch_mode;
+    const unsigned fixups = mode == DEC_SKETCH_HOST ? 0 : d->status_host->fixup_count;
+    if (mode == DEC_SKETCH_HOST || fixups > DEC_FIXUP_MAX) {
+        DEC_TRY(sketch_host_buffers(d, err));
+        sketch_fill(d, d->sketch_seed, d->omega_host);
+        DEC_CUDA(cudaMemcpyAsync(d->omega, d->omega_host, count * sizeof(float),
+                                 cudaMemcpyHostToDevice, d->stream),
+                 "upload the sketch");
+        return LQ_OK;
+    }
+    for (unsigned k = 0; k < fixups; k++) {
+        const struct dec_fixup *f = &d->status_host->fixups[k];
+        struct lq_rng rng;
+        memset(&rng, 0, sizeof rng);
+        memcpy(rng.state, f->state, sizeof rng.state);
+        float *pair = d->fixup_host + 2 * (size_t)k;
+        pair[0] = (float)lq_rng_normal(&rng); // as lq_rng_fill_normal: r·cos θ, then the spare
+        pair[1] = (float)lq_rng_normal(&rng);
+        const size_t at = (size_t)f->pair * 2;
+        const size_t values = at + 1 < count ? 2 : 1;
+        DEC_CUDA(cudaMemcpyAsync(d->omega + at, pair, values * sizeof(float),
+                                 cudaMemcpyHostToDevice, d->stream),
+                 "upload the sketch fix-ups");
+    }
+    if (mode == DEC_SKETCH_CHECK) {
+        DEC_TRY(sketch_host_buffers(d, err));
+        DEC_TRY(sketch_check(d, err));
+    }
+    return LQ_OK;
 }
 
 // ---------- device steps ----------
@@ -524,28 +1008,75 @@ static int reduce_into(struct dec *d, unsigned blocks, int slot, struct lq_error
     return LQ_OK;
 }
 
-// Q = dequantize(quantize(input)) and status->sums[DEC_SUM_FULL] = Σ F·(W − Q − lowrank)²
-// (lowrank NULL: zero).
-static int quantize(struct dec *d, const float *input, const float *lowrank, struct lq_error *err) {
+// The NF pipeline after its first stage (absmax done): scales, then Q = dequantize(
+// quantize(input)) with status->sums[DEC_SUM_FULL] = Σ F·(W − Q − lowrank)², input being a,
+// or W − lowrank when a is NULL; with residual, also r = (W − Q) weighted for the next step.
+static int quantize_rest(struct dec *d, const float *a, const float *lowrank, int residual,
+                         struct lq_error *err) {
     const struct lq_nf_device_config *nf = &d->nf;
     const unsigned per_block = LQ_NF_THREADS / (unsigned)nf->team; // teams per thread block
     const unsigned blocks = lq_nf_grid(nf->n_blocks, per_block);
     const unsigned group_blocks = lq_nf_grid(nf->n_groups, LQ_NF_THREADS / 32);
-    DEC_CUDA(cudaMemsetAsync(&d->status->offset_bits, 0xff, sizeof(unsigned), d->stream),
-             "cudaMemset");
-    lq_nf_absmax_kernel<<<blocks, LQ_NF_THREADS, 0, d->stream>>>(
-        input, nf->numel, nf->B0, nf->team, nf->n_blocks, d->absmax, &d->status->offset_bits,
-        &d->status->first_bad);
-    DEC_LAUNCHED("NF absmax kernel");
     lq_nf_group_kernel<<<group_blocks, LQ_NF_THREADS, 0, d->stream>>>(
         d->absmax, nf->n_blocks, nf->n_groups, nf->B1, nf->b1, nf->b2, &d->status->offset_bits,
         d->group_scale, d->block_scale, &d->status->bad_group);
     DEC_LAUNCHED("NF group kernel");
+    lq_nf_residual next = {NULL, NULL, NULL, 1};
+    if (residual) {
+        next.residual = d->r;
+        next.row_weight = d->row_weight, next.col_weight = d->col_weight;
+        next.cols = d->shape.cols;
+    }
     lq_nf_values_kernel<true><<<blocks, LQ_NF_THREADS, 0, d->stream>>>(
-        input, *nf, d->block_scale, d->q, d->w, lowrank, d->fisher, d->partials);
+        a, *nf, d->block_scale, d->q, d->w, lowrank, d->fisher, d->partials, next);
     DEC_LAUNCHED("NF values kernel");
-    d->last_input = input;
+    d->last_lowrank = lowrank;
     return reduce_into(d, blocks, DEC_SUM_FULL, err);
+}
+
+// Q = dequantize(quantize(W)) (rank 0, or the quantized start) and status->sums[DEC_SUM_FULL]
+// = Σ F·(W − Q)²; with residual, r = (W − Q) weighted, the first step's SVD input.
+static int quantize_w(struct dec *d, int residual, struct lq_error *err) {
+    const struct lq_nf_device_config *nf = &d->nf;
+    const unsigned per_block = LQ_NF_THREADS / (unsigned)nf->team;
+    const unsigned blocks = lq_nf_grid(nf->n_blocks, per_block);
+    DEC_CUDA(cudaMemsetAsync(&d->status->offset_bits, 0xff, sizeof(unsigned), d->stream),
+             "cudaMemset");
+    lq_nf_absmax_kernel<<<blocks, LQ_NF_THREADS, 0, d->stream>>>(
+        d->w, NULL, nf->numel, nf->B0, nf->team, nf->n_blocks, d->absmax,
+        &d->status->offset_bits, &d->status->first_bad);
+    DEC_LAUNCHED("NF absmax kernel");
+    return quantize_rest(d, d->w, NULL, residual, err);
+}
+
+// The step after lowrank = L1·L2: status->sums[DEC_SUM_HALF] = Σ F·(W − Q − L1L2)² (q_zero:
+// Q is the zero start), then Q = dequantize(quantize(W − L1L2)) with its error; with
+// residual, also the next step's SVD input.
+static int quantize_step(struct dec *d, int q_zero, int residual, struct lq_error *err) {
+    const struct lq_nf_device_config *nf = &d->nf;
+    const size_t n = d->shape.numel;
+    const unsigned blocks = lq_nf_grid(n, DEC_THREADS);
+    const int fused = nf->B0 <= DEC_THREADS && (nf->B0 & (nf->B0 - 1)) == 0;
+    const float *q = q_zero ? NULL : d->q;
+    DEC_CUDA(cudaMemsetAsync(&d->status->offset_bits, 0xff, sizeof(unsigned), d->stream),
+             "cudaMemset");
+    if (fused)
+        dec_half_step_kernel<true><<<blocks, DEC_THREADS, 0, d->stream>>>(
+            d->w, q, d->lowrank, d->fisher, n, d->partials, (unsigned)nf->B0, nf->n_blocks,
+            d->absmax, &d->status->offset_bits, &d->status->first_bad);
+    else
+        dec_half_step_kernel<false><<<blocks, DEC_THREADS, 0, d->stream>>>(
+            d->w, q, d->lowrank, d->fisher, n, d->partials, 1u, 0, NULL, NULL, NULL);
+    DEC_LAUNCHED("half-step kernel");
+    DEC_TRY(reduce_into(d, blocks, DEC_SUM_HALF, err));
+    if (!fused) {
+        const unsigned per_block = LQ_NF_THREADS / (unsigned)nf->team;
+        lq_nf_absmax_kernel<<<lq_nf_grid(nf->n_blocks, per_block), LQ_NF_THREADS, 0, d->stream>>>(
+            d->w, d->lowrank, nf->numel, nf->B0, nf->team, nf->n_blocks, d->absmax,
+            &d->status->offset_bits, &d->status->first_bad);
+        DEC_LAUNCHED("NF absmax kernel");
+    }
+    return quantize_rest(d, NULL, d->lowrank, residual, err);
 }
 
 // Replaces the columns of the column-major rows x q matrix x by an orthonormal basis of
@@ -561,18 +1092,18 @@ static int orthonormalize(struct dec *d, float *x, int rows, struct lq_error *er
     return LQ_OK;
 }
 
-// L1, L2 from the randomized SVD of a = d->r (m x n row-major, i.e. the column-major n x m
-// matrix Aᶜ = Aᵀ), with Ω already uploaded. Every product in svd.c's terms:
+// L1, L2 from the randomized SVD of a (m x n row-major, i.e. the column-major n x m matrix
+// Aᶜ = Aᵀ), with Ω settled in d->omega. Every product in svd.c's terms:
 //   Y = A·Ω       gemm(T, T): Aᶜᵀ (m x n) times Ωᶜᵀ (Ω uploaded row-major is Ωᶜ, q x n)
 //   Z = Aᵀ·Y      gemm(N, N): Aᶜ (n x m) times Y (m x q)
 //   Y = A·Z       gemm(T, N)
 //   Bᵀ = Aᵀ·Y     n x q, as Z
 //   L1ᵀ = ubᵀ·Yᵀ  r x m column-major = L1 row-major
 //   L2ᵀ = Bᵀ·ubs  n x r column-major = L2 row-major
-static int randomized_factors(struct dec *d, int power_iters, struct lq_error *err) {
+static int randomized_factors(struct dec *d, const float *a, int power_iters,
+                              struct lq_error *err) {
     const struct dec_shape *s = &d->shape;
     const int m = (int)s->rows, n = (int)s->cols, q = s->sketch, r = s->rank;
-    const float *a = d->r;
     const cublasOperation_t N = CUBLAS_OP_N, T = CUBLAS_OP_T;
     DEC_TRY(sgemm(d, T, T, m, q, n, a, n, d->omega, q, d->y, m, err));
     DEC_TRY(orthonormalize(d, d->y, m, err));
@@ -613,28 +1144,31 @@ static int randomized_factors(struct dec *d, int power_iters, struct lq_error *e
     return LQ_OK;
 }
 
-// L1, L2 from core's exact SVD of the downloaded residual, with lq.c's factor arithmetic.
-static int exact_factors(struct dec *d, const struct lq_svd_options *svd, struct lq_error *err) {
+// L1, L2 from core's exact SVD of the downloaded residual a, with lq.c's factor arithmetic.
+static int exact_factors(struct dec *d, const float *a, const struct lq_svd_options *svd,
+                         struct lq_error *err) {
     const struct dec_shape *s = &d->shape;
     const size_t rows = s->rows, cols = s->cols;
     const int rank = s->rank;
-    DEC_CUDA(cudaMemcpyAsync(d->host_residual, d->r, s->numel * sizeof(float),
+    const float *host_row_weight = d->shared->host_row_weight;
+    const float *host_col_weight = d->shared->host_col_weight;
+    DEC_CUDA(cudaMemcpyAsync(d->host_residual, a, s->numel * sizeof(float),
                              cudaMemcpyDeviceToHost, d->stream),
              "download the residual");
-    DEC_CUDA(cudaStreamSynchronize(d->stream), "cudaStreamSynchronize");
+    DEC_TRY(dec_wait(d, "cudaStreamSynchronize", err));
     DEC_TRY(lq_svd_truncated(d->host_residual, rows, cols, rank, svd, d->host_u, d->host_s,
                              d->host_vt, err));
     float *sv = d->host_s;
     for (int k = 0; k < rank; k++) sv[k] = sqrtf(fmaxf(sv[k], 0.0f));
     for (size_t i = 0; i < rows; i++) {
-        float inverse_row = d->host_row_weight ? 1.0f / d->host_row_weight[i] : 1.0f;
+        float inverse_row = host_row_weight ? 1.0f / host_row_weight[i] : 1.0f;
         for (int k = 0; k < rank; k++)
             d->host_L1[i * (size_t)rank + k] =
                 d->host_u[i * (size_t)rank + k] * sv[k] * inverse_row;
     }
     for (int k = 0; k < rank; k++)
         for (size_t j = 0; j < cols; j++) {
-            float inverse_col = d->host_col_weight ? 1.0f / d->host_col_weight[j] : 1.0f;
+            float inverse_col = host_col_weight ? 1.0f / host_col_weight[j] : 1.0f;
             d->host_L2[(size_t)k * cols + j] =
                 sv[k] * d->host_vt[(size_t)k * cols + j] * inverse_col;
         }
@@ -655,34 +1189,33 @@ static int lowrank_product(struct dec *d, const float *L1, const float *L2, stru
     return sgemm(d, CUBLAS_OP_N, CUBLAS_OP_N, n, m, r, L2, n, L1, r, d->lowrank, n, err);
 }
 
-// One factorization step (lq.c: factorize): L1, L2 <- SVD_r of (W − Q) weighted, then
-// lowrank = L1·L2. omega_host holds this step's sketch when randomized.
-static int factorize(struct dec *d, const struct lq_svd_options *svd, const float *omega_host,
+// One factorization step (lq.c: factorize): L1, L2 <- SVD_r of a = (W − Q) weighted, then
+// lowrank = L1·L2. When randomized, Ω is settled in d->omega.
+static int factorize(struct dec *d, const float *a, const struct lq_svd_options *svd,
                      struct lq_error *err) {
-    const struct dec_shape *s = &d->shape;
-    unsigned row_blocks = (unsigned)(s->rows < LQ_NF_MAX_GRID ? s->rows : LQ_NF_MAX_GRID);
-    dec_residual_kernel<<<row_blocks, DEC_THREADS, 0, d->stream>>>(
-        d->w, d->q, s->rows, s->cols, d->row_weight, d->col_weight, d->r);
-    DEC_LAUNCHED("residual kernel");
-    if (s->randomized) {
-        DEC_CUDA(cudaMemcpyAsync(d->omega, omega_host, s->cols * (size_t)s->sketch * sizeof(float),
-                                 cudaMemcpyHostToDevice, d->stream),
-                 "upload the sketch");
-        DEC_TRY(randomized_factors(d, svd->power_iters, err));
-    } else {
-        DEC_TRY(exact_factors(d, svd, err));
-    }
+    if (d->shape.randomized)
+        DEC_TRY(randomized_factors(d, a, svd->power_iters, err));
+    else
+        DEC_TRY(exact_factors(d, a, svd, err));
     return lowrank_product(d, d->L1, d->L2, err);
 }
 
-// The half step: status->sums[DEC_SUM_HALF] = Σ F·(W − Q − L1L2)² and r = W − L1L2.
-static int half_step(struct dec *d, struct lq_error *err) {
-    const size_t n = d->shape.numel;
-    const unsigned blocks = lq_nf_grid(n, DEC_THREADS);
-    dec_half_kernel<true><<<blocks, DEC_THREADS, 0, d->stream>>>(d->w, d->q, d->lowrank, d->fisher,
-                                                                 n, d->r, d->partials);
-    DEC_LAUNCHED("half-step kernel");
-    return reduce_into(d, blocks, DEC_SUM_HALF, err);
+// The SVD input of a step: d->r when it already holds (W − Q) weighted, else computed
+// (or W itself, for the unweighted zero start: W − 0 is W bit for bit).
+static int factor_input(struct dec *d, int q_zero, int residual_ready, const float **a,
+                        struct lq_error *err) {
+    const struct dec_shape *s = &d->shape;
+    *a = d->r;
+    if (residual_ready) return LQ_OK;
+    if (q_zero && !s->weighted) {
+        *a = d->w;
+        return LQ_OK;
+    }
+    unsigned row_blocks = (unsigned)(s->rows < LQ_NF_MAX_GRID ? s->rows : LQ_NF_MAX_GRID);
+    dec_residual_kernel<<<row_blocks, DEC_THREADS, 0, d->stream>>>(
+        d->w, q_zero ? NULL : d->q, s->rows, s->cols, d->row_weight, d->col_weight, d->r);
+    DEC_LAUNCHED("residual kernel");
+    return LQ_OK;
 }
 
 // status->sums[DEC_SUM_NORM] = ||W||² (weighted).
@@ -711,9 +1244,10 @@ static int queue_status(struct dec *d, struct lq_error *err) {
     return LQ_OK;
 }
 
-// Waits for the queued step and turns what its status says into core's errors.
+// Waits for the queued step, turns what its status says into core's errors, and settles a
+// sketch queued with the step.
 static int check_step(struct dec *d, struct lq_error *err) {
-    DEC_CUDA(cudaStreamSynchronize(d->stream), "decomposition step");
+    DEC_TRY(dec_wait(d, "decomposition step", err));
     const struct dec_status *st = d->status_host;
     const struct dec_shape *s = &d->shape;
     if (st->qr_info != 0)
@@ -725,9 +1259,12 @@ static int check_step(struct dec *d, struct lq_error *err) {
                             "cuSOLVER syevd failed on the %d x %d sketch Gram matrix (info %d)",
                             s->sketch, s->sketch, st->eig_info);
     if (st->first_bad != DEC_NO_INDEX) {
+        // The quantizer's input there, formed again as the device formed it.
         size_t index = (size_t)st->first_bad;
+        float value = download_float(d, d->w + index);
+        if (d->last_lowrank) value = lq_nf_sub(value, download_float(d, d->last_lowrank + index));
         return lq_error_set(err, LQ_ENUMERIC, "value %zu is %g: cannot quantize", index,
-                            (double)download_float(d, d->last_input + index));
+                            (double)value);
     }
     if (st->bad_group != DEC_NO_INDEX) {
         size_t group = (size_t)st->bad_group;
@@ -735,6 +1272,7 @@ static int check_step(struct dec *d, struct lq_error *err) {
                             group, (double)download_float(d, d->group_scale + group),
                             lq_scale_dtype_name((enum lq_scale_dtype)d->nf.b2));
     }
+    if (d->sketch_pending) DEC_TRY(sketch_settle(d, err));
     return LQ_OK;
 }
 
@@ -752,9 +1290,11 @@ static int copy_factors(struct dec *d, float *L1, float *L2, const float *from_L
 }
 
 // One decomposition under configuration c, lq_decompose's loop step for step. history
-// (max_iters values) and norm (||W||, weighted like the errors) are optional.
+// (max_iters values) and norm (||W||, weighted like the errors) are optional. With stop,
+// the run gives up (DEC_STOPPED) before a step once *stop is set.
 static int run(struct dec *d, const struct lq_nf_config *c, const struct lq_decompose_options *o,
-               double *history, double *norm, struct dec_result *res, struct lq_error *err) {
+               double *history, double *norm, struct dec_result *res, const int *stop,
+               struct lq_error *err) {
     const struct dec_shape *s = &d->shape;
     const int rank = s->rank, keep = s->keep && rank > 0;
     lq_nf_device_config_init(&d->nf, c, s->numel);
@@ -771,30 +1311,41 @@ static int run(struct dec *d, const struct lq_nf_config *c, const struct lq_deco
                  "cudaMemset");
     }
     if (norm) DEC_TRY(norm_squared(d, err)); // comes back with the first status
+    // q_zero: Q is the zero start, never stored (the kernels read NULL as zeros).
+    // residual_ready: d->r holds (W − Q) weighted, written by the last quantizer pass.
+    int q_zero = 0, residual_ready = 0;
     if (o->init == LQ_INIT_QUANTIZED) {
-        DEC_TRY(quantize(d, d->w, NULL, err));
-        DEC_TRY(queue_status(d, err));
-        DEC_TRY(check_step(d, err));
-        res->best = sqrt(d->status_host->sums[DEC_SUM_FULL]);
+        DEC_TRY(quantize_w(d, rank > 0, err));
+        residual_ready = rank > 0;
     } else {
-        DEC_CUDA(cudaMemsetAsync(d->q, 0, s->numel * sizeof(float), d->stream), "cudaMemset");
+        q_zero = 1;
     }
-    if (s->randomized) sketch_fill(d, step_seed(o->svd.seed, 1), d->omega_host[1]);
+    if (s->randomized) DEC_TRY(sketch_queue(d, step_seed(o->svd.seed, 1), err));
+    if (o->init == LQ_INIT_QUANTIZED || s->randomized) {
+        DEC_TRY(queue_status(d, err));
+        DEC_TRY(check_step(d, err)); // also settles the first sketch
+        if (o->init == LQ_INIT_QUANTIZED) res->best = sqrt(d->status_host->sums[DEC_SUM_FULL]);
+    }
 
     for (int step = 1; step <= o->max_iters; step++) {
-        const float *input = d->w, *lowrank = NULL;
+        if (stop && __atomic_load_n(stop, __ATOMIC_ACQUIRE)) return DEC_STOPPED;
+        const int more = step < o->max_iters; // whether a next step may follow
         if (rank > 0) {
             struct lq_svd_options svd = o->svd;
             svd.seed = step_seed(o->svd.seed, step);
-            DEC_TRY(factorize(d, &svd, d->omega_host[step & 1], err));
-            DEC_TRY(half_step(d, err));
-            input = d->r, lowrank = d->lowrank;
+            const float *a = NULL;
+            DEC_TRY(factor_input(d, q_zero, residual_ready, &a, err));
+            DEC_TRY(factorize(d, a, &svd, err));
+            DEC_TRY(quantize_step(d, q_zero, more, err));
+            residual_ready = more;
+        } else {
+            DEC_TRY(quantize_w(d, 0, err));
         }
-        DEC_TRY(quantize(d, input, lowrank, err));
+        q_zero = 0;
+        // The next step's sketch, behind this step on the stream: its fix-ups come back
+        // with this step's status.
+        if (s->randomized && more) DEC_TRY(sketch_queue(d, step_seed(o->svd.seed, step + 1), err));
         DEC_TRY(queue_status(d, err));
-        // Host work while the device runs the step.
-        if (s->randomized && step < o->max_iters)
-            sketch_fill(d, step_seed(o->svd.seed, step + 1), d->omega_host[(step + 1) & 1]);
         DEC_TRY(check_step(d, err));
         if (norm) *norm = sqrt(d->status_host->sums[DEC_SUM_NORM]);
 
@@ -846,7 +1397,7 @@ static int collect(struct dec *d, const struct lq_nf_config *c, const struct dec
                  "download L2");
     }
     // Re-quantize the kept Q's input: the same input gives the same Q bit for bit.
-    const float *input = d->host_w;
+    const float *input = d->shared->host_w;
     if (!res->best_q_from_w) {
         if (!d->host_residual) {
             d->host_residual = (float *)malloc(s->numel * sizeof(float));
@@ -856,15 +1407,15 @@ static int collect(struct dec *d, const struct lq_nf_config *c, const struct dec
         }
         DEC_TRY(lowrank_product(d, d->best_q_L1, d->best_q_L2, err));
         const unsigned blocks = lq_nf_grid(s->numel, DEC_THREADS);
-        dec_half_kernel<false><<<blocks, DEC_THREADS, 0, d->stream>>>(d->w, NULL, d->lowrank, NULL,
-                                                                      s->numel, d->r, NULL);
+        dec_difference_kernel<<<blocks, DEC_THREADS, 0, d->stream>>>(d->w, d->lowrank, s->numel,
+                                                                     d->r);
         DEC_LAUNCHED("residual kernel");
         DEC_CUDA(cudaMemcpyAsync(d->host_residual, d->r, s->numel * sizeof(float),
                                  cudaMemcpyDeviceToHost, d->stream),
                  "download the residual");
         input = d->host_residual;
     }
-    DEC_CUDA(cudaStreamSynchronize(d->stream), "decomposition results");
+    DEC_TRY(dec_wait(d, "decomposition results", err));
     return lq_nf_quantize(input, s->rows, s->cols, c, &out->Q, err);
 }
 
@@ -970,6 +1521,97 @@ static void shape_of(size_t rows, size_t cols, const struct lq_nf_config *config
     }
 }
 
+// ---------- several configurations at once ----------
+
+// The work list of lq_cuda_decompose_errors, shared by its workers.
+struct dec_pool {
+    const struct lq_nf_config *configs;
+    const uint64_t *seeds;
+    size_t n_configs;
+    const struct lq_decompose_options *options;
+    double *errors;
+    size_t next; // the next configuration index (atomic)
+    int stop;    // set on the first failure (atomic)
+    pthread_mutex_t lock;
+    int rc;                // the first failure ...
+    struct lq_error error; // ... and its message
+};
+
+struct dec_thread {
+    struct dec_pool *pool;
+    struct dec *d;
+    pthread_t thread;
+};
+
+static void pool_fail(struct dec_pool *p, int rc, const struct lq_error *err) {
+    pthread_mutex_lock(&p->lock);
+    if (!p->rc) p->rc = rc, p->error = *err;
+    pthread_mutex_unlock(&p->lock);
+    __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
+}
+
+// Decomposes configurations until none is left or a worker failed.
+static void pool_work(struct dec_pool *p, struct dec *d) {
+    while (!__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE)) {
+        const size_t i = __atomic_fetch_add(&p->next, (size_t)1, __ATOMIC_RELAXED);
+        if (i >= p->n_configs) return;
+        struct lq_decompose_options o = *p->options;
+        o.svd.seed = p->seeds[i];
+        struct dec_result res;
+        struct lq_error err;
+        memset(&err, 0, sizeof err);
+        const int rc = run(d, &p->configs[i], &o, NULL, NULL, &res, &p->stop, &err);
+        if (rc == DEC_STOPPED) return;
+        if (rc) {
+            char text[64];
+            lq_error_prefix(&err, "configuration %s",
+                            lq_nf_config_format(&p->configs[i], text, sizeof text));
+            pool_fail(p, rc, &err);
+            return;
+        }
+        p->errors[i] = res.best * res.best; // the paper's cost, as compress.c squares the error
+    }
+}
+
+static void *pool_thread(void *argument) {
+    struct dec_thread *t = (struct dec_thread *)argument;
+    const cudaError_t status = cudaSetDevice(t->d->cuda->device);
+    if (status != cudaSuccess) {
+        struct lq_error err;
+        memset(&err, 0, sizeof err);
+        pool_fail(t->pool, lq_cuda_fail(status, "cudaSetDevice", &err), &err);
+        return NULL;
+    }
+    pool_work(t->pool, t->d);
+    return NULL;
+}
+
+// How many workers lq_cuda_decompose_errors runs, the first (first) already open.
+static size_t worker_count(struct lq_backend *backend, const struct dec *first, size_t n_configs) {
+    const size_t most = n_configs < DEC_MAX_WORKERS ? n_configs : DEC_MAX_WORKERS;
+    const char *env = getenv("LQ_CUDA_DECOMPOSE_STREAMS");
+    if (env && *env) {
+        char *end = NULL;
+        long value = strtol(env, &end, 10);
+        if (end && *end == '\0' && value >= 1) return (size_t)value < most ? (size_t)value : most;
+    }
+    // What the others may take: half of the free device memory, and what the backend's
+    // limit leaves.
+    struct lq_backend_memory m;
+    memset(&m, 0, sizeof m);
+    backend->ops->memory(backend, &m);
+    size_t room = m.device_free / 2;
+    if (m.limit) {
+        const size_t held = m.weights + m.buffers + m.scratch + m.jobs;
+        const size_t left = m.limit > held ? m.limit - held : 0;
+        room = left < room ? left : room;
+    }
+    const size_t each = first->slab_bytes + first->work_bytes + DEC_WORKER_OVERHEAD;
+    size_t count = 1 + room / each;
+    if (count > DEC_DEFAULT_WORKERS) count = DEC_DEFAULT_WORKERS;
+    return count < most ? count : most;
+}
+
 // ---------- entry points ----------
 
 int lq_cuda_decompose(struct lq_backend *backend, const float *w, size_t rows, size_t cols,
@@ -988,27 +1630,27 @@ int lq_cuda_decompose(struct lq_backend *backend, const float *w, size_t rows, s
     out->L1 = (float *)malloc((r ? rows * r : 1) * sizeof(float));
     out->L2 = (float *)malloc((r ? r * cols : 1) * sizeof(float));
     out->history = (double *)malloc((size_t)options->max_iters * sizeof(double));
-    if (!out->L1 || !out->L2 || !out->history) {
-        free(row_weight), free(col_weight);
+    struct dec_shared *sh = (struct dec_shared *)calloc(1, sizeof *sh);
+    struct dec *d = (struct dec *)calloc(1, sizeof *d);
+    if (!out->L1 || !out->L2 || !out->history || !sh || !d) {
+        free(row_weight), free(col_weight), free(sh), free(d);
         lq_decomposition_free(out);
         return lq_error_set(err, LQ_ENOMEM, "out of memory decomposing %zu x %zu", rows, cols);
     }
 
     struct dec_shape shape;
     shape_of(rows, cols, config, 1, options, 1, &shape);
-    struct dec *d = (struct dec *)calloc(1, sizeof *d);
-    if (!d) {
-        free(row_weight), free(col_weight);
-        lq_decomposition_free(out);
-        return lq_error_set(err, LQ_ENOMEM, "out of memory decomposing %zu x %zu", rows, cols);
-    }
     struct dec_result res;
     double norm = 0.0;
-    rc = dec_open(d, lq_cuda_of(backend), &shape, w, options->fisher, row_weight, col_weight, err);
-    if (!rc) rc = run(d, config, options, out->history, &norm, &res, err);
+    rc = dec_shared_open(sh, lq_cuda_of(backend), &shape, w, options->fisher, row_weight,
+                         col_weight, err);
+    if (!rc) rc = dec_open(d, sh, 0, err);
+    if (!rc) rc = dec_shared_upload(sh, d->stream, err); // the same stream: no wait needed
+    if (!rc) rc = run(d, config, options, out->history, &norm, &res, NULL, err);
     if (!rc) rc = collect(d, config, &res, out, err);
     dec_close(d);
-    free(d);
+    dec_shared_close(sh);
+    free(d), free(sh);
     if (rc) {
         lq_decomposition_free(out);
         return rc;
@@ -1037,26 +1679,56 @@ int lq_cuda_decompose_errors(struct lq_backend *backend, const float *w, size_t 
 
     struct dec_shape shape;
     shape_of(rows, cols, configs, n_configs, options, 0, &shape);
-    struct dec *d = (struct dec *)calloc(1, sizeof *d);
-    if (!d) {
-        free(row_weight), free(col_weight);
+    const size_t most = n_configs < DEC_MAX_WORKERS ? n_configs : DEC_MAX_WORKERS;
+    struct dec_shared *sh = (struct dec_shared *)calloc(1, sizeof *sh);
+    struct dec *workers = (struct dec *)calloc(most, sizeof *workers);
+    struct dec_thread *threads = (struct dec_thread *)calloc(most, sizeof *threads);
+    if (!sh || !workers || !threads) {
+        free(row_weight), free(col_weight), free(sh), free(workers), free(threads);
         return lq_error_set(err, LQ_ENOMEM, "out of memory decomposing %zu x %zu", rows, cols);
     }
-    rc = dec_open(d, lq_cuda_of(backend), &shape, w, options->fisher, row_weight, col_weight, err);
-    for (size_t i = 0; i < n_configs && !rc; i++) {
-        struct lq_decompose_options o = *options;
-        o.svd.seed = seeds[i];
-        struct dec_result res;
-        rc = run(d, &configs[i], &o, NULL, NULL, &res, err);
-        if (rc) {
-            char text[64];
-            lq_error_prefix(err, "configuration %s",
-                            lq_nf_config_format(&configs[i], text, sizeof text));
-            break;
-        }
-        errors[i] = res.best * res.best; // the paper's cost, as compress.c squares the error
+    // The first worker uploads the shared data and waits, so that every worker finds it.
+    size_t opened = 0;
+    rc = dec_shared_open(sh, lq_cuda_of(backend), &shape, w, options->fisher, row_weight,
+                         col_weight, err);
+    if (!rc) {
+        rc = dec_open(&workers[0], sh, most > 1, err);
+        opened = 1;
     }
-    dec_close(d);
-    free(d);
+    if (!rc) rc = dec_shared_upload(sh, workers[0].stream, err);
+    if (!rc) rc = dec_wait(&workers[0], "upload W", err);
+    if (!rc) {
+        // More workers while they fit: one that cannot be set up is dropped (its reason was
+        // printed by the allocator) and the others go on.
+        const size_t wanted = worker_count(backend, &workers[0], n_configs);
+        while (opened < wanted) {
+            struct lq_error ignored;
+            memset(&ignored, 0, sizeof ignored);
+            if (dec_open(&workers[opened], sh, 1, &ignored)) {
+                dec_close(&workers[opened]);
+                break;
+            }
+            opened++;
+        }
+        struct dec_pool pool;
+        memset(&pool, 0, sizeof pool);
+        pool.configs = configs, pool.seeds = seeds, pool.n_configs = n_configs;
+        pool.options = options, pool.errors = errors;
+        pthread_mutex_init(&pool.lock, NULL);
+        size_t started = 1; // workers[0] runs on this thread
+        for (; started < opened; started++) {
+            threads[started].pool = &pool, threads[started].d = &workers[started];
+            if (pthread_create(&threads[started].thread, NULL, pool_thread, &threads[started]))
+                break; // fewer threads take the same work
+        }
+        pool_work(&pool, &workers[0]);
+        for (size_t k = 1; k < started; k++) pthread_join(threads[k].thread, NULL);
+        pthread_mutex_destroy(&pool.lock);
+        rc = pool.rc;
+        if (rc && err) *err = pool.error;
+    }
+    for (size_t k = 0; k < opened; k++) dec_close(&workers[k]);
+    dec_shared_close(sh);
+    free(sh), free(workers), free(threads);
     return rc;
 }

@@ -378,6 +378,13 @@ int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const 
     if (n == 0) return LQ_OK;
     if (!w->is_lq) return lq_sgemm_nt(cuda, data->dense, w->rows, w->cols, x, n, 0.0f, y, w->rows);
     if (n <= LQ_DECODE_MAX_TOKENS) return lq_decode(cuda, w, data, x, n, y);
+    if (n <= LQ_CUDA_MMA_MAX_TOKENS && lq_cuda_linear_mma_supported(cuda, w, n)) {
+        // small batches: fused dequantize + mma.sync (linear_mma_cuda.cu)
+        const struct lq_cuda_lq_buffers buffers = {data->codes,  data->scale_codes,
+                                                   data->group_scales, data->table,
+                                                   data->lora_A, data->lora_B, data->overlap};
+        return lq_cuda_linear_mma(cuda, w, &buffers, x, n, y);
+    }
     return lq_prefill(cuda, w, data, x, n, y);
 }
 

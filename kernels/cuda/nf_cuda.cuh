@@ -4,13 +4,19 @@
 // The pipeline, three kernels on one stream:
 //   1. lq_nf_absmax_kernel: the absmax of each block of B0 values, their minimum (the per-matrix
 //      offset, by an atomic minimum on the float's bits: every absmax is >= +0, where unsigned
-//      order is float order) and the index of the first non-finite value.
+//      order is float order) and the index of the first non-finite value. (The decomposition
+//      fuses this into its half-step pass when B0 divides 256; maxima and minima are exact in
+//      any order, so both give the same bits.)
 //   2. lq_nf_group_kernel: per group of B1 blocks (one warp each), the range max(absmax - offset)
 //      rounded to b2, the b1-bit code of each block scale and the reconstructed scale
 //      ŝ = offset + code·range/(2^b1 − 1) that codes and values use.
 //   3. lq_nf_values_kernel: the nearest NF code of value/ŝ (ties to the lower code, saturating)
 //      and the value table[code]·ŝ; optionally also the squared (Fisher-weighted) distance
-//      of the result to W − lowrank, summed per thread block in double.
+//      of the result to W − lowrank, summed per thread block in double, and the next LQ
+//      step's residual (W − result, weighted).
+// The input is either a stored matrix or W − lowrank formed on the fly (one float
+// subtraction, the value the decomposition would otherwise have stored), which saves a pass
+// over memory.
 //
 // Why equal bit for bit: maxima and minima are exact in any order; every other operation is
 // one IEEE float operation done in the CPU's order, and written with the _rn intrinsics so
@@ -248,10 +254,35 @@ __device__ static inline int lq_nf_warp_has_block(unsigned long long block, int 
     return block - (threadIdx.x & 31u) / (unsigned)team < n_blocks;
 }
 
-// 1. Block absmax, the minimum of them into *offset_bits (preset to 0xffffffff by the
-// caller) and the first non-finite index into *first_bad (an atomic minimum).
-__global__ static void lq_nf_absmax_kernel(const float *a, unsigned long long numel, int B0,
-                                           int team, unsigned long long n_blocks, float *absmax,
+// The quantizer's input at i: a[i], or a[i] − lowrank[i] when lowrank is given (a is W then).
+__device__ static inline float lq_nf_input(const float *a, const float *lowrank,
+                                           unsigned long long i) {
+    return lowrank ? lq_nf_sub(a[i], lowrank[i]) : a[i];
+}
+
+// The minimum of `smallest` over the thread block into *offset_bits (unless nothing was seen).
+// Every thread of the block must call it.
+__device__ static inline void lq_nf_offset_min(unsigned smallest, unsigned *offset_bits) {
+    for (int s = 16; s > 0; s >>= 1) {
+        unsigned other = __shfl_xor_sync(LQ_NF_FULL_MASK, smallest, s);
+        smallest = other < smallest ? other : smallest;
+    }
+    __shared__ unsigned warp_min[LQ_NF_THREADS / 32];
+    if ((threadIdx.x & 31) == 0) warp_min[threadIdx.x >> 5] = smallest;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int i = 1; i < (int)(blockDim.x >> 5); i++)
+            smallest = warp_min[i] < smallest ? warp_min[i] : smallest;
+        if (smallest != 0xffffffffu) atomicMin(offset_bits, smallest);
+    }
+}
+
+// 1. Block absmax of the input (a, or a − lowrank), the minimum of them into *offset_bits
+// (preset to 0xffffffff by the caller) and the first non-finite index into *first_bad (an
+// atomic minimum).
+__global__ static void lq_nf_absmax_kernel(const float *a, const float *lowrank,
+                                           unsigned long long numel, int B0, int team,
+                                           unsigned long long n_blocks, float *absmax,
                                            unsigned *offset_bits, unsigned long long *first_bad) {
     unsigned smallest = 0xffffffffu;
     const struct lq_nf_teams t = lq_nf_teams_of(team);
@@ -263,7 +294,7 @@ __global__ static void lq_nf_absmax_kernel(const float *a, unsigned long long nu
             unsigned long long end = begin + (unsigned long long)B0;
             if (end > numel) end = numel;
             for (unsigned long long i = begin + t.member; i < end; i += (unsigned)team) {
-                float v = fabsf(a[i]);
+                float v = fabsf(lq_nf_input(a, lowrank, i));
                 if (!(v <= FLT_MAX)) atomicMin(first_bad, i);
                 m = v > m ? v : m;
             }
@@ -278,18 +309,7 @@ __global__ static void lq_nf_absmax_kernel(const float *a, unsigned long long nu
             smallest = bits < smallest ? bits : smallest;
         }
     }
-    for (int s = 16; s > 0; s >>= 1) {
-        unsigned other = __shfl_xor_sync(LQ_NF_FULL_MASK, smallest, s);
-        smallest = other < smallest ? other : smallest;
-    }
-    __shared__ unsigned warp_min[LQ_NF_THREADS / 32];
-    if ((threadIdx.x & 31) == 0) warp_min[threadIdx.x >> 5] = smallest;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int i = 1; i < (int)(blockDim.x >> 5); i++)
-            smallest = warp_min[i] < smallest ? warp_min[i] : smallest;
-        if (smallest != 0xffffffffu) atomicMin(offset_bits, smallest);
-    }
+    lq_nf_offset_min(smallest, offset_bits);
 }
 
 // 2. One warp per group: the stored range, then each block's reconstructed scale. A range
@@ -336,14 +356,24 @@ __global__ static void lq_nf_group_kernel(const float *absmax, unsigned long lon
     }
 }
 
-// 3. out = table[code]·ŝ for every value. With WITH_ERROR, also the sum over this thread
-// block of F·(w − out − lowrank)² in double (F = 1 without fisher, lowrank = 0 without
-// lowrank), core's error_pass for the new Q, into partials[blockIdx.x].
+// Where the values kernel also writes the next LQ step's residual:
+// residual[i] = (w[i] − out[i]), times row_weight[i / cols]·col_weight[i % cols] when
+// weighted (the decomposition's residual kernel, the same float operations).
+struct lq_nf_residual {
+    float *residual; // NULL: none
+    const float *row_weight, *col_weight; // NULL: unweighted
+    unsigned long long cols;
+};
+
+// 3. out = table[code]·ŝ for every value of the input (a, or w − lowrank when a is NULL).
+// With WITH_ERROR, also the sum over this thread block of F·(w − out − lowrank)² in double
+// (F = 1 without fisher, lowrank = 0 without lowrank), core's error_pass for the new Q, into
+// partials[blockIdx.x]; with next.residual, the next step's residual as above.
 template <bool WITH_ERROR>
 __global__ static void
 lq_nf_values_kernel(const float *a, const __grid_constant__ lq_nf_device_config cfg,
                     const float *block_scale, float *out, const float *w, const float *lowrank,
-                    const float *fisher, double *partials) {
+                    const float *fisher, double *partials, const lq_nf_residual next) {
     __shared__ float table[256], midpoints[256];
     for (int i = threadIdx.x; i < 256; i += blockDim.x)
         table[i] = cfg.table[i], midpoints[i] = cfg.midpoints[i];
@@ -357,12 +387,27 @@ lq_nf_values_kernel(const float *a, const __grid_constant__ lq_nf_device_config 
         unsigned long long end = begin + (unsigned long long)cfg.B0;
         if (end > cfg.numel) end = cfg.numel;
         for (unsigned long long i = begin + t.member; i < end; i += (unsigned)cfg.team) {
-            float v = lq_nf_value(a[i], scale, table, midpoints, cfg.b0);
+            const float x = a ? a[i] : lq_nf_sub(w[i], lowrank[i]);
+            float v = lq_nf_value(x, scale, table, midpoints, cfg.b0);
             out[i] = v;
             if (WITH_ERROR) {
                 double d = (double)w[i] - (double)v;
                 if (lowrank) d -= (double)lowrank[i];
                 sum += (fisher ? (double)fisher[i] : 1.0) * d * d;
+            }
+            if (next.residual) {
+                float r = lq_nf_sub(w[i], v);
+                if (next.row_weight) {
+                    // 32-bit division where the index fits (several times cheaper)
+                    unsigned long long row;
+                    if (cfg.numel <= 0xffffffffull)
+                        row = (unsigned)i / (unsigned)next.cols;
+                    else
+                        row = i / next.cols;
+                    r = lq_nf_mul(r, lq_nf_mul(next.row_weight[row],
+                                               next.col_weight[i - row * next.cols]));
+                }
+                next.residual[i] = r;
             }
         }
     }

@@ -1,10 +1,11 @@
 /* libFuzzer target for the API's request parsers (server/api_request.c): the input is read as
- * a completions body, a chat completions body and a model load/unload body. Each either is
- * refused with a 4xx/5xx, an error type and a message, or yields a request every later step
- * may trust: a model name, 1..max choices, prompts that are text or non-empty token ids, at
- * most 8 non-empty stop strings, sampler parameters lq_sampler_params_validate accepts. An
- * accepted chat is rendered in each chat format and tokenized with a small vocabulary, giving
- * ids in range. Broken invariants trap, so the fuzzer reports them like crashes.
+ * a completions body, a chat completions body, a model load/unload body and an adapter
+ * load/unload body. Each either is refused with a 4xx/5xx, an error type and a message, or
+ * yields a request every later step may trust: a model name, 1..max choices, prompts that
+ * are text or non-empty token ids, at most 8 non-empty stop strings, sampler parameters
+ * lq_sampler_params_validate accepts. An accepted chat is rendered in each chat format and
+ * tokenized with a small vocabulary, giving ids in range. Broken invariants trap, so the fuzzer
+ * reports them like crashes.
  *
  * Seeds (corpus/request_json/): valid_* are bodies the OpenAI clients send (string, list and
  * token-id prompts, streams, logprobs, text parts, load/unload); bad_* are one refusal each
@@ -124,6 +125,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         FUZZ_ASSERT(!request.name || lq_model_name_valid(request.name));
         FUZZ_ASSERT(unload ? request.name != NULL : request.path != NULL && request.path[0]);
         lq_model_request_free(&request);
+    }
+    for (int unload = 0; unload <= 1; unload++) {
+        struct lq_adapter_request request;
+        struct lq_api_error err = {0};
+        if (lq_adapter_request_parse((const char *)data, size, unload, &request, &err)) {
+            check_refusal(&err);
+            continue;
+        }
+        FUZZ_ASSERT(lq_model_name_valid(request.model) && lq_model_name_valid(request.name));
+        FUZZ_ASSERT(unload ? request.path == NULL : request.path != NULL && request.path[0]);
+        lq_adapter_request_free(&request);
     }
     return 0;
 }

@@ -216,7 +216,7 @@ bad = [
     ({**base, "output": "/tmp/lqd-jobs-outside"}, 403, "outside"),
     ({**base, "output": "stories260K-hf"}, 409, "exists"),
     ({**base, "output": "no-such-dir/out"}, 404, "parent"),
-    ({**base, "type": "finetune"}, 400, "type"),
+    ({**base, "type": "pretrain"}, 400, "type"),
     ({**base, "target_bits": "3"}, 400, "target_bits"),
     ({k: v for k, v in base.items() if k != "target_bits"}, 400, "target_bits"),
     ({k: v for k, v in base.items() if k != "output"}, 400, "output"),

@@ -23,7 +23,13 @@ step() { # name, command...
     [ $rc -eq 0 ] || status=1
 }
 case "${1:-all}" in
-all|ops) step cuda_ops "$run/test_cuda_ops" ;;
+all|ops)
+    step cuda_ops "$run/test_cuda_ops"
+    # the device-drawn LQ sketch against core's host RNG, value for value
+    LQ_CUDA_DECOMPOSE_SKETCH=check step sketch_check "$run/test_cuda_ops" decompose ;;
+esac
+case "${1:-all}" in
+time) TAIL=200 step kernel_times "$run/test_cuda_ops" "${CASE:-linear}" --time ;;
 esac
 case "${1:-all}" in
 all|e2e) step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;

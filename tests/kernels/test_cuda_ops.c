@@ -2,12 +2,14 @@
  * odd ones included, through the one backend interface both implement. Device outputs are
  * poisoned with NaN before each run, so an element a kernel never writes fails the check.
  * Tolerances are relative L2 errors ‖gpu − cpu‖ / ‖cpu‖, stated per path below.
- * Without a usable GPU (or in a build without CUDA) the test exits 77: meson's "skipped". */
+ * Without a usable GPU (or in a build without CUDA) the test exits 77: meson's "skipped".
+ * Usage: test_cuda_ops [CASE] [--time] (CASE: a substring of a case name). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/lq.h"
 #include "core/nf.h"
@@ -74,6 +76,40 @@ static double relative_error(const float *a, const float *b, size_t count) {
         }                                                                                          \
     } while (0)
 
+/* The kernel development harness (in the spirit of llm.c's dev/cuda): `test_cuda_ops CASE
+ * --time` runs one case alone, each GPU op checked against the CPU op as always, then timed:
+ * the median of 25 calls, each between two synchronizations. */
+static int timing;
+
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+#define TIME_GPU(call, ...)                                                                        \
+    do {                                                                                           \
+        if (!timing) break;                                                                        \
+        double lq_t_[25];                                                                          \
+        struct lq_error lq_e_ = {0};                                                               \
+        for (int lq_i_ = 0; lq_i_ < 28; lq_i_++) {                                                 \
+            gpu->ops->synchronize(gpu, &lq_e_);                                                    \
+            double lq_s_ = seconds_now();                                                          \
+            (void)(call);                                                                          \
+            gpu->ops->synchronize(gpu, &lq_e_);                                                    \
+            if (lq_i_ >= 3) lq_t_[lq_i_ - 3] = seconds_now() - lq_s_;                              \
+        }                                                                                          \
+        qsort(lq_t_, 25, sizeof lq_t_[0], compare_doubles);                                        \
+        printf("  %9.1f us  ", lq_t_[12] * 1e6);                                                   \
+        printf(__VA_ARGS__);                                                                       \
+        putchar('\n');                                                                             \
+    } while (0)
+
 /* ---------- element-wise and row-wise ops ---------- */
 
 static void test_rmsnorm(void) {
@@ -88,6 +124,7 @@ static void test_rmsnorm(void) {
         CHECK_OK(gpu->ops->rmsnorm(gpu, dx, dw, n, dim, 1e-5f, dout));
         float *out = to_host(dout, (size_t)n * dim);
         CHECK_CLOSE(out, ref, (size_t)n * dim, TOL_FP32, "rmsnorm %d x %d", n, dim);
+        TIME_GPU(gpu->ops->rmsnorm(gpu, dx, dw, n, dim, 1e-5f, dout), "rmsnorm %d x %d", n, dim);
         gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dw);
         gpu->ops->buffer_free(gpu, dout);
         free(x), free(w), free(ref), free(out);
@@ -129,6 +166,8 @@ static void test_rope(void) {
             float *out = to_host(dx, count);
             CHECK_CLOSE(out, ref, count, TOL_FP32, "rope n %d heads %d hd %d theta %g", n, heads,
                         hd, (double)thetas[t]);
+            TIME_GPU(gpu->ops->rope(gpu, dx, n, heads, hd, positions, thetas[t]),
+                     "rope n %d heads %d hd %d", n, heads, hd);
             gpu->ops->buffer_free(gpu, dx);
             free(x), free(ref), free(out);
         }
@@ -151,6 +190,7 @@ static void test_swiglu_add(void) {
         free(out);
         out = to_host(dg, count);
         CHECK_CLOSE(out, ref, count, TOL_FP32, "add %zu", count);
+        TIME_GPU(gpu->ops->swiglu(gpu, dg, du, count), "swiglu %zu", count);
         gpu->ops->buffer_free(gpu, dg), gpu->ops->buffer_free(gpu, du);
         free(gate), free(up), free(ref), free(out);
     }
@@ -174,6 +214,7 @@ static void compare_linear(struct lq_linear *w, int n, double tolerance, const c
     CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, n, dy));
     float *out = to_host(dy, (size_t)n * w->rows);
     CHECK_CLOSE(out, ref, (size_t)n * w->rows, tolerance, "%s, n %d", label, n);
+    TIME_GPU(gpu->ops->linear(gpu, &on_gpu, dx, n, dy), "%s, n %d", label, n);
     gpu->ops->linear_release(gpu, &on_gpu);
     gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dy);
     free(x), free(ref), free(out);
@@ -219,9 +260,13 @@ static void test_linear_lq(void) {
         {4, 4, LQ_SCALE_FP32, 64, 256}, {8, 8, LQ_SCALE_FP32, 64, 256},
         {3, 8, LQ_SCALE_FP32, 64, 256}, {2, 4, LQ_SCALE_FP16, 48, 3},
         {4, 2, LQ_SCALE_BF16, 8, 5},    {3, 1, LQ_SCALE_FP32, 128, 7},
+        /* the small-batch tensor-core path: 4 blocks per 32 codes at b0 = 3, b0 = 2 with 1 */
+        {3, 4, LQ_SCALE_BF16, 8, 4},    {2, 8, LQ_SCALE_FP32, 32, 16},
     };
-    const int shapes[][2] = {{256, 512}, {37, 53}, {96, 4096}};
-    const int batches[] = {1, 3, 8, 9, 64, 100};
+    /* 300 x 1056: a partial band of 256 rows and a partial k-tile of 128 columns there */
+    const int shapes[][2] = {{256, 512}, {37, 53}, {96, 4096}, {300, 1056}};
+    /* 9..64 take the tensor-core path in 16, 32, 48 or 64 token slots */
+    const int batches[] = {1, 3, 8, 9, 17, 33, 64, 100};
     const int ranks[] = {0, 8};
     for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
@@ -243,6 +288,112 @@ static void test_linear_lq(void) {
             }
 }
 
+/* Grid edges of the small-batch tensor-core path (linear_mma_cuda.cu) that small shapes never
+ * reach on a 132-SM GPU: enough row bands that each CTA streams several k-tiles (the prefetch),
+ * the last one partial; more bands than SMs, so that one split writes y without a reduction. */
+static void test_linear_lq_mma(void) {
+    const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
+                                           {4, 3, LQ_SCALE_FP16, 8, 16}};
+    const int cases[][4] = {{4352, 1056, 16, 40}, {4352, 1024, 8, 64}, {33792, 128, 0, 17}};
+    for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++)
+        for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+            struct lq_linear w;
+            if (make_lq(cases[k][0], cases[k][1], configs[c], cases[k][2], &w)) {
+                CHECK(0);
+                continue;
+            }
+            char label[128], text[64];
+            snprintf(label, sizeof label, "LQ %s %d x %d rank %d",
+                     lq_nf_config_format(&configs[c], text, sizeof text), w.rows, w.cols, w.rank);
+            compare_linear(&w, cases[k][3], TOL_FP16, label);
+            lq_linear_free(&w);
+        }
+}
+
+/* The adapter ops (lowrank_cuda.cu): linear_base (the layer without its own pair) and
+ * lowrank_add (y += (x · L2ᵀ) · L1ᵀ with uploaded factors, on a slice of rows as the batched
+ * forward pass adds each adapter group's pair), each against the CPU op; and linear_base +
+ * lowrank_add of the layer's own pair against the CPU's linear. */
+static void test_linear_adapter(void) {
+    const struct lq_nf_config configs[] = {{4, 8, LQ_SCALE_FP32, 64, 256},
+                                           {3, 3, LQ_SCALE_FP16, 32, 64},
+                                           {2, 4, LQ_SCALE_FP16, 48, 3}};
+    const int shapes[][2] = {{256, 512}, {37, 53}, {96, 4096}};
+    const int batches[] = {1, 3, 8, 9, 64, 100};
+    const int adapter_ranks[] = {1, 8, 64};
+    for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++)
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+            struct lq_linear w;
+            if (make_lq(shapes[s][0], shapes[s][1], configs[c], 8, &w)) {
+                CHECK(0);
+                continue;
+            }
+            struct lq_linear on_gpu = w;
+            struct lq_error err = {0};
+            if (gpu->ops->linear_prepare(gpu, &on_gpu, &err)) {
+                CHECK_MSG(0, "linear_prepare: %s", err.message);
+                lq_linear_free(&w);
+                continue;
+            }
+            const float *own_L1 = NULL, *own_L2 = NULL;
+            CHECK_OK(gpu->ops->weights_upload(gpu, w.lora_B, (size_t)w.rows * 8, &own_L1, &err));
+            CHECK_OK(gpu->ops->weights_upload(gpu, w.lora_A, (size_t)8 * w.cols, &own_L2, &err));
+            for (size_t b = 0; b < sizeof batches / sizeof batches[0]; b++) {
+                const int n = batches[b];
+                const size_t in = (size_t)n * w.cols, out = (size_t)n * w.rows;
+                const double tolerance = n <= 8 ? TOL_FP32 : TOL_FP16;
+                char label[128], text[64];
+                snprintf(label, sizeof label, "%s %d x %d, n %d",
+                         lq_nf_config_format(&configs[c], text, sizeof text), w.rows, w.cols, n);
+                float *x = random_floats(in, 1.0f), *ref = malloc(out * sizeof *ref);
+                float *dx = device_floats(x, in), *dy = device_floats(NULL, out);
+                /* linear_base */
+                CHECK_OK(cpu->ops->linear_base(cpu, &w, x, n, ref));
+                CHECK_OK(gpu->ops->linear_base(gpu, &on_gpu, dx, n, dy));
+                float *got = to_host(dy, out);
+                CHECK_CLOSE(got, ref, out, tolerance, "linear_base %s", label);
+                free(got);
+                TIME_GPU(gpu->ops->linear_base(gpu, &on_gpu, dx, n, dy), "linear_base %s", label);
+                /* + the own pair: the CPU's linear */
+                CHECK_OK(gpu->ops->lowrank_add(gpu, own_L1, own_L2, w.rows, w.cols, 8, dx, n, dy));
+                CHECK_OK(cpu->ops->linear(cpu, &w, x, n, ref));
+                got = to_host(dy, out);
+                CHECK_CLOSE(got, ref, out, tolerance, "linear_base + lowrank_add (own) %s", label);
+                free(got);
+                /* an adapter's pair of another rank on rows [n / 3, n): fp32 on both sides */
+                for (size_t r = 0; r < sizeof adapter_ranks / sizeof adapter_ranks[0]; r++) {
+                    const int rank = adapter_ranks[r], first = n / 3, rows = n - first;
+                    float *L1 = random_floats((size_t)w.rows * rank, 0.05f);
+                    float *L2 = random_floats((size_t)rank * w.cols, 0.05f);
+                    float *y = random_floats(out, 1.0f);
+                    const float *dL1 = NULL, *dL2 = NULL;
+                    CHECK_OK(gpu->ops->weights_upload(gpu, L1, (size_t)w.rows * rank, &dL1, &err));
+                    CHECK_OK(gpu->ops->weights_upload(gpu, L2, (size_t)rank * w.cols, &dL2, &err));
+                    float *dz = device_floats(y, out);
+                    CHECK_OK(cpu->ops->lowrank_add(cpu, L1, L2, w.rows, w.cols, rank,
+                                                   x + (size_t)first * w.cols, rows,
+                                                   y + (size_t)first * w.rows));
+                    CHECK_OK(gpu->ops->lowrank_add(gpu, dL1, dL2, w.rows, w.cols, rank,
+                                                   dx + (size_t)first * w.cols, rows,
+                                                   dz + (size_t)first * w.rows));
+                    got = to_host(dz, out);
+                    CHECK_CLOSE(got, y, out, TOL_FP32, "lowrank_add rank %d, rows %d..%d of %s",
+                                rank, first, n, label);
+                    TIME_GPU(gpu->ops->lowrank_add(gpu, dL1, dL2, w.rows, w.cols, rank, dx, n, dz),
+                             "lowrank_add rank %d %s", rank, label);
+                    gpu->ops->weights_release(gpu, dL1), gpu->ops->weights_release(gpu, dL2);
+                    gpu->ops->buffer_free(gpu, dz);
+                    free(L1), free(L2), free(y), free(got);
+                }
+                gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dy);
+                free(x), free(ref);
+            }
+            gpu->ops->weights_release(gpu, own_L1), gpu->ops->weights_release(gpu, own_L2);
+            gpu->ops->linear_release(gpu, &on_gpu);
+            lq_linear_free(&w);
+        }
+}
+
 static void test_matmul(void) {
     const int shapes[][3] = {{1000, 64, 1}, {512, 288, 17}, {33, 7, 2}};
     for (size_t s = 0; s < 3; s++) {
@@ -258,6 +409,8 @@ static void test_matmul(void) {
         CHECK_OK(gpu->ops->matmul(gpu, dw, rows, cols, dx, n, dy));
         float *out = to_host(dy, (size_t)n * rows);
         CHECK_CLOSE(out, ref, (size_t)n * rows, TOL_FP32, "matmul %d x %d, n %d", rows, cols, n);
+        TIME_GPU(gpu->ops->matmul(gpu, dw, rows, cols, dx, n, dy), "matmul %d x %d, n %d", rows,
+                 cols, n);
         gpu->ops->weights_release(gpu, dw);
         gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dy);
         free(w), free(x), free(ref), free(out);
@@ -284,6 +437,8 @@ static void test_attention(void) {
         float *out = to_host(dout, q_count);
         CHECK_CLOSE(out, ref, q_count, TOL_FP32, "attention n %d start %d heads %d/%d hd %d", n,
                     start, heads, kv, hd);
+        TIME_GPU(gpu->ops->attention(gpu, dq, dk, dv, n, start, heads, kv, hd, dout),
+                 "attention n %d start %d heads %d/%d hd %d", n, start, heads, kv, hd);
         gpu->ops->buffer_free(gpu, dq), gpu->ops->buffer_free(gpu, dk);
         gpu->ops->buffer_free(gpu, dv), gpu->ops->buffer_free(gpu, dout);
         free(q), free(kc), free(vc), free(ref), free(out);
@@ -367,6 +522,26 @@ static void test_decompose(void) {
         free(back);
         lq_decomposition_free(&ref), lq_decomposition_free(&dev);
     }
+    /* Concurrent streams and the device-drawn sketch must not change a single bit: a row of
+     * the table equals the one-stream, host-sketch row. */
+    enum { ROW = 8 };
+    struct lq_nf_config grid[LQ_NF_TABLE1_SIZE], row[ROW];
+    uint64_t row_seeds[ROW];
+    double concurrent[ROW], serial[ROW], host_sketch[ROW];
+    lq_nf_grid_table1(grid);
+    for (int i = 0; i < ROW; i++) row[i] = grid[i * 29], row_seeds[i] = 100 + (uint64_t)i;
+    CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
+                                        concurrent, &err));
+    setenv("LQ_CUDA_DECOMPOSE_STREAMS", "1", 1);
+    CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options, serial,
+                                        &err));
+    setenv("LQ_CUDA_DECOMPOSE_SKETCH", "host", 1);
+    CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
+                                        host_sketch, &err));
+    unsetenv("LQ_CUDA_DECOMPOSE_STREAMS");
+    unsetenv("LQ_CUDA_DECOMPOSE_SKETCH");
+    CHECK(memcmp(concurrent, serial, sizeof serial) == 0);
+    CHECK(memcmp(host_sketch, serial, sizeof serial) == 0);
     free(w);
 }
 
@@ -403,6 +578,8 @@ int main(int argc, char **argv) {
         LQ_TEST(test_swiglu_add),
         LQ_TEST(test_linear_dense),
         LQ_TEST(test_linear_lq),
+        LQ_TEST(test_linear_lq_mma),
+        LQ_TEST(test_linear_adapter),
         LQ_TEST(test_matmul),
         LQ_TEST(test_attention),
         LQ_TEST(test_attention_batch),
@@ -410,8 +587,15 @@ int main(int argc, char **argv) {
         LQ_TEST(test_memory_accounting),
     };
     int failed = 0;
+    const char *filter = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--time") == 0)
+            timing = 1;
+        else
+            filter = argv[i];
+    }
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        if (argc > 1 && !strstr(cases[i].name, argv[1])) continue;
+        if (filter && !strstr(cases[i].name, filter)) continue;
         int before = lq_test_failures;
         cases[i].run();
         printf("%s %s\n", lq_test_failures == before ? "ok  " : "FAIL", cases[i].name);

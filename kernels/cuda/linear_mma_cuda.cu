@@ -1,0 +1,274 @@
+// LQ layers at small batches (8 < n <= 64 tokens: batched decode) on tensor cores, reading the
+// packed Q once per call and never writing a dequantized copy of it anywhere.
+//
+// y[n, rows] = x · Qᵀ + (x · L2ᵀ) · L1ᵀ, with Q packed as core/nf.h lays it out. Per call:
+//   1. (rank > 0) t = x · L2ᵀ [n, rank] with cuBLAS SGEMM, fp32 (as the prefill path does).
+//   2. lq_mma_to_half_kernel: x → fp16 once (workspace LQ_CUDA_LINEAR_INPUT).
+//   3. lq_mma_kernel<b0, blocks per chunk, NT>: NT = n padded to 16, 32, 48 or 64 token slots.
+//      Grid (row bands of 256) x (splits of K in k-tiles of 128 columns), 8 warps, one CTA per
+//      SM. The CTA stages its K slice of x for all NT tokens in shared memory once (fp16, in
+//      fragment order), then each warp streams the packed codes of its 32 rows straight from
+//      HBM into registers and dequantizes them INTO mma.sync m16n8k16 A fragments — no
+//      dequantized tile exists in shared or global memory, no barrier in the main loop.
+//      The trick that makes this possible without re-laying out the weights (what Marlin does
+//      offline): a dot product does not care about the order of k, so inside each k-tile the
+//      k index that the fragment layout gives lane (g, c) at step s is mapped to column
+//      32c + 4s + j of the tile. Lane c of a quad then needs exactly the 32 codes of chunk c
+//      of the tile for each of its rows: b0 aligned 32-bit words, one vector load (the same
+//      chunks the decode kernels read), fully used. x is staged with the same permutation.
+//      Decoding: a per-lane pair table in shared memory, entry (lo | hi << b0) = half2(table[lo],
+//      table[hi]) in word entry·32 + lane, so lane l always reads bank l (conflict-free for any
+//      codes); per two values one shift, one LOP3, one LDS.32 and one HMUL2 by the block scale.
+//      The block scale itself is rebuilt exactly as core/nf.c does (fp32, the FMA-corrected
+//      division), then rounded to fp16. Loads for tile k+1 are issued before tile k is decoded.
+//      Accumulation in fp32. The low-rank term: split s adds L1[rows, share_s]·t[share_s] for
+//      its share of the rank into its accumulators (fp32 FMAs in the fragment layout) before
+//      storing, so no separate pass over y is needed.
+//   4. (splits > 1) lq_mma_reduce_kernel: y = Σ partials in split order. Deterministic.
+//   Kernels 3 and 4 use programmatic dependent launch when available: the GEMM loads its first
+//   tile and builds its table while the conversion runs; the reduction is resident when it ends.
+//
+// Fast path only: b0 in {2, 3, 4}, cols % 32 == 0, B0 a multiple of 32, or 16 (B1 even), or 8
+// (B1 % 4 == 0) — every 32-code chunk inside one group — and rows·cols < 2^31; anything else
+// (and b0 = 8, whose 65536-entry pair table does not fit) takes the existing paths.
+//
+// Precision: weights are fp16(fp16(table[code]) · fp16(ŝ)) (<= 1.5 ulp of fp16 from the CPU's
+// value, vs 0.5 ulp for the tile path), x is fp16, everything else fp32: ~5e-4 relative L2
+// error on random data, under the tests' 4e-3 for the tensor-core paths.
+//
+// Cost model (H100/H200, per SM and clock: 128 B shared memory, 4 issue slots, ~1 mma.sync
+// m16n8k16 per 4-6 clocks per SM sub-partition, HBM ~16 B). Per 4096 weights (one warp tile):
+// 256 decode instructions + 64 LDS.32 of pair table (2 B/weight), NT/8·8 LDS.64 of x
+// (NT/16 B/weight) and NT/4·... mma: at NT = 16 shared memory and issue allow ~35 weights per
+// clock per SM, ~2.5x the ~14 weights/clock (3 bits) that HBM delivers; at NT = 64 shared memory
+// (6 B/weight) and the tensor cores (2·64 FLOP per weight: 4096 x 4096 x 64 is 2.1 GFLOP, ~3 µs
+// on mma.sync) are the limits, so the kernel is compute-bound there, not memory-bound. Besides
+// the weights, on-chip traffic from L2: each CTA's x slice (bands · n·cols·2 bytes in all) and
+// the partials (splits · n·rows·4, written and read): at n = 64 and 4096 x 4096 that is ~3x
+// the packed bytes, at n = 16 about 1x. Expected: ~50-65% of HBM bandwidth on 11008 x 4096 at
+// n = 16, ~40-50% at n = 32, ~30-40% at n = 64 (tensor-core bound), less on 4096 x 4096 where
+// the fixed costs (staging, the reduction, launches) weigh more. To be measured (bench_cuda).
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels/cuda/cuda_internal.h"
+#include "kernels/cuda/linear_mma_cuda.cuh"
+
+extern "C" {
+#include "core/nf.h"
+}
+
+// Shared memory kept back from the x slice (the static pair table is counted separately).
+#define LQ_MMA_SMEM_RESERVE 1024
+
+// Blocks per 32-value chunk, or 0 when the fast path cannot run (lq_blocks_per_chunk's rule).
+static int lq_mma_blocks_per_chunk(const struct lq_linear *w) {
+    const struct lq_nf_config *c = &w->q.config;
+    if (w->cols % 32 != 0 || (size_t)w->rows * (size_t)w->cols >= ((size_t)1 << 31)) return 0;
+    if (c->B0 % 32 == 0) return 1;
+    if (c->B0 == 16 && c->B1 % 2 == 0) return 2;
+    if (c->B0 == 8 && c->B1 % 4 == 0) return 4;
+    return 0;
+}
+
+static int lq_mma_tokens(int n) {
+    return n <= 16 ? 16 : n <= 32 ? 32 : n <= 48 ? 48 : 64;
+}
+
+// The kernels were compiled for sm_80 or newer (mma.sync m16n8k16) and load on this device.
+static int lq_mma_code_ok(void) {
+    static int state = -1; // ops run under the op lock; the answer is the same for every call
+    if (state < 0) {
+        cudaFuncAttributes attributes;
+        state = cudaFuncGetAttributes(&attributes, lq_mma_kernel<4, 1, 16>) == cudaSuccess &&
+                attributes.binaryVersion >= 80;
+        cudaGetLastError();
+    }
+    return state;
+}
+
+int lq_cuda_linear_mma_supported(struct lq_cuda *cuda, const struct lq_linear *w, int n) {
+    (void)cuda;
+    if (!w->is_lq || n < 1 || n > LQ_CUDA_MMA_MAX_TOKENS) return 0;
+    const int b0 = w->q.config.b0;
+    if ((b0 != 2 && b0 != 3 && b0 != 4) || !lq_mma_blocks_per_chunk(w)) return 0;
+    return lq_mma_code_ok();
+}
+
+// Launches with "may start while the previous kernel still runs" when after_prologue (the
+// kernel waits with griddepcontrol.wait before reading what that kernel writes).
+template <typename... Params, typename... Args>
+static cudaError_t lq_mma_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t stream, bool after_prologue, Args... args) {
+    cudaLaunchAttribute attribute = {};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = after_prologue ? &attribute : NULL;
+    config.numAttrs = after_prologue ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+static unsigned lq_mma_grid_for(size_t items, const struct lq_cuda *cuda) {
+    const size_t blocks = (items + 255) / 256;
+    const size_t cap = (size_t)(cuda->sm_count > 0 ? cuda->sm_count : 1) * 8;
+    return (unsigned)(blocks < 1 ? 1 : blocks < cap ? blocks : cap);
+}
+
+// How the GEMM is cut: bands of 256 rows x splits of K, each split a whole number of k-tiles
+// whose x slice fits in shared memory. As many splits as give about one CTA per SM: fewer
+// leave SMs without weights to stream, more add partial sums (n·rows·4 bytes per split).
+struct lq_mma_plan {
+    int nt, bands, splits, tiles_per_split;
+    size_t smem;     // dynamic: the x slice
+    size_t smem_max; // the most dynamic shared memory a CTA may have (opt-in)
+};
+
+static int lq_mma_plan_for(struct lq_cuda *cuda, const struct lq_linear *w, int n,
+                           lq_mma_plan *plan) {
+    int optin = 0;
+    LQ_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                       cuda->device),
+                "LQ mma shared memory limit");
+    plan->nt = lq_mma_tokens(n);
+    const size_t table = ((size_t)1 << (2 * w->q.config.b0)) * 32 * sizeof(uint32_t);
+    const size_t tile = (size_t)LQ_MMA_TILE_COLS * plan->nt * sizeof(__half);
+    const size_t budget = (size_t)optin > table + LQ_MMA_SMEM_RESERVE + tile
+                              ? (size_t)optin - table - LQ_MMA_SMEM_RESERVE
+                              : tile; // not reached on sm_80+ (>= 99 KiB)
+    const int tiles_fit = (int)(budget / tile);
+    const int ktiles = (w->cols / 32 + LQ_MMA_TILE_CHUNKS - 1) / LQ_MMA_TILE_CHUNKS;
+    const int sms = cuda->sm_count > 0 ? cuda->sm_count : 1;
+    plan->bands = (w->rows + LQ_MMA_BAND_ROWS - 1) / LQ_MMA_BAND_ROWS;
+    int splits = sms / plan->bands;
+    if (splits > ktiles) splits = ktiles;
+    if (splits < (ktiles + tiles_fit - 1) / tiles_fit) splits = (ktiles + tiles_fit - 1) / tiles_fit;
+    if (splits < 1) splits = 1;
+    plan->tiles_per_split = (ktiles + splits - 1) / splits;
+    plan->splits = (ktiles + plan->tiles_per_split - 1) / plan->tiles_per_split; // none empty
+    plan->smem = (size_t)plan->tiles_per_split * tile;
+    plan->smem_max = (size_t)tiles_fit * tile;
+    return LQ_OK;
+}
+
+template <int BITS, int BPC, int NT>
+static int lq_mma_launch_gemm(struct lq_cuda *cuda, const lq_mma_plan &plan, bool overlap,
+                              const lq_mma_args &a) {
+    auto kernel = lq_mma_kernel<BITS, BPC, NT>;
+    // Static (pair table) + dynamic beyond 48 KiB needs the opt-in: once per kernel, to the
+    // whole budget (ops run under the op lock).
+    static size_t opted = 0;
+    if (plan.smem > opted) {
+        LQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)plan.smem_max),
+                    "LQ mma shared memory");
+        opted = plan.smem_max;
+    }
+    LQ_CUDA_TRY(lq_mma_launch(kernel, dim3((unsigned)plan.bands, (unsigned)plan.splits),
+                              dim3(LQ_MMA_THREADS), plan.smem, cuda->stream, overlap, a),
+                "lq_mma_kernel");
+    return LQ_OK;
+}
+
+template <int BITS, int BPC>
+static int lq_mma_launch_gemm(struct lq_cuda *cuda, const lq_mma_plan &plan, bool overlap,
+                              const lq_mma_args &a) {
+    switch (plan.nt) {
+    case 16:
+        return lq_mma_launch_gemm<BITS, BPC, 16>(cuda, plan, overlap, a);
+    case 32:
+        return lq_mma_launch_gemm<BITS, BPC, 32>(cuda, plan, overlap, a);
+    case 48:
+        return lq_mma_launch_gemm<BITS, BPC, 48>(cuda, plan, overlap, a);
+    default:
+        return lq_mma_launch_gemm<BITS, BPC, 64>(cuda, plan, overlap, a);
+    }
+}
+
+template <int BITS>
+static int lq_mma_launch_gemm(struct lq_cuda *cuda, int bpc, const lq_mma_plan &plan,
+                              bool overlap, const lq_mma_args &a) {
+    switch (bpc) {
+    case 1:
+        return lq_mma_launch_gemm<BITS, 1>(cuda, plan, overlap, a);
+    case 2:
+        return lq_mma_launch_gemm<BITS, 2>(cuda, plan, overlap, a);
+    default:
+        return lq_mma_launch_gemm<BITS, 4>(cuda, plan, overlap, a);
+    }
+}
+
+int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
+                       const struct lq_cuda_lq_buffers *b, const float *x, int n, float *y) {
+    const struct lq_nf_config *c = &w->q.config;
+    const int bpc = lq_mma_blocks_per_chunk(w);
+    if (n < 1 || n > LQ_CUDA_MMA_MAX_TOKENS || !bpc || (c->b0 != 2 && c->b0 != 3 && c->b0 != 4))
+        return LQ_EUNSUPPORTED;
+    lq_mma_plan plan = {};
+    int rc = lq_mma_plan_for(cuda, w, n, &plan);
+    if (rc) return rc;
+    const size_t x_count = (size_t)n * w->cols, y_count = (size_t)n * w->rows;
+
+    // Workspaces first: nothing is queued when one cannot be had.
+    void *input = NULL, *partials = NULL, *t = NULL;
+    if ((rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_INPUT, x_count * sizeof(__half), &input)) ||
+        (plan.splits > 1 && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
+                                               (size_t)plan.splits * y_count * sizeof(float),
+                                               &partials))) ||
+        (w->rank > 0 &&
+         (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, (size_t)n * w->rank * sizeof(float), &t))))
+        return rc;
+
+    if (w->rank > 0) { // t = x · L2ᵀ, fp32 (column-major: tᵀ [rank × n] = L2 · xᵀ)
+        const float one = 1.0f, zero = 0.0f;
+        LQ_CUBLAS_TRY(cublasSgemm(cuda->cublas, CUBLAS_OP_T, CUBLAS_OP_N, w->rank, n, w->cols,
+                                  &one, b->lora_A, w->cols, x, w->cols, &zero, (float *)t,
+                                  w->rank),
+                      "cublasSgemm (LQ low rank)");
+    }
+    const int vector_x = ((uintptr_t)x & 15u) == 0; // x_count % 4 == 0: cols % 32 == 0
+    lq_mma_to_half_kernel<<<lq_mma_grid_for(vector_x ? x_count / 4 : x_count, cuda), 256, 0,
+                            cuda->stream>>>(x, x_count, vector_x, (__half *)input);
+    LQ_CUDA_LAUNCHED("lq_mma_to_half_kernel");
+
+    lq_mma_args a;
+    memset(&a, 0, sizeof a);
+    a.codes = b->codes, a.scale_codes = b->scale_codes, a.group_scales = b->group_scales;
+    a.table = b->table;
+    a.rows = w->rows, a.cols = w->cols, a.b1 = c->b1, a.b2 = (int)c->b2;
+    a.offset = w->q.scale_offset;
+    a.levels = (float)((1u << c->b1) - 1u);
+    a.inv_levels = 1.0f / a.levels;
+    a.chunk_block = lq_mma_make_divisor(c->B0 % 32 == 0 ? (uint32_t)c->B0 / 32 : 1u);
+    a.group = lq_mma_make_divisor((uint32_t)c->B1);
+    a.x = (const __half *)input, a.n = n;
+    a.lora_B = b->lora_B, a.t = (const float *)t, a.rank = w->rank;
+    a.out = plan.splits > 1 ? (float *)partials : y;
+    a.tiles_per_split = plan.tiles_per_split;
+    a.chunks_per_row = w->cols / 32;
+    const bool overlap = b->overlap != 0;
+    switch (c->b0) {
+    case 2:
+        rc = lq_mma_launch_gemm<2>(cuda, bpc, plan, overlap, a);
+        break;
+    case 3:
+        rc = lq_mma_launch_gemm<3>(cuda, bpc, plan, overlap, a);
+        break;
+    default:
+        rc = lq_mma_launch_gemm<4>(cuda, bpc, plan, overlap, a);
+        break;
+    }
+    if (rc || plan.splits == 1) return rc;
+
+    const int vector_y = ((uintptr_t)y & 15u) == 0 && y_count % 4 == 0;
+    LQ_CUDA_TRY(lq_mma_launch(lq_mma_reduce_kernel,
+                              dim3(lq_mma_grid_for(vector_y ? y_count / 4 : y_count, cuda)),
+                              dim3(256), 0, cuda->stream, overlap, (const float *)partials,
+                              plan.splits, y_count, vector_y, y),
+                "lq_mma_reduce_kernel");
+    return LQ_OK;
+}
