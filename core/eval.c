@@ -62,6 +62,10 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
     struct lq_session *session;
     int rc = lq_session_create(runtime, context, context, &session, err);
     if (rc) return rc;
+    if (options->adapter && (rc = lq_session_set_adapter(session, options->adapter, err))) {
+        lq_session_free(session);
+        return rc;
+    }
     float *logits = malloc((size_t)context * c->vocab_size * sizeof *logits);
     if (!logits) {
         lq_session_free(session);

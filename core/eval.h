@@ -18,6 +18,9 @@ struct lq_eval_options {
     enum lq_eval_split split;
     size_t max_tokens; /* predicted tokens at most (0 = the whole text) */
     int context;       /* positions per document (0 = the model's max_position_embeddings) */
+    /* a LoRA adapter prepared for the runtime (lq_adapter_weights_create), or NULL: the bare
+     * model; borrowed for the call */
+    const struct lq_adapter_weights *adapter;
 };
 
 struct lq_eval_result {

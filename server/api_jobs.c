@@ -341,6 +341,104 @@ static int parse_finetune_job(struct lq_api *api, const cJSON *body, struct lq_j
     return rc;
 }
 
+/* ---------- a compress job's Fisher weighting ---------- */
+
+/* fisher.KEY: absent or null gives otherwise; else an integer in [min, max]. */
+static int fisher_integer(const cJSON *fisher, const char *key, double min, double max,
+                          double otherwise, double *out, struct lq_api_error *e) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(fisher, key);
+    char param[64];
+    snprintf(param, sizeof param, "fisher.%s", key);
+    if (!item || cJSON_IsNull(item)) {
+        if (otherwise >= 0) {
+            *out = otherwise;
+            return 0;
+        }
+        return lq_api_error_set(e, 400, "missing_field", param,
+                                "'%s' (an integer in [%.0f, %.0f]) is required", param, min, max);
+    }
+    if (!cJSON_IsNumber(item) || item->valuedouble != floor(item->valuedouble) ||
+        item->valuedouble < min || item->valuedouble > max)
+        return lq_api_error_set(e, 400, "invalid_value", param,
+                                "'%s' must be an integer in [%.0f, %.0f]", param, min, max);
+    *out = item->valuedouble;
+    return 0;
+}
+
+/* The shape of "fisher": {"file", "samples", "seq_len", "seed"}; the file is resolved later
+ * (fisher_resolve). Absent or null: unweighted. */
+static int parse_fisher(const cJSON *body, struct lq_fisher_job_spec *f, struct lq_api_error *e) {
+    const cJSON *fisher = cJSON_GetObjectItemCaseSensitive(body, "fisher");
+    if (!fisher || cJSON_IsNull(fisher)) return 0;
+    if (!cJSON_IsObject(fisher))
+        return lq_api_error_set(e, 400, "invalid_value", "fisher",
+                                "'fisher' must be an object {\"file\": \"file-...\", "
+                                "\"samples\": N, \"seq_len\": L, \"seed\": S}");
+    for (const cJSON *item = fisher->child; item; item = item->next) {
+        static const char *const known[] = {"file", "samples", "seq_len", "seed"};
+        int found = 0;
+        for (size_t k = 0; k < sizeof known / sizeof *known; k++)
+            found |= item->string && strcmp(item->string, known[k]) == 0;
+        if (!found) {
+            char param[64];
+            snprintf(param, sizeof param, "fisher.%.48s", item->string ? item->string : "");
+            return lq_api_error_set(e, 400, "invalid_value", param,
+                                    "unknown field '%s': 'fisher' takes file, samples, seq_len "
+                                    "and seed",
+                                    param);
+        }
+    }
+    const cJSON *file = cJSON_GetObjectItemCaseSensitive(fisher, "file");
+    if (!file || cJSON_IsNull(file))
+        return lq_api_error_set(e, 400, "missing_field", "fisher.file",
+                                "'fisher.file' (the id of an uploaded calibration text) is "
+                                "required");
+    if (!cJSON_IsString(file) || !file->valuestring[0] ||
+        strlen(file->valuestring) >= sizeof f->file)
+        return lq_api_error_set(e, 400, "invalid_value", "fisher.file",
+                                "'fisher.file' must be the id of an uploaded file (\"file-...\")");
+    snprintf(f->file, sizeof f->file, "%s", file->valuestring);
+    double number = 0;
+    if (fisher_integer(fisher, "samples", 1, 1e8, -1, &number, e)) return -1;
+    f->samples = (int)number;
+    if (fisher_integer(fisher, "seq_len", 2, 1 << 24, 1024, &number, e)) return -1;
+    f->seq_len = (int)number;
+    if (fisher_integer(fisher, "seed", 0, 9007199254740991.0, 0, &number, e)) return -1;
+    f->seed = (unsigned long long)number;
+    return 0;
+}
+
+/* The calibration upload (404 for an unknown id) and enough documents in it: its non-empty
+ * lines, trimmed, as lq_fisher_calibration_draw counts them. */
+static int fisher_resolve(struct lq_api *api, struct lq_fisher_job_spec *f,
+                          struct lq_api_error *e) {
+    struct lq_file_info info;
+    if (resolve_upload(api, "fisher.file", f->file, f->path, sizeof f->path, &info, e)) return -1;
+    snprintf(f->file, sizeof f->file, "%s", info.id);
+    snprintf(f->filename, sizeof f->filename, "%s", info.filename);
+    FILE *text = fopen(f->path, "r");
+    if (!text)
+        return lq_api_error_set(e, 404, "file_not_found", "fisher.file",
+                                "'fisher.file': the file '%s' was deleted", f->file);
+    long lines = 0;
+    int c, content = 0;
+    while ((c = getc(text)) != EOF) {
+        if (c == '\n') {
+            lines += content, content = 0;
+        } else if (c != ' ' && c != '\t' && c != '\r' && c != '\f' && c != '\v') {
+            content = 1;
+        }
+    }
+    lines += content;
+    fclose(text);
+    if (lines < f->samples)
+        return lq_api_error_set(e, 400, "invalid_value", "fisher.samples",
+                                "'fisher.samples' is %d but the calibration text %s (%s) has %ld "
+                                "non-empty lines: at most that many sequences can be drawn",
+                                f->samples, f->file, f->filename, lines);
+    return 0;
+}
+
 static int parse_job(struct lq_api *api, const cJSON *body, struct lq_job_spec *s,
                      struct lq_api_error *e) {
     memset(s, 0, sizeof *s);
@@ -396,6 +494,7 @@ static int parse_job(struct lq_api *api, const cJSON *body, struct lq_job_spec *
     const cJSON *name_item = cJSON_GetObjectItemCaseSensitive(body, "name");
     if (name_item && !cJSON_IsNull(name_item) && !name)
         return lq_api_error_set(e, 400, "invalid_value", "name", "'name' must be a string");
+    if (parse_fisher(body, &s->fisher, e)) return -1;
 
     struct lq_served_model *served = lq_registry_get(api->registry, model);
     if (!served)
@@ -404,6 +503,7 @@ static int parse_job(struct lq_api *api, const cJSON *body, struct lq_job_spec *
     snprintf(s->model, sizeof s->model, "%s", served->name);
     snprintf(s->source, sizeof s->source, "%s", served->path);
     int dense = 1, largest = max_rank(served->model, &dense), rc = 0;
+    int has_tokenizer = served->tokenizer != NULL;
     struct lq_nf_config *grid = NULL;
     size_t grid_size = 0;
     struct lq_error err = {0};
@@ -411,6 +511,11 @@ static int parse_job(struct lq_api *api, const cJSON *body, struct lq_job_spec *
         rc = lq_api_error_set(e, 400, "invalid_value", "model",
                               "the model '%s' is already LQ-compressed: compress a "
                               "full-precision model",
+                              s->model);
+    } else if (s->fisher.file[0] && !has_tokenizer) {
+        rc = lq_api_error_set(e, 400, "invalid_value", "fisher",
+                              "the model '%s' has no tokenizer to read the Fisher calibration "
+                              "text with",
                               s->model);
     } else if (s->rank > largest) {
         rc = lq_api_error_set(e, 400, "invalid_value", "rank",
@@ -449,6 +554,7 @@ static int parse_job(struct lq_api *api, const cJSON *body, struct lq_job_spec *
                                 "'%s' is not a usable model name: give 'name' (1 to 64 of "
                                 "A-Z a-z 0-9 . _ -)",
                                 s->name);
+    if (s->fisher.file[0] && fisher_resolve(api, &s->fisher, e)) return -1;
     return 0;
 }
 
@@ -489,7 +595,7 @@ void lq_api_jobs_create(void *app, struct lq_http_request *request) {
                                            : "output_in_use";
         lq_http_respond_error(request, status,
                               status == 500 ? "server_error" : "invalid_request_error", code,
-                              status == 404 ? "training_file"
+                              status == 404 ? (finetune ? "training_file" : "fisher.file")
                               : finetune    ? "adapter"
                                             : "output",
                               "%s", err.message);

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "core/adapter.h"
 #include "core/file_util.h"
 #include "kernels/backend_select.h"
 #include "server/cli.h"
@@ -76,7 +77,34 @@ fail:
     return rc;
 }
 
+int lq_cli_model_load_adapter(struct lq_cli_model *m, const char *dir, struct lq_error *err) {
+    if (m->adapter) return lq_error_set(err, LQ_EINVAL, "only one adapter can be applied");
+    int rc = lq_adapter_load(dir, &m->adapter, err);
+    if (rc) return rc; /* the message names the file at fault */
+    rc = lq_adapter_weights_create(m->runtime, m->adapter, &m->adapter_weights, err);
+    if (rc) {
+        if (rc == LQ_EINVAL)
+            lq_error_prefix(err, "adapter %s (%s mode) does not fit %s", dir,
+                            lq_adapter_mode_name(m->adapter->mode), m->model->path);
+        lq_adapter_free(m->adapter);
+        m->adapter = NULL;
+    }
+    return rc;
+}
+
+int lq_cli_model_session(struct lq_cli_model *m, int context, int max_batch,
+                         struct lq_session **out, struct lq_error *err) {
+    int rc = lq_session_create(m->runtime, context, max_batch, out, err);
+    if (!rc && m->adapter_weights && (rc = lq_session_set_adapter(*out, m->adapter_weights, err))) {
+        lq_session_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
 void lq_cli_model_close(struct lq_cli_model *m) {
+    lq_adapter_weights_free(m->adapter_weights); /* before the runtime it was prepared for */
+    lq_adapter_free(m->adapter);
     lq_runtime_free(m->runtime);
     if (m->backend) m->backend->ops->destroy(m->backend);
     lq_tokenizer_free(m->tokenizer);

@@ -1,5 +1,6 @@
 /* What generate and eval share: a model, its tokenizer and a runtime on the chosen device,
- * opened from the command line's --model / --tokenizer / --device / --gpu-memory. */
+ * opened from the command line's --model / --tokenizer / --device / --gpu-memory, and an
+ * optional LoRA adapter (--adapter) applied as the daemon applies it. */
 #ifndef LQ_CLI_MODEL_H
 #define LQ_CLI_MODEL_H
 
@@ -11,6 +12,8 @@ struct lq_cli_model {
     struct lq_tokenizer *tokenizer; /* NULL when not needed and not found */
     struct lq_backend *backend;
     struct lq_runtime *runtime;
+    struct lq_adapter *adapter;                 /* --adapter, or NULL */
+    struct lq_adapter_weights *adapter_weights; /* adapter prepared for runtime, or NULL */
 };
 
 /* The device options every model-running command takes. */
@@ -36,5 +39,22 @@ int lq_cli_model_open(const char *model_path, const char *tokenizer_path, int ne
                       const struct lq_cli_device *device, struct lq_cli_model *out,
                       struct lq_error *err);
 void lq_cli_model_close(struct lq_cli_model *m);
+
+/* Loads the PEFT LoRA adapter directory dir (lq_adapter_load), checks it against m's model and
+ * prepares it on m's runtime (lq_adapter_weights_create): the daemon's own steps for
+ * POST /v1/adapters/load, so that a session on it (lq_cli_model_session) computes exactly
+ * what "model:adapter" serves. Errors name dir: unreadable or corrupt files, or the first
+ * mismatch with the model (layers, shapes, ranks, a replace-mode adapter on a dense model). */
+int lq_cli_model_load_adapter(struct lq_cli_model *m, const char *dir, struct lq_error *err);
+#define LQ_CLI_ADAPTER_USAGE                                                                       \
+    "  --adapter DIR      a PEFT LoRA adapter directory (lqd finetune's output, or PEFT's):\n"     \
+    "                     replace-mode adapters (LQ-LoRA) take the place of an LQ model's own\n"   \
+    "                     L1, L2; add-mode ones (QLoRA-style, PEFT's) add to the model as it\n"    \
+    "                     is. Applied as lqd serve applies \"model:adapter\", with the same\n"     \
+    "                     results on the CPU\n"
+
+/* A session on m's runtime (lq_session_create), running on m's adapter when one is loaded. */
+int lq_cli_model_session(struct lq_cli_model *m, int context, int max_batch,
+                         struct lq_session **out, struct lq_error *err);
 
 #endif

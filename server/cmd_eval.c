@@ -11,9 +11,9 @@
 #include "server/cli_model.h"
 
 static const char eval_usage[] =
-    "usage: lqd eval --model M [--tokenizer T] --ppl FILE [--max-tokens N] [--context N]\n"
-    "                [--documents lines|paragraphs] [--json] [--device D]\n"
-    "       lqd eval --model M --tokens ID,ID,... --dump-logits OUT.npy\n"
+    "usage: lqd eval --model M [--tokenizer T] [--adapter DIR] --ppl FILE [--max-tokens N]\n"
+    "                [--context N] [--documents lines|paragraphs] [--json] [--device D]\n"
+    "       lqd eval --model M [--adapter DIR] --tokens ID,ID,... --dump-logits OUT.npy\n"
     "\n"
     "Perplexity of M (HuggingFace directory, llama2.c .bin or LQ directory) on FILE: documents\n"
     "are FILE's non-empty lines (default; --documents paragraphs splits on blank lines), each\n"
@@ -23,6 +23,7 @@ static const char eval_usage[] =
     "\"seconds\",...}. With --tokens, the logits of that token sequence (no BOS added) are\n"
     "written as float32 [n, vocab] to OUT.npy.\n"
     "\n"
+    LQ_CLI_ADAPTER_USAGE
     LQ_CLI_DEVICE_USAGE
     "\n"
     "example: lqd eval --model models/stories260K-hf --tokenizer models/stories260K/tok512.bin "
@@ -79,7 +80,7 @@ static int dump_logits(struct lq_cli_model *m, const int *ids, int count, const 
         return lq_error_set(err, LQ_EINVAL, "%d tokens: the model holds %d positions", count,
                             c->max_seq_len);
     struct lq_session *session;
-    int rc = lq_session_create(m->runtime, count, count, &session, err);
+    int rc = lq_cli_model_session(m, count, count, &session, err);
     if (rc) return rc;
     float *logits = malloc((size_t)count * c->vocab_size * sizeof *logits);
     if (!logits) rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
@@ -101,7 +102,8 @@ int lq_cli_eval(int argc, char **argv) {
         OPT_DUMP,
         OPT_DOCUMENTS,
         OPT_DEVICE,
-        OPT_GPU_MEMORY
+        OPT_GPU_MEMORY,
+        OPT_ADAPTER
     };
     static const struct option long_options[] = {
         {"model", required_argument, NULL, 'm'},
@@ -115,12 +117,13 @@ int lq_cli_eval(int argc, char **argv) {
         {"documents", required_argument, NULL, OPT_DOCUMENTS},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"gpu-memory", required_argument, NULL, OPT_GPU_MEMORY},
+        {"adapter", required_argument, NULL, OPT_ADAPTER},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *model_path = NULL, *tokenizer_path = NULL, *ppl_path = NULL, *tokens = NULL,
-               *dump = NULL;
-    struct lq_eval_options options = {LQ_SPLIT_LINES, 0, 0};
+               *dump = NULL, *adapter_path = NULL;
+    struct lq_eval_options options = {LQ_SPLIT_LINES, 0, 0, NULL};
     int json = 0;
     long number;
     struct lq_cli_device device = {NULL, 0};
@@ -156,6 +159,9 @@ int lq_cli_eval(int argc, char **argv) {
             break;
         case OPT_DUMP:
             dump = optarg;
+            break;
+        case OPT_ADAPTER:
+            adapter_path = optarg;
             break;
         case OPT_DOCUMENTS:
             if (strcmp(optarg, "lines") == 0)
@@ -196,6 +202,8 @@ int lq_cli_eval(int argc, char **argv) {
         free(ids);
         return 1;
     }
+    if (adapter_path && lq_cli_model_load_adapter(&m, adapter_path, &err)) goto done;
+    options.adapter = m.adapter_weights;
     if (tokens) {
         for (int i = 0; i < count; i++)
             if (ids[i] >= m.model->config.vocab_size) {
@@ -219,6 +227,7 @@ int lq_cli_eval(int argc, char **argv) {
         cJSON_AddNumberToObject(root, "documents", (double)result.documents);
         cJSON_AddNumberToObject(root, "seconds", result.seconds);
         cJSON_AddNumberToObject(root, "tokens_per_second", (double)result.tokens / result.seconds);
+        if (adapter_path) cJSON_AddStringToObject(root, "adapter", adapter_path);
         char *printed = cJSON_PrintUnformatted(root);
         cJSON_Delete(root);
         if (printed) puts(printed);

@@ -10,9 +10,10 @@
 #include "server/cli_model.h"
 
 static const char generate_usage[] =
-    "usage: lqd generate --model M [--tokenizer T] [--prompt TEXT] [--max-tokens N]\n"
-    "                    [--temperature F] [--top-k K] [--top-p P] [--min-p P]\n"
-    "                    [--repetition-penalty F] [--seed S] [--stop TEXT]... [--no-bos]\n"
+    "usage: lqd generate --model M [--tokenizer T] [--adapter DIR] [--prompt TEXT]\n"
+    "                    [--max-tokens N] [--temperature F] [--top-k K] [--top-p P]\n"
+    "                    [--min-p P] [--repetition-penalty F] [--seed S] [--stop TEXT]...\n"
+    "                    [--no-bos]\n"
     "\n"
     "Generates text from M (a HuggingFace directory, a llama2.c .bin or an LQ directory written\n"
     "by lqd compress) and prints only the generated text on stdout, as it is produced.\n"
@@ -28,6 +29,7 @@ static const char generate_usage[] =
     "  --stop TEXT          stop before TEXT (up to 8)\n"
     "  --context N          positions to allocate (default: the model's maximum)\n"
     "  --stats              print token counts, finish reason and speed on stderr\n"
+    LQ_CLI_ADAPTER_USAGE
     LQ_CLI_DEVICE_USAGE
     "\n"
     "example: lqd generate --model models/stories260K/stories260K.bin --tokenizer "
@@ -58,7 +60,8 @@ int lq_cli_generate(int argc, char **argv) {
         OPT_CONTEXT,
         OPT_STATS,
         OPT_DEVICE,
-        OPT_GPU_MEMORY
+        OPT_GPU_MEMORY,
+        OPT_ADAPTER
     };
     static const struct option long_options[] = {
         {"model", required_argument, NULL, 'm'},
@@ -77,10 +80,11 @@ int lq_cli_generate(int argc, char **argv) {
         {"stats", no_argument, NULL, OPT_STATS},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"gpu-memory", required_argument, NULL, OPT_GPU_MEMORY},
+        {"adapter", required_argument, NULL, OPT_ADAPTER},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    const char *model_path = NULL, *tokenizer_path = NULL, *prompt = "";
+    const char *model_path = NULL, *tokenizer_path = NULL, *adapter_path = NULL, *prompt = "";
     struct lq_generate_options options;
     lq_generate_options_default(&options);
     int stops = 0, context = 0, stats = 0;
@@ -152,6 +156,9 @@ int lq_cli_generate(int argc, char **argv) {
         case OPT_STATS:
             stats = 1;
             break;
+        case OPT_ADAPTER:
+            adapter_path = optarg;
+            break;
         case OPT_DEVICE:
         case OPT_GPU_MEMORY:
             if (lq_cli_device_option("generate", option == OPT_DEVICE ? "device" : "gpu-memory",
@@ -170,8 +177,10 @@ int lq_cli_generate(int argc, char **argv) {
 
     struct lq_error err = {0};
     struct lq_cli_model m;
-    if (lq_cli_model_open(model_path, tokenizer_path, 1, &device, &m, &err)) {
+    if (lq_cli_model_open(model_path, tokenizer_path, 1, &device, &m, &err) ||
+        (adapter_path && lq_cli_model_load_adapter(&m, adapter_path, &err))) {
         fprintf(stderr, "lqd generate: %s\n", err.message);
+        lq_cli_model_close(&m);
         return 1;
     }
     int status = 1;
@@ -181,7 +190,7 @@ int lq_cli_generate(int argc, char **argv) {
     struct lq_generate_result result;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (lq_session_create(m.runtime, context, 512, &session, &err) ||
+    if (lq_cli_model_session(&m, context, 512, &session, &err) ||
         lq_generate(session, m.tokenizer, prompt, &options, print_text, NULL, &result, &err)) {
         fprintf(stderr, "lqd generate: %s\n", err.message);
     } else {

@@ -124,7 +124,7 @@ void lq_job_finetune_discard(const char *job_dir) {
 
 /* A hard link keeps the upload's bytes alive after DELETE /v1/files/{id}; both live under
  * STATE_DIR, on one file system, so it costs no copy. */
-static int link_upload(const char *source, const char *job_dir, const char *name, const char *id,
+int lq_job_link_upload(const char *source, const char *job_dir, const char *name, const char *id,
                        char *path, size_t size, struct lq_error *err) {
     char target[PATH_MAX + 64];
     snprintf(target, sizeof target, "%s/%s", job_dir, name);
@@ -143,11 +143,11 @@ int lq_job_finetune_prepare(struct lq_job_spec *spec, const char *job_dir, struc
     struct lq_finetune_job_spec *f = &spec->finetune;
     if (mkdir(job_dir, 0700) != 0 && errno != EEXIST)
         return lq_error_set(err, LQ_EIO, "cannot create %s: %s", job_dir, strerror(errno));
-    int rc = link_upload(f->training_path, job_dir, "training_file", f->training_file,
-                         f->training_path, sizeof f->training_path, err);
+    int rc = lq_job_link_upload(f->training_path, job_dir, "training_file", f->training_file,
+                                f->training_path, sizeof f->training_path, err);
     if (!rc && f->validation_file[0])
-        rc = link_upload(f->validation_path, job_dir, "validation_file", f->validation_file,
-                         f->validation_path, sizeof f->validation_path, err);
+        rc = lq_job_link_upload(f->validation_path, job_dir, "validation_file", f->validation_file,
+                                f->validation_path, sizeof f->validation_path, err);
     if (rc) lq_job_finetune_discard(job_dir);
     return rc;
 }

@@ -29,6 +29,11 @@ void lq_job_finetune_spec_read(const struct cJSON *request, struct lq_job_spec *
 /* At submission: creates job_dir and links the uploads into it (copying when a link is not
  * possible), pointing spec's data paths there. LQ_ENOTFOUND when an upload is gone. */
 int lq_job_finetune_prepare(struct lq_job_spec *spec, const char *job_dir, struct lq_error *err);
+/* Hard-links the upload at source (id: its name in messages) to job_dir/name (copying when a
+ * link is not possible) and sets path to it; job_dir must exist. LQ_ENOTFOUND when the upload
+ * is gone. Compress jobs link their Fisher calibration text with it too. */
+int lq_job_link_upload(const char *source, const char *job_dir, const char *name, const char *id,
+                       char *path, size_t size, struct lq_error *err);
 /* Removes job_dir and what it holds. */
 void lq_job_finetune_discard(const char *job_dir);
 

@@ -21,14 +21,18 @@
 
 #include "core/compress.h"
 #include "core/file_util.h"
+#include "core/fisher.h"
 #include "core/lq_model_file.h"
 #include "core/model.h"
+#include "core/tokenizer.h"
+#include "kernels/backend.h"
 #include "server/job_finetune.h"
 #include "server/log.h"
 
 /* The share of the progress fraction each phase takes: the table dominates a cold run. */
 #define SHARE_TABLE 0.85
 #define SHARE_ILP 0.05
+#define SHARE_FISHER 0.15   /* of a Fisher-weighted job: the estimate, before the table */
 #define RECORD_INTERVAL 1.0 /* seconds between progress writes of a running job's record */
 #define EVENT_INTERVAL 2.0  /* seconds between progress events */
 
@@ -105,6 +109,17 @@ static cJSON *spec_json(const struct lq_job_spec *s) {
     cJSON_AddNumberToObject(r, "seed", (double)s->seed);
     cJSON_AddBoolToObject(r, "activate", s->activate);
     cJSON_AddStringToObject(r, "name", s->name);
+    if (s->fisher.file[0]) {
+        cJSON *f = cJSON_AddObjectToObject(r, "fisher");
+        cJSON_AddStringToObject(f, "file", s->fisher.file);
+        cJSON_AddStringToObject(f, "filename", s->fisher.filename);
+        cJSON_AddStringToObject(f, "path", s->fisher.path);
+        cJSON_AddNumberToObject(f, "samples", s->fisher.samples);
+        cJSON_AddNumberToObject(f, "seq_len", s->fisher.seq_len);
+        cJSON_AddNumberToObject(f, "seed", (double)s->fisher.seed);
+    } else {
+        cJSON_AddNullToObject(r, "fisher");
+    }
     return r;
 }
 
@@ -254,12 +269,19 @@ static void remove_partial(const char *output) {
     closedir(dir);
 }
 
+/* STATE_DIR/jobs/<id>/: a finetune job's data and checkpoints, a weighted compress job's
+ * calibration text. */
+static void job_dir(const struct lq_jobs *jobs, const char *id, char *out, size_t size) {
+    snprintf(out, size, "%s/%s", jobs->dir, id);
+}
+
 /* ---------- running one job (worker thread, lock not held) ---------- */
 
 struct run {
     struct lq_jobs *jobs;
     struct job *job;
     int last_phase;
+    double base; /* progress before the compression's phases: SHARE_FISHER when weighted */
 };
 
 static int on_progress(void *context, const struct lq_compress_progress *p) {
@@ -274,6 +296,7 @@ static int on_progress(void *context, const struct lq_compress_progress *p) {
                    : p->phase == LQ_COMPRESS_ILP ? SHARE_ILP
                                                  : 1.0 - SHARE_TABLE - SHARE_ILP;
     double overall = start + share * (p->phase == LQ_COMPRESS_ILP ? p->finished : fraction);
+    overall = run->base + (1.0 - run->base) * overall;
     double now = monotonic_now(), elapsed = now - job->run_started;
     pthread_mutex_lock(&run->jobs->lock);
     int phase_changed = run->last_phase != (int)p->phase;
@@ -309,8 +332,107 @@ static void on_warning(void *context, const char *message) {
     pthread_mutex_unlock(&run->jobs->lock);
 }
 
+/* ---------- the Fisher information of a weighted job (as lqd compress --fisher) ---------- */
+
+struct fisher_summary {
+    int seq_len; /* the cap applied: min(spec seq_len, the model's context) */
+    size_t tokens, documents;
+    double seconds;
+};
+
+/* After each sequence (and once before the first): phase "fisher", progress events, and the
+ * cancel or shutdown, which stops the estimate between sequences. */
+static int on_fisher_progress(void *context, int done, int total) {
+    struct run *run = context;
+    struct job *job = run->job;
+    if (atomic_load(&job->cancel) || atomic_load(&run->jobs->stopping)) return LQ_EINVAL;
+    double now = monotonic_now(), elapsed = now - job->run_started;
+    double overall = SHARE_FISHER * (total > 0 ? (double)done / (double)total : 1.0);
+    pthread_mutex_lock(&run->jobs->lock);
+    int phase_changed = strcmp(job->phase, "fisher") != 0, last = done == total;
+    snprintf(job->phase, sizeof job->phase, "fisher");
+    job->progress = overall > job->progress ? overall : job->progress;
+    job->eta = job->progress > 0.02 ? elapsed * (1.0 - job->progress) / job->progress : -1;
+    if (phase_changed || last || now - job->last_event >= EVENT_INTERVAL) {
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddStringToObject(e, "phase", job->phase);
+        cJSON_AddNumberToObject(e, "progress", job->progress);
+        if (job->eta >= 0) cJSON_AddNumberToObject(e, "eta_seconds", job->eta);
+        cJSON_AddNumberToObject(e, "sequences_done", done);
+        cJSON_AddNumberToObject(e, "sequences_total", total);
+        cJSON_AddBoolToObject(e, "phase_finished", last);
+        event_append(run->jobs, job, "progress", e);
+    }
+    if (phase_changed || last || now - job->last_record >= RECORD_INTERVAL)
+        record_write(run->jobs, job);
+    pthread_mutex_unlock(&run->jobs->lock);
+    return 0;
+}
+
+/* F of every linear matrix of source, estimated on a CPU backend from the job's calibration
+ * text with lqd compress --fisher's draw (the same text, N, L and seed give the same F and
+ * the same fisher->source, hence the same error-table cache key). On error fisher is freed. */
+static int fisher_estimate(struct run *run, const struct lq_model *source,
+                           const struct lq_tokenizer_files *files, struct lq_fisher *fisher,
+                           struct fisher_summary *summary, struct lq_error *err) {
+    static const char *const names[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
+    const struct lq_fisher_job_spec *f = &run->job->spec.fisher;
+    struct lq_tokenizer *tokenizer = NULL;
+    struct lq_backend *cpu = NULL;
+    struct lq_fisher_calibration calibration = {0};
+    char *text = NULL;
+    size_t length = 0;
+    double start = monotonic_now();
+    int context = source->config.max_seq_len, found = 0;
+    summary->seq_len = f->seq_len < context ? f->seq_len : context;
+    int rc = lq_file_read_all(f->path, (size_t)1 << 32, &text, &length, err);
+    if (rc) {
+        lq_error_prefix(err, "fisher.file %s", f->file);
+        goto done;
+    }
+    /* The tokenizer the output gets, as lqd compress picks it (json, model, then bin). */
+    for (size_t k = 0; k < 3 && !found; k++)
+        for (size_t i = 0; i < files->count && !found; i++)
+            if (strcmp(files->name[i], names[k]) == 0) {
+                found = 1;
+                rc = lq_tokenizer_load(files->source[i], &tokenizer, err);
+            }
+    if (!found)
+        rc = lq_error_set(err, LQ_ENOTFOUND,
+                          "fisher: no tokenizer found beside %s to read the calibration text with",
+                          run->job->spec.source);
+    if (rc) goto done;
+    if ((rc = lq_fisher_calibration_draw(tokenizer, text, length, f->samples, summary->seq_len,
+                                         f->seed, &calibration, err))) {
+        lq_error_prefix(err, "fisher.file %s (%s)", f->file, f->filename);
+        goto done;
+    }
+    summary->tokens = calibration.tokens, summary->documents = calibration.documents;
+    if ((rc = lq_backend_cpu_create(&cpu, err))) goto done;
+    struct lq_fisher_options options;
+    lq_fisher_options_default(&options);
+    options.max_seq_len = summary->seq_len;
+    options.progress = on_fisher_progress, options.context = run;
+    if ((rc = on_fisher_progress(run, 0, calibration.count))) {
+        lq_error_set(err, rc, "stopped before the Fisher estimate");
+        goto done;
+    }
+    rc = lq_fisher_compute(cpu, source, (const int *const *)calibration.sequences,
+                           calibration.lengths, calibration.count, &options, fisher, err);
+    /* how F was made: hashed into the error table's cache key, as the CLI does */
+    if (!rc) memcpy(fisher->source, calibration.source, sizeof fisher->source);
+done:
+    summary->seconds = monotonic_now() - start;
+    if (rc) lq_fisher_free(fisher);
+    lq_fisher_calibration_free(&calibration);
+    if (cpu) cpu->ops->destroy(cpu);
+    lq_tokenizer_free(tokenizer);
+    free(text);
+    return rc;
+}
+
 static cJSON *result_json(const struct job *job, const struct lq_compress_report *r,
-                          const struct lq_nf_config *grid) {
+                          const struct lq_nf_config *grid, const struct fisher_summary *fisher) {
     cJSON *result = cJSON_CreateObject();
     cJSON_AddStringToObject(result, "output", job->spec.output);
     cJSON_AddNumberToObject(result, "target_bits", job->spec.target_bits);
@@ -322,6 +444,19 @@ static cJSON *result_json(const struct job *job, const struct lq_compress_report
     for (size_t i = 0; i < r->n_matrices; i++) norm += r->norm[i];
     cJSON_AddNumberToObject(result, "total_error", r->total_error);
     cJSON_AddNumberToObject(result, "relative_error", norm > 0 ? sqrt(r->total_error / norm) : 0);
+    cJSON_AddStringToObject(result, "weighting", r->weighting);
+    if (job->spec.fisher.file[0]) {
+        cJSON *f = cJSON_AddObjectToObject(result, "fisher");
+        cJSON_AddStringToObject(f, "file", job->spec.fisher.file);
+        cJSON_AddNumberToObject(f, "samples", job->spec.fisher.samples);
+        cJSON_AddNumberToObject(f, "seq_len", fisher->seq_len);
+        cJSON_AddNumberToObject(f, "seed", (double)job->spec.fisher.seed);
+        cJSON_AddNumberToObject(f, "tokens", (double)fisher->tokens);
+        cJSON_AddNumberToObject(f, "documents", (double)fisher->documents);
+        cJSON_AddNumberToObject(f, "seconds", fisher->seconds);
+    } else {
+        cJSON_AddNullToObject(result, "fisher");
+    }
     cJSON_AddNumberToObject(result, "n_matrices", (double)r->n_matrices);
     cJSON_AddNumberToObject(result, "n_configs", (double)r->n_configs);
     cJSON_AddNumberToObject(result, "decompositions", (double)r->decompositions);
@@ -357,6 +492,9 @@ static enum lq_job_status run_compress(struct lq_jobs *jobs, struct job *job, cJ
     struct lq_model *source = NULL, *compressed = NULL;
     struct lq_compress_report report = {0};
     struct lq_tokenizer_files tokenizer;
+    struct lq_fisher fisher = {0};
+    struct fisher_summary fisher_summary = {0};
+    int weighted = s->fisher.file[0] != '\0';
     enum lq_job_status status = LQ_JOB_FAILED;
     int force = job->resumed && lq_path_is_dir(s->output);
     remove_partial(s->output);
@@ -365,7 +503,7 @@ static enum lq_job_status run_compress(struct lq_jobs *jobs, struct job *job, cJ
         lq_model_file_find_tokenizer(s->source, 1, &tokenizer, err) ||
         lq_model_load(s->source, &source, err))
         goto done;
-    struct run run = {jobs, job, -1};
+    struct run run = {jobs, job, -1, weighted ? SHARE_FISHER : 0.0};
     struct lq_compress_options options;
     lq_compress_options_default(&options);
     options.budget = s->target_bits, options.rank = s->rank, options.iters = s->iters;
@@ -373,14 +511,20 @@ static enum lq_job_status run_compress(struct lq_jobs *jobs, struct job *job, cJ
     options.cache_dir = jobs->options.cache_dir;
     options.device = jobs->options.device; /* compress ignores a backend without decompose */
     options.progress = on_progress, options.warning = on_warning, options.context = &run;
-    int rc = lq_compress(source, &options, &compressed, &report, err);
+    int rc =
+        weighted ? fisher_estimate(&run, source, &tokenizer, &fisher, &fisher_summary, err) : LQ_OK;
+    if (weighted) {
+        options.fisher = (const float *const *)fisher.matrices;
+        options.fisher_source = fisher.source;
+    }
+    if (!rc) rc = lq_compress(source, &options, &compressed, &report, err);
     if (!rc && !atomic_load(&job->cancel)) {
         struct lq_model_file_options file;
         lq_model_file_options_default(&file);
         file.source = s->source, file.budget = s->target_bits;
         file.achieved_bits = report.bits_per_param, file.rank = s->rank;
         file.grid_size = grid_size, file.iters = s->iters, file.seed = s->seed;
-        file.weighting = "none", file.tokenizer = &tokenizer, file.force = force;
+        file.weighting = report.weighting, file.tokenizer = &tokenizer, file.force = force;
         pthread_mutex_lock(&jobs->lock);
         snprintf(job->phase, sizeof job->phase, "writing");
         record_write(jobs, job);
@@ -399,12 +543,18 @@ static enum lq_job_status run_compress(struct lq_jobs *jobs, struct job *job, cJ
                      "interrupted by a daemon shutdown; resumes (from the cached error table) "
                      "at the next start");
     } else if (!rc) {
-        *result = result_json(job, &report, grid);
+        *result = result_json(job, &report, grid, &fisher_summary);
         status = LQ_JOB_SUCCEEDED;
     }
 done:
     if (status != LQ_JOB_SUCCEEDED) remove_partial(s->output);
+    if (weighted && status != LQ_JOB_QUEUED) { /* the calibration text's link: no longer needed */
+        char dir[PATH_MAX + 64];
+        job_dir(jobs, job->id, dir, sizeof dir);
+        remove_tree(dir);
+    }
     free(grid);
+    lq_fisher_free(&fisher);
     lq_compress_report_free(&report);
     lq_model_free(compressed);
     lq_model_free(source);
@@ -412,10 +562,6 @@ done:
 }
 
 /* ---------- finetune jobs (server/job_finetune.c does the work) ---------- */
-
-static void job_dir(const struct lq_jobs *jobs, const char *id, char *out, size_t size) {
-    snprintf(out, size, "%s/%s", jobs->dir, id);
-}
 
 static int finetune_stop_requested(void *context) {
     struct run *run = context;
@@ -444,7 +590,7 @@ static void finetune_progress(void *context, const char *phase, double progress,
 
 static enum lq_job_status run_finetune(struct lq_jobs *jobs, struct job *job, cJSON **result,
                                        struct lq_error *err) {
-    struct run run = {jobs, job, -1};
+    struct run run = {jobs, job, -1, 0.0};
     struct lq_job_finetune_hooks hooks = {&run, finetune_stop_requested, finetune_event,
                                           finetune_progress};
     char dir[PATH_MAX + 64];
@@ -554,6 +700,17 @@ static void job_free(struct job *job) {
     free(job);
 }
 
+/* A weighted compress job's calibration text, linked into its directory at submission (so
+ * that deleting the upload does not break a resume). */
+static int fisher_prepare(struct lq_job_spec *spec, const char *dir, struct lq_error *err) {
+    struct lq_fisher_job_spec *f = &spec->fisher;
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST)
+        return lq_error_set(err, LQ_EIO, "cannot create %s: %s", dir, strerror(errno));
+    int rc = lq_job_link_upload(f->path, dir, "fisher_file", f->file, f->path, sizeof f->path, err);
+    if (rc) remove_tree(dir);
+    return rc;
+}
+
 static void new_id(char *id, size_t size) {
     unsigned char bytes[8] = {0};
     int fd = open("/dev/urandom", O_RDONLY);
@@ -604,10 +761,11 @@ int lq_jobs_submit(struct lq_jobs *jobs, const struct lq_job_spec *spec, cJSON *
         }
     do new_id(job->id, sizeof job->id);
     while (table_find(jobs, job->id));
-    if (spec->type == LQ_JOB_FINETUNE) {
+    if (spec->type == LQ_JOB_FINETUNE || spec->fisher.file[0]) {
         char dir[PATH_MAX + 64];
         job_dir(jobs, job->id, dir, sizeof dir);
-        int rc = lq_job_finetune_prepare(&job->spec, dir, err);
+        int rc = spec->type == LQ_JOB_FINETUNE ? lq_job_finetune_prepare(&job->spec, dir, err)
+                                               : fisher_prepare(&job->spec, dir, err);
         if (rc) {
             pthread_mutex_unlock(&jobs->lock);
             free(job);
@@ -657,7 +815,7 @@ int lq_jobs_cancel(struct lq_jobs *jobs, const char *id, cJSON **record, struct 
         atomic_store(&job->cancel, 1);
         if (job->status == LQ_JOB_QUEUED) {
             remove_partial(job->spec.output);
-            if (job->spec.type == LQ_JOB_FINETUNE) {
+            if (job->spec.type == LQ_JOB_FINETUNE || job->spec.fisher.file[0]) {
                 char dir[PATH_MAX + 64];
                 job_dir(jobs, job->id, dir, sizeof dir);
                 lq_job_finetune_discard(dir);
@@ -768,6 +926,16 @@ static struct job *job_read(struct lq_jobs *jobs, const char *path) {
     s->iters = (int)json_number(request, "iters", 20);
     s->seed = (unsigned long long)json_number(request, "seed", 0);
     s->activate = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(request, "activate"));
+    const cJSON *fisher = cJSON_GetObjectItemCaseSensitive(request, "fisher");
+    if (cJSON_IsObject(fisher)) {
+        snprintf(s->fisher.file, sizeof s->fisher.file, "%s", json_string(fisher, "file"));
+        snprintf(s->fisher.filename, sizeof s->fisher.filename, "%s",
+                 json_string(fisher, "filename"));
+        snprintf(s->fisher.path, sizeof s->fisher.path, "%s", json_string(fisher, "path"));
+        s->fisher.samples = (int)json_number(fisher, "samples", 0);
+        s->fisher.seq_len = (int)json_number(fisher, "seq_len", 1024);
+        s->fisher.seed = (unsigned long long)json_number(fisher, "seed", 0);
+    }
     if (strcmp(json_string(request, "type"), "finetune") == 0)
         lq_job_finetune_spec_read(request, s);
     job->status = (enum lq_job_status)status;

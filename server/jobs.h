@@ -5,7 +5,8 @@
  * read and cancel. Records outlive the process: a job found queued at start is queued again,
  * one found running (the daemon died under it) is resumed, cheaply, since the error-table rows
  * it finished are cached (compress) or from its last checkpoint in STATE_DIR/jobs/<id>/
- * (finetune, which also keeps a hard link of its data there). */
+ * (finetune, which also keeps a hard link of its data there, as a Fisher-weighted compress job
+ * does of its calibration text). */
 #ifndef LQ_JOBS_H
 #define LQ_JOBS_H
 
@@ -66,6 +67,18 @@ struct lq_finetune_job_spec {
     int eval_every, checkpoint_every; /* 0: validation before and after; time-based checkpoints */
 };
 
+/* A compress job's Fisher weighting (LQ-LoRA §3.3, as lqd compress --fisher): F estimated on the
+ * CPU from an uploaded calibration text before the error table. file[0] == '\0': unweighted. */
+struct lq_fisher_job_spec {
+    char file[40];           /* the upload's id */
+    char filename[256];      /* its filename: a label in messages */
+    char path[PATH_MAX];     /* the text as linked into the job's directory at submission (before
+                                submission, the upload's own path) */
+    int samples;             /* sequences drawn (N) */
+    int seq_len;             /* tokens per sequence at most, BOS included (capped at the context) */
+    unsigned long long seed; /* of the draw */
+};
+
 /* A job as validated by the API (server/api_jobs.c): every path already resolved. A finetune
  * job uses model, source (the model's path), output (its adapter directory, set at
  * submission), seed, activate, name (the adapter's name) and finetune. */
@@ -80,6 +93,7 @@ struct lq_job_spec {
     unsigned long long seed; /* of the randomized SVDs */
     int activate;            /* load the output into the registry when done */
     char name[72];           /* the name it is loaded under */
+    struct lq_fisher_job_spec fisher; /* compress: Fisher weighting, or file "" */
     struct lq_finetune_job_spec finetune;
 };
 
@@ -96,7 +110,8 @@ void lq_jobs_free(struct lq_jobs *jobs);
 
 /* Queues a job; *record (optional) receives its JSON (the caller frees it). LQ_EINVAL with a
  * message when another unfinished job writes the same output (or a finetune job's adapter
- * exists already); LQ_ENOTFOUND when a finetune job's upload was deleted meanwhile. */
+ * exists already); LQ_ENOTFOUND when a finetune job's upload (or a compress job's Fisher
+ * calibration file) was deleted meanwhile. */
 int lq_jobs_submit(struct lq_jobs *jobs, const struct lq_job_spec *spec, struct cJSON **record,
                    struct lq_error *err);
 /* A job's record as JSON (the caller frees it), or NULL for an unknown id. */

@@ -176,19 +176,31 @@ int lq_cuda_slot(struct lq_cuda *cuda, enum lq_cuda_slot slot, size_t bytes, voi
 }
 
 // Copies host into the pinned ring and returns where; NULL when it does not fit a segment.
+// Moving on from a segment records one event behind its last copy (the stream orders them),
+// and a segment is written again only once its event has completed: one event per segment
+// lap, not one per copy.
 static void *ring_put(struct lq_cuda *cuda, const void *host, size_t bytes) {
     const size_t segment_bytes = LQ_CUDA_RING_BYTES / LQ_CUDA_RING_SEGMENTS;
     const size_t rounded = (bytes + 15) / 16 * 16; // the next copy starts 16-byte aligned
     if (!cuda->ring || rounded > segment_bytes) return NULL;
-    size_t offset = cuda->ring_head % segment_bytes;
-    if (offset && offset + rounded > segment_bytes) // keep a copy inside one segment
-        cuda->ring_head += segment_bytes - offset, offset = 0;
+    if (cuda->ring_head % segment_bytes + rounded > segment_bytes) // on to the next segment
+        cuda->ring_head += segment_bytes - cuda->ring_head % segment_bytes;
     cuda->ring_head %= LQ_CUDA_RING_BYTES;
-    size_t segment = cuda->ring_head / segment_bytes;
-    if (offset == 0 && cuda->ring_recorded[segment]) {
-        // a lap ago this segment fed copies: they must have read it (long done in practice)
-        cudaEventSynchronize(cuda->ring_events[segment]);
-        cuda->ring_recorded[segment] = 0;
+    const int segment = (int)(cuda->ring_head / segment_bytes);
+    if (cuda->ring_open >= 0 && cuda->ring_open != segment) {
+        // every copy out of the open segment is queued by now: one event covers them all
+        if (cudaEventRecord(cuda->ring_events[cuda->ring_open], cuda->stream) != cudaSuccess)
+            return NULL;
+        cuda->ring_recorded[cuda->ring_open] = 1;
+        cuda->ring_open = -1;
+    }
+    if (cuda->ring_open != segment) {
+        if (cuda->ring_recorded[segment]) {
+            // a lap ago this segment fed copies: they must have read it (long done in practice)
+            cudaEventSynchronize(cuda->ring_events[segment]);
+            cuda->ring_recorded[segment] = 0;
+        }
+        cuda->ring_open = segment;
     }
     void *at = cuda->ring + cuda->ring_head;
     memcpy(at, host, bytes);
@@ -200,7 +212,6 @@ int lq_cuda_stage(struct lq_cuda *cuda, enum lq_cuda_slot slot, const void *host
                   void **device) {
     int rc = lq_cuda_slot(cuda, slot, bytes, device);
     if (rc) return rc;
-    const size_t segment_bytes = LQ_CUDA_RING_BYTES / LQ_CUDA_RING_SEGMENTS;
     void *pinned = ring_put(cuda, host, bytes);
     if (!pinned) {
         // Large arguments (long prefills) come from pageable memory: the driver stages them,
@@ -211,9 +222,6 @@ int lq_cuda_stage(struct lq_cuda *cuda, enum lq_cuda_slot slot, const void *host
     }
     LQ_CUDA_TRY(cudaMemcpyAsync(*device, pinned, bytes, cudaMemcpyHostToDevice, cuda->stream),
                 "staging op arguments");
-    size_t segment = (size_t)((unsigned char *)pinned - cuda->ring) / segment_bytes;
-    LQ_CUDA_TRY(cudaEventRecord(cuda->ring_events[segment], cuda->stream), "staging event");
-    cuda->ring_recorded[segment] = 1;
     return LQ_OK;
 }
 
@@ -468,6 +476,7 @@ extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq
         memory_limit = free_bytes - free_bytes / 20; // cuBLAS and the driver need some room
     }
     cuda->memory.limit = memory_limit;
+    cuda->ring_open = -1;
     if ((status = cudaHostAlloc((void **)&cuda->ring, LQ_CUDA_RING_BYTES, cudaHostAllocDefault)) !=
         cudaSuccess) {
         rc = lq_cuda_fail(status, "pinned staging memory", err);

@@ -66,6 +66,7 @@ struct lq_cuda {
     size_t ring_head;
     cudaEvent_t ring_events[LQ_CUDA_RING_SEGMENTS];
     int ring_recorded[LQ_CUDA_RING_SEGMENTS];
+    int ring_open; // the segment copies are being queued from (no event yet), or -1
 };
 
 static inline struct lq_cuda *lq_cuda_of(struct lq_backend *backend) {

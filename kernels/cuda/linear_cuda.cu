@@ -74,6 +74,12 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w);
 // tensor cores. The two cross somewhere between 8 and 16 tokens by our estimate for an H100;
 // 8 also bounds the decode kernels' R·n accumulators (no spills).
 #define LQ_DECODE_MAX_TOKENS 8
+// From this many tokens up to LQ_CUDA_MMA_MAX_TOKENS (64), LQ layers the fast path covers take
+// the fused dequantize + tensor-core kernel of linear_mma_cuda.cu instead (it runs any n >= 1).
+// Measured on an H200 (tests/bench/bench_cuda, rank 64): 4096 x 4096 at 4 tokens 19 us on the
+// decode kernel; at 8 tokens 40 us there (it pads 5..8 to 8 slots) against 26 us here; 11008 x
+// 4096 at 8 tokens 93 us against 35 us.
+#define LQ_MMA_MIN_TOKENS 5
 // A fp16 tile of rows at most this large: dequantized, then read by the GEMM while in L2.
 #define LQ_TILE_BYTES ((size_t)16 << 20)
 // Bytes of zeros after each packed buffer, so that a two-word window at the end stays inside.
@@ -377,14 +383,14 @@ int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const 
     if (!data || n < 0) return LQ_EINVAL;
     if (n == 0) return LQ_OK;
     if (!w->is_lq) return lq_sgemm_nt(cuda, data->dense, w->rows, w->cols, x, n, 0.0f, y, w->rows);
-    if (n <= LQ_DECODE_MAX_TOKENS) return lq_decode(cuda, w, data, x, n, y);
-    if (n <= LQ_CUDA_MMA_MAX_TOKENS && lq_cuda_linear_mma_supported(cuda, w, n)) {
-        // small batches: fused dequantize + mma.sync (linear_mma_cuda.cu)
-        const struct lq_cuda_lq_buffers buffers = {data->codes,  data->scale_codes,
-                                                   data->group_scales, data->table,
-                                                   data->lora_A, data->lora_B, data->overlap};
+    if (n >= LQ_MMA_MIN_TOKENS && n <= LQ_CUDA_MMA_MAX_TOKENS &&
+        lq_cuda_linear_mma_supported(cuda, w, n)) { // fused dequantize + mma.sync
+        const struct lq_cuda_lq_buffers buffers = {
+            data->codes, data->scale_codes, data->group_scales, data->table,
+            data->lora_A, data->lora_B, data->overlap};
         return lq_cuda_linear_mma(cuda, w, &buffers, x, n, y);
     }
+    if (n <= LQ_DECODE_MAX_TOKENS) return lq_decode(cuda, w, data, x, n, y);
     return lq_prefill(cuda, w, data, x, n, y);
 }
 

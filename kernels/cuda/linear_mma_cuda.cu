@@ -36,18 +36,17 @@
 // value, vs 0.5 ulp for the tile path), x is fp16, everything else fp32: ~5e-4 relative L2
 // error on random data, under the tests' 4e-3 for the tensor-core paths.
 //
-// Cost model (H100/H200, per SM and clock: 128 B shared memory, 4 issue slots, ~1 mma.sync
-// m16n8k16 per 4-6 clocks per SM sub-partition, HBM ~16 B). Per 4096 weights (one warp tile):
-// 256 decode instructions + 64 LDS.32 of pair table (2 B/weight), NT/8·8 LDS.64 of x
-// (NT/16 B/weight) and NT/4·... mma: at NT = 16 shared memory and issue allow ~35 weights per
-// clock per SM, ~2.5x the ~14 weights/clock (3 bits) that HBM delivers; at NT = 64 shared memory
-// (6 B/weight) and the tensor cores (2·64 FLOP per weight: 4096 x 4096 x 64 is 2.1 GFLOP, ~3 µs
-// on mma.sync) are the limits, so the kernel is compute-bound there, not memory-bound. Besides
-// the weights, on-chip traffic from L2: each CTA's x slice (bands · n·cols·2 bytes in all) and
-// the partials (splits · n·rows·4, written and read): at n = 64 and 4096 x 4096 that is ~3x
-// the packed bytes, at n = 16 about 1x. Expected: ~50-65% of HBM bandwidth on 11008 x 4096 at
-// n = 16, ~40-50% at n = 32, ~30-40% at n = 64 (tensor-core bound), less on 4096 x 4096 where
-// the fixed costs (staging, the reduction, launches) weigh more. To be measured (bench_cuda).
+// Cost model (H100/H200 per SM and clock: 4 issue slots, 128 B of shared memory, HBM ~16 B at
+// full bandwidth, i.e. ~40 weights at 3.2 bits). The main loop is ~560 warp instructions per
+// 4096 weights at NT = 16 and ~700 at NT = 64 (SASS of b0 = 3: 64 LDS.32 pair lookups with
+// 128 shift/LOP3 and 64 HMUL2, NT·2 LDS.64 of x, NT·2 HMMA.16816, ~250 of loads, scales and
+// addresses), so it is issue-bound at ~29 weights per clock at NT = 16 and ~23 at NT = 64,
+// where the tensor cores (2·64 FLOP per weight on mma.sync) are about as busy. Shared memory:
+// 2 B/weight of pair table + NT/16 B/weight of x. On top, from L2: each CTA's x slice (bands ·
+// n·cols·2 bytes in all) and the partials (splits · n·rows·4, written and read). Estimate for
+// 11008 x 4096 at ~3.2 bits (17.6 MB, 4.1 µs at 4.25 TB/s): ~6-7 µs at n = 16 (~60% of HBM
+// bandwidth), ~9-10 µs at n = 64 (~45%, compute-bound); 4096 x 4096 fares worse (~50% / ~35%)
+// as the fixed costs (staging, the reduction, four launches) weigh more. To be measured.
 #include <stdint.h>
 #include <string.h>
 

@@ -226,13 +226,16 @@ static int linear_alone(struct lq_backend *gpu, struct lq_error *err) {
     gpu->ops->copy_to_device(gpu, x, host, (size_t)512 * 11008 * 4);
     free(host);
     for (int s = 0; s < 3; s++)
-        for (int c = 0; c < 2; c++) {
+        for (int c = 0; c < 3; c++) { /* b0 2 and 3 with rank 64; b0 3 without factors */
             struct lq_linear w;
-            if (random_lq(&rng, shapes[s][0], shapes[s][1], configs[c], &w) ||
-                gpu->ops->linear_prepare(gpu, &w, err))
-                return -1;
-            printf("linear %5d x %5d b0=%d rank %d (%.1f MB):", w.rows, w.cols, configs[c].b0, RANK,
-                   linear_bytes(&w) / 1e6);
+            if (random_lq(&rng, shapes[s][0], shapes[s][1], configs[c < 2 ? c : 1], &w)) return -1;
+            if (c == 2) {
+                free(w.lora_A), free(w.lora_B);
+                w.lora_A = w.lora_B = NULL, w.rank = 0;
+            }
+            if (gpu->ops->linear_prepare(gpu, &w, err)) return -1;
+            printf("linear %5d x %5d b0=%d rank %2d (%.1f MB):", w.rows, w.cols, w.q.config.b0,
+                   w.rank, linear_bytes(&w) / 1e6);
             for (size_t b = 0; b < sizeof batches / sizeof batches[0]; b++) {
                 const int n = batches[b], calls = 50;
                 for (int i = 0; i < 5; i++) gpu->ops->linear(gpu, &w, x, n, y);

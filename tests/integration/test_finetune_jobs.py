@@ -252,12 +252,18 @@ def keep_streaming():
 threads = [threading.Thread(target=keep_streaming) for _ in range(8)]
 for t in threads:
     t.start()
-time.sleep(0.3)
+# swap once streams have finished on the first version, stop once streams started after the swap
+# have finished (timing-free: a loaded machine only makes it slower)
+deadline = time.time() + 120
+while not results and time.time() < deadline:
+    time.sleep(0.02)
 status, swapped = daemon.json("POST", "/v1/adapters/load",
                               {"model": "stories", "name": "tiny",
                                "path": os.path.join(os.path.realpath(state_dir), "adapters", "stories", "tiny-v2")})
 check(status == 200, f"hot swap of stories:tiny to the second adapter: {status} {swapped}")
-time.sleep(0.3)
+at_swap = len(results)
+while len(results) < at_swap + 16 and time.time() < deadline + 120:
+    time.sleep(0.02)
 stop.set()
 for t in threads:
     t.join(180)

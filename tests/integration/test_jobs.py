@@ -5,7 +5,11 @@ decomposition); a job on the full Table 1 grid is cancelled within seconds and l
 (nor a half-written OUTPUT.tmp-*); `kill -9` of the daemon during a job, then a restart on the
 same state directory, resumes the job (never lost) and it succeeds from the cache; events as a
 JSON array and as Server-Sent Events; a catalogue of bad requests, each a 4xx with OpenAI's error
-shape; auth on every job route; the jobs gauge in /metrics.
+shape; auth on every job route; the jobs gauge in /metrics; a Fisher-weighted job on an uploaded
+calibration text (result weighting "fisher-...", weights unlike the unweighted job's, the cache
+key and bytes of `lqd compress --fisher` with the same draw, read back from its record and
+linked text after the upload is deleted and the daemon restarted; bad "fisher" bodies name the
+field).
 
 Environment: LQD (the binary, default build/server/lqd), LQ_REPO_ROOT."""
 import http.client
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_util import LQD, ROOT, STARTED, check, finish, free_port  # noqa: E402
@@ -26,9 +31,28 @@ SMALL_GRID = "4,8,fp32,64,256;3,8,fp32,64,256;2,8,fp32,64,256"
 # 162 configurations: long enough (about 10 s on 2 CPUs) to be killed in the middle of.
 MEDIUM_GRID = ";".join(f"{b0},{b1},{b2},{B0},{B1}" for b0 in (2, 3, 4) for b1 in (2, 3, 4)
                        for b2 in ("bf16", "fp16", "fp32") for B0 in (16, 32, 64) for B1 in (64, 256))
+# Fisher-weighted jobs: calibration lines of TinyStories, and the draw (as lqd compress --fisher-*).
+DATA = os.path.join(ROOT, "../shared/data/tinystories_val_subset.txt")
+FISHER = {"samples": 16, "seq_len": 128, "seed": 5}
 
 
+def upload(daemon, path, filename):
+    """POST /v1/files (multipart, purpose fine-tune): status, record."""
+    boundary = "lqd-" + uuid.uuid4().hex
+    with open(path, "rb") as f:
+        content = f.read()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return daemon.json("POST", "/v1/files", body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
+
+def safetensors(directory):
+    """model.safetensors of an LQ directory: (whole bytes, its metadata, the tensor bytes after the header)."""
+    with open(os.path.join(directory, "model.safetensors"), "rb") as f:
+        data = f.read()
+    size = int.from_bytes(data[:8], "little")
+    return data, json.loads(data[8:8 + size]).get("__metadata__", {}), data[8 + size:]
 
 
 class Daemon:
@@ -249,6 +273,102 @@ for method, path in [("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", f"/v1/jo
 metrics = daemon.request("GET", "/metrics")[1].decode()
 check('lqd_jobs{status="succeeded"} 2' in metrics and 'lqd_jobs{status="cancelled"} 3' in metrics,
       "jobs gauge in /metrics")
+
+# ---- a Fisher-weighted compress job (lqd compress --fisher on an upload) ----
+calibration = os.path.join(work, "calibration.txt")
+with open(DATA) as f:
+    calibration_lines = f.readlines()[:200]
+with open(calibration, "w") as f:
+    f.writelines(calibration_lines)
+status, calibration_file = upload(daemon, calibration, "calibration.txt")
+check(status == 200 and calibration_file["id"].startswith("file-"), f"calibration upload: {status} {calibration_file}")
+fisher_id = calibration_file["id"]
+check(result.get("weighting") == "none" and result.get("fisher") is None, f"unweighted result: {result}")
+base = {"type": "compress", "model": "stories", "target_bits": 3, "rank": 4, "configs": SMALL_GRID,
+        "output": "stories-fisher-bad"}
+fisher_ok = {"file": fisher_id, **FISHER}
+bad_fisher = [
+    ("file-0123456789abcdef01234567", 400, "fisher"),
+    ([fisher_id], 400, "fisher"),
+    ({"samples": 4}, 400, "fisher.file"),
+    ({"file": 7, "samples": 4}, 400, "fisher.file"),
+    ({"file": fisher_id}, 400, "fisher.samples"),
+    ({**fisher_ok, "samples": 0}, 400, "fisher.samples"),
+    ({**fisher_ok, "samples": 100000001}, 400, "fisher.samples"),
+    ({**fisher_ok, "samples": 2.5}, 400, "fisher.samples"),
+    ({**fisher_ok, "samples": "16"}, 400, "fisher.samples"),
+    ({**fisher_ok, "samples": 1000}, 400, "fisher.samples"),  # more than the text's 100 non-empty lines
+    ({**fisher_ok, "seq_len": 1}, 400, "fisher.seq_len"),
+    ({**fisher_ok, "seq_len": 2 ** 24 + 1}, 400, "fisher.seq_len"),
+    ({**fisher_ok, "seed": -1}, 400, "fisher.seed"),
+    ({**fisher_ok, "seed": "5"}, 400, "fisher.seed"),
+    ({**fisher_ok, "sample": 3}, 400, "fisher.sample"),
+    ({**fisher_ok, "file": "file-0123456789abcdef01234567"}, 404, "fisher.file"),
+]
+for fisher, expected, param in bad_fisher:
+    status, answer = daemon.json("POST", "/v1/jobs", {**base, "fisher": fisher})
+    check(status == expected and error_shape(answer) and answer["error"].get("param") == param
+          and param in answer["error"]["message"],
+          f"bad fisher {str(fisher)[:80]}: {status} (want {expected}, {param}) {answer}")
+check(leftovers(models_dir, "stories-fisher-bad") == [], "refused weighted jobs create nothing")
+
+status, wjob = daemon.json("POST", "/v1/jobs", {**base, "output": "stories-3bit-fisher", "fisher": fisher_ok})
+check(status == 200 and wjob["request"]["fisher"]["file"] == fisher_id
+      and wjob["request"]["fisher"]["samples"] == 16 and wjob["request"]["fisher"]["seed"] == 5,
+      f"weighted job submitted: {status} {wjob}")
+check(os.path.isfile(os.path.join(state_dir, "jobs", wjob["id"], "fisher_file")), "calibration linked into the job")
+weighted = daemon.wait(wjob["id"], ("succeeded", "failed", "cancelled"), 180)
+wresult = weighted.get("result") or {}
+check(weighted["status"] == "succeeded", f"weighted job succeeded: {weighted}")
+weighting = wresult.get("weighting", "")
+check(weighting.startswith("fisher-") and len(weighting) == len("fisher-") + 16, f"result weighting: {weighting!r}")
+check((wresult.get("fisher") or {}).get("samples") == 16 and wresult["fisher"].get("seq_len") == 128
+      and wresult["fisher"].get("tokens", 0) > 16, f"result fisher: {wresult.get('fisher')}")
+wevents = daemon.json("GET", f"/v1/jobs/{wjob['id']}/events")[1]
+check(any(e.get("phase") == "fisher" and e.get("sequences_done") == 16 and e.get("sequences_total") == 16
+          for e in wevents), "progress events of phase fisher")
+check(not os.path.exists(os.path.join(state_dir, "jobs", wjob["id"])), "the job's directory removed when done")
+woutput = os.path.join(os.path.realpath(models_dir), "stories-3bit-fisher")
+_, wmeta, wtensors = safetensors(woutput)
+_, meta, tensors = safetensors(output)
+check(wmeta.get("lqd.weighting") == weighting and meta.get("lqd.weighting") == "none",
+      f"weighting metadata: {wmeta.get('lqd.weighting')} / {meta.get('lqd.weighting')}")
+check(wtensors != tensors, "the weighted model's weights differ from the unweighted job's")
+
+# The CLI with the same text, N, L and seed: the same cache key (every cell cached) and the same bytes.
+cli_out = os.path.join(work, "cli-fisher")
+cli = subprocess.run([LQD, "compress", "--model", weighted["request"]["source"], "--bits", "3", "--rank", "4",
+                      "--configs", SMALL_GRID, "--out", cli_out, "--fisher", calibration,
+                      "--fisher-samples", "16", "--fisher-seq-len", "128", "--fisher-seed", "5", "--json", "--quiet"],
+                     capture_output=True, text=True, timeout=300)
+cli_report = json.loads(cli.stdout) if cli.returncode == 0 else {}
+check(cli.returncode == 0, f"lqd compress --fisher: {cli.stderr}")
+check(cli_report.get("weighting") == weighting and cli_report.get("cells_cached") == 105
+      and cli_report.get("decompositions") == 0,
+      f"CLI shares the job's cache key: {cli_report.get('weighting')} {cli_report.get('cells_cached')}")
+check(safetensors(cli_out)[0] == safetensors(woutput)[0], "CLI and job write byte-identical model weights")
+
+# Queued behind a busy job, the upload deleted, the daemon restarted: read back from its record and
+# linked data, the job is weighted the same.
+status, busy = daemon.json("POST", "/v1/jobs", {"type": "compress", "model": "stories", "target_bits": 3,
+                                                "rank": 8, "output": "stories-fisher-busy"})
+status, wjob2 = daemon.json("POST", "/v1/jobs", {**base, "output": "stories-3bit-fisher2", "fisher": fisher_ok})
+check(status == 200 and wjob2["status"] == "queued", f"second weighted job queued: {status} {wjob2.get('status')}")
+check(daemon.json("DELETE", f"/v1/files/{fisher_id}")[0] == 200, "calibration upload deleted")
+daemon.stop()
+daemon = Daemon(models_dir, state_dir)
+daemon.json("POST", f"/v1/jobs/{busy['id']}/cancel")
+status, wrecord = daemon.json("GET", f"/v1/jobs/{wjob2['id']}")
+check(status == 200 and wrecord["request"].get("fisher") == wjob2["request"]["fisher"],
+      f"fisher read back from the record: {wrecord.get('request')}")
+weighted2 = daemon.wait(wjob2["id"], ("succeeded", "failed", "cancelled"), 180)
+result_w2 = weighted2.get("result") or {}
+check(weighted2["status"] == "succeeded" and result_w2.get("weighting") == weighting,
+      f"restarted weighted job: {weighted2['status']} {result_w2.get('weighting')} {weighted2.get('error')}")
+check(weighted2["status"] == "succeeded"
+      and safetensors(os.path.join(os.path.realpath(models_dir), "stories-3bit-fisher2"))[2] == wtensors,
+      "the restarted weighted job writes the same weights")
+check(daemon.wait(busy["id"], ("cancelled",), 10)["status"] == "cancelled", "busy job cancelled")
 
 # ---- kill -9 during a job; the restarted daemon resumes it ----
 status, job4 = daemon.json("POST", "/v1/jobs", {"type": "compress", "model": "stories", "target_bits": 3,

@@ -141,6 +141,54 @@ static void test_round_trip_bit_identical(void) {
     lq_adapter_free(add);
 }
 
+/* 1 when dir_a/name and dir_b/name hold the same bytes. */
+static int same_file(const char *dir_a, const char *dir_b, const char *name) {
+    char path_a[600], path_b[600];
+    snprintf(path_a, sizeof path_a, "%s/%s", dir_a, name);
+    snprintf(path_b, sizeof path_b, "%s/%s", dir_b, name);
+    char *a = NULL, *b = NULL;
+    size_t length_a = 0, length_b = 0;
+    int same = lq_file_read_all(path_a, (size_t)1 << 30, &a, &length_a, NULL) == 0 &&
+               lq_file_read_all(path_b, (size_t)1 << 30, &b, &length_b, NULL) == 0 &&
+               length_a == length_b && memcmp(a, b, length_a) == 0;
+    free(a);
+    free(b);
+    return same;
+}
+
+/* save -> load -> save writes the same bytes: loading loses nothing the file holds (mode,
+ * init, base model, absent matrices, every float bit), for both modes. */
+static void test_save_load_save_same_bytes(void) {
+    struct lq_adapter *replace = stories_adapter(LQ_ADAPTER_REPLACE, 8);
+    snprintf(replace->init, sizeof replace->init, "lq");
+    replace->matrices[5].L1[3] = -0.0f; /* signed zero and a subnormal keep their bits */
+    replace->matrices[6].L2[1] = 1e-40f;
+    struct lq_adapter *add = NULL;
+    CHECK_OK(lq_adapter_create(5, LQ_ADAPTER_ADD, &add, NULL));
+    fill_pair(lq_adapter_matrix(add, 1, LQ_K_PROJ), 32, 64, 4);
+    fill_pair(lq_adapter_matrix(add, 4, LQ_GATE_PROJ), 172, 64, 4);
+    snprintf(add->init, sizeof add->init, "zero");
+    struct lq_adapter *cases[2] = {replace, add};
+    for (int i = 0; i < 2; i++) {
+        char first[300], second[300];
+        snprintf(first, sizeof first, "%s", work_path(i ? "bytes-add-1" : "bytes-replace-1"));
+        snprintf(second, sizeof second, "%s", work_path(i ? "bytes-add-2" : "bytes-replace-2"));
+        struct lq_error err = {0};
+        struct lq_adapter *back = NULL;
+        int rc = lq_adapter_save(cases[i], first, 0, &err);
+        if (!rc) rc = lq_adapter_load(first, &back, &err);
+        if (!rc) rc = lq_adapter_save(back, second, 0, &err);
+        CHECK_MSG(rc == 0, "%s", err.message);
+        CHECK_MSG(same_file(first, second, "adapter_model.safetensors"),
+                  "%s: adapter_model.safetensors differs after a reload", second);
+        CHECK_MSG(same_file(first, second, "adapter_config.json"),
+                  "%s: adapter_config.json differs after a reload", second);
+        lq_adapter_free(back);
+    }
+    lq_adapter_free(replace);
+    lq_adapter_free(add);
+}
+
 static void test_peft_names_and_shapes(void) {
     struct lq_adapter *a = stories_adapter(LQ_ADAPTER_REPLACE, 8);
     CHECK_OK(lq_adapter_save(a, work_path("names"), 0, NULL));
@@ -474,7 +522,7 @@ int main(int argc, char **argv) {
         LQ_TEST(test_create_and_accessor),   LQ_TEST(test_round_trip_bit_identical),
         LQ_TEST(test_peft_names_and_shapes), LQ_TEST(test_peft_scaling_and_dtypes),
         LQ_TEST(test_load_errors),           LQ_TEST(test_save_errors),
-        LQ_TEST(test_check_against_model),
+        LQ_TEST(test_check_against_model),   LQ_TEST(test_save_load_save_same_bytes),
     };
     setup();
     int rc = lq_test_run(cases, sizeof cases / sizeof cases[0], argc, argv);
