@@ -305,3 +305,31 @@ int lq_fisher_calibration_draw(const struct lq_tokenizer *tokenizer, const char 
     }
     return rc;
 }
+
+int lq_fisher_estimate_text(const struct lq_model *model, const struct lq_tokenizer *tokenizer,
+                            const char *text, size_t length,
+                            const struct lq_fisher_text_options *options,
+                            struct lq_fisher_calibration *calibration, struct lq_fisher *out,
+                            struct lq_error *err) {
+    struct lq_backend *backend = NULL;
+    int rc = lq_fisher_calibration_draw(tokenizer, text, length, options->samples,
+                                        options->max_seq_len, options->seed, calibration, err);
+    if (rc) {
+        lq_error_prefix(err, "%s", options->draw_label);
+        return rc;
+    }
+    if ((rc = options->create_backend(&backend, err))) return rc;
+    if (options->drawn && (rc = options->drawn(options->drawn_context, calibration))) {
+        lq_error_set(err, rc, "stopped before the Fisher estimate");
+    } else {
+        struct lq_fisher_options compute;
+        lq_fisher_options_default(&compute);
+        compute.max_seq_len = options->max_seq_len;
+        compute.progress = options->progress, compute.context = options->progress_context;
+        rc = lq_fisher_compute(backend, model, (const int *const *)calibration->sequences,
+                               calibration->lengths, calibration->count, &compute, out, err);
+        if (!rc) memcpy(out->source, calibration->source, sizeof out->source);
+    }
+    backend->ops->destroy(backend);
+    return rc;
+}

@@ -86,4 +86,32 @@ int lq_fisher_calibration_draw(const struct lq_tokenizer *tokenizer, const char 
                                struct lq_fisher_calibration *out, struct lq_error *err);
 void lq_fisher_calibration_free(struct lq_fisher_calibration *calibration);
 
+/* The draw, backend and hooks of lq_fisher_estimate_text. */
+struct lq_fisher_text_options {
+    int samples;            /* sequences drawn (lq_fisher_calibration_draw's count) */
+    int max_seq_len;        /* tokens per sequence at most, BOS included */
+    uint64_t seed;          /* of the draw */
+    const char *draw_label; /* prefixed to an error of the draw ("--fisher FILE") */
+    /* Makes the backend F is estimated on (lq_backend_cpu_create); destroyed after. */
+    int (*create_backend)(struct lq_backend **out, struct lq_error *err);
+    /* Called with the draw once the backend is made, before the estimate (NULL: not called);
+     * a nonzero return stops with that code and "stopped before the Fisher estimate". */
+    int (*drawn)(void *context, const struct lq_fisher_calibration *calibration);
+    void *drawn_context;
+    lq_fisher_progress_fn progress; /* during the estimate, as lq_fisher_options' */
+    void *progress_context;
+};
+
+/* F of model estimated from calibration text (length bytes), as `lqd compress --fisher` and
+ * compress jobs make it: options->samples sequences drawn with tokenizer into *calibration
+ * (the caller frees it with lq_fisher_calibration_free, on error too), F computed with them
+ * on a backend of options->create_backend, and the draw recorded in out->source (the same
+ * text and draw give the same error-table cache key). On error the caller frees out with
+ * lq_fisher_free. */
+int lq_fisher_estimate_text(const struct lq_model *model, const struct lq_tokenizer *tokenizer,
+                            const char *text, size_t length,
+                            const struct lq_fisher_text_options *options,
+                            struct lq_fisher_calibration *calibration, struct lq_fisher *out,
+                            struct lq_error *err);
+
 #endif

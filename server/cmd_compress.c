@@ -426,6 +426,25 @@ static int load_tokenizer(const struct lq_tokenizer_files *files, struct lq_toke
         "--fisher needs a tokenizer: none found beside the model (use --tokenizer)");
 }
 
+/* The draw is made: said (unless --quiet), and the estimate's clock started. */
+struct fisher_drawn {
+    const struct compress_args *a;
+    struct progress_state *progress;
+    int seq_len;
+};
+
+static int on_fisher_drawn(void *context, const struct lq_fisher_calibration *calibration) {
+    const struct fisher_drawn *d = context;
+    if (!d->a->quiet)
+        fprintf(stderr,
+                "lqd compress: Fisher information from %d of %zu lines of %s (%zu tokens, at "
+                "most %d per sequence, seed %llu) on the CPU\n",
+                calibration->count, calibration->documents, d->a->fisher, calibration->tokens,
+                d->seq_len, d->a->fisher_seed);
+    d->progress->fisher_start = seconds_now(), d->progress->last_line = -1e9;
+    return 0;
+}
+
 /* F from --fisher-load, or estimated from --fisher's text on the CPU backend. */
 static int fisher_obtain(const struct compress_args *a, const struct lq_model *source,
                          const struct lq_tokenizer_files *tokenizer_files,
@@ -440,7 +459,6 @@ static int fisher_obtain(const struct compress_args *a, const struct lq_model *s
         return rc ? lq_error_prefix(err, "--fisher-load") : LQ_OK;
     }
     struct lq_tokenizer *tokenizer = NULL;
-    struct lq_backend *cpu = NULL;
     struct lq_fisher_calibration calibration = {0};
     char *text = NULL;
     size_t length = 0;
@@ -452,30 +470,29 @@ static int fisher_obtain(const struct compress_args *a, const struct lq_model *s
         goto done;
     }
     if ((rc = load_tokenizer(tokenizer_files, &tokenizer, err))) goto done;
-    if ((rc = lq_fisher_calibration_draw(tokenizer, text, length, a->fisher_samples,
-                                         summary->seq_len, a->fisher_seed, &calibration, err))) {
-        lq_error_prefix(err, "--fisher %s", a->fisher);
-        goto done;
+    char draw_label[LQ_ERROR_MESSAGE_SIZE];
+    snprintf(draw_label, sizeof draw_label, "--fisher %s", a->fisher);
+    struct fisher_drawn drawn = {a, progress, summary->seq_len};
+    struct lq_fisher_text_options options = {
+        .samples = a->fisher_samples,
+        .max_seq_len = summary->seq_len,
+        .seed = a->fisher_seed,
+        .draw_label = draw_label,
+        .create_backend = lq_backend_cpu_create,
+        .drawn = on_fisher_drawn,
+        .drawn_context = &drawn,
+        .progress = on_fisher_progress,
+        .progress_context = progress,
+    };
+    rc = lq_fisher_estimate_text(source, tokenizer, text, length, &options, &calibration, fisher,
+                                 err);
+    if (calibration.count) { /* drawn */
+        summary->samples = calibration.count, summary->tokens = calibration.tokens;
+        summary->documents = calibration.documents;
     }
-    summary->samples = calibration.count, summary->tokens = calibration.tokens;
-    summary->documents = calibration.documents;
-    if ((rc = lq_backend_cpu_create(&cpu, err))) goto done;
-    if (!a->quiet)
-        fprintf(stderr,
-                "lqd compress: Fisher information from %d of %zu lines of %s (%zu tokens, at "
-                "most %d per sequence, seed %llu) on the CPU\n",
-                calibration.count, calibration.documents, a->fisher, calibration.tokens,
-                summary->seq_len, a->fisher_seed);
-    struct lq_fisher_options options;
-    lq_fisher_options_default(&options);
-    options.max_seq_len = summary->seq_len;
-    options.progress = on_fisher_progress, options.context = progress;
-    progress->fisher_start = seconds_now(), progress->last_line = -1e9;
-    rc = lq_fisher_compute(cpu, source, (const int *const *)calibration.sequences,
-                           calibration.lengths, calibration.count, &options, fisher, err);
     if (rc) goto done;
-    /* how F was made: saved with it, and hashed into the error table's cache key with it */
-    memcpy(fisher->source, calibration.source, sizeof fisher->source);
+    /* F carries how it was made (fisher->source): saved with it, and hashed into the error
+     * table's cache key with it */
     if (a->fisher_save && (rc = lq_fisher_save(fisher, source, a->fisher_save, err))) {
         lq_error_prefix(err, "--fisher-save");
         goto done;
@@ -484,7 +501,6 @@ done:
     summary->seconds = seconds_now() - start;
     if (rc) lq_fisher_free(fisher);
     lq_fisher_calibration_free(&calibration);
-    if (cpu) cpu->ops->destroy(cpu);
     lq_tokenizer_free(tokenizer);
     free(text);
     return rc;

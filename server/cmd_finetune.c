@@ -51,8 +51,8 @@ static const char finetune_usage[] =
     "  --seed S                   data order, validation split, the new pair's L2 (default 0)\n"
     "  --recompute                keep less activation memory: recompute during backward\n"
     "  --threads N                CPU threads (default: all CPUs, or LQ_THREADS)\n"
-    "  --device D                 cpu (default); the CUDA backend has no training ops yet, so\n"
-    "                             cuda trains on the CPU and says so\n"
+    "  --device D                 cpu (default), cuda, cuda:N or auto: where training runs (a\n"
+    "                             backend without training ops, or no GPU: the CPU, said so)\n"
     "progress and results:\n"
     "  --eval-every N             validation loss every N steps (default: before and after)\n"
     "  --checkpoint FILE          checkpoint file: when it exists, the run resumes from it and\n"
@@ -441,8 +441,8 @@ static int open_backend(const struct lq_cli_device *device, struct lq_backend **
             *out = backend;
             return LQ_OK;
         }
-        fprintf(stderr, "lqd finetune: the CUDA backend has no training ops yet: training on "
-                        "the CPU\n");
+        fprintf(stderr, "lqd finetune: the %s backend has no training ops: training on the CPU\n",
+                backend->ops->name);
         if (is_cpu) {
             *out = backend;
             return LQ_OK;

@@ -22,8 +22,9 @@
 
 #define CHECKPOINT_NAME "checkpoint.safetensors"
 #define CHECKPOINT_SECONDS 30.0 /* without checkpoint_every: at most this much work is lost */
-#define STEP_EVENT_INTERVAL 0.5 /* seconds between step events (validation steps always get one)   \
-                                 */
+#define STEP_EVENT_INTERVAL                                                                        \
+    0.5 /* seconds between step events (validation steps always get one)                           \
+         */
 
 /* ---------- the request ---------- */
 
@@ -322,8 +323,14 @@ enum lq_job_status lq_job_finetune_run(const struct lq_job_spec *s, const char *
     enum lq_chat_format chat = LQ_CHAT_PLAIN;
     hooks->progress(hooks->context, "loading", 0, -1);
     int rc = load_inputs(s, &model, &tokenizer, &chat, err);
-    /* The CUDA backend has no training ops yet: jobs train on the CPU. */
-    if (!rc) rc = lq_backend_cpu_create(&backend, err);
+    /* On the daemon's GPU when its backend has the training ops (borrowed: the op lock keeps
+     * serving and training apart), else on a CPU backend of the job's own. */
+    struct lq_backend *device = options->device;
+    if (!rc && device && strcmp(device->ops->name, "cpu") != 0 && device->ops->linear_lora &&
+        device->ops->linear_backward && device->ops->attention_backward && device->ops->adamw)
+        backend = device;
+    else if (!rc)
+        rc = lq_backend_cpu_create(&backend, err);
     if (rc) goto done;
     char checkpoint[PATH_MAX + 64];
     snprintf(checkpoint, sizeof checkpoint, "%s/" CHECKPOINT_NAME, job_dir);
@@ -382,7 +389,7 @@ enum lq_job_status lq_job_finetune_run(const struct lq_job_spec *s, const char *
 done:
     if (status != LQ_JOB_QUEUED) lq_job_finetune_discard(job_dir);
     lq_adapter_free(adapter);
-    if (backend) backend->ops->destroy(backend);
+    if (backend && backend != options->device) backend->ops->destroy(backend);
     lq_tokenizer_free(tokenizer);
     lq_model_free(model);
     return status;

@@ -369,6 +369,11 @@ static int on_fisher_progress(void *context, int done, int total) {
     return 0;
 }
 
+/* The draw is made: progress 0 of its sequences, where a cancelled job stops. */
+static int on_fisher_drawn(void *context, const struct lq_fisher_calibration *calibration) {
+    return on_fisher_progress(context, 0, calibration->count);
+}
+
 /* F of every linear matrix of source, estimated on a CPU backend from the job's calibration
  * text with lqd compress --fisher's draw (the same text, N, L and seed give the same F and
  * the same fisher->source, hence the same error-table cache key). On error fisher is freed. */
@@ -378,7 +383,6 @@ static int fisher_estimate(struct run *run, const struct lq_model *source,
     static const char *const names[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
     const struct lq_fisher_job_spec *f = &run->job->spec.fisher;
     struct lq_tokenizer *tokenizer = NULL;
-    struct lq_backend *cpu = NULL;
     struct lq_fisher_calibration calibration = {0};
     char *text = NULL;
     size_t length = 0;
@@ -402,30 +406,27 @@ static int fisher_estimate(struct run *run, const struct lq_model *source,
                           "fisher: no tokenizer found beside %s to read the calibration text with",
                           run->job->spec.source);
     if (rc) goto done;
-    if ((rc = lq_fisher_calibration_draw(tokenizer, text, length, f->samples, summary->seq_len,
-                                         f->seed, &calibration, err))) {
-        lq_error_prefix(err, "fisher.file %s (%s)", f->file, f->filename);
-        goto done;
-    }
-    summary->tokens = calibration.tokens, summary->documents = calibration.documents;
-    if ((rc = lq_backend_cpu_create(&cpu, err))) goto done;
-    struct lq_fisher_options options;
-    lq_fisher_options_default(&options);
-    options.max_seq_len = summary->seq_len;
-    options.progress = on_fisher_progress, options.context = run;
-    if ((rc = on_fisher_progress(run, 0, calibration.count))) {
-        lq_error_set(err, rc, "stopped before the Fisher estimate");
-        goto done;
-    }
-    rc = lq_fisher_compute(cpu, source, (const int *const *)calibration.sequences,
-                           calibration.lengths, calibration.count, &options, fisher, err);
-    /* how F was made: hashed into the error table's cache key, as the CLI does */
-    if (!rc) memcpy(fisher->source, calibration.source, sizeof fisher->source);
+    char draw_label[LQ_ERROR_MESSAGE_SIZE];
+    snprintf(draw_label, sizeof draw_label, "fisher.file %s (%s)", f->file, f->filename);
+    struct lq_fisher_text_options options = {
+        .samples = f->samples,
+        .max_seq_len = summary->seq_len,
+        .seed = f->seed,
+        .draw_label = draw_label,
+        .create_backend = lq_backend_cpu_create,
+        .drawn = on_fisher_drawn,
+        .drawn_context = run,
+        .progress = on_fisher_progress,
+        .progress_context = run,
+    };
+    rc = lq_fisher_estimate_text(source, tokenizer, text, length, &options, &calibration, fisher,
+                                 err);
+    if (calibration.count) /* drawn */
+        summary->tokens = calibration.tokens, summary->documents = calibration.documents;
 done:
     summary->seconds = monotonic_now() - start;
     if (rc) lq_fisher_free(fisher);
     lq_fisher_calibration_free(&calibration);
-    if (cpu) cpu->ops->destroy(cpu);
     lq_tokenizer_free(tokenizer);
     free(text);
     return rc;

@@ -132,6 +132,12 @@ int lq_cuda_linear_mma_supported(struct lq_cuda *cuda, const struct lq_linear *w
 int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
                        const struct lq_cuda_lq_buffers *buffers, const float *x, int n, float *y);
 
+// t[n, rank] = x · L2ᵀ (lora_A [rank, cols]) with one CTA per rank row, eight tokens per launch.
+// For a few tokens this beats cuBLAS, whose SGEMM of the skinny shape (M = rank, N = n,
+// K = cols) runs on a handful of CTAs (an H200: 12 us of a 25 us layer at 8 tokens).
+int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank, int cols,
+                            const float *x, int n, float *t);
+
 // ops_cuda.cu: the element-wise and row-wise ops.
 int lq_cuda_embed(struct lq_backend *backend, const float *table, int dim, const int *ids, int n,
                   float *out);
@@ -170,5 +176,41 @@ int lq_cuda_op_linear_base(struct lq_backend *backend, const struct lq_linear *w
                            int n, float *y);
 int lq_cuda_op_lowrank_add(struct lq_backend *backend, const float *L1, const float *L2, int rows,
                            int cols, int rank, const float *x, int n, float *y);
+
+// train_cuda.cu: the training ops but attention_backward (kernels/backend.h, "training ops"),
+// as ops-table entries that take cuda->lock themselves.
+int lq_cuda_op_zero(struct lq_backend *backend, float *x, size_t count);
+int lq_cuda_op_copy(struct lq_backend *backend, void *to, const void *from, size_t bytes);
+int lq_cuda_op_linear_lora(struct lq_backend *backend, const struct lq_linear *w, const float *L1,
+                           const float *L2, int rank, const float *x, int n, float *y);
+int lq_cuda_op_linear_backward(struct lq_backend *backend, const struct lq_linear *w,
+                               const float *L1, const float *L2, int rank, const float *x,
+                               const float *dy, int n, float *dx, int accumulate_dx, float *dL1,
+                               float *dL2, float *dW);
+int lq_cuda_op_matmul_backward(struct lq_backend *backend, const float *w, int rows, int cols,
+                               const float *dy, int n, float *dx, int accumulate);
+int lq_cuda_op_rmsnorm_backward(struct lq_backend *backend, const float *x, const float *weight,
+                                const float *dy, int n, int dim, float eps, float *dx);
+int lq_cuda_op_rope_backward(struct lq_backend *backend, float *dx, int n, int heads, int head_dim,
+                             const int *positions, float theta);
+int lq_cuda_op_swiglu_backward(struct lq_backend *backend, const float *gate, const float *up,
+                               const float *dout, size_t count, float *dgate, float *dup);
+int lq_cuda_op_cross_entropy(struct lq_backend *backend, const float *logits, const int *targets,
+                             const unsigned char *mask, int n, int vocab, float grad_scale,
+                             double *loss_sum, float *dlogits);
+int lq_cuda_op_sum_squares(struct lq_backend *backend, const float *x, size_t count, double *out);
+int lq_cuda_op_accumulate_squares(struct lq_backend *backend, float *acc, const float *x,
+                                  size_t count, float scale);
+int lq_cuda_op_adamw(struct lq_backend *backend, float *params, const float *grads, float *m,
+                     float *v, size_t count, const struct lq_adamw_params *hyper);
+
+// attention_backward_cuda.cu: the backward of causal grouped-query attention (training), and
+// its ops-table entry, which takes cuda->lock itself.
+int lq_cuda_attention_backward(struct lq_backend *backend, const float *q, const float *k,
+                               const float *v, const float *dout, int batch, int n, int heads,
+                               int kv_heads, int head_dim, float *dq, float *dk, float *dv);
+int lq_cuda_op_attention_backward(struct lq_backend *backend, const float *q, const float *k,
+                                  const float *v, const float *dout, int batch, int n, int heads,
+                                  int kv_heads, int head_dim, float *dq, float *dk, float *dv);
 
 #endif

@@ -89,15 +89,15 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w);
 // What prepare leaves in lq_linear.backend_data.
 
 struct lq_cuda_linear_data {
-    float *dense;           // dense layers: rows x cols
-    uint32_t *codes;        // the packed codes as 32-bit words (+ padding)
-    uint32_t *scale_codes;  // the packed block-scale codes (+ padding)
-    uint8_t *group_scales;  // the group scales (+ padding)
-    float *table;           // the NF table of b0 bits
-    float *lora_A;          // L2 [rank, cols]
-    float *lora_B;          // L1 [rows, rank]
-    unsigned *tickets;      // per decode row band: slices finished (back to 0 after each call)
-    int overlap;            // programmatic dependent launch works (sm_90 device and code)
+    float *dense;          // dense layers: rows x cols
+    uint32_t *codes;       // the packed codes as 32-bit words (+ padding)
+    uint32_t *scale_codes; // the packed block-scale codes (+ padding)
+    uint8_t *group_scales; // the group scales (+ padding)
+    float *table;          // the NF table of b0 bits
+    float *lora_A;         // L2 [rank, cols]
+    float *lora_B;         // L1 [rows, rank]
+    unsigned *tickets;     // per decode row band: slices finished (back to 0 after each call)
+    int overlap;           // programmatic dependent launch works (sm_90 device and code)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -106,16 +106,14 @@ struct lq_cuda_linear_data {
 typedef void (*lq_decode_fn)(lq_decode_args);
 
 // One token at b0 = 2 takes the pair-table kernel, everything else the table lookups.
-template <int BITS, int BPC>
-static lq_decode_fn lq_decode_one_token(void) {
+template <int BITS, int BPC> static lq_decode_fn lq_decode_one_token(void) {
     if constexpr (BITS == 2)
         return lq_decode_kernel<2, BPC, 1, true>;
     else
         return lq_decode_kernel<BITS, BPC, 1, false>;
 }
 
-template <int BITS, int BPC>
-static lq_decode_fn lq_decode_kernel_for(int nt) {
+template <int BITS, int BPC> static lq_decode_fn lq_decode_kernel_for(int nt) {
     switch (nt) {
     case 1:
         return lq_decode_one_token<BITS, BPC>();
@@ -128,8 +126,7 @@ static lq_decode_fn lq_decode_kernel_for(int nt) {
     }
 }
 
-template <int BITS>
-static lq_decode_fn lq_decode_kernel_for(int bpc, int nt) {
+template <int BITS> static lq_decode_fn lq_decode_kernel_for(int bpc, int nt) {
     switch (bpc) {
     case 1:
         return lq_decode_kernel_for<BITS, 1>(nt);
@@ -169,8 +166,8 @@ static lq_decode_fn lq_decode_generic_for(int nt) {
 // Launches with "may start while the previous kernel still runs" when after_prologue: the
 // kernel then waits (griddepcontrol.wait) before it reads what that kernel writes.
 template <typename... Params, typename... Args>
-static cudaError_t lq_launch(void (*kernel)(Params...), dim3 grid, dim3 block,
-                             cudaStream_t stream, bool after_prologue, Args... args) {
+static cudaError_t lq_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                             bool after_prologue, Args... args) {
     cudaLaunchAttribute attribute = {};
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -189,7 +186,8 @@ static int lq_pad_tokens(int n) {
 }
 
 static unsigned lq_grid_for(size_t items, const struct lq_cuda *cuda) {
-    size_t blocks = (items + 255) / 256, cap = (size_t)(cuda->sm_count > 0 ? cuda->sm_count : 1) * 16;
+    size_t blocks = (items + 255) / 256,
+           cap = (size_t)(cuda->sm_count > 0 ? cuda->sm_count : 1) * 16;
     return (unsigned)(blocks < 1 ? 1 : blocks < cap ? blocks : cap);
 }
 
@@ -270,6 +268,18 @@ static int lq_launch_projection(struct lq_cuda *cuda, const struct lq_linear *w,
     return LQ_OK;
 }
 
+int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank, int cols,
+                            const float *x, int n, float *t) {
+    const int vector = cols % 4 == 0 && ((uintptr_t)x & 15u) == 0;
+    for (int k0 = 0; k0 < n; k0 += 8) {
+        const int count = n - k0 < 8 ? n - k0 : 8;
+        lq_lowrank_project_kernel<8><<<rank, 256, 0, cuda->stream>>>(
+            x + (size_t)k0 * cols, count, cols, lora_A, rank, vector, t + (size_t)k0 * rank);
+        LQ_CUDA_LAUNCHED("lq_lowrank_project_kernel");
+    }
+    return LQ_OK;
+}
+
 static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                      const struct lq_cuda_linear_data *data, const float *x, int n, float *y) {
     const int nt = lq_pad_tokens(n);
@@ -296,8 +306,7 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     a.t = (const float *)t;
     a.partials = (float *)partials;
 
-    if (w->rank > 0 && (rc = lq_launch_projection(cuda, w, data, x, n, nt, (float *)t)))
-        return rc;
+    if (w->rank > 0 && (rc = lq_launch_projection(cuda, w, data, x, n, nt, (float *)t))) return rc;
     const bool overlap = w->rank > 0 && data->overlap;
     if (!bpc) {
         LQ_CUDA_TRY(lq_launch(lq_decode_generic_for(nt), dim3((unsigned)((w->rows + 7) / 8)),
@@ -317,8 +326,8 @@ static int lq_launch_dequant(struct lq_cuda *cuda, const struct lq_linear *w, co
                              size_t r0, size_t count, __half *tile) {
     const struct lq_nf_config *c = &w->q.config;
     const size_t cols = (size_t)w->cols, values = count * cols, first = r0 * cols;
-    const bool octets = cols % 8 == 0 && c->B0 % 8 == 0 &&
-                        (size_t)w->rows * cols < ((size_t)1 << 31);
+    const bool octets =
+        cols % 8 == 0 && c->B0 % 8 == 0 && (size_t)w->rows * cols < ((size_t)1 << 31);
     if (!octets) {
         lq_dequant_tile_generic_kernel<<<lq_grid_for(values, cuda), 256, 0, cuda->stream>>>(
             q, (uint64_t)first, (uint64_t)values, tile);
@@ -330,8 +339,8 @@ static int lq_launch_dequant(struct lq_cuda *cuda, const struct lq_linear *w, co
         : c->b0 == 3 ? lq_dequant_tile_kernel<3>
         : c->b0 == 4 ? lq_dequant_tile_kernel<4>
                      : lq_dequant_tile_kernel<8>;
-    dequant<<<lq_grid_for(values / 8, cuda), 256, 0, cuda->stream>>>(
-        q, (uint32_t)(first / 8), (uint32_t)(values / 8), tile);
+    dequant<<<lq_grid_for(values / 8, cuda), 256, 0, cuda->stream>>>(q, (uint32_t)(first / 8),
+                                                                     (uint32_t)(values / 8), tile);
     LQ_CUDA_LAUNCHED("lq_dequant_tile_kernel");
     return LQ_OK;
 }
@@ -342,8 +351,10 @@ static int lq_prefill(struct lq_cuda *cuda, const struct lq_linear *w,
     const size_t x_count = (size_t)n * cols;
     size_t step = LQ_TILE_BYTES / ((size_t)cols * sizeof(__half)); // rows per tile
     if (step < 1) step = 1;
-    if (step >= (size_t)rows) step = (size_t)rows;
-    else if (step >= 128) step -= step % 128; // whole GEMM tiles
+    if (step >= (size_t)rows)
+        step = (size_t)rows;
+    else if (step >= 128)
+        step -= step % 128; // whole GEMM tiles
 
     void *input = NULL, *tile = NULL, *t = NULL;
     int rc;
@@ -354,7 +365,7 @@ static int lq_prefill(struct lq_cuda *cuda, const struct lq_linear *w,
         return rc;
 
     lq_to_half_kernel<<<lq_grid_for(x_count, cuda), 256, 0, cuda->stream>>>(x, x_count,
-                                                                           (__half *)input);
+                                                                            (__half *)input);
     LQ_CUDA_LAUNCHED("lq_to_half_kernel");
     const lq_packed q = lq_packed_of(w, data);
     const float one = 1.0f, zero = 0.0f;
@@ -386,16 +397,16 @@ int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const 
     if (n >= LQ_MMA_MIN_TOKENS && n <= LQ_CUDA_MMA_MAX_TOKENS &&
         lq_cuda_linear_mma_supported(cuda, w, n)) { // fused dequantize + mma.sync
         const struct lq_cuda_lq_buffers buffers = {
-            data->codes, data->scale_codes, data->group_scales, data->table,
-            data->lora_A, data->lora_B, data->overlap};
+            data->codes,  data->scale_codes, data->group_scales, data->table,
+            data->lora_A, data->lora_B,      data->overlap};
         return lq_cuda_linear_mma(cuda, w, &buffers, x, n, y);
     }
     if (n <= LQ_DECODE_MAX_TOKENS) return lq_decode(cuda, w, data, x, n, y);
     return lq_prefill(cuda, w, data, x, n, y);
 }
 
-int lq_cuda_matmul(struct lq_backend *backend, const float *w, int rows, int cols,
-                   const float *x, int n, float *y) {
+int lq_cuda_matmul(struct lq_backend *backend, const float *w, int rows, int cols, const float *x,
+                   int n, float *y) {
     if (n < 0 || rows < 0 || cols < 0) return LQ_EINVAL;
     if (n == 0 || rows == 0) return LQ_OK;
     return lq_sgemm_nt(lq_cuda_of(backend), w, rows, cols, x, n, 0.0f, y, rows);
@@ -412,8 +423,8 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w) {
 // Prepare / release.
 
 static void lq_linear_data_free(struct lq_cuda *cuda, struct lq_cuda_linear_data *data) {
-    void *pointers[] = {data->dense,  data->codes,  data->scale_codes, data->group_scales,
-                        data->table,  data->lora_A, data->lora_B,      data->tickets};
+    void *pointers[] = {data->dense, data->codes,  data->scale_codes, data->group_scales,
+                        data->table, data->lora_A, data->lora_B,      data->tickets};
     for (size_t i = 0; i < sizeof pointers / sizeof pointers[0]; i++)
         if (pointers[i]) lq_cuda_free(cuda, pointers[i]);
     free(data);
@@ -425,9 +436,9 @@ static int lq_upload(struct lq_cuda *cuda, const void *host, size_t bytes, size_
     const size_t total = (bytes + 3) / 4 * 4 + padding;
     int rc = lq_cuda_malloc(cuda, total > 0 ? total : 4, LQ_CUDA_WEIGHTS, out, err);
     if (rc) return rc;
-    cudaError_t status = bytes ? cudaMemcpyAsync(*out, host, bytes, cudaMemcpyHostToDevice,
-                                                 cuda->stream)
-                               : cudaSuccess;
+    cudaError_t status =
+        bytes ? cudaMemcpyAsync(*out, host, bytes, cudaMemcpyHostToDevice, cuda->stream)
+              : cudaSuccess;
     if (status == cudaSuccess && total > bytes)
         status = cudaMemsetAsync((char *)*out + bytes, 0, total - bytes, cuda->stream);
     return status == cudaSuccess ? LQ_OK : lq_cuda_fail(status, "uploading a linear layer", err);
@@ -438,8 +449,8 @@ static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
     const struct lq_nf_matrix *q = &w->q;
     int rc = lq_nf_config_validate(&q->config, err);
     if (rc) return rc;
-    if (q->rows != (size_t)w->rows || q->cols != (size_t)w->cols || !q->codes ||
-        !q->scale_codes || !q->group_scales)
+    if (q->rows != (size_t)w->rows || q->cols != (size_t)w->cols || !q->codes || !q->scale_codes ||
+        !q->group_scales)
         return lq_error_set(err, LQ_EINVAL, "packed matrix is %zu x %zu or missing buffers",
                             q->rows, q->cols);
     if (w->rank < 0 || (w->rank > 0 && (!w->lora_A || !w->lora_B)))
@@ -450,15 +461,14 @@ static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
                         (void **)&data->scale_codes, err)) ||
         (rc = lq_upload(cuda, q->group_scales, lq_nf_group_scales_bytes(q), LQ_PACKED_PADDING,
                         (void **)&data->group_scales, err)) ||
-        (rc = lq_upload(cuda, lq_nf_code_table(q->config.b0),
-                        ((size_t)1 << q->config.b0) * sizeof(float), 0, (void **)&data->table,
-                        err)))
+        (rc =
+             lq_upload(cuda, lq_nf_code_table(q->config.b0),
+                       ((size_t)1 << q->config.b0) * sizeof(float), 0, (void **)&data->table, err)))
         return rc;
-    if (w->rank > 0 &&
-        ((rc = lq_upload(cuda, w->lora_A, (size_t)w->rank * w->cols * sizeof(float), 0,
-                         (void **)&data->lora_A, err)) ||
-         (rc = lq_upload(cuda, w->lora_B, (size_t)w->rows * w->rank * sizeof(float), 0,
-                         (void **)&data->lora_B, err))))
+    if (w->rank > 0 && ((rc = lq_upload(cuda, w->lora_A, (size_t)w->rank * w->cols * sizeof(float),
+                                        0, (void **)&data->lora_A, err)) ||
+                        (rc = lq_upload(cuda, w->lora_B, (size_t)w->rows * w->rank * sizeof(float),
+                                        0, (void **)&data->lora_B, err))))
         return rc;
     // One ticket per band of the smallest band height (8 warps x 4 rows), all zero.
     const size_t tickets = ((size_t)w->rows + 31) / 32;
@@ -497,11 +507,10 @@ int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
                             linear->rows, linear->cols);
     int rc;
     if (!linear->is_lq)
-        rc = linear->dense
-                 ? lq_upload(cuda, linear->dense,
-                             (size_t)linear->rows * linear->cols * sizeof(float), 0,
-                             (void **)&data->dense, err)
-                 : lq_error_set(err, LQ_EINVAL, "dense layer without weights");
+        rc = linear->dense ? lq_upload(cuda, linear->dense,
+                                       (size_t)linear->rows * linear->cols * sizeof(float), 0,
+                                       (void **)&data->dense, err)
+                           : lq_error_set(err, LQ_EINVAL, "dense layer without weights");
     else
         rc = lq_upload_lq(cuda, linear, data, err);
     if (!rc) {

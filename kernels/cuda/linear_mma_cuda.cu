@@ -130,9 +130,9 @@ struct lq_mma_plan {
 static int lq_mma_plan_for(struct lq_cuda *cuda, const struct lq_linear *w, int n,
                            lq_mma_plan *plan) {
     int optin = 0;
-    LQ_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                       cuda->device),
-                "LQ mma shared memory limit");
+    LQ_CUDA_TRY(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cuda->device),
+        "LQ mma shared memory limit");
     plan->nt = lq_mma_tokens(n);
     const size_t table = ((size_t)1 << (2 * w->q.config.b0)) * 32 * sizeof(uint32_t);
     const size_t tile = (size_t)LQ_MMA_TILE_COLS * plan->nt * sizeof(__half);
@@ -145,7 +145,8 @@ static int lq_mma_plan_for(struct lq_cuda *cuda, const struct lq_linear *w, int 
     plan->bands = (w->rows + LQ_MMA_BAND_ROWS - 1) / LQ_MMA_BAND_ROWS;
     int splits = sms / plan->bands;
     if (splits > ktiles) splits = ktiles;
-    if (splits < (ktiles + tiles_fit - 1) / tiles_fit) splits = (ktiles + tiles_fit - 1) / tiles_fit;
+    if (splits < (ktiles + tiles_fit - 1) / tiles_fit)
+        splits = (ktiles + tiles_fit - 1) / tiles_fit;
     if (splits < 1) splits = 1;
     plan->tiles_per_split = (ktiles + splits - 1) / splits;
     plan->splits = (ktiles + plan->tiles_per_split - 1) / plan->tiles_per_split; // none empty
@@ -189,8 +190,8 @@ static int lq_mma_launch_gemm(struct lq_cuda *cuda, const lq_mma_plan &plan, boo
 }
 
 template <int BITS>
-static int lq_mma_launch_gemm(struct lq_cuda *cuda, int bpc, const lq_mma_plan &plan,
-                              bool overlap, const lq_mma_args &a) {
+static int lq_mma_launch_gemm(struct lq_cuda *cuda, int bpc, const lq_mma_plan &plan, bool overlap,
+                              const lq_mma_args &a) {
     switch (bpc) {
     case 1:
         return lq_mma_launch_gemm<BITS, 1>(cuda, plan, overlap, a);
@@ -215,18 +216,20 @@ int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
     // Workspaces first: nothing is queued when one cannot be had.
     void *input = NULL, *partials = NULL, *t = NULL;
     if ((rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_INPUT, x_count * sizeof(__half), &input)) ||
-        (plan.splits > 1 && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
-                                               (size_t)plan.splits * y_count * sizeof(float),
-                                               &partials))) ||
+        (plan.splits > 1 &&
+         (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
+                            (size_t)plan.splits * y_count * sizeof(float), &partials))) ||
         (w->rank > 0 &&
          (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, (size_t)n * w->rank * sizeof(float), &t))))
         return rc;
 
-    if (w->rank > 0) { // t = x · L2ᵀ, fp32 (column-major: tᵀ [rank × n] = L2 · xᵀ)
+    if (w->rank > 0 && n <= 16) { // t = x · L2ᵀ, fp32, one or two launches of CTAs per rank row
+        if ((rc = lq_cuda_lowrank_project(cuda, b->lora_A, w->rank, w->cols, x, n, (float *)t)))
+            return rc;
+    } else if (w->rank > 0) { // t = x · L2ᵀ, fp32 (column-major: tᵀ [rank × n] = L2 · xᵀ)
         const float one = 1.0f, zero = 0.0f;
-        LQ_CUBLAS_TRY(cublasSgemm(cuda->cublas, CUBLAS_OP_T, CUBLAS_OP_N, w->rank, n, w->cols,
-                                  &one, b->lora_A, w->cols, x, w->cols, &zero, (float *)t,
-                                  w->rank),
+        LQ_CUBLAS_TRY(cublasSgemm(cuda->cublas, CUBLAS_OP_T, CUBLAS_OP_N, w->rank, n, w->cols, &one,
+                                  b->lora_A, w->cols, x, w->cols, &zero, (float *)t, w->rank),
                       "cublasSgemm (LQ low rank)");
     }
     const int vector_x = ((uintptr_t)x & 15u) == 0; // x_count % 4 == 0: cols % 32 == 0

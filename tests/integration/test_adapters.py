@@ -17,7 +17,6 @@ Checked:
     in STATE_DIR/adapters found by its name.
 Environment: LQD (the binary), LQ_REPO_ROOT."""
 import concurrent.futures
-import http.client
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_util import LQD, ROOT, SKIP, STARTED, check, finish, free_port  # noqa: E402
+from serve_util import LQD, ROOT, SKIP, JsonDaemon, check, finish, slow_stream  # noqa: E402
 
 try:
     import numpy as np
@@ -188,33 +187,12 @@ class Reference:
 
 # ---------- HTTP ----------
 
-class Server:
+class Server(JsonDaemon):
     def __init__(self, tmp, models):
-        self.port = free_port()
         self.state = os.path.join(tmp, "state")
-        self.log = open(os.path.join(tmp, "daemon.log"), "w")
-        self.process = subprocess.Popen(
-            [LQD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--state-dir", self.state,
-             "--model", "lq=" + os.path.join(models, "lq"), "--model", "hf=" + os.path.join(models, "hf"),
-             "--models-dir", models, "--max-running", "16"], stdout=self.log, stderr=subprocess.STDOUT)
-        STARTED.append(self.process)
-        for _ in range(600):
-            try:
-                if self.request("GET", "/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("lqd serve is not ready")
-
-    def request(self, method, path, body=None):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        connection.request(method, path, json.dumps(body) if body is not None else None,
-                           {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        data = response.read()
-        connection.close()
-        return response.status, json.loads(data) if data else None
+        super().__init__(self.state, "--model", "lq=" + os.path.join(models, "lq"),
+                         "--model", "hf=" + os.path.join(models, "hf"), "--models-dir", models, "--max-running", "16",
+                         log_path=os.path.join(tmp, "daemon.log"), cwd=None)
 
     def complete(self, model, prompt, **options):
         body = {"model": model, "prompt": prompt, "max_tokens": 60, "temperature": 0, **options}
@@ -231,25 +209,10 @@ class Server:
     def stream(self, model, prompt, results, index):
         """A greedy streaming completion, read slowly so that it is still running at a swap."""
         try:
-            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-            body = {"model": model, "prompt": prompt, "max_tokens": 200, "temperature": 0, "stream": True}
-            connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            text, done, errors = "", False, 0
-            for raw in response:
-                line = raw.decode().strip()
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    break
-                chunk = json.loads(line[6:])
-                errors += "error" in chunk
-                if chunk.get("choices"):
-                    text += chunk["choices"][0]["text"]
-                time.sleep(0.002)
-            results[index] = (response.status, text, done and not errors, time.time())
-            connection.close()
+            status, chunks, done = slow_stream(self, model, prompt)
+            text = "".join(chunk["choices"][0]["text"] for chunk in chunks if chunk.get("choices"))
+            errors = sum("error" in chunk for chunk in chunks)
+            results[index] = (status, text, done and not errors, time.time())
         except Exception as e:  # noqa: BLE001 - a failed stream is a finding, not a crash
             results[index] = (0, repr(e), False, time.time())
 
@@ -300,15 +263,9 @@ def main():
         try:
             run(server, tmp, models, adapters, add_pairs)
         finally:
-            server.process.terminate()
-            try:
-                code = server.process.wait(30)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                code = -9
+            code = server.stop(grace=30)
             check(code == 0, f"SIGTERM exit code {code}")
             if code != 0:
-                server.log.flush()
                 print(open(os.path.join(tmp, "daemon.log")).read()[-3000:])
 
 

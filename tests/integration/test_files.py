@@ -9,19 +9,16 @@ daemon restart, while what a crash leaves (half uploads, bytes without a record)
 
 Environment: LQD (the binary, default build/server/lqd), LQ_REPO_ROOT."""
 import concurrent.futures
-import http.client
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_util import LQD, ROOT, SKIP, STARTED, check, finish, free_port  # noqa: E402
+import serve_util  # noqa: E402
+from serve_util import check, finish, multipart  # noqa: E402
 
 KEY = "files-key-0123456789"
 MAX_UPLOAD = 64 * 1024
@@ -32,86 +29,20 @@ except ImportError:  # the hand-written requests still run
     openai = None
 
 
-class Daemon:
+class Daemon(serve_util.Daemon):
     """lqd serve on 127.0.0.1 with STATE as its state directory and a 64 KiB upload limit."""
 
+    timeout = 60
+
     def __init__(self, state_dir, *extra):
-        self.port = free_port()
-        self.log_path = os.path.join(os.path.dirname(state_dir), f"daemon-{self.port}.log")
-        self.log = open(self.log_path, "w")
-        args = [LQD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--state-dir", state_dir,
-                "--api-key", KEY, "--max-upload-size", str(MAX_UPLOAD), *extra]
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        STARTED.append(self.process)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"lqd serve exited {self.process.returncode}:\n{self.tail()}")
-            try:
-                if self.request("GET", "/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("lqd serve not ready in 60 s:\n" + self.tail())
-
-    def tail(self):
-        if not self.log.closed:
-            self.log.flush()
-        return "".join(open(self.log_path).readlines()[-30:])
-
-    def request(self, method, path, body=None, key=KEY, headers=None, chunked=False, timeout=60):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        all_headers = {"Authorization": f"Bearer {key}"} if key else {}
-        all_headers.update(headers or {})
-        connection.request(method, path, body=body, headers=all_headers, encode_chunked=chunked)
-        response = connection.getresponse()
-        data = response.read()
-        headers = {k.lower(): v for k, v in response.getheaders()}
-        connection.close()
-        return response.status, data, headers
-
-    def json(self, method, path, body=None, **kw):
-        status, data, _ = self.request(method, path, body, **kw)
-        try:
-            return status, json.loads(data)
-        except ValueError:
-            return status, None
-
-    def upload(self, fields, **kw):
-        """POSTs fields [(name, value, filename or None)] to /v1/files as multipart/form-data."""
-        body, content_type = multipart(fields)
-        return self.json("POST", "/v1/files", body, headers={"Content-Type": content_type}, **kw)
+        super().__init__(state_dir, "--api-key", KEY, "--max-upload-size", str(MAX_UPLOAD), *extra, key=KEY)
 
     def client(self):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=KEY, max_retries=0,
                              timeout=60)
 
     def stop(self, grace=15):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
-
-
-def multipart(fields, boundary=None):
-    """A multipart/form-data body (RFC 7578) and its Content-Type, written by hand."""
-    boundary = boundary or "lqd-" + uuid.uuid4().hex
-    parts = []
-    for name, value, filename in fields:
-        disposition = f'form-data; name="{name}"'
-        head = f"--{boundary}\r\nContent-Disposition: {disposition}"
-        if filename is not None:
-            head += f'; filename="{filename}"\r\nContent-Type: application/octet-stream'
-        value = value.encode() if isinstance(value, str) else value
-        parts.append(head.encode() + b"\r\n\r\n" + value + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+        return super().stop(grace)
 
 
 def error_shape(body, code=None, param=None):

@@ -13,15 +13,14 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_util import LQD, ROOT, STARTED, check, finish, free_port  # noqa: E402
+import serve_util  # noqa: E402
+from serve_util import LQD, ROOT, check, finish  # noqa: E402
 
 KEY = "finetune-key-0123456789"
 DATA = os.path.join(ROOT, "../shared/data/tinystories_val_subset.txt")
@@ -29,94 +28,13 @@ SETTINGS = {"batch_size": 4, "seq_len": 64, "learning_rate": 3e-3, "seed": 3}
 CLI_SETTINGS = ["--batch-size", "4", "--seq-len", "64", "--learning-rate", "3e-3", "--seed", "3"]
 
 
-class Daemon:
+class Daemon(serve_util.Daemon):
     """lqd serve with stories260K-lq as "stories" and stories260K-hf as "dense", on STATE."""
 
     def __init__(self, state_dir):
-        self.port = free_port()
-        self.log_path = os.path.join(os.path.dirname(state_dir), f"daemon-{self.port}.log")
-        self.log = open(self.log_path, "w")
-        args = [LQD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--state-dir", state_dir,
-                "--model", "stories=" + os.path.join(ROOT, "models/stories260K-lq"),
-                "--model", "dense=" + os.path.join(ROOT, "models/stories260K-hf"), "--api-key", KEY]
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        STARTED.append(self.process)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"lqd serve exited {self.process.returncode}:\n{self.tail()}")
-            try:
-                if self.request("GET", "/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("lqd serve not ready in 60 s:\n" + self.tail())
-
-    def tail(self):
-        if not self.log.closed:
-            self.log.flush()
-        return "".join(open(self.log_path).readlines()[-30:])
-
-    def request(self, method, path, body=None, headers=None, timeout=120):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        all_headers = {"Authorization": f"Bearer {KEY}"}
-        if body is not None and not isinstance(body, (bytes, str)):
-            body = json.dumps(body)
-            all_headers["Content-Type"] = "application/json"
-        all_headers.update(headers or {})
-        connection.request(method, path, body=body, headers=all_headers)
-        response = connection.getresponse()
-        data = response.read()
-        connection.close()
-        return response.status, data
-
-    def json(self, method, path, body=None, **kw):
-        status, data = self.request(method, path, body, **kw)
-        try:
-            return status, json.loads(data)
-        except ValueError:
-            return status, None
-
-    def upload(self, path, filename):
-        boundary = "lqd-" + uuid.uuid4().hex
-        with open(path, "rb") as f:
-            content = f.read()
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-                "Content-Type: application/octet-stream\r\n\r\n").encode() + content + \
-            f"\r\n--{boundary}--\r\n".encode()
-        return self.json("POST", "/v1/files", body,
-                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-
-    def wait(self, job_id, statuses, timeout):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status, job = self.json("GET", f"/v1/jobs/{job_id}")
-            if status == 200 and job["status"] in statuses:
-                return job
-            time.sleep(0.1)
-        return self.json("GET", f"/v1/jobs/{job_id}")[1]
-
-    def events(self, job_id):
-        status, events = self.json("GET", f"/v1/jobs/{job_id}/events")
-        return events if status == 200 and isinstance(events, list) else []
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-
-    def kill9(self):
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        self.log.close()
+        super().__init__(state_dir, "--model", "stories=" + os.path.join(ROOT, "models/stories260K-lq"),
+                         "--model", "dense=" + os.path.join(ROOT, "models/stories260K-hf"), "--api-key", KEY,
+                         key=KEY)
 
 
 def error_shape(body, param=None):
@@ -150,7 +68,7 @@ with open(train, "w") as f:
     f.writelines(lines)
 
 daemon = Daemon(state_dir)
-status, upload = daemon.upload(train, "train.txt")
+status, upload = daemon.upload_file(train, "train.txt")
 check(status == 200 and upload["format"] == "plain", f"upload: {status} {upload}")
 file_id = upload["id"]
 
@@ -306,7 +224,7 @@ check(os.path.isdir(long_dir) and adapter_bytes(long_dir) == cli_adapter(work, "
       "the resumed job's adapter equals an uninterrupted run's, byte for byte")
 
 # ---- cancel between steps ----
-status, upload = daemon.upload(train, "train.txt")
+status, upload = daemon.upload_file(train, "train.txt")
 file_id = upload["id"]
 status, endless = daemon.json("POST", "/v1/jobs", {"type": "finetune", "model": "dense", "training_file": file_id,
                                                    "adapter": "endless", "init": "zero", "rank": 4,

@@ -12,19 +12,17 @@ linked text after the upload is deleted and the daemon restarted; bad "fisher" b
 field).
 
 Environment: LQD (the binary, default build/server/lqd), LQ_REPO_ROOT."""
-import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_util import LQD, ROOT, STARTED, check, finish, free_port  # noqa: E402
+import serve_util  # noqa: E402
+from serve_util import LQD, ROOT, check, finish  # noqa: E402
 
 KEY = "jobs-key-0123456789"
 SMALL_GRID = "4,8,fp32,64,256;3,8,fp32,64,256;2,8,fp32,64,256"
@@ -36,17 +34,6 @@ DATA = os.path.join(ROOT, "../shared/data/tinystories_val_subset.txt")
 FISHER = {"samples": 16, "seq_len": 128, "seed": 5}
 
 
-def upload(daemon, path, filename):
-    """POST /v1/files (multipart, purpose fine-tune): status, record."""
-    boundary = "lqd-" + uuid.uuid4().hex
-    with open(path, "rb") as f:
-        content = f.read()
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
-    return daemon.json("POST", "/v1/files", body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-
-
 def safetensors(directory):
     """model.safetensors of an LQ directory: (whole bytes, its metadata, the tensor bytes after the header)."""
     with open(os.path.join(directory, "model.safetensors"), "rb") as f:
@@ -55,78 +42,13 @@ def safetensors(directory):
     return data, json.loads(data[8:8 + size]).get("__metadata__", {}), data[8 + size:]
 
 
-class Daemon:
+class Daemon(serve_util.Daemon):
     """lqd serve with --models-dir MODELS (holding a copy of stories260K-hf) and STATE."""
 
     def __init__(self, models_dir, state_dir, *extra):
-        self.port = free_port()
-        self.log_path = os.path.join(os.path.dirname(state_dir), f"daemon-{self.port}.log")
-        self.log = open(self.log_path, "w")
-        args = [LQD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--state-dir", state_dir,
-                "--models-dir", models_dir, "--model", "stories=" + os.path.join(models_dir, "stories260K-hf"),
-                "--api-key", KEY, *extra]
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        STARTED.append(self.process)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"lqd serve exited {self.process.returncode}:\n{self.tail()}")
-            try:
-                if self.request("GET", "/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("lqd serve not ready in 60 s:\n" + self.tail())
-
-    def tail(self):
-        self.log.flush()
-        return "".join(open(self.log_path).readlines()[-30:])
-
-    def request(self, method, path, body=None, key=KEY, headers=None, timeout=120):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        all_headers = {"Authorization": f"Bearer {key}"} if key else {}
-        if body is not None and not isinstance(body, (bytes, str)):
-            body = json.dumps(body)
-            all_headers["Content-Type"] = "application/json"
-        all_headers.update(headers or {})
-        connection.request(method, path, body=body, headers=all_headers)
-        response = connection.getresponse()
-        data = response.read()
-        connection.close()
-        return response.status, data
-
-    def json(self, method, path, body=None, **kw):
-        status, data = self.request(method, path, body, **kw)
-        try:
-            return status, json.loads(data)
-        except ValueError:
-            return status, None
-
-    def wait(self, job_id, statuses, timeout):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status, job = self.json("GET", f"/v1/jobs/{job_id}")
-            if status == 200 and job["status"] in statuses:
-                return job
-            time.sleep(0.1)
-        return self.json("GET", f"/v1/jobs/{job_id}")[1]
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-
-    def kill9(self):
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        self.log.close()
+        super().__init__(state_dir, "--models-dir", models_dir,
+                         "--model", "stories=" + os.path.join(models_dir, "stories260K-hf"), "--api-key", KEY, *extra,
+                         key=KEY)
 
 
 def error_shape(body):
@@ -181,7 +103,7 @@ check(status == 200 and listing["object"] == "list" and any(j["id"] == job["id"]
       "GET /v1/jobs lists the job")
 
 # SSE of a finished job: every event, then [DONE].
-status, body = daemon.request("GET", f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"})
+status, body, _ = daemon.request("GET", f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"})
 text = body.decode()
 data_lines = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
 check(status == 200 and data_lines and data_lines[-1] == "[DONE]" and len(data_lines) == len(events) + 1,
@@ -280,7 +202,7 @@ with open(DATA) as f:
     calibration_lines = f.readlines()[:200]
 with open(calibration, "w") as f:
     f.writelines(calibration_lines)
-status, calibration_file = upload(daemon, calibration, "calibration.txt")
+status, calibration_file = daemon.upload_file(calibration, "calibration.txt")
 check(status == 200 and calibration_file["id"].startswith("file-"), f"calibration upload: {status} {calibration_file}")
 fisher_id = calibration_file["id"]
 check(result.get("weighting") == "none" and result.get("fisher") is None, f"unweighted result: {result}")
@@ -388,7 +310,7 @@ daemon = Daemon(models_dir, state_dir)
 status, resumed = daemon.json("GET", f"/v1/jobs/{job4['id']}")
 check(status == 200 and resumed["status"] in ("queued", "running", "succeeded"), f"job not lost: {resumed}")
 # SSE while it runs: ends when the job does, with [DONE].
-status, body = daemon.request("GET", f"/v1/jobs/{job4['id']}/events", headers={"Accept": "text/event-stream"},
+status, body, _ = daemon.request("GET", f"/v1/jobs/{job4['id']}/events", headers={"Accept": "text/event-stream"},
                               timeout=180)
 sse = body.decode()
 check(status == 200 and sse.rstrip().endswith("data: [DONE]") and "resumed after restart" in sse,

@@ -20,7 +20,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_util import LQD, ROOT, SKIP, STARTED, check, failures, finish, free_port  # noqa: E402
+import serve_util  # noqa: E402
+from serve_util import LQD, ROOT, SKIP, check, failures, finish  # noqa: E402
 
 EXPECTED = open(os.path.join(ROOT, "models/stories260K/expected_run_t0_n200.txt")).read().rstrip("\n")
 KEY = "test-key-0123456789"
@@ -34,62 +35,17 @@ except ImportError:
 
 
 
-class Daemon:
+class Daemon(serve_util.Daemon):
     """lqd serve on 127.0.0.1 with its own state directory; stderr kept in a log file."""
+
+    json_headers = True
 
     def __init__(self, *extra, key=KEY, pass_key=True):
         self.dir = tempfile.mkdtemp(prefix="lqd-serve-test-")
-        self.port = free_port()
-        self.key = key
-        args = [LQD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--state-dir",
-                os.path.join(self.dir, "state"), *extra]
-        if key and pass_key:
-            args += ["--api-key", key]
-        self.log_path = os.path.join(self.dir, "daemon.log")
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        STARTED.append(self.process)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"lqd serve exited {self.process.returncode}:\n{self.tail()}")
-            try:
-                if self.request("GET", "/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("lqd serve not ready in 60 s:\n" + self.tail())
+        args = [*extra, "--api-key", key] if key and pass_key else list(extra)
+        super().__init__(os.path.join(self.dir, "state"), *args, key=key,
+                         log_path=os.path.join(self.dir, "daemon.log"))
         self.model = self.json("GET", "/v1/models")[1]["data"][0]["id"]
-
-    def tail(self):
-        self.log.flush()
-        return "".join(open(self.log_path).readlines()[-30:])
-
-    def headers(self, key=None):
-        key = self.key if key is None else key
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def request(self, method, path, body=None, headers=None, key=None, timeout=120):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        all_headers = self.headers(key)
-        if body is not None and not isinstance(body, (bytes, str)):
-            body = json.dumps(body)
-            all_headers["Content-Type"] = "application/json"
-        all_headers.update(headers or {})
-        connection.request(method, path, body=body, headers=all_headers)
-        response = connection.getresponse()
-        data = response.read()
-        connection.close()
-        return response.status, data, dict((k.lower(), v) for k, v in response.getheaders())
-
-    def json(self, method, path, body=None, **kw):
-        status, data, headers = self.request(method, path, body, **kw)
-        try:
-            return status, json.loads(data), headers
-        except ValueError:
-            return status, None, headers
 
     def metric(self, name):
         text = self.request("GET", "/metrics")[1].decode()
@@ -104,15 +60,7 @@ class Daemon:
                              max_retries=0, timeout=120)
 
     def stop(self, grace=15):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
+        return super().stop(grace)
 
 
 def sse_events(daemon, body):

@@ -25,6 +25,8 @@ step() { # name, command...
 case "${1:-all}" in
 all|ops)
     step cuda_ops "$run/test_cuda_ops"
+    step cuda_train_ops "$run/test_cuda_train_ops"
+    step cuda_attention_backward "$run/test_cuda_attention_backward" --time
     # the device-drawn LQ sketch against core's host RNG, value for value
     LQ_CUDA_DECOMPOSE_SKETCH=check step sketch_check "$run/test_cuda_ops" decompose ;;
 esac
@@ -36,5 +38,10 @@ all|e2e) step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
 esac
 case "${1:-all}" in
 all|bench) TAIL=40 step bench_cuda "$run/bench_cuda" ${BENCH_ARGS:-} ;;
+esac
+case "${1:-}" in
+train) step cuda_train_ops "$run/test_cuda_train_ops"
+    step cuda_attention_backward "$run/test_cuda_attention_backward" --time
+    step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
 esac
 exit $status

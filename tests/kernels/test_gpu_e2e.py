@@ -63,6 +63,32 @@ def main():
         check(abs(p_gpu - p_cpu) <= 0.005 * p_cpu, f"{model}: ppl cuda {p_gpu} vs cpu {p_cpu}")
 
     with tempfile.TemporaryDirectory() as tmp:
+        # LoRA finetuning on the GPU (the CUDA training ops) against the CPU: same data, same
+        # steps; the losses agree to rounding
+        train = os.path.join(tmp, "train.txt")
+        with open(TEXT) as f:
+            lines = [line for line in f if line.strip()][:300]
+        with open(train, "w") as f:
+            f.writelines(lines)
+        losses = {}
+        for device in ("cpu", "cuda"):
+            started = time.time()
+            r = lqd("finetune", "--model", LQ, "--tokenizer", TOKENIZER, "--train", train, "--out",
+                    os.path.join(tmp, "adapter-" + device), "--steps", "20", "--batch-size", "8",
+                    "--seq-len", "128", "--learning-rate", "3e-3", "--json", "--device", device)
+            check(r.returncode == 0, f"finetune on {device}: {r.stderr}")
+            events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+            steps = [e for e in events if e.get("train_loss") is not None]
+            losses[device] = [e["train_loss"] for e in steps]
+            print(f"finetune on {device}: {time.time() - started:.1f} s, train loss "
+                  f"{losses[device][0] if steps else None} -> {losses[device][-1] if steps else None}; "
+                  f"{r.stderr.strip().splitlines()[:1]}")
+        on_gpu = "running on cuda" in r.stderr and "no training ops" not in r.stderr
+        check(on_gpu, "lqd finetune --device cuda trains on the GPU")
+        check(losses["cpu"] and len(losses["cpu"]) == len(losses["cuda"]) and
+              all(abs(a - b) <= 2e-3 * abs(a) for a, b in zip(losses["cpu"], losses["cuda"])),
+              f"train losses agree: cpu {losses['cpu']} cuda {losses['cuda']}")
+
         grid = "2,8,fp32,64,256;3,8,fp32,64,256;4,8,fp32,64,256;3,4,bf16,32,64"
         outputs = {}
         for device in ("cpu", "cuda"):

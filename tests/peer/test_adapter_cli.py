@@ -19,36 +19,25 @@ QLoRA-style) and adapters trained here with `lqd finetune`:
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
-import http.client
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_util import LQD, ROOT, SKIP, Checks, require_numpy, run_lqd  # noqa: E402
+from peer_util import DATA, KINDS, N_LAYERS, ROOT, Checks, require_safetensors, run_lqd  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
-from serve_util import STARTED, free_port  # noqa: E402
+from serve_util import JsonDaemon  # noqa: E402
 
-require_numpy()
-try:
-    import numpy as np
-    from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
-except ImportError:
-    print("safetensors is not installed (tests/run.sh installs it in a venv): skipped")
-    sys.exit(SKIP)
+require_safetensors()
+import numpy as np  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 checks = Checks()
 DENSE = os.path.join(ROOT, "models/stories260K-hf")
-DATA = os.path.join(ROOT, "../shared/data/tinystories_val_subset.txt")
 # A grid without bf16 group scales, so that NumPy (and so the safetensors package) can hold
 # every tensor of the model file.
 GRID = "3,8,fp32,64,256;4,8,fp16,64,256;2,8,fp32,64,256;3,8,fp16,128,256"
-KINDS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-N_LAYERS = 5
 TOKENS = "1,403,407,261,378,345,259,500,280,311,402,269,436,290,302,13"
 PROMPTS = ["Once upon a time", "Lily and Ben", "The cat"]
 
@@ -127,36 +116,13 @@ def generate(model, prompt, *extra):
                "--temperature", "0", *extra).stdout
 
 
-class Daemon:
+class Daemon(JsonDaemon):
     """lqd serve on a free loopback port, as tests/integration/ start it."""
 
     def __init__(self, tmp, models, served):
-        self.port = free_port()
-        self.log_path = os.path.join(tmp, "daemon.log")
-        args = [LQD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--state-dir",
-                os.path.join(tmp, "state"), "--models-dir", models]
-        for name, path in served:
-            args += ["--model", f"{name}={path}"]
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        STARTED.append(self.process)
-        for _ in range(600):
-            try:
-                if self.request("GET", "/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("lqd serve is not ready: " + open(self.log_path).read()[-2000:])
-
-    def request(self, method, path, body=None):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        connection.request(method, path, json.dumps(body) if body is not None else None,
-                           {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        data = response.read()
-        connection.close()
-        return response.status, json.loads(data) if data else None
+        args = [arg for name, path in served for arg in ("--model", f"{name}={path}")]
+        super().__init__(os.path.join(tmp, "state"), "--models-dir", models, *args,
+                         log_path=os.path.join(tmp, "daemon.log"), cwd=None)
 
     def complete(self, model, prompt):
         status, body = self.request("POST", "/v1/completions", {"model": model, "prompt": prompt,
@@ -164,12 +130,7 @@ class Daemon:
         return body["choices"][0]["text"] if status == 200 else f"HTTP {status}: {body}"
 
     def stop(self):
-        self.process.terminate()
-        try:
-            return self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return -9
+        return super().stop(30)
 
 
 with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,668 @@
+// The training ops of the CUDA backend (kernels/backend.h, "training ops"), all but
+// attention_backward (its own file). The CPU's versions (kernels/cpu/train_cpu.c) are the
+// reference; these keep fp32 (and double where the CPU sums in double) throughout, so a
+// training step agrees with the CPU's within fp32 rounding (tests/kernels/test_cuda_train_ops.c).
+//
+//   - Matrix products are cuBLAS SGEMMs on cuda->stream (the handle's default math: no TF32).
+//     Row-major arrays are their column-major transposes, so C = op(A)·op(B) is computed as
+//     Cᵀ = op(B)ᵀ·op(A)ᵀ (lq_train_gemm).
+//   - LQ layers (linear_lora, and dx of linear_backward): Q is dequantized into fp32 tiles of
+//     at most LQ_TRAIN_TILE_BYTES in the LQ_CUDA_LINEAR_TILE workspace, each value computed as
+//     core/nf.c computes it (IEEE-rounded operations in the same order: bit for bit the CPU's
+//     tile), then one SGEMM per tile. Never a whole dense Q.
+//   - Row reductions (rmsnorm_backward, cross_entropy): one block per row, double sums.
+//   - sum_squares: per 65536-value chunk a double partial (one block, a fixed reduction tree),
+//     the partials summed on the host in chunk order: the same bits on every run.
+//   - Host arguments (positions, targets, mask) are staged through lq_cuda_stage; results
+//     for the host (loss, sum of squares) are copied back and the stream synchronized.
+// Workspaces: LQ_CUDA_LINEAR_TILE (Q tiles), LQ_CUDA_LOWRANK (t = x·L2ᵀ), LQ_CUDA_LINEAR_INPUT
+// (u = dy·L1), LQ_CUDA_STAGE_0..2 (staged arguments, per-row losses, partial sums). Each op
+// takes every workspace it needs before it queues anything, so none is regrown under a queued
+// kernel.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cuda/cuda_internal.h"
+
+extern "C" {
+#include "core/nf.h"
+}
+
+// What lq_cuda_linear_prepare leaves in lq_linear.backend_data. The same definition as
+// kernels/cuda/linear_cuda.cu's (C++ allows one class defined identically in several files);
+// keep the two identical.
+struct lq_cuda_linear_data {
+    float *dense;          // dense layers: rows x cols
+    uint32_t *codes;       // the packed codes as 32-bit words (+ padding)
+    uint32_t *scale_codes; // the packed block-scale codes (+ padding)
+    uint8_t *group_scales; // the group scales (+ padding)
+    float *table;          // the NF table of b0 bits
+    float *lora_A;         // L2 [rank, cols]
+    float *lora_B;         // L1 [rows, rank]
+    unsigned *tickets;     // per decode row band: slices finished (back to 0 after each call)
+    int overlap;           // programmatic dependent launch works (sm_90 device and code)
+};
+
+// An fp32 tile of Q rows is at most this large.
+#define LQ_TRAIN_TILE_BYTES ((size_t)16 << 20)
+// sum_squares: values per partial sum (as train_cpu.c's chunks).
+#define LQ_TRAIN_SUM_CHUNK ((size_t)1 << 16)
+#define LQ_TRAIN_THREADS 256
+
+namespace {
+
+unsigned grid_for(const struct lq_cuda *cuda, size_t items) {
+    size_t blocks = (items + LQ_TRAIN_THREADS - 1) / LQ_TRAIN_THREADS;
+    size_t cap = (size_t)(cuda->sm_count > 0 ? cuda->sm_count : 1) * 16;
+    return (unsigned)(blocks < 1 ? 1 : blocks < cap ? blocks : cap);
+}
+
+// C[m, n] = alpha · op(A)[m, k] · op(B)[k, n] + beta · C for row-major arrays (ld in elements),
+// as train_cpu.c's sgemm; nothing happens for an empty product (as there).
+int lq_train_gemm(struct lq_cuda *cuda, bool trans_a, bool trans_b, int m, int n, int k,
+                  float alpha, const float *a, int lda, const float *b, int ldb, float beta,
+                  float *c, int ldc) {
+    if (m <= 0 || n <= 0 || k <= 0) return LQ_OK;
+    LQ_CUBLAS_TRY(cublasSgemm(cuda->cublas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                              trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, ldb, a, lda,
+                              &beta, c, ldc),
+                  "cublasSgemm (training)");
+    return LQ_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 dequantization of Q, value for value as core/nf.c's lq_nf_dequantize_range.
+
+struct lq_train_packed {
+    const uint8_t *codes, *scale_codes, *group_scales;
+    const float *table;
+    int b0, b1, b2, B0, B1;
+    float offset, levels;
+};
+
+// Code `index` of a byte-packed stream of `bits`-bit codes (core/bitpack.h's lq_bitpack_get).
+// The second byte may lie past the codes: prepare pads every packed buffer.
+__device__ __forceinline__ unsigned lq_train_code(const uint8_t *packed, uint64_t index, int bits) {
+    const uint64_t bit = index * (uint64_t)bits;
+    const uint8_t *p = packed + (bit >> 3);
+    const unsigned window = (unsigned)__ldg(p) | ((unsigned)__ldg(p + 1) << 8);
+    return (window >> (unsigned)(bit & 7)) & ((1u << bits) - 1u);
+}
+
+__device__ __forceinline__ float lq_train_group_scale(const lq_train_packed &q, uint64_t group) {
+    if (q.b2 == LQ_SCALE_FP32) {
+        uint32_t bits = (uint32_t)__ldg(q.group_scales + 4 * group) |
+                        ((uint32_t)__ldg(q.group_scales + 4 * group + 1) << 8) |
+                        ((uint32_t)__ldg(q.group_scales + 4 * group + 2) << 16) |
+                        ((uint32_t)__ldg(q.group_scales + 4 * group + 3) << 24);
+        return __uint_as_float(bits);
+    }
+    const unsigned short half =
+        (unsigned short)((unsigned)__ldg(q.group_scales + 2 * group) |
+                         ((unsigned)__ldg(q.group_scales + 2 * group + 1) << 8));
+    if (q.b2 == LQ_SCALE_BF16) return __uint_as_float((uint32_t)half << 16);
+    return __half2float(__ushort_as_half(half));
+}
+
+// tile[i] = Q value first + i, for i < count: table[code] · (offset + code_s · gs / levels).
+__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
+    lq_train_dequant_kernel(const lq_train_packed q, uint64_t first, uint64_t count, float *tile) {
+    __shared__ float table[256];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        table[i] = i < (1 << q.b0) ? q.table[i] : 0.0f;
+    __syncthreads();
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (uint64_t)gridDim.x * blockDim.x) {
+        const uint64_t f = first + i, block = f / (uint64_t)q.B0;
+        const unsigned scale_code = lq_train_code(q.scale_codes, block, q.b1);
+        const float group_scale = lq_train_group_scale(q, block / (uint64_t)q.B1);
+        const float scale = __fadd_rn(
+            q.offset, __fdiv_rn(__fmul_rn(__uint2float_rn(scale_code), group_scale), q.levels));
+        tile[i] = __fmul_rn(table[lq_train_code(q.codes, f, q.b0)], scale);
+    }
+}
+
+lq_train_packed packed_of(const struct lq_linear *w, const struct lq_cuda_linear_data *data) {
+    const struct lq_nf_config *c = &w->q.config;
+    lq_train_packed q;
+    q.codes = (const uint8_t *)data->codes;
+    q.scale_codes = (const uint8_t *)data->scale_codes;
+    q.group_scales = data->group_scales;
+    q.table = data->table;
+    q.b0 = c->b0, q.b1 = c->b1, q.b2 = (int)c->b2, q.B0 = c->B0, q.B1 = c->B1;
+    q.offset = w->q.scale_offset;
+    q.levels = (float)((1u << c->b1) - 1u);
+    return q;
+}
+
+// Rows of Q per fp32 tile.
+size_t tile_rows(const struct lq_linear *w) {
+    size_t step = LQ_TRAIN_TILE_BYTES / ((size_t)w->cols * sizeof(float));
+    if (step < 1) step = 1;
+    return step < (size_t)w->rows ? step : (size_t)w->rows;
+}
+
+int dequant_rows(struct lq_cuda *cuda, const lq_train_packed &q, const struct lq_linear *w,
+                 size_t r0, size_t count, float *tile) {
+    const size_t values = count * (size_t)w->cols;
+    lq_train_dequant_kernel<<<grid_for(cuda, values), LQ_TRAIN_THREADS, 0, cuda->stream>>>(
+        q, (uint64_t)(r0 * (size_t)w->cols), (uint64_t)values, tile);
+    LQ_CUDA_LAUNCHED("lq_train_dequant_kernel");
+    return LQ_OK;
+}
+
+const struct lq_cuda_linear_data *prepared(const struct lq_linear *w) {
+    const struct lq_cuda_linear_data *data = (const struct lq_cuda_linear_data *)w->backend_data;
+    if (!data || w->rows <= 0 || w->cols <= 0) return NULL;
+    if (!w->is_lq && !data->dense) return NULL;
+    if (w->is_lq && (!data->codes || (w->rank > 0 && (!data->lora_A || !data->lora_B))))
+        return NULL;
+    return data;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers.
+
+int linear_lora(struct lq_backend *backend, const struct lq_linear *w, const float *L1,
+                const float *L2, int rank, const float *x, int n, float *y) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const struct lq_cuda_linear_data *data = prepared(w);
+    if (!data || n < 0 || rank < 0 || (rank > 0 && (!L1 || !L2))) return LQ_EINVAL;
+    if (n == 0) return LQ_OK;
+    const int rows = w->rows, cols = w->cols;
+    int rc;
+    if (!w->is_lq) {
+        if ((rc = lq_train_gemm(cuda, false, true, n, rows, cols, 1.0f, x, cols, data->dense, cols,
+                                0.0f, y, rows)))
+            return rc;
+    } else {
+        // y[:, tile] = x · tileᵀ, tile by tile in fp32 (not linear()'s fp16 tensor-core tiles)
+        const size_t step = tile_rows(w);
+        void *tile = NULL;
+        if ((rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, step * (size_t)cols * sizeof(float),
+                               &tile)))
+            return rc;
+        const lq_train_packed q = packed_of(w, data);
+        for (size_t r0 = 0; r0 < (size_t)rows; r0 += step) {
+            const size_t count = (size_t)rows - r0 < step ? (size_t)rows - r0 : step;
+            if ((rc = dequant_rows(cuda, q, w, r0, count, (float *)tile)) ||
+                (rc = lq_train_gemm(cuda, false, true, n, (int)count, cols, 1.0f, x, cols,
+                                    (const float *)tile, cols, 0.0f, y + r0, rows)))
+                return rc;
+        }
+        if (w->rank > 0 && (rc = lq_cuda_lowrank_add(backend, data->lora_B, data->lora_A, rows,
+                                                     cols, w->rank, x, n, y)))
+            return rc;
+    }
+    if (rank == 0) return LQ_OK;
+    return lq_cuda_lowrank_add(backend, L1, L2, rows, cols, rank, x, n, y);
+}
+
+int linear_backward(struct lq_backend *backend, const struct lq_linear *w, const float *L1,
+                    const float *L2, int rank, const float *x, const float *dy, int n, float *dx,
+                    int accumulate_dx, float *dL1, float *dL2, float *dW) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const struct lq_cuda_linear_data *data = prepared(w);
+    if (!data || n < 0 || rank < 0 || (rank > 0 && (!L1 || !L2))) return LQ_EINVAL;
+    if (dW && w->is_lq) return LQ_EINVAL; // a quantized weight has no gradient here
+    if (n == 0) return LQ_OK;
+    const int rows = w->rows, cols = w->cols, own = w->is_lq ? w->rank : 0;
+    const size_t step = w->is_lq ? tile_rows(w) : 0;
+
+    // Workspaces first, at their largest: nothing regrows under a queued kernel.
+    void *tile = NULL, *t = NULL, *u = NULL;
+    const int thin = own > rank ? own : rank;
+    int rc;
+    if ((dx && w->is_lq &&
+         (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, step * (size_t)cols * sizeof(float),
+                            &tile))) ||
+        (rank > 0 &&
+         (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, (size_t)n * rank * sizeof(float), &t))) ||
+        (thin > 0 &&
+         (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_INPUT, (size_t)n * thin * sizeof(float), &u))))
+        return rc;
+
+    if (dx && !w->is_lq) {
+        if ((rc = lq_train_gemm(cuda, false, false, n, cols, rows, 1.0f, dy, rows, data->dense,
+                                cols, accumulate_dx ? 1.0f : 0.0f, dx, cols)))
+            return rc;
+    } else if (dx) {
+        if (!accumulate_dx)
+            LQ_CUDA_TRY(cudaMemsetAsync(dx, 0, (size_t)n * cols * sizeof(float), cuda->stream),
+                        "cudaMemsetAsync (dx)");
+        const lq_train_packed q = packed_of(w, data);
+        for (size_t r0 = 0; r0 < (size_t)rows; r0 += step) { // dx += dy[:, tile] · Q[tile]
+            const size_t count = (size_t)rows - r0 < step ? (size_t)rows - r0 : step;
+            if ((rc = dequant_rows(cuda, q, w, r0, count, (float *)tile)) ||
+                (rc = lq_train_gemm(cuda, false, false, n, cols, (int)count, 1.0f, dy + r0, rows,
+                                    (const float *)tile, cols, 1.0f, dx, cols)))
+                return rc;
+        }
+        if (own > 0) { // the frozen pair: dx += (dy · lora_B) · lora_A
+            if ((rc = lq_train_gemm(cuda, false, false, n, own, rows, 1.0f, dy, rows, data->lora_B,
+                                    own, 0.0f, (float *)u, own)) ||
+                (rc = lq_train_gemm(cuda, false, false, n, cols, own, 1.0f, (const float *)u, own,
+                                    data->lora_A, cols, 1.0f, dx, cols)))
+                return rc;
+        }
+    }
+    if (dW && (rc = lq_train_gemm(cuda, true, false, rows, cols, n, 1.0f, dy, rows, x, cols, 1.0f,
+                                  dW, cols)))
+        return rc;
+    if (rank <= 0) return LQ_OK;
+    // t = x · L2ᵀ and u = dy · L1, both [n, rank]
+    float *tf = (float *)t, *uf = (float *)u;
+    if ((rc = lq_train_gemm(cuda, false, true, n, rank, cols, 1.0f, x, cols, L2, cols, 0.0f, tf,
+                            rank)) ||
+        (rc = lq_train_gemm(cuda, false, false, n, rank, rows, 1.0f, dy, rows, L1, rank, 0.0f, uf,
+                            rank)))
+        return rc;
+    if (dL1 && (rc = lq_train_gemm(cuda, true, false, rows, rank, n, 1.0f, dy, rows, tf, rank, 1.0f,
+                                   dL1, rank)))
+        return rc;
+    if (dL2 && (rc = lq_train_gemm(cuda, true, false, rank, cols, n, 1.0f, uf, rank, x, cols, 1.0f,
+                                   dL2, cols)))
+        return rc;
+    if (dx && (rc = lq_train_gemm(cuda, false, false, n, cols, rank, 1.0f, uf, rank, L2, cols, 1.0f,
+                                  dx, cols)))
+        return rc;
+    return LQ_OK;
+}
+
+int matmul_backward(struct lq_backend *backend, const float *w, int rows, int cols, const float *dy,
+                    int n, float *dx, int accumulate) {
+    if (n < 0 || rows < 0 || cols < 0) return LQ_EINVAL;
+    return lq_train_gemm(lq_cuda_of(backend), false, false, n, cols, rows, 1.0f, dy, rows, w, cols,
+                         accumulate ? 1.0f : 0.0f, dx, cols);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions over a block (LQ_TRAIN_THREADS threads): every thread gets the result.
+
+__device__ double block_sum(double v, double *shared /* [LQ_TRAIN_THREADS / 32] */) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads(); // shared may still be read by a previous reduction
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    double total = 0.0;
+    for (int i = 0; i < LQ_TRAIN_THREADS / 32; i++) total += shared[i]; // fixed order
+    return total;
+}
+
+__device__ float block_max(float v, float *shared) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    float m = shared[0];
+    for (int i = 1; i < LQ_TRAIN_THREADS / 32; i++) m = fmaxf(m, shared[i]);
+    return m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// rmsnorm, rope, swiglu.
+
+// Row blockIdx.x: dx_k += r·w_k·dy_k − r³·x_k/dim · Σ_j dy_j·w_j·x_j, r = (mean x² + eps)^-½.
+__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
+    lq_rmsnorm_backward_kernel(const float *x, const float *weight, const float *dy, int dim,
+                               float eps, float *dx) {
+    __shared__ double shared[LQ_TRAIN_THREADS / 32];
+    const size_t base = (size_t)blockIdx.x * dim;
+    double sum = 0.0, dot = 0.0;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const double xj = x[base + j];
+        sum += xj * xj;
+        dot += (double)dy[base + j] * weight[j] * xj;
+    }
+    sum = block_sum(sum, shared);
+    dot = block_sum(dot, shared);
+    const double r = 1.0 / sqrt(sum / dim + eps), coefficient = r * r * r * dot / dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x)
+        dx[base + j] += (float)(r * weight[j] * dy[base + j] - coefficient * x[base + j]);
+}
+
+int rmsnorm_backward(struct lq_backend *backend, const float *x, const float *weight,
+                     const float *dy, int n, int dim, float eps, float *dx) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (n < 0 || dim < 0) return LQ_EINVAL;
+    if (n == 0 || dim == 0) return LQ_OK;
+    lq_rmsnorm_backward_kernel<<<(unsigned)n, LQ_TRAIN_THREADS, 0, cuda->stream>>>(x, weight, dy,
+                                                                                   dim, eps, dx);
+    LQ_CUDA_LAUNCHED("lq_rmsnorm_backward_kernel");
+    return LQ_OK;
+}
+
+// Token blockIdx.x: each pair (k, k + half) of every head rotated by −angle, the angle in
+// double exactly as the CPU computes it.
+__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
+    lq_rope_backward_kernel(float *dx, int heads, int head_dim, const int *positions, float theta) {
+    const int half = head_dim / 2, i = blockIdx.x;
+    const int position = positions[i];
+    for (int item = threadIdx.x; item < half * heads; item += blockDim.x) {
+        const int k = item % half, h = item / half;
+        const double angle = position * pow((double)theta, -2.0 * k / head_dim);
+        const float c = (float)cos(angle), s = (float)sin(angle);
+        float *v = dx + ((size_t)i * heads + h) * head_dim;
+        const float g0 = v[k], g1 = v[k + half];
+        v[k] = __fadd_rn(__fmul_rn(g0, c), __fmul_rn(g1, s));
+        v[k + half] = __fsub_rn(__fmul_rn(g1, c), __fmul_rn(g0, s));
+    }
+}
+
+int rope_backward(struct lq_backend *backend, float *dx, int n, int heads, int head_dim,
+                  const int *positions, float theta) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (n < 0 || heads < 0 || head_dim < 0) return LQ_EINVAL;
+    if (n == 0 || heads == 0 || head_dim < 2) return LQ_OK;
+    if (!positions) return LQ_EINVAL;
+    void *device_positions = NULL;
+    int rc =
+        lq_cuda_stage(cuda, LQ_CUDA_STAGE_0, positions, (size_t)n * sizeof(int), &device_positions);
+    if (rc) return rc;
+    lq_rope_backward_kernel<<<(unsigned)n, LQ_TRAIN_THREADS, 0, cuda->stream>>>(
+        dx, heads, head_dim, (const int *)device_positions, theta);
+    LQ_CUDA_LAUNCHED("lq_rope_backward_kernel");
+    return LQ_OK;
+}
+
+__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
+    lq_swiglu_backward_kernel(const float *gate, const float *up, const float *dout, size_t count,
+                              float *dgate, float *dup) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float g = gate[i], d = dout[i], u = up[i];
+        const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
+        const float silu_prime = __fmul_rn(s, __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s))));
+        dup[i] = __fmul_rn(d, __fmul_rn(g, s));
+        dgate[i] = __fmul_rn(__fmul_rn(d, u), silu_prime);
+    }
+}
+
+int swiglu_backward(struct lq_backend *backend, const float *gate, const float *up,
+                    const float *dout, size_t count, float *dgate, float *dup) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (count == 0) return LQ_OK;
+    lq_swiglu_backward_kernel<<<grid_for(cuda, count), LQ_TRAIN_THREADS, 0, cuda->stream>>>(
+        gate, up, dout, count, dgate, dup);
+    LQ_CUDA_LAUNCHED("lq_swiglu_backward_kernel");
+    return LQ_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loss.
+
+// Row blockIdx.x: losses[i] = logsumexp − logit[target] (0 when masked out) and, when dlogits,
+// grad_scale · (softmax − onehot) (0 when masked out). dlogits may be logits: every read of
+// the row comes before the barrier that precedes the writes, and each write replaces only the
+// value the same thread has just read.
+__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
+    lq_cross_entropy_kernel(const float *logits, const int *targets, const unsigned char *mask,
+                            int vocab, float grad_scale, double *losses, float *dlogits) {
+    __shared__ double shared[LQ_TRAIN_THREADS / 32];
+    __shared__ float shared_max[LQ_TRAIN_THREADS / 32];
+    const int i = blockIdx.x;
+    const size_t base = (size_t)i * vocab;
+    const float *row = logits + base;
+    float *d = dlogits ? dlogits + base : NULL;
+    if (mask && !mask[i]) {
+        if (threadIdx.x == 0) losses[i] = 0.0;
+        if (d)
+            for (int j = threadIdx.x; j < vocab; j += blockDim.x) d[j] = 0.0f;
+        return;
+    }
+    float max = -INFINITY;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) max = fmaxf(max, row[j]);
+    max = block_max(max, shared_max);
+    double sum = 0.0;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) sum += exp((double)row[j] - max);
+    sum = block_sum(sum, shared);
+    const int target = targets[i];
+    const float target_logit = row[target];
+    if (threadIdx.x == 0) losses[i] = log(sum) + max - target_logit;
+    if (!d) return;
+    __syncthreads(); // every thread has read row[target] before anyone overwrites the row
+    const double inverse = 1.0 / sum;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const double probability = exp((double)row[j] - max) * inverse;
+        d[j] = (float)(grad_scale * (probability - (j == target)));
+    }
+}
+
+int cross_entropy(struct lq_backend *backend, const float *logits, const int *targets,
+                  const unsigned char *mask, int n, int vocab, float grad_scale, double *loss_sum,
+                  float *dlogits) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (n < 0 || vocab <= 0 || (n > 0 && !targets) || !loss_sum) return LQ_EINVAL;
+    for (int i = 0; i < n; i++)
+        if ((!mask || mask[i]) && (targets[i] < 0 || targets[i] >= vocab)) return LQ_EINVAL;
+    if (n == 0) return LQ_OK;
+    void *device_targets = NULL, *device_mask = NULL, *losses = NULL;
+    int rc;
+    // the losses' workspace first: staging copies are queued as they are taken
+    if ((rc = lq_cuda_slot(cuda, LQ_CUDA_STAGE_2, (size_t)n * sizeof(double), &losses)) ||
+        (rc = lq_cuda_stage(cuda, LQ_CUDA_STAGE_0, targets, (size_t)n * sizeof(int),
+                            &device_targets)) ||
+        (mask && (rc = lq_cuda_stage(cuda, LQ_CUDA_STAGE_1, mask, (size_t)n, &device_mask))))
+        return rc;
+    double *host = (double *)malloc((size_t)n * sizeof(double));
+    if (!host) return LQ_ENOMEM;
+    lq_cross_entropy_kernel<<<(unsigned)n, LQ_TRAIN_THREADS, 0, cuda->stream>>>(
+        logits, (const int *)device_targets, (const unsigned char *)device_mask, vocab, grad_scale,
+        (double *)losses, dlogits);
+    cudaError_t status = cudaGetLastError();
+    if (status == cudaSuccess)
+        status = cudaMemcpyAsync(host, losses, (size_t)n * sizeof(double), cudaMemcpyDeviceToHost,
+                                 cuda->stream);
+    if (status == cudaSuccess) status = cudaStreamSynchronize(cuda->stream);
+    if (status != cudaSuccess) {
+        free(host);
+        return lq_cuda_fail(status, "cross_entropy", NULL);
+    }
+    double total = 0.0;
+    for (int i = 0; i < n; i++) total += host[i]; // in token order, as the CPU sums
+    free(host);
+    *loss_sum += total;
+    return LQ_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Squares and the optimizer.
+
+// partial[blockIdx.x] = Σ x² over chunk blockIdx.x, in double, a fixed order for fixed input.
+__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
+    lq_sum_squares_kernel(const float *x, size_t count, double *partial) {
+    __shared__ double shared[LQ_TRAIN_THREADS / 32];
+    const size_t first = (size_t)blockIdx.x * LQ_TRAIN_SUM_CHUNK;
+    const size_t last = first + LQ_TRAIN_SUM_CHUNK < count ? first + LQ_TRAIN_SUM_CHUNK : count;
+    double sum = 0.0;
+    for (size_t i = first + threadIdx.x; i < last; i += blockDim.x) sum += (double)x[i] * x[i];
+    sum = block_sum(sum, shared);
+    if (threadIdx.x == 0) partial[blockIdx.x] = sum;
+}
+
+int sum_squares(struct lq_backend *backend, const float *x, size_t count, double *out) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (!out) return LQ_EINVAL;
+    if (count == 0) {
+        *out = 0.0;
+        return LQ_OK;
+    }
+    const size_t chunks = (count + LQ_TRAIN_SUM_CHUNK - 1) / LQ_TRAIN_SUM_CHUNK;
+    if (chunks > 0x7fffffffu) return LQ_EINVAL;
+    void *partial = NULL;
+    int rc = lq_cuda_slot(cuda, LQ_CUDA_STAGE_2, chunks * sizeof(double), &partial);
+    if (rc) return rc;
+    double *host = (double *)malloc(chunks * sizeof(double));
+    if (!host) return LQ_ENOMEM;
+    lq_sum_squares_kernel<<<(unsigned)chunks, LQ_TRAIN_THREADS, 0, cuda->stream>>>(
+        x, count, (double *)partial);
+    cudaError_t status = cudaGetLastError();
+    if (status == cudaSuccess)
+        status = cudaMemcpyAsync(host, partial, chunks * sizeof(double), cudaMemcpyDeviceToHost,
+                                 cuda->stream);
+    if (status == cudaSuccess) status = cudaStreamSynchronize(cuda->stream);
+    if (status != cudaSuccess) {
+        free(host);
+        return lq_cuda_fail(status, "sum_squares", NULL);
+    }
+    double total = 0.0;
+    for (size_t i = 0; i < chunks; i++) total += host[i];
+    free(host);
+    *out = total;
+    return LQ_OK;
+}
+
+__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
+    lq_accumulate_squares_kernel(float *acc, const float *x, size_t count, float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        acc[i] = __fadd_rn(acc[i], __fmul_rn(scale, __fmul_rn(v, v)));
+    }
+}
+
+int accumulate_squares(struct lq_backend *backend, float *acc, const float *x, size_t count,
+                       float scale) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (count == 0) return LQ_OK;
+    lq_accumulate_squares_kernel<<<grid_for(cuda, count), LQ_TRAIN_THREADS, 0, cuda->stream>>>(
+        acc, x, count, scale);
+    LQ_CUDA_LAUNCHED("lq_accumulate_squares_kernel");
+    return LQ_OK;
+}
+
+struct lq_adamw_step {
+    float decay, beta1, beta2, step_size, correction2_sqrt, eps, grad_scale;
+};
+
+// The CPU's operations in its order, each rounded to fp32 (no contraction into FMAs).
+__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
+    lq_adamw_kernel(float *params, const float *grads, float *m, float *v, size_t count,
+                    const lq_adamw_step h) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float g = __fmul_rn(grads[i], h.grad_scale);
+        const float mi = __fadd_rn(__fmul_rn(h.beta1, m[i]), __fmul_rn(1.0f - h.beta1, g));
+        const float vi =
+            __fadd_rn(__fmul_rn(h.beta2, v[i]), __fmul_rn(1.0f - h.beta2, __fmul_rn(g, g)));
+        const float p = __fmul_rn(params[i], h.decay);
+        m[i] = mi, v[i] = vi;
+        const float denominator = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), h.correction2_sqrt), h.eps);
+        params[i] = __fsub_rn(p, __fmul_rn(h.step_size, __fdiv_rn(mi, denominator)));
+    }
+}
+
+int adamw(struct lq_backend *backend, float *params, const float *grads, float *m, float *v,
+          size_t count, const struct lq_adamw_params *hyper) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (!hyper || hyper->step < 1) return LQ_EINVAL;
+    if (count == 0) return LQ_OK;
+    const double correction1 = 1.0 - pow(hyper->beta1, (double)hyper->step);
+    const double correction2 = 1.0 - pow(hyper->beta2, (double)hyper->step);
+    lq_adamw_step h;
+    h.decay = (float)(1.0 - (double)hyper->learning_rate * hyper->weight_decay);
+    h.beta1 = hyper->beta1, h.beta2 = hyper->beta2;
+    h.step_size = (float)(hyper->learning_rate / correction1);
+    h.correction2_sqrt = (float)sqrt(correction2);
+    h.eps = hyper->eps, h.grad_scale = hyper->grad_scale;
+    lq_adamw_kernel<<<grid_for(cuda, count), LQ_TRAIN_THREADS, 0, cuda->stream>>>(params, grads, m,
+                                                                                  v, count, h);
+    LQ_CUDA_LAUNCHED("lq_adamw_kernel");
+    return LQ_OK;
+}
+
+int zero(struct lq_backend *backend, float *x, size_t count) {
+    if (count == 0) return LQ_OK;
+    LQ_CUDA_TRY(cudaMemsetAsync(x, 0, count * sizeof(float), lq_cuda_of(backend)->stream),
+                "cudaMemsetAsync (zero)");
+    return LQ_OK;
+}
+
+int copy(struct lq_backend *backend, void *to, const void *from, size_t bytes) {
+    if (bytes == 0 || to == from) return LQ_OK;
+    LQ_CUDA_TRY(
+        cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, lq_cuda_of(backend)->stream),
+        "cudaMemcpyAsync (copy)");
+    return LQ_OK;
+}
+
+} // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The ops-table entries: under the op lock, on the backend's device, like every other op.
+
+#define LQ_TRAIN_LOCKED(call)                                                                      \
+    do {                                                                                           \
+        struct lq_cuda *lq_cuda_ = lq_cuda_of(backend);                                            \
+        pthread_mutex_lock(&lq_cuda_->lock);                                                       \
+        cudaSetDevice(lq_cuda_->device);                                                           \
+        int lq_rc_ = (call);                                                                       \
+        pthread_mutex_unlock(&lq_cuda_->lock);                                                     \
+        return lq_rc_;                                                                             \
+    } while (0)
+
+int lq_cuda_op_zero(struct lq_backend *backend, float *x, size_t count) {
+    LQ_TRAIN_LOCKED(zero(backend, x, count));
+}
+
+int lq_cuda_op_copy(struct lq_backend *backend, void *to, const void *from, size_t bytes) {
+    LQ_TRAIN_LOCKED(copy(backend, to, from, bytes));
+}
+
+int lq_cuda_op_linear_lora(struct lq_backend *backend, const struct lq_linear *w, const float *L1,
+                           const float *L2, int rank, const float *x, int n, float *y) {
+    LQ_TRAIN_LOCKED(linear_lora(backend, w, L1, L2, rank, x, n, y));
+}
+
+int lq_cuda_op_linear_backward(struct lq_backend *backend, const struct lq_linear *w,
+                               const float *L1, const float *L2, int rank, const float *x,
+                               const float *dy, int n, float *dx, int accumulate_dx, float *dL1,
+                               float *dL2, float *dW) {
+    LQ_TRAIN_LOCKED(
+        linear_backward(backend, w, L1, L2, rank, x, dy, n, dx, accumulate_dx, dL1, dL2, dW));
+}
+
+int lq_cuda_op_matmul_backward(struct lq_backend *backend, const float *w, int rows, int cols,
+                               const float *dy, int n, float *dx, int accumulate) {
+    LQ_TRAIN_LOCKED(matmul_backward(backend, w, rows, cols, dy, n, dx, accumulate));
+}
+
+int lq_cuda_op_rmsnorm_backward(struct lq_backend *backend, const float *x, const float *weight,
+                                const float *dy, int n, int dim, float eps, float *dx) {
+    LQ_TRAIN_LOCKED(rmsnorm_backward(backend, x, weight, dy, n, dim, eps, dx));
+}
+
+int lq_cuda_op_rope_backward(struct lq_backend *backend, float *dx, int n, int heads, int head_dim,
+                             const int *positions, float theta) {
+    LQ_TRAIN_LOCKED(rope_backward(backend, dx, n, heads, head_dim, positions, theta));
+}
+
+int lq_cuda_op_swiglu_backward(struct lq_backend *backend, const float *gate, const float *up,
+                               const float *dout, size_t count, float *dgate, float *dup) {
+    LQ_TRAIN_LOCKED(swiglu_backward(backend, gate, up, dout, count, dgate, dup));
+}
+
+int lq_cuda_op_cross_entropy(struct lq_backend *backend, const float *logits, const int *targets,
+                             const unsigned char *mask, int n, int vocab, float grad_scale,
+                             double *loss_sum, float *dlogits) {
+    LQ_TRAIN_LOCKED(
+        cross_entropy(backend, logits, targets, mask, n, vocab, grad_scale, loss_sum, dlogits));
+}
+
+int lq_cuda_op_sum_squares(struct lq_backend *backend, const float *x, size_t count, double *out) {
+    LQ_TRAIN_LOCKED(sum_squares(backend, x, count, out));
+}
+
+int lq_cuda_op_accumulate_squares(struct lq_backend *backend, float *acc, const float *x,
+                                  size_t count, float scale) {
+    LQ_TRAIN_LOCKED(accumulate_squares(backend, acc, x, count, scale));
+}
+
+int lq_cuda_op_adamw(struct lq_backend *backend, float *params, const float *grads, float *m,
+                     float *v, size_t count, const struct lq_adamw_params *hyper) {
+    LQ_TRAIN_LOCKED(adamw(backend, params, grads, m, v, count, hyper));
+}

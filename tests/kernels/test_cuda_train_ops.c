@@ -1,0 +1,514 @@
+/* Every CUDA training op (kernels/cuda/train_cuda.cu) against the CPU op (the reference,
+ * kernels/cpu/train_cpu.c) on fresh random inputs at several shapes, odd ones included,
+ * through the one backend interface both implement. Device outputs are poisoned with NaN
+ * before each run, so an element a kernel never writes fails the check; "+=" outputs start
+ * from the same random values on both backends. Tolerances are relative L2 errors
+ * ‖gpu − cpu‖ / ‖cpu‖, stated below. attention_backward has its own test.
+ * Without a usable GPU (or in a build without CUDA) the test exits 77: meson's "skipped".
+ * Usage: test_cuda_train_ops [CASE] (CASE: a substring of a case name). */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/lq.h"
+#include "core/nf.h"
+#include "core/rng.h"
+#include "kernels/backend.h"
+#include "tests/unit/lq_test.h"
+
+/* fp32 products and sums in another order (cuBLAS, block reductions): far under 1e-5. The
+ * LQ tiles are dequantized bit for bit as the CPU does, so LQ layers get the same bound. */
+#define TOL_FP32 2e-5
+/* Element-wise ops computed with the CPU's operations in its order (expf, sin/cos of the
+ * same double angle may differ by an ulp). */
+#define TOL_ELEMENTWISE 1e-6
+/* Double sums in another order. */
+#define TOL_DOUBLE 1e-12
+
+static struct lq_backend *cpu, *gpu;
+static struct lq_rng rng;
+
+static float *random_floats(size_t count, float scale) {
+    float *x = malloc((count ? count : 1) * sizeof *x);
+    lq_rng_fill_normal(&rng, x, count);
+    for (size_t i = 0; i < count; i++) x[i] *= scale;
+    return x;
+}
+
+static float *copy_floats(const float *x, size_t count) {
+    float *y = malloc((count ? count : 1) * sizeof *y);
+    memcpy(y, x, count * sizeof *y);
+    return y;
+}
+
+/* A device buffer holding host data (or NaN poison when host is NULL). */
+static float *device_floats(const float *host, size_t count) {
+    void *buffer = NULL;
+    struct lq_error err = {0};
+    if (gpu->ops->buffer_alloc(gpu, (count ? count : 1) * sizeof(float), &buffer, &err)) {
+        fprintf(stderr, "buffer_alloc: %s\n", err.message);
+        exit(1);
+    }
+    float *staging = malloc((count ? count : 1) * sizeof *staging);
+    for (size_t i = 0; i < count; i++) staging[i] = host ? host[i] : NAN;
+    gpu->ops->copy_to_device(gpu, buffer, staging, count * sizeof(float));
+    free(staging);
+    return buffer;
+}
+
+static float *to_host(const float *device, size_t count) {
+    float *host = malloc((count ? count : 1) * sizeof *host);
+    CHECK_OK(gpu->ops->copy_to_host(gpu, host, device, count * sizeof(float)));
+    return host;
+}
+
+static void release(float *device) {
+    if (device) gpu->ops->buffer_free(gpu, device);
+}
+
+/* ‖a − b‖ / ‖b‖ in double; NaN anywhere (an unwritten output) gives +inf. */
+static double relative_error(const float *a, const float *b, size_t count) {
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < count; i++) {
+        if (!isfinite(a[i]) || !isfinite(b[i])) return INFINITY;
+        double d = (double)a[i] - b[i];
+        diff += d * d, norm += (double)b[i] * b[i];
+    }
+    return norm > 0 ? sqrt(diff / norm) : sqrt(diff);
+}
+
+#define CHECK_CLOSE(gpu_out, cpu_out, count, tolerance, ...)                                       \
+    do {                                                                                           \
+        double lq_rel_ = relative_error((gpu_out), (cpu_out), (count));                            \
+        if (!(lq_rel_ <= (tolerance))) {                                                           \
+            fprintf(stderr, "%s:%d: relative error %.3g > %.1g: ", __FILE__, __LINE__, lq_rel_,    \
+                    (double)(tolerance));                                                          \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fputc('\n', stderr);                                                                   \
+            lq_test_failures++;                                                                    \
+        }                                                                                          \
+    } while (0)
+
+/* The device array against the host reference. */
+#define CHECK_DEVICE(device, reference, count, tolerance, ...)                                     \
+    do {                                                                                           \
+        float *lq_h_ = to_host((device), (count));                                                 \
+        CHECK_CLOSE(lq_h_, (reference), (count), (tolerance), __VA_ARGS__);                        \
+        free(lq_h_);                                                                               \
+    } while (0)
+
+#define CHECK_DOUBLE(gpu_value, cpu_value, tolerance, ...)                                         \
+    do {                                                                                           \
+        double lq_g_ = (gpu_value), lq_c_ = (cpu_value);                                           \
+        double lq_rel_ = fabs(lq_g_ - lq_c_) / (fabs(lq_c_) > 0 ? fabs(lq_c_) : 1.0);              \
+        if (!(lq_rel_ <= (tolerance))) {                                                           \
+            fprintf(stderr, "%s:%d: %.17g vs %.17g (relative %.3g > %.1g): ", __FILE__, __LINE__,  \
+                    lq_g_, lq_c_, lq_rel_, (double)(tolerance));                                   \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fputc('\n', stderr);                                                                   \
+            lq_test_failures++;                                                                    \
+        }                                                                                          \
+    } while (0)
+
+static const int token_counts[] = {1, 7, 64, 300};
+#define TOKEN_COUNTS (sizeof token_counts / sizeof token_counts[0])
+
+/* ---------- zero, copy ---------- */
+
+static void test_zero_copy(void) {
+    const size_t counts[] = {1, 37, 4096, 100003};
+    for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+        size_t count = counts[c];
+        float *x = random_floats(count, 1.0f), *zeros = calloc(count, sizeof *zeros);
+        float *dx = device_floats(x, count), *dy = device_floats(NULL, count);
+        CHECK_OK(gpu->ops->copy(gpu, dy, dx, count * sizeof(float)));
+        CHECK_DEVICE(dy, x, count, 0.0, "copy %zu", count);
+        CHECK_OK(gpu->ops->zero(gpu, dx, count));
+        float *h = to_host(dx, count);
+        CHECK_MSG(memcmp(h, zeros, count * sizeof *h) == 0, "zero %zu", count);
+        CHECK_OK(gpu->ops->zero(gpu, dx, 0));
+        CHECK_OK(gpu->ops->copy(gpu, dy, dx, 0));
+        release(dx), release(dy);
+        free(x), free(zeros), free(h);
+    }
+}
+
+/* ---------- linear layers ---------- */
+
+/* An LQ layer: Q = Quantize(random) under c, and random own factors of rank `rank`. */
+static int make_lq(int rows, int cols, struct lq_nf_config c, int rank, struct lq_linear *w) {
+    memset(w, 0, sizeof *w);
+    w->rows = rows, w->cols = cols, w->is_lq = 1, w->rank = rank;
+    float *dense = random_floats((size_t)rows * cols, 0.05f);
+    struct lq_error err = {0};
+    int rc = lq_nf_quantize(dense, (size_t)rows, (size_t)cols, &c, &w->q, &err);
+    free(dense);
+    if (rc) {
+        fprintf(stderr, "lq_nf_quantize: %s\n", err.message);
+        return rc;
+    }
+    if (rank > 0) {
+        w->lora_A = random_floats((size_t)rank * cols, 0.05f);
+        w->lora_B = random_floats((size_t)rows * rank, 0.05f);
+    }
+    return 0;
+}
+
+static void make_dense(int rows, int cols, struct lq_linear *w) {
+    memset(w, 0, sizeof *w);
+    w->rows = rows, w->cols = cols;
+    w->dense = random_floats((size_t)rows * cols, 0.05f);
+}
+
+/* linear_lora and linear_backward of w with a trainable pair of rank `rank` at n tokens,
+ * every output compared; variant picks which gradients are asked for. */
+static void compare_layer(const struct lq_linear *w, int rank, int n, int variant,
+                          const char *label) {
+    const int rows = w->rows, cols = w->cols;
+    const size_t nx = (size_t)n * cols, ny = (size_t)n * rows;
+    struct lq_error err = {0};
+    struct lq_linear on_gpu = *w;
+    if (gpu->ops->linear_prepare(gpu, &on_gpu, &err)) {
+        CHECK_MSG(0, "linear_prepare %s: %s", label, err.message);
+        return;
+    }
+    float *L1 = rank ? random_floats((size_t)rows * rank, 0.1f) : NULL;
+    float *L2 = rank ? random_floats((size_t)rank * cols, 0.1f) : NULL;
+    float *x = random_floats(nx, 1.0f), *dy = random_floats(ny, 1.0f);
+    float *d_L1 = rank ? device_floats(L1, (size_t)rows * rank) : NULL;
+    float *d_L2 = rank ? device_floats(L2, (size_t)rank * cols) : NULL;
+    float *d_x = device_floats(x, nx), *d_dy = device_floats(dy, ny);
+
+    /* forward */
+    float *y = malloc(ny * sizeof *y), *d_y = device_floats(NULL, ny);
+    CHECK_OK(cpu->ops->linear_lora(cpu, w, L1, L2, rank, x, n, y));
+    CHECK_OK(gpu->ops->linear_lora(gpu, &on_gpu, d_L1, d_L2, rank, d_x, n, d_y));
+    CHECK_DEVICE(d_y, y, ny, TOL_FP32, "linear_lora %s, rank %d, n %d", label, rank, n);
+
+    /* backward: variant 0 overwrites dx and asks for everything; 1 accumulates into dx;
+     * 2 has no dx and only dL1 */
+    const int accumulate = variant == 1, want_dx = variant != 2, want_dL2 = variant != 2;
+    const int want_dW = !w->is_lq && variant != 2;
+    const size_t nL1 = (size_t)rows * rank, nL2 = (size_t)rank * cols, nW = (size_t)rows * cols;
+    float *dx0 = random_floats(nx, 1.0f), *dL10 = random_floats(nL1, 1.0f);
+    float *dL20 = random_floats(nL2, 1.0f), *dW0 = random_floats(nW, 1.0f);
+    float *dx = copy_floats(dx0, nx), *dL1 = copy_floats(dL10, nL1);
+    float *dL2 = copy_floats(dL20, nL2), *dW = copy_floats(dW0, nW);
+    float *d_dx = want_dx ? device_floats(accumulate ? dx0 : NULL, nx) : NULL;
+    float *d_dL1 = rank ? device_floats(dL10, nL1) : NULL;
+    float *d_dL2 = rank && want_dL2 ? device_floats(dL20, nL2) : NULL;
+    float *d_dW = want_dW ? device_floats(dW0, nW) : NULL;
+    CHECK_OK(cpu->ops->linear_backward(cpu, w, L1, L2, rank, x, dy, n, want_dx ? dx : NULL,
+                                       accumulate, rank ? dL1 : NULL, rank && want_dL2 ? dL2 : NULL,
+                                       want_dW ? dW : NULL));
+    CHECK_OK(gpu->ops->linear_backward(gpu, &on_gpu, d_L1, d_L2, rank, d_x, d_dy, n, d_dx,
+                                       accumulate, d_dL1, d_dL2, d_dW));
+    if (want_dx)
+        CHECK_DEVICE(d_dx, dx, nx, TOL_FP32, "linear_backward dx (accumulate %d) %s, rank %d, n %d",
+                     accumulate, label, rank, n);
+    if (rank)
+        CHECK_DEVICE(d_dL1, dL1, nL1, TOL_FP32, "linear_backward dL1 %s, rank %d, n %d", label,
+                     rank, n);
+    if (rank && want_dL2)
+        CHECK_DEVICE(d_dL2, dL2, nL2, TOL_FP32, "linear_backward dL2 %s, rank %d, n %d", label,
+                     rank, n);
+    if (want_dW)
+        CHECK_DEVICE(d_dW, dW, nW, TOL_FP32, "linear_backward dW %s, rank %d, n %d", label, rank,
+                     n);
+    if (w->is_lq) { /* a quantized weight has no gradient: refused on both */
+        float *d_any = device_floats(NULL, nW);
+        CHECK(gpu->ops->linear_backward(gpu, &on_gpu, d_L1, d_L2, rank, d_x, d_dy, n, NULL, 0, NULL,
+                                        NULL, d_any) == LQ_EINVAL);
+        release(d_any);
+    }
+
+    gpu->ops->linear_release(gpu, &on_gpu);
+    release(d_L1), release(d_L2), release(d_x), release(d_dy), release(d_y);
+    release(d_dx), release(d_dL1), release(d_dL2), release(d_dW);
+    free(L1), free(L2), free(x), free(dy), free(y);
+    free(dx0), free(dL10), free(dL20), free(dW0), free(dx), free(dL1), free(dL2), free(dW);
+}
+
+static void test_linear_dense(void) {
+    const int shapes[][2] = {{37, 53}, {64, 64}, {300, 129}};
+    const int ranks[] = {0, 4, 8};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        struct lq_linear w;
+        make_dense(shapes[s][0], shapes[s][1], &w);
+        char label[64];
+        snprintf(label, sizeof label, "dense %d x %d", w.rows, w.cols);
+        for (size_t r = 0; r < 3; r++)
+            for (size_t b = 0; b < TOKEN_COUNTS; b++)
+                compare_layer(&w, ranks[r], token_counts[b], (int)((r + b) % 3), label);
+        free(w.dense);
+    }
+}
+
+static void test_linear_lq(void) {
+    /* b0 2, 3, 4, 8; every scale type; blocks that divide 32, are multiples of it and neither;
+     * partial last blocks and groups */
+    const struct lq_nf_config configs[] = {
+        {4, 8, LQ_SCALE_FP32, 64, 256},
+        {2, 2, LQ_SCALE_BF16, 16, 16},
+        {3, 4, LQ_SCALE_FP16, 48, 3},
+        {8, 8, LQ_SCALE_FP32, 64, 256},
+    };
+    const int shapes[][2] = {{37, 53}, {256, 512}, {300, 129}};
+    const int own_ranks[] = {0, 4, 8}, ranks[] = {0, 4, 8};
+    for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++)
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            for (size_t o = 0; o < 3; o++) {
+                struct lq_linear w;
+                if (make_lq(shapes[s][0], shapes[s][1], configs[c], own_ranks[o], &w)) {
+                    CHECK(0);
+                    continue;
+                }
+                char label[128], text[64];
+                snprintf(label, sizeof label, "LQ %s %d x %d own rank %d",
+                         lq_nf_config_format(&configs[c], text, sizeof text), w.rows, w.cols,
+                         w.rank);
+                for (size_t b = 0; b < TOKEN_COUNTS; b++)
+                    compare_layer(&w, ranks[(o + b) % 3], token_counts[b], (int)((c + s + b) % 3),
+                                  label);
+                lq_linear_free(&w);
+            }
+    /* more than one 16 MB fp32 tile of Q rows (and than one CPU tile) */
+    struct lq_linear w;
+    if (make_lq(1100, 4096, configs[0], 4, &w)) {
+        CHECK(0);
+        return;
+    }
+    compare_layer(&w, 8, 7, 0, "LQ nf4 1100 x 4096 own rank 4");
+    compare_layer(&w, 4, 64, 1, "LQ nf4 1100 x 4096 own rank 4");
+    lq_linear_free(&w);
+}
+
+static void test_matmul_backward(void) {
+    const int shapes[][2] = {{37, 53}, {512, 64}, {1000, 288}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (size_t b = 0; b < TOKEN_COUNTS; b++)
+            for (int accumulate = 0; accumulate < 2; accumulate++) {
+                int rows = shapes[s][0], cols = shapes[s][1], n = token_counts[b];
+                size_t nw = (size_t)rows * cols, ny = (size_t)n * rows, nx = (size_t)n * cols;
+                float *w = random_floats(nw, 0.1f), *dy = random_floats(ny, 1.0f);
+                float *dx = random_floats(nx, 1.0f);
+                float *d_w = device_floats(w, nw), *d_dy = device_floats(dy, ny);
+                float *d_dx = device_floats(accumulate ? dx : NULL, nx);
+                CHECK_OK(cpu->ops->matmul_backward(cpu, w, rows, cols, dy, n, dx, accumulate));
+                CHECK_OK(
+                    gpu->ops->matmul_backward(gpu, d_w, rows, cols, d_dy, n, d_dx, accumulate));
+                CHECK_DEVICE(d_dx, dx, nx, TOL_FP32, "matmul_backward %d x %d, n %d, accumulate %d",
+                             rows, cols, n, accumulate);
+                release(d_w), release(d_dy), release(d_dx);
+                free(w), free(dy), free(dx);
+            }
+}
+
+/* ---------- row-wise and element-wise ops ---------- */
+
+static void test_rmsnorm_backward(void) {
+    const int dims[] = {64, 37, 288, 4096};
+    for (size_t d = 0; d < sizeof dims / sizeof dims[0]; d++)
+        for (size_t b = 0; b < TOKEN_COUNTS; b++) {
+            int n = token_counts[b], dim = dims[d];
+            size_t count = (size_t)n * dim;
+            float *x = random_floats(count, 3.0f), *w = random_floats((size_t)dim, 1.0f);
+            float *dy = random_floats(count, 1.0f), *dx = random_floats(count, 1.0f);
+            float *d_x = device_floats(x, count), *d_w = device_floats(w, (size_t)dim);
+            float *d_dy = device_floats(dy, count), *d_dx = device_floats(dx, count);
+            CHECK_OK(cpu->ops->rmsnorm_backward(cpu, x, w, dy, n, dim, 1e-5f, dx));
+            CHECK_OK(gpu->ops->rmsnorm_backward(gpu, d_x, d_w, d_dy, n, dim, 1e-5f, d_dx));
+            CHECK_DEVICE(d_dx, dx, count, TOL_FP32, "rmsnorm_backward %d x %d", n, dim);
+            release(d_x), release(d_w), release(d_dy), release(d_dx);
+            free(x), free(w), free(dy), free(dx);
+        }
+}
+
+static void test_rope_backward(void) {
+    const int shapes[][2] = {{4, 64}, {3, 6}, {8, 128}, {1, 2}}; /* heads, head_dim */
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (size_t b = 0; b < TOKEN_COUNTS; b++) {
+            int heads = shapes[s][0], hd = shapes[s][1], n = token_counts[b];
+            size_t count = (size_t)n * heads * hd;
+            int *positions = malloc((size_t)n * sizeof *positions);
+            for (int i = 0; i < n; i++) positions[i] = (int)(lq_rng_next(&rng) % 4096);
+            positions[0] = 0;
+            float *dx = random_floats(count, 1.0f), *d_dx = device_floats(dx, count);
+            CHECK_OK(cpu->ops->rope_backward(cpu, dx, n, heads, hd, positions, 10000.0f));
+            CHECK_OK(gpu->ops->rope_backward(gpu, d_dx, n, heads, hd, positions, 10000.0f));
+            CHECK_DEVICE(d_dx, dx, count, TOL_ELEMENTWISE, "rope_backward n %d, %d heads of %d", n,
+                         heads, hd);
+            release(d_dx);
+            free(positions), free(dx);
+        }
+}
+
+static void test_swiglu_backward(void) {
+    const size_t counts[] = {1, 37, 4096, 300 * 688 + 5};
+    for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++)
+        for (int alias = 0; alias < 2; alias++) {
+            size_t count = counts[c];
+            float *gate = random_floats(count, 3.0f), *up = random_floats(count, 1.0f);
+            float *dout = random_floats(count, 1.0f);
+            float *dgate = malloc(count * sizeof *dgate), *dup = malloc(count * sizeof *dup);
+            float *d_gate = device_floats(gate, count), *d_up = device_floats(up, count);
+            float *d_dout = device_floats(dout, count), *d_dup = device_floats(NULL, count);
+            float *d_dgate = alias ? d_dout : device_floats(NULL, count);
+            CHECK_OK(cpu->ops->swiglu_backward(cpu, gate, up, dout, count, dgate, dup));
+            CHECK_OK(gpu->ops->swiglu_backward(gpu, d_gate, d_up, d_dout, count, d_dgate, d_dup));
+            CHECK_DEVICE(d_dgate, dgate, count, TOL_ELEMENTWISE, "swiglu_backward dgate %zu%s",
+                         count, alias ? " (in place)" : "");
+            CHECK_DEVICE(d_dup, dup, count, TOL_ELEMENTWISE, "swiglu_backward dup %zu", count);
+            release(d_gate), release(d_up), release(d_dout), release(d_dup);
+            if (!alias) release(d_dgate);
+            free(gate), free(up), free(dout), free(dgate), free(dup);
+        }
+}
+
+/* ---------- loss ---------- */
+
+static void test_cross_entropy(void) {
+    const int vocabs[] = {1, 37, 512, 32000};
+    for (size_t v = 0; v < sizeof vocabs / sizeof vocabs[0]; v++)
+        for (size_t b = 0; b < TOKEN_COUNTS; b++)
+            for (int variant = 0; variant < 4; variant++) {
+                /* 0: every token, dlogits apart; 1: a mask; 2: dlogits = logits (in place),
+                 * with a mask; 3: no dlogits */
+                int vocab = vocabs[v], n = token_counts[b];
+                if (vocab == 32000 && n == 300 && variant != 2) continue; /* keep it short */
+                size_t count = (size_t)n * vocab;
+                float *logits = random_floats(count, 4.0f);
+                int *targets = malloc((size_t)n * sizeof *targets);
+                unsigned char *mask = malloc((size_t)n);
+                for (int i = 0; i < n; i++) {
+                    targets[i] = (int)(lq_rng_next(&rng) % (uint64_t)vocab);
+                    mask[i] = (unsigned char)(lq_rng_next(&rng) % 3 != 0);
+                }
+                mask[0] = 1;
+                if (n > 1) targets[n - 1] = -5, mask[n - 1] = 0; /* masked out: not checked */
+                const unsigned char *m = variant == 0 || variant == 3 ? NULL : mask;
+                if (!m && n > 1) targets[n - 1] = vocab - 1;
+                const float scale = 0.37f;
+                float *dlogits = variant == 3 ? NULL : malloc(count * sizeof *dlogits);
+                double cpu_loss = 1.5, gpu_loss = 1.5; /* "+=" */
+                CHECK_OK(cpu->ops->cross_entropy(cpu, logits, targets, m, n, vocab, scale,
+                                                 &cpu_loss, dlogits));
+                float *d_logits = device_floats(logits, count);
+                float *d_dlogits = variant == 3   ? NULL
+                                   : variant == 2 ? d_logits
+                                                  : device_floats(NULL, count);
+                CHECK_OK(gpu->ops->cross_entropy(gpu, d_logits, targets, m, n, vocab, scale,
+                                                 &gpu_loss, d_dlogits));
+                CHECK_DOUBLE(gpu_loss, cpu_loss, TOL_DOUBLE,
+                             "cross_entropy loss n %d, vocab %d, variant %d", n, vocab, variant);
+                if (d_dlogits)
+                    CHECK_DEVICE(d_dlogits, dlogits, count, TOL_ELEMENTWISE,
+                                 "cross_entropy dlogits n %d, vocab %d, variant %d", n, vocab,
+                                 variant);
+                /* a target out of range on a masked-in row is refused */
+                int saved = targets[0];
+                targets[0] = vocab;
+                CHECK(gpu->ops->cross_entropy(gpu, d_logits, targets, m, n, vocab, scale, &gpu_loss,
+                                              NULL) == LQ_EINVAL);
+                targets[0] = saved;
+                release(d_logits);
+                if (variant < 2) release(d_dlogits);
+                free(logits), free(targets), free(mask), free(dlogits);
+            }
+}
+
+/* ---------- squares, optimizer ---------- */
+
+static void test_sum_squares(void) {
+    const size_t counts[] = {0, 1, 1000, ((size_t)1 << 16) * 3 + 17, 5000011};
+    for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+        size_t count = counts[c];
+        float *x = random_floats(count, 2.0f), *d_x = device_floats(x, count);
+        double cpu_sum = -1.0, gpu_sum = -1.0, again = -2.0;
+        CHECK_OK(cpu->ops->sum_squares(cpu, x, count, &cpu_sum));
+        CHECK_OK(gpu->ops->sum_squares(gpu, d_x, count, &gpu_sum));
+        CHECK_OK(gpu->ops->sum_squares(gpu, d_x, count, &again));
+        CHECK_DOUBLE(gpu_sum, cpu_sum, TOL_DOUBLE, "sum_squares %zu", count);
+        CHECK_MSG(memcmp(&gpu_sum, &again, sizeof again) == 0, "sum_squares %zu: %.17g then %.17g",
+                  count, gpu_sum, again);
+        release(d_x);
+        free(x);
+    }
+}
+
+static void test_accumulate_squares(void) {
+    const size_t counts[] = {1, 37, 100003};
+    for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+        size_t count = counts[c];
+        float *acc = random_floats(count, 1.0f), *x = random_floats(count, 2.0f);
+        float *d_acc = device_floats(acc, count), *d_x = device_floats(x, count);
+        CHECK_OK(cpu->ops->accumulate_squares(cpu, acc, x, count, 0.25f));
+        CHECK_OK(gpu->ops->accumulate_squares(gpu, d_acc, d_x, count, 0.25f));
+        CHECK_DEVICE(d_acc, acc, count, TOL_ELEMENTWISE, "accumulate_squares %zu", count);
+        release(d_acc), release(d_x);
+        free(acc), free(x);
+    }
+}
+
+static void test_adamw(void) {
+    const size_t counts[] = {1, 37, 100003};
+    const long steps[] = {1, 7, 1000};
+    for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++)
+        for (size_t s = 0; s < sizeof steps / sizeof steps[0]; s++) {
+            size_t count = counts[c];
+            struct lq_adamw_params hyper = {
+                2e-4f, 0.9f, 0.999f, 1e-8f, 0.01f, s == 1 ? 0.8f : 1.0f, steps[s]};
+            float *p = random_floats(count, 0.1f), *g = random_floats(count, 0.01f);
+            float *m = random_floats(count, 0.001f), *v = random_floats(count, 1e-5f);
+            for (size_t i = 0; i < count; i++) v[i] = fabsf(v[i]);
+            float *d_p = device_floats(p, count), *d_g = device_floats(g, count);
+            float *d_m = device_floats(m, count), *d_v = device_floats(v, count);
+            CHECK_OK(cpu->ops->adamw(cpu, p, g, m, v, count, &hyper));
+            CHECK_OK(gpu->ops->adamw(gpu, d_p, d_g, d_m, d_v, count, &hyper));
+            CHECK_DEVICE(d_p, p, count, TOL_ELEMENTWISE, "adamw params %zu, step %ld", count,
+                         steps[s]);
+            CHECK_DEVICE(d_m, m, count, TOL_ELEMENTWISE, "adamw m %zu, step %ld", count, steps[s]);
+            CHECK_DEVICE(d_v, v, count, TOL_ELEMENTWISE, "adamw v %zu, step %ld", count, steps[s]);
+            hyper.step = 0;
+            CHECK(gpu->ops->adamw(gpu, d_p, d_g, d_m, d_v, count, &hyper) == LQ_EINVAL);
+            release(d_p), release(d_g), release(d_m), release(d_v);
+            free(p), free(g), free(m), free(v);
+        }
+}
+
+int main(int argc, char **argv) {
+    struct lq_error err = {0};
+    if (lq_backend_cuda_create(0, 0, &gpu, &err)) {
+        printf("SKIP: %s\n", err.message);
+        return 77;
+    }
+    CHECK_OK(lq_backend_cpu_create(&cpu, &err));
+    lq_rng_seed(&rng, 20261203);
+    static const struct lq_test_case cases[] = {
+        LQ_TEST(test_zero_copy),
+        LQ_TEST(test_linear_dense),
+        LQ_TEST(test_linear_lq),
+        LQ_TEST(test_matmul_backward),
+        LQ_TEST(test_rmsnorm_backward),
+        LQ_TEST(test_rope_backward),
+        LQ_TEST(test_swiglu_backward),
+        LQ_TEST(test_cross_entropy),
+        LQ_TEST(test_sum_squares),
+        LQ_TEST(test_accumulate_squares),
+        LQ_TEST(test_adamw),
+    };
+    int failed = 0;
+    const char *filter = argc > 1 ? argv[1] : NULL;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (filter && !strstr(cases[i].name, filter)) continue;
+        int before = lq_test_failures;
+        cases[i].run();
+        printf("%s %s\n", lq_test_failures == before ? "ok  " : "FAIL", cases[i].name);
+        failed |= lq_test_failures != before;
+    }
+    gpu->ops->destroy(gpu);
+    cpu->ops->destroy(cpu);
+    return failed ? 1 : 0;
+}
