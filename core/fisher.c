@@ -318,7 +318,10 @@ int lq_fisher_estimate_text(const struct lq_model *model, const struct lq_tokeni
         lq_error_prefix(err, "%s", options->draw_label);
         return rc;
     }
-    if ((rc = options->create_backend(&backend, err))) return rc;
+    if (options->backend)
+        backend = options->backend;
+    else if ((rc = options->create_backend(&backend, err)))
+        return rc;
     if (options->drawn && (rc = options->drawn(options->drawn_context, calibration))) {
         lq_error_set(err, rc, "stopped before the Fisher estimate");
     } else {
@@ -330,6 +333,6 @@ int lq_fisher_estimate_text(const struct lq_model *model, const struct lq_tokeni
                                calibration->lengths, calibration->count, &compute, out, err);
         if (!rc) memcpy(out->source, calibration->source, sizeof out->source);
     }
-    backend->ops->destroy(backend);
+    if (backend != options->backend) backend->ops->destroy(backend);
     return rc;
 }

@@ -92,7 +92,10 @@ struct lq_fisher_text_options {
     int max_seq_len;        /* tokens per sequence at most, BOS included */
     uint64_t seed;          /* of the draw */
     const char *draw_label; /* prefixed to an error of the draw ("--fisher FILE") */
-    /* Makes the backend F is estimated on (lq_backend_cpu_create); destroyed after. */
+    /* The backend F is estimated on: `backend` (borrowed, e.g. the GPU that also
+     * decomposes) when set, else one made by create_backend (lq_backend_cpu_create) and
+     * destroyed after. */
+    struct lq_backend *backend;
     int (*create_backend)(struct lq_backend **out, struct lq_error *err);
     /* Called with the draw once the backend is made, before the estimate (NULL: not called);
      * a nonzero return stops with that code and "stopped before the Fisher estimate". */

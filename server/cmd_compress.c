@@ -67,7 +67,8 @@ static const char compress_usage[] =
     "Fisher-weighted LQ (LQ-LoRA paper section 3.3): every decomposition minimises\n"
     "||sqrt(F) * (W - Q - L1 L2)||, F the diagonal empirical Fisher information of W, and the\n"
     "error table, the allocation and the report use that weighted error.\n"
-    "  --fisher FILE        estimate F on the CPU from calibration text FILE: each non-empty\n"
+    "  --fisher FILE        estimate F (on the --device GPU, else the CPU) from calibration\n"
+    "                       text FILE: each non-empty\n"
     "                       line is a document (as lqd eval --ppl reads it), tokenized with BOS\n"
     "  --fisher-samples N   sequences averaged: N documents drawn without replacement\n"
     "  --fisher-seq-len L   tokens per sequence at most, BOS included (default 1024, at most\n"
@@ -431,6 +432,7 @@ struct fisher_drawn {
     const struct compress_args *a;
     struct progress_state *progress;
     int seq_len;
+    const char *where; /* "the CPU", "cuda" */
 };
 
 static int on_fisher_drawn(void *context, const struct lq_fisher_calibration *calibration) {
@@ -438,18 +440,27 @@ static int on_fisher_drawn(void *context, const struct lq_fisher_calibration *ca
     if (!d->a->quiet)
         fprintf(stderr,
                 "lqd compress: Fisher information from %d of %zu lines of %s (%zu tokens, at "
-                "most %d per sequence, seed %llu) on the CPU\n",
+                "most %d per sequence, seed %llu) on %s\n",
                 calibration->count, calibration->documents, d->a->fisher, calibration->tokens,
-                d->seq_len, d->a->fisher_seed);
+                d->seq_len, d->a->fisher_seed, d->where);
     d->progress->fisher_start = seconds_now(), d->progress->last_line = -1e9;
     return 0;
 }
 
-/* F from --fisher-load, or estimated from --fisher's text on the CPU backend. */
+/* Whether backend has the ops the Fisher estimate runs (the training ops). */
+static int can_train(const struct lq_backend *backend) {
+    const struct lq_backend_ops *o = backend ? backend->ops : NULL;
+    return o && o->linear_backward && o->attention_backward && o->cross_entropy &&
+           o->accumulate_squares && o->rmsnorm_backward && o->swiglu_backward && o->rope_backward;
+}
+
+/* F from --fisher-load, or estimated from --fisher's text on the --device GPU when it has the
+ * training ops, else on a CPU backend. */
 static int fisher_obtain(const struct compress_args *a, const struct lq_model *source,
                          const struct lq_tokenizer_files *tokenizer_files,
-                         struct progress_state *progress, struct lq_fisher *fisher,
-                         struct fisher_summary *summary, struct lq_error *err) {
+                         struct lq_backend *device, struct progress_state *progress,
+                         struct lq_fisher *fisher, struct fisher_summary *summary,
+                         struct lq_error *err) {
     memset(summary, 0, sizeof *summary);
     double start = seconds_now();
     if (a->fisher_load) {
@@ -472,12 +483,14 @@ static int fisher_obtain(const struct compress_args *a, const struct lq_model *s
     if ((rc = load_tokenizer(tokenizer_files, &tokenizer, err))) goto done;
     char draw_label[LQ_ERROR_MESSAGE_SIZE];
     snprintf(draw_label, sizeof draw_label, "--fisher %s", a->fisher);
-    struct fisher_drawn drawn = {a, progress, summary->seq_len};
+    struct lq_backend *on = can_train(device) ? device : NULL;
+    struct fisher_drawn drawn = {a, progress, summary->seq_len, on ? on->ops->name : "the CPU"};
     struct lq_fisher_text_options options = {
         .samples = a->fisher_samples,
         .max_seq_len = summary->seq_len,
         .seed = a->fisher_seed,
         .draw_label = draw_label,
+        .backend = on,
         .create_backend = lq_backend_cpu_create,
         .drawn = on_fisher_drawn,
         .drawn_context = &drawn,
@@ -696,7 +709,8 @@ int lq_cli_compress(int argc, char **argv) {
     sigaction(SIGTERM, &action, &old_term);
     rc = a.fisher ? check_before_fisher(source, grid, grid_size, a.bits, a.rank, &err) : LQ_OK;
     if (!rc && (a.fisher || a.fisher_load))
-        rc = fisher_obtain(&a, source, &tokenizer, &progress, &fisher, &fisher_summary, &err);
+        rc = fisher_obtain(&a, source, &tokenizer, backend, &progress, &fisher, &fisher_summary,
+                           &err);
     int in_fisher = rc != LQ_OK;
     options.fisher = (const float *const *)fisher.matrices;
     options.fisher_source = fisher.source;

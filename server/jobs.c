@@ -413,12 +413,18 @@ static int fisher_estimate(struct run *run, const struct lq_model *source,
         .max_seq_len = summary->seq_len,
         .seed = f->seed,
         .draw_label = draw_label,
+        .backend = NULL,
         .create_backend = lq_backend_cpu_create,
         .drawn = on_fisher_drawn,
         .drawn_context = run,
         .progress = on_fisher_progress,
         .progress_context = run,
     };
+    /* on the daemon's GPU when it has the training ops, as finetune jobs */
+    struct lq_backend *device = run->jobs->options.device;
+    if (device && strcmp(device->ops->name, "cpu") != 0 && device->ops->linear_backward &&
+        device->ops->attention_backward && device->ops->accumulate_squares)
+        options.backend = device;
     rc = lq_fisher_estimate_text(source, tokenizer, text, length, &options, &calibration, fisher,
                                  err);
     if (calibration.count) /* drawn */

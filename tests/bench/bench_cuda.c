@@ -15,7 +15,8 @@
  * fp32, 64, 256) = 3.127 bits) and ~2.75 bits (k, v and up at (2, 8, fp32, 64, 256), the rest
  * NF3: 2.74 bits, the kind of mix the ILP picks). Prints figures; exit 1 only on errors, 77
  * without a GPU. Also each linear layer alone at several batch sizes.
- * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--table-sample K] */
+ * --train adds LoRA training tokens/s of the ~2.75-bit model.
+ * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--table-sample K] [--train] */
 #include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
@@ -26,6 +27,7 @@
 #include "core/forward.h"
 #include "core/lq.h"
 #include "core/rng.h"
+#include "core/train.h"
 #include "kernels/backend.h"
 
 static double copy_bw; /* measured, bytes per second */
@@ -257,6 +259,37 @@ static int linear_alone(struct lq_backend *gpu, struct lq_error *err) {
     return 0;
 }
 
+/* LoRA training (LQ init: every L1, L2 trained, Q frozen) of the model on the GPU: tokens/s of
+ * optimizer steps of 8 rows x 256 tokens (micro-batches of 2), after one warm-up step. */
+static int training(struct lq_backend *gpu, struct lq_model *m, struct lq_error *err) {
+    struct lq_train_options o;
+    lq_train_options_default(&o);
+    o.seq_len = 256, o.micro_batch = 2, o.learning_rate = 1e-4;
+    struct lq_trainer *trainer = NULL;
+    if (lq_trainer_create(gpu, m, &o, &trainer, err)) return -1;
+    enum { ROWS = 8, LEN = 256 };
+    static int inputs[ROWS * LEN], targets[ROWS * LEN];
+    for (int i = 0; i < ROWS * LEN; i++)
+        inputs[i] = (i * 131) % VOCAB, targets[i] = (i * 17 + 5) % VOCAB;
+    struct lq_train_batch batch = {ROWS, LEN, inputs, targets, NULL};
+    struct lq_train_stats stats;
+    int rc = lq_trainer_step(trainer, &batch, &stats, err);
+    double start = now();
+    const int steps = 3;
+    for (int i = 0; i < steps && !rc; i++) rc = lq_trainer_step(trainer, &batch, &stats, err);
+    if (!rc) {
+        double seconds = (now() - start) / steps;
+        struct lq_backend_memory memory;
+        gpu->ops->memory(gpu, &memory);
+        printf("training (LQ init, rank %d, %d x %d tokens a step, micro-batch %d): %.2f s/step, "
+               "%.0f tokens/s, loss %.3f; %.2f GB on the GPU\n",
+               RANK, ROWS, LEN, o.micro_batch, seconds, ROWS * LEN / seconds, stats.loss,
+               (memory.weights + memory.buffers + memory.scratch) / 1e9);
+    }
+    lq_trainer_free(trainer);
+    return rc;
+}
+
 static int decomposition(struct lq_backend *gpu, int table_sample, struct lq_error *err) {
     struct lq_rng rng;
     lq_rng_seed(&rng, 7);
@@ -318,7 +351,7 @@ static int decomposition(struct lq_backend *gpu, int table_sample, struct lq_err
 }
 
 int main(int argc, char **argv) {
-    int layers = 32, skip_decompose = 0, table_sample = 9, skip_models = 0;
+    int layers = 32, skip_decompose = 0, table_sample = 9, skip_models = 0, train = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
             layers = atoi(argv[++i]);
@@ -326,6 +359,8 @@ int main(int argc, char **argv) {
             skip_decompose = 1;
         else if (strcmp(argv[i], "--skip-models") == 0)
             skip_models = 1;
+        else if (strcmp(argv[i], "--train") == 0)
+            train = 1;
         else if (strcmp(argv[i], "--table-sample") == 0 && i + 1 < argc)
             table_sample = atoi(argv[++i]);
     }
@@ -372,6 +407,10 @@ int main(int argc, char **argv) {
             return 1;
         }
         lq_runtime_free(runtime);
+        if (train && mixed && training(gpu, m, &err)) {
+            fprintf(stderr, "bench_cuda: training: %s\n", err.message);
+            return 1;
+        }
         lq_model_free(m);
     }
     if (!skip_decompose && decomposition(gpu, table_sample, &err)) {

@@ -90,6 +90,28 @@ def main():
               f"train losses agree: cpu {losses['cpu']} cuda {losses['cuda']}")
 
         grid = "2,8,fp32,64,256;3,8,fp32,64,256;4,8,fp32,64,256;3,4,bf16,32,64"
+        # the Fisher estimate on the GPU (the training ops) equals the CPU's to rounding
+        fisher = {}
+        for device in ("cpu", "cuda"):
+            path = os.path.join(tmp, f"fisher-{device}.safetensors")
+            r = lqd("compress", "--model", HF, "--bits", "3", "--rank", "8", "--configs", grid,
+                    "--out", os.path.join(tmp, f"fisher-model-{device}"), "--no-cache", "--fisher",
+                    train, "--fisher-samples", "32", "--fisher-seq-len", "128", "--fisher-save",
+                    path, "--device", device)
+            check(r.returncode == 0, f"compress --fisher on {device}: {r.stderr}")
+            check(device == "cpu" or "on cuda" in r.stderr, f"Fisher estimated on the GPU: {r.stderr}")
+            try:
+                from safetensors.numpy import load_file
+                fisher[device] = load_file(path)
+            except ImportError:
+                print("safetensors is not installed: the Fisher files are not compared")
+        if len(fisher) == 2:
+            import numpy as np
+            worst = max(float(np.linalg.norm(fisher["cuda"][k] - v) / max(np.linalg.norm(v), 1e-30))
+                        for k, v in fisher["cpu"].items())
+            print(f"Fisher: worst relative difference GPU vs CPU over {len(fisher['cpu'])} matrices: {worst:.2e}")
+            check(fisher["cpu"].keys() == fisher["cuda"].keys() and worst <= 1e-3,
+                  f"Fisher on the GPU equals the CPU's: worst relative difference {worst}")
         outputs = {}
         for device in ("cpu", "cuda"):
             out = os.path.join(tmp, device)
