@@ -383,6 +383,7 @@ enum lq_job_status lq_job_finetune_run(const struct lq_job_spec *s, const char *
         }
         activated = s->activate;
     }
+    cJSON_AddStringToObject(*result, "device", backend->ops->name); /* where it trained */
     cJSON_AddBoolToObject(*result, "registered", options->adapter_ready != NULL);
     cJSON_AddBoolToObject(*result, "activated", activated);
     status = LQ_JOB_SUCCEEDED;

@@ -22,6 +22,7 @@ from serve_util import LQD, ROOT, SKIP, STARTED, check, finish, free_port  # noq
 HF = os.path.join(ROOT, "models/stories260K-hf")
 LQ = os.path.join(ROOT, "models/stories260K-lq")
 TOKENIZER = os.path.join(ROOT, "models/stories260K/tok512.bin")
+DEVICE = os.environ.get("LQ_E2E_DEVICE", "cuda")  # "cpu" only to try this script without a GPU
 TEXT = os.environ.get("LQ_PPL_TEXT", os.path.join(ROOT, "..", "shared", "data", "tinystories_val_subset.txt"))
 
 
@@ -126,10 +127,11 @@ def main():
         check(abs(p_gpu - p_cpu) <= 0.03 * p_cpu, f"GPU-compressed ppl {p_gpu} vs {p_cpu}")
 
         port = free_port()
-        daemon = subprocess.Popen([LQD, "serve", "--model", f"s={HF}", "--tokenizer", TOKENIZER,
-                                   "--port", str(port), "--device", "cuda",
+        daemon = subprocess.Popen([LQD, "serve", "--model", f"s={HF}", "--model", f"lq={LQ}",
+                                   "--tokenizer", TOKENIZER, "--port", str(port), "--device", "cuda",
                                    "--state-dir", os.path.join(tmp, "state")],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  stdout=open(os.path.join(tmp, "daemon.log"), "w"),
+                                  stderr=subprocess.STDOUT, text=True)
         STARTED.append(daemon)
         for _ in range(300):
             try:
@@ -156,6 +158,50 @@ def main():
         metrics = c.getresponse().read().decode()
         check('lqd_device_memory_bytes{device="cuda",purpose="weights"}' in metrics,
               "metrics name the GPU's memory")
+
+        # a compress job and a finetune job of the daemon, both on its GPU
+        def call(method, path, payload=None, headers=None):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            if isinstance(payload, dict):
+                payload = json.dumps(payload)
+                headers = {"Content-Type": "application/json"}
+            c.request(method, path, payload, headers or {})
+            r = c.getresponse()
+            return r.status, json.loads(r.read() or b"null")
+
+        def wait(job_id):
+            for _ in range(1200):
+                status, job = call("GET", f"/v1/jobs/{job_id}")
+                if job and job.get("status") in ("succeeded", "failed", "cancelled"):
+                    return job
+                time.sleep(0.1)
+            return job
+
+        output = f"gpu-e2e-job-{os.getpid()}"  # in the first model's directory's parent
+        status, job = call("POST", "/v1/jobs", {"type": "compress", "model": "s", "target_bits": 3,
+                                               "rank": 8, "configs": grid, "output": output})
+        check(status == 200, f"compress job: {status} {job}")
+        done = wait(job["id"]) if status == 200 else {}
+        check(done.get("status") == "succeeded", f"compress job on the GPU: {done}")
+        written = (done.get("result") or {}).get("output")
+        if written and os.path.basename(written) == output:
+            shutil.rmtree(written, ignore_errors=True)
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
+        from serve_util import multipart  # noqa: E402
+        with open(train, "rb") as f:
+            body, content_type = multipart([("purpose", "fine-tune", None), ("file", f.read(), "train.txt")])
+        status, upload = call("POST", "/v1/files", body, {"Content-Type": content_type})
+        check(status == 200, f"upload: {status} {upload}")
+        status, job = call("POST", "/v1/jobs", {"type": "finetune", "model": "lq", "adapter": "gpu",
+                                               "training_file": upload["id"] if upload else "",
+                                               "steps": 10, "batch_size": 4, "seq_len": 64})
+        check(status == 200, f"finetune job: {status} {job}")
+        done = wait(job["id"]) if status == 200 else {}
+        check(done.get("status") == "succeeded" and (done.get("result") or {}).get("device") == DEVICE,
+              f"finetune job on the GPU: {done}")
+        status, completion = call("POST", "/v1/completions", {"model": "lq:gpu", "prompt": "Once",
+                                                             "max_tokens": 20, "temperature": 0})
+        check(status == 200, f"the job's adapter serves on the GPU: {status} {completion}")
         daemon.terminate()
         daemon.wait(timeout=30)
     finish("test_gpu_e2e")
