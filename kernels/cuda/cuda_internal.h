@@ -109,6 +109,19 @@ int lq_cuda_stage(struct lq_cuda *cuda, enum lq_cuda_slot slot, const void *host
 
 // linear_cuda.cu: LQ layers stay packed on the device (codes, scale codes, group scales,
 // L1/L2); dense layers are uploaded as they are.
+// What lq_cuda_linear_prepare leaves in lq_linear.backend_data (owned by the backend):
+struct lq_cuda_linear_data {
+    float *dense;          // dense layers: rows x cols
+    uint32_t *codes;       // the packed codes as 32-bit words (+ padding)
+    uint32_t *scale_codes; // the packed block-scale codes (+ padding)
+    uint8_t *group_scales; // the group scales (+ padding)
+    float *table;          // the NF table of b0 bits
+    float *lora_A;         // L2 [rank, cols]
+    float *lora_B;         // L1 [rows, rank]
+    unsigned *tickets;     // per decode row band: slices finished (back to 0 after each call)
+    int overlap;           // programmatic dependent launch works (sm_90 device and code)
+};
+
 int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
                            struct lq_error *err);
 void lq_cuda_linear_release(struct lq_backend *backend, struct lq_linear *linear);

@@ -86,22 +86,7 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w);
 #define LQ_PACKED_PADDING 16
 
 // ---------------------------------------------------------------------------------------------
-// What prepare leaves in lq_linear.backend_data.
-
-struct lq_cuda_linear_data {
-    float *dense;          // dense layers: rows x cols
-    uint32_t *codes;       // the packed codes as 32-bit words (+ padding)
-    uint32_t *scale_codes; // the packed block-scale codes (+ padding)
-    uint8_t *group_scales; // the group scales (+ padding)
-    float *table;          // the NF table of b0 bits
-    float *lora_A;         // L2 [rank, cols]
-    float *lora_B;         // L1 [rows, rank]
-    unsigned *tickets;     // per decode row band: slices finished (back to 0 after each call)
-    int overlap;           // programmatic dependent launch works (sm_90 device and code)
-};
-
-// ---------------------------------------------------------------------------------------------
-// Host side.
+// Host side (struct lq_cuda_linear_data, what prepare leaves in backend_data: cuda_internal.h).
 
 typedef void (*lq_decode_fn)(lq_decode_args);
 

@@ -30,20 +30,6 @@ extern "C" {
 #include "core/nf.h"
 }
 
-// What lq_cuda_linear_prepare leaves in lq_linear.backend_data. The same definition as
-// kernels/cuda/linear_cuda.cu's (C++ allows one class defined identically in several files);
-// keep the two identical.
-struct lq_cuda_linear_data {
-    float *dense;          // dense layers: rows x cols
-    uint32_t *codes;       // the packed codes as 32-bit words (+ padding)
-    uint32_t *scale_codes; // the packed block-scale codes (+ padding)
-    uint8_t *group_scales; // the group scales (+ padding)
-    float *table;          // the NF table of b0 bits
-    float *lora_A;         // L2 [rank, cols]
-    float *lora_B;         // L1 [rows, rank]
-    unsigned *tickets;     // per decode row band: slices finished (back to 0 after each call)
-    int overlap;           // programmatic dependent launch works (sm_90 device and code)
-};
 
 // An fp32 tile of Q rows is at most this large.
 #define LQ_TRAIN_TILE_BYTES ((size_t)16 << 20)
