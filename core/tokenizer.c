@@ -33,6 +33,7 @@ void lq_tokenizer_free(struct lq_tokenizer *tokenizer) {
     free(tokenizer->merges);
     free(tokenizer->user_ids);
     free(tokenizer->bigrams);
+    lq_tokenizer_bpe_free(tokenizer->bpe);
     free(tokenizer);
 }
 
@@ -310,7 +311,7 @@ int lq_tokenizer_finish(struct lq_tokenizer *tokenizer, const char *label, struc
     if (rc == LQ_OK) rc = build_user_defined(tokenizer, label, err);
     if (rc == LQ_OK) rc = build_bigrams(tokenizer, label, err);
     if (rc != LQ_OK) return rc;
-    if (!tokenizer->byte_fallback && tokenizer->unk_id < 0)
+    if (!tokenizer->byte_fallback && tokenizer->unk_id < 0 && !tokenizer->bpe)
         return lq_error_set(err, LQ_EUNSUPPORTED,
                             "%s: has neither byte fallback nor an <unk> piece, so unknown "
                             "characters could not be encoded",
@@ -438,6 +439,7 @@ size_t lq_tokenizer_max_piece_size(const struct lq_tokenizer *tokenizer) {
  * count. The dummy prefix goes where SentencePiece's decoder drops it: from the first piece
  * of the text, i.e. at the start or after control tokens such as BOS. */
 static size_t decode_one(const struct lq_tokenizer *tokenizer, int previous, int id, char *out) {
+    if (tokenizer->bpe) return lq_tokenizer_bpe_decode_one(tokenizer, id, out);
     switch (tokenizer->types[id]) {
     case LQ_TOKEN_CONTROL:
         return 0;

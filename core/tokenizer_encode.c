@@ -358,6 +358,8 @@ int lq_tokenizer_encode(const struct lq_tokenizer *tokenizer, const char *text, 
                         int add_bos, int **ids, size_t *count, struct lq_error *err) {
     if (!tokenizer || !ids || !count || (length > 0 && !text))
         return lq_error_set(err, LQ_EINVAL, "tokenizer encode: missing argument");
+    if (tokenizer->bpe)
+        return lq_tokenizer_bpe_encode(tokenizer, text, length, add_bos, ids, count, err);
     *ids = NULL;
     *count = 0;
     if (length > MAX_TEXT_BYTES)

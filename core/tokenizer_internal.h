@@ -64,6 +64,9 @@ struct lq_tokenizer {
      * user_first[b + 1]) start with byte b. */
     int *user_ids;
     uint32_t user_first[257];
+
+    /* Byte-level BPE (GPT-2, Llama 3: tokenizer_bpe.c); NULL for SentencePiece-style BPE. */
+    struct lq_tokenizer_bpe *bpe;
 };
 
 /* An empty vocabulary with SentencePiece's defaults (dummy prefix, spaces escaped). */
@@ -96,6 +99,21 @@ int lq_tokenizer_parse_model(const uint8_t *data, size_t size, const char *label
                              struct lq_tokenizer **out, struct lq_error *err);
 int lq_tokenizer_parse_json(const uint8_t *data, size_t size, const char *label,
                             struct lq_tokenizer **out, struct lq_error *err);
+
+/* Byte-level BPE (tokenizer_bpe.c). configure reads the tokenizer.json root before the
+ * vocabulary: when the pre-tokenizer or decoder is ByteLevel it checks the pipeline (refusing
+ * what it cannot reproduce) and sets tokenizer->bpe, else it does nothing. finish runs once
+ * the pieces and merges are in: the 256 byte characters, added tokens, EOS. */
+struct cJSON;
+int lq_tokenizer_bpe_configure(struct lq_tokenizer *tokenizer, const struct cJSON *root,
+                               const char *label, struct lq_error *err);
+int lq_tokenizer_bpe_finish(struct lq_tokenizer *tokenizer, const char *label,
+                            struct lq_error *err);
+void lq_tokenizer_bpe_free(struct lq_tokenizer_bpe *bpe);
+int lq_tokenizer_bpe_encode(const struct lq_tokenizer *tokenizer, const char *text, size_t length,
+                            int add_bos, int **ids, size_t *count, struct lq_error *err);
+/* The bytes of id (written to out unless NULL); their count, never over the piece's length. */
+size_t lq_tokenizer_bpe_decode_one(const struct lq_tokenizer *tokenizer, int id, char *out);
 
 /* Length of the UTF-8 character at s (n bytes left): 1 to 4, or 1 for a byte that does not
  * start a valid character (overlong forms, surrogates and code points past U+10FFFF are

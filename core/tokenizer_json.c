@@ -2,7 +2,8 @@
  * (ranked by position) and byte_fallback; added_tokens (special ones become control pieces,
  * the others user-defined); the dummy prefix and space escaping from the normalizer
  * (Prepend "▁" + Replace " " -> "▁", legacy Llama) or the pre-tokenizer (Metaspace, split
- * false). Anything that would tokenize differently (byte-level BPE, NFKC, word splitting)
+ * false). Byte-level BPE (a ByteLevel pre-tokenizer or decoder) takes its steps from
+ * tokenizer_bpe.c instead. Anything that would tokenize differently (NFKC, word splitting)
  * is refused with LQ_EUNSUPPORTED rather than approximated. */
 #include "core/file_util.h"
 #include "core/tokenizer_internal.h"
@@ -132,7 +133,7 @@ static int check_model_options(const cJSON *model, struct lq_tokenizer *tokenize
     }
     bool ignore_merges = false, byte_fallback = false, fuse_unk = false;
     int rc = json_flag(model, "ignore_merges", false, &ignore_merges, label, err);
-    if (rc == LQ_OK && ignore_merges)
+    if (rc == LQ_OK && ignore_merges && !tokenizer->bpe)
         rc = lq_error_set(err, LQ_EUNSUPPORTED, "%s: model.ignore_merges is not supported", label);
     if (rc == LQ_OK) rc = json_flag(model, "byte_fallback", false, &byte_fallback, label, err);
     if (rc == LQ_OK) rc = json_flag(model, "fuse_unk", false, &fuse_unk, label, err);
@@ -276,6 +277,12 @@ static int control_named(const struct lq_tokenizer *tokenizer, const char *name)
 /* BOS: the special token a TemplateProcessing post-processor puts first, else "<s>". */
 static void find_bos_eos(struct lq_tokenizer *tokenizer, const cJSON *root) {
     const cJSON *processor = cJSON_GetObjectItemCaseSensitive(root, "post_processor");
+    if (strcmp(json_type(processor), "Sequence") == 0) { /* Llama 3: ByteLevel, Template */
+        const cJSON *item;
+        cJSON_ArrayForEach(item, cJSON_GetObjectItemCaseSensitive(processor, "processors")) {
+            if (strcmp(json_type(item), "TemplateProcessing") == 0) processor = item;
+        }
+    }
     if (strcmp(json_type(processor), "TemplateProcessing") == 0) {
         const cJSON *single = cJSON_GetObjectItemCaseSensitive(processor, "single");
         const cJSON *first = cJSON_IsArray(single) ? cJSON_GetArrayItem(single, 0) : NULL;
@@ -292,7 +299,8 @@ static int build(struct lq_tokenizer *tokenizer, const cJSON *root, const char *
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
     if (!cJSON_IsObject(model))
         return lq_error_set(err, LQ_EFORMAT, "%s: no \"model\" object", label);
-    int rc = check_model_options(model, tokenizer, label, err);
+    int rc = lq_tokenizer_bpe_configure(tokenizer, root, label, err);
+    if (rc == LQ_OK) rc = check_model_options(model, tokenizer, label, err);
     if (rc != LQ_OK) return rc;
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
@@ -305,9 +313,10 @@ static int build(struct lq_tokenizer *tokenizer, const cJSON *root, const char *
     if (added && !cJSON_IsNull(added) && !cJSON_IsArray(added))
         return lq_error_set(err, LQ_EFORMAT, "%s: added_tokens is not an array", label);
     struct json_flags flags = {0};
-    rc = parse_normalizer(cJSON_GetObjectItemCaseSensitive(root, "normalizer"), &flags, 0, label,
-                          err);
-    if (rc == LQ_OK)
+    if (!tokenizer->bpe) /* byte-level BPE: its own steps, read by lq_tokenizer_bpe_configure */
+        rc = parse_normalizer(cJSON_GetObjectItemCaseSensitive(root, "normalizer"), &flags, 0,
+                              label, err);
+    if (rc == LQ_OK && !tokenizer->bpe)
         rc = parse_pre_tokenizer(cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer"), &flags,
                                  label, err);
     int size = 0;
@@ -349,6 +358,7 @@ static int build(struct lq_tokenizer *tokenizer, const cJSON *root, const char *
     if (rc == LQ_OK) rc = lq_tokenizer_finish(tokenizer, label, err);
     if (rc == LQ_OK) rc = load_merges(tokenizer, merges, label, err);
     if (rc == LQ_OK) find_bos_eos(tokenizer, root);
+    if (rc == LQ_OK && tokenizer->bpe) rc = lq_tokenizer_bpe_finish(tokenizer, label, err);
     return rc;
 }
 
