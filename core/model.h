@@ -82,8 +82,9 @@ struct lq_model {
 
 /* Loads a model: a directory with config.json + model.safetensors (or shards listed in
  * model.safetensors.index.json; F32/F16/BF16 tensors), an LQ model directory (lqd compress),
- * or a llama2.c .bin checkpoint (converted to the HF RoPE layout). Shapes are checked against
- * the config; errors name the file and tensor. Free with lq_model_free. */
+ * a llama.cpp GGUF file (architecture llama, recognised by its magic; tensors dequantized to
+ * float) or a llama2.c .bin checkpoint (both converted to the HF RoPE layout). Shapes are
+ * checked against the config; errors name the file and tensor. Free with lq_model_free. */
 int lq_model_load(const char *path, struct lq_model **out, struct lq_error *err);
 void lq_model_free(struct lq_model *model);
 /* Frees a linear layer's weights (not backend_data). */

@@ -8,6 +8,7 @@
 #include "core/file_util.h"
 #include "core/lq_store.h"
 #include "core/model.h"
+#include "core/model_internal.h"
 #include "core/safetensors.h"
 
 #define MAX_SHARDS 512
@@ -103,8 +104,8 @@ static int read_tensor(const struct checkpoint *c, const char *dir, const char *
     return lq_safetensors_read_f32(file, name, out, NULL, err);
 }
 
-static void linear_shape(const struct lq_model_config *c, enum lq_linear_kind kind, int *rows,
-                         int *cols) {
+void lq_model_linear_shape(const struct lq_model_config *c, enum lq_linear_kind kind, int *rows,
+                           int *cols) {
     int q = c->n_heads * c->head_dim, kv = c->n_kv_heads * c->head_dim;
     switch (kind) {
     case LQ_Q_PROJ:
@@ -132,7 +133,7 @@ static int load_linear(const struct checkpoint *c, const char *dir, int layer,
                        struct lq_linear *linear, struct lq_error *err) {
     char name[256];
     lq_model_linear_name(layer, kind, name, sizeof name);
-    linear_shape(config, kind, &linear->rows, &linear->cols);
+    lq_model_linear_shape(config, kind, &linear->rows, &linear->cols);
     if (checkpoint_find(c, name))
         return read_tensor(c, dir, name, linear->rows, linear->cols, &linear->dense, err);
     /* An LQ matrix: "<prefix>.q_codes" etc., prefix = the name without ".weight". */
@@ -191,7 +192,7 @@ done:
 
 /* llama2.c keeps Meta's interleaved RoPE pairs; HF permutes the rows of wq/wk so that pairs
  * are (i, i + head_dim/2). Row r = h*hd + 2i + j (Meta) moves to h*hd + j*hd/2 + i (HF). */
-static void permute_rope_rows(const float *meta, float *hf, int heads, int head_dim, int cols) {
+void lq_model_rope_rows_to_hf(const float *meta, float *hf, int heads, int head_dim, int cols) {
     for (int h = 0; h < heads; h++)
         for (int i = 0; i < head_dim / 2; i++)
             for (int j = 0; j < 2; j++) {
@@ -271,14 +272,14 @@ static int load_llama2c(const char *path, struct lq_model *m, struct lq_error *e
             w1 + l * H * D, w3 + l * H * D,  w2 + l * D * H};
         for (int k = 0; k < LQ_LINEARS_PER_LAYER && !oom; k++) {
             struct lq_linear *lin = &layer->linear[k];
-            linear_shape(&m->config, (enum lq_linear_kind)k, &lin->rows, &lin->cols);
+            lq_model_linear_shape(&m->config, (enum lq_linear_kind)k, &lin->rows, &lin->cols);
             size_t n = (size_t)lin->rows * lin->cols;
             oom |= COPY(lin->dense, sources[k], n);
             if (oom) break;
             if (k == LQ_Q_PROJ || k == LQ_K_PROJ) {
                 memcpy(scratch, lin->dense, n * sizeof(float));
-                permute_rope_rows(scratch, lin->dense, k == LQ_Q_PROJ ? heads : kv_heads, hd,
-                                  lin->cols);
+                lq_model_rope_rows_to_hf(scratch, lin->dense, k == LQ_Q_PROJ ? heads : kv_heads, hd,
+                                         lin->cols);
             }
         }
     }
@@ -296,6 +297,8 @@ int lq_model_load(const char *path, struct lq_model **out, struct lq_error *err)
     int rc;
     if (lq_path_is_dir(path))
         rc = load_hf_dir(path, m, err);
+    else if (lq_model_is_gguf(path))
+        rc = lq_model_load_gguf(path, m, err);
     else if (lq_path_is_file(path))
         rc = load_llama2c(path, m, err);
     else
