@@ -27,8 +27,9 @@ enum lq_token_type {
     LQ_TOKEN_BYTE = 6,         /* <0xNN>: one raw byte, for byte fallback */
 };
 
-/* Loads a tokenizer from a file, recognised by content: tokenizer.json (HF), tokenizer.model
- * (SentencePiece protobuf) or a llama2.c tokenizer.bin. A directory is searched for
+/* Loads a tokenizer from a file, recognised by content: tokenizer.json (HF; SentencePiece-style
+ * or byte-level BPE), tokenizer.model (SentencePiece protobuf), a llama2.c tokenizer.bin, or
+ * the tokenizer.ggml.* metadata of a GGUF file. A directory is searched for
  * tokenizer.json, then tokenizer.model, then tokenizer.bin. Errors name the file and what is
  * wrong. The caller frees the result with lq_tokenizer_free. */
 int lq_tokenizer_load(const char *path, struct lq_tokenizer **out, struct lq_error *err);

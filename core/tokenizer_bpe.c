@@ -416,7 +416,8 @@ int lq_tokenizer_bpe_encode(const struct lq_tokenizer *tokenizer, const char *te
                             length, MAX_TEXT_BYTES);
     struct bpe_encoder encoder = {.tokenizer = tokenizer, .bpe = tokenizer->bpe};
     bool ok = true;
-    if (add_bos && tokenizer->bos_id >= 0) ok = push_id(&encoder, tokenizer->bos_id);
+    if (add_bos && tokenizer->bos_id >= 0 && !tokenizer->bos_off)
+        ok = push_id(&encoder, tokenizer->bos_id);
     size_t begin = 0;
     for (size_t at = 0; ok && at <= length;) {
         int id = -1;
@@ -630,6 +631,40 @@ int lq_tokenizer_bpe_configure(struct lq_tokenizer *tokenizer, const cJSON *root
     /* SentencePiece's normalization is off: the byte-level steps replace it. */
     tokenizer->add_dummy_prefix = tokenizer->escape_whitespaces = false;
     return rc;
+}
+
+int lq_tokenizer_bpe_configure_named(struct lq_tokenizer *tokenizer, const char *pre,
+                                     const char *label, struct lq_error *err) {
+    /* llama.cpp's names (tokenizer.ggml.pre) for the pipelines tokenizer.json spells out. */
+    struct stage first = {.kind = STAGE_GPT2}, second = {.kind = STAGE_GPT2};
+    int stages = 1;
+    bool ignore_merges = false;
+    if (strcmp(pre, "default") == 0 || strcmp(pre, "gpt-2") == 0 || strcmp(pre, "gpt2") == 0) {
+        /* ByteLevel with its own GPT-2 regex */
+    } else if (strcmp(pre, "llama-bpe") == 0 || strcmp(pre, "llama3") == 0) {
+        first = (struct stage){.kind = STAGE_LLAMA3, .digits = 3};
+        ignore_merges = true; /* Llama 3's tokenizer.json sets model.ignore_merges */
+    } else if (strcmp(pre, "qwen2") == 0) {
+        first = (struct stage){.kind = STAGE_LLAMA3, .digits = 1};
+    } else if (strcmp(pre, "smollm") == 0) {
+        first = (struct stage){.kind = STAGE_DIGITS, .individual = true};
+        stages = 2; /* Digits(individual_digits) then ByteLevel with its regex */
+    } else {
+        return lq_error_set(err, LQ_EUNSUPPORTED,
+                            "%s: pre-tokenizer \"%.80s\" is not one lqd knows (default, "
+                            "gpt-2, llama-bpe, llama3, qwen2, smollm)",
+                            label, pre);
+    }
+    struct lq_tokenizer_bpe *bpe = calloc(1, sizeof *bpe);
+    if (!bpe) return lq_error_set(err, LQ_ENOMEM, "%s: out of memory", label);
+    tokenizer->bpe = bpe;
+    build_byte_map(bpe);
+    bpe->stages[0] = first;
+    if (stages == 2) bpe->stages[1] = second;
+    bpe->stage_count = stages;
+    bpe->ignore_merges = ignore_merges;
+    tokenizer->add_dummy_prefix = tokenizer->escape_whitespaces = false;
+    return LQ_OK;
 }
 
 int lq_tokenizer_bpe_finish(struct lq_tokenizer *tokenizer, const char *label,

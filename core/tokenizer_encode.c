@@ -372,7 +372,7 @@ int lq_tokenizer_encode(const struct lq_tokenizer *tokenizer, const char *text, 
     /* Every id covers at least one normalized byte, so this bounds the output. */
     encoder.ids = malloc((encoder.length + 1) * sizeof *encoder.ids);
     int rc = normalized && encoder.ids ? LQ_OK : LQ_ENOMEM;
-    if (rc == LQ_OK && add_bos && tokenizer->bos_id >= 0)
+    if (rc == LQ_OK && add_bos && tokenizer->bos_id >= 0 && !tokenizer->bos_off)
         encoder.ids[encoder.count++] = tokenizer->bos_id;
     if (rc == LQ_OK) rc = encode_normalized(&encoder);
     free(normalized);

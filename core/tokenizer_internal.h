@@ -32,6 +32,7 @@ struct lq_tokenizer {
     int capacity;
 
     int unk_id, bos_id, eos_id;
+    bool bos_off;           /* GGUF add_bos_token false: encode never prepends BOS */
     int byte_ids[256];      /* byte value -> id of <0xNN>, -1 when absent */
     uint8_t *byte_values;   /* id -> byte value, for BYTE pieces */
     bool byte_fallback;     /* unknown symbols become byte pieces (else one <unk> per run) */
@@ -97,6 +98,13 @@ int lq_tokenizer_parse_bin(const uint8_t *data, size_t size, const char *label,
                            struct lq_tokenizer **out, struct lq_error *err);
 int lq_tokenizer_parse_model(const uint8_t *data, size_t size, const char *label,
                              struct lq_tokenizer **out, struct lq_error *err);
+/* GGUF: the tokenizer in the metadata (tokenizer_gguf.c); a whole file in memory, or an
+ * opened one (borrowed). */
+struct lq_gguf;
+int lq_tokenizer_parse_gguf(const uint8_t *data, size_t size, const char *label,
+                            struct lq_tokenizer **out, struct lq_error *err);
+int lq_tokenizer_from_gguf(const struct lq_gguf *gguf, const char *label, struct lq_tokenizer **out,
+                           struct lq_error *err);
 int lq_tokenizer_parse_json(const uint8_t *data, size_t size, const char *label,
                             struct lq_tokenizer **out, struct lq_error *err);
 
@@ -109,6 +117,10 @@ int lq_tokenizer_bpe_configure(struct lq_tokenizer *tokenizer, const struct cJSO
                                const char *label, struct lq_error *err);
 int lq_tokenizer_bpe_finish(struct lq_tokenizer *tokenizer, const char *label,
                             struct lq_error *err);
+/* The same from a llama.cpp pre-tokenizer name (GGUF tokenizer.ggml.pre): "default"/"gpt-2",
+ * "llama-bpe"/"llama3", "qwen2", "smollm"; LQ_EUNSUPPORTED naming any other. */
+int lq_tokenizer_bpe_configure_named(struct lq_tokenizer *tokenizer, const char *pre,
+                                     const char *label, struct lq_error *err);
 void lq_tokenizer_bpe_free(struct lq_tokenizer_bpe *bpe);
 int lq_tokenizer_bpe_encode(const struct lq_tokenizer *tokenizer, const char *text, size_t length,
                             int add_bos, int **ids, size_t *count, struct lq_error *err);

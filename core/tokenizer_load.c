@@ -2,6 +2,8 @@
  * SentencePiece tokenizer.model are read here, HF tokenizer.json in tokenizer_json.c. */
 #include "core/tokenizer_internal.h"
 
+#include "core/gguf.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -429,6 +431,8 @@ int lq_tokenizer_load_buffer(const void *data, size_t size, const char *label,
                             bytes[first] == '\r'))
         first++;
     if (size == 0) return lq_error_set(err, LQ_EFORMAT, "%s: empty file", label);
+    if (size >= 4 && memcmp(bytes, "GGUF", 4) == 0)
+        return lq_tokenizer_parse_gguf(bytes, size, label, out, err);
     if (first < size && bytes[first] == '{')
         return lq_tokenizer_parse_json(bytes, size, label, out, err);
     /* A tokenizer.bin starts with a small int32 (max_token_length); a SentencePiece model
@@ -464,6 +468,18 @@ int lq_tokenizer_load(const char *path, struct lq_tokenizer **out, struct lq_err
                             "%s: no tokenizer.json, tokenizer.model or "
                             "tokenizer.bin in this directory",
                             path);
+    }
+    /* A GGUF model is mapped, not read: only its metadata is needed. */
+    FILE *file = fopen(path, "rb");
+    char magic[4] = {0};
+    bool is_gguf = file && fread(magic, 1, 4, file) == 4 && memcmp(magic, "GGUF", 4) == 0;
+    if (file) fclose(file);
+    if (is_gguf) {
+        struct lq_gguf *gguf = NULL;
+        int rc = lq_gguf_open(path, &gguf, err);
+        if (rc == LQ_OK) rc = lq_tokenizer_from_gguf(gguf, path, out, err);
+        lq_gguf_close(gguf);
+        return rc;
     }
     uint8_t *data = NULL;
     size_t size = 0;
