@@ -9,12 +9,16 @@
 enum lq_chat_format lq_chat_format_detect(const char *chat_template) {
     if (!chat_template) return LQ_CHAT_PLAIN;
     if (strstr(chat_template, "<|im_start|>")) return LQ_CHAT_CHATML;
+    if (strstr(chat_template, "<|start_header_id|>")) return LQ_CHAT_LLAMA3;
     if (strstr(chat_template, "[INST]")) return LQ_CHAT_LLAMA2;
     return LQ_CHAT_PLAIN;
 }
 
 const char *lq_chat_format_name(enum lq_chat_format format) {
-    return format == LQ_CHAT_CHATML ? "chatml" : format == LQ_CHAT_LLAMA2 ? "llama2" : "plain";
+    return format == LQ_CHAT_CHATML   ? "chatml"
+           : format == LQ_CHAT_LLAMA2 ? "llama2"
+           : format == LQ_CHAT_LLAMA3 ? "llama3"
+                                      : "plain";
 }
 
 static int push(struct lq_chat_prompt *p, enum lq_chat_segment_kind kind, int trainable,
@@ -82,6 +86,30 @@ static int render_chatml(const struct lq_chat_message *m, size_t n, const struct
         rc = push(p, LQ_SEGMENT_SPECIAL, 0, "<|im_start|>", NULL, NULL) ||
              push(p, LQ_SEGMENT_TEXT, 0, "assistant\n", NULL, NULL);
     p->stop = "<|im_end|>";
+    return rc ? LQ_ENOMEM : LQ_OK;
+}
+
+/* As the Llama 3 instruct template: BOS (<|begin_of_text|>) once, then per message
+ * <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>. */
+static int render_llama3(const struct lq_chat_message *m, size_t n, const struct render_mode *mode,
+                         struct lq_chat_prompt *p) {
+    int rc = push(p, LQ_SEGMENT_BOS, 0, NULL, NULL, NULL);
+    for (size_t i = 0; i < n && !rc; i++) {
+        int train = trains(mode, m, i);
+        rc = push(p, LQ_SEGMENT_SPECIAL, 0, "<|start_header_id|>", NULL, NULL) ||
+             push(p, LQ_SEGMENT_TEXT, 0, role_name(m[i].role), NULL, NULL) ||
+             push(p, LQ_SEGMENT_SPECIAL, 0, "<|end_header_id|>", NULL, NULL) ||
+             push(p, LQ_SEGMENT_TEXT, 0, "\n\n", NULL, NULL) ||
+             push(p, LQ_SEGMENT_TEXT, train, m[i].content, NULL, NULL);
+        if (!rc && !left_open(mode, m, i, n))
+            rc = push(p, LQ_SEGMENT_SPECIAL, train, "<|eot_id|>", NULL, NULL);
+    }
+    if (!rc && !mode->training && m[n - 1].role != LQ_ROLE_ASSISTANT)
+        rc = push(p, LQ_SEGMENT_SPECIAL, 0, "<|start_header_id|>", NULL, NULL) ||
+             push(p, LQ_SEGMENT_TEXT, 0, "assistant", NULL, NULL) ||
+             push(p, LQ_SEGMENT_SPECIAL, 0, "<|end_header_id|>", NULL, NULL) ||
+             push(p, LQ_SEGMENT_TEXT, 0, "\n\n", NULL, NULL);
+    p->stop = "<|eot_id|>";
     return rc ? LQ_ENOMEM : LQ_OK;
 }
 
@@ -171,6 +199,7 @@ static int render(enum lq_chat_format format, const struct lq_chat_message *mess
     if (n == 0) return LQ_EINVAL;
     int rc = format == LQ_CHAT_CHATML   ? render_chatml(messages, n, mode, out)
              : format == LQ_CHAT_LLAMA2 ? render_llama2(messages, n, mode, out)
+             : format == LQ_CHAT_LLAMA3 ? render_llama3(messages, n, mode, out)
                                         : render_plain(messages, n, mode, out);
     if (rc) lq_chat_prompt_free(out);
     return rc;

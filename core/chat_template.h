@@ -1,14 +1,17 @@
 /* Chat templates: a conversation turned into prompt tokens. lqd does not run Jinja; it
- * recognises the template a model's tokenizer_config.json carries and renders the matching
- * format itself:
+ * recognises the template a model's tokenizer_config.json (or, without one, a GGUF file's
+ * tokenizer.chat_template) carries and renders the matching format itself:
  *   ChatML   (the template mentions <|im_start|>):
  *            <|im_start|>{role}\n{content}<|im_end|>\n ... <|im_start|>assistant\n
  *   Llama-2  (the template mentions [INST]):
  *            <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} </s><s>[INST] ...
+ *   Llama-3  (the template mentions <|start_header_id|>):
+ *            <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>
+ *            ... <|start_header_id|>assistant<|end_header_id|>\n\n
  *   plain    (no template, or one not recognised; the documented default):
  *            <s>{system}\n\nUser: {user}\nAssistant: {assistant}\n ... Assistant:
- * Special pieces (<|im_start|>, <s>, </s>) become their token ids when the vocabulary has
- * them, never text a user could type. A conversation that ends with an assistant message is
+ * Special pieces (<|im_start|>, <|eot_id|>, <s>, </s>) become their token ids when the
+ * vocabulary has them, never text a user could type. A conversation that ends with an assistant message is
  * continued rather than answered.
  *
  * Serving (lq_chat_render) and training (lq_chat_render_training, used by core/dataset.h)
@@ -29,11 +32,11 @@ struct lq_chat_message {
     char *content; /* text parts joined; "" for null content */
 };
 
-enum lq_chat_format { LQ_CHAT_PLAIN, LQ_CHAT_CHATML, LQ_CHAT_LLAMA2 };
+enum lq_chat_format { LQ_CHAT_PLAIN, LQ_CHAT_CHATML, LQ_CHAT_LLAMA2, LQ_CHAT_LLAMA3 };
 
 /* The format a tokenizer_config.json chat_template asks for (NULL: plain). */
 enum lq_chat_format lq_chat_format_detect(const char *chat_template);
-const char *lq_chat_format_name(enum lq_chat_format format); /* "plain", "chatml", "llama2" */
+const char *lq_chat_format_name(enum lq_chat_format format); /* "plain", "chatml", "llama2", "llama3" */
 
 enum lq_chat_segment_kind { LQ_SEGMENT_TEXT, LQ_SEGMENT_BOS, LQ_SEGMENT_EOS, LQ_SEGMENT_SPECIAL };
 
@@ -56,7 +59,7 @@ int lq_chat_render(enum lq_chat_format format, const struct lq_chat_message *mes
                    struct lq_chat_prompt *out);
 /* Renders messages[0..n) for training: every message closed as history is (no generation
  * prompt; a last assistant message gets its end marker too), and the content and end marker
- * of each trained assistant message trainable. End markers: ChatML <|im_end|>, Llama-2 " </s>",
+ * of each trained assistant message trainable. End markers: ChatML <|im_end|>, Llama-2 " </s>", Llama-3 <|eot_id|>,
  * plain "\n" (and EOS after a last assistant message, since plain has no end token). trained[i]
  * (NULL: every assistant message) says whether message i is trained on; ignored for other
  * roles. The bytes before each assistant content equal lq_chat_render of the messages before

@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "core/file_util.h"
+#include "core/gguf.h"
 #include "core/lq_model_file.h"
 
 struct lq_registry {
@@ -166,6 +167,28 @@ static int load_chat_template(const char *directory, char **out, struct lq_error
     return rc;
 }
 
+/* Without a tokenizer_config.json: the "tokenizer.chat_template" of a GGUF model file (one
+ * that starts with the GGUF magic). *out stays NULL when there is none. */
+static int load_gguf_chat_template(const char *path, char **out, struct lq_error *err) {
+    *out = NULL;
+    char magic[4] = {0};
+    FILE *file = lq_path_is_file(path) ? fopen(path, "rb") : NULL;
+    if (!file) return LQ_OK;
+    size_t got = fread(magic, 1, sizeof magic, file);
+    fclose(file);
+    if (got != sizeof magic || memcmp(magic, "GGUF", 4) != 0) return LQ_OK;
+    struct lq_gguf *gguf = NULL;
+    int rc = lq_gguf_open(path, &gguf, err);
+    if (rc) return rc;
+    const char *text = NULL;
+    struct lq_error ignored = {0};
+    if (lq_gguf_get_string(gguf, "tokenizer.chat_template", &text, NULL, &ignored) == LQ_OK &&
+        !(*out = strdup(text)))
+        rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
+    lq_gguf_close(gguf);
+    return rc;
+}
+
 /* Bits per parameter and memory, as lqd inspect reports them. */
 static int measure_model(struct lq_served_model *m, struct lq_error *err) {
     struct lq_model_summary summary;
@@ -222,6 +245,8 @@ static int served_model_build(struct lq_backend *backend, const char *name, cons
         goto fail;
     }
     if ((rc = load_chat_template(directory, &m->chat_template, err))) goto fail;
+    if (!m->chat_template && (rc = load_gguf_chat_template(path, &m->chat_template, err)))
+        goto fail;
     if ((rc = measure_model(m, err))) goto fail;
     if ((rc = lq_runtime_create(backend, m->model, &m->runtime, err))) goto fail;
     *out = m;

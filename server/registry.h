@@ -19,7 +19,8 @@ struct lq_served_model {
     struct lq_tokenizer *tokenizer;
     struct lq_backend *backend; /* borrowed from the registry */
     struct lq_runtime *runtime;
-    char *chat_template;   /* from tokenizer_config.json, or NULL: the documented default */
+    char *chat_template;   /* tokenizer_config.json's, else a GGUF file's tokenizer.chat_template,
+                            * or NULL: the documented default */
     double bits_per_param; /* quantized part (0 when dense) */
     double effective_bits;
     size_t memory_bytes;

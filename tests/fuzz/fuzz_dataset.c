@@ -79,7 +79,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         struct lq_error err = {0};
         int valid = lq_dataset_validate(path, label, (enum lq_dataset_format)f, &summary, &err);
         FUZZ_ASSERT(valid == 0 || (valid == LQ_EFORMAT && strncmp(err.message, label, 4) == 0));
-        for (int chat = LQ_CHAT_PLAIN; chat <= LQ_CHAT_LLAMA2; chat++) {
+        for (int chat = LQ_CHAT_PLAIN; chat <= LQ_CHAT_LLAMA3; chat++) {
             struct lq_dataset_options options;
             lq_dataset_options_default(&options);
             options.format = (enum lq_dataset_format)f;

@@ -41,8 +41,9 @@ static void check_refusal(const struct lq_api_error *err) {
 
 static void check_chat(const struct lq_completion_request *r,
                        const struct lq_tokenizer *tokenizer) {
-    const enum lq_chat_format formats[] = {LQ_CHAT_PLAIN, LQ_CHAT_CHATML, LQ_CHAT_LLAMA2};
-    for (int f = 0; f < 3; f++) {
+    const enum lq_chat_format formats[] = {LQ_CHAT_PLAIN, LQ_CHAT_CHATML, LQ_CHAT_LLAMA2,
+                                           LQ_CHAT_LLAMA3};
+    for (int f = 0; f < 4; f++) {
         struct lq_chat_prompt prompt;
         FUZZ_ASSERT(lq_chat_render(formats[f], r->messages, r->n_messages, &prompt) == LQ_OK);
         FUZZ_ASSERT(prompt.n_segments > 0);

@@ -82,7 +82,9 @@ static struct lq_tokenizer *stories_tokenizer(void) {
 
 /* stories260K's tokenizer.json with <|im_start|> and <|im_end|> added as special tokens (512,
  * 513), as ChatML models have them. */
-static struct lq_tokenizer *chatml_tokenizer(void) {
+/* tok512.json with special pieces added at ids 512, 513, ... */
+static struct lq_tokenizer *special_tokenizer(const char *name, const char *const *specials,
+                                              int n_specials) {
     char path[4096];
     snprintf(path, sizeof path, "%s/tests/unit/data/tok512.json", repo_root());
     FILE *file = fopen(path, "rb");
@@ -97,8 +99,7 @@ static struct lq_tokenizer *chatml_tokenizer(void) {
     cJSON *root = cJSON_Parse(text);
     cJSON *vocab = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "model"), "vocab");
     cJSON *added = cJSON_GetObjectItem(root, "added_tokens");
-    const char *specials[] = {"<|im_start|>", "<|im_end|>"};
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < n_specials; i++) {
         cJSON_AddNumberToObject(vocab, specials[i], 512 + i);
         cJSON *token = cJSON_CreateObject();
         cJSON_AddNumberToObject(token, "id", 512 + i);
@@ -107,16 +108,26 @@ static struct lq_tokenizer *chatml_tokenizer(void) {
         cJSON_AddItemToArray(added, token);
     }
     char *printed = cJSON_PrintUnformatted(root);
-    const char *written = write_text("chatml-tokenizer.json", printed);
+    const char *written = write_text(name, printed);
     cJSON_free(printed);
     cJSON_Delete(root);
     struct lq_tokenizer *tokenizer = NULL;
     struct lq_error err = {0};
     if (lq_tokenizer_load(written, &tokenizer, &err)) {
-        fprintf(stderr, "chatml tokenizer: %s\n", err.message);
+        fprintf(stderr, "%s: %s\n", name, err.message);
         lq_test_failures++;
     }
     return tokenizer;
+}
+
+static struct lq_tokenizer *chatml_tokenizer(void) {
+    const char *const specials[] = {"<|im_start|>", "<|im_end|>"};
+    return special_tokenizer("chatml-tokenizer.json", specials, 2);
+}
+
+static struct lq_tokenizer *llama3_tokenizer(void) {
+    const char *const specials[] = {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"};
+    return special_tokenizer("llama3-tokenizer.json", specials, 3);
 }
 
 static int *encode(const struct lq_tokenizer *t, const char *text, int bos, size_t *count) {
@@ -341,16 +352,21 @@ static const struct lq_chat_message chat_messages[] = {
     {LQ_ROLE_USER, "What does she like?"},
     {LQ_ROLE_ASSISTANT, "She likes the park."}};
 
-/* The text of a rendered prompt with BOS, EOS and special pieces spelled out. */
-static void flatten(const struct lq_chat_prompt *p, char *out, size_t size) {
+/* The text of a rendered prompt with BOS (as bos), EOS and special pieces spelled out. */
+static void flatten_as(const struct lq_chat_prompt *p, const char *bos, char *out, size_t size) {
     size_t at = 0;
+    out[0] = '\0';
     for (size_t i = 0; i < p->n_segments; i++) {
-        const char *s = p->segments[i].kind == LQ_SEGMENT_BOS   ? "<s>"
+        const char *s = p->segments[i].kind == LQ_SEGMENT_BOS   ? bos
                         : p->segments[i].kind == LQ_SEGMENT_EOS ? "</s>"
                                                                 : p->segments[i].text;
         at += (size_t)snprintf(out + at, size - at, "%s", s);
         if (at >= size) at = size - 1;
     }
+}
+
+static void flatten(const struct lq_chat_prompt *p, char *out, size_t size) {
+    flatten_as(p, "<s>", out, size);
 }
 
 /* For each format: the training render continues each turn's serving render byte for byte;
@@ -477,6 +493,92 @@ static void test_chat(void) {
         CHECK(doc->tokens[0] == lq_tokenizer_bos_id(t) && doc->mask[0] == 0);
         CHECK(doc->tokens[doc->n_tokens - 1] == eos && doc->mask[doc->n_tokens - 1] == 1);
     }
+    lq_dataset_free(d);
+    lq_tokenizer_free(t);
+}
+
+/* Llama 3: detected from the real template, rendered as it renders, trained like ChatML. */
+static void test_llama3(void) {
+    /* The chat_template of Meta-Llama-3-8B-Instruct's tokenizer_config.json. */
+    static const char llama3_template[] =
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+        "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+        "message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = "
+        "bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt "
+        "%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+    CHECK(lq_chat_format_detect(llama3_template) == LQ_CHAT_LLAMA3);
+    CHECK(strcmp(lq_chat_format_name(LQ_CHAT_LLAMA3), "llama3") == 0);
+    /* The other formats' templates still win their own detection. */
+    CHECK(lq_chat_format_detect("{{ '<|im_start|>' + m['role'] }}") == LQ_CHAT_CHATML);
+    CHECK(lq_chat_format_detect("{{ '[INST] ' + m['content'] }}") == LQ_CHAT_LLAMA2);
+    CHECK(lq_chat_format_detect("{{ m['content'] }}") == LQ_CHAT_PLAIN);
+
+    /* Serving: system, user, assistant answered by a new generation prompt after a user turn. */
+    const struct lq_chat_message conversation[] = {{LQ_ROLE_SYSTEM, "You tell stories."},
+                                                   {LQ_ROLE_USER, "Who is Lily?"},
+                                                   {LQ_ROLE_ASSISTANT, "A girl."}};
+    static char text[4096];
+    struct lq_chat_prompt p;
+    CHECK_OK(lq_chat_render(LQ_CHAT_LLAMA3, conversation, 2, &p));
+    flatten_as(&p, "<|begin_of_text|>", text, sizeof text);
+    CHECK_MSG(strcmp(text, "<|begin_of_text|>"
+                           "<|start_header_id|>system<|end_header_id|>\n\nYou tell stories.<|eot_id|>"
+                           "<|start_header_id|>user<|end_header_id|>\n\nWho is Lily?<|eot_id|>"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n") == 0,
+              "llama3 serving render: '%s'", text);
+    CHECK(p.stop && strcmp(p.stop, "<|eot_id|>") == 0);
+    lq_chat_prompt_free(&p);
+    /* The 3-message conversation: its last assistant message is continued. */
+    CHECK_OK(lq_chat_render(LQ_CHAT_LLAMA3, conversation, 3, &p));
+    flatten_as(&p, "<|begin_of_text|>", text, sizeof text);
+    CHECK_MSG(strcmp(text, "<|begin_of_text|>"
+                           "<|start_header_id|>system<|end_header_id|>\n\nYou tell stories.<|eot_id|>"
+                           "<|start_header_id|>user<|end_header_id|>\n\nWho is Lily?<|eot_id|>"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\nA girl.") == 0,
+              "llama3 continued render: '%s'", text);
+    lq_chat_prompt_free(&p);
+    /* Training: every message closed; only the answer and its <|eot_id|> are trainable. */
+    CHECK_OK(lq_chat_render_training(LQ_CHAT_LLAMA3, conversation, 3, NULL, &p));
+    flatten_as(&p, "<|begin_of_text|>", text, sizeof text);
+    CHECK_MSG(strcmp(text, "<|begin_of_text|>"
+                           "<|start_header_id|>system<|end_header_id|>\n\nYou tell stories.<|eot_id|>"
+                           "<|start_header_id|>user<|end_header_id|>\n\nWho is Lily?<|eot_id|>"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\nA girl.<|eot_id|>") == 0,
+              "llama3 training render: '%s'", text);
+    size_t n_trainable = 0;
+    for (size_t i = 0; i < p.n_segments; i++) {
+        const struct lq_chat_segment *s = &p.segments[i];
+        if (!s->trainable) continue;
+        n_trainable++;
+        CHECK(s->text && (strcmp(s->text, "A girl.") == 0 ||
+                          (s->kind == LQ_SEGMENT_SPECIAL && strcmp(s->text, "<|eot_id|>") == 0)));
+    }
+    CHECK(n_trainable == 2);
+    lq_chat_prompt_free(&p);
+
+    /* Tokenized, with the pieces in the vocabulary: the dataset's masks as for ChatML. */
+    struct lq_tokenizer *t = llama3_tokenizer();
+    if (!t) return;
+    int eot[] = {514};
+    check_chat(t, LQ_CHAT_LLAMA3, eot, 1, eot, 1);
+    char line[2048];
+    snprintf(line, sizeof line, chat_line, 1);
+    struct lq_dataset_options options;
+    lq_dataset_options_default(&options);
+    options.chat_format = LQ_CHAT_LLAMA3;
+    struct lq_dataset *d = load(write_text("chat.jsonl", line), t, &options);
+    size_t headers = 0, header_ends = 0, eots = 0, trained_eots = 0, trained_headers = 0;
+    for (size_t k = 0; d && k < d->documents[0].n_tokens; k++) {
+        int id = d->documents[0].tokens[k];
+        unsigned char m = d->documents[0].mask[k];
+        headers += id == 512;
+        header_ends += id == 513;
+        eots += id == 514;
+        trained_eots += id == 514 && m;
+        trained_headers += (id == 512 || id == 513) && m;
+    }
+    CHECK(headers == 5 && header_ends == 5 && eots == 5 && trained_eots == 2 &&
+          trained_headers == 0);
     lq_dataset_free(d);
     lq_tokenizer_free(t);
 }
@@ -687,5 +789,5 @@ static void test_errors(void) {
 }
 
 LQ_TEST_MAIN(LQ_TEST(test_plain_text), LQ_TEST(test_jsonl_text), LQ_TEST(test_prompt_completion),
-             LQ_TEST(test_chat), LQ_TEST(test_validation_split), LQ_TEST(test_detection),
+             LQ_TEST(test_chat), LQ_TEST(test_llama3), LQ_TEST(test_validation_split), LQ_TEST(test_detection),
              LQ_TEST(test_errors))
