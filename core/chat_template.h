@@ -11,8 +11,8 @@
  *   plain    (no template, or one not recognised; the documented default):
  *            <s>{system}\n\nUser: {user}\nAssistant: {assistant}\n ... Assistant:
  * Special pieces (<|im_start|>, <|eot_id|>, <s>, </s>) become their token ids when the
- * vocabulary has them, never text a user could type. A conversation that ends with an assistant message is
- * continued rather than answered.
+ * vocabulary has them, never text a user could type. A conversation that ends with an assistant
+ * message is continued rather than answered.
  *
  * Serving (lq_chat_render) and training (lq_chat_render_training, used by core/dataset.h)
  * render the same bytes before every assistant message, so a model finetuned on conversations
@@ -36,7 +36,8 @@ enum lq_chat_format { LQ_CHAT_PLAIN, LQ_CHAT_CHATML, LQ_CHAT_LLAMA2, LQ_CHAT_LLA
 
 /* The format a tokenizer_config.json chat_template asks for (NULL: plain). */
 enum lq_chat_format lq_chat_format_detect(const char *chat_template);
-const char *lq_chat_format_name(enum lq_chat_format format); /* "plain", "chatml", "llama2", "llama3" */
+const char *
+lq_chat_format_name(enum lq_chat_format format); /* "plain", "chatml", "llama2", "llama3" */
 
 enum lq_chat_segment_kind { LQ_SEGMENT_TEXT, LQ_SEGMENT_BOS, LQ_SEGMENT_EOS, LQ_SEGMENT_SPECIAL };
 
@@ -59,11 +60,11 @@ int lq_chat_render(enum lq_chat_format format, const struct lq_chat_message *mes
                    struct lq_chat_prompt *out);
 /* Renders messages[0..n) for training: every message closed as history is (no generation
  * prompt; a last assistant message gets its end marker too), and the content and end marker
- * of each trained assistant message trainable. End markers: ChatML <|im_end|>, Llama-2 " </s>", Llama-3 <|eot_id|>,
- * plain "\n" (and EOS after a last assistant message, since plain has no end token). trained[i]
- * (NULL: every assistant message) says whether message i is trained on; ignored for other
- * roles. The bytes before each assistant content equal lq_chat_render of the messages before
- * it. 0 or LQ_ENOMEM (LQ_EINVAL for n = 0). */
+ * of each trained assistant message trainable. End markers: ChatML <|im_end|>, Llama-2 " </s>",
+ * Llama-3 <|eot_id|>, plain "\n" (and EOS after a last assistant message, since plain has no end
+ * token). trained[i] (NULL: every assistant message) says whether message i is trained on; ignored
+ * for other roles. The bytes before each assistant content equal lq_chat_render of the messages
+ * before it. 0 or LQ_ENOMEM (LQ_EINVAL for n = 0). */
 int lq_chat_render_training(enum lq_chat_format format, const struct lq_chat_message *messages,
                             size_t n, const unsigned char *trained, struct lq_chat_prompt *out);
 /* Appends one segment (text copied; NULL for BOS and EOS). 0 or LQ_ENOMEM. */

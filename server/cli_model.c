@@ -82,8 +82,7 @@ int lq_cli_model_open(const char *model_path, const char *tokenizer_path, int ne
     }
     char notice[LQ_BACKEND_NOTICE_SIZE];
     const char *name = device ? device->device : NULL;
-    if ((rc = lq_backend_open(name, device ? device->memory_limit : 0, &out->backend, notice,
-                              err)))
+    if ((rc = lq_backend_open(name, device ? device->memory_limit : 0, &out->backend, notice, err)))
         goto fail;
     if (name && strcmp(name, "cpu") != 0) fprintf(stderr, "lqd: %s\n", notice);
     if ((rc = lq_runtime_create(out->backend, out->model, &out->runtime, err))) goto fail;

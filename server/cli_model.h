@@ -28,7 +28,7 @@ int lq_cli_device_option(const char *command, const char *name, const char *valu
                          struct lq_cli_device *d);
 #define LQ_CLI_DEVICE_USAGE                                                                        \
     "  --device D         cpu (default), cuda, cuda:N or auto; without a usable GPU the CPU\n"     \
-    "                     runs and a line on stderr says why\n"                                   \
+    "                     runs and a line on stderr says why\n"                                    \
     "  --gpu-memory SIZE  most GPU memory lqd may take (e.g. 40G; default: what is free)\n"
 
 /* Loads model_path and the tokenizer: tokenizer_path if given, else the one in the model's

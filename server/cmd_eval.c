@@ -22,10 +22,7 @@ static const char eval_usage[] =
     "stops after --max-tokens predicted tokens. --json prints {\"ppl\",\"nll\",\"tokens\",\n"
     "\"seconds\",...}. With --tokens, the logits of that token sequence (no BOS added) are\n"
     "written as float32 [n, vocab] to OUT.npy.\n"
-    "\n"
-    LQ_CLI_ADAPTER_USAGE
-    LQ_CLI_DEVICE_USAGE
-    "\n"
+    "\n" LQ_CLI_ADAPTER_USAGE LQ_CLI_DEVICE_USAGE "\n"
     "example: lqd eval --model models/stories260K-hf --tokenizer models/stories260K/tok512.bin "
     "--ppl ../shared/data/tinystories_val_subset.txt --max-tokens 200000\n";
 
@@ -173,8 +170,8 @@ int lq_cli_eval(int argc, char **argv) {
             break;
         case OPT_DEVICE:
         case OPT_GPU_MEMORY:
-            if (lq_cli_device_option("eval", option == OPT_DEVICE ? "device" : "gpu-memory",
-                                     optarg, &device) == 2)
+            if (lq_cli_device_option("eval", option == OPT_DEVICE ? "device" : "gpu-memory", optarg,
+                                     &device) == 2)
                 return 2;
             break;
         case 'h':

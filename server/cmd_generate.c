@@ -28,10 +28,8 @@ static const char generate_usage[] =
     "  --seed S             random seed: the same seed gives the same text (default 0)\n"
     "  --stop TEXT          stop before TEXT (up to 8)\n"
     "  --context N          positions to allocate (default: the model's maximum)\n"
-    "  --stats              print token counts, finish reason and speed on stderr\n"
-    LQ_CLI_ADAPTER_USAGE
-    LQ_CLI_DEVICE_USAGE
-    "\n"
+    "  --stats              print token counts, finish reason and speed on "
+    "stderr\n" LQ_CLI_ADAPTER_USAGE LQ_CLI_DEVICE_USAGE "\n"
     "example: lqd generate --model models/stories260K/stories260K.bin --tokenizer "
     "models/stories260K/tok512.bin --temperature 0 --max-tokens 200\n";
 

@@ -242,11 +242,13 @@ char *lq_metrics_render(struct lq_metrics *m, const struct lq_metrics_gauges *g,
         const struct {
             const char *purpose;
             size_t bytes;
-        } rows[] = {{"weights", d->weights}, {"kv_and_activations", d->buffers},
-                    {"workspace", d->scratch}, {"jobs", d->jobs}};
+        } rows[] = {{"weights", d->weights},
+                    {"kv_and_activations", d->buffers},
+                    {"workspace", d->scratch},
+                    {"jobs", d->jobs}};
         for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
-            fprintf(out, "lqd_device_memory_bytes{device=\"%s\",purpose=\"%s\"} %zu\n",
-                    g->device, rows[i].purpose, rows[i].bytes);
+            fprintf(out, "lqd_device_memory_bytes{device=\"%s\",purpose=\"%s\"} %zu\n", g->device,
+                    rows[i].purpose, rows[i].bytes);
         header(out, "lqd_device_memory_limit_bytes", "gauge",
                "Most device memory lqd may take (0: no limit, the CPU).");
         fprintf(out, "lqd_device_memory_limit_bytes{device=\"%s\"} %zu\n", g->device, d->limit);

@@ -27,8 +27,8 @@ struct lq_serve_config {
     long max_body;
     long max_upload_size; /* multipart uploads (POST /v1/files), bytes */
     char *log_format, *log_level;
-    char *device;     /* cpu (NULL), cuda, cuda:N, auto */
-    char *gpu_memory; /* a size such as "40G"; NULL: the GPU's free memory */
+    char *device;      /* cpu (NULL), cuda, cuda:N, auto */
+    char *gpu_memory;  /* a size such as "40G"; NULL: the GPU's free memory */
     char *config_file; /* where the file settings came from, or NULL */
 };
 

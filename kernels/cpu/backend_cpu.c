@@ -133,8 +133,8 @@ static int cpu_attention_batch(struct lq_backend *backend, const float *q, const
         size_t row = (size_t)positions[i] * kv_dim;
         memcpy(k_caches[i] + row, k_new + i * kv_dim, kv_dim * sizeof(float));
         memcpy(v_caches[i] + row, v_new + i * kv_dim, kv_dim * sizeof(float));
-        int rc = lq_cpu_attention(backend, q + i * q_dim, k_caches[i], v_caches[i], 1,
-                                  positions[i], heads, kv_heads, head_dim, out + i * q_dim);
+        int rc = lq_cpu_attention(backend, q + i * q_dim, k_caches[i], v_caches[i], 1, positions[i],
+                                  heads, kv_heads, head_dim, out + i * q_dim);
         if (rc) return rc;
     }
     return LQ_OK;

@@ -36,8 +36,8 @@
 namespace {
 
 constexpr int THREADS = 128;
-constexpr int SUB = 8;                           // lanes per subgroup
-constexpr int SUBGROUPS = THREADS / SUB;         // 16 per block
+constexpr int SUB = 8;                   // lanes per subgroup
+constexpr int SUBGROUPS = THREADS / SUB; // 16 per block
 constexpr int MAX_HEAD_DIM = 256;
 
 struct backward_params {
@@ -98,7 +98,8 @@ __device__ __forceinline__ void store_partial(float *partial, int s, int sub, in
 }
 
 // Pass 1: grid (n, heads, sequences).
-template <int VEC, int J> __global__ void __launch_bounds__(THREADS) rows_kernel(backward_params p) {
+template <int VEC, int J>
+__global__ void __launch_bounds__(THREADS) rows_kernel(backward_params p) {
     constexpr int E = VEC * J, HDP = SUB * VEC * J;
     __shared__ float partial[SUBGROUPS * HDP];
     __shared__ float sm_m[SUBGROUPS], sm_l[SUBGROUPS], sm_a[SUBGROUPS];
@@ -181,7 +182,8 @@ template <int VEC, int J> __global__ void __launch_bounds__(THREADS) rows_kernel
 }
 
 // Pass 2: grid (n, kv_heads, sequences).
-template <int VEC, int J> __global__ void __launch_bounds__(THREADS) keys_kernel(backward_params p) {
+template <int VEC, int J>
+__global__ void __launch_bounds__(THREADS) keys_kernel(backward_params p) {
     constexpr int E = VEC * J, HDP = SUB * VEC * J;
     __shared__ float partial_k[SUBGROUPS * HDP], partial_v[SUBGROUPS * HDP];
 
@@ -238,24 +240,26 @@ template <int VEC, int J> __global__ void __launch_bounds__(THREADS) keys_kernel
 }
 
 template <int VEC, int J> int launch(struct lq_cuda *cuda, const backward_params &p, int batch) {
-    rows_kernel<VEC, J><<<dim3((unsigned)p.n, (unsigned)p.heads, (unsigned)batch), THREADS, 0,
-                          cuda->stream>>>(p);
+    rows_kernel<VEC, J>
+        <<<dim3((unsigned)p.n, (unsigned)p.heads, (unsigned)batch), THREADS, 0, cuda->stream>>>(p);
     LQ_CUDA_LAUNCHED("attention backward (rows)");
-    keys_kernel<VEC, J><<<dim3((unsigned)p.n, (unsigned)p.kv_heads, (unsigned)batch), THREADS, 0,
-                          cuda->stream>>>(p);
+    keys_kernel<VEC, J>
+        <<<dim3((unsigned)p.n, (unsigned)p.kv_heads, (unsigned)batch), THREADS, 0, cuda->stream>>>(
+            p);
     LQ_CUDA_LAUNCHED("attention backward (keys)");
     return LQ_OK;
 }
 
-bool aligned16(const void *pointer) { return ((uintptr_t)pointer & 15u) == 0; }
+bool aligned16(const void *pointer) {
+    return ((uintptr_t)pointer & 15u) == 0;
+}
 
 } // namespace
 
 int lq_cuda_attention_backward(struct lq_backend *backend, const float *q, const float *k,
                                const float *v, const float *dout, int batch, int n, int heads,
                                int kv_heads, int head_dim, float *dq, float *dk, float *dv) {
-    if (batch < 0 || n < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 ||
-        heads % kv_heads != 0)
+    if (batch < 0 || n < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || heads % kv_heads != 0)
         return LQ_EINVAL;
     if (batch == 0 || n == 0) return LQ_OK;
     if (!q || !k || !v || !dout || !dq || !dk || !dv) return LQ_EINVAL;
@@ -298,8 +302,8 @@ int lq_cuda_op_attention_backward(struct lq_backend *backend, const float *q, co
     struct lq_cuda *cuda = lq_cuda_of(backend);
     pthread_mutex_lock(&cuda->lock);
     cudaSetDevice(cuda->device);
-    int rc = lq_cuda_attention_backward(backend, q, k, v, dout, batch, n, heads, kv_heads,
-                                        head_dim, dq, dk, dv);
+    int rc = lq_cuda_attention_backward(backend, q, k, v, dout, batch, n, heads, kv_heads, head_dim,
+                                        dq, dk, dv);
     pthread_mutex_unlock(&cuda->lock);
     return rc;
 }

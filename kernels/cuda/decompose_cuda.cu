@@ -113,21 +113,21 @@ extern "C" {
         if (dec_rc_) return dec_rc_;                                                               \
     } while (0)
 
-#define DEC_THREADS 256                         // threads per block of the element-wise kernels
-#define DEC_ALIGN 256                           // bytes: where each carved buffer starts
-#define DEC_SKETCH_CHUNK 16384                  // host-drawn sketch values per parallel chunk (even)
-#define DEC_BLAS_WORKSPACE ((size_t)32 << 20)   // cuBLAS's recommended size on Hopper
-#define DEC_NO_INDEX 0xffffffffffffffffull      // status: nothing recorded
+#define DEC_THREADS 256                       // threads per block of the element-wise kernels
+#define DEC_ALIGN 256                         // bytes: where each carved buffer starts
+#define DEC_SKETCH_CHUNK 16384                // host-drawn sketch values per parallel chunk (even)
+#define DEC_BLAS_WORKSPACE ((size_t)32 << 20) // cuBLAS's recommended size on Hopper
+#define DEC_NO_INDEX 0xffffffffffffffffull    // status: nothing recorded
 #define DEC_STEP_SEED_MIX 0x9e3779b97f4a7c15ull // lq.c mixes the step into the seed
 // The device sketch: each thread draws 2^DEC_SKETCH_LOG2 values (an even number: whole
 // Box-Muller pairs), starting DEC_SKETCH_PER_THREAD·t draws into the stream.
 #define DEC_SKETCH_LOG2 6
 #define DEC_SKETCH_PER_THREAD (1u << DEC_SKETCH_LOG2)
 #define DEC_SKETCH_BLOCK 128
-#define DEC_JUMP_LEVELS 40           // jump matrices T^(64·2^k), k < 40: sketches below 2^46 values
-#define DEC_JUMP_WORDS (256 * 4)     // one 256 x 256 GF(2) matrix: 256 columns of 4 words
-#define DEC_SKETCH_MARGIN 0x1.0p-46  // relative: far above both libms' documented errors
-#define DEC_FIXUP_MAX 128            // fix-ups one status holds (about one is expected)
+#define DEC_JUMP_LEVELS 40          // jump matrices T^(64·2^k), k < 40: sketches below 2^46 values
+#define DEC_JUMP_WORDS (256 * 4)    // one 256 x 256 GF(2) matrix: 256 columns of 4 words
+#define DEC_SKETCH_MARGIN 0x1.0p-46 // relative: far above both libms' documented errors
+#define DEC_FIXUP_MAX 128           // fix-ups one status holds (about one is expected)
 // Workers of lq_cuda_decompose_errors.
 #define DEC_DEFAULT_WORKERS 8
 #define DEC_MAX_WORKERS 64
@@ -275,9 +275,8 @@ __global__ static void dec_difference_kernel(const float *w, const float *lowran
 template <bool ABSMAX>
 __global__ static void dec_half_step_kernel(const float *w, const float *q, const float *lowrank,
                                             const float *fisher, size_t count, double *partials,
-                                            unsigned B0, unsigned long long n_blocks,
-                                            float *absmax, unsigned *offset_bits,
-                                            unsigned long long *first_bad) {
+                                            unsigned B0, unsigned long long n_blocks, float *absmax,
+                                            unsigned *offset_bits, unsigned long long *first_bad) {
     double sum = 0.0;
     unsigned smallest = 0xffffffffu;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
@@ -517,9 +516,8 @@ __host__ __device__ static inline void dec_sketch_thread(const dec_rng_state &st
     }
 }
 
-__global__ static void dec_sketch_kernel(const dec_rng_state start,
-                                         const unsigned long long *jumps, int levels,
-                                         unsigned long long count, float *omega,
+__global__ static void dec_sketch_kernel(const dec_rng_state start, const unsigned long long *jumps,
+                                         int levels, unsigned long long count, float *omega,
                                          struct dec_status *status) {
     const unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     dec_sketch_thread(start, jumps, levels, count, t, omega, status);
@@ -579,8 +577,7 @@ struct dec_carver {
     size_t offset;
 };
 
-template <typename T>
-static void carve(struct dec_carver *c, size_t count, T **out) {
+template <typename T> static void carve(struct dec_carver *c, size_t count, T **out) {
     c->offset = (c->offset + DEC_ALIGN - 1) / DEC_ALIGN * DEC_ALIGN;
     *out = c->base ? (T *)(c->base + c->offset) : NULL;
     c->offset += (count ? count : 1) * sizeof(T);
@@ -619,8 +616,10 @@ static int dec_shared_open(struct dec_shared *sh, struct lq_cuda *cuda,
     const struct dec_shape *s = &sh->shape;
     sh->sketch_mode = dec_sketch_mode();
     if (s->randomized && sh->sketch_mode != DEC_SKETCH_HOST) {
-        const unsigned long long count = (unsigned long long)s->cols * (unsigned long long)s->sketch;
-        const unsigned long long threads = (count + DEC_SKETCH_PER_THREAD - 1) / DEC_SKETCH_PER_THREAD;
+        const unsigned long long count =
+            (unsigned long long)s->cols * (unsigned long long)s->sketch;
+        const unsigned long long threads =
+            (count + DEC_SKETCH_PER_THREAD - 1) / DEC_SKETCH_PER_THREAD;
         int levels = 0;
         while (levels < 63 && (1ull << levels) < threads) levels++;
         if (levels > DEC_JUMP_LEVELS) {
@@ -669,10 +668,11 @@ static int dec_shared_upload(const struct dec_shared *sh, cudaStream_t stream,
                      "upload the Fisher weights");
     }
     if (sh->jump_levels > 0)
-        DEC_CUDA(cudaMemcpyAsync(sh->jumps, dec_jump_table,
-                                 (size_t)sh->jump_levels * DEC_JUMP_WORDS * sizeof(unsigned long long),
-                                 cudaMemcpyHostToDevice, stream),
-                 "upload the sketch's jump matrices");
+        DEC_CUDA(
+            cudaMemcpyAsync(sh->jumps, dec_jump_table,
+                            (size_t)sh->jump_levels * DEC_JUMP_WORDS * sizeof(unsigned long long),
+                            cudaMemcpyHostToDevice, stream),
+            "upload the sketch's jump matrices");
     return LQ_OK;
 }
 
@@ -876,9 +876,9 @@ static size_t sketch_count(const struct dec *d) {
 static int sketch_host_buffers(struct dec *d, struct lq_error *err) {
     const size_t count = sketch_count(d);
     if (!d->omega_host)
-        DEC_CUDA(cudaHostAlloc((void **)&d->omega_host, count * sizeof(float),
-                               cudaHostAllocDefault),
-                 "cudaHostAlloc (sketch)");
+        DEC_CUDA(
+            cudaHostAlloc((void **)&d->omega_host, count * sizeof(float), cudaHostAllocDefault),
+            "cudaHostAlloc (sketch)");
     if (!d->chunk_starts) {
         d->chunk_count = (count + DEC_SKETCH_CHUNK - 1) / DEC_SKETCH_CHUNK;
         d->chunk_starts = (struct lq_rng *)malloc(d->chunk_count * sizeof *d->chunk_starts);
@@ -936,8 +936,8 @@ static int sketch_queue(struct dec *d, uint64_t seed, struct lq_error *err) {
 // Check mode: the device's sketch (fixed up) against the host's, value for value.
 static int sketch_check(struct dec *d, struct lq_error *err) {
     const size_t count = sketch_count(d);
-    DEC_CUDA(cudaMemcpyAsync(d->check_host, d->omega, count * sizeof(float),
-                             cudaMemcpyDeviceToHost, d->stream),
+    DEC_CUDA(cudaMemcpyAsync(d->check_host, d->omega, count * sizeof(float), cudaMemcpyDeviceToHost,
+                             d->stream),
              "download the sketch");
     DEC_TRY(dec_wait(d, "download the sketch", err));
     sketch_fill(d, d->sketch_seed, d->omega_host);
@@ -1043,8 +1043,8 @@ static int quantize_w(struct dec *d, int residual, struct lq_error *err) {
     DEC_CUDA(cudaMemsetAsync(&d->status->offset_bits, 0xff, sizeof(unsigned), d->stream),
              "cudaMemset");
     lq_nf_absmax_kernel<<<blocks, LQ_NF_THREADS, 0, d->stream>>>(
-        d->w, NULL, nf->numel, nf->B0, nf->team, nf->n_blocks, d->absmax,
-        &d->status->offset_bits, &d->status->first_bad);
+        d->w, NULL, nf->numel, nf->B0, nf->team, nf->n_blocks, d->absmax, &d->status->offset_bits,
+        &d->status->first_bad);
     DEC_LAUNCHED("NF absmax kernel");
     return quantize_rest(d, d->w, NULL, residual, err);
 }
@@ -1152,8 +1152,8 @@ static int exact_factors(struct dec *d, const float *a, const struct lq_svd_opti
     const int rank = s->rank;
     const float *host_row_weight = d->shared->host_row_weight;
     const float *host_col_weight = d->shared->host_col_weight;
-    DEC_CUDA(cudaMemcpyAsync(d->host_residual, a, s->numel * sizeof(float),
-                             cudaMemcpyDeviceToHost, d->stream),
+    DEC_CUDA(cudaMemcpyAsync(d->host_residual, a, s->numel * sizeof(float), cudaMemcpyDeviceToHost,
+                             d->stream),
              "download the residual");
     DEC_TRY(dec_wait(d, "cudaStreamSynchronize", err));
     DEC_TRY(lq_svd_truncated(d->host_residual, rows, cols, rank, svd, d->host_u, d->host_s,

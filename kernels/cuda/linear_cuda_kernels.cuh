@@ -61,7 +61,7 @@ struct lq_decode_args {
     const float *lora_B; // L1
     const float *t;      // x · L2ᵀ [n, rank] from lq_lowrank_project_kernel
     int rank;
-    float *partials;     // [slices][NT][rows]
+    float *partials; // [slices][NT][rows]
     unsigned *tickets;
     int chunks_per_row, iters;
 };
@@ -179,8 +179,7 @@ __device__ __forceinline__ float lq_component(const float4 &v, int e) {
 // Sums V (a power of two, <= 32) values across the warp; lane L ends with the total of value
 // L / (32 / V). Each step hands the half this lane does not keep to its partner, so V values
 // cost V − 1 + (5 − log2 V) shuffles instead of 5·V.
-template <int V>
-__device__ __forceinline__ float lq_reduce_scatter(float (&v)[V], int lane) {
+template <int V> __device__ __forceinline__ float lq_reduce_scatter(float (&v)[V], int lane) {
 #pragma unroll
     for (int step = 0; (1 << step) < V; step++) {
         const int count = V >> step, half = count / 2, offset = 16 >> step;
@@ -222,8 +221,7 @@ __device__ __forceinline__ void lq_lowrank_dots(const lq_decode_args &a, int row
     for (int t = 0; t < NT; t++) dot[t] = lq_warp_sum(dot[t]);
 }
 
-template <int NT>
-__device__ __forceinline__ float lq_pick(const float (&v)[NT], int index) {
+template <int NT> __device__ __forceinline__ float lq_pick(const float (&v)[NT], int index) {
     float out = v[0];
 #pragma unroll
     for (int t = 1; t < NT; t++) out = index == t ? v[t] : out;
@@ -241,8 +239,7 @@ __host__ __device__ constexpr int lq_decode_rows(int bits, int nt) {
 // its float4 q at k·8 + (q ^ (k & 7)): in a quarter warp the 8 lanes hit 8 different 16-byte
 // bank groups, so the LDS.128 takes the minimum 4 wavefronts.
 template <int NT>
-__device__ __forceinline__ void lq_stage_x(const float *x, int n, int cols, int col0,
-                                           float4 *xs) {
+__device__ __forceinline__ void lq_stage_x(const float *x, int n, int cols, int col0, float4 *xs) {
     for (int i = threadIdx.x; i < NT * 256; i += LQ_DECODE_THREADS) {
         const int t = i >> 8, g = i & 255, chunk = g >> 3, q = g & 7, c = col0 + g * 4;
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -300,10 +297,9 @@ __device__ __forceinline__ void lq_decode_pairs(const uint32_t (&w)[R][2],
 
 // Table lookups: one token sums per block and scales the sum; more tokens scale each value.
 template <int BITS, int BPC, int NT, int R>
-__device__ __forceinline__ void lq_decode_direct(const uint32_t (&w)[R][BITS],
-                                                 const float (&scale)[R][BPC], const float4 *xs,
-                                                 int lane, float lane_value, const float *lut,
-                                                 float (&acc)[R][NT]) {
+__device__ __forceinline__ void
+lq_decode_direct(const uint32_t (&w)[R][BITS], const float (&scale)[R][BPC], const float4 *xs,
+                 int lane, float lane_value, const float *lut, float (&acc)[R][NT]) {
     constexpr int CODES_PER_BLOCK = 32 / BPC;
     const int x_base = lane * 8, swizzle = lane & 7;
     float block_sum[R];
@@ -389,8 +385,7 @@ __device__ __forceinline__ void lq_load_rows(const lq_decode_args &a, int row0, 
 #pragma unroll
             for (int b = 0; b < BPC; b++) scale[r][b] = 0.0f;
         }
-        l1[r] = k < share.end && row < a.q.rows ? __ldg(a.lora_B + (size_t)row * a.rank + k)
-                                                : 0.0f;
+        l1[r] = k < share.end && row < a.q.rows ? __ldg(a.lora_B + (size_t)row * a.rank + k) : 0.0f;
     }
 }
 
@@ -405,7 +400,7 @@ __device__ __forceinline__ void lq_add_lowrank(const lq_decode_args &a, int row0
         float l1[R];
 #pragma unroll
         for (int r = 0; r < R; r++)
-            l1[r] = k < share.begin + 32 ? l1_first[r]
+            l1[r] = k < share.begin + 32  ? l1_first[r]
                     : row0 + r < a.q.rows ? __ldg(a.lora_B + (size_t)(row0 + r) * a.rank + k)
                                           : 0.0f;
 #pragma unroll
@@ -495,8 +490,8 @@ __global__ void __launch_bounds__(LQ_DECODE_THREADS, 2)
 // Decode, generic path: one warp per row, every value decoded on its own (any B0, B1, cols).
 
 template <int NT>
-__global__ void __launch_bounds__(256) lq_decode_generic_kernel(const __grid_constant__
-                                                                    lq_decode_args a) {
+__global__ void __launch_bounds__(256)
+    lq_decode_generic_kernel(const __grid_constant__ lq_decode_args a) {
     __shared__ float table[256];
     const lq_packed &q = a.q;
     for (int i = threadIdx.x; i < 256; i += blockDim.x)
@@ -535,7 +530,8 @@ __global__ void __launch_bounds__(256) lq_decode_generic_kernel(const __grid_con
     if (a.rank > 0) lq_wait_prerequisite();
     float dot[NT];
     lq_lowrank_dots<NT>(a, row, lane, dot);
-    if (lane < a.n) a.y[(size_t)lane * q.rows + row] = lq_pick<NT>(acc, lane) + lq_pick<NT>(dot, lane);
+    if (lane < a.n)
+        a.y[(size_t)lane * q.rows + row] = lq_pick<NT>(acc, lane) + lq_pick<NT>(dot, lane);
 }
 
 // t[token, k] = x[token] · L2[k] for tokens < n: one CTA per rank row k.
@@ -608,9 +604,9 @@ __global__ void __launch_bounds__(256)
             low = lq_bit_window(q.codes, (uint64_t)octet * (8 * BITS));
         }
         const uint32_t block = lq_div(octet * 8u, q.block);
-        const float scale = lq_block_scale(
-            q, lq_bit_window(q.scale_codes, (uint64_t)block * (uint32_t)q.b1) & mask,
-            lq_group_scale(q, lq_div(block, q.group)));
+        const float scale =
+            lq_block_scale(q, lq_bit_window(q.scale_codes, (uint64_t)block * (uint32_t)q.b1) & mask,
+                           lq_group_scale(q, lq_div(block, q.group)));
         __half2 out[4];
 #pragma unroll
         for (int k = 0; k < 4; k++) {
@@ -647,8 +643,8 @@ __global__ void __launch_bounds__(256)
     }
 }
 
-__global__ void __launch_bounds__(256) lq_to_half_kernel(const float *x, size_t count,
-                                                         __half *out) {
+__global__ void __launch_bounds__(256)
+    lq_to_half_kernel(const float *x, size_t count, __half *out) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
          i += (size_t)gridDim.x * blockDim.x)
         out[i] = __float2half_rn(x[i]);

@@ -138,8 +138,7 @@ __device__ __forceinline__ float lq_mma_group_scale(int b2, uint32_t bits) {
 
 // What one lane loads for one row and one 32-code chunk: the chunk's BITS code words, the
 // 32-bit window of scale codes that starts at its first block, and its group scale's bits.
-template <int BITS>
-struct lq_mma_raw {
+template <int BITS> struct lq_mma_raw {
     uint32_t w[BITS];
     uint32_t window, group_bits;
 };
@@ -221,10 +220,10 @@ __device__ __forceinline__ uint32_t lq_mma_pair_offset(const uint32_t (&w)[BITS]
 template <int BITS, int BPC, int NT>
 __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
     lq_mma_kernel(const __grid_constant__ lq_mma_args a) {
-    constexpr int JT = NT / 8;                  // n8 token tiles
-    constexpr int ENTRIES = 1 << (2 * BITS);    // code pairs
-    __shared__ uint32_t pairs[ENTRIES * 32];    // half2 (table[lo], table[hi]) per lane
-    extern __shared__ uint2 lq_mma_xs[];        // [tiles][steps][JT][lanes], 4 fp16 each
+    constexpr int JT = NT / 8;               // n8 token tiles
+    constexpr int ENTRIES = 1 << (2 * BITS); // code pairs
+    __shared__ uint32_t pairs[ENTRIES * 32]; // half2 (table[lo], table[hi]) per lane
+    extern __shared__ uint2 lq_mma_xs[];     // [tiles][steps][JT][lanes], 4 fp16 each
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const int row_w = blockIdx.x * LQ_MMA_BAND_ROWS + warp * LQ_MMA_WARP_ROWS;
@@ -314,13 +313,11 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
             uint32_t frag[2][4];
 #pragma unroll
             for (int q = 0; q < 4; q++) {
-                const uint32_t lo = *(const uint32_t *)(table +
-                                                        lq_mma_pair_offset<BITS>(cur[q].w, 2 * s,
-                                                                                 lane_bytes));
-                const uint32_t hi = *(const uint32_t *)(table +
-                                                        lq_mma_pair_offset<BITS>(cur[q].w,
-                                                                                 2 * s + 1,
-                                                                                 lane_bytes));
+                const uint32_t lo = *(const uint32_t *)(table + lq_mma_pair_offset<BITS>(
+                                                                    cur[q].w, 2 * s, lane_bytes));
+                const uint32_t hi =
+                    *(const uint32_t *)(table +
+                                        lq_mma_pair_offset<BITS>(cur[q].w, 2 * s + 1, lane_bytes));
                 frag[q >> 1][q & 1] = lq_mma_hmul2(lo, scale[q][block]);
                 frag[q >> 1][2 + (q & 1)] = lq_mma_hmul2(hi, scale[q][block]);
             }
@@ -387,7 +384,8 @@ __global__ void __launch_bounds__(256)
     if (vector) {
         for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count / 4; i += stride) {
             const float4 v = __ldg((const float4 *)x + i);
-            ((uint2 *)out)[i] = make_uint2(lq_mma_half2_bits(v.x, v.y), lq_mma_half2_bits(v.z, v.w));
+            ((uint2 *)out)[i] =
+                make_uint2(lq_mma_half2_bits(v.x, v.y), lq_mma_half2_bits(v.z, v.w));
         }
         return;
     }

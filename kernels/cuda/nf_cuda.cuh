@@ -360,7 +360,7 @@ __global__ static void lq_nf_group_kernel(const float *absmax, unsigned long lon
 // residual[i] = (w[i] − out[i]), times row_weight[i / cols]·col_weight[i % cols] when
 // weighted (the decomposition's residual kernel, the same float operations).
 struct lq_nf_residual {
-    float *residual; // NULL: none
+    float *residual;                      // NULL: none
     const float *row_weight, *col_weight; // NULL: unweighted
     unsigned long long cols;
 };
@@ -404,8 +404,8 @@ lq_nf_values_kernel(const float *a, const __grid_constant__ lq_nf_device_config 
                         row = (unsigned)i / (unsigned)next.cols;
                     else
                         row = i / next.cols;
-                    r = lq_nf_mul(r, lq_nf_mul(next.row_weight[row],
-                                               next.col_weight[i - row * next.cols]));
+                    r = lq_nf_mul(
+                        r, lq_nf_mul(next.row_weight[row], next.col_weight[i - row * next.cols]));
                 }
                 next.residual[i] = r;
             }

@@ -30,7 +30,6 @@ extern "C" {
 #include "core/nf.h"
 }
 
-
 // An fp32 tile of Q rows is at most this large.
 #define LQ_TRAIN_TILE_BYTES ((size_t)16 << 20)
 // sum_squares: values per partial sum (as train_cpu.c's chunks).

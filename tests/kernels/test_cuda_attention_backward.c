@@ -151,8 +151,8 @@ static void test_shapes(void) {
     for (size_t a = 0; a < sizeof ns / sizeof ns[0]; a++)
         for (size_t b = 0; b < sizeof head_pairs / sizeof head_pairs[0]; b++)
             for (size_t d = 0; d < sizeof hds / sizeof hds[0]; d++, index++) {
-                struct shape c = {1 + index % 3, ns[a], head_pairs[b][0], head_pairs[b][1],
-                                  hds[d], 1.0f, 0};
+                struct shape c = {1 + index % 3, ns[a], head_pairs[b][0], head_pairs[b][1], hds[d],
+                                  1.0f,          0};
                 check_shape(c, 0);
             }
 }

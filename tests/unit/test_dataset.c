@@ -521,29 +521,32 @@ static void test_llama3(void) {
     struct lq_chat_prompt p;
     CHECK_OK(lq_chat_render(LQ_CHAT_LLAMA3, conversation, 2, &p));
     flatten_as(&p, "<|begin_of_text|>", text, sizeof text);
-    CHECK_MSG(strcmp(text, "<|begin_of_text|>"
-                           "<|start_header_id|>system<|end_header_id|>\n\nYou tell stories.<|eot_id|>"
-                           "<|start_header_id|>user<|end_header_id|>\n\nWho is Lily?<|eot_id|>"
-                           "<|start_header_id|>assistant<|end_header_id|>\n\n") == 0,
+    CHECK_MSG(strcmp(text,
+                     "<|begin_of_text|>"
+                     "<|start_header_id|>system<|end_header_id|>\n\nYou tell stories.<|eot_id|>"
+                     "<|start_header_id|>user<|end_header_id|>\n\nWho is Lily?<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n") == 0,
               "llama3 serving render: '%s'", text);
     CHECK(p.stop && strcmp(p.stop, "<|eot_id|>") == 0);
     lq_chat_prompt_free(&p);
     /* The 3-message conversation: its last assistant message is continued. */
     CHECK_OK(lq_chat_render(LQ_CHAT_LLAMA3, conversation, 3, &p));
     flatten_as(&p, "<|begin_of_text|>", text, sizeof text);
-    CHECK_MSG(strcmp(text, "<|begin_of_text|>"
-                           "<|start_header_id|>system<|end_header_id|>\n\nYou tell stories.<|eot_id|>"
-                           "<|start_header_id|>user<|end_header_id|>\n\nWho is Lily?<|eot_id|>"
-                           "<|start_header_id|>assistant<|end_header_id|>\n\nA girl.") == 0,
+    CHECK_MSG(strcmp(text,
+                     "<|begin_of_text|>"
+                     "<|start_header_id|>system<|end_header_id|>\n\nYou tell stories.<|eot_id|>"
+                     "<|start_header_id|>user<|end_header_id|>\n\nWho is Lily?<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\nA girl.") == 0,
               "llama3 continued render: '%s'", text);
     lq_chat_prompt_free(&p);
     /* Training: every message closed; only the answer and its <|eot_id|> are trainable. */
     CHECK_OK(lq_chat_render_training(LQ_CHAT_LLAMA3, conversation, 3, NULL, &p));
     flatten_as(&p, "<|begin_of_text|>", text, sizeof text);
-    CHECK_MSG(strcmp(text, "<|begin_of_text|>"
-                           "<|start_header_id|>system<|end_header_id|>\n\nYou tell stories.<|eot_id|>"
-                           "<|start_header_id|>user<|end_header_id|>\n\nWho is Lily?<|eot_id|>"
-                           "<|start_header_id|>assistant<|end_header_id|>\n\nA girl.<|eot_id|>") == 0,
+    CHECK_MSG(strcmp(text,
+                     "<|begin_of_text|>"
+                     "<|start_header_id|>system<|end_header_id|>\n\nYou tell stories.<|eot_id|>"
+                     "<|start_header_id|>user<|end_header_id|>\n\nWho is Lily?<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\nA girl.<|eot_id|>") == 0,
               "llama3 training render: '%s'", text);
     size_t n_trainable = 0;
     for (size_t i = 0; i < p.n_segments; i++) {
@@ -789,5 +792,5 @@ static void test_errors(void) {
 }
 
 LQ_TEST_MAIN(LQ_TEST(test_plain_text), LQ_TEST(test_jsonl_text), LQ_TEST(test_prompt_completion),
-             LQ_TEST(test_chat), LQ_TEST(test_llama3), LQ_TEST(test_validation_split), LQ_TEST(test_detection),
-             LQ_TEST(test_errors))
+             LQ_TEST(test_chat), LQ_TEST(test_llama3), LQ_TEST(test_validation_split),
+             LQ_TEST(test_detection), LQ_TEST(test_errors))
