@@ -16,60 +16,12 @@
 #include "core/rng.h"
 #include "kernels/backend.h"
 #include "tests/unit/lq_test.h"
+#include "tests/kernels/kernel_check.h"
 
 /* fp32 in another summation order; dq and dk sum dS terms that cancel (Σ_t dS_it = 0). */
 #define TOL_FP32 2e-5
 
-static struct lq_backend *cpu, *gpu;
-static struct lq_rng rng;
 static int timing;
-
-static float *random_floats(size_t count, float scale) {
-    float *x = malloc((count ? count : 1) * sizeof *x);
-    lq_rng_fill_normal(&rng, x, count);
-    for (size_t i = 0; i < count; i++) x[i] *= scale;
-    return x;
-}
-
-/* A device buffer of count floats (plus `pad` in front) holding host data, or NaN poison
- * when host is NULL. */
-static float *device_floats(const float *host, size_t count, size_t pad) {
-    void *buffer = NULL;
-    struct lq_error err = {0};
-    size_t total = count + pad;
-    if (gpu->ops->buffer_alloc(gpu, (total ? total : 1) * sizeof(float), &buffer, &err)) {
-        fprintf(stderr, "buffer_alloc: %s\n", err.message);
-        exit(1);
-    }
-    float *staging = malloc((total ? total : 1) * sizeof *staging);
-    for (size_t i = 0; i < total; i++) staging[i] = host && i >= pad ? host[i - pad] : NAN;
-    CHECK_OK(gpu->ops->copy_to_device(gpu, buffer, staging, total * sizeof(float)));
-    free(staging);
-    return buffer;
-}
-
-static float *to_host(const float *device, size_t count) {
-    float *host = malloc((count ? count : 1) * sizeof *host);
-    CHECK_OK(gpu->ops->copy_to_host(gpu, host, device, count * sizeof(float)));
-    return host;
-}
-
-/* ‖a − b‖ / ‖b‖ in double; NaN anywhere (an unwritten output) gives +inf. */
-static double relative_error(const float *a, const float *b, size_t count) {
-    double diff = 0.0, norm = 0.0;
-    for (size_t i = 0; i < count; i++) {
-        if (!isfinite(a[i]) || !isfinite(b[i])) return INFINITY;
-        double d = (double)a[i] - b[i];
-        diff += d * d, norm += (double)b[i] * b[i];
-    }
-    return norm > 0 ? sqrt(diff / norm) : sqrt(diff);
-}
-
-static double seconds_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 struct shape {
     int batch, n, heads, kv_heads, hd;
@@ -87,10 +39,13 @@ static void check_shape(struct shape c, int time_it) {
     CHECK_OK(cpu->ops->attention_backward(cpu, q, k, v, dout, c.batch, c.n, c.heads, c.kv_heads,
                                           c.hd, ref_dq, ref_dk, ref_dv));
 
-    float *gq = device_floats(q, q_count, c.pad), *gk = device_floats(k, kv_count, c.pad);
-    float *gv = device_floats(v, kv_count, c.pad), *gdo = device_floats(dout, q_count, c.pad);
-    float *gdq = device_floats(NULL, q_count, 0), *gdk = device_floats(NULL, kv_count, 0);
-    float *gdv = device_floats(NULL, kv_count, 0);
+    float *gq = device_floats_padded(q, q_count, c.pad),
+          *gk = device_floats_padded(k, kv_count, c.pad);
+    float *gv = device_floats_padded(v, kv_count, c.pad),
+          *gdo = device_floats_padded(dout, q_count, c.pad);
+    float *gdq = device_floats_padded(NULL, q_count, 0),
+          *gdk = device_floats_padded(NULL, kv_count, 0);
+    float *gdv = device_floats_padded(NULL, kv_count, 0);
     const float *iq = gq + c.pad, *ik = gk + c.pad, *iv = gv + c.pad, *ido = gdo + c.pad;
     CHECK_OK(gpu->ops->attention_backward(gpu, iq, ik, iv, ido, c.batch, c.n, c.heads, c.kv_heads,
                                           c.hd, gdq, gdk, gdv));

@@ -16,76 +16,17 @@
 #include "core/rng.h"
 #include "kernels/backend.h"
 #include "tests/unit/lq_test.h"
+#include "tests/kernels/kernel_check.h"
 
 /* fp32 arithmetic in another order (cuBLAS, warp reductions): far under 1e-5. */
 #define TOL_FP32 2e-5
 /* The large-batch LQ path multiplies fp16 tiles on tensor cores (fp32 accumulate). */
 #define TOL_FP16 4e-3
 
-static struct lq_backend *cpu, *gpu;
-static struct lq_rng rng;
-
-static float *random_floats(size_t count, float scale) {
-    float *x = malloc((count ? count : 1) * sizeof *x);
-    lq_rng_fill_normal(&rng, x, count);
-    for (size_t i = 0; i < count; i++) x[i] *= scale;
-    return x;
-}
-
-/* A device buffer holding host data (or NaN poison when host is NULL). */
-static float *device_floats(const float *host, size_t count) {
-    void *buffer = NULL;
-    struct lq_error err = {0};
-    if (gpu->ops->buffer_alloc(gpu, (count ? count : 1) * sizeof(float), &buffer, &err)) {
-        fprintf(stderr, "buffer_alloc: %s\n", err.message);
-        exit(1);
-    }
-    float *staging = malloc((count ? count : 1) * sizeof *staging);
-    for (size_t i = 0; i < count; i++) staging[i] = host ? host[i] : NAN;
-    gpu->ops->copy_to_device(gpu, buffer, staging, count * sizeof(float));
-    free(staging);
-    return buffer;
-}
-
-static float *to_host(const float *device, size_t count) {
-    float *host = malloc((count ? count : 1) * sizeof *host);
-    CHECK_OK(gpu->ops->copy_to_host(gpu, host, device, count * sizeof(float)));
-    return host;
-}
-
-/* ‖a − b‖ / ‖b‖ in double; NaN anywhere (an unwritten output) gives +inf. */
-static double relative_error(const float *a, const float *b, size_t count) {
-    double diff = 0.0, norm = 0.0;
-    for (size_t i = 0; i < count; i++) {
-        if (!isfinite(a[i]) || !isfinite(b[i])) return INFINITY;
-        double d = (double)a[i] - b[i];
-        diff += d * d, norm += (double)b[i] * b[i];
-    }
-    return norm > 0 ? sqrt(diff / norm) : sqrt(diff);
-}
-
-#define CHECK_CLOSE(gpu_out, cpu_out, count, tolerance, ...)                                       \
-    do {                                                                                           \
-        double lq_rel_ = relative_error((gpu_out), (cpu_out), (count));                            \
-        if (!(lq_rel_ <= (tolerance))) {                                                           \
-            fprintf(stderr, "%s:%d: relative error %.3g > %.1g: ", __FILE__, __LINE__, lq_rel_,    \
-                    (double)(tolerance));                                                          \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            lq_test_failures++;                                                                    \
-        }                                                                                          \
-    } while (0)
-
 /* The kernel development harness (in the spirit of llm.c's dev/cuda): `test_cuda_ops CASE
  * --time` runs one case alone, each GPU op checked against the CPU op as always, then timed:
  * the median of 25 calls, each between two synchronizations. */
 static int timing;
-
-static double seconds_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static int compare_doubles(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;

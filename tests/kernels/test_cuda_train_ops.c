@@ -17,6 +17,7 @@
 #include "core/rng.h"
 #include "kernels/backend.h"
 #include "tests/unit/lq_test.h"
+#include "tests/kernels/kernel_check.h"
 
 /* fp32 products and sums in another order (cuBLAS, block reductions): far under 1e-5. The
  * LQ tiles are dequantized bit for bit as the CPU does, so LQ layers get the same bound. */
@@ -27,69 +28,15 @@
 /* Double sums in another order. */
 #define TOL_DOUBLE 1e-12
 
-static struct lq_backend *cpu, *gpu;
-static struct lq_rng rng;
-
-static float *random_floats(size_t count, float scale) {
-    float *x = malloc((count ? count : 1) * sizeof *x);
-    lq_rng_fill_normal(&rng, x, count);
-    for (size_t i = 0; i < count; i++) x[i] *= scale;
-    return x;
-}
-
 static float *copy_floats(const float *x, size_t count) {
     float *y = malloc((count ? count : 1) * sizeof *y);
     memcpy(y, x, count * sizeof *y);
     return y;
 }
 
-/* A device buffer holding host data (or NaN poison when host is NULL). */
-static float *device_floats(const float *host, size_t count) {
-    void *buffer = NULL;
-    struct lq_error err = {0};
-    if (gpu->ops->buffer_alloc(gpu, (count ? count : 1) * sizeof(float), &buffer, &err)) {
-        fprintf(stderr, "buffer_alloc: %s\n", err.message);
-        exit(1);
-    }
-    float *staging = malloc((count ? count : 1) * sizeof *staging);
-    for (size_t i = 0; i < count; i++) staging[i] = host ? host[i] : NAN;
-    gpu->ops->copy_to_device(gpu, buffer, staging, count * sizeof(float));
-    free(staging);
-    return buffer;
-}
-
-static float *to_host(const float *device, size_t count) {
-    float *host = malloc((count ? count : 1) * sizeof *host);
-    CHECK_OK(gpu->ops->copy_to_host(gpu, host, device, count * sizeof(float)));
-    return host;
-}
-
 static void release(float *device) {
     if (device) gpu->ops->buffer_free(gpu, device);
 }
-
-/* ‖a − b‖ / ‖b‖ in double; NaN anywhere (an unwritten output) gives +inf. */
-static double relative_error(const float *a, const float *b, size_t count) {
-    double diff = 0.0, norm = 0.0;
-    for (size_t i = 0; i < count; i++) {
-        if (!isfinite(a[i]) || !isfinite(b[i])) return INFINITY;
-        double d = (double)a[i] - b[i];
-        diff += d * d, norm += (double)b[i] * b[i];
-    }
-    return norm > 0 ? sqrt(diff / norm) : sqrt(diff);
-}
-
-#define CHECK_CLOSE(gpu_out, cpu_out, count, tolerance, ...)                                       \
-    do {                                                                                           \
-        double lq_rel_ = relative_error((gpu_out), (cpu_out), (count));                            \
-        if (!(lq_rel_ <= (tolerance))) {                                                           \
-            fprintf(stderr, "%s:%d: relative error %.3g > %.1g: ", __FILE__, __LINE__, lq_rel_,    \
-                    (double)(tolerance));                                                          \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            lq_test_failures++;                                                                    \
-        }                                                                                          \
-    } while (0)
 
 /* The device array against the host reference. */
 #define CHECK_DEVICE(device, reference, count, tolerance, ...)                                     \
