@@ -23,7 +23,7 @@ import serve_util  # noqa: E402
 from serve_util import LQD, ROOT, check, finish  # noqa: E402
 
 KEY = "finetune-key-0123456789"
-DATA = os.path.join(ROOT, "../shared/data/tinystories_val_subset.txt")
+DATA = os.path.join(ROOT, "tests/data/tinystories_val_subset.txt")
 SETTINGS = {"batch_size": 4, "seq_len": 64, "learning_rate": 3e-3, "seed": 3}
 CLI_SETTINGS = ["--batch-size", "4", "--seq-len", "64", "--learning-rate", "3e-3", "--seed", "3"]
 

@@ -30,7 +30,7 @@ SMALL_GRID = "4,8,fp32,64,256;3,8,fp32,64,256;2,8,fp32,64,256"
 MEDIUM_GRID = ";".join(f"{b0},{b1},{b2},{B0},{B1}" for b0 in (2, 3, 4) for b1 in (2, 3, 4)
                        for b2 in ("bf16", "fp16", "fp32") for B0 in (16, 32, 64) for B1 in (64, 256))
 # Fisher-weighted jobs: calibration lines of TinyStories, and the draw (as lqd compress --fisher-*).
-DATA = os.path.join(ROOT, "../shared/data/tinystories_val_subset.txt")
+DATA = os.path.join(ROOT, "tests/data/tinystories_val_subset.txt")
 FISHER = {"samples": 16, "seq_len": 128, "seed": 5}
 
 

@@ -23,7 +23,7 @@ HF = os.path.join(ROOT, "models/stories260K-hf")
 LQ = os.path.join(ROOT, "models/stories260K-lq")
 TOKENIZER = os.path.join(ROOT, "models/stories260K/tok512.bin")
 DEVICE = os.environ.get("LQ_E2E_DEVICE", "cuda")  # "cpu" only to try this script without a GPU
-TEXT = os.environ.get("LQ_PPL_TEXT", os.path.join(ROOT, "..", "shared", "data", "tinystories_val_subset.txt"))
+TEXT = os.environ.get("LQ_PPL_TEXT", os.path.join(ROOT, "tests", "data", "tinystories_val_subset.txt"))
 
 
 def lqd(*args, timeout=900):

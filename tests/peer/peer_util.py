@@ -28,7 +28,7 @@ def require_safetensors():
 LQD = os.environ.get("LQD", "build/server/lqd")
 ROOT = os.environ.get("LQ_REPO_ROOT", ".")
 STORIES = os.path.join(ROOT, "models/stories260K-hf/model.safetensors")
-DATA = os.path.join(ROOT, "../shared/data/tinystories_val_subset.txt")  # TinyStories lines
+DATA = os.path.join(ROOT, "tests/data/tinystories_val_subset.txt")  # TinyStories lines
 # The linear layers of a LLaMA block, as the model files name them; stories260K has N_LAYERS.
 KINDS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

@@ -17,7 +17,7 @@ import nf_reference as ref  # noqa: E402
 
 checks = Checks()
 SOURCE = os.path.join(ROOT, "models/stories260K-hf")
-TEXT = os.path.join(ROOT, "..", "shared", "data", "tinystories_val_subset.txt")
+TEXT = os.path.join(ROOT, "tests", "data", "tinystories_val_subset.txt")
 GRID = "4,8,fp32,64,256;3,8,fp32,64,256;2,8,fp32,64,256;3,4,bf16,32,64;2,4,fp16,16,16;4,2,bf16,64,16"
 N_CONFIGS = 6
 NF3 = "3,8,fp32,64,256"
