@@ -1,6 +1,7 @@
 #include "eval.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -48,6 +49,29 @@ static double token_nll(const float *logits, int vocab, int target) {
     return log(sum) + max - logits[target];
 }
 
+static bool budget_spent(const struct lq_eval_options *options,
+                         const struct lq_eval_result *result) {
+    return options->max_tokens != 0 && result->tokens >= options->max_tokens;
+}
+
+/* Evaluates ids[0..min(count, context)) from position 0: each position predicts the next
+ * token, up to the max_tokens budget. */
+static int eval_window(struct lq_session *session, int vocab, const int *ids, size_t count,
+                       int context, const struct lq_eval_options *options, float *logits,
+                       struct lq_eval_result *result, struct lq_error *err) {
+    size_t predicted = count < (size_t)context ? count - 1 : (size_t)context - 1;
+    if (options->max_tokens && predicted > options->max_tokens - result->tokens)
+        predicted = options->max_tokens - result->tokens;
+    if (predicted == 0) return LQ_OK;
+    lq_session_reset(session);
+    int rc = lq_session_forward(session, ids, (int)predicted, 1, logits, err);
+    for (size_t i = 0; i < predicted && !rc; i++)
+        result->nll += token_nll(logits + i * (size_t)vocab, vocab, ids[i + 1]);
+    result->tokens += predicted;
+    result->documents++;
+    return rc;
+}
+
 int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *tokenizer,
                        const char *text, size_t length, const struct lq_eval_options *options,
                        struct lq_eval_result *result, struct lq_error *err) {
@@ -72,8 +96,18 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
         return lq_error_set(err, LQ_ENOMEM, "out of memory for logits");
     }
     double started = now();
-    size_t offset = 0;
-    while (offset < length && (options->max_tokens == 0 || result->tokens < options->max_tokens)) {
+    if (options->split == LQ_SPLIT_STREAM) {
+        int *ids;
+        size_t count;
+        rc = lq_tokenizer_encode(tokenizer, text, length, 1, &ids, &count, err);
+        for (size_t at = 0; !rc && at + 1 < count && !budget_spent(options, result);
+             at += (size_t)context)
+            rc = eval_window(session, c->vocab_size, ids + at, count - at, context, options, logits,
+                             result, err);
+        free(ids);
+    }
+    size_t offset = options->split == LQ_SPLIT_STREAM ? length : 0;
+    while (!rc && offset < length && !budget_spent(options, result)) {
         size_t begin, end;
         offset = next_document(text, length, offset, options->split, &begin, &end);
         if (begin == end) continue;
@@ -81,20 +115,8 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
         size_t count;
         if ((rc = lq_tokenizer_encode(tokenizer, text + begin, end - begin, 1, &ids, &count, err)))
             break;
-        size_t predicted = count < (size_t)context ? count - 1 : (size_t)context - 1;
-        if (options->max_tokens && predicted > options->max_tokens - result->tokens)
-            predicted = options->max_tokens - result->tokens;
-        if (predicted > 0) {
-            lq_session_reset(session);
-            rc = lq_session_forward(session, ids, (int)predicted, 1, logits, err);
-            for (size_t i = 0; i < predicted && !rc; i++)
-                result->nll +=
-                    token_nll(logits + i * (size_t)c->vocab_size, c->vocab_size, ids[i + 1]);
-            result->tokens += predicted;
-            result->documents++;
-        }
+        rc = eval_window(session, c->vocab_size, ids, count, context, options, logits, result, err);
         free(ids);
-        if (rc) break;
     }
     result->seconds = now() - started;
     result->ppl = result->tokens ? exp(result->nll / (double)result->tokens) : NAN;

@@ -3,7 +3,10 @@
  * and are skipped) or its paragraphs (LQ_SPLIT_PARAGRAPHS: split on blank lines), trimmed,
  * each tokenized with BOS and evaluated from position 0 (no context carried between
  * documents), at most `context` positions per document; every position after BOS predicts
- * the next token, and the count stops at max_tokens predicted tokens. */
+ * the next token, and the count stops at max_tokens predicted tokens. LQ_SPLIT_STREAM (the
+ * protocol of HF's perplexity guide, without stride): the whole text tokenized as one
+ * sequence (BOS first when the tokenizer adds one), cut into consecutive windows of
+ * `context` tokens, each evaluated from position 0 with its first token not predicted. */
 #ifndef LQ_EVAL_H
 #define LQ_EVAL_H
 
@@ -12,7 +15,7 @@
 #include "core/forward.h"
 #include "core/tokenizer.h"
 
-enum lq_eval_split { LQ_SPLIT_LINES, LQ_SPLIT_PARAGRAPHS };
+enum lq_eval_split { LQ_SPLIT_LINES, LQ_SPLIT_PARAGRAPHS, LQ_SPLIT_STREAM };
 
 struct lq_eval_options {
     enum lq_eval_split split;

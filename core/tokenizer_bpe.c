@@ -44,7 +44,8 @@ struct lq_tokenizer_bpe {
     struct stage stages[MAX_STAGES];
     int stage_count;
     bool ignore_merges;
-    int byte_ids[256];       /* id of the piece that is byte b's character */
+    int byte_ids[256];       /* id of the piece that is byte b's character; -1: none */
+    int missing_byte_id;     /* what a byte without a piece becomes: unk, or -1 (dropped) */
     char byte_chars[256][2]; /* byte b's character in UTF-8 (U+0021..U+0143: 1 or 2 bytes) */
     uint8_t byte_char_length[256];
     int16_t char_bytes[0x144]; /* the inverse: code point -> byte, -1 when not a byte's */
@@ -321,9 +322,17 @@ static bool encode_word(struct bpe_encoder *encoder, const unsigned char *word, 
         encoder->symbol_capacity = n;
     }
     struct word_symbol *symbols = encoder->symbols;
-    for (size_t i = 0; i < n; i++)
-        symbols[i] = (struct word_symbol){bpe->byte_ids[word[i]], (int32_t)i - 1,
-                                          i + 1 < n ? (int32_t)i + 1 : -1, true};
+    size_t kept = 0;
+    for (size_t i = 0; i < n; i++) {
+        int id = bpe->byte_ids[word[i]];
+        if (id < 0) id = bpe->missing_byte_id;
+        if (id < 0) continue; /* tokenizers drops a character with no piece and no unk */
+        symbols[kept] = (struct word_symbol){id, (int32_t)kept - 1, (int32_t)kept + 1, true};
+        kept++;
+    }
+    if (kept == 0) return true;
+    symbols[kept - 1].next = -1;
+    n = kept;
     encoder->heap_count = 0;
     for (size_t i = 0; i + 1 < n; i++)
         if (!consider(encoder, (int32_t)i)) return false;
@@ -667,18 +676,16 @@ int lq_tokenizer_bpe_configure_named(struct lq_tokenizer *tokenizer, const char 
     return LQ_OK;
 }
 
-int lq_tokenizer_bpe_finish(struct lq_tokenizer *tokenizer, const char *label,
+int lq_tokenizer_bpe_finish(struct lq_tokenizer *tokenizer, int missing_byte_id, const char *label,
                             struct lq_error *err) {
     struct lq_tokenizer_bpe *bpe = tokenizer->bpe;
-    for (int b = 0; b < 256; b++) {
+    (void)label;
+    /* Some vocabularies (SmolLM2's) lack the pieces of bytes that never occur in their
+     * training text, such as most control characters. */
+    for (int b = 0; b < 256; b++)
         bpe->byte_ids[b] =
             lq_tokenizer_find(tokenizer, bpe->byte_chars[b], bpe->byte_char_length[b]);
-        if (bpe->byte_ids[b] < 0)
-            return lq_error_set(err, LQ_EFORMAT,
-                                "%s: byte-level vocabulary lacks the piece \"%.*s\" of byte "
-                                "0x%02X (all 256 are needed)",
-                                label, (int)bpe->byte_char_length[b], bpe->byte_chars[b], b);
-    }
+    bpe->missing_byte_id = missing_byte_id;
     /* Added tokens are matched in the text, longest first among those sharing a byte. */
     uint32_t counts[256] = {0};
     size_t total = 0;

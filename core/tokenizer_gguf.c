@@ -206,7 +206,8 @@ static int build(struct lq_tokenizer *tokenizer, const struct lq_gguf *gguf, con
     tokenizer->bos_id = bos;
     tokenizer->eos_id = eos;
     tokenizer->bos_off = !add_bos;
-    if (byte_level) rc = lq_tokenizer_bpe_finish(tokenizer, label, err);
+    /* transformers' GGUF conversion gives the byte-level BPE no unk token */
+    if (byte_level) rc = lq_tokenizer_bpe_finish(tokenizer, -1, label, err);
     return rc;
 }
 

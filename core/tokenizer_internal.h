@@ -111,11 +111,13 @@ int lq_tokenizer_parse_json(const uint8_t *data, size_t size, const char *label,
 /* Byte-level BPE (tokenizer_bpe.c). configure reads the tokenizer.json root before the
  * vocabulary: when the pre-tokenizer or decoder is ByteLevel it checks the pipeline (refusing
  * what it cannot reproduce) and sets tokenizer->bpe, else it does nothing. finish runs once
- * the pieces and merges are in: the 256 byte characters, added tokens, EOS. */
+ * the pieces and merges are in: the 256 byte characters, added tokens, EOS. A byte whose
+ * character is not a piece becomes missing_byte_id (the model's unk), or is dropped when it
+ * is -1, as the tokenizers library does. */
 struct cJSON;
 int lq_tokenizer_bpe_configure(struct lq_tokenizer *tokenizer, const struct cJSON *root,
                                const char *label, struct lq_error *err);
-int lq_tokenizer_bpe_finish(struct lq_tokenizer *tokenizer, const char *label,
+int lq_tokenizer_bpe_finish(struct lq_tokenizer *tokenizer, int missing_byte_id, const char *label,
                             struct lq_error *err);
 /* The same from a llama.cpp pre-tokenizer name (GGUF tokenizer.ggml.pre): "default"/"gpt-2",
  * "llama-bpe"/"llama3", "qwen2", "smollm"; LQ_EUNSUPPORTED naming any other. */

@@ -358,7 +358,8 @@ static int build(struct lq_tokenizer *tokenizer, const cJSON *root, const char *
     if (rc == LQ_OK) rc = lq_tokenizer_finish(tokenizer, label, err);
     if (rc == LQ_OK) rc = load_merges(tokenizer, merges, label, err);
     if (rc == LQ_OK) find_bos_eos(tokenizer, root);
-    if (rc == LQ_OK && tokenizer->bpe) rc = lq_tokenizer_bpe_finish(tokenizer, label, err);
+    if (rc == LQ_OK && tokenizer->bpe)
+        rc = lq_tokenizer_bpe_finish(tokenizer, tokenizer->unk_id, label, err);
     return rc;
 }
 

@@ -12,14 +12,17 @@
 
 static const char eval_usage[] =
     "usage: lqd eval --model M [--tokenizer T] [--adapter DIR] --ppl FILE [--max-tokens N]\n"
-    "                [--context N] [--documents lines|paragraphs] [--json] [--device D]\n"
+    "                [--context N] [--documents lines|paragraphs|stream] [--json] [--device D]\n"
     "       lqd eval --model M [--adapter DIR] --tokens ID,ID,... --dump-logits OUT.npy\n"
     "\n"
     "Perplexity of M (HuggingFace directory, llama2.c .bin or LQ directory) on FILE: documents\n"
     "are FILE's non-empty lines (default; --documents paragraphs splits on blank lines), each\n"
     "tokenized with BOS and evaluated from position 0, at most --context positions each\n"
-    "(default: the model's maximum); the count\n"
-    "stops after --max-tokens predicted tokens. --json prints {\"ppl\",\"nll\",\"tokens\",\n"
+    "(default: the model's maximum). --documents stream: the whole FILE tokenized as one\n"
+    "sequence (BOS first when the tokenizer adds one) and cut into consecutive windows of\n"
+    "--context tokens, each evaluated from position 0 (HF's perplexity protocol, no stride).\n"
+    "The count stops after --max-tokens predicted tokens. --json prints "
+    "{\"ppl\",\"nll\",\"tokens\",\n"
     "\"seconds\",...}. With --tokens, the logits of that token sequence (no BOS added) are\n"
     "written as float32 [n, vocab] to OUT.npy.\n"
     "\n" LQ_CLI_ADAPTER_USAGE LQ_CLI_DEVICE_USAGE "\n"
@@ -165,8 +168,11 @@ int lq_cli_eval(int argc, char **argv) {
                 options.split = LQ_SPLIT_LINES;
             else if (strcmp(optarg, "paragraphs") == 0)
                 options.split = LQ_SPLIT_PARAGRAPHS;
+            else if (strcmp(optarg, "stream") == 0)
+                options.split = LQ_SPLIT_STREAM;
             else
-                return usage_error("--documents '%s': expected lines or paragraphs", optarg);
+                return usage_error("--documents '%s': expected lines, paragraphs or stream",
+                                   optarg);
             break;
         case OPT_DEVICE:
         case OPT_GPU_MEMORY:
