@@ -10,6 +10,7 @@ int lq_cli_eval(int argc, char **argv);
 int lq_cli_compress(int argc, char **argv);
 int lq_cli_finetune(int argc, char **argv);
 int lq_cli_inspect(int argc, char **argv);
+int lq_cli_import(int argc, char **argv);
 int lq_cli_serve(int argc, char **argv);
 
 /* Prints "lqd COMMAND: <format with value>" and a pointer to --help on stderr; returns 2,

@@ -21,6 +21,7 @@ static const struct command commands[] = {
     {"compress", lq_cli_compress, "compress a model with LQ-LoRA to a bit budget (Algorithm 1)"},
     {"finetune", lq_cli_finetune,
      "LoRA-finetune a model on a dataset file and write a PEFT adapter directory"},
+    {"import", lq_cli_import, "write a llama.cpp GGUF model as a HuggingFace directory"},
     {"inspect", lq_cli_inspect, "show an LQ model's per-matrix allocation (text, JSON or SVG)"},
     {"serve", lq_cli_serve, "serve models over HTTP (OpenAI-compatible API, metrics, hot swap)"},
     {"version", lq_cli_version, "print versions of lqd, its libraries and the CUDA devices seen"},
