@@ -21,6 +21,107 @@ const char *lq_chat_format_name(enum lq_chat_format format) {
                                       : "plain";
 }
 
+/* ---------- a template's default system message ---------- */
+
+static int contains(const char *s, size_t n, const char *needle) {
+    size_t k = strlen(needle);
+    for (size_t i = 0; i + k <= n; i++)
+        if (memcmp(s + i, needle, k) == 0) return 1;
+    return 0;
+}
+
+/* Whether an {% if %} condition tests messages[0]'s role against 'system' with op ("!=" or
+ * "=="). "!=" may be one of several conditions joined by "and" (all must hold, so the branch
+ * still implies it); "==" must stand alone, since its else branch is what is inserted. */
+static int tests_first_role(const char *condition, size_t n, const char *op) {
+    if (!contains(condition, n, "messages[0]") || !contains(condition, n, "role") ||
+        !contains(condition, n, "system") || !contains(condition, n, op) ||
+        contains(condition, n, " or ") || contains(condition, n, "not "))
+        return 0;
+    return strcmp(op, "!=") == 0 ||
+           (!contains(condition, n, "!=") && !contains(condition, n, " and "));
+}
+
+/* Whether position at of the template lies in a branch taken only when messages[0] is not a
+ * system message: the innermost {% if %} around it tests messages[0]['role'] != 'system', or
+ * tests == 'system' and at is in its {% else %}. Statement tags are read without a Jinja parser
+ * ("{%", an optional '-' or '+', the keyword, the condition, "%}"); nesting deeper than 32 ifs
+ * is not recognised. */
+static int inserted_without_system(const char *template, const char *at) {
+    struct {
+        const char *condition;
+        size_t length;
+        int branch; /* 0: if, 1: elif, 2: else */
+    } stack[32];
+    int depth = 0;
+    for (const char *tag = strstr(template, "{%"); tag && tag < at; tag = strstr(tag + 2, "{%")) {
+        const char *end = strstr(tag + 2, "%}");
+        if (!end || end > at) return 0;
+        const char *word = tag + 2;
+        if (*word == '-' || *word == '+') word++;
+        while (*word == ' ' || *word == '\t' || *word == '\n' || *word == '\r') word++;
+        size_t length = strspn(word, "abcdefghijklmnopqrstuvwxyz");
+        if (length == 2 && memcmp(word, "if", 2) == 0) {
+            if (depth == 32) return 0;
+            stack[depth].condition = word + 2;
+            stack[depth].length = (size_t)(end - (word + 2));
+            stack[depth++].branch = 0;
+        } else if (depth && length == 4 && memcmp(word, "elif", 4) == 0) {
+            stack[depth - 1].branch = 1;
+        } else if (depth && length == 4 && memcmp(word, "else", 4) == 0) {
+            stack[depth - 1].branch = 2;
+        } else if (depth && length == 5 && memcmp(word, "endif", 5) == 0) {
+            depth--;
+        }
+    }
+    if (depth == 0) return 0;
+    const char *condition = stack[depth - 1].condition;
+    size_t length = stack[depth - 1].length;
+    if (stack[depth - 1].branch == 0) return tests_first_role(condition, length, "!=");
+    if (stack[depth - 1].branch == 2) return tests_first_role(condition, length, "==");
+    return 0;
+}
+
+/* The default system message's text in template (start and length), or NULL. */
+static const char *find_default_system(const char *template, size_t *length) {
+    static const char opening[] = "<|im_start|>system";
+    for (const char *at = strstr(template, opening); at; at = strstr(at + 1, opening)) {
+        const char *text = at + strlen(opening);
+        if (*text == '\n')
+            text++;
+        else if (text[0] == '\\' && text[1] == 'n')
+            text += 2;
+        else
+            continue;
+        const char *end = strstr(text, "<|im_end|>");
+        if (!end || end == text) continue;
+        /* Jinja ({ }), quotes, concatenation (+ ~) or an escape: not one literal. */
+        if (strcspn(text, "{}'\"+~\\") < (size_t)(end - text)) continue;
+        if (!inserted_without_system(template, at)) continue;
+        *length = (size_t)(end - text);
+        return text;
+    }
+    return NULL;
+}
+
+int lq_chat_style_detect(const char *chat_template, struct lq_chat_style *out) {
+    out->format = lq_chat_format_detect(chat_template);
+    out->default_system = NULL;
+    size_t length = 0;
+    const char *text =
+        out->format == LQ_CHAT_CHATML ? find_default_system(chat_template, &length) : NULL;
+    if (!text) return LQ_OK;
+    if (!(out->default_system = malloc(length + 1))) return LQ_ENOMEM;
+    memcpy(out->default_system, text, length);
+    out->default_system[length] = '\0';
+    return LQ_OK;
+}
+
+void lq_chat_style_free(struct lq_chat_style *style) {
+    free(style->default_system);
+    style->default_system = NULL;
+}
+
 static int push(struct lq_chat_prompt *p, enum lq_chat_segment_kind kind, int trainable,
                 const char *a, const char *b, const char *c) {
     if (p->n_segments == p->capacity) {
@@ -193,28 +294,59 @@ static int render_plain(const struct lq_chat_message *m, size_t n, const struct 
     return rc ? LQ_ENOMEM : LQ_OK;
 }
 
-static int render(enum lq_chat_format format, const struct lq_chat_message *messages, size_t n,
-                  const struct render_mode *mode, struct lq_chat_prompt *out) {
+static int render_format(enum lq_chat_format format, const struct lq_chat_message *messages,
+                         size_t n, const struct render_mode *mode, struct lq_chat_prompt *out) {
+    return format == LQ_CHAT_CHATML   ? render_chatml(messages, n, mode, out)
+           : format == LQ_CHAT_LLAMA2 ? render_llama2(messages, n, mode, out)
+           : format == LQ_CHAT_LLAMA3 ? render_llama3(messages, n, mode, out)
+                                      : render_plain(messages, n, mode, out);
+}
+
+/* The conversation with the style's default system message put first: rendered as if the
+ * caller had given it, so serving and training insert the same bytes. */
+static int render_with_default(const struct lq_chat_style *style,
+                               const struct lq_chat_message *messages, size_t n,
+                               const struct render_mode *mode, struct lq_chat_prompt *out) {
+    struct lq_chat_message *all = malloc((n + 1) * sizeof *all);
+    unsigned char *trained = mode->trained ? malloc(n + 1) : NULL;
+    int rc = LQ_ENOMEM;
+    if (all && (trained || !mode->trained)) {
+        all[0] = (struct lq_chat_message){LQ_ROLE_SYSTEM, style->default_system};
+        memcpy(all + 1, messages, n * sizeof *all);
+        if (trained) {
+            trained[0] = 0;
+            memcpy(trained + 1, mode->trained, n);
+        }
+        const struct render_mode shifted = {mode->training, trained};
+        rc = render_format(style->format, all, n + 1, &shifted, out);
+    }
+    free(all);
+    free(trained);
+    return rc;
+}
+
+static int render(const struct lq_chat_style *style, const struct lq_chat_message *messages,
+                  size_t n, const struct render_mode *mode, struct lq_chat_prompt *out) {
     memset(out, 0, sizeof *out);
     if (n == 0) return LQ_EINVAL;
-    int rc = format == LQ_CHAT_CHATML   ? render_chatml(messages, n, mode, out)
-             : format == LQ_CHAT_LLAMA2 ? render_llama2(messages, n, mode, out)
-             : format == LQ_CHAT_LLAMA3 ? render_llama3(messages, n, mode, out)
-                                        : render_plain(messages, n, mode, out);
+    int rc = style && style->default_system && messages[0].role != LQ_ROLE_SYSTEM
+                 ? render_with_default(style, messages, n, mode, out)
+                 : render_format(style ? style->format : LQ_CHAT_PLAIN, messages, n, mode, out);
     if (rc) lq_chat_prompt_free(out);
     return rc;
 }
 
-int lq_chat_render(enum lq_chat_format format, const struct lq_chat_message *messages, size_t n,
-                   struct lq_chat_prompt *out) {
+int lq_chat_render(const struct lq_chat_style *style, const struct lq_chat_message *messages,
+                   size_t n, struct lq_chat_prompt *out) {
     const struct render_mode mode = {0, NULL};
-    return render(format, messages, n, &mode, out);
+    return render(style, messages, n, &mode, out);
 }
 
-int lq_chat_render_training(enum lq_chat_format format, const struct lq_chat_message *messages,
-                            size_t n, const unsigned char *trained, struct lq_chat_prompt *out) {
+int lq_chat_render_training(const struct lq_chat_style *style,
+                            const struct lq_chat_message *messages, size_t n,
+                            const unsigned char *trained, struct lq_chat_prompt *out) {
     const struct render_mode mode = {1, trained};
-    return render(format, messages, n, &mode, out);
+    return render(style, messages, n, &mode, out);
 }
 
 void lq_chat_prompt_free(struct lq_chat_prompt *prompt) {
@@ -333,7 +465,9 @@ static int tokenize(const struct lq_tokenizer *tokenizer, const struct lq_chat_p
     for (size_t i = 0; i < prompt->n_segments && !rc; i++) {
         const struct lq_chat_segment *s = &prompt->segments[i];
         int id = -1;
-        if (s->kind == LQ_SEGMENT_BOS) id = lq_tokenizer_bos_id(tokenizer);
+        /* A BOS is the one the tokenizer adds to a text: none when it adds none (a GGUF
+         * add_bos_token false, as SmolLM2's, whose BOS is <|im_start|>). */
+        if (s->kind == LQ_SEGMENT_BOS && !tokenizer->bos_off) id = lq_tokenizer_bos_id(tokenizer);
         if (s->kind == LQ_SEGMENT_EOS) id = lq_tokenizer_eos_id(tokenizer);
         if (s->kind == LQ_SEGMENT_SPECIAL)
             id = lq_tokenizer_find(tokenizer, s->text, strlen(s->text));

@@ -14,6 +14,10 @@
  * vocabulary has them, never text a user could type. A conversation that ends with an assistant
  * message is continued rather than answered.
  *
+ * Some ChatML templates (SmolLM2's, Qwen2.5's) insert a default system message when the
+ * conversation does not open with one; lq_chat_style_detect finds its text, and both renders
+ * then put it first, exactly as a given system message is rendered.
+ *
  * Serving (lq_chat_render) and training (lq_chat_render_training, used by core/dataset.h)
  * render the same bytes before every assistant message, so a model finetuned on conversations
  * sees at serving time exactly the prompt it was trained on. */
@@ -39,6 +43,20 @@ enum lq_chat_format lq_chat_format_detect(const char *chat_template);
 const char *
 lq_chat_format_name(enum lq_chat_format format); /* "plain", "chatml", "llama2", "llama3" */
 
+/* How a model's template renders conversations: its format, and the system message it inserts
+ * when the first message is not a system message (or NULL). */
+struct lq_chat_style {
+    enum lq_chat_format format;
+    char *default_system; /* owned */
+};
+
+/* The style of chat_template (NULL: plain, no default). A default system message is the TEXT
+ * of a literal "<|im_start|>system\n" TEXT "<|im_end|>" (the newline real or Jinja's \n escape)
+ * with no Jinja, quote, concatenation or escape in TEXT, inside an {% if %} branch taken only
+ * when messages[0] is not a system message. Free with lq_chat_style_free. 0 or LQ_ENOMEM. */
+int lq_chat_style_detect(const char *chat_template, struct lq_chat_style *out);
+void lq_chat_style_free(struct lq_chat_style *style);
+
 enum lq_chat_segment_kind { LQ_SEGMENT_TEXT, LQ_SEGMENT_BOS, LQ_SEGMENT_EOS, LQ_SEGMENT_SPECIAL };
 
 struct lq_chat_segment {
@@ -54,26 +72,30 @@ struct lq_chat_prompt {
     const char *stop; /* a stop string the format implies ("<|im_end|>", "\nUser:"), or NULL */
 };
 
-/* Renders messages[0..n) in format, for generation: ends with the assistant's opening (or
- * continues a last assistant message). 0 or LQ_ENOMEM (LQ_EINVAL for n = 0). */
-int lq_chat_render(enum lq_chat_format format, const struct lq_chat_message *messages, size_t n,
-                   struct lq_chat_prompt *out);
-/* Renders messages[0..n) for training: every message closed as history is (no generation
- * prompt; a last assistant message gets its end marker too), and the content and end marker
- * of each trained assistant message trainable. End markers: ChatML <|im_end|>, Llama-2 " </s>",
- * Llama-3 <|eot_id|>, plain "\n" (and EOS after a last assistant message, since plain has no end
- * token). trained[i] (NULL: every assistant message) says whether message i is trained on; ignored
- * for other roles. The bytes before each assistant content equal lq_chat_render of the messages
- * before it. 0 or LQ_ENOMEM (LQ_EINVAL for n = 0). */
-int lq_chat_render_training(enum lq_chat_format format, const struct lq_chat_message *messages,
-                            size_t n, const unsigned char *trained, struct lq_chat_prompt *out);
+/* Renders messages[0..n) in style (borrowed; NULL: plain), for generation: ends with the
+ * assistant's opening (or continues a last assistant message); the style's default system
+ * message first when messages[0] is not a system message. 0 or LQ_ENOMEM (LQ_EINVAL for
+ * n = 0). */
+int lq_chat_render(const struct lq_chat_style *style, const struct lq_chat_message *messages,
+                   size_t n, struct lq_chat_prompt *out);
+/* Renders messages[0..n) for training (default system message as lq_chat_render): every message
+ * closed as history is (no generation prompt; a last assistant message gets its end marker too),
+ * and the content and end marker of each trained assistant message trainable. End markers: ChatML
+ * <|im_end|>, Llama-2 " </s>", Llama-3 <|eot_id|>, plain "\n" (and EOS after a last assistant
+ * message, since plain has no end token). trained[i] (NULL: every assistant message) says whether
+ * message i is trained on; ignored for other roles. The bytes before each assistant content equal
+ * lq_chat_render of the messages before it. 0 or LQ_ENOMEM (LQ_EINVAL for n = 0). */
+int lq_chat_render_training(const struct lq_chat_style *style,
+                            const struct lq_chat_message *messages, size_t n,
+                            const unsigned char *trained, struct lq_chat_prompt *out);
 /* Appends one segment (text copied; NULL for BOS and EOS). 0 or LQ_ENOMEM. */
 int lq_chat_prompt_append(struct lq_chat_prompt *prompt, enum lq_chat_segment_kind kind,
                           const char *text, int trainable);
 void lq_chat_prompt_free(struct lq_chat_prompt *prompt);
 
 /* Token ids of a rendered prompt: text encoded as the tokenizer does (adjacent text merged),
- * BOS/EOS as the tokenizer's ids (left out when it has none), special pieces as their id, or
+ * BOS/EOS as the tokenizer's ids (left out when it has none; BOS also when the tokenizer adds
+ * none to a text, as SmolLM2's, whose BOS is <|im_start|>), special pieces as their id, or
  * as text when the vocabulary lacks them. *ids malloc'ed. */
 int lq_chat_tokenize(const struct lq_tokenizer *tokenizer, const struct lq_chat_prompt *prompt,
                      int **ids, size_t *count, struct lq_error *err);

@@ -31,7 +31,7 @@ int lq_dataset_format_parse(const char *name, enum lq_dataset_format *out) {
 void lq_dataset_options_default(struct lq_dataset_options *options) {
     memset(options, 0, sizeof *options);
     options->format = LQ_DATASET_AUTO;
-    options->chat_format = LQ_CHAT_PLAIN;
+    options->chat_style = NULL;
     options->add_bos = 1;
     options->add_eos = 1;
 }
@@ -522,7 +522,7 @@ static int render_document(const struct loading *l, const struct record *record,
                            struct lq_chat_prompt *prompt) {
     memset(prompt, 0, sizeof *prompt);
     if (l->format == LQ_DATASET_CHAT)
-        return lq_chat_render_training(l->options->chat_format, record->messages,
+        return lq_chat_render_training(l->options->chat_style, record->messages,
                                        record->n_messages, record->trained, prompt);
     int rc = LQ_OK;
     if (l->options->add_bos) rc = lq_chat_prompt_append(prompt, LQ_SEGMENT_BOS, NULL, 0);

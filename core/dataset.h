@@ -76,7 +76,8 @@ struct lq_dataset {
 struct lq_dataset_options {
     enum lq_dataset_format format;   /* LQ_DATASET_AUTO: lq_dataset_detect */
     const char *label;               /* the file's name in messages and for detection; NULL: path */
-    enum lq_chat_format chat_format; /* the model's: lq_chat_format_detect(its chat_template) */
+    /* The model's (lq_chat_style_detect of its chat_template); borrowed; NULL: plain. */
+    const struct lq_chat_style *chat_style;
     int add_bos, add_eos;            /* plain, text and prompt-completion documents */
     /* Held-out documents: a fraction in [0, 1) of the file's, chosen by seed (the same seed
      * holds out the same documents; both parts keep file order), or a second file (same
@@ -87,7 +88,7 @@ struct lq_dataset_options {
     const char *validation_label; /* NULL: validation_path */
 };
 
-/* format auto, chat_format plain, add_bos and add_eos 1, no validation. */
+/* format auto, chat style plain, add_bos and add_eos 1, no validation. */
 void lq_dataset_options_default(struct lq_dataset_options *options);
 
 /* Reads and tokenizes path. *train receives the training documents; *validation the held-out

@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "core/file_util.h"
+#include "core/gguf.h"
 #include "core/rng.h"
 
 #define RUN_FORMAT "lqd-finetune-run-1"
@@ -19,7 +20,7 @@ void lq_finetune_options_default(struct lq_finetune_options *o) {
     memset(o, 0, sizeof *o);
     lq_train_options_default(&o->train);
     o->format = LQ_DATASET_AUTO;
-    o->chat_format = LQ_CHAT_PLAIN;
+    o->chat_style = NULL;
     o->batch_size = 8;
     o->epochs = 1.0;
 }
@@ -325,7 +326,7 @@ static int load_data(struct run *run, const struct lq_tokenizer *tokenizer, int 
     lq_dataset_options_default(&d);
     d.format = o->format;
     d.label = o->train_label;
-    d.chat_format = o->chat_format;
+    d.chat_style = o->chat_style;
     d.validation_fraction = o->validation_fraction;
     d.seed = o->train.seed;
     d.validation_path = o->validation_path;
@@ -503,10 +504,30 @@ done:
     return rc;
 }
 
-/* ---------- the model's chat format ---------- */
+/* ---------- the model's chat style ---------- */
 
-int lq_finetune_chat_format(const char *dir, enum lq_chat_format *out, struct lq_error *err) {
-    *out = LQ_CHAT_PLAIN;
+/* A GGUF model file's tokenizer.chat_template, as the daemon serves it (server/registry.c). */
+static int gguf_chat_style(const char *file, struct lq_chat_style *out, struct lq_error *err) {
+    char magic[4] = {0};
+    FILE *f = fopen(file, "rb");
+    if (!f) return LQ_OK;
+    size_t got = fread(magic, 1, sizeof magic, f);
+    fclose(f);
+    if (got != sizeof magic || memcmp(magic, "GGUF", 4) != 0) return LQ_OK;
+    struct lq_gguf *gguf = NULL;
+    int rc = lq_gguf_open(file, &gguf, err);
+    if (rc) return rc;
+    const char *text = NULL;
+    struct lq_error ignored = {0};
+    if (lq_gguf_get_string(gguf, "tokenizer.chat_template", &text, NULL, &ignored)) text = NULL;
+    rc = lq_chat_style_detect(text, out);
+    lq_gguf_close(gguf);
+    return rc ? lq_error_set(err, rc, "out of memory") : LQ_OK;
+}
+
+int lq_finetune_chat_style(const char *dir, struct lq_chat_style *out, struct lq_error *err) {
+    *out = (struct lq_chat_style){LQ_CHAT_PLAIN, NULL};
+    if (lq_path_is_file(dir)) return gguf_chat_style(dir, out, err);
     char path[4096 + 64];
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
     if (!lq_path_is_dir(dir) || !lq_path_is_file(path)) return LQ_OK;
@@ -532,7 +553,7 @@ int lq_finetune_chat_format(const char *dir, enum lq_chat_format *out, struct lq
             }
         }
     }
-    *out = lq_chat_format_detect(chosen);
+    rc = lq_chat_style_detect(chosen, out);
     cJSON_Delete(json);
-    return LQ_OK;
+    return rc ? lq_error_set(err, rc, "out of memory") : LQ_OK;
 }

@@ -53,7 +53,7 @@ struct lq_finetune_options {
     const char *validation_label; /* NULL: validation_path */
     double validation_fraction;   /* or hold out this share of train_path's documents */
     enum lq_dataset_format format;
-    enum lq_chat_format chat_format; /* the model's (lq_finetune_chat_format) */
+    const struct lq_chat_style *chat_style; /* the model's (lq_finetune_chat_style); borrowed */
     /* init, rank, seed, seq_len, micro_batch, optimizer, schedule, warmup; total_steps is set
      * from steps or epochs. */
     struct lq_train_options train;
@@ -99,9 +99,10 @@ int lq_finetune_run(struct lq_backend *backend, struct lq_model *model,
 int lq_finetune_adapter(const struct lq_trainer *trainer, const struct lq_model *model,
                         struct lq_adapter **out, struct lq_error *err);
 
-/* The chat format of the model in directory dir: its tokenizer_config.json "chat_template" (a
+/* The chat style of the model in directory dir: its tokenizer_config.json "chat_template" (a
  * string, or HF's list of {"name", "template"}: "default", else the first), detected with
- * lq_chat_format_detect; plain when there is none (or dir is a file). */
-int lq_finetune_chat_format(const char *dir, enum lq_chat_format *out, struct lq_error *err);
+ * lq_chat_style_detect; for a GGUF model file, its tokenizer.chat_template; plain when there is
+ * none (or dir is another file). The caller frees *out with lq_chat_style_free. */
+int lq_finetune_chat_style(const char *dir, struct lq_chat_style *out, struct lq_error *err);
 
 #endif

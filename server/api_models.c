@@ -46,8 +46,12 @@ static cJSON *model_json(const struct lq_api *api, const struct lq_served_model 
     cJSON_AddNumberToObject(model, "vocab_size", config->vocab_size);
     cJSON_AddNumberToObject(model, "n_layers", config->n_layers);
     cJSON_AddNumberToObject(model, "hidden_size", config->dim);
-    cJSON_AddStringToObject(model, "chat_format",
-                            lq_chat_format_name(lq_chat_format_detect(served->chat_template)));
+    cJSON_AddStringToObject(model, "chat_format", lq_chat_format_name(served->chat_style.format));
+    /* The system message the template puts first when a conversation has none, or null. */
+    if (served->chat_style.default_system)
+        cJSON_AddStringToObject(model, "chat_default_system", served->chat_style.default_system);
+    else
+        cJSON_AddNullToObject(model, "chat_default_system");
     cJSON_AddStringToObject(model, "path", served->path);
     char link[160];
     snprintf(link, sizeof link, "/v1/models/%s/allocation.svg", served->name);

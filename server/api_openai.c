@@ -112,8 +112,7 @@ static int tokenize_prompts(const struct lq_completion_request *req,
     int vocab = lq_tokenizer_vocab_size(served->tokenizer);
     if (req->chat) {
         struct lq_chat_prompt prompt;
-        enum lq_chat_format format = lq_chat_format_detect(served->chat_template);
-        if (lq_chat_render(format, req->messages, req->n_messages, &prompt))
+        if (lq_chat_render(&served->chat_style, req->messages, req->n_messages, &prompt))
             return lq_api_error_set(e, 500, NULL, NULL, "out of memory");
         int rc = lq_chat_tokenize(served->tokenizer, &prompt, &call->prompt_ids[0],
                                   &call->prompt_counts[0], &err);

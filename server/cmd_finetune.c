@@ -502,6 +502,7 @@ int lq_cli_finetune(int argc, char **argv) {
     struct lq_tokenizer *tokenizer = NULL;
     struct lq_backend *backend = NULL;
     struct lq_adapter *adapter = NULL;
+    struct lq_chat_style chat_style = {LQ_CHAT_PLAIN, NULL};
     int status = 1;
     struct stat info;
     /* Refuse what would fail at the end before any training. */
@@ -529,7 +530,8 @@ int lq_cli_finetune(int argc, char **argv) {
     o.validation_path = a.validation;
     o.validation_fraction = a.validation_fraction;
     lq_dataset_format_parse(a.format, &o.format);
-    if (lq_finetune_chat_format(a.model, &o.chat_format, &err)) goto fail;
+    if (lq_finetune_chat_style(a.model, &chat_style, &err)) goto fail;
+    o.chat_style = &chat_style;
     /* Default init: the LQ model's own pair when there is one, else a new pair. */
     const char *init = a.init ? a.init : model->is_lq ? "lq" : "zero";
     lq_lora_init_parse(init, &o.train.init, NULL);
@@ -586,6 +588,7 @@ fail:
 done:
     lq_adapter_free(adapter);
     if (backend) backend->ops->destroy(backend);
+    lq_chat_style_free(&chat_style);
     lq_tokenizer_free(tokenizer);
     lq_model_free(model);
     return status;

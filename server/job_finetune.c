@@ -213,7 +213,7 @@ static int on_event(void *context, const struct lq_finetune_event *e) {
 }
 
 static int load_inputs(const struct lq_job_spec *s, struct lq_model **model,
-                       struct lq_tokenizer **tokenizer, enum lq_chat_format *chat,
+                       struct lq_tokenizer **tokenizer, struct lq_chat_style *chat,
                        struct lq_error *err) {
     struct lq_tokenizer_files files;
     int rc = lq_model_file_find_tokenizer(s->source, 1, &files, err);
@@ -227,7 +227,7 @@ static int load_inputs(const struct lq_job_spec *s, struct lq_model **model,
     if (!path)
         return lq_error_set(err, LQ_ENOTFOUND, "%s: no tokenizer beside the model", s->source);
     if ((rc = lq_tokenizer_load(path, tokenizer, err))) return rc;
-    if ((rc = lq_finetune_chat_format(s->source, chat, err))) return rc;
+    if ((rc = lq_finetune_chat_style(s->source, chat, err))) return rc;
     return lq_model_load(s->source, model, err);
 }
 
@@ -320,7 +320,7 @@ enum lq_job_status lq_job_finetune_run(const struct lq_job_spec *s, const char *
     struct lq_backend *backend = NULL;
     struct lq_adapter *adapter = NULL;
     enum lq_job_status status = LQ_JOB_FAILED;
-    enum lq_chat_format chat = LQ_CHAT_PLAIN;
+    struct lq_chat_style chat = {LQ_CHAT_PLAIN, NULL};
     hooks->progress(hooks->context, "loading", 0, -1);
     int rc = load_inputs(s, &model, &tokenizer, &chat, err);
     /* On the daemon's GPU when its backend has the training ops (borrowed: the op lock keeps
@@ -336,7 +336,7 @@ enum lq_job_status lq_job_finetune_run(const struct lq_job_spec *s, const char *
     snprintf(checkpoint, sizeof checkpoint, "%s/" CHECKPOINT_NAME, job_dir);
     struct lq_finetune_options o;
     options_from_spec(s, checkpoint, &o);
-    o.chat_format = chat;
+    o.chat_style = &chat;
     struct run run = {hooks, -1e9, 0};
     o.on_event = on_event, o.context = &run;
     struct lq_finetune_result r;
@@ -391,6 +391,7 @@ done:
     if (status != LQ_JOB_QUEUED) lq_job_finetune_discard(job_dir);
     lq_adapter_free(adapter);
     if (backend && backend != options->device) backend->ops->destroy(backend);
+    lq_chat_style_free(&chat);
     lq_tokenizer_free(tokenizer);
     lq_model_free(model);
     return status;

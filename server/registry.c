@@ -35,6 +35,7 @@ static void served_model_destroy(struct lq_served_model *m) {
     lq_runtime_free(m->runtime); /* before the model whose weights it borrows */
     lq_model_free(m->model);
     lq_tokenizer_free(m->tokenizer);
+    lq_chat_style_free(&m->chat_style);
     free(m->chat_template);
     free(m->name);
     free(m->path);
@@ -247,6 +248,10 @@ static int served_model_build(struct lq_backend *backend, const char *name, cons
     if ((rc = load_chat_template(directory, &m->chat_template, err))) goto fail;
     if (!m->chat_template && (rc = load_gguf_chat_template(path, &m->chat_template, err)))
         goto fail;
+    if ((rc = lq_chat_style_detect(m->chat_template, &m->chat_style))) {
+        lq_error_set(err, rc, "out of memory");
+        goto fail;
+    }
     if ((rc = measure_model(m, err))) goto fail;
     if ((rc = lq_runtime_create(backend, m->model, &m->runtime, err))) goto fail;
     *out = m;

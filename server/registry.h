@@ -7,6 +7,7 @@
 #include <stddef.h>
 
 #include "core/adapter.h"
+#include "core/chat_template.h"
 #include "core/error.h"
 #include "core/forward.h"
 #include "core/tokenizer.h"
@@ -21,6 +22,7 @@ struct lq_served_model {
     struct lq_runtime *runtime;
     char *chat_template;   /* tokenizer_config.json's, else a GGUF file's tokenizer.chat_template,
                             * or NULL: the documented default */
+    struct lq_chat_style chat_style; /* lq_chat_style_detect(chat_template) */
     double bits_per_param; /* quantized part (0 when dense) */
     double effective_bits;
     size_t memory_bytes;

@@ -84,7 +84,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             lq_dataset_options_default(&options);
             options.format = (enum lq_dataset_format)f;
             options.label = label;
-            options.chat_format = (enum lq_chat_format)chat;
+            const struct lq_chat_style style = {(enum lq_chat_format)chat, NULL};
+            options.chat_style = &style;
             options.add_bos = chat != LQ_CHAT_CHATML; /* both ways */
             struct lq_dataset *train = NULL;
             struct lq_error load_err = {0};

@@ -41,11 +41,16 @@ static void check_refusal(const struct lq_api_error *err) {
 
 static void check_chat(const struct lq_completion_request *r,
                        const struct lq_tokenizer *tokenizer) {
-    const enum lq_chat_format formats[] = {LQ_CHAT_PLAIN, LQ_CHAT_CHATML, LQ_CHAT_LLAMA2,
-                                           LQ_CHAT_LLAMA3};
-    for (int f = 0; f < 4; f++) {
+    /* Each format, and ChatML with a template's default system message. */
+    char default_system[] = "You are a helpful assistant.";
+    const struct lq_chat_style styles[] = {{LQ_CHAT_PLAIN, NULL},
+                                           {LQ_CHAT_CHATML, NULL},
+                                           {LQ_CHAT_LLAMA2, NULL},
+                                           {LQ_CHAT_LLAMA3, NULL},
+                                           {LQ_CHAT_CHATML, default_system}};
+    for (size_t f = 0; f < sizeof styles / sizeof styles[0]; f++) {
         struct lq_chat_prompt prompt;
-        FUZZ_ASSERT(lq_chat_render(formats[f], r->messages, r->n_messages, &prompt) == LQ_OK);
+        FUZZ_ASSERT(lq_chat_render(&styles[f], r->messages, r->n_messages, &prompt) == LQ_OK);
         FUZZ_ASSERT(prompt.n_segments > 0);
         for (size_t i = 0; i < prompt.n_segments; i++)
             FUZZ_ASSERT((prompt.segments[i].text != NULL) ==

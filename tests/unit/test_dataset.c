@@ -375,12 +375,13 @@ static void flatten(const struct lq_chat_prompt *p, char *out, size_t size) {
 static void check_chat(const struct lq_tokenizer *t, enum lq_chat_format format,
                        const int *end_between, size_t n_between, const int *end_last,
                        size_t n_last) {
+    const struct lq_chat_style style = {format, NULL};
     for (int weight = 1; weight >= 0; weight--) {
         char line[2048];
         snprintf(line, sizeof line, chat_line, weight);
         struct lq_dataset_options options;
         lq_dataset_options_default(&options);
-        options.chat_format = format;
+        options.chat_style = &style;
         struct lq_dataset *d = load(write_text("chat.jsonl", line), t, &options);
         if (!d || d->n_documents != 1) {
             lq_dataset_free(d);
@@ -390,7 +391,7 @@ static void check_chat(const struct lq_tokenizer *t, enum lq_chat_format format,
         const struct lq_dataset_document *doc = &d->documents[0];
         struct lq_chat_prompt training;
         const unsigned char trained[] = {0, 0, 1, 0, (unsigned char)weight};
-        CHECK_OK(lq_chat_render_training(format, chat_messages, 5, trained, &training));
+        CHECK_OK(lq_chat_render_training(&style, chat_messages, 5, trained, &training));
         int *ids = NULL;
         size_t count = 0;
         CHECK_OK(lq_chat_tokenize(t, &training, &ids, &count, NULL));
@@ -405,7 +406,7 @@ static void check_chat(const struct lq_tokenizer *t, enum lq_chat_format format,
                   lq_chat_format_name(format), weight, runs);
         for (size_t answer = 2; answer <= 4; answer += 2) {
             struct lq_chat_prompt serving;
-            CHECK_OK(lq_chat_render(format, chat_messages, answer, &serving));
+            CHECK_OK(lq_chat_render(&style, chat_messages, answer, &serving));
             flatten(&serving, turn, sizeof turn);
             CHECK_MSG(strncmp(whole, turn, strlen(turn)) == 0, "%s: turn %zu is not a prefix",
                       lq_chat_format_name(format), answer);
@@ -471,7 +472,8 @@ static void test_chat(void) {
         snprintf(line, sizeof line, chat_line, 1);
         struct lq_dataset_options options;
         lq_dataset_options_default(&options);
-        options.chat_format = LQ_CHAT_CHATML;
+        const struct lq_chat_style style = {LQ_CHAT_CHATML, NULL};
+        options.chat_style = &style;
         struct lq_dataset *d = load(write_text("chat.jsonl", line), chatml, &options);
         size_t starts = 0, ends = 0, trained_ends = 0;
         for (size_t k = 0; d && k < d->documents[0].n_tokens; k++) {
@@ -507,6 +509,7 @@ static void test_llama3(void) {
         "bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt "
         "%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
     CHECK(lq_chat_format_detect(llama3_template) == LQ_CHAT_LLAMA3);
+    const struct lq_chat_style llama3 = {LQ_CHAT_LLAMA3, NULL};
     CHECK(strcmp(lq_chat_format_name(LQ_CHAT_LLAMA3), "llama3") == 0);
     /* The other formats' templates still win their own detection. */
     CHECK(lq_chat_format_detect("{{ '<|im_start|>' + m['role'] }}") == LQ_CHAT_CHATML);
@@ -519,7 +522,7 @@ static void test_llama3(void) {
                                                    {LQ_ROLE_ASSISTANT, "A girl."}};
     static char text[4096];
     struct lq_chat_prompt p;
-    CHECK_OK(lq_chat_render(LQ_CHAT_LLAMA3, conversation, 2, &p));
+    CHECK_OK(lq_chat_render(&llama3, conversation, 2, &p));
     flatten_as(&p, "<|begin_of_text|>", text, sizeof text);
     CHECK_MSG(strcmp(text,
                      "<|begin_of_text|>"
@@ -530,7 +533,7 @@ static void test_llama3(void) {
     CHECK(p.stop && strcmp(p.stop, "<|eot_id|>") == 0);
     lq_chat_prompt_free(&p);
     /* The 3-message conversation: its last assistant message is continued. */
-    CHECK_OK(lq_chat_render(LQ_CHAT_LLAMA3, conversation, 3, &p));
+    CHECK_OK(lq_chat_render(&llama3, conversation, 3, &p));
     flatten_as(&p, "<|begin_of_text|>", text, sizeof text);
     CHECK_MSG(strcmp(text,
                      "<|begin_of_text|>"
@@ -540,7 +543,7 @@ static void test_llama3(void) {
               "llama3 continued render: '%s'", text);
     lq_chat_prompt_free(&p);
     /* Training: every message closed; only the answer and its <|eot_id|> are trainable. */
-    CHECK_OK(lq_chat_render_training(LQ_CHAT_LLAMA3, conversation, 3, NULL, &p));
+    CHECK_OK(lq_chat_render_training(&llama3, conversation, 3, NULL, &p));
     flatten_as(&p, "<|begin_of_text|>", text, sizeof text);
     CHECK_MSG(strcmp(text,
                      "<|begin_of_text|>"
@@ -568,7 +571,7 @@ static void test_llama3(void) {
     snprintf(line, sizeof line, chat_line, 1);
     struct lq_dataset_options options;
     lq_dataset_options_default(&options);
-    options.chat_format = LQ_CHAT_LLAMA3;
+    options.chat_style = &llama3;
     struct lq_dataset *d = load(write_text("chat.jsonl", line), t, &options);
     size_t headers = 0, header_ends = 0, eots = 0, trained_eots = 0, trained_headers = 0;
     for (size_t k = 0; d && k < d->documents[0].n_tokens; k++) {
