@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/dir_write.h"
 #include "core/file_util.h"
 #include "core/gguf.h"
 #include "core/model.h"
@@ -22,36 +23,6 @@
 #define IMPORT_METADATA_KEY "lqd.imported_from" /* marks a directory --force may replace */
 
 /* ---------- the destination ---------- */
-
-static int remove_tree(const char *path) {
-    struct stat st;
-    if (lstat(path, &st) != 0) return -1;
-    if (!S_ISDIR(st.st_mode)) return unlink(path);
-    DIR *dir = opendir(path);
-    if (!dir) return -1;
-    int rc = 0;
-    struct dirent *entry;
-    while ((entry = readdir(dir)) != NULL) {
-        if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) continue;
-        char child[4096];
-        if ((size_t)snprintf(child, sizeof child, "%s/%s", path, entry->d_name) >= sizeof child ||
-            remove_tree(child) != 0)
-            rc = -1;
-    }
-    closedir(dir);
-    return rmdir(path) != 0 ? -1 : rc;
-}
-
-static int directory_is_empty(const char *path) {
-    DIR *dir = opendir(path);
-    if (!dir) return 0;
-    struct dirent *entry;
-    int empty = 1;
-    while (empty && (entry = readdir(dir)) != NULL)
-        if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, "..") != 0) empty = 0;
-    closedir(dir);
-    return empty;
-}
 
 /* Only what lqd import wrote (or an empty directory) may be replaced: --force on a wrong
  * path must not delete someone's data. */
@@ -65,48 +36,14 @@ static int is_import_dir(const char *path) {
     return yes;
 }
 
-/* dir without trailing slashes into path (4096 bytes), and the directory holding it. */
-static int split_dir(const char *dir, char path[4096], char parent[4096], struct lq_error *err) {
-    size_t length = strlen(dir);
-    while (length > 1 && dir[length - 1] == '/') length--;
-    if (length == 0) return lq_error_set(err, LQ_EINVAL, "empty output directory name");
-    if (length + 32 >= 4096) return lq_error_set(err, LQ_EINVAL, "%s: path too long", dir);
-    memcpy(path, dir, length);
-    path[length] = '\0';
-    snprintf(parent, 4096, "%s", path);
-    char *slash = strrchr(parent, '/');
-    if (slash == parent)
-        parent[1] = '\0';
-    else if (slash)
-        *slash = '\0';
-    else
-        snprintf(parent, 4096, ".");
-    return LQ_OK;
-}
+static const struct lq_dir_kind import_dir_kind = {
+    .force_replaces = "an earlier import",
+    .name = "a directory lqd import wrote",
+    .is_ours = is_import_dir,
+};
 
 int lq_gguf_import_check_destination(const char *dir, int force, struct lq_error *err) {
-    char path[4096], parent[4096];
-    int rc = split_dir(dir, path, parent, err);
-    if (rc) return rc;
-    if (!lq_path_is_dir(parent))
-        return lq_error_set(err, LQ_EINVAL, "%s: parent directory %s does not exist", path, parent);
-    struct stat st;
-    if (lstat(path, &st) != 0) return LQ_OK;
-    if (!force)
-        return lq_error_set(err, LQ_EINVAL,
-                            "%s already exists (--force replaces an earlier import)", path);
-    if (!S_ISDIR(st.st_mode) || (!directory_is_empty(path) && !is_import_dir(path)))
-        return lq_error_set(err, LQ_EINVAL,
-                            "%s exists and is not a directory lqd import wrote: not replacing it",
-                            path);
-    return LQ_OK;
-}
-
-static void sync_path(const char *path) {
-    int fd = open(path, O_RDONLY | O_DIRECTORY);
-    if (fd < 0) return;
-    fsync(fd);
-    close(fd);
+    return lq_dir_check_destination(dir, force, &import_dir_kind, err);
 }
 
 /* ---------- model.safetensors ---------- */
@@ -256,6 +193,16 @@ static int fill_directory(const char *gguf_path, const char *tmp,
     return rc;
 }
 
+struct fill_context {
+    const char *gguf_path;
+    struct lq_gguf_import_report *report;
+};
+
+static int fill(const char *tmp, void *context, struct lq_error *err) {
+    struct fill_context *c = context;
+    return fill_directory(c->gguf_path, tmp, c->report, err);
+}
+
 int lq_gguf_import(const char *gguf_path, const char *dir, int force,
                    struct lq_gguf_import_report *report, struct lq_error *err) {
     struct lq_gguf_import_report scratch;
@@ -265,40 +212,6 @@ int lq_gguf_import(const char *gguf_path, const char *dir, int force,
         return lq_error_set(err, LQ_ENOTFOUND, "%s: no such file", gguf_path);
     if (!lq_model_is_gguf(gguf_path))
         return lq_error_set(err, LQ_EFORMAT, "%s: not a GGUF file (no \"GGUF\" magic)", gguf_path);
-    char path[4096], parent[4096], tmp[4096 + 16], old[4096 + 16];
-    int rc = split_dir(dir, path, parent, err);
-    if (rc || (rc = lq_gguf_import_check_destination(path, force, err))) return rc;
-    snprintf(tmp, sizeof tmp, "%s.tmp-XXXXXX", path);
-    if (!mkdtemp(tmp)) return lq_error_set(err, LQ_EIO, "%s: %s", tmp, strerror(errno));
-    chmod(tmp, 0755); /* mkdtemp makes it 0700; a model directory is shared like any other */
-    if ((rc = fill_directory(gguf_path, tmp, report, err))) {
-        remove_tree(tmp);
-        return rc;
-    }
-    sync_path(tmp);
-    struct stat st;
-    int replacing = lstat(path, &st) == 0;
-    if (replacing) {
-        /* The old directory goes aside (renamed onto a fresh empty one), the new one into
-         * place; if that fails, the old one comes back. */
-        snprintf(old, sizeof old, "%s.old-XXXXXX", path);
-        if (!mkdtemp(old) || rename(path, old) != 0) {
-            rc = lq_error_set(err, LQ_EIO, "%s: cannot move the old directory aside: %s", path,
-                              strerror(errno));
-            rmdir(old);
-            remove_tree(tmp);
-            return rc;
-        }
-    }
-    if (rename(tmp, path) != 0) {
-        rc = lq_error_set(err, LQ_EIO, "%s: %s", path, strerror(errno));
-        if (replacing) rename(old, path);
-        remove_tree(tmp);
-        return rc;
-    }
-    sync_path(parent);
-    if (replacing && remove_tree(old) != 0)
-        return lq_error_set(err, LQ_EIO, "%s written, but the old copy %s could not be removed",
-                            path, old);
-    return LQ_OK;
+    struct fill_context context = {gguf_path, report};
+    return lq_dir_write_atomic(dir, force, &import_dir_kind, fill, &context, err);
 }

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "dir_write.h"
 #include "file_util.h"
 #include "lq_store.h"
 #include "safetensors.h"
@@ -91,39 +92,6 @@ int lq_model_file_find_tokenizer(const char *path, int beside_model, struct lq_t
 
 /* ---------- directories ---------- */
 
-/* Removes path and, when it is a directory, everything under it, never following links. */
-static int remove_tree(const char *path) {
-    struct stat st;
-    if (lstat(path, &st) != 0) return errno == ENOENT ? 0 : -1;
-    if (!S_ISDIR(st.st_mode)) return unlink(path);
-    DIR *dir = opendir(path);
-    if (!dir) return -1;
-    int rc = 0;
-    struct dirent *entry;
-    while ((entry = readdir(dir)) != NULL) {
-        if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) continue;
-        char child[4096];
-        if ((size_t)snprintf(child, sizeof child, "%s/%s", path, entry->d_name) >= sizeof child) {
-            rc = -1;
-            continue;
-        }
-        if (remove_tree(child) != 0) rc = -1;
-    }
-    closedir(dir);
-    return rmdir(path) != 0 ? -1 : rc;
-}
-
-static int directory_is_empty(const char *path) {
-    DIR *dir = opendir(path);
-    if (!dir) return 0;
-    struct dirent *entry;
-    int empty = 1;
-    while (empty && (entry = readdir(dir)) != NULL)
-        if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, "..") != 0) empty = 0;
-    closedir(dir);
-    return empty;
-}
-
 /* Only an LQ model directory (or an empty one) may be replaced: --force on a wrong path
  * must not delete someone's data. */
 static int is_lq_model_dir(const char *path) {
@@ -137,54 +105,14 @@ static int is_lq_model_dir(const char *path) {
     return yes;
 }
 
-/* dir without trailing slashes, in buffer. */
-static int normalize_dir(const char *dir, char *buffer, size_t size, struct lq_error *err) {
-    size_t length = strlen(dir);
-    while (length > 1 && dir[length - 1] == '/') length--;
-    if (length == 0) return lq_error_set(err, LQ_EINVAL, "empty output directory name");
-    if (length + 32 >= size) return lq_error_set(err, LQ_EINVAL, "%s: path too long", dir);
-    memcpy(buffer, dir, length);
-    buffer[length] = '\0';
-    return LQ_OK;
-}
-
-/* The directory holding path: "/" for "/x", "." for a bare name. */
-static void parent_of(const char *path, char *parent, size_t size) {
-    snprintf(parent, size, "%s", path);
-    char *slash = strrchr(parent, '/');
-    if (slash == parent)
-        parent[1] = '\0';
-    else if (slash)
-        *slash = '\0';
-    else
-        snprintf(parent, size, ".");
-}
+static const struct lq_dir_kind lq_model_dir_kind = {
+    .force_replaces = "an LQ model directory",
+    .name = "an LQ model directory",
+    .is_ours = is_lq_model_dir,
+};
 
 int lq_model_file_check_destination(const char *dir, int force, struct lq_error *err) {
-    char path[4096], parent[4096];
-    int rc = normalize_dir(dir, path, sizeof path, err);
-    if (rc) return rc;
-    parent_of(path, parent, sizeof parent);
-    if (!lq_path_is_dir(parent))
-        return lq_error_set(err, LQ_EINVAL, "%s: parent directory %s does not exist", path, parent);
-    struct stat st;
-    if (lstat(path, &st) != 0) return LQ_OK;
-    if (!force)
-        return lq_error_set(err, LQ_EINVAL,
-                            "%s already exists (--force replaces an LQ model "
-                            "directory)",
-                            path);
-    if (!S_ISDIR(st.st_mode) || (!directory_is_empty(path) && !is_lq_model_dir(path)))
-        return lq_error_set(err, LQ_EINVAL,
-                            "%s exists and is not an LQ model directory: not replacing it", path);
-    return LQ_OK;
-}
-
-static void sync_path(const char *path) {
-    int fd = open(path, O_RDONLY | O_DIRECTORY);
-    if (fd < 0) return;
-    fsync(fd);
-    close(fd);
+    return lq_dir_check_destination(dir, force, &lq_model_dir_kind, err);
 }
 
 /* ---------- the safetensors file ---------- */
@@ -281,48 +209,22 @@ static int fill_directory(const struct lq_model *m, const struct lq_model_file_o
     return LQ_OK;
 }
 
+struct fill_context {
+    const struct lq_model *model;
+    const struct lq_model_file_options *options;
+};
+
+static int fill(const char *tmp, void *context, struct lq_error *err) {
+    const struct fill_context *c = context;
+    return fill_directory(c->model, c->options, tmp, err);
+}
+
 int lq_model_file_write(const struct lq_model *m, const char *dir,
                         const struct lq_model_file_options *o, struct lq_error *err) {
     struct lq_model_file_options defaults;
     if (!o) lq_model_file_options_default(&defaults), o = &defaults;
-    char path[4096], tmp[4096 + 16], old[4096 + 16];
-    int rc = normalize_dir(dir, path, sizeof path, err);
-    if (rc || (rc = lq_model_file_check_destination(path, o->force, err))) return rc;
-    snprintf(tmp, sizeof tmp, "%s.tmp-XXXXXX", path);
-    if (!mkdtemp(tmp)) return lq_error_set(err, LQ_EIO, "%s: %s", tmp, strerror(errno));
-    chmod(tmp, 0755); /* mkdtemp makes it 0700; a model directory is shared like any other */
-    if ((rc = fill_directory(m, o, tmp, err))) {
-        remove_tree(tmp);
-        return rc;
-    }
-    sync_path(tmp);
-    struct stat st;
-    int replacing = lstat(path, &st) == 0;
-    if (replacing) {
-        /* Rename the old directory onto a fresh empty one (allowed for directories), then
-         * the new one into place; if that fails, the old one goes back. */
-        snprintf(old, sizeof old, "%s.old-XXXXXX", path);
-        if (!mkdtemp(old) || rename(path, old) != 0) {
-            rc = lq_error_set(err, LQ_EIO, "%s: cannot move the old directory aside: %s", path,
-                              strerror(errno));
-            if (old[0]) rmdir(old);
-            remove_tree(tmp);
-            return rc;
-        }
-    }
-    if (rename(tmp, path) != 0) {
-        rc = lq_error_set(err, LQ_EIO, "%s: %s", path, strerror(errno));
-        if (replacing) rename(old, path);
-        remove_tree(tmp);
-        return rc;
-    }
-    char parent[4096];
-    parent_of(path, parent, sizeof parent);
-    sync_path(parent);
-    if (replacing && remove_tree(old) != 0)
-        return lq_error_set(err, LQ_EIO, "%s written, but the old copy %s could not be removed",
-                            path, old);
-    return LQ_OK;
+    struct fill_context context = {m, o};
+    return lq_dir_write_atomic(dir, o->force, &lq_model_dir_kind, fill, &context, err);
 }
 
 /* ---------- summaries ---------- */
