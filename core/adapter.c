@@ -4,10 +4,8 @@
 #include "core/adapter.h"
 
 #include <cjson/cJSON.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -16,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/dir_write.h"
 #include "core/file_util.h"
 #include "core/safetensors.h"
 
@@ -93,35 +92,6 @@ static const char *target_name(int kind) {
 }
 
 /* ---------- saving ---------- */
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-static int remove_tree(const char *path) {
-    struct stat st;
-    if (lstat(path, &st) != 0) return errno == ENOENT ? 0 : -1;
-    return nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-static void sync_directory(const char *path) {
-    int fd = open(path, O_RDONLY | O_DIRECTORY);
-    if (fd < 0) return;
-    fsync(fd);
-    close(fd);
-}
-
-static void parent_of(const char *path, char *parent, size_t size) {
-    snprintf(parent, size, "%s", path);
-    char *slash = strrchr(parent, '/');
-    if (slash == parent)
-        parent[1] = '\0';
-    else if (slash)
-        *slash = '\0';
-    else
-        snprintf(parent, size, ".");
-}
 
 /* Every pair must be whole and finite before anything is written. Returns the most common
  * rank (PEFT's r; other ranks go to rank_pattern) through *common_rank. */
@@ -234,87 +204,40 @@ static int write_weights(const struct lq_adapter *adapter, const char *path, str
 /* An existing destination is replaced only when it is an adapter (or empty) directory: a
  * mistyped --out must never remove a model or a home directory. */
 static int replaceable(const char *dir) {
-    struct stat st;
-    if (lstat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) return 0;
     char path[4096 + 32];
     snprintf(path, sizeof path, "%s/" CONFIG_FILE, dir);
-    if (lq_path_is_file(path)) return 1;
-    DIR *handle = opendir(dir);
-    if (!handle) return 0;
-    int empty = 1;
-    struct dirent *entry;
-    while (empty && (entry = readdir(handle)) != NULL)
-        if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, "..") != 0) empty = 0;
-    closedir(handle);
-    return empty;
+    return lq_path_is_file(path);
+}
+
+static const struct lq_dir_kind adapter_dir_kind = {
+    .force_replaces = "an adapter directory",
+    .name = "an adapter directory",
+    .is_ours = replaceable,
+};
+
+struct fill_context {
+    const struct lq_adapter *adapter;
+    int rank;
+};
+
+static int fill(const char *tmp, void *context, struct lq_error *err) {
+    const struct fill_context *c = context;
+    char file[4096 + 64];
+    char *json = config_json(c->adapter, c->rank);
+    if (!json) return lq_error_set(err, LQ_ENOMEM, "%s: out of memory", tmp);
+    snprintf(file, sizeof file, "%s/" CONFIG_FILE, tmp);
+    int rc = lq_file_write_atomic(file, json, strlen(json), err);
+    free(json);
+    snprintf(file, sizeof file, "%s/" WEIGHTS_FILE, tmp);
+    return rc ? rc : write_weights(c->adapter, file, err);
 }
 
 int lq_adapter_save(const struct lq_adapter *adapter, const char *dir, int replace,
                     struct lq_error *err) {
     if (!dir || !*dir) return lq_error_set(err, LQ_EINVAL, "adapter: no directory given");
-    char path[4096];
-    size_t length = strlen(dir);
-    while (length > 1 && dir[length - 1] == '/') length--;
-    if (length >= sizeof path - 32) return lq_error_set(err, LQ_EINVAL, "%s: path too long", dir);
-    memcpy(path, dir, length);
-    path[length] = '\0';
-    int rank = 0;
-    int rc = validate_for_save(adapter, &rank, err);
-    if (rc) return lq_error_prefix(err, "%s", path);
-    char parent[4096];
-    parent_of(path, parent, sizeof parent);
-    if (!lq_path_is_dir(parent))
-        return lq_error_set(err, LQ_EIO, "%s: parent directory %s does not exist", path, parent);
-    struct stat st;
-    int exists = lstat(path, &st) == 0;
-    if (exists && !replace) return lq_error_set(err, LQ_EINVAL, "%s already exists", path);
-    if (exists && !replaceable(path))
-        return lq_error_set(err, LQ_EINVAL,
-                            "%s exists and is not an adapter directory: not replacing it", path);
-
-    char tmp[4096 + 32], file[4096 + 64], old[4096 + 32] = "";
-    snprintf(tmp, sizeof tmp, "%s.tmp-XXXXXX", path);
-    if (!mkdtemp(tmp)) return lq_error_set(err, LQ_EIO, "%s: %s", tmp, strerror(errno));
-    chmod(tmp, 0755); /* mkdtemp makes it 0700 */
-    char *json = config_json(adapter, rank);
-    if (!json) {
-        remove_tree(tmp);
-        return lq_error_set(err, LQ_ENOMEM, "%s: out of memory", path);
-    }
-    snprintf(file, sizeof file, "%s/" CONFIG_FILE, tmp);
-    rc = lq_file_write_atomic(file, json, strlen(json), err);
-    free(json);
-    snprintf(file, sizeof file, "%s/" WEIGHTS_FILE, tmp);
-    if (!rc) rc = write_weights(adapter, file, err);
-    if (rc) {
-        remove_tree(tmp);
-        return rc;
-    }
-    sync_directory(tmp);
-    exists = lstat(path, &st) == 0;
-    if (exists) {
-        /* Move the old directory onto a fresh empty one (rename allows it for directories),
-         * then the new one into place; if that fails, the old one goes back. */
-        snprintf(old, sizeof old, "%s.old-XXXXXX", path);
-        if (!mkdtemp(old) || rename(path, old) != 0) {
-            rc = lq_error_set(err, LQ_EIO, "%s: cannot move the old adapter aside: %s", path,
-                              strerror(errno));
-            rmdir(old);
-            remove_tree(tmp);
-            return rc;
-        }
-    }
-    if (rename(tmp, path) != 0) {
-        rc = lq_error_set(err, LQ_EIO, "%s: %s", path, strerror(errno));
-        if (exists) rename(old, path);
-        remove_tree(tmp);
-        return rc;
-    }
-    sync_directory(parent);
-    if (exists && remove_tree(old) != 0)
-        return lq_error_set(err, LQ_EIO, "%s written, but the old copy %s could not be removed",
-                            path, old);
-    return LQ_OK;
+    struct fill_context context = {adapter, 0};
+    if (validate_for_save(adapter, &context.rank, err)) return lq_error_prefix(err, "%s", dir);
+    return lq_dir_write_atomic(dir, replace, &adapter_dir_kind, fill, &context, err);
 }
 
 /* ---------- loading ---------- */
