@@ -21,13 +21,23 @@ Contents (fp32 model, CPU):
       stream --context 2048 --max-tokens 100000): the whole file as one token sequence, cut
       into consecutive 2048-token windows, each evaluated from position 0, its first token not
       predicted; summed nll (float64) and predicted tokens per window, up to 100,000 tokens.
+  own_ppl_window_nll, own_ppl_window_tokens: the same with the file tokenized by SmolLM2's
+      own pipeline (Digits(individual) then ByteLevel, as its tokenizer.json and llama.cpp
+      have it, run by the tokenizers package on the GGUF's vocabulary and merges), which
+      transformers' GGUF conversion drops: the two token streams differ where whitespace meets
+      a digit (" \r\n 1"), so this is the model compared on lqd's own ids.
+  --ppl-only adds the own_ppl entries to an existing file.
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from smollm2_tokenizer import own_tokenizer  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -38,10 +48,40 @@ CONTEXT = 2048
 PPL_TOKENS = 100_000
 
 
+def stream_nll(model, stream):
+    """Summed nll and predicted tokens of each CONTEXT-token window, up to PPL_TOKENS."""
+    nlls, counts, total = [], [], 0
+    for start in range(0, len(stream) - 1, CONTEXT):
+        window = stream[start:start + CONTEXT]
+        predicted = min(len(window) - 1, PPL_TOKENS - total)
+        if predicted <= 0:
+            break
+        logits = model(torch.tensor([window[:predicted]])).logits[0].double()
+        targets = torch.tensor(window[1:predicted + 1])
+        nlls.append(torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item())
+        counts.append(predicted)
+        total += predicted
+        print(f"window {len(nlls)}: {predicted} tokens, ppl so far "
+              f"{np.exp(sum(nlls) / total):.4f}", flush=True)
+    return nlls, counts
+
+
+def add_perplexities(out, model, tokenizer, text, gguf_path, keys=("ppl", "own_ppl")):
+    for key in keys:
+        stream = (tokenizer(text)["input_ids"] if key == "ppl" else
+                  own_tokenizer(gguf_path).encode(text).ids)
+        nlls, counts = stream_nll(model, stream)
+        out[f"{key}_window_nll"] = np.array(nlls, dtype=np.float64)
+        out[f"{key}_window_tokens"] = np.array(counts, dtype=np.int64)
+        print(f"{key}: perplexity {np.exp(sum(nlls) / sum(counts)):.6f} over {sum(counts)} "
+              "tokens", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--gguf", required=True)
     parser.add_argument("--wiki", required=True)
+    parser.add_argument("--ppl-only", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "smollm2_reference.npz"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -50,6 +90,13 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
     model.eval()
+    if args.ppl_only:
+        text = open(args.wiki, encoding="utf-8", newline="").read()
+        out = dict(np.load(args.out))
+        with torch.no_grad():
+            add_perplexities(out, model, tokenizer, text, args.gguf, ("own_ppl",))
+        save(out, args.out)
+        return
     out = {"prompts": np.array(PROMPTS)}
     rng = np.random.default_rng(0)
     columns = np.sort(rng.choice(model.config.vocab_size, 1024, replace=False)).astype(np.int32)
@@ -77,28 +124,15 @@ def main():
         out["wiki_offsets"] = np.array(offsets, dtype=np.int64)
         print(f"wiki: {len(lines)} lines, {len(flat)} tokens", flush=True)
 
-        stream = tokenizer(text)["input_ids"]
-        nlls, counts, total = [], [], 0
-        for start in range(0, len(stream) - 1, CONTEXT):
-            window = stream[start:start + CONTEXT]
-            predicted = min(len(window) - 1, PPL_TOKENS - total)
-            if predicted <= 0:
-                break
-            logits = model(torch.tensor([window[:predicted]])).logits[0].double()
-            targets = torch.tensor(window[1:predicted + 1])
-            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            nlls.append(nll)
-            counts.append(predicted)
-            total += predicted
-            print(f"window {len(nlls)}: {predicted} tokens, ppl so far "
-                  f"{np.exp(sum(nlls) / total):.4f}", flush=True)
-        out["ppl_window_nll"] = np.array(nlls, dtype=np.float64)
-        out["ppl_window_tokens"] = np.array(counts, dtype=np.int64)
-        print(f"perplexity {np.exp(sum(nlls) / total):.6f} over {total} tokens")
-    tmp = args.out + ".tmp.npz"
+        add_perplexities(out, model, tokenizer, text, args.gguf)
+    save(out, args.out)
+
+
+def save(out, path):
+    tmp = path + ".tmp.npz"
     np.savez_compressed(tmp, **out)
-    os.replace(tmp, args.out)
-    print("wrote", args.out, os.path.getsize(args.out), "bytes")
+    os.replace(tmp, path)
+    print("wrote", path, os.path.getsize(path), "bytes")
 
 
 if __name__ == "__main__":
