@@ -463,6 +463,13 @@ done:
     return rc;
 }
 
+float lq_nf_block_scale(const struct lq_nf_matrix *m, size_t block) {
+    const struct lq_nf_config *c = &m->config;
+    float group_scale = load_group_scale(m->group_scales, block / (size_t)c->B1, c->b2);
+    unsigned scale_code = lq_bitpack_get(m->scale_codes, block, c->b1);
+    return reconstruct_scale(m->scale_offset, scale_code, group_scale, c->b1);
+}
+
 void lq_nf_dequantize_range(const struct lq_nf_matrix *m, size_t first, size_t count, float *out) {
     const struct lq_nf_config *c = &m->config;
     const float *table = lq_nf_code_table(c->b0);
@@ -472,9 +479,7 @@ void lq_nf_dequantize_range(const struct lq_nf_matrix *m, size_t first, size_t c
     while (done < count) {
         size_t index = first + done;
         size_t block = index / block_size;
-        float group_scale = load_group_scale(m->group_scales, block / (size_t)c->B1, c->b2);
-        unsigned scale_code = lq_bitpack_get(m->scale_codes, block, c->b1);
-        float scale = reconstruct_scale(m->scale_offset, scale_code, group_scale, c->b1);
+        float scale = lq_nf_block_scale(m, block);
         /* the rest of this block, the rest of the range, and the scratch size bound the run */
         size_t run = (block + 1) * block_size - index;
         if (run > count - done) run = count - done;

@@ -89,6 +89,10 @@ void lq_nf_dequantize(const struct lq_nf_matrix *matrix, float *out);
 void lq_nf_dequantize_range(const struct lq_nf_matrix *matrix, size_t first, size_t count,
                             float *out);
 
+/* The dequantized scale of block `block` (the factor its codes' table values are multiplied
+ * by): exactly the float lq_nf_dequantize_range uses, for fused dequantizing kernels. */
+float lq_nf_block_scale(const struct lq_nf_matrix *matrix, size_t block);
+
 /* out = dequantize(quantize(a)) for numel values, bit for bit, without building the packed
  * form: the inner step of the LQ decomposition. a and out may be the same array. */
 int lq_nf_quantize_dequantize(const float *a, size_t numel, const struct lq_nf_config *config,

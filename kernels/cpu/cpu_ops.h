@@ -3,6 +3,7 @@
 #define LQ_CPU_OPS_H
 
 #include "kernels/backend.h"
+#include "kernels/cpu/nf_gemv.h"
 
 /* linear_cpu.c: y[n, rows] (leading dimension ldy) = x[n, cols] · w[rows, cols]ᵀ + beta·y with
  * beta 0 or 1, split over the thread pool by output rows when large enough (OpenBLAS itself
@@ -11,7 +12,13 @@
 void lq_cpu_gemm_nt(int n, int rows, int cols, const float *x, const float *w, float *y, int ldy,
                     float beta);
 
-/* linear_cpu.c: dense and LQ (dequantizing) linear layers. */
+/* linear_cpu.c: y[n, q->rows] = x[n, q->cols] · Qᵀ for 1 <= n <= 64 tokens by the given decode
+ * kernel (nf_gemv.h; all give the same bits), split over the thread pool by rows. */
+int lq_cpu_quantized_gemv(const struct lq_nf_matrix *q, const float *x, int n, float *y,
+                          enum lq_nf_gemv_kernel kernel);
+
+/* linear_cpu.c: dense and LQ (dequantizing) linear layers; up to 64 tokens the decode kernel
+ * lq_nf_gemv_default_kernel() names. */
 int lq_cpu_linear(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
                   float *y);
 

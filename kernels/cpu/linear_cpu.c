@@ -11,15 +11,18 @@
  * different orders. */
 #include <assert.h>
 #include <cblas.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/parallel.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/nf_gemv.h"
 
 /* Up to this many tokens per call the batch-invariant row-wise kernel runs (decode, batched
  * decode, short prompts); above it OpenBLAS sgemm (prefill), whose speed it cannot match. */
 #define LQ_CPU_ROWWISE_MAX_TOKENS 64
+_Static_assert(LQ_CPU_ROWWISE_MAX_TOKENS == LQ_NF_GEMV_MAX_TOKENS, "one decode limit");
 
 /* The row-wise kernel sums each dot product in 8 lanes (lane j takes the columns c ≡ j mod 8),
  * adds the lanes in a fixed tree, then the leftover columns in order. The vector type is a
@@ -198,6 +201,39 @@ static void gemv_body(void *context, size_t first_row, size_t end_row) {
     free(tile);
 }
 
+/* The fused kernels (nf_gemv.h) read the packed codes directly: no tile. */
+struct fused_job {
+    const struct lq_nf_matrix *q;
+    const float *x;
+    int n;
+    float *y;
+    enum lq_nf_gemv_kernel kernel;
+};
+
+static void fused_body(void *context, size_t begin, size_t end) {
+    const struct fused_job *job = context;
+    if (job->kernel == LQ_NF_GEMV_AVX2)
+        lq_nf_gemv_avx2(job->q, begin, end, job->x, job->n, job->y, job->q->rows);
+    else
+        lq_nf_gemv_portable(job->q, begin, end, job->x, job->n, job->y, job->q->rows);
+}
+
+int lq_cpu_quantized_gemv(const struct lq_nf_matrix *q, const float *x, int n, float *y,
+                          enum lq_nf_gemv_kernel kernel) {
+    assert(n >= 1 && n <= LQ_CPU_ROWWISE_MAX_TOKENS && q->rows <= (size_t)INT_MAX &&
+           q->cols <= (size_t)INT_MAX);
+    const int rows = (int)q->rows, cols = (int)q->cols;
+    if (kernel == LQ_NF_GEMV_TILE) {
+        struct lq_linear w = {.rows = rows, .cols = cols, .is_lq = 1, .q = *q};
+        struct gemv_job job = {&w, x, n, y, 0};
+        lq_parallel_for((size_t)rows, (size_t)tile_rows(cols), gemv_body, &job);
+        return job.failed ? LQ_ENOMEM : LQ_OK;
+    }
+    struct fused_job job = {q, x, n, y, kernel};
+    lq_parallel_for((size_t)rows, (size_t)tile_rows(cols), fused_body, &job);
+    return LQ_OK;
+}
+
 /* Many tokens (prefill, eval): dequantize a tile in parallel, then one GEMM per tile. */
 struct dequant_job {
     const struct lq_nf_matrix *q;
@@ -237,9 +273,8 @@ int lq_cpu_linear(struct lq_backend *backend, const struct lq_linear *w, const f
         return LQ_OK;
     }
     if (n <= LQ_CPU_ROWWISE_MAX_TOKENS) {
-        struct gemv_job job = {w, x, n, y, 0};
-        lq_parallel_for((size_t)rows, (size_t)tile_rows(cols), gemv_body, &job);
-        if (job.failed) return LQ_ENOMEM;
+        int rc = lq_cpu_quantized_gemv(&w->q, x, n, y, lq_nf_gemv_default_kernel());
+        if (rc) return rc;
     } else if (quantized_gemm(w, x, n, y)) {
         return LQ_ENOMEM;
     }
