@@ -11,6 +11,9 @@
 
 #include "dir_write.h"
 #include "file_util.h"
+#include "gguf.h"
+#include "tokenizer.h"
+#include "tokenizer_export.h"
 #include "lq_store.h"
 #include "safetensors.h"
 
@@ -47,9 +50,24 @@ static void scan_directory(const char *dir, struct lq_tokenizer_files *out) {
     }
 }
 
+const char *lq_tokenizer_files_primary(const struct lq_tokenizer_files *files) {
+    if (files->gguf[0]) return files->gguf;
+    static const char *const loadable[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
+    for (size_t k = 0; k < 3; k++)
+        for (size_t i = 0; i < files->count; i++)
+            if (strcmp(files->name[i], loadable[k]) == 0) return files->source[i];
+    return NULL;
+}
+
 int lq_model_file_find_tokenizer(const char *path, int beside_model, struct lq_tokenizer_files *out,
                                  struct lq_error *err) {
     memset(out, 0, sizeof *out);
+    if (lq_path_is_file(path) && lq_tokenizer_gguf_present(path)) {
+        if (strlen(path) >= sizeof out->gguf)
+            return lq_error_set(err, LQ_EINVAL, "%s: path too long", path);
+        snprintf(out->gguf, sizeof out->gguf, "%s", path);
+        return LQ_OK;
+    }
     if (beside_model) {
         if (lq_path_is_dir(path)) {
             scan_directory(path, out);
@@ -194,6 +212,27 @@ void lq_model_file_options_default(struct lq_model_file_options *options) {
     options->rank = -1;
 }
 
+/* A GGUF model's tokenizer as the HF files lqd import writes, so that DIR carries it. */
+static int write_gguf_tokenizer(const char *gguf_path, int max_seq_len, const char *tmp,
+                                struct lq_error *err) {
+    struct lq_gguf *gguf = NULL;
+    struct lq_tokenizer_export exported = {0};
+    int rc = lq_gguf_open(gguf_path, &gguf, err);
+    if (!rc) rc = lq_tokenizer_export_gguf(gguf, gguf_path, max_seq_len, &exported, err);
+    char path[4096 + 64];
+    snprintf(path, sizeof path, "%s/tokenizer.json", tmp);
+    if (!rc)
+        rc = lq_file_write_atomic(path, exported.tokenizer_json, strlen(exported.tokenizer_json),
+                                  err);
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", tmp);
+    if (!rc)
+        rc = lq_file_write_atomic(path, exported.tokenizer_config_json,
+                                  strlen(exported.tokenizer_config_json), err);
+    lq_tokenizer_export_free(&exported);
+    lq_gguf_close(gguf);
+    return rc;
+}
+
 static int fill_directory(const struct lq_model *m, const struct lq_model_file_options *o,
                           const char *tmp, struct lq_error *err) {
     char path[4096 + 64];
@@ -206,7 +245,9 @@ static int fill_directory(const struct lq_model *m, const struct lq_model_file_o
         snprintf(path, sizeof path, "%s/%s", tmp, o->tokenizer->name[i]);
         if ((rc = lq_file_copy(o->tokenizer->source[i], path, err))) return rc;
     }
-    return LQ_OK;
+    if (o->tokenizer && o->tokenizer->gguf[0])
+        rc = write_gguf_tokenizer(o->tokenizer->gguf, m->config.max_seq_len, tmp, err);
+    return rc;
 }
 
 struct fill_context {

@@ -18,20 +18,28 @@
 #define LQ_MODEL_FILE_FORMAT "lq-v1" /* metadata "lqd.format" */
 #define LQ_TOKENIZER_MAX_FILES 6
 
-/* Tokenizer files to copy: where each is read from and the name it gets in DIR. */
+/* Tokenizer files to copy: where each is read from and the name it gets in DIR; or a GGUF
+ * file whose tokenizer metadata is written into DIR as tokenizer.json and
+ * tokenizer_config.json (as lqd import writes them). */
 struct lq_tokenizer_files {
     size_t count;
     char source[LQ_TOKENIZER_MAX_FILES][4096];
     char name[LQ_TOKENIZER_MAX_FILES][64];
+    char gguf[4096]; /* "" when none */
 };
+
+/* The file lq_tokenizer_load should read: the GGUF, else tokenizer.json, tokenizer.model,
+ * then tokenizer.bin; NULL when there is none. Points into files. */
+const char *lq_tokenizer_files_primary(const struct lq_tokenizer_files *files);
 
 /* Finds tokenizer files. path a file: that file (named tokenizer.json, tokenizer.model or
  * tokenizer.bin by its extension unless it already has a standard name). path a directory:
  * the standard files in it (tokenizer.json, tokenizer.model, tokenizer.bin,
- * tokenizer_config.json, special_tokens_map.json). With beside_model set, path is a model
- * (directory or llama2.c .bin file) and the files are looked for in it or beside it; finding
- * none is then not an error (out->count = 0). An explicit path without tokenizer files is
- * LQ_ENOTFOUND. */
+ * tokenizer_config.json, special_tokens_map.json); a GGUF file with tokenizer metadata: that
+ * file (out->gguf). With beside_model set, path is a model (directory, llama2.c .bin file, or
+ * GGUF file, whose own tokenizer comes first) and the files are looked for in it or beside
+ * it; finding none is then not an error (out->count = 0, out->gguf ""). An explicit path without
+ * tokenizer files is LQ_ENOTFOUND. */
 int lq_model_file_find_tokenizer(const char *path, int beside_model, struct lq_tokenizer_files *out,
                                  struct lq_error *err);
 

@@ -38,6 +38,8 @@ int lq_tokenizer_load(const char *path, struct lq_tokenizer **out, struct lq_err
 int lq_tokenizer_load_buffer(const void *data, size_t size, const char *label,
                              struct lq_tokenizer **out, struct lq_error *err);
 void lq_tokenizer_free(struct lq_tokenizer *tokenizer);
+/* 1 when path is a GGUF file whose metadata holds a tokenizer (tokenizer.ggml.model). */
+int lq_tokenizer_gguf_present(const char *path);
 
 int lq_tokenizer_vocab_size(const struct lq_tokenizer *tokenizer);
 int lq_tokenizer_bos_id(const struct lq_tokenizer *tokenizer); /* -1 when none */

@@ -236,3 +236,15 @@ int lq_tokenizer_parse_gguf(const uint8_t *data, size_t size, const char *label,
     lq_gguf_close(gguf);
     return rc;
 }
+
+int lq_tokenizer_gguf_present(const char *path) {
+    FILE *file = fopen(path, "rb");
+    char magic[4] = {0};
+    int is_gguf = file && fread(magic, 1, 4, file) == 4 && memcmp(magic, "GGUF", 4) == 0;
+    if (file) fclose(file);
+    struct lq_gguf *gguf = NULL;
+    if (!is_gguf || lq_gguf_open(path, &gguf, NULL) != LQ_OK) return 0;
+    int present = lq_gguf_metadata_type(gguf, "tokenizer.ggml.model", NULL, NULL, NULL) == LQ_OK;
+    lq_gguf_close(gguf);
+    return present;
+}

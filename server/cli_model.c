@@ -20,19 +20,9 @@ static int find_tokenizer(const char *model_path, char *out, size_t size) {
         return 0;
     }
     /* A GGUF model that carries its own tokenizer in its metadata is its tokenizer. */
-    struct lq_gguf *gguf = NULL;
-    FILE *file = fopen(model_path, "rb");
-    char magic[4] = {0};
-    int is_gguf = file && fread(magic, 1, 4, file) == 4 && memcmp(magic, "GGUF", 4) == 0;
-    if (file) fclose(file);
-    if (is_gguf && lq_gguf_open(model_path, &gguf, NULL) == LQ_OK) {
-        int has_tokenizer =
-            lq_gguf_metadata_type(gguf, "tokenizer.ggml.model", NULL, NULL, NULL) == LQ_OK;
-        lq_gguf_close(gguf);
-        if (has_tokenizer) {
-            snprintf(out, size, "%s", model_path);
-            return 1;
-        }
+    if (lq_tokenizer_gguf_present(model_path)) {
+        snprintf(out, size, "%s", model_path);
+        return 1;
     }
     char copy[4096];
     snprintf(copy, sizeof copy, "%s", model_path);

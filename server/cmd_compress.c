@@ -414,14 +414,11 @@ static int check_before_fisher(const struct lq_model *model, const struct lq_nf_
     return rc;
 }
 
-/* The tokenizer of the calibration text: the one copied into DIR (json, model, then bin). */
+/* The tokenizer of the calibration text: the one DIR gets. */
 static int load_tokenizer(const struct lq_tokenizer_files *files, struct lq_tokenizer **out,
                           struct lq_error *err) {
-    static const char *const names[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
-    for (size_t k = 0; k < 3; k++)
-        for (size_t i = 0; i < files->count; i++)
-            if (strcmp(files->name[i], names[k]) == 0)
-                return lq_tokenizer_load(files->source[i], out, err);
+    const char *path = lq_tokenizer_files_primary(files);
+    if (path) return lq_tokenizer_load(path, out, err);
     return lq_error_set(
         err, LQ_ENOTFOUND,
         "--fisher needs a tokenizer: none found beside the model (use --tokenizer)");
@@ -672,7 +669,7 @@ int lq_cli_compress(int argc, char **argv) {
     if (a.tokenizer ? lq_model_file_find_tokenizer(a.tokenizer, 0, &tokenizer, &err)
                     : lq_model_file_find_tokenizer(a.model, 1, &tokenizer, &err))
         goto fail;
-    if (!a.tokenizer && tokenizer.count == 0)
+    if (!a.tokenizer && tokenizer.count == 0 && !tokenizer.gguf[0])
         fprintf(stderr,
                 "lqd compress: warning: no tokenizer found in or beside %s (use "
                 "--tokenizer): %s will have none\n",

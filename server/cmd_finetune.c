@@ -411,13 +411,10 @@ static int find_tokenizer(const char *model, const char *given, char *out, size_
     struct lq_tokenizer_files files;
     int rc = lq_model_file_find_tokenizer(model, 1, &files, err);
     if (rc) return rc;
-    for (size_t i = 0; i < files.count; i++) {
-        const char *name = files.name[i];
-        if (strcmp(name, "tokenizer.json") == 0 || strcmp(name, "tokenizer.model") == 0 ||
-            strcmp(name, "tokenizer.bin") == 0) {
-            snprintf(out, size, "%s", files.source[i]);
-            return LQ_OK;
-        }
+    const char *path = lq_tokenizer_files_primary(&files);
+    if (path) {
+        snprintf(out, size, "%s", path);
+        return LQ_OK;
     }
     return lq_error_set(err, LQ_ENOTFOUND,
                         "%s: no tokenizer.json, tokenizer.model or tokenizer.bin found; pass "

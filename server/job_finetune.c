@@ -218,12 +218,7 @@ static int load_inputs(const struct lq_job_spec *s, struct lq_model **model,
     struct lq_tokenizer_files files;
     int rc = lq_model_file_find_tokenizer(s->source, 1, &files, err);
     if (rc) return rc;
-    const char *path = NULL;
-    for (size_t i = 0; i < files.count && !path; i++)
-        if (strcmp(files.name[i], "tokenizer.json") == 0 ||
-            strcmp(files.name[i], "tokenizer.model") == 0 ||
-            strcmp(files.name[i], "tokenizer.bin") == 0)
-            path = files.source[i];
+    const char *path = lq_tokenizer_files_primary(&files);
     if (!path)
         return lq_error_set(err, LQ_ENOTFOUND, "%s: no tokenizer beside the model", s->source);
     if ((rc = lq_tokenizer_load(path, tokenizer, err))) return rc;

@@ -380,28 +380,24 @@ static int on_fisher_drawn(void *context, const struct lq_fisher_calibration *ca
 static int fisher_estimate(struct run *run, const struct lq_model *source,
                            const struct lq_tokenizer_files *files, struct lq_fisher *fisher,
                            struct fisher_summary *summary, struct lq_error *err) {
-    static const char *const names[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
     const struct lq_fisher_job_spec *f = &run->job->spec.fisher;
     struct lq_tokenizer *tokenizer = NULL;
     struct lq_fisher_calibration calibration = {0};
     char *text = NULL;
     size_t length = 0;
     double start = monotonic_now();
-    int context = source->config.max_seq_len, found = 0;
+    int context = source->config.max_seq_len;
     summary->seq_len = f->seq_len < context ? f->seq_len : context;
     int rc = lq_file_read_all(f->path, (size_t)1 << 32, &text, &length, err);
     if (rc) {
         lq_error_prefix(err, "fisher.file %s", f->file);
         goto done;
     }
-    /* The tokenizer the output gets, as lqd compress picks it (json, model, then bin). */
-    for (size_t k = 0; k < 3 && !found; k++)
-        for (size_t i = 0; i < files->count && !found; i++)
-            if (strcmp(files->name[i], names[k]) == 0) {
-                found = 1;
-                rc = lq_tokenizer_load(files->source[i], &tokenizer, err);
-            }
-    if (!found)
+    /* The tokenizer the output gets, as lqd compress picks it. */
+    const char *path = lq_tokenizer_files_primary(files);
+    if (path)
+        rc = lq_tokenizer_load(path, &tokenizer, err);
+    else
         rc = lq_error_set(err, LQ_ENOTFOUND,
                           "fisher: no tokenizer found beside %s to read the calibration text with",
                           run->job->spec.source);

@@ -86,6 +86,24 @@ with tempfile.TemporaryDirectory() as tmp:
         checks.check(got == expected, f"prompt {p}: greedy text {got!r}, transformers "
                      f"{expected!r}")
 
+    # lqd compress straight from the GGUF: the LQ directory carries the GGUF's tokenizer (as
+    # tokenizer.json + tokenizer_config.json), which gives the GGUF's ids and chat template.
+    out = os.path.join(tmp, "nf4")
+    run_lqd("compress", "--model", MODEL, "--bits", "4.127", "--rank", "0", "--configs",
+            "4,8,fp32,64,256", "--out", out, "--no-cache", "--quiet")
+    checks.check(all(os.path.exists(os.path.join(out, name))
+                     for name in ("tokenizer.json", "tokenizer_config.json")),
+                 f"lqd compress of the GGUF wrote {sorted(os.listdir(out))}")
+    sample = [str(p) for p in ref["prompts"]] + ["12 345 ½ caf\u00e9 \U0001F600 <|im_end|>"]
+    data = b"".join(t.encode().hex().encode() + b"\n" for t in sample)
+    ids = [subprocess.run([TOOL, "--hex", path], input=data, capture_output=True,
+                          timeout=60).stdout for path in (MODEL, out)]
+    checks.check(ids[0] == ids[1] and ids[0], "the compressed directory's tokenizer encodes "
+                 "differently from the GGUF's")
+    config = json.load(open(os.path.join(out, "tokenizer_config.json")))
+    checks.check("SmolLM" in config.get("chat_template", ""),
+                 "the chat template did not reach the compressed directory")
+
 if os.path.exists(WIKI) and os.path.exists(TOOL):
     text = open(WIKI, encoding="utf-8", newline="").read()  # CRLF line ends kept
     lines = [line.removesuffix("\r") for line in text.split("\n")]
