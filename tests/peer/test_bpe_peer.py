@@ -25,7 +25,7 @@ except ImportError:
     sys.exit(SKIP)
 
 TOOL = os.environ.get("LQ_TOKENIZE_TOOL", "build/tests/tokenize_tool")
-WIKI = os.path.join(ROOT, "..", "shared", "data", "wiki.test.raw")
+WIKI = os.path.join(ROOT, "tests", "data", "wiki.test.raw")  # CC BY-SA 3.0: tests/data/README.md
 for needed in (TOOL, WIKI):
     if not os.path.exists(needed):
         print(f"{needed} is missing: skipped")
