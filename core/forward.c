@@ -29,6 +29,8 @@ int lq_runtime_create(struct lq_backend *backend, struct lq_model *model, struct
         rc = model->lm_head == model->embed
                  ? (r->lm_head = r->embed, 0)
                  : ops->weights_upload(backend, model->lm_head, vocab_dim, &r->lm_head, err);
+    if (!rc && ops->head_prepare)
+        rc = ops->head_prepare(backend, r->lm_head, c->vocab_size, c->dim, &r->head, err);
     for (int l = 0; l < c->n_layers && !rc; l++) {
         struct lq_layer *layer = &model->layers[l];
         rc = ops->weights_upload(backend, layer->attn_norm, (size_t)c->dim, &r->attn_norm[l], err);
@@ -57,6 +59,7 @@ void lq_runtime_free(struct lq_runtime *r) {
         if (r->attn_norm && r->attn_norm[l]) ops->weights_release(r->backend, r->attn_norm[l]);
         if (r->ffn_norm && r->ffn_norm[l]) ops->weights_release(r->backend, r->ffn_norm[l]);
     }
+    if (r->head) ops->head_release(r->backend, r->head);
     if (r->lm_head && r->lm_head != r->embed) ops->weights_release(r->backend, r->lm_head);
     if (r->embed) ops->weights_release(r->backend, r->embed);
     if (r->final_norm) ops->weights_release(r->backend, r->final_norm);
@@ -210,7 +213,7 @@ int lq_session_forward(struct lq_session *s, const int *tokens, int n, int all_l
     int first = all_logits ? 0 : n - 1, rows = n - first;
     const float *x_last = s->x + (size_t)first * c->dim;
     if (!rc) rc = b->ops->rmsnorm(b, x_last, r->final_norm, rows, c->dim, c->norm_eps, s->h);
-    if (!rc) rc = b->ops->matmul(b, r->lm_head, c->vocab_size, c->dim, s->h, rows, s->logits);
+    if (!rc) rc = lq_runtime_logits(r, s->h, rows, s->logits);
     if (!rc)
         rc = b->ops->copy_to_host(b, logits, s->logits,
                                   (size_t)rows * c->vocab_size * sizeof(float));

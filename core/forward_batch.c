@@ -157,7 +157,7 @@ int lq_forward_batch(struct lq_batch *batch, struct lq_session **sessions, const
     int rc = b->ops->embed(b, r->embed, c->dim, tokens, n, batch->x);
     for (int l = 0; l < c->n_layers && !rc; l++) rc = batch_block(batch, sessions, l, n);
     if (!rc) rc = b->ops->rmsnorm(b, batch->x, r->final_norm, n, c->dim, c->norm_eps, batch->h);
-    if (!rc) rc = b->ops->matmul(b, r->lm_head, c->vocab_size, c->dim, batch->h, n, batch->logits);
+    if (!rc) rc = lq_runtime_logits(r, batch->h, n, batch->logits);
     if (!rc)
         rc = b->ops->copy_to_host(b, logits, batch->logits,
                                   (size_t)n * c->vocab_size * sizeof(float));

@@ -17,6 +17,7 @@ struct lq_runtime {
     struct lq_backend *backend;
     struct lq_model *model;
     const float *embed, *final_norm, *lm_head;
+    void *head; /* the backend's own copy of lm_head (head_prepare), or NULL: matmul on it */
     const float **attn_norm, **ffn_norm;
     int prepared_layers; /* layers whose linears were prepared (for cleanup) */
     /* The model's own pairs as plain device arrays (n_layers * LQ_LINEARS_PER_LAYER), made
@@ -45,6 +46,15 @@ struct lq_row_run {
  * (forward_adapter.c). With no adapter in any run it is exactly ops->linear. */
 int lq_forward_linear(const struct lq_runtime *runtime, int layer, enum lq_linear_kind kind,
                       const struct lq_row_run *runs, int n_runs, const float *x, int n, float *y);
+
+/* logits[n, vocab] = h[n, dim] · lm_headᵀ, by the backend's own head when it keeps one. */
+static inline int lq_runtime_logits(const struct lq_runtime *runtime, const float *h, int n,
+                                    float *logits) {
+    struct lq_backend *b = runtime->backend;
+    const struct lq_model_config *c = &runtime->model->config;
+    if (runtime->head) return b->ops->head_matmul(b, runtime->head, h, n, logits);
+    return b->ops->matmul(b, runtime->lm_head, c->vocab_size, c->dim, h, n, logits);
+}
 
 /* Frees the runtime's own pairs (lq_runtime_free). */
 void lq_runtime_free_own_pairs(struct lq_runtime *runtime);

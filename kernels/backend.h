@@ -166,6 +166,19 @@ struct lq_backend_ops {
      * floats. rank 0 or n 0: nothing. */
     int (*lowrank_add)(struct lq_backend *backend, const float *L1, const float *L2, int rows,
                        int cols, int rank, const float *x, int n, float *y);
+
+    /* ---- the output head in the backend's own precision: NULL where the backend has none
+     * (callers then run matmul on the fp32 head). ---- */
+
+    /* Prepares the head w[rows, cols] (weights_upload'ed, borrowed: it must outlive the
+     * head) for head_matmul. *head is NULL when the backend keeps w as it is (the default);
+     * else it is the backend's own copy, e.g. the CPU's bf16 one under LQ_CPU_HEAD=bf16. */
+    int (*head_prepare)(struct lq_backend *backend, const float *w, int rows, int cols, void **head,
+                        struct lq_error *err);
+    void (*head_release)(struct lq_backend *backend, void *head);
+    /* y[n, rows] = x[n, cols] · headᵀ for a non-NULL head from head_prepare. */
+    int (*head_matmul)(struct lq_backend *backend, const void *head, const float *x, int n,
+                       float *y);
 };
 
 /* AdamW as PyTorch's torch.optim.AdamW computes it (decoupled weight decay, bias-corrected

@@ -9,10 +9,13 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
 
-/* What the backend has allocated, for memory(): buffers only (weights stay the model's). */
+/* What the backend has allocated, for memory(): buffers, and the bf16 heads it keeps (other
+ * weights stay the model's). */
 struct cpu_backend {
     struct lq_backend base;
-    size_t buffers; /* bytes, updated atomically */
+    size_t buffers;                  /* bytes, updated atomically */
+    size_t heads;                    /* bytes of bf16 heads, updated atomically */
+    enum lq_cpu_head_precision head; /* LQ_CPU_HEAD, read once at creation */
 };
 
 static void cpu_destroy(struct lq_backend *backend) {
@@ -104,6 +107,32 @@ static int cpu_matmul(struct lq_backend *backend, const float *w, int rows, int 
     return LQ_OK;
 }
 
+static int cpu_head_prepare(struct lq_backend *backend, const float *w, int rows, int cols,
+                            void **head, struct lq_error *err) {
+    struct cpu_backend *cpu = (struct cpu_backend *)backend;
+    *head = NULL;
+    if (cpu->head != LQ_CPU_HEAD_BF16) return LQ_OK; /* matmul on the fp32 head */
+    struct lq_cpu_head *bf16;
+    int rc = lq_cpu_head_create(w, rows, cols, &bf16, err);
+    if (rc) return rc;
+    __atomic_add_fetch(&cpu->heads, lq_cpu_head_bytes(bf16), __ATOMIC_RELAXED);
+    *head = bf16;
+    return LQ_OK;
+}
+
+static void cpu_head_release(struct lq_backend *backend, void *head) {
+    if (!head) return;
+    __atomic_sub_fetch(&((struct cpu_backend *)backend)->heads, lq_cpu_head_bytes(head),
+                       __ATOMIC_RELAXED);
+    lq_cpu_head_free(head);
+}
+
+static int cpu_head_matmul(struct lq_backend *backend, const void *head, const float *x, int n,
+                           float *y) {
+    (void)backend;
+    return lq_cpu_head_matmul(head, x, n, y);
+}
+
 static int cpu_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
                     const int *positions, float theta) {
     (void)backend;
@@ -160,6 +189,7 @@ static int cpu_synchronize(struct lq_backend *backend, struct lq_error *err) {
 static void cpu_memory(struct lq_backend *backend, struct lq_backend_memory *out) {
     memset(out, 0, sizeof *out);
     out->buffers = __atomic_load_n(&((struct cpu_backend *)backend)->buffers, __ATOMIC_RELAXED);
+    out->weights = __atomic_load_n(&((struct cpu_backend *)backend)->heads, __ATOMIC_RELAXED);
 }
 
 static const struct lq_backend_ops cpu_ops = {
@@ -203,6 +233,10 @@ static const struct lq_backend_ops cpu_ops = {
     /* adapter ops (lowrank_cpu.c) */
     .linear_base = lq_cpu_linear_base,
     .lowrank_add = lq_cpu_lowrank_add,
+    /* the bf16 head (head_cpu.c) */
+    .head_prepare = cpu_head_prepare,
+    .head_release = cpu_head_release,
+    .head_matmul = cpu_head_matmul,
 };
 
 int lq_backend_cpu_create(struct lq_backend **out, struct lq_error *err) {
@@ -212,6 +246,7 @@ int lq_backend_cpu_create(struct lq_backend **out, struct lq_error *err) {
     /* The backend parallelises over its own pool (core/parallel.h); OpenBLAS's threads would
      * spin against it, so OpenBLAS runs one thread per call from here on. */
     openblas_set_num_threads(1);
+    cpu->head = lq_cpu_head_precision_from_env();
     (*out)->ops = &cpu_ops;
     return LQ_OK;
 }

@@ -29,6 +29,21 @@ int lq_cpu_linear_base(struct lq_backend *backend, const struct lq_linear *w, co
 int lq_cpu_lowrank_add(struct lq_backend *backend, const float *L1, const float *L2, int rows,
                        int cols, int rank, const float *x, int n, float *y);
 
+/* head_cpu.c: the output head in bf16 (LQ_CPU_HEAD=bf16), the backend's own copy of a head
+ * w[rows, cols] whose fp32 original stays the caller's. */
+enum lq_cpu_head_precision { LQ_CPU_HEAD_FP32, LQ_CPU_HEAD_BF16 };
+struct lq_cpu_head;
+/* LQ_CPU_HEAD=fp32|bf16 from the environment (unset: fp32; anything else is reported on
+ * stderr and taken as fp32). */
+enum lq_cpu_head_precision lq_cpu_head_precision_from_env(void);
+int lq_cpu_head_create(const float *w, int rows, int cols, struct lq_cpu_head **out,
+                       struct lq_error *err);
+void lq_cpu_head_free(struct lq_cpu_head *head);
+size_t lq_cpu_head_bytes(const struct lq_cpu_head *head);
+/* y[n, rows] = x[n, cols] · bf16(w)ᵀ: the AVX2 (or portable) bf16 kernel up to 64 tokens,
+ * fp32 tiles and OpenBLAS beyond. */
+int lq_cpu_head_matmul(const struct lq_cpu_head *head, const float *x, int n, float *y);
+
 /* attention_cpu.c: causal grouped-query attention against a KV cache. */
 int lq_cpu_attention(struct lq_backend *backend, const float *q, const float *k_cache,
                      const float *v_cache, int n, int start, int heads, int kv_heads, int head_dim,

@@ -423,6 +423,9 @@ static const struct lq_backend_ops cuda_ops = {
     // Adapters in serving (lowrank_cuda.cu; the entries take the op lock themselves).
     /* linear_base */ lq_cuda_op_linear_base,
     /* lowrank_add */ lq_cuda_op_lowrank_add,
+    /* head_prepare */ NULL,
+    /* head_release */ NULL,
+    /* head_matmul */ NULL,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,
