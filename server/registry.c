@@ -123,17 +123,6 @@ static void model_directory(const char *path, char *out, size_t size) {
     snprintf(out, size, "%s", dirname(copy));
 }
 
-/* tokenizer.json, tokenizer.model or tokenizer.bin in the model's directory (as lqd generate
- * looks for them); 0 when there is none. */
-static int find_tokenizer(const char *directory, char *out, size_t size) {
-    static const char *const names[] = {"tokenizer.json", "tokenizer.model", "tokenizer.bin"};
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        snprintf(out, size, "%s/%s", directory, names[i]);
-        if (lq_path_is_file(out)) return 1;
-    }
-    return 0;
-}
-
 /* The "chat_template" of DIR/tokenizer_config.json: a string, or HF's list of {"name",
  * "template"} (the one named "default", else the first). *out stays NULL when there is none. */
 static int load_chat_template(const char *directory, char **out, struct lq_error *err) {
@@ -228,16 +217,18 @@ static int served_model_build(struct lq_backend *backend, const char *name, cons
         goto fail;
     }
     if ((rc = lq_model_load(path, &m->model, err))) goto fail;
-    char directory[4096], found[4096 + 32];
+    char directory[4096];
     model_directory(path, directory, sizeof directory);
-    if (!tokenizer_path && !find_tokenizer(directory, found, sizeof found)) {
+    /* As lqd generate finds it: a GGUF model's own, else the files in or beside the model. */
+    struct lq_tokenizer_files files;
+    const char *tokenizer = tokenizer_path;
+    if (!tokenizer && !(rc = lq_model_file_find_tokenizer(path, 1, &files, err)) &&
+        !(tokenizer = lq_tokenizer_files_primary(&files)))
         rc = lq_error_set(err, LQ_ENOTFOUND,
                           "%s: no tokenizer.json, tokenizer.model or tokenizer.bin beside the "
                           "model; give a tokenizer path",
                           path);
-        goto fail;
-    }
-    const char *tokenizer = tokenizer_path ? tokenizer_path : found;
+    if (rc) goto fail;
     if ((rc = lq_tokenizer_load(tokenizer, &m->tokenizer, err))) goto fail;
     if (lq_tokenizer_vocab_size(m->tokenizer) > m->model->config.vocab_size) {
         rc = lq_error_set(err, LQ_EINVAL, "%s has %d pieces but the model's vocabulary is %d",
