@@ -29,7 +29,7 @@ static const char compress_usage[] =
     "                    [--fisher FILE --fisher-samples N [--fisher-seq-len L] [--fisher-seed S]\n"
     "                     [--fisher-save PATH] | --fisher-load PATH]\n"
     "\n"
-    "Compresses a LLaMA-family model (HuggingFace directory or llama2.c .bin) to an LQ model\n"
+    "Compresses a LLaMA-family model (HuggingFace directory, llama2.c .bin or GGUF) to an LQ model\n"
     "directory: every linear matrix W of every layer becomes W = Q + L1 L2, Q NormalFloat-\n"
     "quantized with a configuration (b0, b1, b2, B0, B1) chosen per matrix, L1 L2 of rank R.\n"
     "LQ-LoRA Algorithm 1: the decomposition error of every matrix under every configuration\n"

@@ -19,7 +19,7 @@ const char lq_serve_usage[] =
     "(streaming included), /v1/models, model load/unload, /health, /ready, /metrics. The API\n"
     "is described in api/openapi.yaml. With no --model it serves the bundled stories260K.\n"
     "\n"
-    "  --model [NAME=]PATH    a model to serve (HF or LQ directory, llama2.c .bin); NAME\n"
+    "  --model [NAME=]PATH    a model to serve (HF or LQ directory, llama2.c .bin, GGUF); NAME\n"
     "                         defaults to the directory or file name (repeatable)\n"
     "  --tokenizer T          tokenizer for the --model(s) (default: found beside each)\n"
     "  --host H               address to bind (default 127.0.0.1: this machine only)\n"
