@@ -1,6 +1,6 @@
 /* Benchmark: the decode kernels of lq_cpu_linear (kernels/cpu/nf_gemv.h) on NF matrices:
  * the tile path (dequantize rows to fp32, then the row-wise kernel), the fused portable kernel
- * and the fused AVX2 one, for 1 and 8 tokens. Prints GB/s of packed bytes (codes and scales
+ * and the fused AVX2 one, for 1, 8 and 16 tokens. Prints GB/s of packed bytes (codes and scales
  * read per call) and ns per output row, and checks the kernels agree bit for bit.
  * Usage: bench_nf_gemv [seconds per figure]   (default 0.3; threads: LQ_THREADS) */
 #include <stdio.h>
@@ -38,7 +38,8 @@ int main(int argc, char **argv) {
     double budget = argc > 1 ? atof(argv[1]) : 0.3;
     const size_t shapes[][2] = {{576, 1536}, {4096, 4096}};
     const int bits[] = {2, 3, 4};
-    const int counts[] = {1, 8};
+    const int counts[] = {1, 8, 16};
+    enum { most_tokens = 16 };
     const enum lq_nf_gemv_kernel kernels[] = {LQ_NF_GEMV_TILE, LQ_NF_GEMV_PORTABLE,
                                               LQ_NF_GEMV_AVX2};
     printf("NF decode kernels, %d threads, avx2 %s; config (b0, 8, fp32, 64, 256)\n",
@@ -49,11 +50,12 @@ int main(int argc, char **argv) {
     lq_rng_seed(&rng, 9);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         size_t rows = shapes[s][0], cols = shapes[s][1];
-        float *a = malloc(rows * cols * sizeof *a), *x = malloc(8 * cols * sizeof *x);
-        float *y = malloc(8 * rows * sizeof *y), *reference = malloc(8 * rows * sizeof *y);
+        float *a = malloc(rows * cols * sizeof *a), *x = malloc(most_tokens * cols * sizeof *x);
+        float *y = malloc(most_tokens * rows * sizeof *y);
+        float *reference = malloc(most_tokens * rows * sizeof *y);
         if (!a || !x || !y || !reference) return fprintf(stderr, "out of memory\n"), 1;
         lq_rng_fill_normal(&rng, a, rows * cols);
-        lq_rng_fill_normal(&rng, x, 8 * cols);
+        lq_rng_fill_normal(&rng, x, most_tokens * cols);
         for (int b = 0; b < 3; b++) {
             struct lq_nf_config config = {bits[b], 8, LQ_SCALE_FP32, 64, 256};
             struct lq_nf_matrix q;
@@ -61,7 +63,7 @@ int main(int argc, char **argv) {
             if (lq_nf_quantize(a, rows, cols, &config, &q, &err))
                 return fprintf(stderr, "quantize: %s\n", err.message), 1;
             double bytes = (double)lq_nf_matrix_bytes(&q);
-            for (int c = 0; c < 2; c++) {
+            for (int c = 0; c < 3; c++) {
                 int n = counts[c];
                 double tile_seconds = 0.0;
                 lq_cpu_quantized_gemv(&q, x, n, reference, LQ_NF_GEMV_TILE);

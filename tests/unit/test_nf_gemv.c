@@ -1,6 +1,7 @@
 /* The fused decode kernels (kernels/cpu/nf_gemv.h) against the tile path they replace and
  * against each other, on random NF matrices of every b0 and of block layouts that do and do not
- * line up with rows and with eight columns, odd shapes and 1..16 tokens. The recipe is fixed
+ * line up with rows and with eight columns, odd shapes and 1..16 tokens, and up to the 64 tokens
+ * a call may carry. The recipe is fixed
  * (no fused multiply-add, no reassociation), so the tolerance is zero: bit for bit. A float64
  * dot product checks that the shared recipe computes the right thing at all; a row's result for
  * a token must not depend on the other tokens of the call (batch invariance). */
@@ -16,7 +17,7 @@
 #include "kernels/cpu/nf_gemv.h"
 #include "lq_test.h"
 
-#define MAX_TOKENS 16
+#define MAX_TOKENS LQ_NF_GEMV_MAX_TOKENS
 
 struct case_data {
     struct lq_nf_matrix m;
@@ -169,6 +170,19 @@ static void test_threaded_rows(void) {
     check_case(c, 300, 576, counts, COUNT(counts), 900);
 }
 
+/* More than eight tokens: the AVX2 kernel decodes a span of a row once for every group of eight
+ * tokens, with a span length that depends on the token count; a block of rows shares each span. */
+static void test_many_tokens(void) {
+    const int bits[] = {2, 3, 4, 8};
+    const int counts[] = {9, 17, 24, 33, 63, 64};
+    for (int i = 0; i < 4; i++) {
+        struct lq_nf_config c = {bits[i], 8, LQ_SCALE_FP32, 64, 256};
+        check_case(c, 19, 1000, counts, COUNT(counts), 1100 + (uint64_t)i);
+        struct lq_nf_config odd = {bits[i], 5, LQ_SCALE_BF16, 24, 3};
+        check_case(odd, 11, 200, counts, COUNT(counts), 1200 + (uint64_t)i);
+    }
+}
+
 static void test_kernel_choice(void) {
     printf("avx2 %s on this CPU; default decode kernel: %s\n",
            lq_nf_gemv_avx2_supported() ? "runs" : "does not run",
@@ -177,4 +191,5 @@ static void test_kernel_choice(void) {
 }
 
 LQ_TEST_MAIN(LQ_TEST(test_kernel_choice), LQ_TEST(test_every_b0_and_token_count),
-             LQ_TEST(test_odd_shapes), LQ_TEST(test_block_layouts), LQ_TEST(test_threaded_rows))
+             LQ_TEST(test_odd_shapes), LQ_TEST(test_block_layouts), LQ_TEST(test_threaded_rows),
+             LQ_TEST(test_many_tokens))
