@@ -522,8 +522,8 @@ static int render_document(const struct loading *l, const struct record *record,
                            struct lq_chat_prompt *prompt) {
     memset(prompt, 0, sizeof *prompt);
     if (l->format == LQ_DATASET_CHAT)
-        return lq_chat_render_training(l->options->chat_style, record->messages,
-                                       record->n_messages, record->trained, prompt);
+        return lq_chat_render_training(l->options->chat_style, record->messages, record->n_messages,
+                                       record->trained, prompt);
     int rc = LQ_OK;
     if (l->options->add_bos) rc = lq_chat_prompt_append(prompt, LQ_SEGMENT_BOS, NULL, 0);
     if (!rc && l->format == LQ_DATASET_PROMPT_COMPLETION)

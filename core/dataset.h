@@ -74,11 +74,11 @@ struct lq_dataset {
 };
 
 struct lq_dataset_options {
-    enum lq_dataset_format format;   /* LQ_DATASET_AUTO: lq_dataset_detect */
-    const char *label;               /* the file's name in messages and for detection; NULL: path */
+    enum lq_dataset_format format; /* LQ_DATASET_AUTO: lq_dataset_detect */
+    const char *label;             /* the file's name in messages and for detection; NULL: path */
     /* The model's (lq_chat_style_detect of its chat_template); borrowed; NULL: plain. */
     const struct lq_chat_style *chat_style;
-    int add_bos, add_eos;            /* plain, text and prompt-completion documents */
+    int add_bos, add_eos; /* plain, text and prompt-completion documents */
     /* Held-out documents: a fraction in [0, 1) of the file's, chosen by seed (the same seed
      * holds out the same documents; both parts keep file order), or a second file (same
      * format, then validation_fraction must be 0). */

@@ -344,12 +344,12 @@ static int start(struct daemon *d, struct lq_backend **backend, struct lq_error 
         if (lq_registry_load(d->api.registry, name, path, c->tokenizer, err)) return -1;
         /* The chat format, and the system message its template inserts ("" when none). */
         struct lq_served_model *loaded = lq_registry_get(d->api.registry, name);
-        lq_log(LQ_LOG_INFO, "model loaded", LQ_LOG_STR("name", name), LQ_LOG_STR("path", path),
-               LQ_LOG_NUM("seconds", lq_http_now() - started),
-               LQ_LOG_STR("chat_format",
-                          loaded ? lq_chat_format_name(loaded->chat_style.format) : NULL),
-               LQ_LOG_STR("chat_default_system",
-                          loaded ? loaded->chat_style.default_system : NULL));
+        lq_log(
+            LQ_LOG_INFO, "model loaded", LQ_LOG_STR("name", name), LQ_LOG_STR("path", path),
+            LQ_LOG_NUM("seconds", lq_http_now() - started),
+            LQ_LOG_STR("chat_format",
+                       loaded ? lq_chat_format_name(loaded->chat_style.format) : NULL),
+            LQ_LOG_STR("chat_default_system", loaded ? loaded->chat_style.default_system : NULL));
         lq_served_model_release(loaded);
     }
     if (lq_metrics_create(&d->api.metrics)) return lq_error_set(err, LQ_ENOMEM, "out of memory");

@@ -20,10 +20,10 @@ struct lq_served_model {
     struct lq_tokenizer *tokenizer;
     struct lq_backend *backend; /* borrowed from the registry */
     struct lq_runtime *runtime;
-    char *chat_template;   /* tokenizer_config.json's, else a GGUF file's tokenizer.chat_template,
-                            * or NULL: the documented default */
+    char *chat_template; /* tokenizer_config.json's, else a GGUF file's tokenizer.chat_template,
+                          * or NULL: the documented default */
     struct lq_chat_style chat_style; /* lq_chat_style_detect(chat_template) */
-    double bits_per_param; /* quantized part (0 when dense) */
+    double bits_per_param;           /* quantized part (0 when dense) */
     double effective_bits;
     size_t memory_bytes;
     long long created; /* unix time */
