@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "core/file_util.h"
+#include "core/safetensors.h"
 
 #define PATH_SIZE 4096
 
@@ -30,6 +31,16 @@ int lq_remove_tree(const char *path) {
     }
     closedir(dir);
     return rmdir(path) != 0 ? -1 : rc;
+}
+
+int lq_dir_model_has_metadata(const char *dir, const char *key) {
+    char file[PATH_SIZE + 32];
+    snprintf(file, sizeof file, "%s/model.safetensors", dir);
+    struct lq_safetensors *st;
+    if (lq_safetensors_open(file, &st, NULL) != 0) return 0;
+    int yes = lq_safetensors_metadata(st, key) != NULL;
+    lq_safetensors_close(st);
+    return yes;
 }
 
 void lq_sync_dir(const char *path) {

@@ -24,6 +24,10 @@ int lq_dir_write_atomic(const char *dir, int force, const struct lq_dir_kind *ki
                         int (*fill)(const char *tmp, void *context, struct lq_error *err),
                         void *context, struct lq_error *err);
 
+/* 1 when DIR/model.safetensors opens and its header carries the metadata key: how a writer
+ * recognises its own directories (an is_ours callback). */
+int lq_dir_model_has_metadata(const char *dir, const char *key);
+
 /* Removes path and, when it is a directory, everything under it, never following links.
  * 0 (also when path does not exist) or -1. */
 int lq_remove_tree(const char *path);

@@ -27,13 +27,7 @@
 /* Only what lqd import wrote (or an empty directory) may be replaced: --force on a wrong
  * path must not delete someone's data. */
 static int is_import_dir(const char *path) {
-    char file[4096 + 32];
-    snprintf(file, sizeof file, "%s/model.safetensors", path);
-    struct lq_safetensors *st;
-    if (lq_safetensors_open(file, &st, NULL) != 0) return 0;
-    int yes = lq_safetensors_metadata(st, IMPORT_METADATA_KEY) != NULL;
-    lq_safetensors_close(st);
-    return yes;
+    return lq_dir_model_has_metadata(path, IMPORT_METADATA_KEY);
 }
 
 static const struct lq_dir_kind import_dir_kind = {

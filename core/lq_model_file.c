@@ -113,14 +113,7 @@ int lq_model_file_find_tokenizer(const char *path, int beside_model, struct lq_t
 /* Only an LQ model directory (or an empty one) may be replaced: --force on a wrong path
  * must not delete someone's data. */
 static int is_lq_model_dir(const char *path) {
-    char file[4096 + 32];
-    snprintf(file, sizeof file, "%s/model.safetensors", path);
-    struct lq_safetensors *st;
-    if (lq_safetensors_open(file, &st, NULL) != 0) return 0;
-    const char *format = lq_safetensors_metadata(st, "lqd.format");
-    int yes = format != NULL;
-    lq_safetensors_close(st);
-    return yes;
+    return lq_dir_model_has_metadata(path, "lqd.format");
 }
 
 static const struct lq_dir_kind lq_model_dir_kind = {
