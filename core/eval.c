@@ -49,6 +49,11 @@ static double token_nll(const float *logits, int vocab, int target) {
     return log(sum) + max - logits[target];
 }
 
+static void add_nll(struct lq_eval_result *result, double nll) {
+    result->nll += nll;
+    result->nll_squared += nll * nll;
+}
+
 static bool budget_spent(const struct lq_eval_options *options,
                          const struct lq_eval_result *result) {
     return options->max_tokens != 0 && result->tokens >= options->max_tokens;
@@ -66,9 +71,71 @@ static int eval_window(struct lq_session *session, int vocab, const int *ids, si
     lq_session_reset(session);
     int rc = lq_session_forward(session, ids, (int)predicted, 1, logits, err);
     for (size_t i = 0; i < predicted && !rc; i++)
-        result->nll += token_nll(logits + i * (size_t)vocab, vocab, ids[i + 1]);
+        add_nll(result, token_nll(logits + i * (size_t)vocab, vocab, ids[i + 1]));
     result->tokens += predicted;
     result->documents++;
+    return rc;
+}
+
+/* 1 when encode(add_bos) puts BOS first (llama_vocab_get_add_bos), 0 when not. */
+static int adds_bos(const struct lq_tokenizer *tokenizer, int *adds, struct lq_error *err) {
+    int *ids;
+    size_t count;
+    int rc = lq_tokenizer_encode(tokenizer, "", 0, 1, &ids, &count, err);
+    if (rc) return rc;
+    *adds = count == 1 && ids[0] == lq_tokenizer_bos_id(tokenizer);
+    free(ids);
+    return LQ_OK;
+}
+
+/* llama-perplexity's perplexity() (llama.cpp tools/perplexity/perplexity.cpp, no stride):
+ * whole chunks of `context` tokens from an empty cache, the first token of each replaced by
+ * BOS when the tokenizer adds one, and the second half of each chunk scored: logits at
+ * position j in [context/2, context - 1) against token j + 1. Its n_batch only splits a
+ * chunk's decode (and packs several chunks into one batch), so the figure does not depend on
+ * it. */
+static int eval_llama_perplexity(struct lq_session *session, const struct lq_tokenizer *tokenizer,
+                                 const char *text, size_t length, int context,
+                                 const struct lq_eval_options *options, float *logits,
+                                 struct lq_eval_result *result, struct lq_error *err) {
+    int vocab = lq_session_config(session)->vocab_size, add_bos;
+    int first = context / 2, scored = context - first - 1;
+    if (scored < 1)
+        return lq_error_set(err, LQ_EINVAL,
+                            "context %d: the llama-perplexity protocol needs a context >= 3",
+                            context);
+    int rc = adds_bos(tokenizer, &add_bos, err);
+    if (rc) return rc;
+    /* common_params reads -f FILE and drops one trailing newline */
+    if (length > 0 && text[length - 1] == '\n') length--;
+    int *ids, *chunk = malloc((size_t)context * sizeof *chunk);
+    size_t count;
+    if (!chunk) return lq_error_set(err, LQ_ENOMEM, "out of memory for a chunk");
+    if ((rc = lq_tokenizer_encode(tokenizer, text, length, 1, &ids, &count, err))) {
+        free(chunk);
+        return rc;
+    }
+    size_t chunks = count / (size_t)context;
+    if (count < 2 * (size_t)context)
+        rc = lq_error_set(err, LQ_EINVAL,
+                          "the text tokenizes to %zu tokens: the llama-perplexity protocol needs "
+                          "at least 2 * context = %zu",
+                          count, 2 * (size_t)context);
+    if (options->max_chunks && chunks > options->max_chunks) chunks = options->max_chunks;
+    for (size_t c = 0; !rc && c < chunks; c++) {
+        const int *tokens = ids + c * (size_t)context;
+        memcpy(chunk, tokens, (size_t)context * sizeof *chunk);
+        if (add_bos) chunk[0] = lq_tokenizer_bos_id(tokenizer);
+        lq_session_reset(session);
+        /* the last position's logits are never scored */
+        if ((rc = lq_session_forward(session, chunk, context - 1, 1, logits, err))) break;
+        for (int j = first; j < context - 1; j++)
+            add_nll(result, token_nll(logits + (size_t)j * vocab, vocab, tokens[j + 1]));
+        result->tokens += (size_t)scored;
+        result->documents++;
+    }
+    free(ids);
+    free(chunk);
     return rc;
 }
 
@@ -105,8 +172,13 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
             rc = eval_window(session, c->vocab_size, ids + at, count - at, context, options, logits,
                              result, err);
         free(ids);
+    } else if (options->split == LQ_SPLIT_LLAMA_PERPLEXITY) {
+        rc = eval_llama_perplexity(session, tokenizer, text, length, context, options, logits,
+                                   result, err);
     }
-    size_t offset = options->split == LQ_SPLIT_STREAM ? length : 0;
+    bool whole_text =
+        options->split == LQ_SPLIT_STREAM || options->split == LQ_SPLIT_LLAMA_PERPLEXITY;
+    size_t offset = whole_text ? length : 0;
     while (!rc && offset < length && !budget_spent(options, result)) {
         size_t begin, end;
         offset = next_document(text, length, offset, options->split, &begin, &end);
@@ -119,7 +191,16 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
         free(ids);
     }
     result->seconds = now() - started;
+    result->context = context;
     result->ppl = result->tokens ? exp(result->nll / (double)result->tokens) : NAN;
+    /* llama-perplexity's estimate: ppl * sqrt((mean(nll^2) - mean(nll)^2) / (tokens - 1)) */
+    result->ppl_error = NAN;
+    if (result->tokens > 1) {
+        double mean = result->nll / (double)result->tokens;
+        double variance = result->nll_squared / (double)result->tokens - mean * mean;
+        if (variance > 0)
+            result->ppl_error = result->ppl * sqrt(variance / (double)(result->tokens - 1));
+    }
     free(logits);
     lq_session_free(session);
     if (!rc && result->tokens == 0)

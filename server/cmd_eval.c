@@ -1,6 +1,7 @@
 /* lqd eval: perplexity on a text file, or logits of given tokens dumped as .npy. */
 #include <cjson/cJSON.h>
 #include <getopt.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,21 +14,36 @@
 static const char eval_usage[] =
     "usage: lqd eval --model M [--tokenizer T] [--adapter DIR] --ppl FILE [--max-tokens N]\n"
     "                [--context N] [--documents lines|paragraphs|stream] [--json] [--device D]\n"
+    "       lqd eval --model M [--tokenizer T] --ppl FILE --documents llama-perplexity\n"
+    "                [--context N] [--max-chunks N] [--json]\n"
     "       lqd eval --model M [--adapter DIR] --tokens ID,ID,... --dump-logits OUT.npy\n"
     "\n"
-    "Perplexity of M (HuggingFace directory, llama2.c .bin or LQ directory) on FILE: documents\n"
-    "are FILE's non-empty lines (default; --documents paragraphs splits on blank lines), each\n"
-    "tokenized with BOS and evaluated from position 0, at most --context positions each\n"
-    "(default: the model's maximum). --documents stream: the whole FILE tokenized as one\n"
+    "Perplexity of M (HuggingFace directory, llama2.c .bin, GGUF file or LQ directory) on FILE:\n"
+    "documents are FILE's non-empty lines (default; --documents paragraphs splits on blank\n"
+    "lines), each tokenized with BOS and evaluated from position 0, at most --context positions\n"
+    "each (default: the model's maximum). --documents stream: the whole FILE tokenized as one\n"
     "sequence (BOS first when the tokenizer adds one) and cut into consecutive windows of\n"
     "--context tokens, each evaluated from position 0 (HF's perplexity protocol, no stride).\n"
-    "The count stops after --max-tokens predicted tokens. --json prints "
-    "{\"ppl\",\"nll\",\"tokens\",\n"
+    "The count stops after --max-tokens predicted tokens.\n"
+    "--documents llama-perplexity: llama.cpp's llama-perplexity protocol, so that the figure\n"
+    "compares with `llama-perplexity -f FILE -c N [--chunks K]`: FILE tokenized once, cut into\n"
+    "chunks of --context tokens (at most --max-chunks), each evaluated from an empty cache with\n"
+    "its first token replaced by BOS when the tokenizer adds one, only the second half of each\n"
+    "chunk scored; prints llama-perplexity's \"Final estimate: PPL = X +/- Y\".\n"
+    "--json prints "
+    "{\"ppl\",\"ppl_error\",\"nll\",\"tokens\",\"documents\",\"protocol\",\"context\",\n"
     "\"seconds\",...}. With --tokens, the logits of that token sequence (no BOS added) are\n"
     "written as float32 [n, vocab] to OUT.npy.\n"
     "\n" LQ_CLI_ADAPTER_USAGE LQ_CLI_DEVICE_USAGE "\n"
     "example: lqd eval --model models/stories260K-hf --tokenizer models/stories260K/tok512.bin "
     "--ppl ../shared/data/tinystories_val_subset.txt --max-tokens 200000\n";
+
+static const char *const protocol_names[] = {
+    [LQ_SPLIT_LINES] = "lines",
+    [LQ_SPLIT_PARAGRAPHS] = "paragraphs",
+    [LQ_SPLIT_STREAM] = "stream",
+    [LQ_SPLIT_LLAMA_PERPLEXITY] = "llama-perplexity",
+};
 
 #define usage_error(format, value) lq_cli_usage_error("eval", format, value)
 
@@ -103,7 +119,8 @@ int lq_cli_eval(int argc, char **argv) {
         OPT_DOCUMENTS,
         OPT_DEVICE,
         OPT_GPU_MEMORY,
-        OPT_ADAPTER
+        OPT_ADAPTER,
+        OPT_MAX_CHUNKS
     };
     static const struct option long_options[] = {
         {"model", required_argument, NULL, 'm'},
@@ -118,12 +135,13 @@ int lq_cli_eval(int argc, char **argv) {
         {"device", required_argument, NULL, OPT_DEVICE},
         {"gpu-memory", required_argument, NULL, OPT_GPU_MEMORY},
         {"adapter", required_argument, NULL, OPT_ADAPTER},
+        {"max-chunks", required_argument, NULL, OPT_MAX_CHUNKS},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *model_path = NULL, *tokenizer_path = NULL, *ppl_path = NULL, *tokens = NULL,
                *dump = NULL, *adapter_path = NULL;
-    struct lq_eval_options options = {LQ_SPLIT_LINES, 0, 0, NULL};
+    struct lq_eval_options options = {.split = LQ_SPLIT_LINES};
     int json = 0;
     long number;
     struct lq_cli_device device = {NULL, 0};
@@ -145,6 +163,11 @@ int lq_cli_eval(int argc, char **argv) {
             if (lq_cli_parse_int(optarg, 1, __LONG_MAX__, &number))
                 return usage_error("--max-tokens '%s': expected an integer >= 1", optarg);
             options.max_tokens = (size_t)number;
+            break;
+        case OPT_MAX_CHUNKS:
+            if (lq_cli_parse_int(optarg, 1, __LONG_MAX__, &number))
+                return usage_error("--max-chunks '%s': expected an integer >= 1", optarg);
+            options.max_chunks = (size_t)number;
             break;
         case OPT_CONTEXT:
             if (lq_cli_parse_int(optarg, 2, 1 << 24, &number))
@@ -170,9 +193,12 @@ int lq_cli_eval(int argc, char **argv) {
                 options.split = LQ_SPLIT_PARAGRAPHS;
             else if (strcmp(optarg, "stream") == 0)
                 options.split = LQ_SPLIT_STREAM;
+            else if (strcmp(optarg, "llama-perplexity") == 0)
+                options.split = LQ_SPLIT_LLAMA_PERPLEXITY;
             else
-                return usage_error("--documents '%s': expected lines, paragraphs or stream",
-                                   optarg);
+                return usage_error(
+                    "--documents '%s': expected lines, paragraphs, stream or llama-perplexity",
+                    optarg);
             break;
         case OPT_DEVICE:
         case OPT_GPU_MEMORY:
@@ -191,6 +217,12 @@ int lq_cli_eval(int argc, char **argv) {
     if (!model_path) return usage_error("%s", "--model M is required");
     if (!ppl_path == !tokens) return usage_error("%s", "give either --ppl FILE or --tokens IDS");
     if (tokens && !dump) return usage_error("%s", "--tokens needs --dump-logits OUT.npy");
+    int llama_protocol = options.split == LQ_SPLIT_LLAMA_PERPLEXITY;
+    if (options.max_chunks && !llama_protocol)
+        return usage_error("%s", "--max-chunks needs --documents llama-perplexity");
+    if (options.max_tokens && llama_protocol)
+        return usage_error("%s", "--documents llama-perplexity counts whole chunks: give "
+                                 "--max-chunks N instead of --max-tokens");
     int *ids = NULL, count = 0;
     if (tokens && (count = parse_tokens(tokens, &ids)) < 0)
         return usage_error("--tokens '%s': expected comma-separated token ids", tokens);
@@ -225,9 +257,12 @@ int lq_cli_eval(int argc, char **argv) {
     if (json) {
         cJSON *root = cJSON_CreateObject();
         cJSON_AddNumberToObject(root, "ppl", result.ppl);
+        if (!isnan(result.ppl_error)) cJSON_AddNumberToObject(root, "ppl_error", result.ppl_error);
         cJSON_AddNumberToObject(root, "nll", result.nll);
         cJSON_AddNumberToObject(root, "tokens", (double)result.tokens);
         cJSON_AddNumberToObject(root, "documents", (double)result.documents);
+        cJSON_AddStringToObject(root, "protocol", protocol_names[options.split]);
+        cJSON_AddNumberToObject(root, "context", result.context);
         cJSON_AddNumberToObject(root, "seconds", result.seconds);
         cJSON_AddNumberToObject(root, "tokens_per_second", (double)result.tokens / result.seconds);
         if (adapter_path) cJSON_AddStringToObject(root, "adapter", adapter_path);
@@ -236,10 +271,13 @@ int lq_cli_eval(int argc, char **argv) {
         if (printed) puts(printed);
         cJSON_free(printed);
     } else {
-        printf("perplexity %.4f over %zu tokens (%zu documents), nll %.4f/token, %.2f s, %.0f "
+        if (llama_protocol) /* the line llama-perplexity ends with, for the same parsers */
+            printf("Final estimate: PPL = %.4f +/- %.5f\n", result.ppl, result.ppl_error);
+        printf("perplexity %.4f over %zu tokens (%zu %s), nll %.4f/token, %.2f s, %.0f "
                "tokens/s\n",
-               result.ppl, result.tokens, result.documents, result.nll / (double)result.tokens,
-               result.seconds, (double)result.tokens / result.seconds);
+               result.ppl, result.tokens, result.documents, llama_protocol ? "chunks" : "documents",
+               result.nll / (double)result.tokens, result.seconds,
+               (double)result.tokens / result.seconds);
     }
     status = 0;
 done:

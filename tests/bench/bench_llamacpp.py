@@ -37,18 +37,26 @@ seconds is killed and shown as "timed out".
 Usage: .venv/bin/python3 tests/bench/bench_llamacpp.py [--model GGUF] [--lq-model DIR]...
            [--threads 2|1,2] [--repetitions 5] [--timeout 900] [--llama-bin DIR]
            [--lqd-bench build/tests/bench_prefill_decode] [--cache DIR] [--jobs 2]
-           [--no-native] [--json-out FILE]
+           [--no-native] [--json-out FILE] [--lqd build/server/lqd] [--ppl-text FILE]
+           [--ppl-context 512] [--ppl-chunks 20] [--no-ppl]
 --model defaults to the SmolLM2-135M-Instruct Q4_1 GGUF that tests/models/fetch_smollm2.sh
 fetches. Prints the machine, the commands and one table on stdout (progress on stderr);
 --json-out writes the same as JSON. Figures on a shared VM are noisy: compare within a run.
 
-TODO (issue #9): perplexity of both sides on the same text under the same protocol. Not done
-here because the protocols differ: llama-perplexity scores only the second half of each n_ctx
-window (its own protocol), while `lqd eval --documents stream --context N` scores every
-position of consecutive windows (HF's protocol, no stride). The fair route is either an lqd
-eval option that scores the second half of each window as llama-perplexity does, or llama.cpp
-logits (llama-perplexity --kl-divergence-base dumps them, or llama-cpp-python) scored with
-lqd's protocol. The build already has llama-perplexity; a Side would add a `ppl` field.
+Perplexity (issue #9): quality is part of the comparison, so each model gets a PPL column,
+the same text under the same protocol on both sides: llama.cpp's llama-perplexity protocol
+(tools/perplexity/perplexity.cpp: the text tokenized once, chunks of CTX tokens each from an
+empty KV cache with BOS replacing their first token when the tokenizer adds one, the second
+half of each chunk scored; "PPL ± error" is its "Final estimate: PPL = X +/- Y").
+  llama.cpp  llama-perplexity -m GGUF -f TEXT -c CTX --chunks K -t T
+  lqd        lqd eval --model M --ppl TEXT --documents llama-perplexity --context CTX
+             --max-chunks K --json (the GGUF, dequantized to fp32, and each --lq-model)
+Both run once per model at the first --threads count. The scored token counts of both sides
+are printed under the table and must be equal (K * (CTX - CTX/2 - 1)). The figures differ a
+little for a quantized GGUF: llama.cpp multiplies Q4_1 weights with int8-quantized
+activations, lqd dequantizes the weights to fp32. --ppl-text (default tests/data/wiki.test.raw,
+WikiText-2 test), --ppl-context (512), --ppl-chunks (20), --no-ppl skips the column; --lqd is
+the lqd binary (default build/server/lqd).
 """
 import argparse
 import json
@@ -65,6 +73,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LLAMA_CPP_PYTHON = "0.3.36"
 REQUIRED_TARGETS = ("llama-bench", "llama-server")
 OPTIONAL_TARGETS = ("llama-perplexity",)
+FINAL_ESTIMATE = "Final estimate: PPL = "
 PROMPT_TOKENS, GEN_TOKENS = 512, 128
 
 
@@ -245,6 +254,62 @@ def side_lqd(bench, model, label, threads, repetitions, timeout):
     }
 
 
+# --- perplexity: llama-perplexity's protocol on both sides -------------------------------------
+
+def ppl_llama_cpp(bin_dir, gguf, text, context, chunks, threads, timeout):
+    """llama-perplexity's final estimate; None (with a warning) when it is absent or fails."""
+    binary = os.path.join(bin_dir, "llama-perplexity")
+    args = [binary, "-m", gguf, "-f", text, "-c", str(context), "--chunks", str(chunks),
+            "-t", str(threads)]
+    command = " ".join(args)
+    if not os.access(binary, os.X_OK):
+        log(f"warning: {binary} is not built: no llama.cpp perplexity")
+        return {"command": command, "error": "llama-perplexity not built"}
+    log("running: " + command)
+    try:
+        stdout, stderr, _, wall = run_measured(args, timeout=timeout)
+    except (TimedOut, RuntimeError) as error:
+        log(f"warning: {error}")
+        return {"command": command, "error": str(error)}
+    return parse_llama_perplexity(stdout + stderr, context) | {"command": command,
+                                                                "wall_seconds": wall}
+
+
+def parse_llama_perplexity(output, context):
+    """{"ppl", "ppl_error", "chunks", "tokens"} from llama-perplexity's log: the line
+    "Final estimate: PPL = X +/- Y" and "calculating perplexity over N chunks"."""
+    result = {"ppl": None, "ppl_error": None, "chunks": None, "tokens": None}
+    for line in output.splitlines():
+        if FINAL_ESTIMATE in line:
+            value, _, error = line.split(FINAL_ESTIMATE, 1)[1].partition("+/-")
+            result["ppl"], result["ppl_error"] = float(value), float(error) if error else None
+        elif "calculating perplexity over " in line:
+            result["chunks"] = int(line.split("calculating perplexity over ", 1)[1].split()[0])
+            result["tokens"] = result["chunks"] * (context - context // 2 - 1)
+    if result["ppl"] is None:
+        raise RuntimeError(f"no '{FINAL_ESTIMATE}' line in llama-perplexity's output:\n"
+                           + output[-2000:])
+    return result
+
+
+def ppl_lqd(lqd, model, text, context, chunks, threads, timeout):
+    """lqd eval --documents llama-perplexity; None (with a warning) when it fails."""
+    args = [lqd, "eval", "--model", model, "--ppl", text, "--documents", "llama-perplexity",
+            "--context", str(context), "--max-chunks", str(chunks), "--json"]
+    env = dict(os.environ, LQ_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
+    command = f"LQ_THREADS={threads} " + " ".join(args)
+    log("running: " + command)
+    try:
+        stdout, _, _, wall = run_measured(args, env=env, timeout=timeout)
+    except (TimedOut, RuntimeError) as error:
+        log(f"warning: {error}")
+        return {"command": command, "error": str(error)}
+    report = json.loads(stdout)
+    return {"ppl": report["ppl"], "ppl_error": report.get("ppl_error"),
+            "chunks": report["documents"], "tokens": report["tokens"], "command": command,
+            "wall_seconds": wall}
+
+
 # --- report --------------------------------------------------------------------------------------
 
 def machine_info():
@@ -273,13 +338,23 @@ def rate(phase):
     return f"{phase['avg_ts']:,.1f} ± {phase['stddev_ts']:,.1f}" if phase else "timed out"
 
 
-def table(rows):
+def perplexity(result):
+    if not result:
+        return "-"
+    if result.get("ppl") is None:
+        return "failed"
+    error = result.get("ppl_error")
+    return f"{result['ppl']:.4f} ± {error:.4f}" if error is not None else f"{result['ppl']:.4f}"
+
+
+def table(rows, ppl_header=None):
     header = ["side", "model/format", "threads", "bits/param", f"pp{PROMPT_TOKENS} tok/s",
-              f"tg{GEN_TOKENS} tok/s", "peak RSS (MiB)"]
+              f"tg{GEN_TOKENS} tok/s", "peak RSS (MiB)"] + ([ppl_header] if ppl_header else [])
     body = [[r["side"], r["model"], str(r["threads"]),
              f"{r['bits_per_param']:.2f}" if r["bits_per_param"] is not None else "-",
              rate(r["pp"]), rate(r["tg"]),
-             f"{r['peak_rss_mib']:.1f}" if r["peak_rss_mib"] is not None else "-"] for r in rows]
+             f"{r['peak_rss_mib']:.1f}" if r["peak_rss_mib"] is not None else "-"]
+            + ([perplexity(r.get("ppl"))] if ppl_header else []) for r in rows]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
@@ -310,10 +385,23 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--no-native", action="store_true", help="build with -DGGML_NATIVE=OFF")
     parser.add_argument("--json-out")
+    parser.add_argument("--lqd", default=os.path.join(ROOT, "build", "server", "lqd"),
+                        help="the lqd binary, for the perplexity column (default build/server/lqd)")
+    parser.add_argument("--ppl-text", default=os.path.join(ROOT, "tests", "data", "wiki.test.raw"),
+                        help="text for the perplexity column (default tests/data/wiki.test.raw)")
+    parser.add_argument("--ppl-context", type=int, default=512,
+                        help="n_ctx of llama-perplexity's protocol on both sides (default 512)")
+    parser.add_argument("--ppl-chunks", type=int, default=20,
+                        help="chunks of --ppl-context tokens scored on both sides (default 20)")
+    parser.add_argument("--no-ppl", action="store_true", help="no perplexity column")
     args = parser.parse_args()
 
     if not os.access(args.lqd_bench, os.X_OK):
         sys.exit(f"{args.lqd_bench}: not built (meson compile -C build; or pass --lqd-bench)")
+    if not args.no_ppl and not os.access(args.lqd, os.X_OK):
+        sys.exit(f"{args.lqd}: not built (meson compile -C build; or pass --lqd, or --no-ppl)")
+    if not args.no_ppl and (args.ppl_context < 3 or args.ppl_chunks < 1):
+        sys.exit("--ppl-context must be >= 3 and --ppl-chunks >= 1")
     gguf = os.path.abspath(args.model or default_gguf())
     if args.llama_bin:
         build = {"bin": os.path.abspath(args.llama_bin), "llama_cpp_commit": "unknown (--llama-bin)"}
@@ -324,14 +412,24 @@ def main():
     machine["load_average_before"] = os.getloadavg()
 
     thread_counts = [int(t) for t in args.threads.split(",")]
+    lq_models = [os.path.abspath(directory) for directory in args.lq_model]
+    # perplexity once per model (it does not depend on the thread count), at the first count
+    ppl = {}
+    if not args.no_ppl:
+        ppl_text = os.path.abspath(args.ppl_text)
+        measure = (ppl_text, args.ppl_context, args.ppl_chunks, thread_counts[0], args.timeout)
+        ppl[("llama.cpp", gguf)] = ppl_llama_cpp(build["bin"], gguf, *measure)
+        for model in [gguf] + lq_models:
+            ppl[("lqd", model)] = ppl_lqd(args.lqd, model, *measure)
     rows = []
     for threads in thread_counts:
         rows.append(side_llama_cpp(build["bin"], gguf, threads, args.repetitions, args.timeout))
+        rows[-1]["ppl"] = ppl.get(("llama.cpp", gguf))
         rows.append(side_lqd(args.lqd_bench, gguf, f"{os.path.basename(gguf)} → fp32 in memory",
                              threads, args.repetitions, args.timeout))
+        rows[-1]["ppl"] = ppl.get(("lqd", gguf))
         gguf_params = rows[-1].get("params")
-        for directory in args.lq_model:
-            directory = os.path.abspath(directory)
+        for directory in lq_models:
             row = side_lqd(args.lqd_bench, directory, f"LQ {os.path.basename(directory.rstrip('/'))}",
                            threads, args.repetitions, args.timeout)
             if row.get("pp"):
@@ -341,6 +439,7 @@ def main():
                     log(f"warning: {directory} has {row['params']} parameters, the GGUF "
                         f"{gguf_params}: not the same model")
                     row["model"] += " [NOT the GGUF's model]"
+            row["ppl"] = ppl.get(("lqd", directory))
             rows.append(row)
     machine["load_average_after"] = os.getloadavg()
 
@@ -356,12 +455,30 @@ def main():
     print("commands:")
     for r in rows:
         print("  " + r["command"])
+    for result in ppl.values():
+        print("  " + result["command"])
     print()
-    print(table(rows))
+    ppl_header = None
+    if ppl:
+        ppl_header = f"PPL ctx {args.ppl_context} × {args.ppl_chunks} chunks"
+    print(table(rows, ppl_header))
+    if ppl:
+        print()
+        print(f"perplexity: {os.path.relpath(ppl_text, ROOT)}, llama-perplexity's protocol "
+              f"(-c {args.ppl_context} --chunks {args.ppl_chunks}), PPL ± its error estimate; "
+              "scored tokens: " + ", ".join(
+                  f"{side} {os.path.basename(model.rstrip('/'))} {result.get('tokens')}"
+                  for (side, model), result in ppl.items()))
+        counts = {result.get("tokens") for result in ppl.values() if result.get("ppl") is not None}
+        if len(counts) > 1:
+            print("WARNING: the sides scored different token counts: not the same protocol")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"machine": machine, "llama_cpp_build": build, "model": gguf,
                        "threads": thread_counts, "repetitions": args.repetitions,
+                       "perplexity": None if args.no_ppl else {
+                           "text": ppl_text, "context": args.ppl_context,
+                           "chunks": args.ppl_chunks, "protocol": "llama-perplexity"},
                        "results": rows}, f, indent=2)
             f.write("\n")
 
