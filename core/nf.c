@@ -470,6 +470,26 @@ float lq_nf_block_scale(const struct lq_nf_matrix *m, size_t block) {
     return reconstruct_scale(m->scale_offset, scale_code, group_scale, c->b1);
 }
 
+float lq_nf_group_scale(const struct lq_nf_matrix *m, size_t group) {
+    return load_group_scale(m->group_scales, group, m->config.b2);
+}
+
+void lq_nf_block_scales(const struct lq_nf_matrix *m, size_t first, size_t count, float *scales) {
+    const struct lq_nf_config *c = &m->config;
+    const size_t group_blocks = (size_t)c->B1;
+    size_t group = first / group_blocks, in_group = first % group_blocks;
+    float group_scale = load_group_scale(m->group_scales, group, c->b2);
+    for (size_t k = 0; k < count; k++) {
+        if (in_group == group_blocks) { /* the next group's scale, decoded once per group */
+            in_group = 0;
+            group_scale = load_group_scale(m->group_scales, ++group, c->b2);
+        }
+        unsigned code = lq_bitpack_get(m->scale_codes, first + k, c->b1);
+        scales[k] = reconstruct_scale(m->scale_offset, code, group_scale, c->b1);
+        in_group++;
+    }
+}
+
 void lq_nf_dequantize_range(const struct lq_nf_matrix *m, size_t first, size_t count, float *out) {
     const struct lq_nf_config *c = &m->config;
     const float *table = lq_nf_code_table(c->b0);

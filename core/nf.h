@@ -92,6 +92,13 @@ void lq_nf_dequantize_range(const struct lq_nf_matrix *matrix, size_t first, siz
 /* The dequantized scale of block `block` (the factor its codes' table values are multiplied
  * by): exactly the float lq_nf_dequantize_range uses, for fused dequantizing kernels. */
 float lq_nf_block_scale(const struct lq_nf_matrix *matrix, size_t block);
+/* The b2-typed scale of group `group`, as a float. */
+float lq_nf_group_scale(const struct lq_nf_matrix *matrix, size_t group);
+/* The scales of blocks [first, first + count) into scales[0..count), each the float
+ * lq_nf_block_scale gives, with each group's scale decoded once (a call per block was a quarter
+ * of a decode profile). */
+void lq_nf_block_scales(const struct lq_nf_matrix *matrix, size_t first, size_t count,
+                        float *scales);
 
 /* out = dequantize(quantize(a)) for numel values, bit for bit, without building the packed
  * form: the inner step of the LQ decomposition. a and out may be the same array. */

@@ -30,23 +30,40 @@ int lq_parallel_threads(void) {
     return cpus;
 }
 
+/* Workers wait for a loop by spinning on the generation counter for a while (about a tenth of
+ * a millisecond), then sleep on a condition variable; the caller waits for the workers' parts the
+ * same way. A decode step of a small model runs hundreds of loops of tens of microseconds each:
+ * waking a sleeping thread through the kernel for each cost more than the loops themselves (2
+ * threads decoded slower than 1). Spinning stops soon after the last loop, so an idle daemon
+ * sleeps. */
+#define SPIN_ROUNDS 20000
+
+/* A claim ticket: the loop's generation above TICKET_BITS, the next unclaimed part below, in one
+ * atomic word, so a worker still holding an old generation can never claim a part of a new loop
+ * (its compare-and-swap fails on the generation). */
+#define TICKET_BITS 20
+#define TICKET_PART(ticket) ((size_t)((ticket) & ((1ull << TICKET_BITS) - 1)))
+#define TICKET_GENERATION(ticket) ((ticket) >> TICKET_BITS)
+
 struct pool {
     pthread_mutex_t lock;
     pthread_cond_t work_ready, work_done;
-    int workers;              /* threads started */
-    unsigned long generation; /* bumped for each loop handed to the workers */
-    /* the current loop */
+    int workers;         /* threads started (under lock) */
+    int sleepers;        /* workers asleep on work_ready (under lock) */
+    int caller_sleeping; /* the caller is asleep on work_done (under lock) */
+    /* the current loop: written by the caller before it publishes the ticket */
     void (*body)(void *context, size_t begin, size_t end);
     void *context;
     size_t count, parts;
-    size_t next_part; /* parts not yet claimed */
-    size_t parts_done;
-    int busy; /* a loop is being run */
+    unsigned long long ticket; /* (atomic) */
+    size_t parts_done;         /* (atomic) */
+    int busy;                  /* a loop is being run (atomic) */
 };
 
 static struct pool pool = {PTHREAD_MUTEX_INITIALIZER,
                            PTHREAD_COND_INITIALIZER,
                            PTHREAD_COND_INITIALIZER,
+                           0,
                            0,
                            0,
                            NULL,
@@ -57,29 +74,57 @@ static struct pool pool = {PTHREAD_MUTEX_INITIALIZER,
                            0,
                            0};
 
-/* Claims and runs parts of the current loop until none is left. Called with the lock held;
- * returns with it held. */
-static void run_parts(void) {
-    while (pool.next_part < pool.parts) {
-        size_t part = pool.next_part++;
-        size_t begin = pool.count * part / pool.parts, end = pool.count * (part + 1) / pool.parts;
-        void (*body)(void *, size_t, size_t) = pool.body;
-        void *context = pool.context;
-        pthread_mutex_unlock(&pool.lock);
-        body(context, begin, end);
-        pthread_mutex_lock(&pool.lock);
-        if (++pool.parts_done == pool.parts) pthread_cond_broadcast(&pool.work_done);
+static inline void spin_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Claims and runs parts of loop `generation` until none is left (or a newer loop has started).
+ * Whoever finishes the last part wakes the caller if it sleeps. */
+static void run_parts(unsigned long long generation) {
+    unsigned long long ticket = __atomic_load_n(&pool.ticket, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if (TICKET_GENERATION(ticket) != generation) return;
+        const size_t parts = pool.parts, part = TICKET_PART(ticket);
+        if (part >= parts) return;
+        if (!__atomic_compare_exchange_n(&pool.ticket, &ticket, ticket + 1, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue; /* ticket now holds the current value */
+        const size_t count = pool.count;
+        pool.body(pool.context, count * part / parts, count * (part + 1) / parts);
+        if (__atomic_add_fetch(&pool.parts_done, 1, __ATOMIC_ACQ_REL) == parts) {
+            pthread_mutex_lock(&pool.lock);
+            if (pool.caller_sleeping) pthread_cond_broadcast(&pool.work_done);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        ticket = __atomic_load_n(&pool.ticket, __ATOMIC_ACQUIRE);
     }
+}
+
+static unsigned long long current_generation(void) {
+    return TICKET_GENERATION(__atomic_load_n(&pool.ticket, __ATOMIC_ACQUIRE));
 }
 
 static void *worker_main(void *argument) {
     (void)argument;
-    pthread_mutex_lock(&pool.lock);
-    unsigned long seen = pool.generation;
+    unsigned long long seen = current_generation();
     for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.work_ready, &pool.lock);
-        seen = pool.generation;
-        run_parts();
+        unsigned long long now = seen;
+        for (int spin = 0; spin < SPIN_ROUNDS && now == seen; spin++) {
+            spin_pause();
+            now = current_generation();
+        }
+        if (now == seen) {
+            pthread_mutex_lock(&pool.lock);
+            pool.sleepers++;
+            while ((now = current_generation()) == seen)
+                pthread_cond_wait(&pool.work_ready, &pool.lock);
+            pool.sleepers--;
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = now;
+        run_parts(seen);
     }
     return NULL;
 }
@@ -104,31 +149,44 @@ void lq_parallel_for(size_t count, size_t min_per_thread,
     size_t threads = (size_t)lq_parallel_threads();
     if (min_per_thread < 1) min_per_thread = 1;
     if (threads > count / min_per_thread) threads = count / min_per_thread;
-    if (threads <= 1) {
+    int idle = 0;
+    if (threads <= 1 ||
+        !__atomic_compare_exchange_n(&pool.busy, &idle, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        /* one part, or nested, or another thread's loop is running: do it here */
         body(context, 0, count);
         return;
     }
     pthread_mutex_lock(&pool.lock);
-    if (pool.busy) { /* nested, or another thread's loop is running: do it here */
-        pthread_mutex_unlock(&pool.lock);
-        body(context, 0, count);
-        return;
-    }
     grow_pool((int)threads - 1);
-    if (pool.workers == 0) {
-        pthread_mutex_unlock(&pool.lock);
+    int workers = pool.workers;
+    pthread_mutex_unlock(&pool.lock);
+    if (workers == 0) {
+        __atomic_store_n(&pool.busy, 0, __ATOMIC_RELEASE);
         body(context, 0, count);
         return;
     }
+    if (threads > (size_t)workers + 1) threads = (size_t)workers + 1;
     /* The split depends only on count and the thread count: results written by index are
      * the same however the parts are scheduled. */
-    pool.busy = 1;
     pool.body = body, pool.context = context, pool.count = count, pool.parts = threads;
-    pool.next_part = 0, pool.parts_done = 0;
-    pool.generation++;
-    pthread_cond_broadcast(&pool.work_ready);
-    run_parts();
-    while (pool.parts_done < pool.parts) pthread_cond_wait(&pool.work_done, &pool.lock);
-    pool.busy = 0;
+    __atomic_store_n(&pool.parts_done, 0, __ATOMIC_RELAXED);
+    const unsigned long long generation = current_generation() + 1;
+    __atomic_store_n(&pool.ticket, generation << TICKET_BITS, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&pool.lock);
+    if (pool.sleepers) pthread_cond_broadcast(&pool.work_ready);
     pthread_mutex_unlock(&pool.lock);
+    run_parts(generation);
+    for (int spin = 0; spin < SPIN_ROUNDS; spin++) {
+        if (__atomic_load_n(&pool.parts_done, __ATOMIC_ACQUIRE) == threads) break;
+        spin_pause();
+    }
+    if (__atomic_load_n(&pool.parts_done, __ATOMIC_ACQUIRE) != threads) {
+        pthread_mutex_lock(&pool.lock);
+        pool.caller_sleeping = 1;
+        while (__atomic_load_n(&pool.parts_done, __ATOMIC_ACQUIRE) != threads)
+            pthread_cond_wait(&pool.work_done, &pool.lock);
+        pool.caller_sleeping = 0;
+        pthread_mutex_unlock(&pool.lock);
+    }
+    __atomic_store_n(&pool.busy, 0, __ATOMIC_RELEASE);
 }

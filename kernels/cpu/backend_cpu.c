@@ -8,13 +8,14 @@
 #include "core/parallel.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/int_gemv.h"
 
 /* What the backend has allocated, for memory(): buffers, and the bf16 heads it keeps (other
  * weights stay the model's). */
 struct cpu_backend {
     struct lq_backend base;
     size_t buffers;                  /* bytes, updated atomically */
-    size_t heads;                    /* bytes of bf16 heads, updated atomically */
+    size_t heads;                    /* bytes of bf16/int8 heads, updated atomically */
     enum lq_cpu_head_precision head; /* LQ_CPU_HEAD, read once at creation */
 };
 
@@ -111,12 +112,13 @@ static int cpu_head_prepare(struct lq_backend *backend, const float *w, int rows
                             void **head, struct lq_error *err) {
     struct cpu_backend *cpu = (struct cpu_backend *)backend;
     *head = NULL;
-    if (cpu->head != LQ_CPU_HEAD_BF16) return LQ_OK; /* matmul on the fp32 head */
-    struct lq_cpu_head *bf16;
-    int rc = lq_cpu_head_create(w, rows, cols, &bf16, err);
+    if (cpu->head == LQ_CPU_HEAD_FP32) return LQ_OK; /* matmul on the fp32 head */
+    if (cpu->head == LQ_CPU_HEAD_INT8 && cols % LQ_INT_RUN) return LQ_OK; /* not runs of 32 */
+    struct lq_cpu_head *copy;
+    int rc = lq_cpu_head_create(w, rows, cols, cpu->head, &copy, err);
     if (rc) return rc;
-    __atomic_add_fetch(&cpu->heads, lq_cpu_head_bytes(bf16), __ATOMIC_RELAXED);
-    *head = bf16;
+    __atomic_add_fetch(&cpu->heads, lq_cpu_head_bytes(copy), __ATOMIC_RELAXED);
+    *head = copy;
     return LQ_OK;
 }
 

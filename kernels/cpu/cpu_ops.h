@@ -5,6 +5,22 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/nf_gemv.h"
 
+/* LQ_VECTOR_CLONES on a function: an AVX2 clone beside the default one, picked at load time
+ * (GCC vector extensions then run 8 lanes at once). */
+/* target_clones needs the loader's ifunc support (glibc); ThreadSanitizer dislikes resolvers
+ * that run before it is set up. */
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define LQ_NO_VECTOR_CLONES 1
+#endif
+#endif
+#if defined(__x86_64__) && defined(__GLIBC__) && !defined(__SANITIZE_THREAD__) &&                  \
+    !defined(LQ_NO_VECTOR_CLONES)
+#define LQ_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LQ_VECTOR_CLONES
+#endif
+
 /* linear_cpu.c: y[n, rows] (leading dimension ldy) = x[n, cols] · w[rows, cols]ᵀ + beta·y with
  * beta 0 or 1, split over the thread pool by output rows when large enough (OpenBLAS itself
  * runs single-threaded under this backend, so its threads never compete with the pool's). Up
@@ -29,19 +45,19 @@ int lq_cpu_linear_base(struct lq_backend *backend, const struct lq_linear *w, co
 int lq_cpu_lowrank_add(struct lq_backend *backend, const float *L1, const float *L2, int rows,
                        int cols, int rank, const float *x, int n, float *y);
 
-/* head_cpu.c: the output head in bf16 (LQ_CPU_HEAD=bf16), the backend's own copy of a head
- * w[rows, cols] whose fp32 original stays the caller's. */
-enum lq_cpu_head_precision { LQ_CPU_HEAD_FP32, LQ_CPU_HEAD_BF16 };
+/* head_cpu.c: the output head in bf16 (LQ_CPU_HEAD=bf16) or int8 (LQ_CPU_HEAD=int8), the
+ * backend's own copy of a head w[rows, cols] whose fp32 original stays the caller's. */
+enum lq_cpu_head_precision { LQ_CPU_HEAD_FP32, LQ_CPU_HEAD_BF16, LQ_CPU_HEAD_INT8 };
 struct lq_cpu_head;
-/* LQ_CPU_HEAD=fp32|bf16 from the environment (unset: fp32; anything else is reported on
- * stderr and taken as fp32). */
+/* LQ_CPU_HEAD=fp32|bf16|int8 from the environment (unset: fp32; anything else is reported on
+ * stderr and taken as fp32). int8 needs rows whose length is a multiple of 32. */
 enum lq_cpu_head_precision lq_cpu_head_precision_from_env(void);
-int lq_cpu_head_create(const float *w, int rows, int cols, struct lq_cpu_head **out,
-                       struct lq_error *err);
+int lq_cpu_head_create(const float *w, int rows, int cols, enum lq_cpu_head_precision precision,
+                       struct lq_cpu_head **out, struct lq_error *err);
 void lq_cpu_head_free(struct lq_cpu_head *head);
 size_t lq_cpu_head_bytes(const struct lq_cpu_head *head);
-/* y[n, rows] = x[n, cols] · bf16(w)ᵀ: the AVX2 (or portable) bf16 kernel up to 64 tokens,
- * fp32 tiles and OpenBLAS beyond. */
+/* y[n, rows] = x[n, cols] · head(w)ᵀ: the AVX2 (or portable) bf16 kernel or the int kernel up
+ * to 64 tokens, fp32 tiles and OpenBLAS beyond. */
 int lq_cpu_head_matmul(const struct lq_cpu_head *head, const float *x, int n, float *y);
 
 /* attention_cpu.c: causal grouped-query attention against a KV cache. */

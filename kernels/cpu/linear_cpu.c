@@ -18,6 +18,7 @@
 #include "core/parallel.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cpu/nf_gemv.h"
+#include "kernels/cpu/int_gemv.h"
 
 /* Up to this many tokens per call the batch-invariant row-wise kernel runs (decode, batched
  * decode, short prompts); above it OpenBLAS sgemm (prefill), whose speed it cannot match. */
@@ -42,20 +43,6 @@ typedef float lq_v8 __attribute__((vector_size(32)));
 /* Macros, not functions: passing 32-byte vectors by value changes the ABI with AVX. */
 #define LQ_LOAD8(target, pointer) memcpy(&(target), (pointer), sizeof(lq_v8))
 #define LQ_LANES_SUM(v) (((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])))
-
-/* target_clones needs the loader's ifunc support (glibc); ThreadSanitizer dislikes resolvers
- * that run before it is set up. */
-#if defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define LQ_NO_VECTOR_CLONES 1
-#endif
-#endif
-#if defined(__x86_64__) && defined(__GLIBC__) && !defined(__SANITIZE_THREAD__) &&                  \
-    !defined(LQ_NO_VECTOR_CLONES)
-#define LQ_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LQ_VECTOR_CLONES
-#endif
 
 #if defined(__clang__)
 #define LQ_UNROLL _Pragma("unroll")
@@ -218,11 +205,42 @@ static void fused_body(void *context, size_t begin, size_t end) {
         lq_nf_gemv_portable(job->q, begin, end, job->x, job->n, job->y, job->q->rows);
 }
 
+/* The integer kernel (int_gemv.h) on x quantized once for all threads. */
+struct int_job {
+    const struct lq_nf_matrix *q;
+    struct lq_int_activations a;
+    float *y;
+};
+
+static void int_body(void *context, size_t begin, size_t end) {
+    const struct int_job *job = context;
+    if (lq_int_gemv_avx512_supported())
+        lq_int_gemv_avx512(job->q, begin, end, &job->a, job->y, job->q->rows);
+    else
+        lq_int_gemv_portable(job->q, begin, end, &job->a, job->y, job->q->rows);
+}
+
+static int int_gemv(const struct lq_nf_matrix *q, const float *x, int n, float *y) {
+    size_t bytes = lq_int_activations_bytes(n, q->cols);
+    void *buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!buffer) return LQ_ENOMEM;
+    struct int_job job = {q, {0}, y};
+    lq_int_activations_quantize(x, n, q->cols, lq_int_run_length(q->config.B0), LQ_INT_NF_UNIT,
+                                buffer, &job.a);
+    lq_parallel_for(q->rows, (size_t)tile_rows((int)q->cols), int_body, &job);
+    free(buffer);
+    return LQ_OK;
+}
+
 int lq_cpu_quantized_gemv(const struct lq_nf_matrix *q, const float *x, int n, float *y,
                           enum lq_nf_gemv_kernel kernel) {
     assert(n >= 1 && n <= LQ_CPU_ROWWISE_MAX_TOKENS && q->rows <= (size_t)INT_MAX &&
            q->cols <= (size_t)INT_MAX);
     const int rows = (int)q->rows, cols = (int)q->cols;
+    if (kernel == LQ_NF_GEMV_INT) {
+        if (lq_int_gemv_supports(q)) return int_gemv(q, x, n, y);
+        kernel = lq_nf_gemv_avx2_supported() ? LQ_NF_GEMV_AVX2 : LQ_NF_GEMV_PORTABLE;
+    }
     if (kernel == LQ_NF_GEMV_TILE) {
         struct lq_linear w = {.rows = rows, .cols = cols, .is_lq = 1, .q = *q};
         struct gemv_job job = {&w, x, n, y, 0};
@@ -272,8 +290,14 @@ int lq_cpu_linear(struct lq_backend *backend, const struct lq_linear *w, const f
         lq_cpu_gemm_nt(n, rows, cols, x, w->dense, y, rows, 0.0f);
         return LQ_OK;
     }
+    const enum lq_nf_gemv_kernel kernel = lq_nf_gemv_default_kernel();
     if (n <= LQ_CPU_ROWWISE_MAX_TOKENS) {
-        int rc = lq_cpu_quantized_gemv(&w->q, x, n, y, lq_nf_gemv_default_kernel());
+        int rc = lq_cpu_quantized_gemv(&w->q, x, n, y, kernel);
+        if (rc) return rc;
+    } else if (kernel == LQ_NF_GEMV_INT && lq_int_gemv_supports(&w->q) &&
+               lq_int_gemv_avx512_supported()) {
+        /* prefill too: integer multiply-adds beat fp32 tiles through sgemm (README) */
+        int rc = int_gemv(&w->q, x, n, y);
         if (rc) return rc;
     } else if (quantized_gemm(w, x, n, y)) {
         return LQ_ENOMEM;

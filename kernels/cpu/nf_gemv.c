@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "core/bitpack.h"
+#include "kernels/cpu/int_gemv.h"
 
 /* The recipe rounds every product and sum separately: no contraction into multiply-adds (GCC
  * does none in ISO C mode; Clang is told), no reassociation. */
@@ -86,6 +87,8 @@ const char *lq_nf_gemv_kernel_name(enum lq_nf_gemv_kernel kernel) {
         return "portable";
     case LQ_NF_GEMV_AVX2:
         return "avx2";
+    case LQ_NF_GEMV_INT:
+        return "int";
     }
     return "?";
 }
@@ -94,7 +97,9 @@ enum lq_nf_gemv_kernel lq_nf_gemv_default_kernel(void) {
     static int chosen = -1; /* written once; racing first callers compute the same value */
     int kernel = __atomic_load_n(&chosen, __ATOMIC_RELAXED);
     if (kernel >= 0) return (enum lq_nf_gemv_kernel)kernel;
-    kernel = lq_nf_gemv_avx2_supported() ? LQ_NF_GEMV_AVX2 : LQ_NF_GEMV_PORTABLE;
+    kernel = lq_int_gemv_avx512_supported() ? LQ_NF_GEMV_INT
+             : lq_nf_gemv_avx2_supported()  ? LQ_NF_GEMV_AVX2
+                                            : LQ_NF_GEMV_PORTABLE;
     const char *name = getenv("LQ_CPU_KERNEL");
     if (name && *name) {
         if (!strcmp(name, "tile"))
@@ -103,9 +108,11 @@ enum lq_nf_gemv_kernel lq_nf_gemv_default_kernel(void) {
             kernel = LQ_NF_GEMV_PORTABLE;
         else if (!strcmp(name, "avx2") && lq_nf_gemv_avx2_supported())
             kernel = LQ_NF_GEMV_AVX2;
+        else if (!strcmp(name, "int"))
+            kernel = LQ_NF_GEMV_INT;
         else
             fprintf(stderr,
-                    "lqd: LQ_CPU_KERNEL=%s is not tile, portable or a supported avx2; "
+                    "lqd: LQ_CPU_KERNEL=%s is not tile, portable, int or a supported avx2; "
                     "using %s\n",
                     name, lq_nf_gemv_kernel_name((enum lq_nf_gemv_kernel)kernel));
     }

@@ -25,6 +25,10 @@ enum lq_nf_gemv_kernel {
     LQ_NF_GEMV_TILE,     /* dequantize row tiles to fp32, then the row-wise kernel */
     LQ_NF_GEMV_PORTABLE, /* fused, plain C */
     LQ_NF_GEMV_AVX2,     /* fused, AVX2 (x86-64 with AVX2; else it runs the portable one) */
+    /* integer multiply-adds on int16 codes and activations (int_gemv.h): not exact; AVX-512
+     * where the CPU has it, else the portable integer kernel; layouts it does not take run AVX2
+     * (or portable) */
+    LQ_NF_GEMV_INT,
 };
 
 /* y[t * ldy + r] = row r of dequantize(m) · x[t * m->cols ...] for rows [row_begin, row_end)
@@ -37,9 +41,9 @@ void lq_nf_gemv_avx2(const struct lq_nf_matrix *m, size_t row_begin, size_t row_
 /* Whether this CPU (and build) runs lq_nf_gemv_avx2 with AVX2 rather than falling back. */
 int lq_nf_gemv_avx2_supported(void);
 
-/* The kernel lq_cpu_linear uses: LQ_CPU_KERNEL=tile|portable|avx2 from the environment, else
- * AVX2 where supported, else portable. Read once; an unknown value is reported on stderr and
- * ignored. */
+/* The kernel lq_cpu_linear uses: LQ_CPU_KERNEL=tile|portable|avx2|int from the environment,
+ * else int where the CPU runs its AVX-512 kernel, else AVX2 where supported, else portable. Read
+ * once; an unknown value is reported on stderr and ignored. */
 enum lq_nf_gemv_kernel lq_nf_gemv_default_kernel(void);
 const char *lq_nf_gemv_kernel_name(enum lq_nf_gemv_kernel kernel);
 

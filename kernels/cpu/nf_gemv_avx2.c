@@ -15,7 +15,6 @@
 #include <string.h>
 
 #include "core/bitpack.h"
-#include "core/half.h"
 
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -191,46 +190,13 @@ LQ_AVX2_INLINE void row_block_set(const struct avx2_cursor *cursor, struct row_b
     block->high = _mm256_mul_ps(_mm256_loadu_ps(cursor->padded + 8), block->scale);
 }
 
-/* Group `group`'s b2-typed scale, as core/nf.c stores it (little-endian). */
-static inline float group_scale(const struct lq_nf_matrix *m, size_t group) {
-    const uint8_t *in = m->group_scales;
-    if (m->config.b2 == LQ_SCALE_FP32) {
-        float value;
-        memcpy(&value, in + 4 * group, 4);
-        return value;
-    }
-    uint16_t half = (uint16_t)(in[2 * group] | (in[2 * group + 1] << 8));
-    return m->config.b2 == LQ_SCALE_BF16 ? lq_bf16_to_float(half) : lq_fp16_to_float(half);
-}
-
-/* The scales of blocks [first, first + count): each is lq_nf_block_scale's offset + code *
- * group_scale / (2^b1 - 1), the same operations in the same order, so the same float, without a
- * call per block (a quarter of a decode profile) or a group scale decoded per block. Scalar on
- * purpose: eight scalars stored and loaded back as one vector stall on store forwarding. */
-LQ_AVX2 static void block_scales(const struct lq_nf_matrix *m, size_t first, size_t count,
-                                 float *scales) {
-    const int b1 = m->config.b1;
-    const size_t group_blocks = (size_t)m->config.B1;
-    const float levels = (float)((1u << b1) - 1u), offset = m->scale_offset;
-    size_t group = first / group_blocks, in_group = first % group_blocks;
-    float scale = group_scale(m, group);
-    for (size_t k = 0; k < count; k++) {
-        if (in_group == group_blocks) { /* the next group's scale */
-            in_group = 0;
-            scale = group_scale(m, ++group);
-        }
-        scales[k] = offset + (float)lq_bitpack_get(m->scale_codes, first + k, b1) * scale / levels;
-        in_group++;
-    }
-}
-
 /* The scales of the blocks of flat indices [flat, flat + count) into scales (flat and count
  * multiples of 8), and the block of flat made current. */
 LQ_AVX2 __attribute__((noinline)) static void span_start(const struct avx2_cursor *cursor,
                                                          struct row_block *block, size_t flat,
                                                          size_t count, float *scales) {
     const size_t first = flat / cursor->block_size, last = (flat + count - 1) / cursor->block_size;
-    block_scales(cursor->m, first, last - first + 1, scales);
+    lq_nf_block_scales(cursor->m, first, last - first + 1, scales);
     block->end = (first + 1) * cursor->block_size;
     block->next = scales + 1;
     row_block_set(cursor, block, scales[0]);

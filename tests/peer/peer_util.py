@@ -35,8 +35,10 @@ KINDS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
 N_LAYERS = 5
 
 
-def run_lqd(*args, check=True):
-    result = subprocess.run([LQD, *args], capture_output=True, text=True, timeout=600)
+def run_lqd(*args, check=True, env=None):
+    """Runs lqd with args; env: variables added to this process's environment."""
+    full_env = None if env is None else {**os.environ, **env}
+    result = subprocess.run([LQD, *args], capture_output=True, text=True, timeout=600, env=full_env)
     if check and result.returncode != 0:
         raise AssertionError(f"lqd {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result

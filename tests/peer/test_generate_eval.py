@@ -88,17 +88,24 @@ with tempfile.TemporaryDirectory() as tmp:
     ref.write_safetensors(os.path.join(dense_dir, "model.safetensors"),
                           {k: ("F32", v.shape, np.ascontiguousarray(v).tobytes()) for k, v in dense.items()})
     ids = ",".join(map(str, reference[:120]))
-    outs = []
-    for model in (lq_dir, dense_dir):
-        out = os.path.join(tmp, os.path.basename(model) + ".npy")
-        run_lqd("eval", "--model", model, "--tokens", ids, "--dump-logits", out)
-        outs.append(np.load(out))
-    worst = float(np.abs(outs[0] - outs[1]).max())
-    checks.check(worst < 1e-3, f"LQ directory logits vs NumPy-dequantized dense: {worst}")
-    # the decode path (1 token per step) of the LQ directory gives the same greedy text
-    text_lq = run_lqd("generate", "--model", lq_dir, "--max-tokens", "60", "--temperature", "0").stdout
+    # the exact kernels (LQ_CPU_KERNEL=avx2, or the portable one where AVX2 is absent) and the
+    # default one (the integer kernel where the CPU has AVX-512: int16 codes and activations,
+    # not exact, within ~1e-4 of the logits' scale; kernels/cpu/int_gemv.h)
+    for kernel, tolerance in (("avx2", 1e-3), (None, 2e-2)):
+        env = {"LQ_CPU_KERNEL": kernel} if kernel else None
+        outs = []
+        for model in (lq_dir, dense_dir):
+            out = os.path.join(tmp, os.path.basename(model) + ".npy")
+            run_lqd("eval", "--model", model, "--tokens", ids, "--dump-logits", out, env=env)
+            outs.append(np.load(out))
+        worst = float(np.abs(outs[0] - outs[1]).max())
+        checks.check(worst < tolerance,
+                     f"LQ directory logits vs NumPy-dequantized dense ({kernel or 'default'} kernel): {worst}")
+    # the exact decode path (1 token per step) of the LQ directory gives the same greedy text
+    exact = {"LQ_CPU_KERNEL": "avx2"}
+    text_lq = run_lqd("generate", "--model", lq_dir, "--max-tokens", "60", "--temperature", "0", env=exact).stdout
     text_dense = run_lqd("generate", "--model", dense_dir, "--tokenizer", TOK, "--max-tokens", "60",
-                         "--temperature", "0").stdout
+                         "--temperature", "0", env=exact).stdout
     checks.check(text_lq == text_dense and len(text_lq) > 100, f"LQ greedy text {text_lq!r} vs {text_dense!r}")
     if os.path.exists(TINYSTORIES):
         lq_ppl = json.loads(run_lqd("eval", "--model", lq_dir, "--ppl", TINYSTORIES, "--max-tokens", "20000",
