@@ -12,6 +12,10 @@ int lq_runtime_create(struct lq_backend *backend, struct lq_model *model, struct
                       struct lq_error *err) {
     *out = NULL;
     const struct lq_model_config *c = &model->config;
+    if (!model->embed)
+        return lq_error_set(err, LQ_EINVAL,
+                            "%s: its embedding table was released to another runtime's head",
+                            model->path ? model->path : "model");
     struct lq_runtime *r = calloc(1, sizeof *r);
     if (!r) return lq_error_set(err, LQ_ENOMEM, "out of memory");
     r->backend = backend;
@@ -30,7 +34,9 @@ int lq_runtime_create(struct lq_backend *backend, struct lq_model *model, struct
                  ? (r->lm_head = r->embed, 0)
                  : ops->weights_upload(backend, model->lm_head, vocab_dim, &r->lm_head, err);
     if (!rc && ops->head_prepare)
-        rc = ops->head_prepare(backend, r->lm_head, c->vocab_size, c->dim, &r->head, err);
+        rc = ops->head_prepare(backend, r->lm_head, c->vocab_size, c->dim, model->is_lq, &r->head,
+                               err);
+    r->embed_from_head = !rc && r->head && ops->head_embed && model->lm_head == model->embed;
     for (int l = 0; l < c->n_layers && !rc; l++) {
         struct lq_layer *layer = &model->layers[l];
         rc = ops->weights_upload(backend, layer->attn_norm, (size_t)c->dim, &r->attn_norm[l], err);
@@ -47,6 +53,17 @@ int lq_runtime_create(struct lq_backend *backend, struct lq_model *model, struct
     }
     *out = r;
     return LQ_OK;
+}
+
+size_t lq_runtime_release_model_embedding(struct lq_runtime *r) {
+    struct lq_model *m = r->model;
+    /* only where the runtime's table is the model's own memory (a host backend) */
+    if (!r->embed_from_head || r->embed != m->embed || m->lm_head != m->embed) return 0;
+    r->backend->ops->weights_release(r->backend, r->embed);
+    free(m->embed);
+    m->embed = m->lm_head = NULL;
+    r->embed = r->lm_head = NULL;
+    return (size_t)m->config.vocab_size * (size_t)m->config.dim * sizeof(float);
 }
 
 void lq_runtime_free(struct lq_runtime *r) {
@@ -208,7 +225,7 @@ int lq_session_forward(struct lq_session *s, const int *tokens, int n, int all_l
                                 tokens[i], c->vocab_size);
         s->positions[i] = s->position + i;
     }
-    int rc = b->ops->embed(b, r->embed, c->dim, tokens, n, s->x);
+    int rc = lq_runtime_embed(r, tokens, n, s->x);
     for (int l = 0; l < c->n_layers && !rc; l++) rc = block(s, l, n);
     int first = all_logits ? 0 : n - 1, rows = n - first;
     const float *x_last = s->x + (size_t)first * c->dim;

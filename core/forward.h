@@ -15,6 +15,11 @@ struct lq_session;
 int lq_runtime_create(struct lq_backend *backend, struct lq_model *model, struct lq_runtime **out,
                       struct lq_error *err);
 void lq_runtime_free(struct lq_runtime *runtime);
+/* Frees the model's embedding table when this runtime no longer reads it (a tied model whose
+ * backend embeds from its own copy of the head: the CPU's int8 head), and returns the bytes
+ * freed (0: nothing released). The model can then not be given to another runtime; the
+ * daemon calls it for the models it serves. */
+size_t lq_runtime_release_model_embedding(struct lq_runtime *runtime);
 const struct lq_model_config *lq_runtime_config(const struct lq_runtime *runtime);
 
 /* A sequence of at most context tokens, fed at most max_batch tokens per forward call. */

@@ -154,7 +154,7 @@ int lq_forward_batch(struct lq_batch *batch, struct lq_session **sessions, const
         else
             batch->runs[batch->n_runs++] = (struct lq_row_run){sessions[i]->adapter, i, 1};
     }
-    int rc = b->ops->embed(b, r->embed, c->dim, tokens, n, batch->x);
+    int rc = lq_runtime_embed(r, tokens, n, batch->x);
     for (int l = 0; l < c->n_layers && !rc; l++) rc = batch_block(batch, sessions, l, n);
     if (!rc) rc = b->ops->rmsnorm(b, batch->x, r->final_norm, n, c->dim, c->norm_eps, batch->h);
     if (!rc) rc = lq_runtime_logits(r, batch->h, n, batch->logits);

@@ -18,6 +18,7 @@ struct lq_runtime {
     struct lq_model *model;
     const float *embed, *final_norm, *lm_head;
     void *head; /* the backend's own copy of lm_head (head_prepare), or NULL: matmul on it */
+    int embed_from_head; /* tied, and the backend embeds from head: embed is not read */
     const float **attn_norm, **ffn_norm;
     int prepared_layers; /* layers whose linears were prepared (for cleanup) */
     /* The model's own pairs as plain device arrays (n_layers * LQ_LINEARS_PER_LAYER), made
@@ -54,6 +55,15 @@ static inline int lq_runtime_logits(const struct lq_runtime *runtime, const floa
     const struct lq_model_config *c = &runtime->model->config;
     if (runtime->head) return b->ops->head_matmul(b, runtime->head, h, n, logits);
     return b->ops->matmul(b, runtime->lm_head, c->vocab_size, c->dim, h, n, logits);
+}
+
+/* out[n, dim] = the embeddings of ids: rows of the backend's head copy when the model is tied
+ * and the backend offers them, else of the embedding table. */
+static inline int lq_runtime_embed(const struct lq_runtime *runtime, const int *ids, int n,
+                                   float *out) {
+    struct lq_backend *b = runtime->backend;
+    if (runtime->embed_from_head) return b->ops->head_embed(b, runtime->head, ids, n, out);
+    return b->ops->embed(b, runtime->embed, runtime->model->config.dim, ids, n, out);
 }
 
 /* Frees the runtime's own pairs (lq_runtime_free). */

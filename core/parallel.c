@@ -6,6 +6,7 @@
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #define LQ_PARALLEL_MAX_THREADS 256
@@ -30,13 +31,19 @@ int lq_parallel_threads(void) {
     return cpus;
 }
 
-/* Workers wait for a loop by spinning on the generation counter for a while (about a tenth of
- * a millisecond), then sleep on a condition variable; the caller waits for the workers' parts the
+/* Workers wait for a loop by spinning on the generation counter for a while (a tenth of a
+ * millisecond), then sleep on a condition variable; the caller waits for the workers' parts the
  * same way. A decode step of a small model runs hundreds of loops of tens of microseconds each:
  * waking a sleeping thread through the kernel for each cost more than the loops themselves (2
  * threads decoded slower than 1). Spinning stops soon after the last loop, so an idle daemon
  * sleeps. */
-#define SPIN_ROUNDS 20000
+#define SPIN_NANOSECONDS 100000
+
+static unsigned long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (unsigned long long)t.tv_sec * 1000000000ull + (unsigned long long)t.tv_nsec;
+}
 
 /* A claim ticket: the loop's generation above TICKET_BITS, the next unclaimed part below, in one
  * atomic word, so a worker still holding an old generation can never claim a part of a new loop
@@ -111,9 +118,11 @@ static void *worker_main(void *argument) {
     unsigned long long seen = current_generation();
     for (;;) {
         unsigned long long now = seen;
-        for (int spin = 0; spin < SPIN_ROUNDS && now == seen; spin++) {
+        const unsigned long long deadline = now_ns() + SPIN_NANOSECONDS;
+        for (unsigned spin = 1; now == seen; spin++) {
             spin_pause();
             now = current_generation();
+            if (spin % 64 == 0 && now_ns() > deadline) break;
         }
         if (now == seen) {
             pthread_mutex_lock(&pool.lock);
@@ -176,9 +185,11 @@ void lq_parallel_for(size_t count, size_t min_per_thread,
     if (pool.sleepers) pthread_cond_broadcast(&pool.work_ready);
     pthread_mutex_unlock(&pool.lock);
     run_parts(generation);
-    for (int spin = 0; spin < SPIN_ROUNDS; spin++) {
-        if (__atomic_load_n(&pool.parts_done, __ATOMIC_ACQUIRE) == threads) break;
+    const unsigned long long deadline = now_ns() + SPIN_NANOSECONDS;
+    for (unsigned spin = 1; __atomic_load_n(&pool.parts_done, __ATOMIC_ACQUIRE) != threads;
+         spin++) {
         spin_pause();
+        if (spin % 64 == 0 && now_ns() > deadline) break;
     }
     if (__atomic_load_n(&pool.parts_done, __ATOMIC_ACQUIRE) != threads) {
         pthread_mutex_lock(&pool.lock);

@@ -170,15 +170,20 @@ struct lq_backend_ops {
     /* ---- the output head in the backend's own precision: NULL where the backend has none
      * (callers then run matmul on the fp32 head). ---- */
 
-    /* Prepares the head w[rows, cols] (weights_upload'ed, borrowed: it must outlive the
-     * head) for head_matmul. *head is NULL when the backend keeps w as it is (the default);
-     * else it is the backend's own copy, e.g. the CPU's bf16 one under LQ_CPU_HEAD=bf16. */
-    int (*head_prepare)(struct lq_backend *backend, const float *w, int rows, int cols, void **head,
-                        struct lq_error *err);
+    /* Prepares the head w[rows, cols] (weights_upload'ed, borrowed) for head_matmul.
+     * quantized_model: the model's linears are LQ (a backend may then pick a lower-precision
+     * head by default, as the CPU's int8 one). *head is NULL when the backend keeps w as it is;
+     * else it is the backend's own copy, which no longer needs w. */
+    int (*head_prepare)(struct lq_backend *backend, const float *w, int rows, int cols,
+                        int quantized_model, void **head, struct lq_error *err);
     void (*head_release)(struct lq_backend *backend, void *head);
     /* y[n, rows] = x[n, cols] · headᵀ for a non-NULL head from head_prepare. */
     int (*head_matmul)(struct lq_backend *backend, const void *head, const float *x, int n,
                        float *y);
+    /* out[i] = row ids[i] of the head as the backend keeps it (embedding lookups of a tied
+     * model served from the head's copy, so the fp32 table can go); NULL: not offered. */
+    int (*head_embed)(struct lq_backend *backend, const void *head, const int *ids, int n,
+                      float *out);
 };
 
 /* AdamW as PyTorch's torch.optim.AdamW computes it (decoupled weight decay, bias-corrected

@@ -245,6 +245,8 @@ static int served_model_build(struct lq_backend *backend, const char *name, cons
     }
     if ((rc = measure_model(m, err))) goto fail;
     if ((rc = lq_runtime_create(backend, m->model, &m->runtime, err))) goto fail;
+    /* a tied model served from the CPU's int8 head needs no fp32 table (113 MB for SmolLM2) */
+    lq_runtime_release_model_embedding(m->runtime);
     *out = m;
     return LQ_OK;
 fail:

@@ -109,13 +109,17 @@ static int cpu_matmul(struct lq_backend *backend, const float *w, int rows, int 
 }
 
 static int cpu_head_prepare(struct lq_backend *backend, const float *w, int rows, int cols,
-                            void **head, struct lq_error *err) {
+                            int quantized_model, void **head, struct lq_error *err) {
     struct cpu_backend *cpu = (struct cpu_backend *)backend;
     *head = NULL;
-    if (cpu->head == LQ_CPU_HEAD_FP32) return LQ_OK; /* matmul on the fp32 head */
-    if (cpu->head == LQ_CPU_HEAD_INT8 && cols % LQ_INT_RUN) return LQ_OK; /* not runs of 32 */
+    enum lq_cpu_head_precision precision = cpu->head;
+    if (precision == LQ_CPU_HEAD_AUTO) /* the int8 head costs ~0 perplexity (README) */
+        precision =
+            quantized_model && lq_int_gemv_avx512_supported() ? LQ_CPU_HEAD_INT8 : LQ_CPU_HEAD_FP32;
+    if (precision == LQ_CPU_HEAD_FP32) return LQ_OK; /* matmul on the fp32 head */
+    if (precision == LQ_CPU_HEAD_INT8 && cols % LQ_INT_RUN) return LQ_OK; /* not runs of 32 */
     struct lq_cpu_head *copy;
-    int rc = lq_cpu_head_create(w, rows, cols, cpu->head, &copy, err);
+    int rc = lq_cpu_head_create(w, rows, cols, precision, &copy, err);
     if (rc) return rc;
     __atomic_add_fetch(&cpu->heads, lq_cpu_head_bytes(copy), __ATOMIC_RELAXED);
     *head = copy;
@@ -133,6 +137,13 @@ static int cpu_head_matmul(struct lq_backend *backend, const void *head, const f
                            float *y) {
     (void)backend;
     return lq_cpu_head_matmul(head, x, n, y);
+}
+
+static int cpu_head_embed(struct lq_backend *backend, const void *head, const int *ids, int n,
+                          float *out) {
+    (void)backend;
+    lq_cpu_head_embed(head, ids, n, out);
+    return LQ_OK;
 }
 
 static int cpu_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
@@ -235,10 +246,11 @@ static const struct lq_backend_ops cpu_ops = {
     /* adapter ops (lowrank_cpu.c) */
     .linear_base = lq_cpu_linear_base,
     .lowrank_add = lq_cpu_lowrank_add,
-    /* the bf16 head (head_cpu.c) */
+    /* the bf16 or int8 head (head_cpu.c) */
     .head_prepare = cpu_head_prepare,
     .head_release = cpu_head_release,
     .head_matmul = cpu_head_matmul,
+    .head_embed = cpu_head_embed,
 };
 
 int lq_backend_cpu_create(struct lq_backend **out, struct lq_error *err) {

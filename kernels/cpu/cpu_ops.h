@@ -47,10 +47,15 @@ int lq_cpu_lowrank_add(struct lq_backend *backend, const float *L1, const float 
 
 /* head_cpu.c: the output head in bf16 (LQ_CPU_HEAD=bf16) or int8 (LQ_CPU_HEAD=int8), the
  * backend's own copy of a head w[rows, cols] whose fp32 original stays the caller's. */
-enum lq_cpu_head_precision { LQ_CPU_HEAD_FP32, LQ_CPU_HEAD_BF16, LQ_CPU_HEAD_INT8 };
+enum lq_cpu_head_precision {
+    LQ_CPU_HEAD_AUTO, /* int8 for LQ models where the integer kernels run (AVX-512), else fp32 */
+    LQ_CPU_HEAD_FP32,
+    LQ_CPU_HEAD_BF16,
+    LQ_CPU_HEAD_INT8,
+};
 struct lq_cpu_head;
-/* LQ_CPU_HEAD=fp32|bf16|int8 from the environment (unset: fp32; anything else is reported on
- * stderr and taken as fp32). int8 needs rows whose length is a multiple of 32. */
+/* LQ_CPU_HEAD=auto|fp32|bf16|int8 from the environment (unset: auto; anything else is reported
+ * on stderr and taken as auto). int8 needs rows whose length is a multiple of 32. */
 enum lq_cpu_head_precision lq_cpu_head_precision_from_env(void);
 int lq_cpu_head_create(const float *w, int rows, int cols, enum lq_cpu_head_precision precision,
                        struct lq_cpu_head **out, struct lq_error *err);
@@ -59,6 +64,8 @@ size_t lq_cpu_head_bytes(const struct lq_cpu_head *head);
 /* y[n, rows] = x[n, cols] · head(w)ᵀ: the AVX2 (or portable) bf16 kernel or the int kernel up
  * to 64 tokens, fp32 tiles and OpenBLAS beyond. */
 int lq_cpu_head_matmul(const struct lq_cpu_head *head, const float *x, int n, float *y);
+/* out[i][cols] = row ids[i] of the head (widened or dequantized), for embedding lookups. */
+void lq_cpu_head_embed(const struct lq_cpu_head *head, const int *ids, int n, float *out);
 
 /* attention_cpu.c: causal grouped-query attention against a KV cache. */
 int lq_cpu_attention(struct lq_backend *backend, const float *q, const float *k_cache,

@@ -24,11 +24,12 @@ struct lq_cpu_head {
 
 enum lq_cpu_head_precision lq_cpu_head_precision_from_env(void) {
     const char *name = getenv("LQ_CPU_HEAD");
-    if (!name || !*name || !strcmp(name, "fp32")) return LQ_CPU_HEAD_FP32;
+    if (!name || !*name || !strcmp(name, "auto")) return LQ_CPU_HEAD_AUTO;
+    if (!strcmp(name, "fp32")) return LQ_CPU_HEAD_FP32;
     if (!strcmp(name, "bf16")) return LQ_CPU_HEAD_BF16;
     if (!strcmp(name, "int8")) return LQ_CPU_HEAD_INT8;
-    fprintf(stderr, "lqd: LQ_CPU_HEAD=%s is not fp32, bf16 or int8; using fp32\n", name);
-    return LQ_CPU_HEAD_FP32;
+    fprintf(stderr, "lqd: LQ_CPU_HEAD=%s is not auto, fp32, bf16 or int8; using auto\n", name);
+    return LQ_CPU_HEAD_AUTO;
 }
 
 struct convert_job {
@@ -71,6 +72,17 @@ int lq_cpu_head_create(const float *w, int rows, int cols, enum lq_cpu_head_prec
     lq_parallel_for(count, (size_t)1 << 20, convert_body, &job);
     *out = head;
     return LQ_OK;
+}
+
+void lq_cpu_head_embed(const struct lq_cpu_head *head, const int *ids, int n, float *out) {
+    const size_t cols = (size_t)head->cols;
+    for (int i = 0; i < n; i++) {
+        float *row = out + (size_t)i * cols;
+        if (head->precision == LQ_CPU_HEAD_INT8)
+            lq_int8_matrix_dequantize_rows(&head->int8, (size_t)ids[i], 1, row);
+        else
+            lq_bf16_widen(head->bf16 + (size_t)ids[i] * cols, cols, row);
+    }
 }
 
 void lq_cpu_head_free(struct lq_cpu_head *head) {

@@ -160,11 +160,13 @@ struct source {
 };
 
 /* Rows [row, row + ROWS) by tokens [t0, t0 + TOKENS), ROWS · TOKENS <= 16; scales[i] holds row
- * i's block scales. b0 = 0: int8 values. SUB: sub-runs of 32 per run (a.run / 32). */
+ * i's block scales. b0 = 0: int8 values. SUB: sub-runs of 32 per run (a.run / 32). decoded:
+ * the rows' int16 weights (row stride cols), or NULL to decode them here. */
 INT_INLINE void rows_tokens(const struct decoder *d, const struct source *src, size_t row,
                             const int rows, const float *const *scales,
                             const struct lq_int_activations *a, int t0, const int tokens,
-                            const int b0, const int sub, float *y, size_t ldy) {
+                            const int b0, const int sub, const int16_t *decoded, float *y,
+                            size_t ldy) {
     const size_t cols = src->cols, run = (size_t)sub * LQ_INT_RUN, runs = cols / run;
     const size_t row_bytes = src->row_bytes, block_size = src->block_size;
     /* the block of each run, walked without a division per run */
@@ -185,8 +187,12 @@ INT_INLINE void rows_tokens(const struct decoder *d, const struct source *src, s
 #pragma GCC unroll 2
             for (int s = 0; s < sub; s++) {
                 const size_t at = k * run + (size_t)s * LQ_INT_RUN; /* column */
-                w[s] = b0 == 0 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + at)))
-                               : decode_sub_run(d, p + at / 8 * (size_t)b0, src->codes_end, b0);
+                if (decoded) /* the rows decoded once for many tokens */
+                    w[s] = _mm512_load_si512(decoded + (size_t)i * cols + at);
+                else if (b0 == 0)
+                    w[s] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + at)));
+                else
+                    w[s] = decode_sub_run(d, p + at / 8 * (size_t)b0, src->codes_end, b0);
             }
             const __m512 s_w = run_scales(d, scales[i] + block);
 #pragma GCC unroll 4
@@ -215,23 +221,46 @@ INT_INLINE void rows_tokens(const struct decoder *d, const struct source *src, s
             y[(size_t)(t0 + t) * ldy + row + (size_t)i] = lanes_sum(acc[i * tokens + t]);
 }
 
-/* Rows [row, row + ROWS) for every token: groups of four tokens, then the rest. */
+/* Most columns whose decoded weights rows_all_tokens keeps for four rows (64 KiB, in L2). */
+#define DECODE_MAX_COLS 8192
+
+/* The int16 weights of rows [row, row + ROWS) into out[ROWS][cols]. */
+INT_INLINE void decode_rows(const struct decoder *d, const struct source *src, size_t row,
+                            const int rows, const int b0, int16_t *out) {
+    const size_t cols = src->cols;
+    for (int i = 0; i < rows; i++) {
+        const uint8_t *p = src->codes + (row + (size_t)i) * src->row_bytes;
+        for (size_t c = 0; c < cols; c += LQ_INT_RUN)
+            _mm512_store_si512(out + (size_t)i * cols + c,
+                               decode_sub_run(d, p + c / 8 * (size_t)b0, src->codes_end, b0));
+    }
+}
+
+/* Rows [row, row + ROWS) for every token: groups of four tokens, then the rest. With more than
+ * four tokens, NF rows are decoded once into an L2-resident buffer first (prefill: decoding per
+ * group of four tokens was a third of the work). */
 INT_INLINE void rows_all_tokens(const struct decoder *d, const struct source *src, size_t row,
                                 const int rows, const float *const *scales,
                                 const struct lq_int_activations *a, const int b0, const int sub,
                                 float *y, size_t ldy) {
+    static _Thread_local int16_t buffer[4 * DECODE_MAX_COLS] __attribute__((aligned(64)));
+    const int16_t *decoded = NULL;
+    if (a->n > 4 && b0 != 0 && src->cols <= DECODE_MAX_COLS) {
+        decode_rows(d, src, row, rows, b0, buffer);
+        decoded = buffer;
+    }
     int t0 = 0;
     for (; t0 + 4 <= a->n; t0 += 4)
-        rows_tokens(d, src, row, rows, scales, a, t0, 4, b0, sub, y, ldy);
+        rows_tokens(d, src, row, rows, scales, a, t0, 4, b0, sub, decoded, y, ldy);
     switch (a->n - t0) {
     case 1:
-        rows_tokens(d, src, row, rows, scales, a, t0, 1, b0, sub, y, ldy);
+        rows_tokens(d, src, row, rows, scales, a, t0, 1, b0, sub, decoded, y, ldy);
         break;
     case 2:
-        rows_tokens(d, src, row, rows, scales, a, t0, 2, b0, sub, y, ldy);
+        rows_tokens(d, src, row, rows, scales, a, t0, 2, b0, sub, decoded, y, ldy);
         break;
     case 3:
-        rows_tokens(d, src, row, rows, scales, a, t0, 3, b0, sub, y, ldy);
+        rows_tokens(d, src, row, rows, scales, a, t0, 3, b0, sub, decoded, y, ldy);
         break;
     default:
         break;

@@ -426,6 +426,7 @@ static const struct lq_backend_ops cuda_ops = {
     /* head_prepare */ NULL,
     /* head_release */ NULL,
     /* head_matmul */ NULL,
+    /* head_embed */ NULL,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,

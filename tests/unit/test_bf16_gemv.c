@@ -123,9 +123,11 @@ static void test_backend_head(void) {
     const int n = 70;
     CHECK(make_case(&d, 301, 77, n, 11) == 0);
     void *head = (void *)1;
-    CHECK_OK(plain->ops->head_prepare(plain, d.w, (int)d.rows, (int)d.cols, &head, &err));
-    CHECK(head == NULL); /* the default keeps the fp32 head: matmul */
-    CHECK_OK(bf16->ops->head_prepare(bf16, d.w, (int)d.rows, (int)d.cols, &head, &err));
+    CHECK_OK(plain->ops->head_prepare(plain, d.w, (int)d.rows, (int)d.cols, 0, &head, &err));
+    CHECK(head == NULL); /* the default (auto) keeps a dense model's fp32 head: matmul */
+    CHECK_OK(plain->ops->head_prepare(plain, d.w, (int)d.rows, (int)d.cols, 1, &head, &err));
+    CHECK(head == NULL); /* and an LQ model's too when rows are not runs of 32 (77 columns) */
+    CHECK_OK(bf16->ops->head_prepare(bf16, d.w, (int)d.rows, (int)d.cols, 0, &head, &err));
     CHECK(head != NULL);
     struct lq_backend_memory memory;
     bf16->ops->memory(bf16, &memory);

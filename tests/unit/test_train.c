@@ -11,6 +11,7 @@
 #include "core/safetensors.h"
 #include "core/tokenizer.h"
 #include "core/train.h"
+#include "kernels/cpu/nf_gemv.h"
 #include "tests/unit/lq_test.h"
 #include "tests/unit/train_reference.h"
 
@@ -569,7 +570,10 @@ static void test_stories260k_training(void) {
     double first_trainer = 0;
     long first_tokens = 0;
     CHECK_OK(lq_trainer_evaluate(t, &first, &first_trainer, &first_tokens, NULL));
-    CHECK_NEAR(first_trainer / first_tokens, served, 1e-5);
+    /* the trainer runs the exact fp32 kernels; serving an LQ model runs the integer ones and
+     * the int8 head where the CPU has AVX-512 (kernels/cpu/int_gemv.h): ~2e-4 apart here */
+    CHECK_NEAR(first_trainer / first_tokens, served,
+               lq_nf_gemv_default_kernel() == LQ_NF_GEMV_INT ? 1e-3 : 1e-5);
     double start = seconds_now();
     struct lq_train_stats stats = {0};
     for (int step = 0; step < o.total_steps; step++) {
