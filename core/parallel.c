@@ -52,16 +52,24 @@ static unsigned long long now_ns(void) {
 #define TICKET_PART(ticket) ((size_t)((ticket) & ((1ull << TICKET_BITS) - 1)))
 #define TICKET_GENERATION(ticket) ((ticket) >> TICKET_BITS)
 
-struct pool {
-    pthread_mutex_t lock;
-    pthread_cond_t work_ready, work_done;
-    int workers;         /* threads started (under lock) */
-    int sleepers;        /* workers asleep on work_ready (under lock) */
-    int caller_sleeping; /* the caller is asleep on work_done (under lock) */
-    /* the current loop: written by the caller before it publishes the ticket */
+/* One loop's parameters. The pool keeps two, by the parity of the generation: a worker still
+ * holding generation G can read G's slot while the caller fills G + 1's, and its claim then
+ * fails on the ticket (a loop's parameters used to be one set, which a stale worker could read
+ * half-rewritten when the number of parts changed between loops: two parts done twice, or the
+ * caller waiting forever). */
+struct loop {
     void (*body)(void *context, size_t begin, size_t end);
     void *context;
     size_t count, parts;
+};
+
+struct pool {
+    pthread_mutex_t lock;
+    pthread_cond_t work_ready, work_done;
+    int workers;               /* threads started (under lock) */
+    int sleepers;              /* workers asleep on work_ready (under lock) */
+    int caller_sleeping;       /* the caller is asleep on work_done (under lock) */
+    struct loop loops[2];      /* written by the caller before it publishes the ticket */
     unsigned long long ticket; /* (atomic) */
     size_t parts_done;         /* (atomic) */
     int busy;                  /* a loop is being run (atomic) */
@@ -73,10 +81,7 @@ static struct pool pool = {PTHREAD_MUTEX_INITIALIZER,
                            0,
                            0,
                            0,
-                           NULL,
-                           NULL,
-                           0,
-                           0,
+                           {{NULL, NULL, 0, 0}, {NULL, NULL, 0, 0}},
                            0,
                            0,
                            0};
@@ -93,13 +98,15 @@ static void run_parts(unsigned long long generation) {
     unsigned long long ticket = __atomic_load_n(&pool.ticket, __ATOMIC_ACQUIRE);
     for (;;) {
         if (TICKET_GENERATION(ticket) != generation) return;
-        const size_t parts = pool.parts, part = TICKET_PART(ticket);
+        const struct loop *loop = &pool.loops[generation & 1];
+        const size_t parts = loop->parts, part = TICKET_PART(ticket);
         if (part >= parts) return;
         if (!__atomic_compare_exchange_n(&pool.ticket, &ticket, ticket + 1, 0, __ATOMIC_ACQ_REL,
                                          __ATOMIC_ACQUIRE))
             continue; /* ticket now holds the current value */
-        const size_t count = pool.count;
-        pool.body(pool.context, count * part / parts, count * (part + 1) / parts);
+        /* the claim succeeded: the loop is still live, so its slot is still its own */
+        const size_t count = loop->count;
+        loop->body(loop->context, count * part / parts, count * (part + 1) / parts);
         if (__atomic_add_fetch(&pool.parts_done, 1, __ATOMIC_ACQ_REL) == parts) {
             pthread_mutex_lock(&pool.lock);
             if (pool.caller_sleeping) pthread_cond_broadcast(&pool.work_done);
@@ -177,9 +184,9 @@ void lq_parallel_for(size_t count, size_t min_per_thread,
     if (threads > (size_t)workers + 1) threads = (size_t)workers + 1;
     /* The split depends only on count and the thread count: results written by index are
      * the same however the parts are scheduled. */
-    pool.body = body, pool.context = context, pool.count = count, pool.parts = threads;
-    __atomic_store_n(&pool.parts_done, 0, __ATOMIC_RELAXED);
     const unsigned long long generation = current_generation() + 1;
+    pool.loops[generation & 1] = (struct loop){body, context, count, threads};
+    __atomic_store_n(&pool.parts_done, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&pool.ticket, generation << TICKET_BITS, __ATOMIC_RELEASE);
     pthread_mutex_lock(&pool.lock);
     if (pool.sleepers) pthread_cond_broadcast(&pool.work_ready);

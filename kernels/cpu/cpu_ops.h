@@ -39,7 +39,9 @@ int lq_cpu_linear(struct lq_backend *backend, const struct lq_linear *w, const f
                   float *y);
 
 /* lowrank_cpu.c: the adapter ops (kernels/backend.h): linear without the layer's own low-rank
- * part, and y += (x · L2ᵀ) · L1ᵀ, which lq_cpu_linear also uses for its own pair. */
+ * part, and y += (x · L2ᵀ) · L1ᵀ, which lq_cpu_linear also uses for its own pair. Up to 64
+ * tokens by the fixed recipe of lowrank_kernels.h (AVX-512, AVX2 or portable C: the same bits;
+ * batch-invariant); above that through OpenBLAS. */
 int lq_cpu_linear_base(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
                        float *y);
 int lq_cpu_lowrank_add(struct lq_backend *backend, const float *L1, const float *L2, int rows,

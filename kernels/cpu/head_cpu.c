@@ -49,7 +49,8 @@ int lq_cpu_head_create(const float *w, int rows, int cols, enum lq_cpu_head_prec
     if (precision == LQ_CPU_HEAD_INT8) {
         struct lq_cpu_head *head = calloc(1, sizeof *head);
         if (!head) return lq_error_set(err, LQ_ENOMEM, "out of memory");
-        int rc = lq_int8_matrix_quantize(w, (size_t)rows, (size_t)cols, &head->int8, err);
+        int rc =
+            lq_int8_matrix_quantize(w, (size_t)rows, (size_t)cols, LQ_INT_RUN, &head->int8, err);
         if (rc) {
             free(head);
             return rc;
@@ -145,8 +146,8 @@ int lq_cpu_head_matmul(const struct lq_cpu_head *head, const float *x, int n, fl
         size_t bytes = lq_int_activations_bytes(n, (size_t)head->cols);
         buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
         if (!buffer) return LQ_ENOMEM;
-        lq_int_activations_quantize(x, n, (size_t)head->cols, LQ_INT_RUN, LQ_INT_INT8_UNIT, buffer,
-                                    &job.a);
+        lq_int_activations_quantize(x, n, (size_t)head->cols, head->int8.run, LQ_INT_INT8_UNIT,
+                                    buffer, &job.a);
     }
     /* a thread is worth ~2^18 multiply-adds, as in lq_cpu_gemm_nt */
     size_t per_row = (size_t)n * (size_t)head->cols;

@@ -172,15 +172,17 @@ void lq_int_gemv_portable(const struct lq_nf_matrix *m, size_t row_begin, size_t
     }
 }
 
-int lq_int8_matrix_quantize(const float *w, size_t rows, size_t cols, struct lq_int8_matrix *out,
-                            struct lq_error *err) {
+int lq_int8_matrix_quantize(const float *w, size_t rows, size_t cols, int run,
+                            struct lq_int8_matrix *out, struct lq_error *err) {
     memset(out, 0, sizeof *out);
-    if (cols == 0 || cols % LQ_INT_RUN)
+    if (run != 32 && run != 64)
+        return lq_error_set(err, LQ_EINVAL, "int8 matrix runs are 32 or 64 columns, not %d", run);
+    if (cols == 0 || cols % (size_t)run)
         return lq_error_set(err, LQ_EINVAL,
-                            "an int8 matrix needs rows of a multiple of %d, not %zu", LQ_INT_RUN,
-                            cols);
+                            "an int8 matrix needs rows of a multiple of %d, not %zu", run, cols);
+    const size_t length = (size_t)run;
     out->values = malloc(rows * cols);
-    out->scales = malloc(rows * (cols / LQ_INT_RUN) * sizeof *out->scales);
+    out->scales = malloc(rows * (cols / length) * sizeof *out->scales);
     if (!out->values || !out->scales) {
         lq_int8_matrix_free(out);
         return lq_error_set(err, LQ_ENOMEM, "out of memory for a %zu x %zu int8 matrix", rows,
@@ -188,22 +190,23 @@ int lq_int8_matrix_quantize(const float *w, size_t rows, size_t cols, struct lq_
     }
     out->rows = rows;
     out->cols = cols;
-    for (size_t run = 0; run < rows * (cols / LQ_INT_RUN); run++) {
-        const float *in = w + run * LQ_INT_RUN;
+    out->run = (int)length;
+    for (size_t run = 0; run < rows * (cols / length); run++) {
+        const float *in = w + run * length;
         float absmax = 0.0f;
-        for (int k = 0; k < LQ_INT_RUN; k++) {
+        for (size_t k = 0; k < length; k++) {
             float a = fabsf(in[k]);
             absmax = a > absmax ? a : absmax;
         }
         if (!isfinite(absmax)) {
             lq_int8_matrix_free(out);
             return lq_error_set(err, LQ_ENUMERIC, "non-finite weight in row %zu",
-                                run / (cols / LQ_INT_RUN));
+                                run / (cols / length));
         }
         out->scales[run] = absmax / 127.0f;
         const float inverse = absmax > 0.0f ? 127.0f / absmax : 0.0f;
-        for (int k = 0; k < LQ_INT_RUN; k++)
-            out->values[run * LQ_INT_RUN + (size_t)k] = (int8_t)lrintf(in[k] * inverse);
+        for (size_t k = 0; k < length; k++)
+            out->values[run * length + k] = (int8_t)lrintf(in[k] * inverse);
     }
     return LQ_OK;
 }
@@ -215,14 +218,14 @@ void lq_int8_matrix_free(struct lq_int8_matrix *m) {
 }
 
 size_t lq_int8_matrix_bytes(const struct lq_int8_matrix *m) {
-    return m->rows * m->cols + m->rows * (m->cols / LQ_INT_RUN) * sizeof *m->scales;
+    return m->rows * m->cols + m->rows * (m->cols / (size_t)m->run) * sizeof *m->scales;
 }
 
 void lq_int8_matrix_dequantize_rows(const struct lq_int8_matrix *m, size_t r0, size_t count,
                                     float *out) {
     for (size_t i = 0; i < count * m->cols; i++) {
         size_t flat = r0 * m->cols + i;
-        out[i] = (float)m->values[flat] * m->scales[flat / LQ_INT_RUN];
+        out[i] = (float)m->values[flat] * m->scales[flat / (size_t)m->run];
     }
 }
 
@@ -234,7 +237,7 @@ static int int8_value(const void *context, size_t r, size_t c) {
 static float int8_lane_scale(const void *context, size_t r, size_t k, int lane) {
     const struct lq_int8_matrix *m = context;
     (void)lane;
-    return m->scales[r * (m->cols / LQ_INT_RUN) + k];
+    return m->scales[r * (m->cols / (size_t)m->run) + k];
 }
 
 void lq_int8_matrix_gemv_portable(const struct lq_int8_matrix *m, size_t row_begin, size_t row_end,

@@ -311,6 +311,7 @@ INT_INLINE void gemv_rows(const struct source *src, const struct decoder *d, siz
         gemv_rows(src, d, begin, end, a, y, ldy, scratch, B0, SUB);                                \
     }
 INT_SPECIALISE(0, 1)
+INT_SPECIALISE(0, 2)
 INT_SPECIALISE(2, 1)
 INT_SPECIALISE(2, 2)
 INT_SPECIALISE(3, 1)
@@ -368,18 +369,16 @@ void lq_int8_matrix_gemv_avx512(const struct lq_int8_matrix *m, size_t row_begin
     }
     if (row_begin >= row_end || a->n < 1) return;
     const uint8_t *values = (const uint8_t *)m->values;
-    const struct source src = {values,
-                               values + m->rows * m->cols,
-                               m->cols,
-                               m->cols,
-                               m->cols / LQ_INT_RUN,
-                               LQ_INT_RUN,
-                               NULL,
-                               m->scales};
+    const size_t run = (size_t)m->run;
+    const struct source src = {
+        values, values + m->rows * m->cols, m->cols, m->cols, m->cols / run, run, NULL, m->scales};
     struct decoder d;
-    decoder_init(&d, 0, LQ_INT_RUN);
+    decoder_init(&d, 0, m->run);
     float scratch[16];
-    gemv_b0_1(&src, &d, row_begin, row_end, a, y, ldy, scratch);
+    if (run == 64)
+        gemv_b0_2(&src, &d, row_begin, row_end, a, y, ldy, scratch);
+    else
+        gemv_b0_1(&src, &d, row_begin, row_end, a, y, ldy, scratch);
 }
 
 #else /* not x86-64: the portable kernels */

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Packs what a GPU machine without lqd's Debian libraries needs to run the GPU checks: the
-# binaries of BUILD (default build/, configured with CUDA), the shared libraries they load
+# binaries of BUILD (default build/, configured with CUDA) and the CUDA module lqd loads (next to
+# lqd, where it looks first), the shared libraries they load
 # (except libc's and CUDA's own, which the GPU machine has), and the perplexity text, into
 # .devrun/ (git-ignored). Then on the GPU machine: sh tests/kernels/gpu_check.sh
 set -eu
@@ -8,7 +9,7 @@ build=${1:-build}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out="$root/.devrun"
 rm -rf "$out" && mkdir -p "$out/lib"
-for binary in server/lqd tests/test_cuda_ops tests/test_cuda_train_ops tests/test_cuda_attention_backward tests/bench_cuda; do
+for binary in server/lqd kernels/liblqd_cuda.so tests/test_cuda_ops tests/test_cuda_train_ops tests/test_cuda_attention_backward tests/bench_cuda; do
     cp "$root/$build/$binary" "$out/"
     ldd "$root/$build/$binary" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
         case "$(basename "$lib")" in

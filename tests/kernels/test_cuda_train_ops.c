@@ -17,6 +17,13 @@
 #include "core/rng.h"
 #include "kernels/backend.h"
 #include "tests/unit/lq_test.h"
+
+/* The CPU ops these are checked against are the exact fp32 kernels: on a CPU with AVX-512 an
+ * LQ layer's default is the integer kernel (kernels/cpu/int_gemv.h, ~1e-4 from exact), whose
+ * error would hide the GPU's. Set before the first linear call reads it. */
+__attribute__((constructor)) static void exact_cpu_kernels(void) {
+    setenv("LQ_CPU_KERNEL", "avx2", 0);
+}
 #include "tests/kernels/kernel_check.h"
 
 /* fp32 products and sums in another order (cuBLAS, block reductions): far under 1e-5. The

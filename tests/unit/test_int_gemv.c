@@ -258,18 +258,18 @@ static void test_int8_matrix(void) {
     for (size_t c = 0; c < cols; c++) w[7 * cols + c] = 0.0f; /* an all-zero row */
     struct lq_int8_matrix m;
     struct lq_error err = {0};
-    CHECK_OK(lq_int8_matrix_quantize(w, rows, cols, &m, &err));
+    CHECK_OK(lq_int8_matrix_quantize(w, rows, cols, 64, &m, &err));
     lq_int8_matrix_dequantize_rows(&m, 0, rows, back);
     int close = 1;
     for (size_t i = 0; i < rows * cols; i++)
-        close &= fabsf(back[i] - w[i]) <= 0.5f * m.scales[i / LQ_INT_RUN] * 1.0001f;
+        close &= fabsf(back[i] - w[i]) <= 0.5f * m.scales[i / (size_t)m.run] * 1.0001f;
     CHECK_MSG(close, "int8 matrix dequantizes beyond half a step");
     const int counts[] = {1, 2, 5, 64};
     for (int k = 0; k < 4; k++) {
         const int n = counts[k];
         void *buffer = aligned_alloc(64, (lq_int_activations_bytes(n, cols) + 63) / 64 * 64);
         struct lq_int_activations a;
-        lq_int_activations_quantize(x, n, cols, LQ_INT_RUN, LQ_INT_INT8_UNIT, buffer, &a);
+        lq_int_activations_quantize(x, n, cols, m.run, LQ_INT_INT8_UNIT, buffer, &a);
         for (size_t i = 0; i < (size_t)n * rows; i++) simd[i] = NAN;
         lq_int8_matrix_gemv_portable(&m, 0, rows, &a, portable, rows);
         lq_int8_matrix_gemv_avx512(&m, 0, rows, &a, simd, rows);
@@ -280,7 +280,7 @@ static void test_int8_matrix(void) {
             for (size_t r = 0; r < rows; r++) {
                 double exact = 0, bound = 0;
                 for (size_t c = 0; c < cols; c++) {
-                    double step_x = a.scale[(size_t)t * (cols / LQ_INT_RUN) + c / LQ_INT_RUN];
+                    double step_x = a.scale[(size_t)t * (cols / (size_t)m.run) + c / (size_t)m.run];
                     const float xc = x[(size_t)t * cols + c];
                     exact += (double)back[r * cols + c] * xc;
                     bound += fabs(back[r * cols + c]) * 0.5 * step_x;
@@ -290,11 +290,22 @@ static void test_int8_matrix(void) {
         CHECK_MSG(ok, "int8 matrix beyond the activation rounding bound, n=%d", n);
         free(buffer);
     }
-    /* the head op: int8 up to 64 tokens equals the kernel; beyond, fp32 tiles of the same weights
-     */
+    lq_int8_matrix_free(&m);
+    /* the head op (runs of 32): up to 64 tokens the int kernel's bits, portable = AVX-512; beyond,
+     * the product of the dequantized head (fp32 tiles) */
+    CHECK_OK(lq_int8_matrix_quantize(w, rows, cols, 32, &m, &err));
+    CHECK(m.run == 32);
+    lq_int8_matrix_dequantize_rows(&m, 0, rows, back);
     struct lq_cpu_head *head = NULL;
     CHECK_OK(lq_cpu_head_create(w, (int)rows, (int)cols, LQ_CPU_HEAD_INT8, &head, &err));
     CHECK(lq_cpu_head_bytes(head) == rows * cols + rows * cols / 32 * sizeof(float));
+    {
+        void *buffer = aligned_alloc(64, (lq_int_activations_bytes(64, cols) + 63) / 64 * 64);
+        struct lq_int_activations a;
+        lq_int_activations_quantize(x, 64, cols, 32, LQ_INT_INT8_UNIT, buffer, &a);
+        lq_int8_matrix_gemv_portable(&m, 0, rows, &a, portable, rows);
+        free(buffer);
+    }
     CHECK_OK(lq_cpu_head_matmul(head, x, 64, simd));
     CHECK_MSG(!memcmp(portable, simd, 64 * rows * sizeof *simd), "head op != int kernel");
     CHECK_OK(lq_cpu_head_matmul(head, x, 80, simd));
@@ -311,9 +322,22 @@ static void test_int8_matrix(void) {
     CHECK_MSG(near, "head op with 80 tokens is not the product of the dequantized head");
     lq_cpu_head_free(head);
     lq_int8_matrix_free(&m);
-    CHECK(lq_int8_matrix_quantize(w, rows, 100, &m, &err) == LQ_EINVAL);
+    /* a small matrix in runs of 32 */
+    CHECK_OK(lq_int8_matrix_quantize(w, 9, 96, 32, &m, &err));
+    {
+        void *buffer = aligned_alloc(64, (lq_int_activations_bytes(3, 96) + 63) / 64 * 64);
+        struct lq_int_activations a;
+        lq_int_activations_quantize(x, 3, 96, m.run, LQ_INT_INT8_UNIT, buffer, &a);
+        lq_int8_matrix_gemv_portable(&m, 0, 9, &a, portable, 9);
+        lq_int8_matrix_gemv_avx512(&m, 0, 9, &a, simd, 9);
+        CHECK_MSG(!memcmp(portable, simd, 27 * sizeof *simd), "int8 matrix, runs of 32");
+        free(buffer);
+    }
+    lq_int8_matrix_free(&m);
+    CHECK(lq_int8_matrix_quantize(w, rows, 100, 32, &m, &err) == LQ_EINVAL);
+    CHECK(lq_int8_matrix_quantize(w, rows, 96, 64, &m, &err) == LQ_EINVAL);
     w[3] = INFINITY;
-    CHECK(lq_int8_matrix_quantize(w, rows, cols, &m, &err) == LQ_ENUMERIC);
+    CHECK(lq_int8_matrix_quantize(w, rows, cols, 32, &m, &err) == LQ_ENUMERIC);
     free(w), free(x), free(back), free(portable), free(simd);
 }
 
