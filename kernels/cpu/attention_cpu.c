@@ -132,8 +132,9 @@ int lq_cpu_attention(struct lq_backend *backend, const float *q, const float *k_
     }
     struct attention_job job = {q, k_cache, v_cache, start, heads, kv_heads, head_dim, out};
     size_t tasks = (size_t)n * (size_t)heads;
-    /* each task costs ~ (start + n) * head_dim: split only when that is worth a thread */
+    /* each task costs ~ (start + n) * head_dim: split only when that is worth a thread (16K,
+     * since the pool's threads spin between loops) */
     size_t per_task = (size_t)(start + n) * (size_t)head_dim;
-    lq_parallel_for(tasks, per_task >= 65536 ? 1 : 65536 / per_task + 1, attention_body, &job);
+    lq_parallel_for(tasks, per_task >= 16384 ? 1 : 16384 / per_task + 1, attention_body, &job);
     return LQ_OK;
 }

@@ -227,7 +227,10 @@ static int int_gemv(const struct lq_nf_matrix *q, const float *x, int n, float *
     struct int_job job = {q, {0}, y};
     lq_int_activations_quantize(x, n, q->cols, lq_int_run_length(q->config.B0), LQ_INT_NF_UNIT,
                                 buffer, &job.a);
-    lq_parallel_for(q->rows, (size_t)tile_rows((int)q->cols), int_body, &job);
+    /* a part is worth ~16K multiply-adds per token now that the pool's threads spin between
+     * loops: 576x192 projections split in two rather than running on one thread */
+    size_t grain = (size_t)16384 / q->cols;
+    lq_parallel_for(q->rows, grain < 4 ? 4 : grain, int_body, &job);
     free(buffer);
     return LQ_OK;
 }
