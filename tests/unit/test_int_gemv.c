@@ -111,8 +111,18 @@ static void check_case(struct lq_nf_config config, size_t rows, size_t cols, int
     lq_int_gemv_avx512(&d.m, 0, rows, &d.a, simd, rows);
     CHECK_MSG(!memcmp(portable, simd, (size_t)n * rows * sizeof *simd),
               "avx512 != portable: %s %zux%zu n=%d", name, rows, cols, n);
-    CHECK_OK(lq_cpu_quantized_gemv(&d.m, d.x, n, threaded, LQ_NF_GEMV_INT));
-    CHECK_MSG(!memcmp(portable, threaded, (size_t)n * rows * sizeof *simd),
+    /* the threaded entry points: the decode one up to 64 tokens, the linear layer (prefill)
+     * beyond, where it runs the integer kernel when that is the default */
+    int threaded_ran = 1;
+    if (n <= LQ_NF_GEMV_MAX_TOKENS) {
+        CHECK_OK(lq_cpu_quantized_gemv(&d.m, d.x, n, threaded, LQ_NF_GEMV_INT));
+    } else if (lq_nf_gemv_default_kernel() == LQ_NF_GEMV_INT && lq_int_gemv_supports(&d.m)) {
+        struct lq_linear layer = {.rows = (int)rows, .cols = (int)cols, .is_lq = 1, .q = d.m};
+        CHECK_OK(lq_cpu_linear(NULL, &layer, d.x, n, threaded));
+    } else {
+        threaded_ran = 0;
+    }
+    CHECK_MSG(!threaded_ran || !memcmp(portable, threaded, (size_t)n * rows * sizeof *simd),
               "threaded int != portable: %s %zux%zu n=%d", name, rows, cols, n);
     /* a sub-range of rows gives the same rows */
     if (rows > 3) {
