@@ -19,6 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 /* Prompt tokens per forward call at most, as lqd generate uses: prefill in the same chunks
  * gives the same logits. */
@@ -364,11 +367,24 @@ static void finish_list(struct lq_scheduler *s, struct lq_request *list, int cod
     }
 }
 
+static void release_free_memory(void) {
+#if defined(__GLIBC__)
+    malloc_trim(0);
+#endif
+}
+
 static void *scheduler_main(void *argument) {
     struct lq_scheduler *s = argument;
     for (;;) {
         struct lq_request *admitted = NULL, *dropped = NULL;
         pthread_mutex_lock(&s->lock);
+        if (!s->stopping && !s->head && s->running_count == 0) {
+            /* idle: hand back what the finished requests' sessions and buffers left in
+             * malloc's free lists (glibc keeps it: 100 MB after 96 requests of SmolLM2) */
+            pthread_mutex_unlock(&s->lock);
+            release_free_memory();
+            pthread_mutex_lock(&s->lock);
+        }
         while (!s->stopping && !s->head && s->running_count == 0)
             pthread_cond_wait(&s->wake, &s->lock);
         if (s->stopping) {

@@ -25,8 +25,8 @@ last stream closed); req/s likewise; TTFT = request sent to the first chunk with
 p99 over the successful requests); failed = HTTP errors, connection errors, an error event in
 the stream, or a stream without finish_reason or usage. Memory from /proc/PID/status of the
 server process: idle RSS once it answers ready (lqd: GET /ready 200, llama-server: GET /health
-200) before the warm-up, RSS right after the load, and peak = VmHWM at the end (which includes
-loading: lqd's peak can come from loading, not from serving, when idle RSS < peak and RSS after
+200) before the warm-up, RSS right after the load and 2 s later (idle again), and peak = VmHWM
+at the end (which includes loading: lqd's peak can come from loading, not from serving, when idle RSS < peak and RSS after
 the load < peak; the JSON has VmHWM at idle too). llama.cpp mmaps
 the GGUF, so its weights count as file-backed RSS (RssFile, in the JSON); lqd's fp32 copy is
 anonymous memory. A server that exits during the load is reported with its exit status and the
@@ -317,6 +317,8 @@ def run_side(label, side, args, env, ready_path, model_name, opts):
                             opts.timeout))
         row["cpu_seconds"] = meter.stop()
         row["after_load"] = proc_status(server.process.pid)
+        time.sleep(2)  # the server idle again: what it keeps (lqd trims malloc's free lists)
+        row["settled"] = proc_status(server.process.pid)
         status = server.process.poll()
         if status is not None:
             row["crash"] = f"exited with status {status} during the load:\n{server.log_tail()}"
@@ -341,10 +343,11 @@ def fmt(value, spec):
 
 def table(rows, max_tokens):
     header = ["side", "model/format", "tokens/s", "req/s", "tokens/req", "TTFT p50 (ms)",
-              "TTFT p99 (ms)", "failed", "idle RSS (MiB)", "RSS after (MiB)", "peak RSS (MiB)"]
+              "TTFT p99 (ms)", "failed", "idle RSS (MiB)", "RSS after (MiB)",
+              "RSS 2 s later (MiB)", "peak RSS (MiB)"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for r in rows:
-        idle, after = r.get("idle", {}), r.get("after_load", {})
+        idle, after, settled = r.get("idle", {}), r.get("after_load", {}), r.get("settled", {})
         failed = str(r["failed"]) if "failed" in r else "-"
         if r.get("crash"):
             failed += " (server died)" if "exited" in r["crash"] else " (error)"
@@ -355,7 +358,7 @@ def table(rows, max_tokens):
             r["side"], r["model"], fmt(r.get("tokens_per_s"), ".1f"), fmt(r.get("requests_per_s"), ".2f"),
             tokens_per_request, fmt(r.get("ttft_p50_ms"), ".0f"), fmt(r.get("ttft_p99_ms"), ".0f"),
             failed, fmt(idle.get("VmRSS"), ".0f"), fmt(after.get("VmRSS"), ".0f"),
-            fmt(after.get("VmHWM"), ".0f")]) + " |")
+            fmt(settled.get("VmRSS"), ".0f"), fmt(after.get("VmHWM"), ".0f")]) + " |")
     return "\n".join(lines)
 
 
