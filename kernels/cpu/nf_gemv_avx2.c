@@ -435,34 +435,20 @@ LQ_AVX2_INLINE void gemv_aligned(const struct avx2_cursor *cursor, size_t begin,
 }
 #undef ROWS_STEP
 
-LQ_AVX2 static void gemv_b2(struct avx2_cursor *cursor, size_t begin, size_t end, const float *x,
-                            int n, float *y, size_t ldy) {
-    if (cursor->block_size % 8 == 0 && cursor->m->cols % 8 == 0)
-        gemv_aligned(cursor, begin, end, x, n, y, ldy, 2);
-    else
-        gemv_bits(cursor, begin, end, x, n, y, ldy, 2);
-}
-LQ_AVX2 static void gemv_b3(struct avx2_cursor *cursor, size_t begin, size_t end, const float *x,
-                            int n, float *y, size_t ldy) {
-    if (cursor->block_size % 8 == 0 && cursor->m->cols % 8 == 0)
-        gemv_aligned(cursor, begin, end, x, n, y, ldy, 3);
-    else
-        gemv_bits(cursor, begin, end, x, n, y, ldy, 3);
-}
-LQ_AVX2 static void gemv_b4(struct avx2_cursor *cursor, size_t begin, size_t end, const float *x,
-                            int n, float *y, size_t ldy) {
-    if (cursor->block_size % 8 == 0 && cursor->m->cols % 8 == 0)
-        gemv_aligned(cursor, begin, end, x, n, y, ldy, 4);
-    else
-        gemv_bits(cursor, begin, end, x, n, y, ldy, 4);
-}
-LQ_AVX2 static void gemv_b8(struct avx2_cursor *cursor, size_t begin, size_t end, const float *x,
-                            int n, float *y, size_t ldy) {
-    if (cursor->block_size % 8 == 0 && cursor->m->cols % 8 == 0)
-        gemv_aligned(cursor, begin, end, x, n, y, ldy, 8);
-    else
-        gemv_bits(cursor, begin, end, x, n, y, ldy, 8);
-}
+/* b0 made a compile-time constant for each specialised copy. */
+#define GEMV_SPECIALISE(B0)                                                                        \
+    LQ_AVX2 static void gemv_b##B0(struct avx2_cursor *cursor, size_t begin, size_t end,          \
+                                   const float *x, int n, float *y, size_t ldy) {                 \
+        if (cursor->block_size % 8 == 0 && cursor->m->cols % 8 == 0)                              \
+            gemv_aligned(cursor, begin, end, x, n, y, ldy, B0);                                   \
+        else                                                                                      \
+            gemv_bits(cursor, begin, end, x, n, y, ldy, B0);                                      \
+    }
+GEMV_SPECIALISE(2)
+GEMV_SPECIALISE(3)
+GEMV_SPECIALISE(4)
+GEMV_SPECIALISE(8)
+#undef GEMV_SPECIALISE
 
 void lq_nf_gemv_avx2(const struct lq_nf_matrix *m, size_t row_begin, size_t row_end, const float *x,
                      int n, float *y, size_t ldy) {
