@@ -25,7 +25,7 @@ static const char compress_usage[] =
     "usage: lqd compress --model SRC --bits B --rank R --out DIR [--tokenizer T]\n"
     "                    [--configs GRID] [--iters T] [--seed S] [--threads N]\n"
     "                    [--cache-dir DIR | --no-cache] [--ilp-time-limit SECONDS]\n"
-    "                    [--force] [--quiet] [--json]\n"
+    "                    [--force] [--quiet] [--json] [--progress-json]\n"
     "                    [--fisher FILE --fisher-samples N [--fisher-seq-len L] [--fisher-seed S]\n"
     "                     [--fisher-save PATH] | --fisher-load PATH]\n"
     "\n"
@@ -64,6 +64,8 @@ static const char compress_usage[] =
     "  --force              replace DIR if it is an existing LQ model directory\n"
     "  --quiet              no progress on stderr\n"
     "  --json               print the report as one JSON object\n"
+    "  --progress-json      progress on stderr as one JSON object per line (for programs, e.g.\n"
+    "                       lqd serve running compress jobs through a launcher)\n"
     "\n"
     "Fisher-weighted LQ (LQ-LoRA paper section 3.3): every decomposition minimises\n"
     "||sqrt(F) * (W - Q - L1 L2)||, F the diagonal empirical Fisher information of W, and the\n"
@@ -86,7 +88,7 @@ static const char compress_usage[] =
 struct compress_args {
     const char *model, *out, *tokenizer, *configs, *cache_dir;
     double bits, ilp_time_limit;
-    int rank, iters, threads, no_cache, force, quiet, json;
+    int rank, iters, threads, no_cache, force, quiet, json, progress_json;
     unsigned long long seed;
     int have_bits, have_rank;
     const char *fisher, *fisher_save, *fisher_load; /* calibration text, F files */
@@ -110,6 +112,7 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
         OPT_FORCE,
         OPT_QUIET,
         OPT_JSON,
+        OPT_PROGRESS_JSON,
         OPT_DEVICE,
         OPT_GPU_MEMORY,
         OPT_FISHER,
@@ -135,6 +138,7 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
         {"force", no_argument, NULL, OPT_FORCE},
         {"quiet", no_argument, NULL, OPT_QUIET},
         {"json", no_argument, NULL, OPT_JSON},
+        {"progress-json", no_argument, NULL, OPT_PROGRESS_JSON},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"gpu-memory", required_argument, NULL, OPT_GPU_MEMORY},
         {"fisher", required_argument, NULL, OPT_FISHER},
@@ -214,6 +218,9 @@ static int parse_args(int argc, char **argv, struct compress_args *a) {
         case OPT_JSON:
             a->json = 1;
             break;
+        case OPT_PROGRESS_JSON:
+            a->progress_json = 1;
+            break;
         case OPT_DEVICE:
         case OPT_GPU_MEMORY:
             if (lq_cli_device_option("compress", option == OPT_DEVICE ? "device" : "gpu-memory",
@@ -279,7 +286,7 @@ static void on_signal(int signal_number) {
 }
 
 struct progress_state {
-    int quiet, tty;
+    int quiet, tty, json;
     double last_line; /* elapsed seconds of the last plain line */
     enum lq_compress_phase phase;
     int phase_started;
@@ -309,6 +316,21 @@ static int on_progress(void *context, const struct lq_compress_progress *p) {
     if (s->quiet) return 0;
     if (!s->phase_started || s->phase != p->phase)
         s->phase = p->phase, s->phase_started = 1, s->last_line = -1e9;
+    if (s->json) {
+        /* One line per report at most once a second, and always at a phase's start and end. */
+        if (!p->finished && p->cells_done && p->elapsed_seconds - s->last_line < 1.0) return 0;
+        s->last_line = p->elapsed_seconds;
+        fprintf(stderr,
+                "{\"event\":\"progress\",\"phase\":\"%s\",\"matrices_done\":%zu,"
+                "\"matrices_total\":%zu,\"cells_done\":%zu,\"cells_total\":%zu,"
+                "\"cells_cached\":%zu,\"elapsed_seconds\":%.3f,\"eta_seconds\":%.3f,"
+                "\"finished\":%s}\n",
+                lq_compress_phase_name(p->phase), p->matrices_done, p->matrices_total,
+                p->cells_done, p->cells_total, p->cells_cached, p->elapsed_seconds, p->eta_seconds,
+                p->finished ? "true" : "false");
+        fflush(stderr);
+        return 0;
+    }
     double fraction = p->cells_total ? (double)p->cells_done / (double)p->cells_total : 1.0;
     char elapsed[32], eta[32], counts[160];
     format_seconds(p->elapsed_seconds, elapsed, sizeof elapsed);
@@ -355,7 +377,17 @@ static int on_fisher_progress(void *context, int done, int total) {
     char elapsed_text[32], eta_text[32];
     format_seconds(elapsed, elapsed_text, sizeof elapsed_text);
     format_seconds(eta, eta_text, sizeof eta_text);
-    if (s->tty) {
+    if (s->json) {
+        if (done == total || elapsed - s->last_line >= 1.0) {
+            s->last_line = elapsed;
+            fprintf(stderr,
+                    "{\"event\":\"progress\",\"phase\":\"fisher\",\"sequences_done\":%d,"
+                    "\"sequences_total\":%d,\"elapsed_seconds\":%.3f,\"eta_seconds\":%.3f,"
+                    "\"finished\":%s}\n",
+                    done, total, elapsed, eta, done == total ? "true" : "false");
+            fflush(stderr);
+        }
+    } else if (s->tty) {
         fprintf(stderr, "\r\033[KFisher        %d/%d sequences  %s  ETA %s", done, total,
                 elapsed_text, eta_text);
         if (done == total) fputc('\n', stderr);
@@ -677,7 +709,13 @@ int lq_cli_compress(int argc, char **argv) {
                 a.model, a.out);
     if (lq_model_load(a.model, &source, &err)) goto fail;
 
-    struct progress_state progress = {a.quiet, isatty(STDERR_FILENO), 0, LQ_COMPRESS_TABLE, 0, 0};
+    struct progress_state progress = {a.quiet,
+                                      isatty(STDERR_FILENO) && !a.progress_json,
+                                      a.progress_json,
+                                      0,
+                                      LQ_COMPRESS_TABLE,
+                                      0,
+                                      0};
     struct lq_compress_options options;
     lq_compress_options_default(&options);
     options.budget = a.bits, options.rank = a.rank, options.iters = a.iters;
