@@ -7,12 +7,6 @@
 #include "core/parallel.h"
 #include "kernels/cpu/cpu_ops.h"
 
-struct attention_job {
-    const float *q, *k_cache, *v_cache;
-    int start, heads, kv_heads, head_dim;
-    float *out;
-};
-
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -36,45 +30,72 @@ static inline float dot_lanes(const float *q, const float *k, int hd) {
     return dot;
 }
 
+/* One (token, head) of decode-style attention: q_h (hd values) against cache positions
+ * 0..last, into o (hd values). scores holds last + 1 floats. Both the single-sequence op and the
+ * batch op run every task through here, so a token's output has the same bits either way. */
 LQ_VECTOR_CLONES
+static void attend_one(const float *q, const float *k, const float *v, int last, int hd, int kv_dim,
+                       float *scores, float *o) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    float max = -INFINITY;
+    for (int t = 0; t <= last; t++) {
+        scores[t] = dot_lanes(q, k + (size_t)t * kv_dim, hd) * scale;
+        max = scores[t] > max ? scores[t] : max;
+    }
+    double sum = 0.0;
+    for (int t = 0; t <= last; t++) {
+        scores[t] = expf(scores[t] - max);
+        sum += scores[t];
+    }
+    for (int d = 0; d < hd; d++) o[d] = 0.0f;
+    float inverse = (float)(1.0 / sum);
+    for (int t = 0; t <= last; t++) {
+        const float *vt = v + (size_t)t * kv_dim;
+        float p = scores[t] * inverse;
+        for (int d = 0; d < hd; d++) o[d] += p * vt[d];
+    }
+}
+
+/* Tasks (token, head) of decode-style attention: token i's query row q + i * heads * hd attends
+ * to positions 0..positions[i] of caches[i] (one sequence's caches each, or one shared). */
+struct attention_job {
+    const float *q;
+    const float *const *k_caches, *const *v_caches; /* [tokens] */
+    const int *positions;                           /* [tokens]: the last position each sees */
+    int heads, kv_heads, head_dim;
+    float *out;
+};
+
 static void attention_body(void *context, size_t begin, size_t end) {
     const struct attention_job *job = context;
     const int hd = job->head_dim, kv_dim = job->kv_heads * hd, group = job->heads / job->kv_heads;
-    const float scale = 1.0f / sqrtf((float)hd);
     int capacity = 0;
     float *scores = NULL;
     for (size_t task = begin; task < end; task++) {
         int token = (int)(task / (size_t)job->heads), head = (int)(task % (size_t)job->heads);
-        int last = job->start + token; /* attends to positions 0..last */
+        int last = job->positions[token];
         if (last + 1 > capacity) {
             free(scores);
             capacity = last + 1;
             scores = malloc((size_t)capacity * sizeof *scores);
             if (!scores) return; /* leaves out untouched; the caller's poisoning shows it */
         }
-        const float *q = job->q + ((size_t)token * job->heads + head) * hd;
-        const float *k = job->k_cache + (size_t)(head / group) * hd;
-        const float *v = job->v_cache + (size_t)(head / group) * hd;
-        float max = -INFINITY;
-        for (int t = 0; t <= last; t++) {
-            scores[t] = dot_lanes(q, k + (size_t)t * kv_dim, hd) * scale;
-            max = scores[t] > max ? scores[t] : max;
-        }
-        double sum = 0.0;
-        for (int t = 0; t <= last; t++) {
-            scores[t] = expf(scores[t] - max);
-            sum += scores[t];
-        }
-        float *o = job->out + ((size_t)token * job->heads + head) * hd;
-        for (int d = 0; d < hd; d++) o[d] = 0.0f;
-        float inverse = (float)(1.0 / sum);
-        for (int t = 0; t <= last; t++) {
-            const float *vt = v + (size_t)t * kv_dim;
-            float p = scores[t] * inverse;
-            for (int d = 0; d < hd; d++) o[d] += p * vt[d];
-        }
+        size_t offset = ((size_t)token * job->heads + head) * hd;
+        attend_one(job->q + offset, job->k_caches[token] + (size_t)(head / group) * hd,
+                   job->v_caches[token] + (size_t)(head / group) * hd, last, hd, kv_dim, scores,
+                   job->out + offset);
     }
     free(scores);
+}
+
+/* Runs the tasks of tokens whose last positions are `positions`; `span` is about the positions
+ * each attends to (the work of a task is span · hd). */
+static void attention_run(struct attention_job *job, int tokens, size_t span) {
+    size_t tasks = (size_t)tokens * (size_t)job->heads;
+    /* each task costs ~ span * head_dim: split only when that is worth a thread (16K, since the
+     * pool's threads spin between loops) */
+    size_t per_task = span * (size_t)job->head_dim;
+    lq_parallel_for(tasks, per_task >= 16384 ? 1 : 16384 / per_task + 1, attention_body, job);
 }
 
 /* Prefill: per head, scores = Q_h·K_hᵀ and out_h = softmax(scores)·V_h as two GEMMs over all n
@@ -130,11 +151,22 @@ int lq_cpu_attention(struct lq_backend *backend, const float *q, const float *k_
                         &job);
         return LQ_OK;
     }
-    struct attention_job job = {q, k_cache, v_cache, start, heads, kv_heads, head_dim, out};
-    size_t tasks = (size_t)n * (size_t)heads;
-    /* each task costs ~ (start + n) * head_dim: split only when that is worth a thread (16K,
-     * since the pool's threads spin between loops) */
-    size_t per_task = (size_t)(start + n) * (size_t)head_dim;
-    lq_parallel_for(tasks, per_task >= 16384 ? 1 : 16384 / per_task + 1, attention_body, &job);
+    /* the cache pointers and last positions of each token, for the shared task body */
+    const float *k_caches[16], *v_caches[16];
+    int positions[16];
+    for (int i = 0; i < n; i++)
+        k_caches[i] = k_cache, v_caches[i] = v_cache, positions[i] = start + i;
+    struct attention_job job = {q, k_caches, v_caches, positions, heads, kv_heads, head_dim, out};
+    attention_run(&job, n, (size_t)(start + n));
+    return LQ_OK;
+}
+
+int lq_cpu_attention_decode(const float *q, const float *const *k_caches,
+                            const float *const *v_caches, const int *positions, int n, int heads,
+                            int kv_heads, int head_dim, float *out) {
+    size_t span = 0;
+    for (int i = 0; i < n; i++) span += (size_t)positions[i] + 1;
+    struct attention_job job = {q, k_caches, v_caches, positions, heads, kv_heads, head_dim, out};
+    attention_run(&job, n, n ? span / (size_t)n : 1);
     return LQ_OK;
 }

@@ -146,22 +146,68 @@ static int cpu_head_embed(struct lq_backend *backend, const void *head, const in
     return LQ_OK;
 }
 
-static int cpu_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
-                    const int *positions, float theta) {
-    (void)backend;
+/* The cos and sin of a rope call's angles, kept per thread: every layer's q and k rope of a
+ * forward call see the same positions, so a decode step of 8 sequences computed its 256 cos/sin
+ * pairs (and their pow) 60 times over for SmolLM2. Only small calls are kept (decode batches,
+ * short prompts); the values are the ones computed directly, so nothing changes a bit. */
+#define ROPE_CACHE_PAIRS 2048
+static _Thread_local struct {
+    int n, half, valid;
+    float theta;
+    int positions[ROPE_CACHE_PAIRS];
+    float cos_sin[2 * ROPE_CACHE_PAIRS];
+} rope_cache;
+
+static void rope_angles(const int *positions, int n, int half, int head_dim, float theta,
+                        float *cos_sin) {
+    for (int k = 0; k < half; k++) {
+        /* HF: inv_freq = theta^(-2k/hd); the angle in double keeps long contexts exact */
+        double inv_freq = pow((double)theta, -2.0 * k / head_dim);
+        for (int i = 0; i < n; i++) {
+            double angle = positions[i] * inv_freq;
+            cos_sin[2 * ((size_t)i * half + k)] = (float)cos(angle);
+            cos_sin[2 * ((size_t)i * half + k) + 1] = (float)sin(angle);
+        }
+    }
+}
+
+static void rope_apply(float *x, int n, int heads, int head_dim, const float *cos_sin) {
     int half = head_dim / 2;
-    for (int i = 0; i < n; i++) {
-        for (int k = 0; k < half; k++) {
-            /* HF: inv_freq = theta^(-2k/hd); the angle in double keeps long contexts exact */
-            double angle = positions[i] * pow((double)theta, -2.0 * k / head_dim);
-            float c = (float)cos(angle), s = (float)sin(angle);
-            for (int h = 0; h < heads; h++) {
-                float *v = x + ((size_t)i * heads + h) * head_dim;
-                float x0 = v[k], x1 = v[k + half];
+    for (int i = 0; i < n; i++)
+        for (int h = 0; h < heads; h++) {
+            float *v = x + ((size_t)i * heads + h) * head_dim;
+            const float *cs = cos_sin + 2 * (size_t)i * half;
+            for (int k = 0; k < half; k++) {
+                float c = cs[2 * k], s = cs[2 * k + 1], x0 = v[k], x1 = v[k + half];
                 v[k] = x0 * c - x1 * s;
                 v[k + half] = x0 * s + x1 * c;
             }
         }
+}
+
+static int cpu_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
+                    const int *positions, float theta) {
+    (void)backend;
+    int half = head_dim / 2;
+    if ((size_t)n * (size_t)half <= ROPE_CACHE_PAIRS) {
+        if (!rope_cache.valid || rope_cache.n != n || rope_cache.half != half ||
+            rope_cache.theta != theta ||
+            memcmp(rope_cache.positions, positions, (size_t)n * sizeof *positions) != 0) {
+            rope_angles(positions, n, half, head_dim, theta, rope_cache.cos_sin);
+            memcpy(rope_cache.positions, positions, (size_t)n * sizeof *positions);
+            rope_cache.n = n, rope_cache.half = half, rope_cache.theta = theta;
+            rope_cache.valid = 1;
+        }
+        rope_apply(x, n, heads, head_dim, rope_cache.cos_sin);
+        return LQ_OK;
+    }
+    /* long calls: per chunk of tokens that fits the table, computed afresh */
+    float cos_sin[2 * ROPE_CACHE_PAIRS];
+    int chunk = ROPE_CACHE_PAIRS / (half ? half : 1);
+    for (int first = 0; first < n; first += chunk) {
+        int count = n - first < chunk ? n - first : chunk;
+        rope_angles(positions + first, count, half, head_dim, theta, cos_sin);
+        rope_apply(x + (size_t)first * heads * head_dim, count, heads, head_dim, cos_sin);
     }
     return LQ_OK;
 }
@@ -170,21 +216,36 @@ static int cpu_attention_batch(struct lq_backend *backend, const float *q, const
                                const float *v_new, float *const *k_caches, float *const *v_caches,
                                const int *positions, int n, int heads, int kv_heads, int head_dim,
                                float *out) {
-    const size_t kv_dim = (size_t)kv_heads * head_dim, q_dim = (size_t)heads * head_dim;
+    const size_t kv_dim = (size_t)kv_heads * head_dim;
     for (int i = 0; i < n; i++) {
         size_t row = (size_t)positions[i] * kv_dim;
         memcpy(k_caches[i] + row, k_new + i * kv_dim, kv_dim * sizeof(float));
         memcpy(v_caches[i] + row, v_new + i * kv_dim, kv_dim * sizeof(float));
-        int rc = lq_cpu_attention(backend, q + i * q_dim, k_caches[i], v_caches[i], 1, positions[i],
-                                  heads, kv_heads, head_dim, out + i * q_dim);
-        if (rc) return rc;
     }
-    return LQ_OK;
+    (void)backend;
+    /* every (sequence, head) in one loop over the pool: 8 sequences of 9 heads were 8 loops of
+     * 9 tasks, mostly on one thread */
+    return lq_cpu_attention_decode(q, (const float *const *)k_caches,
+                                   (const float *const *)v_caches, positions, n, heads, kv_heads,
+                                   head_dim, out);
+}
+
+struct swiglu_job {
+    float *gate;
+    const float *up;
+};
+
+static void swiglu_body(void *context, size_t begin, size_t end) {
+    const struct swiglu_job *job = context;
+    for (size_t i = begin; i < end; i++)
+        job->gate[i] = job->gate[i] / (1.0f + expf(-job->gate[i])) * job->up[i];
 }
 
 static int cpu_swiglu(struct lq_backend *backend, float *gate, const float *up, size_t count) {
     (void)backend;
-    for (size_t i = 0; i < count; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    /* elementwise, so the split changes no bit; a part of 4K expf is worth a thread */
+    struct swiglu_job job = {gate, up};
+    lq_parallel_for(count, 4096, swiglu_body, &job);
     return LQ_OK;
 }
 

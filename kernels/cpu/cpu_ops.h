@@ -73,6 +73,13 @@ void lq_cpu_head_embed(const struct lq_cpu_head *head, const int *ids, int n, fl
 int lq_cpu_attention(struct lq_backend *backend, const float *q, const float *k_cache,
                      const float *v_cache, int n, int start, int heads, int kv_heads, int head_dim,
                      float *out);
+/* Decode-style attention of n tokens of different sequences in one parallel loop: token i
+ * (query row i of q) attends to positions 0..positions[i] of its caches k_caches[i],
+ * v_caches[i] (its new row already written). Row i has the bits of lq_cpu_attention(q_i,
+ * caches_i, 1, positions[i], ...). */
+int lq_cpu_attention_decode(const float *q, const float *const *k_caches,
+                            const float *const *v_caches, const int *positions, int n, int heads,
+                            int kv_heads, int head_dim, float *out);
 
 /* train_cpu.c: the training ops (kernels/backend.h, "training ops"). */
 int lq_cpu_zero(struct lq_backend *backend, float *x, size_t count);

@@ -90,11 +90,13 @@ static void dots_body(void *context, size_t begin, size_t end) {
                                  job->accumulate);
 }
 
-/* The rows of one product over the thread pool: a thread is worth ~2^18 multiply-adds (as in
- * lq_cpu_gemm_nt); each dot product is computed alone, so the split never changes a bit. */
+/* The rows of one product over the thread pool: a part is worth ~2^15 multiply-adds (the pool's
+ * threads spin between loops, so a hand-off costs about a microsecond; at 2^18 a decode step's
+ * low-rank products all ran on one thread while the other spun); each dot product is computed
+ * alone, so the split never changes a bit. */
 static void run_dots(struct dots_job *job, size_t rows) {
     size_t per_row = (size_t)job->n * (size_t)job->len;
-    size_t min_rows = per_row >= ((size_t)1 << 18) ? 16 : ((size_t)1 << 18) / per_row + 1;
+    size_t min_rows = per_row >= ((size_t)1 << 15) ? 1 : ((size_t)1 << 15) / per_row + 1;
     lq_parallel_for(rows, min_rows, dots_body, job);
 }
 

@@ -7,7 +7,8 @@
  * bench_forward_batch --synthetic: random weights shaped like a 110M-parameter LLaMA (dim 768,
  * 12 layers, hidden 2048, vocab 32000), where the linear layers dominate as in real models;
  * stories260K, with head_dim 8, spends most of its time in attention, which batching does not
- * share. */
+ * share. Options after MODEL: --positions N (default 256), --rounds R (best of R, default 3),
+ * --batched-only (skip the one-at-a-time comparison: quick A/B runs of a kernel change). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,8 +95,17 @@ int main(int argc, char **argv) {
     char path[1024];
     const char *root = getenv("LQ_REPO_ROOT") ? getenv("LQ_REPO_ROOT") : ".";
     snprintf(path, sizeof path, "%s/models/stories260K-hf", root);
-    const char *model_path = argc > 1 ? argv[1] : path;
+    const char *model_path = argc > 1 && argv[1][0] != '-' ? argv[1] : path;
     int synthetic = argc > 1 && strcmp(argv[1], "--synthetic") == 0;
+    int positions_option = 0, rounds_option = 0, batched_only = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--positions") == 0 && i + 1 < argc)
+            positions_option = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc)
+            rounds_option = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--batched-only") == 0)
+            batched_only = 1;
+    }
     struct lq_error err = {0};
     struct lq_model *model = NULL;
     struct lq_backend *backend = NULL;
@@ -109,6 +119,8 @@ int main(int argc, char **argv) {
     logits = malloc((size_t)MAX_BATCH * model->config.vocab_size * sizeof *logits);
     /* the synthetic model is ~400 times slower per token: fewer positions, one round */
     int positions = synthetic ? 32 : 256, rounds = synthetic ? 1 : 3;
+    if (positions_option >= 2) positions = positions_option;
+    if (rounds_option >= 1) rounds = rounds_option;
     int context = model->config.max_seq_len < positions ? model->config.max_seq_len : positions;
     for (int i = 0; i < MAX_BATCH; i++)
         if (lq_session_create(runtime, context, 1, &sessions[i], &err)) goto done;
@@ -117,7 +129,9 @@ int main(int argc, char **argv) {
     const int sizes[] = {1, 8, 32};
     for (int k = 0; k < 3; k++) {
         double batched = measure(runtime, sessions, sizes[k], 1, context, rounds, logits, &err);
-        double alone = measure(runtime, sessions, sizes[k], 0, context, rounds, logits, &err);
+        double alone = batched_only
+                           ? 1.0
+                           : measure(runtime, sessions, sizes[k], 0, context, rounds, logits, &err);
         if (batched < 0 || alone < 0) goto done;
         printf("batch %2d: lq_forward_batch %9.0f tokens/s, one session at a time %9.0f tokens/s "
                "(x%.2f)\n",
