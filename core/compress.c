@@ -157,6 +157,11 @@ struct job {
 
     int (*run)(struct job *job, size_t task, struct lq_error *err);
     size_t task_stride; /* tasks one run() call covers (a table row on a device), else 1 */
+
+    /* Other processes (options->remote): the phase as offered to them. */
+    const uint64_t *matrix_hash;
+    const size_t *matrix_numel;
+    struct lq_compress_phase_work remote_work;
 };
 
 /* The seed of one decomposition: from the run's seed, the matrix and the configuration's
@@ -167,35 +172,84 @@ static uint64_t decomposition_seed(uint64_t seed, size_t matrix, const struct lq
     return lq_hash_bytes(words, sizeof words, 0x73656564ull);
 }
 
-static void cell_options(const struct job *job, size_t matrix, const struct lq_nf_config *c,
+static void cell_options(const struct lq_compress_options *o, size_t matrix,
+                         const struct lq_nf_config *c, const float *fisher,
                          struct lq_decompose_options *options) {
     lq_decompose_options_default(options);
-    options->rank = job->options->rank;
-    options->max_iters = job->options->iters;
-    options->svd.seed = decomposition_seed(job->options->seed, matrix, c);
-    options->fisher = job->options->fisher ? job->options->fisher[matrix] : NULL;
+    options->rank = o->rank;
+    options->max_iters = o->iters;
+    options->svd.seed = decomposition_seed(o->seed, matrix, c);
+    options->fisher = fisher;
 }
 
 /* The backend that decomposes on a device, or NULL for core's CPU code. */
-static struct lq_backend *device_of(const struct job *job) {
-    struct lq_backend *b = job->options->device;
+static struct lq_backend *options_device(const struct lq_compress_options *o) {
+    struct lq_backend *b = o->device;
     return b && b->ops->decompose && b->ops->decompose_errors ? b : NULL;
+}
+
+static struct lq_backend *device_of(const struct job *job) {
+    return options_device(job->options);
+}
+
+static const float *fisher_of(const struct job *job, size_t matrix) {
+    return job->options->fisher ? job->options->fisher[matrix] : NULL;
+}
+
+int lq_compress_decompose_cell(const struct lq_compress_options *o, const float *w, size_t rows,
+                               size_t cols, size_t matrix, const char *name,
+                               const struct lq_nf_config *c, const float *fisher,
+                               struct lq_decomposition *d, struct lq_error *err) {
+    struct lq_decompose_options options;
+    cell_options(o, matrix, c, fisher, &options);
+    struct lq_backend *device = options_device(o);
+    int rc = device ? device->ops->decompose(device, w, rows, cols, c, &options, d, err)
+                    : lq_decompose(w, rows, cols, c, &options, d, err);
+    if (rc) {
+        char text[64];
+        lq_error_prefix(err, "%s at %s", name, lq_nf_config_format(c, text, sizeof text));
+    }
+    return rc;
+}
+
+int lq_compress_table_costs(const struct lq_compress_options *o, const float *w, size_t rows,
+                            size_t cols, size_t matrix, const char *name,
+                            const struct lq_nf_config *configs, size_t count, const float *fisher,
+                            double *costs, struct lq_error *err) {
+    struct lq_backend *device = options_device(o);
+    if (!device) {
+        for (size_t c = 0; c < count; c++) {
+            struct lq_decomposition d;
+            int rc = lq_compress_decompose_cell(o, w, rows, cols, matrix, name, &configs[c], fisher,
+                                                &d, err);
+            if (rc) return rc;
+            costs[c] = d.error * d.error; /* the paper's cost: squared absolute error */
+            lq_decomposition_free(&d);
+        }
+        return LQ_OK;
+    }
+    uint64_t *seeds = malloc((count ? count : 1) * sizeof *seeds);
+    if (!seeds) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    struct lq_decompose_options options;
+    cell_options(o, matrix, &configs[0], fisher, &options);
+    for (size_t c = 0; c < count; c++) seeds[c] = decomposition_seed(o->seed, matrix, &configs[c]);
+    int rc = device->ops->decompose_errors(device, w, rows, cols, configs, seeds, count, &options,
+                                           costs, err);
+    free(seeds);
+    return rc ? lq_error_prefix(err, "%s", name) : LQ_OK;
+}
+
+uint64_t lq_compress_matrix_hash(const float *w, size_t rows, size_t cols) {
+    uint64_t shape[2] = {rows, cols};
+    return lq_hash_bytes(w, rows * cols * sizeof *w,
+                         lq_hash_bytes(shape, sizeof shape, 0x6d6174ull));
 }
 
 static int decompose_cell(const struct job *job, size_t matrix, size_t config,
                           struct lq_decomposition *d, struct lq_error *err) {
     const struct matrix_ref *m = &job->matrices[matrix];
-    const struct lq_nf_config *c = &job->grid[config];
-    struct lq_decompose_options options;
-    cell_options(job, matrix, c, &options);
-    struct lq_backend *device = device_of(job);
-    int rc = device ? device->ops->decompose(device, m->w, m->rows, m->cols, c, &options, d, err)
-                    : lq_decompose(m->w, m->rows, m->cols, c, &options, d, err);
-    if (rc) {
-        char text[64];
-        lq_error_prefix(err, "%s at %s", m->name, lq_nf_config_format(c, text, sizeof text));
-    }
-    return rc;
+    return lq_compress_decompose_cell(job->options, m->w, m->rows, m->cols, matrix, m->name,
+                                      &job->grid[config], fisher_of(job, matrix), d, err);
 }
 
 static int run_table_cell(struct job *job, size_t task, struct lq_error *err) {
@@ -220,21 +274,12 @@ static int run_table_cell(struct job *job, size_t task, struct lq_error *err) {
 static int run_table_row(struct job *job, size_t task, struct lq_error *err) {
     size_t row = job->pending_rows[task / job->n_configs];
     const struct matrix_ref *m = &job->matrices[row];
-    struct lq_backend *device = device_of(job);
     size_t G = job->n_configs;
-    uint64_t *seeds = malloc(G * sizeof *seeds);
     double *costs = malloc(G * sizeof *costs);
-    int rc = seeds && costs ? LQ_OK : lq_error_set(err, LQ_ENOMEM, "out of memory");
-    struct lq_decompose_options options;
-    cell_options(job, row, &job->grid[0], &options);
-    for (size_t c = 0; c < G && !rc; c++)
-        seeds[c] = decomposition_seed(job->options->seed, row, &job->grid[c]);
-    if (!rc)
-        rc = device->ops->decompose_errors(device, m->w, m->rows, m->cols, job->grid, seeds, G,
-                                           &options, costs, err);
-    if (rc) {
-        lq_error_prefix(err, "%s", m->name);
-    } else {
+    if (!costs) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    int rc = lq_compress_table_costs(job->options, m->w, m->rows, m->cols, row, m->name, job->grid,
+                                     G, fisher_of(job, row), costs, err);
+    if (!rc) {
         pthread_mutex_lock(&job->lock);
         memcpy(job->table.cost + row * G, costs, G * sizeof *costs);
         job->table.done[row] = 1;
@@ -244,27 +289,115 @@ static int run_table_row(struct job *job, size_t task, struct lq_error *err) {
         pthread_cond_signal(&job->wake);
         pthread_mutex_unlock(&job->lock);
     }
-    free(seeds), free(costs);
+    free(costs);
     return rc;
+}
+
+/* Moves a final decomposition into the output linear; call with d owned by the caller. */
+static void store_final(struct job *job, size_t matrix, struct lq_decomposition *d) {
+    struct lq_linear *linear = &job->out[matrix];
+    linear->rows = (int)d->rows, linear->cols = (int)d->cols;
+    linear->is_lq = 1;
+    linear->q = d->Q; /* ownership moves to the linear */
+    linear->rank = d->rank;
+    if (d->rank > 0) {
+        linear->lora_A = d->L2, linear->lora_B = d->L1;
+    } else {
+        free(d->L1), free(d->L2);
+    }
+    job->final_error[matrix] = d->error * d->error;
+    free(d->history);
+    memset(d, 0, sizeof *d);
 }
 
 static int run_final_matrix(struct job *job, size_t matrix, struct lq_error *err) {
     struct lq_decomposition d;
     int rc = decompose_cell(job, matrix, (size_t)job->choice[matrix], &d, err);
     if (rc) return rc;
-    struct lq_linear *linear = &job->out[matrix];
-    linear->rows = (int)d.rows, linear->cols = (int)d.cols;
-    linear->is_lq = 1;
-    linear->q = d.Q; /* ownership moves to the linear */
-    linear->rank = d.rank;
-    if (d.rank > 0) {
-        linear->lora_A = d.L2, linear->lora_B = d.L1;
-    } else {
-        free(d.L1), free(d.L2);
-    }
-    job->final_error[matrix] = d.error * d.error;
-    free(d.history);
+    store_final(job, matrix, &d);
     return LQ_OK;
+}
+
+/* ---------- the phase offered to other processes (options->remote) ---------- */
+
+static int remote_take(struct lq_compress_phase_work *w, size_t max_cells,
+                       struct lq_compress_item *item) {
+    struct job *job = w->internal;
+    int taken = 0;
+    pthread_mutex_lock(&job->lock);
+    if (!job->stop && job->next_task < job->task_count) {
+        size_t task = job->next_task;
+        if (w->phase == LQ_COMPRESS_TABLE) {
+            size_t G = job->n_configs, config = task % G, count = G - config;
+            /* a device row (stride G) stays whole: the local workers take rows too */
+            if (job->task_stride == 1 && max_cells > 0 && max_cells < count) count = max_cells;
+            item->matrix = job->pending_rows[task / G];
+            item->config_begin = config, item->config_end = config + count;
+            job->next_task += count;
+        } else {
+            item->matrix = task;
+            item->config_begin = (size_t)job->choice[task];
+            item->config_end = item->config_begin + 1;
+            job->next_task++;
+        }
+        taken = 1;
+    }
+    pthread_mutex_unlock(&job->lock);
+    return taken;
+}
+
+static void remote_table_result(struct lq_compress_phase_work *w,
+                                const struct lq_compress_item *item, const double *costs) {
+    struct job *job = w->internal;
+    size_t G = job->n_configs, count = item->config_end - item->config_begin;
+    pthread_mutex_lock(&job->lock);
+    memcpy(job->table.cost + item->matrix * G + item->config_begin, costs, count * sizeof *costs);
+    job->row_remaining[item->matrix] -= count;
+    if (job->row_remaining[item->matrix] == 0) {
+        job->table.done[item->matrix] = 1;
+        job->save_pending = 1;
+    }
+    job->tasks_done += count;
+    pthread_cond_signal(&job->wake);
+    pthread_mutex_unlock(&job->lock);
+}
+
+static void remote_final_result(struct lq_compress_phase_work *w, size_t matrix,
+                                struct lq_decomposition *d) {
+    struct job *job = w->internal;
+    store_final(job, matrix, d); /* the slot is this item's alone */
+    pthread_mutex_lock(&job->lock);
+    job->tasks_done++;
+    pthread_cond_signal(&job->wake);
+    pthread_mutex_unlock(&job->lock);
+}
+
+static void remote_fail(struct lq_compress_phase_work *w, int rc, const struct lq_error *err) {
+    struct job *job = w->internal;
+    pthread_mutex_lock(&job->lock);
+    if (!job->rc) job->rc = rc, job->err = *err;
+    job->stop = 1;
+    pthread_cond_signal(&job->wake);
+    pthread_mutex_unlock(&job->lock);
+}
+
+static int remote_stopping(struct lq_compress_phase_work *w) {
+    struct job *job = w->internal;
+    pthread_mutex_lock(&job->lock);
+    int stop = job->stop;
+    pthread_mutex_unlock(&job->lock);
+    return stop;
+}
+
+static void *remote_main(void *argument) {
+    struct job *job = argument;
+    const struct lq_compress_remote *remote = job->options->remote;
+    remote->run_phase(remote->context, &job->remote_work);
+    pthread_mutex_lock(&job->lock);
+    job->workers_running--;
+    pthread_cond_signal(&job->wake);
+    pthread_mutex_unlock(&job->lock);
+    return NULL;
 }
 
 static void *worker_main(void *argument) {
@@ -356,6 +489,20 @@ static int run_pool(struct job *job, size_t task_count, int threads, struct phas
     job->next_task = 0, job->task_count = task_count, job->tasks_done = 0;
     if (job->task_stride == 0) job->task_stride = 1;
     job->stop = 0, job->rc = 0;
+    const struct lq_compress_remote *remote = job->options->remote;
+    if (remote) {
+        struct lq_compress_phase_work *w = &job->remote_work;
+        memset(w, 0, sizeof *w);
+        w->phase = s->phase, w->options = job->options, w->grid = job->grid;
+        w->n_configs = job->n_configs, w->n_matrices = job->n_matrices;
+        w->matrix_hash = job->matrix_hash, w->matrix_numel = job->matrix_numel;
+        w->choice = job->choice;
+        w->take = remote_take, w->table_result = remote_table_result;
+        w->final_result = remote_final_result, w->fail = remote_fail;
+        w->stopping = remote_stopping, w->internal = job;
+        int rc = remote->prepare ? remote->prepare(remote->context, w, err) : LQ_OK;
+        if (rc) return rc;
+    }
     if ((size_t)threads > task_count) threads = task_count ? (int)task_count : 1;
     pthread_t *handles = calloc((size_t)threads, sizeof *handles);
     if (!handles) return lq_error_set(err, LQ_ENOMEM, "out of memory");
@@ -374,6 +521,17 @@ static int run_pool(struct job *job, size_t task_count, int threads, struct phas
     for (; started < threads && !job->stop; started++) {
         if (pthread_create(&handles[started], NULL, worker_main, job) != 0) break;
         job->workers_running++;
+    }
+    pthread_t remote_thread;
+    int remote_started = 0;
+    if (remote && remote->run_phase && !job->stop) {
+        if (pthread_create(&remote_thread, NULL, remote_main, job) == 0) {
+            remote_started = 1;
+            job->workers_running++;
+        } else if (!job->rc) {
+            job->rc = lq_error_set(&job->err, LQ_ENOMEM, "cannot start the remote executor");
+            job->stop = 1;
+        }
     }
     if (started == 0 && !job->stop) {
         job->workers_running++;
@@ -408,6 +566,7 @@ static int run_pool(struct job *job, size_t task_count, int threads, struct phas
         rc = report_progress(job, s, 1);
     pthread_mutex_unlock(&job->lock);
     for (int t = 0; t < started; t++) pthread_join(handles[t], NULL);
+    if (remote_started) pthread_join(remote_thread, NULL);
     openblas_set_num_threads(saved_blas_threads);
     free(handles);
     if (rc && !job->rc)
@@ -551,6 +710,7 @@ struct compress_state {
     struct lq_nf_config *table1;
     double *storage, *cost_for_ilp;
     size_t *numel, *pending, *remaining;
+    uint64_t *matrix_hash; /* with options->remote only */
     struct lq_error_table snapshot;
     struct lq_linear *linears;
     struct lq_ilp_result ilp;
@@ -558,7 +718,7 @@ struct compress_state {
 
 static void state_free(struct compress_state *s, size_t n) {
     free(s->matrices), free(s->table1), free(s->storage), free(s->cost_for_ilp);
-    free(s->numel), free(s->pending), free(s->remaining);
+    free(s->numel), free(s->pending), free(s->remaining), free(s->matrix_hash);
     lq_error_table_free(&s->snapshot);
     if (s->linears)
         for (size_t i = 0; i < n; i++) lq_linear_free(&s->linears[i]);
@@ -649,6 +809,15 @@ int lq_compress(const struct lq_model *source, const struct lq_compress_options 
         report->norm[i] = pow(lq_weighted_distance(s.matrices[i].w, NULL,
                                                    o->fisher ? o->fisher[i] : NULL, s.numel[i]),
                               2);
+    if (o->remote) { /* other processes read the source themselves: they check it is this one */
+        if (!(s.matrix_hash = malloc(n * sizeof *s.matrix_hash))) {
+            rc = lq_error_set(err, LQ_ENOMEM, "out of memory");
+            goto done;
+        }
+        for (size_t i = 0; i < n; i++)
+            s.matrix_hash[i] =
+                lq_compress_matrix_hash(s.matrices[i].w, s.matrices[i].rows, s.matrices[i].cols);
+    }
     report->seconds_hash = seconds_now() - t0;
     if ((rc = lq_error_table_create(n, G, &job.table, err)) ||
         (rc = lq_error_table_create(n, G, &s.snapshot, err)))
@@ -671,7 +840,7 @@ int lq_compress(const struct lq_model *source, const struct lq_compress_options 
 
     /* Phase 1: the error table, for the rows the cache does not hold. */
     job.options = o, job.grid = grid, job.n_configs = G, job.n_matrices = n;
-    job.matrices = s.matrices;
+    job.matrices = s.matrices, job.matrix_hash = s.matrix_hash, job.matrix_numel = s.numel;
     job.pending_rows = s.pending, job.row_remaining = s.remaining;
     pthread_mutex_init(&job.lock, NULL);
     pthread_condattr_t attributes;

@@ -74,7 +74,75 @@ struct lq_compress_options {
     lq_compress_progress_fn progress;
     lq_compress_warning_fn warning;
     void *context; /* passed to progress and warning */
+    /* Other processes that decompose beside the worker threads (MPI ranks:
+     * core/compress_mpi.h), or NULL. Borrowed. */
+    const struct lq_compress_remote *remote;
 };
+
+/* ---------- work handed to other processes ---------- */
+
+/* A slice of one phase: configurations [config_begin, config_end) of one matrix for the
+ * table, or one matrix at its chosen configuration (config_end = config_begin + 1) for the
+ * final phase. */
+struct lq_compress_item {
+    size_t matrix, config_begin, config_end;
+};
+
+/* One phase as lq_compress offers it to a remote executor. Everything a decomposition
+ * depends on is here, so that another process computes exactly what a worker thread would;
+ * the callbacks are safe to call from the executor's thread. */
+struct lq_compress_phase_work {
+    enum lq_compress_phase phase; /* LQ_COMPRESS_TABLE or LQ_COMPRESS_FINAL */
+    const struct lq_compress_options *options;
+    const struct lq_nf_config *grid;
+    size_t n_configs, n_matrices;
+    const uint64_t *matrix_hash; /* lq_compress_matrix_hash of each source matrix */
+    const size_t *matrix_numel;  /* rows * cols of each source matrix */
+    const int *choice;           /* final phase: the grid index of each matrix */
+    /* The next item, at most max_cells cells of one matrix (0: a whole row); 1 when one is
+     * taken, 0 when none is left or the run is stopping. */
+    int (*take)(struct lq_compress_phase_work *work, size_t max_cells,
+                struct lq_compress_item *item);
+    /* A table item's costs (squared errors, config_end - config_begin of them). */
+    void (*table_result)(struct lq_compress_phase_work *work, const struct lq_compress_item *item,
+                         const double *costs);
+    /* A final item's decomposition; ownership of d's buffers moves to lq_compress. */
+    void (*final_result)(struct lq_compress_phase_work *work, size_t matrix,
+                         struct lq_decomposition *d);
+    /* Stops the run with rc and err's message (the first failure wins). */
+    void (*fail)(struct lq_compress_phase_work *work, int rc, const struct lq_error *err);
+    int (*stopping)(struct lq_compress_phase_work *work); /* 1 once the run is stopping */
+    void *internal;                                       /* lq_compress's own */
+};
+
+struct lq_compress_remote {
+    /* Optional: called on lq_compress's thread before each phase's workers start (so that
+     * the other processes are ready when the work begins); an error stops the run. */
+    int (*prepare)(void *context, struct lq_compress_phase_work *work, struct lq_error *err);
+    /* Runs items of the phase elsewhere, on a thread lq_compress starts beside its workers,
+     * until take() returns 0 and every item taken has its result, or until stopping() (then
+     * promptly, results in flight dropped). Failures go through work->fail. */
+    void (*run_phase)(void *context, struct lq_compress_phase_work *work);
+    void *context;
+};
+
+/* What every decomposition of lq_compress is, for another process to repeat it bit for bit:
+ * matrix `matrix` (its index in the model, which seeds it) decomposed under c with
+ * o->rank, o->iters and o->seed, on o->device when it decomposes, else the CPU; fisher is
+ * the matrix's F or NULL. Errors name the matrix (name) and the configuration. */
+int lq_compress_decompose_cell(const struct lq_compress_options *o, const float *w, size_t rows,
+                               size_t cols, size_t matrix, const char *name,
+                               const struct lq_nf_config *c, const float *fisher,
+                               struct lq_decomposition *d, struct lq_error *err);
+/* The table's costs of configurations[0 .. count) for one matrix: on o->device in one call
+ * when it computes tables, else one lq_compress_decompose_cell each. */
+int lq_compress_table_costs(const struct lq_compress_options *o, const float *w, size_t rows,
+                            size_t cols, size_t matrix, const char *name,
+                            const struct lq_nf_config *configs, size_t count, const float *fisher,
+                            double *costs, struct lq_error *err);
+/* The identity of one source matrix (shape and floats), checked by other processes that read
+ * the model files themselves. */
+uint64_t lq_compress_matrix_hash(const float *w, size_t rows, size_t cols);
 
 /* Budget 0 (must be set), rank 64, Table 1, 20 steps, seed 0, default cache, all CPUs, no
  * Fisher weighting. */

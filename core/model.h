@@ -87,6 +87,18 @@ struct lq_model {
  * checked against the config; errors name the file and tensor. Free with lq_model_free. */
 int lq_model_load(const char *path, struct lq_model **out, struct lq_error *err);
 void lq_model_free(struct lq_model *model);
+
+/* Reads a source model's linear matrices one at a time, for a process that needs only some of
+ * them (an lqd compress rank): a HuggingFace directory's tensors are read on demand from its
+ * safetensors files (memory-mapped); llama2.c and GGUF files are loaded whole on open. */
+struct lq_model_reader;
+int lq_model_reader_open(const char *path, struct lq_model_reader **out, struct lq_error *err);
+const struct lq_model_config *lq_model_reader_config(const struct lq_model_reader *reader);
+/* The dense floats of linear `kind` of `layer`, exactly as lq_model_load gives them
+ * (malloc'ed rows x cols, the caller frees *out). LQ_EINVAL for an LQ-compressed matrix. */
+int lq_model_reader_linear(struct lq_model_reader *reader, int layer, enum lq_linear_kind kind,
+                           float **out, int *rows, int *cols, struct lq_error *err);
+void lq_model_reader_close(struct lq_model_reader *reader);
 /* Frees a linear layer's weights (not backend_data). */
 void lq_linear_free(struct lq_linear *linear);
 

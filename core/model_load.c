@@ -336,3 +336,73 @@ void lq_model_free(struct lq_model *m) {
     free(m->path);
     free(m);
 }
+
+/* ---------- one matrix at a time ---------- */
+
+struct lq_model_reader {
+    char *path;
+    struct lq_model_config config;
+    struct checkpoint checkpoint; /* a HuggingFace directory */
+    struct lq_model *whole;       /* any other format, loaded on open */
+};
+
+int lq_model_reader_open(const char *path, struct lq_model_reader **out, struct lq_error *err) {
+    *out = NULL;
+    struct lq_model_reader *r = calloc(1, sizeof *r);
+    if (!r || !(r->path = strdup(path))) {
+        free(r);
+        return lq_error_set(err, LQ_ENOMEM, "out of memory");
+    }
+    int rc;
+    if (lq_path_is_dir(path)) {
+        if (!(rc = lq_model_config_load(path, &r->config, err)))
+            rc = checkpoint_open(path, &r->checkpoint, err);
+    } else if (!(rc = lq_model_load(path, &r->whole, err))) {
+        r->config = r->whole->config;
+    }
+    if (rc) {
+        lq_model_reader_close(r);
+        return rc;
+    }
+    *out = r;
+    return LQ_OK;
+}
+
+const struct lq_model_config *lq_model_reader_config(const struct lq_model_reader *reader) {
+    return &reader->config;
+}
+
+int lq_model_reader_linear(struct lq_model_reader *r, int layer, enum lq_linear_kind kind,
+                           float **out, int *rows, int *cols, struct lq_error *err) {
+    *out = NULL;
+    char name[256];
+    lq_model_linear_name(layer, kind, name, sizeof name);
+    if (layer < 0 || layer >= r->config.n_layers || (int)kind < 0 ||
+        (int)kind >= LQ_LINEARS_PER_LAYER)
+        return lq_error_set(err, LQ_EINVAL, "%s: no matrix %s", r->path, name);
+    if (r->whole) {
+        const struct lq_linear *linear = &r->whole->layers[layer].linear[kind];
+        if (!linear->dense)
+            return lq_error_set(err, LQ_EINVAL, "%s: %s is already LQ-compressed", r->path, name);
+        size_t count = (size_t)linear->rows * (size_t)linear->cols;
+        if (!(*out = malloc(count * sizeof **out)))
+            return lq_error_set(err, LQ_ENOMEM, "out of memory");
+        memcpy(*out, linear->dense, count * sizeof **out);
+        *rows = linear->rows, *cols = linear->cols;
+        return LQ_OK;
+    }
+    lq_model_linear_shape(&r->config, kind, rows, cols);
+    if (!checkpoint_find(&r->checkpoint, name))
+        return lq_error_set(err, LQ_ENOTFOUND,
+                            "%s: no dense tensor '%s' (an LQ model cannot be compressed again)",
+                            r->path, name);
+    return read_tensor(&r->checkpoint, r->path, name, *rows, *cols, out, err);
+}
+
+void lq_model_reader_close(struct lq_model_reader *r) {
+    if (!r) return;
+    checkpoint_close(&r->checkpoint);
+    lq_model_free(r->whole);
+    free(r->path);
+    free(r);
+}

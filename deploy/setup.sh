@@ -7,6 +7,7 @@ packages=(
   build-essential pkg-config meson ninja-build python3 python3-venv python3-pip
   libmicrohttpd-dev libcjson-dev libuv1-dev libglpk-dev glpk-utils
   libopenblas-dev liblapacke-dev
+  libopenmpi-dev openmpi-bin iproute2
   curl ca-certificates
 )
 

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "core/compress.h"
+#include "core/compress_mpi.h"
 #include "core/file_util.h"
 #include "core/fisher.h"
 #include "core/ilp.h"
@@ -18,6 +19,7 @@
 #include "core/model.h"
 #include "core/parallel.h"
 #include "kernels/backend_select.h"
+#include "kernels/device_probe.h"
 #include "server/cli.h"
 #include "server/cli_model.h"
 
@@ -51,7 +53,7 @@ static const char compress_usage[] =
     "  --iters T            decomposition steps at most (default 20)\n"
     "  --seed S             seed of the randomized SVDs (default 0)\n"
     "  --threads N          worker threads, each running whole decompositions (default:\n"
-    "                       all CPUs, or LQ_THREADS)\n"
+    "                       all CPUs, or LQ_THREADS; per rank under mpirun)\n"
     "  --cache-dir DIR      where the error table is cached (default $LQD_CACHE_DIR, else\n"
     "                       $XDG_CACHE_HOME/lqd, else ~/.cache/lqd); the same source, rank,\n"
     "                       grid, iters and seed at another budget then skips the table, and\n"
@@ -66,6 +68,13 @@ static const char compress_usage[] =
     "  --json               print the report as one JSON object\n"
     "  --progress-json      progress on stderr as one JSON object per line (for programs, e.g.\n"
     "                       lqd serve running compress jobs through a launcher)\n"
+    "\n"
+    "Over MPI ranks: mpirun -n K lqd compress ... (the same options). Rank 0 loads the model,\n"
+    "keeps the cache, solves the ILP and writes DIR; the other ranks read the matrices they\n"
+    "are given from the same (shared or copied) model files and decompose on request, each\n"
+    "on --threads CPUs or, with --device cuda, GPU N = its local rank mod the host's GPUs.\n"
+    "The cache and DIR are the single-process ones byte for byte, whatever K; a rerun after\n"
+    "a failure resumes from the cache with any K. Only rank 0 prints progress.\n"
     "\n"
     "Fisher-weighted LQ (LQ-LoRA paper section 3.3): every decomposition minimises\n"
     "||sqrt(F) * (W - Q - L1 L2)||, F the diagonal empirical Fisher information of W, and the\n"
@@ -568,7 +577,7 @@ static double total_norm(const struct lq_compress_report *r) {
 
 static void print_text(const struct compress_args *a, const struct lq_compress_report *r,
                        const struct lq_nf_config *grid, const int *counts,
-                       const struct fisher_summary *fisher) {
+                       const struct fisher_summary *fisher, const char *ranks_note) {
     printf("source          %s\n", a->model);
     printf("budget          %g bits/param (smallest feasible %.6f)\n", a->bits, r->min_budget);
     printf("achieved        %.6f bits/param quantized, %.6f effective with L1 L2 (rank %d, fp32)\n",
@@ -594,14 +603,14 @@ static void print_text(const struct compress_args *a, const struct lq_compress_r
            r->cache_used ? r->cache_path : "no cache");
     printf("allocation      %.3f s%s\n", r->seconds_ilp,
            r->ilp_proven_optimal ? " (proven optimal)" : "");
-    printf("decomposition   %zu matrices in %.2f s on %d threads\n", r->n_matrices,
-           r->seconds_final, r->threads);
+    printf("decomposition   %zu matrices in %.2f s on %d threads%s\n", r->n_matrices,
+           r->seconds_final, r->threads, ranks_note);
     printf("written         %s\n", a->out);
 }
 
 static int print_json(const struct compress_args *a, const struct lq_compress_report *r,
                       const struct lq_nf_config *grid, const int *counts,
-                      const struct fisher_summary *fisher) {
+                      const struct fisher_summary *fisher, const struct lq_compress_mpi *mpi) {
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "source", a->model);
     cJSON_AddStringToObject(root, "out", a->out);
@@ -638,6 +647,16 @@ static int print_json(const struct compress_args *a, const struct lq_compress_re
         cJSON_AddNullToObject(root, "cache");
     cJSON_AddBoolToObject(root, "ilp_proven_optimal", r->ilp_proven_optimal);
     cJSON_AddNumberToObject(root, "threads", r->threads);
+    /* decompositions per MPI rank (rank 0's threads did the rest) */
+    int ranks = mpi ? lq_compress_mpi_size(mpi) : 1;
+    cJSON_AddNumberToObject(root, "ranks", ranks);
+    cJSON *rank_cells = cJSON_AddArrayToObject(root, "rank_decompositions");
+    size_t others = 0;
+    for (int k = 1; k < ranks; k++) others += lq_compress_mpi_cells(mpi, k);
+    cJSON_AddItemToArray(rank_cells,
+                         cJSON_CreateNumber((double)(r->decompositions + r->n_matrices - others)));
+    for (int k = 1; k < ranks; k++)
+        cJSON_AddItemToArray(rank_cells, cJSON_CreateNumber((double)lq_compress_mpi_cells(mpi, k)));
     cJSON *seconds = cJSON_AddObjectToObject(root, "seconds");
     cJSON_AddNumberToObject(seconds, "table", r->seconds_table);
     cJSON_AddNumberToObject(seconds, "ilp", r->seconds_ilp);
@@ -676,12 +695,64 @@ static int print_json(const struct compress_args *a, const struct lq_compress_re
     return 0;
 }
 
+/* ---------- over MPI ranks ---------- */
+
+/* One GPU per rank: under mpirun, "cuda" and "auto" become cuda:N, N = the rank's local rank
+ * modulo the GPUs of its host (an explicit cuda:N stays). */
+static const char *rank_device(const char *device, int local_rank, char *buffer, size_t size) {
+    if (!device || (strcmp(device, "cuda") != 0 && strcmp(device, "auto") != 0)) return device;
+    int count = 0;
+    struct lq_error err = {0};
+    if (lq_cuda_device_count(&count, &err) || count <= 0) return device; /* open says why */
+    snprintf(buffer, size, "cuda:%d", local_rank % count);
+    return buffer;
+}
+
+/* A rank > 0: decomposes what rank 0 hands out, quietly; errors go to rank 0, which names
+ * this rank when it prints them. */
+static int serve_rank(const struct compress_args *a, struct lq_compress_mpi *mpi, int local_rank) {
+    struct lq_error err = {0};
+    struct lq_backend *backend = NULL;
+    int rc = LQ_OK, reported = 0;
+    if (a->device.device && strcmp(a->device.device, "cpu") != 0) {
+        char name[32], notice[LQ_BACKEND_NOTICE_SIZE];
+        const char *device = rank_device(a->device.device, local_rank, name, sizeof name);
+        rc = lq_backend_open(device, a->device.memory_limit, &backend, notice, &err);
+    }
+    if (!rc) {
+        struct lq_compress_mpi_worker_options options = {a->model, a->threads, NULL, 0};
+        /* a CPU fallback backend does not decompose: the worker then uses core's CPU code */
+        options.device = backend && backend->ops->decompose ? backend : NULL;
+        rc = lq_compress_mpi_serve(mpi, &options, &reported, &err);
+    }
+    if (rc && !reported)
+        fprintf(stderr, "lqd compress: rank %d: %s\n", lq_compress_mpi_rank(mpi), err.message);
+    lq_compress_mpi_finish(mpi, rc != 0, 0);
+    if (backend) backend->ops->destroy(backend);
+    return rc ? 1 : 0;
+}
+
 /* ---------- the command ---------- */
 
 int lq_cli_compress(int argc, char **argv) {
     struct compress_args a;
     int rc = parse_args(argc, argv, &a);
     if (rc) return rc < 0 ? 0 : rc;
+
+    /* Under mpirun every rank runs this command; ranks > 0 serve rank 0. */
+    int mpi_rank = 0, mpi_size = 1, local_rank = 0;
+    struct lq_compress_mpi *mpi = NULL;
+    if (lq_compress_mpi_launched(&mpi_rank, &mpi_size, &local_rank) && mpi_size > 1) {
+        struct lq_error mpi_err = {0};
+        if (lq_compress_mpi_start(&mpi, &mpi_err)) {
+            if (mpi_rank == 0)
+                fprintf(stderr, "lqd compress: started by mpirun with %d ranks, but %s\n", mpi_size,
+                        mpi_err.message);
+            return 2;
+        }
+        mpi_rank = lq_compress_mpi_rank(mpi), mpi_size = lq_compress_mpi_size(mpi);
+        if (mpi_rank > 0) return serve_rank(&a, mpi, local_rank);
+    }
 
     struct lq_error err = {0};
     struct lq_nf_config *grid = NULL;
@@ -693,9 +764,12 @@ int lq_cli_compress(int argc, char **argv) {
     struct lq_tokenizer_files tokenizer;
     struct lq_fisher fisher = {0};
     struct fisher_summary fisher_summary = {0};
+    char ranks_note[64] = "";
+    if (mpi) snprintf(ranks_note, sizeof ranks_note, " per rank, %d MPI ranks", mpi_size);
     if (lq_compress_grid_parse(a.configs, &grid, &grid_size, &err)) {
         fprintf(stderr, "lqd compress: --configs: %s\n", err.message);
-        return 2;
+        status = 2;
+        goto done;
     }
     /* Refuse what would fail at the end before hours of work. */
     if (lq_model_file_check_destination(a.out, a.force, &err)) goto fail;
@@ -723,19 +797,22 @@ int lq_cli_compress(int argc, char **argv) {
     options.cache_dir = a.cache_dir, options.use_cache = !a.no_cache, options.threads = a.threads;
     options.ilp_time_limit_seconds = a.ilp_time_limit;
     options.progress = on_progress, options.warning = on_warning, options.context = &progress;
+    options.remote = mpi ? lq_compress_mpi_remote(mpi) : NULL;
     if (a.device.device && strcmp(a.device.device, "cpu") != 0) {
-        char notice[LQ_BACKEND_NOTICE_SIZE];
-        if (lq_backend_open(a.device.device, a.device.memory_limit, &backend, notice, &err))
-            goto fail;
+        char notice[LQ_BACKEND_NOTICE_SIZE], name[32];
+        const char *device =
+            mpi ? rank_device(a.device.device, local_rank, name, sizeof name) : a.device.device;
+        if (lq_backend_open(device, a.device.memory_limit, &backend, notice, &err)) goto fail;
         fprintf(stderr, "lqd compress: %s\n", notice);
         options.device = backend;
     }
     if (!a.quiet)
         fprintf(stderr,
                 "lqd compress: %s: %d layers x 7 matrices, %zu parameters; %zu "
-                "configurations, rank %d, budget %g bits/param, %d threads\n",
+                "configurations, rank %d, budget %g bits/param, %d threads%s\n",
                 a.model, source->config.n_layers, lq_model_linear_params(&source->config),
-                grid_size, a.rank, a.bits, a.threads ? a.threads : lq_parallel_threads());
+                grid_size, a.rank, a.bits, a.threads ? a.threads : lq_parallel_threads(),
+                ranks_note);
 
     struct sigaction action = {0}, old_int, old_term;
     action.sa_handler = on_signal;
@@ -754,6 +831,18 @@ int lq_cli_compress(int argc, char **argv) {
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     if (progress.tty && !a.quiet && rc) fputc('\n', stderr);
+    if (rc && interrupted && mpi) {
+        /* mpirun stops every rank (SIGTERM) when one fails; its message names that rank */
+        fprintf(stderr,
+                "lqd compress: stopped by a signal%s (when a rank fails, mpirun stops the others "
+                "and its message names the rank)%s\n",
+                in_fisher ? " during the Fisher estimate" : "",
+                in_fisher ? ""
+                          : "; the error-table rows finished are cached: the same command "
+                            "resumes, with any number of ranks");
+        status = 143;
+        goto done;
+    }
     if (rc && interrupted) {
         fprintf(stderr, in_fisher ? "lqd compress: interrupted during the Fisher estimate\n"
                                   : "lqd compress: interrupted; the error-table rows finished "
@@ -784,12 +873,12 @@ int lq_cli_compress(int argc, char **argv) {
     }
     count_configs(&report, counts);
     if (a.json) {
-        if (print_json(&a, &report, grid, counts, &fisher_summary)) {
+        if (print_json(&a, &report, grid, counts, &fisher_summary, mpi)) {
             lq_error_set(&err, LQ_ENOMEM, "out of memory printing JSON");
             goto fail;
         }
     } else {
-        print_text(&a, &report, grid, counts, &fisher_summary);
+        print_text(&a, &report, grid, counts, &fisher_summary, ranks_note);
     }
     status = 0;
     goto done;
@@ -803,5 +892,7 @@ done:
     lq_model_free(compressed);
     lq_model_free(source);
     if (backend) backend->ops->destroy(backend);
+    /* after a signal mpirun is tearing the job down: finalizing would wait for ranks gone */
+    if (mpi) lq_compress_mpi_finish(mpi, status != 0, interrupted);
     return status;
 }

@@ -21,6 +21,7 @@
 #include "server/api_request.h"
 #include "server/cli.h"
 #include "server/http_server.h"
+#include "server/job_launcher.h"
 #include "server/log.h"
 #include "server/serve_config.h"
 /* Last: uv.h brings termios.h, whose B0 macro would clash with core/nf.h's field. */
@@ -261,6 +262,22 @@ static void load_saved_adapters(struct daemon *d) {
     closedir(models);
 }
 
+/* The launcher compress jobs run through (validated with the settings): a program that is
+ * not there yet is a warning, not a refusal; the job that needs it fails with the reason. */
+static void log_launcher(const char *launcher) {
+    char **words = NULL, path[PATH_MAX];
+    size_t count = 0;
+    struct lq_error err = {0};
+    if (lq_launcher_split(launcher, &words, &count, &err) == LQ_OK &&
+        lq_launcher_resolve(words[0], path, sizeof path, &err) == LQ_OK)
+        lq_log(LQ_LOG_INFO, "compress jobs through a launcher", LQ_LOG_STR("launcher", launcher),
+               LQ_LOG_STR("program", path));
+    else
+        lq_log(LQ_LOG_WARN, "compress launcher not usable now", LQ_LOG_STR("launcher", launcher),
+               LQ_LOG_STR("error", err.message));
+    free(words);
+}
+
 static int start(struct daemon *d, struct lq_backend **backend, struct lq_error *err) {
     struct lq_serve_config *c = &d->config;
     if (c->api_key_file && read_key_file(c, err)) return -1;
@@ -372,7 +389,9 @@ static int start(struct daemon *d, struct lq_backend **backend, struct lq_error 
                                            .registry = d->api.registry,
                                            .device = *backend,
                                            .adapter_ready = on_adapter_ready,
-                                           .adapter_context = d->api.registry};
+                                           .adapter_context = d->api.registry,
+                                           .compress_launcher = c->compress_launcher};
+    if (c->compress_launcher) log_launcher(c->compress_launcher);
     load_saved_adapters(d);
     if (lq_jobs_create(&jobs_options, &d->api.jobs, err)) return -1;
     api_config->context = c->context;

@@ -27,6 +27,7 @@
 #include "core/tokenizer.h"
 #include "kernels/backend.h"
 #include "server/job_finetune.h"
+#include "server/job_launcher.h"
 #include "server/log.h"
 
 /* The share of the progress fraction each phase takes: the table dominates a cold run. */
@@ -49,8 +50,10 @@ struct job {
     cJSON *result;  /* owned, or NULL */
     char error[LQ_ERROR_MESSAGE_SIZE + 128];
     atomic_int cancel;
-    double last_record, last_event; /* monotonic seconds of the last progress write */
-    double run_started;             /* monotonic */
+    double last_record, last_event;     /* monotonic seconds of the last progress write */
+    double run_started;                 /* monotonic */
+    char launcher[LQ_LAUNCHER_MAX + 1]; /* compress: the launcher of its last run (or of the
+                                            daemon it was queued on); "": in-process */
 };
 
 struct lq_jobs {
@@ -150,6 +153,10 @@ static cJSON *job_json(const struct job *job) {
     else
         cJSON_AddNullToObject(r, "eta_seconds");
     cJSON_AddNumberToObject(r, "attempts", job->attempts);
+    if (job->launcher[0])
+        cJSON_AddStringToObject(r, "launcher", job->launcher);
+    else
+        cJSON_AddNullToObject(r, "launcher");
     cJSON_AddItemToObject(r, "request", spec_json(&job->spec));
     if (job->result)
         cJSON_AddItemToObject(r, "result", cJSON_Duplicate(job->result, 1));
@@ -332,6 +339,19 @@ static void on_warning(void *context, const char *message) {
     pthread_mutex_unlock(&run->jobs->lock);
 }
 
+/* 1: cancelled, 2: the daemon is stopping, 0: go on (finetune and launched jobs ask). */
+static int run_stop_requested(void *context) {
+    struct run *run = context;
+    return atomic_load(&run->job->cancel) ? 1 : atomic_load(&run->jobs->stopping) ? 2 : 0;
+}
+
+static void run_event(void *context, const char *type, cJSON *extra) {
+    struct run *run = context;
+    pthread_mutex_lock(&run->jobs->lock);
+    event_append(run->jobs, run->job, type, extra);
+    pthread_mutex_unlock(&run->jobs->lock);
+}
+
 /* ---------- the Fisher information of a weighted job (as lqd compress --fisher) ---------- */
 
 struct fisher_summary {
@@ -486,9 +506,41 @@ static cJSON *result_json(const struct job *job, const struct lq_compress_report
     return result;
 }
 
+/* A compress job through the daemon's --compress-launcher (server/job_launcher.c runs the
+ * child): the same progress, events, result and clean-up as in-process, the work done by
+ * lqd compress wherever the launcher puts it. */
+static enum lq_job_status run_compress_launched(struct lq_jobs *jobs, struct job *job,
+                                                cJSON **result, struct lq_error *err) {
+    const struct lq_job_spec *s = &job->spec;
+    int weighted = s->fisher.file[0] != '\0';
+    int force = job->resumed && lq_path_is_dir(s->output);
+    remove_partial(s->output);
+    pthread_mutex_lock(&jobs->lock);
+    snprintf(job->launcher, sizeof job->launcher, "%s", jobs->options.compress_launcher);
+    record_write(jobs, job);
+    pthread_mutex_unlock(&jobs->lock);
+    struct run run = {jobs, job, -1, weighted ? SHARE_FISHER : 0.0};
+    struct lq_job_launcher_hooks hooks = {
+        &run, run_stop_requested, on_progress, on_fisher_progress, on_warning, run_event};
+    int wrote_output = 0;
+    enum lq_job_status status =
+        lq_job_launcher_run(jobs->options.compress_launcher, job->id, s, jobs->options.cache_dir,
+                            force, &hooks, result, &wrote_output, err);
+    /* A cancel that came after the child wrote the output undoes it, as in-process. */
+    if (status == LQ_JOB_CANCELLED && wrote_output) remove_tree(s->output);
+    if (status != LQ_JOB_SUCCEEDED) remove_partial(s->output);
+    if (weighted && status != LQ_JOB_QUEUED) {
+        char dir[PATH_MAX + 64];
+        job_dir(jobs, job->id, dir, sizeof dir);
+        remove_tree(dir);
+    }
+    return status;
+}
+
 /* What ended the run: 0 succeeded, else the status to record (err holds the message). */
 static enum lq_job_status run_compress(struct lq_jobs *jobs, struct job *job, cJSON **result,
                                        struct lq_error *err) {
+    if (jobs->options.compress_launcher) return run_compress_launched(jobs, job, result, err);
     const struct lq_job_spec *s = &job->spec;
     struct lq_nf_config *grid = NULL;
     size_t grid_size = 0;
@@ -501,6 +553,9 @@ static enum lq_job_status run_compress(struct lq_jobs *jobs, struct job *job, cJ
     enum lq_job_status status = LQ_JOB_FAILED;
     int force = job->resumed && lq_path_is_dir(s->output);
     remove_partial(s->output);
+    pthread_mutex_lock(&jobs->lock);
+    job->launcher[0] = '\0';
+    pthread_mutex_unlock(&jobs->lock);
     if (lq_compress_grid_parse(s->configs, &grid, &grid_size, err) ||
         lq_model_file_check_destination(s->output, force, err) ||
         lq_model_file_find_tokenizer(s->source, 1, &tokenizer, err) ||
@@ -566,18 +621,6 @@ done:
 
 /* ---------- finetune jobs (server/job_finetune.c does the work) ---------- */
 
-static int finetune_stop_requested(void *context) {
-    struct run *run = context;
-    return atomic_load(&run->job->cancel) ? 1 : atomic_load(&run->jobs->stopping) ? 2 : 0;
-}
-
-static void finetune_event(void *context, const char *type, cJSON *extra) {
-    struct run *run = context;
-    pthread_mutex_lock(&run->jobs->lock);
-    event_append(run->jobs, run->job, type, extra);
-    pthread_mutex_unlock(&run->jobs->lock);
-}
-
 static void finetune_progress(void *context, const char *phase, double progress, double eta) {
     struct run *run = context;
     struct job *job = run->job;
@@ -594,8 +637,7 @@ static void finetune_progress(void *context, const char *phase, double progress,
 static enum lq_job_status run_finetune(struct lq_jobs *jobs, struct job *job, cJSON **result,
                                        struct lq_error *err) {
     struct run run = {jobs, job, -1, 0.0};
-    struct lq_job_finetune_hooks hooks = {&run, finetune_stop_requested, finetune_event,
-                                          finetune_progress};
+    struct lq_job_finetune_hooks hooks = {&run, run_stop_requested, run_event, finetune_progress};
     char dir[PATH_MAX + 64];
     job_dir(jobs, job->id, dir, sizeof dir);
     remove_partial(job->spec.output);
@@ -735,6 +777,8 @@ int lq_jobs_submit(struct lq_jobs *jobs, const struct lq_job_spec *spec, cJSON *
     struct job *job = calloc(1, sizeof *job);
     if (!job) return lq_error_set(err, LQ_ENOMEM, "out of memory");
     job->spec = *spec;
+    if (spec->type == LQ_JOB_COMPRESS && jobs->options.compress_launcher)
+        snprintf(job->launcher, sizeof job->launcher, "%s", jobs->options.compress_launcher);
     job->created_at = unix_now();
     job->eta = -1;
     atomic_init(&job->cancel, 0);
@@ -949,6 +993,7 @@ static struct job *job_read(struct lq_jobs *jobs, const char *path) {
     job->eta = -1;
     job->attempts = (int)json_number(r, "attempts", 0);
     snprintf(job->phase, sizeof job->phase, "%s", json_string(r, "phase"));
+    snprintf(job->launcher, sizeof job->launcher, "%s", json_string(r, "launcher"));
     const cJSON *result = cJSON_GetObjectItemCaseSensitive(r, "result");
     if (cJSON_IsObject(result)) job->result = cJSON_Duplicate(result, 1);
     const cJSON *error = cJSON_GetObjectItemCaseSensitive(r, "error");

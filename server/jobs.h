@@ -6,7 +6,8 @@
  * one found running (the daemon died under it) is resumed, cheaply, since the error-table rows
  * it finished are cached (compress) or from its last checkpoint in STATE_DIR/jobs/<id>/
  * (finetune, which also keeps a hard link of its data there, as a Fisher-weighted compress job
- * does of its calibration text). */
+ * does of its calibration text). With lq_jobs_options.compress_launcher a compress job runs as
+ * "<launcher> lqd compress ..." child processes instead (server/job_launcher.h). */
 #ifndef LQ_JOBS_H
 #define LQ_JOBS_H
 
@@ -35,6 +36,9 @@ struct lq_jobs_options {
     const char *cache_dir;        /* error-table cache; NULL: lq_compress's default */
     struct lq_registry *registry; /* borrowed: "activate" loads the result into it */
     struct lq_backend *device;    /* borrowed: decomposes on its GPU when it can; NULL: CPU */
+    /* Compress jobs run as "<compress_launcher words> <this lqd> compress ..." child processes
+     * (server/job_launcher.h), e.g. "mpirun -n 4 --hostfile F"; NULL: in the daemon. */
+    const char *compress_launcher;
     /* Called (on the job's worker) by a finetune job that has written its adapter to dir,
      * STATE_DIR/adapters/<model>/<adapter> (PEFT layout, core/adapter.h): hands it to the
      * daemon's adapter registry, activate asking to make it the model's active adapter.

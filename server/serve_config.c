@@ -10,6 +10,7 @@
 
 #include "core/file_util.h"
 #include "server/cli.h"
+#include "server/job_launcher.h"
 
 const char lq_serve_usage[] =
     "usage: lqd serve [--model [NAME=]PATH]... [--host H] [--port P] [--state-dir D]\n"
@@ -49,6 +50,9 @@ const char lq_serve_usage[] =
     "                         decompose; without a usable GPU the CPU runs and the log says why\n"
     "  --gpu-memory SIZE      most GPU memory the daemon may take, e.g. 40G (default: what is\n"
     "                         free); a model that does not fit is refused with what is held\n"
+    "  --compress-launcher C  run compress jobs as 'C... lqd compress ...' child processes,\n"
+    "                         e.g. \"mpirun -n 4 --hostfile hosts\" (split into words with the\n"
+    "                         shell's quoting, no shell; default: in the daemon)\n"
     "  --log-format F         text or json (JSON lines), on stderr (default text)\n"
     "  --log-level L          debug, info, warn or error (default info)\n"
     "  --config FILE          settings from FILE: 'key = value' lines (# comments) or a JSON\n"
@@ -93,6 +97,7 @@ static const struct setting settings[] = {
     {"log-level", KIND_STRING, FIELD(log_level), 0, 0, 0},
     {"device", KIND_STRING, FIELD(device), 0, 0, 0},
     {"gpu-memory", KIND_STRING, FIELD(gpu_memory), 0, 0, 0},
+    {"compress-launcher", KIND_STRING, FIELD(compress_launcher), 0, 0, 0},
 };
 #undef FIELD
 #define N_SETTINGS (sizeof settings / sizeof settings[0])
@@ -356,6 +361,17 @@ int lq_serve_config_load(int argc, char **argv, struct lq_serve_config *out, cha
     free(flag_values);
     if (!rc && strcmp(out->log_format, "text") != 0 && strcmp(out->log_format, "json") != 0)
         snprintf(message, size, "log-format '%s': expected text or json", out->log_format), rc = 2;
+    if (!rc && out->compress_launcher) { /* refused now, not at the first job */
+        char **words = NULL;
+        size_t count = 0;
+        struct lq_error err = {0};
+        if (lq_launcher_split(out->compress_launcher, &words, &count, &err)) {
+            snprintf(message, size, "compress-launcher '%.200s': %s", out->compress_launcher,
+                     err.message);
+            rc = 2;
+        }
+        free(words);
+    }
     if (rc) lq_serve_config_free(out);
     return rc;
 }
@@ -372,6 +388,7 @@ void lq_serve_config_free(struct lq_serve_config *c) {
     free(c->log_level);
     free(c->device);
     free(c->gpu_memory);
+    free(c->compress_launcher);
     free(c->config_file);
     memset(c, 0, sizeof *c);
 }

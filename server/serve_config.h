@@ -27,9 +27,10 @@ struct lq_serve_config {
     long max_body;
     long max_upload_size; /* multipart uploads (POST /v1/files), bytes */
     char *log_format, *log_level;
-    char *device;      /* cpu (NULL), cuda, cuda:N, auto */
-    char *gpu_memory;  /* a size such as "40G"; NULL: the GPU's free memory */
-    char *config_file; /* where the file settings came from, or NULL */
+    char *device;            /* cpu (NULL), cuda, cuda:N, auto */
+    char *gpu_memory;        /* a size such as "40G"; NULL: the GPU's free memory */
+    char *compress_launcher; /* "mpirun -n 4 ...": compress jobs through it; NULL: in-process */
+    char *config_file;       /* where the file settings came from, or NULL */
 };
 
 extern const char lq_serve_usage[];

@@ -165,5 +165,57 @@ static void test_llama2c_separate_classifier(void) {
     free(data);
 }
 
+/* lq_model_reader (an lqd compress rank reading only its matrices) gives every linear matrix
+ * bit for bit as lq_model_load does, from the HF directory (tensor by tensor) and the llama2.c
+ * .bin (loaded whole); it refuses an LQ model's matrices and a matrix out of range. */
+static void test_reader_equals_load(void) {
+    const char *paths[] = {"models/stories260K-hf", "models/stories260K/stories260K.bin"};
+    for (int p = 0; p < 2; p++) {
+        char path[1024];
+        snprintf(path, sizeof path, "%s/%s", root(), paths[p]);
+        struct lq_model *m = NULL;
+        struct lq_model_reader *r = NULL;
+        struct lq_error err = {0};
+        CHECK_MSG(lq_model_load(path, &m, &err) == 0, "%s", err.message);
+        CHECK_MSG(lq_model_reader_open(path, &r, &err) == 0, "%s", err.message);
+        if (!m || !r) {
+            lq_model_free(m);
+            lq_model_reader_close(r);
+            continue;
+        }
+        CHECK(lq_model_reader_config(r)->n_layers == m->config.n_layers);
+        for (int l = 0; l < m->config.n_layers; l++)
+            for (int k = 0; k < LQ_LINEARS_PER_LAYER; k++) {
+                const struct lq_linear *linear = &m->layers[l].linear[k];
+                float *w = NULL;
+                int rows = 0, cols = 0;
+                CHECK_MSG(lq_model_reader_linear(r, l, (enum lq_linear_kind)k, &w, &rows, &cols,
+                                                 &err) == 0,
+                          "%s", err.message);
+                CHECK(w && rows == linear->rows && cols == linear->cols &&
+                      same(w, linear->dense, (size_t)rows * (size_t)cols));
+                free(w);
+            }
+        float *w = NULL;
+        int rows, cols;
+        CHECK(lq_model_reader_linear(r, m->config.n_layers, LQ_Q_PROJ, &w, &rows, &cols, &err) ==
+              LQ_EINVAL);
+        lq_model_reader_close(r);
+        lq_model_free(m);
+    }
+    char lq[1024];
+    snprintf(lq, sizeof lq, "%s/models/stories260K-lq", root());
+    struct lq_model_reader *r = NULL;
+    struct lq_error err = {0};
+    if (lq_path_is_dir(lq) && lq_model_reader_open(lq, &r, &err) == 0) {
+        float *w = NULL;
+        int rows, cols;
+        CHECK(lq_model_reader_linear(r, 0, LQ_Q_PROJ, &w, &rows, &cols, &err) == LQ_ENOTFOUND);
+        CHECK(strstr(err.message, "cannot be compressed again") != NULL);
+        lq_model_reader_close(r);
+    }
+}
+
 LQ_TEST_MAIN(LQ_TEST(test_llama2c_equals_hf), LQ_TEST(test_config_errors),
-             LQ_TEST(test_sharded_checkpoint), LQ_TEST(test_llama2c_separate_classifier))
+             LQ_TEST(test_sharded_checkpoint), LQ_TEST(test_llama2c_separate_classifier),
+             LQ_TEST(test_reader_equals_load))
