@@ -77,6 +77,7 @@ static int load_exact(const struct lq_safetensors *file, const char *prefix, con
     *out = malloc(bytes ? bytes : 1);
     if (!*out) return lq_error_set(err, LQ_ENOMEM, "out of memory for '%s'", name);
     memcpy(*out, lq_safetensors_data(file, t), bytes);
+    lq_safetensors_drop_pages(file, t);
     return LQ_OK;
 }
 

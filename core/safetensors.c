@@ -550,6 +550,16 @@ const void *lq_safetensors_data(const struct lq_safetensors *file,
     return file && tensor ? file->data + tensor->offset : NULL;
 }
 
+void lq_safetensors_drop_pages(const struct lq_safetensors *file,
+                               const struct lq_safetensors_tensor *tensor) {
+    if (!file || !tensor || !file->mapping) return;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t begin = (uintptr_t)(file->data + tensor->offset), end = begin + tensor->nbytes;
+    begin = (begin + page - 1) / page * page; /* whole pages inside the tensor only */
+    end = end / page * page;
+    if (end > begin) (void)madvise((void *)begin, end - begin, MADV_DONTNEED); /* a hint */
+}
+
 const char *lq_safetensors_metadata(const struct lq_safetensors *file, const char *key) {
     if (!file || !key || file->metadata_count == 0) return NULL; /* bsearch wants a base */
     struct metadata_entry probe = {.key = (char *)key};
@@ -589,6 +599,7 @@ int lq_safetensors_read_f32(const struct lq_safetensors *file, const char *name,
             values[i] = is_bf16 ? lq_bf16_to_float(bits) : lq_fp16_to_float(bits);
         }
     }
+    lq_safetensors_drop_pages(file, tensor);
     *out = values;
     if (tensor_out) *tensor_out = tensor;
     return LQ_OK;

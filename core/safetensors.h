@@ -75,6 +75,12 @@ const struct lq_safetensors_tensor *lq_safetensors_find(const struct lq_safetens
  * element size: copy (memcpy) rather than cast. */
 const void *lq_safetensors_data(const struct lq_safetensors *file,
                                 const struct lq_safetensors_tensor *tensor);
+/* Drops the resident pages of the tensor's bytes in a mapped file (no-op for a buffer): call
+ * after copying a tensor out, so loading a model does not hold the whole file and the copies at
+ * once (the 3-bit SmolLM2's serve peaked at 339 MiB that way). Reading the bytes again later is
+ * still correct: the pages fault back in from the file. */
+void lq_safetensors_drop_pages(const struct lq_safetensors *file,
+                               const struct lq_safetensors_tensor *tensor);
 /* Value of a "__metadata__" string entry, or NULL. Borrowed from file. */
 const char *lq_safetensors_metadata(const struct lq_safetensors *file, const char *key);
 
