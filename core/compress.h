@@ -140,6 +140,9 @@ int lq_compress_table_costs(const struct lq_compress_options *o, const float *w,
                             size_t cols, size_t matrix, const char *name,
                             const struct lq_nf_config *configs, size_t count, const float *fisher,
                             double *costs, struct lq_error *err);
+/* The backend that decomposes o's cells: o->device when it has ops->decompose and
+ * ops->decompose_errors, else NULL (the CPU). */
+struct lq_backend *lq_compress_device(const struct lq_compress_options *o);
 /* The identity of one source matrix (shape and floats), checked by other processes that read
  * the model files themselves. */
 uint64_t lq_compress_matrix_hash(const float *w, size_t rows, size_t cols);

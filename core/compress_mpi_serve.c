@@ -11,7 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "core/compress_mpi_internal.h"
 #include "core/model.h"
@@ -206,16 +205,6 @@ static void result_free(struct worker_result *r) {
     free(r);
 }
 
-/* Test-only fault injection (tests/mpi/test_compress_mpi.py): with LQD_MPI_TEST_DIE_AFTER=N,
- * rank LQD_MPI_TEST_DIE_RANK (default 1) exits abruptly, status 3, right after sending its
- * N-th result, as a crashed or killed rank would. */
-static long test_die_after(int rank) {
-    const char *after = getenv("LQD_MPI_TEST_DIE_AFTER"), *who = getenv("LQD_MPI_TEST_DIE_RANK");
-    if (!after || !*after) return -1;
-    if ((who && *who ? atoi(who) : 1) != rank) return -1;
-    return atol(after);
-}
-
 /* Waits for the setup (or an early finish); *finish_status is set on a finish. */
 static int worker_wait_setup(struct worker *k, int *finished, int *finish_status,
                              struct lq_error *err) {
@@ -291,7 +280,6 @@ int lq_compress_mpi_serve(struct lq_compress_mpi *mpi,
     struct lq_model_reader *reader = NULL;
     pthread_t *threads = NULL;
     int started = 0, finished = 0, finish_status = 0, reported = 0;
-    long die_after = test_die_after(mpi->rank), sent = 0;
     /* Read the model's index while rank 0 loads the model. */
     struct lq_error open_err = {0};
     int open_rc = lq_model_reader_open(o->model, &reader, &open_err);
@@ -390,8 +378,6 @@ int lq_compress_mpi_serve(struct lq_compress_mpi *mpi,
                 int send_rc = send_result(r, err);
                 if (send_rc) {
                     rc = send_rc, reported = 1; /* rank 0 is unreachable: nothing to tell */
-                } else if (die_after >= 0 && ++sent >= die_after) {
-                    _exit(3);
                 }
             }
             result_free(r);

@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "peer"))
 from peer_util import LQD, ROOT, SKIP, Checks  # noqa: E402
 
 __all__ = ["Checks", "LQD", "ROOT", "SOURCE", "TOKENIZER", "GRID", "skip", "require_mpi",
-           "mpirun_args", "compress_args", "run", "report", "same_tree", "cache_file"]
+           "mpirun_args", "compress_args", "environment", "run", "report", "same_tree", "cache_file",
+           "rank_pids"]
 
 # stories260K: ../shared's copy when the checkout sits beside it, else the repository's own.
 _SHARED = os.path.join(ROOT, "..", "shared", "models", "stories260K-hf")
@@ -54,23 +55,29 @@ def mpirun_args(mpirun, ranks):
     return args
 
 
-def compress_args(out, cache, *extra):
+def compress_args(out, cache, *extra, grid=GRID):
     return [LQD, "compress", "--model", SOURCE, "--tokenizer", TOKENIZER, "--bits", "3", "--rank",
-            "4", "--configs", GRID, "--out", out, "--cache-dir", cache, "--json", *extra]
+            "4", "--configs", grid, "--out", out, "--cache-dir", cache, "--json", *extra]
 
 
 def _with_option(value, option):
     return f"{value}:{option}" if value else option
 
 
-def run(args, env=None, timeout=300):
+def environment(env=None):
+    """os.environ with env's entries, for a run under mpirun."""
     full_env = {**os.environ, **(env or {})}
     # Under AddressSanitizer builds, Open MPI's own allocations kept until exit would fail every
     # rank: suppress those (full stacks, so that the library names show), keep lqd's checked.
     supp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lsan-openmpi.supp")
     full_env["ASAN_OPTIONS"] = _with_option(full_env.get("ASAN_OPTIONS", ""), "fast_unwind_on_malloc=0")
     full_env["LSAN_OPTIONS"] = _with_option(full_env.get("LSAN_OPTIONS", ""), f"suppressions={supp}")
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return full_env
+
+
+def run(args, env=None, timeout=300):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          env=environment(env))
 
 
 def report(result):
@@ -96,3 +103,34 @@ def same_tree(a, b):
 def cache_file(cache):
     files = glob.glob(os.path.join(cache, "error-table-*.bin"))
     return files[0] if len(files) == 1 else None
+
+
+def rank_pids(launcher):
+    """{rank: pid} of the lqd processes below process `launcher` (mpirun), each rank read from
+    the environment its launcher gave it (Open MPI, PMIx, then MPICH's Hydra)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    found, stack = {}, [launcher]
+    while stack:
+        for pid in children.get(stack.pop(), []):
+            stack.append(pid)
+            try:
+                if os.path.basename(os.readlink(f"/proc/{pid}/exe")) != "lqd":
+                    continue
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            except OSError:
+                continue
+            for name in (b"OMPI_COMM_WORLD_RANK", b"PMIX_RANK", b"PMI_RANK"):
+                if name in variables:
+                    found[int(variables[name])] = pid
+                    break
+    return found
