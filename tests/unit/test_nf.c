@@ -139,6 +139,19 @@ static void test_round_trip_matches_fused_path(void) {
             CHECK(lq_nf_quantize_dequantize(a, n, &grid[k], fused, &err) == 0);
             mismatches += memcmp(back, fused, n * sizeof *back) != 0;
             size_t blocks = (n + grid[k].B0 - 1) / grid[k].B0;
+            /* lq_nf_block_scales (eight codes per word where it can) equals the one-block call,
+             * from any first block, across group boundaries */
+            float *scales = malloc(blocks * sizeof *scales);
+            const size_t starts[] = {0, 1, 3, 7, 8, 9, blocks / 2, blocks - 1};
+            for (size_t f = 0; f < sizeof starts / sizeof *starts && scales; f++) {
+                size_t start = starts[f] < blocks ? starts[f] : 0;
+                lq_nf_block_scales(&q, start, blocks - start, scales);
+                for (size_t b = start; b < blocks; b++) {
+                    float one = lq_nf_block_scale(&q, b);
+                    mismatches += memcmp(&one, &scales[b - start], sizeof one) != 0;
+                }
+            }
+            free(scales);
             CHECK(lq_nf_codes_bytes(&q) == (n * grid[k].b0 + 7) / 8);
             CHECK(lq_nf_scale_codes_bytes(&q) == (blocks * grid[k].b1 + 7) / 8);
             lq_nf_matrix_free(&q);
