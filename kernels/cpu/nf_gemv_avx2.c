@@ -437,12 +437,12 @@ LQ_AVX2_INLINE void gemv_aligned(const struct avx2_cursor *cursor, size_t begin,
 
 /* b0 made a compile-time constant for each specialised copy. */
 #define GEMV_SPECIALISE(B0)                                                                        \
-    LQ_AVX2 static void gemv_b##B0(struct avx2_cursor *cursor, size_t begin, size_t end,          \
-                                   const float *x, int n, float *y, size_t ldy) {                 \
-        if (cursor->block_size % 8 == 0 && cursor->m->cols % 8 == 0)                              \
-            gemv_aligned(cursor, begin, end, x, n, y, ldy, B0);                                   \
-        else                                                                                      \
-            gemv_bits(cursor, begin, end, x, n, y, ldy, B0);                                      \
+    LQ_AVX2 static void gemv_b##B0(struct avx2_cursor *cursor, size_t begin, size_t end,           \
+                                   const float *x, int n, float *y, size_t ldy) {                  \
+        if (cursor->block_size % 8 == 0 && cursor->m->cols % 8 == 0)                               \
+            gemv_aligned(cursor, begin, end, x, n, y, ldy, B0);                                    \
+        else                                                                                       \
+            gemv_bits(cursor, begin, end, x, n, y, ldy, B0);                                       \
     }
 GEMV_SPECIALISE(2)
 GEMV_SPECIALISE(3)
