@@ -217,6 +217,12 @@ static int served_model_build(struct lq_backend *backend, const char *name, cons
         goto fail;
     }
     if ((rc = lq_model_load(path, &m->model, err))) goto fail;
+    if ((rc = measure_model(m, err))) goto fail;
+    /* The runtime first, so that a tied model served from the CPU's int8 head frees its fp32
+     * table (113 MB for SmolLM2) before the tokenizer (24 MB) joins: the load is the daemon's
+     * peak RSS (3-bit SmolLM2: 232 MiB the other way round). */
+    if ((rc = lq_runtime_create(backend, m->model, &m->runtime, err))) goto fail;
+    lq_runtime_release_model_embedding(m->runtime);
     char directory[4096];
     model_directory(path, directory, sizeof directory);
     /* As lqd generate finds it: a GGUF model's own, else the files in or beside the model. */
@@ -243,10 +249,6 @@ static int served_model_build(struct lq_backend *backend, const char *name, cons
         lq_error_set(err, rc, "out of memory");
         goto fail;
     }
-    if ((rc = measure_model(m, err))) goto fail;
-    if ((rc = lq_runtime_create(backend, m->model, &m->runtime, err))) goto fail;
-    /* a tied model served from the CPU's int8 head needs no fp32 table (113 MB for SmolLM2) */
-    lq_runtime_release_model_embedding(m->runtime);
     *out = m;
     return LQ_OK;
 fail:

@@ -205,6 +205,57 @@ cleanup:
     remove_directory(directory);
 }
 
+/* Tensors larger than read_f32's 4 MiB chunk (each chunk's mapped pages are dropped once copied)
+ * read back bit for bit, F32 and F16, from a mapped file. */
+static void test_read_f32_chunks(void) {
+    const size_t n32 = 1300000, n16 = 2300000; /* 5.2 MB and 4.6 MB: two chunks each */
+    float *f32 = malloc(n32 * sizeof *f32);
+    uint16_t *f16 = malloc(n16 * sizeof *f16);
+    if (!f32 || !f16) {
+        CHECK(0);
+        free(f32), free(f16);
+        return;
+    }
+    uint32_t state = 7;
+    for (size_t i = 0; i < n32; i++) {
+        state = state * 1664525u + 1013904223u;
+        f32[i] = (float)(int32_t)state * 1e-9f;
+    }
+    /* 1.0, -2.0 and 65504 (0x3c00, 0xc000, 0x7bff) by a pattern no chunk boundary aligns to */
+    const uint16_t bits[3] = {0x3c00, 0xc000, 0x7bff};
+    const float expected[3] = {1.0f, -2.0f, 65504.0f};
+    for (size_t i = 0; i < n16; i++) f16[i] = bits[(i * 7 + i / 1000) % 3];
+    const int64_t shape32[1] = {(int64_t)n32}, shape16[1] = {(int64_t)n16};
+    struct lq_safetensors_writer *writer = NULL;
+    struct lq_error err = {0};
+    CHECK_OK(lq_safetensors_writer_create(&writer, &err));
+    CHECK_OK(lq_safetensors_writer_add(writer, "a", LQ_DTYPE_F32, 1, shape32, f32, &err));
+    CHECK_OK(lq_safetensors_writer_add(writer, "b", LQ_DTYPE_F16, 1, shape16, f16, &err));
+    char *directory = make_temporary_directory();
+    char *path = path_join(directory, "big.safetensors");
+    CHECK_OK(lq_safetensors_writer_write(writer, path, &err));
+    lq_safetensors_writer_free(writer);
+    struct lq_safetensors *file = NULL;
+    CHECK_OK(lq_safetensors_open(path, &file, &err));
+    float *values = NULL;
+    if (file) {
+        CHECK_OK(lq_safetensors_read_f32(file, "a", &values, NULL, &err));
+        CHECK(values && memcmp(values, f32, n32 * sizeof *f32) == 0);
+        free(values);
+        values = NULL;
+        CHECK_OK(lq_safetensors_read_f32(file, "b", &values, NULL, &err));
+        size_t wrong = 0;
+        for (size_t i = 0; values && i < n16; i++)
+            wrong += values[i] != expected[(i * 7 + i / 1000) % 3];
+        CHECK(values && wrong == 0);
+        free(values);
+        lq_safetensors_close(file);
+    }
+    free(path);
+    remove_directory(directory);
+    free(f32), free(f16);
+}
+
 /* The same tensors in any add order give the same bytes: files can be compared by hash. */
 static void test_writer_deterministic(void) {
     float a[2] = {1, 2};
@@ -704,8 +755,8 @@ static void test_write_atomic(void) {
     remove_directory(directory);
 }
 
-LQ_TEST_MAIN(LQ_TEST(test_round_trip), LQ_TEST(test_writer_deterministic),
-             LQ_TEST(test_read_f32_conversions), LQ_TEST(test_real_model),
-             LQ_TEST(test_reference_writer_file), LQ_TEST(test_malformed_headers),
-             LQ_TEST(test_malformed_framing), LQ_TEST(test_writer_rejects),
-             LQ_TEST(test_write_atomic))
+LQ_TEST_MAIN(LQ_TEST(test_round_trip), LQ_TEST(test_read_f32_chunks),
+             LQ_TEST(test_writer_deterministic), LQ_TEST(test_read_f32_conversions),
+             LQ_TEST(test_real_model), LQ_TEST(test_reference_writer_file),
+             LQ_TEST(test_malformed_headers), LQ_TEST(test_malformed_framing),
+             LQ_TEST(test_writer_rejects), LQ_TEST(test_write_atomic))
