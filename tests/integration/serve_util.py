@@ -14,6 +14,15 @@ import uuid
 
 ROOT = os.path.abspath(os.environ.get("LQ_REPO_ROOT", os.path.join(os.path.dirname(__file__), "..", "..")))
 LQD = os.path.abspath(os.environ.get("LQD", os.path.join(ROOT, "build/server/lqd")))
+
+# Compress jobs of the job tests (test_jobs.py, test_compress_launcher.py): a 3-configuration grid
+# that runs in seconds, a 162-configuration one long enough (about 10 s on 2 CPUs) to be killed
+# in the middle of, and the calibration text and draw of Fisher-weighted jobs.
+SMALL_GRID = "4,8,fp32,64,256;3,8,fp32,64,256;2,8,fp32,64,256"
+MEDIUM_GRID = ";".join(f"{b0},{b1},{b2},{B0},{B1}" for b0 in (2, 3, 4) for b1 in (2, 3, 4)
+                       for b2 in ("bf16", "fp16", "fp32") for B0 in (16, 32, 64) for B1 in (64, 256))
+CALIBRATION = os.path.join(ROOT, "tests/data/tinystories_val_subset.txt")
+FISHER = {"samples": 16, "seq_len": 128, "seed": 5}
 SKIP = 77  # meson's exit status for a skipped test
 
 _counts = {"passed": 0, "failed": 0}

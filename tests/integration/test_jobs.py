@@ -25,13 +25,8 @@ import serve_util  # noqa: E402
 from serve_util import LQD, ROOT, check, finish  # noqa: E402
 
 KEY = "jobs-key-0123456789"
-SMALL_GRID = "4,8,fp32,64,256;3,8,fp32,64,256;2,8,fp32,64,256"
-# 162 configurations: long enough (about 10 s on 2 CPUs) to be killed in the middle of.
-MEDIUM_GRID = ";".join(f"{b0},{b1},{b2},{B0},{B1}" for b0 in (2, 3, 4) for b1 in (2, 3, 4)
-                       for b2 in ("bf16", "fp16", "fp32") for B0 in (16, 32, 64) for B1 in (64, 256))
-# Fisher-weighted jobs: calibration lines of TinyStories, and the draw (as lqd compress --fisher-*).
-DATA = os.path.join(ROOT, "tests/data/tinystories_val_subset.txt")
-FISHER = {"samples": 16, "seq_len": 128, "seed": 5}
+from serve_util import SMALL_GRID, MEDIUM_GRID, FISHER  # noqa: E402
+DATA = serve_util.CALIBRATION
 
 
 def safetensors(directory):
