@@ -9,6 +9,7 @@
 #define LQ_BACKEND_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "core/error.h"
 #include "core/lq.h"
@@ -184,7 +185,42 @@ struct lq_backend_ops {
      * model served from the head's copy, so the fp32 table can go); NULL: not offered. */
     int (*head_embed)(struct lq_backend *backend, const void *head, const int *ids, int n,
                       float *out);
+
+    /* ---- a decode step as a replayable graph: NULL where the backend has none (the CPU's).
+     * Launching each op of a step costs the host microseconds, and a step of a large model is
+     * hundreds of ops, so a GPU backend records the step once and replays it. For that the
+     * step's per-step arguments live in device memory (the *_device ops below read token ids,
+     * positions and KV-cache pointers there), so that the same recorded ops serve every step
+     * with the same key. ---- */
+
+    /* embed with ids in device memory. */
+    int (*embed_device)(struct lq_backend *backend, const float *table, int dim, const int *ids,
+                        int n, float *out);
+    /* rope with positions in device memory. */
+    int (*rope_device)(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
+                       const int *positions, float theta);
+    /* attention_batch with k_caches, v_caches and positions in device memory. keys_bound is at
+     * least every positions[i] + 1: launch shapes depend on it, never on the positions. */
+    int (*attention_batch_device)(struct lq_backend *backend, const float *q, const float *k_new,
+                                  const float *v_new, float *const *k_caches,
+                                  float *const *v_caches, const int *positions, int n, int heads,
+                                  int kv_heads, int head_dim, int keys_bound, float *out);
+    /* Starts a step under `key`, which must name everything the step's ops are called with
+     * (buffers, shapes, adapters) except what they read from device memory. Returns
+     *   LQ_GRAPH_REPLAYED: the recorded step was queued; call none of its ops;
+     *   LQ_GRAPH_EAGER: call the ops as usual (a key seen for the first time runs eagerly);
+     *   LQ_GRAPH_RECORDING: call the ops, which are recorded and not run yet, then graph_end;
+     * or a negative LQ_E* code. Between graph_begin and graph_end the calling thread holds
+     * the backend: other threads' ops wait. */
+    int (*graph_begin)(struct lq_backend *backend, uint64_t key);
+    /* Ends a recording: failed (the first error an op returned, or 0) discards it. Returns 0
+     * when the recorded step was queued, else an LQ_E* code, and then nothing of the step has
+     * run: call its ops again (graph_begin will answer LQ_GRAPH_EAGER for this key). */
+    int (*graph_end)(struct lq_backend *backend, int failed);
 };
+
+/* graph_begin's answers. */
+enum { LQ_GRAPH_EAGER = 0, LQ_GRAPH_REPLAYED = 1, LQ_GRAPH_RECORDING = 2 };
 
 /* AdamW as PyTorch's torch.optim.AdamW computes it (decoupled weight decay, bias-corrected
  * moments), with g = grad_scale · grad:

@@ -536,6 +536,30 @@ int lq_cuda_attention(struct lq_backend *backend, const float *q, const float *k
     return attention_run(lq_cuda_of(backend), p, 1, start + n);
 }
 
+int lq_cuda_attention_batch_device(struct lq_backend *backend, const float *q, const float *k_new,
+                                   const float *v_new, float *const *k_caches,
+                                   float *const *v_caches, const int *positions, int n, int heads,
+                                   int kv_heads, int head_dim, int keys_bound, float *out) {
+    if (n < 0 || keys_bound < 1) return LQ_EINVAL;
+    attention_params p = {};
+    int rc = attention_shape(&p, heads, kv_heads, head_dim);
+    if (rc || n == 0) return rc;
+    if (n > 65535) return LQ_EUNSUPPORTED; // grid.z
+    // the caches' alignment cannot be checked here: lqd's buffers come from cudaMalloc (256-byte
+    // aligned), and a cache row is kv_heads * head_dim floats, a multiple of 4 when head_dim is
+    p.q = q;
+    p.out = out;
+    p.k_caches = k_caches;
+    p.v_caches = v_caches;
+    p.positions = positions;
+    p.k_new = k_new;
+    p.v_new = v_new;
+    p.tokens = 1;
+    p.vec =
+        head_dim % 4 == 0 && aligned16(q) && aligned16(out) && aligned16(k_new) && aligned16(v_new);
+    return attention_run(lq_cuda_of(backend), p, n, keys_bound);
+}
+
 int lq_cuda_attention_batch(struct lq_backend *backend, const float *q, const float *k_new,
                             const float *v_new, float *const *k_caches, float *const *v_caches,
                             const int *positions, int n, int heads, int kv_heads, int head_dim,

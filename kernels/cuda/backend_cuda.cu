@@ -152,6 +152,9 @@ void lq_cuda_free(struct lq_cuda *cuda, void *pointer) {
         if (!a->pointer) break;
         if (a->pointer == pointer) {
             *purpose_counter(&cuda->memory, a->purpose) -= a->bytes;
+            // recorded graphs may point into weights and workspaces (graph_cuda.cu)
+            if (a->purpose == LQ_CUDA_WEIGHTS || a->purpose == LQ_CUDA_SCRATCH)
+                __atomic_add_fetch(&cuda->generation, 1, __ATOMIC_RELEASE);
             a->pointer = LQ_TOMBSTONE;
             break;
         }
@@ -210,6 +213,8 @@ static void *ring_put(struct lq_cuda *cuda, const void *host, size_t bytes) {
 
 int lq_cuda_stage(struct lq_cuda *cuda, enum lq_cuda_slot slot, const void *host, size_t bytes,
                   void **device) {
+    // a recorded copy would read the ring again at every replay, long after it was reused
+    if (cuda->recording >= 0) return LQ_EUNSUPPORTED;
     int rc = lq_cuda_slot(cuda, slot, bytes, device);
     if (rc) return rc;
     void *pinned = ring_put(cuda, host, bytes);
@@ -233,7 +238,9 @@ static void cuda_destroy(struct lq_backend *backend) {
     if (cuda) {
         cudaSetDevice(cuda->device);
         cudaStreamSynchronize(cuda->stream);
+        lq_cuda_graphs_destroy(cuda);
         for (int i = 0; i < LQ_CUDA_SLOT_COUNT; i++) lq_cuda_free(cuda, cuda->slot[i]);
+        lq_cuda_free(cuda, cuda->cublas_workspace);
         for (int i = 0; i < LQ_CUDA_RING_SEGMENTS; i++)
             if (cuda->ring_events[i]) cudaEventDestroy(cuda->ring_events[i]);
         if (cuda->ring) cudaFreeHost(cuda->ring);
@@ -382,6 +389,24 @@ static int op_add(struct lq_backend *backend, float *x, const float *y, size_t c
     LOCKED(lq_cuda_add(backend, x, y, count));
 }
 
+static int op_embed_device(struct lq_backend *backend, const float *table, int dim, const int *ids,
+                           int n, float *out) {
+    LOCKED(lq_cuda_embed_device(backend, table, dim, ids, n, out));
+}
+
+static int op_rope_device(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
+                          const int *positions, float theta) {
+    LOCKED(lq_cuda_rope_device(backend, x, n, heads, head_dim, positions, theta));
+}
+
+static int op_attention_batch_device(struct lq_backend *backend, const float *q, const float *k_new,
+                                     const float *v_new, float *const *k_caches,
+                                     float *const *v_caches, const int *positions, int n, int heads,
+                                     int kv_heads, int head_dim, int keys_bound, float *out) {
+    LOCKED(lq_cuda_attention_batch_device(backend, q, k_new, v_new, k_caches, v_caches, positions,
+                                          n, heads, kv_heads, head_dim, keys_bound, out));
+}
+
 static const struct lq_backend_ops cuda_ops = {
     /* name */ "cuda",
     /* destroy */ cuda_destroy,
@@ -427,6 +452,12 @@ static const struct lq_backend_ops cuda_ops = {
     /* head_release */ NULL,
     /* head_matmul */ NULL,
     /* head_embed */ NULL,
+    // Decode-step graphs (graph_cuda.cu).
+    /* embed_device */ op_embed_device,
+    /* rope_device */ op_rope_device,
+    /* attention_batch_device */ op_attention_batch_device,
+    /* graph_begin */ lq_cuda_op_graph_begin,
+    /* graph_end */ lq_cuda_op_graph_end,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,
@@ -450,7 +481,21 @@ extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq
     }
     backend->ops = &cuda_ops, backend->impl = cuda;
     cuda->device = device;
-    pthread_mutex_init(&cuda->lock, NULL);
+    {
+        // recursive: graph_begin holds it across a recorded step's ops (graph_cuda.cu)
+        pthread_mutexattr_t attributes;
+        pthread_mutexattr_init(&attributes);
+        pthread_mutexattr_settype(&attributes, PTHREAD_MUTEX_RECURSIVE);
+        pthread_mutex_init(&cuda->lock, &attributes);
+        pthread_mutexattr_destroy(&attributes);
+    }
+    cuda->recording = -1;
+    {
+        const char *graphs = getenv("LQ_CUDA_GRAPHS");
+        cuda->graphs_enabled = !(graphs && strcmp(graphs, "0") == 0);
+        const char *prefetch = getenv("LQ_CUDA_PREFETCH");
+        cuda->prefetch_enabled = !(prefetch && strcmp(prefetch, "0") == 0);
+    }
     pthread_mutex_init(&cuda->memory_lock, NULL);
     int rc = LQ_OK;
     cudaDeviceProp properties;
@@ -480,6 +525,17 @@ extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq
         memory_limit = free_bytes - free_bytes / 20; // cuBLAS and the driver need some room
     }
     cuda->memory.limit = memory_limit;
+    {
+        // cuBLAS's own workspace, fixed, so that a recorded step's cuBLAS calls allocate nothing
+        const size_t bytes = (size_t)32 << 20;
+        rc = lq_cuda_malloc(cuda, bytes, LQ_CUDA_SCRATCH, &cuda->cublas_workspace, err);
+        if (rc) goto fail;
+        cublasStatus_t blas = cublasSetWorkspace(cuda->cublas, cuda->cublas_workspace, bytes);
+        if (blas != CUBLAS_STATUS_SUCCESS) {
+            rc = lq_cublas_fail(blas, "setting the cuBLAS workspace", err);
+            goto fail;
+        }
+    }
     cuda->ring_open = -1;
     if ((status = cudaHostAlloc((void **)&cuda->ring, LQ_CUDA_RING_BYTES, cudaHostAllocDefault)) !=
         cudaSuccess) {

@@ -39,6 +39,17 @@ enum lq_cuda_slot {
 
 struct lq_cuda_allocation; // the accounting table's entries (backend_cuda.cu)
 
+// Recorded decode steps (graph_cuda.cu): an entry per key, its executable graph once recorded.
+#define LQ_CUDA_GRAPHS 128
+struct lq_cuda_graph {
+    uint64_t key;
+    uint64_t generation;  // cuda->generation when it was recorded
+    uint64_t last_used;   // for eviction
+    cudaGraphExec_t exec; // NULL: the key was seen (its step ran eagerly), not recorded yet
+    int failures;         // recordings that failed; from 2 on the key always runs eagerly
+    int used;
+};
+
 #define LQ_CUDA_RING_BYTES ((size_t)1 << 20)
 #define LQ_CUDA_RING_SEGMENTS 16
 
@@ -67,6 +78,23 @@ struct lq_cuda {
     cudaEvent_t ring_events[LQ_CUDA_RING_SEGMENTS];
     int ring_recorded[LQ_CUDA_RING_SEGMENTS];
     int ring_open; // the segment copies are being queued from (no event yet), or -1
+
+    // Bumped (atomically) whenever memory a recorded graph may point into goes away: a weight
+    // or workspace freed, a workspace grown. Graphs recorded before are dropped, not replayed.
+    // Buffers (KV caches, activations) do not count: graph keys name the buffers they use.
+    uint64_t generation;
+    int graphs_enabled; // LQ_CUDA_GRAPHS=0 turns recording off
+    struct lq_cuda_graph graphs[LQ_CUDA_GRAPHS];
+    uint64_t graph_clock;
+    int recording;                 // index of the graph being recorded, or -1
+    uint64_t recording_generation; // cuda->generation when the recording began
+    void *cublas_workspace;        // fixed, so that recorded cuBLAS calls allocate nothing
+
+    // Weight prefetch (linear_cuda.cu): the LQ layer whose decode kernel ran last, so the next
+    // one learns it follows it; links made before link_generation changed are stale.
+    struct lq_cuda_linear_data *last_decoded;
+    uint64_t link_generation;
+    int prefetch_enabled; // LQ_CUDA_PREFETCH=0 turns it off
 };
 
 static inline struct lq_cuda *lq_cuda_of(struct lq_backend *backend) {
@@ -105,7 +133,24 @@ int lq_cuda_slot(struct lq_cuda *cuda, enum lq_cuda_slot slot, size_t bytes, voi
 int lq_cuda_stage(struct lq_cuda *cuda, enum lq_cuda_slot slot, const void *host, size_t bytes,
                   void **device);
 
+// graph_cuda.cu: the ops-table entries graph_begin / graph_end (kernels/backend.h), and the
+// cleanup at destroy.
+int lq_cuda_op_graph_begin(struct lq_backend *backend, uint64_t key);
+int lq_cuda_op_graph_end(struct lq_backend *backend, int failed);
+void lq_cuda_graphs_destroy(struct lq_cuda *cuda);
+
 // ---- the ops, by file; each runs with cuda->lock held and queues on cuda->stream ----
+
+// Device memory a kernel asks L2 to fetch while it runs: the next LQ layer's buffers, so that
+// HBM streams the weights of the whole decode step without pausing at kernel boundaries
+// (linear_cuda.cu). Regions start 16-byte aligned; sizes are multiples of 16.
+#define LQ_PREFETCH_REGIONS 5
+struct lq_prefetch {
+    const char *base[LQ_PREFETCH_REGIONS];
+    uint32_t bytes[LQ_PREFETCH_REGIONS];
+    uint32_t end_piece[LQ_PREFETCH_REGIONS]; // pieces (prefetch_cuda.cuh) of regions 0..r
+    int count;
+};
 
 // linear_cuda.cu: LQ layers stay packed on the device (codes, scale codes, group scales,
 // L1/L2); dense layers are uploaded as they are.
@@ -120,6 +165,12 @@ struct lq_cuda_linear_data {
     float *lora_B;         // L1 [rows, rank]
     unsigned *tickets;     // per decode row band: slices finished (back to 0 after each call)
     int overlap;           // programmatic dependent launch works (sm_90 device and code)
+    size_t codes_bytes, scale_codes_bytes, group_scales_bytes; // what the buffers hold
+    // The layer that ran after this one last time (learned; see struct lq_cuda): its decode
+    // kernel prefetches that layer's buffers into L2 while it runs.
+    struct lq_cuda_linear_data *next;
+    uint64_t next_generation;
+    int rows, cols, rank;
 };
 
 int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
@@ -139,7 +190,12 @@ struct lq_cuda_lq_buffers {
     const uint8_t *group_scales;
     const float *table, *lora_A, *lora_B;
     int overlap;
+    struct lq_prefetch prefetch; // what the kernel prefetches for the next layer
 };
+// Records that the LQ layer `data` runs now (so the layer before learns it comes next) and
+// fills *out with the buffers of the layer that came after `data` last time, if still valid.
+void lq_cuda_prefetch_plan(struct lq_cuda *cuda, struct lq_cuda_linear_data *data,
+                           struct lq_prefetch *out);
 // Whether lq_cuda_linear_mma runs w at n tokens (b0 2..4, chunks inside groups, sm_80+ code).
 int lq_cuda_linear_mma_supported(struct lq_cuda *cuda, const struct lq_linear *w, int n);
 int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
@@ -158,6 +214,11 @@ int lq_cuda_rmsnorm(struct lq_backend *backend, const float *x, const float *wei
                     float eps, float *out);
 int lq_cuda_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
                  const int *positions, float theta);
+// The same with ids / positions already in device memory (decode-step graphs).
+int lq_cuda_embed_device(struct lq_backend *backend, const float *table, int dim, const int *ids,
+                         int n, float *out);
+int lq_cuda_rope_device(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
+                        const int *positions, float theta);
 int lq_cuda_swiglu(struct lq_backend *backend, float *gate, const float *up, size_t count);
 int lq_cuda_add(struct lq_backend *backend, float *x, const float *y, size_t count);
 
@@ -169,6 +230,10 @@ int lq_cuda_attention_batch(struct lq_backend *backend, const float *q, const fl
                             const float *v_new, float *const *k_caches, float *const *v_caches,
                             const int *positions, int n, int heads, int kv_heads, int head_dim,
                             float *out);
+int lq_cuda_attention_batch_device(struct lq_backend *backend, const float *q, const float *k_new,
+                                   const float *v_new, float *const *k_caches,
+                                   float *const *v_caches, const int *positions, int n, int heads,
+                                   int kv_heads, int head_dim, int keys_bound, float *out);
 
 // decompose_cuda.cu: run WITHOUT cuda->lock (own stream and handles per call).
 int lq_cuda_decompose(struct lq_backend *backend, const float *w, size_t rows, size_t cols,

@@ -265,8 +265,46 @@ int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank,
     return LQ_OK;
 }
 
+// See struct lq_prefetch and lq_cuda::last_decoded. A link is learned from the order layers
+// run in (a decode step runs them in the same order every time) and is dropped whenever any
+// layer is released, so it never names freed memory.
+void lq_cuda_prefetch_plan(struct lq_cuda *cuda, struct lq_cuda_linear_data *data,
+                           struct lq_prefetch *out) {
+    memset(out, 0, sizeof *out);
+    struct lq_cuda_linear_data *before = cuda->last_decoded;
+    if (before && before != data)
+        before->next = data, before->next_generation = cuda->link_generation;
+    cuda->last_decoded = data;
+    const struct lq_cuda_linear_data *next = data->next;
+    if (!cuda->prefetch_enabled || !next || next == data ||
+        data->next_generation != cuda->link_generation)
+        return;
+    const size_t rank = next->rank > 0 ? (size_t)next->rank : 0;
+    const struct {
+        const void *base;
+        size_t bytes;
+    } regions[LQ_PREFETCH_REGIONS] = {
+        {next->codes, next->codes_bytes},
+        {next->scale_codes, next->scale_codes_bytes},
+        {next->group_scales, next->group_scales_bytes},
+        {next->lora_A, rank * (size_t)next->cols * sizeof(float)},
+        {next->lora_B, (size_t)next->rows * rank * sizeof(float)},
+    };
+    uint32_t pieces = 0;
+    for (int i = 0; i < LQ_PREFETCH_REGIONS; i++) {
+        const size_t bytes = regions[i].bytes / 16 * 16;
+        if (!regions[i].base || bytes == 0 || bytes > UINT32_MAX / 2) continue;
+        pieces += (uint32_t)((bytes + LQ_PREFETCH_PIECE - 1) / LQ_PREFETCH_PIECE);
+        out->base[out->count] = (const char *)regions[i].base;
+        out->bytes[out->count] = (uint32_t)bytes;
+        out->end_piece[out->count] = pieces;
+        out->count++;
+    }
+}
+
 static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
-                     const struct lq_cuda_linear_data *data, const float *x, int n, float *y) {
+                     const struct lq_cuda_linear_data *data, const float *x, int n, float *y,
+                     const struct lq_prefetch *prefetch) {
     const int nt = lq_pad_tokens(n);
     const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_blocks_per_chunk(w) : 0;
     const lq_decode_grid grid = lq_decode_grid_for(cuda, w, nt);
@@ -278,6 +316,7 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     a.tickets = data->tickets;
     a.chunks_per_row = w->cols / 32;
     a.iters = grid.iters;
+    a.prefetch = *prefetch;
 
     // Workspaces first: nothing is queued when one cannot be had.
     void *t = NULL, *partials = NULL;
@@ -375,18 +414,21 @@ static int lq_prefill(struct lq_cuda *cuda, const struct lq_linear *w,
 int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
                    float *y) {
     struct lq_cuda *cuda = lq_cuda_of(backend);
-    const struct lq_cuda_linear_data *data = (const struct lq_cuda_linear_data *)w->backend_data;
+    // the backend's own state: only the prefetch links change, under the op lock
+    struct lq_cuda_linear_data *data = (struct lq_cuda_linear_data *)w->backend_data;
     if (!data || n < 0) return LQ_EINVAL;
     if (n == 0) return LQ_OK;
     if (!w->is_lq) return lq_sgemm_nt(cuda, data->dense, w->rows, w->cols, x, n, 0.0f, y, w->rows);
+    struct lq_prefetch prefetch;
+    lq_cuda_prefetch_plan(cuda, data, &prefetch);
     if (n >= LQ_MMA_MIN_TOKENS && n <= LQ_CUDA_MMA_MAX_TOKENS &&
         lq_cuda_linear_mma_supported(cuda, w, n)) { // fused dequantize + mma.sync
         const struct lq_cuda_lq_buffers buffers = {
             data->codes,  data->scale_codes, data->group_scales, data->table,
-            data->lora_A, data->lora_B,      data->overlap};
+            data->lora_A, data->lora_B,      data->overlap,      prefetch};
         return lq_cuda_linear_mma(cuda, w, &buffers, x, n, y);
     }
-    if (n <= LQ_DECODE_MAX_TOKENS) return lq_decode(cuda, w, data, x, n, y);
+    if (n <= LQ_DECODE_MAX_TOKENS) return lq_decode(cuda, w, data, x, n, y, &prefetch);
     return lq_prefill(cuda, w, data, x, n, y);
 }
 
@@ -508,12 +550,21 @@ int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
         return rc;
     }
     data->overlap = linear->is_lq ? lq_overlap_supported(cuda) : 0;
+    if (linear->is_lq) {
+        data->codes_bytes = lq_nf_codes_bytes(&linear->q);
+        data->scale_codes_bytes = lq_nf_scale_codes_bytes(&linear->q);
+        data->group_scales_bytes = lq_nf_group_scales_bytes(&linear->q);
+        data->rows = linear->rows, data->cols = linear->cols, data->rank = linear->rank;
+    }
     linear->backend_data = data;
     return LQ_OK;
 }
 
 void lq_cuda_linear_release(struct lq_backend *backend, struct lq_linear *linear) {
     if (!linear->backend_data) return;
-    lq_linear_data_free(lq_cuda_of(backend), (struct lq_cuda_linear_data *)linear->backend_data);
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    cuda->link_generation++; // every learned prefetch link may name this layer: forget them
+    if (cuda->last_decoded == linear->backend_data) cuda->last_decoded = NULL;
+    lq_linear_data_free(cuda, (struct lq_cuda_linear_data *)linear->backend_data);
     linear->backend_data = NULL;
 }

@@ -13,6 +13,8 @@ extern "C" {
 #include "core/nf.h"
 }
 
+#include "kernels/cuda/prefetch_cuda.cuh"
+
 #define LQ_DECODE_WARPS 8
 #define LQ_DECODE_THREADS (LQ_DECODE_WARPS * 32)
 #define LQ_SLICE_CHUNKS 32 // 32-value chunks per column slice: one per lane
@@ -64,6 +66,7 @@ struct lq_decode_args {
     float *partials; // [slices][NT][rows]
     unsigned *tickets;
     int chunks_per_row, iters;
+    lq_prefetch prefetch; // the next layer's buffers, into L2 while this one runs
 };
 
 // Programmatic dependent launch: the dependent kernel may start before this one ends...
@@ -434,6 +437,7 @@ __global__ void __launch_bounds__(LQ_DECODE_THREADS, 2)
     uint32_t w[R][BITS];
     float scale[R][BPC], l1[R];
     lq_load_rows<BITS, BPC, R>(a, band0 + warp * R, chunk, active, lane, w, scale, l1);
+    lq_prefetch_issue(a.prefetch);
     lq_stage_x<NT>(a.x, a.n, a.q.cols, blockIdx.y * LQ_SLICE_COLS, xs);
     float lane_value = 0.0f;
     if constexpr (BITS == 8) {
@@ -494,6 +498,7 @@ __global__ void __launch_bounds__(256)
     lq_decode_generic_kernel(const __grid_constant__ lq_decode_args a) {
     __shared__ float table[256];
     const lq_packed &q = a.q;
+    lq_prefetch_issue(a.prefetch);
     for (int i = threadIdx.x; i < 256; i += blockDim.x)
         table[i] = i < (1 << q.b0) ? __ldg(q.table + i) : 0.0f;
     __syncthreads();

@@ -252,6 +252,7 @@ int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
     a.out = plan.splits > 1 ? (float *)partials : y;
     a.tiles_per_split = plan.tiles_per_split;
     a.chunks_per_row = w->cols / 32;
+    a.prefetch = b->prefetch;
     const bool overlap = b->overlap != 0;
     switch (c->b0) {
     case 2:

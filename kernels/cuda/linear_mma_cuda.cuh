@@ -15,6 +15,8 @@ extern "C" {
 #include "core/nf.h"
 }
 
+#include "kernels/cuda/prefetch_cuda.cuh"
+
 #define LQ_MMA_WARPS 8
 #define LQ_MMA_THREADS (LQ_MMA_WARPS * 32)
 #define LQ_MMA_WARP_ROWS 32 // two m16 tiles per warp
@@ -57,9 +59,10 @@ struct lq_mma_args {
     const float *lora_B; // L1 [rows][rank]
     const float *t;      // x · L2ᵀ [n][rank], fp32
     int rank;
-    float *out;          // [splits][n][rows] partial sums; y itself when there is one split
-    int tiles_per_split; // k-tiles per CTA (the last split may have fewer)
-    int chunks_per_row;  // cols / 32
+    float *out;           // [splits][n][rows] partial sums; y itself when there is one split
+    int tiles_per_split;  // k-tiles per CTA (the last split may have fewer)
+    int chunks_per_row;   // cols / 32
+    lq_prefetch prefetch; // the next layer's buffers, into L2 while this one runs
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -225,6 +228,7 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
     __shared__ uint32_t pairs[ENTRIES * 32]; // half2 (table[lo], table[hi]) per lane
     extern __shared__ uint2 lq_mma_xs[];     // [tiles][steps][JT][lanes], 4 fp16 each
 
+    lq_prefetch_issue(a.prefetch);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const int row_w = blockIdx.x * LQ_MMA_BAND_ROWS + warp * LQ_MMA_WARP_ROWS;
     const int ktiles = (a.chunks_per_row + LQ_MMA_TILE_CHUNKS - 1) / LQ_MMA_TILE_CHUNKS;

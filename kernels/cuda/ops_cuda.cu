@@ -180,18 +180,24 @@ __global__ void add_elements(float *x, const float *y, size_t count, int vec) {
 
 // ---------- the ops ----------
 
+int lq_cuda_embed_device(struct lq_backend *backend, const float *table, int dim, const int *ids,
+                         int n, float *out) {
+    if (n <= 0 || dim <= 0) return n < 0 || dim < 0 ? LQ_EINVAL : LQ_OK;
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const int vec = dim % 4 == 0 && aligned16(table) && aligned16(out);
+    embed_rows<<<n, row_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(table, ids, dim, vec, out);
+    LQ_CUDA_LAUNCHED("embed");
+    return LQ_OK;
+}
+
 int lq_cuda_embed(struct lq_backend *backend, const float *table, int dim, const int *ids, int n,
                   float *out) {
     if (n <= 0 || dim <= 0) return n < 0 || dim < 0 ? LQ_EINVAL : LQ_OK;
-    struct lq_cuda *cuda = lq_cuda_of(backend);
     void *device_ids = NULL;
-    int rc = lq_cuda_stage(cuda, LQ_CUDA_STAGE_0, ids, (size_t)n * sizeof(int), &device_ids);
+    int rc = lq_cuda_stage(lq_cuda_of(backend), LQ_CUDA_STAGE_0, ids, (size_t)n * sizeof(int),
+                           &device_ids);
     if (rc) return rc;
-    const int vec = dim % 4 == 0 && aligned16(table) && aligned16(out);
-    embed_rows<<<n, row_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(
-        table, (const int *)device_ids, dim, vec, out);
-    LQ_CUDA_LAUNCHED("embed");
-    return LQ_OK;
+    return lq_cuda_embed_device(backend, table, dim, (const int *)device_ids, n, out);
 }
 
 int lq_cuda_rmsnorm(struct lq_backend *backend, const float *x, const float *weight, int n, int dim,
@@ -205,20 +211,28 @@ int lq_cuda_rmsnorm(struct lq_backend *backend, const float *x, const float *wei
     return LQ_OK;
 }
 
-int lq_cuda_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
-                 const int *positions, float theta) {
+int lq_cuda_rope_device(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
+                        const int *positions, float theta) {
     if (n < 0 || heads < 0 || head_dim < 0) return LQ_EINVAL;
     const int half = head_dim / 2;
     if (n == 0 || heads == 0 || half == 0) return LQ_OK; // nothing rotates
     struct lq_cuda *cuda = lq_cuda_of(backend);
-    void *device_positions = NULL;
-    int rc =
-        lq_cuda_stage(cuda, LQ_CUDA_STAGE_0, positions, (size_t)n * sizeof(int), &device_positions);
-    if (rc) return rc;
     rope_rows<<<n, row_threads(heads * half), 2 * (size_t)half * sizeof(float), cuda->stream>>>(
-        x, (const int *)device_positions, heads, head_dim, theta);
+        x, positions, heads, head_dim, theta);
     LQ_CUDA_LAUNCHED("rope");
     return LQ_OK;
+}
+
+int lq_cuda_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
+                 const int *positions, float theta) {
+    if (n < 0 || heads < 0 || head_dim < 0) return LQ_EINVAL;
+    if (n == 0 || heads == 0 || head_dim / 2 == 0) return LQ_OK; // nothing rotates
+    void *device_positions = NULL;
+    int rc = lq_cuda_stage(lq_cuda_of(backend), LQ_CUDA_STAGE_0, positions, (size_t)n * sizeof(int),
+                           &device_positions);
+    if (rc) return rc;
+    return lq_cuda_rope_device(backend, x, n, heads, head_dim, (const int *)device_positions,
+                               theta);
 }
 
 int lq_cuda_swiglu(struct lq_backend *backend, float *gate, const float *up, size_t count) {

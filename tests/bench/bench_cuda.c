@@ -15,8 +15,10 @@
  * fp32, 64, 256) = 3.127 bits) and ~2.75 bits (k, v and up at (2, 8, fp32, 64, 256), the rest
  * NF3: 2.74 bits, the kind of mix the ILP picks). Prints figures; exit 1 only on errors, 77
  * without a GPU. Also each linear layer alone at several batch sizes.
- * --train adds LoRA training tokens/s of the ~2.75-bit model.
- * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--table-sample K] [--train] */
+ * --train adds LoRA training tokens/s of the ~2.75-bit model. --decode-variants runs only the
+ * decode of the ~3-bit model, with decode-step graphs and weight prefetch each on and off.
+ * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--table-sample K] [--train]
+ *                   [--decode-variants] */
 #include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
@@ -350,8 +352,38 @@ static int decomposition(struct lq_backend *gpu, int table_sample, struct lq_err
     return 0;
 }
 
+/* Decode of one model on fresh backends with decode-step graphs and weight prefetch on and off
+ * (each backend reads LQ_CUDA_GRAPHS / LQ_CUDA_PREFETCH when created), so that one run shows
+ * what each contributes. */
+static int decode_variants(const struct lq_model *m, double bandwidth, struct lq_error *err) {
+    static const struct {
+        const char *graphs, *prefetch, *label;
+    } variants[] = {{"1", "1", "graphs + prefetch"},
+                    {"1", "0", "graphs, no prefetch"},
+                    {"0", "1", "prefetch, no graphs"},
+                    {"0", "0", "neither (ops launched one by one)"}};
+    for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+        setenv("LQ_CUDA_GRAPHS", variants[v].graphs, 1);
+        setenv("LQ_CUDA_PREFETCH", variants[v].prefetch, 1);
+        struct lq_backend *gpu = NULL;
+        struct lq_runtime *runtime = NULL;
+        int rc = lq_backend_cuda_create(0, 0, &gpu, err);
+        if (!rc) rc = lq_runtime_create(gpu, (struct lq_model *)m, &runtime, err);
+        printf("\n%s:\n", variants[v].label);
+        const int batches[] = {1, 8, 32, 64};
+        for (int b = 0; b < 4 && !rc; b++) rc = decode(runtime, m, batches[b], bandwidth, err);
+        if (runtime) lq_runtime_free(runtime);
+        if (gpu) gpu->ops->destroy(gpu);
+        if (rc) return rc;
+    }
+    unsetenv("LQ_CUDA_GRAPHS");
+    unsetenv("LQ_CUDA_PREFETCH");
+    return LQ_OK;
+}
+
 int main(int argc, char **argv) {
     int layers = 32, skip_decompose = 0, table_sample = 9, skip_models = 0, train = 0;
+    int variants = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
             layers = atoi(argv[++i]);
@@ -363,6 +395,8 @@ int main(int argc, char **argv) {
             train = 1;
         else if (strcmp(argv[i], "--table-sample") == 0 && i + 1 < argc)
             table_sample = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--decode-variants") == 0)
+            variants = 1;
     }
     struct lq_error err = {0};
     struct lq_backend *gpu = NULL;
@@ -377,6 +411,18 @@ int main(int argc, char **argv) {
            bandwidth / 1e12);
     struct lq_rng rng;
     lq_rng_seed(&rng, 1);
+    if (variants) { /* the all-NF3 model only, decode only */
+        double bits = 0;
+        gpu->ops->destroy(gpu);
+        struct lq_model *m = build_model(layers, 0, &rng, &bits);
+        if (!m) return 1;
+        printf("model: %d layers, %.3f bits/param (all NF3), rank %d fp32 factors\n", layers, bits,
+               RANK);
+        int rc = decode_variants(m, bandwidth, &err);
+        if (rc) fprintf(stderr, "bench_cuda: decode: %s\n", err.message);
+        lq_model_free(m);
+        return rc ? 1 : 0;
+    }
     if (linear_alone(gpu, &err)) {
         fprintf(stderr, "bench_cuda: linear: %s\n", err.message);
         return 1;

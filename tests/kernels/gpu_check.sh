@@ -40,6 +40,14 @@ case "${1:-all}" in
 all|bench) TAIL=40 step bench_cuda "$run/bench_cuda" ${BENCH_ARGS:-} ;;
 esac
 case "${1:-}" in
+graphs) # decode-step graphs and weight prefetch: correctness, then decode with each on and off
+    step cuda_graph "$run/test_cuda_graph"
+    for case in embed rope attention_batch linear; do
+        step "cuda_ops_$case" "$run/test_cuda_ops" "$case"
+    done
+    TAIL=40 step bench_variants "$run/bench_cuda" --decode-variants ;;
+esac
+case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
     step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;

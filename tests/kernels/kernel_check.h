@@ -40,6 +40,18 @@ static inline float *device_floats_padded(const float *host, size_t count, size_
     return buffer;
 }
 
+/* A device buffer holding a copy of host's bytes (ids, positions, pointer tables). */
+static inline void *device_bytes(const void *host, size_t bytes) {
+    void *buffer = NULL;
+    struct lq_error err = {0};
+    if (gpu->ops->buffer_alloc(gpu, bytes ? bytes : 1, &buffer, &err)) {
+        fprintf(stderr, "buffer_alloc: %s\n", err.message);
+        exit(1);
+    }
+    CHECK_OK(gpu->ops->copy_to_device(gpu, buffer, host, bytes));
+    return buffer;
+}
+
 static inline float *device_floats(const float *host, size_t count) {
     return device_floats_padded(host, count, 0);
 }

@@ -92,8 +92,15 @@ static void test_embed(void) {
     CHECK_OK(gpu->ops->embed(gpu, dt, dim, ids, n, dout));
     float *out = to_host(dout, (size_t)n * dim);
     CHECK(memcmp(out, ref, (size_t)n * dim * sizeof *out) == 0);
+    /* the same with the ids in device memory (decode-step graphs) */
+    void *device_ids = device_bytes(ids, sizeof ids);
+    float *dout2 = device_floats(NULL, (size_t)n * dim);
+    CHECK_OK(gpu->ops->embed_device(gpu, dt, dim, device_ids, n, dout2));
+    float *out2 = to_host(dout2, (size_t)n * dim);
+    CHECK(memcmp(out2, ref, (size_t)n * dim * sizeof *out2) == 0);
     gpu->ops->buffer_free(gpu, dt), gpu->ops->buffer_free(gpu, dout);
-    free(table), free(ref), free(out);
+    gpu->ops->buffer_free(gpu, dout2), gpu->ops->buffer_free(gpu, device_ids);
+    free(table), free(ref), free(out), free(out2);
 }
 
 static void test_rope(void) {
@@ -109,11 +116,18 @@ static void test_rope(void) {
             positions[0] = 0;
             memcpy(ref, x, count * sizeof *ref);
             cpu->ops->rope(cpu, ref, n, heads, hd, positions, thetas[t]);
-            float *dx = device_floats(x, count);
+            float *dx = device_floats(x, count), *dx2 = device_floats(x, count);
             CHECK_OK(gpu->ops->rope(gpu, dx, n, heads, hd, positions, thetas[t]));
             float *out = to_host(dx, count);
             CHECK_CLOSE(out, ref, count, TOL_FP32, "rope n %d heads %d hd %d theta %g", n, heads,
                         hd, (double)thetas[t]);
+            /* positions in device memory: the same bits as the staged call */
+            void *device_positions = device_bytes(positions, (size_t)n * sizeof(int));
+            CHECK_OK(gpu->ops->rope_device(gpu, dx2, n, heads, hd, device_positions, thetas[t]));
+            float *out2 = to_host(dx2, count);
+            CHECK(memcmp(out2, out, count * sizeof *out) == 0);
+            gpu->ops->buffer_free(gpu, dx2), gpu->ops->buffer_free(gpu, device_positions);
+            free(out2);
             TIME_GPU(gpu->ops->rope(gpu, dx, n, heads, hd, positions, thetas[t]),
                      "rope n %d heads %d hd %d", n, heads, hd);
             gpu->ops->buffer_free(gpu, dx);
@@ -420,6 +434,24 @@ static void test_attention_batch(void) {
         gpu->ops->attention_batch(gpu, dq, dkn, dvn, dkc, dvc, positions, N, heads, kv, hd, dout));
     float *out = to_host(dout, N * q_dim);
     CHECK_CLOSE(out, ref, N * q_dim, TOL_FP32, "attention_batch of %d sequences", N);
+    /* cache pointers and positions in device memory, launch shapes from a bound on the keys
+     * (decode-step graphs): bounds just above the longest sequence and far above it */
+    void *device_k = device_bytes(dkc, sizeof dkc), *device_v = device_bytes(dvc, sizeof dvc);
+    void *device_positions = device_bytes(positions, sizeof positions);
+    const int bounds[] = {3000, 4096, 32768};
+    for (int b = 0; b < 3; b++) {
+        float *dout2 = device_floats(NULL, N * q_dim);
+        CHECK_OK(gpu->ops->attention_batch_device(gpu, dq, dkn, dvn, device_k, device_v,
+                                                  device_positions, N, heads, kv, hd, bounds[b],
+                                                  dout2));
+        float *out2 = to_host(dout2, N * q_dim);
+        CHECK_CLOSE(out2, ref, N * q_dim, TOL_FP32,
+                    "attention_batch_device of %d sequences, keys bound %d", N, bounds[b]);
+        gpu->ops->buffer_free(gpu, dout2);
+        free(out2);
+    }
+    gpu->ops->buffer_free(gpu, device_k), gpu->ops->buffer_free(gpu, device_v);
+    gpu->ops->buffer_free(gpu, device_positions);
     for (int i = 0; i < N; i++) { /* the new rows landed in each cache at its position */
         float *cache = to_host(dkc[i], (size_t)context * kv_dim);
         CHECK(memcmp(cache, kc[i], (size_t)context * kv_dim * sizeof(float)) == 0);
