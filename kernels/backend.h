@@ -184,6 +184,16 @@ struct lq_backend_ops {
      * model served from the head's copy, so the fp32 table can go); NULL: not offered. */
     int (*head_embed)(struct lq_backend *backend, const void *head, const int *ids, int n,
                       float *out);
+
+    /* ---- evaluation (core/eval.c): scoring on the device, so only [n] doubles come back
+     * instead of [n, vocab] logits. NULL where the backend has none (callers then copy the
+     * logits to the host). ---- */
+
+    /* nll[i] (host, [n]) = log Σ_v exp(logits[i, v] − max_i) + max_i − logits[i, targets[i]]
+     * for the device rows logits[n, vocab] and host targets[n] (each in 0..vocab-1, else
+     * LQ_EINVAL and nothing written): the max in float, the sum of exponentials in double. */
+    int (*token_nll)(struct lq_backend *backend, const float *logits, const int *targets, int n,
+                     int vocab, double *nll);
 };
 
 /* AdamW as PyTorch's torch.optim.AdamW computes it (decoupled weight decay, bias-corrected

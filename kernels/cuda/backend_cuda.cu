@@ -382,6 +382,11 @@ static int op_add(struct lq_backend *backend, float *x, const float *y, size_t c
     LOCKED(lq_cuda_add(backend, x, y, count));
 }
 
+static int op_token_nll(struct lq_backend *backend, const float *logits, const int *targets, int n,
+                        int vocab, double *nll) {
+    LOCKED(lq_cuda_token_nll(backend, logits, targets, n, vocab, nll));
+}
+
 static const struct lq_backend_ops cuda_ops = {
     /* name */ "cuda",
     /* destroy */ cuda_destroy,
@@ -427,6 +432,8 @@ static const struct lq_backend_ops cuda_ops = {
     /* head_release */ NULL,
     /* head_matmul */ NULL,
     /* head_embed */ NULL,
+    // Evaluation (nll_cuda.cu).
+    /* token_nll */ op_token_nll,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,

@@ -226,4 +226,8 @@ int lq_cuda_op_attention_backward(struct lq_backend *backend, const float *q, co
                                   const float *v, const float *dout, int batch, int n, int heads,
                                   int kv_heads, int head_dim, float *dq, float *dk, float *dv);
 
+// nll_cuda.cu: token_nll (evaluation), one CTA per row, double sums in a fixed order.
+int lq_cuda_token_nll(struct lq_backend *backend, const float *logits, const int *targets, int n,
+                      int vocab, double *nll);
+
 #endif
