@@ -40,7 +40,8 @@ static size_t next_document(const char *text, size_t length, size_t offset,
     return offset;
 }
 
-/* -log softmax(logits)[target], in double. */
+/* -log softmax(logits)[target], in double (the CPU's token_nll, kernels/cpu/nll_cpu.c, is
+ * this formula, so a backend without the op reports the same figures). */
 static double token_nll(const float *logits, int vocab, int target) {
     float max = logits[0];
     for (int v = 1; v < vocab; v++) max = logits[v] > max ? logits[v] : max;
@@ -54,6 +55,55 @@ static void add_nll(struct lq_eval_result *result, double nll) {
     result->nll_squared += nll * nll;
 }
 
+/* Runs forward passes and scores their logits: on the device by the backend's token_nll when
+ * it has one (only the per-position NLLs come back), else from logits copied to the host. */
+struct scorer {
+    struct lq_session *session;
+    int vocab;
+    float *logits; /* host [context, vocab]; NULL when token_nll scores on the device */
+    double *nll;   /* [context]: one window's NLLs */
+};
+
+static int scorer_init(struct scorer *s, struct lq_session *session, int context,
+                       struct lq_error *err) {
+    int on_device = lq_session_backend(session)->ops->token_nll != NULL;
+    s->session = session;
+    s->vocab = lq_session_config(session)->vocab_size;
+    s->nll = malloc((size_t)context * sizeof *s->nll);
+    s->logits = on_device ? NULL : malloc((size_t)context * s->vocab * sizeof *s->logits);
+    if (!s->nll || (!on_device && !s->logits)) {
+        free(s->nll), free(s->logits);
+        return lq_error_set(err, LQ_ENOMEM, "out of memory for logits");
+    }
+    return LQ_OK;
+}
+
+static void scorer_free(struct scorer *s) {
+    free(s->nll), free(s->logits);
+}
+
+/* Runs tokens[0..n) from an empty cache and adds to result the NLL of each position i in
+ * [first, n) predicting targets[i], in position order. */
+static int score(struct scorer *s, const int *tokens, int n, int first, const int *targets,
+                 struct lq_eval_result *result, struct lq_error *err) {
+    lq_session_reset(s->session);
+    int rc = lq_session_forward(s->session, tokens, n, 1, s->logits, err);
+    if (rc) return rc;
+    if (s->logits) {
+        for (int i = first; i < n; i++)
+            s->nll[i] = token_nll(s->logits + (size_t)i * s->vocab, s->vocab, targets[i]);
+    } else {
+        struct lq_backend *b = lq_session_backend(s->session);
+        const float *logits = lq_session_device_logits(s->session) + (size_t)first * s->vocab;
+        if ((rc = b->ops->token_nll(b, logits, targets + first, n - first, s->vocab,
+                                    s->nll + first)))
+            return lq_error_set(err, rc, "scoring %d positions failed on the %s backend", n - first,
+                                b->ops->name);
+    }
+    for (int i = first; i < n; i++) add_nll(result, s->nll[i]);
+    return LQ_OK;
+}
+
 static bool budget_spent(const struct lq_eval_options *options,
                          const struct lq_eval_result *result) {
     return options->max_tokens != 0 && result->tokens >= options->max_tokens;
@@ -61,17 +111,15 @@ static bool budget_spent(const struct lq_eval_options *options,
 
 /* Evaluates ids[0..min(count, context)) from position 0: each position predicts the next
  * token, up to the max_tokens budget. */
-static int eval_window(struct lq_session *session, int vocab, const int *ids, size_t count,
-                       int context, const struct lq_eval_options *options, float *logits,
-                       struct lq_eval_result *result, struct lq_error *err) {
+static int eval_window(struct scorer *scorer, const int *ids, size_t count, int context,
+                       const struct lq_eval_options *options, struct lq_eval_result *result,
+                       struct lq_error *err) {
     size_t predicted = count < (size_t)context ? count - 1 : (size_t)context - 1;
     if (options->max_tokens && predicted > options->max_tokens - result->tokens)
         predicted = options->max_tokens - result->tokens;
     if (predicted == 0) return LQ_OK;
-    lq_session_reset(session);
-    int rc = lq_session_forward(session, ids, (int)predicted, 1, logits, err);
-    for (size_t i = 0; i < predicted && !rc; i++)
-        add_nll(result, token_nll(logits + i * (size_t)vocab, vocab, ids[i + 1]));
+    /* position i predicts ids[i + 1] */
+    int rc = score(scorer, ids, (int)predicted, 0, ids + 1, result, err);
     result->tokens += predicted;
     result->documents++;
     return rc;
@@ -94,11 +142,11 @@ static int adds_bos(const struct lq_tokenizer *tokenizer, int *adds, struct lq_e
  * position j in [context/2, context - 1) against token j + 1. Its n_batch only splits a
  * chunk's decode (and packs several chunks into one batch), so the figure does not depend on
  * it. */
-static int eval_llama_perplexity(struct lq_session *session, const struct lq_tokenizer *tokenizer,
+static int eval_llama_perplexity(struct scorer *scorer, const struct lq_tokenizer *tokenizer,
                                  const char *text, size_t length, int context,
-                                 const struct lq_eval_options *options, float *logits,
+                                 const struct lq_eval_options *options,
                                  struct lq_eval_result *result, struct lq_error *err) {
-    int vocab = lq_session_config(session)->vocab_size, add_bos;
+    int add_bos;
     int first = context / 2, scored = context - first - 1;
     if (scored < 1)
         return lq_error_set(err, LQ_EINVAL,
@@ -126,11 +174,9 @@ static int eval_llama_perplexity(struct lq_session *session, const struct lq_tok
         const int *tokens = ids + c * (size_t)context;
         memcpy(chunk, tokens, (size_t)context * sizeof *chunk);
         if (add_bos) chunk[0] = lq_tokenizer_bos_id(tokenizer);
-        lq_session_reset(session);
-        /* the last position's logits are never scored */
-        if ((rc = lq_session_forward(session, chunk, context - 1, 1, logits, err))) break;
-        for (int j = first; j < context - 1; j++)
-            add_nll(result, token_nll(logits + (size_t)j * vocab, vocab, tokens[j + 1]));
+        /* position j predicts tokens[j + 1] (the original first token, not BOS, is never a
+         * target); the last position's logits are never scored */
+        if ((rc = score(scorer, chunk, context - 1, first, tokens + 1, result, err))) break;
         result->tokens += (size_t)scored;
         result->documents++;
     }
@@ -157,10 +203,10 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
         lq_session_free(session);
         return rc;
     }
-    float *logits = malloc((size_t)context * c->vocab_size * sizeof *logits);
-    if (!logits) {
+    struct scorer scorer;
+    if ((rc = scorer_init(&scorer, session, context, err))) {
         lq_session_free(session);
-        return lq_error_set(err, LQ_ENOMEM, "out of memory for logits");
+        return rc;
     }
     double started = now();
     if (options->split == LQ_SPLIT_STREAM) {
@@ -169,12 +215,10 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
         rc = lq_tokenizer_encode(tokenizer, text, length, 1, &ids, &count, err);
         for (size_t at = 0; !rc && at + 1 < count && !budget_spent(options, result);
              at += (size_t)context)
-            rc = eval_window(session, c->vocab_size, ids + at, count - at, context, options, logits,
-                             result, err);
+            rc = eval_window(&scorer, ids + at, count - at, context, options, result, err);
         free(ids);
     } else if (options->split == LQ_SPLIT_LLAMA_PERPLEXITY) {
-        rc = eval_llama_perplexity(session, tokenizer, text, length, context, options, logits,
-                                   result, err);
+        rc = eval_llama_perplexity(&scorer, tokenizer, text, length, context, options, result, err);
     }
     bool whole_text =
         options->split == LQ_SPLIT_STREAM || options->split == LQ_SPLIT_LLAMA_PERPLEXITY;
@@ -187,7 +231,7 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
         size_t count;
         if ((rc = lq_tokenizer_encode(tokenizer, text + begin, end - begin, 1, &ids, &count, err)))
             break;
-        rc = eval_window(session, c->vocab_size, ids, count, context, options, logits, result, err);
+        rc = eval_window(&scorer, ids, count, context, options, result, err);
         free(ids);
     }
     result->seconds = now() - started;
@@ -201,7 +245,7 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
         if (variance > 0)
             result->ppl_error = result->ppl * sqrt(variance / (double)(result->tokens - 1));
     }
-    free(logits);
+    scorer_free(&scorer);
     lq_session_free(session);
     if (!rc && result->tokens == 0)
         rc = lq_error_set(err, LQ_EINVAL, "the text has no tokens to predict");

@@ -173,6 +173,14 @@ const struct lq_model_config *lq_session_config(const struct lq_session *s) {
     return &s->runtime->model->config;
 }
 
+const float *lq_session_device_logits(const struct lq_session *s) {
+    return s->logits;
+}
+
+struct lq_backend *lq_session_backend(const struct lq_session *s) {
+    return s->runtime->backend;
+}
+
 /* One transformer block on n tokens at positions start..start+n-1 (x updated in place). */
 static int block(struct lq_session *s, int l, int n) {
     const struct lq_runtime *r = s->runtime;
@@ -231,7 +239,7 @@ int lq_session_forward(struct lq_session *s, const int *tokens, int n, int all_l
     const float *x_last = s->x + (size_t)first * c->dim;
     if (!rc) rc = b->ops->rmsnorm(b, x_last, r->final_norm, rows, c->dim, c->norm_eps, s->h);
     if (!rc) rc = lq_runtime_logits(r, s->h, rows, s->logits);
-    if (!rc)
+    if (!rc && logits)
         rc = b->ops->copy_to_host(b, logits, s->logits,
                                   (size_t)rows * c->vocab_size * sizeof(float));
     if (rc) return lq_error_set(err, rc, "forward pass failed on the %s backend", b->ops->name);

@@ -35,9 +35,16 @@ int lq_session_max_batch(const struct lq_session *session);
 const struct lq_model_config *lq_session_config(const struct lq_session *session);
 
 /* Appends tokens[0..n) (n <= max_batch, position + n <= context) and writes logits to the
- * host array logits: [n, vocab] when all_logits, else the last token's [vocab]. */
+ * host array logits: [n, vocab] when all_logits, else the last token's [vocab]. With logits
+ * NULL they stay on the device (lq_session_device_logits). */
 int lq_session_forward(struct lq_session *session, const int *tokens, int n, int all_logits,
                        float *logits, struct lq_error *err);
+/* The device buffer the last lq_session_forward wrote its logits to (the same rows it gives
+ * the host), for backend ops that read them in place (token_nll). Owned by the session; valid
+ * until its next forward call. */
+const float *lq_session_device_logits(const struct lq_session *session);
+/* The backend the session runs on (borrowed from its runtime). */
+struct lq_backend *lq_session_backend(const struct lq_session *session);
 
 /* Adapters (forward_adapter.c): a LoRA adapter (core/adapter.h) prepared for one runtime, its
  * factors on the runtime's backend (weights_upload) while it lives. Shared and read-only like

@@ -217,6 +217,16 @@ struct lq_backend_ops {
      * when the recorded step was queued, else an LQ_E* code, and then nothing of the step has
      * run: call its ops again (graph_begin will answer LQ_GRAPH_EAGER for this key). */
     int (*graph_end)(struct lq_backend *backend, int failed);
+
+    /* ---- evaluation (core/eval.c): scoring on the device, so only [n] doubles come back
+     * instead of [n, vocab] logits. NULL where the backend has none (callers then copy the
+     * logits to the host). ---- */
+
+    /* nll[i] (host, [n]) = log Σ_v exp(logits[i, v] − max_i) + max_i − logits[i, targets[i]]
+     * for the device rows logits[n, vocab] and host targets[n] (each in 0..vocab-1, else
+     * LQ_EINVAL and nothing written): the max in float, the sum of exponentials in double. */
+    int (*token_nll)(struct lq_backend *backend, const float *logits, const int *targets, int n,
+                     int vocab, double *nll);
 };
 
 /* graph_begin's answers. */

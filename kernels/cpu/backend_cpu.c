@@ -312,6 +312,7 @@ static const struct lq_backend_ops cpu_ops = {
     .head_release = cpu_head_release,
     .head_matmul = cpu_head_matmul,
     .head_embed = cpu_head_embed,
+    .token_nll = lq_cpu_token_nll, /* evaluation (nll_cpu.c) */
 };
 
 int lq_backend_cpu_create(struct lq_backend **out, struct lq_error *err) {

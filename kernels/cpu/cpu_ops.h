@@ -108,4 +108,8 @@ int lq_cpu_accumulate_squares(struct lq_backend *backend, float *acc, const floa
 int lq_cpu_adamw(struct lq_backend *backend, float *params, const float *grads, float *m, float *v,
                  size_t count, const struct lq_adamw_params *hyper);
 
+/* nll_cpu.c: token_nll (kernels/backend.h, "evaluation"), bit for bit core/eval.c's formula. */
+int lq_cpu_token_nll(struct lq_backend *backend, const float *logits, const int *targets, int n,
+                     int vocab, double *nll);
+
 #endif

@@ -1,6 +1,8 @@
 // Backward of causal grouped-query attention on the CUDA backend (kernels/backend.h,
-// attention_backward), in fp32. Matches kernels/cpu/train_cpu.c to fp32 rounding: scores
-// q·k times 1/sqrt(head_dim), the softmax with the row maximum and expf, recomputed from the
+// attention_backward), in fp32: the op's entry point, which runs the tiled kernels
+// (attention_backward_tiled_cuda.cu) unless LQ_CUDA_ATTENTION_BACKWARD=untiled, and the
+// untiled kernels below, kept for comparison. Matches kernels/cpu/train_cpu.c to fp32 rounding:
+// scores q·k times 1/sqrt(head_dim), the softmax with the row maximum and expf, recomputed from the
 // saved q and k. With P = softmax(S), dP = dO·Vᵀ, D_i = Σ_t P_it dP_it (= dO_i · O_i):
 //   dS = P ⊙ (dP − D),  dQ = scale · dS · K,  dK = scale · dSᵀ · Q,  dV = Pᵀ · dO,
 // dK and dV summed over the heads of each GQA group. dq, dk and dv are overwritten.
@@ -30,6 +32,9 @@
 // workspace is batch * n * heads * 16 bytes. head_dim up to 256 (as the forward).
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "kernels/cuda/cuda_internal.h"
 
@@ -256,6 +261,21 @@ bool aligned16(const void *pointer) {
 
 } // namespace
 
+// LQ_CUDA_ATTENTION_BACKWARD=untiled picks these kernels, tiled (or unset) the tiled ones
+// (attention_backward_tiled_cuda.cu); another value is reported once and taken as tiled. Read
+// on every call, so a benchmark can time both in one process.
+static bool untiled_requested(void) {
+    const char *value = getenv("LQ_CUDA_ATTENTION_BACKWARD");
+    if (!value || !*value || strcmp(value, "tiled") == 0) return false;
+    if (strcmp(value, "untiled") == 0) return true;
+    static int reported;
+    if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
+        fprintf(stderr,
+                "lqd: LQ_CUDA_ATTENTION_BACKWARD=%s: expected tiled or untiled; using tiled\n",
+                value);
+    return false;
+}
+
 int lq_cuda_attention_backward(struct lq_backend *backend, const float *q, const float *k,
                                const float *v, const float *dout, int batch, int n, int heads,
                                int kv_heads, int head_dim, float *dq, float *dk, float *dv) {
@@ -265,6 +285,11 @@ int lq_cuda_attention_backward(struct lq_backend *backend, const float *q, const
     if (!q || !k || !v || !dout || !dq || !dk || !dv) return LQ_EINVAL;
     if (head_dim > MAX_HEAD_DIM || heads > 65535 || batch > 65535) return LQ_EUNSUPPORTED;
     struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (!untiled_requested() && head_dim <= LQ_CUDA_ATTENTION_BACKWARD_TILED_MAX_HEAD_DIM) {
+        int rc = lq_cuda_attention_backward_tiled(cuda, q, k, v, dout, batch, n, heads, kv_heads,
+                                                  head_dim, dq, dk, dv);
+        if (rc != LQ_EUNSUPPORTED) return rc; // else nothing was queued: the untiled kernels
+    }
 
     backward_params p;
     p.q = q, p.k = k, p.v = v, p.dout = dout;

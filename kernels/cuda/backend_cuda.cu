@@ -407,6 +407,11 @@ static int op_attention_batch_device(struct lq_backend *backend, const float *q,
                                           n, heads, kv_heads, head_dim, keys_bound, out));
 }
 
+static int op_token_nll(struct lq_backend *backend, const float *logits, const int *targets, int n,
+                        int vocab, double *nll) {
+    LOCKED(lq_cuda_token_nll(backend, logits, targets, n, vocab, nll));
+}
+
 static const struct lq_backend_ops cuda_ops = {
     /* name */ "cuda",
     /* destroy */ cuda_destroy,
@@ -458,6 +463,8 @@ static const struct lq_backend_ops cuda_ops = {
     /* attention_batch_device */ op_attention_batch_device,
     /* graph_begin */ lq_cuda_op_graph_begin,
     /* graph_end */ lq_cuda_op_graph_end,
+    // Evaluation (nll_cuda.cu).
+    /* token_nll */ op_token_nll,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,

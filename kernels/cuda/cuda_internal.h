@@ -291,4 +291,16 @@ int lq_cuda_op_attention_backward(struct lq_backend *backend, const float *q, co
                                   const float *v, const float *dout, int batch, int n, int heads,
                                   int kv_heads, int head_dim, float *dq, float *dk, float *dv);
 
+// attention_backward_tiled_cuda.cu: the tiled kernels behind lq_cuda_attention_backward (which
+// has checked the arguments), head_dim up to this many. LQ_EUNSUPPORTED, with nothing queued,
+// on a device with too little shared memory per block.
+#define LQ_CUDA_ATTENTION_BACKWARD_TILED_MAX_HEAD_DIM 256
+int lq_cuda_attention_backward_tiled(struct lq_cuda *cuda, const float *q, const float *k,
+                                     const float *v, const float *dout, int batch, int n, int heads,
+                                     int kv_heads, int head_dim, float *dq, float *dk, float *dv);
+
+// nll_cuda.cu: token_nll (evaluation), one CTA per row, double sums in a fixed order.
+int lq_cuda_token_nll(struct lq_backend *backend, const float *logits, const int *targets, int n,
+                      int vocab, double *nll);
+
 #endif

@@ -5,7 +5,10 @@
  * kernels never write (or one they accumulate into instead of overwriting) fails the check.
  * Tolerance: relative L2 error ‖gpu − cpu‖ / ‖cpu‖ per output. The GPU op is deterministic:
  * a second run must give the same bits. Exits 77 without a usable GPU (meson's "skipped").
- * Usage: test_cuda_attention_backward [--time] (--time: also a 7B-shaped case, timed). */
+ * Each case runs both implementations (LQ_CUDA_ATTENTION_BACKWARD=tiled, the default, and
+ * untiled) against the same reference.
+ * Usage: test_cuda_attention_backward [--time] (--time: also 7B-shaped cases, both
+ * implementations timed). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,6 +25,9 @@
 #define TOL_FP32 2e-5
 
 static int timing;
+
+/* Both implementations (LQ_CUDA_ATTENTION_BACKWARD): the tiled default and the untiled one. */
+static const char *const kernels[] = {"tiled", "untiled"};
 
 struct shape {
     int batch, n, heads, kv_heads, hd;
@@ -47,55 +53,66 @@ static void check_shape(struct shape c, int time_it) {
           *gdk = device_floats_padded(NULL, kv_count, 0);
     float *gdv = device_floats_padded(NULL, kv_count, 0);
     const float *iq = gq + c.pad, *ik = gk + c.pad, *iv = gv + c.pad, *ido = gdo + c.pad;
-    CHECK_OK(gpu->ops->attention_backward(gpu, iq, ik, iv, ido, c.batch, c.n, c.heads, c.kv_heads,
-                                          c.hd, gdq, gdk, gdv));
-    float *dq = to_host(gdq, q_count), *dk = to_host(gdk, kv_count), *dv = to_host(gdv, kv_count);
-    const double eq = relative_error(dq, ref_dq, q_count);
-    const double ek = relative_error(dk, ref_dk, kv_count);
-    const double ev = relative_error(dv, ref_dv, kv_count);
-    CHECK_MSG(eq <= TOL_FP32 && ek <= TOL_FP32 && ev <= TOL_FP32,
-              "batch %d n %d heads %d/%d hd %d q_scale %g pad %zu: relative errors dq %.3g dk "
-              "%.3g dv %.3g",
-              c.batch, c.n, c.heads, c.kv_heads, c.hd, (double)c.q_scale, c.pad, eq, ek, ev);
-
-    /* Deterministic: the same bits again, over fresh poison. */
     float *poison = malloc((q_count > kv_count ? q_count : kv_count) * sizeof *poison);
     for (size_t i = 0; i < (q_count > kv_count ? q_count : kv_count); i++) poison[i] = NAN;
-    CHECK_OK(gpu->ops->copy_to_device(gpu, gdq, poison, q_count * sizeof(float)));
-    CHECK_OK(gpu->ops->copy_to_device(gpu, gdk, poison, kv_count * sizeof(float)));
-    CHECK_OK(gpu->ops->copy_to_device(gpu, gdv, poison, kv_count * sizeof(float)));
-    CHECK_OK(gpu->ops->attention_backward(gpu, iq, ik, iv, ido, c.batch, c.n, c.heads, c.kv_heads,
-                                          c.hd, gdq, gdk, gdv));
-    float *dq2 = to_host(gdq, q_count), *dk2 = to_host(gdk, kv_count);
-    float *dv2 = to_host(gdv, kv_count);
-    CHECK_MSG(memcmp(dq, dq2, q_count * sizeof *dq) == 0 &&
-                  memcmp(dk, dk2, kv_count * sizeof *dk) == 0 &&
-                  memcmp(dv, dv2, kv_count * sizeof *dv) == 0,
-              "batch %d n %d heads %d/%d hd %d: a second run gave other bits", c.batch, c.n,
-              c.heads, c.kv_heads, c.hd);
+    for (size_t kernel = 0; kernel < sizeof kernels / sizeof kernels[0]; kernel++) {
+        setenv("LQ_CUDA_ATTENTION_BACKWARD", kernels[kernel], 1);
+        CHECK_OK(gpu->ops->copy_to_device(gpu, gdq, poison, q_count * sizeof(float)));
+        CHECK_OK(gpu->ops->copy_to_device(gpu, gdk, poison, kv_count * sizeof(float)));
+        CHECK_OK(gpu->ops->copy_to_device(gpu, gdv, poison, kv_count * sizeof(float)));
+        CHECK_OK(gpu->ops->attention_backward(gpu, iq, ik, iv, ido, c.batch, c.n, c.heads,
+                                              c.kv_heads, c.hd, gdq, gdk, gdv));
+        float *dq = to_host(gdq, q_count), *dk = to_host(gdk, kv_count);
+        float *dv = to_host(gdv, kv_count);
+        const double eq = relative_error(dq, ref_dq, q_count);
+        const double ek = relative_error(dk, ref_dk, kv_count);
+        const double ev = relative_error(dv, ref_dv, kv_count);
+        CHECK_MSG(eq <= TOL_FP32 && ek <= TOL_FP32 && ev <= TOL_FP32,
+                  "%s: batch %d n %d heads %d/%d hd %d q_scale %g pad %zu: relative errors dq "
+                  "%.3g dk %.3g dv %.3g",
+                  kernels[kernel], c.batch, c.n, c.heads, c.kv_heads, c.hd, (double)c.q_scale,
+                  c.pad, eq, ek, ev);
 
-    if (time_it) {
-        struct lq_error err = {0};
-        double best = INFINITY;
-        for (int r = 0; r < 10; r++) {
-            gpu->ops->synchronize(gpu, &err);
-            double start = seconds_now();
-            gpu->ops->attention_backward(gpu, iq, ik, iv, ido, c.batch, c.n, c.heads, c.kv_heads,
-                                         c.hd, gdq, gdk, gdv);
-            gpu->ops->synchronize(gpu, &err);
-            double t = seconds_now() - start;
-            best = t < best ? t : best;
+        /* Deterministic: the same bits again, over fresh poison. */
+        CHECK_OK(gpu->ops->copy_to_device(gpu, gdq, poison, q_count * sizeof(float)));
+        CHECK_OK(gpu->ops->copy_to_device(gpu, gdk, poison, kv_count * sizeof(float)));
+        CHECK_OK(gpu->ops->copy_to_device(gpu, gdv, poison, kv_count * sizeof(float)));
+        CHECK_OK(gpu->ops->attention_backward(gpu, iq, ik, iv, ido, c.batch, c.n, c.heads,
+                                              c.kv_heads, c.hd, gdq, gdk, gdv));
+        float *dq2 = to_host(gdq, q_count), *dk2 = to_host(gdk, kv_count);
+        float *dv2 = to_host(gdv, kv_count);
+        CHECK_MSG(memcmp(dq, dq2, q_count * sizeof *dq) == 0 &&
+                      memcmp(dk, dk2, kv_count * sizeof *dk) == 0 &&
+                      memcmp(dv, dv2, kv_count * sizeof *dv) == 0,
+                  "%s: batch %d n %d heads %d/%d hd %d: a second run gave other bits",
+                  kernels[kernel], c.batch, c.n, c.heads, c.kv_heads, c.hd);
+
+        if (time_it) {
+            struct lq_error err = {0};
+            double best = INFINITY;
+            for (int r = 0; r < 10; r++) {
+                gpu->ops->synchronize(gpu, &err);
+                double start = seconds_now();
+                gpu->ops->attention_backward(gpu, iq, ik, iv, ido, c.batch, c.n, c.heads,
+                                             c.kv_heads, c.hd, gdq, gdk, gdv);
+                gpu->ops->synchronize(gpu, &err);
+                double t = seconds_now() - start;
+                best = t < best ? t : best;
+            }
+            printf("  %9.1f us  attention_backward (%s) batch %d n %d heads %d/%d hd %d (best of "
+                   "10)\n",
+                   best * 1e6, kernels[kernel], c.batch, c.n, c.heads, c.kv_heads, c.hd);
         }
-        printf("  %9.1f us  attention_backward batch %d n %d heads %d/%d hd %d (best of 10)\n",
-               best * 1e6, c.batch, c.n, c.heads, c.kv_heads, c.hd);
+        free(dq), free(dk), free(dv), free(dq2), free(dk2), free(dv2);
     }
+    unsetenv("LQ_CUDA_ATTENTION_BACKWARD");
 
     gpu->ops->buffer_free(gpu, gq), gpu->ops->buffer_free(gpu, gk);
     gpu->ops->buffer_free(gpu, gv), gpu->ops->buffer_free(gpu, gdo);
     gpu->ops->buffer_free(gpu, gdq), gpu->ops->buffer_free(gpu, gdk);
     gpu->ops->buffer_free(gpu, gdv);
     free(q), free(k), free(v), free(dout), free(ref_dq), free(ref_dk), free(ref_dv);
-    free(dq), free(dk), free(dv), free(dq2), free(dk2), free(dv2), free(poison);
+    free(poison);
 }
 
 static void test_shapes(void) {
@@ -127,11 +144,18 @@ static void test_odd_cases(void) {
     check_shape((struct shape){2, 129, 4, 2, 64, 3.0f, 0}, 0);
     /* more than 16 keys per subgroup round and a 16-head group */
     check_shape((struct shape){1, 1000, 16, 1, 64, 1.0f, 0}, 0);
+    /* the tiled kernels' tile edges (64 rows, 32 at head_dim 256): one row past a tile, exact
+     * tiles, head_dims just past a tiling's width */
+    check_shape((struct shape){2, 129, 8, 2, 128, 1.0f, 0}, 0);
+    check_shape((struct shape){1, 128, 4, 4, 65, 1.0f, 0}, 0);
+    check_shape((struct shape){2, 97, 4, 1, 129, 1.0f, 0}, 0);
+    check_shape((struct shape){1, 96, 2, 2, 200, 2.0f, 1}, 0);
 }
 
 static void test_timed(void) {
     if (!timing) return;
     check_shape((struct shape){1, 2048, 32, 8, 128, 1.0f, 0}, 1);
+    check_shape((struct shape){1, 2048, 32, 32, 128, 1.0f, 0}, 1);
     check_shape((struct shape){2, 512, 32, 32, 128, 1.0f, 0}, 1);
 }
 

@@ -3,7 +3,8 @@
  * through the one backend interface both implement. Device outputs are poisoned with NaN
  * before each run, so an element a kernel never writes fails the check; "+=" outputs start
  * from the same random values on both backends. Tolerances are relative L2 errors
- * ‖gpu − cpu‖ / ‖cpu‖, stated below. attention_backward has its own test.
+ * ‖gpu − cpu‖ / ‖cpu‖, stated below (token_nll: per row). attention_backward has its own
+ * test.
  * Without a usable GPU (or in a build without CUDA) the test exits 77: meson's "skipped".
  * Usage: test_cuda_train_ops [CASE] (CASE: a substring of a case name). */
 #include <math.h>
@@ -373,6 +374,79 @@ static void test_cross_entropy(void) {
             }
 }
 
+/* ---------- evaluation ---------- */
+
+/* Logits whose rows stress the op: plain (scale 4), huge (scale 1000: most exp underflow),
+ * shifted far from 0 (+-20000: max subtraction matters), all equal, and rows whose target is
+ * the max (an NLL near 0). */
+static float *nll_logits(int n, int vocab, int *targets) {
+    float *logits = random_floats((size_t)n * vocab, 4.0f);
+    for (int i = 0; i < n; i++) {
+        float *row = logits + (size_t)i * vocab;
+        targets[i] = (int)(lq_rng_next(&rng) % (uint64_t)vocab);
+        switch (i % 5) {
+        case 1:
+            for (int v = 0; v < vocab; v++) row[v] *= 250.0f;
+            break;
+        case 2:
+            for (int v = 0; v < vocab; v++) row[v] += i % 2 ? 20000.0f : -20000.0f;
+            break;
+        case 3:
+            if (i % 4 == 3)
+                for (int v = 0; v < vocab; v++) row[v] = 1.25f;
+            break;
+        case 4: {
+            int best = 0;
+            for (int v = 1; v < vocab; v++) best = row[v] > row[best] ? v : best;
+            targets[i] = best;
+            break;
+        }
+        }
+    }
+    return logits;
+}
+
+/* Each row's NLL within 1e-9 of the CPU's: both sum in double, in another order. Relative to
+ * max(1, |nll|): a row whose target holds almost all the mass has an NLL of log(1 + tiny),
+ * where rounding the sum near 1 is an absolute error of ~1e-16. The device op also gives the
+ * same bits on a second run (a fixed reduction order). */
+static void test_token_nll(void) {
+    const int vocabs[] = {7, 1000, 49152};
+    for (size_t v = 0; v < sizeof vocabs / sizeof vocabs[0]; v++)
+        for (size_t b = 0; b < TOKEN_COUNTS; b++) {
+            int vocab = vocabs[v], n = token_counts[b];
+            size_t count = (size_t)n * vocab;
+            int *targets = malloc((size_t)n * sizeof *targets);
+            float *logits = nll_logits(n, vocab, targets);
+            double *cpu_nll = malloc((size_t)n * sizeof *cpu_nll);
+            double *gpu_nll = malloc((size_t)n * sizeof *gpu_nll);
+            double *again = malloc((size_t)n * sizeof *again);
+            CHECK_OK(cpu->ops->token_nll(cpu, logits, targets, n, vocab, cpu_nll));
+            float *d_logits = device_floats(logits, count);
+            for (int i = 0; i < n; i++) gpu_nll[i] = again[i] = NAN;
+            CHECK_OK(gpu->ops->token_nll(gpu, d_logits, targets, n, vocab, gpu_nll));
+            CHECK_OK(gpu->ops->token_nll(gpu, d_logits, targets, n, vocab, again));
+            for (int i = 0; i < n; i++) {
+                double error = fabs(gpu_nll[i] - cpu_nll[i]) / fmax(1.0, fabs(cpu_nll[i]));
+                CHECK_MSG(error <= 1e-9, "token_nll n %d, vocab %d, row %d: %.17g vs %.17g", n,
+                          vocab, i, gpu_nll[i], cpu_nll[i]);
+            }
+            CHECK_MSG(memcmp(gpu_nll, again, (size_t)n * sizeof *again) == 0,
+                      "token_nll n %d, vocab %d: a second run gave other bits", n, vocab);
+            /* a target outside the vocabulary is refused, on both backends */
+            int saved = targets[n - 1];
+            targets[n - 1] = vocab;
+            CHECK(gpu->ops->token_nll(gpu, d_logits, targets, n, vocab, again) == LQ_EINVAL);
+            CHECK(cpu->ops->token_nll(cpu, logits, targets, n, vocab, again) == LQ_EINVAL);
+            targets[n - 1] = -1;
+            CHECK(gpu->ops->token_nll(gpu, d_logits, targets, n, vocab, again) == LQ_EINVAL);
+            targets[n - 1] = saved;
+            CHECK_OK(gpu->ops->token_nll(gpu, d_logits, targets, 0, vocab, again));
+            release(d_logits);
+            free(logits), free(targets), free(cpu_nll), free(gpu_nll), free(again);
+        }
+}
+
 /* ---------- squares, optimizer ---------- */
 
 static void test_sum_squares(void) {
@@ -441,17 +515,12 @@ int main(int argc, char **argv) {
     CHECK_OK(lq_backend_cpu_create(&cpu, &err));
     lq_rng_seed(&rng, 20261203);
     static const struct lq_test_case cases[] = {
-        LQ_TEST(test_zero_copy),
-        LQ_TEST(test_linear_dense),
-        LQ_TEST(test_linear_lq),
-        LQ_TEST(test_matmul_backward),
-        LQ_TEST(test_rmsnorm_backward),
-        LQ_TEST(test_rope_backward),
-        LQ_TEST(test_swiglu_backward),
-        LQ_TEST(test_cross_entropy),
-        LQ_TEST(test_sum_squares),
-        LQ_TEST(test_accumulate_squares),
-        LQ_TEST(test_adamw),
+        LQ_TEST(test_zero_copy),          LQ_TEST(test_linear_dense),
+        LQ_TEST(test_linear_lq),          LQ_TEST(test_matmul_backward),
+        LQ_TEST(test_rmsnorm_backward),   LQ_TEST(test_rope_backward),
+        LQ_TEST(test_swiglu_backward),    LQ_TEST(test_cross_entropy),
+        LQ_TEST(test_token_nll),          LQ_TEST(test_sum_squares),
+        LQ_TEST(test_accumulate_squares), LQ_TEST(test_adamw),
     };
     int failed = 0;
     const char *filter = argc > 1 ? argv[1] : NULL;

@@ -463,6 +463,57 @@ static void test_cross_entropy(void) {
     free(l);
 }
 
+/* ---------- evaluation ---------- */
+
+/* lqd eval's formula before token_nll existed (core/eval.c computed it from host logits): the
+ * CPU op must give these bits, so the perplexities it reports never move. */
+static double eval_formula(const float *logits, int vocab, int target) {
+    float max = logits[0];
+    for (int v = 1; v < vocab; v++) max = logits[v] > max ? logits[v] : max;
+    double sum = 0.0;
+    for (int v = 0; v < vocab; v++) sum += exp((double)logits[v] - max);
+    return log(sum) + max - logits[target];
+}
+
+/* token_nll bit for bit the formula above (on enough rows that several threads share them),
+ * and within 1e-12 of a long-double log-sum-exp; bad targets refused. */
+static void test_token_nll(void) {
+    lq_rng_seed(&rng, 10);
+    enum { N = 301, V = 1003 };
+    float *logits = malloc((size_t)N * V * sizeof *logits);
+    int targets[N];
+    double nll[N];
+    lq_rng_fill_normal(&rng, logits, (size_t)N * V);
+    for (int i = 0; i < N; i++) {
+        float *row = logits + (size_t)i * V;
+        /* scale 4, 300 (exp underflows) and a +-1e4 shift (the max subtraction matters) */
+        for (int v = 0; v < V; v++)
+            row[v] = i % 3 == 0 ? 4 * row[v] : i % 3 == 1 ? 300 * row[v] : row[v] + 1e4f;
+        targets[i] = (int)(lq_rng_next(&rng) % V);
+    }
+    struct lq_backend *b = cpu();
+    CHECK_OK(b->ops->token_nll(b, logits, targets, N, V, nll));
+    for (int i = 0; i < N; i++) {
+        const float *row = logits + (size_t)i * V;
+        double old = eval_formula(row, V, targets[i]);
+        CHECK_MSG(memcmp(&nll[i], &old, sizeof old) == 0, "row %d: %.17g, eval's formula %.17g", i,
+                  nll[i], old);
+        long double max = row[0], sum = 0;
+        for (int v = 1; v < V; v++) max = row[v] > max ? row[v] : max;
+        for (int v = 0; v < V; v++) sum += expl(row[v] - max);
+        double exact = (double)(logl(sum) + max - row[targets[i]]);
+        CHECK_MSG(fabs(nll[i] - exact) <= 1e-12 * fmax(1.0, fabs(exact)), "row %d: %.17g vs %.17g",
+                  i, nll[i], exact);
+    }
+    targets[N / 2] = V;
+    CHECK(b->ops->token_nll(b, logits, targets, N, V, nll) == LQ_EINVAL);
+    targets[N / 2] = -1;
+    CHECK(b->ops->token_nll(b, logits, targets, N, V, nll) == LQ_EINVAL);
+    CHECK(b->ops->token_nll(b, logits, targets, N, 0, nll) == LQ_EINVAL);
+    CHECK_OK(b->ops->token_nll(b, logits, targets, 0, V, nll));
+    free(logits);
+}
+
 /* ---------- reductions and AdamW ---------- */
 
 static void test_sum_squares(void) {
@@ -526,5 +577,5 @@ static void test_adamw(void) {
 LQ_TEST_MAIN(LQ_TEST(test_linear_backward), LQ_TEST(test_linear_backward_tiles),
              LQ_TEST(test_matmul_backward), LQ_TEST(test_rmsnorm_backward),
              LQ_TEST(test_rope_backward), LQ_TEST(test_swiglu_backward),
-             LQ_TEST(test_attention_backward), LQ_TEST(test_cross_entropy),
+             LQ_TEST(test_attention_backward), LQ_TEST(test_cross_entropy), LQ_TEST(test_token_nll),
              LQ_TEST(test_sum_squares), LQ_TEST(test_adamw))
