@@ -48,6 +48,11 @@ graphs) # decode-step graphs and weight prefetch: correctness, then decode with 
     TAIL=40 step bench_variants "$run/bench_cuda" --decode-variants ;;
 esac
 case "${1:-}" in
+backward) # the training ops (token_nll among them) and both attention backwards, timed
+    step cuda_train_ops "$run/test_cuda_train_ops"
+    TAIL=40 step cuda_attention_backward "$run/test_cuda_attention_backward" --time ;;
+esac
+case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
     step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
