@@ -158,11 +158,15 @@ int lq_forward_batch(struct lq_batch *batch, struct lq_session **sessions, const
     for (int l = 0; l < c->n_layers && !rc; l++) rc = batch_block(batch, sessions, l, n);
     if (!rc) rc = b->ops->rmsnorm(b, batch->x, r->final_norm, n, c->dim, c->norm_eps, batch->h);
     if (!rc) rc = lq_runtime_logits(r, batch->h, n, batch->logits);
-    if (!rc)
+    if (!rc && logits) /* NULL: the caller reads them on the device */
         rc = b->ops->copy_to_host(b, logits, batch->logits,
                                   (size_t)n * c->vocab_size * sizeof(float));
     if (rc)
         return lq_error_set(err, rc, "batched forward pass failed on the %s backend", b->ops->name);
     for (int i = 0; i < n; i++) sessions[i]->position++;
     return LQ_OK;
+}
+
+const float *lq_batch_device_logits(const struct lq_batch *batch) {
+    return batch->logits;
 }

@@ -312,6 +312,8 @@ static const struct lq_backend_ops cpu_ops = {
     .head_release = cpu_head_release,
     .head_matmul = cpu_head_matmul,
     .head_embed = cpu_head_embed,
+    /* sampling (sample_cpu.c) */
+    .sample = lq_cpu_sample,
 };
 
 int lq_backend_cpu_create(struct lq_backend **out, struct lq_error *err) {

@@ -108,4 +108,8 @@ int lq_cpu_accumulate_squares(struct lq_backend *backend, float *acc, const floa
 int lq_cpu_adamw(struct lq_backend *backend, float *params, const float *grads, float *m, float *v,
                  size_t count, const struct lq_adamw_params *hyper);
 
+/* sample_cpu.c: the sample op (kernels/backend.h) by core/sampler.c. */
+int lq_cpu_sample(struct lq_backend *backend, const float *logits, int n, int vocab, int stride,
+                  const struct lq_sample_row *rows, int *tokens, float *logprobs);
+
 #endif

@@ -427,6 +427,8 @@ static const struct lq_backend_ops cuda_ops = {
     /* head_release */ NULL,
     /* head_matmul */ NULL,
     /* head_embed */ NULL,
+    // Sampling on the device (sample_cuda.cu; the entry takes the op lock itself).
+    /* sample */ lq_cuda_op_sample,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,

@@ -226,4 +226,9 @@ int lq_cuda_op_attention_backward(struct lq_backend *backend, const float *q, co
                                   const float *v, const float *dout, int batch, int n, int heads,
                                   int kv_heads, int head_dim, float *dq, float *dk, float *dv);
 
+// sample_cuda.cu: the sample op (core/sampler.c's rules, one CTA per row, no sort), as an
+// ops-table entry that takes cuda->lock itself.
+int lq_cuda_op_sample(struct lq_backend *backend, const float *logits, int n, int vocab, int stride,
+                      const struct lq_sample_row *rows, int *tokens, float *logprobs);
+
 #endif
