@@ -1,6 +1,6 @@
 #!/bin/sh
 # The GPU checks in one run (what tests/kernels/pack_for_gpu.sh packed into .devrun/): every
-# CUDA op against the CPU op, end to end on the GPU, then the 7B-shaped benchmark. Logs go to
+# CUDA op against the CPU op (sampling too), end to end on the GPU, then the 7B-shaped benchmark. Logs go to
 # $OUT when it is set (the device tool's output folder), else to .devrun/logs.
 root=$(cd "$(dirname "$0")/../.." && pwd)
 run="$root/.devrun"
@@ -27,6 +27,7 @@ all|ops)
     step cuda_ops "$run/test_cuda_ops"
     step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
+    step cuda_sample "$run/test_cuda_sample" --time
     # the device-drawn LQ sketch against core's host RNG, value for value
     LQ_CUDA_DECOMPOSE_SKETCH=check step sketch_check "$run/test_cuda_ops" decompose ;;
 esac
@@ -38,6 +39,9 @@ all|e2e) step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
 esac
 case "${1:-all}" in
 all|bench) TAIL=40 step bench_cuda "$run/bench_cuda" ${BENCH_ARGS:-} ;;
+esac
+case "${1:-}" in
+sample) TAIL=60 step cuda_sample "$run/test_cuda_sample" --time ;;
 esac
 case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
