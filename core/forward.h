@@ -87,8 +87,13 @@ int lq_batch_max_sequences(const struct lq_batch *batch);
  * adapter for the fewest runs). logits (host) receives [n, vocab]: row i is what
  * lq_session_forward(sessions[i], &tokens[i], 1, ...) would give (bit for bit on a
  * batch-invariant backend, such as the CPU's, whatever adapters the other rows use). Each
- * position advances by one; on error none does. */
+ * position advances by one; on error none does. logits NULL: nothing is copied to the host,
+ * and the logits stay on the device (lq_batch_device_logits) until the next step. */
 int lq_forward_batch(struct lq_batch *batch, struct lq_session **sessions, const int *tokens, int n,
                      float *logits, struct lq_error *err);
+/* The last step's logits on the batch's backend: device [n, vocab] (vocab_size of the model),
+ * owned by the batch, overwritten by the next lq_forward_batch (the backend's sample op reads
+ * them there). */
+const float *lq_batch_device_logits(const struct lq_batch *batch);
 
 #endif

@@ -272,11 +272,15 @@ int lq_forward_batch(struct lq_batch *batch, struct lq_session **sessions, const
     const struct step_args host_args = {0};
     int rc = batch->step_args ? graph_step(batch, sessions, tokens, n)
                               : run_step(batch, sessions, tokens, n, &host_args);
-    if (!rc)
+    if (!rc && logits) /* NULL: the caller reads them on the device */
         rc = b->ops->copy_to_host(b, logits, batch->logits,
                                   (size_t)n * c->vocab_size * sizeof(float));
     if (rc)
         return lq_error_set(err, rc, "batched forward pass failed on the %s backend", b->ops->name);
     for (int i = 0; i < n; i++) sessions[i]->position++;
     return LQ_OK;
+}
+
+const float *lq_batch_device_logits(const struct lq_batch *batch) {
+    return batch->logits;
 }

@@ -367,12 +367,10 @@ static int sample_tempered(struct lq_sampler *sampler, const float *logits, floa
     return bucket_choose(sampler, logits, max, min_logit, u, z_out);
 }
 
-int lq_sampler_sample(struct lq_sampler *sampler, float *logits, const int *history, size_t count,
-                      float *logprob) {
-    if (!sampler || !logits || (!history && count > 0)) return LQ_EINVAL;
+/* Everything lq_sampler_sample does after its draw u. */
+static int sample_given(struct lq_sampler *sampler, float *logits, const int *history, size_t count,
+                        double u, float *logprob) {
     int vocab_size = sampler->vocab_size;
-    /* Exactly one draw per call, whatever the path, so the stream position is the token count. */
-    double u = lq_rng_uniform(&sampler->rng);
 
     double raw_max = 0.0, raw_log_sum = 0.0;
     int penalise = sampler->params.repetition_penalty != 1.0f && count > 0;
@@ -401,5 +399,38 @@ int lq_sampler_sample(struct lq_sampler *sampler, float *logits, const int *hist
                        : -INFINITY;
     }
     if (penalise) penalty_clear(sampler, history, count);
+    return token;
+}
+
+int lq_sampler_sample(struct lq_sampler *sampler, float *logits, const int *history, size_t count,
+                      float *logprob) {
+    if (!sampler || !logits || (!history && count > 0)) return LQ_EINVAL;
+    /* Exactly one draw per call, whatever the path, so the stream position is the token count. */
+    double u = lq_rng_uniform(&sampler->rng);
+    return sample_given(sampler, logits, history, count, u, logprob);
+}
+
+double lq_sampler_draw(struct lq_sampler *sampler) {
+    return lq_rng_uniform(&sampler->rng);
+}
+
+const struct lq_sampler_params *lq_sampler_get_params(const struct lq_sampler *sampler) {
+    return &sampler->params;
+}
+
+int lq_sampler_vocab_size(const struct lq_sampler *sampler) {
+    return sampler->vocab_size;
+}
+
+int lq_sampler_sample_with(struct lq_sampler *sampler, const struct lq_sampler_params *params,
+                           float *logits, const int *history, size_t count, double u,
+                           float *logprob) {
+    if (!sampler || !logits || (!history && count > 0) || !(u >= 0.0 && u < 1.0)) return LQ_EINVAL;
+    if (params && lq_sampler_params_validate(params, NULL)) return LQ_EINVAL;
+    /* The sampler's own settings stand aside for the call; its generator is not touched. */
+    struct lq_sampler_params own = sampler->params;
+    if (params) sampler->params = *params;
+    int token = sample_given(sampler, logits, history, count, u, logprob);
+    sampler->params = own;
     return token;
 }

@@ -63,4 +63,21 @@ void lq_sampler_free(struct lq_sampler *sampler);
 int lq_sampler_sample(struct lq_sampler *sampler, float *logits, const int *history, size_t count,
                       float *logprob);
 
+/* For sampling outside lq_sampler_sample (the backends' sample op, kernels/backend.h): the next
+ * uniform of the sampler's generator, consumed exactly as one lq_sampler_sample call consumes
+ * it, so that drawing here and sampling elsewhere gives the same tokens for the same seed. */
+double lq_sampler_draw(struct lq_sampler *sampler);
+/* The settings the sampler was created with (borrowed) and its vocabulary size. */
+const struct lq_sampler_params *lq_sampler_get_params(const struct lq_sampler *sampler);
+int lq_sampler_vocab_size(const struct lq_sampler *sampler);
+
+/* lq_sampler_sample with the uniform u in [0, 1) given instead of drawn (the generator is not
+ * touched) and, when params is not NULL, params (validated; seed ignored) in place of the
+ * sampler's own for this call only; the sampler then lends only its scratch space. Same
+ * results and in-place changes to logits as lq_sampler_sample after a draw of u. LQ_EINVAL
+ * for u outside [0, 1) or invalid params, as well as lq_sampler_sample's cases. */
+int lq_sampler_sample_with(struct lq_sampler *sampler, const struct lq_sampler_params *params,
+                           float *logits, const int *history, size_t count, double u,
+                           float *logprob);
+
 #endif

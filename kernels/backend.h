@@ -18,6 +18,7 @@
 struct lq_backend;
 struct lq_backend_memory;
 struct lq_adamw_params; /* the training ops' AdamW settings, below */
+struct lq_sample_row;   /* one row of the sample op, below */
 
 struct lq_backend_ops {
     const char *name;
@@ -227,6 +228,18 @@ struct lq_backend_ops {
      * LQ_EINVAL and nothing written): the max in float, the sum of exponentials in double. */
     int (*token_nll)(struct lq_backend *backend, const float *logits, const int *targets, int n,
                      int vocab, double *nll);
+
+    /* ---- sampling on the device (NULL where the backend has none: callers copy the logits
+     * to the host and use core/sampler.h). ---- */
+
+    /* tokens[i] (host) = the token core/sampler.h's lq_sampler_sample picks from row i of the
+     * device logits (row i starts at logits + i * stride; its first vocab entries are sampled)
+     * with rows[i]'s settings and uniform, i < n; logprobs (host, or NULL) gets each token's
+     * log-softmax under the raw row. No repetition penalty: callers sample rows that have one
+     * on the host. The logits are not modified. LQ_EINVAL for n < 1, vocab < 1, stride <
+     * vocab or a row's settings out of core/sampler.h's ranges. */
+    int (*sample)(struct lq_backend *backend, const float *logits, int n, int vocab, int stride,
+                  const struct lq_sample_row *rows, int *tokens, float *logprobs);
 };
 
 /* graph_begin's answers. */
@@ -240,6 +253,17 @@ struct lq_adamw_params {
     float learning_rate, beta1, beta2, eps, weight_decay;
     float grad_scale; /* 1, or the clipping coefficient of the global gradient norm */
     long step;        /* this update's number, from 1 (the bias corrections) */
+};
+
+/* One row of the sample op: lq_sampler_params's settings (same ranges and meaning) and the
+ * uniform u in [0, 1) that the host drew for this step from the request's own generator
+ * (lq_sampler_draw), so that a seed gives the same tokens whatever backend samples. */
+struct lq_sample_row {
+    float temperature; /* >= 0; 0 = greedy */
+    int top_k;         /* >= 0; 0 = off */
+    float top_p;       /* (0, 1]; 1 = off */
+    float min_p;       /* [0, 1]; 0 = off */
+    double u;          /* [0, 1) */
 };
 
 /* Device memory by purpose, in bytes. Host backends report their allocations the same way,

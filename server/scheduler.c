@@ -75,7 +75,10 @@ struct lq_scheduler {
     int *order;   /* the group's members gathered by adapter: [max_running] */
     struct lq_session **sessions;
     int *tokens;
-    char *grouped; /* running[i] already stepped this iteration */
+    char *grouped;                     /* running[i] already stepped this iteration */
+    struct lq_sample_row *sample_rows; /* one step's rows for the sample op: [max_running] */
+    int *sampled;                      /* its tokens and logprobs: [max_running] */
+    float *sampled_logprob;
     float *prefill_logits;
     size_t prefill_capacity;
 };
@@ -167,12 +170,9 @@ static int request_interrupted(struct lq_scheduler *s, struct lq_request *r, dou
     return 0;
 }
 
-/* Samples r's next token from logits and hands it to its text, as lq_generate's loop does;
- * returns 1 when r has finished (and was finished here). */
-static int request_advance(struct lq_scheduler *s, struct lq_request *r, float *logits) {
-    float logprob = 0.0f;
-    int token =
-        lq_sampler_sample(r->sampler, logits, r->history, r->seen, r->logprobs ? &logprob : NULL);
+/* Hands r's next token (or a negative code: sampling failed) to its text, as lq_generate's
+ * loop does; returns 1 when r has finished (and was finished here). */
+static int request_take(struct lq_scheduler *s, struct lq_request *r, int token, float logprob) {
     struct lq_error err = {0};
     if (token < 0) {
         lq_error_set(&err, token, "sampling failed");
@@ -194,6 +194,14 @@ static int request_advance(struct lq_scheduler *s, struct lq_request *r, float *
     }
     r->next_token = token;
     return 0;
+}
+
+/* Samples r's next token from host logits; returns 1 when r has finished. */
+static int request_advance(struct lq_scheduler *s, struct lq_request *r, float *logits) {
+    float logprob = 0.0f;
+    int token =
+        lq_sampler_sample(r->sampler, logits, r->history, r->seen, r->logprobs ? &logprob : NULL);
+    return request_take(s, r, token, logprob);
 }
 
 /* Starts a queued request: session, prefill, first token. Returns 1 when it runs on. */
@@ -274,7 +282,51 @@ static void model_batches_prune(struct lq_scheduler *s) {
     }
 }
 
-/* One decode step of every running sequence, a lq_forward_batch per model. */
+/* Samples the n rows of a decode step where they are, with one call of the backend's sample
+ * op: each request's uniform is drawn from its own sampler as lq_sampler_sample would draw it,
+ * so the text is the same as on the host (bit for bit on the CPU backend). The op has no
+ * repetition penalty: rows that use one are copied to the host and sampled there (the op gets
+ * a greedy placeholder for them, which draws nothing). Fills s->sampled and s->sampled_logprob. */
+static int sample_step(struct lq_scheduler *s, struct model_batch *b, struct lq_backend *backend,
+                       int n, struct lq_error *err) {
+    const float *logits = lq_batch_device_logits(b->batch);
+    int vocab = lq_sampler_vocab_size(s->running[s->members[0]]->sampler), logprobs = 0;
+    if (vocab > b->vocab)
+        return lq_error_set(err, LQ_EINVAL,
+                            "the tokenizer's vocabulary (%d) exceeds the model's (%d)", vocab,
+                            b->vocab);
+    for (int j = 0; j < n; j++) {
+        struct lq_request *r = s->running[s->members[j]];
+        const struct lq_sampler_params *p = lq_sampler_get_params(r->sampler);
+        logprobs |= r->logprobs;
+        s->sample_rows[j] = p->repetition_penalty != 1.0f
+                                ? (struct lq_sample_row){0.0f, 0, 1.0f, 0.0f, 0.0}
+                                : (struct lq_sample_row){p->temperature, p->top_k, p->top_p,
+                                                         p->min_p, lq_sampler_draw(r->sampler)};
+    }
+    int rc = backend->ops->sample(backend, logits, n, vocab, b->vocab, s->sample_rows, s->sampled,
+                                  logprobs ? s->sampled_logprob : NULL);
+    if (rc) return lq_error_set(err, rc, "sampling failed on the %s backend", backend->ops->name);
+    for (int j = 0; j < n; j++) {
+        struct lq_request *r = s->running[s->members[j]];
+        if (lq_sampler_get_params(r->sampler)->repetition_penalty == 1.0f) {
+            if (!r->logprobs) s->sampled_logprob[j] = 0.0f;
+            continue;
+        }
+        float *row = b->logits + (size_t)j * b->vocab;
+        rc = backend->ops->copy_to_host(backend, row, logits + (size_t)j * b->vocab,
+                                        (size_t)b->vocab * sizeof *row);
+        if (rc)
+            return lq_error_set(err, rc, "copying logits from the %s backend", backend->ops->name);
+        s->sampled_logprob[j] = 0.0f;
+        s->sampled[j] = lq_sampler_sample(r->sampler, row, r->history, r->seen,
+                                          r->logprobs ? &s->sampled_logprob[j] : NULL);
+    }
+    return LQ_OK;
+}
+
+/* One decode step of every running sequence, a lq_forward_batch per model, sampled where the
+ * logits are when the backend can (sample_step), else on the host. */
 static void decode_step(struct lq_scheduler *s) {
     double now = monotonic_seconds();
     int kept = 0;
@@ -308,12 +360,16 @@ static void decode_step(struct lq_scheduler *s) {
         }
         struct lq_error err = {0};
         struct model_batch *b = model_batch_get(s, model, &err);
-        int failed = !b || lq_forward_batch(b->batch, s->sessions, s->tokens, n, b->logits, &err);
+        int on_device = model->backend->ops->sample != NULL;
+        int failed = !b || lq_forward_batch(b->batch, s->sessions, s->tokens, n,
+                                            on_device ? NULL : b->logits, &err);
+        if (!failed && on_device) failed = sample_step(s, b, model->backend, n, &err) != 0;
         steps += !failed;
         for (int j = 0; j < n; j++) {
             struct lq_request **slot = &s->running[s->members[j]];
             if (failed) request_finish(s, *slot, LQ_FINISH_STOP, &err);
-            if (failed || request_advance(s, *slot, b->logits + (size_t)j * b->vocab))
+            if (failed || (on_device ? request_take(s, *slot, s->sampled[j], s->sampled_logprob[j])
+                                     : request_advance(s, *slot, b->logits + (size_t)j * b->vocab)))
                 *slot = NULL; /* finished: it leaves the running set below */
         }
     }
@@ -439,10 +495,13 @@ int lq_scheduler_create(const struct lq_scheduler_options *options, struct lq_sc
     s->sessions = calloc(n, sizeof *s->sessions);
     s->tokens = calloc(n, sizeof *s->tokens);
     s->grouped = calloc(n, 1);
+    s->sample_rows = calloc(n, sizeof *s->sample_rows);
+    s->sampled = calloc(n, sizeof *s->sampled);
+    s->sampled_logprob = calloc(n, sizeof *s->sampled_logprob);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->wake, NULL);
     int rc = !s->running || !s->batches || !s->members || !s->order || !s->sessions || !s->tokens ||
-                     !s->grouped
+                     !s->grouped || !s->sample_rows || !s->sampled || !s->sampled_logprob
                  ? lq_error_set(err, LQ_ENOMEM, "out of memory")
                  : 0;
     if (!rc && pthread_create(&s->thread, NULL, scheduler_main, s))
@@ -451,7 +510,8 @@ int lq_scheduler_create(const struct lq_scheduler_options *options, struct lq_sc
         pthread_cond_destroy(&s->wake);
         pthread_mutex_destroy(&s->lock);
         free(s->running), free(s->batches), free(s->members), free(s->order), free(s->sessions);
-        free(s->tokens), free(s->grouped), free(s);
+        free(s->tokens), free(s->grouped), free(s->sample_rows), free(s->sampled);
+        free(s->sampled_logprob), free(s);
         return rc;
     }
     *out = s;
@@ -468,7 +528,8 @@ void lq_scheduler_free(struct lq_scheduler *s) {
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->lock);
     free(s->running), free(s->batches), free(s->members), free(s->order), free(s->sessions);
-    free(s->tokens), free(s->grouped), free(s->prefill_logits), free(s);
+    free(s->tokens), free(s->grouped), free(s->prefill_logits), free(s->sample_rows);
+    free(s->sampled), free(s->sampled_logprob), free(s);
 }
 
 /* Positions a sequence of model gets. */

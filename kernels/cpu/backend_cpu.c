@@ -313,6 +313,8 @@ static const struct lq_backend_ops cpu_ops = {
     .head_matmul = cpu_head_matmul,
     .head_embed = cpu_head_embed,
     .token_nll = lq_cpu_token_nll, /* evaluation (nll_cpu.c) */
+    /* sampling (sample_cpu.c) */
+    .sample = lq_cpu_sample,
 };
 
 int lq_backend_cpu_create(struct lq_backend **out, struct lq_error *err) {

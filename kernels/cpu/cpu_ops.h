@@ -111,5 +111,8 @@ int lq_cpu_adamw(struct lq_backend *backend, float *params, const float *grads, 
 /* nll_cpu.c: token_nll (kernels/backend.h, "evaluation"), bit for bit core/eval.c's formula. */
 int lq_cpu_token_nll(struct lq_backend *backend, const float *logits, const int *targets, int n,
                      int vocab, double *nll);
+/* sample_cpu.c: the sample op (kernels/backend.h) by core/sampler.c. */
+int lq_cpu_sample(struct lq_backend *backend, const float *logits, int n, int vocab, int stride,
+                  const struct lq_sample_row *rows, int *tokens, float *logprobs);
 
 #endif

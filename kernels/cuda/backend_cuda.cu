@@ -465,6 +465,8 @@ static const struct lq_backend_ops cuda_ops = {
     /* graph_end */ lq_cuda_op_graph_end,
     // Evaluation (nll_cuda.cu).
     /* token_nll */ op_token_nll,
+    // Sampling on the device (sample_cuda.cu; the entry takes the op lock itself).
+    /* sample */ lq_cuda_op_sample,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,

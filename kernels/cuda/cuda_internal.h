@@ -303,4 +303,9 @@ int lq_cuda_attention_backward_tiled(struct lq_cuda *cuda, const float *q, const
 int lq_cuda_token_nll(struct lq_backend *backend, const float *logits, const int *targets, int n,
                       int vocab, double *nll);
 
+// sample_cuda.cu: the sample op (core/sampler.c's rules, one CTA per row, no sort), as an
+// ops-table entry that takes cuda->lock itself.
+int lq_cuda_op_sample(struct lq_backend *backend, const float *logits, int n, int vocab, int stride,
+                      const struct lq_sample_row *rows, int *tokens, float *logprobs);
+
 #endif

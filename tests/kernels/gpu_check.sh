@@ -1,6 +1,6 @@
 #!/bin/sh
 # The GPU checks in one run (what tests/kernels/pack_for_gpu.sh packed into .devrun/): every
-# CUDA op against the CPU op, end to end on the GPU, then the 7B-shaped benchmark. Logs go to
+# CUDA op against the CPU op (sampling too), end to end on the GPU, then the 7B-shaped benchmark. Logs go to
 # $OUT when it is set (the device tool's output folder), else to .devrun/logs.
 root=$(cd "$(dirname "$0")/../.." && pwd)
 run="$root/.devrun"
@@ -27,6 +27,7 @@ all|ops)
     step cuda_ops "$run/test_cuda_ops"
     step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
+    step cuda_sample "$run/test_cuda_sample" --time
     # the device-drawn LQ sketch against core's host RNG, value for value
     LQ_CUDA_DECOMPOSE_SKETCH=check step sketch_check "$run/test_cuda_ops" decompose ;;
 esac
@@ -51,6 +52,9 @@ case "${1:-}" in
 backward) # the training ops (token_nll among them) and both attention backwards, timed
     step cuda_train_ops "$run/test_cuda_train_ops"
     TAIL=40 step cuda_attention_backward "$run/test_cuda_attention_backward" --time ;;
+esac
+case "${1:-}" in
+sample) TAIL=60 step cuda_sample "$run/test_cuda_sample" --time ;;
 esac
 case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"

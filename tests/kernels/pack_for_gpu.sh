@@ -9,7 +9,7 @@ build=${1:-build}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out="$root/.devrun"
 rm -rf "$out" && mkdir -p "$out/lib"
-for binary in server/lqd kernels/liblqd_cuda.so tests/test_cuda_ops tests/test_cuda_train_ops tests/test_cuda_attention_backward tests/test_cuda_graph tests/bench_cuda; do
+for binary in server/lqd kernels/liblqd_cuda.so tests/test_cuda_ops tests/test_cuda_train_ops tests/test_cuda_attention_backward tests/test_cuda_graph tests/test_cuda_sample tests/bench_cuda; do
     cp "$root/$build/$binary" "$out/"
     ldd "$root/$build/$binary" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
         case "$(basename "$lib")" in
