@@ -220,11 +220,11 @@ int lq_cholqr_open(struct lq_cholqr *qr, struct lq_cuda *cuda, int max_rows, int
     qr->wide = (double *)(base + wide_at);
     qr->gram = (double *)(base + gram_at);
     qr->failed = (int *)(base + failed_at);
-    const size_t shared = cholqr_shared_bytes(columns);
-    if (shared > 48 * 1024)
-        CHOLQR_CUDA(cudaFuncSetAttribute(cholqr_cholesky_kernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared),
-                    "cudaFuncSetAttribute (CholeskyQR)");
+    // Always: beyond 48 KiB of static plus dynamic shared memory a launch needs the opt-in.
+    CHOLQR_CUDA(cudaFuncSetAttribute(cholqr_cholesky_kernel,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     (int)cholqr_shared_bytes(columns)),
+                "cudaFuncSetAttribute (CholeskyQR)");
     return LQ_OK;
 }
 
