@@ -18,19 +18,26 @@ static size_t cholqr_shared_bytes(int columns) {
 
 // ---------- kernels ----------
 
-// g (column-major n x n; only the lower triangle is read) = L·Lᵀ: L replaces g's lower
-// triangle. Right-looking, on an unscaled copy in shared memory: step j subtracts
-// a[i][j]·a[k][j] / a[j][j] from the trailing lower triangle, so a step reads only column j
-// and writes only columns after it, and one barrier per step suffices; then
-// L[i][k] = a[i][k] / √a[k][k]. A pivot a[j][j] below LQ_CHOLQR_PIVOT_FLOOR times the
-// original G[j][j] (the squared sine of the angle between column j and the columns before
-// it), or not finite, fails: *failed = 1 and L = I, so the Dtrsm that follows changes
-// nothing. first: the first pass, which (re)sets *failed; the second pass after a failed
-// first only writes L = I. Launch one block of CHOLQR_THREADS with n·n doubles of shared
-// memory.
-__global__ static void cholqr_cholesky_kernel(double *g, int n, int first, int *failed) {
+// G = L·Lᵀ for g (column-major n x n; only the lower triangle is read), then g = L (lower
+// triangle; invert 0) or g = L⁻¹ (lower, zeros above; invert 1).
+//   Cholesky: right-looking, on an unscaled copy in shared memory: step j subtracts
+//   a[i][j]·a[k][j] / a[j][j] from the trailing lower triangle, so a step reads only column
+//   j and writes only columns after it, and one barrier per step suffices; then
+//   L[i][k] = a[i][k] / √a[k][k].
+//   Inverse: X = L⁻¹ in place by rows. Step j divides row j of X (final: every earlier row
+//   has been subtracted from it) by L[j][j], and subtracts L[i][j] times it from each row
+//   i > j. Row i's slot (i, j) still holds L[i][j] until step j, which copies column j out
+//   first and then assigns X[i][j] there; L's diagonal is kept aside, and X's starts as 1.
+// A pivot a[j][j] below LQ_CHOLQR_PIVOT_FLOOR times the original G[j][j] (the squared sine
+// of the angle between column j and the columns before it), or not finite, fails:
+// *failed = 1 and g = I, so what follows changes nothing. first: the first pass, which
+// (re)sets *failed; the second pass after a failed first only writes g = I. Launch one block
+// of CHOLQR_THREADS with n·n doubles of shared memory.
+__global__ static void cholqr_cholesky_kernel(double *g, int n, int first, int invert,
+                                              int *failed) {
     extern __shared__ double a[];
     __shared__ double diagonal[LQ_CHOLQR_MAX_COLUMNS];
+    __shared__ double column[LQ_CHOLQR_MAX_COLUMNS];
     __shared__ int skip;
     if (threadIdx.x == 0) skip = first ? 0 : *failed;
     const int count = n * n;
@@ -63,9 +70,33 @@ __global__ static void cholqr_cholesky_kernel(double *g, int n, int first, int *
         if (threadIdx.x == 0) *failed = 1;
         return;
     }
+    // L = a[i][k] / √a[k][k]; diagonal[] (G's diagonal, no longer needed) takes the roots.
+    for (int k = threadIdx.x; k < n; k += blockDim.x) diagonal[k] = sqrt(a[k + k * n]);
+    __syncthreads();
     for (int idx = threadIdx.x; idx < count; idx += blockDim.x) {
         const int i = idx % n, k = idx / n;
-        if (i >= k) g[idx] = a[idx] / sqrt(a[k + k * n]);
+        if (i > k) a[idx] /= diagonal[k];
+        if (i == k) a[idx] = invert ? 1.0 : diagonal[k];
+    }
+    __syncthreads();
+    for (int j = 0; invert && j < n; j++) {
+        for (int k = threadIdx.x; k <= j; k += blockDim.x) a[j + k * n] /= diagonal[j];
+        for (int i = j + 1 + threadIdx.x; i < n; i += blockDim.x) column[i] = a[i + j * n];
+        __syncthreads();
+        const int below = n - 1 - j, width = j + 1;
+        for (int idx = threadIdx.x; idx < below * width; idx += blockDim.x) {
+            const int i = j + 1 + idx % below, k = idx / below;
+            const double update = column[i] * a[j + k * n];
+            a[i + k * n] = k == j ? -update : a[i + k * n] - update;
+        }
+        __syncthreads();
+    }
+    for (int idx = threadIdx.x; idx < count; idx += blockDim.x) {
+        const int i = idx % n, k = idx / n;
+        if (i >= k)
+            g[idx] = a[idx];
+        else if (invert)
+            g[idx] = 0.0; // the Dgemm reads the whole matrix
     }
     if (threadIdx.x == 0 && first) *failed = 0;
 }
@@ -191,7 +222,7 @@ int lq_cholqr_supported(const struct lq_cuda *cuda, int columns) {
         cudaSuccess)
         return 0;
     // the tile plus the kernel's static arrays
-    return cholqr_shared_bytes(columns) + (LQ_CHOLQR_MAX_COLUMNS + 8) * sizeof(double) <=
+    return cholqr_shared_bytes(columns) + (2 * LQ_CHOLQR_MAX_COLUMNS + 8) * sizeof(double) <=
            (size_t)optin;
 }
 
@@ -202,15 +233,18 @@ static size_t cholqr_carve(size_t *offset, size_t bytes) {
 }
 
 int lq_cholqr_open(struct lq_cholqr *qr, struct lq_cuda *cuda, int max_rows, int columns,
-                   struct lq_error *err) {
+                   int triangular_solve, struct lq_error *err) {
     memset(qr, 0, sizeof *qr);
     if (!lq_cholqr_supported(cuda, columns) || max_rows < columns)
         return lq_error_set(err, LQ_EINVAL, "CholeskyQR: %d x %d is not supported on this device",
                             max_rows, columns);
     qr->cuda = cuda;
     qr->max_rows = max_rows, qr->columns = columns;
+    qr->triangular_solve = triangular_solve;
     size_t offset = 0;
-    const size_t wide_at = cholqr_carve(&offset, (size_t)max_rows * columns * sizeof(double));
+    const size_t wide_bytes = (size_t)max_rows * columns * sizeof(double);
+    const size_t wide_at = cholqr_carve(&offset, wide_bytes);
+    const size_t other_at = triangular_solve ? 0 : cholqr_carve(&offset, wide_bytes);
     const size_t gram_at = cholqr_carve(&offset, (size_t)columns * columns * sizeof(double));
     const size_t failed_at = cholqr_carve(&offset, sizeof(int));
     qr->bytes = offset;
@@ -218,6 +252,7 @@ int lq_cholqr_open(struct lq_cholqr *qr, struct lq_cuda *cuda, int max_rows, int
     if (rc) return rc;
     char *base = (char *)qr->slab;
     qr->wide = (double *)(base + wide_at);
+    qr->other = triangular_solve ? NULL : (double *)(base + other_at);
     qr->gram = (double *)(base + gram_at);
     qr->failed = (int *)(base + failed_at);
     // Always: beyond 48 KiB of static plus dynamic shared memory a launch needs the opt-in.
@@ -238,22 +273,33 @@ static unsigned cholqr_grid(size_t count) {
     return (unsigned)(blocks < 4096 ? (blocks ? blocks : 1) : 4096);
 }
 
-// One CholeskyQR pass on qr->wide (rows x n): G = WᵀW, G = L·Lᵀ, W = W·L⁻ᵀ.
+// One CholeskyQR pass: G = WᵀW, G = L·Lᵀ, out = W·L⁻ᵀ, W being `in` (rows x n). With
+// triangular_solve a Dtrsm in place (out must be in), else L⁻¹ from the kernel and a Dgemm.
 static int cholqr_pass(struct lq_cholqr *qr, cublasHandle_t blas, cudaStream_t stream, int rows,
-                       int first, struct lq_error *err) {
+                       int first, const double *in, double *out, struct lq_error *err) {
     const int n = qr->columns;
     const double one = 1.0, zero = 0.0;
     // Dgemm rather than Dsyrk: cuBLAS splits the long inner dimension of a gemm across the GPU;
     // only the lower triangle is read.
-    CHOLQR_BLAS(cublasDgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, n, rows, &one, qr->wide, rows,
-                            qr->wide, rows, &zero, qr->gram, n),
+    CHOLQR_BLAS(cublasDgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, n, rows, &one, in, rows, in, rows,
+                            &zero, qr->gram, n),
                 "cublasDgemm (CholeskyQR Gram matrix)");
+    const int invert = !qr->triangular_solve;
     cholqr_cholesky_kernel<<<1, CHOLQR_THREADS, cholqr_shared_bytes(n), stream>>>(
-        qr->gram, n, first, qr->failed);
+        qr->gram, n, first, invert, qr->failed);
     CHOLQR_CUDA(cudaGetLastError(), "CholeskyQR kernel");
-    // X·R⁻¹ with R = Lᵀ: B·op(A)⁻¹, A = L lower, op = transpose
+    if (invert) {
+        // out = W·(L⁻¹)ᵀ
+        CHOLQR_BLAS(cublasDgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, rows, n, n, &one, in, rows,
+                                qr->gram, n, &zero, out, rows),
+                    "cublasDgemm (CholeskyQR)");
+        return LQ_OK;
+    }
+    if (out != in)
+        return lq_error_set(err, LQ_EINVAL, "CholeskyQR: the triangular solve works in place");
+    // W·R⁻¹ with R = Lᵀ: B·op(A)⁻¹, A = L lower, op = transpose
     CHOLQR_BLAS(cublasDtrsm(blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_T,
-                            CUBLAS_DIAG_NON_UNIT, rows, n, &one, qr->gram, n, qr->wide, rows),
+                            CUBLAS_DIAG_NON_UNIT, rows, n, &one, qr->gram, n, out, rows),
                 "cublasDtrsm (CholeskyQR)");
     return LQ_OK;
 }
@@ -267,8 +313,10 @@ int lq_cholqr_orthonormalize(struct lq_cholqr *qr, cublasHandle_t blas, cudaStre
     const size_t count = (size_t)rows * n;
     cholqr_widen_kernel<<<cholqr_grid(count), CHOLQR_THREADS, 0, stream>>>(x, count, qr->wide);
     CHOLQR_CUDA(cudaGetLastError(), "CholeskyQR widen kernel");
-    int rc = cholqr_pass(qr, blas, stream, rows, 1, err);
-    if (!rc) rc = cholqr_pass(qr, blas, stream, rows, 0, err);
+    // with the Dgemm: wide -> other -> wide; with the Dtrsm: wide in place twice
+    double *middle = qr->triangular_solve ? qr->wide : qr->other;
+    int rc = cholqr_pass(qr, blas, stream, rows, 1, qr->wide, middle, err);
+    if (!rc) rc = cholqr_pass(qr, blas, stream, rows, 0, middle, qr->wide, err);
     if (rc) return rc;
     cholqr_narrow_kernel<<<cholqr_grid(count), CHOLQR_THREADS, 0, stream>>>(qr->wide, count,
                                                                             qr->failed, x);

@@ -6,9 +6,10 @@
 // launches (a panel factorization per block of columns), latency-bound however many streams
 // run. CholeskyQR is two cuBLAS calls and one small kernel per pass, each using the whole GPU
 // or finishing in microseconds:
-//   X (float, rows x n) is widened to double, G = XᵀX (Dgemm), G = L·Lᵀ (one thread block,
-//   in shared memory), X = X·L⁻ᵀ (Dtrsm); a second pass on the result restores orthogonality
-//   to rounding level, then X goes back to float. In double the first pass loses about
+//   X (float, rows x n) is widened to double, G = XᵀX (Dgemm), G = L·Lᵀ and L⁻¹ (one thread
+//   block, in shared memory), X = X·L⁻ᵀ (one Dgemm; or a Dtrsm with L, when opened with
+//   triangular_solve); a second pass on the result restores orthogonality to rounding level,
+//   then X goes back to float. In double the first pass loses about
 //   ε_double·κ(X)² of orthogonality, so for every κ(X) the pivot test below lets through
 //   (about 10⁵ per column) the second pass sees a matrix orthonormal to 10⁻⁶ or better.
 //
@@ -36,20 +37,23 @@
 struct lq_cholqr {
     struct lq_cuda *cuda;
     int max_rows, columns;
-    void *slab;   // one allocation, counted under LQ_CUDA_JOBS
-    size_t bytes; // its size
-    double *wide; // max_rows x columns, column-major
-    double *gram; // columns x columns
-    int *failed;  // whether the last Cholesky of the current orthonormalization failed
+    int triangular_solve; // X·L⁻ᵀ by Dtrsm (else L⁻¹ and a Dgemm)
+    void *slab;           // one allocation, counted under LQ_CUDA_JOBS
+    size_t bytes;         // its size
+    double *wide;         // max_rows x columns, column-major
+    double *other;        // the same, the Dgemm's other side (NULL with triangular_solve)
+    double *gram;         // columns x columns
+    int *failed;          // whether the last Cholesky of the current orthonormalization failed
 };
 
 // Whether this device can run CholeskyQR on n columns (n <= LQ_CHOLQR_MAX_COLUMNS and the
 // n x n shared-memory tile fits a thread block).
 int lq_cholqr_supported(const struct lq_cuda *cuda, int columns);
 
-// Buffers for matrices of up to max_rows rows and exactly `columns` columns.
+// Buffers for matrices of up to max_rows rows and exactly `columns` columns; triangular_solve
+// picks the Dtrsm form.
 int lq_cholqr_open(struct lq_cholqr *qr, struct lq_cuda *cuda, int max_rows, int columns,
-                   struct lq_error *err);
+                   int triangular_solve, struct lq_error *err);
 void lq_cholqr_close(struct lq_cholqr *qr);
 
 // Replaces the columns of the column-major rows x columns float matrix x (leading dimension

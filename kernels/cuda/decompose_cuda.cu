@@ -149,7 +149,7 @@ extern "C" {
 
 enum dec_sketch_mode { DEC_SKETCH_DEVICE, DEC_SKETCH_HOST, DEC_SKETCH_CHECK };
 // How the randomized SVD orthonormalizes its sketches (LQ_CUDA_DECOMPOSE_QR).
-enum dec_qr_mode { DEC_QR_CHOLESKY, DEC_QR_HOUSEHOLDER };
+enum dec_qr_mode { DEC_QR_CHOLESKY, DEC_QR_CHOLESKY_TRSM, DEC_QR_HOUSEHOLDER };
 // Which cuSOLVER routine solves the small eigenproblem (LQ_CUDA_DECOMPOSE_EIG).
 enum dec_eig_mode { DEC_EIG_SYEVD, DEC_EIG_BATCHED };
 // What LQ_CUDA_DECOMPOSE_PROFILE=1 times, per step (phase_timer_cuda.cuh).
@@ -605,16 +605,22 @@ static void dec_build_jumps(void) {
     for (int k = 1; k < DEC_JUMP_LEVELS; k++) gf2_square(dec_jump_table[k - 1], dec_jump_table[k]);
 }
 
-// LQ_CUDA_DECOMPOSE_QR: cholesky (the default) or householder (cuSOLVER geqrf + orgqr).
+// LQ_CUDA_DECOMPOSE_QR: cholesky (the default: L⁻¹ and a Dgemm), cholesky-trsm (a Dtrsm
+// with L) or householder (cuSOLVER geqrf + orgqr).
 static int dec_qr_mode(int *mode, struct lq_error *err) {
     const char *text = getenv("LQ_CUDA_DECOMPOSE_QR");
     *mode = DEC_QR_CHOLESKY;
     if (!text || !*text || strcmp(text, "cholesky") == 0) return LQ_OK;
+    if (strcmp(text, "cholesky-trsm") == 0) {
+        *mode = DEC_QR_CHOLESKY_TRSM;
+        return LQ_OK;
+    }
     if (strcmp(text, "householder") == 0) {
         *mode = DEC_QR_HOUSEHOLDER;
         return LQ_OK;
     }
-    return lq_error_set(err, LQ_EINVAL, "LQ_CUDA_DECOMPOSE_QR=%s: expected cholesky or householder",
+    return lq_error_set(err, LQ_EINVAL,
+                        "LQ_CUDA_DECOMPOSE_QR=%s: expected cholesky, cholesky-trsm or householder",
                         text);
 }
 
@@ -945,12 +951,13 @@ static int dec_open(struct dec *d, const struct dec_shared *sh, int blocking,
              "cublasSetWorkspace");
     // CholeskyQR where the device can (sketches of up to LQ_CHOLQR_MAX_COLUMNS columns),
     // Householder otherwise or when asked.
-    d->cholesky_qr =
-        s->randomized && sh->qr_mode == DEC_QR_CHOLESKY && lq_cholqr_supported(d->cuda, s->sketch);
+    d->cholesky_qr = s->randomized && sh->qr_mode != DEC_QR_HOUSEHOLDER &&
+                     lq_cholqr_supported(d->cuda, s->sketch);
     if (s->randomized) DEC_TRY(dec_solver_work(d, err));
     if (d->cholesky_qr) {
         const size_t longest = s->rows > s->cols ? s->rows : s->cols;
-        DEC_TRY(lq_cholqr_open(&d->qr, d->cuda, (int)longest, s->sketch, err));
+        DEC_TRY(lq_cholqr_open(&d->qr, d->cuda, (int)longest, s->sketch,
+                               sh->qr_mode == DEC_QR_CHOLESKY_TRSM, err));
         d->work_bytes += d->qr.bytes; // what another worker costs (worker_count)
     }
     if (s->exact) DEC_TRY(dec_exact_buffers(d, err));

@@ -12,9 +12,10 @@
  *            row over the 243-configuration grid (or every K-th configuration with
  *            --table-sample K) on each shape, extrapolated to the whole 7B table (224 matrices
  *            x 243 configurations); for each variant of the decomposition named by
- *            --variants (default householder,cholesky,cholesky+batched,cholesky+tf32,
- *            cholesky+batched+tf32: the QR, the eigensolver and TF32 range products, as the
- *            LQ_CUDA_DECOMPOSE_QR, _EIG and _TF32 environment variables set them).
+ *            --variants (default householder,cholesky-trsm,cholesky,cholesky+batched,
+ *            cholesky+tf32,cholesky+batched+tf32: the QR, the eigensolver and TF32 range
+ *            products, as the LQ_CUDA_DECOMPOSE_QR, _EIG and _TF32 environment variables set
+ *            them).
  *
  * Two allocations are measured: ~3 bits (every matrix NF3 with double quantization, (3, 8,
  * fp32, 64, 256) = 3.127 bits) and ~2.75 bits (k, v and up at (2, 8, fp32, 64, 256), the rest
@@ -296,17 +297,18 @@ static int training(struct lq_backend *gpu, struct lq_model *m, struct lq_error 
     return rc;
 }
 
-/* A variant of the GPU decomposition: '+'-joined words among householder, cholesky (the
- * QR), syevd, batched (the eigensolver) and tf32, set as the environment variables the
- * decomposition reads. Returns -1 on an unknown word. */
+/* A variant of the GPU decomposition: '+'-joined words among householder, cholesky,
+ * cholesky-trsm (the QR), syevd, batched (the eigensolver) and tf32, set as the environment
+ * variables the decomposition reads. Returns -1 on an unknown word. */
 static int set_variant(const char *variant) {
     const char *qr = "cholesky", *eig = "syevd", *tf32 = "0";
     char words[128];
     snprintf(words, sizeof words, "%s", variant);
     for (char *save = NULL, *word = strtok_r(words, "+", &save); word;
          word = strtok_r(NULL, "+", &save)) {
-        if (strcmp(word, "householder") == 0 || strcmp(word, "cholesky") == 0)
-            qr = word[0] == 'h' ? "householder" : "cholesky";
+        if (strcmp(word, "householder") == 0 || strcmp(word, "cholesky") == 0 ||
+            strcmp(word, "cholesky-trsm") == 0)
+            qr = word;
         else if (strcmp(word, "syevd") == 0 || strcmp(word, "batched") == 0)
             eig = word[0] == 's' ? "syevd" : "batched";
         else if (strcmp(word, "tf32") == 0)
@@ -408,8 +410,8 @@ static int decomposition(struct lq_backend *gpu, int table_sample, const char *v
          variant = strtok_r(NULL, ",", &save)) {
         if (set_variant(variant)) {
             rc = lq_error_set(err, LQ_EINVAL,
-                              "variant '%s': expected words householder, cholesky, syevd, "
-                              "batched, tf32 joined by '+'",
+                              "variant '%s': expected words householder, cholesky, "
+                              "cholesky-trsm, syevd, batched, tf32 joined by '+'",
                               variant);
             break;
         }
@@ -438,7 +440,7 @@ int main(int argc, char **argv) {
     int layers = 32, skip_decompose = 0, table_sample = 1, skip_models = 0, train = 0;
     int only_decompose = 0;
     const char *variants =
-        "householder,cholesky,cholesky+batched,cholesky+tf32,cholesky+batched+tf32";
+        "householder,cholesky-trsm,cholesky,cholesky+batched,cholesky+tf32,cholesky+batched+tf32";
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
             layers = atoi(argv[++i]);

@@ -499,9 +499,10 @@ static void test_decompose(void) {
 
     /* The other ways to run a step (LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32) against the CPU. */
     static const char *const variants[][2] = {{"LQ_CUDA_DECOMPOSE_QR", "householder"},
+                                              {"LQ_CUDA_DECOMPOSE_QR", "cholesky-trsm"},
                                               {"LQ_CUDA_DECOMPOSE_EIG", "batched"},
                                               {"LQ_CUDA_DECOMPOSE_TF32", "1"}};
-    for (int v = 0; v < 3; v++) {
+    for (int v = 0; v < 4; v++) {
         setenv(variants[v][0], variants[v][1], 1);
         double variant[3];
         int rc = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 3, &options,
