@@ -45,11 +45,17 @@
 //     current step, so the fix-ups come with its status. LQ_CUDA_DECOMPOSE_SKETCH=host draws
 //     every sketch on the host instead (core's rng, uploaded); =check draws on the device
 //     and compares every sketch with the host's, failing on the first differing value.
-//   * Randomized SVD (Halko et al., as svd.c): Y = A·Ω, Householder QR (geqrf + orgqr), power
-//     iterations Z = Aᵀ·Y, QR, Y = A·Z, QR; Bᵀ = Aᵀ·Y. The small SVD of B (q x n) comes from
+//   * Randomized SVD (Halko et al., as svd.c): Y = A·Ω, QR, power iterations Z = Aᵀ·Y, QR,
+//     Y = A·Z, QR; Bᵀ = Aᵀ·Y. The QR is CholeskyQR2 in double (cholesky_qr_cuda.cuh: a few
+//     launches, where cuSOLVER's geqrf + orgqr of a 4096 x 74 matrix is a long chain of small
+//     ones and was most of a step's time); LQ_CUDA_DECOMPOSE_QR=householder takes geqrf +
+//     orgqr as before. Both give the same span, which is all the SVD uses. With
+//     LQ_CUDA_DECOMPOSE_TF32=1 the range finder's products (not Bᵀ) run on TF32 tensor cores.
+//     The small SVD of B (q x n) comes from
 //     the eigendecomposition of the q x q Gram matrix B·Bᵀ, formed and solved in double
-//     (Dsyrk + Dsyevd): squaring the condition number in double costs σ_i a relative error
-//     of about 1e-16·(σ_1/σ_i)², below float rounding for every σ_i > 1e-4·σ_1, and it is one
+//     (Dsyrk + Dsyevd, or cusolverDnXsyevBatched on one matrix with
+//     LQ_CUDA_DECOMPOSE_EIG=batched): squaring the condition number in double costs σ_i a relative
+//     error of about 1e-16·(σ_1/σ_i)², below float rounding for every σ_i > 1e-4·σ_1, and it is one
 //     small solver call where cuSOLVER's gesvd on a 4096 x 74 matrix is slow. Then
 //     L1 = Y·Ub·Σ^½ (float: Y and Ub are orthonormal, nothing cancels) and
 //     L2 = Σ^-½·Ubᵀ·B (double, then float: rows for small σ cancel heavily). Eigenvalues
@@ -63,6 +69,9 @@
 //     the dense Q the device used.
 //   * lq_cuda_decompose_errors reuses every worker's buffers for all its configurations;
 //     nothing but the status comes back (the exact SVD path aside).
+//   * LQ_CUDA_DECOMPOSE_PROFILE=1 records an event at the start of each phase of a step
+//     (products, QR, small SVD, ...) and prints, when a worker closes, each phase's device
+//     time per step (phase_timer_cuda.cuh).
 //
 // Differences from core's lq_decompose (same seed):
 //   * L1·L2 agrees to float rounding (cuBLAS vs OpenBLAS summation order, Gram
@@ -80,9 +89,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
+#include "kernels/cuda/cholesky_qr_cuda.cuh"
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/cuda/nf_cuda.cuh"
+#include "kernels/cuda/phase_timer_cuda.cuh"
 
 extern "C" {
 #include "core/parallel.h"
@@ -107,6 +119,7 @@ extern "C" {
         if (dec_status_ != CUSOLVER_STATUS_SUCCESS)                                                \
             return lq_cusolver_fail(dec_status_, (what), err);                                     \
     } while (0)
+#define DEC_MARK(phase) DEC_CUDA(lq_phase_timer_mark(&d->timer, d->stream, (phase)), "profile")
 #define DEC_TRY(call)                                                                              \
     do {                                                                                           \
         int dec_rc_ = (call);                                                                      \
@@ -135,6 +148,23 @@ extern "C" {
 #define DEC_STOPPED 1 // run(): another worker failed, so this one stopped (not an LQ code)
 
 enum dec_sketch_mode { DEC_SKETCH_DEVICE, DEC_SKETCH_HOST, DEC_SKETCH_CHECK };
+// How the randomized SVD orthonormalizes its sketches (LQ_CUDA_DECOMPOSE_QR).
+enum dec_qr_mode { DEC_QR_CHOLESKY, DEC_QR_CHOLESKY_TRSM, DEC_QR_HOUSEHOLDER };
+// Which cuSOLVER routine solves the small eigenproblem (LQ_CUDA_DECOMPOSE_EIG).
+enum dec_eig_mode { DEC_EIG_SYEVD, DEC_EIG_BATCHED };
+// What LQ_CUDA_DECOMPOSE_PROFILE=1 times, per step (phase_timer_cuda.cuh).
+enum dec_phase {
+    DEC_PHASE_SETUP,      // the residual W − Q when not fused, ||W||, the quantized start
+    DEC_PHASE_PRODUCTS,   // the sketch products with A (m x n times n x q, six at T = 2)
+    DEC_PHASE_QR,         // orthonormalizing the sketches
+    DEC_PHASE_SMALL_SVD,  // B·Bᵀ and its eigendecomposition (or the exact SVD on the host)
+    DEC_PHASE_FACTORS,    // L1, L2 from the small SVD
+    DEC_PHASE_LOWRANK,    // L1·L2
+    DEC_PHASE_QUANTIZE,   // the half-step error and the NF pipeline
+    DEC_PHASE_SKETCH,     // the next step's Gaussian sketch
+    DEC_PHASE_ROUND_TRIP, // the status copy, the host's wait and its bookkeeping
+    DEC_PHASE_COUNT
+};
 
 // A Box-Muller pair whose float values the device could not settle: the xoshiro state
 // before its two draws, so the host redraws it with core's rng.
@@ -151,6 +181,7 @@ struct dec_status {
     unsigned long long bad_group; // first group whose range overflows b2, or DEC_NO_INDEX
     unsigned offset_bits;         // the quantizer's offset (min block absmax) as bits
     int qr_info, eig_info;        // cuSOLVER's devInfo
+    unsigned qr_fallbacks;        // CholeskyQR fallbacks so far (a running count)
     unsigned fixup_count;         // sketch pairs to redraw on the host (may exceed the list)
     struct dec_fixup fixups[DEC_FIXUP_MAX];
 };
@@ -172,6 +203,10 @@ struct dec_shared {
     struct lq_cuda *cuda;
     struct dec_shape shape;
     int sketch_mode; // enum dec_sketch_mode
+    int qr_mode;     // enum dec_qr_mode
+    int eig_mode;    // enum dec_eig_mode
+    int tf32;        // LQ_CUDA_DECOMPOSE_TF32: the range finder's products on TF32 tensor cores
+    int profile;     // LQ_CUDA_DECOMPOSE_PROFILE: time each phase
     int jump_levels; // jump matrices the device sketch uses
 
     // host
@@ -213,8 +248,16 @@ struct dec {
     float *y;     // m x q range basis
     float *z;     // n x q co-range basis, then Bᵀ
     float *tau, *solver_work, *ub;
+    int cholesky_qr;     // orthonormalize with qr (else cuSOLVER's Householder QR)
+    struct lq_cholqr qr; // CholeskyQR2's buffers
+    struct lq_phase_timer timer;
+    double profile_wall; // host seconds in run(), with the timer
+    long profile_steps, profile_runs;
     double *bt, *gram, *lambda, *ubs, *l2t, *eig_work;
-    int solver_lwork, eig_lwork;
+    int solver_lwork, eig_lwork;   // eig_lwork: doubles (either routine)
+    cusolverDnParams_t eig_params; // DEC_EIG_BATCHED
+    size_t eig_device_bytes, eig_host_bytes;
+    void *eig_host_work; // DEC_EIG_BATCHED's host workspace, if it asks for one
     // factors (L1 rows x rank, L2 rank x cols, row-major)
     float *L1, *L2, *prev_L1, *prev_L2, *best_q_L1, *best_q_L2, *out_L1, *out_L2;
 
@@ -562,6 +605,38 @@ static void dec_build_jumps(void) {
     for (int k = 1; k < DEC_JUMP_LEVELS; k++) gf2_square(dec_jump_table[k - 1], dec_jump_table[k]);
 }
 
+// LQ_CUDA_DECOMPOSE_QR: cholesky (the default: L⁻¹ and a Dgemm), cholesky-trsm (a Dtrsm
+// with L) or householder (cuSOLVER geqrf + orgqr).
+static int dec_qr_mode(int *mode, struct lq_error *err) {
+    const char *text = getenv("LQ_CUDA_DECOMPOSE_QR");
+    *mode = DEC_QR_CHOLESKY;
+    if (!text || !*text || strcmp(text, "cholesky") == 0) return LQ_OK;
+    if (strcmp(text, "cholesky-trsm") == 0) {
+        *mode = DEC_QR_CHOLESKY_TRSM;
+        return LQ_OK;
+    }
+    if (strcmp(text, "householder") == 0) {
+        *mode = DEC_QR_HOUSEHOLDER;
+        return LQ_OK;
+    }
+    return lq_error_set(err, LQ_EINVAL,
+                        "LQ_CUDA_DECOMPOSE_QR=%s: expected cholesky, cholesky-trsm or householder",
+                        text);
+}
+
+// LQ_CUDA_DECOMPOSE_EIG: syevd (the default) or batched (cusolverDnXsyevBatched, one matrix).
+static int dec_eig_mode(int *mode, struct lq_error *err) {
+    const char *text = getenv("LQ_CUDA_DECOMPOSE_EIG");
+    *mode = DEC_EIG_SYEVD;
+    if (!text || !*text || strcmp(text, "syevd") == 0) return LQ_OK;
+    if (strcmp(text, "batched") == 0) {
+        *mode = DEC_EIG_BATCHED;
+        return LQ_OK;
+    }
+    return lq_error_set(err, LQ_EINVAL, "LQ_CUDA_DECOMPOSE_EIG=%s: expected syevd or batched",
+                        text);
+}
+
 static int dec_sketch_mode(void) {
     const char *mode = getenv("LQ_CUDA_DECOMPOSE_SKETCH");
     if (mode && strcmp(mode, "host") == 0) return DEC_SKETCH_HOST;
@@ -615,6 +690,12 @@ static int dec_shared_open(struct dec_shared *sh, struct lq_cuda *cuda,
     sh->host_row_weight = row_weight, sh->host_col_weight = col_weight;
     const struct dec_shape *s = &sh->shape;
     sh->sketch_mode = dec_sketch_mode();
+    DEC_TRY(dec_qr_mode(&sh->qr_mode, err));
+    DEC_TRY(dec_eig_mode(&sh->eig_mode, err));
+    const char *tf32 = getenv("LQ_CUDA_DECOMPOSE_TF32");
+    sh->tf32 = tf32 && *tf32 && strcmp(tf32, "0") != 0;
+    const char *profile = getenv("LQ_CUDA_DECOMPOSE_PROFILE");
+    sh->profile = profile && *profile && strcmp(profile, "0") != 0;
     if (s->randomized && sh->sketch_mode != DEC_SKETCH_HOST) {
         const unsigned long long count =
             (unsigned long long)s->cols * (unsigned long long)s->sketch;
@@ -719,9 +800,38 @@ static size_t dec_layout(struct dec *d, char *base) {
     return c.offset;
 }
 
+// LQ_CUDA_DECOMPOSE_PROFILE: one line per worker, the phases' device time per step.
+static void dec_profile_report(const struct dec *d) {
+    if (!d->timer.enabled || d->profile_steps == 0) return;
+    const struct dec_shape *s = &d->shape;
+    const double *ms = d->timer.ms, steps = (double)d->profile_steps;
+    double total = 0.0;
+    for (int i = 0; i < DEC_PHASE_COUNT; i++) total += ms[i];
+    fprintf(stderr,
+            "lqd: decompose profile %zu x %zu rank %d sketch %d, %s QR: %ld runs, %ld steps; ms "
+            "per step: products %.3f, QR %.3f, small SVD %.3f, factors %.3f, L1*L2 %.3f, "
+            "quantize %.3f, sketch %.3f, status round trip %.3f, setup %.3f = %.3f on the "
+            "stream; %.3f host wall; %u QR fallbacks%s\n",
+            s->rows, s->cols, s->rank, s->sketch,
+            !s->randomized   ? "no"
+            : d->cholesky_qr ? "Cholesky"
+                             : "Householder",
+            d->profile_runs, d->profile_steps, ms[DEC_PHASE_PRODUCTS] / steps,
+            ms[DEC_PHASE_QR] / steps, ms[DEC_PHASE_SMALL_SVD] / steps,
+            ms[DEC_PHASE_FACTORS] / steps, ms[DEC_PHASE_LOWRANK] / steps,
+            ms[DEC_PHASE_QUANTIZE] / steps, ms[DEC_PHASE_SKETCH] / steps,
+            ms[DEC_PHASE_ROUND_TRIP] / steps, ms[DEC_PHASE_SETUP] / steps, total / steps,
+            d->profile_wall * 1e3 / steps, d->status_host ? d->status_host->qr_fallbacks : 0u,
+            d->timer.dropped ? " (some marks dropped)" : "");
+}
+
 static void dec_close(struct dec *d) {
     if (d->stream) cudaStreamSynchronize(d->stream); // nothing may still use the buffers
+    dec_profile_report(d);
+    lq_phase_timer_close(&d->timer);
+    if (d->qr.slab) lq_cholqr_close(&d->qr);
     // The handles go first: the cuBLAS workspace is ours and must outlive its handle.
+    if (d->eig_params) cusolverDnDestroyParams(d->eig_params);
     if (d->solver) cusolverDnDestroy(d->solver);
     if (d->blas) cublasDestroy(d->blas);
     if (d->slab) lq_cuda_free(d->cuda, d->slab);
@@ -733,7 +843,7 @@ static void dec_close(struct dec *d) {
     if (d->stream) cudaStreamDestroy(d->stream);
     free(d->check_host), free(d->chunk_starts);
     free(d->host_residual), free(d->host_u), free(d->host_s), free(d->host_vt);
-    free(d->host_L1), free(d->host_L2);
+    free(d->host_L1), free(d->host_L2), free(d->eig_host_work);
     memset(d, 0, sizeof *d);
 }
 
@@ -755,21 +865,38 @@ static int dec_solver_work(struct dec *d, struct lq_error *err) {
     const struct dec_shape *s = &d->shape;
     const int M = (int)s->rows, N = (int)s->cols, Q = s->sketch;
     int sizes[4] = {0, 0, 0, 0};
-    DEC_SOLVER(cusolverDnSgeqrf_bufferSize(d->solver, M, Q, d->y, M, &sizes[0]),
-               "cusolverDnSgeqrf_bufferSize");
-    DEC_SOLVER(cusolverDnSgeqrf_bufferSize(d->solver, N, Q, d->z, N, &sizes[1]),
-               "cusolverDnSgeqrf_bufferSize");
-    DEC_SOLVER(cusolverDnSorgqr_bufferSize(d->solver, M, Q, Q, d->y, M, d->tau, &sizes[2]),
-               "cusolverDnSorgqr_bufferSize");
-    DEC_SOLVER(cusolverDnSorgqr_bufferSize(d->solver, N, Q, Q, d->z, N, d->tau, &sizes[3]),
-               "cusolverDnSorgqr_bufferSize");
+    if (!d->cholesky_qr) {
+        DEC_SOLVER(cusolverDnSgeqrf_bufferSize(d->solver, M, Q, d->y, M, &sizes[0]),
+                   "cusolverDnSgeqrf_bufferSize");
+        DEC_SOLVER(cusolverDnSgeqrf_bufferSize(d->solver, N, Q, d->z, N, &sizes[1]),
+                   "cusolverDnSgeqrf_bufferSize");
+        DEC_SOLVER(cusolverDnSorgqr_bufferSize(d->solver, M, Q, Q, d->y, M, d->tau, &sizes[2]),
+                   "cusolverDnSorgqr_bufferSize");
+        DEC_SOLVER(cusolverDnSorgqr_bufferSize(d->solver, N, Q, Q, d->z, N, d->tau, &sizes[3]),
+                   "cusolverDnSorgqr_bufferSize");
+    }
     d->solver_lwork = 1;
     for (int i = 0; i < 4; i++)
         d->solver_lwork = sizes[i] > d->solver_lwork ? sizes[i] : d->solver_lwork;
-    DEC_SOLVER(cusolverDnDsyevd_bufferSize(d->solver, CUSOLVER_EIG_MODE_VECTOR,
-                                           CUBLAS_FILL_MODE_LOWER, Q, d->gram, Q, d->lambda,
-                                           &d->eig_lwork),
-               "cusolverDnDsyevd_bufferSize");
+    if (d->shared->eig_mode == DEC_EIG_BATCHED) {
+        DEC_SOLVER(cusolverDnCreateParams(&d->eig_params), "cusolverDnCreateParams");
+        DEC_SOLVER(cusolverDnXsyevBatched_bufferSize(
+                       d->solver, d->eig_params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER,
+                       Q, CUDA_R_64F, d->gram, Q, CUDA_R_64F, d->lambda, CUDA_R_64F,
+                       &d->eig_device_bytes, &d->eig_host_bytes, 1),
+                   "cusolverDnXsyevBatched_bufferSize");
+        d->eig_lwork = (int)((d->eig_device_bytes + sizeof(double) - 1) / sizeof(double));
+        if (d->eig_host_bytes) {
+            d->eig_host_work = malloc(d->eig_host_bytes);
+            if (!d->eig_host_work)
+                return lq_error_set(err, LQ_ENOMEM, "out of memory for the eigensolver");
+        }
+    } else {
+        DEC_SOLVER(cusolverDnDsyevd_bufferSize(d->solver, CUSOLVER_EIG_MODE_VECTOR,
+                                               CUBLAS_FILL_MODE_LOWER, Q, d->gram, Q, d->lambda,
+                                               &d->eig_lwork),
+                   "cusolverDnDsyevd_bufferSize");
+    }
     if (d->eig_lwork < 1) d->eig_lwork = 1;
     struct dec_carver c = {NULL, 0};
     for (int pass = 0; pass < 2; pass++) {
@@ -822,8 +949,19 @@ static int dec_open(struct dec *d, const struct dec_shared *sh, int blocking,
     // cuBLAS's results reproducible.
     DEC_BLAS(cublasSetWorkspace(d->blas, d->blas_workspace, DEC_BLAS_WORKSPACE),
              "cublasSetWorkspace");
+    // CholeskyQR where the device can (sketches of up to LQ_CHOLQR_MAX_COLUMNS columns),
+    // Householder otherwise or when asked.
+    d->cholesky_qr = s->randomized && sh->qr_mode != DEC_QR_HOUSEHOLDER &&
+                     lq_cholqr_supported(d->cuda, s->sketch);
     if (s->randomized) DEC_TRY(dec_solver_work(d, err));
+    if (d->cholesky_qr) {
+        const size_t longest = s->rows > s->cols ? s->rows : s->cols;
+        DEC_TRY(lq_cholqr_open(&d->qr, d->cuda, (int)longest, s->sketch,
+                               sh->qr_mode == DEC_QR_CHOLESKY_TRSM, err));
+        d->work_bytes += d->qr.bytes; // what another worker costs (worker_count)
+    }
     if (s->exact) DEC_TRY(dec_exact_buffers(d, err));
+    DEC_CUDA(lq_phase_timer_open(&d->timer, sh->profile), "cudaEventCreate (profile)");
     DEC_CUDA(cudaHostAlloc((void **)&d->status_host, sizeof *d->status_host, cudaHostAllocDefault),
              "cudaHostAlloc (status)");
     DEC_CUDA(cudaHostAlloc((void **)&d->fixup_host, 2 * DEC_FIXUP_MAX * sizeof(float),
@@ -917,6 +1055,7 @@ static uint64_t step_seed(uint64_t seed, int step) {
 static int sketch_queue(struct dec *d, uint64_t seed, struct lq_error *err) {
     d->sketch_seed = seed;
     d->sketch_pending = 1;
+    DEC_MARK(DEC_PHASE_SKETCH);
     if (d->shared->sketch_mode == DEC_SKETCH_HOST) return LQ_OK;
     struct lq_rng rng;
     lq_rng_seed(&rng, seed);
@@ -1001,6 +1140,22 @@ static int sgemm(struct dec *d, cublasOperation_t ta, cublasOperation_t tb, int 
     return LQ_OK;
 }
 
+// A product of the range finder (Y = A·Ω, the power iterations): fp32, or with
+// LQ_CUDA_DECOMPOSE_TF32 on TF32 tensor cores (10-bit mantissas, fp32 sums). Only the
+// basis's span comes from these products, and a basis off by 1e-3 relative still captures
+// the dominant subspace; Bᵀ = Aᵀ·Y, which L2 is made of, stays fp32.
+static int range_product(struct dec *d, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                         int k, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
+                         struct lq_error *err) {
+    if (!d->shared->tf32) return sgemm(d, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, err);
+    const float one = 1.0f, zero = 0.0f;
+    DEC_BLAS(cublasGemmEx(d->blas, ta, tb, m, n, k, &one, a, CUDA_R_32F, lda, b, CUDA_R_32F, ldb,
+                          &zero, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F_FAST_TF32,
+                          CUBLAS_GEMM_DEFAULT),
+             "cublasGemmEx (TF32)");
+    return LQ_OK;
+}
+
 // Sums partials[0..blocks) into status->sums[slot].
 static int reduce_into(struct dec *d, unsigned blocks, int slot, struct lq_error *err) {
     dec_sum_kernel<<<1, DEC_THREADS, 0, d->stream>>>(d->partials, blocks, &d->status->sums[slot]);
@@ -1040,6 +1195,7 @@ static int quantize_w(struct dec *d, int residual, struct lq_error *err) {
     const struct lq_nf_device_config *nf = &d->nf;
     const unsigned per_block = LQ_NF_THREADS / (unsigned)nf->team;
     const unsigned blocks = lq_nf_grid(nf->n_blocks, per_block);
+    DEC_MARK(DEC_PHASE_QUANTIZE);
     DEC_CUDA(cudaMemsetAsync(&d->status->offset_bits, 0xff, sizeof(unsigned), d->stream),
              "cudaMemset");
     lq_nf_absmax_kernel<<<blocks, LQ_NF_THREADS, 0, d->stream>>>(
@@ -1058,6 +1214,7 @@ static int quantize_step(struct dec *d, int q_zero, int residual, struct lq_erro
     const unsigned blocks = lq_nf_grid(n, DEC_THREADS);
     const int fused = nf->B0 <= DEC_THREADS && (nf->B0 & (nf->B0 - 1)) == 0;
     const float *q = q_zero ? NULL : d->q;
+    DEC_MARK(DEC_PHASE_QUANTIZE);
     DEC_CUDA(cudaMemsetAsync(&d->status->offset_bits, 0xff, sizeof(unsigned), d->stream),
              "cudaMemset");
     if (fused)
@@ -1080,9 +1237,14 @@ static int quantize_step(struct dec *d, int q_zero, int residual, struct lq_erro
 }
 
 // Replaces the columns of the column-major rows x q matrix x by an orthonormal basis of
-// their span (Householder QR, as svd.c's orthonormalize).
+// their span: CholeskyQR2 (cholesky_qr_cuda.cuh), or Householder QR as svd.c's
+// orthonormalize (LQ_CUDA_DECOMPOSE_QR=householder). The span is the same either way.
 static int orthonormalize(struct dec *d, float *x, int rows, struct lq_error *err) {
     const int q = d->shape.sketch;
+    DEC_MARK(DEC_PHASE_QR);
+    if (d->cholesky_qr)
+        return lq_cholqr_orthonormalize(&d->qr, d->blas, d->stream, x, rows,
+                                        &d->status->qr_fallbacks, err);
     DEC_SOLVER(cusolverDnSgeqrf(d->solver, rows, q, x, rows, d->tau, d->solver_work,
                                 d->solver_lwork, &d->status->qr_info),
                "cusolverDnSgeqrf");
@@ -1105,17 +1267,22 @@ static int randomized_factors(struct dec *d, const float *a, int power_iters,
     const struct dec_shape *s = &d->shape;
     const int m = (int)s->rows, n = (int)s->cols, q = s->sketch, r = s->rank;
     const cublasOperation_t N = CUBLAS_OP_N, T = CUBLAS_OP_T;
-    DEC_TRY(sgemm(d, T, T, m, q, n, a, n, d->omega, q, d->y, m, err));
+    DEC_MARK(DEC_PHASE_PRODUCTS);
+    DEC_TRY(range_product(d, T, T, m, q, n, a, n, d->omega, q, d->y, m, err));
     DEC_TRY(orthonormalize(d, d->y, m, err));
     for (int it = 0; it < power_iters; it++) {
         // Re-orthonormalizing between products keeps the small singular directions from
         // drowning in rounding error (Halko et al., Algorithm 4.4).
-        DEC_TRY(sgemm(d, N, N, n, q, m, a, n, d->y, m, d->z, n, err));
+        DEC_MARK(DEC_PHASE_PRODUCTS);
+        DEC_TRY(range_product(d, N, N, n, q, m, a, n, d->y, m, d->z, n, err));
         DEC_TRY(orthonormalize(d, d->z, n, err));
-        DEC_TRY(sgemm(d, T, N, m, q, n, a, n, d->z, n, d->y, m, err));
+        DEC_MARK(DEC_PHASE_PRODUCTS);
+        DEC_TRY(range_product(d, T, N, m, q, n, a, n, d->z, n, d->y, m, err));
         DEC_TRY(orthonormalize(d, d->y, m, err));
     }
+    DEC_MARK(DEC_PHASE_PRODUCTS);
     DEC_TRY(sgemm(d, N, N, n, q, m, a, n, d->y, m, d->z, n, err)); // Bᵀ
+    DEC_MARK(DEC_PHASE_SMALL_SVD);
     const size_t nq = (size_t)n * q;
     dec_widen_kernel<<<lq_nf_grid(nq, DEC_THREADS), DEC_THREADS, 0, d->stream>>>(d->z, nq, d->bt);
     DEC_LAUNCHED("widen kernel");
@@ -1123,12 +1290,21 @@ static int randomized_factors(struct dec *d, const float *a, int power_iters,
     DEC_BLAS(
         cublasDsyrk(d->blas, CUBLAS_FILL_MODE_LOWER, T, q, n, &one, d->bt, n, &zero, d->gram, q),
         "cublasDsyrk");
-    DEC_SOLVER(cusolverDnDsyevd(d->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, q,
-                                d->gram, q, d->lambda, d->eig_work, d->eig_lwork,
-                                &d->status->eig_info),
-               "cusolverDnDsyevd");
+    if (d->eig_params)
+        DEC_SOLVER(cusolverDnXsyevBatched(d->solver, d->eig_params, CUSOLVER_EIG_MODE_VECTOR,
+                                          CUBLAS_FILL_MODE_LOWER, q, CUDA_R_64F, d->gram, q,
+                                          CUDA_R_64F, d->lambda, CUDA_R_64F, d->eig_work,
+                                          d->eig_device_bytes, d->eig_host_work, d->eig_host_bytes,
+                                          &d->status->eig_info, 1),
+                   "cusolverDnXsyevBatched");
+    else
+        DEC_SOLVER(cusolverDnDsyevd(d->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, q,
+                                    d->gram, q, d->lambda, d->eig_work, d->eig_lwork,
+                                    &d->status->eig_info),
+                   "cusolverDnDsyevd");
     dec_pick_kernel<<<r, 128, 0, d->stream>>>(d->lambda, d->gram, q, d->ub, d->ubs);
     DEC_LAUNCHED("pick kernel");
+    DEC_MARK(DEC_PHASE_FACTORS);
     DEC_TRY(sgemm(d, T, T, r, m, q, d->ub, q, d->y, m, d->L1, r, err));
     DEC_BLAS(cublasDgemm(d->blas, N, N, n, r, q, &one, d->bt, n, d->ubs, q, &zero, d->l2t, n),
              "cublasDgemm");
@@ -1152,6 +1328,7 @@ static int exact_factors(struct dec *d, const float *a, const struct lq_svd_opti
     const int rank = s->rank;
     const float *host_row_weight = d->shared->host_row_weight;
     const float *host_col_weight = d->shared->host_col_weight;
+    DEC_MARK(DEC_PHASE_SMALL_SVD);
     DEC_CUDA(cudaMemcpyAsync(d->host_residual, a, s->numel * sizeof(float), cudaMemcpyDeviceToHost,
                              d->stream),
              "download the residual");
@@ -1197,6 +1374,7 @@ static int factorize(struct dec *d, const float *a, const struct lq_svd_options 
         DEC_TRY(randomized_factors(d, a, svd->power_iters, err));
     else
         DEC_TRY(exact_factors(d, a, svd, err));
+    DEC_MARK(DEC_PHASE_LOWRANK);
     return lowrank_product(d, d->L1, d->L2, err);
 }
 
@@ -1238,6 +1416,7 @@ static float download_float(struct dec *d, const float *device) {
 
 // Queues the status's way back; check_step waits for it.
 static int queue_status(struct dec *d, struct lq_error *err) {
+    DEC_MARK(DEC_PHASE_ROUND_TRIP);
     DEC_CUDA(cudaMemcpyAsync(d->status_host, d->status, sizeof *d->status_host,
                              cudaMemcpyDeviceToHost, d->stream),
              "download the status");
@@ -1248,6 +1427,7 @@ static int queue_status(struct dec *d, struct lq_error *err) {
 // sketch queued with the step.
 static int check_step(struct dec *d, struct lq_error *err) {
     DEC_TRY(dec_wait(d, "decomposition step", err));
+    DEC_CUDA(lq_phase_timer_collect(&d->timer), "profile");
     const struct dec_status *st = d->status_host;
     const struct dec_shape *s = &d->shape;
     if (st->qr_info != 0)
@@ -1292,9 +1472,9 @@ static int copy_factors(struct dec *d, float *L1, float *L2, const float *from_L
 // One decomposition under configuration c, lq_decompose's loop step for step. history
 // (max_iters values) and norm (||W||, weighted like the errors) are optional. With stop,
 // the run gives up (DEC_STOPPED) before a step once *stop is set.
-static int run(struct dec *d, const struct lq_nf_config *c, const struct lq_decompose_options *o,
-               double *history, double *norm, struct dec_result *res, const int *stop,
-               struct lq_error *err) {
+static int run_steps(struct dec *d, const struct lq_nf_config *c,
+                     const struct lq_decompose_options *o, double *history, double *norm,
+                     struct dec_result *res, const int *stop, struct lq_error *err) {
     const struct dec_shape *s = &d->shape;
     const int rank = s->rank, keep = s->keep && rank > 0;
     lq_nf_device_config_init(&d->nf, c, s->numel);
@@ -1310,6 +1490,8 @@ static int run(struct dec *d, const struct lq_nf_config *c, const struct lq_deco
         DEC_CUDA(cudaMemsetAsync(d->out_L2, 0, (size_t)rank * s->cols * sizeof(float), d->stream),
                  "cudaMemset");
     }
+    lq_phase_timer_restart(&d->timer);
+    DEC_MARK(DEC_PHASE_SETUP);
     if (norm) DEC_TRY(norm_squared(d, err)); // comes back with the first status
     // q_zero: Q is the zero start, never stored (the kernels read NULL as zeros).
     // residual_ready: d->r holds (W − Q) weighted, written by the last quantizer pass.
@@ -1334,6 +1516,7 @@ static int run(struct dec *d, const struct lq_nf_config *c, const struct lq_deco
             struct lq_svd_options svd = o->svd;
             svd.seed = step_seed(o->svd.seed, step);
             const float *a = NULL;
+            DEC_MARK(DEC_PHASE_SETUP);
             DEC_TRY(factor_input(d, q_zero, residual_ready, &a, err));
             DEC_TRY(factorize(d, a, &svd, err));
             DEC_TRY(quantize_step(d, q_zero, more, err));
@@ -1381,6 +1564,26 @@ static int run(struct dec *d, const struct lq_nf_config *c, const struct lq_deco
         previous = error;
     }
     return LQ_OK;
+}
+
+static double dec_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+// run_steps, timed when profiling.
+static int run(struct dec *d, const struct lq_nf_config *c, const struct lq_decompose_options *o,
+               double *history, double *norm, struct dec_result *res, const int *stop,
+               struct lq_error *err) {
+    const double start = d->timer.enabled ? dec_seconds() : 0.0;
+    const int rc = run_steps(d, c, o, history, norm, res, stop, err);
+    if (d->timer.enabled && rc == LQ_OK) {
+        d->profile_wall += dec_seconds() - start;
+        d->profile_steps += res->iters;
+        d->profile_runs++;
+    }
+    return rc;
 }
 
 // The kept factors and the packed Q of the kept step into out.

@@ -7,9 +7,15 @@
  *            (packed Q, L1, L2, the fp32 head, norms, the KV cache) over the measured
  *            device-to-device copy bandwidth (bytes read + written);
  *   prefill  tokens/s and TFLOP/s of one 512-token prompt;
- *   decomposition  ms per LQ iteration (rank 64) on 4096 x 4096 and 4096 x 11008, and the time
- *            of one error-table row over a sample of the 243-configuration grid, extrapolated
- *            to the whole 7B table (224 matrices x 243 configurations).
+ *   decomposition  ms per LQ iteration (rank 64) on 4096 x 4096 and 4096 x 11008 with each
+ *            phase's device time (LQ_CUDA_DECOMPOSE_PROFILE), and the time of one error-table
+ *            row over the 243-configuration grid (or every K-th configuration with
+ *            --table-sample K) on each shape, extrapolated to the whole 7B table (224 matrices
+ *            x 243 configurations); for each variant of the decomposition named by
+ *            --variants (default householder,cholesky: the old path and the default; words
+ *            householder, cholesky, cholesky-trsm, syevd, batched, tf32 joined by '+' pick
+ *            the QR, the eigensolver and TF32 range products, as the LQ_CUDA_DECOMPOSE_QR,
+ *            _EIG and _TF32 environment variables do).
  *
  * Two allocations are measured: ~3 bits (every matrix NF3 with double quantization, (3, 8,
  * fp32, 64, 256) = 3.127 bits) and ~2.75 bits (k, v and up at (2, 8, fp32, 64, 256), the rest
@@ -17,8 +23,8 @@
  * without a GPU. Also each linear layer alone at several batch sizes.
  * --train adds LoRA training tokens/s of the ~2.75-bit model. --decode-variants runs only the
  * decode of the ~3-bit model, with decode-step graphs and weight prefetch each on and off.
- * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--table-sample K] [--train]
- *                   [--decode-variants] */
+ * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--only-decompose]
+ *                   [--table-sample K] [--variants LIST] [--train] [--decode-variants] */
 #include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
@@ -292,63 +298,28 @@ static int training(struct lq_backend *gpu, struct lq_model *m, struct lq_error 
     return rc;
 }
 
-static int decomposition(struct lq_backend *gpu, int table_sample, struct lq_error *err) {
-    struct lq_rng rng;
-    lq_rng_seed(&rng, 7);
-    const int shapes[2][2] = {{4096, 4096}, {4096, 11008}};
-    double row_seconds[2] = {0, 0};
-    for (int s = 0; s < 2; s++) {
-        size_t rows = (size_t)shapes[s][0], cols = (size_t)shapes[s][1];
-        float *w = malloc(rows * cols * sizeof *w);
-        lq_rng_fill_normal(&rng, w, rows * cols);
-        for (size_t i = 0; i < rows * cols; i++) w[i] *= 0.02f;
-        struct lq_nf_config nf3 = {3, 8, LQ_SCALE_FP32, 64, 256};
-        struct lq_decompose_options o;
-        lq_decompose_options_default(&o);
-        o.rank = RANK;
-        o.min_improvement = 0;
-        double t[2];
-        int iters[2];
-        const int steps[2] = {1, 6};
-        for (int k = 0; k < 2; k++) {
-            struct lq_decomposition d;
-            o.max_iters = steps[k];
-            if (k == 0 && gpu->ops->decompose(gpu, w, rows, cols, &nf3, &o, &d, err)) return -1;
-            if (k == 0) lq_decomposition_free(&d); /* warm-up: handles, workspaces */
-            double start = now();
-            if (gpu->ops->decompose(gpu, w, rows, cols, &nf3, &o, &d, err)) return -1;
-            t[k] = now() - start, iters[k] = d.iters;
-            lq_decomposition_free(&d);
-        }
-        double per_iter = iters[1] > iters[0] ? (t[1] - t[0]) / (iters[1] - iters[0]) : t[1];
-        printf("LQ iteration %zu x %zu rank %d: %.2f ms (%d and %d steps took %.1f and %.1f ms)\n",
-               rows, cols, RANK, per_iter * 1e3, iters[0], iters[1], t[0] * 1e3, t[1] * 1e3);
-
-        /* an error-table row over every table_sample-th configuration of Table 1 */
-        struct lq_nf_config grid[LQ_NF_TABLE1_SIZE], sample[LQ_NF_TABLE1_SIZE];
-        uint64_t seeds[LQ_NF_TABLE1_SIZE];
-        double errors[LQ_NF_TABLE1_SIZE];
-        lq_nf_grid_table1(grid);
-        size_t count = 0;
-        for (size_t g = 0; g < LQ_NF_TABLE1_SIZE; g += (size_t)table_sample)
-            seeds[count] = g, sample[count++] = grid[g];
-        lq_decompose_options_default(&o);
-        o.rank = RANK;
-        double start = now();
-        if (gpu->ops->decompose_errors(gpu, w, rows, cols, sample, seeds, count, &o, errors, err))
+/* A variant of the GPU decomposition: '+'-joined words among householder, cholesky,
+ * cholesky-trsm (the QR), syevd, batched (the eigensolver) and tf32, set as the environment
+ * variables the decomposition reads. Returns -1 on an unknown word. */
+static int set_variant(const char *variant) {
+    const char *qr = "cholesky", *eig = "syevd", *tf32 = "0";
+    char words[128];
+    snprintf(words, sizeof words, "%s", variant);
+    for (char *save = NULL, *word = strtok_r(words, "+", &save); word;
+         word = strtok_r(NULL, "+", &save)) {
+        if (strcmp(word, "householder") == 0 || strcmp(word, "cholesky") == 0 ||
+            strcmp(word, "cholesky-trsm") == 0)
+            qr = word;
+        else if (strcmp(word, "syevd") == 0 || strcmp(word, "batched") == 0)
+            eig = word[0] == 's' ? "syevd" : "batched";
+        else if (strcmp(word, "tf32") == 0)
+            tf32 = "1";
+        else
             return -1;
-        double seconds = now() - start;
-        row_seconds[s] = seconds / count * LQ_NF_TABLE1_SIZE;
-        printf("error-table row %zu x %zu: %zu configurations (T = %d, stop when the error stops "
-               "falling) in %.2f s: %.1f ms each, %.1f s for all 243\n",
-               rows, cols, count, o.max_iters, seconds, seconds / count * 1e3, row_seconds[s]);
-        free(w);
     }
-    /* per layer: q, k, v, o are 4096 x 4096; gate, up, down 11008 x 4096 (same cost as 4096 x
-     * 11008 up to the transpose) */
-    double total = 32 * (4 * row_seconds[0] + 3 * row_seconds[1]);
-    printf("whole 7B error table (224 x 243), extrapolated from the rows above: %.1f min\n",
-           total / 60.0);
+    setenv("LQ_CUDA_DECOMPOSE_QR", qr, 1);
+    setenv("LQ_CUDA_DECOMPOSE_EIG", eig, 1);
+    setenv("LQ_CUDA_DECOMPOSE_TF32", tf32, 1);
     return 0;
 }
 
@@ -381,9 +352,125 @@ static int decode_variants(const struct lq_model *m, double bandwidth, struct lq
     return LQ_OK;
 }
 
+/* ms per LQ iteration: 6 steps less 1 step (both after a warm-up), then one profiled 6-step
+ * run whose phase times the decomposition prints to stderr. */
+static int iteration_time(struct lq_backend *gpu, const float *w, size_t rows, size_t cols,
+                          const char *variant, struct lq_error *err) {
+    struct lq_nf_config nf3 = {3, 8, LQ_SCALE_FP32, 64, 256};
+    struct lq_decompose_options o;
+    lq_decompose_options_default(&o);
+    o.rank = RANK;
+    o.min_improvement = 0;
+    double t[2];
+    int iters[2];
+    const int steps[2] = {1, 6};
+    for (int k = 0; k < 2; k++) {
+        struct lq_decomposition d;
+        o.max_iters = steps[k];
+        if (k == 0 && gpu->ops->decompose(gpu, w, rows, cols, &nf3, &o, &d, err)) return -1;
+        if (k == 0) lq_decomposition_free(&d); /* warm-up: handles, workspaces */
+        double start = now();
+        if (gpu->ops->decompose(gpu, w, rows, cols, &nf3, &o, &d, err)) return -1;
+        t[k] = now() - start, iters[k] = d.iters;
+        lq_decomposition_free(&d);
+    }
+    double per_iter = iters[1] > iters[0] ? (t[1] - t[0]) / (iters[1] - iters[0]) : t[1];
+    printf("[%s] LQ iteration %zu x %zu rank %d: %.2f ms (%d and %d steps took %.1f and %.1f ms)\n",
+           variant, rows, cols, RANK, per_iter * 1e3, iters[0], iters[1], t[0] * 1e3, t[1] * 1e3);
+    fflush(stdout);
+    setenv("LQ_CUDA_DECOMPOSE_PROFILE", "1", 1);
+    struct lq_decomposition d;
+    int rc = gpu->ops->decompose(gpu, w, rows, cols, &nf3, &o, &d, err);
+    unsetenv("LQ_CUDA_DECOMPOSE_PROFILE");
+    if (rc) return -1;
+    lq_decomposition_free(&d);
+    return 0;
+}
+
+/* An error-table row, as lqd compress computes it on the GPU: every table_sample-th
+ * configuration of Table 1 in one call. Returns the seconds extrapolated to all 243. */
+static int table_row(struct lq_backend *gpu, const float *w, size_t rows, size_t cols,
+                     int table_sample, const char *variant, double *row_seconds,
+                     struct lq_error *err) {
+    struct lq_nf_config grid[LQ_NF_TABLE1_SIZE], sample[LQ_NF_TABLE1_SIZE];
+    uint64_t seeds[LQ_NF_TABLE1_SIZE];
+    double errors[LQ_NF_TABLE1_SIZE];
+    lq_nf_grid_table1(grid);
+    size_t count = 0;
+    for (size_t g = 0; g < LQ_NF_TABLE1_SIZE; g += (size_t)table_sample)
+        seeds[count] = g, sample[count++] = grid[g];
+    struct lq_decompose_options o;
+    lq_decompose_options_default(&o);
+    o.rank = RANK;
+    double start = now();
+    if (gpu->ops->decompose_errors(gpu, w, rows, cols, sample, seeds, count, &o, errors, err))
+        return -1;
+    double seconds = now() - start;
+    *row_seconds = seconds / count * LQ_NF_TABLE1_SIZE;
+    double mean = 0.0;
+    for (size_t c = 0; c < count; c++) mean += sqrt(errors[c]);
+    printf("[%s] error-table row %zu x %zu: %zu configurations (T = %d, stop when the error "
+           "stops falling) in %.2f s: %.1f ms each, %.1f s for all 243; mean error %.6g\n",
+           variant, rows, cols, count, o.max_iters, seconds, seconds / count * 1e3, *row_seconds,
+           mean / count);
+    fflush(stdout);
+    return 0;
+}
+
+static int decomposition(struct lq_backend *gpu, int table_sample, const char *variants,
+                         struct lq_error *err) {
+    struct lq_rng rng;
+    lq_rng_seed(&rng, 7);
+    const int shapes[2][2] = {{4096, 4096}, {4096, 11008}};
+    float *w[2] = {NULL, NULL};
+    for (int s = 0; s < 2; s++) {
+        size_t count = (size_t)shapes[s][0] * (size_t)shapes[s][1];
+        w[s] = malloc(count * sizeof *w[s]);
+        if (!w[s]) {
+            free(w[0]);
+            return lq_error_set(err, LQ_ENOMEM, "out of memory");
+        }
+        lq_rng_fill_normal(&rng, w[s], count);
+        for (size_t i = 0; i < count; i++) w[s][i] *= 0.02f;
+    }
+    char list[512];
+    snprintf(list, sizeof list, "%s", variants);
+    int rc = 0;
+    for (char *save = NULL, *variant = strtok_r(list, ",", &save); variant && !rc;
+         variant = strtok_r(NULL, ",", &save)) {
+        if (set_variant(variant)) {
+            rc = lq_error_set(err, LQ_EINVAL,
+                              "variant '%s': expected words householder, cholesky, "
+                              "cholesky-trsm, syevd, batched, tf32 joined by '+'",
+                              variant);
+            break;
+        }
+        double row_seconds[2] = {0, 0};
+        for (int s = 0; s < 2 && !rc; s++) {
+            size_t rows = (size_t)shapes[s][0], cols = (size_t)shapes[s][1];
+            rc = iteration_time(gpu, w[s], rows, cols, variant, err);
+            if (!rc)
+                rc = table_row(gpu, w[s], rows, cols, table_sample, variant, &row_seconds[s], err);
+        }
+        /* per layer: q, k, v, o are 4096 x 4096; gate, up, down 11008 x 4096 (same cost as
+         * 4096 x 11008 up to the transpose) */
+        if (!rc)
+            printf("[%s] whole 7B error table (224 x 243), extrapolated from the rows above: "
+                   "%.1f min\n\n",
+                   variant, 32 * (4 * row_seconds[0] + 3 * row_seconds[1]) / 60.0);
+    }
+    unsetenv("LQ_CUDA_DECOMPOSE_QR");
+    unsetenv("LQ_CUDA_DECOMPOSE_EIG");
+    unsetenv("LQ_CUDA_DECOMPOSE_TF32");
+    free(w[0]), free(w[1]);
+    return rc ? -1 : 0;
+}
+
 int main(int argc, char **argv) {
-    int layers = 32, skip_decompose = 0, table_sample = 9, skip_models = 0, train = 0;
-    int variants = 0;
+    int layers = 32, skip_decompose = 0, table_sample = 1, skip_models = 0, train = 0;
+    int only_decompose = 0;
+    const char *variants = "householder,cholesky"; /* the old path and the default */
+    int decode_variants_only = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
             layers = atoi(argv[++i]);
@@ -393,10 +480,18 @@ int main(int argc, char **argv) {
             skip_models = 1;
         else if (strcmp(argv[i], "--train") == 0)
             train = 1;
+        else if (strcmp(argv[i], "--only-decompose") == 0)
+            only_decompose = skip_models = 1;
         else if (strcmp(argv[i], "--table-sample") == 0 && i + 1 < argc)
             table_sample = atoi(argv[++i]);
         else if (strcmp(argv[i], "--decode-variants") == 0)
-            variants = 1;
+            decode_variants_only = 1;
+        else if (strcmp(argv[i], "--variants") == 0 && i + 1 < argc)
+            variants = argv[++i];
+    }
+    if (table_sample < 1) {
+        fprintf(stderr, "bench_cuda: --table-sample %d: must be >= 1\n", table_sample);
+        return 2;
     }
     struct lq_error err = {0};
     struct lq_backend *gpu = NULL;
@@ -411,7 +506,7 @@ int main(int argc, char **argv) {
            bandwidth / 1e12);
     struct lq_rng rng;
     lq_rng_seed(&rng, 1);
-    if (variants) { /* the all-NF3 model only, decode only */
+    if (decode_variants_only) { /* the all-NF3 model only, decode only */
         double bits = 0;
         gpu->ops->destroy(gpu);
         struct lq_model *m = build_model(layers, 0, &rng, &bits);
@@ -423,7 +518,7 @@ int main(int argc, char **argv) {
         lq_model_free(m);
         return rc ? 1 : 0;
     }
-    if (linear_alone(gpu, &err)) {
+    if (!only_decompose && linear_alone(gpu, &err)) {
         fprintf(stderr, "bench_cuda: linear: %s\n", err.message);
         return 1;
     }
@@ -459,7 +554,7 @@ int main(int argc, char **argv) {
         }
         lq_model_free(m);
     }
-    if (!skip_decompose && decomposition(gpu, table_sample, &err)) {
+    if (!skip_decompose && decomposition(gpu, table_sample, variants, &err)) {
         fprintf(stderr, "bench_cuda: decomposition: %s\n", err.message);
         return 1;
     }

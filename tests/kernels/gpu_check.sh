@@ -57,6 +57,14 @@ case "${1:-}" in
 sample) TAIL=60 step cuda_sample "$run/test_cuda_sample" --time ;;
 esac
 case "${1:-}" in
+decompose) # the LQ decomposition alone: its checks, then every variant timed (bench_cuda)
+    step cuda_decompose "$run/test_cuda_ops" decompose
+    LQ_CUDA_DECOMPOSE_SKETCH=check step sketch_check "$run/test_cuda_ops" decompose
+    TAIL=80 step bench_decompose "$run/bench_cuda" --only-decompose \
+        --variants "${VARIANTS:-householder,cholesky-trsm,cholesky,cholesky+batched,cholesky+tf32,cholesky+batched+tf32}" \
+        ${BENCH_ARGS:-} ;;
+esac
+case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
     step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;

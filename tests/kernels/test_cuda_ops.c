@@ -528,7 +528,62 @@ static void test_decompose(void) {
     unsetenv("LQ_CUDA_DECOMPOSE_SKETCH");
     CHECK(memcmp(concurrent, serial, sizeof serial) == 0);
     CHECK(memcmp(host_sketch, serial, sizeof serial) == 0);
+
+    /* The other ways to run a step (LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32) against the CPU. */
+    static const char *const variants[][2] = {{"LQ_CUDA_DECOMPOSE_QR", "householder"},
+                                              {"LQ_CUDA_DECOMPOSE_QR", "cholesky-trsm"},
+                                              {"LQ_CUDA_DECOMPOSE_EIG", "batched"},
+                                              {"LQ_CUDA_DECOMPOSE_TF32", "1"}};
+    for (int v = 0; v < 4; v++) {
+        setenv(variants[v][0], variants[v][1], 1);
+        double variant[3];
+        int rc = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 3, &options,
+                                            variant, &err);
+        unsetenv(variants[v][0]);
+        CHECK_MSG(rc == 0, "%s=%s: %s", variants[v][0], variants[v][1], err.message);
+        for (int c = 0; c < 3 && rc == 0; c++)
+            CHECK_MSG(fabs(variant[c] - errors[c]) <= 0.02 * errors[c],
+                      "%s=%s: error %.6g vs %.6g by default", variants[v][0], variants[v][1],
+                      variant[c], errors[c]);
+    }
+    setenv("LQ_CUDA_DECOMPOSE_QR", "givens", 1);
+    int bad =
+        gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
+    unsetenv("LQ_CUDA_DECOMPOSE_QR");
+    CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_QR") != NULL);
     free(w);
+
+    /* A rank-20 W with a 26-column sketch (rank 16 + 10): every sketch is rank-deficient, so
+     * each CholeskyQR fails its pivot test and the Gram-Schmidt fallback must return an
+     * orthonormal basis. One step, so the error is that step's factors': equal to the CPU's
+     * (Householder QR) and to the GPU's own Householder path. */
+    enum { INNER = 20 };
+    float *left = random_floats(rows * INNER, 1.0f), *right = random_floats(INNER * cols, 1.0f);
+    w = malloc(rows * cols * sizeof *w);
+    for (size_t i = 0; i < rows; i++)
+        for (size_t j = 0; j < cols; j++) {
+            double sum = 0.0;
+            for (int k = 0; k < INNER; k++)
+                sum += (double)left[i * INNER + k] * (double)right[(size_t)k * cols + j];
+            w[i * cols + j] = (float)(sum * 0.02 / sqrt((double)INNER));
+        }
+    struct lq_decompose_options one = options;
+    one.max_iters = 1, one.svd.seed = 5;
+    struct lq_decomposition ref, dev;
+    CHECK_OK(lq_decompose(w, rows, cols, &configs[0], &one, &ref, &err));
+    CHECK_OK(gpu->ops->decompose(gpu, w, rows, cols, &configs[0], &one, &dev, &err));
+    setenv("LQ_CUDA_DECOMPOSE_QR", "householder", 1);
+    double householder = -1.0;
+    CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, &configs[0], &one.svd.seed, 1, &one,
+                                        &householder, &err));
+    unsetenv("LQ_CUDA_DECOMPOSE_QR");
+    const double cholesky = dev.error * dev.error, cpu = ref.error * ref.error;
+    CHECK_MSG(fabs(cholesky - cpu) <= 0.02 * cpu, "rank-deficient: error %.6g vs CPU %.6g",
+              cholesky, cpu);
+    CHECK_MSG(fabs(cholesky - householder) <= 1e-3 * householder,
+              "rank-deficient: error %.6g vs %.6g with Householder QR", cholesky, householder);
+    lq_decomposition_free(&ref), lq_decomposition_free(&dev);
+    free(left), free(right), free(w);
 }
 
 static void test_memory_accounting(void) {

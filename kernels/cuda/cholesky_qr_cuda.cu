@@ -1,0 +1,328 @@
+// CholeskyQR2 for thin matrices (the contract and the reasons are in cholesky_qr_cuda.cuh).
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels/cuda/cholesky_qr_cuda.cuh"
+
+#define CHOLQR_THREADS 256 // threads of the small kernels (one thread block each)
+#define CHOLQR_ALIGN 256
+#define CHOLQR_FULL_MASK 0xffffffffu
+// The fallback keeps a column whose part orthogonal to the columns before it is at least this
+// fraction of its norm (far above float rounding); below, the column counts as dependent.
+#define CHOLQR_KEEP 1e-4
+
+static size_t cholqr_shared_bytes(int columns) {
+    return (size_t)columns * (size_t)columns * sizeof(double);
+}
+
+// ---------- kernels ----------
+
+// G = L·Lᵀ for g (column-major n x n; only the lower triangle is read), then g = L (lower
+// triangle; invert 0) or g = L⁻¹ (lower, zeros above; invert 1).
+//   Cholesky: right-looking, on an unscaled copy in shared memory: step j subtracts
+//   a[i][j]·a[k][j] / a[j][j] from the trailing lower triangle, so a step reads only column
+//   j and writes only columns after it, and one barrier per step suffices; then
+//   L[i][k] = a[i][k] / √a[k][k].
+//   Inverse: X = L⁻¹ in place by rows. Step j divides row j of X (final: every earlier row
+//   has been subtracted from it) by L[j][j], and subtracts L[i][j] times it from each row
+//   i > j. Row i's slot (i, j) still holds L[i][j] until step j, which copies column j out
+//   first and then assigns X[i][j] there; L's diagonal is kept aside, and X's starts as 1.
+// A pivot a[j][j] below LQ_CHOLQR_PIVOT_FLOOR times the original G[j][j] (the squared sine
+// of the angle between column j and the columns before it), or not finite, fails:
+// *failed = 1 and g = I, so what follows changes nothing. first: the first pass, which
+// (re)sets *failed; the second pass after a failed first only writes g = I. Launch one block
+// of CHOLQR_THREADS with n·n doubles of shared memory.
+__global__ static void cholqr_cholesky_kernel(double *g, int n, int first, int invert,
+                                              int *failed) {
+    extern __shared__ double a[];
+    __shared__ double diagonal[LQ_CHOLQR_MAX_COLUMNS];
+    __shared__ double column[LQ_CHOLQR_MAX_COLUMNS];
+    __shared__ int skip;
+    if (threadIdx.x == 0) skip = first ? 0 : *failed;
+    const int count = n * n;
+    for (int idx = threadIdx.x; idx < count; idx += blockDim.x) {
+        const int i = idx % n, k = idx / n;
+        if (i >= k) a[idx] = g[idx];
+        if (i == k) diagonal[i] = g[idx];
+    }
+    __syncthreads();
+    bool bad = skip != 0;
+    for (int j = 0; j < n && !bad; j++) {
+        // Every thread reads the same two values (written before the last barrier): the
+        // decision is uniform over the block.
+        const double pivot = a[j + j * n];
+        if (!(pivot > LQ_CHOLQR_PIVOT_FLOOR * diagonal[j]) || !(pivot <= DBL_MAX)) {
+            bad = true;
+            break;
+        }
+        const double inverse = 1.0 / pivot;
+        const int rest = n - 1 - j;
+        for (int idx = threadIdx.x; idx < rest * rest; idx += blockDim.x) {
+            const int i = j + 1 + idx % rest, k = j + 1 + idx / rest;
+            if (i >= k) a[i + k * n] -= a[i + j * n] * a[k + j * n] * inverse;
+        }
+        __syncthreads();
+    }
+    if (bad) {
+        for (int idx = threadIdx.x; idx < count; idx += blockDim.x)
+            g[idx] = idx % n == idx / n ? 1.0 : 0.0;
+        if (threadIdx.x == 0) *failed = 1;
+        return;
+    }
+    // L = a[i][k] / √a[k][k]; diagonal[] (G's diagonal, no longer needed) takes the roots.
+    for (int k = threadIdx.x; k < n; k += blockDim.x) diagonal[k] = sqrt(a[k + k * n]);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < count; idx += blockDim.x) {
+        const int i = idx % n, k = idx / n;
+        if (i > k) a[idx] /= diagonal[k];
+        if (i == k) a[idx] = invert ? 1.0 : diagonal[k];
+    }
+    __syncthreads();
+    for (int j = 0; invert && j < n; j++) {
+        for (int k = threadIdx.x; k <= j; k += blockDim.x) a[j + k * n] /= diagonal[j];
+        for (int i = j + 1 + threadIdx.x; i < n; i += blockDim.x) column[i] = a[i + j * n];
+        __syncthreads();
+        const int below = n - 1 - j, width = j + 1;
+        for (int idx = threadIdx.x; idx < below * width; idx += blockDim.x) {
+            const int i = j + 1 + idx % below, k = idx / below;
+            const double update = column[i] * a[j + k * n];
+            a[i + k * n] = k == j ? -update : a[i + k * n] - update;
+        }
+        __syncthreads();
+    }
+    for (int idx = threadIdx.x; idx < count; idx += blockDim.x) {
+        const int i = idx % n, k = idx / n;
+        if (i >= k)
+            g[idx] = a[idx];
+        else if (invert)
+            g[idx] = 0.0; // the Dgemm reads the whole matrix
+    }
+    if (threadIdx.x == 0 && first) *failed = 0;
+}
+
+__global__ static void cholqr_widen_kernel(const float *x, size_t count, double *wide) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x)
+        wide[i] = (double)x[i];
+}
+
+// x = wide rounded to float, unless the Cholesky failed (x stays the input).
+__global__ static void cholqr_narrow_kernel(const double *wide, size_t count, const int *failed,
+                                            float *x) {
+    if (*failed) return;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] = (float)wide[i];
+}
+
+// The sum of value over the thread block, in a fixed order, returned to every thread. Every
+// thread of the block must call it.
+__device__ static double cholqr_block_sum(double value) {
+    __shared__ double partial[CHOLQR_THREADS / 32];
+    __shared__ double total;
+    for (int s = 16; s > 0; s >>= 1) value += __shfl_xor_sync(CHOLQR_FULL_MASK, value, s);
+    if ((threadIdx.x & 31u) == 0) partial[threadIdx.x >> 5] = value;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double sum = 0.0;
+        for (unsigned w = 0; w < blockDim.x / 32; w++) sum += partial[w];
+        total = sum;
+    }
+    __syncthreads();
+    const double result = total;
+    __syncthreads(); // partial and total are written again by the next call
+    return result;
+}
+
+// ||v||, in double.
+__device__ static double cholqr_norm(const float *v, int rows) {
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) sum += (double)v[i] * (double)v[i];
+    return sqrt(cholqr_block_sum(sum));
+}
+
+// One classical Gram-Schmidt pass: v −= Σ_{k<j} (x_kᵀ v)·x_k, dot products and the sum in
+// double. Warp w computes the coefficients k = w, w + warps, ...
+__device__ static void cholqr_project(const float *x, int rows, int j, float *v, double *coef) {
+    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, warps = blockDim.x >> 5;
+    for (int k = (int)warp; k < j; k += (int)warps) { // uniform over the warp
+        const float *column = x + (size_t)k * rows;
+        double dot = 0.0;
+        for (int i = (int)lane; i < rows; i += 32) dot += (double)column[i] * (double)v[i];
+        for (int s = 16; s > 0; s >>= 1) dot += __shfl_xor_sync(CHOLQR_FULL_MASK, dot, s);
+        if (lane == 0) coef[k] = dot;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+        double sum = 0.0;
+        for (int k = 0; k < j; k++) sum += coef[k] * (double)x[i + (size_t)k * rows];
+        v[i] = (float)((double)v[i] - sum);
+    }
+    __syncthreads();
+}
+
+// The fallback when a Cholesky failed: x (rows x n, column-major) orthonormalized in place,
+// column by column, by Gram-Schmidt twice ("twice is enough": Giraud, Langou, Rozložník
+// 2005). A dependent column (what is left of it is below CHOLQR_KEEP of its norm) is
+// replaced by the next unit vector e_c that keeps at least 1/(2√n) after projection: among
+// any j + 1 unit vectors the parts outside a j-dimensional span have squared norms summing
+// to at least 1, so one of them keeps 1/√(j + 1), and the search ends within j + 1 tries.
+// Non-finite columns are left as they are (the quantizer's finiteness check reports them).
+// One block of CHOLQR_THREADS; does nothing unless *failed.
+__global__ static void cholqr_fallback_kernel(float *x, int rows, int n, const int *failed,
+                                              unsigned *fallback_count) {
+    if (*failed == 0) return; // uniform
+    __shared__ double coef[LQ_CHOLQR_MAX_COLUMNS];
+    if (threadIdx.x == 0) *fallback_count += 1u;
+    int candidate = 0; // the next unit vector to try
+    for (int j = 0; j < n; j++) {
+        float *v = x + (size_t)j * rows;
+        double before = cholqr_norm(v, rows), after = 0.0;
+        bool unit = false;
+        for (;;) {
+            cholqr_project(x, rows, j, v, coef);
+            cholqr_project(x, rows, j, v, coef);
+            after = cholqr_norm(v, rows);
+            if (!(before <= DBL_MAX) || !(after <= DBL_MAX)) break; // not finite: leave it
+            const double keep = unit ? 0.5 / sqrt((double)n) : CHOLQR_KEEP * before;
+            if (after > keep || candidate >= rows) break;
+            for (int i = threadIdx.x; i < rows; i += blockDim.x)
+                v[i] = i == candidate ? 1.0f : 0.0f;
+            candidate++;
+            unit = true;
+            before = 1.0;
+            __syncthreads();
+        }
+        if (after > 0.0 && after <= DBL_MAX)
+            for (int i = threadIdx.x; i < rows; i += blockDim.x)
+                v[i] = (float)((double)v[i] / after);
+        __syncthreads();
+    }
+}
+
+// ---------- host ----------
+
+#define CHOLQR_CUDA(call, what)                                                                    \
+    do {                                                                                           \
+        cudaError_t cholqr_status_ = (call);                                                       \
+        if (cholqr_status_ != cudaSuccess) return lq_cuda_fail(cholqr_status_, (what), err);       \
+    } while (0)
+#define CHOLQR_BLAS(call, what)                                                                    \
+    do {                                                                                           \
+        cublasStatus_t cholqr_status_ = (call);                                                    \
+        if (cholqr_status_ != CUBLAS_STATUS_SUCCESS)                                               \
+            return lq_cublas_fail(cholqr_status_, (what), err);                                    \
+    } while (0)
+
+int lq_cholqr_supported(const struct lq_cuda *cuda, int columns) {
+    if (columns < 1 || columns > LQ_CHOLQR_MAX_COLUMNS) return 0;
+    int optin = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cuda->device) !=
+        cudaSuccess)
+        return 0;
+    // the tile plus the kernel's static arrays
+    return cholqr_shared_bytes(columns) + (2 * LQ_CHOLQR_MAX_COLUMNS + 8) * sizeof(double) <=
+           (size_t)optin;
+}
+
+static size_t cholqr_carve(size_t *offset, size_t bytes) {
+    const size_t at = (*offset + CHOLQR_ALIGN - 1) / CHOLQR_ALIGN * CHOLQR_ALIGN;
+    *offset = at + bytes;
+    return at;
+}
+
+int lq_cholqr_open(struct lq_cholqr *qr, struct lq_cuda *cuda, int max_rows, int columns,
+                   int triangular_solve, struct lq_error *err) {
+    memset(qr, 0, sizeof *qr);
+    if (!lq_cholqr_supported(cuda, columns) || max_rows < columns)
+        return lq_error_set(err, LQ_EINVAL, "CholeskyQR: %d x %d is not supported on this device",
+                            max_rows, columns);
+    qr->cuda = cuda;
+    qr->max_rows = max_rows, qr->columns = columns;
+    qr->triangular_solve = triangular_solve;
+    size_t offset = 0;
+    const size_t wide_bytes = (size_t)max_rows * columns * sizeof(double);
+    const size_t wide_at = cholqr_carve(&offset, wide_bytes);
+    const size_t other_at = triangular_solve ? 0 : cholqr_carve(&offset, wide_bytes);
+    const size_t gram_at = cholqr_carve(&offset, (size_t)columns * columns * sizeof(double));
+    const size_t failed_at = cholqr_carve(&offset, sizeof(int));
+    qr->bytes = offset;
+    int rc = lq_cuda_malloc(cuda, qr->bytes, LQ_CUDA_JOBS, &qr->slab, err);
+    if (rc) return rc;
+    char *base = (char *)qr->slab;
+    qr->wide = (double *)(base + wide_at);
+    qr->other = triangular_solve ? NULL : (double *)(base + other_at);
+    qr->gram = (double *)(base + gram_at);
+    qr->failed = (int *)(base + failed_at);
+    // Always: beyond 48 KiB of static plus dynamic shared memory a launch needs the opt-in.
+    CHOLQR_CUDA(cudaFuncSetAttribute(cholqr_cholesky_kernel,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     (int)cholqr_shared_bytes(columns)),
+                "cudaFuncSetAttribute (CholeskyQR)");
+    return LQ_OK;
+}
+
+void lq_cholqr_close(struct lq_cholqr *qr) {
+    if (qr->slab) lq_cuda_free(qr->cuda, qr->slab);
+    memset(qr, 0, sizeof *qr);
+}
+
+static unsigned cholqr_grid(size_t count) {
+    size_t blocks = (count + CHOLQR_THREADS - 1) / CHOLQR_THREADS;
+    return (unsigned)(blocks < 4096 ? (blocks ? blocks : 1) : 4096);
+}
+
+// One CholeskyQR pass: G = WᵀW, G = L·Lᵀ, out = W·L⁻ᵀ, W being `in` (rows x n). With
+// triangular_solve a Dtrsm in place (out must be in), else L⁻¹ from the kernel and a Dgemm.
+static int cholqr_pass(struct lq_cholqr *qr, cublasHandle_t blas, cudaStream_t stream, int rows,
+                       int first, const double *in, double *out, struct lq_error *err) {
+    const int n = qr->columns;
+    const double one = 1.0, zero = 0.0;
+    // Dgemm rather than Dsyrk: cuBLAS splits the long inner dimension of a gemm across the GPU;
+    // only the lower triangle is read.
+    CHOLQR_BLAS(cublasDgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, n, rows, &one, in, rows, in, rows,
+                            &zero, qr->gram, n),
+                "cublasDgemm (CholeskyQR Gram matrix)");
+    const int invert = !qr->triangular_solve;
+    cholqr_cholesky_kernel<<<1, CHOLQR_THREADS, cholqr_shared_bytes(n), stream>>>(
+        qr->gram, n, first, invert, qr->failed);
+    CHOLQR_CUDA(cudaGetLastError(), "CholeskyQR kernel");
+    if (invert) {
+        // out = W·(L⁻¹)ᵀ
+        CHOLQR_BLAS(cublasDgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, rows, n, n, &one, in, rows,
+                                qr->gram, n, &zero, out, rows),
+                    "cublasDgemm (CholeskyQR)");
+        return LQ_OK;
+    }
+    if (out != in)
+        return lq_error_set(err, LQ_EINVAL, "CholeskyQR: the triangular solve works in place");
+    // W·R⁻¹ with R = Lᵀ: B·op(A)⁻¹, A = L lower, op = transpose
+    CHOLQR_BLAS(cublasDtrsm(blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_T,
+                            CUBLAS_DIAG_NON_UNIT, rows, n, &one, qr->gram, n, out, rows),
+                "cublasDtrsm (CholeskyQR)");
+    return LQ_OK;
+}
+
+int lq_cholqr_orthonormalize(struct lq_cholqr *qr, cublasHandle_t blas, cudaStream_t stream,
+                             float *x, int rows, unsigned *fallback_count, struct lq_error *err) {
+    const int n = qr->columns;
+    if (rows > qr->max_rows || rows < n)
+        return lq_error_set(err, LQ_EINVAL, "CholeskyQR: %d x %d does not fit %d x %d", rows, n,
+                            qr->max_rows, n);
+    const size_t count = (size_t)rows * n;
+    cholqr_widen_kernel<<<cholqr_grid(count), CHOLQR_THREADS, 0, stream>>>(x, count, qr->wide);
+    CHOLQR_CUDA(cudaGetLastError(), "CholeskyQR widen kernel");
+    // with the Dgemm: wide -> other -> wide; with the Dtrsm: wide in place twice
+    double *middle = qr->triangular_solve ? qr->wide : qr->other;
+    int rc = cholqr_pass(qr, blas, stream, rows, 1, qr->wide, middle, err);
+    if (!rc) rc = cholqr_pass(qr, blas, stream, rows, 0, middle, qr->wide, err);
+    if (rc) return rc;
+    cholqr_narrow_kernel<<<cholqr_grid(count), CHOLQR_THREADS, 0, stream>>>(qr->wide, count,
+                                                                            qr->failed, x);
+    CHOLQR_CUDA(cudaGetLastError(), "CholeskyQR narrow kernel");
+    cholqr_fallback_kernel<<<1, CHOLQR_THREADS, 0, stream>>>(x, rows, n, qr->failed,
+                                                             fallback_count);
+    CHOLQR_CUDA(cudaGetLastError(), "CholeskyQR fallback kernel");
+    return LQ_OK;
+}
