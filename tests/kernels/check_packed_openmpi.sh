@@ -10,7 +10,10 @@
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-[ -f .devrun/mpi-env.sh ] || { echo "no .devrun/mpi-env.sh: run tests/kernels/pack_for_gpu.sh here first" >&2; exit 1; }
+if [ ! -f .devrun/mpi-env.sh ]; then
+    echo "no .devrun/mpi-env.sh: run tests/kernels/pack_for_gpu.sh here first" >&2
+    exit 1
+fi
 empty=$(mktemp -d)
 trap 'rmdir "$empty"' EXIT
 exec unshare --mount --propagation private sh -c '
@@ -36,9 +39,12 @@ flags="--allow-run-as-root --oversubscribe"
 out=$(mpirun $flags -n 2 true 2>&1) || { echo "mpirun -n 2 true failed: $out" >&2; exit 1; }
 [ -z "$out" ] || { echo "mpirun -n 2 true printed: $out" >&2; exit 1; }
 out=$(mpirun $flags -n 1 /nonexistent-program 2>&1) && exit 1
-case "$out" in *"Sorry!"*|*"supposed to get help"*) echo "help texts not found: $out" >&2; exit 1 ;; esac
+case "$out" in
+*"Sorry!"*|*"supposed to get help"*) echo "help texts not found: $out" >&2; exit 1 ;;
+esac
 echo "the packed mpirun runs 2 ranks and finds its help texts (\"$(echo "$out" | grep -m1 "unable")\")"
 shift
-[ $# -gt 0 ] || set -- env LQD=.devrun/lqd LQ_REPO_ROOT="$PWD" python3 tests/mpi/compare_ranks.py --devices cpu --ranks 2
+[ $# -gt 0 ] || set -- env LQD=.devrun/lqd LQ_REPO_ROOT="$PWD" \
+    python3 tests/mpi/compare_ranks.py --devices cpu --ranks 2
 "$@"
 ' sh "$empty" "$@"

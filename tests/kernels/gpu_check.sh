@@ -53,10 +53,11 @@ mpi) # `mpirun -n 2 lqd compress --device cuda` (both ranks on cuda:0) against t
     if [ -f "$run/mpi-env.sh" ] && . "$run/mpi-env.sh"; then
         # containers often forbid the cross-process reads of the shared-memory transport
         export OMPI_MCA_btl_vader_single_copy_mechanism=none
-        TAIL=40 STEP_TIMEOUT=240 step mpi_compress python3 "$root/tests/mpi/compare_ranks.py" \
+        TAIL=40 STEP_TIMEOUT=200 step mpi_compress python3 "$root/tests/mpi/compare_ranks.py" \
             --devices cuda,cpu --ranks 2
     else
-        echo "== mpi: no Open MPI in $run (pack_for_gpu.sh packs it where Open MPI is installed): not run"
+        echo "== mpi: no Open MPI in $run (pack_for_gpu.sh packs it where Open MPI is" \
+            "installed): not run"
         status=1
     fi ;;
 esac

@@ -9,7 +9,8 @@ if [ ! -d "$lqd_devrun/mpi/bin" ] && [ -f "$lqd_devrun/lib.tar.xz" ]; then
     tar -C "$lqd_devrun" -xJf "$lqd_devrun/lib.tar.xz"
 fi
 if [ ! -x "$lqd_devrun/mpi/bin/orterun" ]; then
-    echo "mpi-env.sh: no Open MPI in $lqd_devrun/mpi (was pack_for_gpu.sh run where Open MPI is installed?)" >&2
+    echo "mpi-env.sh: no Open MPI in $lqd_devrun/mpi (was pack_for_gpu.sh run where Open MPI" \
+         "is installed?)" >&2
     return 1 2>/dev/null || exit 1
 fi
 export OPAL_PREFIX="$lqd_devrun/mpi"

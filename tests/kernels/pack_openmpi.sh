@@ -15,7 +15,8 @@ components=$multiarch/openmpi/lib/openmpi3
 pmix_components=$multiarch/pmix2/lib/pmix
 orterun=$(command -v orterun || true)
 orted=$(command -v orted || true)
-if [ -z "$orterun" ] || [ -z "$orted" ] || [ ! -d "$components" ] || [ ! -d /usr/share/openmpi ]; then
+if [ -z "$orterun" ] || [ -z "$orted" ] || [ ! -d "$components" ] \
+   || [ ! -d /usr/share/openmpi ]; then
     echo "pack_openmpi: Open MPI (orterun, orted, $components) is not installed here: not packed" \
          "(apt-get install openmpi-bin libopenmpi-dev); the gpu_check.sh mpi case will fail" >&2
     exit 0

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """`lqd compress` on the repository's stories260K (models/stories260K-hf, the small grid of
 test_compress_mpi.py), plain and under `mpirun -n K`, on each device given; prints each run's
-wall time. Fails (exit 1, saying which) when a run fails, when the first device's K-rank model
-directory or error-table cache differs from its plain run's by a byte, or, on a GPU, when the
-plain run fell back to the CPU or a rank did not take the GPU it should (local rank modulo the
-GPUs nvidia-smi lists). For every further device
+wall time. Fails (exit 1, saying which) when a run fails or takes over 60 s (stories260K takes
+seconds), when the first device's K-rank model directory or error-table cache differs from its
+plain run's by a byte, or, on a GPU, when the plain run fell back to the CPU or a rank did not
+take the GPU it should (local rank modulo the GPUs nvidia-smi lists). For every further device
 it runs only `mpirun -n K` and prints whether the result equals the first device's (the GPU's
 and the CPU's errors may differ in the last bits: never a failure).
 
@@ -64,9 +64,9 @@ def main():
                     "--threads", str(share)]
             started = time.time()
             try:
-                result = run(command, timeout=120)
+                result = run(command, timeout=60)
             except subprocess.TimeoutExpired:
-                fail(f"{name}: still running after 120 s")
+                fail(f"{name}: still running after 60 s (killed)")
                 return None
             wall = time.time() - started
             r = report(result)
@@ -86,7 +86,8 @@ def main():
         def same(a, b):
             tree, why = same_tree(a[0], b[0])
             ca, cb = cache_file(a[1]), cache_file(b[1])
-            caches = (ca is not None and cb is not None and os.path.basename(ca) == os.path.basename(cb)
+            caches = (ca is not None and cb is not None
+                      and os.path.basename(ca) == os.path.basename(cb)
                       and open(ca, "rb").read() == open(cb, "rb").read())
             return tree and caches, (why or "same model files") + (
                 "; same cache file" if caches else f"; cache files differ: {ca} vs {cb}")
