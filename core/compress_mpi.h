@@ -25,6 +25,13 @@ int lq_compress_mpi_built(void);
  * it sets them (Open MPI, MPICH/Hydra), else 0, 1, 0. */
 int lq_compress_mpi_launched(int *rank, int *size, int *local_rank);
 
+/* One GPU per rank: the device a rank opens for --device `device` when its host has `gpus`
+ * GPUs. "cuda" and "auto" become "cuda:N", N = local_rank modulo gpus (two ranks on a host
+ * with one GPU both get cuda:0), written into buffer (size bytes); anything else (cpu, an
+ * explicit cuda:N), or gpus <= 0 (opening then says why), is returned as given. */
+const char *lq_compress_mpi_rank_device(const char *device, int local_rank, int gpus, char *buffer,
+                                        size_t size);
+
 struct lq_compress_mpi; /* one MPI session: MPI_Init to MPI_Finalize */
 
 /* Initializes MPI (threads: serialized, rank 0 talks from the executor's thread). */

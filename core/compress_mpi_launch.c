@@ -1,6 +1,8 @@
 /* Whether an MPI launcher started this process, from its environment alone: a plain run of
  * lqd compress never initializes MPI (nor needs an MPI library to be built with). */
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "compress_mpi.h"
 
@@ -24,4 +26,14 @@ int lq_compress_mpi_launched(int *rank, int *size, int *local_rank) {
     *size = launched ? environment_int(size_names, 1) : 1;
     *local_rank = launched ? environment_int(local_names, 0) : 0;
     return launched;
+}
+
+const char *lq_compress_mpi_rank_device(const char *device, int local_rank, int gpus, char *buffer,
+                                        size_t size) {
+    if (!device || gpus <= 0 || (strcmp(device, "cuda") != 0 && strcmp(device, "auto") != 0))
+        return device;
+    int index = local_rank % gpus;
+    if (index < 0) index += gpus; /* a launcher's negative value: still a GPU of this host */
+    if ((size_t)snprintf(buffer, size, "cuda:%d", index) >= size) return device;
+    return buffer;
 }

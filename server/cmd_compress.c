@@ -698,14 +698,12 @@ static int print_json(const struct compress_args *a, const struct lq_compress_re
 /* ---------- over MPI ranks ---------- */
 
 /* One GPU per rank: under mpirun, "cuda" and "auto" become cuda:N, N = the rank's local rank
- * modulo the GPUs of its host (an explicit cuda:N stays). */
+ * modulo the GPUs of its host (lq_compress_mpi_rank_device; an explicit cuda:N stays). */
 static const char *rank_device(const char *device, int local_rank, char *buffer, size_t size) {
-    if (!device || (strcmp(device, "cuda") != 0 && strcmp(device, "auto") != 0)) return device;
     int count = 0;
     struct lq_error err = {0};
-    if (lq_cuda_device_count(&count, &err) || count <= 0) return device; /* open says why */
-    snprintf(buffer, size, "cuda:%d", local_rank % count);
-    return buffer;
+    if (device && strcmp(device, "cpu") != 0 && lq_cuda_device_count(&count, &err)) count = 0;
+    return lq_compress_mpi_rank_device(device, local_rank, count, buffer, size);
 }
 
 /* A rank > 0: decomposes what rank 0 hands out, quietly; errors go to rank 0, which names
@@ -718,6 +716,10 @@ static int serve_rank(const struct compress_args *a, struct lq_compress_mpi *mpi
         char name[32], notice[LQ_BACKEND_NOTICE_SIZE];
         const char *device = rank_device(a->device.device, local_rank, name, sizeof name);
         rc = lq_backend_open(device, a->device.memory_limit, &backend, notice, &err);
+        /* which GPU each rank took: the one line a rank > 0 prints itself */
+        if (!rc && !a->quiet)
+            fprintf(stderr, "lqd compress: rank %d (local rank %d, --device %s): %s\n",
+                    lq_compress_mpi_rank(mpi), local_rank, a->device.device, notice);
     }
     if (!rc) {
         struct lq_compress_mpi_worker_options options = {a->model, a->threads, NULL, 0};
@@ -803,7 +805,11 @@ int lq_cli_compress(int argc, char **argv) {
         const char *device =
             mpi ? rank_device(a.device.device, local_rank, name, sizeof name) : a.device.device;
         if (lq_backend_open(device, a.device.memory_limit, &backend, notice, &err)) goto fail;
-        fprintf(stderr, "lqd compress: %s\n", notice);
+        if (mpi)
+            fprintf(stderr, "lqd compress: rank 0 (local rank %d, --device %s): %s\n", local_rank,
+                    a.device.device, notice);
+        else
+            fprintf(stderr, "lqd compress: %s\n", notice);
         options.device = backend;
     }
     if (!a.quiet)

@@ -1,6 +1,7 @@
 #!/bin/sh
 # The GPU checks in one run (what tests/kernels/pack_for_gpu.sh packed into .devrun/): every
-# CUDA op against the CPU op (sampling too), end to end on the GPU, then the 7B-shaped benchmark. Logs go to
+# CUDA op against the CPU op (sampling too), end to end on the GPU, then the 7B-shaped benchmark (`mpi`, on its
+# own: lqd compress under the packed mpirun, tests/mpi/compare_ranks.py). Logs go to
 # $OUT when it is set (the device tool's output folder), else to .devrun/logs.
 root=$(cd "$(dirname "$0")/../.." && pwd)
 run="$root/.devrun"
@@ -68,5 +69,21 @@ case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
     step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
+esac
+case "${1:-}" in
+mpi) # `mpirun -n 2 lqd compress --device cuda` (both ranks on cuda:0) against the plain command,
+    # byte for byte, then the CPU's 2 ranks (equal or not: printed), on stories260K, with the
+    # Open MPI runtime pack_for_gpu.sh packed (the GPU machine has none)
+    export LQD_DEVRUN="$run" # where mpi-env.sh finds the runtime
+    if [ -f "$run/mpi-env.sh" ] && . "$run/mpi-env.sh"; then
+        # containers often forbid the cross-process reads of the shared-memory transport
+        export OMPI_MCA_btl_vader_single_copy_mechanism=none
+        TAIL=40 STEP_TIMEOUT=200 step mpi_compress python3 "$root/tests/mpi/compare_ranks.py" \
+            --devices cuda,cpu --ranks 2
+    else
+        echo "== mpi: no Open MPI in $run (pack_for_gpu.sh packs it where Open MPI is" \
+            "installed): not run"
+        status=1
+    fi ;;
 esac
 exit $status
