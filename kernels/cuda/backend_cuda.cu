@@ -503,7 +503,8 @@ extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq
         const char *graphs = getenv("LQ_CUDA_GRAPHS");
         cuda->graphs_enabled = !(graphs && strcmp(graphs, "0") == 0);
         const char *prefetch = getenv("LQ_CUDA_PREFETCH");
-        cuda->prefetch_enabled = !(prefetch && strcmp(prefetch, "0") == 0);
+        // off unless asked for: measured slower on an H100 (README, "The GPU")
+        cuda->prefetch_enabled = prefetch && strcmp(prefetch, "1") == 0;
     }
     pthread_mutex_init(&cuda->memory_lock, NULL);
     int rc = LQ_OK;

@@ -94,7 +94,7 @@ struct lq_cuda {
     // one learns it follows it; links made before link_generation changed are stale.
     struct lq_cuda_linear_data *last_decoded;
     uint64_t link_generation;
-    int prefetch_enabled; // LQ_CUDA_PREFETCH=0 turns it off
+    int prefetch_enabled; // LQ_CUDA_PREFETCH=1 turns it on
 };
 
 static inline struct lq_cuda *lq_cuda_of(struct lq_backend *backend) {

@@ -53,10 +53,10 @@ static void test_protocol(void) {
     /* a host argument cannot be recorded: refused, nothing ran, the eager call works */
     const uint64_t key2 = 0x5678;
     int positions[3] = {0, 5, 9};
-    CHECK(gpu->ops->graph_begin(gpu, key2) == LQ_GRAPH_EAGER);
-    CHECK(gpu->ops->graph_begin(gpu, key2) == LQ_GRAPH_RECORDING);
     float *x = random_floats(count, 1.0f);
     CHECK_OK(gpu->ops->copy_to_device(gpu, din, x, count * sizeof(float)));
+    CHECK(gpu->ops->graph_begin(gpu, key2) == LQ_GRAPH_EAGER);
+    CHECK(gpu->ops->graph_begin(gpu, key2) == LQ_GRAPH_RECORDING);
     const int rc = gpu->ops->rope(gpu, din, n, 2, 100, positions, 10000.0f);
     CHECK(rc != 0);
     CHECK(gpu->ops->graph_end(gpu, rc) != 0);
