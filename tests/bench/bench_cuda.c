@@ -24,7 +24,8 @@
  * --train adds LoRA training tokens/s of the ~2.75-bit model. --decode-variants runs only the
  * decode of the ~3-bit model, with decode-step graphs and weight prefetch each on and off.
  * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--only-decompose]
- *                   [--table-sample K] [--variants LIST] [--train] [--decode-variants] */
+ *                   [--table-sample K] [--variants LIST] [--train] [--decode-variants]
+ *                   [--decode-profile] */
 #include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
@@ -39,6 +40,9 @@
 #include "kernels/backend.h"
 
 static double copy_bw; /* measured, bytes per second */
+/* --decode-profile: one warm-up and one timed step at batch 1, for a profiler (ncu) to see
+ * each kernel of a step (tests/bench/ncu_decode_summary.py) */
+static int profile_steps;
 
 enum { DIM = 4096, HIDDEN = 11008, HEADS = 32, VOCAB = 32000, RANK = 64, CONTEXT = 1024 };
 
@@ -152,7 +156,7 @@ static int decode(struct lq_runtime *runtime, const struct lq_model *m, int batc
     struct lq_batch *batch = NULL;
     float *logits = malloc((size_t)batch_size * VOCAB * sizeof *logits);
     int rc = lq_batch_create(runtime, batch_size, &batch, err);
-    const int prompt = 64, warmup = 3, steps = 32;
+    const int prompt = 64, warmup = profile_steps ? 1 : 3, steps = profile_steps ? 1 : 32;
     int tokens[64];
     for (int i = 0; i < batch_size && !rc; i++) {
         rc = lq_session_create(runtime, CONTEXT, prompt, &sessions[i], err);
@@ -486,6 +490,8 @@ int main(int argc, char **argv) {
             table_sample = atoi(argv[++i]);
         else if (strcmp(argv[i], "--decode-variants") == 0)
             decode_variants_only = 1;
+        else if (strcmp(argv[i], "--decode-profile") == 0)
+            profile_steps = 1;
         else if (strcmp(argv[i], "--variants") == 0 && i + 1 < argc)
             variants = argv[++i];
     }
@@ -506,6 +512,18 @@ int main(int argc, char **argv) {
            bandwidth / 1e12);
     struct lq_rng rng;
     lq_rng_seed(&rng, 1);
+    if (profile_steps) { /* batch-1 decode of the all-NF3 model, two steps, for ncu */
+        double bits = 0;
+        struct lq_model *m = build_model(layers, 0, &rng, &bits);
+        struct lq_runtime *runtime = NULL;
+        int rc = !m ? LQ_ENOMEM : lq_runtime_create(gpu, m, &runtime, &err);
+        if (!rc) rc = decode(runtime, m, 1, bandwidth, &err);
+        if (rc) fprintf(stderr, "bench_cuda: decode profile: %s\n", m ? err.message : "no memory");
+        if (runtime) lq_runtime_free(runtime);
+        lq_model_free(m);
+        gpu->ops->destroy(gpu);
+        return rc ? 1 : 0;
+    }
     if (decode_variants_only) { /* the all-NF3 model only, decode only */
         double bits = 0;
         gpu->ops->destroy(gpu);

@@ -66,6 +66,15 @@ decompose) # the LQ decomposition alone: its checks, then every variant timed (b
         ${BENCH_ARGS:-} ;;
 esac
 case "${1:-}" in
+profile) # where a batch-1 decode step's GPU time goes: ncu per kernel, cold caches
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_GRAPHS=0 step ncu_decode sh -c "'$ncu' --csv --metrics gpu__time_duration.sum \
+        --cache-control all --clock-control none '$run/bench_cuda' --decode-profile --layers 2 \
+        > '$logs/ncu_decode.csv'"
+    TAIL=60 step ncu_summary python3 "$root/tests/bench/ncu_decode_summary.py" \
+        "$logs/ncu_decode.csv" --layers 2 ;;
+esac
+case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
     step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
