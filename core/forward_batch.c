@@ -130,24 +130,41 @@ struct step_args {
     int keys_bound;
 };
 
-/* One transformer block for the n stacked tokens (batch->x updated in place). */
+/* x += y, then h = rmsnorm(x, weight): one op where the backend fuses them. */
+static int add_norm(struct lq_batch *batch, const float *y, const float *weight, int n) {
+    const struct lq_model_config *c = &batch->runtime->model->config;
+    struct lq_backend *b = batch->runtime->backend;
+    if (b->ops->add_rmsnorm)
+        return b->ops->add_rmsnorm(b, batch->x, y, weight, n, c->dim, c->norm_eps, batch->h);
+    int rc = b->ops->add(b, batch->x, y, (size_t)n * c->dim);
+    return rc ? rc : b->ops->rmsnorm(b, batch->x, weight, n, c->dim, c->norm_eps, batch->h);
+}
+
+/* One transformer block for the n stacked tokens, from batch->h = its input norm of batch->x:
+ * batch->x updated in place, and batch->h left holding `next_norm` of it (the next block's
+ * input norm, or the final norm). */
 static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int l, int n,
-                       const struct step_args *args) {
+                       const struct step_args *args, const float *next_norm) {
     const struct lq_runtime *r = batch->runtime;
     const struct lq_model_config *c = &r->model->config;
     struct lq_backend *b = r->backend;
     const struct lq_backend_ops *ops = b->ops;
 #define LINEAR(kind, x, y) lq_forward_linear(r, l, kind, batch->runs, batch->n_runs, x, n, y)
+    int rc;
+    if ((rc = LINEAR(LQ_Q_PROJ, batch->h, batch->q)) ||
+        (rc = LINEAR(LQ_K_PROJ, batch->h, batch->k)) ||
+        (rc = LINEAR(LQ_V_PROJ, batch->h, batch->v)))
+        return rc;
 #define ROPE(x, heads)                                                                             \
     (args->device ? ops->rope_device(b, x, n, heads, c->head_dim, args->positions, c->rope_theta)  \
                   : ops->rope(b, x, n, heads, c->head_dim, batch->positions, c->rope_theta))
-    int rc;
-    if ((rc = ops->rmsnorm(b, batch->x, r->attn_norm[l], n, c->dim, c->norm_eps, batch->h)) ||
-        (rc = LINEAR(LQ_Q_PROJ, batch->h, batch->q)) ||
-        (rc = LINEAR(LQ_K_PROJ, batch->h, batch->k)) ||
-        (rc = LINEAR(LQ_V_PROJ, batch->h, batch->v)) || (rc = ROPE(batch->q, c->n_heads)) ||
-        (rc = ROPE(batch->k, c->n_kv_heads)))
-        return rc;
+    if (args->device && ops->rope_qk_device)
+        rc = ops->rope_qk_device(b, batch->q, c->n_heads, batch->k, c->n_kv_heads, n, c->head_dim,
+                                 args->positions, c->rope_theta);
+    else if (!(rc = ROPE(batch->q, c->n_heads)))
+        rc = ROPE(batch->k, c->n_kv_heads);
+#undef ROPE
+    if (rc) return rc;
     /* every sequence's new K, V rows into its own cache, and its attention, in one op */
     if (args->device) {
         rc = ops->attention_batch_device(
@@ -164,15 +181,13 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
     }
     if (rc) return rc;
     if ((rc = LINEAR(LQ_O_PROJ, batch->attn, batch->out)) ||
-        (rc = ops->add(b, batch->x, batch->out, (size_t)n * c->dim)) ||
-        (rc = ops->rmsnorm(b, batch->x, r->ffn_norm[l], n, c->dim, c->norm_eps, batch->h)) ||
+        (rc = add_norm(batch, batch->out, r->ffn_norm[l], n)) ||
         (rc = LINEAR(LQ_GATE_PROJ, batch->h, batch->gate)) ||
         (rc = LINEAR(LQ_UP_PROJ, batch->h, batch->up)) ||
         (rc = ops->swiglu(b, batch->gate, batch->up, (size_t)n * c->hidden_dim)) ||
         (rc = LINEAR(LQ_DOWN_PROJ, batch->gate, batch->out)) ||
-        (rc = ops->add(b, batch->x, batch->out, (size_t)n * c->dim)))
+        (rc = add_norm(batch, batch->out, next_norm, n)))
         return rc;
-#undef ROPE
 #undef LINEAR
     return LQ_OK;
 }
@@ -185,8 +200,10 @@ static int run_step(struct lq_batch *batch, struct lq_session **sessions, const 
     struct lq_backend *b = r->backend;
     int rc = args->device ? b->ops->embed_device(b, r->embed, c->dim, args->ids, n, batch->x)
                           : lq_runtime_embed(r, tokens, n, batch->x);
-    for (int l = 0; l < c->n_layers && !rc; l++) rc = batch_block(batch, sessions, l, n, args);
-    if (!rc) rc = b->ops->rmsnorm(b, batch->x, r->final_norm, n, c->dim, c->norm_eps, batch->h);
+    if (!rc) rc = b->ops->rmsnorm(b, batch->x, r->attn_norm[0], n, c->dim, c->norm_eps, batch->h);
+    for (int l = 0; l < c->n_layers && !rc; l++)
+        rc = batch_block(batch, sessions, l, n, args,
+                         l + 1 < c->n_layers ? r->attn_norm[l + 1] : r->final_norm);
     if (!rc) rc = lq_runtime_logits(r, batch->h, n, batch->logits);
     return rc;
 }

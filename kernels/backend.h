@@ -206,6 +206,13 @@ struct lq_backend_ops {
                                   const float *v_new, float *const *k_caches,
                                   float *const *v_caches, const int *positions, int n, int heads,
                                   int kv_heads, int head_dim, int keys_bound, float *out);
+    /* rope_device on q [n, q_heads * head_dim] and k [n, k_heads * head_dim] in one launch. */
+    int (*rope_qk_device)(struct lq_backend *backend, float *q, int q_heads, float *k, int k_heads,
+                          int n, int head_dim, const int *positions, float theta);
+    /* x += y, then out = rmsnorm(x) for n rows of dim: what add then rmsnorm give, bit for
+     * bit, in one pass (the residual add and the next norm of a transformer block). */
+    int (*add_rmsnorm)(struct lq_backend *backend, float *x, const float *y, const float *weight,
+                       int n, int dim, float eps, float *out);
     /* Starts a step under `key`, which must name everything the step's ops are called with
      * (buffers, shapes, adapters) except what they read from device memory. Returns
      *   LQ_GRAPH_REPLAYED: the recorded step was queued; call none of its ops;

@@ -255,6 +255,13 @@ static int cpu_add(struct lq_backend *backend, float *x, const float *y, size_t 
     return LQ_OK;
 }
 
+/* add then rmsnorm: the same calls, so the same bits. */
+static int cpu_add_rmsnorm(struct lq_backend *backend, float *x, const float *y,
+                           const float *weight, int n, int dim, float eps, float *out) {
+    int rc = cpu_add(backend, x, y, (size_t)n * dim);
+    return rc ? rc : cpu_rmsnorm(backend, x, weight, n, dim, eps, out);
+}
+
 static int cpu_synchronize(struct lq_backend *backend, struct lq_error *err) {
     (void)backend, (void)err;
     return LQ_OK; /* every op has finished when it returns */
@@ -286,6 +293,7 @@ static const struct lq_backend_ops cpu_ops = {
     .attention_batch = cpu_attention_batch,
     .swiglu = cpu_swiglu,
     .add = cpu_add,
+    .add_rmsnorm = cpu_add_rmsnorm,
     .synchronize = cpu_synchronize,
     .memory = cpu_memory,
     .decompose = NULL, /* core's lq_decompose is the CPU's */

@@ -399,6 +399,16 @@ static int op_rope_device(struct lq_backend *backend, float *x, int n, int heads
     LOCKED(lq_cuda_rope_device(backend, x, n, heads, head_dim, positions, theta));
 }
 
+static int op_rope_qk_device(struct lq_backend *backend, float *q, int q_heads, float *k,
+                             int k_heads, int n, int head_dim, const int *positions, float theta) {
+    LOCKED(lq_cuda_rope_qk_device(backend, q, q_heads, k, k_heads, n, head_dim, positions, theta));
+}
+
+static int op_add_rmsnorm(struct lq_backend *backend, float *x, const float *y, const float *weight,
+                          int n, int dim, float eps, float *out) {
+    LOCKED(lq_cuda_add_rmsnorm(backend, x, y, weight, n, dim, eps, out));
+}
+
 static int op_attention_batch_device(struct lq_backend *backend, const float *q, const float *k_new,
                                      const float *v_new, float *const *k_caches,
                                      float *const *v_caches, const int *positions, int n, int heads,
@@ -461,6 +471,8 @@ static const struct lq_backend_ops cuda_ops = {
     /* embed_device */ op_embed_device,
     /* rope_device */ op_rope_device,
     /* attention_batch_device */ op_attention_batch_device,
+    /* rope_qk_device */ op_rope_qk_device,
+    /* add_rmsnorm */ op_add_rmsnorm,
     /* graph_begin */ lq_cuda_op_graph_begin,
     /* graph_end */ lq_cuda_op_graph_end,
     // Evaluation (nll_cuda.cu).

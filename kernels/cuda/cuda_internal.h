@@ -219,6 +219,11 @@ int lq_cuda_embed_device(struct lq_backend *backend, const float *table, int dim
                          int n, float *out);
 int lq_cuda_rope_device(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
                         const int *positions, float theta);
+int lq_cuda_rope_qk_device(struct lq_backend *backend, float *q, int q_heads, float *k, int k_heads,
+                           int n, int head_dim, const int *positions, float theta);
+// x += y, out = rmsnorm(x), one launch (add then rmsnorm's bits).
+int lq_cuda_add_rmsnorm(struct lq_backend *backend, float *x, const float *y, const float *weight,
+                        int n, int dim, float eps, float *out);
 int lq_cuda_swiglu(struct lq_backend *backend, float *gate, const float *up, size_t count);
 int lq_cuda_add(struct lq_backend *backend, float *x, const float *y, size_t count);
 

@@ -105,11 +105,53 @@ __global__ void rmsnorm_rows(const float *x, const float *weight, int dim, float
     }
 }
 
+// x += y, then out = rmsnorm(x) for row blockIdx.x: add_elements then rmsnorm_rows in one pass
+// (the same float sums, the same order of the squares' double sum, so the same bits).
+__global__ void add_rmsnorm_rows(float *x, const float *y, const float *weight, int dim, float eps,
+                                 int vec, float *out) {
+    __shared__ double warp_sums[MAX_THREADS / 32];
+    float *row = x + (size_t)blockIdx.x * dim;
+    const float *add = y + (size_t)blockIdx.x * dim;
+    float *z = out + (size_t)blockIdx.x * dim;
+
+    double sum = 0.0;
+    if (vec) {
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            float4 v = ((float4 *)row)[i];
+            const float4 a = ((const float4 *)add)[i];
+            v.x += a.x, v.y += a.y, v.z += a.z, v.w += a.w;
+            ((float4 *)row)[i] = v;
+            sum += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            const float v = row[i] + add[i];
+            row[i] = v;
+            sum += (double)v * v;
+        }
+    }
+    sum = block_sum(sum, warp_sums);
+    const float scale = (float)(1.0 / sqrt(sum / dim + eps));
+    // each thread reads back only what it wrote itself
+    if (vec) {
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            float4 v = ((const float4 *)row)[i], w = ((const float4 *)weight)[i];
+            ((float4 *)z)[i] = make_float4(v.x * scale * w.x, v.y * scale * w.y, v.z * scale * w.z,
+                                           v.w * scale * w.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) z[i] = row[i] * scale * weight[i];
+    }
+}
+
 // ---------- rope ----------
 
 // Token blockIdx.x: cos/sin of its head_dim/2 angles into shared memory, then every head's
-// pairs (k, k + half) rotated with them. Dynamic shared memory: 2 * half floats.
-__global__ void rope_rows(float *x, const int *positions, int heads, int head_dim, float theta) {
+// pairs (k, k + half) rotated with them, first the `heads` of x, then the `heads2` of x2 (the
+// keys beside the queries: one launch and one table for both). Dynamic shared memory: 2 * half
+// floats.
+__global__ void rope_rows(float *x, int heads, float *x2, int heads2, const int *positions,
+                          int head_dim, float theta) {
     extern __shared__ float table[]; // cos[half], then sin[half]
     const int half = head_dim / 2;
     const int position = positions[blockIdx.x];
@@ -123,10 +165,10 @@ __global__ void rope_rows(float *x, const int *positions, int heads, int head_di
     }
     __syncthreads();
 
-    float *token = x + (size_t)blockIdx.x * heads * head_dim;
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+    for (int i = threadIdx.x; i < (heads + heads2) * half; i += blockDim.x) {
         const int h = i / half, k = i - h * half;
-        float *v = token + (size_t)h * head_dim;
+        float *v = h < heads ? x + ((size_t)blockIdx.x * heads + h) * head_dim
+                             : x2 + ((size_t)blockIdx.x * heads2 + (h - heads)) * head_dim;
         const float c = table[k], s = table[half + k];
         const float x0 = v[k], x1 = v[k + half];
         // each product rounded on its own like the CPU's; a fused form differs in the last bit
@@ -211,6 +253,18 @@ int lq_cuda_rmsnorm(struct lq_backend *backend, const float *x, const float *wei
     return LQ_OK;
 }
 
+int lq_cuda_add_rmsnorm(struct lq_backend *backend, float *x, const float *y, const float *weight,
+                        int n, int dim, float eps, float *out) {
+    if (n <= 0 || dim <= 0) return n < 0 || dim < 0 ? LQ_EINVAL : LQ_OK;
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const int vec =
+        dim % 4 == 0 && aligned16(x) && aligned16(y) && aligned16(weight) && aligned16(out);
+    add_rmsnorm_rows<<<n, row_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(x, y, weight, dim,
+                                                                               eps, vec, out);
+    LQ_CUDA_LAUNCHED("add_rmsnorm");
+    return LQ_OK;
+}
+
 int lq_cuda_rope_device(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
                         const int *positions, float theta) {
     if (n < 0 || heads < 0 || head_dim < 0) return LQ_EINVAL;
@@ -218,7 +272,19 @@ int lq_cuda_rope_device(struct lq_backend *backend, float *x, int n, int heads, 
     if (n == 0 || heads == 0 || half == 0) return LQ_OK; // nothing rotates
     struct lq_cuda *cuda = lq_cuda_of(backend);
     rope_rows<<<n, row_threads(heads * half), 2 * (size_t)half * sizeof(float), cuda->stream>>>(
-        x, positions, heads, head_dim, theta);
+        x, heads, NULL, 0, positions, head_dim, theta);
+    LQ_CUDA_LAUNCHED("rope");
+    return LQ_OK;
+}
+
+int lq_cuda_rope_qk_device(struct lq_backend *backend, float *q, int q_heads, float *k, int k_heads,
+                           int n, int head_dim, const int *positions, float theta) {
+    if (n < 0 || q_heads < 0 || k_heads < 0 || head_dim < 0) return LQ_EINVAL;
+    const int half = head_dim / 2;
+    if (n == 0 || q_heads + k_heads == 0 || half == 0) return LQ_OK; // nothing rotates
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    rope_rows<<<n, row_threads((q_heads + k_heads) * half), 2 * (size_t)half * sizeof(float),
+                cuda->stream>>>(q, q_heads, k, k_heads, positions, head_dim, theta);
     LQ_CUDA_LAUNCHED("rope");
     return LQ_OK;
 }

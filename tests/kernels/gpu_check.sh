@@ -44,7 +44,7 @@ esac
 case "${1:-}" in
 graphs) # decode-step graphs and weight prefetch: correctness, then decode with each on and off
     step cuda_graph "$run/test_cuda_graph"
-    for case in embed rope attention_batch linear; do
+    for case in embed rope fused attention_batch linear; do
         step "cuda_ops_$case" "$run/test_cuda_ops" "$case"
     done
     TAIL=40 step bench_variants "$run/bench_cuda" --decode-variants ;;

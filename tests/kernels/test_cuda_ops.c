@@ -135,6 +135,48 @@ static void test_rope(void) {
         }
 }
 
+/* add_rmsnorm against the CPU's add then rmsnorm; rope_qk_device against two ropes. */
+static void test_fused_ops(void) {
+    const int shapes[][2] = {{1, 4096}, {5, 576}, {3, 130}, {2, 7}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int n = shapes[s][0], dim = shapes[s][1];
+        const size_t count = (size_t)n * dim;
+        float *x = random_floats(count, 1.0f), *y = random_floats(count, 1.0f);
+        float *w = random_floats(dim, 1.0f), *xr = malloc(count * sizeof *xr);
+        float *ref = malloc(count * sizeof *ref);
+        memcpy(xr, x, count * sizeof *xr);
+        CHECK_OK(cpu->ops->add(cpu, xr, y, count));
+        CHECK_OK(cpu->ops->rmsnorm(cpu, xr, w, n, dim, 1e-5f, ref));
+        float *dx = device_floats(x, count), *dy = device_floats(y, count);
+        float *dw = device_floats(w, dim), *dout = device_floats(NULL, count);
+        CHECK_OK(gpu->ops->add_rmsnorm(gpu, dx, dy, dw, n, dim, 1e-5f, dout));
+        float *out = to_host(dout, count), *xs = to_host(dx, count);
+        CHECK(memcmp(xs, xr, count * sizeof *xs) == 0); /* the residual: exact float adds */
+        CHECK_CLOSE(out, ref, count, TOL_FP32, "add_rmsnorm n %d dim %d", n, dim);
+        gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dy);
+        gpu->ops->buffer_free(gpu, dw), gpu->ops->buffer_free(gpu, dout);
+        free(x), free(y), free(w), free(xr), free(ref), free(out), free(xs);
+    }
+    const int heads = 8, kv_heads = 2, hd = 64, n = 3;
+    int positions[3] = {0, 17, 4000};
+    const size_t q_count = (size_t)n * heads * hd, k_count = (size_t)n * kv_heads * hd;
+    float *q = random_floats(q_count, 1.0f), *k = random_floats(k_count, 1.0f);
+    float *dq = device_floats(q, q_count), *dk = device_floats(k, k_count);
+    float *dq2 = device_floats(q, q_count), *dk2 = device_floats(k, k_count);
+    void *device_positions = device_bytes(positions, sizeof positions);
+    CHECK_OK(gpu->ops->rope_device(gpu, dq, n, heads, hd, device_positions, 10000.0f));
+    CHECK_OK(gpu->ops->rope_device(gpu, dk, n, kv_heads, hd, device_positions, 10000.0f));
+    CHECK_OK(gpu->ops->rope_qk_device(gpu, dq2, heads, dk2, kv_heads, n, hd, device_positions,
+                                      10000.0f));
+    float *q1 = to_host(dq, q_count), *q2 = to_host(dq2, q_count);
+    float *k1 = to_host(dk, k_count), *k2 = to_host(dk2, k_count);
+    CHECK(memcmp(q1, q2, q_count * sizeof *q1) == 0 && memcmp(k1, k2, k_count * sizeof *k1) == 0);
+    gpu->ops->buffer_free(gpu, dq), gpu->ops->buffer_free(gpu, dk);
+    gpu->ops->buffer_free(gpu, dq2), gpu->ops->buffer_free(gpu, dk2);
+    gpu->ops->buffer_free(gpu, device_positions);
+    free(q), free(k), free(q1), free(q2), free(k1), free(k2);
+}
+
 static void test_swiglu_add(void) {
     const size_t counts[] = {1, 1023, 4096 * 7 + 3};
     for (size_t s = 0; s < 3; s++) {
@@ -613,11 +655,13 @@ int main(int argc, char **argv) {
     CHECK_OK(lq_backend_cpu_create(&cpu, &err));
     lq_rng_seed(&rng, 20261126);
     static const struct lq_test_case cases[] = {
-        LQ_TEST(test_rmsnorm),           LQ_TEST(test_embed),           LQ_TEST(test_rope),
-        LQ_TEST(test_swiglu_add),        LQ_TEST(test_linear_dense),    LQ_TEST(test_linear_lq),
-        LQ_TEST(test_linear_lq_mma),     LQ_TEST(test_linear_adapter),  LQ_TEST(test_matmul),
-        LQ_TEST(test_attention),         LQ_TEST(test_attention_batch), LQ_TEST(test_decompose),
-        LQ_TEST(test_memory_accounting),
+        LQ_TEST(test_rmsnorm),        LQ_TEST(test_embed),
+        LQ_TEST(test_rope),           LQ_TEST(test_swiglu_add),
+        LQ_TEST(test_fused_ops),      LQ_TEST(test_linear_dense),
+        LQ_TEST(test_linear_lq),      LQ_TEST(test_linear_lq_mma),
+        LQ_TEST(test_linear_adapter), LQ_TEST(test_matmul),
+        LQ_TEST(test_attention),      LQ_TEST(test_attention_batch),
+        LQ_TEST(test_decompose),      LQ_TEST(test_memory_accounting),
     };
     int failed = 0;
     const char *filter = NULL;
