@@ -40,9 +40,7 @@ static size_t next_document(const char *text, size_t length, size_t offset,
     return offset;
 }
 
-/* -log softmax(logits)[target], in double (the CPU's token_nll, kernels/cpu/nll_cpu.c, is
- * this formula, so a backend without the op reports the same figures). */
-static double token_nll(const float *logits, int vocab, int target) {
+double lq_token_nll(const float *logits, int vocab, int target) {
     float max = logits[0];
     for (int v = 1; v < vocab; v++) max = logits[v] > max ? logits[v] : max;
     double sum = 0.0;
@@ -91,7 +89,7 @@ static int score(struct scorer *s, const int *tokens, int n, int first, const in
     if (rc) return rc;
     if (s->logits) {
         for (int i = first; i < n; i++)
-            s->nll[i] = token_nll(s->logits + (size_t)i * s->vocab, s->vocab, targets[i]);
+            s->nll[i] = lq_token_nll(s->logits + (size_t)i * s->vocab, s->vocab, targets[i]);
     } else {
         struct lq_backend *b = lq_session_backend(s->session);
         const float *logits = lq_session_device_logits(s->session) + (size_t)first * s->vocab;

@@ -54,4 +54,9 @@ int lq_eval_perplexity(struct lq_runtime *runtime, const struct lq_tokenizer *to
                        const char *text, size_t length, const struct lq_eval_options *options,
                        struct lq_eval_result *result, struct lq_error *err);
 
+/* -log softmax(logits[0..vocab))[target] in double: the float max, then the double sum of
+ * exp(logit - max) in vocabulary order. The scoring of every protocol above, and the CPU
+ * backend's token_nll op (kernels/cpu/nll_cpu.c), so both report the same bits. */
+double lq_token_nll(const float *logits, int vocab, int target);
+
 #endif

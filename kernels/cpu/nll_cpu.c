@@ -1,10 +1,9 @@
 /* The CPU backend's token_nll (kernels/backend.h, "evaluation"): each row's negative
- * log-likelihood of its target, written exactly as core/eval.c computed it from host logits
- * before the op existed (the float max, then the double sum of exp in vocabulary order), so
- * every perplexity the CPU reports keeps its bits. Rows run in parallel; each row's
- * arithmetic is the same whatever the thread count. */
-#include <math.h>
+ * log-likelihood of its target by core/eval.c's lq_token_nll (the float max, then the double
+ * sum of exp in vocabulary order), so every perplexity the CPU reports keeps its bits. Rows run in
+ * parallel; each row's arithmetic is the same whatever the thread count. */
 
+#include "core/eval.h"
 #include "core/parallel.h"
 #include "kernels/cpu/cpu_ops.h"
 
@@ -18,19 +17,11 @@ struct nll_job {
     double *nll;
 };
 
-/* -log softmax(row)[target], in double. */
-static double row_nll(const float *logits, int vocab, int target) {
-    float max = logits[0];
-    for (int v = 1; v < vocab; v++) max = logits[v] > max ? logits[v] : max;
-    double sum = 0.0;
-    for (int v = 0; v < vocab; v++) sum += exp((double)logits[v] - max);
-    return log(sum) + max - logits[target];
-}
-
 static void nll_body(void *context, size_t begin, size_t end) {
     const struct nll_job *job = context;
     for (size_t i = begin; i < end; i++)
-        job->nll[i] = row_nll(job->logits + i * (size_t)job->vocab, job->vocab, job->targets[i]);
+        job->nll[i] =
+            lq_token_nll(job->logits + i * (size_t)job->vocab, job->vocab, job->targets[i]);
 }
 
 int lq_cpu_token_nll(struct lq_backend *backend, const float *logits, const int *targets, int n,

@@ -536,17 +536,16 @@ int lq_cuda_attention(struct lq_backend *backend, const float *q, const float *k
     return attention_run(lq_cuda_of(backend), p, 1, start + n);
 }
 
-int lq_cuda_attention_batch_device(struct lq_backend *backend, const float *q, const float *k_new,
-                                   const float *v_new, float *const *k_caches,
-                                   float *const *v_caches, const int *positions, int n, int heads,
-                                   int kv_heads, int head_dim, int keys_bound, float *out) {
-    if (n < 0 || keys_bound < 1) return LQ_EINVAL;
+namespace {
+
+// attention_batch with its arrays on the device: the two entry points below.
+int attention_batch_run(struct lq_cuda *cuda, const float *q, const float *k_new,
+                        const float *v_new, float *const *k_caches, float *const *v_caches,
+                        const int *positions, int n, int heads, int kv_heads, int head_dim,
+                        int keys, bool caches_aligned, float *out) {
     attention_params p = {};
     int rc = attention_shape(&p, heads, kv_heads, head_dim);
     if (rc || n == 0) return rc;
-    if (n > 65535) return LQ_EUNSUPPORTED; // grid.z
-    // the caches' alignment cannot be checked here: lqd's buffers come from cudaMalloc (256-byte
-    // aligned), and a cache row is kv_heads * head_dim floats, a multiple of 4 when head_dim is
     p.q = q;
     p.out = out;
     p.k_caches = k_caches;
@@ -555,9 +554,23 @@ int lq_cuda_attention_batch_device(struct lq_backend *backend, const float *q, c
     p.k_new = k_new;
     p.v_new = v_new;
     p.tokens = 1;
-    p.vec =
-        head_dim % 4 == 0 && aligned16(q) && aligned16(out) && aligned16(k_new) && aligned16(v_new);
-    return attention_run(lq_cuda_of(backend), p, n, keys_bound);
+    p.vec = head_dim % 4 == 0 && caches_aligned && aligned16(q) && aligned16(out) &&
+            aligned16(k_new) && aligned16(v_new);
+    return attention_run(cuda, p, n, keys);
+}
+
+} // namespace
+
+int lq_cuda_attention_batch_device(struct lq_backend *backend, const float *q, const float *k_new,
+                                   const float *v_new, float *const *k_caches,
+                                   float *const *v_caches, const int *positions, int n, int heads,
+                                   int kv_heads, int head_dim, int keys_bound, float *out) {
+    if (n < 0 || keys_bound < 1) return LQ_EINVAL;
+    if (n > 65535) return LQ_EUNSUPPORTED; // grid.z
+    // the caches' alignment cannot be checked here: lqd's come from cudaMalloc (256-byte
+    // aligned), and a cache row is kv_heads * head_dim floats, a multiple of 4 when head_dim is
+    return attention_batch_run(lq_cuda_of(backend), q, k_new, v_new, k_caches, v_caches, positions,
+                               n, heads, kv_heads, head_dim, keys_bound, true, out);
 }
 
 int lq_cuda_attention_batch(struct lq_backend *backend, const float *q, const float *k_new,
@@ -565,35 +578,27 @@ int lq_cuda_attention_batch(struct lq_backend *backend, const float *q, const fl
                             const int *positions, int n, int heads, int kv_heads, int head_dim,
                             float *out) {
     if (n < 0) return LQ_EINVAL;
-    attention_params p = {};
-    int rc = attention_shape(&p, heads, kv_heads, head_dim);
-    if (rc || n == 0) return rc;
     if (n > 65535) return LQ_EUNSUPPORTED; // grid.z
     int keys = 0;
-    bool vec =
-        head_dim % 4 == 0 && aligned16(q) && aligned16(out) && aligned16(k_new) && aligned16(v_new);
+    bool aligned = true;
     for (int i = 0; i < n; i++) {
         if (positions[i] < 0 || !k_caches[i] || !v_caches[i]) return LQ_EINVAL;
         if (positions[i] + 1 > keys) keys = positions[i] + 1;
-        vec = vec && aligned16(k_caches[i]) && aligned16(v_caches[i]);
+        aligned = aligned && aligned16(k_caches[i]) && aligned16(v_caches[i]);
     }
-
+    if (n == 0) // the shape checks alone
+        return attention_batch_run(lq_cuda_of(backend), q, k_new, v_new, NULL, NULL, NULL, 0, heads,
+                                   kv_heads, head_dim, 1, aligned, out);
     struct lq_cuda *cuda = lq_cuda_of(backend);
     void *device_k = NULL, *device_v = NULL, *device_positions = NULL;
     const size_t pointer_bytes = (size_t)n * sizeof(float *);
+    int rc;
     if ((rc = lq_cuda_stage(cuda, LQ_CUDA_STAGE_0, k_caches, pointer_bytes, &device_k)) ||
         (rc = lq_cuda_stage(cuda, LQ_CUDA_STAGE_1, v_caches, pointer_bytes, &device_v)) ||
         (rc = lq_cuda_stage(cuda, LQ_CUDA_STAGE_2, positions, (size_t)n * sizeof(int),
                             &device_positions)))
         return rc;
-    p.q = q;
-    p.out = out;
-    p.k_caches = (float *const *)device_k;
-    p.v_caches = (float *const *)device_v;
-    p.positions = (const int *)device_positions;
-    p.k_new = k_new;
-    p.v_new = v_new;
-    p.tokens = 1;
-    p.vec = vec;
-    return attention_run(cuda, p, n, keys);
+    return attention_batch_run(cuda, q, k_new, v_new, (float *const *)device_k,
+                               (float *const *)device_v, (const int *)device_positions, n, heads,
+                               kv_heads, head_dim, keys, aligned, out);
 }
