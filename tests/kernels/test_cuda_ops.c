@@ -508,12 +508,12 @@ static void test_decompose(void) {
         free(back);
         lq_decomposition_free(&ref), lq_decomposition_free(&dev);
     }
-    /* Concurrent streams and the device-drawn sketch must not change a single bit: a row of
-     * the table equals the one-stream, host-sketch row. */
+    /* Concurrent streams and the device-drawn sketch (either kernel) must not change a single
+     * bit: a row of the table equals the one-stream, host-sketch row. */
     enum { ROW = 8 };
     struct lq_nf_config grid[LQ_NF_TABLE1_SIZE], row[ROW];
     uint64_t row_seeds[ROW];
-    double concurrent[ROW], serial[ROW], host_sketch[ROW];
+    double concurrent[ROW], serial[ROW], host_sketch[ROW], thread_sketch[ROW];
     lq_nf_grid_table1(grid);
     for (int i = 0; i < ROW; i++) row[i] = grid[i * 29], row_seeds[i] = 100 + (uint64_t)i;
     CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
@@ -521,6 +521,10 @@ static void test_decompose(void) {
     setenv("LQ_CUDA_DECOMPOSE_STREAMS", "1", 1);
     CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options, serial,
                                         &err));
+    setenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL", "thread", 1);
+    CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
+                                        thread_sketch, &err));
+    unsetenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL");
     setenv("LQ_CUDA_DECOMPOSE_SKETCH", "host", 1);
     CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
                                         host_sketch, &err));
@@ -528,12 +532,14 @@ static void test_decompose(void) {
     unsetenv("LQ_CUDA_DECOMPOSE_SKETCH");
     CHECK(memcmp(concurrent, serial, sizeof serial) == 0);
     CHECK(memcmp(host_sketch, serial, sizeof serial) == 0);
+    CHECK(memcmp(thread_sketch, serial, sizeof serial) == 0);
 
-    /* The other ways to run a step (LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32) against the CPU. */
+    /* The other ways to run a step (LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32: the table's default
+     * is TF32, so 0 is the other way) against the default. */
     static const char *const variants[][2] = {{"LQ_CUDA_DECOMPOSE_QR", "householder"},
                                               {"LQ_CUDA_DECOMPOSE_QR", "cholesky-trsm"},
                                               {"LQ_CUDA_DECOMPOSE_EIG", "batched"},
-                                              {"LQ_CUDA_DECOMPOSE_TF32", "1"}};
+                                              {"LQ_CUDA_DECOMPOSE_TF32", "0"}};
     for (int v = 0; v < 4; v++) {
         setenv(variants[v][0], variants[v][1], 1);
         double variant[3];
@@ -551,6 +557,10 @@ static void test_decompose(void) {
         gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
     unsetenv("LQ_CUDA_DECOMPOSE_QR");
     CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_QR") != NULL);
+    setenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL", "warp", 1);
+    bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
+    unsetenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL");
+    CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_SKETCH_KERNEL") != NULL);
     free(w);
 
     /* A rank-20 W with a 26-column sketch (rank 16 + 10): every sketch is rank-deficient, so
