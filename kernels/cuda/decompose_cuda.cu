@@ -27,8 +27,11 @@
 //     when B0 divides 256, also takes the quantizer's block absmax of W − L1L2 (formed in
 //     registers, never stored), then the NF pipeline (nf_cuda.cuh) whose last kernel reads
 //     W and L1L2 again, writes Q, sums the full-step error and writes the next step's
-//     residual R = W − Q (weighted). Errors and ||W|| are sums of double terms per thread,
-//     reduced per thread block and then in one block in a fixed order, so a step is
+//     residual R = W − Q (weighted); that kernel moves 4 values a thread with 16-byte loads
+//     and stores (lq_nf_values_vec4_kernel) where the shape allows, or, with
+//     LQ_CUDA_DECOMPOSE_NF_VALUES=team, one value a lane as before (the same Q bit for bit;
+//     the error is summed in another fixed order). Errors and ||W|| are sums of double terms per
+//     thread, reduced per thread block and then in one block in a fixed order, so a step is
 //     deterministic (the CPU also sums in double; only the order differs). The step ends
 //     with one copy of a small status (the sums, solver infos, the first bad value, the
 //     first overflowing group, the sketch's fix-ups) and one wait: the stopping rule needs
@@ -167,6 +170,8 @@ extern "C" {
 #define DEC_STOPPED 1 // run(): another worker failed, so this one stopped (not an LQ code)
 
 enum dec_sketch_mode { DEC_SKETCH_DEVICE, DEC_SKETCH_HOST, DEC_SKETCH_CHECK };
+// Which kernel writes the quantized values (LQ_CUDA_DECOMPOSE_NF_VALUES).
+enum dec_nf_values { DEC_NF_VALUES_VEC4, DEC_NF_VALUES_TEAM };
 // Which kernel draws the device sketch (LQ_CUDA_DECOMPOSE_SKETCH_KERNEL).
 enum dec_sketch_kernel_kind { DEC_SKETCH_KERNEL_BLOCK, DEC_SKETCH_KERNEL_THREAD };
 // How the randomized SVD orthonormalizes its sketches (LQ_CUDA_DECOMPOSE_QR).
@@ -230,6 +235,7 @@ struct dec_shared {
     int profile;       // LQ_CUDA_DECOMPOSE_PROFILE: time each phase
     int jump_levels;   // jump matrices the device sketch uses
     int sketch_kernel; // enum dec_sketch_kernel_kind
+    int nf_values;     // enum dec_nf_values
 
     // host
     const float *host_w, *host_fisher;        // borrowed
@@ -811,6 +817,20 @@ static int dec_sketch_kernel_kind(int *kind, struct lq_error *err) {
                         "LQ_CUDA_DECOMPOSE_SKETCH_KERNEL=%s: expected block or thread", text);
 }
 
+// LQ_CUDA_DECOMPOSE_NF_VALUES: vec4 (the default: lq_nf_values_vec4_kernel where the shape
+// allows) or team (lq_nf_values_kernel always, as before; for comparison).
+static int dec_nf_values_kind(int *kind, struct lq_error *err) {
+    const char *text = getenv("LQ_CUDA_DECOMPOSE_NF_VALUES");
+    *kind = DEC_NF_VALUES_VEC4;
+    if (!text || !*text || strcmp(text, "vec4") == 0) return LQ_OK;
+    if (strcmp(text, "team") == 0) {
+        *kind = DEC_NF_VALUES_TEAM;
+        return LQ_OK;
+    }
+    return lq_error_set(err, LQ_EINVAL, "LQ_CUDA_DECOMPOSE_NF_VALUES=%s: expected vec4 or team",
+                        text);
+}
+
 // ---------- contexts ----------
 
 // Buffers carved from one allocation: a first pass with base NULL measures.
@@ -862,6 +882,7 @@ static int dec_shared_open(struct dec_shared *sh, struct lq_cuda *cuda,
     DEC_TRY(dec_qr_mode(&sh->qr_mode, err));
     DEC_TRY(dec_eig_mode(&sh->eig_mode, err));
     DEC_TRY(dec_sketch_kernel_kind(&sh->sketch_kernel, err));
+    DEC_TRY(dec_nf_values_kind(&sh->nf_values, err));
     // TF32 range products: on for the error table (errors only), off for the decompositions
     // kept, unless LQ_CUDA_DECOMPOSE_TF32 says (0: off for both, anything else: on for both).
     const char *tf32 = getenv("LQ_CUDA_DECOMPOSE_TF32");
@@ -1367,11 +1388,19 @@ static int quantize_rest(struct dec *d, const float *a, const float *lowrank, in
         next.row_weight = d->row_weight, next.col_weight = d->col_weight;
         next.cols = d->shape.cols;
     }
-    lq_nf_values_kernel<true><<<blocks, LQ_NF_THREADS, 0, d->stream>>>(
-        a, *nf, d->block_scale, d->q, d->w, lowrank, d->fisher, d->partials, next);
+    const void *arrays[] = {a, d->q, d->w, lowrank, d->fisher, next.residual};
+    unsigned value_blocks = blocks;
+    if (d->shared->nf_values == DEC_NF_VALUES_VEC4 && lq_nf_vec4_ok(nf, arrays, 6)) {
+        value_blocks = lq_nf_grid(nf->numel / 4, LQ_NF_THREADS);
+        lq_nf_values_vec4_kernel<true><<<value_blocks, LQ_NF_THREADS, 0, d->stream>>>(
+            a, *nf, d->block_scale, d->q, d->w, lowrank, d->fisher, d->partials, next);
+    } else {
+        lq_nf_values_kernel<true><<<blocks, LQ_NF_THREADS, 0, d->stream>>>(
+            a, *nf, d->block_scale, d->q, d->w, lowrank, d->fisher, d->partials, next);
+    }
     DEC_LAUNCHED("NF values kernel");
     d->last_lowrank = lowrank;
-    return reduce_into(d, blocks, DEC_SUM_FULL, err);
+    return reduce_into(d, value_blocks, DEC_SUM_FULL, err);
 }
 
 // Q = dequantize(quantize(W)) (rank 0, or the quantized start) and status->sums[DEC_SUM_FULL]

@@ -533,6 +533,17 @@ static void test_decompose(void) {
     CHECK(memcmp(concurrent, serial, sizeof serial) == 0);
     CHECK(memcmp(host_sketch, serial, sizeof serial) == 0);
     CHECK(memcmp(thread_sketch, serial, sizeof serial) == 0);
+    /* The one-value-a-lane NF values kernel writes the same Q bit for bit and sums the error
+     * in another order: equal errors up to that order. */
+    double team_values[ROW];
+    setenv("LQ_CUDA_DECOMPOSE_NF_VALUES", "team", 1);
+    CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
+                                        team_values, &err));
+    unsetenv("LQ_CUDA_DECOMPOSE_NF_VALUES");
+    for (int i = 0; i < ROW; i++)
+        CHECK_MSG(fabs(team_values[i] - serial[i]) <= 1e-9 * serial[i],
+                  "LQ_CUDA_DECOMPOSE_NF_VALUES=team: error %.17g vs %.17g", team_values[i],
+                  serial[i]);
 
     /* The other ways to run a step (LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32: the table's default
      * is TF32, so 0 is the other way) against the default. */
@@ -561,6 +572,10 @@ static void test_decompose(void) {
     bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
     unsetenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL");
     CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_SKETCH_KERNEL") != NULL);
+    setenv("LQ_CUDA_DECOMPOSE_NF_VALUES", "float8", 1);
+    bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
+    unsetenv("LQ_CUDA_DECOMPOSE_NF_VALUES");
+    CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_NF_VALUES") != NULL);
     free(w);
 
     /* A rank-20 W with a 26-column sketch (rank 16 + 10): every sketch is rank-deficient, so
