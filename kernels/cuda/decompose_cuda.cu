@@ -27,11 +27,12 @@
 //     when B0 divides 256, also takes the quantizer's block absmax of W − L1L2 (formed in
 //     registers, never stored), then the NF pipeline (nf_cuda.cuh) whose last kernel reads
 //     W and L1L2 again, writes Q, sums the full-step error and writes the next step's
-//     residual R = W − Q (weighted); that kernel moves 4 values a thread with 16-byte loads
-//     and stores (lq_nf_values_vec4_kernel) where the shape allows, or, with
-//     LQ_CUDA_DECOMPOSE_NF_VALUES=team, one value a lane as before (the same Q bit for bit;
-//     the error is summed in another fixed order). Errors and ||W|| are sums of double terms per
-//     thread, reduced per thread block and then in one block in a fixed order, so a step is
+//     residual R = W − Q (weighted). The half-step pass and that last kernel move 4 values a
+//     thread with 16-byte loads and stores (dec_half_step_vec4_kernel,
+//     lq_nf_values_vec4_kernel) where the shape allows, or, with
+//     LQ_CUDA_DECOMPOSE_NF_VALUES=team, one value a thread as before (the same Q bit for
+//     bit; the errors are summed in another fixed order). Errors and ||W|| are sums of double terms
+//     per thread, reduced per thread block and then in one block in a fixed order, so a step is
 //     deterministic (the CPU also sums in double; only the order differs). The step ends
 //     with one copy of a small status (the sums, solver infos, the first bad value, the
 //     first overflowing group, the sketch's fix-ups) and one wait: the stopping rule needs
@@ -337,6 +338,33 @@ __global__ static void dec_difference_kernel(const float *w, const float *lowran
         r[i] = lq_nf_sub(w[i], lowrank[i]);
 }
 
+// The maximum of m over each run of `run` threads (a power of two <= DEC_THREADS), valid in
+// the run's first thread; exact in any order (NaN never wins). Every thread of the block
+// must call it.
+__device__ static inline float dec_run_max(float m, unsigned run) {
+    if (run <= 32) {
+        for (unsigned s = run >> 1; s > 0; s >>= 1) {
+            const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
+            m = other > m ? other : m;
+        }
+        return m;
+    }
+    __shared__ float warp_max[DEC_THREADS / 32];
+    for (unsigned s = 16; s > 0; s >>= 1) {
+        const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
+        m = other > m ? other : m;
+    }
+    if ((threadIdx.x & 31u) == 0) warp_max[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if ((threadIdx.x & (run - 1)) == 0)
+        for (unsigned k = 1; k < run / 32; k++) {
+            const float other = warp_max[(threadIdx.x >> 5) + k];
+            m = other > m ? other : m;
+        }
+    __syncthreads(); // warp_max is written again next round
+    return m;
+}
+
 // The half step (lq.c: error_pass with residual_out): Σ F·(W − Q − lowrank)² of the block
 // into partials (q NULL: the zero start). Thread i of block b takes elements
 // b·256 + i + k·stride, the same split and order as a plain grid-stride loop, so the sums
@@ -368,29 +396,60 @@ __global__ static void dec_half_step_kernel(const float *w, const float *q, cons
             }
         }
         if (ABSMAX) {
-            // The maximum over each run of B0 threads (exact in any order: NaN never wins).
-            if (B0 <= 32) {
-                for (unsigned s = B0 >> 1; s > 0; s >>= 1) {
-                    const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
-                    m = other > m ? other : m;
-                }
-            } else {
-                __shared__ float warp_max[DEC_THREADS / 32];
-                for (unsigned s = 16; s > 0; s >>= 1) {
-                    const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
-                    m = other > m ? other : m;
-                }
-                if ((threadIdx.x & 31u) == 0) warp_max[threadIdx.x >> 5] = m;
-                __syncthreads();
-                if ((threadIdx.x & (B0 - 1)) == 0)
-                    for (unsigned k = 1; k < B0 / 32; k++) {
-                        const float other = warp_max[(threadIdx.x >> 5) + k];
-                        m = other > m ? other : m;
-                    }
-                __syncthreads(); // warp_max is written again next round
-            }
+            m = dec_run_max(m, B0);
             if ((threadIdx.x & (B0 - 1)) == 0) {
                 const unsigned long long block = (unsigned long long)i / B0;
+                if (block < n_blocks) {
+                    absmax[block] = m;
+                    const unsigned bits = __float_as_uint(m);
+                    smallest = bits < smallest ? bits : smallest;
+                }
+            }
+        }
+    }
+    double total = lq_nf_block_sum(sum);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
+    if (ABSMAX) lq_nf_offset_min(smallest, offset_bits);
+}
+
+// dec_half_step_kernel with 16-byte loads: thread i of block b takes the quads (4
+// consecutive values) b·256 + i + k·stride. With ABSMAX (B0 a power of two, 4 <= B0 <= 256)
+// an NF block is a run of B0/4 threads. The same absmax, offset and first bad index; the sum
+// runs in another fixed order. Needs count % 4 == 0 and 16-byte-aligned arrays.
+template <bool ABSMAX>
+__global__ static void
+dec_half_step_vec4_kernel(const float *w, const float *q, const float *lowrank, const float *fisher,
+                          size_t count, double *partials, unsigned B0, unsigned long long n_blocks,
+                          float *absmax, unsigned *offset_bits, unsigned long long *first_bad) {
+    double sum = 0.0;
+    unsigned smallest = 0xffffffffu;
+    const size_t quads = count / 4, stride = (size_t)gridDim.x * blockDim.x;
+    const unsigned run = B0 / 4; // threads per NF block (ABSMAX)
+    // The loop condition is uniform over the thread block: everyone reaches the shuffles.
+    for (size_t base = (size_t)blockIdx.x * blockDim.x; base < quads; base += stride) {
+        const size_t quad = base + threadIdx.x;
+        float m = 0.0f;
+        if (quad < quads) {
+            const float4 w4 = ((const float4 *)w)[quad], l4 = ((const float4 *)lowrank)[quad];
+            const float4 q4 = q ? ((const float4 *)q)[quad] : make_float4(0, 0, 0, 0);
+            const float4 f4 = fisher ? ((const float4 *)fisher)[quad] : make_float4(1, 1, 1, 1);
+            const float wv[4] = {w4.x, w4.y, w4.z, w4.w}, lv[4] = {l4.x, l4.y, l4.z, l4.w};
+            const float qv[4] = {q4.x, q4.y, q4.z, q4.w}, fv[4] = {f4.x, f4.y, f4.z, f4.w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                double d = (double)wv[k] - (double)qv[k] - (double)lv[k];
+                sum += (fisher ? (double)fv[k] : 1.0) * d * d;
+                if (ABSMAX) {
+                    const float v = fabsf(lq_nf_sub(wv[k], lv[k]));
+                    if (!(v <= FLT_MAX)) atomicMin(first_bad, (unsigned long long)(4 * quad + k));
+                    m = v > m ? v : m;
+                }
+            }
+        }
+        if (ABSMAX) {
+            m = dec_run_max(m, run);
+            if ((threadIdx.x & (run - 1)) == 0) {
+                const unsigned long long block = (unsigned long long)quad / run;
                 if (block < n_blocks) {
                     absmax[block] = m;
                     const unsigned bits = __float_as_uint(m);
@@ -817,8 +876,9 @@ static int dec_sketch_kernel_kind(int *kind, struct lq_error *err) {
                         "LQ_CUDA_DECOMPOSE_SKETCH_KERNEL=%s: expected block or thread", text);
 }
 
-// LQ_CUDA_DECOMPOSE_NF_VALUES: vec4 (the default: lq_nf_values_vec4_kernel where the shape
-// allows) or team (lq_nf_values_kernel always, as before; for comparison).
+// LQ_CUDA_DECOMPOSE_NF_VALUES: vec4 (the default: dec_half_step_vec4_kernel and
+// lq_nf_values_vec4_kernel where the shape allows) or team (dec_half_step_kernel and
+// lq_nf_values_kernel always, as before; for comparison).
 static int dec_nf_values_kind(int *kind, struct lq_error *err) {
     const char *text = getenv("LQ_CUDA_DECOMPOSE_NF_VALUES");
     *kind = DEC_NF_VALUES_VEC4;
@@ -1428,18 +1488,33 @@ static int quantize_step(struct dec *d, int q_zero, int residual, struct lq_erro
     const unsigned blocks = lq_nf_grid(n, DEC_THREADS);
     const int fused = nf->B0 <= DEC_THREADS && (nf->B0 & (nf->B0 - 1)) == 0;
     const float *q = q_zero ? NULL : d->q;
+    // 16-byte loads where every array allows them (and, fused, B0 >= 4: whole quads a block)
+    const void *arrays[] = {d->w, q, d->lowrank, d->fisher};
+    const int vec4 = d->shared->nf_values == DEC_NF_VALUES_VEC4 && n % 4 == 0 &&
+                     (!fused || nf->B0 >= 4) && lq_nf_vec4_ok(nf, arrays, 4);
     DEC_MARK(DEC_PHASE_QUANTIZE);
     DEC_CUDA(cudaMemsetAsync(&d->status->offset_bits, 0xff, sizeof(unsigned), d->stream),
              "cudaMemset");
-    if (fused)
+    unsigned half_blocks = blocks;
+    if (vec4) {
+        half_blocks = lq_nf_grid(n / 4, DEC_THREADS);
+        if (fused)
+            dec_half_step_vec4_kernel<true><<<half_blocks, DEC_THREADS, 0, d->stream>>>(
+                d->w, q, d->lowrank, d->fisher, n, d->partials, (unsigned)nf->B0, nf->n_blocks,
+                d->absmax, &d->status->offset_bits, &d->status->first_bad);
+        else
+            dec_half_step_vec4_kernel<false><<<half_blocks, DEC_THREADS, 0, d->stream>>>(
+                d->w, q, d->lowrank, d->fisher, n, d->partials, 4u, 0, NULL, NULL, NULL);
+    } else if (fused) {
         dec_half_step_kernel<true><<<blocks, DEC_THREADS, 0, d->stream>>>(
             d->w, q, d->lowrank, d->fisher, n, d->partials, (unsigned)nf->B0, nf->n_blocks,
             d->absmax, &d->status->offset_bits, &d->status->first_bad);
-    else
+    } else {
         dec_half_step_kernel<false><<<blocks, DEC_THREADS, 0, d->stream>>>(
             d->w, q, d->lowrank, d->fisher, n, d->partials, 1u, 0, NULL, NULL, NULL);
+    }
     DEC_LAUNCHED("half-step kernel");
-    DEC_TRY(reduce_into(d, blocks, DEC_SUM_HALF, err));
+    DEC_TRY(reduce_into(d, half_blocks, DEC_SUM_HALF, err));
     if (!fused) {
         const unsigned per_block = LQ_NF_THREADS / (unsigned)nf->team;
         lq_nf_absmax_kernel<<<lq_nf_grid(nf->n_blocks, per_block), LQ_NF_THREADS, 0, d->stream>>>(

@@ -14,6 +14,8 @@
 //      and the value table[code]·ŝ; optionally also the squared (Fisher-weighted) distance
 //      of the result to W − lowrank, summed per thread block in double, and the next LQ
 //      step's residual (W − result, weighted).
+//   3'. lq_nf_values_vec4_kernel: the same values, 4 consecutive values a thread with 16-byte
+//      loads and stores (where lq_nf_vec4_ok allows), the error summed in another fixed order.
 // The input is either a stored matrix or W − lowrank formed on the fly (one float
 // subtraction, the value the decomposition would otherwise have stored), which saves a pass
 // over memory.
