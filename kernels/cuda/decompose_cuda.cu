@@ -27,8 +27,12 @@
 //     when B0 divides 256, also takes the quantizer's block absmax of W − L1L2 (formed in
 //     registers, never stored), then the NF pipeline (nf_cuda.cuh) whose last kernel reads
 //     W and L1L2 again, writes Q, sums the full-step error and writes the next step's
-//     residual R = W − Q (weighted). Errors and ||W|| are sums of double terms per thread,
-//     reduced per thread block and then in one block in a fixed order, so a step is
+//     residual R = W − Q (weighted). The half-step pass and that last kernel move 4 values a
+//     thread with 16-byte loads and stores (dec_half_step_vec4_kernel,
+//     lq_nf_values_vec4_kernel) where the shape allows, or, with
+//     LQ_CUDA_DECOMPOSE_NF_VALUES=team, one value a thread as before (the same Q bit for
+//     bit; the errors are summed in another fixed order). Errors and ||W|| are sums of double terms
+//     per thread, reduced per thread block and then in one block in a fixed order, so a step is
 //     deterministic (the CPU also sums in double; only the order differs). The step ends
 //     with one copy of a small status (the sums, solver infos, the first bad value, the
 //     first overflowing group, the sketch's fix-ups) and one wait: the stopping rule needs
@@ -36,21 +40,31 @@
 //   * The Gaussian sketch is drawn on the device, equal bit for bit to what core's rng gives
 //     svd.c (lq_rng_fill_normal with the step's seed): each thread starts at its place in
 //     the xoshiro256** stream by GF(2) jump matrices (computed once from core's lq_rng_next)
-//     and does Box-Muller in double as rng.c does. The device's log/sincos may differ from
-//     the host's libm in the last bits (a few ulps are documented on both sides), which
-//     changes the float only when the double lies within 2^-46 (relative) of a float
-//     rounding boundary; those rare pairs (about one in 10^6) are listed in the status with
-//     their xoshiro state, redrawn on the host with core's lq_rng_normal, and patched in
-//     before the step that uses the sketch. The next step's sketch is queued behind the
-//     current step, so the fix-ups come with its status. LQ_CUDA_DECOMPOSE_SKETCH=host draws
-//     every sketch on the host instead (core's rng, uploaded); =check draws on the device
-//     and compares every sketch with the host's, failing on the first differing value.
+//     and does Box-Muller in double as rng.c does. The block kernel (the default) lets one
+//     warp per 2048 values jump (by lookup tables built from the matrices: 32 independent
+//     loads a jump) and walk the integer stream into shared memory, then the whole block
+//     does the Box-Muller pairs, consecutive threads on consecutive pairs; the old kernel,
+//     one thread per 64 values with a column-by-column jump (0.35 ms a sketch on the H100:
+//     a few thousand threads, each waiting on hundreds of dependent loads and 32 serial
+//     pairs), stays selectable with LQ_CUDA_DECOMPOSE_SKETCH_KERNEL=thread. The device's log/sincos
+//     may differ from the host's libm in the last bits (a few ulps are documented on both sides),
+//     which changes the float only when the double lies within 2^-46 (relative) of a float rounding
+//     boundary; those rare pairs (about one in 10^6) are listed in the status with their xoshiro
+//     state, redrawn on the host with core's lq_rng_normal, and patched in before the step that
+//     uses the sketch. The next step's sketch is queued behind the current step, so the fix-ups
+//     come with its status. LQ_CUDA_DECOMPOSE_SKETCH=host draws every sketch on the host instead
+//     (core's rng, uploaded); =check draws on the device and compares every sketch with the host's,
+//     failing on the first differing value.
 //   * Randomized SVD (Halko et al., as svd.c): Y = A·Ω, QR, power iterations Z = Aᵀ·Y, QR,
 //     Y = A·Z, QR; Bᵀ = Aᵀ·Y. The QR is CholeskyQR2 in double (cholesky_qr_cuda.cuh: a few
 //     launches, where cuSOLVER's geqrf + orgqr of a 4096 x 74 matrix is a long chain of small
 //     ones and was most of a step's time); LQ_CUDA_DECOMPOSE_QR=householder takes geqrf +
-//     orgqr as before. Both give the same span, which is all the SVD uses. With
-//     LQ_CUDA_DECOMPOSE_TF32=1 the range finder's products (not Bᵀ) run on TF32 tensor cores.
+//     orgqr as before. Both give the same span, which is all the SVD uses. The range
+//     finder's products (not Bᵀ) run on TF32 tensor cores for the error table
+//     (lq_cuda_decompose_errors) and in fp32 for the decompositions kept
+//     (lq_cuda_decompose); LQ_CUDA_DECOMPOSE_TF32=0 or =1 sets both. On the H100 TF32
+//     halved the products and moved the mean error of a 243-configuration row by less than
+//     1e-4 relative (19.1747 vs 19.1729 on 4096², 32.1333 vs 32.1325 on 4096 x 11008).
 //     The small SVD of B (q x n) comes from
 //     the eigendecomposition of the q x q Gram matrix B·Bᵀ, formed and solved in double
 //     (Dsyrk + Dsyevd, or cusolverDnXsyevBatched on one matrix with
@@ -136,7 +150,16 @@ extern "C" {
 // Box-Muller pairs), starting DEC_SKETCH_PER_THREAD·t draws into the stream.
 #define DEC_SKETCH_LOG2 6
 #define DEC_SKETCH_PER_THREAD (1u << DEC_SKETCH_LOG2)
-#define DEC_SKETCH_BLOCK 128
+#define DEC_SKETCH_BLOCK 128 // threads per block of the one-thread-per-chunk kernel (the old one)
+// The block sketch kernel: one warp jumps to and walks DEC_SKETCH_CHUNKS chunks of
+// DEC_SKETCH_PER_THREAD draws, then the whole block turns their pairs into normals.
+#define DEC_SKETCH_CHUNKS 32
+#define DEC_SKETCH_THREADS 256
+#define DEC_SKETCH_PAIRS_PER_CHUNK (DEC_SKETCH_PER_THREAD / 2)
+#define DEC_SKETCH_BLOCK_PAIRS (DEC_SKETCH_CHUNKS * DEC_SKETCH_PAIRS_PER_CHUNK)
+// A jump matrix as lookup tables (the "four Russians" way): for each byte g of the state (32)
+// and each value of that byte (256), the XOR of the matrix columns the byte's set bits pick.
+#define DEC_JUMP_TABLE_WORDS (32 * 256 * 4)
 #define DEC_JUMP_LEVELS 40          // jump matrices T^(64·2^k), k < 40: sketches below 2^46 values
 #define DEC_JUMP_WORDS (256 * 4)    // one 256 x 256 GF(2) matrix: 256 columns of 4 words
 #define DEC_SKETCH_MARGIN 0x1.0p-46 // relative: far above both libms' documented errors
@@ -148,6 +171,10 @@ extern "C" {
 #define DEC_STOPPED 1 // run(): another worker failed, so this one stopped (not an LQ code)
 
 enum dec_sketch_mode { DEC_SKETCH_DEVICE, DEC_SKETCH_HOST, DEC_SKETCH_CHECK };
+// Which kernel writes the quantized values (LQ_CUDA_DECOMPOSE_NF_VALUES).
+enum dec_nf_values { DEC_NF_VALUES_VEC4, DEC_NF_VALUES_TEAM };
+// Which kernel draws the device sketch (LQ_CUDA_DECOMPOSE_SKETCH_KERNEL).
+enum dec_sketch_kernel_kind { DEC_SKETCH_KERNEL_BLOCK, DEC_SKETCH_KERNEL_THREAD };
 // How the randomized SVD orthonormalizes its sketches (LQ_CUDA_DECOMPOSE_QR).
 enum dec_qr_mode { DEC_QR_CHOLESKY, DEC_QR_CHOLESKY_TRSM, DEC_QR_HOUSEHOLDER };
 // Which cuSOLVER routine solves the small eigenproblem (LQ_CUDA_DECOMPOSE_EIG).
@@ -202,12 +229,14 @@ struct dec_shape {
 struct dec_shared {
     struct lq_cuda *cuda;
     struct dec_shape shape;
-    int sketch_mode; // enum dec_sketch_mode
-    int qr_mode;     // enum dec_qr_mode
-    int eig_mode;    // enum dec_eig_mode
-    int tf32;        // LQ_CUDA_DECOMPOSE_TF32: the range finder's products on TF32 tensor cores
-    int profile;     // LQ_CUDA_DECOMPOSE_PROFILE: time each phase
-    int jump_levels; // jump matrices the device sketch uses
+    int sketch_mode;   // enum dec_sketch_mode
+    int qr_mode;       // enum dec_qr_mode
+    int eig_mode;      // enum dec_eig_mode
+    int tf32;          // the range finder's products on TF32 tensor cores (errors-only default)
+    int profile;       // LQ_CUDA_DECOMPOSE_PROFILE: time each phase
+    int jump_levels;   // jump matrices the device sketch uses
+    int sketch_kernel; // enum dec_sketch_kernel_kind
+    int nf_values;     // enum dec_nf_values
 
     // host
     const float *host_w, *host_fisher;        // borrowed
@@ -218,7 +247,8 @@ struct dec_shared {
     void *slab;
     float *w, *fisher;                                          // rows x cols row-major
     float *row_weight, *col_weight, *inverse_row, *inverse_col; // weighted only
-    unsigned long long *jumps; // jump_levels matrices (device sketch only)
+    unsigned long long *jumps;       // jump_levels matrices (device sketch only)
+    unsigned long long *jump_tables; // ... as lookup tables (the block kernel only)
 };
 
 // One worker: a decomposition at a time.
@@ -308,6 +338,33 @@ __global__ static void dec_difference_kernel(const float *w, const float *lowran
         r[i] = lq_nf_sub(w[i], lowrank[i]);
 }
 
+// The maximum of m over each run of `run` threads (a power of two <= DEC_THREADS), valid in
+// the run's first thread; exact in any order (NaN never wins). Every thread of the block
+// must call it.
+__device__ static inline float dec_run_max(float m, unsigned run) {
+    if (run <= 32) {
+        for (unsigned s = run >> 1; s > 0; s >>= 1) {
+            const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
+            m = other > m ? other : m;
+        }
+        return m;
+    }
+    __shared__ float warp_max[DEC_THREADS / 32];
+    for (unsigned s = 16; s > 0; s >>= 1) {
+        const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
+        m = other > m ? other : m;
+    }
+    if ((threadIdx.x & 31u) == 0) warp_max[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if ((threadIdx.x & (run - 1)) == 0)
+        for (unsigned k = 1; k < run / 32; k++) {
+            const float other = warp_max[(threadIdx.x >> 5) + k];
+            m = other > m ? other : m;
+        }
+    __syncthreads(); // warp_max is written again next round
+    return m;
+}
+
 // The half step (lq.c: error_pass with residual_out): Σ F·(W − Q − lowrank)² of the block
 // into partials (q NULL: the zero start). Thread i of block b takes elements
 // b·256 + i + k·stride, the same split and order as a plain grid-stride loop, so the sums
@@ -339,29 +396,60 @@ __global__ static void dec_half_step_kernel(const float *w, const float *q, cons
             }
         }
         if (ABSMAX) {
-            // The maximum over each run of B0 threads (exact in any order: NaN never wins).
-            if (B0 <= 32) {
-                for (unsigned s = B0 >> 1; s > 0; s >>= 1) {
-                    const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
-                    m = other > m ? other : m;
-                }
-            } else {
-                __shared__ float warp_max[DEC_THREADS / 32];
-                for (unsigned s = 16; s > 0; s >>= 1) {
-                    const float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
-                    m = other > m ? other : m;
-                }
-                if ((threadIdx.x & 31u) == 0) warp_max[threadIdx.x >> 5] = m;
-                __syncthreads();
-                if ((threadIdx.x & (B0 - 1)) == 0)
-                    for (unsigned k = 1; k < B0 / 32; k++) {
-                        const float other = warp_max[(threadIdx.x >> 5) + k];
-                        m = other > m ? other : m;
-                    }
-                __syncthreads(); // warp_max is written again next round
-            }
+            m = dec_run_max(m, B0);
             if ((threadIdx.x & (B0 - 1)) == 0) {
                 const unsigned long long block = (unsigned long long)i / B0;
+                if (block < n_blocks) {
+                    absmax[block] = m;
+                    const unsigned bits = __float_as_uint(m);
+                    smallest = bits < smallest ? bits : smallest;
+                }
+            }
+        }
+    }
+    double total = lq_nf_block_sum(sum);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
+    if (ABSMAX) lq_nf_offset_min(smallest, offset_bits);
+}
+
+// dec_half_step_kernel with 16-byte loads: thread i of block b takes the quads (4
+// consecutive values) b·256 + i + k·stride. With ABSMAX (B0 a power of two, 4 <= B0 <= 256)
+// an NF block is a run of B0/4 threads. The same absmax, offset and first bad index; the sum
+// runs in another fixed order. Needs count % 4 == 0 and 16-byte-aligned arrays.
+template <bool ABSMAX>
+__global__ static void
+dec_half_step_vec4_kernel(const float *w, const float *q, const float *lowrank, const float *fisher,
+                          size_t count, double *partials, unsigned B0, unsigned long long n_blocks,
+                          float *absmax, unsigned *offset_bits, unsigned long long *first_bad) {
+    double sum = 0.0;
+    unsigned smallest = 0xffffffffu;
+    const size_t quads = count / 4, stride = (size_t)gridDim.x * blockDim.x;
+    const unsigned run = B0 / 4; // threads per NF block (ABSMAX)
+    // The loop condition is uniform over the thread block: everyone reaches the shuffles.
+    for (size_t base = (size_t)blockIdx.x * blockDim.x; base < quads; base += stride) {
+        const size_t quad = base + threadIdx.x;
+        float m = 0.0f;
+        if (quad < quads) {
+            const float4 w4 = ((const float4 *)w)[quad], l4 = ((const float4 *)lowrank)[quad];
+            const float4 q4 = q ? ((const float4 *)q)[quad] : make_float4(0, 0, 0, 0);
+            const float4 f4 = fisher ? ((const float4 *)fisher)[quad] : make_float4(1, 1, 1, 1);
+            const float wv[4] = {w4.x, w4.y, w4.z, w4.w}, lv[4] = {l4.x, l4.y, l4.z, l4.w};
+            const float qv[4] = {q4.x, q4.y, q4.z, q4.w}, fv[4] = {f4.x, f4.y, f4.z, f4.w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                double d = (double)wv[k] - (double)qv[k] - (double)lv[k];
+                sum += (fisher ? (double)fv[k] : 1.0) * d * d;
+                if (ABSMAX) {
+                    const float v = fabsf(lq_nf_sub(wv[k], lv[k]));
+                    if (!(v <= FLT_MAX)) atomicMin(first_bad, (unsigned long long)(4 * quad + k));
+                    m = v > m ? v : m;
+                }
+            }
+        }
+        if (ABSMAX) {
+            m = dec_run_max(m, run);
+            if ((threadIdx.x & (run - 1)) == 0) {
+                const unsigned long long block = (unsigned long long)quad / run;
                 if (block < n_blocks) {
                     absmax[block] = m;
                     const unsigned bits = __float_as_uint(m);
@@ -515,6 +603,35 @@ __host__ __device__ static inline bool dec_unsettled(double v) {
     return (float)(v - e) != (float)(v + e);
 }
 
+// rng.c's lq_rng_normal on the draws a, b (in that order): first r·cos θ, then the spare
+// r·sin θ, in double.
+__host__ __device__ static inline void dec_box_muller(unsigned long long a, unsigned long long b,
+                                                      double *first, double *second) {
+    double u1 = (double)(a >> 11) * 0x1.0p-53;
+    const double u2 = (double)(b >> 11) * 0x1.0p-53;
+    if (u1 < 0x1.0p-60) u1 = 0x1.0p-60; // log(0) guard
+    const double radius = sqrt(dec_mul(-2.0, log(u1)));
+    const double angle = dec_mul(6.283185307179586476925, u2);
+    double sine, cosine;
+    dec_sincos(angle, &sine, &cosine);
+    *first = dec_mul(radius, cosine), *second = dec_mul(radius, sine);
+}
+
+// Records the pair whose xoshiro state before its two draws was `before` for a fix-up.
+__host__ __device__ static inline void dec_record_fixup(struct dec_status *status,
+                                                        unsigned long long pair,
+                                                        const unsigned long long *before) {
+#ifdef __CUDA_ARCH__
+    const unsigned slot = atomicAdd(&status->fixup_count, 1u);
+#else
+    const unsigned slot = status->fixup_count++;
+#endif
+    if (slot < DEC_FIXUP_MAX) {
+        status->fixups[slot].pair = pair;
+        for (int k = 0; k < 4; k++) status->fixups[slot].state[k] = before[k];
+    }
+}
+
 // Thread t of the sketch: values [64t, 64t + 64) ∩ [0, count) of what lq_rng_fill_normal
 // writes from the state `start` (lq_rng_seed of the step's seed), drawn from T^(64t)·start
 // by applying the jump matrix T^(64·2^k) for every set bit k of t. Each pair is Box-Muller as
@@ -534,28 +651,14 @@ __host__ __device__ static inline void dec_sketch_thread(const dec_rng_state &st
         count - begin < DEC_SKETCH_PER_THREAD ? count : begin + DEC_SKETCH_PER_THREAD;
     for (unsigned long long i = begin; i < end; i += 2) {
         const unsigned long long before[4] = {s[0], s[1], s[2], s[3]};
-        double u1 = (double)(dec_rng_next(s) >> 11) * 0x1.0p-53;
-        const double u2 = (double)(dec_rng_next(s) >> 11) * 0x1.0p-53;
-        if (u1 < 0x1.0p-60) u1 = 0x1.0p-60; // log(0) guard
-        const double radius = sqrt(dec_mul(-2.0, log(u1)));
-        const double angle = dec_mul(6.283185307179586476925, u2);
-        double sine, cosine;
-        dec_sincos(angle, &sine, &cosine);
-        const double first = dec_mul(radius, cosine), second = dec_mul(radius, sine);
+        const unsigned long long a = dec_rng_next(s);
+        double first, second;
+        dec_box_muller(a, dec_rng_next(s), &first, &second);
         const bool has_second = i + 1 < count; // an odd count drops the last sine
         omega[i] = (float)first;
         if (has_second) omega[i + 1] = (float)second;
-        if (dec_unsettled(first) || (has_second && dec_unsettled(second))) {
-#ifdef __CUDA_ARCH__
-            const unsigned slot = atomicAdd(&status->fixup_count, 1u);
-#else
-            const unsigned slot = status->fixup_count++;
-#endif
-            if (slot < DEC_FIXUP_MAX) {
-                status->fixups[slot].pair = i / 2;
-                for (int k = 0; k < 4; k++) status->fixups[slot].state[k] = before[k];
-            }
-        }
+        if (dec_unsettled(first) || (has_second && dec_unsettled(second)))
+            dec_record_fixup(status, i / 2, before);
     }
 }
 
@@ -564,6 +667,121 @@ __global__ static void dec_sketch_kernel(const dec_rng_state start, const unsign
                                          struct dec_status *status) {
     const unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     dec_sketch_thread(start, jumps, levels, count, t, omega, status);
+}
+
+// Entry `index` of the jump tables (level, byte g, byte value b, as DEC_JUMP_TABLE_WORDS
+// lays them out): the XOR of the level's matrix columns 8g + k for the set bits k of b
+// (state bit 8g + k is bit 8·(g % 8) + k of word g / 8).
+__host__ __device__ static inline void
+dec_jump_table_entry(const unsigned long long *jumps, size_t index, unsigned long long *entry) {
+    const size_t level = index / (32 * 256), g = index / 256 % 32, b = index % 256;
+    const unsigned long long *matrix = jumps + level * DEC_JUMP_WORDS;
+    unsigned long long r[4] = {0, 0, 0, 0};
+    for (int k = 0; k < 8; k++)
+        if ((b >> k) & 1u)
+            for (int w = 0; w < 4; w++) r[w] ^= matrix[(8 * g + (size_t)k) * 4 + (size_t)w];
+    for (int w = 0; w < 4; w++) entry[w] = r[w];
+}
+
+__global__ static void dec_jump_tables_kernel(const unsigned long long *jumps, size_t entries,
+                                              unsigned long long *tables) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < entries;
+         i += (size_t)gridDim.x * blockDim.x)
+        dec_jump_table_entry(jumps, i, tables + i * 4);
+}
+
+// s = M·s with M as lookup tables: 32 independent lookups, one per byte of s, with no
+// data-dependent loop, so that all of them are in flight at once (dec_jump waits on each
+// column it loads, one set bit after another).
+__host__ __device__ static inline void dec_jump_by_table(const unsigned long long *table,
+                                                         unsigned long long *s) {
+    unsigned long long r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+    for (int g = 0; g < 32; g++) {
+        const unsigned b = (unsigned)(s[g >> 3] >> (8 * (g & 7))) & 0xffu;
+        const unsigned long long *entry = table + ((size_t)g * 256 + b) * 4;
+#ifdef __CUDA_ARCH__
+        const ulonglong2 low = __ldg((const ulonglong2 *)entry),
+                         high = __ldg((const ulonglong2 *)entry + 1);
+        r0 ^= low.x, r1 ^= low.y, r2 ^= high.x, r3 ^= high.y;
+#else
+        r0 ^= entry[0], r1 ^= entry[1], r2 ^= entry[2], r3 ^= entry[3];
+#endif
+    }
+    s[0] = r0, s[1] = r1, s[2] = r2, s[3] = r3;
+}
+
+// The block sketch: block k covers chunks [32k, 32k + 32) of DEC_SKETCH_PER_THREAD draws
+// (values 2048k ...). The first warp takes one chunk a lane (dec_sketch_walk): it jumps to
+// the chunk's start (T^(64·chunk)·start, by table) and walks its 64 draws into shared
+// memory. Then every thread of the block turns pairs of draws into values
+// (dec_sketch_pair), consecutive threads taking consecutive pairs (float2 stores), so the
+// costly Box-Muller runs on the whole block instead of one thread per 32 pairs, and only
+// 1/8 of the threads jump. A pair that cannot be settled recovers its state from the
+// chunk's start (a rare walk of < 64 draws). Equal value for value to dec_sketch_kernel.
+// Both phases are __host__ __device__ so that a host loop can check them against core's rng.
+struct dec_sketch_shared {
+    // +1: a chunk's row starts 4 banks after the previous one (no 16-byte bank conflicts)
+    ulonglong2 draws[DEC_SKETCH_CHUNKS][DEC_SKETCH_PAIRS_PER_CHUNK + 1];
+    unsigned long long starts[DEC_SKETCH_CHUNKS][4];
+};
+
+// Lane `lane` of block `block`: its chunk's start state and draws into sh.
+__host__ __device__ static inline void dec_sketch_walk(const dec_rng_state &start,
+                                                       const unsigned long long *tables, int levels,
+                                                       unsigned long long count,
+                                                       unsigned long long block, unsigned lane,
+                                                       struct dec_sketch_shared *sh) {
+    const unsigned long long chunk = block * DEC_SKETCH_CHUNKS + lane;
+    if (chunk * DEC_SKETCH_PER_THREAD >= count) return;
+    unsigned long long s[4] = {start.s[0], start.s[1], start.s[2], start.s[3]};
+    for (int k = 0; k < levels; k++)
+        if ((chunk >> k) & 1ull) dec_jump_by_table(tables + (size_t)k * DEC_JUMP_TABLE_WORDS, s);
+    for (int w = 0; w < 4; w++) sh->starts[lane][w] = s[w];
+    for (unsigned j = 0; j < DEC_SKETCH_PAIRS_PER_CHUNK; j++) {
+        const unsigned long long a = dec_rng_next(s);
+        sh->draws[lane][j] = make_ulonglong2(a, dec_rng_next(s));
+    }
+}
+
+// Pair p (< DEC_SKETCH_BLOCK_PAIRS) of block `block`, from the walked draws in sh. Returns
+// false past the end of the sketch.
+__host__ __device__ static inline bool dec_sketch_pair(const struct dec_sketch_shared *sh,
+                                                       unsigned long long count,
+                                                       unsigned long long block, unsigned p,
+                                                       float *omega, struct dec_status *status) {
+    const unsigned long long pair = block * DEC_SKETCH_BLOCK_PAIRS + p;
+    const unsigned long long i = 2 * pair;
+    if (i >= count) return false;
+    const unsigned local = p / DEC_SKETCH_PAIRS_PER_CHUNK, j = p % DEC_SKETCH_PAIRS_PER_CHUNK;
+    const ulonglong2 d = sh->draws[local][j];
+    double first, second;
+    dec_box_muller(d.x, d.y, &first, &second);
+    const bool has_second = i + 1 < count; // an odd count drops the last sine
+    if (has_second)
+        *(float2 *)(omega + i) = make_float2((float)first, (float)second);
+    else
+        omega[i] = (float)first;
+    if (dec_unsettled(first) || (has_second && dec_unsettled(second))) {
+        unsigned long long before[4] = {sh->starts[local][0], sh->starts[local][1],
+                                        sh->starts[local][2], sh->starts[local][3]};
+        for (unsigned k = 0; k < 2 * j; k++) dec_rng_next(before);
+        dec_record_fixup(status, pair, before);
+    }
+    return true;
+}
+
+__global__ static void __launch_bounds__(DEC_SKETCH_THREADS)
+    dec_sketch_block_kernel(const dec_rng_state start, const unsigned long long *tables, int levels,
+                            unsigned long long count, float *omega, struct dec_status *status) {
+    __shared__ struct dec_sketch_shared sh;
+    if (threadIdx.x < DEC_SKETCH_CHUNKS)
+        dec_sketch_walk(start, tables, levels, count, blockIdx.x, threadIdx.x, &sh);
+    __syncthreads();
+    for (unsigned p = threadIdx.x; p < DEC_SKETCH_BLOCK_PAIRS; p += DEC_SKETCH_THREADS)
+        if (!dec_sketch_pair(&sh, count, blockIdx.x, p, omega, status)) break; // p only grows
 }
 
 // ---------- the sketch's jump matrices (host, once per process) ----------
@@ -644,6 +862,35 @@ static int dec_sketch_mode(void) {
     return DEC_SKETCH_DEVICE;
 }
 
+// LQ_CUDA_DECOMPOSE_SKETCH_KERNEL: block (the default: dec_sketch_block_kernel) or thread
+// (dec_sketch_kernel, one thread per 64 values, as before; for comparison).
+static int dec_sketch_kernel_kind(int *kind, struct lq_error *err) {
+    const char *text = getenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL");
+    *kind = DEC_SKETCH_KERNEL_BLOCK;
+    if (!text || !*text || strcmp(text, "block") == 0) return LQ_OK;
+    if (strcmp(text, "thread") == 0) {
+        *kind = DEC_SKETCH_KERNEL_THREAD;
+        return LQ_OK;
+    }
+    return lq_error_set(err, LQ_EINVAL,
+                        "LQ_CUDA_DECOMPOSE_SKETCH_KERNEL=%s: expected block or thread", text);
+}
+
+// LQ_CUDA_DECOMPOSE_NF_VALUES: vec4 (the default: dec_half_step_vec4_kernel and
+// lq_nf_values_vec4_kernel where the shape allows) or team (dec_half_step_kernel and
+// lq_nf_values_kernel always, as before; for comparison).
+static int dec_nf_values_kind(int *kind, struct lq_error *err) {
+    const char *text = getenv("LQ_CUDA_DECOMPOSE_NF_VALUES");
+    *kind = DEC_NF_VALUES_VEC4;
+    if (!text || !*text || strcmp(text, "vec4") == 0) return LQ_OK;
+    if (strcmp(text, "team") == 0) {
+        *kind = DEC_NF_VALUES_TEAM;
+        return LQ_OK;
+    }
+    return lq_error_set(err, LQ_EINVAL, "LQ_CUDA_DECOMPOSE_NF_VALUES=%s: expected vec4 or team",
+                        text);
+}
+
 // ---------- contexts ----------
 
 // Buffers carved from one allocation: a first pass with base NULL measures.
@@ -670,6 +917,8 @@ static size_t dec_shared_layout(struct dec_shared *sh, char *base) {
         carve(&c, s->cols, &sh->inverse_col);
     }
     if (sh->jump_levels > 0) carve(&c, (size_t)sh->jump_levels * DEC_JUMP_WORDS, &sh->jumps);
+    if (sh->jump_levels > 0 && sh->sketch_kernel == DEC_SKETCH_KERNEL_BLOCK)
+        carve(&c, (size_t)sh->jump_levels * DEC_JUMP_TABLE_WORDS, &sh->jump_tables);
     return c.offset;
 }
 
@@ -692,8 +941,12 @@ static int dec_shared_open(struct dec_shared *sh, struct lq_cuda *cuda,
     sh->sketch_mode = dec_sketch_mode();
     DEC_TRY(dec_qr_mode(&sh->qr_mode, err));
     DEC_TRY(dec_eig_mode(&sh->eig_mode, err));
+    DEC_TRY(dec_sketch_kernel_kind(&sh->sketch_kernel, err));
+    DEC_TRY(dec_nf_values_kind(&sh->nf_values, err));
+    // TF32 range products: on for the error table (errors only), off for the decompositions
+    // kept, unless LQ_CUDA_DECOMPOSE_TF32 says (0: off for both, anything else: on for both).
     const char *tf32 = getenv("LQ_CUDA_DECOMPOSE_TF32");
-    sh->tf32 = tf32 && *tf32 && strcmp(tf32, "0") != 0;
+    sh->tf32 = tf32 && *tf32 ? strcmp(tf32, "0") != 0 : !s->keep;
     const char *profile = getenv("LQ_CUDA_DECOMPOSE_PROFILE");
     sh->profile = profile && *profile && strcmp(profile, "0") != 0;
     if (s->randomized && sh->sketch_mode != DEC_SKETCH_HOST) {
@@ -754,6 +1007,13 @@ static int dec_shared_upload(const struct dec_shared *sh, cudaStream_t stream,
                             (size_t)sh->jump_levels * DEC_JUMP_WORDS * sizeof(unsigned long long),
                             cudaMemcpyHostToDevice, stream),
             "upload the sketch's jump matrices");
+    if (sh->jump_tables) {
+        const size_t entries = (size_t)sh->jump_levels * (DEC_JUMP_TABLE_WORDS / 4);
+        const unsigned blocks = lq_nf_grid(entries, DEC_THREADS);
+        dec_jump_tables_kernel<<<blocks, DEC_THREADS, 0, stream>>>(sh->jumps, entries,
+                                                                   sh->jump_tables);
+        DEC_LAUNCHED("jump tables kernel");
+    }
     return LQ_OK;
 }
 
@@ -1062,12 +1322,18 @@ static int sketch_queue(struct dec *d, uint64_t seed, struct lq_error *err) {
     dec_rng_state start;
     memcpy(start.s, rng.state, sizeof start.s);
     const unsigned long long count = sketch_count(d);
-    const unsigned long long threads = (count + DEC_SKETCH_PER_THREAD - 1) / DEC_SKETCH_PER_THREAD;
-    const unsigned blocks = (unsigned)((threads + DEC_SKETCH_BLOCK - 1) / DEC_SKETCH_BLOCK);
+    const unsigned long long chunks = (count + DEC_SKETCH_PER_THREAD - 1) / DEC_SKETCH_PER_THREAD;
     DEC_CUDA(cudaMemsetAsync(&d->status->fixup_count, 0, sizeof(unsigned), d->stream),
              "cudaMemset");
-    dec_sketch_kernel<<<blocks, DEC_SKETCH_BLOCK, 0, d->stream>>>(
-        start, d->shared->jumps, d->shared->jump_levels, count, d->omega, d->status);
+    if (d->shared->sketch_kernel == DEC_SKETCH_KERNEL_BLOCK) {
+        const unsigned blocks = (unsigned)((chunks + DEC_SKETCH_CHUNKS - 1) / DEC_SKETCH_CHUNKS);
+        dec_sketch_block_kernel<<<blocks, DEC_SKETCH_THREADS, 0, d->stream>>>(
+            start, d->shared->jump_tables, d->shared->jump_levels, count, d->omega, d->status);
+    } else {
+        const unsigned blocks = (unsigned)((chunks + DEC_SKETCH_BLOCK - 1) / DEC_SKETCH_BLOCK);
+        dec_sketch_kernel<<<blocks, DEC_SKETCH_BLOCK, 0, d->stream>>>(
+            start, d->shared->jumps, d->shared->jump_levels, count, d->omega, d->status);
+    }
     DEC_LAUNCHED("sketch kernel");
     return LQ_OK;
 }
@@ -1182,11 +1448,19 @@ static int quantize_rest(struct dec *d, const float *a, const float *lowrank, in
         next.row_weight = d->row_weight, next.col_weight = d->col_weight;
         next.cols = d->shape.cols;
     }
-    lq_nf_values_kernel<true><<<blocks, LQ_NF_THREADS, 0, d->stream>>>(
-        a, *nf, d->block_scale, d->q, d->w, lowrank, d->fisher, d->partials, next);
+    const void *arrays[] = {a, d->q, d->w, lowrank, d->fisher, next.residual};
+    unsigned value_blocks = blocks;
+    if (d->shared->nf_values == DEC_NF_VALUES_VEC4 && lq_nf_vec4_ok(nf, arrays, 6)) {
+        value_blocks = lq_nf_grid(nf->numel / 4, LQ_NF_THREADS);
+        lq_nf_values_vec4_kernel<true><<<value_blocks, LQ_NF_THREADS, 0, d->stream>>>(
+            a, *nf, d->block_scale, d->q, d->w, lowrank, d->fisher, d->partials, next);
+    } else {
+        lq_nf_values_kernel<true><<<blocks, LQ_NF_THREADS, 0, d->stream>>>(
+            a, *nf, d->block_scale, d->q, d->w, lowrank, d->fisher, d->partials, next);
+    }
     DEC_LAUNCHED("NF values kernel");
     d->last_lowrank = lowrank;
-    return reduce_into(d, blocks, DEC_SUM_FULL, err);
+    return reduce_into(d, value_blocks, DEC_SUM_FULL, err);
 }
 
 // Q = dequantize(quantize(W)) (rank 0, or the quantized start) and status->sums[DEC_SUM_FULL]
@@ -1214,18 +1488,33 @@ static int quantize_step(struct dec *d, int q_zero, int residual, struct lq_erro
     const unsigned blocks = lq_nf_grid(n, DEC_THREADS);
     const int fused = nf->B0 <= DEC_THREADS && (nf->B0 & (nf->B0 - 1)) == 0;
     const float *q = q_zero ? NULL : d->q;
+    // 16-byte loads where every array allows them (and, fused, B0 >= 4: whole quads a block)
+    const void *arrays[] = {d->w, q, d->lowrank, d->fisher};
+    const int vec4 = d->shared->nf_values == DEC_NF_VALUES_VEC4 && n % 4 == 0 &&
+                     (!fused || nf->B0 >= 4) && lq_nf_vec4_ok(nf, arrays, 4);
     DEC_MARK(DEC_PHASE_QUANTIZE);
     DEC_CUDA(cudaMemsetAsync(&d->status->offset_bits, 0xff, sizeof(unsigned), d->stream),
              "cudaMemset");
-    if (fused)
+    unsigned half_blocks = blocks;
+    if (vec4) {
+        half_blocks = lq_nf_grid(n / 4, DEC_THREADS);
+        if (fused)
+            dec_half_step_vec4_kernel<true><<<half_blocks, DEC_THREADS, 0, d->stream>>>(
+                d->w, q, d->lowrank, d->fisher, n, d->partials, (unsigned)nf->B0, nf->n_blocks,
+                d->absmax, &d->status->offset_bits, &d->status->first_bad);
+        else
+            dec_half_step_vec4_kernel<false><<<half_blocks, DEC_THREADS, 0, d->stream>>>(
+                d->w, q, d->lowrank, d->fisher, n, d->partials, 4u, 0, NULL, NULL, NULL);
+    } else if (fused) {
         dec_half_step_kernel<true><<<blocks, DEC_THREADS, 0, d->stream>>>(
             d->w, q, d->lowrank, d->fisher, n, d->partials, (unsigned)nf->B0, nf->n_blocks,
             d->absmax, &d->status->offset_bits, &d->status->first_bad);
-    else
+    } else {
         dec_half_step_kernel<false><<<blocks, DEC_THREADS, 0, d->stream>>>(
             d->w, q, d->lowrank, d->fisher, n, d->partials, 1u, 0, NULL, NULL, NULL);
+    }
     DEC_LAUNCHED("half-step kernel");
-    DEC_TRY(reduce_into(d, blocks, DEC_SUM_HALF, err));
+    DEC_TRY(reduce_into(d, half_blocks, DEC_SUM_HALF, err));
     if (!fused) {
         const unsigned per_block = LQ_NF_THREADS / (unsigned)nf->team;
         lq_nf_absmax_kernel<<<lq_nf_grid(nf->n_blocks, per_block), LQ_NF_THREADS, 0, d->stream>>>(

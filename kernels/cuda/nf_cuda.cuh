@@ -14,6 +14,8 @@
 //      and the value table[code]·ŝ; optionally also the squared (Fisher-weighted) distance
 //      of the result to W − lowrank, summed per thread block in double, and the next LQ
 //      step's residual (W − result, weighted).
+//   3'. lq_nf_values_vec4_kernel: the same values, 4 consecutive values a thread with 16-byte
+//      loads and stores (where lq_nf_vec4_ok allows), the error summed in another fixed order.
 // The input is either a stored matrix or W − lowrank formed on the fly (one float
 // subtraction, the value the decomposition would otherwise have stored), which saves a pass
 // over memory.
@@ -415,6 +417,77 @@ lq_nf_values_kernel(const float *a, const __grid_constant__ lq_nf_device_config 
         double total = lq_nf_block_sum(sum);
         if (threadIdx.x == 0) partials[blockIdx.x] = total;
     }
+}
+
+// 3 with 16-byte accesses (the decomposition's default): each thread takes 4 consecutive
+// values at a time, all in one NF block (B0 % 4 == 0), in a grid-stride loop, where
+// lq_nf_values_kernel has one value per lane and iteration: 4 times the bytes in flight for
+// the same loads and stores. Each value's operations are those of lq_nf_values_kernel, so
+// out and the residual are equal bit for bit; the error sum runs in another order (fixed by
+// the launch shape). Needs lq_nf_vec4_ok.
+template <bool WITH_ERROR>
+__global__ static void
+lq_nf_values_vec4_kernel(const float *a, const __grid_constant__ lq_nf_device_config cfg,
+                         const float *block_scale, float *out, const float *w, const float *lowrank,
+                         const float *fisher, double *partials, const lq_nf_residual next) {
+    __shared__ float table[256], midpoints[256];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        table[i] = cfg.table[i], midpoints[i] = cfg.midpoints[i];
+    __syncthreads();
+    double sum = 0.0;
+    const unsigned long long quads = cfg.numel / 4, B0 = (unsigned long long)cfg.B0;
+    for (unsigned long long quad = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+         quad < quads; quad += (unsigned long long)gridDim.x * blockDim.x) {
+        const unsigned long long first = quad * 4;
+        const float scale = block_scale[first / B0];
+        const float4 w4 = ((const float4 *)w)[quad];
+        const float4 l4 = lowrank ? ((const float4 *)lowrank)[quad] : make_float4(0, 0, 0, 0);
+        const float4 a4 = !a ? make_float4(0, 0, 0, 0) : a == w ? w4 : ((const float4 *)a)[quad];
+        const float4 f4 = fisher ? ((const float4 *)fisher)[quad] : make_float4(1, 1, 1, 1);
+        const float wv[4] = {w4.x, w4.y, w4.z, w4.w}, lv[4] = {l4.x, l4.y, l4.z, l4.w};
+        const float av[4] = {a4.x, a4.y, a4.z, a4.w}, fv[4] = {f4.x, f4.y, f4.z, f4.w};
+        float ov[4], rv[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const float x = a ? av[k] : lq_nf_sub(wv[k], lv[k]);
+            const float v = lq_nf_value(x, scale, table, midpoints, cfg.b0);
+            ov[k] = v;
+            if (WITH_ERROR) {
+                double d = (double)wv[k] - (double)v;
+                if (lowrank) d -= (double)lv[k];
+                sum += (fisher ? (double)fv[k] : 1.0) * d * d;
+            }
+            float r = lq_nf_sub(wv[k], v);
+            if (next.row_weight) {
+                const unsigned long long i = first + (unsigned long long)k;
+                unsigned long long row;
+                if (cfg.numel <= 0xffffffffull)
+                    row = (unsigned)i / (unsigned)next.cols;
+                else
+                    row = i / next.cols;
+                r = lq_nf_mul(
+                    r, lq_nf_mul(next.row_weight[row], next.col_weight[i - row * next.cols]));
+            }
+            rv[k] = r;
+        }
+        ((float4 *)out)[quad] = make_float4(ov[0], ov[1], ov[2], ov[3]);
+        if (next.residual)
+            ((float4 *)next.residual)[quad] = make_float4(rv[0], rv[1], rv[2], rv[3]);
+    }
+    if (WITH_ERROR) {
+        double total = lq_nf_block_sum(sum);
+        if (threadIdx.x == 0) partials[blockIdx.x] = total;
+    }
+}
+
+// Whether lq_nf_values_vec4_kernel can take cfg with these arrays (NULLs allowed): whole
+// quads of values, blocks of whole quads, 16-byte-aligned arrays.
+static inline bool lq_nf_vec4_ok(const struct lq_nf_device_config *cfg, const void *const *arrays,
+                                 int count) {
+    if (cfg->numel % 4 != 0 || cfg->B0 % 4 != 0) return false;
+    for (int i = 0; i < count; i++)
+        if ((uintptr_t)arrays[i] % 16 != 0) return false;
+    return true;
 }
 
 #endif

@@ -12,10 +12,14 @@
  *            row over the 243-configuration grid (or every K-th configuration with
  *            --table-sample K) on each shape, extrapolated to the whole 7B table (224 matrices
  *            x 243 configurations); for each variant of the decomposition named by
- *            --variants (default householder,cholesky: the old path and the default; words
- *            householder, cholesky, cholesky-trsm, syevd, batched, tf32 joined by '+' pick
- *            the QR, the eigensolver and TF32 range products, as the LQ_CUDA_DECOMPOSE_QR,
- *            _EIG and _TF32 environment variables do).
+ *            --variants (default householder+fp32+thread-sketch+team-values,default: the
+ *            old path and the default; words householder, cholesky, cholesky-trsm, syevd,
+ *            batched, tf32, fp32, thread-sketch, block-sketch, team-values, vec4-values,
+ *            streamsN, default joined by '+' pick the QR, the eigensolver, the range products,
+ *            the sketch kernel, the NF values kernel and the concurrent decompositions of a
+ *            row, as the LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32, _SKETCH_KERNEL, _NF_VALUES and
+ *            _STREAMS environment variables do; a word not given leaves the decomposition's
+ *            default).
  *
  * Two allocations are measured: ~3 bits (every matrix NF3 with double quantization, (3, 8,
  * fp32, 64, 256) = 3.127 bits) and ~2.75 bits (k, v and up at (2, 8, fp32, 64, 256), the rest
@@ -302,28 +306,55 @@ static int training(struct lq_backend *gpu, struct lq_model *m, struct lq_error 
     return rc;
 }
 
+/* The environment variables a decomposition variant sets; a variable its words do not name
+ * is unset, so the decomposition's own default applies. */
+static const char *const variant_variables[] = {
+    "LQ_CUDA_DECOMPOSE_QR",      "LQ_CUDA_DECOMPOSE_EIG",
+    "LQ_CUDA_DECOMPOSE_TF32",    "LQ_CUDA_DECOMPOSE_SKETCH_KERNEL",
+    "LQ_CUDA_DECOMPOSE_STREAMS", "LQ_CUDA_DECOMPOSE_NF_VALUES",
+};
+#define VARIANT_VARIABLES (sizeof variant_variables / sizeof variant_variables[0])
+
+static void unset_variant(void) {
+    for (size_t i = 0; i < VARIANT_VARIABLES; i++) unsetenv(variant_variables[i]);
+}
+
 /* A variant of the GPU decomposition: '+'-joined words among householder, cholesky,
- * cholesky-trsm (the QR), syevd, batched (the eigensolver) and tf32, set as the environment
- * variables the decomposition reads. Returns -1 on an unknown word. */
+ * cholesky-trsm (the QR), syevd, batched (the eigensolver), tf32, fp32 (the range products,
+ * both for the table and the kept decompositions; unnamed: TF32 for the table, fp32 kept),
+ * thread-sketch, block-sketch (the sketch kernel), team-values, vec4-values (the NF values
+ * kernel), streamsN (N concurrent decompositions in an error-table row) and default (names
+ * nothing), set as the environment variables the decomposition reads. Returns -1 on an
+ * unknown word. */
 static int set_variant(const char *variant) {
-    const char *qr = "cholesky", *eig = "syevd", *tf32 = "0";
-    char words[128];
+    const char *values[VARIANT_VARIABLES] = {NULL, NULL, NULL, NULL, NULL, NULL};
+    char words[128], streams[16];
     snprintf(words, sizeof words, "%s", variant);
     for (char *save = NULL, *word = strtok_r(words, "+", &save); word;
          word = strtok_r(NULL, "+", &save)) {
+        char *end = NULL;
         if (strcmp(word, "householder") == 0 || strcmp(word, "cholesky") == 0 ||
             strcmp(word, "cholesky-trsm") == 0)
-            qr = word;
+            values[0] = word;
         else if (strcmp(word, "syevd") == 0 || strcmp(word, "batched") == 0)
-            eig = word[0] == 's' ? "syevd" : "batched";
-        else if (strcmp(word, "tf32") == 0)
-            tf32 = "1";
-        else
+            values[1] = word;
+        else if (strcmp(word, "tf32") == 0 || strcmp(word, "fp32") == 0)
+            values[2] = word[0] == 't' ? "1" : "0";
+        else if (strcmp(word, "thread-sketch") == 0 || strcmp(word, "block-sketch") == 0)
+            values[3] = word[0] == 't' ? "thread" : "block";
+        else if (strncmp(word, "streams", 7) == 0) {
+            long n = strtol(word + 7, &end, 10);
+            if (end == word + 7 || *end != '\0' || n < 1 || n > 64) return -1;
+            snprintf(streams, sizeof streams, "%ld", n);
+            values[4] = streams;
+        } else if (strcmp(word, "team-values") == 0 || strcmp(word, "vec4-values") == 0)
+            values[5] = word[0] == 't' ? "team" : "vec4";
+        else if (strcmp(word, "default") != 0)
             return -1;
     }
-    setenv("LQ_CUDA_DECOMPOSE_QR", qr, 1);
-    setenv("LQ_CUDA_DECOMPOSE_EIG", eig, 1);
-    setenv("LQ_CUDA_DECOMPOSE_TF32", tf32, 1);
+    unset_variant();
+    for (size_t i = 0; i < VARIANT_VARIABLES; i++)
+        if (values[i]) setenv(variant_variables[i], values[i], 1);
     return 0;
 }
 
@@ -445,7 +476,9 @@ static int decomposition(struct lq_backend *gpu, int table_sample, const char *v
         if (set_variant(variant)) {
             rc = lq_error_set(err, LQ_EINVAL,
                               "variant '%s': expected words householder, cholesky, "
-                              "cholesky-trsm, syevd, batched, tf32 joined by '+'",
+                              "cholesky-trsm, syevd, batched, tf32, fp32, thread-sketch, "
+                              "block-sketch, team-values, vec4-values, streamsN, default "
+                              "joined by '+'",
                               variant);
             break;
         }
@@ -463,9 +496,7 @@ static int decomposition(struct lq_backend *gpu, int table_sample, const char *v
                    "%.1f min\n\n",
                    variant, 32 * (4 * row_seconds[0] + 3 * row_seconds[1]) / 60.0);
     }
-    unsetenv("LQ_CUDA_DECOMPOSE_QR");
-    unsetenv("LQ_CUDA_DECOMPOSE_EIG");
-    unsetenv("LQ_CUDA_DECOMPOSE_TF32");
+    unset_variant();
     free(w[0]), free(w[1]);
     return rc ? -1 : 0;
 }
@@ -473,7 +504,8 @@ static int decomposition(struct lq_backend *gpu, int table_sample, const char *v
 int main(int argc, char **argv) {
     int layers = 32, skip_decompose = 0, table_sample = 1, skip_models = 0, train = 0;
     int only_decompose = 0;
-    const char *variants = "householder,cholesky"; /* the old path and the default */
+    /* the old path and the default */
+    const char *variants = "householder+fp32+thread-sketch+team-values,default";
     int decode_variants_only = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)

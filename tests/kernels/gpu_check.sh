@@ -58,11 +58,17 @@ case "${1:-}" in
 sample) TAIL=60 step cuda_sample "$run/test_cuda_sample" --time ;;
 esac
 case "${1:-}" in
-decompose) # the LQ decomposition alone: its checks, then every variant timed (bench_cuda)
+decompose) # the LQ decomposition alone: its checks (the block sketch kernel against the host
+    # rng, and the old one), then the old path, the morning's best (cholesky+tf32), the
+    # default and the default with 16 streams, each with full 243-configuration rows and the
+    # whole 7B table's time
     step cuda_decompose "$run/test_cuda_ops" decompose
     LQ_CUDA_DECOMPOSE_SKETCH=check step sketch_check "$run/test_cuda_ops" decompose
-    TAIL=80 step bench_decompose "$run/bench_cuda" --only-decompose \
-        --variants "${VARIANTS:-householder,cholesky-trsm,cholesky,cholesky+batched,cholesky+tf32,cholesky+batched+tf32}" \
+    LQ_CUDA_DECOMPOSE_SKETCH=check LQ_CUDA_DECOMPOSE_SKETCH_KERNEL=thread \
+        step sketch_check_thread "$run/test_cuda_ops" decompose
+    old=householder+fp32+thread-sketch+team-values
+    TAIL=80 step bench_decompose "$run/bench_cuda" --only-decompose --variants \
+        "${VARIANTS:-$old,cholesky+tf32+thread-sketch+team-values,default,default+streams16}" \
         ${BENCH_ARGS:-} ;;
 esac
 case "${1:-}" in

@@ -550,12 +550,12 @@ static void test_decompose(void) {
         free(back);
         lq_decomposition_free(&ref), lq_decomposition_free(&dev);
     }
-    /* Concurrent streams and the device-drawn sketch must not change a single bit: a row of
-     * the table equals the one-stream, host-sketch row. */
+    /* Concurrent streams and the device-drawn sketch (either kernel) must not change a single
+     * bit: a row of the table equals the one-stream, host-sketch row. */
     enum { ROW = 8 };
     struct lq_nf_config grid[LQ_NF_TABLE1_SIZE], row[ROW];
     uint64_t row_seeds[ROW];
-    double concurrent[ROW], serial[ROW], host_sketch[ROW];
+    double concurrent[ROW], serial[ROW], host_sketch[ROW], thread_sketch[ROW];
     lq_nf_grid_table1(grid);
     for (int i = 0; i < ROW; i++) row[i] = grid[i * 29], row_seeds[i] = 100 + (uint64_t)i;
     CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
@@ -563,6 +563,10 @@ static void test_decompose(void) {
     setenv("LQ_CUDA_DECOMPOSE_STREAMS", "1", 1);
     CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options, serial,
                                         &err));
+    setenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL", "thread", 1);
+    CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
+                                        thread_sketch, &err));
+    unsetenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL");
     setenv("LQ_CUDA_DECOMPOSE_SKETCH", "host", 1);
     CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
                                         host_sketch, &err));
@@ -570,12 +574,25 @@ static void test_decompose(void) {
     unsetenv("LQ_CUDA_DECOMPOSE_SKETCH");
     CHECK(memcmp(concurrent, serial, sizeof serial) == 0);
     CHECK(memcmp(host_sketch, serial, sizeof serial) == 0);
+    CHECK(memcmp(thread_sketch, serial, sizeof serial) == 0);
+    /* The one-value-a-lane NF values kernel writes the same Q bit for bit and sums the error
+     * in another order: equal errors up to that order. */
+    double team_values[ROW];
+    setenv("LQ_CUDA_DECOMPOSE_NF_VALUES", "team", 1);
+    CHECK_OK(gpu->ops->decompose_errors(gpu, w, rows, cols, row, row_seeds, ROW, &options,
+                                        team_values, &err));
+    unsetenv("LQ_CUDA_DECOMPOSE_NF_VALUES");
+    for (int i = 0; i < ROW; i++)
+        CHECK_MSG(fabs(team_values[i] - serial[i]) <= 1e-9 * serial[i],
+                  "LQ_CUDA_DECOMPOSE_NF_VALUES=team: error %.17g vs %.17g", team_values[i],
+                  serial[i]);
 
-    /* The other ways to run a step (LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32) against the CPU. */
+    /* The other ways to run a step (LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32: the table's default
+     * is TF32, so 0 is the other way) against the default. */
     static const char *const variants[][2] = {{"LQ_CUDA_DECOMPOSE_QR", "householder"},
                                               {"LQ_CUDA_DECOMPOSE_QR", "cholesky-trsm"},
                                               {"LQ_CUDA_DECOMPOSE_EIG", "batched"},
-                                              {"LQ_CUDA_DECOMPOSE_TF32", "1"}};
+                                              {"LQ_CUDA_DECOMPOSE_TF32", "0"}};
     for (int v = 0; v < 4; v++) {
         setenv(variants[v][0], variants[v][1], 1);
         double variant[3];
@@ -593,6 +610,14 @@ static void test_decompose(void) {
         gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
     unsetenv("LQ_CUDA_DECOMPOSE_QR");
     CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_QR") != NULL);
+    setenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL", "warp", 1);
+    bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
+    unsetenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL");
+    CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_SKETCH_KERNEL") != NULL);
+    setenv("LQ_CUDA_DECOMPOSE_NF_VALUES", "float8", 1);
+    bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
+    unsetenv("LQ_CUDA_DECOMPOSE_NF_VALUES");
+    CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_NF_VALUES") != NULL);
     free(w);
 
     /* A rank-20 W with a 26-column sketch (rank 16 + 10): every sketch is rank-deficient, so
