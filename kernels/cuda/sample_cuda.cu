@@ -12,12 +12,17 @@
 // finds the id. About 100 passes over a row in the worst case (top-k, top-p and a draw), each
 // reading the row from L2 after the first.
 //
+// That bisection is kept here as the reference, picked with LQ_CUDA_SAMPLE=bisect; the default
+// is sample_radix_cuda.cu, which finds the same cuts by radix select in about 15 passes and
+// gives the same tokens and logprobs to the bit (test_cuda_sample checks both).
+//
 // Against the CPU: the weights exp((x - max) / T) come from CUDA's expf (2 ulp) rather than
 // glibc's, and the sums add the same terms in another order, so where u lands within rounding
 // (~1e-7 relative) of a boundary of the cumulative distribution the two may pick neighbouring
 // tokens. Greedy (temperature 0) and everything decided by comparisons of logits (top-k,
 // min-p's threshold, ties) are exact.
 #include "kernels/cuda/cuda_internal.h"
+#include "kernels/cuda/sample_cuda.cuh"
 
 extern "C" {
 #include "core/sampler.h"
@@ -25,145 +30,13 @@ extern "C" {
 
 #include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-constexpr long long kAllTies = 1LL << 40; // "every token whose key is K"
-
-// A row's settings as the kernel reads them: log(min_p) comes from the host's libm, the call
-// core/sampler.c makes, so that min-p's threshold is the CPU's to the bit.
-struct device_row {
-    float temperature, top_p, min_p;
-    int top_k;
-    double u, log_min_p;
-};
-
-// A prefix of the sorted order: every token with key > key, then the `ties` lowest ids with
-// key == key (all of them when ties >= their count).
-struct prefix {
-    unsigned long long key;
-    long long ties;
-};
-
-struct block_shared {
-    double sums[kWarps + 1];
-    int counts[kWarps + 1];
-    unsigned long long maxes[kWarps + 1];
-    int chunk_counts[kThreads];
-    int found;
-};
-
-__device__ __forceinline__ float clean(float x) {
-    return isfinite(x) ? x : -INFINITY; // NaN and +-inf count as -inf, as on the CPU
-}
-
-// Order-preserving key of a clean logit: larger logit, larger key; -0 shares +0's key.
-__device__ __forceinline__ unsigned key_of(float x) {
-    unsigned bits = __float_as_uint(x);
-    if (bits == 0x80000000u) bits = 0u;
-    return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
-}
-
-__device__ __forceinline__ float value_of(unsigned key) {
-    return __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
-}
-
-// core/sampler.c's weight_of, rounded step by step the same way (no contraction).
-__device__ __forceinline__ float weight_of(float x, float max, float temperature) {
-    return expf(__fdiv_rn(__fsub_rn(x, max), temperature));
-}
-
-__device__ __forceinline__ double warp_sum(double v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ int warp_sum_int(int v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        unsigned long long other = __shfl_down_sync(0xffffffffu, v, offset);
-        v = other > v ? other : v;
-    }
-    return v;
-}
-
-// Block-wide reductions, in a fixed order (a row's sums are the same on every run). Every
-// thread calls them; the leading barrier keeps the previous result until all have read it.
-__device__ double block_sum(double v, block_shared &s) {
-    v = warp_sum(v);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) s.sums[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        double w = threadIdx.x < kWarps ? s.sums[threadIdx.x] : 0.0;
-        w = warp_sum(w);
-        if (threadIdx.x == 0) s.sums[kWarps] = w;
-    }
-    __syncthreads();
-    return s.sums[kWarps];
-}
-
-__device__ int block_sum_int(int v, block_shared &s) {
-    v = warp_sum_int(v);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) s.counts[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        int w = threadIdx.x < kWarps ? s.counts[threadIdx.x] : 0;
-        w = warp_sum_int(w);
-        if (threadIdx.x == 0) s.counts[kWarps] = w;
-    }
-    __syncthreads();
-    return s.counts[kWarps];
-}
-
-__device__ unsigned long long block_max(unsigned long long v, block_shared &s) {
-    v = warp_max(v);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) s.maxes[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        unsigned long long w = threadIdx.x < kWarps ? s.maxes[threadIdx.x] : 0ull;
-        w = warp_max(w);
-        if (threadIdx.x == 0) s.maxes[kWarps] = w;
-    }
-    __syncthreads();
-    return s.maxes[kWarps];
-}
-
-// Σ weight over the tokens with key >= threshold (2^32: none).
-__device__ double mass_from(const float *row, int vocab, unsigned long long threshold, float max,
-                            float temperature, block_shared &s) {
-    double sum = 0.0;
-    for (int i = threadIdx.x; i < vocab; i += kThreads) {
-        float x = clean(row[i]);
-        if (key_of(x) >= threshold) sum += (double)weight_of(x, max, temperature);
-    }
-    return block_sum(sum, s);
-}
-
-// How many tokens have key >= threshold.
-__device__ int count_from(const float *row, int vocab, unsigned long long threshold,
-                          block_shared &s) {
-    int count = 0;
-    for (int i = threadIdx.x; i < vocab; i += kThreads) count += key_of(clean(row[i])) >= threshold;
-    return block_sum_int(count, s);
-}
-
-// How many tokens have key == key (key < 2^32).
-__device__ int count_at(const float *row, int vocab, unsigned long long key, block_shared &s) {
-    int count = 0;
-    for (int i = threadIdx.x; i < vocab; i += kThreads)
-        count += (unsigned long long)key_of(clean(row[i])) == key;
-    return block_sum_int(count, s);
-}
+using namespace lq_sample_device;
 
 // The id of the j-th lowest id (j >= 1) among the tokens with key == key, or -1. Each thread
 // counts a contiguous chunk of ids; thread 0 walks the chunk counts, then the one chunk.
@@ -195,49 +68,6 @@ __device__ int select_tie(const float *row, int vocab, unsigned long long key, l
     return s.found;
 }
 
-__device__ __forceinline__ bool passes(double mass, double limit, bool inclusive) {
-    return inclusive ? mass >= limit : mass > limit;
-}
-
-// The smallest j in [1, count] for which above + w + ... + w (j terms, added one by one as the
-// CPU walks a tie group) passes the limit, or 0. Starts near the answer when w > 0, so a flat
-// row of 256K equal logits does not walk 256K additions; every thread computes the same.
-__device__ long long tie_needed(double above, double w, long long count, double limit,
-                                bool inclusive) {
-    if (count <= 0) return 0;
-    long long j = 0;
-    double acc = above;
-    if (w > 0.0) {
-        double estimate = floor((limit - above) / w) - 2.0;
-        if (estimate > 0.0) {
-            j = estimate < (double)count ? (long long)estimate : count;
-            acc = above + (double)j * w;
-            if (passes(acc, limit, inclusive)) j = 0, acc = above; // overshot: walk from 1
-        }
-    }
-    while (j < count) {
-        acc += w;
-        j++;
-        if (passes(acc, limit, inclusive)) return j;
-    }
-    return 0;
-}
-
-// The largest key K in (low, high) whose mass_from(K) passes the limit, or low when none does.
-// mass_from(high) must fail (high is past the max key: mass 0).
-__device__ unsigned long long search_mass(const float *row, int vocab, unsigned long long low,
-                                          unsigned long long high, double limit, bool inclusive,
-                                          float max, float temperature, block_shared &s) {
-    while (high - low > 1) {
-        unsigned long long mid = low + (high - low) / 2;
-        if (passes(mass_from(row, vocab, mid, max, temperature, s), limit, inclusive))
-            low = mid;
-        else
-            high = mid;
-    }
-    return low;
-}
-
 // Where, inside the tie group at key (its first max_ties ids at most), the running mass first
 // passes the limit: (key, j), j = 0 when it never does.
 __device__ prefix cut_in_group(const float *row, int vocab, unsigned long long key,
@@ -258,20 +88,6 @@ __device__ double prefix_mass(const float *row, int vocab, prefix p, float max, 
     if (count > 0)
         mass += (double)count * (double)weight_of(value_of((unsigned)p.key), max, temperature);
     return mass;
-}
-
-__device__ __forceinline__ bool shorter(prefix a, prefix b) {
-    return a.key > b.key || (a.key == b.key && a.ties < b.ties);
-}
-
-// core/sampler.c's min_p_threshold, with the product and sum rounded separately as the host's
-// (FMA-less) code rounds them.
-__device__ float min_p_threshold(float max, const device_row &p) {
-    if (p.min_p <= 0.0f) return -FLT_MAX;
-    double threshold = __dadd_rn((double)max, __dmul_rn((double)p.temperature, p.log_min_p));
-    if (threshold <= -FLT_MAX) return -FLT_MAX;
-    float rounded = __double2float_rn(threshold);
-    return (double)rounded < threshold ? nextafterf(rounded, INFINITY) : rounded;
 }
 
 // The tempered draw (temperature > 0, some logit finite; max_key the largest key).
@@ -386,6 +202,18 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) tokens[blockIdx.x] = token;
 }
 
+// LQ_CUDA_SAMPLE=bisect picks sample_kernel, radix (or unset) sample_radix_kernel; another
+// value is reported once and taken as radix. Read on every call, so a test can run both.
+bool bisect_requested(void) {
+    const char *value = getenv("LQ_CUDA_SAMPLE");
+    if (!value || !*value || strcmp(value, "radix") == 0) return false;
+    if (strcmp(value, "bisect") == 0) return true;
+    static int reported;
+    if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
+        fprintf(stderr, "lqd: LQ_CUDA_SAMPLE=%s: expected radix or bisect; using radix\n", value);
+    return false;
+}
+
 int rows_check(int n, int vocab, int stride, const struct lq_sample_row *rows, const int *tokens,
                const float *logits) {
     if (n < 1 || vocab < 1 || stride < vocab || !rows || !tokens || !logits) return LQ_EINVAL;
@@ -425,9 +253,16 @@ int sample(struct lq_cuda *cuda, const float *logits, int n, int vocab, int stri
     }
     int *device_tokens = (int *)out;
     float *device_logprobs = logprobs ? (float *)((char *)out + token_bytes) : NULL;
-    sample_kernel<<<n, kThreads, 0, cuda->stream>>>(
-        logits, vocab, stride, (const device_row *)device_rows, device_tokens, device_logprobs);
-    cudaError_t status = cudaGetLastError();
+    cudaError_t status;
+    if (bisect_requested()) {
+        sample_kernel<<<n, kThreads, 0, cuda->stream>>>(
+            logits, vocab, stride, (const device_row *)device_rows, device_tokens, device_logprobs);
+        status = cudaGetLastError();
+    } else {
+        status = lq_cuda_sample_radix_launch(cuda, logits, n, vocab, stride,
+                                             (const device_row *)device_rows, device_tokens,
+                                             device_logprobs);
+    }
     if (status == cudaSuccess)
         status = cudaMemcpyAsync(tokens, device_tokens, (size_t)n * sizeof(int),
                                  cudaMemcpyDeviceToHost, cuda->stream);

@@ -55,7 +55,19 @@ backward) # the training ops (token_nll among them) and both attention backwards
     TAIL=40 step cuda_attention_backward "$run/test_cuda_attention_backward" --time ;;
 esac
 case "${1:-}" in
-sample) TAIL=60 step cuda_sample "$run/test_cuda_sample" --time ;;
+sample) # both implementations (LQ_CUDA_SAMPLE=bisect, radix) against the CPU and each other,
+    # timed side by side; then a small run under compute-sanitizer's racecheck and memcheck
+    TAIL=60 step cuda_sample "$run/test_cuda_sample" --time
+    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+        2>/dev/null | head -1)
+    if [ -n "$sanitizer" ]; then
+        for tool in racecheck memcheck; do
+            step "cuda_sample_$tool" "$sanitizer" --tool "$tool" --error-exitcode 1 \
+                "$run/test_cuda_sample" --quick
+        done
+    else
+        echo "== compute-sanitizer not found: racecheck and memcheck skipped"
+    fi ;;
 esac
 case "${1:-}" in
 decompose) # the LQ decomposition alone: its checks (the block sketch kernel against the host
