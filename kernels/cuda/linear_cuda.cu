@@ -39,6 +39,9 @@
 //      values in ~R·NT shuffles) and writes one partial per row, token and slice; the last CTA
 //      of a band to finish (an atomic ticket) sums the slices in slice order into y.
 //      Deterministic: the same inputs give the same bits on every run.
+//      LQ_CUDA_DECODE=v2 (default v1): one token at b0 = 3, 4 with B0 >= 16 takes
+//      lq_gemv_kernel (gemv_cuda.cuh) instead, the same arithmetic (the same bits) with the
+//      next row group's loads in flight while the current one is decoded, in a one-wave grid.
 //   3. Anything else (odd shapes such as 37 x 53, B0 <= 4 or not 8, 16, 32k, chunks whose blocks
 //      fall in two groups, x not 16-byte aligned):
 //      lq_decode_generic_kernel, one warp per row, every value decoded on its own. Correct for
@@ -55,11 +58,13 @@
 // t = x·L2ᵀ and y += t·L1ᵀ as fp32 SGEMMs. Bytes: the packed matrix once, 2·rows·cols·2 of fp16
 // tiles (mostly L2), x and y.
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/cuda/linear_cuda_kernels.cuh"
+#include "kernels/cuda/gemv_cuda.cuh"
 
 extern "C" {
 #include "core/nf.h"
@@ -238,6 +243,40 @@ static lq_decode_grid lq_decode_grid_for(const struct lq_cuda *cuda, const struc
     return g;
 }
 
+// LQ_CUDA_DECODE=v2 takes lq_gemv_kernel (gemv_cuda.cuh) for one token at b0 = 3 and 4; v1 (or
+// unset) keeps lq_decode_kernel there; another value is reported once and taken as v1. Read on
+// every call, so that a benchmark can time both in one process. Both give the same bits.
+static bool lq_gemv_requested(void) {
+    const char *value = getenv("LQ_CUDA_DECODE");
+    if (!value || !*value || strcmp(value, "v1") == 0) return false;
+    if (strcmp(value, "v2") == 0) return true;
+    static int reported;
+    if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
+        fprintf(stderr, "lqd: LQ_CUDA_DECODE=%s: expected v1 or v2; using v1\n", value);
+    return false;
+}
+
+// lq_gemv_kernel's grid: one wave of LQ_GEMV_CTAS_PER_SM CTAs per SM, each CTA walking `iters`
+// groups of LQ_GEMV_GROUP_ROWS rows of its band in one slice. The bands never exceed
+// rows / 32 (the tickets' count).
+static lq_decode_grid lq_gemv_grid_for(const struct lq_cuda *cuda, const struct lq_linear *w) {
+    lq_decode_grid g;
+    const int chunks_per_row = w->cols / 32;
+    g.slices = (chunks_per_row + LQ_SLICE_CHUNKS - 1) / LQ_SLICE_CHUNKS;
+    const long groups = (w->rows + LQ_GEMV_GROUP_ROWS - 1) / LQ_GEMV_GROUP_ROWS;
+    const long ctas = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) * LQ_GEMV_CTAS_PER_SM;
+    const long bands_wanted = ctas / g.slices > 0 ? ctas / g.slices : 1;
+    g.iters = (int)((groups + bands_wanted - 1) / bands_wanted);
+    g.bands = (int)((groups + g.iters - 1) / g.iters);
+    return g;
+}
+
+// b0 = 3 or 4 with 1 or 2 blocks per chunk (4, i.e. B0 = 8, would spill: lq_decode_kernel).
+static lq_decode_fn lq_gemv_kernel_for(int bits, int bpc) {
+    if (bits == 3) return bpc == 1 ? lq_gemv_kernel<3, 1> : lq_gemv_kernel<3, 2>;
+    return bpc == 1 ? lq_gemv_kernel<4, 1> : lq_gemv_kernel<4, 2>;
+}
+
 // t = x · L2ᵀ into workspace t (kernel 1 of decode).
 static int lq_launch_projection(struct lq_cuda *cuda, const struct lq_linear *w,
                                 const struct lq_cuda_linear_data *data, const float *x, int n,
@@ -307,7 +346,10 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                      const struct lq_prefetch *prefetch) {
     const int nt = lq_pad_tokens(n);
     const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_blocks_per_chunk(w) : 0;
-    const lq_decode_grid grid = lq_decode_grid_for(cuda, w, nt);
+    const int b0 = w->q.config.b0;
+    const bool gemv =
+        (bpc == 1 || bpc == 2) && nt == 1 && (b0 == 3 || b0 == 4) && lq_gemv_requested();
+    const lq_decode_grid grid = gemv ? lq_gemv_grid_for(cuda, w) : lq_decode_grid_for(cuda, w, nt);
     lq_decode_args a;
     memset(&a, 0, sizeof a);
     a.q = lq_packed_of(w, data);
@@ -338,7 +380,14 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                     "lq_decode_generic_kernel");
         return LQ_OK;
     }
-    LQ_CUDA_TRY(lq_launch(lq_decode_kernel_for(w->q.config.b0, bpc, nt),
+    if (gemv) {
+        LQ_CUDA_TRY(lq_launch(lq_gemv_kernel_for(b0, bpc),
+                              dim3((unsigned)grid.bands, (unsigned)grid.slices),
+                              dim3(LQ_DECODE_THREADS), cuda->stream, overlap, a),
+                    "lq_gemv_kernel");
+        return LQ_OK;
+    }
+    LQ_CUDA_TRY(lq_launch(lq_decode_kernel_for(b0, bpc, nt),
                           dim3((unsigned)grid.bands, (unsigned)grid.slices),
                           dim3(LQ_DECODE_THREADS), cuda->stream, overlap, a),
                 "lq_decode_kernel");

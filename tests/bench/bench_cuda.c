@@ -23,8 +23,11 @@
  * without a GPU. Also each linear layer alone at several batch sizes.
  * --train adds LoRA training tokens/s of the ~2.75-bit model. --decode-variants runs only the
  * decode of the ~3-bit model, with decode-step graphs and weight prefetch each on and off.
+ * --linear-only [LIST] runs only the linear layers alone, at 1, 2 and 4 tokens, once per
+ * one-token decode kernel named in LIST (LQ_CUDA_DECODE values, default v1,v2).
  * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--only-decompose]
- *                   [--table-sample K] [--variants LIST] [--train] [--decode-variants] */
+ *                   [--table-sample K] [--variants LIST] [--train] [--decode-variants]
+ *                   [--linear-only [LIST]] */
 #include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
@@ -220,14 +223,29 @@ static int prefill(struct lq_runtime *runtime, const struct lq_model *m, struct 
 }
 
 /* One linear layer alone: microseconds per call (host clock over 50 queued calls, so launch
- * costs count as in a forward pass) and the bandwidth its bytes imply. */
-static int linear_alone(struct lq_backend *gpu, struct lq_error *err) {
+ * costs count as in a forward pass) and the bandwidth its bytes imply. With decode_variants
+ * (a comma-separated list of LQ_CUDA_DECODE values, kernels/cuda/linear_cuda.cu) each layer is
+ * timed at 1, 2 and 4 tokens once per variant, one line each; else at every batch size with
+ * the environment as it is. */
+static int linear_alone(struct lq_backend *gpu, const char *decode_variants, struct lq_error *err) {
     struct lq_rng rng;
     lq_rng_seed(&rng, 3);
     const int shapes[3][2] = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
     const struct lq_nf_config configs[2] = {{2, 8, LQ_SCALE_FP32, 64, 256},
                                             {3, 8, LQ_SCALE_FP32, 64, 256}};
-    const int batches[] = {1, 2, 4, 8, 9, 16, 32, 64, 512};
+    const int all_batches[] = {1, 2, 4, 8, 9, 16, 32, 64, 512}, decode_batches[] = {1, 2, 4};
+    const int *batches = decode_variants ? decode_batches : all_batches;
+    const size_t batch_count = decode_variants ? 3 : sizeof all_batches / sizeof all_batches[0];
+    char names[8][16], list[128];
+    int variant_count = 0;
+    snprintf(list, sizeof list, "%s", decode_variants ? decode_variants : "");
+    for (char *save = NULL, *word = strtok_r(list, ",", &save); word && variant_count < 8;
+         word = strtok_r(NULL, ",", &save))
+        snprintf(names[variant_count++], sizeof names[0], "%s", word);
+    if (decode_variants && variant_count == 0) {
+        snprintf(err->message, sizeof err->message, "--linear-only: no variant named");
+        return -1;
+    }
     float *x = NULL, *y = NULL;
     if (gpu->ops->buffer_alloc(gpu, (size_t)512 * 11008 * 4, (void **)&x, err) ||
         gpu->ops->buffer_alloc(gpu, (size_t)512 * 11008 * 4, (void **)&y, err))
@@ -244,25 +262,32 @@ static int linear_alone(struct lq_backend *gpu, struct lq_error *err) {
                 w.lora_A = w.lora_B = NULL, w.rank = 0;
             }
             if (gpu->ops->linear_prepare(gpu, &w, err)) return -1;
-            printf("linear %5d x %5d b0=%d rank %2d (%.1f MB):", w.rows, w.cols, w.q.config.b0,
-                   w.rank, linear_bytes(&w) / 1e6);
-            for (size_t b = 0; b < sizeof batches / sizeof batches[0]; b++) {
-                const int n = batches[b], calls = 50;
-                for (int i = 0; i < 5; i++) gpu->ops->linear(gpu, &w, x, n, y);
-                gpu->ops->synchronize(gpu, err);
-                double start = now();
-                for (int i = 0; i < calls; i++) gpu->ops->linear(gpu, &w, x, n, y);
-                if (gpu->ops->synchronize(gpu, err)) return -1;
-                double us = (now() - start) / calls * 1e6;
-                printf(" n%d %.0fus", n, us);
-                if (n == 1)
-                    printf(" (%.0f%% of copy bw)",
-                           100.0 * linear_bytes(&w) / (us * 1e-6) / copy_bw);
+            for (int v = 0; v < (variant_count > 0 ? variant_count : 1); v++) {
+                if (variant_count > 0) setenv("LQ_CUDA_DECODE", names[v], 1);
+                printf("linear %5d x %5d b0=%d rank %2d (%.1f MB)%s%s:", w.rows, w.cols,
+                       w.q.config.b0, w.rank, linear_bytes(&w) / 1e6,
+                       variant_count > 0 ? " LQ_CUDA_DECODE=" : "",
+                       variant_count > 0 ? names[v] : "");
+                for (size_t b = 0; b < batch_count; b++) {
+                    const int n = batches[b], calls = 50;
+                    for (int i = 0; i < 5; i++) gpu->ops->linear(gpu, &w, x, n, y);
+                    gpu->ops->synchronize(gpu, err);
+                    double start = now();
+                    for (int i = 0; i < calls; i++) gpu->ops->linear(gpu, &w, x, n, y);
+                    if (gpu->ops->synchronize(gpu, err)) return -1;
+                    double us = (now() - start) / calls * 1e6;
+                    printf(" n%d %.1fus", n, us);
+                    if (n == 1)
+                        printf(" (%.0f%% of copy bw)",
+                               100.0 * linear_bytes(&w) / (us * 1e-6) / copy_bw);
+                }
+                printf("\n");
+                fflush(stdout);
             }
-            printf("\n");
             gpu->ops->linear_release(gpu, &w);
             lq_linear_free(&w);
         }
+    if (variant_count > 0) unsetenv("LQ_CUDA_DECODE");
     gpu->ops->buffer_free(gpu, x), gpu->ops->buffer_free(gpu, y);
     return 0;
 }
@@ -471,6 +496,7 @@ int main(int argc, char **argv) {
     int only_decompose = 0;
     const char *variants = "householder,cholesky"; /* the old path and the default */
     int decode_variants_only = 0;
+    const char *linear_variants = NULL; /* --linear-only LIST */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
             layers = atoi(argv[++i]);
@@ -486,6 +512,8 @@ int main(int argc, char **argv) {
             table_sample = atoi(argv[++i]);
         else if (strcmp(argv[i], "--decode-variants") == 0)
             decode_variants_only = 1;
+        else if (strcmp(argv[i], "--linear-only") == 0)
+            linear_variants = i + 1 < argc && argv[i + 1][0] != '-' ? argv[++i] : "v1,v2";
         else if (strcmp(argv[i], "--variants") == 0 && i + 1 < argc)
             variants = argv[++i];
     }
@@ -518,7 +546,13 @@ int main(int argc, char **argv) {
         lq_model_free(m);
         return rc ? 1 : 0;
     }
-    if (!only_decompose && linear_alone(gpu, &err)) {
+    if (linear_variants) { /* the linear layers alone, per decode kernel variant */
+        int rc = linear_alone(gpu, linear_variants, &err);
+        if (rc) fprintf(stderr, "bench_cuda: linear: %s\n", err.message);
+        gpu->ops->destroy(gpu);
+        return rc ? 1 : 0;
+    }
+    if (!only_decompose && linear_alone(gpu, NULL, &err)) {
         fprintf(stderr, "bench_cuda: linear: %s\n", err.message);
         return 1;
     }
