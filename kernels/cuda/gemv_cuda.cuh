@@ -15,15 +15,24 @@
 //     shuffle lookup is the only shared-memory-pipe (MIO) instruction per code. v1's LDS.128 of
 //     x costs 4 wavefronts per 4 codes x 8 rows, +12% over the lookups.
 //   - t = x·L2ᵀ (this lane's first rank value) is read once, not once per group.
-// The partials and the last-CTA sum of the slices are lq_decode_kernel's.
+// The partials and the last-CTA sum of the slices are lq_decode_kernel's, except with
+// LQ_CUDA_DECODE=v3 (CLUSTER): the slices of a band (at most 8) then run as one thread-block
+// cluster, each CTA keeps its per-row sums in its shared memory, and after a cluster barrier
+// CTA s adds the slices' sums (in slice order, the same bits) for its 1/slices of the band's
+// rows, read through distributed shared memory: no partials in global memory, no fence, no
+// ticket, no second pass by the last CTA.
 #ifndef LQ_GEMV_CUDA_CUH
 #define LQ_GEMV_CUDA_CUH
+
+#include <cooperative_groups.h>
 
 #include "kernels/cuda/linear_cuda_kernels.cuh"
 
 #define LQ_GEMV_ROWS 4 // rows per warp and group: 2 sets of 4·(b0 + BPC + 1) registers
 #define LQ_GEMV_GROUP_ROWS (LQ_DECODE_WARPS * LQ_GEMV_ROWS)
-#define LQ_GEMV_CTAS_PER_SM 2 // the __launch_bounds__ below: <= 128 registers
+#define LQ_GEMV_CTAS_PER_SM 2      // the __launch_bounds__ below: <= 128 registers
+#define LQ_GEMV_MAX_CLUSTER 8      // slices per band for v3 (the portable cluster size)
+#define LQ_GEMV_MAX_BAND_ROWS 8192 // v3: a band's sums in <= 32 KiB of shared memory
 
 // This lane's 32 x values (zeros for a lane past the last chunk). x is 16-byte aligned (the
 // host only takes the fast path then) and a chunk is 128 bytes.
@@ -83,25 +92,30 @@ __device__ __forceinline__ void lq_gemv_lowrank(const lq_decode_args &a, const l
     }
 }
 
-// Reduces a group's R sums across the warp and writes one partial per row.
+// Reduces a group's R sums across the warp and writes one partial per row: to the partials in
+// global memory, or (band_sums != NULL, v3) to this CTA's shared sums of its band.
 template <int R>
-__device__ __forceinline__ void lq_gemv_store(const lq_decode_args &a, int row0, int lane,
-                                              const float (&acc)[R]) {
+__device__ __forceinline__ void lq_gemv_store(const lq_decode_args &a, int row0, int band0,
+                                              int lane, const float (&acc)[R], float *band_sums) {
     float v[R];
 #pragma unroll
     for (int r = 0; r < R; r++) v[r] = acc[r];
     const float total = lq_reduce_scatter<R>(v, lane);
     const int row = row0 + lane / (32 / R);
-    if (lane % (32 / R) == 0 && row < a.q.rows)
+    if (lane % (32 / R) != 0 || row >= a.q.rows) return;
+    if (band_sums)
+        band_sums[row - band0] = total;
+    else
         a.partials[(size_t)blockIdx.y * a.q.rows + row] = total;
 }
 
 // Decodes, adds the low-rank term and stores one group (row0 .. row0 + R − 1).
 template <int BITS, int BPC, int R>
 __device__ __forceinline__ void
-lq_gemv_group(const lq_decode_args &a, const lq_rank_share &share, int row0, int lane,
+lq_gemv_group(const lq_decode_args &a, const lq_rank_share &share, int row0, int band0, int lane,
               const uint32_t (&w)[R][BITS], const float (&scale)[R][BPC], const float (&l1)[R],
-              const float (&xr)[32], float lane_value, float &t_first, bool &t_ready) {
+              const float (&xr)[32], float lane_value, float &t_first, bool &t_ready,
+              float *band_sums) {
     float acc[R];
     lq_gemv_decode<BITS, BPC, R>(w, scale, xr, lane_value, acc);
     if (a.rank > 0) {
@@ -112,16 +126,40 @@ lq_gemv_group(const lq_decode_args &a, const lq_rank_share &share, int row0, int
         }
         lq_gemv_lowrank<R>(a, share, row0, lane, t_first, l1, acc);
     }
-    lq_gemv_store<R>(a, row0, lane, acc);
+    lq_gemv_store<R>(a, row0, band0, lane, acc, band_sums);
 }
 
-template <int BITS, int BPC>
+// v3's epilogue: after every slice's sums are in its shared memory, CTA s of the cluster writes
+// y for rows s, s + slices·256, ... of the band, the slices added in slice order as
+// lq_finish_band does (cluster rank s is slice s: the cluster spans gridDim.y).
+__device__ __forceinline__ void lq_gemv_cluster_finish(const lq_decode_args &a, int band0,
+                                                       int band_rows, float *band_sums) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync(); // release / acquire: the other CTAs' sums are visible
+    const int slices = (int)gridDim.y, rank = (int)cluster.block_rank();
+    for (int i = rank * LQ_DECODE_THREADS + (int)threadIdx.x; i < band_rows;
+         i += slices * LQ_DECODE_THREADS) {
+        const int row = band0 + i;
+        if (row >= a.q.rows) break; // i only grows
+        float sum = 0.0f;
+        for (int s = 0; s < slices; s++) sum += cluster.map_shared_rank(band_sums, s)[i];
+        a.y[row] = sum;
+    }
+    cluster.sync(); // no CTA leaves while another still reads its shared memory
+}
+
+// CLUSTER: launched in clusters of (1, gridDim.y, 1) with band_rows floats of dynamic shared
+// memory (v3); else the partials and tickets of lq_decode_kernel (v2).
+template <int BITS, int BPC, bool CLUSTER>
 __global__ void __launch_bounds__(LQ_DECODE_THREADS, LQ_GEMV_CTAS_PER_SM)
     lq_gemv_kernel(const __grid_constant__ lq_decode_args a) {
     static_assert(BITS == 3 || BITS == 4, "shuffle lookups, one token");
     static_assert(BPC == 1 || BPC == 2, "4 block scales per chunk would spill");
     constexpr int R = LQ_GEMV_ROWS;
     __shared__ int last;
+    extern __shared__ float dynamic_shared[];
+    float *const band_sums = CLUSTER ? dynamic_shared : nullptr;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int chunk = blockIdx.y * LQ_SLICE_CHUNKS + lane;
@@ -148,19 +186,23 @@ __global__ void __launch_bounds__(LQ_DECODE_THREADS, LQ_GEMV_CTAS_PER_SM)
     // Groups in pairs so that both register sets have static indices: while one set is
     // decoded, the loads of the other are in flight.
     for (int g = 0; g < a.iters; g += 2) {
-        lq_gemv_group<BITS, BPC, R>(a, share, warp_row0 + g * LQ_GEMV_GROUP_ROWS, lane, w0, scale0,
-                                    l1_0, xr, lane_value, t_first, t_ready);
+        lq_gemv_group<BITS, BPC, R>(a, share, warp_row0 + g * LQ_GEMV_GROUP_ROWS, band0, lane, w0,
+                                    scale0, l1_0, xr, lane_value, t_first, t_ready, band_sums);
         if (g + 1 >= a.iters) break;
         if (g + 2 < a.iters)
             lq_load_rows<BITS, BPC, R>(a, warp_row0 + (g + 2) * LQ_GEMV_GROUP_ROWS, chunk, active,
                                        lane, w0, scale0, l1_0);
-        lq_gemv_group<BITS, BPC, R>(a, share, warp_row0 + (g + 1) * LQ_GEMV_GROUP_ROWS, lane, w1,
-                                    scale1, l1_1, xr, lane_value, t_first, t_ready);
+        lq_gemv_group<BITS, BPC, R>(a, share, warp_row0 + (g + 1) * LQ_GEMV_GROUP_ROWS, band0, lane,
+                                    w1, scale1, l1_1, xr, lane_value, t_first, t_ready, band_sums);
         if (g + 3 < a.iters)
             lq_load_rows<BITS, BPC, R>(a, warp_row0 + (g + 3) * LQ_GEMV_GROUP_ROWS, chunk, active,
                                        lane, w1, scale1, l1_1);
     }
 
+    if constexpr (CLUSTER) {
+        lq_gemv_cluster_finish(a, band0, band_rows, band_sums);
+        return;
+    }
     // The band's last CTA to finish adds the slices (as lq_decode_kernel does).
     __threadfence();
     __syncthreads();

@@ -39,9 +39,10 @@
 //      values in ~R·NT shuffles) and writes one partial per row, token and slice; the last CTA
 //      of a band to finish (an atomic ticket) sums the slices in slice order into y.
 //      Deterministic: the same inputs give the same bits on every run.
-//      LQ_CUDA_DECODE=v2 (default v1): one token at b0 = 3, 4 with B0 >= 16 takes
+//      LQ_CUDA_DECODE=v2 or v3 (default v1): one token at b0 = 3, 4 with B0 >= 16 takes
 //      lq_gemv_kernel (gemv_cuda.cuh) instead, the same arithmetic (the same bits) with the
-//      next row group's loads in flight while the current one is decoded, in a one-wave grid.
+//      next row group's loads in flight while the current one is decoded, in a one-wave grid;
+//      v3 also sums the slices within a thread-block cluster instead of the partials + ticket.
 //   3. Anything else (odd shapes such as 37 x 53, B0 <= 4 or not 8, 16, 32k, chunks whose blocks
 //      fall in two groups, x not 16-byte aligned):
 //      lq_decode_generic_kernel, one warp per row, every value decoded on its own. Correct for
@@ -243,17 +244,21 @@ static lq_decode_grid lq_decode_grid_for(const struct lq_cuda *cuda, const struc
     return g;
 }
 
-// LQ_CUDA_DECODE=v2 takes lq_gemv_kernel (gemv_cuda.cuh) for one token at b0 = 3 and 4; v1 (or
-// unset) keeps lq_decode_kernel there; another value is reported once and taken as v1. Read on
-// every call, so that a benchmark can time both in one process. Both give the same bits.
-static bool lq_gemv_requested(void) {
+// LQ_CUDA_DECODE picks the kernel for one token at b0 = 3 and 4: v1 (or unset) lq_decode_kernel,
+// v2 lq_gemv_kernel (gemv_cuda.cuh), v3 lq_gemv_kernel with the slices of a band as one cluster
+// (v2 where a band has more than 8 slices, or b0 = 4 with B0 = 16); another value is reported
+// once and taken as v1.
+// Read on every call, so that a benchmark can time them all in one process. All give the same
+// bits.
+static int lq_decode_variant(void) {
     const char *value = getenv("LQ_CUDA_DECODE");
-    if (!value || !*value || strcmp(value, "v1") == 0) return false;
-    if (strcmp(value, "v2") == 0) return true;
+    if (!value || !*value || strcmp(value, "v1") == 0) return 1;
+    if (strcmp(value, "v2") == 0) return 2;
+    if (strcmp(value, "v3") == 0) return 3;
     static int reported;
     if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
-        fprintf(stderr, "lqd: LQ_CUDA_DECODE=%s: expected v1 or v2; using v1\n", value);
-    return false;
+        fprintf(stderr, "lqd: LQ_CUDA_DECODE=%s: expected v1, v2 or v3; using v1\n", value);
+    return 1;
 }
 
 // lq_gemv_kernel's grid: one wave of LQ_GEMV_CTAS_PER_SM CTAs per SM, each CTA walking `iters`
@@ -273,8 +278,36 @@ static lq_decode_grid lq_gemv_grid_for(const struct lq_cuda *cuda, const struct 
 
 // b0 = 3 or 4 with 1 or 2 blocks per chunk (4, i.e. B0 = 8, would spill: lq_decode_kernel).
 static lq_decode_fn lq_gemv_kernel_for(int bits, int bpc) {
-    if (bits == 3) return bpc == 1 ? lq_gemv_kernel<3, 1> : lq_gemv_kernel<3, 2>;
-    return bpc == 1 ? lq_gemv_kernel<4, 1> : lq_gemv_kernel<4, 2>;
+    if (bits == 3) return bpc == 1 ? lq_gemv_kernel<3, 1, false> : lq_gemv_kernel<3, 2, false>;
+    return bpc == 1 ? lq_gemv_kernel<4, 1, false> : lq_gemv_kernel<4, 2, false>;
+}
+
+// The clusters' kernel (v3), or NULL where there is none: b0 = 4 with B0 = 16 spills there.
+static lq_decode_fn lq_gemv_cluster_kernel_for(int bits, int bpc) {
+    if (bits == 3) return bpc == 1 ? lq_gemv_kernel<3, 1, true> : lq_gemv_kernel<3, 2, true>;
+    return bpc == 1 ? lq_gemv_kernel<4, 1, true> : NULL;
+}
+
+// lq_gemv_kernel<..., true>: clusters of the band's slices, the band's sums in dynamic shared
+// memory; PDL as lq_launch.
+static cudaError_t lq_launch_gemv_cluster(lq_decode_fn kernel, const lq_decode_grid &grid,
+                                          cudaStream_t stream, bool after_prologue,
+                                          const lq_decode_args &a) {
+    cudaLaunchAttribute attributes[2] = {};
+    attributes[0].id = cudaLaunchAttributeClusterDimension;
+    attributes[0].val.clusterDim.x = 1;
+    attributes[0].val.clusterDim.y = (unsigned)grid.slices;
+    attributes[0].val.clusterDim.z = 1;
+    attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[1].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3((unsigned)grid.bands, (unsigned)grid.slices);
+    config.blockDim = dim3(LQ_DECODE_THREADS);
+    config.dynamicSmemBytes = (size_t)LQ_GEMV_GROUP_ROWS * grid.iters * sizeof(float);
+    config.stream = stream;
+    config.attrs = attributes;
+    config.numAttrs = after_prologue ? 2 : 1;
+    return cudaLaunchKernelEx(&config, kernel, a);
 }
 
 // t = x · L2ᵀ into workspace t (kernel 1 of decode).
@@ -347,8 +380,9 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     const int nt = lq_pad_tokens(n);
     const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_blocks_per_chunk(w) : 0;
     const int b0 = w->q.config.b0;
-    const bool gemv =
-        (bpc == 1 || bpc == 2) && nt == 1 && (b0 == 3 || b0 == 4) && lq_gemv_requested();
+    const int variant =
+        (bpc == 1 || bpc == 2) && nt == 1 && (b0 == 3 || b0 == 4) ? lq_decode_variant() : 1;
+    const bool gemv = variant >= 2;
     const lq_decode_grid grid = gemv ? lq_gemv_grid_for(cuda, w) : lq_decode_grid_for(cuda, w, nt);
     lq_decode_args a;
     memset(&a, 0, sizeof a);
@@ -378,6 +412,13 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
         LQ_CUDA_TRY(lq_launch(lq_decode_generic_for(nt), dim3((unsigned)((w->rows + 7) / 8)),
                               dim3(256), cuda->stream, overlap, a),
                     "lq_decode_generic_kernel");
+        return LQ_OK;
+    }
+    const lq_decode_fn cluster_kernel = variant == 3 ? lq_gemv_cluster_kernel_for(b0, bpc) : NULL;
+    if (cluster_kernel && grid.slices <= LQ_GEMV_MAX_CLUSTER &&
+        (long)LQ_GEMV_GROUP_ROWS * grid.iters <= LQ_GEMV_MAX_BAND_ROWS) {
+        LQ_CUDA_TRY(lq_launch_gemv_cluster(cluster_kernel, grid, cuda->stream, overlap, a),
+                    "lq_gemv_kernel (clusters)");
         return LQ_OK;
     }
     if (gemv) {
