@@ -270,8 +270,13 @@ static int linear_alone(struct lq_backend *gpu, const char *decode_variants, str
                        variant_count > 0 ? names[v] : "");
                 for (size_t b = 0; b < batch_count; b++) {
                     const int n = batches[b], calls = 50;
-                    for (int i = 0; i < 5; i++) gpu->ops->linear(gpu, &w, x, n, y);
-                    gpu->ops->synchronize(gpu, err);
+                    for (int i = 0; i < 5; i++)
+                        if (gpu->ops->linear(gpu, &w, x, n, y)) {
+                            snprintf(err->message, sizeof err->message,
+                                     "linear %d x %d, n %d: the call failed", w.rows, w.cols, n);
+                            return -1;
+                        }
+                    if (gpu->ops->synchronize(gpu, err)) return -1;
                     double start = now();
                     for (int i = 0; i < calls; i++) gpu->ops->linear(gpu, &w, x, n, y);
                     if (gpu->ops->synchronize(gpu, err)) return -1;
