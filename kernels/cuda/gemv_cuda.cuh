@@ -150,10 +150,9 @@ __device__ __forceinline__ void lq_gemv_cluster_finish(const lq_decode_args &a, 
 }
 
 // CLUSTER: launched in clusters of (1, gridDim.y, 1) with band_rows floats of dynamic shared
-// memory (v3); else the partials and tickets of lq_decode_kernel (v2).
+// memory (v3, v4); else the partials and tickets of lq_decode_kernel (v2).
 template <int BITS, int BPC, bool CLUSTER>
-__global__ void __launch_bounds__(LQ_DECODE_THREADS, LQ_GEMV_CTAS_PER_SM)
-    lq_gemv_kernel(const __grid_constant__ lq_decode_args a) {
+__device__ __forceinline__ void lq_gemv(const lq_decode_args &a) {
     static_assert(BITS == 3 || BITS == 4, "shuffle lookups, one token");
     static_assert(BPC == 1 || BPC == 2, "4 block scales per chunk would spill");
     constexpr int R = LQ_GEMV_ROWS;
@@ -215,6 +214,12 @@ __global__ void __launch_bounds__(LQ_DECODE_THREADS, LQ_GEMV_CTAS_PER_SM)
     if (!last) return;
     lq_finish_band<1>(a, band0, band_rows);
     if (threadIdx.x == 0) a.tickets[blockIdx.x] = 0;
+}
+
+template <int BITS, int BPC, bool CLUSTER>
+__global__ void __launch_bounds__(LQ_DECODE_THREADS, LQ_GEMV_CTAS_PER_SM)
+    lq_gemv_kernel(const __grid_constant__ lq_decode_args a) {
+    lq_gemv<BITS, BPC, CLUSTER>(a);
 }
 
 #endif

@@ -24,7 +24,7 @@
  * --train adds LoRA training tokens/s of the ~2.75-bit model. --decode-variants runs only the
  * decode of the ~3-bit model, with decode-step graphs and weight prefetch each on and off.
  * --linear-only [LIST] runs only the linear layers alone, at 1, 2 and 4 tokens, once per
- * one-token decode kernel named in LIST (LQ_CUDA_DECODE values, default v1,v2,v3).
+ * one-token decode kernel named in LIST (LQ_CUDA_DECODE values, default v1,v2,v3,v4).
  * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--only-decompose]
  *                   [--table-sample K] [--variants LIST] [--train] [--decode-variants]
  *                   [--linear-only [LIST]] */
@@ -518,7 +518,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--decode-variants") == 0)
             decode_variants_only = 1;
         else if (strcmp(argv[i], "--linear-only") == 0)
-            linear_variants = i + 1 < argc && argv[i + 1][0] != '-' ? argv[++i] : "v1,v2,v3";
+            linear_variants = i + 1 < argc && argv[i + 1][0] != '-' ? argv[++i] : "v1,v2,v3,v4";
         else if (strcmp(argv[i], "--variants") == 0 && i + 1 < argc)
             variants = argv[++i];
     }

@@ -50,14 +50,14 @@ graphs) # decode-step graphs and weight prefetch: correctness, then decode with 
     TAIL=40 step bench_variants "$run/bench_cuda" --decode-variants ;;
 esac
 case "${1:-}" in
-gemv) # the one-token decode kernels (LQ_CUDA_DECODE v1, v2, v3): every linear case under v2 and
-    # v3 (v1 is the default the other checks run; test_linear_lq_gemv runs all three and
+gemv) # the one-token decode kernels (LQ_CUDA_DECODE v1 to v4): every linear case under v2 and
+    # v4 (v1 is the default the other checks run; test_linear_lq_gemv runs all four and
     # compares them bit for bit), then each linear layer alone under each variant
-    for variant in v2 v3; do
+    for variant in v2 v4; do
         LQ_CUDA_DECODE=$variant step "cuda_ops_linear_$variant" "$run/test_cuda_ops" linear
     done
     TAIL=40 STEP_TIMEOUT=90 step bench_gemv "$run/bench_cuda" --linear-only \
-        "${VARIANTS:-v1,v2,v3}" ;;
+        "${VARIANTS:-v1,v2,v3,v4}" ;;
 esac
 case "${1:-}" in
 backward) # the training ops (token_nll among them) and both attention backwards, timed

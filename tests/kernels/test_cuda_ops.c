@@ -256,11 +256,11 @@ static void test_linear_lq(void) {
             }
 }
 
-/* The one-token decode kernels (LQ_CUDA_DECODE v1, v2, v3, kernels/cuda/linear_cuda.cu) on
+/* The one-token decode kernels (LQ_CUDA_DECODE v1 to v4, kernels/cuda/linear_cuda.cu) on
  * shapes whose grids walk several row groups per CTA on a GPU of ~132 SMs (2 and 3 groups, a
  * partial last band, slices of 1024 columns and a part of one, 9 slices: too many for v3's
  * clusters), ranks whose share per slice is 0, under 32 and over 32 values: each against the
- * CPU, and v2, v3 bit for bit against v1 (the same arithmetic in the same order). The
+ * CPU, and v2, v3, v4 bit for bit against v1 (the same arithmetic in the same order). The
  * environment variable is restored afterwards. */
 static void test_linear_lq_gemv(void) {
     const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
@@ -294,9 +294,9 @@ static void test_linear_lq_gemv(void) {
                 float *ref = malloc(out_count * sizeof *ref);
                 CHECK_OK(cpu->ops->linear(cpu, &w, x, 1, ref));
                 float *dx = device_floats(x, (size_t)w.cols);
-                float *out[3] = {NULL, NULL, NULL};
-                static const char *const variants[3] = {"v1", "v2", "v3"};
-                for (int v = 0; v < 3; v++) {
+                float *out[4] = {NULL, NULL, NULL, NULL};
+                static const char *const variants[4] = {"v1", "v2", "v3", "v4"};
+                for (int v = 0; v < 4; v++) {
                     setenv("LQ_CUDA_DECODE", variants[v], 1);
                     float *dy = device_floats(NULL, out_count); /* NaN poison */
                     CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy));
@@ -306,13 +306,14 @@ static void test_linear_lq_gemv(void) {
                              variants[v]);
                     gpu->ops->buffer_free(gpu, dy);
                 }
-                for (int v = 1; v < 3; v++)
+                for (int v = 1; v < 4; v++)
                     CHECK_MSG(out[0] && out[v] &&
                                   memcmp(out[0], out[v], out_count * sizeof(float)) == 0,
                               "%s: %s differs from v1 in its bits", label, variants[v]);
                 gpu->ops->linear_release(gpu, &on_gpu);
                 gpu->ops->buffer_free(gpu, dx);
-                free(x), free(ref), free(out[0]), free(out[1]), free(out[2]);
+                for (int v = 0; v < 4; v++) free(out[v]);
+                free(x), free(ref);
                 lq_linear_free(&w);
             }
     if (saved)
