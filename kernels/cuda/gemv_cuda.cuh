@@ -16,11 +16,11 @@
 //     x costs 4 wavefronts per 4 codes x 8 rows, +12% over the lookups.
 //   - t = x·L2ᵀ (this lane's first rank value) is read once, not once per group.
 // The partials and the last-CTA sum of the slices are lq_decode_kernel's, except with
-// LQ_CUDA_DECODE=v3 (CLUSTER): the slices of a band (at most 8) then run as one thread-block
-// cluster, each CTA keeps its per-row sums in its shared memory, and after a cluster barrier
-// CTA s adds the slices' sums (in slice order, the same bits) for its 1/slices of the band's
-// rows, read through distributed shared memory: no partials in global memory, no fence, no
-// ticket, no second pass by the last CTA.
+// LQ_CUDA_DECODE=v3 or v4 (CLUSTER; v4 only changes the grid, see lq_gemv_grid_for): the slices of
+// a band (at most 8) then run as one thread-block cluster, each CTA keeps its per-row sums in its
+// shared memory, and after a cluster barrier CTA s adds the slices' sums (in slice order, the same
+// bits) for its 1/slices of the band's rows, read through distributed shared memory: no partials in
+// global memory, no fence, no ticket, no second pass by the last CTA.
 #ifndef LQ_GEMV_CUDA_CUH
 #define LQ_GEMV_CUDA_CUH
 
