@@ -39,6 +39,11 @@
 //      values in ~R·NT shuffles) and writes one partial per row, token and slice; the last CTA
 //      of a band to finish (an atomic ticket) sums the slices in slice order into y.
 //      Deterministic: the same inputs give the same bits on every run.
+//      LQ_CUDA_DECODE=v2, v3 or v4 (default v1): one token at b0 = 3, 4 with B0 >= 16 takes
+//      lq_gemv_kernel (gemv_cuda.cuh) instead, the same arithmetic (the same bits) with the
+//      next row group's loads in flight while the current one is decoded, in a one-wave grid;
+//      v3 also sums the slices within a thread-block cluster instead of the partials + ticket,
+//      v4 is v3 in a grid that fits beside the projection kernel's CTAs.
 //   3. Anything else (odd shapes such as 37 x 53, B0 <= 4 or not 8, 16, 32k, chunks whose blocks
 //      fall in two groups, x not 16-byte aligned):
 //      lq_decode_generic_kernel, one warp per row, every value decoded on its own. Correct for
@@ -55,11 +60,13 @@
 // t = x·L2ᵀ and y += t·L1ᵀ as fp32 SGEMMs. Bytes: the packed matrix once, 2·rows·cols·2 of fp16
 // tiles (mostly L2), x and y.
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/cuda/linear_cuda_kernels.cuh"
+#include "kernels/cuda/gemv_cuda.cuh"
 
 extern "C" {
 #include "core/nf.h"
@@ -238,6 +245,77 @@ static lq_decode_grid lq_decode_grid_for(const struct lq_cuda *cuda, const struc
     return g;
 }
 
+// LQ_CUDA_DECODE picks the kernel for one token at b0 = 3 and 4: v1 (or unset) lq_decode_kernel,
+// v2 lq_gemv_kernel (gemv_cuda.cuh), v3 lq_gemv_kernel with the slices of a band as one cluster,
+// v4 v3 with a grid that leaves room for the projection kernel's CTAs (lq_gemv_grid_for); v3
+// and v4 run without clusters where a band has more than 8 slices or at b0 = 4 with B0 = 16.
+// Another value is reported once and taken as v1. Read on every call, so that a benchmark can time
+// them all in one process. All give the same bits.
+static int lq_decode_variant(void) {
+    const char *value = getenv("LQ_CUDA_DECODE");
+    if (!value || !*value || strcmp(value, "v1") == 0) return 1;
+    if (strcmp(value, "v2") == 0) return 2;
+    if (strcmp(value, "v3") == 0) return 3;
+    if (strcmp(value, "v4") == 0) return 4;
+    static int reported;
+    if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
+        fprintf(stderr, "lqd: LQ_CUDA_DECODE=%s: expected v1, v2, v3 or v4; using v1\n", value);
+    return 1;
+}
+
+// lq_gemv_kernel's grid: one wave of LQ_GEMV_CTAS_PER_SM CTAs per SM, each CTA walking `iters`
+// groups of LQ_GEMV_GROUP_ROWS rows of its band in one slice. The bands never exceed
+// rows / 32 (the tickets' count). beside_projection (v4): the projection kernel that runs
+// beside it (PDL) holds one CTA on each of up to `rank` SMs, and with 128 registers a decode CTA
+// takes half the register file, so such an SM fits only one decode CTA until the projection
+// ends: leave those slots out, so that no CTA waits for a second wave.
+static lq_decode_grid lq_gemv_grid_for(const struct lq_cuda *cuda, const struct lq_linear *w,
+                                       bool beside_projection) {
+    lq_decode_grid g;
+    const int chunks_per_row = w->cols / 32;
+    g.slices = (chunks_per_row + LQ_SLICE_CHUNKS - 1) / LQ_SLICE_CHUNKS;
+    const long groups = (w->rows + LQ_GEMV_GROUP_ROWS - 1) / LQ_GEMV_GROUP_ROWS;
+    const long sms = cuda->sm_count > 0 ? cuda->sm_count : 1;
+    long ctas = sms * LQ_GEMV_CTAS_PER_SM;
+    if (beside_projection) ctas -= w->rank < sms ? w->rank : sms;
+    const long bands_wanted = ctas / g.slices > 0 ? ctas / g.slices : 1;
+    g.iters = (int)((groups + bands_wanted - 1) / bands_wanted);
+    g.bands = (int)((groups + g.iters - 1) / g.iters);
+    return g;
+}
+
+// b0 = 3 or 4 with 1 or 2 blocks per chunk (4, i.e. B0 = 8, would spill: lq_decode_kernel);
+// NULL for clusters at b0 = 4 with B0 = 16 (that kernel spills).
+template <bool CLUSTER> static lq_decode_fn lq_gemv_kernel_for(int bits, int bpc) {
+    if (bits == 3) return bpc == 1 ? lq_gemv_kernel<3, 1, CLUSTER> : lq_gemv_kernel<3, 2, CLUSTER>;
+    if constexpr (CLUSTER)
+        return bpc == 1 ? lq_gemv_kernel<4, 1, true> : NULL;
+    else
+        return bpc == 1 ? lq_gemv_kernel<4, 1, false> : lq_gemv_kernel<4, 2, false>;
+}
+
+// lq_gemv_kernel<..., true>: clusters of the band's slices, the band's sums in dynamic shared
+// memory; PDL as lq_launch.
+static cudaError_t lq_launch_gemv_cluster(lq_decode_fn kernel, const lq_decode_grid &grid,
+                                          cudaStream_t stream, bool after_prologue,
+                                          const lq_decode_args &a) {
+    cudaLaunchAttribute attributes[2] = {};
+    attributes[0].id = cudaLaunchAttributeClusterDimension;
+    attributes[0].val.clusterDim.x = 1;
+    attributes[0].val.clusterDim.y = (unsigned)grid.slices;
+    attributes[0].val.clusterDim.z = 1;
+    attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[1].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3((unsigned)grid.bands, (unsigned)grid.slices);
+    config.blockDim = dim3(LQ_DECODE_THREADS);
+    config.dynamicSmemBytes = (size_t)LQ_GEMV_GROUP_ROWS * grid.iters * sizeof(float);
+    config.stream = stream;
+    config.attrs = attributes;
+    config.numAttrs = after_prologue ? 2 : 1;
+    return cudaLaunchKernelEx(&config, kernel, a);
+}
+
 // t = x · L2ᵀ into workspace t (kernel 1 of decode).
 static int lq_launch_projection(struct lq_cuda *cuda, const struct lq_linear *w,
                                 const struct lq_cuda_linear_data *data, const float *x, int n,
@@ -307,7 +385,13 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                      const struct lq_prefetch *prefetch) {
     const int nt = lq_pad_tokens(n);
     const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_blocks_per_chunk(w) : 0;
-    const lq_decode_grid grid = lq_decode_grid_for(cuda, w, nt);
+    const int b0 = w->q.config.b0;
+    const int variant =
+        (bpc == 1 || bpc == 2) && nt == 1 && (b0 == 3 || b0 == 4) ? lq_decode_variant() : 1;
+    const bool gemv = variant >= 2;
+    const bool beside_projection = variant == 4 && w->rank > 0 && data->overlap;
+    const lq_decode_grid grid =
+        gemv ? lq_gemv_grid_for(cuda, w, beside_projection) : lq_decode_grid_for(cuda, w, nt);
     lq_decode_args a;
     memset(&a, 0, sizeof a);
     a.q = lq_packed_of(w, data);
@@ -338,7 +422,24 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                     "lq_decode_generic_kernel");
         return LQ_OK;
     }
-    LQ_CUDA_TRY(lq_launch(lq_decode_kernel_for(w->q.config.b0, bpc, nt),
+    if (gemv) {
+        const lq_decode_fn cluster_kernel =
+            variant >= 3 && grid.slices <= LQ_GEMV_MAX_CLUSTER &&
+                    (long)LQ_GEMV_GROUP_ROWS * grid.iters <= LQ_GEMV_MAX_BAND_ROWS
+                ? lq_gemv_kernel_for<true>(b0, bpc)
+                : NULL;
+        if (cluster_kernel) {
+            LQ_CUDA_TRY(lq_launch_gemv_cluster(cluster_kernel, grid, cuda->stream, overlap, a),
+                        "lq_gemv_kernel (clusters)");
+            return LQ_OK;
+        }
+        LQ_CUDA_TRY(lq_launch(lq_gemv_kernel_for<false>(b0, bpc),
+                              dim3((unsigned)grid.bands, (unsigned)grid.slices),
+                              dim3(LQ_DECODE_THREADS), cuda->stream, overlap, a),
+                    "lq_gemv_kernel");
+        return LQ_OK;
+    }
+    LQ_CUDA_TRY(lq_launch(lq_decode_kernel_for(b0, bpc, nt),
                           dim3((unsigned)grid.bands, (unsigned)grid.slices),
                           dim3(LQ_DECODE_THREADS), cuda->stream, overlap, a),
                 "lq_decode_kernel");

@@ -25,11 +25,15 @@
  * fp32, 64, 256) = 3.127 bits) and ~2.75 bits (k, v and up at (2, 8, fp32, 64, 256), the rest
  * NF3: 2.74 bits, the kind of mix the ILP picks). Prints figures; exit 1 only on errors, 77
  * without a GPU. Also each linear layer alone at several batch sizes.
- * --train adds LoRA training tokens/s of the ~2.75-bit model. --decode-variants runs only the
- * decode of the ~3-bit model, with decode-step graphs and weight prefetch each on and off.
+ * --train adds LoRA training tokens/s of the ~2.75-bit model. --decode-variants [LIST] runs only
+ * the decode of the ~3-bit model, with decode-step graphs and weight prefetch each on and off
+ * (LIST: which of the four, by index 0-3, e.g. "1" for graphs without prefetch), and with
+ * --decode-kernels v1,v2,... each of those under each one-token decode kernel (LQ_CUDA_DECODE).
+ * --linear-only [LIST] runs only the linear layers alone, at 1, 2 and 4 tokens, once per
+ * one-token decode kernel named in LIST (LQ_CUDA_DECODE values, default v1,v2,v3,v4).
  * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--only-decompose]
  *                   [--table-sample K] [--variants LIST] [--train] [--decode-variants]
- *                   [--decode-profile] */
+ *                   [--decode-kernels LIST] [--decode-profile] [--linear-only [LIST]] */
 #include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
@@ -228,14 +232,29 @@ static int prefill(struct lq_runtime *runtime, const struct lq_model *m, struct 
 }
 
 /* One linear layer alone: microseconds per call (host clock over 50 queued calls, so launch
- * costs count as in a forward pass) and the bandwidth its bytes imply. */
-static int linear_alone(struct lq_backend *gpu, struct lq_error *err) {
+ * costs count as in a forward pass) and the bandwidth its bytes imply. With decode_variants
+ * (a comma-separated list of LQ_CUDA_DECODE values, kernels/cuda/linear_cuda.cu) each layer is
+ * timed at 1, 2 and 4 tokens once per variant, one line each; else at every batch size with
+ * the environment as it is. */
+static int linear_alone(struct lq_backend *gpu, const char *decode_variants, struct lq_error *err) {
     struct lq_rng rng;
     lq_rng_seed(&rng, 3);
     const int shapes[3][2] = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
     const struct lq_nf_config configs[2] = {{2, 8, LQ_SCALE_FP32, 64, 256},
                                             {3, 8, LQ_SCALE_FP32, 64, 256}};
-    const int batches[] = {1, 2, 4, 8, 9, 16, 32, 64, 512};
+    const int all_batches[] = {1, 2, 4, 8, 9, 16, 32, 64, 512}, decode_batches[] = {1, 2, 4};
+    const int *batches = decode_variants ? decode_batches : all_batches;
+    const size_t batch_count = decode_variants ? 3 : sizeof all_batches / sizeof all_batches[0];
+    char names[8][16], list[128];
+    int variant_count = 0;
+    snprintf(list, sizeof list, "%s", decode_variants ? decode_variants : "");
+    for (char *save = NULL, *word = strtok_r(list, ",", &save); word && variant_count < 8;
+         word = strtok_r(NULL, ",", &save))
+        snprintf(names[variant_count++], sizeof names[0], "%s", word);
+    if (decode_variants && variant_count == 0) {
+        snprintf(err->message, sizeof err->message, "--linear-only: no variant named");
+        return -1;
+    }
     float *x = NULL, *y = NULL;
     if (gpu->ops->buffer_alloc(gpu, (size_t)512 * 11008 * 4, (void **)&x, err) ||
         gpu->ops->buffer_alloc(gpu, (size_t)512 * 11008 * 4, (void **)&y, err))
@@ -252,25 +271,37 @@ static int linear_alone(struct lq_backend *gpu, struct lq_error *err) {
                 w.lora_A = w.lora_B = NULL, w.rank = 0;
             }
             if (gpu->ops->linear_prepare(gpu, &w, err)) return -1;
-            printf("linear %5d x %5d b0=%d rank %2d (%.1f MB):", w.rows, w.cols, w.q.config.b0,
-                   w.rank, linear_bytes(&w) / 1e6);
-            for (size_t b = 0; b < sizeof batches / sizeof batches[0]; b++) {
-                const int n = batches[b], calls = 50;
-                for (int i = 0; i < 5; i++) gpu->ops->linear(gpu, &w, x, n, y);
-                gpu->ops->synchronize(gpu, err);
-                double start = now();
-                for (int i = 0; i < calls; i++) gpu->ops->linear(gpu, &w, x, n, y);
-                if (gpu->ops->synchronize(gpu, err)) return -1;
-                double us = (now() - start) / calls * 1e6;
-                printf(" n%d %.0fus", n, us);
-                if (n == 1)
-                    printf(" (%.0f%% of copy bw)",
-                           100.0 * linear_bytes(&w) / (us * 1e-6) / copy_bw);
+            for (int v = 0; v < (variant_count > 0 ? variant_count : 1); v++) {
+                if (variant_count > 0) setenv("LQ_CUDA_DECODE", names[v], 1);
+                printf("linear %5d x %5d b0=%d rank %2d (%.1f MB)%s%s:", w.rows, w.cols,
+                       w.q.config.b0, w.rank, linear_bytes(&w) / 1e6,
+                       variant_count > 0 ? " LQ_CUDA_DECODE=" : "",
+                       variant_count > 0 ? names[v] : "");
+                for (size_t b = 0; b < batch_count; b++) {
+                    const int n = batches[b], calls = 50;
+                    for (int i = 0; i < 5; i++)
+                        if (gpu->ops->linear(gpu, &w, x, n, y)) {
+                            snprintf(err->message, sizeof err->message,
+                                     "linear %d x %d, n %d: the call failed", w.rows, w.cols, n);
+                            return -1;
+                        }
+                    if (gpu->ops->synchronize(gpu, err)) return -1;
+                    double start = now();
+                    for (int i = 0; i < calls; i++) gpu->ops->linear(gpu, &w, x, n, y);
+                    if (gpu->ops->synchronize(gpu, err)) return -1;
+                    double us = (now() - start) / calls * 1e6;
+                    printf(" n%d %.1fus", n, us);
+                    if (n == 1)
+                        printf(" (%.0f%% of copy bw)",
+                               100.0 * linear_bytes(&w) / (us * 1e-6) / copy_bw);
+                }
+                printf("\n");
+                fflush(stdout);
             }
-            printf("\n");
             gpu->ops->linear_release(gpu, &w);
             lq_linear_free(&w);
         }
+    if (variant_count > 0) unsetenv("LQ_CUDA_DECODE");
     gpu->ops->buffer_free(gpu, x), gpu->ops->buffer_free(gpu, y);
     return 0;
 }
@@ -361,29 +392,41 @@ static int set_variant(const char *variant) {
 /* Decode of one model on fresh backends with decode-step graphs and weight prefetch on and off
  * (each backend reads LQ_CUDA_GRAPHS / LQ_CUDA_PREFETCH when created), so that one run shows
  * what each contributes. */
-static int decode_variants(const struct lq_model *m, double bandwidth, struct lq_error *err) {
+static int decode_variants(const struct lq_model *m, double bandwidth, const char *which,
+                           const char *kernels, struct lq_error *err) {
     static const struct {
         const char *graphs, *prefetch, *label;
     } variants[] = {{"1", "1", "graphs + prefetch"},
                     {"1", "0", "graphs, no prefetch"},
                     {"0", "1", "prefetch, no graphs"},
                     {"0", "0", "neither (ops launched one by one)"}};
-    for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
-        setenv("LQ_CUDA_GRAPHS", variants[v].graphs, 1);
-        setenv("LQ_CUDA_PREFETCH", variants[v].prefetch, 1);
-        struct lq_backend *gpu = NULL;
-        struct lq_runtime *runtime = NULL;
-        int rc = lq_backend_cuda_create(0, 0, &gpu, err);
-        if (!rc) rc = lq_runtime_create(gpu, (struct lq_model *)m, &runtime, err);
-        printf("\n%s:\n", variants[v].label);
-        const int batches[] = {1, 8, 32, 64};
-        for (int b = 0; b < 4 && !rc; b++) rc = decode(runtime, m, batches[b], bandwidth, err);
-        if (runtime) lq_runtime_free(runtime);
-        if (gpu) gpu->ops->destroy(gpu);
-        if (rc) return rc;
-    }
+    char list[64];
+    snprintf(list, sizeof list, "%s", kernels ? kernels : "");
+    char *save = NULL, *kernel = strtok_r(list, ",", &save);
+    do { /* --decode-kernels LIST: each one-token kernel (LQ_CUDA_DECODE) in turn */
+        if (kernel) setenv("LQ_CUDA_DECODE", kernel, 1);
+        for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+            char index[8];
+            snprintf(index, sizeof index, "%zu", v);
+            if (which && !strstr(which, index)) continue; /* --decode-variants LIST: 0..3 */
+            setenv("LQ_CUDA_GRAPHS", variants[v].graphs, 1);
+            setenv("LQ_CUDA_PREFETCH", variants[v].prefetch, 1);
+            struct lq_backend *gpu = NULL;
+            struct lq_runtime *runtime = NULL;
+            int rc = lq_backend_cuda_create(0, 0, &gpu, err);
+            if (!rc) rc = lq_runtime_create(gpu, (struct lq_model *)m, &runtime, err);
+            printf("\n%s%s%s:\n", variants[v].label, kernel ? ", decode kernel " : "",
+                   kernel ? kernel : "");
+            const int batches[] = {1, 8, 32, 64};
+            for (int b = 0; b < 4 && !rc; b++) rc = decode(runtime, m, batches[b], bandwidth, err);
+            if (runtime) lq_runtime_free(runtime);
+            if (gpu) gpu->ops->destroy(gpu);
+            if (rc) return rc;
+        }
+    } while (kernel && (kernel = strtok_r(NULL, ",", &save)));
     unsetenv("LQ_CUDA_GRAPHS");
     unsetenv("LQ_CUDA_PREFETCH");
+    if (kernels) unsetenv("LQ_CUDA_DECODE");
     return LQ_OK;
 }
 
@@ -507,6 +550,8 @@ int main(int argc, char **argv) {
     /* the old path and the default */
     const char *variants = "householder+fp32+thread-sketch+team-values,default";
     int decode_variants_only = 0;
+    const char *decode_which = NULL, *decode_kernels = NULL;
+    const char *linear_variants = NULL; /* --linear-only LIST */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
             layers = atoi(argv[++i]);
@@ -520,10 +565,16 @@ int main(int argc, char **argv) {
             only_decompose = skip_models = 1;
         else if (strcmp(argv[i], "--table-sample") == 0 && i + 1 < argc)
             table_sample = atoi(argv[++i]);
-        else if (strcmp(argv[i], "--decode-variants") == 0)
+        else if (strcmp(argv[i], "--decode-variants") == 0) {
             decode_variants_only = 1;
+            if (i + 1 < argc && argv[i + 1][0] >= '0' && argv[i + 1][0] <= '9')
+                decode_which = argv[++i];
+        } else if (strcmp(argv[i], "--decode-kernels") == 0 && i + 1 < argc)
+            decode_kernels = argv[++i];
         else if (strcmp(argv[i], "--decode-profile") == 0)
             profile_steps = 1;
+        else if (strcmp(argv[i], "--linear-only") == 0)
+            linear_variants = i + 1 < argc && argv[i + 1][0] != '-' ? argv[++i] : "v1,v2,v3,v4";
         else if (strcmp(argv[i], "--variants") == 0 && i + 1 < argc)
             variants = argv[++i];
     }
@@ -563,12 +614,18 @@ int main(int argc, char **argv) {
         if (!m) return 1;
         printf("model: %d layers, %.3f bits/param (all NF3), rank %d fp32 factors\n", layers, bits,
                RANK);
-        int rc = decode_variants(m, bandwidth, &err);
+        int rc = decode_variants(m, bandwidth, decode_which, decode_kernels, &err);
         if (rc) fprintf(stderr, "bench_cuda: decode: %s\n", err.message);
         lq_model_free(m);
         return rc ? 1 : 0;
     }
-    if (!only_decompose && linear_alone(gpu, &err)) {
+    if (linear_variants) { /* the linear layers alone, per decode kernel variant */
+        int rc = linear_alone(gpu, linear_variants, &err);
+        if (rc) fprintf(stderr, "bench_cuda: linear: %s\n", err.message);
+        gpu->ops->destroy(gpu);
+        return rc ? 1 : 0;
+    }
+    if (!only_decompose && linear_alone(gpu, NULL, &err)) {
         fprintf(stderr, "bench_cuda: linear: %s\n", err.message);
         return 1;
     }

@@ -50,6 +50,15 @@ graphs) # decode-step graphs and weight prefetch: correctness, then decode with 
     TAIL=40 step bench_variants "$run/bench_cuda" --decode-variants ;;
 esac
 case "${1:-}" in
+gemv) # the one-token decode kernels (LQ_CUDA_DECODE v1 to v4; `test_cuda_ops linear`, in the
+    # graphs case, checks all four against the CPU and each other bit for bit): each linear layer
+    # alone under each variant, then the whole batch-1 step (graphs on) under each
+    TAIL=40 STEP_TIMEOUT=90 step bench_gemv "$run/bench_cuda" --linear-only \
+        "${VARIANTS:-v1,v2,v3,v4}"
+    TAIL=40 step decode_kernels "$run/bench_cuda" --decode-variants 1 --decode-kernels \
+        "${VARIANTS:-v1,v2,v3,v4}" ;;
+esac
+case "${1:-}" in
 backward) # the training ops (token_nll among them) and both attention backwards, timed
     step cuda_train_ops "$run/test_cuda_train_ops"
     TAIL=40 step cuda_attention_backward "$run/test_cuda_attention_backward" --time ;;

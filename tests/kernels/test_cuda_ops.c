@@ -298,6 +298,73 @@ static void test_linear_lq(void) {
             }
 }
 
+/* The one-token decode kernels (LQ_CUDA_DECODE v1 to v4, kernels/cuda/linear_cuda.cu) on
+ * shapes whose grids walk several row groups per CTA on a GPU of ~132 SMs (2 and 3 groups, a
+ * partial last band, slices of 1024 columns and a part of one, 9 slices: too many for v3's
+ * clusters), ranks whose share per slice is 0, under 32 and over 32 values: each against the
+ * CPU, and v2, v3, v4 bit for bit against v1 (the same arithmetic in the same order). The
+ * environment variable is restored afterwards. */
+static void test_linear_lq_gemv(void) {
+    const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
+                                           {4, 4, LQ_SCALE_FP32, 64, 256},
+                                           {3, 4, LQ_SCALE_BF16, 16, 8}};
+    const int shapes[][2] = {{3000, 2080}, {9000, 64}, {20000, 64}, {100, 8224}};
+    const int ranks[] = {0, 8, 80};
+    const char *before = getenv("LQ_CUDA_DECODE");
+    char *saved = before ? strdup(before) : NULL;
+    for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++)
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            for (size_t r = 0; r < sizeof ranks / sizeof ranks[0]; r++) {
+                struct lq_linear w;
+                if (make_lq(shapes[s][0], shapes[s][1], configs[c], ranks[r], &w)) {
+                    CHECK(0);
+                    continue;
+                }
+                char label[128], text[64];
+                snprintf(label, sizeof label, "LQ %s %d x %d rank %d",
+                         lq_nf_config_format(&configs[c], text, sizeof text), w.rows, w.cols,
+                         w.rank);
+                struct lq_error err = {0};
+                struct lq_linear on_gpu = w;
+                if (gpu->ops->linear_prepare(gpu, &on_gpu, &err)) {
+                    CHECK_MSG(0, "linear_prepare %s: %s", label, err.message);
+                    lq_linear_free(&w);
+                    continue;
+                }
+                const size_t out_count = (size_t)w.rows;
+                float *x = random_floats((size_t)w.cols, 1.0f);
+                float *ref = malloc(out_count * sizeof *ref);
+                CHECK_OK(cpu->ops->linear(cpu, &w, x, 1, ref));
+                float *dx = device_floats(x, (size_t)w.cols);
+                float *out[4] = {NULL, NULL, NULL, NULL};
+                static const char *const variants[4] = {"v1", "v2", "v3", "v4"};
+                for (int v = 0; v < 4; v++) {
+                    setenv("LQ_CUDA_DECODE", variants[v], 1);
+                    float *dy = device_floats(NULL, out_count); /* NaN poison */
+                    CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy));
+                    out[v] = to_host(dy, out_count);
+                    CHECK_CLOSE(out[v], ref, out_count, TOL_FP32, "%s, %s", label, variants[v]);
+                    TIME_GPU(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy), "%s, n 1, %s", label,
+                             variants[v]);
+                    gpu->ops->buffer_free(gpu, dy);
+                }
+                for (int v = 1; v < 4; v++)
+                    CHECK_MSG(out[0] && out[v] &&
+                                  memcmp(out[0], out[v], out_count * sizeof(float)) == 0,
+                              "%s: %s differs from v1 in its bits", label, variants[v]);
+                gpu->ops->linear_release(gpu, &on_gpu);
+                gpu->ops->buffer_free(gpu, dx);
+                for (int v = 0; v < 4; v++) free(out[v]);
+                free(x), free(ref);
+                lq_linear_free(&w);
+            }
+    if (saved)
+        setenv("LQ_CUDA_DECODE", saved, 1);
+    else
+        unsetenv("LQ_CUDA_DECODE");
+    free(saved);
+}
+
 /* Grid edges of the small-batch tensor-core path (linear_mma_cuda.cu) that small shapes never
  * reach on a 132-SM GPU: enough row bands that each CTA streams several k-tiles (the prefetch),
  * the last one partial; more bands than SMs, so that one split writes y without a reduction. */
@@ -680,13 +747,11 @@ int main(int argc, char **argv) {
     CHECK_OK(lq_backend_cpu_create(&cpu, &err));
     lq_rng_seed(&rng, 20261126);
     static const struct lq_test_case cases[] = {
-        LQ_TEST(test_rmsnorm),        LQ_TEST(test_embed),
-        LQ_TEST(test_rope),           LQ_TEST(test_swiglu_add),
-        LQ_TEST(test_fused_ops),      LQ_TEST(test_linear_dense),
-        LQ_TEST(test_linear_lq),      LQ_TEST(test_linear_lq_mma),
-        LQ_TEST(test_linear_adapter), LQ_TEST(test_matmul),
-        LQ_TEST(test_attention),      LQ_TEST(test_attention_batch),
-        LQ_TEST(test_decompose),      LQ_TEST(test_memory_accounting),
+        LQ_TEST(test_rmsnorm),         LQ_TEST(test_embed),         LQ_TEST(test_rope),
+        LQ_TEST(test_swiglu_add),      LQ_TEST(test_fused_ops),     LQ_TEST(test_linear_dense),
+        LQ_TEST(test_linear_lq),       LQ_TEST(test_linear_lq_mma), LQ_TEST(test_linear_lq_gemv),
+        LQ_TEST(test_linear_adapter),  LQ_TEST(test_matmul),        LQ_TEST(test_attention),
+        LQ_TEST(test_attention_batch), LQ_TEST(test_decompose),     LQ_TEST(test_memory_accounting),
     };
     int failed = 0;
     const char *filter = NULL;
