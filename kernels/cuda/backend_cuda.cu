@@ -241,6 +241,8 @@ static void cuda_destroy(struct lq_backend *backend) {
         lq_cuda_graphs_destroy(cuda);
         for (int i = 0; i < LQ_CUDA_SLOT_COUNT; i++) lq_cuda_free(cuda, cuda->slot[i]);
         lq_cuda_free(cuda, cuda->cublas_workspace);
+        for (int i = 0; i < LQ_CUDA_ROPE_TABLES; i++)
+            lq_cuda_free(cuda, cuda->rope_tables[i].table);
         for (int i = 0; i < LQ_CUDA_RING_SEGMENTS; i++)
             if (cuda->ring_events[i]) cudaEventDestroy(cuda->ring_events[i]);
         if (cuda->ring) cudaFreeHost(cuda->ring);

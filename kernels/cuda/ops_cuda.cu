@@ -146,22 +146,43 @@ __global__ void add_rmsnorm_rows(float *x, const float *y, const float *weight, 
 
 // ---------- rope ----------
 
-// Token blockIdx.x: cos/sin of its head_dim/2 angles into shared memory, then every head's
-// pairs (k, k + half) rotated with them, first the `heads` of x, then the `heads2` of x2 (the
-// keys beside the queries: one launch and one table for both). Dynamic shared memory: 2 * half
-// floats.
+// cos and sin of angle k of a position, written as the CPU writes them (the angle, pow and
+// sincos in double) so that both round the same way.
+__device__ void rope_angle(int position, int k, int head_dim, float theta, float *c, float *s) {
+    double angle = position * pow((double)theta, -2.0 * k / head_dim);
+    double sine, cosine;
+    sincos(angle, &sine, &cosine);
+    *c = (float)cosine, *s = (float)sine;
+}
+
+// The cached table of positions [0, positions): row p holds cos[half] then sin[half].
+__global__ void rope_table_fill(float *table, int positions, int head_dim, float theta) {
+    const int half = head_dim / 2;
+    const size_t count = (size_t)positions * half;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int p = (int)(i / half), k = (int)(i % half);
+        float *row = table + (size_t)p * 2 * half;
+        rope_angle(p, k, head_dim, theta, &row[k], &row[half + k]);
+    }
+}
+
+// Token blockIdx.x: cos/sin of its head_dim/2 angles into shared memory (from the cached table
+// below cached_positions, else computed: double pow and sincos take microseconds per block),
+// then every head's pairs (k, k + half) rotated with them, first the `heads` of x, then the
+// `heads2` of x2 (the keys beside the queries: one launch and one table for both). Dynamic
+// shared memory: 2 * half floats.
 __global__ void rope_rows(float *x, int heads, float *x2, int heads2, const int *positions,
-                          int head_dim, float theta) {
+                          int head_dim, float theta, const float *cached, int cached_positions) {
     extern __shared__ float table[]; // cos[half], then sin[half]
     const int half = head_dim / 2;
     const int position = positions[blockIdx.x];
-    for (int k = threadIdx.x; k < half; k += blockDim.x) {
-        // written as the CPU writes it, so that both round the same way
-        double angle = position * pow((double)theta, -2.0 * k / head_dim);
-        double s, c;
-        sincos(angle, &s, &c);
-        table[k] = (float)c;
-        table[half + k] = (float)s;
+    if (position >= 0 && position < cached_positions) {
+        const float *row = cached + (size_t)position * 2 * half;
+        for (int k = threadIdx.x; k < 2 * half; k += blockDim.x) table[k] = row[k];
+    } else {
+        for (int k = threadIdx.x; k < half; k += blockDim.x)
+            rope_angle(position, k, head_dim, theta, &table[k], &table[half + k]);
     }
     __syncthreads();
 
@@ -265,28 +286,59 @@ int lq_cuda_add_rmsnorm(struct lq_backend *backend, float *x, const float *y, co
     return LQ_OK;
 }
 
+// The cached cos/sin table for (theta, head_dim) (struct lq_cuda_rope_table), made on first use:
+// NULL when it cannot be had (the kernel then computes every angle).
+static const struct lq_cuda_rope_table *rope_table(struct lq_cuda *cuda, float theta,
+                                                   int head_dim) {
+    struct lq_cuda_rope_table *free_entry = NULL;
+    for (int i = 0; i < LQ_CUDA_ROPE_TABLES; i++) {
+        struct lq_cuda_rope_table *t = &cuda->rope_tables[i];
+        if (t->table && t->theta == theta && t->head_dim == head_dim) return t;
+        if (!t->table && !free_entry) free_entry = t;
+    }
+    // made while a step is recorded it would be filled at every replay: the eager first
+    // step of a key makes it (graph_cuda.cu), and a recording without it computes the angles
+    if (!free_entry || cuda->recording >= 0) return NULL;
+    const int half = head_dim / 2;
+    void *table = NULL;
+    const size_t floats = (size_t)LQ_CUDA_ROPE_POSITIONS * 2 * half;
+    if (lq_cuda_malloc(cuda, floats * sizeof(float), LQ_CUDA_SCRATCH, &table, NULL)) return NULL;
+    const size_t count = (size_t)LQ_CUDA_ROPE_POSITIONS * half;
+    rope_table_fill<<<stride_blocks(cuda, count), MAX_THREADS, 0, cuda->stream>>>(
+        (float *)table, LQ_CUDA_ROPE_POSITIONS, head_dim, theta);
+    if (cudaGetLastError() != cudaSuccess) {
+        lq_cuda_free(cuda, table);
+        return NULL;
+    }
+    free_entry->table = (float *)table;
+    free_entry->theta = theta;
+    free_entry->head_dim = head_dim;
+    return free_entry;
+}
+
+static int rope_launch(struct lq_cuda *cuda, float *x, int heads, float *x2, int heads2, int n,
+                       int head_dim, const int *positions, float theta) {
+    const int half = head_dim / 2;
+    const struct lq_cuda_rope_table *t = rope_table(cuda, theta, head_dim);
+    rope_rows<<<n, row_threads((heads + heads2) * half), 2 * (size_t)half * sizeof(float),
+                cuda->stream>>>(x, heads, x2, heads2, positions, head_dim, theta,
+                                t ? t->table : NULL, t ? LQ_CUDA_ROPE_POSITIONS : 0);
+    LQ_CUDA_LAUNCHED("rope");
+    return LQ_OK;
+}
+
 int lq_cuda_rope_device(struct lq_backend *backend, float *x, int n, int heads, int head_dim,
                         const int *positions, float theta) {
     if (n < 0 || heads < 0 || head_dim < 0) return LQ_EINVAL;
-    const int half = head_dim / 2;
-    if (n == 0 || heads == 0 || half == 0) return LQ_OK; // nothing rotates
-    struct lq_cuda *cuda = lq_cuda_of(backend);
-    rope_rows<<<n, row_threads(heads * half), 2 * (size_t)half * sizeof(float), cuda->stream>>>(
-        x, heads, NULL, 0, positions, head_dim, theta);
-    LQ_CUDA_LAUNCHED("rope");
-    return LQ_OK;
+    if (n == 0 || heads == 0 || head_dim / 2 == 0) return LQ_OK; // nothing rotates
+    return rope_launch(lq_cuda_of(backend), x, heads, NULL, 0, n, head_dim, positions, theta);
 }
 
 int lq_cuda_rope_qk_device(struct lq_backend *backend, float *q, int q_heads, float *k, int k_heads,
                            int n, int head_dim, const int *positions, float theta) {
     if (n < 0 || q_heads < 0 || k_heads < 0 || head_dim < 0) return LQ_EINVAL;
-    const int half = head_dim / 2;
-    if (n == 0 || q_heads + k_heads == 0 || half == 0) return LQ_OK; // nothing rotates
-    struct lq_cuda *cuda = lq_cuda_of(backend);
-    rope_rows<<<n, row_threads((q_heads + k_heads) * half), 2 * (size_t)half * sizeof(float),
-                cuda->stream>>>(q, q_heads, k, k_heads, positions, head_dim, theta);
-    LQ_CUDA_LAUNCHED("rope");
-    return LQ_OK;
+    if (n == 0 || q_heads + k_heads == 0 || head_dim / 2 == 0) return LQ_OK; // nothing rotates
+    return rope_launch(lq_cuda_of(backend), q, q_heads, k, k_heads, n, head_dim, positions, theta);
 }
 
 int lq_cuda_rope(struct lq_backend *backend, float *x, int n, int heads, int head_dim,

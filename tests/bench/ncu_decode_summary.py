@@ -61,15 +61,15 @@ def main():
         entry[1] += us
     total = sum(us for _, _, us in step)
     scale = args.scale_to / args.layers
-    # the final norm and the head follow the last layer's residual add: not per layer
-    adds = [i for i, k in enumerate(step) if "add_elements" in k[1]]
+    # the head follows the last layer's residual add (fused with the final norm): not per layer
+    adds = [i for i, k in enumerate(step) if "add_elements" in k[1] or "add_rmsnorm" in k[1]]
     tail = sum(us for _, _, us in step[adds[-1] + 1:]) if adds else 0.0
     print("one decode step at batch 1: %d kernels, %.1f us on %d layers" % (len(step), total, args.layers))
     print("%-92s %6s %10s %10s" % ("kernel", "count", "us/step", "us x%d/%d" % (args.scale_to, args.layers)))
     for name, (count, us) in sorted(per_name.items(), key=lambda item: -item[1][1]):
         print("%-92s %6d %10.1f %10.1f" % (name, count, us, us * scale))
     print("(the us x%d/%d column scales every kernel, the head's too)" % (args.scale_to, args.layers))
-    print("step scaled to %d layers (embedding and layers scaled, final norm and head %.1f us not): "
+    print("step scaled to %d layers (embedding and layers scaled, the head's %.1f us not): "
           "%.2f ms of kernel time" % (args.scale_to, tail, ((total - tail) * scale + tail) / 1e3))
 
 
