@@ -552,6 +552,8 @@ __global__ void __launch_bounds__(256)
     for (int k = 0; k < NT; k++) acc[k] = 0.0f;
     if (vector) { // cols % 4 == 0 and x 16-byte aligned
         const int quads = cols >> 2;
+        // unrolled so that a thread's loads of the row go out together, not one round trip each
+#pragma unroll 4
         for (int i = threadIdx.x; i < quads; i += blockDim.x) {
             const float4 av = __ldg((const float4 *)a_row + i);
 #pragma unroll

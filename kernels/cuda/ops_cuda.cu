@@ -6,10 +6,11 @@
 //   - rmsnorm: one block per row; the sum of squares is taken in double as on the CPU (each
 //     square of a float is exact in double, so only the summation order differs), and the
 //     scale is formed in double and rounded once, like the CPU's.
-//   - rope: one block per token (positions staged to LQ_CUDA_STAGE_0). The block first builds
-//     the token's head_dim/2 cos/sin pairs in shared memory, with the angle, pow and sincos
-//     in double exactly as the CPU writes them (float angles lose the phase at long
-//     positions), then rotates every head with them. The rotation is rounded step by step
+//   - rope: one block per token and group of heads (positions staged to LQ_CUDA_STAGE_0, or
+//     already on the device). The block first gets the token's head_dim/2 cos/sin pairs into
+//     shared memory, with the angle, pow and sincos in double exactly as the CPU writes them
+//     (float angles lose the phase at long positions) — from a table computed once per
+//     (theta, head_dim) for positions below LQ_CUDA_ROPE_POSITIONS — then rotates its heads. The rotation is rounded step by step
 //     (no fused multiply-add) to give the CPU's bits.
 //   - swiglu, add: grid-stride loops over float4 when both arrays are 16-byte aligned, with a
 //     scalar tail; plain float loops otherwise.
@@ -33,6 +34,14 @@ bool aligned16(const void *pointer) {
 int row_threads(int units) {
     int threads = (units + 31) / 32 * 32;
     return threads < 32 ? 32 : threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
+// The same for the norms' rows, up to 1024 threads: a decode step has one row per sequence,
+// and a 4096-wide row then takes one float4 per thread instead of four dependent rounds.
+constexpr int NORM_THREADS = 1024;
+int norm_threads(int units) {
+    int threads = (units + 31) / 32 * 32;
+    return threads < 32 ? 32 : threads > NORM_THREADS ? NORM_THREADS : threads;
 }
 
 // Blocks for a grid-stride loop over `units` items: enough for every item up to a few waves
@@ -76,7 +85,7 @@ __device__ double block_sum(double value, double *shared) {
 
 __global__ void rmsnorm_rows(const float *x, const float *weight, int dim, float eps, int vec,
                              float *out) {
-    __shared__ double warp_sums[MAX_THREADS / 32];
+    __shared__ double warp_sums[NORM_THREADS / 32];
     const float *row = x + (size_t)blockIdx.x * dim;
     float *y = out + (size_t)blockIdx.x * dim;
 
@@ -109,7 +118,7 @@ __global__ void rmsnorm_rows(const float *x, const float *weight, int dim, float
 // (the same float sums, the same order of the squares' double sum, so the same bits).
 __global__ void add_rmsnorm_rows(float *x, const float *y, const float *weight, int dim, float eps,
                                  int vec, float *out) {
-    __shared__ double warp_sums[MAX_THREADS / 32];
+    __shared__ double warp_sums[NORM_THREADS / 32];
     float *row = x + (size_t)blockIdx.x * dim;
     const float *add = y + (size_t)blockIdx.x * dim;
     float *z = out + (size_t)blockIdx.x * dim;
@@ -167,13 +176,14 @@ __global__ void rope_table_fill(float *table, int positions, int head_dim, float
     }
 }
 
-// Token blockIdx.x: cos/sin of its head_dim/2 angles into shared memory (from the cached table
-// below cached_positions, else computed: double pow and sincos take microseconds per block),
-// then every head's pairs (k, k + half) rotated with them, first the `heads` of x, then the
-// `heads2` of x2 (the keys beside the queries: one launch and one table for both). Dynamic
-// shared memory: 2 * half floats.
+// Token blockIdx.x, heads blockIdx.y * heads_per_block onwards (counting the `heads` of x, then
+// the `heads2` of x2: the keys beside the queries, one launch for both): cos/sin of the token's
+// head_dim/2 angles into shared memory (from the cached table below cached_positions, else
+// computed), then each of those heads' pairs (k, k + half) rotated with them. Dynamic shared
+// memory: 2 * half floats.
 __global__ void rope_rows(float *x, int heads, float *x2, int heads2, const int *positions,
-                          int head_dim, float theta, const float *cached, int cached_positions) {
+                          int head_dim, float theta, const float *cached, int cached_positions,
+                          int heads_per_block) {
     extern __shared__ float table[]; // cos[half], then sin[half]
     const int half = head_dim / 2;
     const int position = positions[blockIdx.x];
@@ -186,8 +196,11 @@ __global__ void rope_rows(float *x, int heads, float *x2, int heads2, const int 
     }
     __syncthreads();
 
-    for (int i = threadIdx.x; i < (heads + heads2) * half; i += blockDim.x) {
-        const int h = i / half, k = i - h * half;
+    // this block's heads: [first, first + heads_per_block) of the heads + heads2
+    const int first = blockIdx.y * heads_per_block;
+    const int count = min(heads_per_block, heads + heads2 - first);
+    for (int i = threadIdx.x; i < count * half; i += blockDim.x) {
+        const int h = first + i / half, k = i % half;
         float *v = h < heads ? x + ((size_t)blockIdx.x * heads + h) * head_dim
                              : x2 + ((size_t)blockIdx.x * heads2 + (h - heads)) * head_dim;
         const float c = table[k], s = table[half + k];
@@ -268,8 +281,8 @@ int lq_cuda_rmsnorm(struct lq_backend *backend, const float *x, const float *wei
     if (n <= 0 || dim <= 0) return n < 0 || dim < 0 ? LQ_EINVAL : LQ_OK;
     struct lq_cuda *cuda = lq_cuda_of(backend);
     const int vec = dim % 4 == 0 && aligned16(x) && aligned16(weight) && aligned16(out);
-    rmsnorm_rows<<<n, row_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(x, weight, dim, eps, vec,
-                                                                           out);
+    rmsnorm_rows<<<n, norm_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(x, weight, dim, eps,
+                                                                            vec, out);
     LQ_CUDA_LAUNCHED("rmsnorm");
     return LQ_OK;
 }
@@ -280,8 +293,8 @@ int lq_cuda_add_rmsnorm(struct lq_backend *backend, float *x, const float *y, co
     struct lq_cuda *cuda = lq_cuda_of(backend);
     const int vec =
         dim % 4 == 0 && aligned16(x) && aligned16(y) && aligned16(weight) && aligned16(out);
-    add_rmsnorm_rows<<<n, row_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(x, y, weight, dim,
-                                                                               eps, vec, out);
+    add_rmsnorm_rows<<<n, norm_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(x, y, weight, dim,
+                                                                                eps, vec, out);
     LQ_CUDA_LAUNCHED("add_rmsnorm");
     return LQ_OK;
 }
@@ -320,9 +333,15 @@ static int rope_launch(struct lq_cuda *cuda, float *x, int heads, float *x2, int
                        int head_dim, const int *positions, float theta) {
     const int half = head_dim / 2;
     const struct lq_cuda_rope_table *t = rope_table(cuda, theta, head_dim);
-    rope_rows<<<n, row_threads((heads + heads2) * half), 2 * (size_t)half * sizeof(float),
-                cuda->stream>>>(x, heads, x2, heads2, positions, head_dim, theta,
-                                t ? t->table : NULL, t ? LQ_CUDA_ROPE_POSITIONS : 0);
+    // a block per token and group of heads, about one pair per thread: a decode step's one
+    // token then spreads over many SMs instead of one block's dependent rounds
+    const int per_block = half >= MAX_THREADS ? 1 : MAX_THREADS / half;
+    const int groups = (heads + heads2 + per_block - 1) / per_block;
+    if (groups > 65535) return LQ_EUNSUPPORTED; // grid.y
+    rope_rows<<<dim3((unsigned)n, (unsigned)groups), row_threads(per_block * half),
+                2 * (size_t)half * sizeof(float), cuda->stream>>>(
+        x, heads, x2, heads2, positions, head_dim, theta, t ? t->table : NULL,
+        t ? LQ_CUDA_ROPE_POSITIONS : 0, per_block);
     LQ_CUDA_LAUNCHED("rope");
     return LQ_OK;
 }
