@@ -102,6 +102,18 @@ profile) # where a batch-1 decode step's GPU time goes: ncu per kernel, cold cac
         "$logs/ncu_decode.csv" --layers 2 ;;
 esac
 case "${1:-}" in
+smollm2) # bench_compress_mpi.py on the GPU: SmolLM2's GGUF does not fit one device-tool call
+    # (64 MiB), so it travels xz-compressed in parts over calls to the same warm machine
+    # (.smolA/smol.xz.*, .smolB/smol.xz.*, split -b from `xz -9 < the GGUF`)
+    . "$run/mpi-env.sh" || exit 1
+    export OMPI_MCA_btl_vader_single_copy_mechanism=none
+    gguf=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+    [ -f "$gguf" ] || cat "$root"/.smolA/smol.xz.* "$root"/.smolB/smol.xz.* | xz -d > "$gguf" || exit 1
+    TAIL=40 STEP_TIMEOUT=${STEP_TIMEOUT:-300} step bench_compress_mpi python3 \
+        "$root/tests/bench/bench_compress_mpi.py" --lqd "$run/lqd" --gguf "$gguf" --device cuda \
+        --ranks 1,2 ;;
+esac
+case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
     step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
