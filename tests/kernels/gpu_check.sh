@@ -102,13 +102,16 @@ profile) # where a batch-1 decode step's GPU time goes: ncu per kernel, cold cac
         "$logs/ncu_decode.csv" --layers 2 ;;
 esac
 case "${1:-}" in
-smollm2) # bench_compress_mpi.py on the GPU: SmolLM2's GGUF does not fit one device-tool call
-    # (64 MiB), so it travels xz-compressed in parts over calls to the same warm machine
-    # (.smolA/smol.xz.*, .smolB/smol.xz.*, split -b from `xz -9 < the GGUF`)
+smollm2) # bench_compress_mpi.py on the GPU. SmolLM2's GGUF does not fit one device-tool call
+    # (64 MiB), and a carried folder does not outlive its call, so the GGUF travels
+    # xz-compressed in parts (here: xz -9 < the GGUF | split -b 37000000 - smol.xz., the parts
+    # in git-ignored .smolA/ and .smolB/), each copied to /tmp/parts by its own call to the same
+    # warm machine (carry .smolA: mkdir -p /tmp/parts && cp .smolA/* /tmp/parts; then .smolB),
+    # then this case (carry .devrun) joins them
     . "$run/mpi-env.sh" || exit 1
     export OMPI_MCA_btl_vader_single_copy_mechanism=none
     gguf=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-    [ -f "$gguf" ] || cat "$root"/.smolA/smol.xz.* "$root"/.smolB/smol.xz.* | xz -d > "$gguf" || exit 1
+    [ -f "$gguf" ] || cat /tmp/parts/smol.xz.* | xz -d > "$gguf" || exit 1
     TAIL=40 STEP_TIMEOUT=${STEP_TIMEOUT:-300} step bench_compress_mpi python3 \
         "$root/tests/bench/bench_compress_mpi.py" --lqd "$run/lqd" --gguf "$gguf" --device cuda \
         --ranks 1,2 ;;
