@@ -10,8 +10,8 @@
 //     already on the device). The block first gets the token's head_dim/2 cos/sin pairs into
 //     shared memory, with the angle, pow and sincos in double exactly as the CPU writes them
 //     (float angles lose the phase at long positions) — from a table computed once per
-//     (theta, head_dim) for positions below LQ_CUDA_ROPE_POSITIONS — then rotates its heads. The rotation is rounded step by step
-//     (no fused multiply-add) to give the CPU's bits.
+//     (theta, head_dim) for positions below LQ_CUDA_ROPE_POSITIONS — then rotates its heads. The
+//     rotation is rounded step by step (no fused multiply-add) to give the CPU's bits.
 //   - swiglu, add: grid-stride loops over float4 when both arrays are 16-byte aligned, with a
 //     scalar tail; plain float loops otherwise.
 // Row kernels also use float4 when the row length is a multiple of 4 and the arrays are
