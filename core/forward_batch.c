@@ -225,9 +225,10 @@ static int graph_step(struct lq_batch *batch, struct lq_session **sessions, cons
     int *ids = (int *)(v + (size_t)layers * n), *positions = ids + n;
     int keys = 1;
     for (int i = 0; i < n; i++) {
-        for (int l = 0; l < layers; l++)
-            k[(size_t)l * n + i] = sessions[i]->k_cache[l],
-                              v[(size_t)l * n + i] = sessions[i]->v_cache[l];
+        for (int l = 0; l < layers; l++) {
+            k[(size_t)l * n + i] = sessions[i]->k_cache[l];
+            v[(size_t)l * n + i] = sessions[i]->v_cache[l];
+        }
         ids[i] = tokens[i], positions[i] = batch->positions[i];
         if (positions[i] + 1 > keys) keys = positions[i] + 1;
     }
