@@ -179,14 +179,9 @@ int main(int argc, char **argv) {
         LQ_TEST(test_odd_cases),
         LQ_TEST(test_timed),
     };
-    int failed = 0;
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        int before = lq_test_failures;
-        cases[i].run();
-        printf("%s %s\n", lq_test_failures == before ? "ok  " : "FAIL", cases[i].name);
-        failed |= lq_test_failures != before;
-    }
+    /* every case (the arguments are options here, not a case filter) */
+    const int failed = lq_test_run(cases, sizeof cases / sizeof cases[0], 1, argv);
     gpu->ops->destroy(gpu);
     cpu->ops->destroy(cpu);
-    return failed ? 1 : 0;
+    return failed;
 }
