@@ -117,6 +117,22 @@ smollm2) # bench_compress_mpi.py on the GPU. SmolLM2's GGUF does not fit one dev
         --ranks 1,2 ;;
 esac
 case "${1:-}" in
+diag) # why the batch-1 decode kernels and the error table run where they do: ncu's warp-state,
+    # scheduler and memory sections for the first 4096 x 4096 and 11008 x 4096 decode kernels of
+    # a step, then an error-table row's time against the number of concurrent decompositions
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_GRAPHS=0 TAIL=5 step ncu_decode_sections sh -c "'$ncu' --clock-control none \
+        --kernel-name regex:'lq_decode_kernel|lq_lowrank_project' --launch-skip 14 --launch-count 10 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        '$run/bench_cuda' --decode-profile --layers 2"
+    TAIL=3 STEP_TIMEOUT=150 step ncu_decompose sh -c "'$ncu' --csv --clock-control none \
+        --metrics gpu__time_duration.sum --launch-count 600 '$run/bench_cuda' --only-decompose \
+        --table-sample 81 --variants default+streams1 > '$logs/ncu_decompose.csv'"
+    TAIL=60 STEP_TIMEOUT=200 step decompose_streams "$run/bench_cuda" --only-decompose \
+        --table-sample 3 --variants "${VARIANTS:-default+streams1,default+streams4,default}" ;;
+esac
+case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
     step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
