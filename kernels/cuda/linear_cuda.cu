@@ -67,6 +67,7 @@
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/cuda/linear_cuda_kernels.cuh"
 #include "kernels/cuda/gemv_cuda.cuh"
+#include "kernels/cuda/gemv_rows_cuda.cuh"
 
 extern "C" {
 #include "core/nf.h"
@@ -257,9 +258,13 @@ static int lq_decode_variant(void) {
     if (strcmp(value, "v2") == 0) return 2;
     if (strcmp(value, "v3") == 0) return 3;
     if (strcmp(value, "v4") == 0) return 4;
+    if (strcmp(value, "v5") == 0) return 5;
+    if (strcmp(value, "v5r2") == 0) return 52;
+    if (strcmp(value, "v5r4") == 0) return 54;
     static int reported;
     if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
-        fprintf(stderr, "lqd: LQ_CUDA_DECODE=%s: expected v1, v2, v3 or v4; using v1\n", value);
+        fprintf(stderr, "lqd: LQ_CUDA_DECODE=%s: expected v1, v2, v3, v4 or v5; using v1\n",
+                value);
     return 1;
 }
 
@@ -282,6 +287,79 @@ static lq_decode_grid lq_gemv_grid_for(const struct lq_cuda *cuda, const struct 
     g.iters = (int)((groups + bands_wanted - 1) / bands_wanted);
     g.bands = (int)((groups + g.iters - 1) / g.iters);
     return g;
+}
+
+// lq_gemv_rows_kernel for b0 = 2, 3, 4, BPC blocks per chunk and R rows per warp, its dynamic
+// shared-memory limit raised once (x may take up to 96 KiB).
+template <int BITS, int BPC, int R> static lq_decode_fn lq_rows_kernel(void) {
+    static int raised; // under the op lock
+    if (!raised &&
+        cudaFuncSetAttribute(lq_gemv_rows_kernel<BITS, BPC, R>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             LQ_ROWS_MAX_CHUNKS * 128) == cudaSuccess)
+        raised = 1;
+    return raised ? lq_gemv_rows_kernel<BITS, BPC, R> : NULL;
+}
+
+template <int BITS, int R> static lq_decode_fn lq_rows_kernel_for(int bpc) {
+    return bpc == 1 ? lq_rows_kernel<BITS, 1, R>()
+           : bpc == 2 ? lq_rows_kernel<BITS, 2, R>()
+                      : lq_rows_kernel<BITS, 4, R>();
+}
+
+// R = 4 only with one block per chunk (more block scales per row would spill).
+template <int R> static lq_decode_fn lq_rows_kernel_for(int bits, int bpc) {
+    if constexpr (R == 4) {
+        if (bpc != 1) return NULL;
+        return bits == 2 ? lq_rows_kernel<2, 1, 4>()
+               : bits == 3 ? lq_rows_kernel<3, 1, 4>()
+                           : lq_rows_kernel<4, 1, 4>();
+    } else {
+        return bits == 2 ? lq_rows_kernel_for<2, R>(bpc)
+               : bits == 3 ? lq_rows_kernel_for<3, R>(bpc)
+                           : lq_rows_kernel_for<4, R>(bpc);
+    }
+}
+
+// v5's rows per warp: 2 while that still gives every warp of one wave a row group (more warps
+// in flight), else 4 (each x value read from shared memory serves more rows); 2 where a chunk
+// has several blocks. v5r2 and v5r4 force one.
+static int lq_rows_per_warp(const struct lq_cuda *cuda, const struct lq_linear *w, int bpc,
+                            int variant) {
+    if (variant == 52 || bpc != 1) return 2;
+    if (variant == 54) return 4;
+    const long warps = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) *
+                       lq_rows_ctas_per_sm(w->q.config.b0, 1, 2) * LQ_ROWS_WARPS;
+    return (w->rows + 1) / 2 <= 2 * warps ? 2 : 4;
+}
+
+// v5's launch: one wave of CTAs (fewer when the row groups run out); NULL kernel: not taken.
+static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_linear *w, int bpc,
+                                  int variant, bool overlap, const lq_decode_args &a,
+                                  bool *launched) {
+    *launched = false;
+    const int columns = (w->cols / 32 + 31) / 32, r = lq_rows_per_warp(cuda, w, bpc, variant);
+    if (columns * 32 > LQ_ROWS_MAX_CHUNKS) return cudaSuccess;
+    const lq_decode_fn kernel = r == 2 ? lq_rows_kernel_for<2>(w->q.config.b0, bpc)
+                                       : lq_rows_kernel_for<4>(w->q.config.b0, bpc);
+    if (!kernel) return cudaSuccess;
+    const long groups = (w->rows + r - 1) / r,
+               wave = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) *
+                      lq_rows_ctas_per_sm(w->q.config.b0, bpc, r);
+    long ctas = (groups + LQ_ROWS_WARPS - 1) / LQ_ROWS_WARPS;
+    if (ctas > wave) ctas = wave;
+    cudaLaunchAttribute attribute = {};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3((unsigned)ctas);
+    config.blockDim = dim3(LQ_ROWS_THREADS);
+    config.dynamicSmemBytes = (size_t)columns * 32 * 128;
+    config.stream = cuda->stream;
+    config.attrs = overlap ? &attribute : NULL;
+    config.numAttrs = overlap ? 1 : 0;
+    *launched = true;
+    return cudaLaunchKernelEx(&config, kernel, a);
 }
 
 // b0 = 3 or 4 with 1 or 2 blocks per chunk (4, i.e. B0 = 8, would spill: lq_decode_kernel);
@@ -386,9 +464,9 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     const int nt = lq_pad_tokens(n);
     const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_blocks_per_chunk(w) : 0;
     const int b0 = w->q.config.b0;
-    const int variant =
-        (bpc == 1 || bpc == 2) && nt == 1 && (b0 == 3 || b0 == 4) ? lq_decode_variant() : 1;
-    const bool gemv = variant >= 2;
+    const int variant = bpc && nt == 1 && b0 <= 4 ? lq_decode_variant() : 1;
+    const bool rows = variant == 5 || variant == 52 || variant == 54;
+    const bool gemv = !rows && variant >= 2 && (bpc == 1 || bpc == 2) && b0 >= 3;
     const bool beside_projection = variant == 4 && w->rank > 0 && data->overlap;
     const lq_decode_grid grid =
         gemv ? lq_gemv_grid_for(cuda, w, beside_projection) : lq_decode_grid_for(cuda, w, nt);
@@ -421,6 +499,12 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                               dim3(256), cuda->stream, overlap, a),
                     "lq_decode_generic_kernel");
         return LQ_OK;
+    }
+    if (rows) {
+        bool launched = false;
+        LQ_CUDA_TRY(lq_launch_rows(cuda, w, bpc, variant, overlap, a, &launched),
+                    "lq_gemv_rows_kernel");
+        if (launched) return LQ_OK;
     }
     if (gemv) {
         const lq_decode_fn cluster_kernel =

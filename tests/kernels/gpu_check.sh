@@ -133,6 +133,28 @@ diag) # why the batch-1 decode kernels and the error table run where they do: nc
         --table-sample 3 --variants "${VARIANTS:-default+streams1,default+streams4,default}" ;;
 esac
 case "${1:-}" in
+rows) # the whole-row one-token decode kernel (LQ_CUDA_DECODE=v5): against the CPU, under graph
+    # replay, each linear layer alone, then the whole batch-1 step, against v1
+    step cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
+    LQ_CUDA_DECODE=v5 step cuda_graph_v5 "$run/test_cuda_graph"
+    TAIL=40 STEP_TIMEOUT=120 step bench_gemv "$run/bench_cuda" --linear-only \
+        "${VARIANTS:-v1,v5,v5r2,v5r4}"
+    TAIL=40 step decode_kernels "$run/bench_cuda" --decode-variants 1 --decode-kernels \
+        "${VARIANTS:-v1,v5,v5r2,v5r4}" ;;
+esac
+case "${1:-}" in
+sass) # the batch-1 decode kernels' machine code and where their warps stall (ncu source
+    # counters), for reading offline
+    cuobjdump=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
+    TAIL=2 step sass_all "$cuobjdump" -sass "$run/liblqd_cuda.so"
+    gzip -f "$logs/sass_all.log"
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_GRAPHS=0 TAIL=2 step ncu_decode_source sh -c "'$ncu' --clock-control none \
+        --kernel-name regex:'lq_decode_kernel' --launch-skip 7 --launch-count 2 \
+        --section WarpStateStats --section SourceCounters --section InstructionStats \
+        --print-details all '$run/bench_cuda' --decode-profile --layers 2" ;;
+esac
+case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
     step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
