@@ -111,32 +111,35 @@ __global__ static void cholqr_cholesky_kernel(double *g, int n, int first, int i
 }
 
 // Column c of X = L⁻¹ by forward substitution of L·x = e_c, by one warp and without a
-// barrier: lane l keeps the residuals of rows c + l + 32·r in registers. With a the unscaled
-// factor of cholqr_tiled_kernel (a[i][j] = L[i][j]·√d_j, d_j = a[j][j] = L[j][j]²), step j
-// takes the residual of row j from its lane, y = residual / d_j, so x_j = y·√d_j and each
-// row i > j loses L[i][j]·x_j = a[i][j]·y. Writes column c of g (zeros above the diagonal).
+// barrier: lane l keeps the residuals of rows c + l + 32·r in registers x[r]. With a the
+// unscaled factor of cholqr_tiled_kernel (a[i][j] = L[i][j]·√d_j, d_j = a[j][j] = L[j][j]²),
+// step j takes the residual of row j from its lane, y = residual / d_j, so x_j = y·√d_j and
+// each row i > j loses L[i][j]·x_j = a[i][j]·y. The steps go by blocks b of 32 rows (j = c +
+// 32·b + owner), the block loop unrolled, so that row j's register is x[b] and the blocks
+// before b (rows all below j, final) are skipped without a test. Writes column c of g (zeros
+// above the diagonal).
 __device__ static void cholqr_invert_column(const double *a, int n, int c, const double *root,
                                             const double *reciprocal, double *g) {
     const int lane = (int)threadIdx.x;
     double x[CHOLQR_ROWS_PER_LANE];
 #pragma unroll
     for (int r = 0; r < CHOLQR_ROWS_PER_LANE; r++) x[r] = r == 0 && lane == 0 ? 1.0 : 0.0;
-    for (int j = c; j < n; j++) {
-        const int offset = j - c, owner = offset & (CHOLQR_TILE - 1), block = offset / CHOLQR_TILE;
-        double residual = x[0]; // the register holding row j (block is uniform over the warp)
 #pragma unroll
-        for (int r = 1; r < CHOLQR_ROWS_PER_LANE; r++)
-            if (block == r) residual = x[r];
-        const double y = __shfl_sync(CHOLQR_FULL_MASK, residual, owner) * reciprocal[j];
+    for (int b = 0; b < CHOLQR_ROWS_PER_LANE; b++) {
+        const int base = c + CHOLQR_TILE * b; // uniform over the warp
+        if (base >= n) break;
+        const int steps = min(CHOLQR_TILE, n - base);
+        for (int owner = 0; owner < steps; owner++) {
+            const int j = base + owner;
+            const int at = j * n + c + lane; // row c + lane of column j
+            const double y = __shfl_sync(CHOLQR_FULL_MASK, x[b], owner) * reciprocal[j];
+            if (lane > owner && base + lane < n)
+                x[b] = fma(-a[at + CHOLQR_TILE * b], y, x[b]);
+            else if (lane == owner)
+                x[b] = y * root[j];
 #pragma unroll
-        for (int r = 0; r < CHOLQR_ROWS_PER_LANE; r++) {
-            const int first_row = c + CHOLQR_TILE * r; // uniform: skip blocks with no row >= j
-            if (first_row >= n || first_row + CHOLQR_TILE - 1 < j) continue;
-            const int i = first_row + lane;
-            if (i > j && i < n)
-                x[r] = fma(-a[i + j * n], y, x[r]);
-            else if (i == j)
-                x[r] = y * root[j];
+            for (int r = b + 1; r < CHOLQR_ROWS_PER_LANE; r++)
+                if (c + CHOLQR_TILE * r + lane < n) x[r] = fma(-a[at + CHOLQR_TILE * r], y, x[r]);
         }
     }
 #pragma unroll
@@ -361,18 +364,31 @@ static int cholqr_kernel_named(const char *text, enum lq_cholqr_kernel *kernel,
     return lq_error_set(err, LQ_EINVAL, "LQ_CUDA_CHOLQR_KERNEL=%s: expected new or old", text);
 }
 
-// Beyond 48 KiB of static plus dynamic shared memory a launch needs the opt-in: set it, for
-// both kernels, for an n x n tile.
-static int cholqr_kernels_prepare(int columns, struct lq_error *err) {
-    CHOLQR_CUDA(cudaFuncSetAttribute(cholqr_cholesky_kernel,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     (int)cholqr_shared_bytes(columns)),
-                "cudaFuncSetAttribute (CholeskyQR)");
-    CHOLQR_CUDA(cudaFuncSetAttribute(cholqr_tiled_kernel,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     (int)cholqr_shared_bytes(columns)),
-                "cudaFuncSetAttribute (CholeskyQR, tiled)");
+// Beyond 48 KiB of static plus dynamic shared memory a launch needs the opt-in. The attribute
+// belongs to the kernel, not to one caller: set it to all the device allows (every n that
+// lq_cholqr_supported accepts fits), so that opening for fewer columns never lowers it under
+// a launch of another worker.
+static int cholqr_kernel_prepare(const void *kernel, int optin, const char *what,
+                                 struct lq_error *err) {
+    cudaFuncAttributes attributes;
+    CHOLQR_CUDA(cudaFuncGetAttributes(&attributes, kernel), what);
+    CHOLQR_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     optin - (int)attributes.sharedSizeBytes),
+                what);
     return LQ_OK;
+}
+
+static int cholqr_kernels_prepare(const struct lq_cuda *cuda, struct lq_error *err) {
+    int optin = 0;
+    CHOLQR_CUDA(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cuda->device),
+        "cudaDeviceGetAttribute (CholeskyQR)");
+    int rc = cholqr_kernel_prepare((const void *)cholqr_cholesky_kernel, optin,
+                                   "cudaFuncSetAttribute (CholeskyQR)", err);
+    if (!rc)
+        rc = cholqr_kernel_prepare((const void *)cholqr_tiled_kernel, optin,
+                                   "cudaFuncSetAttribute (CholeskyQR, tiled)", err);
+    return rc;
 }
 
 // Queues the Cholesky kernel `kernel` on gram (n x n, device) and checks the launch.
@@ -419,7 +435,7 @@ int lq_cholqr_open(struct lq_cholqr *qr, struct lq_cuda *cuda, int max_rows, int
     qr->other = triangular_solve ? NULL : (double *)(base + other_at);
     qr->gram = (double *)(base + gram_at);
     qr->failed = (int *)(base + failed_at);
-    return cholqr_kernels_prepare(columns, err);
+    return cholqr_kernels_prepare(cuda, err);
 }
 
 void lq_cholqr_close(struct lq_cholqr *qr) {
@@ -500,7 +516,7 @@ static int cholqr_factor_locked(struct lq_cuda *cuda, enum lq_cholqr_kernel kern
                                 struct lq_error *err) {
     const size_t bytes = (size_t)n * n * sizeof(double);
     cudaStream_t stream = cuda->stream;
-    int rc = cholqr_kernels_prepare(n, err);
+    int rc = cholqr_kernels_prepare(cuda, err);
     if (rc) return rc;
     CHOLQR_CUDA(cudaMemcpyAsync(input, matrix, bytes, cudaMemcpyHostToDevice, stream),
                 "CholeskyQR test: copy in");

@@ -69,31 +69,29 @@ struct emulation {
     int unwritten_reads; /* reads of shared elements never written (NaN) */
 };
 
-/* One warp's column c of L⁻¹ (cholqr_invert_column): lanes in step. */
+/* One warp's column c of L⁻¹ (cholqr_invert_column): lanes in step. Shared memory is only
+ * read here, after the last barrier. */
 static void emulate_invert_column(const double *a, int n, int c, const double *root,
                                   const double *reciprocal, double *g, int *writes) {
     double x[TILE][ROWS_PER_LANE];
     for (int lane = 0; lane < TILE; lane++)
         for (int r = 0; r < ROWS_PER_LANE; r++) x[lane][r] = r == 0 && lane == 0 ? 1.0 : 0.0;
-    for (int j = c; j < n; j++) {
-        const int offset = j - c, owner = offset & (TILE - 1), block = offset / TILE;
-        double residual[TILE];
-        for (int lane = 0; lane < TILE; lane++) {
-            residual[lane] = x[lane][0];
-            for (int r = 1; r < ROWS_PER_LANE; r++)
-                if (block == r) residual[lane] = x[lane][r];
-        }
-        const double shuffled = residual[owner]; /* __shfl_sync(..., owner) */
-        for (int lane = 0; lane < TILE; lane++) {
-            const double y = shuffled * reciprocal[j];
-            for (int r = 0; r < ROWS_PER_LANE; r++) {
-                const int first_row = c + TILE * r;
-                if (first_row >= n || first_row + TILE - 1 < j) continue;
-                const int i = first_row + lane;
-                if (i > j && i < n)
-                    x[lane][r] = fma(-a[i + (size_t)j * n], y, x[lane][r]);
-                else if (i == j)
-                    x[lane][r] = y * root[j];
+    for (int b = 0; b < ROWS_PER_LANE; b++) {
+        const int base = c + TILE * b;
+        if (base >= n) break;
+        const int steps = TILE < n - base ? TILE : n - base;
+        for (int owner = 0; owner < steps; owner++) {
+            const int j = base + owner;
+            const double shuffled = x[owner][b]; /* __shfl_sync(..., x[b], owner) */
+            for (int lane = 0; lane < TILE; lane++) {
+                const int at = j * n + c + lane;
+                const double y = shuffled * reciprocal[j];
+                if (lane > owner && base + lane < n)
+                    x[lane][b] = fma(-a[at + TILE * b], y, x[lane][b]);
+                else if (lane == owner)
+                    x[lane][b] = y * root[j];
+                for (int r = b + 1; r < ROWS_PER_LANE; r++)
+                    if (c + TILE * r + lane < n) x[lane][r] = fma(-a[at + TILE * r], y, x[lane][r]);
             }
         }
     }
