@@ -184,20 +184,23 @@ __global__ static void __launch_bounds__(CHOLQR_TILE *CHOLQR_TILE)
         }
         const double inverse = 1.0 / pivot;
         // Reads column j only, writes columns after it: no race within the step. A lane's rows
-        // of column k are loaded before any is written, so the loads overlap.
+        // of column k are loaded before any is written, so the loads overlap; the chunks of
+        // 32 rows past the column's end are skipped by a test uniform over the warp.
         for (int k = j + 1 + warp; k < n; k += CHOLQR_TILE) {
             const double scaled = a[k + j * n] * inverse;
+            const int rows = n - k; // k .. n − 1
             double left[CHOLQR_ROWS_PER_LANE], right[CHOLQR_ROWS_PER_LANE];
 #pragma unroll
             for (int p = 0; p < CHOLQR_ROWS_PER_LANE; p++) {
                 const int i = k + lane + CHOLQR_TILE * p;
-                left[p] = i < n ? a[i + j * n] : 0.0;
-                right[p] = i < n ? a[i + k * n] : 0.0;
+                left[p] = right[p] = 0.0;
+                if (CHOLQR_TILE * p < rows && i < n)
+                    left[p] = a[i + j * n], right[p] = a[i + k * n];
             }
 #pragma unroll
             for (int p = 0; p < CHOLQR_ROWS_PER_LANE; p++) {
                 const int i = k + lane + CHOLQR_TILE * p;
-                if (i < n) a[i + k * n] = right[p] - left[p] * scaled;
+                if (CHOLQR_TILE * p < rows && i < n) a[i + k * n] = right[p] - left[p] * scaled;
             }
         }
         __syncthreads();

@@ -145,15 +145,19 @@ static void emulate_tiled_kernel(double *g, int n, int first, int invert, int *f
                 const int thread = lane + TILE * warp;
                 for (int k = j + 1 + warp; k < n; k += TILE) {
                     const double scaled = shared_read(&t, a, k + (size_t)j * n, thread) * inverse;
+                    const int rows = n - k;
                     double left[ROWS_PER_LANE], right[ROWS_PER_LANE];
                     for (int p = 0; p < ROWS_PER_LANE; p++) {
                         const int i = k + lane + TILE * p;
-                        left[p] = i < n ? shared_read(&t, a, i + (size_t)j * n, thread) : 0.0;
-                        right[p] = i < n ? shared_read(&t, a, i + (size_t)k * n, thread) : 0.0;
+                        left[p] = right[p] = 0.0;
+                        if (TILE * p < rows && i < n) {
+                            left[p] = shared_read(&t, a, i + (size_t)j * n, thread);
+                            right[p] = shared_read(&t, a, i + (size_t)k * n, thread);
+                        }
                     }
                     for (int p = 0; p < ROWS_PER_LANE; p++) {
                         const int i = k + lane + TILE * p;
-                        if (i < n)
+                        if (TILE * p < rows && i < n)
                             shared_write(&t, a, i + (size_t)k * n, thread,
                                          right[p] - left[p] * scaled);
                     }
