@@ -110,20 +110,25 @@ __global__ static void cholqr_cholesky_kernel(double *g, int n, int first, int i
     if (threadIdx.x == 0 && first) *failed = 0;
 }
 
-// Column c of X = L⁻¹ by forward substitution of L·x = e_c, by one warp and without a
-// barrier: lane l keeps the residuals of rows c + l + 32·r in registers x[r]. With a the
+// Columns c and c + 1 of X = L⁻¹ (c + 1 when below n) by forward substitution of L·x = e_c
+// and L·z = e_{c+1}, by one warp and without a barrier: lane l keeps rows c + l + 32·r of
+// both in registers x[r], z[r], so each element of L read serves two columns. With a the
 // unscaled factor of cholqr_tiled_kernel (a[i][j] = L[i][j]·√d_j, d_j = a[j][j] = L[j][j]²),
 // step j takes the residual of row j from its lane, y = residual / d_j, so x_j = y·√d_j and
-// each row i > j loses L[i][j]·x_j = a[i][j]·y. The steps go by blocks b of 32 rows (j = c +
-// 32·b + owner), the block loop unrolled, so that row j's register is x[b] and the blocks
-// before b (rows all below j, final) are skipped without a test. Writes column c of g (zeros
-// above the diagonal).
-__device__ static void cholqr_invert_column(const double *a, int n, int c, const double *root,
-                                            const double *reciprocal, double *g) {
+// each row i > j loses L[i][j]·x_j = a[i][j]·y. Column c + 1 starts with row c at 0, so its
+// step c changes nothing and leaves X[c][c + 1] = 0. The steps go by blocks b of 32 rows
+// (j = c + 32·b + owner), the block loop unrolled, so that row j's registers are x[b], z[b]
+// and the blocks before b (rows all below j, final) are skipped without a test. Writes
+// columns c and c + 1 of g (zeros above the diagonal).
+__device__ static void cholqr_invert_columns(const double *a, int n, int c, const double *root,
+                                             const double *reciprocal, double *g) {
     const int lane = (int)threadIdx.x;
-    double x[CHOLQR_ROWS_PER_LANE];
+    double x[CHOLQR_ROWS_PER_LANE], z[CHOLQR_ROWS_PER_LANE];
 #pragma unroll
-    for (int r = 0; r < CHOLQR_ROWS_PER_LANE; r++) x[r] = r == 0 && lane == 0 ? 1.0 : 0.0;
+    for (int r = 0; r < CHOLQR_ROWS_PER_LANE; r++) {
+        x[r] = r == 0 && lane == 0 ? 1.0 : 0.0;
+        z[r] = r == 0 && lane == 1 ? 1.0 : 0.0;
+    }
 #pragma unroll
     for (int b = 0; b < CHOLQR_ROWS_PER_LANE; b++) {
         const int base = c + CHOLQR_TILE * b; // uniform over the warp
@@ -132,22 +137,39 @@ __device__ static void cholqr_invert_column(const double *a, int n, int c, const
         for (int owner = 0; owner < steps; owner++) {
             const int j = base + owner;
             const int at = j * n + c + lane; // row c + lane of column j
-            const double y = __shfl_sync(CHOLQR_FULL_MASK, x[b], owner) * reciprocal[j];
-            if (lane > owner && base + lane < n)
-                x[b] = fma(-a[at + CHOLQR_TILE * b], y, x[b]);
-            else if (lane == owner)
-                x[b] = y * root[j];
+            const double inverse = reciprocal[j], scale = root[j];
+            const double y = __shfl_sync(CHOLQR_FULL_MASK, x[b], owner) * inverse;
+            const double v = __shfl_sync(CHOLQR_FULL_MASK, z[b], owner) * inverse;
+            if (lane > owner && base + lane < n) {
+                const double l = a[at + CHOLQR_TILE * b];
+                x[b] = fma(-l, y, x[b]);
+                z[b] = fma(-l, v, z[b]);
+            } else if (lane == owner) {
+                x[b] = y * scale;
+                z[b] = v * scale;
+            }
 #pragma unroll
             for (int r = b + 1; r < CHOLQR_ROWS_PER_LANE; r++)
-                if (c + CHOLQR_TILE * r + lane < n) x[r] = fma(-a[at + CHOLQR_TILE * r], y, x[r]);
+                if (c + CHOLQR_TILE * r + lane < n) {
+                    const double l = a[at + CHOLQR_TILE * r];
+                    x[r] = fma(-l, y, x[r]);
+                    z[r] = fma(-l, v, z[r]);
+                }
         }
     }
+    const bool second = c + 1 < n;
 #pragma unroll
     for (int r = 0; r < CHOLQR_ROWS_PER_LANE; r++) {
         const int i = c + CHOLQR_TILE * r + lane;
-        if (i < n) g[i + c * n] = x[r];
+        if (i < n) {
+            g[i + c * n] = x[r];
+            if (second) g[i + (c + 1) * n] = z[r];
+        }
     }
-    for (int i = lane; i < c; i += CHOLQR_TILE) g[i + c * n] = 0.0;
+    for (int i = lane; i < c; i += CHOLQR_TILE) {
+        g[i + c * n] = 0.0;
+        if (second) g[i + (c + 1) * n] = 0.0;
+    }
 }
 
 // The same contract as cholqr_cholesky_kernel (inputs, outputs, pivot test, first/skip), with
@@ -156,9 +178,9 @@ __device__ static void cholqr_invert_column(const double *a, int n, int c, const
 //   Cholesky: the same right-looking unscaled steps, one barrier each; warp w updates the
 //   columns k = j + 1 + w, j + 33 + w, ... of the trailing lower triangle, a lane per row.
 //   Inverse: no barrier at all. Each column of L⁻¹ is an independent forward substitution
-//   on the unscaled factor (cholqr_invert_column), one warp per column; column c costs n − c
-//   steps, so warp w takes columns w, 63 − w, 64 + w, ... (alternating direction by rounds
-//   of 32) to even the work out.
+//   on the unscaled factor (cholqr_invert_columns), one warp per pair of columns (2p, 2p + 1);
+//   pair p costs n − 2p steps, so warp w takes pairs w, 63 − w, 64 + w, ... (alternating
+//   direction by rounds of 32) to even the work out.
 __global__ static void __launch_bounds__(CHOLQR_TILE *CHOLQR_TILE)
     cholqr_tiled_kernel(double *g, int n, int first, int invert, int *failed) {
     extern __shared__ double a[];
@@ -217,9 +239,10 @@ __global__ static void __launch_bounds__(CHOLQR_TILE *CHOLQR_TILE)
     }
     __syncthreads();
     if (invert) {
-        for (int round = 0; round * CHOLQR_TILE < n; round++) {
-            const int c = round * CHOLQR_TILE + (round & 1 ? CHOLQR_TILE - 1 - warp : warp);
-            if (c < n) cholqr_invert_column(a, n, c, root, reciprocal, g);
+        const int pairs = (n + 1) / 2;
+        for (int round = 0; round * CHOLQR_TILE < pairs; round++) {
+            const int pair = round * CHOLQR_TILE + (round & 1 ? CHOLQR_TILE - 1 - warp : warp);
+            if (pair < pairs) cholqr_invert_columns(a, n, 2 * pair, root, reciprocal, g);
         }
     } else {
         for (int k = warp; k < n; k += CHOLQR_TILE)

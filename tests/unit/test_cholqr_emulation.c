@@ -1,5 +1,5 @@
 /* CholeskyQR's tiled Cholesky kernel (kernels/cuda/cholesky_qr_cuda.cu: cholqr_tiled_kernel
- * and cholqr_invert_column) run on the CPU: its loops transcribed per thread index (warp,
+ * and cholqr_invert_columns) run on the CPU: its loops transcribed per thread index (warp,
  * lane), the threads of each span between two barriers run one after the other, and a warp's
  * lanes in step for the shuffle. This checks the indexing without a GPU:
  *   - every element the kernel reads in shared memory was written before the last barrier,
@@ -69,39 +69,59 @@ struct emulation {
     int unwritten_reads; /* reads of shared elements never written (NaN) */
 };
 
-/* One warp's column c of L⁻¹ (cholqr_invert_column): lanes in step. Shared memory is only
- * read here, after the last barrier. */
-static void emulate_invert_column(const double *a, int n, int c, const double *root,
-                                  const double *reciprocal, double *g, int *writes) {
-    double x[TILE][ROWS_PER_LANE];
+/* One warp's columns c and c + 1 of L⁻¹ (cholqr_invert_columns): lanes in step. Shared
+ * memory is only read here, after the last barrier. */
+static void emulate_invert_columns(const double *a, int n, int c, const double *root,
+                                   const double *reciprocal, double *g, int *writes) {
+    double x[TILE][ROWS_PER_LANE], z[TILE][ROWS_PER_LANE];
     for (int lane = 0; lane < TILE; lane++)
-        for (int r = 0; r < ROWS_PER_LANE; r++) x[lane][r] = r == 0 && lane == 0 ? 1.0 : 0.0;
+        for (int r = 0; r < ROWS_PER_LANE; r++) {
+            x[lane][r] = r == 0 && lane == 0 ? 1.0 : 0.0;
+            z[lane][r] = r == 0 && lane == 1 ? 1.0 : 0.0;
+        }
     for (int b = 0; b < ROWS_PER_LANE; b++) {
         const int base = c + TILE * b;
         if (base >= n) break;
         const int steps = TILE < n - base ? TILE : n - base;
         for (int owner = 0; owner < steps; owner++) {
             const int j = base + owner;
-            const double shuffled = x[owner][b]; /* __shfl_sync(..., x[b], owner) */
+            /* __shfl_sync(..., x[b], owner), (..., z[b], owner) */
+            const double shuffled_x = x[owner][b], shuffled_z = z[owner][b];
             for (int lane = 0; lane < TILE; lane++) {
                 const int at = j * n + c + lane;
-                const double y = shuffled * reciprocal[j];
-                if (lane > owner && base + lane < n)
-                    x[lane][b] = fma(-a[at + TILE * b], y, x[lane][b]);
-                else if (lane == owner)
-                    x[lane][b] = y * root[j];
+                const double inverse = reciprocal[j], scale = root[j];
+                const double y = shuffled_x * inverse, v = shuffled_z * inverse;
+                if (lane > owner && base + lane < n) {
+                    const double l = a[at + TILE * b];
+                    x[lane][b] = fma(-l, y, x[lane][b]);
+                    z[lane][b] = fma(-l, v, z[lane][b]);
+                } else if (lane == owner) {
+                    x[lane][b] = y * scale;
+                    z[lane][b] = v * scale;
+                }
                 for (int r = b + 1; r < ROWS_PER_LANE; r++)
-                    if (c + TILE * r + lane < n) x[lane][r] = fma(-a[at + TILE * r], y, x[lane][r]);
+                    if (c + TILE * r + lane < n) {
+                        const double l = a[at + TILE * r];
+                        x[lane][r] = fma(-l, y, x[lane][r]);
+                        z[lane][r] = fma(-l, v, z[lane][r]);
+                    }
             }
         }
     }
+    const int second = c + 1 < n;
     for (int lane = 0; lane < TILE; lane++) {
         for (int r = 0; r < ROWS_PER_LANE; r++) {
             const int i = c + TILE * r + lane;
-            if (i < n) g[i + (size_t)c * n] = x[lane][r], writes[i + (size_t)c * n]++;
+            if (i < n) {
+                g[i + (size_t)c * n] = x[lane][r], writes[i + (size_t)c * n]++;
+                if (second)
+                    g[i + (size_t)(c + 1) * n] = z[lane][r], writes[i + (size_t)(c + 1) * n]++;
+            }
         }
-        for (int i = lane; i < c; i += TILE)
+        for (int i = lane; i < c; i += TILE) {
             g[i + (size_t)c * n] = 0.0, writes[i + (size_t)c * n]++;
+            if (second) g[i + (size_t)(c + 1) * n] = 0.0, writes[i + (size_t)(c + 1) * n]++;
+        }
     }
 }
 
@@ -181,10 +201,12 @@ static void emulate_tiled_kernel(double *g, int n, int first, int invert, int *f
         }
         /* __syncthreads() */
         if (invert) {
+            const int pairs = (n + 1) / 2;
             for (int warp = 0; warp < TILE; warp++)
-                for (int round = 0; round * TILE < n; round++) {
-                    const int c = round * TILE + (round & 1 ? TILE - 1 - warp : warp);
-                    if (c < n) emulate_invert_column(a, n, c, root, reciprocal, g, writes);
+                for (int round = 0; round * TILE < pairs; round++) {
+                    const int pair = round * TILE + (round & 1 ? TILE - 1 - warp : warp);
+                    if (pair < pairs)
+                        emulate_invert_columns(a, n, 2 * pair, root, reciprocal, g, writes);
                 }
         } else {
             for (int warp = 0; warp < TILE; warp++)
