@@ -33,6 +33,11 @@
 #define LQ_CHOLQR_MAX_COLUMNS 160 // n·n doubles of shared memory: 200 KiB at 160
 #define LQ_CHOLQR_PIVOT_FLOOR 1e-10
 
+// Which Cholesky kernel factors the Gram matrix (LQ_CUDA_CHOLQR_KERNEL, read at open): the
+// tiled one (new, the default: one barrier per column, L⁻¹ by a warp per column) or the old
+// one (kept to compare against).
+enum lq_cholqr_kernel { LQ_CHOLQR_KERNEL_TILED, LQ_CHOLQR_KERNEL_OLD };
+
 // The device memory of one worker: borrowed handles, owned buffers.
 struct lq_cholqr {
     struct lq_cuda *cuda;
@@ -44,6 +49,8 @@ struct lq_cholqr {
     double *other;        // the same, the Dgemm's other side (NULL with triangular_solve)
     double *gram;         // columns x columns
     int *failed;          // whether the last Cholesky of the current orthonormalization failed
+
+    enum lq_cholqr_kernel kernel; // LQ_CUDA_CHOLQR_KERNEL
 };
 
 // Whether this device can run CholeskyQR on n columns (n <= LQ_CHOLQR_MAX_COLUMNS and the
@@ -51,7 +58,7 @@ struct lq_cholqr {
 int lq_cholqr_supported(const struct lq_cuda *cuda, int columns);
 
 // Buffers for matrices of up to max_rows rows and exactly `columns` columns; triangular_solve
-// picks the Dtrsm form.
+// picks the Dtrsm form. LQ_EINVAL for an LQ_CUDA_CHOLQR_KERNEL other than new or old.
 int lq_cholqr_open(struct lq_cholqr *qr, struct lq_cuda *cuda, int max_rows, int columns,
                    int triangular_solve, struct lq_error *err);
 void lq_cholqr_close(struct lq_cholqr *qr);

@@ -15,6 +15,8 @@
 #include "core/nf.h"
 #include "core/rng.h"
 #include "kernels/backend.h"
+#include "kernels/cuda_cholqr.h"
+#include "tests/unit/cholesky_reference.h"
 #include "tests/unit/lq_test.h"
 
 /* The CPU ops these are checked against are the exact fp32 kernels: on a CPU with AVX-512 an
@@ -659,12 +661,14 @@ static void test_decompose(void) {
                   serial[i]);
 
     /* The other ways to run a step (LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32: the table's default
-     * is TF32, so 0 is the other way) against the default. */
+     * is TF32, so 0 is the other way; LQ_CUDA_CHOLQR_KERNEL: CholeskyQR's old Cholesky
+     * kernel) against the default. */
     static const char *const variants[][2] = {{"LQ_CUDA_DECOMPOSE_QR", "householder"},
                                               {"LQ_CUDA_DECOMPOSE_QR", "cholesky-trsm"},
                                               {"LQ_CUDA_DECOMPOSE_EIG", "batched"},
-                                              {"LQ_CUDA_DECOMPOSE_TF32", "0"}};
-    for (int v = 0; v < 4; v++) {
+                                              {"LQ_CUDA_DECOMPOSE_TF32", "0"},
+                                              {"LQ_CUDA_CHOLQR_KERNEL", "old"}};
+    for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
         setenv(variants[v][0], variants[v][1], 1);
         double variant[3];
         int rc = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 3, &options,
@@ -685,6 +689,10 @@ static void test_decompose(void) {
     bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
     unsetenv("LQ_CUDA_DECOMPOSE_SKETCH_KERNEL");
     CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_SKETCH_KERNEL") != NULL);
+    setenv("LQ_CUDA_CHOLQR_KERNEL", "fast", 1);
+    bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
+    unsetenv("LQ_CUDA_CHOLQR_KERNEL");
+    CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_CHOLQR_KERNEL") != NULL);
     setenv("LQ_CUDA_DECOMPOSE_NF_VALUES", "float8", 1);
     bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
     unsetenv("LQ_CUDA_DECOMPOSE_NF_VALUES");
@@ -724,6 +732,128 @@ static void test_decompose(void) {
     free(left), free(right), free(w);
 }
 
+/* ---------- CholeskyQR's Cholesky kernel ---------- */
+
+/* The kernel `kernel` on a copy of g (first pass or not, the device flag before the call as
+ * given); returns the flag after the call, the result in out. */
+static int run_cholqr(const char *kernel, const double *g, int n, int first, int invert,
+                      int failed_before, double *out, double *median_us) {
+    memcpy(out, g, (size_t)n * n * sizeof *out);
+    int failed = failed_before;
+    struct lq_error err = {0};
+    int rc = lq_cuda_cholqr_factor(gpu, kernel, n, first, invert, out, &failed, median_us, &err);
+    CHECK_MSG(rc == 0, "lq_cuda_cholqr_factor(%s, n %d): %s", kernel, n, err.message);
+    return rc ? -1 : failed;
+}
+
+static int cholqr_is_identity(const double *g, int n) {
+    for (int k = 0; k < n; k++)
+        for (int i = 0; i < n; i++)
+            if (g[i + (size_t)k * n] != (i == k ? 1.0 : 0.0)) return 0;
+    return 1;
+}
+
+/* Both Cholesky kernels of CholeskyQR (LQ_CUDA_CHOLQR_KERNEL new, the default, and old)
+ * against the host's textbook Cholesky and inverse in double (tests/unit/cholesky_reference.h)
+ * and against each other, on Gram matrices like CholeskyQR's; their pivot test, the identity
+ * and the flag on failure, the first/skip behaviour, bit-for-bit repeatability. --time prints
+ * each kernel's median time at every size. */
+static void test_cholqr(void) {
+    static const int sizes[] = {1, 2, 3, 17, 74, 75, 128, 160};
+    static const char *const kernels[2] = {"new", "old"};
+    const double upper_mark = 12345.0; /* L must leave the upper triangle alone */
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+        const int n = sizes[s];
+        const size_t count = (size_t)n * n;
+        double *gram = malloc(count * sizeof *gram), *l = malloc(count * sizeof *l);
+        double *inverse = malloc(count * sizeof *inverse);
+        double *out[2] = {malloc(count * sizeof(double)), malloc(count * sizeof(double))};
+        double *again = malloc(count * sizeof *again);
+        cholesky_reference_gram(&rng, n, gram);
+        CHECK(cholesky_reference_factor(gram, n, l) == 0);
+        cholesky_reference_inverse(l, n, inverse);
+        for (int k = 1; k < n; k++)
+            for (int i = 0; i < k; i++) gram[i + (size_t)k * n] = upper_mark;
+        const double tolerance = cholesky_reference_tolerance(gram, l, inverse, n);
+        for (int invert = 0; invert <= 1; invert++) {
+            const double *reference = invert ? inverse : l;
+            for (int v = 0; v < 2; v++) {
+                double us = 0.0;
+                int failed =
+                    run_cholqr(kernels[v], gram, n, 1, invert, 1, out[v], timing ? &us : NULL);
+                CHECK_MSG(failed == 0, "cholqr %s n %d invert %d: flag %d", kernels[v], n, invert,
+                          failed);
+                double error = cholesky_reference_error(out[v], reference, gram, n, invert);
+                CHECK_MSG(error <= tolerance, "cholqr %s n %d invert %d: error %.3g > %.3g",
+                          kernels[v], n, invert, error, tolerance);
+                for (int k = 1; k < n; k++)
+                    for (int i = 0; i < k; i++) {
+                        const double upper = out[v][i + (size_t)k * n];
+                        CHECK_MSG(invert ? upper == 0.0 : upper == upper_mark,
+                                  "cholqr %s n %d invert %d: upper (%d, %d) = %g", kernels[v], n,
+                                  invert, i, k, upper);
+                    }
+                /* the same input gives the same bits */
+                run_cholqr(kernels[v], gram, n, 1, invert, 0, again, NULL);
+                CHECK_MSG(memcmp(again, out[v], count * sizeof *again) == 0,
+                          "cholqr %s n %d invert %d: not repeatable", kernels[v], n, invert);
+                if (timing)
+                    printf("  %9.1f us  cholqr %s n %d invert %d (kernel alone)\n", us, kernels[v],
+                           n, invert);
+            }
+            const double between = cholesky_reference_error(out[0], out[1], gram, n, invert);
+            CHECK_MSG(between <= 2.0 * tolerance, "cholqr n %d invert %d: new vs old %.3g > %.3g",
+                      n, invert, between, 2.0 * tolerance);
+        }
+        /* the second pass: after a failed first only the identity, the flag kept; after a
+         * successful one a factorization, the flag left at 0 */
+        for (int v = 0; v < 2; v++)
+            for (int invert = 0; invert <= 1; invert++) {
+                int failed = run_cholqr(kernels[v], gram, n, 0, invert, 1, out[v], NULL);
+                CHECK_MSG(failed == 1 && cholqr_is_identity(out[v], n),
+                          "cholqr %s n %d invert %d: skip: flag %d", kernels[v], n, invert, failed);
+                failed = run_cholqr(kernels[v], gram, n, 0, invert, 0, out[v], NULL);
+                CHECK_MSG(failed == 0 && cholesky_reference_error(out[v], invert ? inverse : l,
+                                                                  gram, n, invert) <= tolerance,
+                          "cholqr %s n %d invert %d: second pass: flag %d", kernels[v], n, invert,
+                          failed);
+            }
+        free(gram), free(l), free(inverse), free(out[0]), free(out[1]), free(again);
+    }
+    /* the pivot test: a nearly dependent column, a NaN, an infinity */
+    static const int failing[] = {2, 17, 74, 160};
+    for (size_t s = 0; s < sizeof failing / sizeof failing[0]; s++) {
+        const int n = failing[s];
+        const size_t count = (size_t)n * n;
+        double *dependent = malloc(count * sizeof *dependent);
+        double *regular = malloc(count * sizeof *regular), *g = malloc(count * sizeof *g);
+        double *out = malloc(count * sizeof *out);
+        cholesky_reference_dependent_gram(&rng, n, dependent);
+        cholesky_reference_gram(&rng, n, regular);
+        for (int variant = 0; variant < 3; variant++) {
+            memcpy(g, variant == 0 ? dependent : regular, count * sizeof *g);
+            if (variant == 1) g[n - 1] = NAN; /* (n − 1, 0) */
+            if (variant == 2) g[n - 1] = INFINITY;
+            for (int v = 0; v < 2; v++)
+                for (int invert = 0; invert <= 1; invert++) {
+                    int failed = run_cholqr(kernels[v], g, n, 1, invert, 0, out, NULL);
+                    CHECK_MSG(failed == 1 && cholqr_is_identity(out, n),
+                              "cholqr %s n %d variant %d invert %d: flag %d", kernels[v], n,
+                              variant, invert, failed);
+                }
+        }
+        free(dependent), free(regular), free(g), free(out);
+    }
+    /* bad arguments */
+    double one = 4.0;
+    int flag = 0;
+    struct lq_error err = {0};
+    CHECK(lq_cuda_cholqr_factor(gpu, "fast", 1, 1, 1, &one, &flag, NULL, &err) == LQ_EINVAL &&
+          strstr(err.message, "LQ_CUDA_CHOLQR_KERNEL") != NULL);
+    CHECK(lq_cuda_cholqr_factor(gpu, "new", 0, 1, 1, &one, &flag, NULL, &err) == LQ_EINVAL);
+    CHECK(lq_cuda_cholqr_factor(gpu, "new", 161, 1, 1, &one, &flag, NULL, &err) == LQ_EINVAL);
+}
+
 static void test_memory_accounting(void) {
     struct lq_backend_memory before, during, after;
     gpu->ops->memory(gpu, &before);
@@ -751,11 +881,12 @@ int main(int argc, char **argv) {
     CHECK_OK(lq_backend_cpu_create(&cpu, &err));
     lq_rng_seed(&rng, 20261126);
     static const struct lq_test_case cases[] = {
-        LQ_TEST(test_rmsnorm),         LQ_TEST(test_embed),         LQ_TEST(test_rope),
-        LQ_TEST(test_swiglu_add),      LQ_TEST(test_fused_ops),     LQ_TEST(test_linear_dense),
-        LQ_TEST(test_linear_lq),       LQ_TEST(test_linear_lq_mma), LQ_TEST(test_linear_lq_gemv),
-        LQ_TEST(test_linear_adapter),  LQ_TEST(test_matmul),        LQ_TEST(test_attention),
-        LQ_TEST(test_attention_batch), LQ_TEST(test_decompose),     LQ_TEST(test_memory_accounting),
+        LQ_TEST(test_rmsnorm),           LQ_TEST(test_embed),         LQ_TEST(test_rope),
+        LQ_TEST(test_swiglu_add),        LQ_TEST(test_fused_ops),     LQ_TEST(test_linear_dense),
+        LQ_TEST(test_linear_lq),         LQ_TEST(test_linear_lq_mma), LQ_TEST(test_linear_lq_gemv),
+        LQ_TEST(test_linear_adapter),    LQ_TEST(test_matmul),        LQ_TEST(test_attention),
+        LQ_TEST(test_attention_batch),   LQ_TEST(test_decompose),     LQ_TEST(test_cholqr),
+        LQ_TEST(test_memory_accounting),
     };
     int failed = 0;
     const char *filter = NULL;
