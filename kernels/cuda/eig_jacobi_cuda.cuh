@@ -31,9 +31,12 @@ extern "C" {
 #endif
 #include "core/error.h"
 
-// *info after a solve: 0, or one of these (the outputs are then not eigenpairs).
+// *info after a solve: 0, or one of these (the outputs are then not eigenpairs; the values
+// are also defined in eig_jacobi_kernel.h, which the kernel sees).
+#ifndef LQ_EIG_JACOBI_UNCONVERGED
 #define LQ_EIG_JACOBI_UNCONVERGED 1 // LQ_EIG_JACOBI_MAX_SWEEPS sweeps left it off-diagonal
 #define LQ_EIG_JACOBI_NOT_FINITE 2  // the input holds Inf or NaN (every output is NaN)
+#endif
 
 // Bytes of shared memory the solver needs for an n x n matrix.
 size_t lq_eig_jacobi_shared_bytes(int n);

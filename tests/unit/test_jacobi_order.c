@@ -150,6 +150,7 @@ static int jacobi_solve(double *a, int n, double *lambda, int *sweeps) {
     }
     *sweeps = 0;
     for (int sweep = 0; status == 0; sweep++) {
+        const int rotated_sweep = last_rotated_sweep;
         double off = 0.0, diagonal = 0.0;
         for (int r = 0; r < n; r++) {
             const double *row = j.packed + r * (r + 1) / 2;
@@ -158,7 +159,7 @@ static int jacobi_solve(double *a, int n, double *lambda, int *sweeps) {
         }
         off *= 2.0;
         if (off <= LQ_EIG_JACOBI_TOLERANCE * LQ_EIG_JACOBI_TOLERANCE * (off + diagonal)) break;
-        if (sweep > 0 && last_rotated_sweep != sweep - 1) break;
+        if (sweep > 0 && rotated_sweep != sweep - 1) break;
         if (sweep == LQ_EIG_JACOBI_MAX_SWEEPS) {
             status = JACOBI_UNCONVERGED;
             break;
