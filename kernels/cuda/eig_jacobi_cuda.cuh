@@ -9,7 +9,9 @@
 // is one launch on one SM, so the other streams keep the rest of the GPU.
 //
 // Algorithm (Golub and Van Loan, 8.5; the schedule and the rotation are in
-// eig_jacobi_math.h, shared with the host transcription in tests/unit/test_jacobi_order.c):
+// eig_jacobi_math.h, shared with the host transcription in tests/unit/test_jacobi_order.c;
+// the kernel's code is in eig_jacobi_kernel.h, which tests/unit/test_jacobi_kernel.c runs on
+// the CPU with a thread per CUDA thread):
 // per round of the round-robin ordering n/2 disjoint pairs (p, q) (an odd n gets a dummy
 // index that sits out), one thread per pair computes its rotation and its own 2 x 2 diagonal
 // block; then the block applies Jᵀ·A·J to every off-diagonal 2 x 2 block of two pairs (each
