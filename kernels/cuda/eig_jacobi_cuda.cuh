@@ -14,13 +14,14 @@
 // the CPU with a thread per CUDA thread):
 // per round of the round-robin ordering n/2 disjoint pairs (p, q) (an odd n gets a dummy
 // index that sits out), one thread per pair computes its rotation and its own 2 x 2 diagonal
-// block; then the block applies Jᵀ·A·J to every off-diagonal 2 x 2 block of two pairs (each
-// written by one thread) and V·J to the eigenvector columns. n − 1 rounds (n even) are a
-// sweep, which meets every pair once. Sweeps stop when the off-diagonal norm is at most
-// LQ_EIG_JACOBI_TOLERANCE of the whole, or when a sweep skipped every rotation; after
-// LQ_EIG_JACOBI_MAX_SWEEPS *info says it did not converge. The matrix is first scaled by a
-// power of two (exact) so that its largest entry is in [1, 2), which keeps the squared norms
-// away from overflow and underflow; the eigenvalues are scaled back.
+// block while the other warps apply the previous round's V·J to the eigenvector columns
+// (double-buffered rotations: the two need no barrier between them); then the block applies
+// Jᵀ·A·J to every off-diagonal 2 x 2 block of two pairs (each written by one thread). Two
+// barriers a round; n − 1 rounds (n even) are a sweep, which meets every pair once. Sweeps stop
+// when the off-diagonal norm is at most LQ_EIG_JACOBI_TOLERANCE of the whole, or when a sweep
+// skipped every rotation; after LQ_EIG_JACOBI_MAX_SWEEPS *info says it did not converge. The matrix
+// is first scaled by a power of two (exact) so that its largest entry is in [1, 2), which keeps the
+// squared norms away from overflow and underflow; the eigenvalues are scaled back.
 #ifndef LQ_EIG_JACOBI_CUDA_CUH
 #define LQ_EIG_JACOBI_CUDA_CUH
 

@@ -29,11 +29,10 @@
 // The shared-memory layout of one solve, in the order carved below.
 EIG_HOST_DEVICE static size_t eig_doubles(int n) {
     const size_t half = (size_t)lq_eig_jacobi_players(n) / 2;
-    return (size_t)n * (n + 1) / 2 + (size_t)n * n + 2 * half + EIG_ROWS;
+    return (size_t)n * (n + 1) / 2 + (size_t)n * n + 4 * half + EIG_ROWS;
 }
 EIG_HOST_DEVICE static size_t eig_ints(int n) {
-    const size_t half = (size_t)lq_eig_jacobi_players(n) / 2;
-    return 3 * half + (size_t)n + 1;
+    return (size_t)n + 1;
 }
 
 // A sum over the block, the same value in every thread (a fixed order: deterministic).
@@ -65,6 +64,26 @@ __device__ static double eig_block_max(double v, double *scratch) {
     return total;
 }
 
+// V·J for the rotations of round `round` (c, s: one per pair; s = 0 is J = I), by the warps
+// from first_warp on: columns p, q of each rotated pair, consecutive lanes on consecutive rows.
+__device__ static void eig_rotate_vectors(double *V, int n, int players, int round, const double *c,
+                                          const double *s, int first_warp) {
+    const int half = players >> 1, warps = EIG_ROWS - first_warp;
+    if ((int)threadIdx.y < first_warp) return;
+    for (int y = (int)threadIdx.y - first_warp; y < half; y += warps) {
+        const double sy = s[y], cy = c[y];
+        if (sy == 0.0) continue;
+        int p, q;
+        lq_eig_jacobi_pair(round, y, players, &p, &q);
+        double *vp = V + (size_t)p * n, *vq = V + (size_t)q * n;
+        for (int i = threadIdx.x; i < n; i += EIG_WARP) {
+            const double u = vp[i], w = vq[i];
+            vp[i] = cy * u - sy * w;
+            vq[i] = sy * u + cy * w;
+        }
+    }
+}
+
 // One thread block of EIG_WARP x EIG_ROWS threads; lq_eig_jacobi_shared_bytes(n) bytes of
 // dynamic shared memory. Every branch around a barrier depends only on values every thread
 // computed alike (block sums, shared flags read after a barrier).
@@ -73,15 +92,18 @@ __global__ static void __launch_bounds__(EIG_THREADS)
     EIG_DECLARE_SHARED;
     const int players = lq_eig_jacobi_players(n), half = players >> 1;
     const int packed_count = (n * (n + 1)) >> 1;
-    double *A = eig_shared;             // packed lower triangle (lq_eig_jacobi_packed)
-    double *V = A + packed_count;       // n x n column-major: column j goes with a_jj
-    double *pair_c = V + (size_t)n * n; // the round's rotations, one per pair
-    double *pair_s = pair_c + half;
-    double *scratch = pair_s + half; // EIG_ROWS partial sums
-    int *pair_p = (int *)(scratch + EIG_ROWS), *pair_q = pair_p + half;
-    int *pair_on = pair_q + half;       // whether the pair rotates this round
-    int *rank = pair_on + half;         // n: where each eigenpair goes when sorted
-    int *last_rotated_sweep = rank + n; // the last sweep with a rotation
+    double *A = eig_shared;       // packed lower triangle (lq_eig_jacobi_packed)
+    double *V = A + packed_count; // n x n column-major: column j goes with a_jj
+    // The rotations of two rounds, one per pair (s = 0: J = I): a round's own and the one
+    // before it, whose V·J runs while this round's rotations are computed.
+    double *pair_c = V + (size_t)n * n;      // 2 x half
+    double *pair_s = pair_c + 2 * half;      // 2 x half
+    double *scratch = pair_s + 2 * half;     // EIG_ROWS partial sums
+    int *rank = (int *)(scratch + EIG_ROWS); // n: where each eigenpair goes when sorted
+    int *last_rotated_sweep = rank + n;      // the last sweep with a rotation
+    // Warps that compute rotations; the others rotate the vectors meanwhile (at least one).
+    int rotation_warps = (half + EIG_WARP - 1) / EIG_WARP;
+    if (rotation_warps > EIG_ROWS - 1) rotation_warps = EIG_ROWS - 1;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * EIG_WARP + tx;
 
     // Columns of the lower triangle (coalesced reads), V = I, and the largest |a_ij|.
@@ -107,6 +129,8 @@ __global__ static void __launch_bounds__(EIG_THREADS)
         __syncthreads();
     }
 
+    // The round whose V·J is still to run (-1: none), and the buffer of the next round.
+    int pending_round = -1, buffer = 0;
     for (int sweep = 0; status == 0; sweep++) {
         // Read before the barriers below: once past them, a fast thread's first rotation of
         // this sweep rewrites the flag while a slow one might still be about to read it.
@@ -126,40 +150,44 @@ __global__ static void __launch_bounds__(EIG_THREADS)
             break;
         }
         for (int round = 0; round < players - 1; round++) {
+            double *round_c = pair_c + buffer * half, *round_s = pair_s + buffer * half;
             // One thread per pair: its rotation, and its own 2 x 2 diagonal block, which no
-            // other thread reads or writes this round.
+            // other thread reads or writes this round. Meanwhile the other warps apply the
+            // previous round's rotations to V (the other buffer), which nothing here reads.
             if (tid < half) {
-                int p, q, on = 0;
+                int p, q;
                 double c = 1.0, s = 0.0, t = 0.0;
                 lq_eig_jacobi_pair(round, tid, players, &p, &q);
                 if (q < n) { // else q is the dummy index: p sits out
                     const int pp = lq_eig_jacobi_packed(p, p), qq = lq_eig_jacobi_packed(q, q);
                     const int qp = lq_eig_jacobi_packed(q, p);
                     const double app = A[pp], aqq = A[qq], apq = A[qp];
-                    on = lq_eig_jacobi_rotation(app, aqq, apq, &c, &s, &t);
-                    if (on) {
+                    if (lq_eig_jacobi_rotation(app, aqq, apq, &c, &s, &t)) {
                         A[pp] = app - t * apq;
                         A[qq] = aqq + t * apq;
                         A[qp] = 0.0;
                         *last_rotated_sweep = sweep; // every writer writes the same value
                     }
                 }
-                pair_p[tid] = p, pair_q[tid] = q, pair_on[tid] = on;
-                pair_c[tid] = c, pair_s[tid] = s;
+                round_c[tid] = c, round_s[tid] = s;
             }
+            if (pending_round >= 0)
+                eig_rotate_vectors(V, n, players, pending_round, pair_c + (buffer ^ 1) * half,
+                                   pair_s + (buffer ^ 1) * half, rotation_warps);
             __syncthreads();
             // Jᵀ·A·J on the off-diagonal blocks: rows (p, q) of pair x, columns (r, s) of
             // pair y < x; each of the four entries belongs to this block alone. A dummy index
             // (an unrotated pair's q) reads as 0 and is not written: its pair's J is I.
             for (int x = ty + 1; x < half; x += EIG_ROWS) {
-                const int p = pair_p[x], q = pair_q[x], on_x = pair_on[x];
-                const double cx = pair_c[x], sx = pair_s[x];
+                int p, q;
+                lq_eig_jacobi_pair(round, x, players, &p, &q);
+                const double cx = round_c[x], sx = round_s[x];
                 const bool q_real = q < n;
                 for (int y = tx; y < x; y += EIG_WARP) {
-                    const int on_y = pair_on[y];
-                    if (!on_x && !on_y) continue; // both J are I: nothing changes
-                    const int r = pair_p[y], s = pair_q[y];
-                    const double cy = pair_c[y], sy = pair_s[y];
+                    const double cy = round_c[y], sy = round_s[y];
+                    if (sx == 0.0 && sy == 0.0) continue; // both J are I: nothing changes
+                    int r, s;
+                    lq_eig_jacobi_pair(round, y, players, &r, &s);
                     const bool s_real = s < n;
                     const int pr = lq_eig_jacobi_packed(p, r);
                     const int ps = s_real ? lq_eig_jacobi_packed(p, s) : 0;
@@ -178,19 +206,16 @@ __global__ static void __launch_bounds__(EIG_THREADS)
                     if (q_real && s_real) A[qs] = sx * yps + cx * yqs;
                 }
             }
-            // V·J: columns r, s of each rotated pair (consecutive lanes, consecutive rows).
-            for (int y = ty; y < half; y += EIG_ROWS) {
-                if (!pair_on[y]) continue;
-                const double cy = pair_c[y], sy = pair_s[y];
-                double *vr = V + (size_t)pair_p[y] * n, *vs = V + (size_t)pair_q[y] * n;
-                for (int i = tx; i < n; i += EIG_WARP) {
-                    const double u = vr[i], w = vs[i];
-                    vr[i] = cy * u - sy * w;
-                    vs[i] = sy * u + cy * w;
-                }
-            }
-            __syncthreads(); // the next round reads A and rewrites the pair table
+            __syncthreads(); // the next round reads A and rewrites the other buffer
+            pending_round = round;
+            buffer ^= 1;
         }
+    }
+    // The last round's V·J (every warp).
+    if (pending_round >= 0) {
+        eig_rotate_vectors(V, n, players, pending_round, pair_c + (buffer ^ 1) * half,
+                           pair_s + (buffer ^ 1) * half, 0);
+        __syncthreads();
     }
 
     if (status == LQ_EIG_JACOBI_NOT_FINITE) {

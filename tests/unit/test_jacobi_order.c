@@ -50,14 +50,16 @@ struct jacobi {
     int n, players, half;
     double *packed;  /* lower triangle, lq_eig_jacobi_packed */
     double *vectors; /* n x n column-major */
-    int pair_p[MAX_N / 2 + 1], pair_q[MAX_N / 2 + 1], pair_on[MAX_N / 2 + 1];
+    int pair_p[MAX_N / 2 + 1], pair_q[MAX_N / 2 + 1];
     double pair_c[MAX_N / 2 + 1], pair_s[MAX_N / 2 + 1];
 };
 
 /* One round: every pair's rotation and diagonal block (the kernel's one-thread-per-pair
- * phase), then Jᵀ·A·J on the off-diagonal blocks and V·J (its second phase). The pairs are
- * disjoint, so the order of the loops within a phase does not change a bit. Returns whether a
- * pair rotated. */
+ * phase), then Jᵀ·A·J on the off-diagonal blocks (its second phase), then V·J (which the
+ * kernel runs during the next round's first phase: nothing there reads V, and V sees the
+ * same rotations in the same order). The pairs are disjoint, so the order of the loops within
+ * a phase does not change a bit. s = 0 is J = I, skipped as the kernel skips it. Returns
+ * whether a pair rotated. */
 static int jacobi_round(struct jacobi *j, int round) {
     const int n = j->n;
     double *A = j->packed;
@@ -78,7 +80,7 @@ static int jacobi_round(struct jacobi *j, int round) {
                 rotated = 1;
             }
         }
-        j->pair_p[i] = p, j->pair_q[i] = q, j->pair_on[i] = on;
+        j->pair_p[i] = p, j->pair_q[i] = q;
         j->pair_c[i] = c, j->pair_s[i] = s;
     }
     for (int x = 1; x < j->half; x++) {
@@ -86,7 +88,7 @@ static int jacobi_round(struct jacobi *j, int round) {
         const double cx = j->pair_c[x], sx = j->pair_s[x];
         const int q_real = q < n;
         for (int y = 0; y < x; y++) {
-            if (!j->pair_on[x] && !j->pair_on[y]) continue;
+            if (j->pair_s[x] == 0.0 && j->pair_s[y] == 0.0) continue;
             const int r = j->pair_p[y], s = j->pair_q[y];
             const double cy = j->pair_c[y], sy = j->pair_s[y];
             const int s_real = s < n;
@@ -106,7 +108,7 @@ static int jacobi_round(struct jacobi *j, int round) {
         }
     }
     for (int y = 0; y < j->half; y++) {
-        if (!j->pair_on[y]) continue;
+        if (j->pair_s[y] == 0.0) continue;
         const double cy = j->pair_c[y], sy = j->pair_s[y];
         double *vr = j->vectors + (size_t)j->pair_p[y] * n;
         double *vs = j->vectors + (size_t)j->pair_q[y] * n;
