@@ -68,13 +68,15 @@
 //     The small SVD of B (q x n) comes from
 //     the eigendecomposition of the q x q Gram matrix B·Bᵀ, formed and solved in double
 //     (Dsyrk + Dsyevd, or cusolverDnXsyevBatched on one matrix with
-//     LQ_CUDA_DECOMPOSE_EIG=batched): squaring the condition number in double costs σ_i a relative
-//     error of about 1e-16·(σ_1/σ_i)², below float rounding for every σ_i > 1e-4·σ_1, and it is one
-//     small solver call where cuSOLVER's gesvd on a 4096 x 74 matrix is slow. Then
-//     L1 = Y·Ub·Σ^½ (float: Y and Ub are orthonormal, nothing cancels) and
-//     L2 = Σ^-½·Ubᵀ·B (double, then float: rows for small σ cancel heavily). Eigenvalues
-//     below 4·q·ε_double·λ_max are rounding noise: their σ is 0 and their factor columns and
-//     rows are 0.
+//     LQ_CUDA_DECOMPOSE_EIG=batched, or with =jacobi one launch of our own one-block Jacobi
+//     solver, eig_jacobi_cuda.cuh, where Dsyevd is ~170 launches; a sketch too wide for its
+//     shared memory, q > 138 on an H100, takes Dsyevd, decided when a worker opens): squaring the
+//     condition number in double costs σ_i a relative error of about 1e-16·(σ_1/σ_i)², below float
+//     rounding for every σ_i > 1e-4·σ_1, and it is one small solver call where cuSOLVER's gesvd on
+//     a 4096 x 74 matrix is slow. Then L1 = Y·Ub·Σ^½ (float: Y and Ub are orthonormal, nothing
+//     cancels) and L2 = Σ^-½·Ubᵀ·B (double, then float: rows for small σ cancel heavily).
+//     Eigenvalues below 4·q·ε_double·λ_max are rounding noise: their σ is 0 and their factor
+//     columns and rows are 0.
 //   * The exact SVD (AUTO on small matrices, or asked for) runs core's lq_svd_truncated on a
 //     downloaded copy of R, as the CPU does: those steps wait for the host.
 //   * The best candidate's factors are kept on the device by stream-ordered copies; at the
@@ -95,7 +97,7 @@
 //     of these calls), and a stop decided by a near tie (error >= previous) can fall one
 //     step apart.
 //   * Each randomized component's sign (a column of L1 with the matching row of L2) is
-//     syevd's choice, not gesdd's: it can be flipped relative to the CPU's.
+//     the eigensolver's choice, not gesdd's: it can be flipped relative to the CPU's.
 //   * Components below the noise threshold above are 0 where the CPU keeps tiny values.
 //   * The exact path gives the CPU's factors bit for bit from the same residual.
 #include <math.h>
@@ -107,6 +109,7 @@
 
 #include "kernels/cuda/cholesky_qr_cuda.cuh"
 #include "kernels/cuda/cuda_internal.h"
+#include "kernels/cuda/eig_jacobi_cuda.cuh"
 #include "kernels/cuda/nf_cuda.cuh"
 #include "kernels/cuda/phase_timer_cuda.cuh"
 
@@ -178,7 +181,9 @@ enum dec_sketch_kernel_kind { DEC_SKETCH_KERNEL_BLOCK, DEC_SKETCH_KERNEL_THREAD 
 // How the randomized SVD orthonormalizes its sketches (LQ_CUDA_DECOMPOSE_QR).
 enum dec_qr_mode { DEC_QR_CHOLESKY, DEC_QR_CHOLESKY_TRSM, DEC_QR_HOUSEHOLDER };
 // Which cuSOLVER routine solves the small eigenproblem (LQ_CUDA_DECOMPOSE_EIG).
-enum dec_eig_mode { DEC_EIG_SYEVD, DEC_EIG_BATCHED };
+enum dec_eig_mode { DEC_EIG_SYEVD, DEC_EIG_BATCHED, DEC_EIG_JACOBI };
+// The eigensolver when LQ_CUDA_DECOMPOSE_EIG is not set.
+#define DEC_EIG_DEFAULT DEC_EIG_SYEVD
 // What LQ_CUDA_DECOMPOSE_PROFILE=1 times, per step (phase_timer_cuda.cuh).
 enum dec_phase {
     DEC_PHASE_SETUP,      // the residual W − Q when not fused, ||W||, the quantized start
@@ -286,6 +291,7 @@ struct dec {
     double *bt, *gram, *lambda, *ubs, *l2t, *eig_work;
     int solver_lwork, eig_lwork;   // eig_lwork: doubles (either routine)
     cusolverDnParams_t eig_params; // DEC_EIG_BATCHED
+    int eig_jacobi;                // DEC_EIG_JACOBI, and this sketch fits its shared memory
     size_t eig_device_bytes, eig_host_bytes;
     void *eig_host_work; // DEC_EIG_BATCHED's host workspace, if it asks for one
     // factors (L1 rows x rank, L2 rank x cols, row-major)
@@ -490,7 +496,7 @@ __global__ static void dec_widen_kernel(const float *x, size_t count, double *y)
         y[i] = (double)x[i];
 }
 
-// Component k of the rank-r truncation from syevd's ascending eigenpairs of B·Bᵀ (q x q):
+// Component k of the rank-r truncation from the ascending eigenpairs of B·Bᵀ (q x q):
 // σ_k = √λ, ub[:, k] = e·σ^½ (float, for L1 = Y·ub) and ubs[:, k] = e·σ^-½ (double, for
 // L2 = ubsᵀ·B). One thread block per component.
 __global__ static void dec_pick_kernel(const double *lambda, const double *vectors, int q,
@@ -842,17 +848,22 @@ static int dec_qr_mode(int *mode, struct lq_error *err) {
                         text);
 }
 
-// LQ_CUDA_DECOMPOSE_EIG: syevd (the default) or batched (cusolverDnXsyevBatched, one matrix).
+// LQ_CUDA_DECOMPOSE_EIG: syevd, batched (cusolverDnXsyevBatched, one matrix) or jacobi
+// (eig_jacobi_cuda.cuh); unset, DEC_EIG_DEFAULT.
 static int dec_eig_mode(int *mode, struct lq_error *err) {
     const char *text = getenv("LQ_CUDA_DECOMPOSE_EIG");
-    *mode = DEC_EIG_SYEVD;
-    if (!text || !*text || strcmp(text, "syevd") == 0) return LQ_OK;
-    if (strcmp(text, "batched") == 0) {
+    *mode = DEC_EIG_DEFAULT;
+    if (!text || !*text) return LQ_OK;
+    if (strcmp(text, "syevd") == 0)
+        *mode = DEC_EIG_SYEVD;
+    else if (strcmp(text, "batched") == 0)
         *mode = DEC_EIG_BATCHED;
-        return LQ_OK;
-    }
-    return lq_error_set(err, LQ_EINVAL, "LQ_CUDA_DECOMPOSE_EIG=%s: expected syevd or batched",
-                        text);
+    else if (strcmp(text, "jacobi") == 0)
+        *mode = DEC_EIG_JACOBI;
+    else
+        return lq_error_set(err, LQ_EINVAL,
+                            "LQ_CUDA_DECOMPOSE_EIG=%s: expected syevd, batched or jacobi", text);
+    return LQ_OK;
 }
 
 static int dec_sketch_mode(void) {
@@ -1067,22 +1078,25 @@ static void dec_profile_report(const struct dec *d) {
     const double *ms = d->timer.ms, steps = (double)d->profile_steps;
     double total = 0.0;
     for (int i = 0; i < DEC_PHASE_COUNT; i++) total += ms[i];
-    fprintf(stderr,
-            "lqd: decompose profile %zu x %zu rank %d sketch %d, %s QR: %ld runs, %ld steps; ms "
-            "per step: products %.3f, QR %.3f, small SVD %.3f, factors %.3f, L1*L2 %.3f, "
-            "quantize %.3f, sketch %.3f, status round trip %.3f, setup %.3f = %.3f on the "
-            "stream; %.3f host wall; %u QR fallbacks%s\n",
-            s->rows, s->cols, s->rank, s->sketch,
-            !s->randomized   ? "no"
-            : d->cholesky_qr ? "Cholesky"
-                             : "Householder",
-            d->profile_runs, d->profile_steps, ms[DEC_PHASE_PRODUCTS] / steps,
-            ms[DEC_PHASE_QR] / steps, ms[DEC_PHASE_SMALL_SVD] / steps,
-            ms[DEC_PHASE_FACTORS] / steps, ms[DEC_PHASE_LOWRANK] / steps,
-            ms[DEC_PHASE_QUANTIZE] / steps, ms[DEC_PHASE_SKETCH] / steps,
-            ms[DEC_PHASE_ROUND_TRIP] / steps, ms[DEC_PHASE_SETUP] / steps, total / steps,
-            d->profile_wall * 1e3 / steps, d->status_host ? d->status_host->qr_fallbacks : 0u,
-            d->timer.dropped ? " (some marks dropped)" : "");
+    fprintf(
+        stderr,
+        "lqd: decompose profile %zu x %zu rank %d sketch %d, %s QR, %s: %ld runs, %ld steps; ms "
+        "per step: products %.3f, QR %.3f, small SVD %.3f, factors %.3f, L1*L2 %.3f, "
+        "quantize %.3f, sketch %.3f, status round trip %.3f, setup %.3f = %.3f on the "
+        "stream; %.3f host wall; %u QR fallbacks%s\n",
+        s->rows, s->cols, s->rank, s->sketch,
+        !s->randomized   ? "no"
+        : d->cholesky_qr ? "Cholesky"
+                         : "Householder",
+        d->eig_jacobi   ? "Jacobi"
+        : d->eig_params ? "syevBatched"
+                        : "syevd",
+        d->profile_runs, d->profile_steps, ms[DEC_PHASE_PRODUCTS] / steps, ms[DEC_PHASE_QR] / steps,
+        ms[DEC_PHASE_SMALL_SVD] / steps, ms[DEC_PHASE_FACTORS] / steps,
+        ms[DEC_PHASE_LOWRANK] / steps, ms[DEC_PHASE_QUANTIZE] / steps, ms[DEC_PHASE_SKETCH] / steps,
+        ms[DEC_PHASE_ROUND_TRIP] / steps, ms[DEC_PHASE_SETUP] / steps, total / steps,
+        d->profile_wall * 1e3 / steps, d->status_host ? d->status_host->qr_fallbacks : 0u,
+        d->timer.dropped ? " (some marks dropped)" : "");
 }
 
 static void dec_close(struct dec *d) {
@@ -1138,7 +1152,12 @@ static int dec_solver_work(struct dec *d, struct lq_error *err) {
     d->solver_lwork = 1;
     for (int i = 0; i < 4; i++)
         d->solver_lwork = sizes[i] > d->solver_lwork ? sizes[i] : d->solver_lwork;
-    if (d->shared->eig_mode == DEC_EIG_BATCHED) {
+    // Jacobi needs no workspace; a sketch too wide for its shared memory takes syevd.
+    d->eig_jacobi =
+        d->shared->eig_mode == DEC_EIG_JACOBI && lq_eig_jacobi_supported(d->cuda->device, Q);
+    if (d->eig_jacobi) {
+        d->eig_lwork = 1;
+    } else if (d->shared->eig_mode == DEC_EIG_BATCHED) {
         DEC_SOLVER(cusolverDnCreateParams(&d->eig_params), "cusolverDnCreateParams");
         DEC_SOLVER(cusolverDnXsyevBatched_bufferSize(
                        d->solver, d->eig_params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER,
@@ -1579,7 +1598,9 @@ static int randomized_factors(struct dec *d, const float *a, int power_iters,
     DEC_BLAS(
         cublasDsyrk(d->blas, CUBLAS_FILL_MODE_LOWER, T, q, n, &one, d->bt, n, &zero, d->gram, q),
         "cublasDsyrk");
-    if (d->eig_params)
+    if (d->eig_jacobi)
+        DEC_TRY(lq_eig_jacobi(d->stream, d->gram, q, d->lambda, &d->status->eig_info, err));
+    else if (d->eig_params)
         DEC_SOLVER(cusolverDnXsyevBatched(d->solver, d->eig_params, CUSOLVER_EIG_MODE_VECTOR,
                                           CUBLAS_FILL_MODE_LOWER, q, CUDA_R_64F, d->gram, q,
                                           CUDA_R_64F, d->lambda, CUDA_R_64F, d->eig_work,
@@ -1723,10 +1744,16 @@ static int check_step(struct dec *d, struct lq_error *err) {
         return lq_error_set(err, LQ_ESOLVER,
                             "cuSOLVER QR of the sketch of %zu x %zu failed (info %d)", s->rows,
                             s->cols, st->qr_info);
-    if (st->eig_info != 0)
+    if (st->eig_info != 0 && d->eig_jacobi)
         return lq_error_set(err, LQ_ESOLVER,
-                            "cuSOLVER syevd failed on the %d x %d sketch Gram matrix (info %d)",
-                            s->sketch, s->sketch, st->eig_info);
+                            "the Jacobi eigensolver failed on the %d x %d sketch Gram matrix: %s "
+                            "(info %d)",
+                            s->sketch, s->sketch, lq_eig_jacobi_info_text(st->eig_info),
+                            st->eig_info);
+    if (st->eig_info != 0)
+        return lq_error_set(
+            err, LQ_ESOLVER, "cuSOLVER %s failed on the %d x %d sketch Gram matrix (info %d)",
+            d->eig_params ? "syevBatched" : "syevd", s->sketch, s->sketch, st->eig_info);
     if (st->first_bad != DEC_NO_INDEX) {
         // The quantizer's input there, formed again as the device formed it.
         size_t index = (size_t)st->first_bad;

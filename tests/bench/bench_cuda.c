@@ -14,7 +14,7 @@
  *            x 243 configurations); for each variant of the decomposition named by
  *            --variants (default householder+fp32+thread-sketch+team-values,default: the
  *            old path and the default; words householder, cholesky, cholesky-trsm, syevd,
- *            batched, tf32, fp32, thread-sketch, block-sketch, team-values, vec4-values,
+ *            batched, jacobi, tf32, fp32, thread-sketch, block-sketch, team-values, vec4-values,
  *            streamsN, default joined by '+' pick the QR, the eigensolver, the range products,
  *            the sketch kernel, the NF values kernel and the concurrent decompositions of a
  *            row, as the LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32, _SKETCH_KERNEL, _NF_VALUES and
@@ -351,7 +351,7 @@ static void unset_variant(void) {
 }
 
 /* A variant of the GPU decomposition: '+'-joined words among householder, cholesky,
- * cholesky-trsm (the QR), syevd, batched (the eigensolver), tf32, fp32 (the range products,
+ * cholesky-trsm (the QR), syevd, batched, jacobi (the eigensolver), tf32, fp32 (the range products,
  * both for the table and the kept decompositions; unnamed: TF32 for the table, fp32 kept),
  * thread-sketch, block-sketch (the sketch kernel), team-values, vec4-values (the NF values
  * kernel), streamsN (N concurrent decompositions in an error-table row) and default (names
@@ -367,7 +367,8 @@ static int set_variant(const char *variant) {
         if (strcmp(word, "householder") == 0 || strcmp(word, "cholesky") == 0 ||
             strcmp(word, "cholesky-trsm") == 0)
             values[0] = word;
-        else if (strcmp(word, "syevd") == 0 || strcmp(word, "batched") == 0)
+        else if (strcmp(word, "syevd") == 0 || strcmp(word, "batched") == 0 ||
+                 strcmp(word, "jacobi") == 0)
             values[1] = word;
         else if (strcmp(word, "tf32") == 0 || strcmp(word, "fp32") == 0)
             values[2] = word[0] == 't' ? "1" : "0";
@@ -519,7 +520,7 @@ static int decomposition(struct lq_backend *gpu, int table_sample, const char *v
         if (set_variant(variant)) {
             rc = lq_error_set(err, LQ_EINVAL,
                               "variant '%s': expected words householder, cholesky, "
-                              "cholesky-trsm, syevd, batched, tf32, fp32, thread-sketch, "
+                              "cholesky-trsm, syevd, batched, jacobi, tf32, fp32, thread-sketch, "
                               "block-sketch, team-values, vec4-values, streamsN, default "
                               "joined by '+'",
                               variant);

@@ -581,6 +581,28 @@ static void test_attention_batch(void) {
 
 /* ---------- decomposition ---------- */
 
+/* An environment variable's value before a case changes it, so that a run started with it
+ * set (cuda_ops_decompose_jacobi) keeps it after the case. */
+struct saved_env {
+    const char *name;
+    int set;
+    char value[64];
+};
+
+static struct saved_env save_env(const char *name) {
+    struct saved_env saved = {name, 0, ""};
+    const char *value = getenv(name);
+    if (value) saved.set = 1, snprintf(saved.value, sizeof saved.value, "%s", value);
+    return saved;
+}
+
+static void restore_env(const struct saved_env *saved) {
+    if (saved->set)
+        setenv(saved->name, saved->value, 1);
+    else
+        unsetenv(saved->name);
+}
+
 static void test_decompose(void) {
     if (!gpu->ops->decompose || !gpu->ops->decompose_errors) {
         CHECK_MSG(0, "%s", "the CUDA backend has no decompose op");
@@ -662,18 +684,20 @@ static void test_decompose(void) {
 
     /* The other ways to run a step (LQ_CUDA_DECOMPOSE_QR, _EIG, _TF32: the table's default
      * is TF32, so 0 is the other way; LQ_CUDA_CHOLQR_KERNEL: CholeskyQR's old Cholesky
-     * kernel) against the default. */
-    static const char *const variants[][2] = {{"LQ_CUDA_DECOMPOSE_QR", "householder"},
-                                              {"LQ_CUDA_DECOMPOSE_QR", "cholesky-trsm"},
-                                              {"LQ_CUDA_DECOMPOSE_EIG", "batched"},
-                                              {"LQ_CUDA_DECOMPOSE_TF32", "0"},
-                                              {"LQ_CUDA_CHOLQR_KERNEL", "old"}};
+     * kernel) against the default, or against the eigensolver this run names (meson's
+     * cuda_ops_decompose_jacobi sets LQ_CUDA_DECOMPOSE_EIG=jacobi). */
+    static const char *const variants[][2] = {
+        {"LQ_CUDA_DECOMPOSE_QR", "householder"}, {"LQ_CUDA_DECOMPOSE_QR", "cholesky-trsm"},
+        {"LQ_CUDA_DECOMPOSE_EIG", "batched"},    {"LQ_CUDA_DECOMPOSE_EIG", "jacobi"},
+        {"LQ_CUDA_DECOMPOSE_EIG", "syevd"},      {"LQ_CUDA_DECOMPOSE_TF32", "0"},
+        {"LQ_CUDA_CHOLQR_KERNEL", "old"}};
     for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+        struct saved_env saved = save_env(variants[v][0]);
         setenv(variants[v][0], variants[v][1], 1);
         double variant[3];
         int rc = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 3, &options,
                                             variant, &err);
-        unsetenv(variants[v][0]);
+        restore_env(&saved);
         CHECK_MSG(rc == 0, "%s=%s: %s", variants[v][0], variants[v][1], err.message);
         for (int c = 0; c < 3 && rc == 0; c++)
             CHECK_MSG(fabs(variant[c] - errors[c]) <= 0.02 * errors[c],
@@ -697,6 +721,11 @@ static void test_decompose(void) {
     bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
     unsetenv("LQ_CUDA_DECOMPOSE_NF_VALUES");
     CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_NF_VALUES") != NULL);
+    struct saved_env eig = save_env("LQ_CUDA_DECOMPOSE_EIG");
+    setenv("LQ_CUDA_DECOMPOSE_EIG", "qr", 1);
+    bad = gpu->ops->decompose_errors(gpu, w, rows, cols, configs, seeds, 1, &options, errors, &err);
+    restore_env(&eig);
+    CHECK(bad == LQ_EINVAL && strstr(err.message, "LQ_CUDA_DECOMPOSE_EIG=qr") != NULL);
     free(w);
 
     /* A rank-20 W with a 26-column sketch (rank 16 + 10): every sketch is rank-deficient, so
