@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/cuda/connections_cuda.h"
 #include "kernels/cuda/cuda_internal.h"
 
 struct lq_cuda_allocation {
@@ -487,6 +488,7 @@ extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq
                                       struct lq_error *err) {
     *out = NULL;
     int count = 0;
+    lq_cuda_default_connections();
     cudaError_t status = cudaGetDeviceCount(&count);
     if (status != cudaSuccess || count == 0) {
         cudaGetLastError();

@@ -60,11 +60,14 @@
 //     launches, where cuSOLVER's geqrf + orgqr of a 4096 x 74 matrix is a long chain of small
 //     ones and was most of a step's time); LQ_CUDA_DECOMPOSE_QR=householder takes geqrf +
 //     orgqr as before. Both give the same span, which is all the SVD uses. The range
-//     finder's products (not Bᵀ) run on TF32 tensor cores for the error table
+//     finder's products and Bᵀ run on TF32 tensor cores for the error table
 //     (lq_cuda_decompose_errors) and in fp32 for the decompositions kept
-//     (lq_cuda_decompose); LQ_CUDA_DECOMPOSE_TF32=0 or =1 sets both. On the H100 TF32
-//     halved the products and moved the mean error of a 243-configuration row by less than
-//     1e-4 relative (19.1747 vs 19.1729 on 4096², 32.1333 vs 32.1325 on 4096 x 11008).
+//     (lq_cuda_decompose); LQ_CUDA_DECOMPOSE_TF32=0 (all fp32), =1 (range products TF32,
+//     Bᵀ fp32) or =all sets both. On the H100 TF32 range products halved the products and
+//     moved the mean error of a 243-configuration row by less than 1e-4 relative (19.1747 vs
+//     19.1729 on 4096², 32.1333 vs 32.1325 on 4096 x 11008); Bᵀ on TF32 as well took the
+//     whole 7B table from 15.7 to 14.3 minutes and moved the mean errors of 81-configuration
+//     rows by 1.1e-4 and 1.7e-4 relative (19.1329 → 19.1351, 32.0587 → 32.0641).
 //     The small SVD of B (q x n) comes from
 //     the eigendecomposition of the q x q Gram matrix B·Bᵀ, formed and solved in double
 //     (Dsyrk + Dsyevd, or cusolverDnXsyevBatched on one matrix with
@@ -168,7 +171,7 @@ extern "C" {
 #define DEC_SKETCH_MARGIN 0x1.0p-46 // relative: far above both libms' documented errors
 #define DEC_FIXUP_MAX 128           // fix-ups one status holds (about one is expected)
 // Workers of lq_cuda_decompose_errors.
-#define DEC_DEFAULT_WORKERS 8
+#define DEC_DEFAULT_WORKERS 16
 #define DEC_MAX_WORKERS 64
 #define DEC_WORKER_OVERHEAD ((size_t)64 << 20) // a worker's handles' own device memory, roughly
 #define DEC_STOPPED 1 // run(): another worker failed, so this one stopped (not an LQ code)
@@ -183,7 +186,7 @@ enum dec_qr_mode { DEC_QR_CHOLESKY, DEC_QR_CHOLESKY_TRSM, DEC_QR_HOUSEHOLDER };
 // Which cuSOLVER routine solves the small eigenproblem (LQ_CUDA_DECOMPOSE_EIG).
 enum dec_eig_mode { DEC_EIG_SYEVD, DEC_EIG_BATCHED, DEC_EIG_JACOBI };
 // The eigensolver when LQ_CUDA_DECOMPOSE_EIG is not set.
-#define DEC_EIG_DEFAULT DEC_EIG_SYEVD
+#define DEC_EIG_DEFAULT DEC_EIG_JACOBI
 // What LQ_CUDA_DECOMPOSE_PROFILE=1 times, per step (phase_timer_cuda.cuh).
 enum dec_phase {
     DEC_PHASE_SETUP,      // the residual W − Q when not fused, ||W||, the quantized start
@@ -234,12 +237,13 @@ struct dec_shape {
 struct dec_shared {
     struct lq_cuda *cuda;
     struct dec_shape shape;
-    int sketch_mode;   // enum dec_sketch_mode
-    int qr_mode;       // enum dec_qr_mode
-    int eig_mode;      // enum dec_eig_mode
-    int tf32;          // the range finder's products on TF32 tensor cores (errors-only default)
-    int profile;       // LQ_CUDA_DECOMPOSE_PROFILE: time each phase
-    int jump_levels;   // jump matrices the device sketch uses
+    int sketch_mode; // enum dec_sketch_mode
+    int qr_mode;     // enum dec_qr_mode
+    int eig_mode;    // enum dec_eig_mode
+    int tf32;        // the range finder's products on TF32 tensor cores (errors-only default)
+    int tf32_bt;     // Bᵀ = Aᵀ·Y on them too (errors-only default, LQ_CUDA_DECOMPOSE_TF32=all)
+    int profile;     // LQ_CUDA_DECOMPOSE_PROFILE: time each phase
+    int jump_levels; // jump matrices the device sketch uses
     int sketch_kernel; // enum dec_sketch_kernel_kind
     int nf_values;     // enum dec_nf_values
 
@@ -954,10 +958,12 @@ static int dec_shared_open(struct dec_shared *sh, struct lq_cuda *cuda,
     DEC_TRY(dec_eig_mode(&sh->eig_mode, err));
     DEC_TRY(dec_sketch_kernel_kind(&sh->sketch_kernel, err));
     DEC_TRY(dec_nf_values_kind(&sh->nf_values, err));
-    // TF32 range products: on for the error table (errors only), off for the decompositions
-    // kept, unless LQ_CUDA_DECOMPOSE_TF32 says (0: off for both, anything else: on for both).
+    // TF32 range products and Bᵀ: on for the error table (errors only), off for the
+    // decompositions kept, unless LQ_CUDA_DECOMPOSE_TF32 says (0: off for both, all: on for
+    // both, anything else: the range products on and Bᵀ in fp32, for both).
     const char *tf32 = getenv("LQ_CUDA_DECOMPOSE_TF32");
     sh->tf32 = tf32 && *tf32 ? strcmp(tf32, "0") != 0 : !s->keep;
+    sh->tf32_bt = tf32 && *tf32 ? strcmp(tf32, "all") == 0 : !s->keep;
     const char *profile = getenv("LQ_CUDA_DECOMPOSE_PROFILE");
     sh->profile = profile && *profile && strcmp(profile, "0") != 0;
     if (s->randomized && sh->sketch_mode != DEC_SKETCH_HOST) {
@@ -1428,7 +1434,8 @@ static int sgemm(struct dec *d, cublasOperation_t ta, cublasOperation_t tb, int 
 // A product of the range finder (Y = A·Ω, the power iterations): fp32, or with
 // LQ_CUDA_DECOMPOSE_TF32 on TF32 tensor cores (10-bit mantissas, fp32 sums). Only the
 // basis's span comes from these products, and a basis off by 1e-3 relative still captures
-// the dominant subspace; Bᵀ = Aᵀ·Y, which L2 is made of, stays fp32.
+// the dominant subspace. Bᵀ = Aᵀ·Y, which L2 is made of, takes it too for the error table
+// (tf32_bt), whose errors only rank configurations; a decomposition kept computes it in fp32.
 static int range_product(struct dec *d, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                          int k, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
                          struct lq_error *err) {
@@ -1589,7 +1596,10 @@ static int randomized_factors(struct dec *d, const float *a, int power_iters,
         DEC_TRY(orthonormalize(d, d->y, m, err));
     }
     DEC_MARK(DEC_PHASE_PRODUCTS);
-    DEC_TRY(sgemm(d, N, N, n, q, m, a, n, d->y, m, d->z, n, err)); // Bᵀ
+    if (d->shared->tf32_bt) // Bᵀ
+        DEC_TRY(range_product(d, N, N, n, q, m, a, n, d->y, m, d->z, n, err));
+    else
+        DEC_TRY(sgemm(d, N, N, n, q, m, a, n, d->y, m, d->z, n, err));
     DEC_MARK(DEC_PHASE_SMALL_SVD);
     const size_t nq = (size_t)n * q;
     dec_widen_kernel<<<lq_nf_grid(nq, DEC_THREADS), DEC_THREADS, 0, d->stream>>>(d->z, nq, d->bt);

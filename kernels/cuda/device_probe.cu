@@ -8,6 +8,7 @@
 extern "C" {
 #include "kernels/device_probe.h"
 }
+#include "kernels/cuda/connections_cuda.h"
 
 // A kernel so that the build really runs nvcc's device compilation, and the probe on a GPU
 // really launches code: each thread writes its index.
@@ -23,6 +24,7 @@ extern "C" int lq_cuda_compiled(void) {
 extern "C" int lq_cuda_device_count(int *count, struct lq_error *err) {
     *count = 0;
     int devices = 0;
+    lq_cuda_default_connections();
     cudaError_t status = cudaGetDeviceCount(&devices);
     if (status == cudaErrorNoDevice || status == cudaErrorInsufficientDriver) {
         cudaGetLastError(); // clear the sticky error: no GPU here is a normal state
@@ -38,6 +40,7 @@ static int launch_check(struct lq_error *err) {
     const int n = 1000;
     int *device_out = nullptr;
     int host[1000];
+    lq_cuda_default_connections();
     cudaError_t status = cudaMalloc(&device_out, n * sizeof(int));
     if (status != cudaSuccess)
         return lq_error_set(err, LQ_ENOMEM, "cudaMalloc: %s", cudaGetErrorString(status));

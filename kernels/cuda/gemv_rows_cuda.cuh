@@ -17,7 +17,9 @@
 // next two items' words and block scales are in flight while one is decoded, across row
 // groups too. The L1 row values come with a group's last item (which is when they are used)
 // and t = x·L2ᵀ is waited for (griddepcontrol.wait) at the first group's end, so the
-// projection kernel overlaps the decoding as before. x is staged once per CTA for all
+// projection overlaps the decoding as before; v5's projection is lq_lowrank_project_split_kernel
+// (one CTA per rank row and 1024-column slice, one load per thread: it ends early), whose
+// slice sums each warp adds once, in slice order. x is staged once per CTA for all
 // columns (swizzled as lq_stage_x does: conflict-free LDS.128), zeros past the last chunk.
 // The grid is one wave (3 CTAs per SM where 85 registers do without spilling, else 2), warps
 // taking row groups round robin.
@@ -58,10 +60,9 @@ __device__ __forceinline__ void lq_rows_stage_x(const float *x, int cols, int pa
 // One item's loads: rows row0 .. row0 + R − 1 at this lane's chunk (zeros past the rows or the
 // chunks), and with the group's last item the lane's L1 values (k = lane + 32·m).
 template <int BITS, int BPC, int R>
-__device__ __forceinline__ void lq_rows_load(const lq_decode_args &a, int row0, int chunk,
-                                             bool last, int lane, uint32_t (&w)[R][BITS],
-                                             float (&scale)[R][BPC],
-                                             float (&l1)[R][LQ_ROWS_RANK_REGS]) {
+__device__ __forceinline__ void
+lq_rows_load(const lq_decode_args &a, int row0, int chunk, bool last, int lane,
+             uint32_t (&w)[R][BITS], float (&scale)[R][BPC], float (&l1)[R][LQ_ROWS_RANK_REGS]) {
     const bool active = chunk < a.chunks_per_row;
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -80,9 +81,8 @@ __device__ __forceinline__ void lq_rows_load(const lq_decode_args &a, int row0, 
 #pragma unroll
             for (int m = 0; m < LQ_ROWS_RANK_REGS; m++) {
                 const int k = lane + 32 * m;
-                l1[r][m] = k < a.rank && row < a.q.rows
-                               ? __ldg(a.lora_B + (size_t)row * a.rank + k)
-                               : 0.0f;
+                l1[r][m] = k < a.rank && row < a.q.rows ? __ldg(a.lora_B + (size_t)row * a.rank + k)
+                                                        : 0.0f;
             }
         }
     }
@@ -99,30 +99,36 @@ __device__ __forceinline__ void lq_rows_advance(lq_rows_cursor &c, int columns, 
 
 // The end of a row group: the low-rank term, the lanes' sum, y.
 template <int R>
-__device__ __forceinline__ void lq_rows_finish(const lq_decode_args &a, int row0, int lane,
-                                               const float (&l1)[R][LQ_ROWS_RANK_REGS],
-                                               float (&t)[LQ_ROWS_RANK_REGS], bool &t_ready,
-                                               float (&acc)[R][1]) {
+__device__ __forceinline__ void
+lq_rows_finish(const lq_decode_args &a, int row0, int lane, const float (&l1)[R][LQ_ROWS_RANK_REGS],
+               float (&t)[LQ_ROWS_RANK_REGS], bool &t_ready, float (&acc)[R][1]) {
     if (a.rank > 0) {
         if (!t_ready) { // the projection kernel's output: waited for once
             lq_wait_prerequisite();
 #pragma unroll
-            for (int m = 0; m < LQ_ROWS_RANK_REGS; m++)
-                t[m] = lane + 32 * m < a.rank ? __ldcg(a.t + lane + 32 * m) : 0.0f;
+            for (int m = 0; m < LQ_ROWS_RANK_REGS; m++) {
+                const int k = lane + 32 * m;
+                t[m] = 0.0f;
+                if (k < a.rank) {
+                    if (a.t_slices == 0) t[m] = __ldcg(a.t + k);
+                    for (int s = 0; s < a.t_slices; s++)
+                        t[m] += __ldcg(a.t + (size_t)s * a.rank + k);
+                }
+            }
             t_ready = true;
         }
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
-            for (int m = 0; m < LQ_ROWS_RANK_REGS; m++)
-                acc[r][0] = fmaf(l1[r][m], t[m], acc[r][0]);
+            for (int m = 0; m < LQ_ROWS_RANK_REGS; m++) acc[r][0] = fmaf(l1[r][m], t[m], acc[r][0]);
         for (int k = lane + 32 * LQ_ROWS_RANK_REGS; k < a.rank; k += 32) { // ranks over 64
-            const float tk = __ldcg(a.t + k);
+            float tk = a.t_slices == 0 ? __ldcg(a.t + k) : 0.0f;
+            for (int s = 0; s < a.t_slices; s++) tk += __ldcg(a.t + (size_t)s * a.rank + k);
 #pragma unroll
             for (int r = 0; r < R; r++)
                 if (row0 + r < a.q.rows)
-                    acc[r][0] = fmaf(__ldg(a.lora_B + (size_t)(row0 + r) * a.rank + k), tk,
-                                     acc[r][0]);
+                    acc[r][0] =
+                        fmaf(__ldg(a.lora_B + (size_t)(row0 + r) * a.rank + k), tk, acc[r][0]);
         }
     }
     float v[R];
@@ -198,11 +204,11 @@ __global__ void __launch_bounds__(LQ_ROWS_THREADS, lq_rows_ctas_per_sm(BITS, BPC
     float scale0[R][BPC], scale1[R][BPC], scale2[R][BPC];
     float l1_0[R][LQ_ROWS_RANK_REGS], l1_1[R][LQ_ROWS_RANK_REGS], l1_2[R][LQ_ROWS_RANK_REGS];
     lq_rows_cursor load = {first, 0};
-#define LQ_ROWS_LOAD(W, SCALE, L1)                                                               \
-    do {                                                                                         \
-        lq_rows_load<BITS, BPC, R>(a, load.group * R, load.j * 32 + lane,                        \
-                                   load.j == columns - 1, lane, W, SCALE, L1);                   \
-        lq_rows_advance(load, columns, stride);                                                  \
+#define LQ_ROWS_LOAD(W, SCALE, L1)                                                                 \
+    do {                                                                                           \
+        lq_rows_load<BITS, BPC, R>(a, load.group * R, load.j * 32 + lane, load.j == columns - 1,   \
+                                   lane, W, SCALE, L1);                                            \
+        lq_rows_advance(load, columns, stride);                                                    \
     } while (0)
     if (items > 0) LQ_ROWS_LOAD(w0, scale0, l1_0);
     if (items > 1) LQ_ROWS_LOAD(w1, scale1, l1_1);
@@ -220,11 +226,11 @@ __global__ void __launch_bounds__(LQ_ROWS_THREADS, lq_rows_ctas_per_sm(BITS, BPC
     lq_rows_cursor decode = {first, 0};
     // Items in threes so that the register sets have static indices: while one is decoded,
     // the next two items' loads are in flight.
-#define LQ_ROWS_STEP(K, W, SCALE, L1)                                                            \
-    if (i + K >= items) break;                                                                   \
-    lq_rows_item<BITS, BPC, R>(a, decode, columns, lane, W, SCALE, L1, lq_rows_xs, lane_value, t, \
-                               t_ready, acc);                                                    \
-    lq_rows_advance(decode, columns, stride);                                                    \
+#define LQ_ROWS_STEP(K, W, SCALE, L1)                                                              \
+    if (i + K >= items) break;                                                                     \
+    lq_rows_item<BITS, BPC, R>(a, decode, columns, lane, W, SCALE, L1, lq_rows_xs, lane_value, t,  \
+                               t_ready, acc);                                                      \
+    lq_rows_advance(decode, columns, stride);                                                      \
     if (i + K + 3 < items) LQ_ROWS_LOAD(W, SCALE, L1);
     for (int i = 0; i < items; i += 3) {
         LQ_ROWS_STEP(0, w0, scale0, l1_0)

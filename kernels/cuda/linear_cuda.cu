@@ -246,15 +246,20 @@ static lq_decode_grid lq_decode_grid_for(const struct lq_cuda *cuda, const struc
     return g;
 }
 
-// LQ_CUDA_DECODE picks the kernel for one token at b0 = 3 and 4: v1 (or unset) lq_decode_kernel,
-// v2 lq_gemv_kernel (gemv_cuda.cuh), v3 lq_gemv_kernel with the slices of a band as one cluster,
-// v4 v3 with a grid that leaves room for the projection kernel's CTAs (lq_gemv_grid_for); v3
-// and v4 run without clusters where a band has more than 8 slices or at b0 = 4 with B0 = 16.
-// Another value is reported once and taken as v1. Read on every call, so that a benchmark can time
-// them all in one process. All give the same bits.
+// LQ_CUDA_DECODE picks the kernel for one token: unset or auto takes lq_gemv_rows_kernel (v5)
+// for matrices with 8192 or more rows or columns and lq_decode_kernel (v1) for the others
+// (measured with ncu on an H100, 7B shapes at ~3.1 bits: 11008 x 4096 24 vs 31 us, 4096 x
+// 11008 28 vs 31 us, 4096 x 4096 13.6 vs 12.9 us); v1, v5 (v5r2, v5r4: 2 or 4 rows per warp)
+// force one; v2 lq_gemv_kernel (gemv_cuda.cuh), v3 lq_gemv_kernel with the slices of a band as
+// one cluster, v4 v3 with a grid that leaves room for the projection kernel's CTAs
+// (lq_gemv_grid_for), those three at b0 = 3 and 4 only (else v1); v3 and v4 run without
+// clusters where a band has more than 8 slices or at b0 = 4 with B0 = 16. Another value is
+// reported once and taken as auto. Read on every call, so that a benchmark can time them all
+// in one process. v1 to v4 give the same bits; v5 sums in another order.
 static int lq_decode_variant(void) {
     const char *value = getenv("LQ_CUDA_DECODE");
-    if (!value || !*value || strcmp(value, "v1") == 0) return 1;
+    if (!value || !*value || strcmp(value, "auto") == 0) return 0;
+    if (strcmp(value, "v1") == 0) return 1;
     if (strcmp(value, "v2") == 0) return 2;
     if (strcmp(value, "v3") == 0) return 3;
     if (strcmp(value, "v4") == 0) return 4;
@@ -263,9 +268,11 @@ static int lq_decode_variant(void) {
     if (strcmp(value, "v5r4") == 0) return 54;
     static int reported;
     if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
-        fprintf(stderr, "lqd: LQ_CUDA_DECODE=%s: expected v1, v2, v3, v4 or v5; using v1\n",
+        fprintf(stderr,
+                "lqd: LQ_CUDA_DECODE=%s: expected auto, v1, v2, v3, v4, v5, v5r2 or v5r4; "
+                "using auto\n",
                 value);
-    return 1;
+    return 0;
 }
 
 // lq_gemv_kernel's grid: one wave of LQ_GEMV_CTAS_PER_SM CTAs per SM, each CTA walking `iters`
@@ -293,16 +300,15 @@ static lq_decode_grid lq_gemv_grid_for(const struct lq_cuda *cuda, const struct 
 // shared-memory limit raised once (x may take up to 96 KiB).
 template <int BITS, int BPC, int R> static lq_decode_fn lq_rows_kernel(void) {
     static int raised; // under the op lock
-    if (!raised &&
-        cudaFuncSetAttribute(lq_gemv_rows_kernel<BITS, BPC, R>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             LQ_ROWS_MAX_CHUNKS * 128) == cudaSuccess)
+    if (!raised && cudaFuncSetAttribute(lq_gemv_rows_kernel<BITS, BPC, R>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        LQ_ROWS_MAX_CHUNKS * 128) == cudaSuccess)
         raised = 1;
     return raised ? lq_gemv_rows_kernel<BITS, BPC, R> : NULL;
 }
 
 template <int BITS, int R> static lq_decode_fn lq_rows_kernel_for(int bpc) {
-    return bpc == 1 ? lq_rows_kernel<BITS, 1, R>()
+    return bpc == 1   ? lq_rows_kernel<BITS, 1, R>()
            : bpc == 2 ? lq_rows_kernel<BITS, 2, R>()
                       : lq_rows_kernel<BITS, 4, R>();
 }
@@ -311,11 +317,11 @@ template <int BITS, int R> static lq_decode_fn lq_rows_kernel_for(int bpc) {
 template <int R> static lq_decode_fn lq_rows_kernel_for(int bits, int bpc) {
     if constexpr (R == 4) {
         if (bpc != 1) return NULL;
-        return bits == 2 ? lq_rows_kernel<2, 1, 4>()
+        return bits == 2   ? lq_rows_kernel<2, 1, 4>()
                : bits == 3 ? lq_rows_kernel<3, 1, 4>()
                            : lq_rows_kernel<4, 1, 4>();
     } else {
-        return bits == 2 ? lq_rows_kernel_for<2, R>(bpc)
+        return bits == 2   ? lq_rows_kernel_for<2, R>(bpc)
                : bits == 3 ? lq_rows_kernel_for<3, R>(bpc)
                            : lq_rows_kernel_for<4, R>(bpc);
     }
@@ -333,16 +339,22 @@ static int lq_rows_per_warp(const struct lq_cuda *cuda, const struct lq_linear *
     return (w->rows + 1) / 2 <= 2 * warps ? 2 : 4;
 }
 
-// v5's launch: one wave of CTAs (fewer when the row groups run out); NULL kernel: not taken.
+// v5's kernel and rows per warp, or NULL where it cannot run (x too wide for its shared
+// memory, or its shared-memory limit could not be raised).
+static lq_decode_fn lq_rows_pick(const struct lq_cuda *cuda, const struct lq_linear *w, int bpc,
+                                 int variant, int *r) {
+    const int columns = (w->cols / 32 + 31) / 32;
+    *r = lq_rows_per_warp(cuda, w, bpc, variant);
+    if (columns * 32 > LQ_ROWS_MAX_CHUNKS) return NULL;
+    return *r == 2 ? lq_rows_kernel_for<2>(w->q.config.b0, bpc)
+                   : lq_rows_kernel_for<4>(w->q.config.b0, bpc);
+}
+
+// v5's launch: one wave of CTAs (fewer when the row groups run out).
 static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_linear *w, int bpc,
-                                  int variant, bool overlap, const lq_decode_args &a,
-                                  bool *launched) {
-    *launched = false;
-    const int columns = (w->cols / 32 + 31) / 32, r = lq_rows_per_warp(cuda, w, bpc, variant);
-    if (columns * 32 > LQ_ROWS_MAX_CHUNKS) return cudaSuccess;
-    const lq_decode_fn kernel = r == 2 ? lq_rows_kernel_for<2>(w->q.config.b0, bpc)
-                                       : lq_rows_kernel_for<4>(w->q.config.b0, bpc);
-    if (!kernel) return cudaSuccess;
+                                  lq_decode_fn kernel, int r, bool overlap,
+                                  const lq_decode_args &a) {
+    const int columns = (w->cols / 32 + 31) / 32;
     const long groups = (w->rows + r - 1) / r,
                wave = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) *
                       lq_rows_ctas_per_sm(w->q.config.b0, bpc, r);
@@ -358,7 +370,6 @@ static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_li
     config.stream = cuda->stream;
     config.attrs = overlap ? &attribute : NULL;
     config.numAttrs = overlap ? 1 : 0;
-    *launched = true;
     return cudaLaunchKernelEx(&config, kernel, a);
 }
 
@@ -464,9 +475,14 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     const int nt = lq_pad_tokens(n);
     const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_blocks_per_chunk(w) : 0;
     const int b0 = w->q.config.b0;
-    const int variant = bpc && nt == 1 && b0 <= 4 ? lq_decode_variant() : 1;
-    const bool rows = variant == 5 || variant == 52 || variant == 54;
-    const bool gemv = !rows && variant >= 2 && (bpc == 1 || bpc == 2) && b0 >= 3;
+    int variant = bpc && nt == 1 && b0 <= 4 ? lq_decode_variant() : 1;
+    if (variant == 0) variant = w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;
+    int rows_per_warp = 0;
+    const lq_decode_fn rows_kernel = variant == 5 || variant == 52 || variant == 54
+                                         ? lq_rows_pick(cuda, w, bpc, variant, &rows_per_warp)
+                                         : NULL;
+    const bool rows = rows_kernel != NULL;
+    const bool gemv = variant >= 2 && variant <= 4 && (bpc == 1 || bpc == 2) && b0 >= 3;
     const bool beside_projection = variant == 4 && w->rank > 0 && data->overlap;
     const lq_decode_grid grid =
         gemv ? lq_gemv_grid_for(cuda, w, beside_projection) : lq_decode_grid_for(cuda, w, nt);
@@ -483,8 +499,9 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     // Workspaces first: nothing is queued when one cannot be had.
     void *t = NULL, *partials = NULL;
     int rc;
-    if (w->rank > 0 &&
-        (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, (size_t)n * w->rank * sizeof(float), &t)))
+    a.t_slices = rows ? (w->cols + LQ_PROJECT_SLICE - 1) / LQ_PROJECT_SLICE : 0;
+    const size_t t_count = (size_t)(rows ? a.t_slices : n) * w->rank;
+    if (w->rank > 0 && (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, t_count * sizeof(float), &t)))
         return rc;
     if (bpc && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
                                   (size_t)grid.slices * nt * w->rows * sizeof(float), &partials)))
@@ -492,7 +509,14 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     a.t = (const float *)t;
     a.partials = (float *)partials;
 
-    if (w->rank > 0 && (rc = lq_launch_projection(cuda, w, data, x, n, nt, (float *)t))) return rc;
+    if (w->rank > 0 && rows) {
+        lq_lowrank_project_split_kernel<<<dim3((unsigned)w->rank, (unsigned)a.t_slices), 256, 0,
+                                          cuda->stream>>>(x, w->cols, data->lora_A, w->rank,
+                                                          (float *)t);
+        LQ_CUDA_LAUNCHED("lq_lowrank_project_split_kernel");
+    } else if (w->rank > 0 && (rc = lq_launch_projection(cuda, w, data, x, n, nt, (float *)t))) {
+        return rc;
+    }
     const bool overlap = w->rank > 0 && data->overlap;
     if (!bpc) {
         LQ_CUDA_TRY(lq_launch(lq_decode_generic_for(nt), dim3((unsigned)((w->rows + 7) / 8)),
@@ -501,10 +525,9 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
         return LQ_OK;
     }
     if (rows) {
-        bool launched = false;
-        LQ_CUDA_TRY(lq_launch_rows(cuda, w, bpc, variant, overlap, a, &launched),
+        LQ_CUDA_TRY(lq_launch_rows(cuda, w, bpc, rows_kernel, rows_per_warp, overlap, a),
                     "lq_gemv_rows_kernel");
-        if (launched) return LQ_OK;
+        return LQ_OK;
     }
     if (gemv) {
         const lq_decode_fn cluster_kernel =

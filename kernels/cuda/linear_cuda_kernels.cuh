@@ -61,7 +61,8 @@ struct lq_decode_args {
     int n;
     float *y;
     const float *lora_B; // L1
-    const float *t;      // x · L2ᵀ [n, rank] from lq_lowrank_project_kernel
+    const float *t;      // x · L2ᵀ [n, rank] from lq_lowrank_project_kernel, or with
+    int t_slices;        // t_slices > 0 (one token) its column slices' sums [t_slices][rank]
     int rank;
     float *partials; // [slices][NT][rows]
     unsigned *tickets;
@@ -585,6 +586,38 @@ __global__ void __launch_bounds__(256)
         float sum = 0.0f;
         for (int w8 = 0; w8 < (int)(blockDim.x / 32); w8++) sum += partial[w8][threadIdx.x];
         t[(size_t)threadIdx.x * rank + blockIdx.x] = sum;
+    }
+}
+
+// One token: partials[s, k] = x[slice s] · L2[k, slice s] over slices of LQ_PROJECT_SLICE
+// columns, CTA (k, s), one float4 of the row per thread (cols % 4 == 0, x 16-byte aligned): a
+// single round trip to memory per CTA, where lq_lowrank_project_kernel's one CTA per rank row
+// walks the whole row. The reader adds the slices in order (deterministic).
+#define LQ_PROJECT_SLICE 1024
+__global__ void __launch_bounds__(256)
+    lq_lowrank_project_split_kernel(const float *x, int cols, const float *lora_A, int rank,
+                                    float *partials) {
+    lq_allow_dependents(); // the decode kernel waits for the partials only in its epilogue
+    __shared__ float warp_sums[8];
+    const int k = blockIdx.x, slice = blockIdx.y;
+    const int quad = slice * (LQ_PROJECT_SLICE / 4) + (int)threadIdx.x;
+    float acc = 0.0f;
+    if (quad < cols / 4) {
+        const float4 av = __ldg((const float4 *)(lora_A + (size_t)k * cols) + quad);
+        const float4 xv = __ldg((const float4 *)x + quad);
+        acc = fmaf(av.x, xv.x, acc);
+        acc = fmaf(av.y, xv.y, acc);
+        acc = fmaf(av.z, xv.z, acc);
+        acc = fmaf(av.w, xv.w, acc);
+    }
+    acc = lq_warp_sum(acc);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (int w = 0; w < 8; w++) sum += warp_sums[w];
+        partials[(size_t)slice * rank + k] = sum;
     }
 }
 

@@ -353,6 +353,7 @@ static void unset_variant(void) {
 /* A variant of the GPU decomposition: '+'-joined words among householder, cholesky,
  * cholesky-trsm (the QR), syevd, batched, jacobi (the eigensolver), tf32, fp32 (the range products,
  * both for the table and the kept decompositions; unnamed: TF32 for the table, fp32 kept),
+ * tf32-all (Bᵀ on TF32 too, both),
  * thread-sketch, block-sketch (the sketch kernel), team-values, vec4-values (the NF values
  * kernel), streamsN (N concurrent decompositions in an error-table row) and default (names
  * nothing), set as the environment variables the decomposition reads. Returns -1 on an
@@ -372,6 +373,8 @@ static int set_variant(const char *variant) {
             values[1] = word;
         else if (strcmp(word, "tf32") == 0 || strcmp(word, "fp32") == 0)
             values[2] = word[0] == 't' ? "1" : "0";
+        else if (strcmp(word, "tf32-all") == 0)
+            values[2] = "all";
         else if (strcmp(word, "thread-sketch") == 0 || strcmp(word, "block-sketch") == 0)
             values[3] = word[0] == 't' ? "thread" : "block";
         else if (strncmp(word, "streams", 7) == 0) {

@@ -140,7 +140,49 @@ rows) # the whole-row one-token decode kernel (LQ_CUDA_DECODE=v5): against the C
     TAIL=40 STEP_TIMEOUT=120 step bench_gemv "$run/bench_cuda" --linear-only \
         "${VARIANTS:-v1,v5,v5r2,v5r4}"
     TAIL=40 step decode_kernels "$run/bench_cuda" --decode-variants 1 --decode-kernels \
-        "${VARIANTS:-v1,v5,v5r2,v5r4}" ;;
+        "${VARIANTS:-v1,v5,v5r2,v5r4}"
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    for v in v1 v5; do
+        LQ_CUDA_DECODE=$v LQ_CUDA_GRAPHS=0 TAIL=2 step "ncu_decode_$v" sh -c "'$ncu' --csv \
+            --metrics gpu__time_duration.sum --cache-control none --clock-control none \
+            '$run/bench_cuda' --decode-profile --layers 2 > '$logs/ncu_decode_$v.csv'"
+        TAIL=14 step "ncu_summary_$v" python3 "$root/tests/bench/ncu_decode_summary.py" \
+            "$logs/ncu_decode_$v.csv" --layers 2
+    done ;;
+esac
+case "${1:-}" in
+table) # the error table's small solvers: the CholeskyQR kernels (new against old and a host
+    # reference, timed), the decomposition checks, then error-table rows with each kernel
+    TAIL=30 step cuda_ops_cholqr "$run/test_cuda_ops" cholqr --time
+    step cuda_decompose "$run/test_cuda_ops" decompose
+    TAIL=12 STEP_TIMEOUT=200 step decompose_table "$run/bench_cuda" --only-decompose \
+        --table-sample "${SAMPLE:-3}" --variants "${VARIANTS:-default}"
+    LQ_CUDA_CHOLQR_KERNEL=old TAIL=12 STEP_TIMEOUT=200 step decompose_table_old_cholqr \
+        "$run/bench_cuda" --only-decompose --table-sample "${SAMPLE:-3}" --variants default ;;
+esac
+case "${1:-}" in
+eig) # the one-launch Jacobi eigensolver of the error table (LQ_CUDA_DECOMPOSE_EIG=jacobi):
+    # against Dsyevd and timed, the decomposition checks with it, then error-table rows
+    TAIL=30 step cuda_eig "$run/test_cuda_eig" --time
+    step cuda_decompose "$run/test_cuda_ops" decompose
+    LQ_CUDA_DECOMPOSE_EIG=jacobi step cuda_decompose_jacobi "$run/test_cuda_ops" decompose
+    TAIL=40 STEP_TIMEOUT=240 step decompose_table "$run/bench_cuda" --only-decompose \
+        --table-sample "${SAMPLE:-3}" --variants "${VARIANTS:-default,jacobi,jacobi+streams16}" ;;
+esac
+case "${1:-}" in
+connections) # error-table rows with more concurrent decompositions than CUDA's default 8
+    # hardware queues, with CUDA_DEVICE_MAX_CONNECTIONS raised to 32
+    CUDA_DEVICE_MAX_CONNECTIONS=32 TAIL=40 STEP_TIMEOUT=240 step decompose_connections \
+        "$run/bench_cuda" --only-decompose --table-sample "${SAMPLE:-3}" \
+        --variants "${VARIANTS:-jacobi+streams8,jacobi+streams16,jacobi+streams32,default+streams16}" ;;
+esac
+case "${1:-}" in
+final) # the defaults of this round (the Jacobi eigensolver, 16 workers, 32 hardware queues,
+    # the auto one-token decode kernel): the decomposition checks, error-table rows, end to end
+    step cuda_decompose "$run/test_cuda_ops" decompose
+    TAIL=40 STEP_TIMEOUT=240 step decompose_table "$run/bench_cuda" --only-decompose \
+        --table-sample "${SAMPLE:-3}" --variants "${VARIANTS:-default,default+tf32,default+streams32}"
+    [ -n "${SKIP_E2E:-}" ] || TAIL=8 step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
 esac
 case "${1:-}" in
 sass) # the batch-1 decode kernels' machine code and where their warps stall (ncu source
