@@ -27,6 +27,12 @@ static size_t cholqr_shared_bytes(int columns) {
 
 // ---------- kernels ----------
 
+// Whether the pivot of column j may be divided by: above LQ_CHOLQR_PIVOT_FLOOR of the column's
+// squared norm in G (its original diagonal entry) and finite.
+__device__ __forceinline__ static bool cholqr_pivot_ok(double pivot, double diagonal) {
+    return pivot > LQ_CHOLQR_PIVOT_FLOOR * diagonal && pivot <= DBL_MAX;
+}
+
 // G = L·Lᵀ for g (column-major n x n; only the lower triangle is read), then g = L (lower
 // triangle; invert 0) or g = L⁻¹ (lower, zeros above; invert 1).
 //   Cholesky: right-looking, on an unscaled copy in shared memory: step j subtracts
@@ -61,7 +67,7 @@ __global__ static void cholqr_cholesky_kernel(double *g, int n, int first, int i
         // Every thread reads the same two values (written before the last barrier): the
         // decision is uniform over the block.
         const double pivot = a[j + j * n];
-        if (!(pivot > LQ_CHOLQR_PIVOT_FLOOR * diagonal[j]) || !(pivot <= DBL_MAX)) {
+        if (!cholqr_pivot_ok(pivot, diagonal[j])) {
             bad = true;
             break;
         }
@@ -200,7 +206,7 @@ __global__ static void __launch_bounds__(CHOLQR_TILE *CHOLQR_TILE)
     for (int j = 0; j < n && !bad; j++) {
         // uniform over the block, as in cholqr_cholesky_kernel
         const double pivot = a[j + j * n];
-        if (!(pivot > LQ_CHOLQR_PIVOT_FLOOR * diagonal[j]) || !(pivot <= DBL_MAX)) {
+        if (!cholqr_pivot_ok(pivot, diagonal[j])) {
             bad = true;
             break;
         }

@@ -182,28 +182,12 @@ __global__ static void __launch_bounds__(EIG_THREADS)
                 int p, q;
                 lq_eig_jacobi_pair(round, x, players, &p, &q);
                 const double cx = round_c[x], sx = round_s[x];
-                const bool q_real = q < n;
                 for (int y = tx; y < x; y += EIG_WARP) {
                     const double cy = round_c[y], sy = round_s[y];
                     if (sx == 0.0 && sy == 0.0) continue; // both J are I: nothing changes
                     int r, s;
                     lq_eig_jacobi_pair(round, y, players, &r, &s);
-                    const bool s_real = s < n;
-                    const int pr = lq_eig_jacobi_packed(p, r);
-                    const int ps = s_real ? lq_eig_jacobi_packed(p, s) : 0;
-                    const int qr = q_real ? lq_eig_jacobi_packed(q, r) : 0;
-                    const int qs = q_real && s_real ? lq_eig_jacobi_packed(q, s) : 0;
-                    const double xpr = A[pr], xps = s_real ? A[ps] : 0.0;
-                    const double xqr = q_real ? A[qr] : 0.0;
-                    const double xqs = q_real && s_real ? A[qs] : 0.0;
-                    // columns r, s times J_y
-                    const double ypr = cy * xpr - sy * xps, yps = sy * xpr + cy * xps;
-                    const double yqr = cy * xqr - sy * xqs, yqs = sy * xqr + cy * xqs;
-                    // rows p, q times J_xᵀ
-                    A[pr] = cx * ypr - sx * yqr;
-                    if (s_real) A[ps] = cx * yps - sx * yqs;
-                    if (q_real) A[qr] = sx * ypr + cx * yqr;
-                    if (q_real && s_real) A[qs] = sx * yps + cx * yqs;
+                    lq_eig_jacobi_rotate_block(A, n, p, q, r, s, cx, sx, cy, sy);
                 }
             }
             __syncthreads(); // the next round reads A and rewrites the other buffer

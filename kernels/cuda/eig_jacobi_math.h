@@ -68,4 +68,25 @@ LQ_EIG_JACOBI_FN int lq_eig_jacobi_rotation(double app, double aqq, double apq, 
     return 1;
 }
 
+// Jᵀ·A·J on the off-diagonal 2 x 2 block of pairs (p, q) and (r, s) of the packed lower
+// triangle A of order n: columns r, s times J_y = (cy, sy), then rows p, q times J_xᵀ =
+// (cx, sx). q or s >= n is the dummy index of an odd order (its row and column are absent).
+LQ_EIG_JACOBI_FN void lq_eig_jacobi_rotate_block(double *A, int n, int p, int q, int r, int s,
+                                                 double cx, double sx, double cy, double sy) {
+    const int q_real = q < n, s_real = s < n;
+    const int pr = lq_eig_jacobi_packed(p, r);
+    const int ps = s_real ? lq_eig_jacobi_packed(p, s) : 0;
+    const int qr = q_real ? lq_eig_jacobi_packed(q, r) : 0;
+    const int qs = q_real && s_real ? lq_eig_jacobi_packed(q, s) : 0;
+    const double xpr = A[pr], xps = s_real ? A[ps] : 0.0;
+    const double xqr = q_real ? A[qr] : 0.0;
+    const double xqs = q_real && s_real ? A[qs] : 0.0;
+    const double ypr = cy * xpr - sy * xps, yps = sy * xpr + cy * xps;
+    const double yqr = cy * xqr - sy * xqs, yqs = sy * xqr + cy * xqs;
+    A[pr] = cx * ypr - sx * yqr;
+    if (s_real) A[ps] = cx * yps - sx * yqs;
+    if (q_real) A[qr] = sx * ypr + cx * yqr;
+    if (q_real && s_real) A[qs] = sx * yps + cx * yqs;
+}
+
 #endif

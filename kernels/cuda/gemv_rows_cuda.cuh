@@ -67,16 +67,7 @@ lq_rows_load(const lq_decode_args &a, int row0, int chunk, bool last, int lane,
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const int row = row0 + r;
-        if (active && row < a.q.rows) {
-            const uint32_t ci = (uint32_t)row * (uint32_t)a.chunks_per_row + (uint32_t)chunk;
-            lq_load_chunk<BITS>(a.q.codes, ci, w[r]);
-            lq_chunk_scales<BPC>(a.q, ci, scale[r]);
-        } else {
-#pragma unroll
-            for (int b = 0; b < BITS; b++) w[r][b] = 0u;
-#pragma unroll
-            for (int b = 0; b < BPC; b++) scale[r][b] = 0.0f;
-        }
+        lq_load_row_chunk<BITS, BPC>(a, row, chunk, active, w[r], scale[r]);
         if (last) {
 #pragma unroll
             for (int m = 0; m < LQ_ROWS_RANK_REGS; m++) {

@@ -370,6 +370,24 @@ __device__ __forceinline__ lq_rank_share lq_rank_share_of(const lq_decode_args &
 // first L1 value of each row for this lane's part of the rank share (same round trip to
 // memory); zeros where the lane or the row is past the end (idle lanes still take part in the
 // shuffles).
+// One row's packed words and block scales at chunk `chunk`, zeros where the lane is inactive
+// or the row is past the end.
+template <int BITS, int BPC>
+__device__ __forceinline__ void lq_load_row_chunk(const lq_decode_args &a, int row, int chunk,
+                                                  bool active, uint32_t (&w)[BITS],
+                                                  float (&scale)[BPC]) {
+    if (active && row < a.q.rows) {
+        const uint32_t ci = (uint32_t)row * (uint32_t)a.chunks_per_row + (uint32_t)chunk;
+        lq_load_chunk<BITS>(a.q.codes, ci, w);
+        lq_chunk_scales<BPC>(a.q, ci, scale);
+    } else {
+#pragma unroll
+        for (int b = 0; b < BITS; b++) w[b] = 0u;
+#pragma unroll
+        for (int b = 0; b < BPC; b++) scale[b] = 0.0f;
+    }
+}
+
 template <int BITS, int BPC, int R>
 __device__ __forceinline__ void lq_load_rows(const lq_decode_args &a, int row0, int chunk,
                                              bool active, int lane, uint32_t (&w)[R][BITS],
@@ -379,16 +397,7 @@ __device__ __forceinline__ void lq_load_rows(const lq_decode_args &a, int row0, 
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const int row = row0 + r;
-        if (active && row < a.q.rows) {
-            const uint32_t ci = (uint32_t)row * (uint32_t)a.chunks_per_row + (uint32_t)chunk;
-            lq_load_chunk<BITS>(a.q.codes, ci, w[r]);
-            lq_chunk_scales<BPC>(a.q, ci, scale[r]);
-        } else {
-#pragma unroll
-            for (int b = 0; b < BITS; b++) w[r][b] = 0u;
-#pragma unroll
-            for (int b = 0; b < BPC; b++) scale[r][b] = 0.0f;
-        }
+        lq_load_row_chunk<BITS, BPC>(a, row, chunk, active, w[r], scale[r]);
         l1[r] = k < share.end && row < a.q.rows ? __ldg(a.lora_B + (size_t)row * a.rank + k) : 0.0f;
     }
 }

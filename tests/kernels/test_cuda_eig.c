@@ -118,39 +118,12 @@ static void test_random(void) {
 
 static void test_awkward(void) {
     lq_rng_seed(&rng, 75);
-    for (int i = 0; i < EIG_CHECK_SIZE_COUNT; i++) {
-        const int n = eig_check_sizes[i];
-        double *a = eig_check_repeated(&rng, n);
-        check_device("repeated", a, n);
-        eig_check_zero_row(a, n, n / 2);
-        check_device("zero row", a, n);
-        free(a);
-        a = eig_check_diagonal(&rng, n);
-        check_device("diagonal", a, n);
-        free(a);
-        a = eig_check_gram(&rng, n);
-        check_device("gram 1e12", a, n);
-        free(a);
-        a = eig_check_random(&rng, n);
-        for (size_t k = 0; k < (size_t)n * n; k++) a[k] *= 1e-200;
-        check_device("tiny", a, n);
-        for (size_t k = 0; k < (size_t)n * n; k++) a[k] = a[k] * 1e200 * 1e200;
-        check_device("huge", a, n);
-        free(a);
-    }
+    eig_check_awkward(&rng, check_device);
 }
 
 /* Inf or NaN in the lower triangle: info says so and every output is NaN. */
 static void test_not_finite(void) {
-    const int n = 5;
-    double a[25], lambda[5], v[25];
-    for (int k = 0; k < 25; k++) a[k] = 1.0;
-    a[3 + 1 * n] = NAN;
-    CHECK(jacobi_on_device(a, n, lambda, v) == LQ_EIG_JACOBI_NOT_FINITE);
-    for (int k = 0; k < n; k++) CHECK(isnan(lambda[k]));
-    for (int k = 0; k < 25; k++) CHECK(isnan(v[k]));
-    a[3 + 1 * n] = INFINITY;
-    CHECK(jacobi_on_device(a, n, lambda, v) == LQ_EIG_JACOBI_NOT_FINITE);
+    eig_check_not_finite(jacobi_on_device, LQ_EIG_JACOBI_NOT_FINITE);
     CHECK(strcmp(lq_eig_jacobi_info_text(LQ_EIG_JACOBI_NOT_FINITE), "converged") != 0);
 }
 

@@ -131,4 +131,50 @@ static int eig_check_solution(const char *what, const double *a, int n, const do
     return lq_test_failures == before;
 }
 
+/* The awkward matrices, each size of eig_check_sizes through `check` (solve and check one
+ * matrix): repeated eigenvalues, a zero row, a diagonal matrix, a Gram matrix of condition
+ * 1e12, and a random one scaled by 1e-200 and by 1e+200 (the solver's power-of-two scaling
+ * must keep the squared norms finite and nonzero). */
+static inline void eig_check_awkward(struct lq_rng *rng,
+                                     void (*check)(const char *what, const double *a, int n)) {
+    for (int i = 0; i < EIG_CHECK_SIZE_COUNT; i++) {
+        const int n = eig_check_sizes[i];
+        double *a = eig_check_repeated(rng, n);
+        check("repeated", a, n);
+        eig_check_zero_row(a, n, n / 2);
+        check("zero row", a, n);
+        free(a);
+        a = eig_check_diagonal(rng, n);
+        check("diagonal", a, n);
+        free(a);
+        a = eig_check_gram(rng, n);
+        check("gram 1e12", a, n);
+        free(a);
+        a = eig_check_random(rng, n);
+        for (size_t k = 0; k < (size_t)n * n; k++) a[k] *= 1e-200;
+        check("tiny", a, n);
+        for (size_t k = 0; k < (size_t)n * n; k++) a[k] = a[k] * 1e200 * 1e200;
+        check("huge", a, n);
+        free(a);
+    }
+}
+
+/* A NaN, an infinity and a negative infinity in the lower triangle of a 5 x 5 matrix: `solve`
+ * (a, n, lambda, v; returns the solver's info) must answer `not_finite` and leave every output
+ * NaN. */
+static inline void eig_check_not_finite(int (*solve)(const double *a, int n, double *lambda,
+                                                     double *v),
+                                        int not_finite) {
+    const int n = 5;
+    const double bad[3] = {NAN, INFINITY, -INFINITY};
+    double a[25], lambda[5], v[25];
+    for (int b = 0; b < 3; b++) {
+        for (int k = 0; k < 25; k++) a[k] = 1.0;
+        a[3 + 1 * n] = bad[b];
+        CHECK_MSG(solve(a, n, lambda, v) == not_finite, "entry %g: not reported", bad[b]);
+        for (int k = 0; k < n; k++) CHECK(isnan(lambda[k]));
+        for (int k = 0; k < 25; k++) CHECK(isnan(v[k]));
+    }
+}
+
 #endif

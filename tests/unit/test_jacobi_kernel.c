@@ -144,15 +144,7 @@ static void test_kernel_awkward(void) {
 }
 
 static void test_kernel_not_finite(void) {
-    const int n = 5;
-    double a[25], lambda[5], v[25];
-    for (int k = 0; k < 25; k++) a[k] = 1.0;
-    a[3 + 1 * n] = NAN;
-    CHECK(launch_kernel(a, n, lambda, v) == LQ_EIG_JACOBI_NOT_FINITE);
-    for (int k = 0; k < n; k++) CHECK(isnan(lambda[k]));
-    for (int k = 0; k < 25; k++) CHECK(isnan(v[k]));
-    a[3 + 1 * n] = -INFINITY;
-    CHECK(launch_kernel(a, n, lambda, v) == LQ_EIG_JACOBI_NOT_FINITE);
+    eig_check_not_finite(launch_kernel, LQ_EIG_JACOBI_NOT_FINITE);
 }
 
 LQ_TEST_MAIN(LQ_TEST(test_kernel_random), LQ_TEST(test_kernel_awkward),
