@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/cuda/connections_cuda.h"
 #include "server/cli.h"
 
 struct command {
@@ -61,6 +62,9 @@ int lq_cli_parse_double(const char *text, double min, double max, double *out) {
 }
 
 int main(int argc, char **argv) {
+    /* Before any thread exists (setenv is not safe beside other threads' getenv): the CUDA
+     * backend's hardware queues, which it would otherwise set when it first probes a device. */
+    lq_cuda_default_connections();
     if (argc < 2) {
         usage(stderr);
         return 2;

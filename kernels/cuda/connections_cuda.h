@@ -4,7 +4,9 @@
 // default) queued behind each other: on an H100, 16 streams ran a 4096 x 4096 error-table row
 // no faster than 8 until this was 32 (tests/kernels/gpu_check.sh connections). CUDA reads the
 // variable when it creates the device's context, so it is set (unless the user set it) before
-// the first call that can create one. Included by device_probe.cu and backend_cuda.cu.
+// the first call that can create one. Included by device_probe.cu and backend_cuda.cu, and by
+// server/main.c, which sets it first thing, before any thread starts: setenv beside another
+// thread's getenv is a data race, and a later call with the variable set changes nothing.
 #ifndef LQ_CONNECTIONS_CUDA_H
 #define LQ_CONNECTIONS_CUDA_H
 
