@@ -70,10 +70,11 @@
 //     rows by 1.1e-4 and 1.7e-4 relative (19.1329 → 19.1351, 32.0587 → 32.0641).
 //     The small SVD of B (q x n) comes from
 //     the eigendecomposition of the q x q Gram matrix B·Bᵀ, formed and solved in double
-//     (Dsyrk + Dsyevd, or cusolverDnXsyevBatched on one matrix with
-//     LQ_CUDA_DECOMPOSE_EIG=batched, or with =jacobi one launch of our own one-block Jacobi
-//     solver, eig_jacobi_cuda.cuh, where Dsyevd is ~170 launches; a sketch too wide for its
-//     shared memory, q > 138 on an H100, takes Dsyevd, decided when a worker opens): squaring the
+//     (Dsyrk, then for an error table one launch of our own one-block Jacobi solver,
+//     eig_jacobi_cuda.cuh, where Dsyevd is ~170 launches, and for a decomposition kept Dsyevd;
+//     LQ_CUDA_DECOMPOSE_EIG=syevd, jacobi or batched (cusolverDnXsyevBatched on one matrix)
+//     sets both; a sketch too wide for Jacobi's shared memory, q > 138 on an H100, takes
+//     Dsyevd, decided when a worker opens): squaring the
 //     condition number in double costs σ_i a relative error of about 1e-16·(σ_1/σ_i)², below float
 //     rounding for every σ_i > 1e-4·σ_1, and it is one small solver call where cuSOLVER's gesvd on
 //     a 4096 x 74 matrix is slow. Then L1 = Y·Ub·Σ^½ (float: Y and Ub are orthonormal, nothing
@@ -185,8 +186,12 @@ enum dec_sketch_kernel_kind { DEC_SKETCH_KERNEL_BLOCK, DEC_SKETCH_KERNEL_THREAD 
 enum dec_qr_mode { DEC_QR_CHOLESKY, DEC_QR_CHOLESKY_TRSM, DEC_QR_HOUSEHOLDER };
 // Which cuSOLVER routine solves the small eigenproblem (LQ_CUDA_DECOMPOSE_EIG).
 enum dec_eig_mode { DEC_EIG_SYEVD, DEC_EIG_BATCHED, DEC_EIG_JACOBI };
-// The eigensolver when LQ_CUDA_DECOMPOSE_EIG is not set.
-#define DEC_EIG_DEFAULT DEC_EIG_JACOBI
+// The eigensolver when LQ_CUDA_DECOMPOSE_EIG is not set: for an error table our one-launch
+// Jacobi solver (with many decompositions in flight Dsyevd's ~170 launches per step were the
+// limit: 19.0 → 16.6 min for the 7B table on an H100), for a decomposition kept Dsyevd, whose
+// one call is faster alone (1.0 against 2.7 ms at 74 x 74).
+#define DEC_EIG_DEFAULT_TABLE DEC_EIG_JACOBI
+#define DEC_EIG_DEFAULT_KEPT DEC_EIG_SYEVD
 // What LQ_CUDA_DECOMPOSE_PROFILE=1 times, per step (phase_timer_cuda.cuh).
 enum dec_phase {
     DEC_PHASE_SETUP,      // the residual W − Q when not fused, ||W||, the quantized start
@@ -853,10 +858,10 @@ static int dec_qr_mode(int *mode, struct lq_error *err) {
 }
 
 // LQ_CUDA_DECOMPOSE_EIG: syevd, batched (cusolverDnXsyevBatched, one matrix) or jacobi
-// (eig_jacobi_cuda.cuh); unset, DEC_EIG_DEFAULT.
-static int dec_eig_mode(int *mode, struct lq_error *err) {
+// (eig_jacobi_cuda.cuh); unset, DEC_EIG_DEFAULT_KEPT or _TABLE.
+static int dec_eig_mode(int keep, int *mode, struct lq_error *err) {
     const char *text = getenv("LQ_CUDA_DECOMPOSE_EIG");
-    *mode = DEC_EIG_DEFAULT;
+    *mode = keep ? DEC_EIG_DEFAULT_KEPT : DEC_EIG_DEFAULT_TABLE;
     if (!text || !*text) return LQ_OK;
     if (strcmp(text, "syevd") == 0)
         *mode = DEC_EIG_SYEVD;
@@ -955,7 +960,7 @@ static int dec_shared_open(struct dec_shared *sh, struct lq_cuda *cuda,
     const struct dec_shape *s = &sh->shape;
     sh->sketch_mode = dec_sketch_mode();
     DEC_TRY(dec_qr_mode(&sh->qr_mode, err));
-    DEC_TRY(dec_eig_mode(&sh->eig_mode, err));
+    DEC_TRY(dec_eig_mode(s->keep, &sh->eig_mode, err));
     DEC_TRY(dec_sketch_kernel_kind(&sh->sketch_kernel, err));
     DEC_TRY(dec_nf_values_kind(&sh->nf_values, err));
     // TF32 range products and Bᵀ: on for the error table (errors only), off for the
