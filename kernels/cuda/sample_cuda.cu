@@ -147,18 +147,8 @@ __device__ int sample_tempered(const float *row, int vocab, const device_row &p,
         int token = select_tie(row, vocab, kept.key, at_boundary, s);
         return token >= 0 ? token : argmax;
     }
-    unsigned long long lowest = 0; // 2^32 - key + 1 of the lowest kept key with weight; 0: none
-    for (int i = threadIdx.x; i < vocab; i += kThreads) {
-        float x = clean(row[i]);
-        unsigned k = key_of(x);
-        if (k > kept.key && weight_of(x, max, t) > 0.0f) {
-            unsigned long long packed = 0x100000000ull - k;
-            lowest = packed > lowest ? packed : lowest;
-        }
-    }
-    lowest = block_max(lowest, s);
-    if (lowest == 0) return argmax;
-    unsigned long long lowest_key = 0x100000000ull - lowest;
+    const unsigned long long lowest_key = lowest_weighted_key(row, vocab, kept.key, max, t, s);
+    if (lowest_key == 0) return argmax;
     int token = select_tie(row, vocab, lowest_key, count_at(row, vocab, lowest_key, s), s);
     return token >= 0 ? token : argmax;
 }

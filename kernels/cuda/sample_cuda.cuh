@@ -58,12 +58,7 @@ __device__ __forceinline__ float weight_of(float x, float max, float temperature
     return expf(__fdiv_rn(__fsub_rn(x, max), temperature));
 }
 
-__device__ __forceinline__ double warp_sum(double v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ int warp_sum_int(int v) {
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
     return v;
 }
@@ -78,32 +73,27 @@ __device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
 
 // Block-wide reductions, in a fixed order (a row's sums are the same on every run). Every
 // thread calls them; the leading barrier keeps the previous result until all have read it.
-__device__ inline double block_sum(double v, block_shared &s) {
+// slots: kWarps + 1 values of block_shared (sums or counts).
+template <typename T> __device__ inline T block_sum_in(T v, T *slots) {
     v = warp_sum(v);
     __syncthreads();
-    if ((threadIdx.x & 31) == 0) s.sums[threadIdx.x >> 5] = v;
+    if ((threadIdx.x & 31) == 0) slots[threadIdx.x >> 5] = v;
     __syncthreads();
     if (threadIdx.x < 32) {
-        double w = threadIdx.x < kWarps ? s.sums[threadIdx.x] : 0.0;
+        T w = threadIdx.x < kWarps ? slots[threadIdx.x] : T(0);
         w = warp_sum(w);
-        if (threadIdx.x == 0) s.sums[kWarps] = w;
+        if (threadIdx.x == 0) slots[kWarps] = w;
     }
     __syncthreads();
-    return s.sums[kWarps];
+    return slots[kWarps];
+}
+
+__device__ inline double block_sum(double v, block_shared &s) {
+    return block_sum_in(v, s.sums);
 }
 
 __device__ inline int block_sum_int(int v, block_shared &s) {
-    v = warp_sum_int(v);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) s.counts[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        int w = threadIdx.x < kWarps ? s.counts[threadIdx.x] : 0;
-        w = warp_sum_int(w);
-        if (threadIdx.x == 0) s.counts[kWarps] = w;
-    }
-    __syncthreads();
-    return s.counts[kWarps];
+    return block_sum_in(v, s.counts);
 }
 
 __device__ inline unsigned long long block_max(unsigned long long v, block_shared &s) {
@@ -118,6 +108,25 @@ __device__ inline unsigned long long block_max(unsigned long long v, block_share
     }
     __syncthreads();
     return s.maxes[kWarps];
+}
+
+// The lowest key above `above` whose token has weight (the last kept token with weight, where
+// u · total rounds up to total and the CPU falls back to it), or 0 when there is none (a clean
+// logit's key is never 0). Every thread calls it; all get the answer.
+__device__ inline unsigned long long lowest_weighted_key(const float *row, int vocab,
+                                                         unsigned long long above, float max,
+                                                         float temperature, block_shared &s) {
+    unsigned long long lowest = 0; // 2^32 - key of the lowest such key; 0: none
+    for (int i = threadIdx.x; i < vocab; i += kThreads) {
+        float x = clean(row[i]);
+        unsigned k = key_of(x);
+        if (k > above && weight_of(x, max, temperature) > 0.0f) {
+            unsigned long long packed = 0x100000000ull - k;
+            lowest = packed > lowest ? packed : lowest;
+        }
+    }
+    lowest = block_max(lowest, s);
+    return lowest == 0 ? 0 : 0x100000000ull - lowest;
 }
 
 // Σ weight over the tokens with key >= threshold (2^32: none).

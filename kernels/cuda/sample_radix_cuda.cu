@@ -263,7 +263,7 @@ __device__ int select_tie_scan(const float *row, int vocab, unsigned long long k
     int count = 0;
     for (int i = begin + lane; i < end; i += 32)
         count += (unsigned long long)key_of(clean(row[i])) == key;
-    count = warp_sum_int(count);
+    count = warp_sum(count);
     __syncthreads(); // the previous select's `found` has been read
     if (lane == 0) s.chunk_counts[warp] = count;
     if (threadIdx.x == 0) s.found = -1;
@@ -336,18 +336,8 @@ __device__ int sample_tempered_radix(const float *row, int vocab, const device_r
         int token = select_tie_scan(row, vocab, kept.key, at_boundary, s);
         return token >= 0 ? token : argmax;
     }
-    unsigned long long lowest = 0;
-    for (int i = threadIdx.x; i < vocab; i += kThreads) {
-        float x = clean(row[i]);
-        unsigned k = key_of(x);
-        if (k > kept.key && weight_of(x, max, t) > 0.0f) {
-            unsigned long long packed = 0x100000000ull - k;
-            lowest = packed > lowest ? packed : lowest;
-        }
-    }
-    lowest = block_max(lowest, s);
-    if (lowest == 0) return argmax;
-    unsigned long long lowest_key = 0x100000000ull - lowest;
+    const unsigned long long lowest_key = lowest_weighted_key(row, vocab, kept.key, max, t, s);
+    if (lowest_key == 0) return argmax;
     int token = select_tie_scan(row, vocab, lowest_key, count_at(row, vocab, lowest_key, s), s);
     return token >= 0 ? token : argmax;
 }
