@@ -173,22 +173,7 @@ __global__ void __launch_bounds__(kThreads)
     int token = argmax; // greedy, and every logit -inf (then id 0, the lowest)
     if (max > -INFINITY && p.temperature > 0.0f)
         token = sample_tempered(row, vocab, p, max_key, argmax, s);
-    if (logprobs) {
-        // log Σ exp(x - max) over the finite logits, as core/sampler.c's log_sum_exp
-        double sum = 0.0;
-        if (max > -INFINITY)
-            for (int i = threadIdx.x; i < vocab; i += kThreads) {
-                float x = clean(row[i]);
-                if (x > -INFINITY) sum += (double)expf(__fsub_rn(x, max));
-            }
-        sum = block_sum(sum, s);
-        if (threadIdx.x == 0) {
-            float raw = clean(row[token]);
-            logprobs[blockIdx.x] = raw > -INFINITY && max > -INFINITY
-                                       ? (float)(((double)raw - (double)max) - log(sum))
-                                       : -INFINITY;
-        }
-    }
+    if (logprobs) store_logprob(row, vocab, max, token, s, logprobs);
     if (threadIdx.x == 0) tokens[blockIdx.x] = token;
 }
 

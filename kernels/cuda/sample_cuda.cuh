@@ -110,6 +110,26 @@ __device__ inline unsigned long long block_max(unsigned long long v, block_share
     return s.maxes[kWarps];
 }
 
+// logprobs[blockIdx.x] = the log-softmax of the row's `token` under the raw row: log Σ exp(x −
+// max) over the finite logits, as core/sampler.c's log_sum_exp (every thread calls it; thread 0
+// stores; the same terms in the same order for both sampling kernels).
+__device__ inline void store_logprob(const float *row, int vocab, float max, int token,
+                                     block_shared &s, float *logprobs) {
+    double sum = 0.0;
+    if (max > -INFINITY)
+        for (int i = threadIdx.x; i < vocab; i += kThreads) {
+            float x = clean(row[i]);
+            if (x > -INFINITY) sum += (double)expf(__fsub_rn(x, max));
+        }
+    sum = block_sum(sum, s);
+    if (threadIdx.x == 0) {
+        float raw = clean(row[token]);
+        logprobs[blockIdx.x] = raw > -INFINITY && max > -INFINITY
+                                   ? (float)(((double)raw - (double)max) - log(sum))
+                                   : -INFINITY;
+    }
+}
+
 // The lowest key above `above` whose token has weight (the last kept token with weight, where
 // u · total rounds up to total and the CPU falls back to it), or 0 when there is none (a clean
 // logit's key is never 0). Every thread calls it; all get the answer.

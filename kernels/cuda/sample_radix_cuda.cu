@@ -372,21 +372,7 @@ __global__ void __launch_bounds__(kThreads)
     int token = argmax;
     if (max > -INFINITY && p.temperature > 0.0f)
         token = sample_tempered_radix(row, vocab, p, max_key, argmax, finite_count, s, r);
-    if (logprobs) {
-        double sum = 0.0; // as sample_kernel: same terms, same order
-        if (max > -INFINITY)
-            for (int i = threadIdx.x; i < vocab; i += kThreads) {
-                float x = clean(row[i]);
-                if (x > -INFINITY) sum += (double)expf(__fsub_rn(x, max));
-            }
-        sum = block_sum(sum, s);
-        if (threadIdx.x == 0) {
-            float raw = clean(row[token]);
-            logprobs[blockIdx.x] = raw > -INFINITY && max > -INFINITY
-                                       ? (float)(((double)raw - (double)max) - log(sum))
-                                       : -INFINITY;
-        }
-    }
+    if (logprobs) store_logprob(row, vocab, max, token, s, logprobs);
     if (threadIdx.x == 0) tokens[blockIdx.x] = token;
 }
 
