@@ -68,6 +68,7 @@
 #include "kernels/cuda/linear_cuda_kernels.cuh"
 #include "kernels/cuda/gemv_cuda.cuh"
 #include "kernels/cuda/gemv_rows_cuda.cuh"
+#include "kernels/cuda/gemv_mma1_cuda.cuh"
 
 extern "C" {
 #include "core/nf.h"
@@ -97,6 +98,7 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w);
 // Host side (struct lq_cuda_linear_data, what prepare leaves in backend_data: cuda_internal.h).
 
 typedef void (*lq_decode_fn)(lq_decode_args);
+typedef void (*lq_m1_fn)(lq_m1_args);
 
 // One token at b0 = 2 takes the pair-table kernel, everything else the table lookups.
 template <int BITS, int BPC> static lq_decode_fn lq_decode_one_token(void) {
@@ -255,7 +257,9 @@ static lq_decode_grid lq_decode_grid_for(const struct lq_cuda *cuda, const struc
 // (lq_gemv_grid_for), those three at b0 = 3 and 4 only (else v1); v3 and v4 run without
 // clusters where a band has more than 8 slices or at b0 = 4 with B0 = 16. Another value is
 // reported once and taken as auto. Read on every call, so that a benchmark can time them all
-// in one process. v1 to v4 give the same bits; v5 sums in another order.
+// in one process. v1 to v4 give the same bits; v5 sums in another order. v6
+// (gemv_mma1_kernel.h: tensor cores, fp16 values and x, fp32 sums) at b0 = 2, 3, 4 with B0 a
+// multiple of 32 or 16, else v1.
 static int lq_decode_variant(void) {
     const char *value = getenv("LQ_CUDA_DECODE");
     if (!value || !*value || strcmp(value, "auto") == 0) return 0;
@@ -266,10 +270,11 @@ static int lq_decode_variant(void) {
     if (strcmp(value, "v5") == 0) return 5;
     if (strcmp(value, "v5r2") == 0) return 52;
     if (strcmp(value, "v5r4") == 0) return 54;
+    if (strcmp(value, "v6") == 0) return 6;
     static int reported;
     if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
         fprintf(stderr,
-                "lqd: LQ_CUDA_DECODE=%s: expected auto, v1, v2, v3, v4, v5, v5r2 or v5r4; "
+                "lqd: LQ_CUDA_DECODE=%s: expected auto, v1, v2, v3, v4, v5, v5r2, v5r4 or v6; "
                 "using auto\n",
                 value);
     return 0;
@@ -367,6 +372,72 @@ static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_li
     config.gridDim = dim3((unsigned)ctas);
     config.blockDim = dim3(LQ_ROWS_THREADS);
     config.dynamicSmemBytes = (size_t)columns * 32 * 128;
+    config.stream = cuda->stream;
+    config.attrs = overlap ? &attribute : NULL;
+    config.numAttrs = overlap ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, a);
+}
+
+// v6 (gemv_mma1_cuda.cuh): its shared memory takes the pair table and x in fp16, up to this.
+#define LQ_M1_MAX_SHARED (100 * 1024)
+static_assert(LQ_M1_SCALE_BF16 == LQ_SCALE_BF16 && LQ_M1_SCALE_FP16 == LQ_SCALE_FP16 &&
+                  LQ_M1_SCALE_FP32 == LQ_SCALE_FP32,
+              "gemv_mma1_kernel.h's scale types are core/nf.h's");
+
+template <int BITS, int BPC> static lq_m1_fn lq_mma1_kernel(void) {
+    static int state = -1; // under the op lock: 1 when it runs here (sm_80+, limit raised)
+    if (state < 0) {
+        cudaFuncAttributes attributes;
+        state = cudaFuncGetAttributes(&attributes, lq_gemv_mma1_kernel<BITS, BPC>) == cudaSuccess &&
+                attributes.binaryVersion >= 80 &&
+                cudaFuncSetAttribute(lq_gemv_mma1_kernel<BITS, BPC>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     LQ_M1_MAX_SHARED) == cudaSuccess;
+        cudaGetLastError();
+    }
+    return state ? lq_gemv_mma1_kernel<BITS, BPC> : NULL;
+}
+
+// v6's kernel, or NULL where it cannot run (b0 = 8, B0 = 8, x too wide, an older GPU).
+static lq_m1_fn lq_mma1_pick(const struct lq_linear *w, int bpc) {
+    const int b0 = w->q.config.b0;
+    if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 ||
+        lq_m1_shared_bytes(b0, w->cols / 32) > LQ_M1_MAX_SHARED)
+        return NULL;
+    if (b0 == 2) return bpc == 1 ? lq_mma1_kernel<2, 1>() : lq_mma1_kernel<2, 2>();
+    if (b0 == 3) return bpc == 1 ? lq_mma1_kernel<3, 1>() : lq_mma1_kernel<3, 2>();
+    return bpc == 1 ? lq_mma1_kernel<4, 1>() : lq_mma1_kernel<4, 2>();
+}
+
+// v6's launch: CTAs of 2^rg_log row groups of 16 rows, the fewest per CTA that still make the
+// grid one wave (each CTA's 8 warps then split the columns into 8 / 2^rg_log slices).
+static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
+                                  lq_m1_fn kernel, bool overlap, const lq_decode_args &d) {
+    const lq_packed &q = d.q;
+    lq_m1_args a;
+    memset(&a, 0, sizeof a);
+    a.codes = q.codes, a.scale_codes = q.scale_codes, a.group_scales = q.group_scales;
+    a.table = q.table, a.x = d.x, a.lora_B = d.lora_B, a.t = d.t, a.y = d.y;
+    a.rows = q.rows, a.cols = q.cols, a.b1 = q.b1, a.b2 = q.b2, a.rank = d.rank;
+    a.t_slices = d.t_slices;
+    a.offset = q.offset, a.levels = q.levels, a.inv_levels = q.inv_levels;
+    a.chunk_block.multiplier = q.chunk_block.multiplier, a.chunk_block.shift = q.chunk_block.shift;
+    a.group.multiplier = q.group.multiplier, a.group.shift = q.group.shift;
+    a.chunks_per_row = d.chunks_per_row;
+    const size_t smem = lq_m1_shared_bytes(w->q.config.b0, a.chunks_per_row);
+    long per_sm = (long)(227 * 1024 / (smem + 1024));
+    if (per_sm > LQ_M1_CTAS_PER_SM) per_sm = LQ_M1_CTAS_PER_SM;
+    const long slots = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) * (per_sm > 0 ? per_sm : 1);
+    const long groups = (w->rows + 15) / 16;
+    a.rg_log = 0;
+    while (a.rg_log < 3 && (groups + (1L << a.rg_log) - 1) >> a.rg_log > slots) a.rg_log++;
+    cudaLaunchAttribute attribute = {};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3((unsigned)((groups + (1L << a.rg_log) - 1) >> a.rg_log));
+    config.blockDim = dim3(LQ_M1_THREADS);
+    config.dynamicSmemBytes = smem;
     config.stream = cuda->stream;
     config.attrs = overlap ? &attribute : NULL;
     config.numAttrs = overlap ? 1 : 0;
@@ -482,6 +553,9 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                                          ? lq_rows_pick(cuda, w, bpc, variant, &rows_per_warp)
                                          : NULL;
     const bool rows = rows_kernel != NULL;
+    const lq_m1_fn mma1_kernel = variant == 6 ? lq_mma1_pick(w, bpc) : NULL;
+    if (variant == 6 && !mma1_kernel) variant = 1;
+    const bool split_projection = rows || mma1_kernel != NULL;
     const bool gemv = variant >= 2 && variant <= 4 && (bpc == 1 || bpc == 2) && b0 >= 3;
     const bool beside_projection = variant == 4 && w->rank > 0 && data->overlap;
     const lq_decode_grid grid =
@@ -499,8 +573,8 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     // Workspaces first: nothing is queued when one cannot be had.
     void *t = NULL, *partials = NULL;
     int rc;
-    a.t_slices = rows ? (w->cols + LQ_PROJECT_SLICE - 1) / LQ_PROJECT_SLICE : 0;
-    const size_t t_count = (size_t)(rows ? a.t_slices : n) * w->rank;
+    a.t_slices = split_projection ? (w->cols + LQ_PROJECT_SLICE - 1) / LQ_PROJECT_SLICE : 0;
+    const size_t t_count = (size_t)(split_projection ? a.t_slices : n) * w->rank;
     if (w->rank > 0 && (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, t_count * sizeof(float), &t)))
         return rc;
     if (bpc && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
@@ -509,7 +583,7 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     a.t = (const float *)t;
     a.partials = (float *)partials;
 
-    if (w->rank > 0 && rows) {
+    if (w->rank > 0 && split_projection) {
         lq_lowrank_project_split_kernel<<<dim3((unsigned)w->rank, (unsigned)a.t_slices), 256, 0,
                                           cuda->stream>>>(x, w->cols, data->lora_A, w->rank,
                                                           (float *)t);
@@ -522,6 +596,10 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
         LQ_CUDA_TRY(lq_launch(lq_decode_generic_for(nt), dim3((unsigned)((w->rows + 7) / 8)),
                               dim3(256), cuda->stream, overlap, a),
                     "lq_decode_generic_kernel");
+        return LQ_OK;
+    }
+    if (mma1_kernel) {
+        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, mma1_kernel, overlap, a), "lq_gemv_mma1_kernel");
         return LQ_OK;
     }
     if (rows) {

@@ -151,6 +151,27 @@ rows) # the whole-row one-token decode kernel (LQ_CUDA_DECODE=v5): against the C
     done ;;
 esac
 case "${1:-}" in
+mma1) # the one-token tensor-core decode kernel (LQ_CUDA_DECODE=v6, gemv_mma1_kernel.h): against
+    # the CPU, under graph replay, each linear layer alone, the whole batch-1 step against v1 and
+    # v5, then ncu per kernel and v6's warp states
+    step cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
+    LQ_CUDA_DECODE=v6 step cuda_graph_v6 "$run/test_cuda_graph"
+    TAIL=40 STEP_TIMEOUT=120 step bench_gemv "$run/bench_cuda" --linear-only \
+        "${VARIANTS:-v1,v5,v6}"
+    TAIL=40 step decode_kernels "$run/bench_cuda" --decode-variants 1 --decode-kernels \
+        "${VARIANTS:-v1,auto,v6}"
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 step ncu_decode_v6 sh -c "'$ncu' --csv \
+        --metrics gpu__time_duration.sum --cache-control none --clock-control none \
+        '$run/bench_cuda' --decode-profile --layers 2 > '$logs/ncu_decode_v6.csv'"
+    TAIL=14 step ncu_summary_v6 python3 "$root/tests/bench/ncu_decode_summary.py" \
+        "$logs/ncu_decode_v6.csv" --layers 2
+    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=60 step ncu_sections_v6 sh -c "'$ncu' \
+        --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' --launch-skip 7 \
+        --launch-count 3 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section InstructionStats '$run/bench_cuda' --decode-profile --layers 2" ;;
+esac
+case "${1:-}" in
 table) # the error table's small solvers: the CholeskyQR kernels (new against old and a host
     # reference, timed), the decomposition checks, then error-table rows with each kernel
     TAIL=30 step cuda_ops_cholqr "$run/test_cuda_ops" cholqr --time

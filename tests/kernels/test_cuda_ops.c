@@ -300,12 +300,13 @@ static void test_linear_lq(void) {
             }
 }
 
-/* The one-token decode kernels (LQ_CUDA_DECODE v1 to v5, kernels/cuda/linear_cuda.cu) on
+/* The one-token decode kernels (LQ_CUDA_DECODE v1 to v6, kernels/cuda/linear_cuda.cu) on
  * shapes whose grids walk several row groups per CTA on a GPU of ~132 SMs (2 and 3 groups, a
  * partial last band, slices of 1024 columns and a part of one, 9 slices: too many for v3's
  * clusters), ranks whose share per slice is 0, under 32 and over 32 values: each against the
  * CPU, and v2, v3, v4 bit for bit against v1 (the same arithmetic in the same order; v5 and
- * its forced 2 and 4 rows per warp sum in another order: against the CPU only). The
+ * its forced 2 and 4 rows per warp sum in another order: against the CPU only; v6 rounds the
+ * values and x to fp16: against the CPU at fp16's tolerance). The
  * environment variable is restored afterwards. */
 static void test_linear_lq_gemv(void) {
     const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
@@ -341,15 +342,17 @@ static void test_linear_lq_gemv(void) {
                 float *ref = malloc(out_count * sizeof *ref);
                 CHECK_OK(cpu->ops->linear(cpu, &w, x, 1, ref));
                 float *dx = device_floats(x, (size_t)w.cols);
-                float *out[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
-                static const char *const variants[7] = {"v1", "v2",   "v3",  "v4",
-                                                        "v5", "v5r2", "v5r4"};
-                for (int v = 0; v < 7; v++) {
+                float *out[8] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+                static const char *const variants[8] = {"v1", "v2",   "v3",   "v4",
+                                                        "v5", "v5r2", "v5r4", "v6"};
+                for (int v = 0; v < 8; v++) {
                     setenv("LQ_CUDA_DECODE", variants[v], 1);
                     float *dy = device_floats(NULL, out_count); /* NaN poison */
                     CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy));
                     out[v] = to_host(dy, out_count);
-                    CHECK_CLOSE(out[v], ref, out_count, TOL_FP32, "%s, %s", label, variants[v]);
+                    /* v6: fp16 values and x on the tensor cores (B0 = 8: v1) */
+                    CHECK_CLOSE(out[v], ref, out_count, v == 7 ? TOL_FP16 : TOL_FP32, "%s, %s",
+                                label, variants[v]);
                     TIME_GPU(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy), "%s, n 1, %s", label,
                              variants[v]);
                     gpu->ops->buffer_free(gpu, dy);
@@ -360,7 +363,7 @@ static void test_linear_lq_gemv(void) {
                               "%s: %s differs from v1 in its bits", label, variants[v]);
                 gpu->ops->linear_release(gpu, &on_gpu);
                 gpu->ops->buffer_free(gpu, dx);
-                for (int v = 0; v < 7; v++) free(out[v]);
+                for (int v = 0; v < 8; v++) free(out[v]);
                 free(x), free(ref);
                 lq_linear_free(&w);
             }

@@ -1,0 +1,105 @@
+// The one-token tensor-core decode kernel (LQ_CUDA_DECODE=v6) on the GPU: the primitives that
+// gemv_mma1_kernel.h (the kernel's code and the why) asks of its includer, and the kernel for
+// compile-time b0 and blocks per chunk. Included by linear_cuda.cu alone.
+#ifndef LQ_GEMV_MMA1_CUDA_CUH
+#define LQ_GEMV_MMA1_CUDA_CUH
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LQ_M1_FN __device__ __forceinline__ static
+#define LQ_M1_HD __host__ __device__ __forceinline__ static
+#define LQ_M1_UNROLL _Pragma("unroll")
+
+__device__ __forceinline__ static uint32_t lq_m1_ldg_u32(const uint32_t *p) {
+    return __ldg(p);
+}
+__device__ __forceinline__ static uint32_t lq_m1_ldg_u16(const uint16_t *p) {
+    return (uint32_t)__ldg((const unsigned short *)p);
+}
+__device__ __forceinline__ static float lq_m1_ldg_f32(const float *p) {
+    return __ldg(p);
+}
+// t is written by the projection kernel that runs beside this one: L2 only, never a stale L1.
+__device__ __forceinline__ static float lq_m1_ldcg_f32(const float *p) {
+    return __ldcg(p);
+}
+__device__ __forceinline__ static void lq_m1_ldg_f32x4(const float *p, float v[4]) {
+    const float4 q = __ldg((const float4 *)p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ static void lq_m1_lds_u32x8(const uint32_t *p, uint32_t v[8]) {
+    const uint4 lo = ((const uint4 *)p)[0], hi = ((const uint4 *)p)[1];
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+__device__ __forceinline__ static uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift) {
+    return __funnelshift_r(lo, hi, shift);
+}
+__device__ __forceinline__ static uint32_t lq_m1_half2_bits(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t out;
+    memcpy(&out, &h, 4);
+    return out;
+}
+__device__ __forceinline__ static float lq_m1_half_to_float(uint32_t bits) {
+    return __half2float(__ushort_as_half((unsigned short)bits));
+}
+__device__ __forceinline__ static float lq_m1_u2f(uint32_t v) {
+    return __uint2float_rn(v);
+}
+__device__ __forceinline__ static float lq_m1_u32_as_float(uint32_t bits) {
+    return __uint_as_float(bits);
+}
+__device__ __forceinline__ static float lq_m1_fmul(float x, float y) {
+    return __fmul_rn(x, y);
+}
+__device__ __forceinline__ static float lq_m1_fadd(float x, float y) {
+    return __fadd_rn(x, y);
+}
+__device__ __forceinline__ static float lq_m1_fma(float x, float y, float z) {
+    return __fmaf_rn(x, y, z);
+}
+// d += A·B for one m16n8k16 tile, fp16 inputs, fp32 accumulators (the fragment layout is in
+// linear_mma_cuda.cuh's lq_mma_16816).
+__device__ __forceinline__ static void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0,
+                                                 uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    (void)d, (void)a, (void)b0, (void)b1;
+    __trap(); // the host launches this kernel on sm_80 and later only
+#endif
+}
+__device__ __forceinline__ static float lq_m1_shfl_xor(float v, int offset) {
+    return __shfl_xor_sync(0xffffffffu, v, offset);
+}
+__device__ __forceinline__ static void lq_m1_sync(void) {
+    __syncthreads();
+}
+__device__ __forceinline__ static void lq_m1_wait_prerequisite(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+#include "kernels/cuda/gemv_mma1_kernel.h"
+
+// 3 CTAs (24 warps) per SM: at most 85 registers a thread.
+#define LQ_M1_CTAS_PER_SM 3
+
+template <int BITS, int BPC>
+__global__ void __launch_bounds__(LQ_M1_THREADS, LQ_M1_CTAS_PER_SM)
+    lq_gemv_mma1_kernel(const __grid_constant__ lq_m1_args a) {
+    static_assert(BITS >= 2 && BITS <= LQ_M1_MAX_BITS, "pair tables of 16 to 256 entries");
+    static_assert(BPC == 1 || BPC == 2, "one block per chunk, or two (B0 = 16)");
+    extern __shared__ uint4 lq_m1_shared[];
+    lq_m1_body(&a, BITS, BPC, (int)blockIdx.x, (int)threadIdx.x, (uint32_t *)lq_m1_shared);
+}
+
+#endif

@@ -1,0 +1,338 @@
+// The one-token tensor-core decode kernel (LQ_CUDA_DECODE=v6, kernels/cuda/linear_cuda.cu):
+// y = Q·x + L1·t for one token, Q packed (b0 = 2, 3 or 4; B0 a multiple of 32, or 16),
+// dequantized by shared-memory pair lookups straight into mma.sync m16n8k16 A fragments.
+//
+// Why: the shuffle-lookup kernels (v1, v5) spend 4 to 6.5 instructions per code (shift,
+// shuffle, FMA and their share of the setup) and Nsight Compute showed them bound by those
+// chains, not by HBM. Here a lookup in a per-lane pair table yields two codes as a half2 in
+// one LDS (plus a shift and a mask to form its address), and the tensor core does the
+// multiply-adds, so a code costs about 1.5 instructions. At one token most of the mma's N = 8
+// columns are free; they are used to keep blocks apart instead of multiplying each value by
+// its block scale:
+//   - a quad (lanes 4g .. 4g+3) shares rows g and g+8 of a 16-row group; lane t of the quad
+//     decodes chunk 4·kt + t (32 codes) of both rows in k-tile kt, codes 4s .. 4s+3 at mma
+//     step s (s = 0..7) in its k slots 2t, 2t+1, 2t+8, 2t+9 (the dot product does not care
+//     how k is ordered as long as A and B agree);
+//   - B column n holds x only in the slots of one lane: column 2t the slots of lane t for its
+//     chunk's first block, column 2t+1 those of its second block (B0 = 16), zeros elsewhere.
+//     B's column n lives in the lanes with g = n, so lane (g, t) loads x only where g = 2t
+//     (or 2t + 1), and zeros (a 64-byte zero area) otherwise;
+//   - so D[row][2t + b] is exactly the block-b partial sum of lane t's chunk, and it lands in
+//     lane t's own accumulators (d[b] for row g, d[2 + b] for row g+8): lane t multiplies it
+//     by the block scale it decoded itself, in fp32.
+// Precision: the NF values and x are rounded to fp16 (as the batched tensor-core path does),
+// the products and sums are fp32, the block scales and the low-rank term fp32.
+//
+// Work: a CTA of 8 warps takes RG row groups of 16 rows (RG = 1, 2, 4 or 8, chosen on the
+// host so that the grid is one wave where it can be) and splits the columns into KS = 8 / RG
+// slices, one warp per (row group, slice); each warp streams its k-tiles with the next tile's
+// words in flight while one is decoded. The warps' sums meet in shared memory and are added in
+// slice order: no partials in global memory, no second kernel, the same bits on every run.
+// The low-rank term: lane t of warp slice ks adds L1[row][k]·t[k] for k = 4·ks + t + 4·KS·m,
+// its L1 values loaded before the main loop; t (the projection kernel's column-slice sums,
+// added in slice order) is read after griddepcontrol.wait, which every thread passes.
+//
+// This file is C as well as CUDA: tests/unit/test_gemv_mma1_kernel.c runs this very code on
+// the CPU with a thread per CUDA thread and the warp primitives emulated. The includer
+// defines LQ_M1_FN (device function qualifiers), LQ_M1_HD (host and device), LQ_M1_UNROLL (a
+// loop-unroll pragma or nothing) and these primitives:
+//   uint32_t lq_m1_ldg_u32(const uint32_t *p); uint32_t lq_m1_ldg_u16(const uint16_t *p);
+//   float lq_m1_ldg_f32(const float *p); float lq_m1_ldcg_f32(const float *p);
+//   void lq_m1_ldg_f32x4(const float *p, float v[4]);   (p 16-byte aligned)
+//   void lq_m1_lds_u32x8(const uint32_t *p, uint32_t v[8]);   (p 32-byte aligned)
+//   uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift);   (__funnelshift_r)
+//   uint32_t lq_m1_half2_bits(float lo, float hi);   (round to nearest, lo in the low half)
+//   float lq_m1_half_to_float(uint32_t bits);   float lq_m1_u2f(uint32_t v);   (RN)
+//   float lq_m1_u32_as_float(uint32_t bits);
+//   float lq_m1_fmul(float, float); float lq_m1_fadd(float, float);
+//   float lq_m1_fma(float, float, float);   (single rounding each)
+//   void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1);   (d += A·B)
+//   float lq_m1_shfl_xor(float v, int offset); void lq_m1_sync(void);
+//   void lq_m1_wait_prerequisite(void);
+#ifndef LQ_GEMV_MMA1_KERNEL_H
+#define LQ_GEMV_MMA1_KERNEL_H
+
+#include <stdint.h>
+
+#define LQ_M1_WARPS 8
+#define LQ_M1_THREADS (LQ_M1_WARPS * 32)
+#define LQ_M1_TILE_CHUNKS 4 // a k-tile: 128 columns, one 32-code chunk per lane of a quad
+#define LQ_M1_STEPS 8       // mma steps (16 k each) per k-tile
+#define LQ_M1_RANK_REGS 2   // L1 values per row loaded before the main loop
+#define LQ_M1_MAX_BITS 4
+
+// The scale types of core/nf.h's enum lq_scale_dtype (b2), repeated so that this file needs no
+// project header; linear_cuda.cu checks that they agree.
+#define LQ_M1_SCALE_BF16 0
+#define LQ_M1_SCALE_FP16 1
+#define LQ_M1_SCALE_FP32 2
+
+// n / d for n < 2^31 and d <= 2^16 as one 32x32-bit multiply and a shift (see lq_divisor).
+struct lq_m1_divisor {
+    uint32_t multiplier, shift;
+};
+
+struct lq_m1_args {
+    const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + 16 bytes of padding
+    const uint8_t *group_scales;
+    const float *table;  // the NF table, 2^b0 values
+    const float *x;      // the token, cols values, 16-byte aligned
+    const float *lora_B; // L1 [rows][rank]
+    const float *t;      // [t_slices][rank]: x·L2ᵀ per column slice (t_slices >= 1)
+    float *y;            // [rows]
+    int rows, cols, b1, b2, rank, t_slices;
+    float offset, levels, inv_levels; // levels = 2^b1 − 1, inv_levels = RN(1 / levels)
+    struct lq_m1_divisor chunk_block; // chunk → block when B0 % 32 == 0 (B0 / 32)
+    struct lq_m1_divisor group;       // block → group (B1)
+    int chunks_per_row;               // cols / 32
+    int rg_log;                       // log2 of the row groups per CTA (0..3)
+};
+
+// Shared memory, in 32-bit words, in this order: the pair table (4^bits entries x 32 lanes),
+// x in fp16 (16 words per chunk, for every chunk of the padded k-tiles), 16 words of zeros,
+// the warps' row sums (8 x 16 floats).
+LQ_M1_HD uint32_t lq_m1_pair_words(int bits) {
+    return (1u << (2 * bits)) * 32u;
+}
+LQ_M1_HD uint32_t lq_m1_x_words(int chunks_per_row) {
+    const uint32_t tiles = ((uint32_t)chunks_per_row + LQ_M1_TILE_CHUNKS - 1) / LQ_M1_TILE_CHUNKS;
+    return tiles * LQ_M1_TILE_CHUNKS * 16u;
+}
+LQ_M1_HD uint32_t lq_m1_shared_bytes(int bits, int chunks_per_row) {
+    return 4u * (lq_m1_pair_words(bits) + lq_m1_x_words(chunks_per_row) + 16u + 8u * 16u);
+}
+
+LQ_M1_FN uint32_t lq_m1_div(uint32_t n, struct lq_m1_divisor d) {
+    return (uint32_t)(((uint64_t)n * d.multiplier) >> d.shift);
+}
+
+// What a lane loads for one row and one chunk: the chunk's words, the 32-bit window of scale
+// codes that starts at its first block, and its group scale's bits (zeros when invalid).
+struct lq_m1_raw {
+    uint32_t w[LQ_M1_MAX_BITS];
+    uint32_t window, group_bits;
+};
+
+LQ_M1_FN void lq_m1_load(const struct lq_m1_args *a, int bits, int bpc, int valid, uint32_t ci,
+                         struct lq_m1_raw *r) {
+    LQ_M1_UNROLL
+    for (int i = 0; i < LQ_M1_MAX_BITS; i++) r->w[i] = 0u;
+    r->window = 0u, r->group_bits = 0u;
+    if (!valid) return;
+    const uint32_t *p = a->codes + (uint64_t)ci * (uint32_t)bits;
+    LQ_M1_UNROLL
+    for (int i = 0; i < bits; i++) r->w[i] = lq_m1_ldg_u32(p + i);
+    const uint32_t block0 = bpc == 1 ? lq_m1_div(ci, a->chunk_block) : ci * (uint32_t)bpc;
+    const uint32_t group = lq_m1_div(block0, a->group);
+    const uint64_t bit = (uint64_t)block0 * (uint32_t)a->b1;
+    const uint32_t *s = a->scale_codes + (bit >> 5);
+    r->window = lq_m1_funnel(lq_m1_ldg_u32(s), lq_m1_ldg_u32(s + 1), (uint32_t)(bit & 31u));
+    r->group_bits = a->b2 == LQ_M1_SCALE_FP32
+                        ? lq_m1_ldg_u32((const uint32_t *)a->group_scales + group)
+                        : lq_m1_ldg_u16((const uint16_t *)a->group_scales + group);
+}
+
+// ŝ = offset + code·gs / levels in core/nf.c's operation order: q·levels is an FMA-exact
+// residual, and with inv_levels = RN(1/levels) one correction step gives RN(a / levels).
+LQ_M1_FN float lq_m1_block_scale(const struct lq_m1_args *a, uint32_t code, float group_scale) {
+    const float product = lq_m1_fmul(lq_m1_u2f(code), group_scale);
+    float quotient = lq_m1_fmul(product, a->inv_levels);
+    quotient = lq_m1_fma(lq_m1_fma(-quotient, a->levels, product), a->inv_levels, quotient);
+    return lq_m1_fadd(a->offset, quotient);
+}
+
+// The chunk's block scales (bpc of them); 0 for an invalid chunk.
+LQ_M1_FN void lq_m1_scales(const struct lq_m1_args *a, int bpc, int valid,
+                           const struct lq_m1_raw *r, float scale[2]) {
+    const float group_scale = a->b2 == LQ_M1_SCALE_FP32   ? lq_m1_u32_as_float(r->group_bits)
+                              : a->b2 == LQ_M1_SCALE_BF16 ? lq_m1_u32_as_float(r->group_bits << 16)
+                                                          : lq_m1_half_to_float(r->group_bits);
+    const uint32_t mask = (1u << a->b1) - 1u;
+    LQ_M1_UNROLL
+    for (int b = 0; b < 2; b++) {
+        const float s = lq_m1_block_scale(a, (r->window >> (b * a->b1)) & mask, group_scale);
+        scale[b] = valid && b < bpc ? s : 0.0f;
+    }
+}
+
+// Byte offset of pair p's entry for this lane in the pair table: the pair's 2·bits bits (codes
+// 2p and 2p+1 of the chunk) moved to bit 7, OR the lane's 4·lane. Entry e of lane l is word
+// e·32 + l, so every lane reads its own bank whatever the codes.
+LQ_M1_FN uint32_t lq_m1_pair_offset(const uint32_t w[LQ_M1_MAX_BITS], int bits, int p,
+                                    uint32_t lane_bytes) {
+    const uint32_t field = ((1u << (2 * bits)) - 1u) << 7;
+    const int start = p * 2 * bits, word = start >> 5, off = start & 31;
+    uint32_t moved;
+    if (off < 7)
+        moved = w[word] << (7 - off); // the pair starts near the word's bottom: inside it
+    else if (off + 2 * bits <= 32 || word + 1 >= bits)
+        moved = w[word] >> (off - 7);
+    else
+        moved = lq_m1_funnel(w[word], w[word + 1], (uint32_t)(off - 7)); // spans two words
+    return (moved & field) | lane_bytes;
+}
+
+// t[k]: the projection's column-slice sums, in slice order.
+LQ_M1_FN float lq_m1_t_at(const struct lq_m1_args *a, int k) {
+    float tk = lq_m1_ldcg_f32(a->t + k);
+    for (int s = 1; s < a->t_slices; s++)
+        tk = lq_m1_fadd(tk, lq_m1_ldcg_f32(a->t + (uint64_t)s * (uint32_t)a->rank + k));
+    return tk;
+}
+
+// The pair table (entry e = lo | hi << bits holds half2(table[lo], table[hi]) in every lane's
+// column), x in fp16 and the zero area, by all threads of the CTA.
+LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int bits, int thread, uint32_t *pairs,
+                          uint32_t *xs, uint32_t *zeros) {
+    const int entries = 1 << (2 * bits), mask = (1 << bits) - 1;
+    for (int i = thread; i < entries * 32; i += LQ_M1_THREADS) {
+        const int e = i >> 5;
+        pairs[i] = lq_m1_half2_bits(lq_m1_ldg_f32(a->table + (e & mask)),
+                                    lq_m1_ldg_f32(a->table + (e >> bits)));
+    }
+    const int quads = a->cols / 4, padded = (int)lq_m1_x_words(a->chunks_per_row) / 2;
+    for (int i = thread; i < padded; i += LQ_M1_THREADS) {
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (i < quads) lq_m1_ldg_f32x4(a->x + 4 * i, v);
+        xs[2 * i] = lq_m1_half2_bits(v[0], v[1]);
+        xs[2 * i + 1] = lq_m1_half2_bits(v[2], v[3]);
+    }
+    if (thread < 16) zeros[thread] = 0u;
+}
+
+// The kernel: CTA `block` of the grid, thread `thread` of the CTA; `shared` holds
+// lq_m1_shared_bytes(bits, chunks_per_row) bytes, 16-byte aligned. bits and bpc (1, or 2 for
+// B0 = 16) are compile-time constants on the GPU.
+LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int block, int thread,
+                         uint32_t *shared) {
+    uint32_t *pairs = shared, *xs = pairs + lq_m1_pair_words(bits);
+    uint32_t *zeros = xs + lq_m1_x_words(a->chunks_per_row);
+    float *sums = (float *)(zeros + 16);
+
+    const int lane = thread & 31, warp = thread >> 5, g = lane >> 2, t = lane & 3;
+    const int ks_log = 3 - a->rg_log, ks_count = 1 << ks_log;
+    const int group_in_cta = warp >> ks_log, ks = warp & (ks_count - 1);
+    const int row0 = ((block << a->rg_log) + group_in_cta) * 16;
+    int row[2], row_ok[2];
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++) row[h] = row0 + g + 8 * h, row_ok[h] = row[h] < a->rows;
+    const int ktiles = (a->chunks_per_row + LQ_M1_TILE_CHUNKS - 1) / LQ_M1_TILE_CHUNKS;
+    const int per_slice = (ktiles + ks_count - 1) / ks_count;
+    const int kt_begin = ks * per_slice;
+    const int kt_end = kt_begin + per_slice < ktiles ? kt_begin + per_slice : ktiles;
+
+    // The first tile's loads and the L1 values go out before the staging: HBM latency
+    // overlaps it.
+    struct lq_m1_raw cur[2], next[2];
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++) {
+        const int chunk = kt_begin * LQ_M1_TILE_CHUNKS + t;
+        lq_m1_load(a, bits, bpc, kt_begin < kt_end && row_ok[h] && chunk < a->chunks_per_row,
+                   (uint32_t)row[h] * (uint32_t)a->chunks_per_row + (uint32_t)chunk, &cur[h]);
+    }
+    const int rank_pos = ks * 4 + t, rank_stride = 4 * ks_count;
+    float l1[2][LQ_M1_RANK_REGS];
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++) LQ_M1_UNROLL
+    for (int m = 0; m < LQ_M1_RANK_REGS; m++) {
+        const int k = rank_pos + rank_stride * m;
+        l1[h][m] = row_ok[h] && k < a->rank
+                       ? lq_m1_ldg_f32(a->lora_B + (uint64_t)row[h] * (uint32_t)a->rank + k)
+                       : 0.0f;
+    }
+    lq_m1_stage(a, bits, thread, pairs, xs, zeros);
+    lq_m1_sync();
+
+    // B: lane (g, t) holds column g, so x only where g = 2t + b for the block b that its mma
+    // steps belong to (b = 0 throughout when bpc = 1).
+    const int real_first = g == 2 * t, real_second = bpc == 1 ? g == 2 * t : g == 2 * t + 1;
+    const uint32_t lane_bytes = (uint32_t)lane * 4u;
+    const char *table = (const char *)pairs;
+    float acc[2] = {0.0f, 0.0f};
+    for (int kt = kt_begin; kt < kt_end; kt++) {
+        const int chunk = kt * LQ_M1_TILE_CHUNKS + t;
+        const int chunk_ok = chunk < a->chunks_per_row;
+        const int more = kt + 1 < kt_end;
+        LQ_M1_UNROLL
+        for (int h = 0; h < 2; h++)
+            lq_m1_load(a, bits, bpc, more && row_ok[h] && chunk + 4 < a->chunks_per_row,
+                       (uint32_t)row[h] * (uint32_t)a->chunks_per_row + (uint32_t)(chunk + 4),
+                       &next[h]);
+        float scale[2][2];
+        LQ_M1_UNROLL
+        for (int h = 0; h < 2; h++) lq_m1_scales(a, bpc, row_ok[h] && chunk_ok, &cur[h], scale[h]);
+        uint32_t xw[16];
+        lq_m1_lds_u32x8(real_first ? xs + chunk * 16 : zeros, xw);
+        lq_m1_lds_u32x8(real_second ? xs + chunk * 16 + 8 : zeros + 8, xw + 8);
+
+        // Two accumulator sets (even and odd steps): two mma chains of 4 instead of one of 8.
+        float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        LQ_M1_UNROLL
+        for (int s = 0; s < LQ_M1_STEPS; s++) {
+            uint32_t frag[4];
+            LQ_M1_UNROLL
+            for (int h = 0; h < 2; h++) {
+                frag[h] = *(const uint32_t *)(table +
+                                              lq_m1_pair_offset(cur[h].w, bits, 2 * s, lane_bytes));
+                frag[2 + h] = *(const uint32_t *)(table + lq_m1_pair_offset(cur[h].w, bits,
+                                                                            2 * s + 1, lane_bytes));
+            }
+            lq_m1_mma(d[s & 1], frag, xw[2 * s], xw[2 * s + 1]);
+        }
+        LQ_M1_UNROLL
+        for (int h = 0; h < 2; h++) {
+            acc[h] = lq_m1_fma(scale[h][0], lq_m1_fadd(d[0][2 * h], d[1][2 * h]), acc[h]);
+            if (bpc == 2)
+                acc[h] =
+                    lq_m1_fma(scale[h][1], lq_m1_fadd(d[0][2 * h + 1], d[1][2 * h + 1]), acc[h]);
+        }
+        LQ_M1_UNROLL
+        for (int h = 0; h < 2; h++) cur[h] = next[h];
+    }
+
+    // The low-rank term: every thread waits for the projection kernel (so that none is still
+    // writing t when this grid ends), then adds its share.
+    if (a->rank > 0) {
+        lq_m1_wait_prerequisite();
+        LQ_M1_UNROLL
+        for (int m = 0; m < LQ_M1_RANK_REGS; m++) {
+            const int k = rank_pos + rank_stride * m;
+            if (k >= a->rank) break;
+            const float tk = lq_m1_t_at(a, k);
+            LQ_M1_UNROLL
+            for (int h = 0; h < 2; h++) acc[h] = lq_m1_fma(l1[h][m], tk, acc[h]);
+        }
+        for (int k = rank_pos + rank_stride * LQ_M1_RANK_REGS; k < a->rank; k += rank_stride) {
+            const float tk = lq_m1_t_at(a, k);
+            LQ_M1_UNROLL
+            for (int h = 0; h < 2; h++)
+                if (row_ok[h])
+                    acc[h] = lq_m1_fma(
+                        lq_m1_ldg_f32(a->lora_B + (uint64_t)row[h] * (uint32_t)a->rank + k), tk,
+                        acc[h]);
+        }
+    }
+
+    // The quad's sum, then the slices' in slice order.
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++) {
+        acc[h] = lq_m1_fadd(acc[h], lq_m1_shfl_xor(acc[h], 1));
+        acc[h] = lq_m1_fadd(acc[h], lq_m1_shfl_xor(acc[h], 2));
+    }
+    if (t == 0) {
+        float *mine = sums + (group_in_cta * ks_count + ks) * 16;
+        mine[g] = acc[0], mine[g + 8] = acc[1];
+    }
+    lq_m1_sync();
+    if (thread < (16 << a->rg_log)) {
+        const int in_cta = thread >> 4, r = thread & 15, out = (block << a->rg_log) * 16 + thread;
+        if (out < a->rows) {
+            const float *slices = sums + in_cta * ks_count * 16 + r;
+            float total = slices[0];
+            for (int s = 1; s < ks_count; s++) total = lq_m1_fadd(total, slices[s * 16]);
+            a->y[out] = total;
+        }
+    }
+}
+
+#endif

@@ -1,0 +1,382 @@
+/* The one-token tensor-core decode kernel's source itself (kernels/cuda/gemv_mma1_kernel.h,
+ * LQ_CUDA_DECODE=v6), run on the CPU: one pthread per CUDA thread of a CTA (256), CTAs one
+ * after another, __syncthreads as a barrier of the CTA, shuffles and mma.sync m16n8k16 through
+ * a buffer between two barriers of the warp (both are warp-collective: every lane of a warp
+ * calls them together). The mma's fragments are taken apart and put together by the PTX ISA's
+ * layout, written out here independently of the kernel. Shared memory and y are poisoned
+ * before each launch.
+ *
+ * Checks, on shapes with partial row groups, partial k-tiles, one to many k-tiles per warp
+ * slice, every b0 the kernel takes, B0 = 16 (two blocks per chunk), 32, 64 and 128, every scale
+ * type, ranks 0, 8 and 80 (past the L1 values held in registers) and each CTA shape (1, 2, 4,
+ * 8 row groups): y against the float64 sum of the same fp16-rounded table values and x times
+ * the exact block scales (lq_nf_block_scale) plus the low-rank term, to within fp32 rounding
+ * of the sum of |terms| (a value in a wrong k slot or block is off by far more), and against
+ * the float64 product of the dequantized matrix to within fp16's rounding. This is the
+ * kernel's indexing, fragments, block separation and reductions as a GPU would run them, short
+ * of the GPU's memory model and timing; tests/kernels/test_cuda_ops.c runs it on a GPU. */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "tests/unit/lq_test.h"
+
+#include "core/bitpack.h"
+#include "core/nf.h"
+#include "core/rng.h"
+
+/* ---------- the CUDA words the kernel uses, for a CPU thread per CUDA thread ---------- */
+
+#define EMULATED_THREADS 256
+#define EMULATED_WARPS 8
+
+static pthread_barrier_t block_barrier, warp_barrier[EMULATED_WARPS];
+static _Thread_local int emulated_thread;
+
+/* A warp's exchange buffer: every lane writes its part, all wait, each reads what it needs,
+ * all wait again (so the buffer may be written anew). */
+static struct {
+    uint32_t a[32][4], b[32][2];
+    float c[32][4], v[32];
+} exchange[EMULATED_WARPS];
+
+static void warp_wait(void) {
+    pthread_barrier_wait(&warp_barrier[emulated_thread / 32]);
+}
+
+static float fp16_to_float(uint32_t bits) {
+    const uint16_t h = (uint16_t)bits;
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+static uint32_t float_to_fp16(float f) {
+    const _Float16 v = (_Float16)f; /* round to nearest even */
+    uint16_t h;
+    memcpy(&h, &v, 2);
+    return h;
+}
+
+#define LQ_M1_FN static inline
+#define LQ_M1_HD static inline
+#define LQ_M1_UNROLL
+
+static inline uint32_t lq_m1_ldg_u32(const uint32_t *p) {
+    return *p;
+}
+static inline uint32_t lq_m1_ldg_u16(const uint16_t *p) {
+    return *p;
+}
+static inline float lq_m1_ldg_f32(const float *p) {
+    return *p;
+}
+static inline float lq_m1_ldcg_f32(const float *p) {
+    return *p;
+}
+static inline void lq_m1_ldg_f32x4(const float *p, float v[4]) {
+    if ((uintptr_t)p % 16 != 0) abort(); /* a float4 load on the GPU */
+    memcpy(v, p, 16);
+}
+static inline void lq_m1_lds_u32x8(const uint32_t *p, uint32_t v[8]) {
+    if ((uintptr_t)p % 16 != 0) abort(); /* two LDS.128 on the GPU */
+    memcpy(v, p, 32);
+}
+static inline uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift) {
+    return (uint32_t)((((uint64_t)hi << 32) | lo) >> (shift & 31u));
+}
+static inline uint32_t lq_m1_half2_bits(float lo, float hi) {
+    return float_to_fp16(lo) | float_to_fp16(hi) << 16;
+}
+static inline float lq_m1_half_to_float(uint32_t bits) {
+    return fp16_to_float(bits);
+}
+static inline float lq_m1_u2f(uint32_t v) {
+    return (float)v;
+}
+static inline float lq_m1_u32_as_float(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline float lq_m1_fmul(float x, float y) {
+    return x * y;
+}
+static inline float lq_m1_fadd(float x, float y) {
+    return x + y;
+}
+static inline float lq_m1_fma(float x, float y, float z) {
+    return fmaf(x, y, z);
+}
+
+/* A[m][k], B[k][n] and D[m][n] of m16n8k16 from the lanes' registers (PTX ISA, "Matrix
+ * Fragments for mma.m16n8k16 with floating point type"): groupID = lane / 4, threadID_in_group
+ * = lane % 4; A: a0..a7 over four registers, rows groupID (+8), columns 2·tig (+1) (+8); B:
+ * b0..b3 over two registers, rows 2·tig (+1) (+8), column groupID; C/D: rows groupID (+8),
+ * columns 2·tig (+1). */
+static float fragment_a(int m, int k) {
+    const int lane = (m % 8) * 4 + (k % 8) / 2, reg = (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return fp16_to_float(exchange[emulated_thread / 32].a[lane][reg] >> (16 * (k % 2)));
+}
+static float fragment_b(int k, int n) {
+    const int lane = n * 4 + (k % 8) / 2, reg = k >= 8 ? 1 : 0;
+    return fp16_to_float(exchange[emulated_thread / 32].b[lane][reg] >> (16 * (k % 2)));
+}
+
+/* d += A·B: products exact, the sum of 16 in double, rounded once (the tensor core's internal
+ * order and precision are its own: the test's bound covers fp32 rounding, not a wrong term). */
+static void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    const int warp = emulated_thread / 32, lane = emulated_thread % 32;
+    memcpy(exchange[warp].a[lane], a, 16);
+    exchange[warp].b[lane][0] = b0, exchange[warp].b[lane][1] = b1;
+    warp_wait();
+    const int g = lane / 4, tig = lane % 4;
+    float out[4];
+    for (int i = 0; i < 4; i++) {
+        const int m = g + 8 * (i / 2), n = 2 * tig + i % 2;
+        double sum = d[i];
+        for (int k = 0; k < 16; k++) sum += (double)fragment_a(m, k) * fragment_b(k, n);
+        out[i] = (float)sum;
+    }
+    warp_wait();
+    memcpy(d, out, sizeof out);
+}
+
+static float lq_m1_shfl_xor(float v, int offset) {
+    const int warp = emulated_thread / 32, lane = emulated_thread % 32;
+    exchange[warp].v[lane] = v;
+    warp_wait();
+    const float other = exchange[warp].v[lane ^ offset];
+    warp_wait();
+    return other;
+}
+
+static void lq_m1_sync(void) {
+    pthread_barrier_wait(&block_barrier);
+}
+
+static int waits; /* griddepcontrol.wait calls of the launch */
+static void lq_m1_wait_prerequisite(void) {
+    __atomic_add_fetch(&waits, 1, __ATOMIC_RELAXED);
+}
+
+#include "kernels/cuda/gemv_mma1_kernel.h"
+
+/* ---------- launching it ---------- */
+
+struct launch {
+    const struct lq_m1_args *args;
+    int bits, bpc, block, thread;
+    uint32_t *shared;
+};
+
+static void *run_thread(void *arg) {
+    const struct launch *l = arg;
+    emulated_thread = l->thread;
+    lq_m1_body(l->args, l->bits, l->bpc, l->block, l->thread, l->shared);
+    return NULL;
+}
+
+/* Every CTA of the grid, one after another; returns 0 or -1 when threads could not be had. */
+static int launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
+    const int groups = (args->rows + 15) / 16;
+    const int ctas = (groups + (1 << args->rg_log) - 1) >> args->rg_log;
+    const size_t shared_bytes = lq_m1_shared_bytes(bits, args->chunks_per_row);
+    uint32_t *shared = aligned_alloc(64, (shared_bytes + 63) / 64 * 64);
+    if (!shared) return -1;
+    static pthread_t threads[EMULATED_THREADS];
+    static struct launch launches[EMULATED_THREADS];
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, (size_t)1 << 17);
+    if (pthread_barrier_init(&block_barrier, NULL, EMULATED_THREADS) != 0) abort();
+    for (int w = 0; w < EMULATED_WARPS; w++)
+        if (pthread_barrier_init(&warp_barrier[w], NULL, 32) != 0) abort();
+    waits = 0;
+    for (int block = 0; block < ctas; block++) {
+        memset(shared, 0xff, shared_bytes); /* NaN as floats, garbage as codes */
+        for (int t = 0; t < EMULATED_THREADS; t++) {
+            launches[t] = (struct launch){args, bits, bpc, block, t, shared};
+            const int created = pthread_create(&threads[t], &attr, run_thread, &launches[t]);
+            if (created != 0) {
+                fprintf(stderr, "pthread_create %d: %s\n", t, strerror(created));
+                abort();
+            }
+        }
+        for (int t = 0; t < EMULATED_THREADS; t++) pthread_join(threads[t], NULL);
+    }
+    for (int w = 0; w < EMULATED_WARPS; w++) pthread_barrier_destroy(&warp_barrier[w]);
+    pthread_barrier_destroy(&block_barrier);
+    pthread_attr_destroy(&attr);
+    free(shared);
+    return 0;
+}
+
+/* ---------- the cases ---------- */
+
+static struct lq_rng rng;
+
+static float *random_floats(size_t count, double scale) {
+    float *out = aligned_alloc(16, (count * sizeof(float) + 15) / 16 * 16);
+    if (!out) abort();
+    for (size_t i = 0; i < count; i++) out[i] = (float)(scale * lq_rng_normal(&rng));
+    return out;
+}
+
+/* A copy of `bytes` bytes with 16 bytes of zeros after them (the GPU upload's padding), as
+ * 32-bit words. */
+static uint32_t *padded_words(const void *src, size_t bytes) {
+    uint32_t *out = calloc((bytes + 16 + 3) / 4, 4);
+    if (!out) abort();
+    memcpy(out, src, bytes);
+    return out;
+}
+
+static struct lq_m1_divisor make_divisor(uint32_t d) {
+    uint32_t s = 0;
+    while (((uint64_t)1 << s) < d) s++;
+    const uint64_t scale = (uint64_t)1 << (31 + s);
+    struct lq_m1_divisor out = {(uint32_t)((scale + d - 1) / d), 31 + s};
+    return out;
+}
+
+static int blocks_per_chunk(const struct lq_nf_config *c) {
+    return c->B0 % 32 == 0 ? 1 : c->B0 == 16 && c->B1 % 2 == 0 ? 2 : 0;
+}
+
+static void check_case(int rows, int cols, struct lq_nf_config c, int rank, int rg_log) {
+    char label[160], text[64];
+    snprintf(label, sizeof label, "%s %d x %d rank %d, %d row groups per CTA",
+             lq_nf_config_format(&c, text, sizeof text), rows, cols, rank, 1 << rg_log);
+    const int bpc = blocks_per_chunk(&c);
+    CHECK_MSG(bpc > 0 && cols % 32 == 0, "%s: not a shape of the kernel", label);
+    float *dense = random_floats((size_t)rows * cols, 0.05);
+    struct lq_nf_matrix q;
+    struct lq_error err = {0};
+    if (lq_nf_quantize(dense, (size_t)rows, (size_t)cols, &c, &q, &err) != 0) {
+        CHECK_MSG(0, "%s: %s", label, err.message);
+        free(dense);
+        return;
+    }
+    float *x = random_floats((size_t)cols, 1.0);
+    float *l1 = rank > 0 ? random_floats((size_t)rows * rank, 0.05) : NULL;
+    float *l2 = rank > 0 ? random_floats((size_t)rank * cols, 0.05) : NULL;
+    const int slices = (cols + 1023) / 1024;
+    float *t = calloc((size_t)slices * (rank > 0 ? rank : 1), sizeof(float));
+    if (!t) abort();
+    for (int s = 0; s < slices; s++) /* the projection kernel's slice sums (any order will do) */
+        for (int k = 0; k < rank; k++) {
+            float sum = 0.0f;
+            for (int j = s * 1024; j < cols && j < (s + 1) * 1024; j++)
+                sum = fmaf(l2[(size_t)k * cols + j], x[j], sum);
+            t[(size_t)s * rank + k] = sum;
+        }
+
+    uint32_t *codes = padded_words(q.codes, lq_nf_codes_bytes(&q));
+    uint32_t *scale_codes = padded_words(q.scale_codes, lq_nf_scale_codes_bytes(&q));
+    uint32_t *group_scales = padded_words(q.group_scales, lq_nf_group_scales_bytes(&q));
+    float *y = malloc((size_t)rows * sizeof(float));
+    if (!y) abort();
+    for (int r = 0; r < rows; r++) y[r] = NAN;
+
+    struct lq_m1_args a;
+    memset(&a, 0, sizeof a);
+    a.codes = codes, a.scale_codes = scale_codes, a.group_scales = (const uint8_t *)group_scales;
+    a.table = lq_nf_code_table(c.b0), a.x = x, a.lora_B = l1, a.t = t, a.y = y;
+    a.rows = rows, a.cols = cols, a.b1 = c.b1, a.b2 = (int)c.b2, a.rank = rank;
+    a.t_slices = slices;
+    a.offset = q.scale_offset;
+    a.levels = (float)((1u << c.b1) - 1u);
+    a.inv_levels = 1.0f / a.levels;
+    a.chunk_block = make_divisor(c.B0 % 32 == 0 ? (uint32_t)c.B0 / 32 : 1u);
+    a.group = make_divisor((uint32_t)c.B1);
+    a.chunks_per_row = cols / 32;
+    a.rg_log = rg_log;
+    CHECK(launch_kernel(&a, c.b0, bpc) == 0);
+    const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
+    CHECK_MSG(rank == 0 || waits == ctas * EMULATED_THREADS,
+              "%s: %d threads waited for the projection, expected %d", label, waits,
+              ctas * EMULATED_THREADS);
+
+    /* The references: fp16-rounded table values and x with the exact block scales, and the
+     * dequantized matrix with x as it is. */
+    float *deq = malloc((size_t)rows * cols * sizeof(float));
+    if (!deq) abort();
+    lq_nf_dequantize(&q, deq);
+    const float *table = lq_nf_code_table(c.b0);
+    double worst = 0.0, worst_exact = 0.0;
+    int bad = 0;
+    for (int r = 0; r < rows; r++) {
+        double sum = 0.0, magnitude = 0.0, exact = 0.0;
+        for (int j = 0; j < cols; j++) {
+            const size_t flat = (size_t)r * cols + j;
+            const uint32_t code = lq_bitpack_get(q.codes, flat, c.b0);
+            const double term = (double)fp16_to_float(float_to_fp16(table[code])) *
+                                fp16_to_float(float_to_fp16(x[j])) *
+                                lq_nf_block_scale(&q, flat / (size_t)c.B0);
+            sum += term, magnitude += fabs(term);
+            exact += (double)deq[flat] * x[j];
+        }
+        for (int k = 0; k < rank; k++) {
+            double tk = 0.0;
+            for (int s = 0; s < slices; s++) tk += t[(size_t)s * rank + k];
+            const double term = (double)l1[(size_t)r * rank + k] * tk;
+            sum += term, exact += term, magnitude += fabs(term);
+        }
+        const double error = fabs(y[r] - sum) / (magnitude + 1e-30);
+        const double error_exact = fabs(y[r] - exact) / (magnitude + 1e-30);
+        if (!(error <= 4e-6) || !(error_exact <= 1e-3)) {
+            if (bad++ < 5)
+                fprintf(stderr, "%s: row %d: y %.9g, fp16 reference %.9g, exact %.9g\n", label, r,
+                        y[r], sum, exact);
+        }
+        if (!(error <= worst)) worst = error;
+        if (!(error_exact <= worst_exact)) worst_exact = error_exact;
+    }
+    printf("%s: worst %.2g (fp16 reference), %.2g (exact)\n", label, worst, worst_exact);
+    CHECK_MSG(bad == 0,
+              "%s: %d rows off; worst error %.3g of the terms' magnitude against the fp16 "
+              "reference, %.3g against the exact product",
+              label, bad, worst, worst_exact);
+    free(deq), free(y), free(codes), free(scale_codes), free(group_scales);
+    free(t), free(l1), free(l2), free(x), free(dense);
+    lq_nf_matrix_free(&q);
+}
+
+static void test_configs(void) {
+    lq_rng_seed(&rng, 61);
+    const struct lq_nf_config configs[] = {
+        {3, 8, LQ_SCALE_FP32, 64, 256}, /* the 7B benchmark's */
+        {2, 8, LQ_SCALE_FP16, 32, 16},  {4, 4, LQ_SCALE_BF16, 128, 3},
+        {3, 3, LQ_SCALE_FP16, 16, 8}, /* two blocks per chunk */
+        {2, 2, LQ_SCALE_BF16, 16, 2},   {4, 8, LQ_SCALE_FP32, 16, 4},
+    };
+    for (size_t i = 0; i < sizeof configs / sizeof configs[0]; i++) {
+        check_case(40, 640, configs[i], 8, 0);  /* a partial row group, 5 k-tiles over 8 warps */
+        check_case(16, 1056, configs[i], 0, 1); /* a k-tile of one chunk at the end */
+    }
+}
+
+static void test_cta_shapes(void) {
+    lq_rng_seed(&rng, 62);
+    const struct lq_nf_config c = {3, 8, LQ_SCALE_FP32, 64, 256};
+    for (int rg_log = 0; rg_log <= 3; rg_log++) check_case(72, 2080, c, 80, rg_log);
+}
+
+static void test_long_rows(void) {
+    lq_rng_seed(&rng, 63);
+    /* many k-tiles per warp slice (the double buffering), a rank whose share wraps twice */
+    check_case(16, 4096, (struct lq_nf_config){3, 8, LQ_SCALE_FP32, 64, 256}, 64, 0);
+    check_case(32, 3072, (struct lq_nf_config){2, 8, LQ_SCALE_FP32, 64, 256}, 80, 3);
+}
+
+static void test_small(void) {
+    lq_rng_seed(&rng, 64);
+    /* stories260K's shapes: one k-tile of two chunks, one of one chunk, most warps idle */
+    check_case(20, 64, (struct lq_nf_config){3, 8, LQ_SCALE_FP32, 64, 256}, 4, 0);
+    check_case(8, 32, (struct lq_nf_config){4, 8, LQ_SCALE_FP16, 32, 2}, 2, 2);
+    check_case(172, 64, (struct lq_nf_config){2, 4, LQ_SCALE_BF16, 16, 4}, 0, 3);
+}
+
+LQ_TEST_MAIN(LQ_TEST(test_configs), LQ_TEST(test_cta_shapes), LQ_TEST(test_long_rows),
+             LQ_TEST(test_small))
