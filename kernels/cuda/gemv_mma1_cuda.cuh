@@ -88,6 +88,10 @@ __device__ __forceinline__ static void lq_m1_wait_prerequisite(void) {
 #endif
 }
 
+__device__ __forceinline__ static void lq_m1_prefetch_l2(const void *p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 #include "kernels/cuda/gemv_mma1_kernel.h"
 
 // 3 CTAs (24 warps) per SM: at most 85 registers a thread.

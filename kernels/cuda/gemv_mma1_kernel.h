@@ -26,11 +26,12 @@
 // Work: a CTA of 8 warps takes RG row groups of 16 rows (RG = 1, 2, 4 or 8, chosen on the
 // host so that the grid is one wave where it can be) and splits the columns into KS = 8 / RG
 // slices, one warp per (row group, slice); each warp streams its k-tiles with the next tile's
-// words in flight while one is decoded. The warps' sums meet in shared memory and are added in
-// slice order: no partials in global memory, no second kernel, the same bits on every run.
-// The low-rank term: lane t of warp slice ks adds L1[row][k]·t[k] for k = 4·ks + t + 4·KS·m,
-// its L1 values loaded before the main loop; t (the projection kernel's column-slice sums,
-// added in slice order) is read after griddepcontrol.wait, which every thread passes.
+// words in flight while one is decoded, and (prefetch_tiles) a later tile's asked into L2. The
+// warps' sums meet in shared memory and are added in slice order: no partials in global memory, no
+// second kernel, the same bits on every run. The low-rank term: lane t of warp slice ks adds
+// L1[row][k]·t[k] for k = 4·ks + t + 4·KS·m, its L1 values loaded before the main loop; t (the
+// projection kernel's column-slice sums, added in slice order) is read after griddepcontrol.wait,
+// which every thread passes.
 //
 // This file is C as well as CUDA: tests/unit/test_gemv_mma1_kernel.c runs this very code on
 // the CPU with a thread per CUDA thread and the warp primitives emulated. The includer
@@ -48,7 +49,7 @@
 //   float lq_m1_fma(float, float, float);   (single rounding each)
 //   void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1);   (d += A·B)
 //   float lq_m1_shfl_xor(float v, int offset); void lq_m1_sync(void);
-//   void lq_m1_wait_prerequisite(void);
+//   void lq_m1_wait_prerequisite(void); void lq_m1_prefetch_l2(const void *p);
 #ifndef LQ_GEMV_MMA1_KERNEL_H
 #define LQ_GEMV_MMA1_KERNEL_H
 
@@ -86,6 +87,7 @@ struct lq_m1_args {
     struct lq_m1_divisor group;       // block → group (B1)
     int chunks_per_row;               // cols / 32
     int rg_log;                       // log2 of the row groups per CTA (0..3)
+    int prefetch_tiles; // > 0: the words of tile kt + prefetch_tiles are asked into L2 at kt
 };
 
 // Shared memory, in 32-bit words, in this order: the pair table (4^bits entries x 32 lanes),
@@ -253,6 +255,17 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int bloc
         const int chunk = kt * LQ_M1_TILE_CHUNKS + t;
         const int chunk_ok = chunk < a->chunks_per_row;
         const int more = kt + 1 < kt_end;
+        // Two tiles of words in registers are too few to cover HBM's latency with 24 warps
+        // per SM; a tile further ahead waits in L2 without taking registers.
+        if (a->prefetch_tiles > 0 && kt + a->prefetch_tiles < kt_end) {
+            const int ahead = chunk + LQ_M1_TILE_CHUNKS * a->prefetch_tiles;
+            LQ_M1_UNROLL
+            for (int h = 0; h < 2; h++)
+                if (row_ok[h] && ahead < a->chunks_per_row)
+                    lq_m1_prefetch_l2(a->codes + ((uint64_t)row[h] * (uint32_t)a->chunks_per_row +
+                                                  (uint32_t)ahead) *
+                                                     (uint32_t)bits);
+        }
         LQ_M1_UNROLL
         for (int h = 0; h < 2; h++)
             lq_m1_load(a, bits, bpc, more && row_ok[h] && chunk + 4 < a->chunks_per_row,

@@ -409,8 +409,18 @@ static lq_m1_fn lq_mma1_pick(const struct lq_linear *w, int bpc) {
     return bpc == 1 ? lq_mma1_kernel<4, 1>() : lq_mma1_kernel<4, 2>();
 }
 
+// An integer from the environment (read on every call, for benchmarks), or `otherwise`.
+static int lq_env_int(const char *name, int otherwise) {
+    const char *value = getenv(name);
+    char *end;
+    const long v = value && *value ? strtol(value, &end, 10) : 0;
+    return value && *value && !*end && v >= 0 && v <= 64 ? (int)v : otherwise;
+}
+
 // v6's launch: CTAs of 2^rg_log row groups of 16 rows, the fewest per CTA that still make the
-// grid one wave (each CTA's 8 warps then split the columns into 8 / 2^rg_log slices).
+// grid one wave (each CTA's 8 warps then split the columns into 8 / 2^rg_log slices);
+// LQ_CUDA_MMA1_ROW_GROUPS (1, 2, 4, 8) forces one. The L2 prefetch runs
+// LQ_CUDA_MMA1_PREFETCH tiles ahead (default 2, 0 off).
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
                                   lq_m1_fn kernel, bool overlap, const lq_decode_args &d) {
     const lq_packed &q = d.q;
@@ -431,6 +441,10 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     const long groups = (w->rows + 15) / 16;
     a.rg_log = 0;
     while (a.rg_log < 3 && (groups + (1L << a.rg_log) - 1) >> a.rg_log > slots) a.rg_log++;
+    const int forced = lq_env_int("LQ_CUDA_MMA1_ROW_GROUPS", 0);
+    if (forced == 1 || forced == 2 || forced == 4 || forced == 8)
+        a.rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
+    a.prefetch_tiles = lq_env_int("LQ_CUDA_MMA1_PREFETCH", 2);
     cudaLaunchAttribute attribute = {};
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;

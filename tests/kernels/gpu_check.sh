@@ -158,6 +158,10 @@ mma1) # the one-token tensor-core decode kernel (LQ_CUDA_DECODE=v6, gemv_mma1_ke
     LQ_CUDA_DECODE=v6 step cuda_graph_v6 "$run/test_cuda_graph"
     TAIL=40 STEP_TIMEOUT=120 step bench_gemv "$run/bench_cuda" --linear-only \
         "${VARIANTS:-v1,v5,v6}"
+    for p in 0 1 4; do # v6's L2 prefetch distance (default 2)
+        LQ_CUDA_MMA1_PREFETCH=$p TAIL=12 STEP_TIMEOUT=60 step "bench_gemv_v6_prefetch$p" \
+            "$run/bench_cuda" --linear-only v6
+    done
     TAIL=40 step decode_kernels "$run/bench_cuda" --decode-variants 1 --decode-kernels \
         "${VARIANTS:-v1,auto,v6}"
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)

@@ -160,6 +160,15 @@ static void lq_m1_wait_prerequisite(void) {
     __atomic_add_fetch(&waits, 1, __ATOMIC_RELAXED);
 }
 
+/* A prefetch must name a word of the codes (a wild address would fault on the GPU). */
+static const void *codes_begin, *codes_end;
+static int prefetches;
+static void lq_m1_prefetch_l2(const void *p) {
+    if ((const char *)p < (const char *)codes_begin || (const char *)p >= (const char *)codes_end)
+        abort();
+    __atomic_add_fetch(&prefetches, 1, __ATOMIC_RELAXED);
+}
+
 #include "kernels/cuda/gemv_mma1_kernel.h"
 
 /* ---------- launching it ---------- */
@@ -192,7 +201,7 @@ static int launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
     if (pthread_barrier_init(&block_barrier, NULL, EMULATED_THREADS) != 0) abort();
     for (int w = 0; w < EMULATED_WARPS; w++)
         if (pthread_barrier_init(&warp_barrier[w], NULL, 32) != 0) abort();
-    waits = 0;
+    waits = 0, prefetches = 0;
     for (int block = 0; block < ctas; block++) {
         memset(shared, 0xff, shared_bytes); /* NaN as floats, garbage as codes */
         for (int t = 0; t < EMULATED_THREADS; t++) {
@@ -246,8 +255,9 @@ static int blocks_per_chunk(const struct lq_nf_config *c) {
 
 static void check_case(int rows, int cols, struct lq_nf_config c, int rank, int rg_log) {
     char label[160], text[64];
-    snprintf(label, sizeof label, "%s %d x %d rank %d, %d row groups per CTA",
-             lq_nf_config_format(&c, text, sizeof text), rows, cols, rank, 1 << rg_log);
+    snprintf(label, sizeof label, "%s %d x %d rank %d, %d row groups per CTA, prefetch %d",
+             lq_nf_config_format(&c, text, sizeof text), rows, cols, rank, 1 << rg_log,
+             (rows + rank) % 3);
     const int bpc = blocks_per_chunk(&c);
     CHECK_MSG(bpc > 0 && cols % 32 == 0, "%s: not a shape of the kernel", label);
     float *dense = random_floats((size_t)rows * cols, 0.05);
@@ -292,6 +302,8 @@ static void check_case(int rows, int cols, struct lq_nf_config c, int rank, int 
     a.group = make_divisor((uint32_t)c.B1);
     a.chunks_per_row = cols / 32;
     a.rg_log = rg_log;
+    a.prefetch_tiles = (rows + rank) % 3; /* 0 (off), 1 or 2 tiles ahead */
+    codes_begin = codes, codes_end = (const char *)codes + lq_nf_codes_bytes(&q);
     CHECK(launch_kernel(&a, c.b0, bpc) == 0);
     const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
     CHECK_MSG(rank == 0 || waits == ctas * EMULATED_THREADS,
@@ -367,6 +379,8 @@ static void test_long_rows(void) {
     lq_rng_seed(&rng, 63);
     /* many k-tiles per warp slice (the double buffering), a rank whose share wraps twice */
     check_case(16, 4096, (struct lq_nf_config){3, 8, LQ_SCALE_FP32, 64, 256}, 64, 0);
+    /* prefetch 2: each warp's first two of its four tiles ask for one two ahead, both rows */
+    CHECK_MSG(prefetches == 8 * 32 * 2 * 2, "%d prefetches, expected 1024", prefetches);
     check_case(32, 3072, (struct lq_nf_config){2, 8, LQ_SCALE_FP32, 64, 256}, 80, 3);
 }
 
