@@ -1,6 +1,7 @@
 // The one-token tensor-core decode kernel (LQ_CUDA_DECODE=v6) on the GPU: the primitives that
 // gemv_mma1_kernel.h (the kernel's code and the why) asks of its includer, and the kernel for
-// compile-time b0 and blocks per chunk. Included by linear_cuda.cu alone.
+// compile-time b0 and blocks per chunk. Included by linear_cuda.cu, and by linear_mma_cuda.cuh
+// for lq_m1_mma and lq_m1_pair_offset.
 #ifndef LQ_GEMV_MMA1_CUDA_CUH
 #define LQ_GEMV_MMA1_CUDA_CUH
 
@@ -62,8 +63,13 @@ __device__ __forceinline__ static float lq_m1_fadd(float x, float y) {
 __device__ __forceinline__ static float lq_m1_fma(float x, float y, float z) {
     return __fmaf_rn(x, y, z);
 }
-// d += A·B for one m16n8k16 tile, fp16 inputs, fp32 accumulators (the fragment layout is in
-// linear_mma_cuda.cuh's lq_mma_16816).
+// d += A · B for one m16n8k16 tile, fp16 inputs, fp32 accumulators. Fragments (PTX ISA, "Matrix
+// Fragments for mma.m16n8k16", g = lane / 4, c = lane % 4; a register's low half holds the
+// element with the lower column / k index):
+//   a[0] = A[g][2c, 2c+1]      a[1] = A[g+8][2c, 2c+1]
+//   a[2] = A[g][2c+8, 2c+9]    a[3] = A[g+8][2c+8, 2c+9]
+//   b0 = B[2c, 2c+1][g]        b1 = B[2c+8, 2c+9][g]
+//   d = {D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1]}
 __device__ __forceinline__ static void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0,
                                                  uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

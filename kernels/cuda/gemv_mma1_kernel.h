@@ -160,8 +160,7 @@ LQ_M1_FN void lq_m1_scales(const struct lq_m1_args *a, int bpc, int valid,
 // Byte offset of pair p's entry for this lane in the pair table: the pair's 2·bits bits (codes
 // 2p and 2p+1 of the chunk) moved to bit 7, OR the lane's 4·lane. Entry e of lane l is word
 // e·32 + l, so every lane reads its own bank whatever the codes.
-LQ_M1_FN uint32_t lq_m1_pair_offset(const uint32_t w[LQ_M1_MAX_BITS], int bits, int p,
-                                    uint32_t lane_bytes) {
+LQ_M1_FN uint32_t lq_m1_pair_offset(const uint32_t *w, int bits, int p, uint32_t lane_bytes) {
     const uint32_t field = ((1u << (2 * bits)) - 1u) << 7;
     const int start = p * 2 * bits, word = start >> 5, off = start & 31;
     uint32_t moved;

@@ -15,6 +15,7 @@ extern "C" {
 #include "core/nf.h"
 }
 
+#include "kernels/cuda/gemv_mma1_cuda.cuh" // lq_m1_mma, lq_m1_pair_offset
 #include "kernels/cuda/prefetch_cuda.cuh"
 
 #define LQ_MMA_WARPS 8
@@ -80,26 +81,6 @@ __device__ __forceinline__ void lq_mma_allow_dependents(void) {
 __device__ __forceinline__ void lq_mma_wait_prerequisite(void) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// d += a · b for one m16n8k16 tile, fp16 inputs, fp32 accumulators. Fragments (PTX ISA, "Matrix
-// Fragments for mma.m16n8k16", g = lane / 4, c = lane % 4; a register's low half holds the
-// element with the lower column / k index):
-//   a[0] = A[g][2c, 2c+1]      a[1] = A[g+8][2c, 2c+1]
-//   a[2] = A[g][2c+8, 2c+9]    a[3] = A[g+8][2c+8, 2c+9]
-//   b0 = B[2c, 2c+1][g]        b1 = B[2c+8, 2c+9][g]
-//   d = {D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1]}
-__device__ __forceinline__ void lq_mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    (void)d, (void)a, (void)b0, (void)b1;
-    __trap(); // the host never launches these kernels below sm_80 (lq_cuda_linear_mma_supported)
 #endif
 }
 
@@ -189,24 +170,6 @@ __device__ __forceinline__ void lq_mma_scales(const lq_mma_args &a, const lq_mma
         const float s = lq_mma_block_scale(a, (r.window >> (b * a.b1)) & mask, group_scale);
         scale[b] = lq_mma_half2_bits(valid ? s : 0.0f, valid ? s : 0.0f);
     }
-}
-
-// Byte offset of pair p's entry for this lane in the pair table: the pair's 2·BITS bits (codes
-// 2p and 2p+1 of the chunk) moved to bit 7, OR the lane's 4·lane. Entry e of lane l is word
-// e·32 + l, so every lane reads its own bank whatever the codes.
-template <int BITS>
-__device__ __forceinline__ uint32_t lq_mma_pair_offset(const uint32_t (&w)[BITS], int p,
-                                                       uint32_t lane_bytes) {
-    constexpr uint32_t FIELD = ((1u << (2 * BITS)) - 1u) << 7;
-    const int start = p * 2 * BITS, word = start >> 5, off = start & 31;
-    uint32_t moved;
-    if (off < 7)
-        moved = w[word] << (7 - off); // the pair starts near the word's bottom: inside it
-    else if (off + 2 * BITS <= 32 || word + 1 >= BITS)
-        moved = w[word] >> (off - 7);
-    else
-        moved = __funnelshift_r(w[word], w[word + 1], (uint32_t)(off - 7)); // spans two words
-    return (moved & FIELD) | lane_bytes;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,11 +280,11 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
             uint32_t frag[2][4];
 #pragma unroll
             for (int q = 0; q < 4; q++) {
-                const uint32_t lo = *(const uint32_t *)(table + lq_mma_pair_offset<BITS>(
-                                                                    cur[q].w, 2 * s, lane_bytes));
+                const uint32_t lo = *(
+                    const uint32_t *)(table + lq_m1_pair_offset(cur[q].w, BITS, 2 * s, lane_bytes));
                 const uint32_t hi =
                     *(const uint32_t *)(table +
-                                        lq_mma_pair_offset<BITS>(cur[q].w, 2 * s + 1, lane_bytes));
+                                        lq_m1_pair_offset(cur[q].w, BITS, 2 * s + 1, lane_bytes));
                 frag[q >> 1][q & 1] = lq_mma_hmul2(lo, scale[q][block]);
                 frag[q >> 1][2 + (q & 1)] = lq_mma_hmul2(hi, scale[q][block]);
             }
@@ -329,7 +292,7 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
             for (int jt = 0; jt < JT; jt++) {
                 const uint2 b = xs[(s * JT + jt) * 32];
 #pragma unroll
-                for (int mt = 0; mt < 2; mt++) lq_mma_16816(acc[mt][jt], frag[mt], b.x, b.y);
+                for (int mt = 0; mt < 2; mt++) lq_m1_mma(acc[mt][jt], frag[mt], b.x, b.y);
             }
         }
 #pragma unroll
