@@ -88,6 +88,7 @@ struct lq_m1_args {
     int chunks_per_row;               // cols / 32
     int rg_log;                       // log2 of the row groups per CTA (0..3)
     int prefetch_tiles; // > 0: the words of tile kt + prefetch_tiles are asked into L2 at kt
+    int share_scales;   // bpc = 1, B0 % 64 == 0 and cols % B0 == 0: see lq_m1_tile_scales
 };
 
 // Shared memory, in 32-bit words, in this order: the pair table (4^bits entries x 32 lanes),
@@ -115,8 +116,8 @@ struct lq_m1_raw {
     uint32_t window, group_bits;
 };
 
-LQ_M1_FN void lq_m1_load(const struct lq_m1_args *a, int bits, int bpc, int valid, uint32_t ci,
-                         struct lq_m1_raw *r) {
+LQ_M1_FN void lq_m1_load(const struct lq_m1_args *a, int bits, int bpc, int valid, int with_scale,
+                         uint32_t ci, struct lq_m1_raw *r) {
     LQ_M1_UNROLL
     for (int i = 0; i < LQ_M1_MAX_BITS; i++) r->w[i] = 0u;
     r->window = 0u, r->group_bits = 0u;
@@ -124,11 +125,12 @@ LQ_M1_FN void lq_m1_load(const struct lq_m1_args *a, int bits, int bpc, int vali
     const uint32_t *p = a->codes + (uint64_t)ci * (uint32_t)bits;
     LQ_M1_UNROLL
     for (int i = 0; i < bits; i++) r->w[i] = lq_m1_ldg_u32(p + i);
+    if (!with_scale) return;
+    // blocks < 2^26 and b1 <= 8 (rows·cols < 2^31, B0 >= 16): the bit index fits 32 bits
     const uint32_t block0 = bpc == 1 ? lq_m1_div(ci, a->chunk_block) : ci * (uint32_t)bpc;
-    const uint32_t group = lq_m1_div(block0, a->group);
-    const uint64_t bit = (uint64_t)block0 * (uint32_t)a->b1;
+    const uint32_t group = lq_m1_div(block0, a->group), bit = block0 * (uint32_t)a->b1;
     const uint32_t *s = a->scale_codes + (bit >> 5);
-    r->window = lq_m1_funnel(lq_m1_ldg_u32(s), lq_m1_ldg_u32(s + 1), (uint32_t)(bit & 31u));
+    r->window = lq_m1_funnel(lq_m1_ldg_u32(s), lq_m1_ldg_u32(s + 1), bit & 31u);
     r->group_bits = a->b2 == LQ_M1_SCALE_FP32
                         ? lq_m1_ldg_u32((const uint32_t *)a->group_scales + group)
                         : lq_m1_ldg_u16((const uint16_t *)a->group_scales + group);
@@ -201,6 +203,123 @@ LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int bits, int thread, uint
     if (thread < 16) zeros[thread] = 0u;
 }
 
+// What a lane keeps through the main loop.
+struct lq_m1_lane {
+    int t, real_first, real_second, row[2], row_ok[2], kt_end;
+    uint32_t lane_bytes;
+    const char *table;
+    const uint32_t *xs, *zeros;
+};
+
+LQ_M1_FN void lq_m1_lane_init(const struct lq_m1_args *a, int bpc, int thread, int row0, int kt_end,
+                              const uint32_t *pairs, const uint32_t *xs, const uint32_t *zeros,
+                              struct lq_m1_lane *l) {
+    const int lane = thread & 31, g = lane >> 2, t = lane & 3;
+    l->t = t;
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++) l->row[h] = row0 + g + 8 * h, l->row_ok[h] = l->row[h] < a->rows;
+    l->kt_end = kt_end;
+    // B: lane (g, t) holds column g, so x only where g = 2t + b for the block b that its mma
+    // steps belong to (b = 0 throughout when bpc = 1).
+    l->real_first = g == 2 * t, l->real_second = bpc == 1 ? g == 2 * t : g == 2 * t + 1;
+    l->lane_bytes = (uint32_t)lane * 4u;
+    l->table = (const char *)pairs, l->xs = xs, l->zeros = zeros;
+}
+
+// Where a lane is: tile kt, its chunk there (kt·4 + t) and that chunk's index among all the
+// matrix's chunks for each of its two rows.
+struct lq_m1_cursor {
+    int kt, chunk;
+    uint32_t ci[2];
+};
+
+// The cursor's tile for both rows (zeros past the rows, the chunks or the lane's tiles). With
+// shared scales (a->share_scales) a lane loads the scale codes of row t mod 2 only.
+LQ_M1_FN void lq_m1_load_tile(const struct lq_m1_args *a, int bits, int bpc,
+                              const struct lq_m1_lane *l, const struct lq_m1_cursor *c,
+                              struct lq_m1_raw raw[2]) {
+    const int valid = c->kt < l->kt_end && c->chunk < a->chunks_per_row;
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++)
+        lq_m1_load(a, bits, bpc, valid && l->row_ok[h], !a->share_scales || (l->t & 1) == h,
+                   c->ci[h], &raw[h]);
+}
+
+// The block scales of the tile at c for both rows. Shared: lanes t and t ^ 1 decode chunks of
+// one block (B0 >= 64, rows that start on a block), so each rebuilds the scale of row t mod 2
+// and takes the other row's from its partner.
+LQ_M1_FN void lq_m1_tile_scales(const struct lq_m1_args *a, int bpc, const struct lq_m1_lane *l,
+                                const struct lq_m1_cursor *c, const struct lq_m1_raw raw[2],
+                                float scale[2][2]) {
+    const int chunk_ok = c->chunk < a->chunks_per_row;
+    if (a->share_scales) {
+        // the other row's scale codes were not loaded (zeros): an OR picks this lane's row
+        // without indexing the registers by a run-time value
+        const int mine = l->t & 1;
+        struct lq_m1_raw picked;
+        picked.window = raw[0].window | raw[1].window;
+        picked.group_bits = raw[0].group_bits | raw[1].group_bits;
+        float own[2];
+        lq_m1_scales(a, 1, (mine ? l->row_ok[1] : l->row_ok[0]) && chunk_ok, &picked, own);
+        const float other = lq_m1_shfl_xor(own[0], 1);
+        scale[0][0] = mine == 0 ? own[0] : other, scale[1][0] = mine == 0 ? other : own[0];
+        scale[0][1] = scale[1][1] = 0.0f;
+        return;
+    }
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++) lq_m1_scales(a, bpc, l->row_ok[h] && chunk_ok, &raw[h], scale[h]);
+}
+
+// One tile: the next tile's loads go out (and a later one's L2 prefetch), then cur is decoded
+// into the mma fragments, multiplied with x and scaled into acc; the cursor moves on.
+LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, const struct lq_m1_lane *l,
+                         struct lq_m1_cursor *c, const struct lq_m1_raw cur[2],
+                         struct lq_m1_raw next[2], float acc[2]) {
+    struct lq_m1_cursor n = *c;
+    n.kt++, n.chunk += LQ_M1_TILE_CHUNKS;
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++) n.ci[h] += LQ_M1_TILE_CHUNKS;
+    // Two tiles of words in registers are too few to cover HBM's latency with 24 warps per
+    // SM; a tile further ahead waits in L2 without taking registers.
+    if (a->prefetch_tiles > 0 && c->kt + a->prefetch_tiles < l->kt_end) {
+        const int ahead = LQ_M1_TILE_CHUNKS * a->prefetch_tiles;
+        LQ_M1_UNROLL
+        for (int h = 0; h < 2; h++)
+            if (l->row_ok[h] && c->chunk + ahead < a->chunks_per_row)
+                lq_m1_prefetch_l2(a->codes +
+                                  (uint64_t)(c->ci[h] + (uint32_t)ahead) * (uint32_t)bits);
+    }
+    lq_m1_load_tile(a, bits, bpc, l, &n, next);
+    float scale[2][2];
+    lq_m1_tile_scales(a, bpc, l, c, cur, scale);
+    uint32_t xw[16];
+    lq_m1_lds_u32x8(l->real_first ? l->xs + c->chunk * 16 : l->zeros, xw);
+    lq_m1_lds_u32x8(l->real_second ? l->xs + c->chunk * 16 + 8 : l->zeros + 8, xw + 8);
+
+    // Two accumulator sets (even and odd steps): two mma chains of 4 instead of one of 8.
+    float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    LQ_M1_UNROLL
+    for (int s = 0; s < LQ_M1_STEPS; s++) {
+        uint32_t frag[4];
+        LQ_M1_UNROLL
+        for (int h = 0; h < 2; h++) {
+            frag[h] = *(const uint32_t *)(l->table +
+                                          lq_m1_pair_offset(cur[h].w, bits, 2 * s, l->lane_bytes));
+            frag[2 + h] =
+                *(const uint32_t *)(l->table +
+                                    lq_m1_pair_offset(cur[h].w, bits, 2 * s + 1, l->lane_bytes));
+        }
+        lq_m1_mma(d[s & 1], frag, xw[2 * s], xw[2 * s + 1]);
+    }
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++) {
+        acc[h] = lq_m1_fma(scale[h][0], lq_m1_fadd(d[0][2 * h], d[1][2 * h]), acc[h]);
+        if (bpc == 2)
+            acc[h] = lq_m1_fma(scale[h][1], lq_m1_fadd(d[0][2 * h + 1], d[1][2 * h + 1]), acc[h]);
+    }
+    *c = n;
+}
+
 // The kernel: CTA `block` of the grid, thread `thread` of the CTA; `shared` holds
 // lq_m1_shared_bytes(bits, chunks_per_row) bytes, 16-byte aligned. bits and bpc (1, or 2 for
 // B0 = 16) are compile-time constants on the GPU.
@@ -214,9 +333,6 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int bloc
     const int ks_log = 3 - a->rg_log, ks_count = 1 << ks_log;
     const int group_in_cta = warp >> ks_log, ks = warp & (ks_count - 1);
     const int row0 = ((block << a->rg_log) + group_in_cta) * 16;
-    int row[2], row_ok[2];
-    LQ_M1_UNROLL
-    for (int h = 0; h < 2; h++) row[h] = row0 + g + 8 * h, row_ok[h] = row[h] < a->rows;
     const int ktiles = (a->chunks_per_row + LQ_M1_TILE_CHUNKS - 1) / LQ_M1_TILE_CHUNKS;
     const int per_slice = (ktiles + ks_count - 1) / ks_count;
     const int kt_begin = ks * per_slice;
@@ -224,82 +340,36 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int bloc
 
     // The first tile's loads and the L1 values go out before the staging: HBM latency
     // overlaps it.
-    struct lq_m1_raw cur[2], next[2];
+    struct lq_m1_lane lane_state;
+    lq_m1_lane_init(a, bpc, thread, row0, kt_end, pairs, xs, zeros, &lane_state);
+    struct lq_m1_cursor cursor;
+    cursor.kt = kt_begin, cursor.chunk = kt_begin * LQ_M1_TILE_CHUNKS + t;
     LQ_M1_UNROLL
-    for (int h = 0; h < 2; h++) {
-        const int chunk = kt_begin * LQ_M1_TILE_CHUNKS + t;
-        lq_m1_load(a, bits, bpc, kt_begin < kt_end && row_ok[h] && chunk < a->chunks_per_row,
-                   (uint32_t)row[h] * (uint32_t)a->chunks_per_row + (uint32_t)chunk, &cur[h]);
-    }
+    for (int h = 0; h < 2; h++)
+        cursor.ci[h] =
+            (uint32_t)lane_state.row[h] * (uint32_t)a->chunks_per_row + (uint32_t)cursor.chunk;
+    struct lq_m1_raw buffer_a[2], buffer_b[2];
+    lq_m1_load_tile(a, bits, bpc, &lane_state, &cursor, buffer_a);
     const int rank_pos = ks * 4 + t, rank_stride = 4 * ks_count;
     float l1[2][LQ_M1_RANK_REGS];
     LQ_M1_UNROLL
     for (int h = 0; h < 2; h++) LQ_M1_UNROLL
     for (int m = 0; m < LQ_M1_RANK_REGS; m++) {
         const int k = rank_pos + rank_stride * m;
-        l1[h][m] = row_ok[h] && k < a->rank
-                       ? lq_m1_ldg_f32(a->lora_B + (uint64_t)row[h] * (uint32_t)a->rank + k)
-                       : 0.0f;
+        l1[h][m] =
+            lane_state.row_ok[h] && k < a->rank
+                ? lq_m1_ldg_f32(a->lora_B + (uint64_t)lane_state.row[h] * (uint32_t)a->rank + k)
+                : 0.0f;
     }
     lq_m1_stage(a, bits, thread, pairs, xs, zeros);
     lq_m1_sync();
 
-    // B: lane (g, t) holds column g, so x only where g = 2t + b for the block b that its mma
-    // steps belong to (b = 0 throughout when bpc = 1).
-    const int real_first = g == 2 * t, real_second = bpc == 1 ? g == 2 * t : g == 2 * t + 1;
-    const uint32_t lane_bytes = (uint32_t)lane * 4u;
-    const char *table = (const char *)pairs;
+    // Tiles in twos, so that the two register sets have static names (no copies).
     float acc[2] = {0.0f, 0.0f};
-    for (int kt = kt_begin; kt < kt_end; kt++) {
-        const int chunk = kt * LQ_M1_TILE_CHUNKS + t;
-        const int chunk_ok = chunk < a->chunks_per_row;
-        const int more = kt + 1 < kt_end;
-        // Two tiles of words in registers are too few to cover HBM's latency with 24 warps
-        // per SM; a tile further ahead waits in L2 without taking registers.
-        if (a->prefetch_tiles > 0 && kt + a->prefetch_tiles < kt_end) {
-            const int ahead = chunk + LQ_M1_TILE_CHUNKS * a->prefetch_tiles;
-            LQ_M1_UNROLL
-            for (int h = 0; h < 2; h++)
-                if (row_ok[h] && ahead < a->chunks_per_row)
-                    lq_m1_prefetch_l2(a->codes + ((uint64_t)row[h] * (uint32_t)a->chunks_per_row +
-                                                  (uint32_t)ahead) *
-                                                     (uint32_t)bits);
-        }
-        LQ_M1_UNROLL
-        for (int h = 0; h < 2; h++)
-            lq_m1_load(a, bits, bpc, more && row_ok[h] && chunk + 4 < a->chunks_per_row,
-                       (uint32_t)row[h] * (uint32_t)a->chunks_per_row + (uint32_t)(chunk + 4),
-                       &next[h]);
-        float scale[2][2];
-        LQ_M1_UNROLL
-        for (int h = 0; h < 2; h++) lq_m1_scales(a, bpc, row_ok[h] && chunk_ok, &cur[h], scale[h]);
-        uint32_t xw[16];
-        lq_m1_lds_u32x8(real_first ? xs + chunk * 16 : zeros, xw);
-        lq_m1_lds_u32x8(real_second ? xs + chunk * 16 + 8 : zeros + 8, xw + 8);
-
-        // Two accumulator sets (even and odd steps): two mma chains of 4 instead of one of 8.
-        float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-        LQ_M1_UNROLL
-        for (int s = 0; s < LQ_M1_STEPS; s++) {
-            uint32_t frag[4];
-            LQ_M1_UNROLL
-            for (int h = 0; h < 2; h++) {
-                frag[h] = *(const uint32_t *)(table +
-                                              lq_m1_pair_offset(cur[h].w, bits, 2 * s, lane_bytes));
-                frag[2 + h] = *(const uint32_t *)(table + lq_m1_pair_offset(cur[h].w, bits,
-                                                                            2 * s + 1, lane_bytes));
-            }
-            lq_m1_mma(d[s & 1], frag, xw[2 * s], xw[2 * s + 1]);
-        }
-        LQ_M1_UNROLL
-        for (int h = 0; h < 2; h++) {
-            acc[h] = lq_m1_fma(scale[h][0], lq_m1_fadd(d[0][2 * h], d[1][2 * h]), acc[h]);
-            if (bpc == 2)
-                acc[h] =
-                    lq_m1_fma(scale[h][1], lq_m1_fadd(d[0][2 * h + 1], d[1][2 * h + 1]), acc[h]);
-        }
-        LQ_M1_UNROLL
-        for (int h = 0; h < 2; h++) cur[h] = next[h];
+    while (cursor.kt < kt_end) {
+        lq_m1_tile(a, bits, bpc, &lane_state, &cursor, buffer_a, buffer_b, acc);
+        if (cursor.kt >= kt_end) break;
+        lq_m1_tile(a, bits, bpc, &lane_state, &cursor, buffer_b, buffer_a, acc);
     }
 
     // The low-rank term: every thread waits for the projection kernel (so that none is still
@@ -318,10 +388,11 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int bloc
             const float tk = lq_m1_t_at(a, k);
             LQ_M1_UNROLL
             for (int h = 0; h < 2; h++)
-                if (row_ok[h])
+                if (lane_state.row_ok[h])
                     acc[h] = lq_m1_fma(
-                        lq_m1_ldg_f32(a->lora_B + (uint64_t)row[h] * (uint32_t)a->rank + k), tk,
-                        acc[h]);
+                        lq_m1_ldg_f32(a->lora_B + (uint64_t)lane_state.row[h] * (uint32_t)a->rank +
+                                      k),
+                        tk, acc[h]);
         }
     }
 

@@ -420,7 +420,8 @@ static int lq_env_int(const char *name, int otherwise) {
 // v6's launch: CTAs of 2^rg_log row groups of 16 rows, the fewest per CTA that still make the
 // grid one wave (each CTA's 8 warps then split the columns into 8 / 2^rg_log slices);
 // LQ_CUDA_MMA1_ROW_GROUPS (1, 2, 4, 8) forces one. The L2 prefetch runs
-// LQ_CUDA_MMA1_PREFETCH tiles ahead (default 2, 0 off).
+// LQ_CUDA_MMA1_PREFETCH tiles ahead (default 2, 0 off). Lanes share block scales where two
+// chunks of a quad always share a block (LQ_CUDA_MMA1_SHARE_SCALES=0: each rebuilds its own).
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
                                   lq_m1_fn kernel, bool overlap, const lq_decode_args &d) {
     const lq_packed &q = d.q;
@@ -445,6 +446,9 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     if (forced == 1 || forced == 2 || forced == 4 || forced == 8)
         a.rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
     a.prefetch_tiles = lq_env_int("LQ_CUDA_MMA1_PREFETCH", 2);
+    const struct lq_nf_config *c = &w->q.config;
+    a.share_scales =
+        c->B0 % 64 == 0 && w->cols % c->B0 == 0 && lq_env_int("LQ_CUDA_MMA1_SHARE_SCALES", 1) != 0;
     cudaLaunchAttribute attribute = {};
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;

@@ -253,11 +253,23 @@ static int blocks_per_chunk(const struct lq_nf_config *c) {
     return c->B0 % 32 == 0 ? 1 : c->B0 == 16 && c->B1 % 2 == 0 ? 2 : 0;
 }
 
+static void check_case_shared(int rows, int cols, struct lq_nf_config c, int rank, int rg_log,
+                              int share_scales);
+
+/* Each case as the host launches it, and where it shares scales between lanes also without. */
 static void check_case(int rows, int cols, struct lq_nf_config c, int rank, int rg_log) {
-    char label[160], text[64];
-    snprintf(label, sizeof label, "%s %d x %d rank %d, %d row groups per CTA, prefetch %d",
+    const int share = c.B0 % 64 == 0 && cols % c.B0 == 0; /* linear_cuda.cu's rule */
+    check_case_shared(rows, cols, c, rank, rg_log, share);
+    if (share) check_case_shared(rows, cols, c, rank, rg_log, 0);
+}
+
+static void check_case_shared(int rows, int cols, struct lq_nf_config c, int rank, int rg_log,
+                              int share_scales) {
+    char label[200], text[64];
+    snprintf(label, sizeof label,
+             "%s %d x %d rank %d, %d row groups per CTA, prefetch %d, %s scales",
              lq_nf_config_format(&c, text, sizeof text), rows, cols, rank, 1 << rg_log,
-             (rows + rank) % 3);
+             (rows + rank) % 3, share_scales ? "shared" : "own");
     const int bpc = blocks_per_chunk(&c);
     CHECK_MSG(bpc > 0 && cols % 32 == 0, "%s: not a shape of the kernel", label);
     float *dense = random_floats((size_t)rows * cols, 0.05);
@@ -303,6 +315,7 @@ static void check_case(int rows, int cols, struct lq_nf_config c, int rank, int 
     a.chunks_per_row = cols / 32;
     a.rg_log = rg_log;
     a.prefetch_tiles = (rows + rank) % 3; /* 0 (off), 1 or 2 tiles ahead */
+    a.share_scales = share_scales;
     codes_begin = codes, codes_end = (const char *)codes + lq_nf_codes_bytes(&q);
     CHECK(launch_kernel(&a, c.b0, bpc) == 0);
     const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
@@ -372,7 +385,7 @@ static void test_configs(void) {
 static void test_cta_shapes(void) {
     lq_rng_seed(&rng, 62);
     const struct lq_nf_config c = {3, 8, LQ_SCALE_FP32, 64, 256};
-    for (int rg_log = 0; rg_log <= 3; rg_log++) check_case(72, 2080, c, 80, rg_log);
+    for (int rg_log = 0; rg_log <= 3; rg_log++) check_case(72, 2112, c, 80, rg_log);
 }
 
 static void test_long_rows(void) {
