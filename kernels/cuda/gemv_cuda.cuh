@@ -120,7 +120,7 @@ lq_gemv_group(const lq_decode_args &a, const lq_rank_share &share, int row0, int
     lq_gemv_decode<BITS, BPC, R>(w, scale, xr, lane_value, acc);
     if (a.rank > 0) {
         if (!t_ready) { // t is the projection kernel's output: wait for it once
-            lq_wait_prerequisite();
+            lq_pdl_wait();
             t_first = share.begin + lane < share.end ? __ldcg(a.t + share.begin + lane) : 0.0f;
             t_ready = true;
         }

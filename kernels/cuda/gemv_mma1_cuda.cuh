@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels/cuda/pdl_cuda.cuh"
+
 #define LQ_M1_FN __device__ __forceinline__ static
 #define LQ_M1_HD __host__ __device__ __forceinline__ static
 #define LQ_M1_UNROLL _Pragma("unroll")
@@ -89,9 +91,7 @@ __device__ __forceinline__ static void lq_m1_sync(void) {
     __syncthreads();
 }
 __device__ __forceinline__ static void lq_m1_wait_prerequisite(void) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+    lq_pdl_wait();
 }
 
 __device__ __forceinline__ static void lq_m1_prefetch_l2(const void *p) {

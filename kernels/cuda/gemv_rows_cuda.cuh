@@ -95,7 +95,7 @@ lq_rows_finish(const lq_decode_args &a, int row0, int lane, const float (&l1)[R]
                float (&t)[LQ_ROWS_RANK_REGS], bool &t_ready, float (&acc)[R][1]) {
     if (a.rank > 0) {
         if (!t_ready) { // the projection kernel's output: waited for once
-            lq_wait_prerequisite();
+            lq_pdl_wait();
 #pragma unroll
             for (int m = 0; m < LQ_ROWS_RANK_REGS; m++) {
                 const int k = lane + 32 * m;
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(LQ_ROWS_THREADS, lq_rows_ctas_per_sm(BITS, BPC
 #undef LQ_ROWS_LOAD
     // A warp with no rows still waits for the projection (its t reads are all someone
     // else's), so nothing is left reading when the next kernel is released.
-    if (a.rank > 0 && !t_ready) lq_wait_prerequisite();
+    if (a.rank > 0 && !t_ready) lq_pdl_wait();
 }
 
 #endif

@@ -158,24 +158,6 @@ static lq_decode_fn lq_decode_generic_for(int nt) {
     }
 }
 
-// Launches with "may start while the previous kernel still runs" when after_prologue: the
-// kernel then waits (griddepcontrol.wait) before it reads what that kernel writes.
-template <typename... Params, typename... Args>
-static cudaError_t lq_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
-                             bool after_prologue, Args... args) {
-    cudaLaunchAttribute attribute = {};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = 0;
-    config.stream = stream;
-    config.attrs = after_prologue ? &attribute : NULL;
-    config.numAttrs = after_prologue ? 1 : 0;
-    return cudaLaunchKernelEx(&config, kernel, args...);
-}
-
 static int lq_pad_tokens(int n) {
     return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8;
 }
@@ -473,7 +455,7 @@ template <bool CLUSTER> static lq_decode_fn lq_gemv_kernel_for(int bits, int bpc
 }
 
 // lq_gemv_kernel<..., true>: clusters of the band's slices, the band's sums in dynamic shared
-// memory; PDL as lq_launch.
+// memory; PDL as lq_launch_pdl.
 static cudaError_t lq_launch_gemv_cluster(lq_decode_fn kernel, const lq_decode_grid &grid,
                                           cudaStream_t stream, bool after_prologue,
                                           const lq_decode_args &a) {
@@ -611,8 +593,9 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     }
     const bool overlap = w->rank > 0 && data->overlap;
     if (!bpc) {
-        LQ_CUDA_TRY(lq_launch(lq_decode_generic_for(nt), dim3((unsigned)((w->rows + 7) / 8)),
-                              dim3(256), cuda->stream, overlap, a),
+        LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_decode_generic_for(nt),
+                                  dim3((unsigned)((w->rows + 7) / 8)), dim3(256), 0, cuda->stream,
+                                  a),
                     "lq_decode_generic_kernel");
         return LQ_OK;
     }
@@ -636,15 +619,15 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                         "lq_gemv_kernel (clusters)");
             return LQ_OK;
         }
-        LQ_CUDA_TRY(lq_launch(lq_gemv_kernel_for<false>(b0, bpc),
-                              dim3((unsigned)grid.bands, (unsigned)grid.slices),
-                              dim3(LQ_DECODE_THREADS), cuda->stream, overlap, a),
+        LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_gemv_kernel_for<false>(b0, bpc),
+                                  dim3((unsigned)grid.bands, (unsigned)grid.slices),
+                                  dim3(LQ_DECODE_THREADS), 0, cuda->stream, a),
                     "lq_gemv_kernel");
         return LQ_OK;
     }
-    LQ_CUDA_TRY(lq_launch(lq_decode_kernel_for(b0, bpc, nt),
-                          dim3((unsigned)grid.bands, (unsigned)grid.slices),
-                          dim3(LQ_DECODE_THREADS), cuda->stream, overlap, a),
+    LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_decode_kernel_for(b0, bpc, nt),
+                              dim3((unsigned)grid.bands, (unsigned)grid.slices),
+                              dim3(LQ_DECODE_THREADS), 0, cuda->stream, a),
                 "lq_decode_kernel");
     return LQ_OK;
 }

@@ -13,6 +13,7 @@ extern "C" {
 #include "core/nf.h"
 }
 
+#include "kernels/cuda/pdl_cuda.cuh"
 #include "kernels/cuda/prefetch_cuda.cuh"
 
 #define LQ_DECODE_WARPS 8
@@ -69,20 +70,6 @@ struct lq_decode_args {
     int chunks_per_row, iters;
     lq_prefetch prefetch; // the next layer's buffers, into L2 while this one runs
 };
-
-// Programmatic dependent launch: the dependent kernel may start before this one ends...
-__device__ __forceinline__ void lq_allow_dependents(void) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// ...and waits here until it has ended and its writes are visible (no-op without PDL).
-__device__ __forceinline__ void lq_wait_prerequisite(void) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------
 // Decoding pieces shared by the kernels.
@@ -408,7 +395,7 @@ template <int NT, int R>
 __device__ __forceinline__ void lq_add_lowrank(const lq_decode_args &a, int row0, int lane,
                                                const float (&l1_first)[R], float (&acc)[R][NT]) {
     const lq_rank_share share = lq_rank_share_of(a);
-    lq_wait_prerequisite();
+    lq_pdl_wait();
     for (int k = share.begin + lane; k < share.end; k += 32) {
         float l1[R];
 #pragma unroll
@@ -542,7 +529,7 @@ __global__ void __launch_bounds__(256)
     }
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = lq_warp_sum(acc[t]);
-    if (a.rank > 0) lq_wait_prerequisite();
+    if (a.rank > 0) lq_pdl_wait();
     float dot[NT];
     lq_lowrank_dots<NT>(a, row, lane, dot);
     if (lane < a.n)
@@ -554,7 +541,7 @@ template <int NT>
 __global__ void __launch_bounds__(256)
     lq_lowrank_project_kernel(const float *x, int n, int cols, const float *lora_A, int rank,
                               int vector, float *t) {
-    lq_allow_dependents(); // the decode kernel waits for t only in its epilogue
+    lq_pdl_trigger(); // the decode kernel waits for t only in its epilogue
     __shared__ float partial[8][NT];
     const float *a_row = lora_A + (size_t)blockIdx.x * cols;
     float acc[NT];
@@ -606,7 +593,7 @@ __global__ void __launch_bounds__(256)
 __global__ void __launch_bounds__(256)
     lq_lowrank_project_split_kernel(const float *x, int cols, const float *lora_A, int rank,
                                     float *partials) {
-    lq_allow_dependents(); // the decode kernel waits for the partials only in its epilogue
+    lq_pdl_trigger(); // the decode kernel waits for the partials only in its epilogue
     __shared__ float warp_sums[8];
     const int k = blockIdx.x, slice = blockIdx.y;
     const int quad = slice * (LQ_PROJECT_SLICE / 4) + (int)threadIdx.x;

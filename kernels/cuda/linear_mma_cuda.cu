@@ -94,24 +94,6 @@ int lq_cuda_linear_mma_supported(struct lq_cuda *cuda, const struct lq_linear *w
     return lq_mma_code_ok();
 }
 
-// Launches with "may start while the previous kernel still runs" when after_prologue (the
-// kernel waits with griddepcontrol.wait before reading what that kernel writes).
-template <typename... Params, typename... Args>
-static cudaError_t lq_mma_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                                 cudaStream_t stream, bool after_prologue, Args... args) {
-    cudaLaunchAttribute attribute = {};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    config.attrs = after_prologue ? &attribute : NULL;
-    config.numAttrs = after_prologue ? 1 : 0;
-    return cudaLaunchKernelEx(&config, kernel, args...);
-}
-
 static unsigned lq_mma_grid_for(size_t items, const struct lq_cuda *cuda) {
     const size_t blocks = (items + 255) / 256;
     const size_t cap = (size_t)(cuda->sm_count > 0 ? cuda->sm_count : 1) * 8;
@@ -168,8 +150,8 @@ static int lq_mma_launch_gemm(struct lq_cuda *cuda, const lq_mma_plan &plan, boo
                     "LQ mma shared memory");
         opted = plan.smem_max;
     }
-    LQ_CUDA_TRY(lq_mma_launch(kernel, dim3((unsigned)plan.bands, (unsigned)plan.splits),
-                              dim3(LQ_MMA_THREADS), plan.smem, cuda->stream, overlap, a),
+    LQ_CUDA_TRY(lq_launch_pdl(overlap, kernel, dim3((unsigned)plan.bands, (unsigned)plan.splits),
+                              dim3(LQ_MMA_THREADS), plan.smem, cuda->stream, a),
                 "lq_mma_kernel");
     return LQ_OK;
 }
@@ -268,10 +250,10 @@ int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
     if (rc || plan.splits == 1) return rc;
 
     const int vector_y = ((uintptr_t)y & 15u) == 0 && y_count % 4 == 0;
-    LQ_CUDA_TRY(lq_mma_launch(lq_mma_reduce_kernel,
+    LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_mma_reduce_kernel,
                               dim3(lq_mma_grid_for(vector_y ? y_count / 4 : y_count, cuda)),
-                              dim3(256), 0, cuda->stream, overlap, (const float *)partials,
-                              plan.splits, y_count, vector_y, y),
+                              dim3(256), 0, cuda->stream, (const float *)partials, plan.splits,
+                              y_count, vector_y, y),
                 "lq_mma_reduce_kernel");
     return LQ_OK;
 }

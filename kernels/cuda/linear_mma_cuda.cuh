@@ -16,6 +16,7 @@ extern "C" {
 }
 
 #include "kernels/cuda/gemv_mma1_cuda.cuh" // lq_m1_mma, lq_m1_pair_offset
+#include "kernels/cuda/pdl_cuda.cuh"
 #include "kernels/cuda/prefetch_cuda.cuh"
 
 #define LQ_MMA_WARPS 8
@@ -68,21 +69,6 @@ struct lq_mma_args {
 
 // ---------------------------------------------------------------------------------------------
 // Hardware pieces.
-
-// Programmatic dependent launch (Hopper): let the next kernel start launching...
-__device__ __forceinline__ void lq_mma_allow_dependents(void) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// ...and wait here until the previous kernel has ended and its writes are visible (a no-op when
-// this kernel was launched without the attribute).
-__device__ __forceinline__ void lq_mma_wait_prerequisite(void) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 __device__ __forceinline__ uint32_t lq_mma_hmul2(uint32_t a, uint32_t b) {
     __half2 ha, hb;
@@ -213,7 +199,7 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
     for (int q = 0; q < 4; q++)
         lq_mma_load<BITS, BPC>(a, row_ok[q] && (int)chunk0 < a.chunks_per_row,
                                (uint32_t)row[q] * (uint32_t)a.chunks_per_row + chunk0, cur[q]);
-    lq_mma_allow_dependents(); // the reduction waits for this grid's end before reading
+    lq_pdl_trigger(); // the reduction waits for this grid's end before reading
 
     // Pair table: entry e = lo | hi << BITS holds half2(table[lo], table[hi]) in every lane's
     // column; a warp fills one entry per pass, so its table reads are uniform.
@@ -224,7 +210,7 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
     }
 
     // x (and t) come from the kernels before this one.
-    lq_mma_wait_prerequisite();
+    lq_pdl_wait();
     {
         // 16-byte pieces of x: piece p of token `token` in tile kt is columns 8p .. 8p+7, i.e.
         // lane c = p / 4's steps 2·(p % 4) and 2·(p % 4) + 1.
@@ -346,7 +332,7 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
 // out = fp16(x), count values (a multiple of 4 when vector: then x is 16-byte aligned).
 __global__ void __launch_bounds__(256)
     lq_mma_to_half_kernel(const float *x, size_t count, int vector, __half *out) {
-    lq_mma_allow_dependents(); // the GEMM's prologue does not read out
+    lq_pdl_trigger(); // the GEMM's prologue does not read out
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     if (vector) {
         for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count / 4; i += stride) {
@@ -364,7 +350,7 @@ __global__ void __launch_bounds__(256)
 // and y 16-byte aligned.
 __global__ void __launch_bounds__(256)
     lq_mma_reduce_kernel(const float *partials, int splits, size_t count, int vector, float *y) {
-    lq_mma_wait_prerequisite(); // the GEMM has ended and its partials are visible
+    lq_pdl_wait(); // the GEMM has ended and its partials are visible
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     if (vector) {
         const size_t quads = count / 4;
