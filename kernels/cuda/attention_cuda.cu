@@ -40,6 +40,7 @@
 #include <stdio.h>
 
 #include "kernels/cuda/cuda_internal.h"
+#include "kernels/cuda/pdl_cuda.cuh"
 
 namespace {
 
@@ -163,6 +164,7 @@ __host__ __device__ constexpr int tile_floats(int rpt, int dpt, int kpt) {
 // dimensions per thread in the output.
 template <int RPT, int DPT, int KPT>
 __global__ void __launch_bounds__(THREADS, 2) attention_tile(const attention_params p) {
+    lq_pdl_enter();
     constexpr int BR = 8 * RPT, BC = 16 * KPT, HDP = 16 * DPT;
     constexpr int QS = HDP + 4, PS = BC + 4;           // row strides of Q/K and P
     constexpr int W = DPT < 4 ? DPT : 4, CH = DPT / W; // output chunks: CH of W floats
@@ -372,6 +374,7 @@ __global__ void __launch_bounds__(THREADS, 2) attention_tile(const attention_par
 // Merges the splits of output row blockIdx.x (a (token, head) pair of any sequence): the
 // splits that hold some of its keys, weighted by exp(max_s - max) and divided by the total.
 __global__ void attention_combine(const attention_params p) {
+    lq_pdl_enter();
     __shared__ float weight[MAX_SPLITS];
     const size_t out_row = blockIdx.x;
     const int token_row = (int)(out_row / p.heads);
@@ -417,8 +420,9 @@ int launch_tile(struct lq_cuda *cuda, const attention_params &p, int tiles, int 
             "attention shared memory");
         opted_in = true;
     }
-    kernel<<<dim3(tiles, p.kv_heads, z), THREADS, bytes, cuda->stream>>>(p);
-    LQ_CUDA_LAUNCHED("attention");
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, kernel, dim3(tiles, p.kv_heads, z), dim3(THREADS), bytes,
+                              cuda->stream, p),
+                "attention");
     return LQ_OK;
 }
 
@@ -498,8 +502,9 @@ int attention_run(struct lq_cuda *cuda, attention_params p, int sequences, int k
     if (rc) return rc;
     if (splits > 1) {
         const size_t rows_out = (size_t)sequences * p.tokens * p.heads;
-        attention_combine<<<(unsigned)rows_out, THREADS, 0, cuda->stream>>>(p);
-        LQ_CUDA_LAUNCHED("attention combine");
+        LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, attention_combine, dim3((unsigned)rows_out),
+                                  dim3(THREADS), 0, cuda->stream, p),
+                    "attention combine");
     }
     return LQ_OK;
 }

@@ -535,6 +535,10 @@ extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq
     cuda->sm_count = properties.multiProcessorCount;
     cuda->l2_bytes = (size_t)properties.l2CacheSize;
     {
+        const char *pdl = getenv("LQ_CUDA_PDL");
+        cuda->pdl = !(pdl && strcmp(pdl, "0") == 0) && lq_cuda_pdl_supported(cuda);
+    }
+    {
         cublasStatus_t blas = cublasCreate(&cuda->cublas);
         if (blas == CUBLAS_STATUS_SUCCESS) blas = cublasSetStream(cuda->cublas, cuda->stream);
         if (blas != CUBLAS_STATUS_SUCCESS) {

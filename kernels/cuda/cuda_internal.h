@@ -107,6 +107,10 @@ struct lq_cuda {
     struct lq_cuda_linear_data *last_decoded;
     uint64_t link_generation;
     int prefetch_enabled; // LQ_CUDA_PREFETCH=1 turns it on
+    // The kernels of a step (norms, RoPE, attention, SwiGLU, add, embedding, the decode
+    // projections) launch with programmatic dependent launch (pdl_cuda.cuh): a Hopper device
+    // and sm_90 code; LQ_CUDA_PDL=0 turns it off.
+    int pdl;
 };
 
 static inline struct lq_cuda *lq_cuda_of(struct lq_backend *backend) {
@@ -187,6 +191,8 @@ struct lq_cuda_linear_data {
 
 int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
                            struct lq_error *err);
+// Whether programmatic dependent launch works here: a Hopper device and code compiled for it.
+int lq_cuda_pdl_supported(struct lq_cuda *cuda);
 void lq_cuda_linear_release(struct lq_backend *backend, struct lq_linear *linear);
 int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
                    float *y);

@@ -219,6 +219,7 @@ __device__ __forceinline__ void lq_gemv(const lq_decode_args &a) {
 template <int BITS, int BPC, bool CLUSTER>
 __global__ void __launch_bounds__(LQ_DECODE_THREADS, LQ_GEMV_CTAS_PER_SM)
     lq_gemv_kernel(const __grid_constant__ lq_decode_args a) {
+    lq_pdl_trigger(); // the next kernel waits for this one before it reads (pdl_cuda.cuh)
     lq_gemv<BITS, BPC, CLUSTER>(a);
 }
 

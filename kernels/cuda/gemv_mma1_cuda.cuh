@@ -106,6 +106,7 @@ __device__ __forceinline__ static void lq_m1_prefetch_l2(const void *p) {
 template <int BITS, int BPC>
 __global__ void __launch_bounds__(LQ_M1_THREADS, LQ_M1_CTAS_PER_SM)
     lq_gemv_mma1_kernel(const __grid_constant__ lq_m1_args a) {
+    lq_pdl_trigger(); // the next kernel waits for this one before it reads (pdl_cuda.cuh)
     static_assert(BITS >= 2 && BITS <= LQ_M1_MAX_BITS, "pair tables of 16 to 256 entries");
     static_assert(BPC == 1 || BPC == 2, "one block per chunk, or two (B0 = 16)");
     extern __shared__ uint4 lq_m1_shared[];

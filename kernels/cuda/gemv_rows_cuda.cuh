@@ -179,6 +179,7 @@ lq_rows_item(const lq_decode_args &a, const lq_rows_cursor &c, int columns, int 
 template <int BITS, int BPC, int R>
 __global__ void __launch_bounds__(LQ_ROWS_THREADS, lq_rows_ctas_per_sm(BITS, BPC, R))
     lq_gemv_rows_kernel(const __grid_constant__ lq_decode_args a) {
+    lq_pdl_trigger(); // the next kernel waits for this one before it reads (pdl_cuda.cuh)
     static_assert(BITS >= 2 && BITS <= 4, "shuffle lookups");
     static_assert(R == 2 || R == 4, "rows per warp");
     extern __shared__ float4 lq_rows_xs[];

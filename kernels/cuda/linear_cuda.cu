@@ -486,8 +486,10 @@ static int lq_launch_projection(struct lq_cuda *cuda, const struct lq_linear *w,
         : nt == 2 ? lq_lowrank_project_kernel<2>
         : nt == 4 ? lq_lowrank_project_kernel<4>
                   : lq_lowrank_project_kernel<8>;
-    project<<<w->rank, 256, 0, cuda->stream>>>(x, n, w->cols, data->lora_A, w->rank, vector, t);
-    LQ_CUDA_LAUNCHED("lq_lowrank_project_kernel");
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, project, dim3((unsigned)w->rank), dim3(256), 0,
+                              cuda->stream, x, n, w->cols, (const float *)data->lora_A, w->rank,
+                              vector, t),
+                "lq_lowrank_project_kernel");
     return LQ_OK;
 }
 
@@ -584,10 +586,11 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     a.partials = (float *)partials;
 
     if (w->rank > 0 && split_projection) {
-        lq_lowrank_project_split_kernel<<<dim3((unsigned)w->rank, (unsigned)a.t_slices), 256, 0,
-                                          cuda->stream>>>(x, w->cols, data->lora_A, w->rank,
-                                                          (float *)t);
-        LQ_CUDA_LAUNCHED("lq_lowrank_project_split_kernel");
+        LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_lowrank_project_split_kernel,
+                                  dim3((unsigned)w->rank, (unsigned)a.t_slices), dim3(256), 0,
+                                  cuda->stream, x, w->cols, (const float *)data->lora_A, w->rank,
+                                  (float *)t),
+                    "lq_lowrank_project_split_kernel");
     } else if (w->rank > 0 && (rc = lq_launch_projection(cuda, w, data, x, n, nt, (float *)t))) {
         return rc;
     }
@@ -791,7 +794,7 @@ static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
 
 // PDL needs a Hopper device and kernels compiled for it (the wait is compiled out below sm_90,
 // also when sm_90 JIT-compiles older PTX).
-static int lq_overlap_supported(struct lq_cuda *cuda) {
+int lq_cuda_pdl_supported(struct lq_cuda *cuda) {
     int major = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cuda->device) !=
         cudaSuccess) {
@@ -836,7 +839,7 @@ int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
         lq_error_prefix(err, "linear layer %d x %d", linear->rows, linear->cols);
         return rc;
     }
-    data->overlap = linear->is_lq ? lq_overlap_supported(cuda) : 0;
+    data->overlap = linear->is_lq ? lq_cuda_pdl_supported(cuda) : 0;
     if (linear->is_lq) {
         data->codes_bytes = lq_nf_codes_bytes(&linear->q);
         data->scale_codes_bytes = lq_nf_scale_codes_bytes(&linear->q);

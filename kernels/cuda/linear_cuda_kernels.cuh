@@ -416,6 +416,7 @@ __device__ __forceinline__ void lq_add_lowrank(const lq_decode_args &a, int row0
 template <int BITS, int BPC, int NT, bool PAIRS>
 __global__ void __launch_bounds__(LQ_DECODE_THREADS, 2)
     lq_decode_kernel(const __grid_constant__ lq_decode_args a) {
+    lq_pdl_trigger(); // the next kernel waits for this one before it reads (pdl_cuda.cuh)
     constexpr int R = lq_decode_rows(BITS, NT);
     constexpr int V = R * NT; // values each warp reduces per row group
     static_assert(V <= 32 && (V & (V - 1)) == 0, "reduce-scatter needs a power of two <= 32");
@@ -493,6 +494,7 @@ __global__ void __launch_bounds__(LQ_DECODE_THREADS, 2)
 template <int NT>
 __global__ void __launch_bounds__(256)
     lq_decode_generic_kernel(const __grid_constant__ lq_decode_args a) {
+    lq_pdl_trigger(); // the next kernel waits for this one before it reads (pdl_cuda.cuh)
     __shared__ float table[256];
     const lq_packed &q = a.q;
     lq_prefetch_issue(a.prefetch);
@@ -541,7 +543,9 @@ template <int NT>
 __global__ void __launch_bounds__(256)
     lq_lowrank_project_kernel(const float *x, int n, int cols, const float *lora_A, int rank,
                               int vector, float *t) {
-    lq_pdl_trigger(); // the decode kernel waits for t only in its epilogue
+    // x is ready (when launched with the attribute, the kernel before has ended); the decode
+    // kernel may launch now: it waits for t only in its epilogue
+    lq_pdl_enter();
     __shared__ float partial[8][NT];
     const float *a_row = lora_A + (size_t)blockIdx.x * cols;
     float acc[NT];
@@ -593,7 +597,7 @@ __global__ void __launch_bounds__(256)
 __global__ void __launch_bounds__(256)
     lq_lowrank_project_split_kernel(const float *x, int cols, const float *lora_A, int rank,
                                     float *partials) {
-    lq_pdl_trigger(); // the decode kernel waits for the partials only in its epilogue
+    lq_pdl_enter(); // as lq_lowrank_project_kernel: the decode kernel waits only in its epilogue
     __shared__ float warp_sums[8];
     const int k = blockIdx.x, slice = blockIdx.y;
     const int quad = slice * (LQ_PROJECT_SLICE / 4) + (int)threadIdx.x;

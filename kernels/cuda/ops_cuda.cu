@@ -15,11 +15,13 @@
 //   - swiglu, add: grid-stride loops over float4 when both arrays are 16-byte aligned, with a
 //     scalar tail; plain float loops otherwise.
 // Row kernels also use float4 when the row length is a multiple of 4 and the arrays are
-// aligned. Every output element is written by exactly one thread.
+// aligned. Every output element is written by exactly one thread. Each kernel begins with
+// lq_pdl_enter and launches with programmatic dependent launch where cuda->pdl (pdl_cuda.cuh).
 #include <math.h>
 #include <stdint.h>
 
 #include "kernels/cuda/cuda_internal.h"
+#include "kernels/cuda/pdl_cuda.cuh"
 
 namespace {
 
@@ -56,6 +58,7 @@ unsigned stride_blocks(const struct lq_cuda *cuda, size_t units) {
 // ---------- embed ----------
 
 __global__ void embed_rows(const float *table, const int *ids, int dim, int vec, float *out) {
+    lq_pdl_enter();
     const size_t row = blockIdx.x;
     const float *src = table + (size_t)ids[row] * dim;
     float *dst = out + row * dim;
@@ -85,6 +88,7 @@ __device__ double block_sum(double value, double *shared) {
 
 __global__ void rmsnorm_rows(const float *x, const float *weight, int dim, float eps, int vec,
                              float *out) {
+    lq_pdl_enter();
     __shared__ double warp_sums[NORM_THREADS / 32];
     const float *row = x + (size_t)blockIdx.x * dim;
     float *y = out + (size_t)blockIdx.x * dim;
@@ -118,6 +122,7 @@ __global__ void rmsnorm_rows(const float *x, const float *weight, int dim, float
 // (the same float sums, the same order of the squares' double sum, so the same bits).
 __global__ void add_rmsnorm_rows(float *x, const float *y, const float *weight, int dim, float eps,
                                  int vec, float *out) {
+    lq_pdl_enter();
     __shared__ double warp_sums[NORM_THREADS / 32];
     float *row = x + (size_t)blockIdx.x * dim;
     const float *add = y + (size_t)blockIdx.x * dim;
@@ -184,6 +189,7 @@ __global__ void rope_table_fill(float *table, int positions, int head_dim, float
 __global__ void rope_rows(float *x, int heads, float *x2, int heads2, const int *positions,
                           int head_dim, float theta, const float *cached, int cached_positions,
                           int heads_per_block) {
+    lq_pdl_enter();
     extern __shared__ float table[]; // cos[half], then sin[half]
     const int half = head_dim / 2;
     const int position = positions[blockIdx.x];
@@ -220,6 +226,7 @@ __device__ float silu_times(float gate, float up) {
 // gate = silu(gate) * up. vec: both arrays 16-byte aligned, so the first count/4*4 elements
 // go as float4 and the rest one by one.
 __global__ void swiglu_elements(float *gate, const float *up, size_t count, int vec) {
+    lq_pdl_enter();
     const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     const size_t quads = vec ? count / 4 : 0;
@@ -237,6 +244,7 @@ __global__ void swiglu_elements(float *gate, const float *up, size_t count, int 
 
 // x += y, laid out like swiglu_elements.
 __global__ void add_elements(float *x, const float *y, size_t count, int vec) {
+    lq_pdl_enter();
     const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     const size_t quads = vec ? count / 4 : 0;
@@ -261,8 +269,10 @@ int lq_cuda_embed_device(struct lq_backend *backend, const float *table, int dim
     if (n <= 0 || dim <= 0) return n < 0 || dim < 0 ? LQ_EINVAL : LQ_OK;
     struct lq_cuda *cuda = lq_cuda_of(backend);
     const int vec = dim % 4 == 0 && aligned16(table) && aligned16(out);
-    embed_rows<<<n, row_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(table, ids, dim, vec, out);
-    LQ_CUDA_LAUNCHED("embed");
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, embed_rows, dim3((unsigned)n),
+                              dim3(row_threads(vec ? dim / 4 : dim)), 0, cuda->stream, table, ids,
+                              dim, vec, out),
+                "embed");
     return LQ_OK;
 }
 
@@ -281,9 +291,10 @@ int lq_cuda_rmsnorm(struct lq_backend *backend, const float *x, const float *wei
     if (n <= 0 || dim <= 0) return n < 0 || dim < 0 ? LQ_EINVAL : LQ_OK;
     struct lq_cuda *cuda = lq_cuda_of(backend);
     const int vec = dim % 4 == 0 && aligned16(x) && aligned16(weight) && aligned16(out);
-    rmsnorm_rows<<<n, norm_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(x, weight, dim, eps,
-                                                                            vec, out);
-    LQ_CUDA_LAUNCHED("rmsnorm");
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, rmsnorm_rows, dim3((unsigned)n),
+                              dim3(norm_threads(vec ? dim / 4 : dim)), 0, cuda->stream, x, weight,
+                              dim, eps, vec, out),
+                "rmsnorm");
     return LQ_OK;
 }
 
@@ -293,9 +304,10 @@ int lq_cuda_add_rmsnorm(struct lq_backend *backend, float *x, const float *y, co
     struct lq_cuda *cuda = lq_cuda_of(backend);
     const int vec =
         dim % 4 == 0 && aligned16(x) && aligned16(y) && aligned16(weight) && aligned16(out);
-    add_rmsnorm_rows<<<n, norm_threads(vec ? dim / 4 : dim), 0, cuda->stream>>>(x, y, weight, dim,
-                                                                                eps, vec, out);
-    LQ_CUDA_LAUNCHED("add_rmsnorm");
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, add_rmsnorm_rows, dim3((unsigned)n),
+                              dim3(norm_threads(vec ? dim / 4 : dim)), 0, cuda->stream, x, y,
+                              weight, dim, eps, vec, out),
+                "add_rmsnorm");
     return LQ_OK;
 }
 
@@ -338,11 +350,12 @@ static int rope_launch(struct lq_cuda *cuda, float *x, int heads, float *x2, int
     const int per_block = half >= MAX_THREADS ? 1 : MAX_THREADS / half;
     const int groups = (heads + heads2 + per_block - 1) / per_block;
     if (groups > 65535) return LQ_EUNSUPPORTED; // grid.y
-    rope_rows<<<dim3((unsigned)n, (unsigned)groups), row_threads(per_block * half),
-                2 * (size_t)half * sizeof(float), cuda->stream>>>(
-        x, heads, x2, heads2, positions, head_dim, theta, t ? t->table : NULL,
-        t ? LQ_CUDA_ROPE_POSITIONS : 0, per_block);
-    LQ_CUDA_LAUNCHED("rope");
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, rope_rows, dim3((unsigned)n, (unsigned)groups),
+                              dim3(row_threads(per_block * half)), 2 * (size_t)half * sizeof(float),
+                              cuda->stream, x, heads, x2, heads2, positions, head_dim, theta,
+                              t ? (const float *)t->table : (const float *)NULL,
+                              t ? LQ_CUDA_ROPE_POSITIONS : 0, per_block),
+                "rope");
     return LQ_OK;
 }
 
@@ -376,9 +389,10 @@ int lq_cuda_swiglu(struct lq_backend *backend, float *gate, const float *up, siz
     if (count == 0) return LQ_OK;
     struct lq_cuda *cuda = lq_cuda_of(backend);
     const int vec = aligned16(gate) && aligned16(up);
-    swiglu_elements<<<stride_blocks(cuda, vec ? count / 4 + 4 : count), MAX_THREADS, 0,
-                      cuda->stream>>>(gate, up, count, vec);
-    LQ_CUDA_LAUNCHED("swiglu");
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, swiglu_elements,
+                              dim3(stride_blocks(cuda, vec ? count / 4 + 4 : count)),
+                              dim3(MAX_THREADS), 0, cuda->stream, gate, up, count, vec),
+                "swiglu");
     return LQ_OK;
 }
 
@@ -386,8 +400,9 @@ int lq_cuda_add(struct lq_backend *backend, float *x, const float *y, size_t cou
     if (count == 0) return LQ_OK;
     struct lq_cuda *cuda = lq_cuda_of(backend);
     const int vec = aligned16(x) && aligned16(y);
-    add_elements<<<stride_blocks(cuda, vec ? count / 4 + 4 : count), MAX_THREADS, 0,
-                   cuda->stream>>>(x, y, count, vec);
-    LQ_CUDA_LAUNCHED("add");
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, add_elements,
+                              dim3(stride_blocks(cuda, vec ? count / 4 + 4 : count)),
+                              dim3(MAX_THREADS), 0, cuda->stream, x, y, count, vec),
+                "add");
     return LQ_OK;
 }

@@ -28,12 +28,15 @@
  * --train adds LoRA training tokens/s of the ~2.75-bit model. --decode-variants [LIST] runs only
  * the decode of the ~3-bit model, with decode-step graphs and weight prefetch each on and off
  * (LIST: which of the four, by index 0-3, e.g. "1" for graphs without prefetch), and with
- * --decode-kernels v1,v2,... each of those under each one-token decode kernel (LQ_CUDA_DECODE).
+ * --decode-kernels v1,v2,... each of those under each one-token decode kernel (LQ_CUDA_DECODE),
+ * --decode-pdl DIGITS (e.g. 101) each with programmatic dependent launch on (1) or off (0) in
+ * that order (LQ_CUDA_PDL), all on fresh backends.
  * --linear-only [LIST] runs only the linear layers alone, at 1, 2 and 4 tokens, once per
  * one-token decode kernel named in LIST (LQ_CUDA_DECODE values, default v1,v2,v3,v4).
  * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--only-decompose]
  *                   [--table-sample K] [--variants LIST] [--train] [--decode-variants]
- *                   [--decode-kernels LIST] [--decode-profile] [--linear-only [LIST]] */
+ *                   [--decode-kernels LIST] [--decode-pdl DIGITS] [--decode-profile]
+ *                   [--linear-only [LIST]] */
 #include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
@@ -397,7 +400,7 @@ static int set_variant(const char *variant) {
  * (each backend reads LQ_CUDA_GRAPHS / LQ_CUDA_PREFETCH when created), so that one run shows
  * what each contributes. */
 static int decode_variants(const struct lq_model *m, double bandwidth, const char *which,
-                           const char *kernels, struct lq_error *err) {
+                           const char *kernels, const char *pdl, struct lq_error *err) {
     static const struct {
         const char *graphs, *prefetch, *label;
     } variants[] = {{"1", "1", "graphs + prefetch"},
@@ -409,27 +412,35 @@ static int decode_variants(const struct lq_model *m, double bandwidth, const cha
     char *save = NULL, *kernel = strtok_r(list, ",", &save);
     do { /* --decode-kernels LIST: each one-token kernel (LQ_CUDA_DECODE) in turn */
         if (kernel) setenv("LQ_CUDA_DECODE", kernel, 1);
-        for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
-            char index[8];
-            snprintf(index, sizeof index, "%zu", v);
-            if (which && !strstr(which, index)) continue; /* --decode-variants LIST: 0..3 */
-            setenv("LQ_CUDA_GRAPHS", variants[v].graphs, 1);
-            setenv("LQ_CUDA_PREFETCH", variants[v].prefetch, 1);
-            struct lq_backend *gpu = NULL;
-            struct lq_runtime *runtime = NULL;
-            int rc = lq_backend_cuda_create(0, 0, &gpu, err);
-            if (!rc) rc = lq_runtime_create(gpu, (struct lq_model *)m, &runtime, err);
-            printf("\n%s%s%s:\n", variants[v].label, kernel ? ", decode kernel " : "",
-                   kernel ? kernel : "");
-            const int batches[] = {1, 8, 32, 64};
-            for (int b = 0; b < 4 && !rc; b++) rc = decode(runtime, m, batches[b], bandwidth, err);
-            if (runtime) lq_runtime_free(runtime);
-            if (gpu) gpu->ops->destroy(gpu);
-            if (rc) return rc;
-        }
+        for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++)
+            for (const char *p = pdl ? pdl : "-"; *p; p++) {
+                char index[8];
+                snprintf(index, sizeof index, "%zu", v);
+                if (which && !strstr(which, index)) continue; /* --decode-variants LIST: 0..3 */
+                if (*p != '-' && *p != '0' && *p != '1') continue; /* --decode-pdl: digits 0, 1 */
+                setenv("LQ_CUDA_GRAPHS", variants[v].graphs, 1);
+                setenv("LQ_CUDA_PREFETCH", variants[v].prefetch, 1);
+                if (*p != '-') setenv("LQ_CUDA_PDL", *p == '1' ? "1" : "0", 1);
+                struct lq_backend *gpu = NULL;
+                struct lq_runtime *runtime = NULL;
+                int rc = lq_backend_cuda_create(0, 0, &gpu, err);
+                if (!rc) rc = lq_runtime_create(gpu, (struct lq_model *)m, &runtime, err);
+                printf("\n%s%s%s%s:\n", variants[v].label, kernel ? ", decode kernel " : "",
+                       kernel ? kernel : "",
+                       *p == '-'   ? ""
+                       : *p == '1' ? ", PDL on"
+                                   : ", PDL off (LQ_CUDA_PDL=0)");
+                const int batches[] = {1, 8, 32, 64};
+                for (int b = 0; b < 4 && !rc; b++)
+                    rc = decode(runtime, m, batches[b], bandwidth, err);
+                if (runtime) lq_runtime_free(runtime);
+                if (gpu) gpu->ops->destroy(gpu);
+                if (rc) return rc;
+            }
     } while (kernel && (kernel = strtok_r(NULL, ",", &save)));
     unsetenv("LQ_CUDA_GRAPHS");
     unsetenv("LQ_CUDA_PREFETCH");
+    if (pdl) unsetenv("LQ_CUDA_PDL");
     if (kernels) unsetenv("LQ_CUDA_DECODE");
     return LQ_OK;
 }
@@ -554,7 +565,7 @@ int main(int argc, char **argv) {
     /* the old path and the default */
     const char *variants = "householder+fp32+thread-sketch+team-values,default";
     int decode_variants_only = 0;
-    const char *decode_which = NULL, *decode_kernels = NULL;
+    const char *decode_which = NULL, *decode_kernels = NULL, *decode_pdl = NULL;
     const char *linear_variants = NULL; /* --linear-only LIST */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
@@ -575,6 +586,8 @@ int main(int argc, char **argv) {
                 decode_which = argv[++i];
         } else if (strcmp(argv[i], "--decode-kernels") == 0 && i + 1 < argc)
             decode_kernels = argv[++i];
+        else if (strcmp(argv[i], "--decode-pdl") == 0 && i + 1 < argc)
+            decode_pdl = argv[++i];
         else if (strcmp(argv[i], "--decode-profile") == 0)
             profile_steps = 1;
         else if (strcmp(argv[i], "--linear-only") == 0)
@@ -618,7 +631,7 @@ int main(int argc, char **argv) {
         if (!m) return 1;
         printf("model: %d layers, %.3f bits/param (all NF3), rank %d fp32 factors\n", layers, bits,
                RANK);
-        int rc = decode_variants(m, bandwidth, decode_which, decode_kernels, &err);
+        int rc = decode_variants(m, bandwidth, decode_which, decode_kernels, decode_pdl, &err);
         if (rc) fprintf(stderr, "bench_cuda: decode: %s\n", err.message);
         lq_model_free(m);
         return rc ? 1 : 0;

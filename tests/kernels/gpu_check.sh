@@ -151,6 +151,15 @@ rows) # the whole-row one-token decode kernel (LQ_CUDA_DECODE=v5): against the C
     done ;;
 esac
 case "${1:-}" in
+pdl) # every kernel of a step launched with programmatic dependent launch (pdl_cuda.cuh): the
+    # ops and graphs against the CPU and eager runs, end to end, then batch 1-64 decode with
+    # it on, off (LQ_CUDA_PDL=0), on again, with graphs and with ops launched one by one
+    step cuda_ops "$run/test_cuda_ops"
+    step cuda_graph "$run/test_cuda_graph"
+    TAIL=8 step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
+    TAIL=40 step decode_pdl "$run/bench_cuda" --decode-variants 13 --decode-pdl 101 ;;
+esac
+case "${1:-}" in
 mma1) # the one-token tensor-core decode kernel (LQ_CUDA_DECODE=v6, gemv_mma1_kernel.h): against
     # the CPU, under graph replay, each linear layer alone, the whole batch-1 step against v1 and
     # v5, then ncu per kernel and v6's warp states
