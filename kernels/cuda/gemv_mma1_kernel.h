@@ -92,7 +92,9 @@ struct lq_m1_args {
 };
 
 // Shared memory, in 32-bit words, in this order: the pair table (4^bits entries x 32 lanes),
-// x in fp16 (16 words per chunk, for every chunk of the padded k-tiles), 16 words of zeros,
+// x in fp16 (16 words per chunk, for every chunk of the padded k-tiles), 4 words of padding
+// and 16 of zeros (in banks 4-7 and 12-15: an x read in the same LDS.128 phase, in banks 0-3,
+// 8-11, 16-19 or 24-27, does not conflict with them),
 // the warps' row sums (8 x 16 floats).
 LQ_M1_HD uint32_t lq_m1_pair_words(int bits) {
     return (1u << (2 * bits)) * 32u;
@@ -102,7 +104,7 @@ LQ_M1_HD uint32_t lq_m1_x_words(int chunks_per_row) {
     return tiles * LQ_M1_TILE_CHUNKS * 16u;
 }
 LQ_M1_HD uint32_t lq_m1_shared_bytes(int bits, int chunks_per_row) {
-    return 4u * (lq_m1_pair_words(bits) + lq_m1_x_words(chunks_per_row) + 16u + 8u * 16u);
+    return 4u * (lq_m1_pair_words(bits) + lq_m1_x_words(chunks_per_row) + 20u + 8u * 16u);
 }
 
 LQ_M1_FN uint32_t lq_m1_div(uint32_t n, struct lq_m1_divisor d) {
@@ -326,7 +328,7 @@ LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, const st
 LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int block, int thread,
                          uint32_t *shared) {
     uint32_t *pairs = shared, *xs = pairs + lq_m1_pair_words(bits);
-    uint32_t *zeros = xs + lq_m1_x_words(a->chunks_per_row);
+    uint32_t *zeros = xs + lq_m1_x_words(a->chunks_per_row) + 4;
     float *sums = (float *)(zeros + 16);
 
     const int lane = thread & 31, warp = thread >> 5, g = lane >> 2, t = lane & 3;
