@@ -55,6 +55,8 @@
 
 #include <stdint.h>
 
+#include "kernels/cuda/divisor.h"
+
 #define LQ_M1_WARPS 8
 #define LQ_M1_THREADS (LQ_M1_WARPS * 32)
 #define LQ_M1_TILE_CHUNKS 4 // a k-tile: 128 columns, one 32-code chunk per lane of a quad
@@ -68,11 +70,6 @@
 #define LQ_M1_SCALE_FP16 1
 #define LQ_M1_SCALE_FP32 2
 
-// n / d for n < 2^31 and d <= 2^16 as one 32x32-bit multiply and a shift (see lq_divisor).
-struct lq_m1_divisor {
-    uint32_t multiplier, shift;
-};
-
 struct lq_m1_args {
     const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + 16 bytes of padding
     const uint8_t *group_scales;
@@ -83,8 +80,8 @@ struct lq_m1_args {
     float *y;            // [rows]
     int rows, cols, b1, b2, rank, t_slices;
     float offset, levels, inv_levels; // levels = 2^b1 − 1, inv_levels = RN(1 / levels)
-    struct lq_m1_divisor chunk_block; // chunk → block when B0 % 32 == 0 (B0 / 32)
-    struct lq_m1_divisor group;       // block → group (B1)
+    struct lq_divisor chunk_block;    // chunk → block when B0 % 32 == 0 (B0 / 32)
+    struct lq_divisor group;          // block → group (B1)
     int chunks_per_row;               // cols / 32
     int rg_log;                       // log2 of the row groups per CTA (0..3)
     int prefetch_tiles; // > 0: the words of tile kt + prefetch_tiles are asked into L2 at kt
@@ -107,10 +104,6 @@ LQ_M1_HD uint32_t lq_m1_shared_bytes(int bits, int chunks_per_row) {
     return 4u * (lq_m1_pair_words(bits) + lq_m1_x_words(chunks_per_row) + 20u + 8u * 16u);
 }
 
-LQ_M1_FN uint32_t lq_m1_div(uint32_t n, struct lq_m1_divisor d) {
-    return (uint32_t)(((uint64_t)n * d.multiplier) >> d.shift);
-}
-
 // What a lane loads for one row and one chunk: the chunk's words, the 32-bit window of scale
 // codes that starts at its first block, and its group scale's bits (zeros when invalid).
 struct lq_m1_raw {
@@ -129,8 +122,8 @@ LQ_M1_FN void lq_m1_load(const struct lq_m1_args *a, int bits, int bpc, int vali
     for (int i = 0; i < bits; i++) r->w[i] = lq_m1_ldg_u32(p + i);
     if (!with_scale) return;
     // blocks < 2^26 and b1 <= 8 (rows·cols < 2^31, B0 >= 16): the bit index fits 32 bits
-    const uint32_t block0 = bpc == 1 ? lq_m1_div(ci, a->chunk_block) : ci * (uint32_t)bpc;
-    const uint32_t group = lq_m1_div(block0, a->group), bit = block0 * (uint32_t)a->b1;
+    const uint32_t block0 = bpc == 1 ? lq_div(ci, a->chunk_block) : ci * (uint32_t)bpc;
+    const uint32_t group = lq_div(block0, a->group), bit = block0 * (uint32_t)a->b1;
     const uint32_t *s = a->scale_codes + (bit >> 5);
     r->window = lq_m1_funnel(lq_m1_ldg_u32(s), lq_m1_ldg_u32(s + 1), bit & 31u);
     r->group_bits = a->b2 == LQ_M1_SCALE_FP32

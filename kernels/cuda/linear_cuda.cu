@@ -414,8 +414,7 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     a.rows = q.rows, a.cols = q.cols, a.b1 = q.b1, a.b2 = q.b2, a.rank = d.rank;
     a.t_slices = d.t_slices;
     a.offset = q.offset, a.levels = q.levels, a.inv_levels = q.inv_levels;
-    a.chunk_block.multiplier = q.chunk_block.multiplier, a.chunk_block.shift = q.chunk_block.shift;
-    a.group.multiplier = q.group.multiplier, a.group.shift = q.group.shift;
+    a.chunk_block = q.chunk_block, a.group = q.group;
     a.chunks_per_row = d.chunks_per_row;
     const size_t smem = lq_m1_shared_bytes(w->q.config.b0, a.chunks_per_row);
     long per_sm = (long)(227 * 1024 / (smem + 1024));

@@ -13,6 +13,7 @@ extern "C" {
 #include "core/nf.h"
 }
 
+#include "kernels/cuda/divisor.h"
 #include "kernels/cuda/pdl_cuda.cuh"
 #include "kernels/cuda/prefetch_cuda.cuh"
 
@@ -22,26 +23,6 @@ extern "C" {
 #define LQ_SLICE_COLS (LQ_SLICE_CHUNKS * 32)
 
 #define LQ_FULL_MASK 0xffffffffu
-
-// n / d for n < 2^31 and d <= 2^16 as one 32x32-bit multiply and a shift: with 2^s >= d and
-// m = ceil(2^(31+s) / d) < 2^32, floor(n·m / 2^(31+s)) is exact for every such n.
-struct lq_divisor {
-    uint32_t multiplier, shift;
-};
-
-static inline lq_divisor lq_make_divisor(uint32_t d) {
-    uint32_t s = 0;
-    while (((uint64_t)1 << s) < d) s++;
-    const uint64_t scale = (uint64_t)1 << (31 + s);
-    lq_divisor out;
-    out.multiplier = (uint32_t)((scale + d - 1) / d);
-    out.shift = 31 + s;
-    return out;
-}
-
-__device__ __forceinline__ uint32_t lq_div(uint32_t n, lq_divisor d) {
-    return (uint32_t)(((uint64_t)n * d.multiplier) >> d.shift);
-}
 
 // The packed matrix as the kernels see it.
 struct lq_packed {

@@ -227,8 +227,8 @@ int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
     a.offset = w->q.scale_offset;
     a.levels = (float)((1u << c->b1) - 1u);
     a.inv_levels = 1.0f / a.levels;
-    a.chunk_block = lq_mma_make_divisor(c->B0 % 32 == 0 ? (uint32_t)c->B0 / 32 : 1u);
-    a.group = lq_mma_make_divisor((uint32_t)c->B1);
+    a.chunk_block = lq_make_divisor(c->B0 % 32 == 0 ? (uint32_t)c->B0 / 32 : 1u);
+    a.group = lq_make_divisor((uint32_t)c->B1);
     a.x = (const __half *)input, a.n = n;
     a.lora_B = b->lora_B, a.t = (const float *)t, a.rank = w->rank;
     a.out = plan.splits > 1 ? (float *)partials : y;

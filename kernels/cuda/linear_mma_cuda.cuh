@@ -16,6 +16,7 @@ extern "C" {
 }
 
 #include "kernels/cuda/gemv_mma1_cuda.cuh" // lq_m1_mma, lq_m1_pair_offset
+#include "kernels/cuda/divisor.h"
 #include "kernels/cuda/pdl_cuda.cuh"
 #include "kernels/cuda/prefetch_cuda.cuh"
 
@@ -29,33 +30,14 @@ extern "C" {
 
 #define LQ_MMA_FULL_MASK 0xffffffffu
 
-// n / d for n < 2^31 and d <= 2^16 as one 32x32-bit multiply and a shift (see lq_divisor).
-struct lq_mma_divisor {
-    uint32_t multiplier, shift;
-};
-
-static inline lq_mma_divisor lq_mma_make_divisor(uint32_t d) {
-    uint32_t s = 0;
-    while (((uint64_t)1 << s) < d) s++;
-    const uint64_t scale = (uint64_t)1 << (31 + s);
-    lq_mma_divisor out;
-    out.multiplier = (uint32_t)((scale + d - 1) / d);
-    out.shift = 31 + s;
-    return out;
-}
-
-__device__ __forceinline__ uint32_t lq_mma_div(uint32_t n, lq_mma_divisor d) {
-    return (uint32_t)(((uint64_t)n * d.multiplier) >> d.shift);
-}
-
 struct lq_mma_args {
     const uint32_t *codes, *scale_codes; // packed as core/nf.h lays them out (+ 16 bytes of zeros)
     const uint8_t *group_scales;
     const float *table; // the NF table of b0 bits
     int rows, cols, b1, b2;
     float offset, levels, inv_levels; // levels = 2^b1 − 1, inv_levels = RN(1 / levels)
-    lq_mma_divisor chunk_block;       // 32-value chunk → block when B0 % 32 == 0 (B0 / 32)
-    lq_mma_divisor group;             // block → group (B1)
+    lq_divisor chunk_block;           // 32-value chunk → block when B0 % 32 == 0 (B0 / 32)
+    lq_divisor group;                 // block → group (B1)
     const __half *x;                  // the tokens in fp16 [n][cols]
     int n;
     const float *lora_B; // L1 [rows][rank]
@@ -135,8 +117,8 @@ __device__ __forceinline__ void lq_mma_load(const lq_mma_args &a, bool valid, ui
 #pragma unroll
         for (int i = 0; i < BITS; i++) r.w[i] = __ldg(p + i);
     }
-    const uint32_t block0 = BPC == 1 ? lq_mma_div(ci, a.chunk_block) : ci * BPC;
-    const uint32_t group = lq_mma_div(block0, a.group);
+    const uint32_t block0 = BPC == 1 ? lq_div(ci, a.chunk_block) : ci * BPC;
+    const uint32_t group = lq_div(block0, a.group);
     const uint64_t bit = (uint64_t)block0 * (uint32_t)a.b1;
     const uint32_t *s = a.scale_codes + (bit >> 5);
     r.window = __funnelshift_r(__ldg(s), __ldg(s + 1), (uint32_t)bit);

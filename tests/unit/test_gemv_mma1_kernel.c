@@ -241,14 +241,6 @@ static uint32_t *padded_words(const void *src, size_t bytes) {
     return out;
 }
 
-static struct lq_m1_divisor make_divisor(uint32_t d) {
-    uint32_t s = 0;
-    while (((uint64_t)1 << s) < d) s++;
-    const uint64_t scale = (uint64_t)1 << (31 + s);
-    struct lq_m1_divisor out = {(uint32_t)((scale + d - 1) / d), 31 + s};
-    return out;
-}
-
 static int blocks_per_chunk(const struct lq_nf_config *c) {
     return c->B0 % 32 == 0 ? 1 : c->B0 == 16 && c->B1 % 2 == 0 ? 2 : 0;
 }
@@ -310,8 +302,8 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     a.offset = q.scale_offset;
     a.levels = (float)((1u << c.b1) - 1u);
     a.inv_levels = 1.0f / a.levels;
-    a.chunk_block = make_divisor(c.B0 % 32 == 0 ? (uint32_t)c.B0 / 32 : 1u);
-    a.group = make_divisor((uint32_t)c.B1);
+    a.chunk_block = lq_make_divisor(c.B0 % 32 == 0 ? (uint32_t)c.B0 / 32 : 1u);
+    a.group = lq_make_divisor((uint32_t)c.B1);
     a.chunks_per_row = cols / 32;
     a.rg_log = rg_log;
     a.prefetch_tiles = (rows + rank) % 3; /* 0 (off), 1 or 2 tiles ahead */
