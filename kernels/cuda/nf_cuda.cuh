@@ -367,6 +367,27 @@ struct lq_nf_residual {
     unsigned long long cols;
 };
 
+// The code table and midpoints into shared memory; every thread calls it (it ends with the
+// barrier after which they may be read).
+__device__ static inline void lq_nf_load_tables(const lq_nf_device_config &cfg, float *table,
+                                                float *midpoints) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        table[i] = cfg.table[i], midpoints[i] = cfg.midpoints[i];
+    __syncthreads();
+}
+
+// r times element i's weight row_weight[i / cols]·col_weight[i % cols] (next.row_weight set);
+// a 32-bit division where every index of numel fits (several times cheaper).
+__device__ static inline float lq_nf_weigh(float r, unsigned long long i, const lq_nf_residual next,
+                                           unsigned long long numel) {
+    unsigned long long row;
+    if (numel <= 0xffffffffull)
+        row = (unsigned)i / (unsigned)next.cols;
+    else
+        row = i / next.cols;
+    return lq_nf_mul(r, lq_nf_mul(next.row_weight[row], next.col_weight[i - row * next.cols]));
+}
+
 // 3. out = table[code]·ŝ for every value of the input (a, or w − lowrank when a is NULL).
 // With WITH_ERROR, also the sum over this thread block of F·(w − out − lowrank)² in double
 // (F = 1 without fisher, lowrank = 0 without lowrank), core's error_pass for the new Q, into
@@ -377,9 +398,7 @@ lq_nf_values_kernel(const float *a, const __grid_constant__ lq_nf_device_config 
                     const float *block_scale, float *out, const float *w, const float *lowrank,
                     const float *fisher, double *partials, const lq_nf_residual next) {
     __shared__ float table[256], midpoints[256];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x)
-        table[i] = cfg.table[i], midpoints[i] = cfg.midpoints[i];
-    __syncthreads();
+    lq_nf_load_tables(cfg, table, midpoints);
     double sum = 0.0;
     const struct lq_nf_teams t = lq_nf_teams_of(cfg.team);
     // No shuffles here: each thread simply walks its own blocks.
@@ -399,16 +418,7 @@ lq_nf_values_kernel(const float *a, const __grid_constant__ lq_nf_device_config 
             }
             if (next.residual) {
                 float r = lq_nf_sub(w[i], v);
-                if (next.row_weight) {
-                    // 32-bit division where the index fits (several times cheaper)
-                    unsigned long long row;
-                    if (cfg.numel <= 0xffffffffull)
-                        row = (unsigned)i / (unsigned)next.cols;
-                    else
-                        row = i / next.cols;
-                    r = lq_nf_mul(
-                        r, lq_nf_mul(next.row_weight[row], next.col_weight[i - row * next.cols]));
-                }
+                if (next.row_weight) r = lq_nf_weigh(r, i, next, cfg.numel);
                 next.residual[i] = r;
             }
         }
@@ -431,9 +441,7 @@ lq_nf_values_vec4_kernel(const float *a, const __grid_constant__ lq_nf_device_co
                          const float *block_scale, float *out, const float *w, const float *lowrank,
                          const float *fisher, double *partials, const lq_nf_residual next) {
     __shared__ float table[256], midpoints[256];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x)
-        table[i] = cfg.table[i], midpoints[i] = cfg.midpoints[i];
-    __syncthreads();
+    lq_nf_load_tables(cfg, table, midpoints);
     double sum = 0.0;
     const unsigned long long quads = cfg.numel / 4, B0 = (unsigned long long)cfg.B0;
     for (unsigned long long quad = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -458,16 +466,7 @@ lq_nf_values_vec4_kernel(const float *a, const __grid_constant__ lq_nf_device_co
                 sum += (fisher ? (double)fv[k] : 1.0) * d * d;
             }
             float r = lq_nf_sub(wv[k], v);
-            if (next.row_weight) {
-                const unsigned long long i = first + (unsigned long long)k;
-                unsigned long long row;
-                if (cfg.numel <= 0xffffffffull)
-                    row = (unsigned)i / (unsigned)next.cols;
-                else
-                    row = i / next.cols;
-                r = lq_nf_mul(
-                    r, lq_nf_mul(next.row_weight[row], next.col_weight[i - row * next.cols]));
-            }
+            if (next.row_weight) r = lq_nf_weigh(r, first + (unsigned long long)k, next, cfg.numel);
             rv[k] = r;
         }
         ((float4 *)out)[quad] = make_float4(ov[0], ov[1], ov[2], ov[3]);
