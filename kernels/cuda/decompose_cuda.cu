@@ -404,11 +404,7 @@ __global__ static void dec_half_step_kernel(const float *w, const float *q, cons
             const float qi = q ? q[i] : 0.0f;
             double d = (double)wi - (double)qi - (double)li;
             sum += (fisher ? (double)fisher[i] : 1.0) * d * d;
-            if (ABSMAX) {
-                const float v = fabsf(lq_nf_sub(wi, li));
-                if (!(v <= FLT_MAX)) atomicMin(first_bad, (unsigned long long)i);
-                m = v > m ? v : m;
-            }
+            if (ABSMAX) m = lq_nf_absmax_add(m, lq_nf_sub(wi, li), i, first_bad);
         }
         if (ABSMAX) {
             m = dec_run_max(m, B0);
@@ -416,8 +412,7 @@ __global__ static void dec_half_step_kernel(const float *w, const float *q, cons
                 const unsigned long long block = (unsigned long long)i / B0;
                 if (block < n_blocks) {
                     absmax[block] = m;
-                    const unsigned bits = __float_as_uint(m);
-                    smallest = bits < smallest ? bits : smallest;
+                    smallest = lq_nf_min_bits(smallest, m);
                 }
             }
         }
@@ -454,11 +449,8 @@ dec_half_step_vec4_kernel(const float *w, const float *q, const float *lowrank, 
             for (int k = 0; k < 4; k++) {
                 double d = (double)wv[k] - (double)qv[k] - (double)lv[k];
                 sum += (fisher ? (double)fv[k] : 1.0) * d * d;
-                if (ABSMAX) {
-                    const float v = fabsf(lq_nf_sub(wv[k], lv[k]));
-                    if (!(v <= FLT_MAX)) atomicMin(first_bad, (unsigned long long)(4 * quad + k));
-                    m = v > m ? v : m;
-                }
+                if (ABSMAX)
+                    m = lq_nf_absmax_add(m, lq_nf_sub(wv[k], lv[k]), 4 * quad + k, first_bad);
             }
         }
         if (ABSMAX) {
@@ -467,8 +459,7 @@ dec_half_step_vec4_kernel(const float *w, const float *q, const float *lowrank, 
                 const unsigned long long block = (unsigned long long)quad / run;
                 if (block < n_blocks) {
                     absmax[block] = m;
-                    const unsigned bits = __float_as_uint(m);
-                    smallest = bits < smallest ? bits : smallest;
+                    smallest = lq_nf_min_bits(smallest, m);
                 }
             }
         }

@@ -262,6 +262,22 @@ __device__ static inline float lq_nf_input(const float *a, const float *lowrank,
     return lowrank ? lq_nf_sub(a[i], lowrank[i]) : a[i];
 }
 
+// One value of a block's absmax: the larger of m and |x|; a non-finite x records its index in
+// *first_bad (an atomic minimum: the first, as core reports).
+__device__ static inline float lq_nf_absmax_add(float m, float x, unsigned long long index,
+                                                unsigned long long *first_bad) {
+    const float v = fabsf(x);
+    if (!(v <= FLT_MAX)) atomicMin(first_bad, index);
+    return v > m ? v : m;
+}
+
+// The smaller of `smallest` and the bits of the block absmax m (every absmax is >= +0, where
+// unsigned order is float order).
+__device__ static inline unsigned lq_nf_min_bits(unsigned smallest, float m) {
+    const unsigned bits = __float_as_uint(m);
+    return bits < smallest ? bits : smallest;
+}
+
 // The minimum of `smallest` over the thread block into *offset_bits (unless nothing was seen).
 // Every thread of the block must call it.
 __device__ static inline void lq_nf_offset_min(unsigned smallest, unsigned *offset_bits) {
@@ -295,11 +311,8 @@ __global__ static void lq_nf_absmax_kernel(const float *a, const float *lowrank,
             unsigned long long begin = block * (unsigned long long)B0;
             unsigned long long end = begin + (unsigned long long)B0;
             if (end > numel) end = numel;
-            for (unsigned long long i = begin + t.member; i < end; i += (unsigned)team) {
-                float v = fabsf(lq_nf_input(a, lowrank, i));
-                if (!(v <= FLT_MAX)) atomicMin(first_bad, i);
-                m = v > m ? v : m;
-            }
+            for (unsigned long long i = begin + t.member; i < end; i += (unsigned)team)
+                m = lq_nf_absmax_add(m, lq_nf_input(a, lowrank, i), i, first_bad);
         }
         for (int s = team >> 1; s > 0; s >>= 1) {
             float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
@@ -307,8 +320,7 @@ __global__ static void lq_nf_absmax_kernel(const float *a, const float *lowrank,
         }
         if (block < n_blocks) {
             if (t.member == 0) absmax[block] = m;
-            unsigned bits = __float_as_uint(m);
-            smallest = bits < smallest ? bits : smallest;
+            smallest = lq_nf_min_bits(smallest, m);
         }
     }
     lq_nf_offset_min(smallest, offset_bits);
