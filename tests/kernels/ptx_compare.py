@@ -27,6 +27,9 @@ What it normalizes before comparing, so that only names can differ:
   - names of called `.func` functions (`$call0`); the callee bodies are then compared in pairs.
 What it does not normalize: every opcode, type, modifier, immediate, address offset and the order of
 instructions. A kernel whose PTX differs only in what is listed above runs the same instructions.
+It is strict on purpose: commuted operands (`mul.f32 a, b` against `b, a`) or independent
+instructions in another order (four zeroing movs, hence a vector load's registers permuted) count
+as differences; judge those by hand or undo the change.
 
 --rename OLD=NEW pairs a kernel whose name changed on purpose (names as printed by the script).
 --show N prints up to N lines of unified diff per differing function (default 40).
