@@ -64,6 +64,17 @@ __device__ __forceinline__ void load_tile(float *dst, const float *__restrict__ 
     }
 }
 
+// dst[r] = the stats of query first + r and head h for r < T (zeros past n rows): a query
+// tile's. first_row: the sequence's row 0.
+template <int HD>
+__device__ __forceinline__ void load_stats(float4 *dst, const float4 *stats, int heads, int h,
+                                           size_t first_row, int first, int n) {
+    for (int r = (int)threadIdx.x; r < tiling<HD>::T; r += THREADS) {
+        const int i = first + r;
+        dst[r] = i < n ? stats[(first_row + i) * heads + h] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
 // acc[a][b] = A[ty + 16a] · B[tx + 16b], the rows of two shared tiles, summed along the head
 // dimension in order.
 template <int HD>
@@ -236,11 +247,7 @@ template <int HD> __global__ void __launch_bounds__(THREADS) keys_kernel(tiled_p
         __syncthreads(); // the previous query tile, P and dS are no longer read
         load_tile<HD>(sq, q0, p.q_ld, qt * C::T, n, hd);
         load_tile<HD>(sdo, do0, p.q_ld, qt * C::T, n, hd);
-        for (int r = (int)threadIdx.x; r < C::T; r += THREADS) {
-            const int i = qt * C::T + r;
-            sstats[r] = i < n ? p.stats[(first_row + i) * p.heads + h]
-                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
+        load_stats<HD>(sstats, p.stats, p.heads, h, first_row, qt * C::T, n);
         __syncthreads();
         float s[C::R][C::R], dp[C::R][C::R];
         tile_dots<HD>(sk, sq, ty, tx, s); // key ty + 16a, query tx + 16b
@@ -313,11 +320,7 @@ template <int HD> __global__ void __launch_bounds__(THREADS) queries_kernel(tile
     const size_t first_row = (size_t)b * n;
     load_tile<HD>(sq, p.q + first_row * p.q_ld + (size_t)h * hd, p.q_ld, qt * C::T, n, hd);
     load_tile<HD>(sdo, p.dout + first_row * p.q_ld + (size_t)h * hd, p.q_ld, qt * C::T, n, hd);
-    for (int r = (int)threadIdx.x; r < C::T; r += THREADS) {
-        const int i = qt * C::T + r;
-        sstats[r] =
-            i < n ? p.stats[(first_row + i) * p.heads + h] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
+    load_stats<HD>(sstats, p.stats, p.heads, h, first_row, qt * C::T, n);
     const float *k0 = p.k + first_row * p.kv_ld + (size_t)g * hd;
     const float *v0 = p.v + first_row * p.kv_ld + (size_t)g * hd;
 

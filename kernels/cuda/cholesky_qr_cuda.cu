@@ -33,6 +33,26 @@ __device__ __forceinline__ static bool cholqr_pivot_ok(double pivot, double diag
     return pivot > LQ_CHOLQR_PIVOT_FLOOR * diagonal && pivot <= DBL_MAX;
 }
 
+// The right-looking Cholesky steps both kernels share, on the unscaled copy a (column-major n x
+// n) whose original diagonal is `diagonal`: for each column j, the pivot test, then
+// update(j, 1 / a[j][j]) of the trailing lower triangle and a barrier. Returns whether it failed
+// (bad: already failed, or a pivot fails the test). Every thread reads the same pivot (written
+// before the last barrier), so the decision is uniform over the block; every thread calls it.
+template <typename Update>
+__device__ __forceinline__ static bool cholqr_steps(const double *a, const double *diagonal, int n,
+                                                    bool bad, Update update) {
+    for (int j = 0; j < n && !bad; j++) {
+        const double pivot = a[j + j * n];
+        if (!cholqr_pivot_ok(pivot, diagonal[j])) {
+            bad = true;
+            break;
+        }
+        update(j, 1.0 / pivot);
+        __syncthreads();
+    }
+    return bad;
+}
+
 // G = L·Lᵀ for g (column-major n x n; only the lower triangle is read), then g = L (lower
 // triangle; invert 0) or g = L⁻¹ (lower, zeros above; invert 1).
 //   Cholesky: right-looking, on an unscaled copy in shared memory: step j subtracts
@@ -62,23 +82,13 @@ __global__ static void cholqr_cholesky_kernel(double *g, int n, int first, int i
         if (i == k) diagonal[i] = g[idx];
     }
     __syncthreads();
-    bool bad = skip != 0;
-    for (int j = 0; j < n && !bad; j++) {
-        // Every thread reads the same two values (written before the last barrier): the
-        // decision is uniform over the block.
-        const double pivot = a[j + j * n];
-        if (!cholqr_pivot_ok(pivot, diagonal[j])) {
-            bad = true;
-            break;
-        }
-        const double inverse = 1.0 / pivot;
+    const bool bad = cholqr_steps(a, diagonal, n, skip != 0, [&](int j, double inverse) {
         const int rest = n - 1 - j;
         for (int idx = threadIdx.x; idx < rest * rest; idx += blockDim.x) {
             const int i = j + 1 + idx % rest, k = j + 1 + idx / rest;
             if (i >= k) a[i + k * n] -= a[i + j * n] * a[k + j * n] * inverse;
         }
-        __syncthreads();
-    }
+    });
     if (bad) {
         for (int idx = threadIdx.x; idx < count; idx += blockDim.x)
             g[idx] = idx % n == idx / n ? 1.0 : 0.0;
@@ -202,15 +212,7 @@ __global__ static void __launch_bounds__(CHOLQR_TILE *CHOLQR_TILE)
         if (lane == 0) diagonal[k] = g[k + k * n];
     }
     __syncthreads();
-    bool bad = skip != 0;
-    for (int j = 0; j < n && !bad; j++) {
-        // uniform over the block, as in cholqr_cholesky_kernel
-        const double pivot = a[j + j * n];
-        if (!cholqr_pivot_ok(pivot, diagonal[j])) {
-            bad = true;
-            break;
-        }
-        const double inverse = 1.0 / pivot;
+    const bool bad = cholqr_steps(a, diagonal, n, skip != 0, [&](int j, double inverse) {
         // Reads column j only, writes columns after it: no race within the step. A lane's rows
         // of column k are loaded before any is written, so the loads overlap; the chunks of
         // 32 rows past the column's end are skipped by a test uniform over the warp.
@@ -231,8 +233,7 @@ __global__ static void __launch_bounds__(CHOLQR_TILE *CHOLQR_TILE)
                 if (CHOLQR_TILE * p < rows && i < n) a[i + k * n] = right[p] - left[p] * scaled;
             }
         }
-        __syncthreads();
-    }
+    });
     if (bad) {
         for (int k = warp; k < n; k += CHOLQR_TILE)
             for (int i = lane; i < n; i += CHOLQR_TILE) g[i + k * n] = i == k ? 1.0 : 0.0;

@@ -380,6 +380,24 @@ __device__ static inline float dec_run_max(float m, unsigned run) {
     return m;
 }
 
+// The absmax of the NF block index / run, from the maxima m of its `run` threads (a power of
+// two <= DEC_THREADS; index: the thread's element or quad): the run's first thread stores it
+// (for blocks below n_blocks) and returns the smaller of `smallest` and its bits, the others
+// return `smallest`. Every thread of the block must call it.
+__device__ static inline unsigned dec_store_absmax(float m, unsigned run, unsigned long long index,
+                                                   unsigned long long n_blocks, float *absmax,
+                                                   unsigned smallest) {
+    m = dec_run_max(m, run);
+    if ((threadIdx.x & (run - 1)) == 0) {
+        const unsigned long long block = index / run;
+        if (block < n_blocks) {
+            absmax[block] = m;
+            smallest = lq_nf_min_bits(smallest, m);
+        }
+    }
+    return smallest;
+}
+
 // The half step (lq.c: error_pass with residual_out): Σ F·(W − Q − lowrank)² of the block
 // into partials (q NULL: the zero start). Thread i of block b takes elements
 // b·256 + i + k·stride, the same split and order as a plain grid-stride loop, so the sums
@@ -404,23 +422,9 @@ __global__ static void dec_half_step_kernel(const float *w, const float *q, cons
             const float qi = q ? q[i] : 0.0f;
             double d = (double)wi - (double)qi - (double)li;
             sum += (fisher ? (double)fisher[i] : 1.0) * d * d;
-            if (ABSMAX) {
-                const float v = fabsf(lq_nf_sub(wi, li));
-                if (!(v <= FLT_MAX)) atomicMin(first_bad, (unsigned long long)i);
-                m = v > m ? v : m;
-            }
+            if (ABSMAX) m = lq_nf_absmax_add(m, lq_nf_sub(wi, li), i, first_bad);
         }
-        if (ABSMAX) {
-            m = dec_run_max(m, B0);
-            if ((threadIdx.x & (B0 - 1)) == 0) {
-                const unsigned long long block = (unsigned long long)i / B0;
-                if (block < n_blocks) {
-                    absmax[block] = m;
-                    const unsigned bits = __float_as_uint(m);
-                    smallest = bits < smallest ? bits : smallest;
-                }
-            }
-        }
+        if (ABSMAX) smallest = dec_store_absmax(m, B0, i, n_blocks, absmax, smallest);
     }
     double total = lq_nf_block_sum(sum);
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
@@ -454,24 +458,11 @@ dec_half_step_vec4_kernel(const float *w, const float *q, const float *lowrank, 
             for (int k = 0; k < 4; k++) {
                 double d = (double)wv[k] - (double)qv[k] - (double)lv[k];
                 sum += (fisher ? (double)fv[k] : 1.0) * d * d;
-                if (ABSMAX) {
-                    const float v = fabsf(lq_nf_sub(wv[k], lv[k]));
-                    if (!(v <= FLT_MAX)) atomicMin(first_bad, (unsigned long long)(4 * quad + k));
-                    m = v > m ? v : m;
-                }
+                if (ABSMAX)
+                    m = lq_nf_absmax_add(m, lq_nf_sub(wv[k], lv[k]), 4 * quad + k, first_bad);
             }
         }
-        if (ABSMAX) {
-            m = dec_run_max(m, run);
-            if ((threadIdx.x & (run - 1)) == 0) {
-                const unsigned long long block = (unsigned long long)quad / run;
-                if (block < n_blocks) {
-                    absmax[block] = m;
-                    const unsigned bits = __float_as_uint(m);
-                    smallest = bits < smallest ? bits : smallest;
-                }
-            }
-        }
+        if (ABSMAX) smallest = dec_store_absmax(m, run, quad, n_blocks, absmax, smallest);
     }
     double total = lq_nf_block_sum(sum);
     if (threadIdx.x == 0) partials[blockIdx.x] = total;

@@ -262,6 +262,22 @@ __device__ static inline float lq_nf_input(const float *a, const float *lowrank,
     return lowrank ? lq_nf_sub(a[i], lowrank[i]) : a[i];
 }
 
+// One value of a block's absmax: the larger of m and |x|; a non-finite x records its index in
+// *first_bad (an atomic minimum: the first, as core reports).
+__device__ static inline float lq_nf_absmax_add(float m, float x, unsigned long long index,
+                                                unsigned long long *first_bad) {
+    const float v = fabsf(x);
+    if (!(v <= FLT_MAX)) atomicMin(first_bad, index);
+    return v > m ? v : m;
+}
+
+// The smaller of `smallest` and the bits of the block absmax m (every absmax is >= +0, where
+// unsigned order is float order).
+__device__ static inline unsigned lq_nf_min_bits(unsigned smallest, float m) {
+    const unsigned bits = __float_as_uint(m);
+    return bits < smallest ? bits : smallest;
+}
+
 // The minimum of `smallest` over the thread block into *offset_bits (unless nothing was seen).
 // Every thread of the block must call it.
 __device__ static inline void lq_nf_offset_min(unsigned smallest, unsigned *offset_bits) {
@@ -295,11 +311,8 @@ __global__ static void lq_nf_absmax_kernel(const float *a, const float *lowrank,
             unsigned long long begin = block * (unsigned long long)B0;
             unsigned long long end = begin + (unsigned long long)B0;
             if (end > numel) end = numel;
-            for (unsigned long long i = begin + t.member; i < end; i += (unsigned)team) {
-                float v = fabsf(lq_nf_input(a, lowrank, i));
-                if (!(v <= FLT_MAX)) atomicMin(first_bad, i);
-                m = v > m ? v : m;
-            }
+            for (unsigned long long i = begin + t.member; i < end; i += (unsigned)team)
+                m = lq_nf_absmax_add(m, lq_nf_input(a, lowrank, i), i, first_bad);
         }
         for (int s = team >> 1; s > 0; s >>= 1) {
             float other = __shfl_xor_sync(LQ_NF_FULL_MASK, m, s);
@@ -307,8 +320,7 @@ __global__ static void lq_nf_absmax_kernel(const float *a, const float *lowrank,
         }
         if (block < n_blocks) {
             if (t.member == 0) absmax[block] = m;
-            unsigned bits = __float_as_uint(m);
-            smallest = bits < smallest ? bits : smallest;
+            smallest = lq_nf_min_bits(smallest, m);
         }
     }
     lq_nf_offset_min(smallest, offset_bits);
@@ -367,6 +379,27 @@ struct lq_nf_residual {
     unsigned long long cols;
 };
 
+// The code table and midpoints into shared memory; every thread calls it (it ends with the
+// barrier after which they may be read).
+__device__ static inline void lq_nf_load_tables(const lq_nf_device_config &cfg, float *table,
+                                                float *midpoints) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        table[i] = cfg.table[i], midpoints[i] = cfg.midpoints[i];
+    __syncthreads();
+}
+
+// r times element i's weight row_weight[i / cols]·col_weight[i % cols] (next.row_weight set);
+// a 32-bit division where every index of numel fits (several times cheaper).
+__device__ static inline float lq_nf_weigh(float r, unsigned long long i, const lq_nf_residual next,
+                                           unsigned long long numel) {
+    unsigned long long row;
+    if (numel <= 0xffffffffull)
+        row = (unsigned)i / (unsigned)next.cols;
+    else
+        row = i / next.cols;
+    return lq_nf_mul(r, lq_nf_mul(next.row_weight[row], next.col_weight[i - row * next.cols]));
+}
+
 // 3. out = table[code]·ŝ for every value of the input (a, or w − lowrank when a is NULL).
 // With WITH_ERROR, also the sum over this thread block of F·(w − out − lowrank)² in double
 // (F = 1 without fisher, lowrank = 0 without lowrank), core's error_pass for the new Q, into
@@ -377,9 +410,7 @@ lq_nf_values_kernel(const float *a, const __grid_constant__ lq_nf_device_config 
                     const float *block_scale, float *out, const float *w, const float *lowrank,
                     const float *fisher, double *partials, const lq_nf_residual next) {
     __shared__ float table[256], midpoints[256];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x)
-        table[i] = cfg.table[i], midpoints[i] = cfg.midpoints[i];
-    __syncthreads();
+    lq_nf_load_tables(cfg, table, midpoints);
     double sum = 0.0;
     const struct lq_nf_teams t = lq_nf_teams_of(cfg.team);
     // No shuffles here: each thread simply walks its own blocks.
@@ -399,16 +430,7 @@ lq_nf_values_kernel(const float *a, const __grid_constant__ lq_nf_device_config 
             }
             if (next.residual) {
                 float r = lq_nf_sub(w[i], v);
-                if (next.row_weight) {
-                    // 32-bit division where the index fits (several times cheaper)
-                    unsigned long long row;
-                    if (cfg.numel <= 0xffffffffull)
-                        row = (unsigned)i / (unsigned)next.cols;
-                    else
-                        row = i / next.cols;
-                    r = lq_nf_mul(
-                        r, lq_nf_mul(next.row_weight[row], next.col_weight[i - row * next.cols]));
-                }
+                if (next.row_weight) r = lq_nf_weigh(r, i, next, cfg.numel);
                 next.residual[i] = r;
             }
         }
@@ -431,9 +453,7 @@ lq_nf_values_vec4_kernel(const float *a, const __grid_constant__ lq_nf_device_co
                          const float *block_scale, float *out, const float *w, const float *lowrank,
                          const float *fisher, double *partials, const lq_nf_residual next) {
     __shared__ float table[256], midpoints[256];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x)
-        table[i] = cfg.table[i], midpoints[i] = cfg.midpoints[i];
-    __syncthreads();
+    lq_nf_load_tables(cfg, table, midpoints);
     double sum = 0.0;
     const unsigned long long quads = cfg.numel / 4, B0 = (unsigned long long)cfg.B0;
     for (unsigned long long quad = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -458,16 +478,7 @@ lq_nf_values_vec4_kernel(const float *a, const __grid_constant__ lq_nf_device_co
                 sum += (fisher ? (double)fv[k] : 1.0) * d * d;
             }
             float r = lq_nf_sub(wv[k], v);
-            if (next.row_weight) {
-                const unsigned long long i = first + (unsigned long long)k;
-                unsigned long long row;
-                if (cfg.numel <= 0xffffffffull)
-                    row = (unsigned)i / (unsigned)next.cols;
-                else
-                    row = i / next.cols;
-                r = lq_nf_mul(
-                    r, lq_nf_mul(next.row_weight[row], next.col_weight[i - row * next.cols]));
-            }
+            if (next.row_weight) r = lq_nf_weigh(r, first + (unsigned long long)k, next, cfg.numel);
             rv[k] = r;
         }
         ((float4 *)out)[quad] = make_float4(ov[0], ov[1], ov[2], ov[3]);

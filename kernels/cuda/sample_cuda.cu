@@ -141,16 +141,9 @@ __device__ int sample_tempered(const float *row, int vocab, const device_row &p,
         return token >= 0 ? token : argmax;
     }
     // u · total rounded up to total: the last kept token with weight, as the CPU falls back to.
-    long long at_boundary = count_at(row, vocab, kept.key, s);
-    if (at_boundary > kept.ties) at_boundary = kept.ties;
-    if (at_boundary > 0 && weight_of(value_of((unsigned)kept.key), max, t) > 0.0f) {
-        int token = select_tie(row, vocab, kept.key, at_boundary, s);
-        return token >= 0 ? token : argmax;
-    }
-    const unsigned long long lowest_key = lowest_weighted_key(row, vocab, kept.key, max, t, s);
-    if (lowest_key == 0) return argmax;
-    int token = select_tie(row, vocab, lowest_key, count_at(row, vocab, lowest_key, s), s);
-    return token >= 0 ? token : argmax;
+    return last_weighted_token(
+        row, vocab, kept, count_at(row, vocab, kept.key, s), max, t, argmax, s,
+        [&](unsigned long long key, long long j) { return select_tie(row, vocab, key, j, s); });
 }
 
 __global__ void __launch_bounds__(kThreads)

@@ -177,6 +177,29 @@ __device__ inline int count_at(const float *row, int vocab, unsigned long long k
     return block_sum_int(count, s);
 }
 
+// The draw's token where u · total rounded up to total (rare): the last kept token with weight,
+// as core/sampler.c falls back to. That is the last of kept's ties at kept.key when that key has
+// weight (at_key: how many tokens have it), else the last token of the lowest key above kept.key
+// with weight, else argmax; argmax too where select finds nothing. select(key, j): the j-th
+// lowest id among the tokens with key == key, or -1 (select_tie, select_tie_scan). Every thread
+// calls it; all get the answer.
+template <typename Select>
+__device__ inline int last_weighted_token(const float *row, int vocab, prefix kept,
+                                          long long at_key, float max, float temperature,
+                                          int argmax, block_shared &s, Select select) {
+    long long at_boundary = at_key;
+    if (at_boundary > kept.ties) at_boundary = kept.ties;
+    if (at_boundary > 0 && weight_of(value_of((unsigned)kept.key), max, temperature) > 0.0f) {
+        int token = select(kept.key, at_boundary);
+        return token >= 0 ? token : argmax;
+    }
+    const unsigned long long lowest_key =
+        lowest_weighted_key(row, vocab, kept.key, max, temperature, s);
+    if (lowest_key == 0) return argmax;
+    int token = select(lowest_key, count_at(row, vocab, lowest_key, s));
+    return token >= 0 ? token : argmax;
+}
+
 __device__ __forceinline__ bool passes(double mass, double limit, bool inclusive) {
     return inclusive ? mass >= limit : mass > limit;
 }

@@ -329,17 +329,11 @@ __device__ int sample_tempered_radix(const float *row, int vocab, const device_r
         int token = select_tie_scan(row, vocab, kept.key, cut.ties, s);
         return token >= 0 ? token : argmax;
     }
-    // u · total rounded up to total (rare): as sample_tempered
-    long long at_boundary = c.count; // count_at(kept.key)
-    if (at_boundary > kept.ties) at_boundary = kept.ties;
-    if (at_boundary > 0 && weight_of(value_of((unsigned)kept.key), max, t) > 0.0f) {
-        int token = select_tie_scan(row, vocab, kept.key, at_boundary, s);
-        return token >= 0 ? token : argmax;
-    }
-    const unsigned long long lowest_key = lowest_weighted_key(row, vocab, kept.key, max, t, s);
-    if (lowest_key == 0) return argmax;
-    int token = select_tie_scan(row, vocab, lowest_key, count_at(row, vocab, lowest_key, s), s);
-    return token >= 0 ? token : argmax;
+    // u · total rounded up to total (rare): as sample_tempered (c.count: count_at(kept.key))
+    return last_weighted_token(row, vocab, kept, c.count, max, t, argmax, s,
+                               [&](unsigned long long key, long long j) {
+                                   return select_tie_scan(row, vocab, key, j, s);
+                               });
 }
 
 // sample_kernel with the radix cuts. row_in_shared: the dynamic shared memory holds vocab
