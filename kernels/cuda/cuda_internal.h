@@ -191,6 +191,10 @@ struct lq_cuda_linear_data {
 
 int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
                            struct lq_error *err);
+// Blocks per 32-value chunk for the fast decode and tensor-core kernels (1, 2 or 4), or 0 when
+// they cannot run: cols % 32 == 0, rows·cols < 2^31, and each chunk inside one group, holding
+// whole blocks (B0 = 8, 16) or inside one (B0 % 32 == 0).
+int lq_cuda_blocks_per_chunk(const struct lq_linear *w);
 // Whether programmatic dependent launch works here: a Hopper device and code compiled for it.
 int lq_cuda_pdl_supported(struct lq_cuda *cuda);
 void lq_cuda_linear_release(struct lq_backend *backend, struct lq_linear *linear);

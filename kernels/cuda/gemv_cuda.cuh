@@ -203,15 +203,7 @@ __device__ __forceinline__ void lq_gemv(const lq_decode_args &a) {
         return;
     }
     // The band's last CTA to finish adds the slices (as lq_decode_kernel does).
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned done = atomicAdd(a.tickets + blockIdx.x, 1u);
-        last = done == gridDim.y - 1;
-        if (last) __threadfence();
-    }
-    __syncthreads();
-    if (!last) return;
+    if (!lq_last_of_band(a, &last)) return;
     lq_finish_band<1>(a, band0, band_rows);
     if (threadIdx.x == 0) a.tickets[blockIdx.x] = 0;
 }

@@ -187,9 +187,7 @@ static lq_packed lq_packed_of(const struct lq_linear *w, const struct lq_cuda_li
     return q;
 }
 
-// Blocks per 32-value chunk for the fast decode kernel, or 0 when it cannot run: each chunk
-// must lie in one group and hold whole blocks or be inside one.
-static int lq_blocks_per_chunk(const struct lq_linear *w) {
+int lq_cuda_blocks_per_chunk(const struct lq_linear *w) {
     const struct lq_nf_config *c = &w->q.config;
     if (w->cols % 32 != 0 || (size_t)w->rows * (size_t)w->cols >= ((size_t)1 << 31)) return 0;
     if (c->B0 % 32 == 0) return 1;
@@ -545,7 +543,7 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                      const struct lq_cuda_linear_data *data, const float *x, int n, float *y,
                      const struct lq_prefetch *prefetch) {
     const int nt = lq_pad_tokens(n);
-    const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_blocks_per_chunk(w) : 0;
+    const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_cuda_blocks_per_chunk(w) : 0;
     const int b0 = w->q.config.b0;
     int variant = bpc && nt == 1 && b0 <= 4 ? lq_decode_variant() : 1;
     if (variant == 0) variant = w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;

@@ -305,6 +305,21 @@ lq_decode_direct(const uint32_t (&w)[R][BITS], const float (&scale)[R][BPC], con
     }
 }
 
+// Whether this CTA is the last of its band (blockIdx.x) to finish: it then adds the slices'
+// partials (threadFenceReduction's ticket pattern: the fences make every CTA's partials
+// visible before its ticket). Every thread calls it; *last is the CTA's shared flag.
+__device__ __forceinline__ bool lq_last_of_band(const lq_decode_args &a, int *last) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned done = atomicAdd(a.tickets + blockIdx.x, 1u);
+        *last = done == gridDim.y - 1;
+        if (*last) __threadfence();
+    }
+    __syncthreads();
+    return *last != 0;
+}
+
 // The last CTA of a band: y = Σ slices' partials, in slice order (one output per thread).
 template <int NT>
 __device__ void lq_finish_band(const lq_decode_args &a, int row_first, int row_count) {
@@ -455,16 +470,7 @@ __global__ void __launch_bounds__(LQ_DECODE_THREADS, 2)
             a.partials[((size_t)blockIdx.y * NT + t) * a.q.rows + row] = total;
     }
 
-    // The band's last CTA to finish adds the slices (threadFenceReduction's ticket pattern).
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned done = atomicAdd(a.tickets + blockIdx.x, 1u);
-        last = done == gridDim.y - 1;
-        if (last) __threadfence();
-    }
-    __syncthreads();
-    if (!last) return;
+    if (!lq_last_of_band(a, &last)) return;
     lq_finish_band<NT>(a, band0, band_rows);
     if (threadIdx.x == 0) a.tickets[blockIdx.x] = 0; // every CTA of the band has taken its ticket
 }

@@ -60,16 +60,6 @@ extern "C" {
 // Shared memory kept back from the x slice (the static pair table is counted separately).
 #define LQ_MMA_SMEM_RESERVE 1024
 
-// Blocks per 32-value chunk, or 0 when the fast path cannot run (lq_blocks_per_chunk's rule).
-static int lq_mma_blocks_per_chunk(const struct lq_linear *w) {
-    const struct lq_nf_config *c = &w->q.config;
-    if (w->cols % 32 != 0 || (size_t)w->rows * (size_t)w->cols >= ((size_t)1 << 31)) return 0;
-    if (c->B0 % 32 == 0) return 1;
-    if (c->B0 == 16 && c->B1 % 2 == 0) return 2;
-    if (c->B0 == 8 && c->B1 % 4 == 0) return 4;
-    return 0;
-}
-
 static int lq_mma_tokens(int n) {
     return n <= 16 ? 16 : n <= 32 ? 32 : n <= 48 ? 48 : 64;
 }
@@ -90,7 +80,7 @@ int lq_cuda_linear_mma_supported(struct lq_cuda *cuda, const struct lq_linear *w
     (void)cuda;
     if (!w->is_lq || n < 1 || n > LQ_CUDA_MMA_MAX_TOKENS) return 0;
     const int b0 = w->q.config.b0;
-    if ((b0 != 2 && b0 != 3 && b0 != 4) || !lq_mma_blocks_per_chunk(w)) return 0;
+    if ((b0 != 2 && b0 != 3 && b0 != 4) || !lq_cuda_blocks_per_chunk(w)) return 0;
     return lq_mma_code_ok();
 }
 
@@ -187,7 +177,7 @@ static int lq_mma_launch_gemm(struct lq_cuda *cuda, int bpc, const lq_mma_plan &
 int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
                        const struct lq_cuda_lq_buffers *b, const float *x, int n, float *y) {
     const struct lq_nf_config *c = &w->q.config;
-    const int bpc = lq_mma_blocks_per_chunk(w);
+    const int bpc = lq_cuda_blocks_per_chunk(w);
     if (n < 1 || n > LQ_CUDA_MMA_MAX_TOKENS || !bpc || (c->b0 != 2 && c->b0 != 3 && c->b0 != 4))
         return LQ_EUNSUPPORTED;
     lq_mma_plan plan = {};
