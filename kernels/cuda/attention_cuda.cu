@@ -38,6 +38,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/cuda/pdl_cuda.cuh"
@@ -398,6 +400,40 @@ __global__ void attention_combine(const attention_params p) {
     }
 }
 
+// ---------- one token (attention_decode_kernel.h holds the code and the why) ----------
+
+__device__ __forceinline__ void lq_ad_load4(const float *p, float v[4]) {
+    const float4 t = *(const float4 *)p;
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+}
+__device__ __forceinline__ float lq_ad_shfl_xor(float v, int offset) {
+    return __shfl_xor_sync(0xffffffffu, v, offset);
+}
+__device__ __forceinline__ void lq_ad_sync(void) {
+    __syncthreads();
+}
+__device__ __forceinline__ float lq_ad_exp(float x) {
+    return expf(x);
+}
+
+} // namespace
+
+#define LQ_AD_FN __device__ __forceinline__ static
+#define LQ_AD_UNROLL _Pragma("unroll")
+#include "kernels/cuda/attention_decode_kernel.h"
+
+namespace {
+
+// grid (kv_heads, sequences * splits), LQ_AD_THREADS threads, lq_ad_shared_floats(G,
+// head_dim, split_len) floats of dynamic shared memory.
+template <int M, int G>
+__global__ void __launch_bounds__(LQ_AD_THREADS) attention_decode(const lq_ad_args a) {
+    lq_pdl_enter();
+    extern __shared__ float4 decode_shared4[];
+    lq_ad_body(&a, M, G, (int)blockIdx.x, (int)blockIdx.y, (int)threadIdx.x,
+               (float *)decode_shared4);
+}
+
 bool aligned16(const void *pointer) {
     return ((uintptr_t)pointer & 15) == 0;
 }
@@ -442,10 +478,106 @@ int launch_rows(struct lq_cuda *cuda, const attention_params &p, int dpt, int ti
     }
 }
 
-// Chooses the tile shape and the split of the keys, then runs the tile kernel and, when the
-// keys were split, the combine. p holds everything but splits, split_len and the workspace.
-// keys: the longest sequence's keys (its last position + 1).
+// With p.splits > 1: the workspace for the splits' partial results (part_out, part_stats).
+int split_workspace(struct lq_cuda *cuda, attention_params *p, int sequences) {
+    if (p->splits <= 1) return LQ_OK;
+    const size_t rows_out = (size_t)sequences * p->tokens * p->heads;
+    const size_t part_floats = rows_out * p->splits * (size_t)p->head_dim;
+    void *workspace = NULL;
+    int rc = lq_cuda_slot(cuda, LQ_CUDA_ATTENTION,
+                          (part_floats + rows_out * p->splits * 2) * sizeof(float), &workspace);
+    if (rc) return rc;
+    p->part_out = (float *)workspace;
+    p->part_stats = p->part_out + part_floats;
+    return LQ_OK;
+}
+
+// With p.splits > 1: attention_combine over every output row.
+int launch_combine(struct lq_cuda *cuda, const attention_params &p, int sequences) {
+    if (p.splits <= 1) return LQ_OK;
+    const size_t rows_out = (size_t)sequences * p.tokens * p.heads;
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, attention_combine, dim3((unsigned)rows_out), dim3(THREADS),
+                              0, cuda->stream, p),
+                "attention combine");
+    return LQ_OK;
+}
+
+// How many splits of the keys: fewer than two blocks per SM leaves most of the GPU idle, so
+// split then, aiming at four blocks per SM, each split at least MIN_SPLIT_KEYS; a grid that is
+// already about full gains nothing from a combine.
+int split_count(const struct lq_cuda *cuda, long long blocks, int sequences, int keys) {
+    const long long sms = cuda->sm_count > 0 ? cuda->sm_count : 1, target = 4 * sms;
+    if (blocks >= 2 * sms) return 1;
+    long long want = (target + blocks - 1) / blocks;
+    const int by_keys = ceil_div(keys, MIN_SPLIT_KEYS), by_grid = 65535 / sequences;
+    if (want > by_keys) want = by_keys;
+    if (want > MAX_SPLITS) want = MAX_SPLITS;
+    if (want > by_grid) want = by_grid;
+    return want < 1 ? 1 : (int)want;
+}
+
+template <int M, int G> void (*decode_kernel_for_rows(void))(lq_ad_args) {
+    if constexpr (M * G > LQ_AD_MAX_ROWS_CHUNKS)
+        return nullptr;
+    else
+        return attention_decode<M, G>;
+}
+
+template <int M> void (*decode_kernel_for(int rows))(lq_ad_args) {
+    return rows == 1   ? decode_kernel_for_rows<M, 1>()
+           : rows == 2 ? decode_kernel_for_rows<M, 2>()
+           : rows == 4 ? decode_kernel_for_rows<M, 4>()
+                       : decode_kernel_for_rows<M, 8>();
+}
+
+// The one-token kernel (attention_decode_kernel.h) where it applies: one token per sequence,
+// float4 rows, head_dim <= 256, the group's q rows times head_dim chunks within its registers,
+// a split's scores within its shared memory; 1 (nothing queued) where it does not, and with
+// LQ_CUDA_ATTENTION_DECODE=0 (read on every call).
+int attention_decode_run(struct lq_cuda *cuda, attention_params p, int sequences, int keys) {
+    const char *choice = getenv("LQ_CUDA_ATTENTION_DECODE");
+    if (choice && strcmp(choice, "0") == 0) return 1;
+    const int chunks = lq_ad_chunks(p.head_dim), rows = lq_ad_rows(p.group);
+    if (p.tokens != 1 || !p.vec || chunks == 0 || rows == 0 ||
+        chunks * rows > LQ_AD_MAX_ROWS_CHUNKS)
+        return 1;
+    int splits = split_count(cuda, (long long)p.kv_heads * sequences, sequences, keys);
+    int split_len = ceil_div(ceil_div(keys, splits), LQ_AD_STEP_KEYS) * LQ_AD_STEP_KEYS;
+    const int longest = LQ_AD_MAX_SCORES / rows / LQ_AD_STEP_KEYS * LQ_AD_STEP_KEYS;
+    if (split_len > longest) split_len = longest;
+    splits = ceil_div(keys, split_len);
+    if (splits > MAX_SPLITS || (long long)sequences * splits > 65535) return 1;
+    p.splits = splits, p.split_len = split_len;
+    int rc = split_workspace(cuda, &p, sequences);
+    if (rc) return rc;
+
+    lq_ad_args a = {};
+    a.q = p.q, a.out = p.out;
+    a.k_cache = p.k_cache, a.v_cache = p.v_cache, a.start = p.start;
+    a.k_caches = p.k_caches, a.v_caches = p.v_caches, a.positions = p.positions;
+    a.k_new = p.k_new, a.v_new = p.v_new;
+    a.heads = p.heads, a.kv_heads = p.kv_heads, a.head_dim = p.head_dim, a.group = p.group;
+    a.splits = p.splits, a.split_len = p.split_len, a.scale = p.scale;
+    a.part_out = p.part_out, a.part_stats = p.part_stats;
+    void (*kernel)(lq_ad_args) = chunks == 1   ? decode_kernel_for<1>(rows)
+                                 : chunks == 2 ? decode_kernel_for<2>(rows)
+                                 : chunks == 4 ? decode_kernel_for<4>(rows)
+                                               : decode_kernel_for<8>(rows);
+    const size_t bytes = lq_ad_shared_floats(rows, p.head_dim, split_len) * sizeof(float);
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, kernel,
+                              dim3((unsigned)p.kv_heads, (unsigned)(sequences * splits)),
+                              dim3(LQ_AD_THREADS), bytes, cuda->stream, a),
+                "attention (one token)");
+    return launch_combine(cuda, p, sequences);
+}
+
+// Chooses the kernel (one token: attention_decode_run), the tile shape and the split of the
+// keys, then runs the tile kernel and, when the keys were split, the combine. p holds
+// everything but splits, split_len and the workspace. keys: the longest sequence's keys (its
+// last position + 1).
 int attention_run(struct lq_cuda *cuda, attention_params p, int sequences, int keys) {
+    const int decoded = attention_decode_run(cuda, p, sequences, keys);
+    if (decoded <= 0) return decoded;
     const int hd = p.head_dim;
     const int dpt = hd <= 16 ? 1 : hd <= 32 ? 2 : hd <= 64 ? 4 : hd <= 128 ? 8 : 16;
     const int kpt = dpt == 16 ? 2 : 4, key_tile = 16 * kpt;
@@ -468,45 +600,17 @@ int attention_run(struct lq_cuda *cuda, attention_params p, int sequences, int k
     }
     const int tiles = ceil_div(rows, 8 * rpt);
 
-    // fewer than two blocks per SM leaves most of the GPU idle: split the keys then, aiming at
-    // four blocks per SM; a grid that is already about full gains nothing from a combine
-    const long long blocks = (long long)tiles * p.kv_heads * sequences;
-    const long long sms = cuda->sm_count > 0 ? cuda->sm_count : 1, target = 4 * sms;
-    int splits = 1;
-    if (blocks < 2 * sms) {
-        long long want = (target + blocks - 1) / blocks;
-        const int by_keys = ceil_div(keys, MIN_SPLIT_KEYS), by_grid = 65535 / sequences;
-        if (want > by_keys) want = by_keys;
-        if (want > MAX_SPLITS) want = MAX_SPLITS;
-        if (want > by_grid) want = by_grid;
-        splits = want < 1 ? 1 : (int)want;
-    }
+    int splits = split_count(cuda, (long long)tiles * p.kv_heads * sequences, sequences, keys);
     p.split_len = ceil_div(ceil_div(keys, splits), key_tile) * key_tile;
     splits = ceil_div(keys, p.split_len);
     p.splits = splits;
 
-    if (splits > 1) {
-        const size_t rows_out = (size_t)sequences * p.tokens * p.heads;
-        const size_t part_floats = rows_out * splits * (size_t)hd;
-        void *workspace = NULL;
-        int rc = lq_cuda_slot(cuda, LQ_CUDA_ATTENTION,
-                              (part_floats + rows_out * splits * 2) * sizeof(float), &workspace);
-        if (rc) return rc;
-        p.part_out = (float *)workspace;
-        p.part_stats = p.part_out + part_floats;
-    }
-
-    const int z = sequences * splits;
-    int rc =
-        rpt == 4 ? launch_rows<4>(cuda, p, dpt, tiles, z) : launch_rows<1>(cuda, p, dpt, tiles, z);
+    int rc = split_workspace(cuda, &p, sequences);
     if (rc) return rc;
-    if (splits > 1) {
-        const size_t rows_out = (size_t)sequences * p.tokens * p.heads;
-        LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, attention_combine, dim3((unsigned)rows_out),
-                                  dim3(THREADS), 0, cuda->stream, p),
-                    "attention combine");
-    }
-    return LQ_OK;
+    const int z = sequences * splits;
+    rc = rpt == 4 ? launch_rows<4>(cuda, p, dpt, tiles, z) : launch_rows<1>(cuda, p, dpt, tiles, z);
+    if (rc) return rc;
+    return launch_combine(cuda, p, sequences);
 }
 
 // The checks both entry points share; fills the shape fields of p.

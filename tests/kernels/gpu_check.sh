@@ -151,6 +151,15 @@ rows) # the whole-row one-token decode kernel (LQ_CUDA_DECODE=v5): against the C
     done ;;
 esac
 case "${1:-}" in
+attention) # the one-token attention kernel (attention_decode_kernel.h): both kernels against
+    # the CPU and timed, then the batch-1..64 decode step with the tile kernel and with it
+    TAIL=40 step attention_times "$run/test_cuda_ops" attention --time
+    TAIL=20 step attention_batch_times "$run/test_cuda_ops" attention_batch --time
+    LQ_CUDA_ATTENTION_DECODE=0 TAIL=12 step decode_attention_tile "$run/bench_cuda" \
+        --decode-variants 1
+    TAIL=12 step decode_attention_one_token "$run/bench_cuda" --decode-variants 1 ;;
+esac
+case "${1:-}" in
 pdl) # every kernel of a step launched with programmatic dependent launch (pdl_cuda.cuh): the
     # ops and graphs against the CPU and eager runs, end to end, then batch 1-64 decode with
     # it on, off (LQ_CUDA_PDL=0), on again, with graphs and with ops launched one by one

@@ -505,6 +505,14 @@ static void test_matmul(void) {
 
 /* ---------- attention ---------- */
 
+/* LQ_CUDA_ATTENTION_DECODE: 0 puts one-token attention on the tile kernel (read per call). */
+static void attention_kernel(int tile) {
+    if (tile)
+        setenv("LQ_CUDA_ATTENTION_DECODE", "0", 1);
+    else
+        unsetenv("LQ_CUDA_ATTENTION_DECODE");
+}
+
 static void test_attention(void) {
     /* {n, start, heads, kv_heads, head_dim} */
     const int cases[][5] = {{13, 0, 8, 4, 8},       {1, 500, 8, 4, 8}, {5, 100, 32, 8, 128},
@@ -518,16 +526,26 @@ static void test_attention(void) {
         float *vc = random_floats(kv_count, 1.0f), *ref = malloc(q_count * sizeof *ref);
         CHECK_OK(cpu->ops->attention(cpu, q, kc, vc, n, start, heads, kv, hd, ref));
         float *dq = device_floats(q, q_count), *dk = device_floats(kc, kv_count);
-        float *dv = device_floats(vc, kv_count), *dout = device_floats(NULL, q_count);
-        CHECK_OK(gpu->ops->attention(gpu, dq, dk, dv, n, start, heads, kv, hd, dout));
-        float *out = to_host(dout, q_count);
-        CHECK_CLOSE(out, ref, q_count, TOL_FP32, "attention n %d start %d heads %d/%d hd %d", n,
-                    start, heads, kv, hd);
-        TIME_GPU(gpu->ops->attention(gpu, dq, dk, dv, n, start, heads, kv, hd, dout),
-                 "attention n %d start %d heads %d/%d hd %d", n, start, heads, kv, hd);
+        float *dv = device_floats(vc, kv_count);
+        for (int tile = 0; tile < 2; tile++) { /* one token: the decode kernel, then the tile one */
+            attention_kernel(tile);
+            const char *kernel = tile ? "tile kernel" : "default kernel";
+            float *dout = device_floats(NULL, q_count);
+            CHECK_OK(gpu->ops->attention(gpu, dq, dk, dv, n, start, heads, kv, hd, dout));
+            float *out = to_host(dout, q_count);
+            CHECK_CLOSE(out, ref, q_count, TOL_FP32,
+                        "attention n %d start %d heads %d/%d hd %d, %s", n, start, heads, kv, hd,
+                        kernel);
+            TIME_GPU(gpu->ops->attention(gpu, dq, dk, dv, n, start, heads, kv, hd, dout),
+                     "attention n %d start %d heads %d/%d hd %d, %s", n, start, heads, kv, hd,
+                     kernel);
+            gpu->ops->buffer_free(gpu, dout);
+            free(out);
+        }
+        attention_kernel(0);
         gpu->ops->buffer_free(gpu, dq), gpu->ops->buffer_free(gpu, dk);
-        gpu->ops->buffer_free(gpu, dv), gpu->ops->buffer_free(gpu, dout);
-        free(q), free(kc), free(vc), free(ref), free(out);
+        gpu->ops->buffer_free(gpu, dv);
+        free(q), free(kc), free(vc), free(ref);
     }
 }
 
@@ -557,17 +575,20 @@ static void test_attention_batch(void) {
     void *device_k = device_bytes(dkc, sizeof dkc), *device_v = device_bytes(dvc, sizeof dvc);
     void *device_positions = device_bytes(positions, sizeof positions);
     const int bounds[] = {3000, 4096, 32768};
-    for (int b = 0; b < 3; b++) {
+    for (int b = 0; b < 6; b++) { /* the decode kernel, then the tile kernel */
+        attention_kernel(b >= 3);
         float *dout2 = device_floats(NULL, N * q_dim);
         CHECK_OK(gpu->ops->attention_batch_device(gpu, dq, dkn, dvn, device_k, device_v,
-                                                  device_positions, N, heads, kv, hd, bounds[b],
+                                                  device_positions, N, heads, kv, hd, bounds[b % 3],
                                                   dout2));
         float *out2 = to_host(dout2, N * q_dim);
         CHECK_CLOSE(out2, ref, N * q_dim, TOL_FP32,
-                    "attention_batch_device of %d sequences, keys bound %d", N, bounds[b]);
+                    "attention_batch_device of %d sequences, keys bound %d, %s", N, bounds[b % 3],
+                    b >= 3 ? "tile kernel" : "default kernel");
         gpu->ops->buffer_free(gpu, dout2);
         free(out2);
     }
+    attention_kernel(0);
     gpu->ops->buffer_free(gpu, device_k), gpu->ops->buffer_free(gpu, device_v);
     gpu->ops->buffer_free(gpu, device_positions);
     for (int i = 0; i < N; i++) { /* the new rows landed in each cache at its position */

@@ -15,10 +15,10 @@
  * the float64 product of the dequantized matrix to within fp16's rounding. This is the
  * kernel's indexing, fragments, block separation and reductions as a GPU would run them, short
  * of the GPU's memory model and timing; tests/kernels/test_cuda_ops.c runs it on a GPU. */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "tests/unit/cta_emulation.h"
 #include "tests/unit/lq_test.h"
 
 #include "core/bitpack.h"
@@ -27,22 +27,9 @@
 
 /* ---------- the CUDA words the kernel uses, for a CPU thread per CUDA thread ---------- */
 
-#define EMULATED_THREADS 256
-#define EMULATED_WARPS 8
-
-static pthread_barrier_t block_barrier, warp_barrier[EMULATED_WARPS];
-static _Thread_local int emulated_thread;
-
-/* A warp's exchange buffer: every lane writes its part, all wait, each reads what it needs,
+/* A warp's mma exchange: every lane writes its fragments, all wait, each reads what it needs,
  * all wait again (so the buffer may be written anew). */
-static struct {
-    uint32_t a[32][4], b[32][2];
-    float c[32][4], v[32];
-} exchange[EMULATED_WARPS];
-
-static void warp_wait(void) {
-    pthread_barrier_wait(&warp_barrier[emulated_thread / 32]);
-}
+static struct { uint32_t a[32][4], b[32][2]; } exchange[CTA_MAX_WARPS];
 
 static float fp16_to_float(uint32_t bits) {
     const uint16_t h = (uint16_t)bits;
@@ -116,20 +103,20 @@ static inline float lq_m1_fma(float x, float y, float z) {
  * columns 2·tig (+1). */
 static float fragment_a(int m, int k) {
     const int lane = (m % 8) * 4 + (k % 8) / 2, reg = (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return fp16_to_float(exchange[emulated_thread / 32].a[lane][reg] >> (16 * (k % 2)));
+    return fp16_to_float(exchange[cta_thread / 32].a[lane][reg] >> (16 * (k % 2)));
 }
 static float fragment_b(int k, int n) {
     const int lane = n * 4 + (k % 8) / 2, reg = k >= 8 ? 1 : 0;
-    return fp16_to_float(exchange[emulated_thread / 32].b[lane][reg] >> (16 * (k % 2)));
+    return fp16_to_float(exchange[cta_thread / 32].b[lane][reg] >> (16 * (k % 2)));
 }
 
 /* d += A·B: products exact, the sum of 16 in double, rounded once (the tensor core's internal
  * order and precision are its own: the test's bound covers fp32 rounding, not a wrong term). */
 static void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    const int warp = emulated_thread / 32, lane = emulated_thread % 32;
+    const int warp = cta_thread / 32, lane = cta_thread % 32;
     memcpy(exchange[warp].a[lane], a, 16);
     exchange[warp].b[lane][0] = b0, exchange[warp].b[lane][1] = b1;
-    warp_wait();
+    cta_warp_wait();
     const int g = lane / 4, tig = lane % 4;
     float out[4];
     for (int i = 0; i < 4; i++) {
@@ -138,21 +125,16 @@ static void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
         for (int k = 0; k < 16; k++) sum += (double)fragment_a(m, k) * fragment_b(k, n);
         out[i] = (float)sum;
     }
-    warp_wait();
+    cta_warp_wait();
     memcpy(d, out, sizeof out);
 }
 
 static float lq_m1_shfl_xor(float v, int offset) {
-    const int warp = emulated_thread / 32, lane = emulated_thread % 32;
-    exchange[warp].v[lane] = v;
-    warp_wait();
-    const float other = exchange[warp].v[lane ^ offset];
-    warp_wait();
-    return other;
+    return cta_shfl_xor(v, offset);
 }
 
 static void lq_m1_sync(void) {
-    pthread_barrier_wait(&block_barrier);
+    cta_sync();
 }
 
 static int waits; /* griddepcontrol.wait calls of the launch */
@@ -175,50 +157,22 @@ static void lq_m1_prefetch_l2(const void *p) {
 
 struct launch {
     const struct lq_m1_args *args;
-    int bits, bpc, block, thread;
-    uint32_t *shared;
+    int bits, bpc;
 };
 
-static void *run_thread(void *arg) {
+static void run_thread(const void *arg, int block, int thread, void *shared) {
     const struct launch *l = arg;
-    emulated_thread = l->thread;
-    lq_m1_body(l->args, l->bits, l->bpc, l->block, l->thread, l->shared);
-    return NULL;
+    lq_m1_body(l->args, l->bits, l->bpc, block, thread, shared);
 }
 
-/* Every CTA of the grid, one after another; returns 0 or -1 when threads could not be had. */
-static int launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
+/* Every CTA of the grid, one after another. */
+static void launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
     const int groups = (args->rows + 15) / 16;
     const int ctas = (groups + (1 << args->rg_log) - 1) >> args->rg_log;
-    const size_t shared_bytes = lq_m1_shared_bytes(bits, args->chunks_per_row);
-    uint32_t *shared = aligned_alloc(64, (shared_bytes + 63) / 64 * 64);
-    if (!shared) return -1;
-    static pthread_t threads[EMULATED_THREADS];
-    static struct launch launches[EMULATED_THREADS];
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, (size_t)1 << 17);
-    if (pthread_barrier_init(&block_barrier, NULL, EMULATED_THREADS) != 0) abort();
-    for (int w = 0; w < EMULATED_WARPS; w++)
-        if (pthread_barrier_init(&warp_barrier[w], NULL, 32) != 0) abort();
+    const struct launch l = {args, bits, bpc};
     waits = 0, prefetches = 0;
-    for (int block = 0; block < ctas; block++) {
-        memset(shared, 0xff, shared_bytes); /* NaN as floats, garbage as codes */
-        for (int t = 0; t < EMULATED_THREADS; t++) {
-            launches[t] = (struct launch){args, bits, bpc, block, t, shared};
-            const int created = pthread_create(&threads[t], &attr, run_thread, &launches[t]);
-            if (created != 0) {
-                fprintf(stderr, "pthread_create %d: %s\n", t, strerror(created));
-                abort();
-            }
-        }
-        for (int t = 0; t < EMULATED_THREADS; t++) pthread_join(threads[t], NULL);
-    }
-    for (int w = 0; w < EMULATED_WARPS; w++) pthread_barrier_destroy(&warp_barrier[w]);
-    pthread_barrier_destroy(&block_barrier);
-    pthread_attr_destroy(&attr);
-    free(shared);
-    return 0;
+    cta_run_grid(run_thread, &l, ctas, LQ_M1_THREADS,
+                 lq_m1_shared_bytes(bits, args->chunks_per_row));
 }
 
 /* ---------- the cases ---------- */
@@ -309,11 +263,11 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     a.prefetch_tiles = (rows + rank) % 3; /* 0 (off), 1 or 2 tiles ahead */
     a.share_scales = share_scales;
     codes_begin = codes, codes_end = (const char *)codes + lq_nf_codes_bytes(&q);
-    CHECK(launch_kernel(&a, c.b0, bpc) == 0);
+    launch_kernel(&a, c.b0, bpc);
     const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
-    CHECK_MSG(rank == 0 || waits == ctas * EMULATED_THREADS,
+    CHECK_MSG(rank == 0 || waits == ctas * LQ_M1_THREADS,
               "%s: %d threads waited for the projection, expected %d", label, waits,
-              ctas * EMULATED_THREADS);
+              ctas * LQ_M1_THREADS);
 
     /* The references: fp16-rounded table values and x with the exact block scales, and the
      * dequantized matrix with x as it is. */

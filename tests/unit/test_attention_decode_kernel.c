@@ -1,0 +1,233 @@
+/* The one-token attention kernel's source itself (kernels/cuda/attention_decode_kernel.h), run
+ * on the CPU by tests/unit/cta_emulation.h: a pthread per CUDA thread, shuffles and barriers
+ * emulated, shared memory and every output poisoned. Against a float64 softmax attention:
+ *   - one sequence (the cache as it is) and a batch (each sequence's new key and value read
+ *     from k_new/v_new and stored into its cache row at its position, the rest of the cache
+ *     untouched), positions 0, short and long;
+ *   - head_dim 8 (fewer chunks than a key's 8 lanes), 48, 64, 128, 256 and groups of 1, 2, 3
+ *     (padded to 4 rows), 4 and 8 q heads per kv head;
+ *   - one split (normalized output) and several (each split's unnormalized sum and its (max,
+ *     sum), merged here as attention_combine does), splits past a sequence's keys skipped.
+ * Outputs within 2e-5 of the largest |value| of the reference row, as the GPU tests' fp32
+ * tolerance; tests/kernels/test_cuda_ops.c runs it on a GPU. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "tests/unit/cta_emulation.h"
+#include "tests/unit/lq_test.h"
+
+#include "core/rng.h"
+
+#define LQ_AD_FN static inline
+#define LQ_AD_UNROLL
+
+static inline void lq_ad_load4(const float *p, float v[4]) {
+    if ((uintptr_t)p % 16 != 0) abort(); /* a float4 load on the GPU */
+    memcpy(v, p, 16);
+}
+static inline float lq_ad_shfl_xor(float v, int offset) {
+    return cta_shfl_xor(v, offset);
+}
+static inline void lq_ad_sync(void) {
+    cta_sync();
+}
+static inline float lq_ad_exp(float x) {
+    return expf(x);
+}
+
+#include "kernels/cuda/attention_decode_kernel.h"
+
+struct launch {
+    const struct lq_ad_args *args;
+    int chunks, rows, kv_heads;
+};
+
+static void run_thread(const void *arg, int block, int thread, void *shared) {
+    const struct launch *l = arg;
+    /* grid (kv_heads, sequences · splits), flattened: block = z · kv_heads + kv_head */
+    lq_ad_body(l->args, l->chunks, l->rows, block % l->kv_heads, block / l->kv_heads, thread,
+               shared);
+}
+
+static struct lq_rng rng;
+
+static float *random_floats(size_t count) {
+    float *out = aligned_alloc(16, (count * sizeof(float) + 15) / 16 * 16 + 16);
+    if (!out) abort();
+    for (size_t i = 0; i < count; i++) out[i] = (float)lq_rng_normal(&rng);
+    return out;
+}
+
+static float *poisoned(size_t count) {
+    float *out = aligned_alloc(16, (count * sizeof(float) + 15) / 16 * 16 + 16);
+    if (!out) abort();
+    for (size_t i = 0; i < count; i++) out[i] = NAN;
+    return out;
+}
+
+/* out[head_dim] = softmax(q·Kᵀ / sqrt(head_dim)) · V over keys 0..last, in float64; key `fresh`
+ * (or -1) from k_fresh/v_fresh. */
+static void reference(const float *q, const float *k, const float *v, int kv_dim, int last,
+                      int fresh, const float *k_fresh, const float *v_fresh, int head_dim,
+                      float scale, double *out) {
+    double *s = malloc((size_t)(last + 1) * sizeof *s), max = -INFINITY, sum = 0.0;
+    if (!s) abort();
+    for (int key = 0; key <= last; key++) {
+        const float *kr = key == fresh ? k_fresh : k + (size_t)key * kv_dim;
+        double dot = 0.0;
+        for (int d = 0; d < head_dim; d++) dot += (double)q[d] * kr[d];
+        s[key] = dot * scale;
+        if (s[key] > max) max = s[key];
+    }
+    for (int d = 0; d < head_dim; d++) out[d] = 0.0;
+    for (int key = 0; key <= last; key++) {
+        const double p = exp(s[key] - max);
+        const float *vr = key == fresh ? v_fresh : v + (size_t)key * kv_dim;
+        sum += p;
+        for (int d = 0; d < head_dim; d++) out[d] += p * vr[d];
+    }
+    for (int d = 0; d < head_dim; d++) out[d] /= sum;
+    free(s);
+}
+
+/* Runs the kernel over `sequences` sequences (batch: caches per sequence with positions; else
+ * one sequence at `start`) with `splits` splits of the keys, merges the splits as
+ * attention_combine does, and compares every output row. */
+static void check_case(int batch, int sequences, const int *positions, int heads, int kv_heads,
+                       int head_dim, int splits) {
+    char label[160];
+    snprintf(label, sizeof label, "%s of %d, heads %d/%d, head_dim %d, %d splits",
+             batch ? "batch" : "sequence", sequences, heads, kv_heads, head_dim, splits);
+    const int group = heads / kv_heads, kv_dim = kv_heads * head_dim;
+    const int chunks = lq_ad_chunks(head_dim), rows = lq_ad_rows(group);
+    CHECK_MSG(chunks > 0 && rows > 0 && chunks * rows <= LQ_AD_MAX_ROWS_CHUNKS,
+              "%s: not a shape of the kernel", label);
+    int keys = 0;
+    for (int s = 0; s < sequences; s++)
+        if (positions[s] + 1 > keys) keys = positions[s] + 1;
+    const int split_len =
+        ((keys + splits - 1) / splits + LQ_AD_STEP_KEYS - 1) / LQ_AD_STEP_KEYS * LQ_AD_STEP_KEYS;
+    splits = (keys + split_len - 1) / split_len;
+    CHECK_MSG((size_t)rows * split_len <= LQ_AD_MAX_SCORES, "%s: too many keys per split", label);
+
+    const size_t q_count = (size_t)sequences * heads * head_dim, cache = (size_t)keys * kv_dim;
+    float *q = random_floats(q_count), *out = poisoned(q_count);
+    float *k_new = random_floats((size_t)sequences * kv_dim);
+    float *v_new = random_floats((size_t)sequences * kv_dim);
+    float *k_caches[8], *v_caches[8], *k_before[8];
+    for (int s = 0; s < sequences; s++) {
+        k_caches[s] = random_floats(cache), v_caches[s] = random_floats(cache);
+        k_before[s] = malloc(cache * sizeof(float));
+        if (!k_before[s]) abort();
+        memcpy(k_before[s], k_caches[s], cache * sizeof(float));
+    }
+    const size_t parts = q_count / head_dim * splits;
+    float *part_out = poisoned(parts * head_dim), *part_stats = poisoned(parts * 2);
+
+    struct lq_ad_args a;
+    memset(&a, 0, sizeof a);
+    a.q = q, a.out = out;
+    if (batch) {
+        a.k_caches = k_caches, a.v_caches = v_caches, a.positions = positions;
+        a.k_new = k_new, a.v_new = v_new;
+    } else {
+        a.k_cache = k_caches[0], a.v_cache = v_caches[0], a.start = positions[0];
+    }
+    a.heads = heads, a.kv_heads = kv_heads, a.head_dim = head_dim, a.group = group;
+    a.splits = splits, a.split_len = split_len;
+    a.scale = 1.0f / sqrtf((float)head_dim);
+    a.part_out = part_out, a.part_stats = part_stats;
+    const struct launch l = {&a, chunks, rows, kv_heads};
+    cta_run_grid(run_thread, &l, kv_heads * sequences * splits, LQ_AD_THREADS,
+                 lq_ad_shared_floats(rows, head_dim, split_len) * sizeof(float));
+
+    double *want = malloc((size_t)head_dim * sizeof *want);
+    if (!want) abort();
+    double worst = 0.0;
+    for (int s = 0; s < sequences; s++) {
+        const int last = positions[s];
+        for (int h = 0; h < heads; h++) {
+            const size_t row = (size_t)s * heads + h;
+            const int kv = h / group;
+            reference(q + row * head_dim, k_before[s] + (size_t)kv * head_dim,
+                      v_caches[s] + (size_t)kv * head_dim, kv_dim, last, batch ? last : -1,
+                      k_new + (size_t)s * kv_dim + (size_t)kv * head_dim,
+                      v_new + (size_t)s * kv_dim + (size_t)kv * head_dim, head_dim, a.scale, want);
+            /* the row as the GPU hands it on: the output, or attention_combine's merge */
+            double got[256], scale = 0.0;
+            if (splits == 1) {
+                for (int d = 0; d < head_dim; d++) got[d] = out[row * head_dim + d];
+            } else {
+                const int count = last / split_len + 1; /* the splits holding its keys */
+                double max = -INFINITY, total = 0.0;
+                for (int p = 0; p < count; p++)
+                    if (part_stats[2 * (row * splits + p)] > max)
+                        max = part_stats[2 * (row * splits + p)];
+                for (int d = 0; d < head_dim; d++) got[d] = 0.0;
+                for (int p = 0; p < count; p++) {
+                    const size_t part = row * splits + p;
+                    const double w = exp(part_stats[2 * part] - max);
+                    total += w * part_stats[2 * part + 1];
+                    for (int d = 0; d < head_dim; d++) got[d] += w * part_out[part * head_dim + d];
+                }
+                for (int d = 0; d < head_dim; d++) got[d] /= total;
+            }
+            for (int d = 0; d < head_dim; d++)
+                if (fabs(want[d]) > scale) scale = fabs(want[d]);
+            for (int d = 0; d < head_dim; d++) {
+                const double error = fabs(got[d] - want[d]) / (scale + 1e-30);
+                if (!(error <= worst)) worst = error;
+            }
+        }
+        if (batch) { /* the new key landed at the position; nothing else changed */
+            int stored = 1;
+            for (int kv = 0; kv < kv_heads; kv++)
+                for (int d = 0; d < head_dim; d++)
+                    stored &= k_caches[s][(size_t)last * kv_dim + (size_t)kv * head_dim + d] ==
+                                  k_new[(size_t)s * kv_dim + (size_t)kv * head_dim + d] &&
+                              v_caches[s][(size_t)last * kv_dim + (size_t)kv * head_dim + d] ==
+                                  v_new[(size_t)s * kv_dim + (size_t)kv * head_dim + d];
+            memcpy(k_before[s] + (size_t)last * kv_dim, k_caches[s] + (size_t)last * kv_dim,
+                   (size_t)kv_dim * sizeof(float));
+            CHECK_MSG(stored && memcmp(k_before[s], k_caches[s], cache * sizeof(float)) == 0,
+                      "%s: sequence %d's cache is not the old one with the new row at %d", label, s,
+                      last);
+        }
+    }
+    printf("%s: worst error %.2g of the row's largest value\n", label, worst);
+    CHECK_MSG(worst <= 2e-5, "%s: error %.3g", label, worst);
+    for (int s = 0; s < sequences; s++) free(k_caches[s]), free(v_caches[s]), free(k_before[s]);
+    free(q), free(out), free(k_new), free(v_new), free(part_out), free(part_stats), free(want);
+}
+
+static void test_one_sequence(void) {
+    lq_rng_seed(&rng, 71);
+    const int starts[] = {0, 5, 80, 500};
+    for (int i = 0; i < 4; i++) check_case(0, 1, &starts[i], 8, 8, 128, 1);
+    const int long_start = 2000;
+    check_case(0, 1, &long_start, 4, 4, 128, 16); /* 16 splits of 128 keys */
+    check_case(0, 1, &starts[3], 8, 4, 8, 3);     /* head_dim 8: 2 chunks for 8 lanes */
+}
+
+static void test_shapes(void) {
+    lq_rng_seed(&rng, 72);
+    const int start = 77;
+    const int shapes[][3] = {/* heads, kv_heads, head_dim */
+                             {4, 4, 48},  {6, 2, 64},  {8, 4, 64},  {8, 1, 32},
+                             {4, 2, 256}, {2, 2, 256}, {16, 4, 128}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        check_case(0, 1, &start, shapes[i][0], shapes[i][1], shapes[i][2], 1);
+        check_case(0, 1, &start, shapes[i][0], shapes[i][1], shapes[i][2], 2);
+    }
+}
+
+static void test_batch(void) {
+    lq_rng_seed(&rng, 73);
+    const int positions[] = {0, 1, 33, 300, 5};
+    check_case(1, 5, positions, 8, 2, 64, 1);
+    check_case(1, 5, positions, 8, 2, 64, 4); /* splits past the short sequences' keys */
+    check_case(1, 3, positions + 1, 4, 4, 128, 2);
+}
+
+LQ_TEST_MAIN(LQ_TEST(test_one_sequence), LQ_TEST(test_shapes), LQ_TEST(test_batch))
