@@ -345,17 +345,8 @@ static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_li
                       lq_rows_ctas_per_sm(w->q.config.b0, bpc, r);
     long ctas = (groups + LQ_ROWS_WARPS - 1) / LQ_ROWS_WARPS;
     if (ctas > wave) ctas = wave;
-    cudaLaunchAttribute attribute = {};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3((unsigned)ctas);
-    config.blockDim = dim3(LQ_ROWS_THREADS);
-    config.dynamicSmemBytes = (size_t)columns * 32 * 128;
-    config.stream = cuda->stream;
-    config.attrs = overlap ? &attribute : NULL;
-    config.numAttrs = overlap ? 1 : 0;
-    return cudaLaunchKernelEx(&config, kernel, a);
+    return lq_launch_pdl(overlap, kernel, dim3((unsigned)ctas), dim3(LQ_ROWS_THREADS),
+                         (size_t)columns * 32 * 128, cuda->stream, a);
 }
 
 // v6 (gemv_mma1_cuda.cuh): its shared memory takes the pair table and x in fp16, up to this.
@@ -428,17 +419,9 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     const struct lq_nf_config *c = &w->q.config;
     a.share_scales =
         c->B0 % 64 == 0 && w->cols % c->B0 == 0 && lq_env_int("LQ_CUDA_MMA1_SHARE_SCALES", 1) != 0;
-    cudaLaunchAttribute attribute = {};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3((unsigned)((groups + (1L << a.rg_log) - 1) >> a.rg_log));
-    config.blockDim = dim3(LQ_M1_THREADS);
-    config.dynamicSmemBytes = smem;
-    config.stream = cuda->stream;
-    config.attrs = overlap ? &attribute : NULL;
-    config.numAttrs = overlap ? 1 : 0;
-    return cudaLaunchKernelEx(&config, kernel, a);
+    return lq_launch_pdl(overlap, kernel,
+                         dim3((unsigned)((groups + (1L << a.rg_log) - 1) >> a.rg_log)),
+                         dim3(LQ_M1_THREADS), smem, cuda->stream, a);
 }
 
 // b0 = 3 or 4 with 1 or 2 blocks per chunk (4, i.e. B0 = 8, would spill: lq_decode_kernel);
