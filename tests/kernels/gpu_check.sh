@@ -14,9 +14,14 @@ export LQD="$run/lqd" LQ_REPO_ROOT="$root" LQ_PPL_TEXT="$run/tinystories_val_sub
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0
-step() { # name, command...
+script_start=$(date +%s)
+step() { # name, command... (skipped once BUDGET seconds have gone since the script began)
     name=$1; shift
     start=$(date +%s)
+    if [ $(( start - script_start )) -gt "${BUDGET:-1000000}" ]; then
+        echo "== $name: skipped, past BUDGET=$BUDGET s"
+        return
+    fi
     timeout "${STEP_TIMEOUT:-300}" "$@" >"$logs/$name.log" 2>&1
     rc=$?
     echo "== $name: exit $rc in $(( $(date +%s) - start )) s"
@@ -149,6 +154,29 @@ rows) # the whole-row one-token decode kernel (LQ_CUDA_DECODE=v5): against the C
         TAIL=14 step "ncu_summary_$v" python3 "$root/tests/bench/ncu_decode_summary.py" \
             "$logs/ncu_decode_$v.csv" --layers 2
     done ;;
+esac
+case "${1:-}" in
+pending) # what the 2026-11-26 CPU-only session wrote, in one call, most important first: v6
+    # and the attention kernels against the CPU, graphs and end to end with PDL, then the
+    # batch-1..64 step under auto and v6 with PDL on, off, on, the tile attention kernel's
+    # step, each layer alone, and v6 under ncu; steps past BUDGET (default 540 s) are skipped
+    BUDGET=${BUDGET:-540}
+    STEP_TIMEOUT=240 step cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
+    TAIL=30 STEP_TIMEOUT=120 step attention_times "$run/test_cuda_ops" attention --time
+    TAIL=10 STEP_TIMEOUT=120 step attention_batch "$run/test_cuda_ops" attention_batch --time
+    STEP_TIMEOUT=120 step cuda_graph "$run/test_cuda_graph"
+    TAIL=8 STEP_TIMEOUT=240 step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
+    TAIL=60 STEP_TIMEOUT=300 step decode_steps "$run/bench_cuda" --decode-variants 1 \
+        --decode-kernels auto,v6 --decode-pdl 101
+    LQ_CUDA_ATTENTION_DECODE=0 TAIL=8 STEP_TIMEOUT=120 step decode_attention_tile \
+        "$run/bench_cuda" --decode-variants 1
+    TAIL=30 STEP_TIMEOUT=120 step bench_gemv "$run/bench_cuda" --linear-only auto,v1,v5,v6
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=150 step ncu_decode_v6 sh -c "'$ncu' \
+        --csv --metrics gpu__time_duration.sum --cache-control none --clock-control none \
+        '$run/bench_cuda' --decode-profile --layers 2 > '$logs/ncu_decode_v6.csv'"
+    TAIL=14 step ncu_summary_v6 python3 "$root/tests/bench/ncu_decode_summary.py" \
+        "$logs/ncu_decode_v6.csv" --layers 2 ;;
 esac
 case "${1:-}" in
 attention) # the one-token attention kernel (attention_decode_kernel.h): both kernels against
