@@ -531,10 +531,10 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     int variant = bpc && nt == 1 && b0 <= 4 ? lq_decode_variant() : 1;
     if (variant == 0) variant = w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;
     int rows_per_warp = 0;
-    const lq_decode_fn rows_kernel = variant == 5 || variant == 52 || variant == 54
+    const lq_decode_fn rows_fn = variant == 5 || variant == 52 || variant == 54
                                          ? lq_rows_pick(cuda, w, bpc, variant, &rows_per_warp)
                                          : NULL;
-    const bool rows = rows_kernel != NULL;
+    const bool rows = rows_fn != NULL;
     const lq_m1_fn mma1_kernel = variant == 6 ? lq_mma1_pick(w, bpc) : NULL;
     if (variant == 6 && !mma1_kernel) variant = 1;
     const bool split_projection = rows || mma1_kernel != NULL;
@@ -587,7 +587,7 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
         return LQ_OK;
     }
     if (rows) {
-        LQ_CUDA_TRY(lq_launch_rows(cuda, w, bpc, rows_kernel, rows_per_warp, overlap, a),
+        LQ_CUDA_TRY(lq_launch_rows(cuda, w, bpc, rows_fn, rows_per_warp, overlap, a),
                     "lq_gemv_rows_kernel");
         return LQ_OK;
     }
