@@ -6,7 +6,8 @@
 // shuffle, FMA and their share of the setup) and Nsight Compute showed them bound by those
 // chains, not by HBM. Here a lookup in a per-lane pair table yields two codes as a half2 in
 // one LDS (plus a shift and a mask to form its address), and the tensor core does the
-// multiply-adds, so a code costs about 1.5 instructions. At one token most of the mma's N = 8
+// multiply-adds, so the lookups cost about 1.5 instructions a code (the loads, block scales and
+// loop add about one more per code in this file's PTX). At one token most of the mma's N = 8
 // columns are free; they are used to keep blocks apart instead of multiplying each value by
 // its block scale:
 //   - a quad (lanes 4g .. 4g+3) shares rows g and g+8 of a 16-row group; lane t of the quad
@@ -40,7 +41,7 @@
 //   uint32_t lq_m1_ldg_u32(const uint32_t *p); uint32_t lq_m1_ldg_u16(const uint16_t *p);
 //   float lq_m1_ldg_f32(const float *p); float lq_m1_ldcg_f32(const float *p);
 //   void lq_m1_ldg_f32x4(const float *p, float v[4]);   (p 16-byte aligned)
-//   void lq_m1_lds_u32x8(const uint32_t *p, uint32_t v[8]);   (p 32-byte aligned)
+//   void lq_m1_lds_u32x8(const uint32_t *p, uint32_t v[8]);   (p 16-byte aligned)
 //   uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift);   (__funnelshift_r)
 //   uint32_t lq_m1_half2_bits(float lo, float hi);   (round to nearest, lo in the low half)
 //   float lq_m1_half_to_float(uint32_t bits);   float lq_m1_u2f(uint32_t v);   (RN)
