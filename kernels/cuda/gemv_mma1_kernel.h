@@ -6,8 +6,8 @@
 // shuffle, FMA and their share of the setup) and Nsight Compute showed them bound by those
 // chains, not by HBM. Here a lookup in a per-lane pair table yields two codes as a half2 in
 // one LDS (plus a shift and a mask to form its address), and the tensor core does the
-// multiply-adds, so the lookups cost about 1.5 instructions a code (the loads, block scales and
-// loop add about one more per code in this file's PTX). At one token most of the mma's N = 8
+// multiply-adds, so the lookups cost about 1.5 instructions a code, besides the loads, block
+// scales and loop around them. At one token most of the mma's N = 8
 // columns are free; they are used to keep blocks apart instead of multiplying each value by
 // its block scale:
 //   - a quad (lanes 4g .. 4g+3) shares rows g and g+8 of a 16-row group; lane t of the quad
