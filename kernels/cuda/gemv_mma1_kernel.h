@@ -2,9 +2,9 @@
 // y = Q·x + L1·t for one token, Q packed (b0 = 2, 3 or 4; B0 a multiple of 32, or 16),
 // dequantized by shared-memory pair lookups straight into mma.sync m16n8k16 A fragments.
 //
-// Why: the shuffle-lookup kernels (v1, v5) spend 4 to 6.5 instructions per code (shift,
-// shuffle, FMA and their share of the setup) and Nsight Compute showed them bound by those
-// chains, not by HBM. Here a lookup in a per-lane pair table yields two codes as a half2 in
+// Why: the shuffle-lookup kernel v1 spends 6.5 instructions per code (3 for the lookup:
+// shift, shuffle, FMA; the rest its share of the setup), and Nsight Compute showed it bound by
+// those chains, not by HBM. Here a lookup in a per-lane pair table yields two codes as a half2 in
 // one LDS (plus a shift and a mask to form its address), and the tensor core does the
 // multiply-adds, so the lookups cost about 1.5 instructions a code, besides the loads, block
 // scales and loop around them. At one token most of the mma's N = 8
