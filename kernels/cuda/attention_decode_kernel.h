@@ -69,6 +69,18 @@ static inline size_t lq_ad_shared_floats(int rows, int head_dim, int split_len) 
            2u * LQ_AD_WARPS * (size_t)rows;
 }
 
+// Chunks j + 8m (m < M) of a row of head_dim floats (`chunks` float4 of them) into out[m],
+// zeros past the row or where !valid.
+LQ_AD_FN void lq_ad_load_row(const float *row, int valid, int M, int j, int chunks,
+                             float (*out)[4]) {
+    LQ_AD_UNROLL
+    for (int m = 0; m < M; m++) {
+        const int c = j + 8 * m;
+        out[m][0] = out[m][1] = out[m][2] = out[m][3] = 0.0f;
+        if (valid && c < chunks) lq_ad_load4(row + 4 * c, out[m]);
+    }
+}
+
 // CTA (kv_head, z = sequence · splits + split), thread `thread`; `shared` holds
 // lq_ad_shared_floats(G, head_dim, split_len) floats. M = lq_ad_chunks(head_dim) and
 // G = lq_ad_rows(group) are compile-time constants on the GPU, with G·M <= 16.
@@ -110,13 +122,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
     LQ_AD_UNROLL
     for (int g = 0; g < G; g++) {
         const size_t row = (size_t)seq * a->heads + (size_t)kv_head * a->group + g;
-        LQ_AD_UNROLL
-        for (int m = 0; m < M; m++) {
-            const int c = j + 8 * m;
-            float *v = q[g * M + m];
-            v[0] = v[1] = v[2] = v[3] = 0.0f;
-            if (g < a->group && c < chunks) lq_ad_load4(a->q + row * hd + 4 * c, v);
-        }
+        lq_ad_load_row(a->q + row * hd, g < a->group, M, j, chunks, q + g * M);
     }
 
     // pass 1: the scores and each row's maximum
@@ -127,12 +133,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
         const int index = base + slot, key = begin + index, valid = index < count;
         const float *k_row = key == fresh_key ? k_fresh : k_base + (size_t)key * kv_dim;
         float k[8][4];
-        LQ_AD_UNROLL
-        for (int m = 0; m < M; m++) {
-            const int c = j + 8 * m;
-            k[m][0] = k[m][1] = k[m][2] = k[m][3] = 0.0f;
-            if (valid && c < chunks) lq_ad_load4(k_row + 4 * c, k[m]);
-        }
+        lq_ad_load_row(k_row, valid, M, j, chunks, k);
         LQ_AD_UNROLL
         for (int g = 0; g < G; g++) {
             float s = 0.0f;
@@ -181,12 +182,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
         const int index = base + slot, key = begin + index, valid = index < count;
         const float *v_row = key == fresh_key ? v_fresh : v_base + (size_t)key * kv_dim;
         float v[8][4];
-        LQ_AD_UNROLL
-        for (int m = 0; m < M; m++) {
-            const int c = j + 8 * m;
-            v[m][0] = v[m][1] = v[m][2] = v[m][3] = 0.0f;
-            if (valid && c < chunks) lq_ad_load4(v_row + 4 * c, v[m]);
-        }
+        lq_ad_load_row(v_row, valid, M, j, chunks, v);
         LQ_AD_UNROLL
         for (int g = 0; g < G; g++) {
             const float p = valid ? lq_ad_exp(scores[g * a->split_len + index] - row_max[g]) : 0.0f;

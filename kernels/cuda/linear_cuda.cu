@@ -532,8 +532,8 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     if (variant == 0) variant = w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;
     int rows_per_warp = 0;
     const lq_decode_fn rows_fn = variant == 5 || variant == 52 || variant == 54
-                                         ? lq_rows_pick(cuda, w, bpc, variant, &rows_per_warp)
-                                         : NULL;
+                                     ? lq_rows_pick(cuda, w, bpc, variant, &rows_per_warp)
+                                     : NULL;
     const bool rows = rows_fn != NULL;
     const lq_m1_fn mma1_kernel = variant == 6 ? lq_mma1_pick(w, bpc) : NULL;
     if (variant == 6 && !mma1_kernel) variant = 1;

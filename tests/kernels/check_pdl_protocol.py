@@ -29,6 +29,19 @@ def strip_comments(text):
     return re.sub(r"//[^\n]*", " ", text)
 
 
+def closing(text, start, open_char, close_char):
+    """The index of the bracket that closes the one at text[start] (len(text) if none)."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == open_char:
+            depth += 1
+        elif text[i] == close_char:
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(text)
+
+
 def bodies(text):
     """(name, is_kernel, body) of every function definition with a body."""
     out = []
@@ -37,15 +50,7 @@ def bodies(text):
         if name in ("if", "for", "while", "switch", "return", "sizeof", "defined", "catch"):
             continue
         # the parameter list, then '{' (possibly after qualifiers) makes a definition
-        depth, i = 0, m.end() - 1
-        while i < len(text):
-            if text[i] == "(":
-                depth += 1
-            elif text[i] == ")":
-                depth -= 1
-                if depth == 0:
-                    break
-            i += 1
+        i = closing(text, m.end() - 1, "(", ")")
         j = i + 1
         while j < len(text) and text[j] in " \t\n":
             j += 1
@@ -54,15 +59,7 @@ def bodies(text):
         head = text[max(0, m.start() - 300):m.start()]
         head = head[head.rfind(";") + 1:] if ";" in head else head
         head = head[head.rfind("}") + 1:] if "}" in head else head
-        depth, k = 0, j
-        while k < len(text):
-            if text[k] == "{":
-                depth += 1
-            elif text[k] == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-            k += 1
+        k = closing(text, j, "{", "}")
         out.append((name, "__global__" in head, text[j:k + 1]))
     return out
 
@@ -121,11 +118,8 @@ def main():
     chevron = set(re.findall(r"\b([A-Za-z_][A-Za-z_0-9]*)\s*(?:<[^<>;{}()]*>)?\s*<<<", text))
     in_calls = set()
     for m in re.finditer(r"\b(?:lq_launch_pdl|cudaLaunchKernelEx)\s*\(", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"(": 1, ")": -1}.get(text[i], 0)
-            i += 1
-        in_calls.update(k for k in kernels if re.search(r"\b%s\b" % re.escape(k), text[m.end():i]))
+        arguments = text[m.end():closing(text, m.end() - 1, "(", ")")]
+        in_calls.update(k for k in kernels if re.search(r"\b%s\b" % re.escape(k), arguments))
     named = {k for k in named if k not in chevron or k in in_calls}
     checked, broken = len(named), sorted(k for k in named if k not in waiting)
     print("%d kernels may be launched with the attribute; %d of them do not wait" % (checked, len(broken)))
