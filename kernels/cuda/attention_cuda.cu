@@ -541,12 +541,11 @@ int attention_decode_run(struct lq_cuda *cuda, attention_params p, int sequences
     if (p.tokens != 1 || !p.vec || chunks == 0 || rows == 0 ||
         chunks * rows > LQ_AD_MAX_ROWS_CHUNKS)
         return 1;
-    int splits = split_count(cuda, (long long)p.kv_heads * sequences, sequences, keys);
-    int split_len = ceil_div(ceil_div(keys, splits), LQ_AD_STEP_KEYS) * LQ_AD_STEP_KEYS;
-    const int longest = LQ_AD_MAX_SCORES / rows / LQ_AD_STEP_KEYS * LQ_AD_STEP_KEYS;
-    if (split_len > longest) split_len = longest;
-    splits = ceil_div(keys, split_len);
-    if (splits > MAX_SPLITS || (long long)sequences * splits > 65535) return 1;
+    int splits = 0, split_len = 0;
+    if (lq_ad_plan(keys, rows,
+                   split_count(cuda, (long long)p.kv_heads * sequences, sequences, keys), sequences,
+                   MAX_SPLITS, &splits, &split_len))
+        return 1;
     p.splits = splits, p.split_len = split_len;
     int rc = split_workspace(cuda, &p, sequences);
     if (rc) return rc;

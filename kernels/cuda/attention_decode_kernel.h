@@ -63,6 +63,28 @@ static inline int lq_ad_rows(int group) {
     return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : group <= 8 ? 8 : 0;
 }
 
+// How the kernel splits the keys 0 .. keys − 1 of the longest sequence, given the number of
+// splits wanted (the launcher's rule for filling the GPU; at most max_splits and 65535 /
+// sequences, the grid's height): *split_len keys each (a multiple of LQ_AD_STEP_KEYS; rows ·
+// split_len scores fit LQ_AD_MAX_SCORES), as many splits as that takes and no empty one. 0, or
+// −1 where the shared memory alone needs more splits than those caps allow: the tile kernel
+// runs then.
+static inline int lq_ad_plan(int keys, int rows, int wanted, int sequences, int max_splits,
+                             int *splits, int *split_len) {
+    if (keys < 1 || rows < 1 || sequences < 1 || max_splits < 1) return -1;
+    if (wanted > max_splits) wanted = max_splits;
+    if (wanted > 65535 / sequences) wanted = 65535 / sequences;
+    if (wanted < 1) wanted = 1;
+    const int per_split = (keys + wanted - 1) / wanted;
+    int len = (per_split + LQ_AD_STEP_KEYS - 1) / LQ_AD_STEP_KEYS * LQ_AD_STEP_KEYS;
+    const int longest = LQ_AD_MAX_SCORES / rows / LQ_AD_STEP_KEYS * LQ_AD_STEP_KEYS;
+    if (len > longest) len = longest;
+    const int count = (keys + len - 1) / len;
+    if (count > max_splits || (long long)sequences * count > 65535) return -1;
+    *splits = count, *split_len = len;
+    return 0;
+}
+
 // Shared memory in floats: the scores, the warps' sums, their maxima and totals.
 static inline size_t lq_ad_shared_floats(int rows, int head_dim, int split_len) {
     return (size_t)rows * split_len + (size_t)LQ_AD_WARPS * rows * head_dim +

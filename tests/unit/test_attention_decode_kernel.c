@@ -230,4 +230,46 @@ static void test_batch(void) {
     check_case(1, 3, positions + 1, 4, 4, 128, 2);
 }
 
-LQ_TEST_MAIN(LQ_TEST(test_one_sequence), LQ_TEST(test_shapes), LQ_TEST(test_batch))
+/* lq_ad_plan, the launcher's split of the keys, over many shapes: splits of whole steps that
+ * fit the scores' shared memory, cover every key, none empty, within the caps; refused only
+ * where the caps leave no way. */
+static void test_plan(void) {
+    const int key_counts[] = {1,    2,    31,    32,    33,    100,    511,   513,
+                              4096, 4097, 20000, 65536, 70000, 131072, 600000};
+    const int row_counts[] = {1, 2, 4, 8}, wanted[] = {1, 2, 3, 17, 44, 128, 500};
+    const int sequence_counts[] = {1, 6, 64, 600, 65535};
+    int plans = 0, refused = 0;
+    for (size_t k = 0; k < sizeof key_counts / sizeof key_counts[0]; k++)
+        for (size_t r = 0; r < 4; r++)
+            for (size_t w = 0; w < sizeof wanted / sizeof wanted[0]; w++)
+                for (size_t s = 0; s < sizeof sequence_counts / sizeof sequence_counts[0]; s++) {
+                    const int keys = key_counts[k], rows = row_counts[r];
+                    const int sequences = sequence_counts[s];
+                    int splits = -7, len = -7;
+                    const int rc = lq_ad_plan(keys, rows, wanted[w], sequences, 128, &splits, &len);
+                    /* the fewest splits the shared memory allows */
+                    const int longest = LQ_AD_MAX_SCORES / rows / LQ_AD_STEP_KEYS * LQ_AD_STEP_KEYS;
+                    const int fewest = (keys + longest - 1) / longest;
+                    if (rc) {
+                        refused++;
+                        CHECK_MSG(fewest > 128 || (long long)sequences * fewest > 65535,
+                                  "keys %d rows %d wanted %d sequences %d: refused", keys, rows,
+                                  wanted[w], sequences);
+                        continue;
+                    }
+                    plans++;
+                    CHECK_MSG(len > 0 && len % LQ_AD_STEP_KEYS == 0 &&
+                                  (size_t)rows * len <= LQ_AD_MAX_SCORES &&
+                                  (long long)splits * len >= keys &&
+                                  (long long)(splits - 1) * len < keys && splits <= 128 &&
+                                  (long long)sequences * splits <= 65535 &&
+                                  (splits <= wanted[w] || len == longest),
+                              "keys %d rows %d wanted %d sequences %d: %d splits of %d", keys, rows,
+                              wanted[w], sequences, splits, len);
+                }
+    printf("%d plans checked, %d refused\n", plans, refused);
+    CHECK(plans > 0 && refused > 0);
+}
+
+LQ_TEST_MAIN(LQ_TEST(test_one_sequence), LQ_TEST(test_shapes), LQ_TEST(test_batch),
+             LQ_TEST(test_plan))
