@@ -103,6 +103,13 @@ LQ_AD_FN void lq_ad_load_row(const float *row, int valid, int M, int j, int chun
     }
 }
 
+// Key `key`'s row of a cache (base: the kv head's column of row 0), or `fresh` for the new key
+// of a batch (fresh_key: its position, −1 for none).
+LQ_AD_FN const float *lq_ad_key_row(const float *base, const float *fresh, int fresh_key, int key,
+                                    int kv_dim) {
+    return key == fresh_key ? fresh : base + (size_t)key * kv_dim;
+}
+
 // CTA (kv_head, z = sequence · splits + split), thread `thread`; `shared` holds
 // lq_ad_shared_floats(G, head_dim, split_len) floats. M = lq_ad_chunks(head_dim) and
 // G = lq_ad_rows(group) are compile-time constants on the GPU, with G·M <= 16.
@@ -153,9 +160,9 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
     for (int g = 0; g < G; g++) row_max[g] = -INFINITY;
     for (int base = warp * 4; base < count; base += LQ_AD_STEP_KEYS) {
         const int index = base + slot, key = begin + index, valid = index < count;
-        const float *k_row = key == fresh_key ? k_fresh : k_base + (size_t)key * kv_dim;
         float k[8][4];
-        lq_ad_load_row(k_row, valid, M, j, chunks, k);
+        lq_ad_load_row(lq_ad_key_row(k_base, k_fresh, fresh_key, key, kv_dim), valid, M, j, chunks,
+                       k);
         LQ_AD_UNROLL
         for (int g = 0; g < G; g++) {
             float s = 0.0f;
@@ -202,9 +209,9 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
     }
     for (int base = warp * 4; base < count; base += LQ_AD_STEP_KEYS) {
         const int index = base + slot, key = begin + index, valid = index < count;
-        const float *v_row = key == fresh_key ? v_fresh : v_base + (size_t)key * kv_dim;
         float v[8][4];
-        lq_ad_load_row(v_row, valid, M, j, chunks, v);
+        lq_ad_load_row(lq_ad_key_row(v_base, v_fresh, fresh_key, key, kv_dim), valid, M, j, chunks,
+                       v);
         LQ_AD_UNROLL
         for (int g = 0; g < G; g++) {
             const float p = valid ? lq_ad_exp(scores[g * a->split_len + index] - row_max[g]) : 0.0f;

@@ -818,13 +818,12 @@ static void test_cholqr(void) {
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         const int n = sizes[s];
         const size_t count = (size_t)n * n;
-        double *gram = malloc(count * sizeof *gram), *l = malloc(count * sizeof *l);
-        double *inverse = malloc(count * sizeof *inverse);
+        struct cholesky_reference_case c;
+        CHECK(cholesky_reference_case_make(&rng, n, &c) == 0);
+        double *gram = c.gram; /* its upper triangle is marked below */
+        const double *l = c.l, *inverse = c.inverse;
         double *out[2] = {malloc(count * sizeof(double)), malloc(count * sizeof(double))};
         double *again = malloc(count * sizeof *again);
-        cholesky_reference_gram(&rng, n, gram);
-        CHECK(cholesky_reference_factor(gram, n, l) == 0);
-        cholesky_reference_inverse(l, n, inverse);
         for (int k = 1; k < n; k++)
             for (int i = 0; i < k; i++) gram[i + (size_t)k * n] = upper_mark;
         const double tolerance = cholesky_reference_tolerance(gram, l, inverse, n);
@@ -871,7 +870,8 @@ static void test_cholqr(void) {
                           "cholqr %s n %d invert %d: second pass: flag %d", kernels[v], n, invert,
                           failed);
             }
-        free(gram), free(l), free(inverse), free(out[0]), free(out[1]), free(again);
+        cholesky_reference_case_free(&c);
+        free(out[0]), free(out[1]), free(again);
     }
     /* the pivot test: a nearly dependent column, a NaN, an infinity */
     static const int failing[] = {2, 17, 74, 160};

@@ -114,4 +114,28 @@ static inline double cholesky_reference_tolerance(const double *g, const double 
     return 8.0 * 2.220446049250313e-16 * n * sqrt(a) * sqrt(b);
 }
 
+/* A test case: a random Gram matrix like CholeskyQR's (cholesky_reference_gram), its reference
+ * factor L and L⁻¹, n x n column-major each; free with cholesky_reference_case_free. Returns
+ * cholesky_reference_factor's result (0: positive definite). */
+struct cholesky_reference_case {
+    double *gram, *l, *inverse;
+};
+
+static inline int cholesky_reference_case_make(struct lq_rng *rng, int n,
+                                               struct cholesky_reference_case *c) {
+    const size_t count = (size_t)n * n;
+    c->gram = malloc(count * sizeof(double));
+    c->l = malloc(count * sizeof(double));
+    c->inverse = malloc(count * sizeof(double));
+    if (!c->gram || !c->l || !c->inverse) abort();
+    cholesky_reference_gram(rng, n, c->gram);
+    const int rc = cholesky_reference_factor(c->gram, n, c->l);
+    cholesky_reference_inverse(c->l, n, c->inverse);
+    return rc;
+}
+
+static inline void cholesky_reference_case_free(struct cholesky_reference_case *c) {
+    free(c->gram), free(c->l), free(c->inverse);
+}
+
 #endif

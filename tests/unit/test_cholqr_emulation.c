@@ -249,11 +249,10 @@ static void test_factor_and_inverse(void) {
     for (size_t s = 0; s < SIZES; s++) {
         const int n = sizes[s];
         const size_t count = (size_t)n * n;
-        double *gram = malloc(count * sizeof *gram), *l = malloc(count * sizeof *l);
-        double *inverse = malloc(count * sizeof *inverse), *out = malloc(count * sizeof *out);
-        cholesky_reference_gram(&rng, n, gram);
-        CHECK(cholesky_reference_factor(gram, n, l) == 0);
-        cholesky_reference_inverse(l, n, inverse);
+        struct cholesky_reference_case c;
+        CHECK(cholesky_reference_case_make(&rng, n, &c) == 0);
+        const double *gram = c.gram, *l = c.l, *inverse = c.inverse;
+        double *out = malloc(count * sizeof *out);
         const double tolerance = cholesky_reference_tolerance(gram, l, inverse, n);
         for (int invert = 0; invert <= 1; invert++) {
             memcpy(out, gram, count * sizeof *out);
@@ -276,7 +275,8 @@ static void test_factor_and_inverse(void) {
                               "n %d invert %d: upper (%d, %d) = %g", n, invert, i, k, upper);
                 }
         }
-        free(gram), free(l), free(inverse), free(out);
+        cholesky_reference_case_free(&c);
+        free(out);
     }
 }
 
@@ -322,11 +322,10 @@ static void test_first_and_skip(void) {
     lq_rng_seed(&rng, 76);
     const int n = 74;
     const size_t count = (size_t)n * n;
-    double *gram = malloc(count * sizeof *gram), *out = malloc(count * sizeof *out);
-    double *l = malloc(count * sizeof *l), *inverse = malloc(count * sizeof *inverse);
-    cholesky_reference_gram(&rng, n, gram);
-    CHECK(cholesky_reference_factor(gram, n, l) == 0);
-    cholesky_reference_inverse(l, n, inverse);
+    struct cholesky_reference_case c;
+    CHECK(cholesky_reference_case_make(&rng, n, &c) == 0);
+    const double *gram = c.gram, *l = c.l, *inverse = c.inverse;
+    double *out = malloc(count * sizeof *out);
     struct emulation e;
     for (int invert = 0; invert <= 1; invert++) {
         memcpy(out, gram, count * sizeof *out);
@@ -340,7 +339,8 @@ static void test_first_and_skip(void) {
         CHECK(cholesky_reference_error(out, invert ? inverse : l, gram, n, invert) <=
               cholesky_reference_tolerance(gram, l, inverse, n));
     }
-    free(gram), free(out), free(l), free(inverse);
+    cholesky_reference_case_free(&c);
+    free(out);
 }
 
 LQ_TEST_MAIN(LQ_TEST(test_factor_and_inverse), LQ_TEST(test_pivot_failures),
