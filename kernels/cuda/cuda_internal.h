@@ -67,6 +67,7 @@ struct lq_cuda_graph {
 struct lq_cuda {
     int device;
     int sm_count;
+    unsigned reserved_shared; // bytes of shared memory the driver keeps below a CTA's own
     size_t l2_bytes;
     char name[256];
     cudaStream_t stream;

@@ -33,10 +33,29 @@ __device__ __forceinline__ static void lq_m1_ldg_f32x4(const float *p, float v[4
     const float4 q = __ldg((const float4 *)p);
     v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
 }
-__device__ __forceinline__ static void lq_m1_lds_u32x8(const uint32_t *p, uint32_t v[8]) {
-    const uint4 lo = ((const uint4 *)p)[0], hi = ((const uint4 *)p)[1];
-    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
-    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+__device__ __forceinline__ static void lq_m1_lds_u32x8(uint32_t address, uint32_t v[8]) {
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%8];\n\t"
+                 "ld.shared.v4.u32 {%4, %5, %6, %7}, [%8+16];"
+                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]), "=r"(v[4]), "=r"(v[5]),
+                   "=r"(v[6]), "=r"(v[7])
+                 : "r"(address)
+                 : "memory");
+}
+// The kernel's dynamic shared memory (gemv_mma1_kernel.h: its layout).
+extern __shared__ uint4 lq_m1_shared[];
+__device__ __forceinline__ static uint32_t lq_m1_window(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+// A lookup by its window address (lq_m1_pair_offset: the pair's bits OR the lane's address).
+// Volatile with a memory clobber: the compiler must not move it above the barrier after the
+// table is staged.
+__device__ __forceinline__ static uint32_t lq_m1_lds_pair(uint32_t address) {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address) : "memory");
+    return v;
+}
+__device__ __forceinline__ static void lq_m1_misaligned(void) {
+    __trap();
 }
 __device__ __forceinline__ static uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift) {
     return __funnelshift_r(lo, hi, shift);
@@ -103,14 +122,14 @@ __device__ __forceinline__ static void lq_m1_prefetch_l2(const void *p) {
 // 3 CTAs (24 warps) per SM: at most 85 registers a thread.
 #define LQ_M1_CTAS_PER_SM 3
 
-template <int BITS, int BPC>
+template <int BITS, int BPC, int SHARE>
 __global__ void __launch_bounds__(LQ_M1_THREADS, LQ_M1_CTAS_PER_SM)
     lq_gemv_mma1_kernel(const __grid_constant__ lq_m1_args a) {
     lq_pdl_trigger(); // the next kernel waits for this one before it reads (pdl_cuda.cuh)
     static_assert(BITS >= 2 && BITS <= LQ_M1_MAX_BITS, "pair tables of 16 to 256 entries");
     static_assert(BPC == 1 || BPC == 2, "one block per chunk, or two (B0 = 16)");
-    extern __shared__ uint4 lq_m1_shared[];
-    lq_m1_body(&a, BITS, BPC, (int)blockIdx.x, (int)threadIdx.x, (uint32_t *)lq_m1_shared);
+    static_assert(!SHARE || BPC == 1, "shared scales need B0 % 64 == 0");
+    lq_m1_body(&a, BITS, BPC, SHARE, (int)blockIdx.x, (int)threadIdx.x, (uint32_t *)lq_m1_shared);
 }
 
 #endif

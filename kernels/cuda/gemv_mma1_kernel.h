@@ -41,7 +41,11 @@
 //   uint32_t lq_m1_ldg_u32(const uint32_t *p); uint32_t lq_m1_ldg_u16(const uint16_t *p);
 //   float lq_m1_ldg_f32(const float *p); float lq_m1_ldcg_f32(const float *p);
 //   void lq_m1_ldg_f32x4(const float *p, float v[4]);   (p 16-byte aligned)
-//   void lq_m1_lds_u32x8(const uint32_t *p, uint32_t v[8]);   (p 16-byte aligned)
+//   void lq_m1_lds_u32x8(uint32_t address, uint32_t v[8]);   (32 bytes at a 16-byte aligned
+//       shared-window address)
+//   uint32_t lq_m1_window(const void *p);   (the shared-window address of shared memory at p)
+//   uint32_t lq_m1_lds_pair(uint32_t address);   (the shared word at that window address)
+//   void lq_m1_misaligned(void);   (stops the launch with an error: __trap)
 //   uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift);   (__funnelshift_r)
 //   uint32_t lq_m1_half2_bits(float lo, float hi);   (round to nearest, lo in the low half)
 //   float lq_m1_half_to_float(uint32_t bits);   float lq_m1_u2f(uint32_t v);   (RN)
@@ -85,15 +89,21 @@ struct lq_m1_args {
     struct lq_divisor group;          // block → group (B1)
     int chunks_per_row;               // cols / 32
     int rg_log;                       // log2 of the row groups per CTA (0..3)
-    int prefetch_tiles; // > 0: the words of tile kt + prefetch_tiles are asked into L2 at kt
-    int share_scales;   // bpc = 1, B0 % 64 == 0 and cols % B0 == 0: see lq_m1_tile_scales
+    int prefetch_tiles;    // > 0: the words of tile kt + prefetch_tiles are asked into L2 at kt
+    int share_scales;      // bpc = 1, B0 % 64 == 0 and cols % B0 == 0: see lq_m1_tile_scales (the
+                           // GPU takes it as a template argument: lq_m1_body's share)
+    uint32_t table_offset; // lq_m1_table_offset(bits, chunks_per_row, window base)
 };
 
-// Shared memory, in 32-bit words, in this order: the pair table (4^bits entries x 32 lanes),
-// x in fp16 (16 words per chunk, for every chunk of the padded k-tiles), 4 words of padding
-// and 16 of zeros (in banks 4-7 and 12-15: an x read in the same LDS.128 phase, in banks 0-3,
-// 8-11, 16-19 or 24-27, does not conflict with them),
-// the warps' row sums (8 x 16 floats).
+// Shared memory, in this order: x in fp16 (16 words per chunk, for every chunk of the padded
+// k-tiles), 4 words of padding and 16 of zeros (in banks 4-7 and 12-15: an x read in the same
+// LDS.128 phase, in banks 0-3, 8-11, 16-19 or 24-27, does not conflict with them), the warps'
+// row sums (8 x 16 floats), then the pair table (4^bits entries x 32 lanes) at the first
+// shared-window address that is a multiple of 2^(7 + 2·bits): a lookup's address is then the
+// pair's bits OR the lane's address in the table, one LOP3 (with the table's base added, each
+// lookup took another IADD). window_base is the window address where the kernel's dynamic
+// shared memory starts: the driver's reserved bytes (cudaDevAttrReservedSharedMemoryPerBlock;
+// the kernel has no static shared memory); the kernel checks the table's alignment.
 LQ_M1_HD uint32_t lq_m1_pair_words(int bits) {
     return (1u << (2 * bits)) * 32u;
 }
@@ -101,27 +111,36 @@ LQ_M1_HD uint32_t lq_m1_x_words(int chunks_per_row) {
     const uint32_t tiles = ((uint32_t)chunks_per_row + LQ_M1_TILE_CHUNKS - 1) / LQ_M1_TILE_CHUNKS;
     return tiles * LQ_M1_TILE_CHUNKS * 16u;
 }
-LQ_M1_HD uint32_t lq_m1_shared_bytes(int bits, int chunks_per_row) {
-    return 4u * (lq_m1_pair_words(bits) + lq_m1_x_words(chunks_per_row) + 20u + 8u * 16u);
+LQ_M1_HD uint32_t lq_m1_table_align(int bits) {
+    return 1u << (7 + 2 * bits);
+}
+LQ_M1_HD uint32_t lq_m1_table_offset(int bits, int chunks_per_row, uint32_t window_base) {
+    const uint32_t align = lq_m1_table_align(bits);
+    const uint32_t front = window_base + 4u * (lq_m1_x_words(chunks_per_row) + 20u + 8u * 16u);
+    return ((front + align - 1u) & ~(align - 1u)) - window_base;
+}
+LQ_M1_HD uint32_t lq_m1_shared_bytes(int bits, int chunks_per_row, uint32_t window_base) {
+    return lq_m1_table_offset(bits, chunks_per_row, window_base) + 4u * lq_m1_pair_words(bits);
 }
 
 // What a lane loads for one row and one chunk: the chunk's words, the 32-bit window of scale
-// codes that starts at its first block, and its group scale's bits (zeros when invalid).
+// codes that starts at its first block, and its group scale's bits.
 struct lq_m1_raw {
     uint32_t w[LQ_M1_MAX_BITS];
     uint32_t window, group_bits;
 };
 
-LQ_M1_FN void lq_m1_load(const struct lq_m1_args *a, int bits, int bpc, int valid, int with_scale,
-                         uint32_t ci, struct lq_m1_raw *r) {
-    LQ_M1_UNROLL
-    for (int i = 0; i < LQ_M1_MAX_BITS; i++) r->w[i] = 0u;
-    r->window = 0u, r->group_bits = 0u;
-    if (!valid) return;
+// Chunk ci's words (ci always names a chunk of the matrix: see lq_m1_load_tile).
+LQ_M1_FN void lq_m1_load_words(const struct lq_m1_args *a, int bits, uint32_t ci,
+                               struct lq_m1_raw *r) {
     const uint32_t *p = a->codes + (uint64_t)ci * (uint32_t)bits;
     LQ_M1_UNROLL
-    for (int i = 0; i < bits; i++) r->w[i] = lq_m1_ldg_u32(p + i);
-    if (!with_scale) return;
+    for (int i = 0; i < LQ_M1_MAX_BITS; i++) r->w[i] = i < bits ? lq_m1_ldg_u32(p + i) : 0u;
+}
+
+// Chunk ci's scale codes and group scale.
+LQ_M1_FN void lq_m1_load_scale(const struct lq_m1_args *a, int bpc, uint32_t ci,
+                               struct lq_m1_raw *r) {
     // blocks < 2^26 and b1 <= 8 (rows·cols < 2^31, B0 >= 16): the bit index fits 32 bits
     const uint32_t block0 = bpc == 1 ? lq_div(ci, a->chunk_block) : ci * (uint32_t)bpc;
     const uint32_t group = lq_div(block0, a->group), bit = block0 * (uint32_t)a->b1;
@@ -141,23 +160,23 @@ LQ_M1_FN float lq_m1_block_scale(const struct lq_m1_args *a, uint32_t code, floa
     return lq_m1_fadd(a->offset, quotient);
 }
 
-// The chunk's block scales (bpc of them); 0 for an invalid chunk.
-LQ_M1_FN void lq_m1_scales(const struct lq_m1_args *a, int bpc, int valid,
-                           const struct lq_m1_raw *r, float scale[2]) {
+// The chunk's block scales (bpc of them; 0 for the second when bpc = 1).
+LQ_M1_FN void lq_m1_scales(const struct lq_m1_args *a, int bpc, const struct lq_m1_raw *r,
+                           float scale[2]) {
     const float group_scale = a->b2 == LQ_M1_SCALE_FP32   ? lq_m1_u32_as_float(r->group_bits)
                               : a->b2 == LQ_M1_SCALE_BF16 ? lq_m1_u32_as_float(r->group_bits << 16)
                                                           : lq_m1_half_to_float(r->group_bits);
     const uint32_t mask = (1u << a->b1) - 1u;
     LQ_M1_UNROLL
-    for (int b = 0; b < 2; b++) {
-        const float s = lq_m1_block_scale(a, (r->window >> (b * a->b1)) & mask, group_scale);
-        scale[b] = valid && b < bpc ? s : 0.0f;
-    }
+    for (int b = 0; b < 2; b++)
+        scale[b] =
+            b < bpc ? lq_m1_block_scale(a, (r->window >> (b * a->b1)) & mask, group_scale) : 0.0f;
 }
 
-// Byte offset of pair p's entry for this lane in the pair table: the pair's 2·bits bits (codes
-// 2p and 2p+1 of the chunk) moved to bit 7, OR the lane's 4·lane. Entry e of lane l is word
-// e·32 + l, so every lane reads its own bank whatever the codes.
+// Pair p's entry for this lane in the pair table: the pair's 2·bits bits (codes 2p and 2p+1 of
+// the chunk) moved to bit 7, OR lane_bytes: the lane's 4·lane (a byte offset from the table),
+// or its whole address where the table's address has no bits in the field (lq_m1_table_offset).
+// Entry e of lane l is word e·32 + l, so every lane reads its own bank whatever the codes.
 LQ_M1_FN uint32_t lq_m1_pair_offset(const uint32_t *w, int bits, int p, uint32_t lane_bytes) {
     const uint32_t field = ((1u << (2 * bits)) - 1u) << 7;
     const int start = p * 2 * bits, word = start >> 5, off = start & 31;
@@ -199,12 +218,18 @@ LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int bits, int thread, uint
     if (thread < 16) zeros[thread] = 0u;
 }
 
-// What a lane keeps through the main loop.
+// What a lane keeps through the main loop. Rows past the matrix are read as its last row and
+// chunks past a row as the row's last chunk, so that every load is in bounds without a branch:
+// a chunk past the row meets x's zero padding (its products are 0), and a row past the matrix
+// is never written.
 struct lq_m1_lane {
-    int t, real_first, real_second, row[2], row_ok[2], kt_end;
-    uint32_t lane_bytes;
-    const char *table;
-    const uint32_t *xs, *zeros;
+    int t, real_first, real_second, row[2], kt_end;
+    uint32_t row_ci[2]; // the first chunk of the lane's (clamped) rows
+    uint32_t last_chunk;
+    uint32_t lane_address;   // the window address of the lane's column of the pair table
+    uint32_t x_step[2];      // what the cursor's x addresses advance by per tile (0: zeros)
+    uint32_t prefetch_ci;    // the row (g or g+8, by t / 2) this lane prefetches: its first chunk
+    uint32_t prefetch_ahead; // from the lane's chunk to the one it prefetches
 };
 
 LQ_M1_FN void lq_m1_lane_init(const struct lq_m1_args *a, int bpc, int thread, int row0, int kt_end,
@@ -213,84 +238,98 @@ LQ_M1_FN void lq_m1_lane_init(const struct lq_m1_args *a, int bpc, int thread, i
     const int lane = thread & 31, g = lane >> 2, t = lane & 3;
     l->t = t;
     LQ_M1_UNROLL
-    for (int h = 0; h < 2; h++) l->row[h] = row0 + g + 8 * h, l->row_ok[h] = l->row[h] < a->rows;
+    for (int h = 0; h < 2; h++) {
+        l->row[h] = row0 + g + 8 * h;
+        const int clamped = l->row[h] < a->rows ? l->row[h] : a->rows - 1;
+        l->row_ci[h] = (uint32_t)clamped * (uint32_t)a->chunks_per_row;
+    }
+    l->last_chunk = (uint32_t)a->chunks_per_row - 1u;
     l->kt_end = kt_end;
     // B: lane (g, t) holds column g, so x only where g = 2t + b for the block b that its mma
     // steps belong to (b = 0 throughout when bpc = 1).
     l->real_first = g == 2 * t, l->real_second = bpc == 1 ? g == 2 * t : g == 2 * t + 1;
-    l->lane_bytes = (uint32_t)lane * 4u;
-    l->table = (const char *)pairs, l->xs = xs, l->zeros = zeros;
+    l->lane_address = lq_m1_window(pairs) + (uint32_t)lane * 4u;
+    (void)xs, (void)zeros;
+    // A quad's four prefetches cover a tile P ahead of both rows: lanes 0 and 1 row g at its
+    // chunks 0 and 2, lanes 2 and 3 row g+8 (a tile of a row is 4·b0 words: two prefetches
+    // 8·b0 bytes apart reach every 32-byte sector it touches in most cases; it is a hint).
+    l->prefetch_ci = l->row_ci[t >> 1];
+    l->prefetch_ahead = (uint32_t)(LQ_M1_TILE_CHUNKS * a->prefetch_tiles + 2 * (t & 1) - t);
+    l->x_step[0] = l->real_first ? 16u * 4u * LQ_M1_TILE_CHUNKS : 0u;
+    l->x_step[1] = l->real_second ? 16u * 4u * LQ_M1_TILE_CHUNKS : 0u;
 }
 
-// Where a lane is: tile kt, its chunk there (kt·4 + t) and that chunk's index among all the
-// matrix's chunks for each of its two rows.
+// Where a lane is: tile kt and its chunk there (kt·4 + t; past the row in a last, partial tile
+// or past the lane's tiles), and the window addresses of its B fragments' x words there (x's
+// words of that chunk, or the zeros: the first 8 words for block 0's steps, the last 8 for
+// block 1's).
 struct lq_m1_cursor {
-    int kt, chunk;
-    uint32_t ci[2];
+    int kt;
+    uint32_t chunk;
+    uint32_t x[2];
 };
 
-// The cursor's tile for both rows (zeros past the rows, the chunks or the lane's tiles). With
-// shared scales (a->share_scales) a lane loads the scale codes of row t mod 2 only.
-LQ_M1_FN void lq_m1_load_tile(const struct lq_m1_args *a, int bits, int bpc,
+// The cursor's tile for both rows. With shared scales (share) a lane loads the scale codes of
+// row t mod 2 only, into raw[0].
+LQ_M1_FN void lq_m1_load_tile(const struct lq_m1_args *a, int bits, int bpc, int share,
                               const struct lq_m1_lane *l, const struct lq_m1_cursor *c,
                               struct lq_m1_raw raw[2]) {
-    const int valid = c->kt < l->kt_end && c->chunk < a->chunks_per_row;
+    const uint32_t chunk = c->chunk < l->last_chunk ? c->chunk : l->last_chunk;
+    uint32_t ci[2];
     LQ_M1_UNROLL
-    for (int h = 0; h < 2; h++)
-        lq_m1_load(a, bits, bpc, valid && l->row_ok[h], !a->share_scales || (l->t & 1) == h,
-                   c->ci[h], &raw[h]);
+    for (int h = 0; h < 2; h++) {
+        ci[h] = l->row_ci[h] + chunk;
+        lq_m1_load_words(a, bits, ci[h], &raw[h]);
+    }
+    if (share) {
+        lq_m1_load_scale(a, 1, (l->t & 1) ? ci[1] : ci[0], &raw[0]);
+        return;
+    }
+    LQ_M1_UNROLL
+    for (int h = 0; h < 2; h++) lq_m1_load_scale(a, bpc, ci[h], &raw[h]);
 }
 
 // The block scales of the tile at c for both rows. Shared: lanes t and t ^ 1 decode chunks of
 // one block (B0 >= 64, rows that start on a block), so each rebuilds the scale of row t mod 2
 // and takes the other row's from its partner.
-LQ_M1_FN void lq_m1_tile_scales(const struct lq_m1_args *a, int bpc, const struct lq_m1_lane *l,
-                                const struct lq_m1_cursor *c, const struct lq_m1_raw raw[2],
+LQ_M1_FN void lq_m1_tile_scales(const struct lq_m1_args *a, int bpc, int share,
+                                const struct lq_m1_lane *l, const struct lq_m1_raw raw[2],
                                 float scale[2][2]) {
-    const int chunk_ok = c->chunk < a->chunks_per_row;
-    if (a->share_scales) {
-        // the other row's scale codes were not loaded (zeros): an OR picks this lane's row
-        // without indexing the registers by a run-time value
-        const int mine = l->t & 1;
-        struct lq_m1_raw picked;
-        picked.window = raw[0].window | raw[1].window;
-        picked.group_bits = raw[0].group_bits | raw[1].group_bits;
+    if (share) {
         float own[2];
-        lq_m1_scales(a, 1, (mine ? l->row_ok[1] : l->row_ok[0]) && chunk_ok, &picked, own);
+        lq_m1_scales(a, 1, &raw[0], own);
         const float other = lq_m1_shfl_xor(own[0], 1);
+        const int mine = l->t & 1;
         scale[0][0] = mine == 0 ? own[0] : other, scale[1][0] = mine == 0 ? other : own[0];
         scale[0][1] = scale[1][1] = 0.0f;
         return;
     }
     LQ_M1_UNROLL
-    for (int h = 0; h < 2; h++) lq_m1_scales(a, bpc, l->row_ok[h] && chunk_ok, &raw[h], scale[h]);
+    for (int h = 0; h < 2; h++) lq_m1_scales(a, bpc, &raw[h], scale[h]);
 }
 
 // One tile: the next tile's loads go out (and a later one's L2 prefetch), then cur is decoded
 // into the mma fragments, multiplied with x and scaled into acc; the cursor moves on.
-LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, const struct lq_m1_lane *l,
-                         struct lq_m1_cursor *c, const struct lq_m1_raw cur[2],
-                         struct lq_m1_raw next[2], float acc[2]) {
+LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, int share,
+                         const struct lq_m1_lane *l, struct lq_m1_cursor *c,
+                         const struct lq_m1_raw cur[2], struct lq_m1_raw next[2], float acc[2]) {
     struct lq_m1_cursor n = *c;
     n.kt++, n.chunk += LQ_M1_TILE_CHUNKS;
-    LQ_M1_UNROLL
-    for (int h = 0; h < 2; h++) n.ci[h] += LQ_M1_TILE_CHUNKS;
+    n.x[0] += l->x_step[0], n.x[1] += l->x_step[1];
     // Two tiles of words in registers are too few to cover HBM's latency with 24 warps per
-    // SM; a tile further ahead waits in L2 without taking registers.
+    // SM; a tile further ahead waits in L2 without taking registers. (kt and kt_end are the
+    // warp's: no divergence.)
     if (a->prefetch_tiles > 0 && c->kt + a->prefetch_tiles < l->kt_end) {
-        const int ahead = LQ_M1_TILE_CHUNKS * a->prefetch_tiles;
-        LQ_M1_UNROLL
-        for (int h = 0; h < 2; h++)
-            if (l->row_ok[h] && c->chunk + ahead < a->chunks_per_row)
-                lq_m1_prefetch_l2(a->codes +
-                                  (uint64_t)(c->ci[h] + (uint32_t)ahead) * (uint32_t)bits);
+        const uint32_t ahead = c->chunk + l->prefetch_ahead;
+        const uint32_t chunk = ahead < l->last_chunk ? ahead : l->last_chunk;
+        lq_m1_prefetch_l2(a->codes + (uint64_t)(l->prefetch_ci + chunk) * (uint32_t)bits);
     }
-    lq_m1_load_tile(a, bits, bpc, l, &n, next);
+    lq_m1_load_tile(a, bits, bpc, share, l, &n, next);
     float scale[2][2];
-    lq_m1_tile_scales(a, bpc, l, c, cur, scale);
+    lq_m1_tile_scales(a, bpc, share, l, cur, scale);
     uint32_t xw[16];
-    lq_m1_lds_u32x8(l->real_first ? l->xs + c->chunk * 16 : l->zeros, xw);
-    lq_m1_lds_u32x8(l->real_second ? l->xs + c->chunk * 16 + 8 : l->zeros + 8, xw + 8);
+    lq_m1_lds_u32x8(c->x[0], xw);
+    lq_m1_lds_u32x8(c->x[1], xw + 8);
 
     // Two accumulator sets (even and odd steps): two mma chains of 4 instead of one of 8.
     float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -299,11 +338,9 @@ LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, const st
         uint32_t frag[4];
         LQ_M1_UNROLL
         for (int h = 0; h < 2; h++) {
-            frag[h] = *(const uint32_t *)(l->table +
-                                          lq_m1_pair_offset(cur[h].w, bits, 2 * s, l->lane_bytes));
+            frag[h] = lq_m1_lds_pair(lq_m1_pair_offset(cur[h].w, bits, 2 * s, l->lane_address));
             frag[2 + h] =
-                *(const uint32_t *)(l->table +
-                                    lq_m1_pair_offset(cur[h].w, bits, 2 * s + 1, l->lane_bytes));
+                lq_m1_lds_pair(lq_m1_pair_offset(cur[h].w, bits, 2 * s + 1, l->lane_address));
         }
         lq_m1_mma(d[s & 1], frag, xw[2 * s], xw[2 * s + 1]);
     }
@@ -316,14 +353,25 @@ LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, const st
     *c = n;
 }
 
+// L1[row][k] of the lane's row h (clamped like its codes: a row past the matrix is not written).
+LQ_M1_FN uint64_t lq_m1_l1_index(const struct lq_m1_args *a, const struct lq_m1_lane *l, int h,
+                                 int k) {
+    const int row = l->row[h] < a->rows ? l->row[h] : a->rows - 1;
+    return (uint64_t)row * (uint32_t)a->rank + (uint32_t)k;
+}
+
 // The kernel: CTA `block` of the grid, thread `thread` of the CTA; `shared` holds
-// lq_m1_shared_bytes(bits, chunks_per_row) bytes, 16-byte aligned. bits and bpc (1, or 2 for
-// B0 = 16) are compile-time constants on the GPU.
-LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int block, int thread,
-                         uint32_t *shared) {
-    uint32_t *pairs = shared, *xs = pairs + lq_m1_pair_words(bits);
-    uint32_t *zeros = xs + lq_m1_x_words(a->chunks_per_row) + 4;
+// lq_m1_shared_bytes(bits, chunks_per_row) bytes, 16-byte aligned. bits, bpc (1, or 2 for
+// B0 = 16) and share (a->share_scales) are compile-time constants on the GPU.
+LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int share, int block,
+                         int thread, uint32_t *shared) {
+    uint32_t *xs = shared, *zeros = xs + lq_m1_x_words(a->chunks_per_row) + 4;
     float *sums = (float *)(zeros + 16);
+    uint32_t *pairs = (uint32_t *)((char *)shared + a->table_offset);
+    if (lq_m1_window(pairs) & (lq_m1_table_align(bits) - 1u)) {
+        lq_m1_misaligned(); // the host's window base was wrong: no wrong sums, a loud failure
+        return;
+    }
 
     const int lane = thread & 31, warp = thread >> 5, g = lane >> 2, t = lane & 3;
     const int ks_log = 3 - a->rg_log, ks_count = 1 << ks_log;
@@ -339,13 +387,13 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int bloc
     struct lq_m1_lane lane_state;
     lq_m1_lane_init(a, bpc, thread, row0, kt_end, pairs, xs, zeros, &lane_state);
     struct lq_m1_cursor cursor;
-    cursor.kt = kt_begin, cursor.chunk = kt_begin * LQ_M1_TILE_CHUNKS + t;
-    LQ_M1_UNROLL
-    for (int h = 0; h < 2; h++)
-        cursor.ci[h] =
-            (uint32_t)lane_state.row[h] * (uint32_t)a->chunks_per_row + (uint32_t)cursor.chunk;
+    cursor.kt = kt_begin, cursor.chunk = (uint32_t)(kt_begin * LQ_M1_TILE_CHUNKS + t);
+    cursor.x[0] =
+        lane_state.real_first ? lq_m1_window(xs + cursor.chunk * 16) : lq_m1_window(zeros);
+    cursor.x[1] =
+        lane_state.real_second ? lq_m1_window(xs + cursor.chunk * 16 + 8) : lq_m1_window(zeros + 8);
     struct lq_m1_raw buffer_a[2], buffer_b[2];
-    lq_m1_load_tile(a, bits, bpc, &lane_state, &cursor, buffer_a);
+    lq_m1_load_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_a);
     const int rank_pos = ks * 4 + t, rank_stride = 4 * ks_count;
     float l1[2][LQ_M1_RANK_REGS];
     LQ_M1_UNROLL
@@ -353,9 +401,7 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int bloc
     for (int m = 0; m < LQ_M1_RANK_REGS; m++) {
         const int k = rank_pos + rank_stride * m;
         l1[h][m] =
-            lane_state.row_ok[h] && k < a->rank
-                ? lq_m1_ldg_f32(a->lora_B + (uint64_t)lane_state.row[h] * (uint32_t)a->rank + k)
-                : 0.0f;
+            k < a->rank ? lq_m1_ldg_f32(a->lora_B + lq_m1_l1_index(a, &lane_state, h, k)) : 0.0f;
     }
     lq_m1_stage(a, bits, thread, pairs, xs, zeros);
     lq_m1_sync();
@@ -363,9 +409,9 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int bloc
     // Tiles in twos, so that the two register sets have static names (no copies).
     float acc[2] = {0.0f, 0.0f};
     while (cursor.kt < kt_end) {
-        lq_m1_tile(a, bits, bpc, &lane_state, &cursor, buffer_a, buffer_b, acc);
+        lq_m1_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_a, buffer_b, acc);
         if (cursor.kt >= kt_end) break;
-        lq_m1_tile(a, bits, bpc, &lane_state, &cursor, buffer_b, buffer_a, acc);
+        lq_m1_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_b, buffer_a, acc);
     }
 
     // The low-rank term: every thread waits for the projection kernel (so that none is still
@@ -384,11 +430,8 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int bloc
             const float tk = lq_m1_t_at(a, k);
             LQ_M1_UNROLL
             for (int h = 0; h < 2; h++)
-                if (lane_state.row_ok[h])
-                    acc[h] = lq_m1_fma(
-                        lq_m1_ldg_f32(a->lora_B + (uint64_t)lane_state.row[h] * (uint32_t)a->rank +
-                                      k),
-                        tk, acc[h]);
+                acc[h] = lq_m1_fma(lq_m1_ldg_f32(a->lora_B + lq_m1_l1_index(a, &lane_state, h, k)),
+                                   tk, acc[h]);
         }
     }
 

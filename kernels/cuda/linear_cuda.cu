@@ -355,37 +355,53 @@ static_assert(LQ_M1_SCALE_BF16 == LQ_SCALE_BF16 && LQ_M1_SCALE_FP16 == LQ_SCALE_
                   LQ_M1_SCALE_FP32 == LQ_SCALE_FP32,
               "gemv_mma1_kernel.h's scale types are core/nf.h's");
 
-template <int BITS, int BPC> static lq_m1_fn lq_mma1_kernel(void) {
-    static int state = -1; // under the op lock: 1 when it runs here (sm_80+, limit raised)
-    if (state < 0) {
-        cudaFuncAttributes attributes;
-        state = cudaFuncGetAttributes(&attributes, lq_gemv_mma1_kernel<BITS, BPC>) == cudaSuccess &&
-                attributes.binaryVersion >= 80 &&
-                cudaFuncSetAttribute(lq_gemv_mma1_kernel<BITS, BPC>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     LQ_M1_MAX_SHARED) == cudaSuccess;
-        cudaGetLastError();
-    }
-    return state ? lq_gemv_mma1_kernel<BITS, BPC> : NULL;
-}
-
-// v6's kernel, or NULL where it cannot run (b0 = 8, B0 = 8, x too wide, an older GPU).
-static lq_m1_fn lq_mma1_pick(const struct lq_linear *w, int bpc) {
-    const int b0 = w->q.config.b0;
-    if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 ||
-        lq_m1_shared_bytes(b0, w->cols / 32) > LQ_M1_MAX_SHARED)
-        return NULL;
-    if (b0 == 2) return bpc == 1 ? lq_mma1_kernel<2, 1>() : lq_mma1_kernel<2, 2>();
-    if (b0 == 3) return bpc == 1 ? lq_mma1_kernel<3, 1>() : lq_mma1_kernel<3, 2>();
-    return bpc == 1 ? lq_mma1_kernel<4, 1>() : lq_mma1_kernel<4, 2>();
-}
-
 // An integer from the environment (read on every call, for benchmarks), or `otherwise`.
 static int lq_env_int(const char *name, int otherwise) {
     const char *value = getenv(name);
     char *end;
     const long v = value && *value ? strtol(value, &end, 10) : 0;
     return value && *value && !*end && v >= 0 && v <= 64 ? (int)v : otherwise;
+}
+
+template <int BITS, int BPC, int SHARE> static lq_m1_fn lq_mma1_kernel(void) {
+    static int state = -1; // under the op lock: 1 when it runs here (sm_80+, limit raised)
+    if (state < 0) {
+        cudaFuncAttributes attributes;
+        state = cudaFuncGetAttributes(&attributes, lq_gemv_mma1_kernel<BITS, BPC, SHARE>) ==
+                    cudaSuccess &&
+                attributes.binaryVersion >= 80 &&
+                cudaFuncSetAttribute(lq_gemv_mma1_kernel<BITS, BPC, SHARE>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     LQ_M1_MAX_SHARED) == cudaSuccess;
+        cudaGetLastError();
+    }
+    return state ? lq_gemv_mma1_kernel<BITS, BPC, SHARE> : NULL;
+}
+
+template <int BITS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share) {
+    return bpc == 2 ? lq_mma1_kernel<BITS, 2, 0>()
+           : share  ? lq_mma1_kernel<BITS, 1, 1>()
+                    : lq_mma1_kernel<BITS, 1, 0>();
+}
+
+// Whether v6's lanes share block scales: where two chunks of a quad always share a block
+// (LQ_CUDA_MMA1_SHARE_SCALES=0: each rebuilds its own).
+static bool lq_mma1_share_scales(const struct lq_linear *w) {
+    const struct lq_nf_config *c = &w->q.config;
+    return c->B0 % 64 == 0 && w->cols % c->B0 == 0 &&
+           lq_env_int("LQ_CUDA_MMA1_SHARE_SCALES", 1) != 0;
+}
+
+// v6's kernel, or NULL where it cannot run (b0 = 8, B0 = 8, x too wide, an older GPU).
+static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear *w, int bpc) {
+    const int b0 = w->q.config.b0;
+    if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 ||
+        lq_m1_shared_bytes(b0, w->cols / 32, cuda->reserved_shared) > LQ_M1_MAX_SHARED)
+        return NULL;
+    const bool share = lq_mma1_share_scales(w);
+    return b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share)
+           : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share)
+                     : lq_mma1_kernel_for<4>(bpc, share);
 }
 
 // v6's launch: CTAs of 2^rg_log row groups of 16 rows, the fewest per CTA that still make the
@@ -405,8 +421,9 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     a.offset = q.offset, a.levels = q.levels, a.inv_levels = q.inv_levels;
     a.chunk_block = q.chunk_block, a.group = q.group;
     a.chunks_per_row = d.chunks_per_row;
-    const size_t smem = lq_m1_shared_bytes(w->q.config.b0, a.chunks_per_row);
-    long per_sm = (long)(227 * 1024 / (smem + 1024));
+    const size_t smem = lq_m1_shared_bytes(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);
+    a.table_offset = lq_m1_table_offset(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);
+    long per_sm = (long)(227 * 1024 / (smem + cuda->reserved_shared));
     if (per_sm > LQ_M1_CTAS_PER_SM) per_sm = LQ_M1_CTAS_PER_SM;
     const long slots = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) * (per_sm > 0 ? per_sm : 1);
     const long groups = (w->rows + 15) / 16;
@@ -416,9 +433,7 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     if (forced == 1 || forced == 2 || forced == 4 || forced == 8)
         a.rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
     a.prefetch_tiles = lq_env_int("LQ_CUDA_MMA1_PREFETCH", 2);
-    const struct lq_nf_config *c = &w->q.config;
-    a.share_scales =
-        c->B0 % 64 == 0 && w->cols % c->B0 == 0 && lq_env_int("LQ_CUDA_MMA1_SHARE_SCALES", 1) != 0;
+    a.share_scales = lq_mma1_share_scales(w); // as lq_mma1_pick chose the kernel
     return lq_launch_pdl(overlap, kernel,
                          dim3((unsigned)((groups + (1L << a.rg_log) - 1) >> a.rg_log)),
                          dim3(LQ_M1_THREADS), smem, cuda->stream, a);
@@ -535,7 +550,7 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                                      ? lq_rows_pick(cuda, w, bpc, variant, &rows_per_warp)
                                      : NULL;
     const bool rows = rows_fn != NULL;
-    const lq_m1_fn mma1_kernel = variant == 6 ? lq_mma1_pick(w, bpc) : NULL;
+    const lq_m1_fn mma1_kernel = variant == 6 ? lq_mma1_pick(cuda, w, bpc) : NULL;
     if (variant == 6 && !mma1_kernel) variant = 1;
     const bool split_projection = rows || mma1_kernel != NULL;
     const bool gemv = variant >= 2 && variant <= 4 && (bpc == 1 || bpc == 2) && b0 >= 3;

@@ -17,6 +17,7 @@
  * of the GPU's memory model and timing; tests/kernels/test_cuda_ops.c runs it on a GPU. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "tests/unit/cta_emulation.h"
 #include "tests/unit/lq_test.h"
@@ -65,9 +66,24 @@ static inline void lq_m1_ldg_f32x4(const float *p, float v[4]) {
     if ((uintptr_t)p % 16 != 0) abort(); /* a float4 load on the GPU */
     memcpy(v, p, 16);
 }
-static inline void lq_m1_lds_u32x8(const uint32_t *p, uint32_t v[8]) {
-    if ((uintptr_t)p % 16 != 0) abort(); /* two LDS.128 on the GPU */
-    memcpy(v, p, 32);
+/* The shared window: the emulated CTA's shared memory starts at window address window_base
+ * (on the GPU, after the driver's reserved bytes); each case picks one. */
+static uint32_t window_base = 0x400;
+static const char *shared_start; /* the running CTA's shared memory */
+static inline uint32_t lq_m1_window(const void *p) {
+    return window_base + (uint32_t)((const char *)p - shared_start);
+}
+static inline uint32_t lq_m1_lds_pair(uint32_t address) {
+    uint32_t v;
+    memcpy(&v, shared_start + (address - window_base), 4);
+    return v;
+}
+static inline void lq_m1_lds_u32x8(uint32_t address, uint32_t v[8]) {
+    memcpy(v, shared_start + (address - window_base), 32);
+}
+static int misaligned; /* lq_m1_misaligned calls of the launch */
+static void lq_m1_misaligned(void) {
+    __atomic_add_fetch(&misaligned, 1, __ATOMIC_RELAXED);
 }
 static inline uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift) {
     return (uint32_t)((((uint64_t)hi << 32) | lo) >> (shift & 31u));
@@ -162,7 +178,8 @@ struct launch {
 
 static void run_thread(const void *arg, int block, int thread, void *shared) {
     const struct launch *l = arg;
-    lq_m1_body(l->args, l->bits, l->bpc, block, thread, shared);
+    __atomic_store_n(&shared_start, (const char *)shared, __ATOMIC_RELAXED); /* one value a CTA */
+    lq_m1_body(l->args, l->bits, l->bpc, l->args->share_scales, block, thread, shared);
 }
 
 /* Every CTA of the grid, one after another. */
@@ -170,9 +187,9 @@ static void launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
     const int groups = (args->rows + 15) / 16;
     const int ctas = (groups + (1 << args->rg_log) - 1) >> args->rg_log;
     const struct launch l = {args, bits, bpc};
-    waits = 0, prefetches = 0;
+    waits = 0, prefetches = 0, misaligned = 0;
     cta_run_grid(run_thread, &l, ctas, LQ_M1_THREADS,
-                 lq_m1_shared_bytes(bits, args->chunks_per_row));
+                 lq_m1_shared_bytes(bits, args->chunks_per_row, window_base));
 }
 
 /* ---------- the cases ---------- */
@@ -262,8 +279,11 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     a.rg_log = rg_log;
     a.prefetch_tiles = (rows + rank) % 3; /* 0 (off), 1 or 2 tiles ahead */
     a.share_scales = share_scales;
+    window_base = (rows + cols) % 2 ? 0x400u : 0x90u; /* sm_90's reserved 1 KB, and another */
+    a.table_offset = lq_m1_table_offset(c.b0, a.chunks_per_row, window_base);
     codes_begin = codes, codes_end = (const char *)codes + lq_nf_codes_bytes(&q);
     launch_kernel(&a, c.b0, bpc);
+    CHECK_MSG(misaligned == 0, "%s: the pair table was found misaligned", label);
     const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
     CHECK_MSG(rank == 0 || waits == ctas * LQ_M1_THREADS,
               "%s: %d threads waited for the projection, expected %d", label, waits,
@@ -338,8 +358,9 @@ static void test_long_rows(void) {
     lq_rng_seed(&rng, 63);
     /* many k-tiles per warp slice (the double buffering), a rank whose share wraps twice */
     check_case(16, 4096, (struct lq_nf_config){3, 8, LQ_SCALE_FP32, 64, 256}, 64, 0);
-    /* prefetch 2: each warp's first two of its four tiles ask for one two ahead, both rows */
-    CHECK_MSG(prefetches == 8 * 32 * 2 * 2, "%d prefetches, expected 1024", prefetches);
+    /* prefetch 2: each warp's first two of its four tiles ask for one two ahead, one prefetch a
+     * lane (a quad covers both rows) */
+    CHECK_MSG(prefetches == 8 * 32 * 2, "%d prefetches, expected 512", prefetches);
     check_case(32, 3072, (struct lq_nf_config){2, 8, LQ_SCALE_FP32, 64, 256}, 80, 3);
 }
 
@@ -351,5 +372,37 @@ static void test_small(void) {
     check_case(172, 64, (struct lq_nf_config){2, 4, LQ_SCALE_BF16, 16, 4}, 0, 3);
 }
 
+/* The pair table's place: after x, the zeros and the sums, at the first window address aligned
+ * for an OR of the pair's bits, with no more padding than that takes. */
+static void test_layout(void) {
+    for (int bits = 2; bits <= 4; bits++)
+        for (int chunks = 1; chunks <= 700; chunks += 7)
+            for (uint32_t base = 0; base <= 0x1000; base += 0x70) {
+                const uint32_t offset = lq_m1_table_offset(bits, chunks, base);
+                const uint32_t front = 4u * (lq_m1_x_words(chunks) + 20u + 128u);
+                const uint32_t align = lq_m1_table_align(bits);
+                CHECK_MSG(offset >= front && offset - front < align && (base + offset) % align == 0,
+                          "b0 %d, %d chunks, window base 0x%x: table at %u (front %u)", bits,
+                          chunks, base, offset, front);
+                CHECK(lq_m1_shared_bytes(bits, chunks, base) ==
+                      offset + 4u * 32u * (1u << 2 * bits));
+            }
+}
+
+/* A table offset that does not match the window base (the host assumed the wrong reserved
+ * size) stops every thread before it reads or writes anything. */
+static void test_misaligned(void) {
+    struct lq_m1_args a;
+    memset(&a, 0, sizeof a);
+    float y[16];
+    for (int r = 0; r < 16; r++) y[r] = NAN;
+    a.y = y, a.rows = 16, a.cols = 256, a.chunks_per_row = 8, a.b1 = 8;
+    window_base = 0x400;
+    a.table_offset = lq_m1_table_offset(3, a.chunks_per_row, 0x410);
+    launch_kernel(&a, 3, 1);
+    CHECK_MSG(misaligned == LQ_M1_THREADS, "%d of %d threads stopped", misaligned, LQ_M1_THREADS);
+    for (int r = 0; r < 16; r++) CHECK_MSG(isnan(y[r]), "y[%d] written", r);
+}
+
 LQ_TEST_MAIN(LQ_TEST(test_configs), LQ_TEST(test_cta_shapes), LQ_TEST(test_long_rows),
-             LQ_TEST(test_small))
+             LQ_TEST(test_small), LQ_TEST(test_layout), LQ_TEST(test_misaligned))
