@@ -178,6 +178,7 @@ struct lq_cuda_linear_data {
     uint32_t *scale_codes; // the packed block-scale codes (+ padding)
     uint8_t *group_scales; // the group scales (+ padding)
     float *table;          // the NF table of b0 bits
+    uint32_t *pairs;       // b0 = 2, 3, 4: the one-token tensor-core kernel's pair table (v6)
     float *lora_A;         // L2 [rank, cols]
     float *lora_B;         // L1 [rows, rank]
     unsigned *tickets;     // per decode row band: slices finished (back to 0 after each call)

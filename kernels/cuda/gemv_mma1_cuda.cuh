@@ -54,13 +54,21 @@ __device__ __forceinline__ static uint32_t lq_m1_lds_pair(uint32_t address) {
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address) : "memory");
     return v;
 }
+__device__ __forceinline__ static void lq_m1_copy16(uint32_t *shared, const uint32_t *global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(lq_m1_window(shared)),
+                 "l"(global)
+                 : "memory");
+}
+__device__ __forceinline__ static void lq_m1_copy_wait(void) {
+    asm volatile("cp.async.wait_all;" ::: "memory");
+}
 __device__ __forceinline__ static void lq_m1_misaligned(void) {
     __trap();
 }
 __device__ __forceinline__ static uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift) {
     return __funnelshift_r(lo, hi, shift);
 }
-__device__ __forceinline__ static uint32_t lq_m1_half2_bits(float lo, float hi) {
+__host__ __device__ __forceinline__ static uint32_t lq_m1_half2_bits(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
     uint32_t out;
     memcpy(&out, &h, 4);

@@ -47,7 +47,11 @@
 //   uint32_t lq_m1_lds_pair(uint32_t address);   (the shared word at that window address)
 //   void lq_m1_misaligned(void);   (stops the launch with an error: __trap)
 //   uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift);   (__funnelshift_r)
-//   uint32_t lq_m1_half2_bits(float lo, float hi);   (round to nearest, lo in the low half)
+//   uint32_t lq_m1_half2_bits(float lo, float hi);   (round to nearest, lo in the low half;
+//       host and device)
+//   void lq_m1_copy16(uint32_t *shared, const uint32_t *global);   (16 bytes, both 16-byte
+//       aligned, asynchronously: cp.async) and void lq_m1_copy_wait(void) (this thread's copies
+//       have landed)
 //   float lq_m1_half_to_float(uint32_t bits);   float lq_m1_u2f(uint32_t v);   (RN)
 //   float lq_m1_u32_as_float(uint32_t bits);
 //   float lq_m1_fmul(float, float); float lq_m1_fadd(float, float);
@@ -78,7 +82,7 @@
 struct lq_m1_args {
     const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + 16 bytes of padding
     const uint8_t *group_scales;
-    const float *table;  // the NF table, 2^b0 values
+    const uint32_t *pairs; // lq_m1_build_pairs's table, 16-byte aligned
     const float *x;      // the token, cols values, 16-byte aligned
     const float *lora_B; // L1 [rows][rank]
     const float *t;      // [t_slices][rank]: x·L2ᵀ per column slice (t_slices >= 1)
@@ -198,16 +202,25 @@ LQ_M1_FN float lq_m1_t_at(const struct lq_m1_args *a, int k) {
     return tk;
 }
 
-// The pair table (entry e = lo | hi << bits holds half2(table[lo], table[hi]) in every lane's
-// column), x in fp16 and the zero area, by all threads of the CTA.
+// The pair table of the NF table `table` (2^bits values), as the kernel reads it: entry e = lo |
+// hi << bits holds half2(table[lo], table[hi]) in each of the 32 lanes' words (e·32 + lane).
+// out: lq_m1_pair_words(bits) words. Built once per layer on the host (it is 2 to 32 KB, and
+// a CTA copies it with 16-byte asynchronous copies instead of building it from the table).
+LQ_M1_HD void lq_m1_build_pairs(const float *table, int bits, uint32_t *out) {
+    const uint32_t words = lq_m1_pair_words(bits), mask = (1u << bits) - 1u;
+    for (uint32_t i = 0; i < words; i++) {
+        const uint32_t e = i >> 5;
+        out[i] = lq_m1_half2_bits(table[e & mask], table[e >> bits]);
+    }
+}
+
+// The pair table (copied: lq_m1_copy_wait before the barrier), x in fp16 and the zero area, by
+// all threads of the CTA.
 LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int bits, int thread, uint32_t *pairs,
                           uint32_t *xs, uint32_t *zeros) {
-    const int entries = 1 << (2 * bits), mask = (1 << bits) - 1;
-    for (int i = thread; i < entries * 32; i += LQ_M1_THREADS) {
-        const int e = i >> 5;
-        pairs[i] = lq_m1_half2_bits(lq_m1_ldg_f32(a->table + (e & mask)),
-                                    lq_m1_ldg_f32(a->table + (e >> bits)));
-    }
+    const int words = (int)lq_m1_pair_words(bits);
+    for (int i = 4 * thread; i < words; i += 4 * LQ_M1_THREADS)
+        lq_m1_copy16(pairs + i, a->pairs + i);
     const int quads = a->cols / 4, padded = (int)lq_m1_x_words(a->chunks_per_row) / 2;
     for (int i = thread; i < padded; i += LQ_M1_THREADS) {
         float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -404,6 +417,7 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
             k < a->rank ? lq_m1_ldg_f32(a->lora_B + lq_m1_l1_index(a, &lane_state, h, k)) : 0.0f;
     }
     lq_m1_stage(a, bits, thread, pairs, xs, zeros);
+    lq_m1_copy_wait();
     lq_m1_sync();
 
     // Tiles in twos, so that the two register sets have static names (no copies).

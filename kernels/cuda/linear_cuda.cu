@@ -393,9 +393,10 @@ static bool lq_mma1_share_scales(const struct lq_linear *w) {
 }
 
 // v6's kernel, or NULL where it cannot run (b0 = 8, B0 = 8, x too wide, an older GPU).
-static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear *w, int bpc) {
+static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear *w,
+                             const struct lq_cuda_linear_data *data, int bpc) {
     const int b0 = w->q.config.b0;
-    if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 ||
+    if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 || !data->pairs ||
         lq_m1_shared_bytes(b0, w->cols / 32, cuda->reserved_shared) > LQ_M1_MAX_SHARED)
         return NULL;
     const bool share = lq_mma1_share_scales(w);
@@ -410,12 +411,13 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
 // LQ_CUDA_MMA1_PREFETCH tiles ahead (default 2, 0 off). Lanes share block scales where two
 // chunks of a quad always share a block (LQ_CUDA_MMA1_SHARE_SCALES=0: each rebuilds its own).
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
-                                  lq_m1_fn kernel, bool overlap, const lq_decode_args &d) {
+                                  const uint32_t *pairs, lq_m1_fn kernel, bool overlap,
+                                  const lq_decode_args &d) {
     const lq_packed &q = d.q;
     lq_m1_args a;
     memset(&a, 0, sizeof a);
     a.codes = q.codes, a.scale_codes = q.scale_codes, a.group_scales = q.group_scales;
-    a.table = q.table, a.x = d.x, a.lora_B = d.lora_B, a.t = d.t, a.y = d.y;
+    a.pairs = pairs, a.x = d.x, a.lora_B = d.lora_B, a.t = d.t, a.y = d.y;
     a.rows = q.rows, a.cols = q.cols, a.b1 = q.b1, a.b2 = q.b2, a.rank = d.rank;
     a.t_slices = d.t_slices;
     a.offset = q.offset, a.levels = q.levels, a.inv_levels = q.inv_levels;
@@ -550,7 +552,7 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
                                      ? lq_rows_pick(cuda, w, bpc, variant, &rows_per_warp)
                                      : NULL;
     const bool rows = rows_fn != NULL;
-    const lq_m1_fn mma1_kernel = variant == 6 ? lq_mma1_pick(cuda, w, bpc) : NULL;
+    const lq_m1_fn mma1_kernel = variant == 6 ? lq_mma1_pick(cuda, w, data, bpc) : NULL;
     if (variant == 6 && !mma1_kernel) variant = 1;
     const bool split_projection = rows || mma1_kernel != NULL;
     const bool gemv = variant >= 2 && variant <= 4 && (bpc == 1 || bpc == 2) && b0 >= 3;
@@ -598,7 +600,7 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
         return LQ_OK;
     }
     if (mma1_kernel) {
-        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, mma1_kernel, overlap, a), "lq_gemv_mma1_kernel");
+        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, data->pairs, mma1_kernel, overlap, a), "lq_gemv_mma1_kernel");
         return LQ_OK;
     }
     if (rows) {
@@ -735,8 +737,9 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w) {
 // Prepare / release.
 
 static void lq_linear_data_free(struct lq_cuda *cuda, struct lq_cuda_linear_data *data) {
-    void *pointers[] = {data->dense, data->codes,  data->scale_codes, data->group_scales,
-                        data->table, data->lora_A, data->lora_B,      data->tickets};
+    void *pointers[] = {data->dense,  data->codes,  data->scale_codes, data->group_scales,
+                        data->table,  data->pairs,  data->lora_A,      data->lora_B,
+                        data->tickets};
     for (size_t i = 0; i < sizeof pointers / sizeof pointers[0]; i++)
         if (pointers[i]) lq_cuda_free(cuda, pointers[i]);
     free(data);
@@ -777,6 +780,16 @@ static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
              lq_upload(cuda, lq_nf_code_table(q->config.b0),
                        ((size_t)1 << q->config.b0) * sizeof(float), 0, (void **)&data->table, err)))
         return rc;
+    if (q->config.b0 >= 2 && q->config.b0 <= LQ_M1_MAX_BITS) { // v6's pair table (2 to 32 KB)
+        const size_t words = lq_m1_pair_words(q->config.b0);
+        uint32_t *pairs = (uint32_t *)malloc(words * sizeof *pairs);
+        if (!pairs) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+        lq_m1_build_pairs(lq_nf_code_table(q->config.b0), q->config.b0, pairs);
+        // pageable memory: cudaMemcpyAsync has taken the bytes when it returns
+        rc = lq_upload(cuda, pairs, words * sizeof *pairs, 0, (void **)&data->pairs, err);
+        free(pairs);
+        if (rc) return rc;
+    }
     if (w->rank > 0 && ((rc = lq_upload(cuda, w->lora_A, (size_t)w->rank * w->cols * sizeof(float),
                                         0, (void **)&data->lora_A, err)) ||
                         (rc = lq_upload(cuda, w->lora_B, (size_t)w->rows * w->rank * sizeof(float),

@@ -29,6 +29,7 @@ largest first, or the K-th with --loop):
 """
 
 import argparse
+import glob
 import os
 import re
 import shutil
@@ -54,16 +55,28 @@ KINDS = [
 ]
 
 
-def find_cuobjdump():
+def find_cuobjdump(required=True):
+    """CUDA's cuobjdump, or the PyPI package's (executable bits restored: wheels may drop
+    them); None when there is none and not required."""
     for candidate in (shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    for path in sys.path:
+    # this interpreter's packages, then the repository's .venv (tests/run.sh installs it there)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    venv = glob.glob(os.path.join(repo, ".venv", "lib", "python3*", "site-packages"))
+    for path in sys.path + sorted(venv):
         for sub in ("cu13", "cu12", "cuda_cuobjdump"):
             candidate = os.path.join(path, "nvidia", sub, "bin", "cuobjdump")
-            if os.access(candidate, os.X_OK):
+            if os.path.isfile(candidate):
+                if not os.access(candidate, os.X_OK):
+                    try:
+                        os.chmod(candidate, 0o755)
+                    except OSError:
+                        continue
                 return candidate
-    sys.exit("sass_loop: no cuobjdump (CUDA's bin/, or `pip install nvidia-cuda-cuobjdump`)")
+    if required:
+        sys.exit("sass_loop: no cuobjdump (CUDA's bin/, or `pip install nvidia-cuda-cuobjdump`)")
+    return None
 
 
 def parse(sass):

@@ -81,6 +81,11 @@ static inline uint32_t lq_m1_lds_pair(uint32_t address) {
 static inline void lq_m1_lds_u32x8(uint32_t address, uint32_t v[8]) {
     memcpy(v, shared_start + (address - window_base), 32);
 }
+static inline void lq_m1_copy16(uint32_t *shared, const uint32_t *global) {
+    memcpy(shared, global, 16);
+}
+static inline void lq_m1_copy_wait(void) {
+}
 static int misaligned; /* lq_m1_misaligned calls of the launch */
 static void lq_m1_misaligned(void) {
     __atomic_add_fetch(&misaligned, 1, __ATOMIC_RELAXED);
@@ -267,7 +272,10 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     struct lq_m1_args a;
     memset(&a, 0, sizeof a);
     a.codes = codes, a.scale_codes = scale_codes, a.group_scales = (const uint8_t *)group_scales;
-    a.table = lq_nf_code_table(c.b0), a.x = x, a.lora_B = l1, a.t = t, a.y = y;
+    uint32_t *pairs = aligned_alloc(16, 4 * lq_m1_pair_words(c.b0));
+    if (!pairs) abort();
+    lq_m1_build_pairs(lq_nf_code_table(c.b0), c.b0, pairs);
+    a.pairs = pairs, a.x = x, a.lora_B = l1, a.t = t, a.y = y;
     a.rows = rows, a.cols = cols, a.b1 = c.b1, a.b2 = (int)c.b2, a.rank = rank;
     a.t_slices = slices;
     a.offset = q.scale_offset;
@@ -329,7 +337,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
               "%s: %d rows off; worst error %.3g of the terms' magnitude against the fp16 "
               "reference, %.3g against the exact product",
               label, bad, worst, worst_exact);
-    free(deq), free(y), free(codes), free(scale_codes), free(group_scales);
+    free(deq), free(y), free(codes), free(scale_codes), free(group_scales), free(pairs);
     free(t), free(l1), free(l2), free(x), free(dense);
     lq_nf_matrix_free(&q);
 }

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""The one-token tensor-core decode kernel's instruction budget, read from its SASS (no GPU).
+
+Usage: python3 tests/kernels/check_sass_budget.py BUILD_DIR
+
+Nsight Compute showed the one-token decode kernels bound by their instruction chains (v1: 6.5
+instructions per code, 23% of HBM's peak; README, "The GPU"). v6 (kernels/cuda/
+gemv_mma1_kernel.h) was written to need far fewer, and how many its main loop takes is a
+property of the compiled code: tests/bench/sass_loop.py reads it from cuobjdump's SASS. This
+test keeps it from creeping back: for every instance of lq_gemv_mma1_kernel<b0, blocks per
+chunk, shared scales> it checks the main loop's instructions per code (a full tile's pass, both
+tiles of the loop: 128 codes a thread) against a budget a little above what the code takes
+now, and that each pair lookup is one LDS with a register address (64 a pass) whose address
+came from one LOP3 (the pair table's alignment; an IADD per lookup would add 64 integer
+instructions a pass, which the budget also catches).
+
+Skips (exit 77) where the CUDA backend was not built or no cuobjdump is at hand (CUDA's bin/,
+or the PyPI package nvidia-cuda-cuobjdump from tests/requirements.txt).
+"""
+
+import glob
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import sass_loop  # noqa: E402
+
+# (b0, blocks per chunk, shared scales): the most instructions per code the main loop may take.
+# Measured with nvcc 13.0 when this was written: 2.90 2.93 3.04 (shared), 3.30 3.32 3.42 (B0 =
+# 32), 3.52 3.59 3.65 (B0 = 16) for b0 = 2, 3, 4; v1 takes 6.3 (Nsight Compute: 6.5).
+BUDGET = {
+    (2, 1, 1): 3.1, (3, 1, 1): 3.1, (4, 1, 1): 3.2,
+    (2, 1, 0): 3.5, (3, 1, 0): 3.5, (4, 1, 0): 3.6,
+    (2, 2, 0): 3.75, (3, 2, 0): 3.8, (4, 2, 0): 3.85,
+}
+CODES_PER_PASS = 128  # two k-tiles of 2 rows x 32 codes per lane
+
+
+def skip(why):
+    print(f"check_sass_budget: skipped: {why}")
+    sys.exit(77)
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__.split("\n\n")[1])
+    objects = glob.glob(os.path.join(sys.argv[1], "kernels", "liblq_cuda.a.p",
+                                     "*linear_cuda.cu.o"))
+    if not objects:
+        skip("the CUDA backend was not built")
+    tool = sass_loop.find_cuobjdump(required=False)
+    if not tool:
+        skip("no cuobjdump (CUDA's bin/, or pip install nvidia-cuda-cuobjdump)")
+    sass = subprocess.run([tool, "-sass", objects[0]], check=True, capture_output=True,
+                          text=True).stdout
+    if "arch = sm_90" not in sass:
+        skip("the budgets are for sm_90 code (meson option gpu_arch=90)")
+    kernels = sass_loop.parse(sass)
+    failures, seen = [], 0
+    for (bits, bpc, share), budget in sorted(BUDGET.items()):
+        name = f"_Z19lq_gemv_mma1_kernelILi{bits}ELi{bpc}ELi{share}EEv10lq_m1_args"
+        code = kernels.get(name)
+        if code is None:
+            failures.append(f"{name}: not in {objects[0]}")
+            continue
+        seen += 1
+        loops = sass_loop.loops(code)
+        if not loops:
+            failures.append(f"{name}: no loop")
+            continue
+        head, back = loops[0]
+        path = [c for c in sass_loop.path(code, head, back) if c[2] != "NOP"]
+        per_code = len(path) / CODES_PER_PASS
+        lookups = [c for c in path if c[2] == "LDS"]
+        print(f"b0 {bits}, {bpc} block(s) per chunk, {'shared' if share else 'own'} scales: "
+              f"{per_code:.2f} instructions per code (budget {budget}), {len(lookups)} lookups")
+        if per_code > budget:
+            failures.append(f"{name}: {per_code:.2f} instructions per code, budget {budget}")
+        if len(lookups) != 64:
+            failures.append(f"{name}: {len(lookups)} 32-bit shared loads a pass, expected 64")
+        # each lookup's address register is written by a LOP3 (pair bits OR lane address)
+        writer = {}
+        for address, _, opcode, text in path:
+            if opcode == "LDS":
+                register = text.split("[")[1].split("]")[0].split("+")[0].strip()
+                if not writer.get(register, "").startswith("LOP3"):
+                    failures.append(f"{name}: lookup at 0x{address:x} addressed by "
+                                    f"{writer.get(register, 'nothing in the loop')}")
+                    break
+            operands = text.split(None, 1)[1] if " " in text else ""
+            destination = operands.split(",")[0].strip()
+            if destination.startswith("R"):
+                writer[destination] = opcode
+    for failure in failures:
+        print("FAIL:", failure)
+    print(f"{seen} kernels checked, {len(failures)} failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
