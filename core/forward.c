@@ -194,11 +194,14 @@ static int block(struct lq_session *s, int l, int n) {
     /* every token of the call on the session's adapter (or none) */
     const struct lq_row_run run = {s->adapter, 0, n};
 #define LINEAR(kind, x, y) lq_forward_linear(r, l, kind, &run, 1, x, n, y)
+    static const enum lq_linear_kind qkv[] = {LQ_Q_PROJ, LQ_K_PROJ, LQ_V_PROJ};
+    static const enum lq_linear_kind gate_up[] = {LQ_GATE_PROJ, LQ_UP_PROJ};
+    float *const qkv_out[] = {s->q, k_new, v_new};
+    float *const gate_up_out[] = {s->gate, s->up};
     int rc;
     /* K and V are written straight into the cache rows of the new positions. */
     if ((rc = ops->rmsnorm(b, s->x, r->attn_norm[l], n, c->dim, c->norm_eps, s->h)) ||
-        (rc = LINEAR(LQ_Q_PROJ, s->h, s->q)) || (rc = LINEAR(LQ_K_PROJ, s->h, k_new)) ||
-        (rc = LINEAR(LQ_V_PROJ, s->h, v_new)) ||
+        (rc = lq_forward_linears(r, l, qkv, 3, &run, 1, s->h, n, qkv_out)) ||
         (rc = ops->rope(b, s->q, n, c->n_heads, c->head_dim, s->positions, c->rope_theta)) ||
         (rc = ops->rope(b, k_new, n, c->n_kv_heads, c->head_dim, s->positions, c->rope_theta)) ||
         (rc = ops->attention(b, s->q, s->k_cache[l], s->v_cache[l], n, start, c->n_heads,
@@ -206,7 +209,7 @@ static int block(struct lq_session *s, int l, int n) {
         (rc = LINEAR(LQ_O_PROJ, s->attn, s->out)) ||
         (rc = ops->add(b, s->x, s->out, (size_t)n * c->dim)) ||
         (rc = ops->rmsnorm(b, s->x, r->ffn_norm[l], n, c->dim, c->norm_eps, s->h)) ||
-        (rc = LINEAR(LQ_GATE_PROJ, s->h, s->gate)) || (rc = LINEAR(LQ_UP_PROJ, s->h, s->up)) ||
+        (rc = lq_forward_linears(r, l, gate_up, 2, &run, 1, s->h, n, gate_up_out)) ||
         (rc = ops->swiglu(b, s->gate, s->up, (size_t)n * c->hidden_dim)) ||
         (rc = LINEAR(LQ_DOWN_PROJ, s->gate, s->out)) ||
         (rc = ops->add(b, s->x, s->out, (size_t)n * c->dim)))

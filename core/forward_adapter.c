@@ -164,3 +164,21 @@ int lq_forward_linear(const struct lq_runtime *r, int layer, enum lq_linear_kind
     }
     return rc;
 }
+
+int lq_forward_linears(const struct lq_runtime *r, int layer, const enum lq_linear_kind *kinds,
+                       int count, const struct lq_row_run *runs, int n_runs, const float *x, int n,
+                       float *const *y) {
+    struct lq_backend *b = r->backend;
+    int any_adapter = 0;
+    for (int i = 0; i < n_runs; i++) any_adapter |= runs[i].adapter != NULL;
+    if (!any_adapter && b->ops->linear_group && count <= LQ_LINEARS_PER_LAYER) {
+        const struct lq_linear *w[LQ_LINEARS_PER_LAYER];
+        for (int i = 0; i < count; i++) w[i] = &r->model->layers[layer].linear[kinds[i]];
+        return b->ops->linear_group(b, w, count, x, n, y);
+    }
+    for (int i = 0; i < count; i++) {
+        const int rc = lq_forward_linear(r, layer, kinds[i], runs, n_runs, x, n, y[i]);
+        if (rc) return rc;
+    }
+    return LQ_OK;
+}

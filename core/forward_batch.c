@@ -150,11 +150,14 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
     struct lq_backend *b = r->backend;
     const struct lq_backend_ops *ops = b->ops;
 #define LINEAR(kind, x, y) lq_forward_linear(r, l, kind, batch->runs, batch->n_runs, x, n, y)
+#define LINEARS(kinds, count, x, y)                                                                \
+    lq_forward_linears(r, l, kinds, count, batch->runs, batch->n_runs, x, n, y)
+    static const enum lq_linear_kind qkv[] = {LQ_Q_PROJ, LQ_K_PROJ, LQ_V_PROJ};
+    static const enum lq_linear_kind gate_up[] = {LQ_GATE_PROJ, LQ_UP_PROJ};
+    float *const qkv_out[] = {batch->q, batch->k, batch->v};
+    float *const gate_up_out[] = {batch->gate, batch->up};
     int rc;
-    if ((rc = LINEAR(LQ_Q_PROJ, batch->h, batch->q)) ||
-        (rc = LINEAR(LQ_K_PROJ, batch->h, batch->k)) ||
-        (rc = LINEAR(LQ_V_PROJ, batch->h, batch->v)))
-        return rc;
+    if ((rc = LINEARS(qkv, 3, batch->h, qkv_out))) return rc;
 #define ROPE(x, heads)                                                                             \
     (args->device ? ops->rope_device(b, x, n, heads, c->head_dim, args->positions, c->rope_theta)  \
                   : ops->rope(b, x, n, heads, c->head_dim, batch->positions, c->rope_theta))
@@ -182,12 +185,12 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
     if (rc) return rc;
     if ((rc = LINEAR(LQ_O_PROJ, batch->attn, batch->out)) ||
         (rc = add_norm(batch, batch->out, r->ffn_norm[l], n)) ||
-        (rc = LINEAR(LQ_GATE_PROJ, batch->h, batch->gate)) ||
-        (rc = LINEAR(LQ_UP_PROJ, batch->h, batch->up)) ||
+        (rc = LINEARS(gate_up, 2, batch->h, gate_up_out)) ||
         (rc = ops->swiglu(b, batch->gate, batch->up, (size_t)n * c->hidden_dim)) ||
         (rc = LINEAR(LQ_DOWN_PROJ, batch->gate, batch->out)) ||
         (rc = add_norm(batch, batch->out, next_norm, n)))
         return rc;
+#undef LINEARS
 #undef LINEAR
     return LQ_OK;
 }

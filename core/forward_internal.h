@@ -48,6 +48,13 @@ struct lq_row_run {
 int lq_forward_linear(const struct lq_runtime *runtime, int layer, enum lq_linear_kind kind,
                       const struct lq_row_run *runs, int n_runs, const float *x, int n, float *y);
 
+/* y[i] = lq_forward_linear(kinds[i], x) for i < count (the y[i] distinct and apart from x):
+ * with no adapter in any run, one ops->linear_group call where the backend has it (the same
+ * bits, the layers' work overlapped), else one layer after another. */
+int lq_forward_linears(const struct lq_runtime *runtime, int layer,
+                       const enum lq_linear_kind *kinds, int count, const struct lq_row_run *runs,
+                       int n_runs, const float *x, int n, float *const *y);
+
 /* logits[n, vocab] = h[n, dim] · lm_headᵀ, by the backend's own head when it keeps one. */
 static inline int lq_runtime_logits(const struct lq_runtime *runtime, const float *h, int n,
                                     float *logits) {

@@ -247,6 +247,14 @@ struct lq_backend_ops {
      * vocab or a row's settings out of core/sampler.h's ranges. */
     int (*sample)(struct lq_backend *backend, const float *logits, int n, int vocab, int stride,
                   const struct lq_sample_row *rows, int *tokens, float *logprobs);
+
+    /* ---- linear layers of one input (a step's Q, K and V; gate and up): NULL where the
+     * backend has none (callers then call linear for each). ---- */
+
+    /* y[i] = what linear(w[i], x, n, y[i]) gives, bit for bit, for i < count; no y[i] overlaps
+     * x or another y[j]. The backend may overlap one layer's work with the next's. */
+    int (*linear_group)(struct lq_backend *backend, const struct lq_linear *const *w, int count,
+                        const float *x, int n, float *const *y);
 };
 
 /* graph_begin's answers. */

@@ -359,6 +359,11 @@ static int op_linear(struct lq_backend *backend, const struct lq_linear *w, cons
     LOCKED(lq_cuda_linear(backend, w, x, n, y));
 }
 
+static int op_linear_group(struct lq_backend *backend, const struct lq_linear *const *w, int count,
+                           const float *x, int n, float *const *y) {
+    LOCKED(lq_cuda_linear_group(backend, w, count, x, n, y));
+}
+
 static int op_matmul(struct lq_backend *backend, const float *w, int rows, int cols, const float *x,
                      int n, float *y) {
     LOCKED(lq_cuda_matmul(backend, w, rows, cols, x, n, y));
@@ -482,6 +487,7 @@ static const struct lq_backend_ops cuda_ops = {
     /* token_nll */ op_token_nll,
     // Sampling on the device (sample_cuda.cu; the entry takes the op lock itself).
     /* sample */ lq_cuda_op_sample,
+    /* linear_group */ op_linear_group,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,

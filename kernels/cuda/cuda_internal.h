@@ -202,6 +202,12 @@ int lq_cuda_pdl_supported(struct lq_cuda *cuda);
 void lq_cuda_linear_release(struct lq_backend *backend, struct lq_linear *linear);
 int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const float *x, int n,
                    float *y);
+// linear_group (kernels/backend.h): one to four tokens through LQ layers decode together
+// (projections first, then the decode kernels, each launching while the one before runs);
+// anything else runs lq_cuda_linear per layer. At most LQ_CUDA_GROUP_MAX layers together.
+#define LQ_CUDA_GROUP_MAX 4
+int lq_cuda_linear_group(struct lq_backend *backend, const struct lq_linear *const *w, int count,
+                         const float *x, int n, float *const *y);
 int lq_cuda_matmul(struct lq_backend *backend, const float *w, int rows, int cols, const float *x,
                    int n, float *y);
 

@@ -83,10 +83,10 @@ struct lq_m1_args {
     const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + 16 bytes of padding
     const uint8_t *group_scales;
     const uint32_t *pairs; // lq_m1_build_pairs's table, 16-byte aligned
-    const float *x;      // the token, cols values, 16-byte aligned
-    const float *lora_B; // L1 [rows][rank]
-    const float *t;      // [t_slices][rank]: x·L2ᵀ per column slice (t_slices >= 1)
-    float *y;            // [rows]
+    const float *x;        // the token, cols values, 16-byte aligned
+    const float *lora_B;   // L1 [rows][rank]
+    const float *t;        // [t_slices][rank]: x·L2ᵀ per column slice (t_slices >= 1)
+    float *y;              // [rows]
     int rows, cols, b1, b2, rank, t_slices;
     float offset, levels, inv_levels; // levels = 2^b1 − 1, inv_levels = RN(1 / levels)
     struct lq_divisor chunk_block;    // chunk → block when B0 % 32 == 0 (B0 / 32)

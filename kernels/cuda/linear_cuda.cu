@@ -539,97 +539,164 @@ void lq_cuda_prefetch_plan(struct lq_cuda *cuda, struct lq_cuda_linear_data *dat
     }
 }
 
-static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
-                     const struct lq_cuda_linear_data *data, const float *x, int n, float *y,
-                     const struct lq_prefetch *prefetch) {
-    const int nt = lq_pad_tokens(n);
-    const int bpc = ((uintptr_t)x & 15u) == 0 ? lq_cuda_blocks_per_chunk(w) : 0;
-    const int b0 = w->q.config.b0;
-    int variant = bpc && nt == 1 && b0 <= 4 ? lq_decode_variant() : 1;
+// What decoding one layer launches: its projection (rank > 0) and decode kernel, their
+// arguments and the workspaces they need (lq_decode_plan_for; the caller provides the
+// workspaces, then launches).
+struct lq_decode_plan {
+    const struct lq_linear *w;
+    const struct lq_cuda_linear_data *data;
+    int nt, bpc, b0, variant, rows_per_warp;
+    lq_decode_fn rows_fn;
+    lq_m1_fn mma1_kernel;
+    bool split_projection, gemv, overlap;
+    lq_decode_grid grid;
+    lq_decode_args a;      // a.t and a.partials are the caller's workspaces
+    size_t t_bytes;        // x · L2ᵀ (rank > 0)
+    size_t partials_bytes; // the column slices' sums (0: none)
+};
+
+static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
+                               const struct lq_cuda_linear_data *data, const float *x, int n,
+                               float *y, const struct lq_prefetch *prefetch,
+                               struct lq_decode_plan *p) {
+    memset(p, 0, sizeof *p);
+    p->w = w, p->data = data;
+    p->nt = lq_pad_tokens(n);
+    p->bpc = ((uintptr_t)x & 15u) == 0 ? lq_cuda_blocks_per_chunk(w) : 0;
+    p->b0 = w->q.config.b0;
+    int variant = p->bpc && p->nt == 1 && p->b0 <= 4 ? lq_decode_variant() : 1;
     if (variant == 0) variant = w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;
-    int rows_per_warp = 0;
-    const lq_decode_fn rows_fn = variant == 5 || variant == 52 || variant == 54
-                                     ? lq_rows_pick(cuda, w, bpc, variant, &rows_per_warp)
-                                     : NULL;
-    const bool rows = rows_fn != NULL;
-    const lq_m1_fn mma1_kernel = variant == 6 ? lq_mma1_pick(cuda, w, data, bpc) : NULL;
-    if (variant == 6 && !mma1_kernel) variant = 1;
-    const bool split_projection = rows || mma1_kernel != NULL;
-    const bool gemv = variant >= 2 && variant <= 4 && (bpc == 1 || bpc == 2) && b0 >= 3;
+    p->rows_fn = variant == 5 || variant == 52 || variant == 54
+                     ? lq_rows_pick(cuda, w, p->bpc, variant, &p->rows_per_warp)
+                     : NULL;
+    p->mma1_kernel = variant == 6 ? lq_mma1_pick(cuda, w, data, p->bpc) : NULL;
+    if (variant == 6 && !p->mma1_kernel) variant = 1;
+    p->variant = variant;
+    p->split_projection = p->rows_fn != NULL || p->mma1_kernel != NULL;
+    p->gemv = variant >= 2 && variant <= 4 && (p->bpc == 1 || p->bpc == 2) && p->b0 >= 3;
     const bool beside_projection = variant == 4 && w->rank > 0 && data->overlap;
-    const lq_decode_grid grid =
-        gemv ? lq_gemv_grid_for(cuda, w, beside_projection) : lq_decode_grid_for(cuda, w, nt);
-    lq_decode_args a;
+    p->grid =
+        p->gemv ? lq_gemv_grid_for(cuda, w, beside_projection) : lq_decode_grid_for(cuda, w, p->nt);
+    p->overlap = w->rank > 0 && data->overlap;
+    lq_decode_args &a = p->a;
     memset(&a, 0, sizeof a);
     a.q = lq_packed_of(w, data);
     a.x = x, a.n = n, a.y = y;
     a.lora_B = data->lora_B, a.rank = w->rank;
     a.tickets = data->tickets;
     a.chunks_per_row = w->cols / 32;
-    a.iters = grid.iters;
+    a.iters = p->grid.iters;
     a.prefetch = *prefetch;
+    a.t_slices = p->split_projection ? (w->cols + LQ_PROJECT_SLICE - 1) / LQ_PROJECT_SLICE : 0;
+    p->t_bytes =
+        w->rank > 0 ? (size_t)(p->split_projection ? a.t_slices : n) * w->rank * sizeof(float) : 0;
+    p->partials_bytes = p->bpc ? (size_t)p->grid.slices * p->nt * w->rows * sizeof(float) : 0;
+}
 
-    // Workspaces first: nothing is queued when one cannot be had.
-    void *t = NULL, *partials = NULL;
-    int rc;
-    a.t_slices = split_projection ? (w->cols + LQ_PROJECT_SLICE - 1) / LQ_PROJECT_SLICE : 0;
-    const size_t t_count = (size_t)(split_projection ? a.t_slices : n) * w->rank;
-    if (w->rank > 0 && (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, t_count * sizeof(float), &t)))
-        return rc;
-    if (bpc && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
-                                  (size_t)grid.slices * nt * w->rows * sizeof(float), &partials)))
-        return rc;
-    a.t = (const float *)t;
-    a.partials = (float *)partials;
-
-    if (w->rank > 0 && split_projection) {
+// t = x · L2ᵀ into a.t (kernel 1 of decode; nothing at rank 0).
+static int lq_decode_project(struct lq_cuda *cuda, const struct lq_decode_plan *p) {
+    const struct lq_linear *w = p->w;
+    if (w->rank <= 0) return LQ_OK;
+    if (p->split_projection) {
         LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_lowrank_project_split_kernel,
-                                  dim3((unsigned)w->rank, (unsigned)a.t_slices), dim3(256), 0,
-                                  cuda->stream, x, w->cols, (const float *)data->lora_A, w->rank,
-                                  (float *)t),
+                                  dim3((unsigned)w->rank, (unsigned)p->a.t_slices), dim3(256), 0,
+                                  cuda->stream, p->a.x, w->cols, (const float *)p->data->lora_A,
+                                  w->rank, (float *)p->a.t),
                     "lq_lowrank_project_split_kernel");
-    } else if (w->rank > 0 && (rc = lq_launch_projection(cuda, w, data, x, n, nt, (float *)t))) {
-        return rc;
+        return LQ_OK;
     }
-    const bool overlap = w->rank > 0 && data->overlap;
-    if (!bpc) {
-        LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_decode_generic_for(nt),
+    return lq_launch_projection(cuda, w, p->data, p->a.x, p->a.n, p->nt, (float *)p->a.t);
+}
+
+// The decode kernel (kernel 2: it waits for the projection only before it reads t).
+static int lq_decode_main(struct lq_cuda *cuda, const struct lq_decode_plan *p) {
+    const struct lq_linear *w = p->w;
+    const lq_decode_args &a = p->a;
+    const bool overlap = p->overlap;
+    if (!p->bpc) {
+        LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_decode_generic_for(p->nt),
                                   dim3((unsigned)((w->rows + 7) / 8)), dim3(256), 0, cuda->stream,
                                   a),
                     "lq_decode_generic_kernel");
         return LQ_OK;
     }
-    if (mma1_kernel) {
-        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, data->pairs, mma1_kernel, overlap, a), "lq_gemv_mma1_kernel");
+    if (p->mma1_kernel) {
+        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data->pairs, p->mma1_kernel, overlap, a),
+                    "lq_gemv_mma1_kernel");
         return LQ_OK;
     }
-    if (rows) {
-        LQ_CUDA_TRY(lq_launch_rows(cuda, w, bpc, rows_fn, rows_per_warp, overlap, a),
+    if (p->rows_fn) {
+        LQ_CUDA_TRY(lq_launch_rows(cuda, w, p->bpc, p->rows_fn, p->rows_per_warp, overlap, a),
                     "lq_gemv_rows_kernel");
         return LQ_OK;
     }
-    if (gemv) {
+    const lq_decode_grid &grid = p->grid;
+    if (p->gemv) {
         const lq_decode_fn cluster_kernel =
-            variant >= 3 && grid.slices <= LQ_GEMV_MAX_CLUSTER &&
+            p->variant >= 3 && grid.slices <= LQ_GEMV_MAX_CLUSTER &&
                     (long)LQ_GEMV_GROUP_ROWS * grid.iters <= LQ_GEMV_MAX_BAND_ROWS
-                ? lq_gemv_kernel_for<true>(b0, bpc)
+                ? lq_gemv_kernel_for<true>(p->b0, p->bpc)
                 : NULL;
         if (cluster_kernel) {
             LQ_CUDA_TRY(lq_launch_gemv_cluster(cluster_kernel, grid, cuda->stream, overlap, a),
                         "lq_gemv_kernel (clusters)");
             return LQ_OK;
         }
-        LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_gemv_kernel_for<false>(b0, bpc),
+        LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_gemv_kernel_for<false>(p->b0, p->bpc),
                                   dim3((unsigned)grid.bands, (unsigned)grid.slices),
                                   dim3(LQ_DECODE_THREADS), 0, cuda->stream, a),
                     "lq_gemv_kernel");
         return LQ_OK;
     }
-    LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_decode_kernel_for(b0, bpc, nt),
+    LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_decode_kernel_for(p->b0, p->bpc, p->nt),
                               dim3((unsigned)grid.bands, (unsigned)grid.slices),
                               dim3(LQ_DECODE_THREADS), 0, cuda->stream, a),
                 "lq_decode_kernel");
     return LQ_OK;
+}
+
+// Workspace pieces start 256-byte aligned.
+static size_t lq_workspace_round(size_t bytes) {
+    return (bytes + 255) / 256 * 256;
+}
+
+// Decodes count layers of one input x (a step's Q, K, V, or gate and up): their workspaces are
+// carved from one slot each, every projection is queued first, then every decode kernel. A
+// decode kernel reads x and decodes before it waits (griddepcontrol.wait) for the kernel before
+// it, and lets the next one launch at once, so with the projections out of the way each decode
+// kernel's CTAs start on the SMs the one before frees while its last wave runs, instead of
+// after it has ended and a projection has run. What each kernel computes is unchanged: the
+// same bits as lq_decode one layer at a time.
+static int lq_decode_layers(struct lq_cuda *cuda, struct lq_decode_plan *plans, int count) {
+    size_t t_bytes = 0, partials_bytes = 0;
+    for (int i = 0; i < count; i++)
+        t_bytes += lq_workspace_round(plans[i].t_bytes),
+            partials_bytes += lq_workspace_round(plans[i].partials_bytes);
+    // Workspaces first: nothing is queued when one cannot be had.
+    void *t = NULL, *partials = NULL;
+    int rc;
+    if (t_bytes && (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, t_bytes, &t))) return rc;
+    if (partials_bytes && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, partials_bytes, &partials)))
+        return rc;
+    for (int i = 0; i < count; i++) {
+        plans[i].a.t = plans[i].t_bytes ? (const float *)t : NULL;
+        plans[i].a.partials = plans[i].partials_bytes ? (float *)partials : NULL;
+        t = (char *)t + lq_workspace_round(plans[i].t_bytes);
+        partials = (char *)partials + lq_workspace_round(plans[i].partials_bytes);
+    }
+    for (int i = 0; i < count; i++)
+        if ((rc = lq_decode_project(cuda, &plans[i]))) return rc;
+    for (int i = 0; i < count; i++)
+        if ((rc = lq_decode_main(cuda, &plans[i]))) return rc;
+    return LQ_OK;
+}
+
+static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
+                     const struct lq_cuda_linear_data *data, const float *x, int n, float *y,
+                     const struct lq_prefetch *prefetch) {
+    struct lq_decode_plan plan;
+    lq_decode_plan_for(cuda, w, data, x, n, y, prefetch, &plan);
+    return lq_decode_layers(cuda, &plan, 1);
 }
 
 // Dequantizes rows [r0, r0 + count) of Q into the fp16 tile.
@@ -719,6 +786,35 @@ int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const 
     return lq_prefill(cuda, w, data, x, n, y);
 }
 
+int lq_cuda_linear_group(struct lq_backend *backend, const struct lq_linear *const *w, int count,
+                         const float *x, int n, float *const *y) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (count < 0 || n < 0) return LQ_EINVAL;
+    // Together only where every layer takes the one-to-four-token decode kernels, and nothing
+    // that a layer writes is read by another.
+    bool together = count > 1 && count <= LQ_CUDA_GROUP_MAX && n >= 1 && n < LQ_MMA_MIN_TOKENS &&
+                    lq_env_int("LQ_CUDA_GROUP", 1) != 0; // 0: apart (for benchmarks)
+    for (int i = 0; i < count && together; i++) {
+        together = w[i]->backend_data && w[i]->is_lq && y[i] != x;
+        for (int j = 0; j < i && together; j++) together = y[j] != y[i];
+    }
+    if (!together) {
+        for (int i = 0; i < count; i++) {
+            const int rc = lq_cuda_linear(backend, w[i], x, n, y[i]);
+            if (rc) return rc;
+        }
+        return LQ_OK;
+    }
+    struct lq_decode_plan plans[LQ_CUDA_GROUP_MAX];
+    for (int i = 0; i < count; i++) {
+        struct lq_cuda_linear_data *data = (struct lq_cuda_linear_data *)w[i]->backend_data;
+        struct lq_prefetch prefetch;
+        lq_cuda_prefetch_plan(cuda, data, &prefetch);
+        lq_decode_plan_for(cuda, w[i], data, x, n, y[i], &prefetch, &plans[i]);
+    }
+    return lq_decode_layers(cuda, plans, count);
+}
+
 int lq_cuda_matmul(struct lq_backend *backend, const float *w, int rows, int cols, const float *x,
                    int n, float *y) {
     if (n < 0 || rows < 0 || cols < 0) return LQ_EINVAL;
@@ -737,9 +833,9 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w) {
 // Prepare / release.
 
 static void lq_linear_data_free(struct lq_cuda *cuda, struct lq_cuda_linear_data *data) {
-    void *pointers[] = {data->dense,  data->codes,  data->scale_codes, data->group_scales,
-                        data->table,  data->pairs,  data->lora_A,      data->lora_B,
-                        data->tickets};
+    void *pointers[] = {data->dense,        data->codes,  data->scale_codes,
+                        data->group_scales, data->table,  data->pairs,
+                        data->lora_A,       data->lora_B, data->tickets};
     for (size_t i = 0; i < sizeof pointers / sizeof pointers[0]; i++)
         if (pointers[i]) lq_cuda_free(cuda, pointers[i]);
     free(data);

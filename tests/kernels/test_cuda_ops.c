@@ -374,6 +374,78 @@ static void test_linear_lq_gemv(void) {
     free(saved);
 }
 
+/* linear_group (three layers of one input, as a step's Q, K and V): bit for bit what linear
+ * gives layer by layer, for each one-token kernel (each layer's projection and decode kernel
+ * then run apart from the others', in another order), for 1 to 4 tokens (decoded together) and
+ * 5 and 9 (layer by layer), ranks 0, 8 and 80 mixed, two configurations in one group. */
+static void test_linear_group(void) {
+    const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
+                                           {2, 8, LQ_SCALE_FP16, 32, 16},
+                                           {3, 4, LQ_SCALE_BF16, 16, 8}};
+    const int shapes[][3] = {{3000, 2080, 8}, {9000, 2080, 0}, {1000, 2080, 80}};
+    struct lq_linear host[3], dev[3];
+    int made = 0;
+    for (int i = 0; i < 3; i++) {
+        if (make_lq(shapes[i][0], shapes[i][1], configs[i], shapes[i][2], &host[i])) break;
+        struct lq_error err = {0};
+        dev[i] = host[i];
+        if (gpu->ops->linear_prepare(gpu, &dev[i], &err)) {
+            CHECK_MSG(0, "linear_prepare: %s", err.message);
+            lq_linear_free(&host[i]);
+            break;
+        }
+        made++;
+    }
+    CHECK(made == 3);
+    const char *before = getenv("LQ_CUDA_DECODE");
+    char *saved = before ? strdup(before) : NULL;
+    static const char *const variants[] = {"auto", "v1", "v5", "v6"};
+    const int tokens[] = {1, 2, 4, 5, 9};
+    for (size_t v = 0; v < sizeof variants / sizeof variants[0] && made == 3; v++)
+        for (size_t t = 0; t < sizeof tokens / sizeof tokens[0]; t++) {
+            setenv("LQ_CUDA_DECODE", variants[v], 1);
+            const int n = tokens[t], cols = shapes[0][1];
+            float *x = random_floats((size_t)n * cols, 1.0f);
+            float *dx = device_floats(x, (size_t)n * cols);
+            float *apart[3], *together[3];
+            const struct lq_linear *w[3] = {&dev[0], &dev[1], &dev[2]};
+            for (int i = 0; i < 3; i++) {
+                apart[i] = device_floats(NULL, (size_t)n * shapes[i][0]);
+                together[i] = device_floats(NULL, (size_t)n * shapes[i][0]);
+                CHECK_OK(gpu->ops->linear(gpu, &dev[i], dx, n, apart[i]));
+            }
+            CHECK_OK(gpu->ops->linear_group(gpu, w, 3, dx, n, together));
+            for (int i = 0; i < 3; i++) {
+                const size_t count = (size_t)n * shapes[i][0];
+                float *a = to_host(apart[i], count), *b = to_host(together[i], count);
+                float *ref = malloc(count * sizeof *ref);
+                CHECK_OK(cpu->ops->linear(cpu, &host[i], x, n, ref));
+                CHECK_CLOSE(b, ref, count,
+                            strcmp(variants[v], "v6") == 0 || n > 4 ? TOL_FP16 : TOL_FP32,
+                            "group layer %d, %s, n %d", i, variants[v], n);
+                CHECK_MSG(a && b && memcmp(a, b, count * sizeof(float)) == 0,
+                          "group layer %d, %s, n %d: not linear's bits", i, variants[v], n);
+                free(a), free(b), free(ref);
+            }
+            TIME_GPU((gpu->ops->linear(gpu, &dev[0], dx, n, apart[0]),
+                      gpu->ops->linear(gpu, &dev[1], dx, n, apart[1]),
+                      gpu->ops->linear(gpu, &dev[2], dx, n, apart[2])),
+                     "three layers apart, %s, n %d", variants[v], n);
+            TIME_GPU(gpu->ops->linear_group(gpu, w, 3, dx, n, together),
+                     "three layers together, %s, n %d", variants[v], n);
+            for (int i = 0; i < 3; i++)
+                gpu->ops->buffer_free(gpu, apart[i]), gpu->ops->buffer_free(gpu, together[i]);
+            gpu->ops->buffer_free(gpu, dx);
+            free(x);
+        }
+    if (saved)
+        setenv("LQ_CUDA_DECODE", saved, 1);
+    else
+        unsetenv("LQ_CUDA_DECODE");
+    free(saved);
+    for (int i = 0; i < made; i++) gpu->ops->linear_release(gpu, &dev[i]), lq_linear_free(&host[i]);
+}
+
 /* Grid edges of the small-batch tensor-core path (linear_mma_cuda.cu) that small shapes never
  * reach on a 132-SM GPU: enough row bands that each CTA streams several k-tiles (the prefetch),
  * the last one partial; more bands than SMs, so that one split writes y without a reduction. */
@@ -934,11 +1006,22 @@ int main(int argc, char **argv) {
     CHECK_OK(lq_backend_cpu_create(&cpu, &err));
     lq_rng_seed(&rng, 20261126);
     static const struct lq_test_case cases[] = {
-        LQ_TEST(test_rmsnorm),           LQ_TEST(test_embed),         LQ_TEST(test_rope),
-        LQ_TEST(test_swiglu_add),        LQ_TEST(test_fused_ops),     LQ_TEST(test_linear_dense),
-        LQ_TEST(test_linear_lq),         LQ_TEST(test_linear_lq_mma), LQ_TEST(test_linear_lq_gemv),
-        LQ_TEST(test_linear_adapter),    LQ_TEST(test_matmul),        LQ_TEST(test_attention),
-        LQ_TEST(test_attention_batch),   LQ_TEST(test_decompose),     LQ_TEST(test_cholqr),
+        LQ_TEST(test_rmsnorm),
+        LQ_TEST(test_embed),
+        LQ_TEST(test_rope),
+        LQ_TEST(test_swiglu_add),
+        LQ_TEST(test_fused_ops),
+        LQ_TEST(test_linear_dense),
+        LQ_TEST(test_linear_lq),
+        LQ_TEST(test_linear_lq_mma),
+        LQ_TEST(test_linear_lq_gemv),
+        LQ_TEST(test_linear_group),
+        LQ_TEST(test_linear_adapter),
+        LQ_TEST(test_matmul),
+        LQ_TEST(test_attention),
+        LQ_TEST(test_attention_batch),
+        LQ_TEST(test_decompose),
+        LQ_TEST(test_cholqr),
         LQ_TEST(test_memory_accounting),
     };
     int failed = 0;

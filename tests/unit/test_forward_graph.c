@@ -61,6 +61,26 @@ static int fake_attention_batch_device(struct lq_backend *backend, const float *
                                     heads, kv_heads, head_dim, out);
 }
 
+/* linear_group through the CPU's linear, layer by layer: the forward passes must call it with
+ * Q, K, V and with gate, up (each of one input, outputs distinct and apart from it). */
+static int group_calls[LQ_LINEARS_PER_LAYER + 1], group_misuse;
+static int fake_linear_group(struct lq_backend *backend, const struct lq_linear *const *w,
+                             int count, const float *x, int n, float *const *y) {
+    if (count < 1 || count > LQ_LINEARS_PER_LAYER) return LQ_EINVAL;
+    group_calls[count]++;
+    for (int i = 0; i < count; i++) {
+        group_misuse += y[i] == x;
+        for (int j = 0; j < i; j++) group_misuse += y[i] == y[j];
+        /* the kinds in order: Q, K, V (rows q_dim, kv_dim, kv_dim) or gate, up (hidden) */
+        group_misuse += i > 0 && w[i] != w[i - 1] + 1;
+    }
+    for (int i = 0; i < count; i++) {
+        const int rc = cpu_ops->linear(backend, w[i], x, n, y[i]);
+        if (rc) return rc;
+    }
+    return LQ_OK;
+}
+
 /* Both sides run the fp32 head (no head_prepare): the graph path needs the embedding table, and
  * the CPU's int8 head would serve a tied model's embeddings instead. Each side is a CPU backend
  * of its own with its ops table swapped (the CPU's state lives around its struct lq_backend). */
@@ -82,6 +102,7 @@ static void use_fake_ops(struct lq_backend *cpu) {
     fake_ops.attention_batch_device = fake_attention_batch_device;
     fake_ops.graph_begin = fake_graph_begin;
     fake_ops.graph_end = fake_graph_end;
+    fake_ops.linear_group = fake_linear_group;
     cpu->ops = &fake_ops;
 }
 
@@ -152,6 +173,11 @@ static void test_graph_path_equals_host_path(void) {
     CHECK_MSG(key_errors == 0, "%d step pairs with keys that do not follow (n, keys bound)",
               key_errors);
     CHECK(recordings > 0 && failed_ends > 0); /* both paths taken */
+    /* every block of every pass: one group of Q, K, V and one of gate, up */
+    CHECK_MSG(group_calls[3] > 0 && group_calls[3] == group_calls[2] && group_misuse == 0,
+              "linear_group: %d calls of 3, %d of 2, %d misuses", group_calls[3], group_calls[2],
+              group_misuse);
+    CHECK(group_calls[3] % model->config.n_layers == 0);
     printf("graph path: %d steps equal to the host path; %d recordings, %d failed and rerun\n",
            STEPS, recordings, failed_ends);
 

@@ -84,8 +84,7 @@ static inline void lq_m1_lds_u32x8(uint32_t address, uint32_t v[8]) {
 static inline void lq_m1_copy16(uint32_t *shared, const uint32_t *global) {
     memcpy(shared, global, 16);
 }
-static inline void lq_m1_copy_wait(void) {
-}
+static inline void lq_m1_copy_wait(void) {}
 static int misaligned; /* lq_m1_misaligned calls of the launch */
 static void lq_m1_misaligned(void) {
     __atomic_add_fetch(&misaligned, 1, __ATOMIC_RELAXED);
