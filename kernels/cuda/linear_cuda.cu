@@ -474,20 +474,29 @@ static cudaError_t lq_launch_gemv_cluster(lq_decode_fn kernel, const lq_decode_g
 }
 
 // t = x · L2ᵀ into workspace t (kernel 1 of decode).
-static int lq_launch_projection(struct lq_cuda *cuda, const struct lq_linear *w,
-                                const struct lq_cuda_linear_data *data, const float *x, int n,
-                                int nt, float *t) {
-    const int vector = w->cols % 4 == 0 && ((uintptr_t)x & 15u) == 0;
-    void (*project)(const float *, int, int, const float *, int, int, float *) =
+static_assert(LQ_CUDA_GROUP_MAX <= LQ_PROJECT_GROUP_MAX, "a group's projections in one launch");
+
+// t = x · L2ᵀ for every layer of g (one CTA per rank row; nt tokens, n of them real).
+static int lq_launch_projection(struct lq_cuda *cuda, const lq_project_group &g, const float *x,
+                                int n, int nt, int cols) {
+    const int vector = cols % 4 == 0 && ((uintptr_t)x & 15u) == 0;
+    void (*project)(const float *, int, int, lq_project_group, int) =
         nt == 1   ? lq_lowrank_project_kernel<1>
         : nt == 2 ? lq_lowrank_project_kernel<2>
         : nt == 4 ? lq_lowrank_project_kernel<4>
                   : lq_lowrank_project_kernel<8>;
-    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, project, dim3((unsigned)w->rank), dim3(256), 0,
-                              cuda->stream, x, n, w->cols, (const float *)data->lora_A, w->rank,
-                              vector, t),
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, project, dim3((unsigned)g.first[g.count]), dim3(256), 0,
+                              cuda->stream, x, n, cols, g, vector),
                 "lq_lowrank_project_kernel");
     return LQ_OK;
+}
+
+// A group of one layer.
+static lq_project_group lq_project_one(const float *lora_A, int rank, float *t) {
+    lq_project_group g;
+    memset(&g, 0, sizeof g);
+    g.count = 1, g.first[1] = rank, g.lora_A[0] = lora_A, g.rank[0] = rank, g.t[0] = t;
+    return g;
 }
 
 int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank, int cols,
@@ -496,7 +505,8 @@ int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank,
     for (int k0 = 0; k0 < n; k0 += 8) {
         const int count = n - k0 < 8 ? n - k0 : 8;
         lq_lowrank_project_kernel<8><<<rank, 256, 0, cuda->stream>>>(
-            x + (size_t)k0 * cols, count, cols, lora_A, rank, vector, t + (size_t)k0 * rank);
+            x + (size_t)k0 * cols, count, cols, lq_project_one(lora_A, rank, t + (size_t)k0 * rank),
+            vector);
         LQ_CUDA_LAUNCHED("lq_lowrank_project_kernel");
     }
     return LQ_OK;
@@ -593,19 +603,32 @@ static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
     p->partials_bytes = p->bpc ? (size_t)p->grid.slices * p->nt * w->rows * sizeof(float) : 0;
 }
 
-// t = x · L2ᵀ into a.t (kernel 1 of decode; nothing at rank 0).
-static int lq_decode_project(struct lq_cuda *cuda, const struct lq_decode_plan *p) {
-    const struct lq_linear *w = p->w;
-    if (w->rank <= 0) return LQ_OK;
-    if (p->split_projection) {
-        LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_lowrank_project_split_kernel,
-                                  dim3((unsigned)w->rank, (unsigned)p->a.t_slices), dim3(256), 0,
-                                  cuda->stream, p->a.x, w->cols, (const float *)p->data->lora_A,
-                                  w->rank, (float *)p->a.t),
-                    "lq_lowrank_project_split_kernel");
-        return LQ_OK;
+// t = x · L2ᵀ into each plan's a.t (kernel 1 of decode), for every plan with rank > 0 (of one x
+// and one width): one launch for those that take column-slice sums (v5, v6), one for the others.
+static int lq_decode_project(struct lq_cuda *cuda, const struct lq_decode_plan *plans, int count) {
+    lq_project_group split, whole;
+    memset(&split, 0, sizeof split);
+    memset(&whole, 0, sizeof whole);
+    const struct lq_decode_plan *split_plan = NULL, *whole_plan = NULL;
+    for (int i = 0; i < count; i++) {
+        const struct lq_decode_plan *p = &plans[i];
+        if (p->w->rank <= 0) continue;
+        lq_project_group &g = p->split_projection ? split : whole;
+        (p->split_projection ? split_plan : whole_plan) = p;
+        const int at = g.count++;
+        g.lora_A[at] = p->data->lora_A, g.rank[at] = p->w->rank, g.t[at] = (float *)p->a.t;
+        g.first[at + 1] = g.first[at] + p->w->rank;
     }
-    return lq_launch_projection(cuda, w, p->data, p->a.x, p->a.n, p->nt, (float *)p->a.t);
+    if (split.count)
+        LQ_CUDA_TRY(lq_launch_pdl(
+                        cuda->pdl, lq_lowrank_project_split_kernel,
+                        dim3((unsigned)split.first[split.count], (unsigned)split_plan->a.t_slices),
+                        dim3(256), 0, cuda->stream, split_plan->a.x, split_plan->w->cols, split),
+                    "lq_lowrank_project_split_kernel");
+    if (whole.count)
+        return lq_launch_projection(cuda, whole, whole_plan->a.x, whole_plan->a.n, whole_plan->nt,
+                                    whole_plan->w->cols);
+    return LQ_OK;
 }
 
 // The decode kernel (kernel 2: it waits for the projection only before it reads t).
@@ -684,8 +707,7 @@ static int lq_decode_layers(struct lq_cuda *cuda, struct lq_decode_plan *plans, 
         t = (char *)t + lq_workspace_round(plans[i].t_bytes);
         partials = (char *)partials + lq_workspace_round(plans[i].partials_bytes);
     }
-    for (int i = 0; i < count; i++)
-        if ((rc = lq_decode_project(cuda, &plans[i]))) return rc;
+    if ((rc = lq_decode_project(cuda, plans, count))) return rc;
     for (int i = 0; i < count; i++)
         if ((rc = lq_decode_main(cuda, &plans[i]))) return rc;
     return LQ_OK;
@@ -795,7 +817,7 @@ int lq_cuda_linear_group(struct lq_backend *backend, const struct lq_linear *con
     bool together = count > 1 && count <= LQ_CUDA_GROUP_MAX && n >= 1 && n < LQ_MMA_MIN_TOKENS &&
                     lq_env_int("LQ_CUDA_GROUP", 1) != 0; // 0: apart (for benchmarks)
     for (int i = 0; i < count && together; i++) {
-        together = w[i]->backend_data && w[i]->is_lq && y[i] != x;
+        together = w[i]->backend_data && w[i]->is_lq && w[i]->cols == w[0]->cols && y[i] != x;
         for (int j = 0; j < i && together; j++) together = y[j] != y[i];
     }
     if (!together) {

@@ -525,16 +525,41 @@ __global__ void __launch_bounds__(256)
         a.y[(size_t)lane * q.rows + row] = lq_pick<NT>(acc, lane) + lq_pick<NT>(dot, lane);
 }
 
-// t[token, k] = x[token] · L2[k] for tokens < n: one CTA per rank row k.
+// The layers one projection launch serves (layers of one input decode together:
+// linear_cuda.cu, lq_decode_layers): layer i's rank rows are the CTA rows [first[i],
+// first[i + 1]), its x · L2ᵀ goes to t[i]. A lone layer is a group of one.
+#define LQ_PROJECT_GROUP_MAX 4
+struct lq_project_group {
+    int count;
+    int first[LQ_PROJECT_GROUP_MAX + 1];
+    const float *lora_A[LQ_PROJECT_GROUP_MAX];
+    int rank[LQ_PROJECT_GROUP_MAX];
+    float *t[LQ_PROJECT_GROUP_MAX];
+};
+
+// The layer of CTA row `row`, and the rank row k within it.
+__device__ __forceinline__ int lq_project_layer(const lq_project_group &g, int row, int *k) {
+    int layer = 0;
+#pragma unroll
+    for (int j = 1; j < LQ_PROJECT_GROUP_MAX; j++) layer += j < g.count && row >= g.first[j];
+    *k = row - g.first[layer];
+    return layer;
+}
+
+// t[token, k] = x[token] · L2[k] for tokens < n: one CTA per rank row k (of each layer).
 template <int NT>
 __global__ void __launch_bounds__(256)
-    lq_lowrank_project_kernel(const float *x, int n, int cols, const float *lora_A, int rank,
-                              int vector, float *t) {
+    lq_lowrank_project_kernel(const float *x, int n, int cols,
+                              const __grid_constant__ lq_project_group g, int vector) {
     // x is ready (when launched with the attribute, the kernel before has ended); the decode
     // kernel may launch now: it waits for t only in its epilogue
     lq_pdl_enter();
     __shared__ float partial[8][NT];
-    const float *a_row = lora_A + (size_t)blockIdx.x * cols;
+    int row;
+    const int layer = lq_project_layer(g, (int)blockIdx.x, &row);
+    const int rank = g.rank[layer];
+    float *t = g.t[layer];
+    const float *a_row = g.lora_A[layer] + (size_t)row * cols;
     float acc[NT];
 #pragma unroll
     for (int k = 0; k < NT; k++) acc[k] = 0.0f;
@@ -572,25 +597,27 @@ __global__ void __launch_bounds__(256)
     if ((int)threadIdx.x < n && threadIdx.x < NT) {
         float sum = 0.0f;
         for (int w8 = 0; w8 < (int)(blockDim.x / 32); w8++) sum += partial[w8][threadIdx.x];
-        t[(size_t)threadIdx.x * rank + blockIdx.x] = sum;
+        t[(size_t)threadIdx.x * rank + row] = sum;
     }
 }
 
 // One token: partials[s, k] = x[slice s] · L2[k, slice s] over slices of LQ_PROJECT_SLICE
-// columns, CTA (k, s), one float4 of the row per thread (cols % 4 == 0, x 16-byte aligned): a
-// single round trip to memory per CTA, where lq_lowrank_project_kernel's one CTA per rank row
-// walks the whole row. The reader adds the slices in order (deterministic).
+// columns, CTA (k, s) (k over each layer's rank rows), one float4 of the row per thread (cols %
+// 4 == 0, x 16-byte aligned): a single round trip to memory per CTA, where
+// lq_lowrank_project_kernel's one CTA per rank row walks the whole row. The reader adds the
+// slices in order (deterministic). A layer's partials go to g.t[layer].
 #define LQ_PROJECT_SLICE 1024
 __global__ void __launch_bounds__(256)
-    lq_lowrank_project_split_kernel(const float *x, int cols, const float *lora_A, int rank,
-                                    float *partials) {
+    lq_lowrank_project_split_kernel(const float *x, int cols,
+                                    const __grid_constant__ lq_project_group g) {
     lq_pdl_enter(); // as lq_lowrank_project_kernel: the decode kernel waits only in its epilogue
     __shared__ float warp_sums[8];
-    const int k = blockIdx.x, slice = blockIdx.y;
+    int k;
+    const int layer = lq_project_layer(g, (int)blockIdx.x, &k), slice = blockIdx.y;
     const int quad = slice * (LQ_PROJECT_SLICE / 4) + (int)threadIdx.x;
     float acc = 0.0f;
     if (quad < cols / 4) {
-        const float4 av = __ldg((const float4 *)(lora_A + (size_t)k * cols) + quad);
+        const float4 av = __ldg((const float4 *)(g.lora_A[layer] + (size_t)k * cols) + quad);
         const float4 xv = __ldg((const float4 *)x + quad);
         acc = fmaf(av.x, xv.x, acc);
         acc = fmaf(av.y, xv.y, acc);
@@ -604,7 +631,7 @@ __global__ void __launch_bounds__(256)
     if (threadIdx.x == 0) {
         float sum = 0.0f;
         for (int w = 0; w < 8; w++) sum += warp_sums[w];
-        partials[(size_t)slice * rank + k] = sum;
+        g.t[layer][(size_t)slice * g.rank[layer] + k] = sum;
     }
 }
 
