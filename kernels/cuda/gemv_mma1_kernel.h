@@ -266,6 +266,9 @@ LQ_M1_FN void lq_m1_lane_init(const struct lq_m1_args *a, int bpc, int thread, i
     // A quad's four prefetches cover a tile P ahead of both rows: lanes 0 and 1 row g at its
     // chunks 0 and 2, lanes 2 and 3 row g+8 (a tile of a row is 4·b0 words: two prefetches
     // 8·b0 bytes apart reach every 32-byte sector it touches in most cases; it is a hint).
+    // Indexed, not a select: the compiler then keeps row_ci in local memory for this one read
+    // in the prologue, and the main loop has the registers (a select measured 0.27
+    // instructions per code more in the loop: tests/bench/sass_loop.py, sass_budget).
     l->prefetch_ci = l->row_ci[t >> 1];
     l->prefetch_ahead = (uint32_t)(LQ_M1_TILE_CHUNKS * a->prefetch_tiles + 2 * (t & 1) - t);
     l->x_step[0] = l->real_first ? 16u * 4u * LQ_M1_TILE_CHUNKS : 0u;
@@ -340,14 +343,17 @@ LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, int shar
     lq_m1_load_tile(a, bits, bpc, share, l, &n, next);
     float scale[2][2];
     lq_m1_tile_scales(a, bpc, share, l, cur, scale);
+    // x's words for steps 0-3 now, for steps 4-7 half way: 8 registers fewer held through
+    // the steps (the kernel is at its 80-register cap: each one freed is rematerialization
+    // the compiler does not need)
     uint32_t xw[16];
     lq_m1_lds_u32x8(c->x[0], xw);
-    lq_m1_lds_u32x8(c->x[1], xw + 8);
 
     // Two accumulator sets (even and odd steps): two mma chains of 4 instead of one of 8.
     float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     LQ_M1_UNROLL
     for (int s = 0; s < LQ_M1_STEPS; s++) {
+        if (s == LQ_M1_STEPS / 2) lq_m1_lds_u32x8(c->x[1], xw + 8);
         uint32_t frag[4];
         LQ_M1_UNROLL
         for (int h = 0; h < 2; h++) {
