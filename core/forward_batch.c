@@ -161,15 +161,24 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
 #define ROPE(x, heads)                                                                             \
     (args->device ? ops->rope_device(b, x, n, heads, c->head_dim, args->positions, c->rope_theta)  \
                   : ops->rope(b, x, n, heads, c->head_dim, batch->positions, c->rope_theta))
-    if (args->device && ops->rope_qk_device)
-        rc = ops->rope_qk_device(b, batch->q, c->n_heads, batch->k, c->n_kv_heads, n, c->head_dim,
-                                 args->positions, c->rope_theta);
-    else if (!(rc = ROPE(batch->q, c->n_heads)))
-        rc = ROPE(batch->k, c->n_kv_heads);
+    /* the rotary embedding inside the attention op where the backend has that */
+    const int rope_in_attention = args->device && ops->rope_attention_batch_device;
+    if (!rope_in_attention) {
+        if (args->device && ops->rope_qk_device)
+            rc = ops->rope_qk_device(b, batch->q, c->n_heads, batch->k, c->n_kv_heads, n,
+                                     c->head_dim, args->positions, c->rope_theta);
+        else if (!(rc = ROPE(batch->q, c->n_heads)))
+            rc = ROPE(batch->k, c->n_kv_heads);
+        if (rc) return rc;
+    }
 #undef ROPE
-    if (rc) return rc;
     /* every sequence's new K, V rows into its own cache, and its attention, in one op */
-    if (args->device) {
+    if (rope_in_attention) {
+        rc = ops->rope_attention_batch_device(
+            b, batch->q, batch->k, batch->v, args->k_caches + (size_t)l * n,
+            args->v_caches + (size_t)l * n, args->positions, n, c->n_heads, c->n_kv_heads,
+            c->head_dim, args->keys_bound, c->rope_theta, batch->attn);
+    } else if (args->device) {
         rc = ops->attention_batch_device(
             b, batch->q, batch->k, batch->v, args->k_caches + (size_t)l * n,
             args->v_caches + (size_t)l * n, args->positions, n, c->n_heads, c->n_kv_heads,

@@ -255,6 +255,18 @@ struct lq_backend_ops {
      * x or another y[j]. The backend may overlap one layer's work with the next's. */
     int (*linear_group)(struct lq_backend *backend, const struct lq_linear *const *w, int count,
                         const float *x, int n, float *const *y);
+
+    /* ---- a decode step's rotary embedding and attention as one op: NULL where the backend
+     * has none (callers then call rope_qk_device and attention_batch_device). ---- */
+
+    /* rope_qk_device(q, heads, k_new, kv_heads, ...) then attention_batch_device(...): out and
+     * the caches get the bits those two give; q and k_new are left rotated or as they came
+     * (nothing may read them afterwards). */
+    int (*rope_attention_batch_device)(struct lq_backend *backend, float *q, float *k_new,
+                                       const float *v_new, float *const *k_caches,
+                                       float *const *v_caches, const int *positions, int n,
+                                       int heads, int kv_heads, int head_dim, int keys_bound,
+                                       float theta, float *out);
 };
 
 /* graph_begin's answers. */

@@ -43,6 +43,7 @@
 
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/cuda/pdl_cuda.cuh"
+#include "kernels/cuda/rope_angle_cuda.cuh"
 
 namespace {
 
@@ -68,6 +69,11 @@ struct attention_params {
     int vec;           // head_dim % 4 == 0 and every array 16-byte aligned: float4 copies
     float *part_out;   // splits > 1: [rows_out][splits][head_dim], unnormalized
     float *part_stats; // splits > 1: [rows_out][splits][2], (max, sum)
+    // the one-token kernel's rotary embedding of q and the new keys (lq_ad_args)
+    int rope;
+    const float *rope_table;
+    int rope_positions;
+    float rope_theta;
 };
 
 __device__ float4 load4(const float *p) {
@@ -415,6 +421,19 @@ __device__ __forceinline__ void lq_ad_sync(void) {
 __device__ __forceinline__ float lq_ad_exp(float x) {
     return expf(x);
 }
+__device__ __forceinline__ float lq_ad_fmul(float x, float y) {
+    return __fmul_rn(x, y);
+}
+__device__ __forceinline__ float lq_ad_fadd(float x, float y) {
+    return __fadd_rn(x, y);
+}
+__device__ __forceinline__ float lq_ad_fsub(float x, float y) {
+    return __fsub_rn(x, y);
+}
+__device__ __forceinline__ void lq_ad_rope_angle(int position, int k, int head_dim, float theta,
+                                                 float *c, float *s) {
+    lq_rope_angle(position, k, head_dim, theta, c, s);
+}
 
 } // namespace
 
@@ -558,6 +577,8 @@ int attention_decode_run(struct lq_cuda *cuda, attention_params p, int sequences
     a.heads = p.heads, a.kv_heads = p.kv_heads, a.head_dim = p.head_dim, a.group = p.group;
     a.splits = p.splits, a.split_len = p.split_len, a.scale = p.scale;
     a.part_out = p.part_out, a.part_stats = p.part_stats;
+    a.rope = p.rope, a.rope_table = p.rope_table, a.rope_positions = p.rope_positions;
+    a.rope_theta = p.rope_theta;
     void (*kernel)(lq_ad_args) = chunks == 1   ? decode_kernel_for<1>(rows)
                                  : chunks == 2 ? decode_kernel_for<2>(rows)
                                  : chunks == 4 ? decode_kernel_for<4>(rows)
@@ -646,24 +667,34 @@ int lq_cuda_attention(struct lq_backend *backend, const float *q, const float *k
 
 namespace {
 
-// attention_batch with its arrays on the device: the two entry points below.
+// The parameters of a batched step (attention_batch with its arrays on the device).
+int batch_params(attention_params *p, const float *q, const float *k_new, const float *v_new,
+                 float *const *k_caches, float *const *v_caches, const int *positions, int heads,
+                 int kv_heads, int head_dim, bool caches_aligned, float *out) {
+    int rc = attention_shape(p, heads, kv_heads, head_dim);
+    if (rc) return rc;
+    p->q = q;
+    p->out = out;
+    p->k_caches = k_caches;
+    p->v_caches = v_caches;
+    p->positions = positions;
+    p->k_new = k_new;
+    p->v_new = v_new;
+    p->tokens = 1;
+    p->vec = head_dim % 4 == 0 && caches_aligned && aligned16(q) && aligned16(out) &&
+             aligned16(k_new) && aligned16(v_new);
+    return LQ_OK;
+}
+
+// attention_batch with its arrays on the device: the entry points below.
 int attention_batch_run(struct lq_cuda *cuda, const float *q, const float *k_new,
                         const float *v_new, float *const *k_caches, float *const *v_caches,
                         const int *positions, int n, int heads, int kv_heads, int head_dim,
                         int keys, bool caches_aligned, float *out) {
     attention_params p = {};
-    int rc = attention_shape(&p, heads, kv_heads, head_dim);
+    int rc = batch_params(&p, q, k_new, v_new, k_caches, v_caches, positions, heads, kv_heads,
+                          head_dim, caches_aligned, out);
     if (rc || n == 0) return rc;
-    p.q = q;
-    p.out = out;
-    p.k_caches = k_caches;
-    p.v_caches = v_caches;
-    p.positions = positions;
-    p.k_new = k_new;
-    p.v_new = v_new;
-    p.tokens = 1;
-    p.vec = head_dim % 4 == 0 && caches_aligned && aligned16(q) && aligned16(out) &&
-            aligned16(k_new) && aligned16(v_new);
     return attention_run(cuda, p, n, keys);
 }
 
@@ -709,4 +740,32 @@ int lq_cuda_attention_batch(struct lq_backend *backend, const float *q, const fl
     return attention_batch_run(cuda, q, k_new, v_new, (float *const *)device_k,
                                (float *const *)device_v, (const int *)device_positions, n, heads,
                                kv_heads, head_dim, keys, aligned, out);
+}
+
+int lq_cuda_rope_attention_batch_device(struct lq_backend *backend, float *q, float *k_new,
+                                        const float *v_new, float *const *k_caches,
+                                        float *const *v_caches, const int *positions, int n,
+                                        int heads, int kv_heads, int head_dim, int keys_bound,
+                                        float theta, float *out) {
+    if (n < 0 || keys_bound < 1) return LQ_EINVAL;
+    if (n > 65535) return LQ_EUNSUPPORTED; // grid.z
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const char *fused = getenv("LQ_CUDA_ROPE_FUSED"); // 0: apart (read on every call)
+    if (n > 0 && lq_ad_rope_fits(head_dim) && !(fused && strcmp(fused, "0") == 0)) {
+        attention_params p = {};
+        int rc = batch_params(&p, q, k_new, v_new, k_caches, v_caches, positions, heads, kv_heads,
+                              head_dim, true, out); // the caches: as attention_batch_device
+        if (rc) return rc;
+        p.rope = 1;
+        p.rope_table = lq_cuda_rope_cos_sin(cuda, theta, head_dim, &p.rope_positions);
+        p.rope_theta = theta;
+        rc = attention_decode_run(cuda, p, n, keys_bound);
+        if (rc <= 0) return rc; // ran (or failed); 1: the one-token kernel does not apply
+    }
+    int rc =
+        lq_cuda_rope_qk_device(backend, q, heads, k_new, kv_heads, n, head_dim, positions, theta);
+    return rc ? rc
+              : lq_cuda_attention_batch_device(backend, q, k_new, v_new, k_caches, v_caches,
+                                               positions, n, heads, kv_heads, head_dim, keys_bound,
+                                               out);
 }

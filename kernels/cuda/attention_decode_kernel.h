@@ -18,12 +18,24 @@
 //     kernel's do.
 // The new key and value of a batched step are read from k_new/v_new and stored into the cache
 // row by the one block whose split holds the position, as in the tile kernel.
+// With a->rope (a batched step, head_dim = 32·M with M >= 2) the kernel also does the step's
+// rotary embedding, which was a kernel of its own before it: q and the new key arrive
+// unrotated, and each is rotated where it is read, the new key also where it is stored, with
+// the rope kernel's arithmetic (kernels/cuda/ops_cuda.cu rope_rows: cos and sin from the cached
+// table or computed in double, each product rounded on its own), so the cache and the output
+// get the bits that the rope kernel followed by this one gives. A lane's chunk j + 8m and
+// chunk j + 8(m + M/2) are a dimension k < head_dim/2 and its partner k + head_dim/2: the
+// rotation needs no shuffle.
 //
 // This file is C as well as CUDA: tests/unit/test_attention_decode_kernel.c runs this very code
 // on the CPU with a thread per CUDA thread. The includer defines LQ_AD_FN (function
 // qualifiers) and LQ_AD_UNROLL (an unroll pragma or nothing) and these primitives:
 //   void lq_ad_load4(const float *p, float v[4]);   (16-byte aligned)
 //   float lq_ad_shfl_xor(float v, int offset); void lq_ad_sync(void); float lq_ad_exp(float);
+//   float lq_ad_fmul(float, float), lq_ad_fadd(float, float), lq_ad_fsub(float, float);
+//       (each rounded on its own: never contracted into an FMA)
+//   void lq_ad_rope_angle(int position, int k, int head_dim, float theta, float *c, float *s);
+//       (cos and sin of angle k of a position, as the rope kernel computes them)
 #ifndef LQ_ATTENTION_DECODE_KERNEL_H
 #define LQ_ATTENTION_DECODE_KERNEL_H
 
@@ -52,6 +64,13 @@ struct lq_ad_args {
     float scale;
     float *part_out;   // splits > 1: [rows][splits][head_dim], unnormalized
     float *part_stats; // splits > 1: [rows][splits][2], (max, sum)
+    // rotary embedding of q and the new keys (batch only; lq_ad_rope_fits): the rope kernel's
+    // cos/sin table (row p: cos[head_dim/2] then sin[head_dim/2]) for positions below
+    // rope_positions (NULL: none), and theta for the rest
+    int rope;
+    const float *rope_table;
+    int rope_positions;
+    float rope_theta;
 };
 
 // Float4 chunks of head_dim per lane (1, 2, 4, 8) and q rows per CTA (the group, up to a
@@ -61,6 +80,13 @@ static inline int lq_ad_chunks(int head_dim) {
 }
 static inline int lq_ad_rows(int group) {
     return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : group <= 8 ? 8 : 0;
+}
+
+// Whether the kernel can rotate in its registers: a lane's chunk j + 8m pairs with its chunk
+// j + 8(m + M/2), which needs head_dim = 32·M with M = lq_ad_chunks(head_dim) >= 2.
+static inline int lq_ad_rope_fits(int head_dim) {
+    const int M = lq_ad_chunks(head_dim);
+    return M >= 2 && head_dim == 32 * M;
 }
 
 // How the kernel splits the keys 0 .. keys − 1 of the longest sequence, given the number of
@@ -103,6 +129,36 @@ LQ_AD_FN void lq_ad_load_row(const float *row, int valid, int M, int j, int chun
     }
 }
 
+// cos and sin of angle k (< head_dim/2) of `position`: the table's, or computed.
+LQ_AD_FN void lq_ad_cos_sin(const struct lq_ad_args *a, int position, int k, float *c, float *s) {
+    if (a->rope_table && position >= 0 && position < a->rope_positions) {
+        const float *row = a->rope_table + (size_t)position * a->head_dim;
+        *c = row[k], *s = row[a->head_dim / 2 + k];
+    } else {
+        lq_ad_rope_angle(position, k, a->head_dim, a->rope_theta, c, s);
+    }
+}
+
+// The rotation of a pair (x0 at dimension k, x1 at k + head_dim/2), as the rope kernel does it.
+LQ_AD_FN void lq_ad_rotate_pair(float c, float s, float *x0, float *x1) {
+    const float a0 = *x0, a1 = *x1;
+    *x0 = lq_ad_fsub(lq_ad_fmul(a0, c), lq_ad_fmul(a1, s));
+    *x1 = lq_ad_fadd(lq_ad_fmul(a0, s), lq_ad_fmul(a1, c));
+}
+
+// Rotates a row held as this lane's chunks (chunk j + 8m in v[m], m < M; lq_ad_rope_fits).
+LQ_AD_FN void lq_ad_rotate(const struct lq_ad_args *a, int position, int M, int j, float (*v)[4]) {
+    LQ_AD_UNROLL
+    for (int m = 0; m < M / 2; m++) {
+        LQ_AD_UNROLL
+        for (int e = 0; e < 4; e++) {
+            float c, s;
+            lq_ad_cos_sin(a, position, 4 * (j + 8 * m) + e, &c, &s);
+            lq_ad_rotate_pair(c, s, &v[m][e], &v[m + M / 2][e]);
+        }
+    }
+}
+
 // Key `key`'s row of a cache (base: the kv head's column of row 0), or `fresh` for the new key
 // of a batch (fresh_key: its position, −1 for none).
 LQ_AD_FN const float *lq_ad_key_row(const float *base, const float *fresh, int fresh_key, int key,
@@ -137,8 +193,18 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
     if (batch && start < key_hi) {
         float *k_row = a->k_caches[seq] + (size_t)start * kv_dim + (size_t)kv_head * hd;
         float *v_row = a->v_caches[seq] + (size_t)start * kv_dim + (size_t)kv_head * hd;
-        for (int d = thread; d < hd; d += LQ_AD_THREADS)
-            k_row[d] = k_fresh[d], v_row[d] = v_fresh[d];
+        const int half = hd / 2;
+        for (int d = thread; d < hd; d += LQ_AD_THREADS) {
+            float key = k_fresh[d];
+            if (a->rope) { // the rotated key: this dimension's side of its pair
+                const int k = d < half ? d : d - half;
+                float c, s, x0 = k_fresh[k], x1 = k_fresh[k + half];
+                lq_ad_cos_sin(a, start, k, &c, &s);
+                lq_ad_rotate_pair(c, s, &x0, &x1);
+                key = d < half ? x0 : x1;
+            }
+            k_row[d] = key, v_row[d] = v_fresh[d];
+        }
     }
 
     float *scores = shared;                      // [G][split_len]
@@ -152,6 +218,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
     for (int g = 0; g < G; g++) {
         const size_t row = (size_t)seq * a->heads + (size_t)kv_head * a->group + g;
         lq_ad_load_row(a->q + row * hd, g < a->group, M, j, chunks, q + g * M);
+        if (a->rope) lq_ad_rotate(a, start, M, j, q + g * M);
     }
 
     // pass 1: the scores and each row's maximum
@@ -163,6 +230,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
         float k[8][4];
         lq_ad_load_row(lq_ad_key_row(k_base, k_fresh, fresh_key, key, kv_dim), valid, M, j, chunks,
                        k);
+        if (a->rope && key == fresh_key) lq_ad_rotate(a, start, M, j, k); // as it was stored
         LQ_AD_UNROLL
         for (int g = 0; g < G; g++) {
             float s = 0.0f;

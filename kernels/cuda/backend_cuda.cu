@@ -364,6 +364,16 @@ static int op_linear_group(struct lq_backend *backend, const struct lq_linear *c
     LOCKED(lq_cuda_linear_group(backend, w, count, x, n, y));
 }
 
+static int op_rope_attention_batch_device(struct lq_backend *backend, float *q, float *k_new,
+                                          const float *v_new, float *const *k_caches,
+                                          float *const *v_caches, const int *positions, int n,
+                                          int heads, int kv_heads, int head_dim, int keys_bound,
+                                          float theta, float *out) {
+    LOCKED(lq_cuda_rope_attention_batch_device(backend, q, k_new, v_new, k_caches, v_caches,
+                                               positions, n, heads, kv_heads, head_dim, keys_bound,
+                                               theta, out));
+}
+
 static int op_matmul(struct lq_backend *backend, const float *w, int rows, int cols, const float *x,
                      int n, float *y) {
     LOCKED(lq_cuda_matmul(backend, w, rows, cols, x, n, y));
@@ -488,6 +498,7 @@ static const struct lq_backend_ops cuda_ops = {
     // Sampling on the device (sample_cuda.cu; the entry takes the op lock itself).
     /* sample */ lq_cuda_op_sample,
     /* linear_group */ op_linear_group,
+    /* rope_attention_batch_device */ op_rope_attention_batch_device,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,

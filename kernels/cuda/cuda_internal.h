@@ -251,6 +251,17 @@ int lq_cuda_rope_device(struct lq_backend *backend, float *x, int n, int heads, 
                         const int *positions, float theta);
 int lq_cuda_rope_qk_device(struct lq_backend *backend, float *q, int q_heads, float *k, int k_heads,
                            int n, int head_dim, const int *positions, float theta);
+// The cached cos/sin table of rope_qk_device for (theta, head_dim) (row p: cos[head_dim/2] then
+// sin[head_dim/2]) and *positions, its rows; NULL and 0 when there is none (made on first use,
+// never while a step is recorded): the angles are then computed.
+const float *lq_cuda_rope_cos_sin(struct lq_cuda *cuda, float theta, int head_dim, int *positions);
+// rope_qk_device on q and k_new, then attention_batch_device, in one launch where the
+// one-token attention kernel runs and head_dim = 32·M (M >= 2): the same bits as the two ops.
+int lq_cuda_rope_attention_batch_device(struct lq_backend *backend, float *q, float *k_new,
+                                        const float *v_new, float *const *k_caches,
+                                        float *const *v_caches, const int *positions, int n,
+                                        int heads, int kv_heads, int head_dim, int keys_bound,
+                                        float theta, float *out);
 // x += y, out = rmsnorm(x), one launch (add then rmsnorm's bits).
 int lq_cuda_add_rmsnorm(struct lq_backend *backend, float *x, const float *y, const float *weight,
                         int n, int dim, float eps, float *out);

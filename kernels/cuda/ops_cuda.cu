@@ -22,6 +22,7 @@
 
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/cuda/pdl_cuda.cuh"
+#include "kernels/cuda/rope_angle_cuda.cuh"
 
 namespace {
 
@@ -160,13 +161,9 @@ __global__ void add_rmsnorm_rows(float *x, const float *y, const float *weight, 
 
 // ---------- rope ----------
 
-// cos and sin of angle k of a position, written as the CPU writes them (the angle, pow and
-// sincos in double) so that both round the same way.
+// cos and sin of angle k of a position: rope_angle_cuda.cuh (the CPU's arithmetic).
 __device__ void rope_angle(int position, int k, int head_dim, float theta, float *c, float *s) {
-    double angle = position * pow((double)theta, -2.0 * k / head_dim);
-    double sine, cosine;
-    sincos(angle, &sine, &cosine);
-    *c = (float)cosine, *s = (float)sine;
+    lq_rope_angle(position, k, head_dim, theta, c, s);
 }
 
 // The cached table of positions [0, positions): row p holds cos[half] then sin[half].
@@ -339,6 +336,12 @@ static const struct lq_cuda_rope_table *rope_table(struct lq_cuda *cuda, float t
     free_entry->theta = theta;
     free_entry->head_dim = head_dim;
     return free_entry;
+}
+
+const float *lq_cuda_rope_cos_sin(struct lq_cuda *cuda, float theta, int head_dim, int *positions) {
+    const struct lq_cuda_rope_table *t = rope_table(cuda, theta, head_dim);
+    *positions = t ? LQ_CUDA_ROPE_POSITIONS : 0;
+    return t ? (const float *)t->table : (const float *)NULL;
 }
 
 static int rope_launch(struct lq_cuda *cuda, float *x, int heads, float *x2, int heads2, int n,

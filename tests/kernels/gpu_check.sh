@@ -159,11 +159,14 @@ case "${1:-}" in
 pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, most important first: v6
     # (tuned by its SASS), linear_group and the attention kernels against the CPU, graphs and end
     # to end, then the batch-1..64 step under auto and v6, with the layers of one input grouped
-    # and apart (LQ_CUDA_GROUP=0), PDL off, the tile attention kernel, each layer alone, and v6
-    # under ncu; steps past BUDGET (default 540 s) are skipped
+    # and RoPE inside attention, and with neither (LQ_CUDA_GROUP=0 LQ_CUDA_ROPE_FUSED=0), PDL
+    # off, the tile attention kernel, each layer alone, and v6 under ncu; steps past BUDGET
+    # (default 540 s) are skipped
     BUDGET=${BUDGET:-540}
     STEP_TIMEOUT=240 step cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
     TAIL=45 STEP_TIMEOUT=120 step cuda_ops_group "$run/test_cuda_ops" linear_group --time
+    TAIL=20 STEP_TIMEOUT=120 step cuda_ops_rope_attention "$run/test_cuda_ops" rope_attention \
+        --time
     TAIL=30 STEP_TIMEOUT=120 step attention_times "$run/test_cuda_ops" attention --time
     TAIL=10 STEP_TIMEOUT=120 step attention_batch "$run/test_cuda_ops" attention_batch --time
     STEP_TIMEOUT=120 step cuda_graph "$run/test_cuda_graph"
@@ -171,8 +174,8 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, most import
     TAIL=8 STEP_TIMEOUT=240 step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
     TAIL=40 STEP_TIMEOUT=300 step decode_steps "$run/bench_cuda" --decode-variants 1 \
         --decode-kernels auto,v6
-    LQ_CUDA_GROUP=0 TAIL=40 STEP_TIMEOUT=300 step decode_steps_apart "$run/bench_cuda" \
-        --decode-variants 1 --decode-kernels auto,v6
+    LQ_CUDA_GROUP=0 LQ_CUDA_ROPE_FUSED=0 TAIL=40 STEP_TIMEOUT=300 step decode_steps_apart \
+        "$run/bench_cuda" --decode-variants 1 --decode-kernels auto,v6
     LQ_CUDA_PDL=0 TAIL=20 STEP_TIMEOUT=200 step decode_steps_no_pdl "$run/bench_cuda" \
         --decode-variants 1 --decode-kernels v6
     LQ_CUDA_ATTENTION_DECODE=0 TAIL=8 STEP_TIMEOUT=120 step decode_attention_tile \

@@ -699,6 +699,98 @@ static void restore_env(const struct saved_env *saved) {
         unsetenv(saved->name);
 }
 
+/* rope_attention_batch_device: the rotary embedding done by the one-token attention kernel
+ * against rope_qk_device then attention_batch_device, bit for bit (the output and every cache),
+ * and both against the CPU's rope then attention_batch; head_dim 64 and 128 (in the kernel) and
+ * 48 (the two ops inside the op), GQA, a position past the cached cos/sin rows (9000), one
+ * split and several (keys bounds 128 and 16384). */
+static void test_rope_attention(void) {
+    enum { N = 6 };
+    const int shapes[][3] = {{8, 2, 64}, {32, 32, 128}, {4, 4, 48}}; /* heads, kv, head_dim */
+    const int positions[N] = {0, 1, 17, 9000, 640, 5}, context = 9001;
+    const float theta = 10000.0f;
+    void *device_positions = device_bytes(positions, sizeof positions);
+    for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
+        const int heads = shapes[c][0], kv = shapes[c][1], hd = shapes[c][2];
+        const size_t kv_dim = (size_t)kv * hd, q_dim = (size_t)heads * hd;
+        const size_t cache = (size_t)context * kv_dim;
+        float *kc[N], *vc[N], *dkc[2][N], *dvc[2][N];
+        for (int i = 0; i < N; i++) {
+            kc[i] = random_floats(cache, 1.0f), vc[i] = random_floats(cache, 1.0f);
+            for (int w = 0; w < 2; w++)
+                dkc[w][i] = device_floats(kc[i], cache), dvc[w][i] = device_floats(vc[i], cache);
+        }
+        float *q = random_floats(N * q_dim, 1.0f), *kn = random_floats(N * kv_dim, 1.0f);
+        float *vn = random_floats(N * kv_dim, 1.0f), *ref = malloc(N * q_dim * sizeof *ref);
+        /* the CPU: rope in place, then attention */
+        float *q_cpu = malloc(N * q_dim * sizeof(float)),
+              *kn_cpu = malloc(N * kv_dim * sizeof(float));
+        memcpy(q_cpu, q, N * q_dim * sizeof(float));
+        memcpy(kn_cpu, kn, N * kv_dim * sizeof(float));
+        CHECK_OK(cpu->ops->rope(cpu, q_cpu, N, heads, hd, positions, theta));
+        CHECK_OK(cpu->ops->rope(cpu, kn_cpu, N, kv, hd, positions, theta));
+        CHECK_OK(cpu->ops->attention_batch(cpu, q_cpu, kn_cpu, vn, kc, vc, positions, N, heads, kv,
+                                           hd, ref));
+        const int bounds[] = {16384, 9088};
+        for (int b = 0; b < 2; b++) {
+            float *outs[2];
+            for (int w = 0; w < 2; w++) { /* 0: the two ops, 1: the one */
+                float *dq = device_floats(q, N * q_dim), *dkn = device_floats(kn, N * kv_dim);
+                float *dvn = device_floats(vn, N * kv_dim), *dout = device_floats(NULL, N * q_dim);
+                void *device_k = device_bytes(dkc[w], sizeof dkc[w]);
+                void *device_v = device_bytes(dvc[w], sizeof dvc[w]);
+                if (w == 0) {
+                    CHECK_OK(gpu->ops->rope_qk_device(gpu, dq, heads, dkn, kv, N, hd,
+                                                      device_positions, theta));
+                    CHECK_OK(gpu->ops->attention_batch_device(gpu, dq, dkn, dvn, device_k, device_v,
+                                                              device_positions, N, heads, kv, hd,
+                                                              bounds[b], dout));
+                } else {
+                    CHECK_OK(gpu->ops->rope_attention_batch_device(
+                        gpu, dq, dkn, dvn, device_k, device_v, device_positions, N, heads, kv, hd,
+                        bounds[b], theta, dout));
+                    TIME_GPU(gpu->ops->rope_attention_batch_device(
+                                 gpu, dq, dkn, dvn, device_k, device_v, device_positions, N, heads,
+                                 kv, hd, bounds[b], theta, dout),
+                             "rope + attention in one op, heads %d/%d, head_dim %d, bound %d",
+                             heads, kv, hd, bounds[b]);
+                    TIME_GPU((gpu->ops->rope_qk_device(gpu, dq, heads, dkn, kv, N, hd,
+                                                       device_positions, theta),
+                              gpu->ops->attention_batch_device(gpu, dq, dkn, dvn, device_k,
+                                                               device_v, device_positions, N, heads,
+                                                               kv, hd, bounds[b], dout)),
+                             "rope, then attention, heads %d/%d, head_dim %d, bound %d", heads, kv,
+                             hd, bounds[b]);
+                }
+                outs[w] = to_host(dout, N * q_dim);
+                gpu->ops->buffer_free(gpu, dq), gpu->ops->buffer_free(gpu, dkn);
+                gpu->ops->buffer_free(gpu, dvn), gpu->ops->buffer_free(gpu, dout);
+                gpu->ops->buffer_free(gpu, device_k), gpu->ops->buffer_free(gpu, device_v);
+            }
+            CHECK_CLOSE(outs[1], ref, N * q_dim, TOL_FP32,
+                        "rope + attention, heads %d/%d, head_dim %d, bound %d", heads, kv, hd,
+                        bounds[b]);
+            CHECK_MSG(outs[0] && outs[1] &&
+                          memcmp(outs[0], outs[1], N * q_dim * sizeof(float)) == 0,
+                      "rope + attention, heads %d/%d, head_dim %d, bound %d: not the two ops' "
+                      "bits",
+                      heads, kv, hd, bounds[b]);
+            free(outs[0]), free(outs[1]);
+        }
+        for (int i = 0; i < N; i++) { /* both wrote the same rotated row, nothing else */
+            float *a = to_host(dkc[0][i], cache), *b = to_host(dkc[1][i], cache);
+            CHECK_MSG(a && b && memcmp(a, b, cache * sizeof(float)) == 0,
+                      "rope + attention, head_dim %d: sequence %d's key cache differs", hd, i);
+            free(a), free(b);
+            for (int w = 0; w < 2; w++)
+                gpu->ops->buffer_free(gpu, dkc[w][i]), gpu->ops->buffer_free(gpu, dvc[w][i]);
+            free(kc[i]), free(vc[i]);
+        }
+        free(q), free(kn), free(vn), free(ref), free(q_cpu), free(kn_cpu);
+    }
+    gpu->ops->buffer_free(gpu, device_positions);
+}
+
 static void test_decompose(void) {
     if (!gpu->ops->decompose || !gpu->ops->decompose_errors) {
         CHECK_MSG(0, "%s", "the CUDA backend has no decompose op");
@@ -1006,23 +1098,12 @@ int main(int argc, char **argv) {
     CHECK_OK(lq_backend_cpu_create(&cpu, &err));
     lq_rng_seed(&rng, 20261126);
     static const struct lq_test_case cases[] = {
-        LQ_TEST(test_rmsnorm),
-        LQ_TEST(test_embed),
-        LQ_TEST(test_rope),
-        LQ_TEST(test_swiglu_add),
-        LQ_TEST(test_fused_ops),
-        LQ_TEST(test_linear_dense),
-        LQ_TEST(test_linear_lq),
-        LQ_TEST(test_linear_lq_mma),
-        LQ_TEST(test_linear_lq_gemv),
-        LQ_TEST(test_linear_group),
-        LQ_TEST(test_linear_adapter),
-        LQ_TEST(test_matmul),
-        LQ_TEST(test_attention),
-        LQ_TEST(test_attention_batch),
-        LQ_TEST(test_decompose),
-        LQ_TEST(test_cholqr),
-        LQ_TEST(test_memory_accounting),
+        LQ_TEST(test_rmsnorm),      LQ_TEST(test_embed),           LQ_TEST(test_rope),
+        LQ_TEST(test_swiglu_add),   LQ_TEST(test_fused_ops),       LQ_TEST(test_linear_dense),
+        LQ_TEST(test_linear_lq),    LQ_TEST(test_linear_lq_mma),   LQ_TEST(test_linear_lq_gemv),
+        LQ_TEST(test_linear_group), LQ_TEST(test_linear_adapter),  LQ_TEST(test_matmul),
+        LQ_TEST(test_attention),    LQ_TEST(test_attention_batch), LQ_TEST(test_rope_attention),
+        LQ_TEST(test_decompose),    LQ_TEST(test_cholqr),          LQ_TEST(test_memory_accounting),
     };
     int failed = 0;
     const char *filter = NULL;

@@ -35,6 +35,24 @@ static inline void lq_ad_sync(void) {
 static inline float lq_ad_exp(float x) {
     return expf(x);
 }
+/* each product and sum rounded on its own (a volatile store keeps the compiler from fusing) */
+static inline float lq_ad_fmul(float x, float y) {
+    volatile float r = x * y;
+    return r;
+}
+static inline float lq_ad_fadd(float x, float y) {
+    volatile float r = x + y;
+    return r;
+}
+static inline float lq_ad_fsub(float x, float y) {
+    volatile float r = x - y;
+    return r;
+}
+/* the rope kernel's angles (kernels/cuda/rope_angle_cuda.cuh) */
+static void lq_ad_rope_angle(int position, int k, int head_dim, float theta, float *c, float *s) {
+    const double angle = position * pow((double)theta, -2.0 * k / head_dim);
+    *c = (float)cos(angle), *s = (float)sin(angle);
+}
 
 #include "kernels/cuda/attention_decode_kernel.h"
 
@@ -91,14 +109,41 @@ static void reference(const float *q, const float *k, const float *v, int kv_dim
     free(s);
 }
 
+/* The rotary embedding as the rope kernel applies it (ops_cuda.cu rope_rows), to `rows` rows
+ * of head_dim at `position`, in place: the test's own transcription, from the cos/sin of
+ * lq_ad_rope_angle (which the table below also holds). */
+#define ROPE_THETA 10000.0f
+#define ROPE_TABLE_ROWS 64 /* positions with a cached cos/sin row; the rest are computed */
+static void rope_rows(float *x, int rows, int head_dim, int position) {
+    const int half = head_dim / 2;
+    for (int r = 0; r < rows; r++)
+        for (int k = 0; k < half; k++) {
+            float c, s;
+            lq_ad_rope_angle(position, k, head_dim, ROPE_THETA, &c, &s);
+            float *v = x + (size_t)r * head_dim;
+            const float x0 = v[k], x1 = v[k + half];
+            v[k] = lq_ad_fsub(lq_ad_fmul(x0, c), lq_ad_fmul(x1, s));
+            v[k + half] = lq_ad_fadd(lq_ad_fmul(x0, s), lq_ad_fmul(x1, c));
+        }
+}
+
 /* Runs the kernel over `sequences` sequences (batch: caches per sequence with positions; else
  * one sequence at `start`) with `splits` splits of the keys, merges the splits as
- * attention_combine does, and compares every output row. */
+ * attention_combine does, and compares every output row. rope (a batch): q and the new keys go
+ * in unrotated and the kernel rotates them; the reference rotates them first, and the stored
+ * key must be the rotated one bit for bit. */
+static void check_case_rope(int batch, int sequences, const int *positions, int heads, int kv_heads,
+                            int head_dim, int splits, int rope);
 static void check_case(int batch, int sequences, const int *positions, int heads, int kv_heads,
                        int head_dim, int splits) {
+    check_case_rope(batch, sequences, positions, heads, kv_heads, head_dim, splits, 0);
+}
+static void check_case_rope(int batch, int sequences, const int *positions, int heads, int kv_heads,
+                            int head_dim, int splits, int rope) {
     char label[160];
-    snprintf(label, sizeof label, "%s of %d, heads %d/%d, head_dim %d, %d splits",
-             batch ? "batch" : "sequence", sequences, heads, kv_heads, head_dim, splits);
+    snprintf(label, sizeof label, "%s of %d, heads %d/%d, head_dim %d, %d splits%s",
+             batch ? "batch" : "sequence", sequences, heads, kv_heads, head_dim, splits,
+             rope ? ", rope" : "");
     const int group = heads / kv_heads, kv_dim = kv_heads * head_dim;
     const int chunks = lq_ad_chunks(head_dim), rows = lq_ad_rows(group);
     CHECK_MSG(chunks > 0 && rows > 0 && chunks * rows <= LQ_AD_MAX_ROWS_CHUNKS,
@@ -124,6 +169,24 @@ static void check_case(int batch, int sequences, const int *positions, int heads
     }
     const size_t parts = q_count / head_dim * splits;
     float *part_out = poisoned(parts * head_dim), *part_stats = poisoned(parts * 2);
+    /* what the reference sees: q and the new keys rotated (rope), else as they are */
+    float *q_ref = malloc(q_count * sizeof(float));
+    float *k_new_ref = malloc((size_t)sequences * kv_dim * sizeof(float));
+    float *table = malloc((size_t)ROPE_TABLE_ROWS * head_dim * sizeof(float));
+    if (!q_ref || !k_new_ref || !table) abort();
+    memcpy(q_ref, q, q_count * sizeof(float));
+    memcpy(k_new_ref, k_new, (size_t)sequences * kv_dim * sizeof(float));
+    for (int p = 0; p < ROPE_TABLE_ROWS; p++)
+        for (int k = 0; k < head_dim / 2; k++)
+            lq_ad_rope_angle(p, k, head_dim, ROPE_THETA, &table[(size_t)p * head_dim + k],
+                             &table[(size_t)p * head_dim + head_dim / 2 + k]);
+    if (rope) {
+        CHECK_MSG(batch && lq_ad_rope_fits(head_dim), "%s: not a rope shape", label);
+        for (int s = 0; s < sequences; s++) {
+            rope_rows(q_ref + (size_t)s * heads * head_dim, heads, head_dim, positions[s]);
+            rope_rows(k_new_ref + (size_t)s * kv_dim, kv_heads, head_dim, positions[s]);
+        }
+    }
 
     struct lq_ad_args a;
     memset(&a, 0, sizeof a);
@@ -138,6 +201,8 @@ static void check_case(int batch, int sequences, const int *positions, int heads
     a.splits = splits, a.split_len = split_len;
     a.scale = 1.0f / sqrtf((float)head_dim);
     a.part_out = part_out, a.part_stats = part_stats;
+    a.rope = rope, a.rope_table = table, a.rope_positions = ROPE_TABLE_ROWS;
+    a.rope_theta = ROPE_THETA;
     const struct launch l = {&a, chunks, rows, kv_heads};
     cta_run_grid(run_thread, &l, kv_heads * sequences * splits, LQ_AD_THREADS,
                  lq_ad_shared_floats(rows, head_dim, split_len) * sizeof(float));
@@ -150,9 +215,9 @@ static void check_case(int batch, int sequences, const int *positions, int heads
         for (int h = 0; h < heads; h++) {
             const size_t row = (size_t)s * heads + h;
             const int kv = h / group;
-            reference(q + row * head_dim, k_before[s] + (size_t)kv * head_dim,
+            reference(q_ref + row * head_dim, k_before[s] + (size_t)kv * head_dim,
                       v_caches[s] + (size_t)kv * head_dim, kv_dim, last, batch ? last : -1,
-                      k_new + (size_t)s * kv_dim + (size_t)kv * head_dim,
+                      k_new_ref + (size_t)s * kv_dim + (size_t)kv * head_dim,
                       v_new + (size_t)s * kv_dim + (size_t)kv * head_dim, head_dim, a.scale, want);
             /* the row as the GPU hands it on: the output, or attention_combine's merge */
             double got[256], scale = 0.0;
@@ -185,7 +250,7 @@ static void check_case(int batch, int sequences, const int *positions, int heads
             for (int kv = 0; kv < kv_heads; kv++)
                 for (int d = 0; d < head_dim; d++)
                     stored &= k_caches[s][(size_t)last * kv_dim + (size_t)kv * head_dim + d] ==
-                                  k_new[(size_t)s * kv_dim + (size_t)kv * head_dim + d] &&
+                                  k_new_ref[(size_t)s * kv_dim + (size_t)kv * head_dim + d] &&
                               v_caches[s][(size_t)last * kv_dim + (size_t)kv * head_dim + d] ==
                                   v_new[(size_t)s * kv_dim + (size_t)kv * head_dim + d];
             memcpy(k_before[s] + (size_t)last * kv_dim, k_caches[s] + (size_t)last * kv_dim,
@@ -199,6 +264,7 @@ static void check_case(int batch, int sequences, const int *positions, int heads
     CHECK_MSG(worst <= 2e-5, "%s: error %.3g", label, worst);
     for (int s = 0; s < sequences; s++) free(k_caches[s]), free(v_caches[s]), free(k_before[s]);
     free(q), free(out), free(k_new), free(v_new), free(part_out), free(part_stats), free(want);
+    free(q_ref), free(k_new_ref), free(table);
 }
 
 static void test_one_sequence(void) {
@@ -228,6 +294,20 @@ static void test_batch(void) {
     check_case(1, 5, positions, 8, 2, 64, 1);
     check_case(1, 5, positions, 8, 2, 64, 4); /* splits past the short sequences' keys */
     check_case(1, 3, positions + 1, 4, 4, 128, 2);
+}
+
+/* The step's rotary embedding done by the kernel: head_dim 64, 128 and 256 (M = 2, 4, 8), GQA
+ * groups, one split and several, positions in the cos/sin table (< 64) and past it (computed). */
+static void test_rope(void) {
+    lq_rng_seed(&rng, 74);
+    const int positions[] = {0, 1, 33, 300, 63, 64};
+    check_case_rope(1, 6, positions, 8, 2, 64, 1, 1);
+    check_case_rope(1, 6, positions, 8, 2, 64, 3, 1);
+    check_case_rope(1, 3, positions + 2, 4, 4, 128, 2, 1);
+    check_case_rope(1, 2, positions + 3, 4, 1, 128, 1, 1);
+    check_case_rope(1, 2, positions + 4, 4, 2, 256, 2, 1);
+    CHECK(!lq_ad_rope_fits(32) && !lq_ad_rope_fits(48) && !lq_ad_rope_fits(8) &&
+          lq_ad_rope_fits(64) && lq_ad_rope_fits(128) && lq_ad_rope_fits(256));
 }
 
 /* lq_ad_plan, the launcher's split of the keys, over many shapes: splits of whole steps that
@@ -272,4 +352,4 @@ static void test_plan(void) {
 }
 
 LQ_TEST_MAIN(LQ_TEST(test_one_sequence), LQ_TEST(test_shapes), LQ_TEST(test_batch),
-             LQ_TEST(test_plan))
+             LQ_TEST(test_rope), LQ_TEST(test_plan))

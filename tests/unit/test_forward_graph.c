@@ -61,6 +61,22 @@ static int fake_attention_batch_device(struct lq_backend *backend, const float *
                                     heads, kv_heads, head_dim, out);
 }
 
+/* rope_attention_batch_device as the two ops it stands for (the step must use it, and give
+ * the same logits as the host path's rope then attention). */
+static int rope_attention_calls;
+static int fake_rope_attention_batch_device(struct lq_backend *backend, float *q, float *k_new,
+                                            const float *v_new, float *const *k_caches,
+                                            float *const *v_caches, const int *positions, int n,
+                                            int heads, int kv_heads, int head_dim, int keys_bound,
+                                            float theta, float *out) {
+    rope_attention_calls++;
+    int rc = cpu_ops->rope(backend, q, n, heads, head_dim, positions, theta);
+    if (!rc) rc = cpu_ops->rope(backend, k_new, n, kv_heads, head_dim, positions, theta);
+    return rc ? rc
+              : fake_attention_batch_device(backend, q, k_new, v_new, k_caches, v_caches, positions,
+                                            n, heads, kv_heads, head_dim, keys_bound, out);
+}
+
 /* linear_group through the CPU's linear, layer by layer: the forward passes must call it with
  * Q, K, V and with gate, up (each of one input, outputs distinct and apart from it). */
 static int group_calls[LQ_LINEARS_PER_LAYER + 1], group_misuse;
@@ -103,6 +119,7 @@ static void use_fake_ops(struct lq_backend *cpu) {
     fake_ops.graph_begin = fake_graph_begin;
     fake_ops.graph_end = fake_graph_end;
     fake_ops.linear_group = fake_linear_group;
+    fake_ops.rope_attention_batch_device = fake_rope_attention_batch_device;
     cpu->ops = &fake_ops;
 }
 
@@ -178,6 +195,9 @@ static void test_graph_path_equals_host_path(void) {
               "linear_group: %d calls of 3, %d of 2, %d misuses", group_calls[3], group_calls[2],
               group_misuse);
     CHECK(group_calls[3] % model->config.n_layers == 0);
+    /* every block of every graph step: rope and attention as one op */
+    CHECK_MSG(rope_attention_calls > 0 && rope_attention_calls % model->config.n_layers == 0,
+              "%d rope_attention calls", rope_attention_calls);
     printf("graph path: %d steps equal to the host path; %d recordings, %d failed and rerun\n",
            STEPS, recordings, failed_ends);
 
