@@ -504,10 +504,11 @@ int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank,
     const int vector = cols % 4 == 0 && ((uintptr_t)x & 15u) == 0;
     for (int k0 = 0; k0 < n; k0 += 8) {
         const int count = n - k0 < 8 ? n - k0 : 8;
-        lq_lowrank_project_kernel<8><<<rank, 256, 0, cuda->stream>>>(
-            x + (size_t)k0 * cols, count, cols, lq_project_one(lora_A, rank, t + (size_t)k0 * rank),
-            vector);
-        LQ_CUDA_LAUNCHED("lq_lowrank_project_kernel");
+        // with PDL: the kernel waits for the one before it, and the next may launch meanwhile
+        LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_lowrank_project_kernel<8>, dim3((unsigned)rank),
+                                  dim3(256), 0, cuda->stream, x + (size_t)k0 * cols, count, cols,
+                                  lq_project_one(lora_A, rank, t + (size_t)k0 * rank), vector),
+                    "lq_lowrank_project_kernel");
     }
     return LQ_OK;
 }

@@ -205,9 +205,10 @@ int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
                       "cublasSgemm (LQ low rank)");
     }
     const int vector_x = ((uintptr_t)x & 15u) == 0; // x_count % 4 == 0: cols % 32 == 0
-    lq_mma_to_half_kernel<<<lq_mma_grid_for(vector_x ? x_count / 4 : x_count, cuda), 256, 0,
-                            cuda->stream>>>(x, x_count, vector_x, (__half *)input);
-    LQ_CUDA_LAUNCHED("lq_mma_to_half_kernel");
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_mma_to_half_kernel,
+                              dim3(lq_mma_grid_for(vector_x ? x_count / 4 : x_count, cuda)),
+                              dim3(256), 0, cuda->stream, x, x_count, vector_x, (__half *)input),
+                "lq_mma_to_half_kernel");
 
     lq_mma_args a;
     memset(&a, 0, sizeof a);

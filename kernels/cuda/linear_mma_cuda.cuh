@@ -314,7 +314,8 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
 // out = fp16(x), count values (a multiple of 4 when vector: then x is 16-byte aligned).
 __global__ void __launch_bounds__(256)
     lq_mma_to_half_kernel(const float *x, size_t count, int vector, __half *out) {
-    lq_pdl_trigger(); // the GEMM's prologue does not read out
+    // x is ready once the kernel before has ended; the GEMM's prologue does not read out
+    lq_pdl_enter();
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     if (vector) {
         for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count / 4; i += stride) {
