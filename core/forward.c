@@ -181,6 +181,10 @@ struct lq_backend *lq_session_backend(const struct lq_session *s) {
     return s->runtime->backend;
 }
 
+struct lq_runtime *lq_session_runtime(const struct lq_session *s) {
+    return s->runtime;
+}
+
 /* One transformer block on n tokens at positions start..start+n-1 (x updated in place). */
 static int block(struct lq_session *s, int l, int n) {
     const struct lq_runtime *r = s->runtime;

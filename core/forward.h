@@ -45,6 +45,8 @@ int lq_session_forward(struct lq_session *session, const int *tokens, int n, int
 const float *lq_session_device_logits(const struct lq_session *session);
 /* The backend the session runs on (borrowed from its runtime). */
 struct lq_backend *lq_session_backend(const struct lq_session *session);
+/* The runtime the session belongs to (borrowed). */
+struct lq_runtime *lq_session_runtime(const struct lq_session *session);
 
 /* Adapters (forward_adapter.c): a LoRA adapter (core/adapter.h) prepared for one runtime, its
  * factors on the runtime's backend (weights_upload) while it lives. Shared and read-only like

@@ -27,6 +27,7 @@ int lq_generate(struct lq_session *session, const struct lq_tokenizer *tokenizer
     }
     struct lq_sampler *sampler = NULL;
     struct lq_text_stream *stream = NULL;
+    struct lq_batch *batch = NULL;
     float *logits = NULL;
     int *history = NULL;
     int vocab = lq_tokenizer_vocab_size(tokenizer);
@@ -57,6 +58,10 @@ int lq_generate(struct lq_session *session, const struct lq_tokenizer *tokenizer
         if ((rc = lq_session_forward(session, ids + i, n, 0, logits, err))) goto done;
         i += (size_t)n;
     }
+    /* Decode steps go through a batch of one: the same logits as lq_session_forward (every op
+     * is applied to the row as it applies it to a lone token), and on a backend with decode-step
+     * graphs (CUDA) each step is replayed as one graph with the step's fused ops. */
+    if ((rc = lq_batch_create(lq_session_runtime(session), 1, &batch, err))) goto done;
     size_t seen = count;
     result->finish = LQ_FINISH_LENGTH;
     for (int step = 0; step < options->max_tokens; step++) {
@@ -71,10 +76,11 @@ int lq_generate(struct lq_session *session, const struct lq_tokenizer *tokenizer
         history[seen++] = token;
         if (step + 1 == options->max_tokens) break;
         if (lq_session_position(session) >= lq_session_context(session)) break; /* context full */
-        if ((rc = lq_session_forward(session, &token, 1, 0, logits, err))) goto done;
+        if ((rc = lq_forward_batch(batch, &session, &token, 1, logits, err))) goto done;
     }
     lq_text_stream_flush(stream);
 done:
+    lq_batch_free(batch);
     lq_text_stream_free(stream);
     free(history);
     free(logits);
