@@ -111,10 +111,11 @@ static inline int lq_ad_plan(int keys, int rows, int wanted, int sequences, int 
     return 0;
 }
 
-// Shared memory in floats: the scores, the warps' sums, their maxima and totals.
+// Shared memory in floats: the scores, the warps' sums, their maxima and totals, and the
+// token's cos/sin (rope).
 static inline size_t lq_ad_shared_floats(int rows, int head_dim, int split_len) {
     return (size_t)rows * split_len + (size_t)LQ_AD_WARPS * rows * head_dim +
-           2u * LQ_AD_WARPS * (size_t)rows;
+           2u * LQ_AD_WARPS * (size_t)rows + (size_t)head_dim;
 }
 
 // Chunks j + 8m (m < M) of a row of head_dim floats (`chunks` float4 of them) into out[m],
@@ -146,15 +147,15 @@ LQ_AD_FN void lq_ad_rotate_pair(float c, float s, float *x0, float *x1) {
     *x1 = lq_ad_fadd(lq_ad_fmul(a0, s), lq_ad_fmul(a1, c));
 }
 
-// Rotates a row held as this lane's chunks (chunk j + 8m in v[m], m < M; lq_ad_rope_fits).
-LQ_AD_FN void lq_ad_rotate(const struct lq_ad_args *a, int position, int M, int j, float (*v)[4]) {
+// Rotates a row held as this lane's chunks (chunk j + 8m in v[m], m < M; lq_ad_rope_fits)
+// with the position's cos[half] and sin[half] at cs.
+LQ_AD_FN void lq_ad_rotate(const float *cs, int half, int M, int j, float (*v)[4]) {
     LQ_AD_UNROLL
     for (int m = 0; m < M / 2; m++) {
         LQ_AD_UNROLL
         for (int e = 0; e < 4; e++) {
-            float c, s;
-            lq_ad_cos_sin(a, position, 4 * (j + 8 * m) + e, &c, &s);
-            lq_ad_rotate_pair(c, s, &v[m][e], &v[m + M / 2][e]);
+            const int k = 4 * (j + 8 * m) + e;
+            lq_ad_rotate_pair(cs[k], cs[half + k], &v[m][e], &v[m + M / 2][e]);
         }
     }
 }
@@ -190,27 +191,34 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
         batch ? a->k_new + (size_t)seq * kv_dim + (size_t)kv_head * hd : (const float *)NULL;
     const float *v_fresh =
         batch ? a->v_new + (size_t)seq * kv_dim + (size_t)kv_head * hd : (const float *)NULL;
+    float *scores = shared;                      // [G][split_len]
+    float *sums = scores + G * a->split_len;     // [warps][G][head_dim]
+    float *maxima = sums + LQ_AD_WARPS * G * hd; // [warps][G]
+    float *totals = maxima + LQ_AD_WARPS * G;    // [warps][G]
+    float *cs = totals + LQ_AD_WARPS * G;        // [head_dim]: cos[half], sin[half] (rope)
+
+    // The token's cos and sin, once per CTA (past the cached rows each is a double-precision
+    // pow and sincos: not once per q row and lane).
+    const int half = hd / 2;
+    if (a->rope) {
+        for (int k = thread; k < half; k += LQ_AD_THREADS)
+            lq_ad_cos_sin(a, start, k, &cs[k], &cs[half + k]);
+        lq_ad_sync();
+    }
     if (batch && start < key_hi) {
         float *k_row = a->k_caches[seq] + (size_t)start * kv_dim + (size_t)kv_head * hd;
         float *v_row = a->v_caches[seq] + (size_t)start * kv_dim + (size_t)kv_head * hd;
-        const int half = hd / 2;
         for (int d = thread; d < hd; d += LQ_AD_THREADS) {
             float key = k_fresh[d];
             if (a->rope) { // the rotated key: this dimension's side of its pair
                 const int k = d < half ? d : d - half;
-                float c, s, x0 = k_fresh[k], x1 = k_fresh[k + half];
-                lq_ad_cos_sin(a, start, k, &c, &s);
-                lq_ad_rotate_pair(c, s, &x0, &x1);
+                float x0 = k_fresh[k], x1 = k_fresh[k + half];
+                lq_ad_rotate_pair(cs[k], cs[half + k], &x0, &x1);
                 key = d < half ? x0 : x1;
             }
             k_row[d] = key, v_row[d] = v_fresh[d];
         }
     }
-
-    float *scores = shared;                      // [G][split_len]
-    float *sums = scores + G * a->split_len;     // [warps][G][head_dim]
-    float *maxima = sums + LQ_AD_WARPS * G * hd; // [warps][G]
-    float *totals = maxima + LQ_AD_WARPS * G;    // [warps][G]
 
     // q: row g of the group (zeros past it), chunk j + 8m of the head dimension
     float q[LQ_AD_MAX_ROWS_CHUNKS][4];
@@ -218,7 +226,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
     for (int g = 0; g < G; g++) {
         const size_t row = (size_t)seq * a->heads + (size_t)kv_head * a->group + g;
         lq_ad_load_row(a->q + row * hd, g < a->group, M, j, chunks, q + g * M);
-        if (a->rope) lq_ad_rotate(a, start, M, j, q + g * M);
+        if (a->rope) lq_ad_rotate(cs, half, M, j, q + g * M);
     }
 
     // pass 1: the scores and each row's maximum
@@ -230,7 +238,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
         float k[8][4];
         lq_ad_load_row(lq_ad_key_row(k_base, k_fresh, fresh_key, key, kv_dim), valid, M, j, chunks,
                        k);
-        if (a->rope && key == fresh_key) lq_ad_rotate(a, start, M, j, k); // as it was stored
+        if (a->rope && key == fresh_key) lq_ad_rotate(cs, half, M, j, k); // as it was stored
         LQ_AD_UNROLL
         for (int g = 0; g < G; g++) {
             float s = 0.0f;
