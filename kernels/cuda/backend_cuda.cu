@@ -551,6 +551,7 @@ extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq
     snprintf(cuda->name, sizeof cuda->name, "CUDA device %d (%.200s)", device, properties.name);
     cuda->sm_count = properties.multiProcessorCount;
     cuda->reserved_shared = (unsigned)properties.reservedSharedMemPerBlock;
+    cuda->shared_per_sm = properties.sharedMemPerMultiprocessor;
     cuda->l2_bytes = (size_t)properties.l2CacheSize;
     {
         const char *pdl = getenv("LQ_CUDA_PDL");

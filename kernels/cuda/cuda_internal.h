@@ -68,6 +68,7 @@ struct lq_cuda {
     int device;
     int sm_count;
     unsigned reserved_shared; // bytes of shared memory the driver keeps below a CTA's own
+    size_t shared_per_sm;     // shared memory of an SM, for all its CTAs (their reserves too)
     size_t l2_bytes;
     char name[256];
     cudaStream_t stream;

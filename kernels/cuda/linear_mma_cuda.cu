@@ -5,14 +5,15 @@
 //   1. (rank > 0) t = x · L2ᵀ [n, rank] with cuBLAS SGEMM, fp32 (as the prefill path does).
 //   2. lq_mma_to_half_kernel: x → fp16 once (workspace LQ_CUDA_LINEAR_INPUT).
 //   3. lq_mma_kernel<b0, blocks per chunk, NT>: NT = n padded to 16, 32, 48 or 64 token slots.
-//      Grid (row bands of 256) x (splits of K in k-tiles of 128 columns), 8 warps, one CTA per
-//      SM. The CTA stages its K slice of x for all NT tokens in shared memory once (fp16, in
-//      fragment order), then each warp streams the packed codes of its 32 rows straight from
-//      HBM into registers and dequantizes them INTO mma.sync m16n8k16 A fragments — no
-//      dequantized tile exists in shared or global memory, no barrier in the main loop.
-//      The trick that makes this possible without re-laying out the weights (what Marlin does
-//      offline): a dot product does not care about the order of k, so inside each k-tile the
-//      k index that the fragment layout gives lane (g, c) at step s is mapped to column
+//      Grid (row bands of 256) x (splits of K in k-tiles of 128 columns), 8 warps, as many
+//      CTAs as the SMs hold at once (one wave: 2 per SM for the 16- and 32-token kernels, whose
+//      registers allow it, else 1; lq_mma_plan_for). The CTA stages its K slice of x for all NT
+//      tokens in shared memory once (fp16, in fragment order), then each warp streams the packed
+//      codes of its 32 rows straight from HBM into registers and dequantizes them INTO mma.sync
+//      m16n8k16 A fragments — no dequantized tile exists in shared or global memory, no barrier in
+//      the main loop. The trick that makes this possible without re-laying out the weights (what
+//      Marlin does offline): a dot product does not care about the order of k, so inside each
+//      k-tile the k index that the fragment layout gives lane (g, c) at step s is mapped to column
 //      32c + 4s + j of the tile. Lane c of a quad then needs exactly the 32 codes of chunk c
 //      of the tile for each of its rows: b0 aligned 32-bit words, one vector load (the same
 //      chunks the decode kernels read), fully used. x is staged with the same permutation.
@@ -90,16 +91,65 @@ static unsigned lq_mma_grid_for(size_t items, const struct lq_cuda *cuda) {
     return (unsigned)(blocks < 1 ? 1 : blocks < cap ? blocks : cap);
 }
 
+typedef void (*lq_mma_fn)(lq_mma_args);
+
+// The GEMM kernel for (b0, blocks per chunk, token slots).
+template <int BITS, int BPC> static lq_mma_fn lq_mma_kernel_for(int nt) {
+    return nt == 16   ? lq_mma_kernel<BITS, BPC, 16>
+           : nt == 32 ? lq_mma_kernel<BITS, BPC, 32>
+           : nt == 48 ? lq_mma_kernel<BITS, BPC, 48>
+                      : lq_mma_kernel<BITS, BPC, 64>;
+}
+template <int BITS> static lq_mma_fn lq_mma_kernel_for(int bpc, int nt) {
+    return bpc == 1   ? lq_mma_kernel_for<BITS, 1>(nt)
+           : bpc == 2 ? lq_mma_kernel_for<BITS, 2>(nt)
+                      : lq_mma_kernel_for<BITS, 4>(nt);
+}
+static lq_mma_fn lq_mma_kernel_for(int b0, int bpc, int nt) {
+    return b0 == 2   ? lq_mma_kernel_for<2>(bpc, nt)
+           : b0 == 3 ? lq_mma_kernel_for<3>(bpc, nt)
+                     : lq_mma_kernel_for<4>(bpc, nt);
+}
+
+// How many CTAs of a GEMM kernel its registers let an SM hold (at most LQ_MMA_MAX_CTAS_PER_SM;
+// 1 when the runtime cannot say), asked once per kernel (ops run under the op lock).
+#define LQ_MMA_MAX_CTAS_PER_SM 3
+static int lq_mma_ctas_by_registers(lq_mma_fn kernel) {
+    static struct {
+        lq_mma_fn kernel;
+        int ctas;
+    } known[3 * 3 * 4];
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++) {
+        if (known[i].kernel == kernel) return known[i].ctas;
+        if (known[i].kernel) continue;
+        int ctas = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, LQ_MMA_THREADS, 0) !=
+                cudaSuccess ||
+            ctas < 1) {
+            cudaGetLastError();
+            ctas = 1;
+        }
+        if (ctas > LQ_MMA_MAX_CTAS_PER_SM) ctas = LQ_MMA_MAX_CTAS_PER_SM;
+        known[i].kernel = kernel, known[i].ctas = ctas;
+        return ctas;
+    }
+    return 1;
+}
+
 // How the GEMM is cut: bands of 256 rows x splits of K, each split a whole number of k-tiles
-// whose x slice fits in shared memory. As many splits as give about one CTA per SM: fewer
-// leave SMs without weights to stream, more add partial sums (n·rows·4 bytes per split).
+// whose x slice fits in shared memory. As many splits as fill the SMs with the CTAs they can
+// hold at once (one wave): fewer leave SMs without weights to stream (one CTA per SM is 8
+// warps, too few loads in flight to keep HBM busy), more add partial sums (n·rows·4 bytes per
+// split). Where registers allow 2 or 3 CTAs per SM (the 16- and 32-token kernels), the splits
+// double or triple, as long as each CTA's x slice still fits its share of the SM's shared
+// memory.
 struct lq_mma_plan {
     int nt, bands, splits, tiles_per_split;
     size_t smem;     // dynamic: the x slice
     size_t smem_max; // the most dynamic shared memory a CTA may have (opt-in)
 };
 
-static int lq_mma_plan_for(struct lq_cuda *cuda, const struct lq_linear *w, int n,
+static int lq_mma_plan_for(struct lq_cuda *cuda, const struct lq_linear *w, int n, int bpc,
                            lq_mma_plan *plan) {
     int optin = 0;
     LQ_CUDA_TRY(
@@ -115,14 +165,23 @@ static int lq_mma_plan_for(struct lq_cuda *cuda, const struct lq_linear *w, int 
     const int ktiles = (w->cols / 32 + LQ_MMA_TILE_CHUNKS - 1) / LQ_MMA_TILE_CHUNKS;
     const int sms = cuda->sm_count > 0 ? cuda->sm_count : 1;
     plan->bands = (w->rows + LQ_MMA_BAND_ROWS - 1) / LQ_MMA_BAND_ROWS;
-    int splits = sms / plan->bands;
-    if (splits > ktiles) splits = ktiles;
-    if (splits < (ktiles + tiles_fit - 1) / tiles_fit)
-        splits = (ktiles + tiles_fit - 1) / tiles_fit;
-    if (splits < 1) splits = 1;
-    plan->tiles_per_split = (ktiles + splits - 1) / splits;
-    plan->splits = (ktiles + plan->tiles_per_split - 1) / plan->tiles_per_split; // none empty
-    plan->smem = (size_t)plan->tiles_per_split * tile;
+    const int by_registers =
+        lq_mma_ctas_by_registers(lq_mma_kernel_for(w->q.config.b0, bpc, plan->nt));
+    for (int per_sm = by_registers; per_sm >= 1; per_sm--) {
+        int splits = sms * per_sm / plan->bands;
+        if (splits > ktiles) splits = ktiles;
+        if (splits < (ktiles + tiles_fit - 1) / tiles_fit)
+            splits = (ktiles + tiles_fit - 1) / tiles_fit;
+        if (splits < 1) splits = 1;
+        plan->tiles_per_split = (ktiles + splits - 1) / splits;
+        plan->splits = (ktiles + plan->tiles_per_split - 1) / plan->tiles_per_split; // none empty
+        plan->smem = (size_t)plan->tiles_per_split * tile;
+        // per_sm CTAs' slices, tables and reserves within the SM's shared memory
+        const size_t reserve = cuda->reserved_shared ? cuda->reserved_shared : 1024;
+        if (per_sm == 1 || !cuda->shared_per_sm ||
+            (size_t)per_sm * (plan->smem + table + reserve) <= cuda->shared_per_sm)
+            break;
+    }
     plan->smem_max = (size_t)tiles_fit * tile;
     return LQ_OK;
 }
@@ -181,7 +240,7 @@ int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
     if (n < 1 || n > LQ_CUDA_MMA_MAX_TOKENS || !bpc || (c->b0 != 2 && c->b0 != 3 && c->b0 != 4))
         return LQ_EUNSUPPORTED;
     lq_mma_plan plan = {};
-    int rc = lq_mma_plan_for(cuda, w, n, &plan);
+    int rc = lq_mma_plan_for(cuda, w, n, bpc, &plan);
     if (rc) return rc;
     const size_t x_count = (size_t)n * w->cols, y_count = (size_t)n * w->rows;
 
