@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(256)
 // and y 16-byte aligned.
 __global__ void __launch_bounds__(256)
     lq_mma_reduce_kernel(const float *partials, int splits, size_t count, int vector, float *y) {
-    lq_pdl_wait(); // the GEMM has ended and its partials are visible
+    lq_pdl_enter(); // the GEMM has ended and its partials are visible; the next may launch
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     if (vector) {
         const size_t quads = count / 4;
