@@ -448,11 +448,15 @@ static void test_linear_group(void) {
 
 /* Grid edges of the small-batch tensor-core path (linear_mma_cuda.cu) that small shapes never
  * reach on a 132-SM GPU: enough row bands that each CTA streams several k-tiles (the prefetch),
- * the last one partial; more bands than SMs, so that one split writes y without a reduction. */
+ * the last one partial (also for the 16-token kernel, two CTAs per SM); more bands than SMs,
+ * so that one split writes y without a reduction. */
 static void test_linear_lq_mma(void) {
     const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
                                            {4, 3, LQ_SCALE_FP16, 8, 16}};
-    const int cases[][4] = {{4352, 1056, 16, 40}, {4352, 1024, 8, 64}, {33792, 128, 0, 17}};
+    /* the last: 16 tokens, whose kernel an SM holds twice, with 33 bands still left several
+     * k-tiles per CTA (8 splits of 32) */
+    const int cases[][4] = {
+        {4352, 1056, 16, 40}, {4352, 1024, 8, 64}, {33792, 128, 0, 17}, {8448, 4096, 8, 16}};
     for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++)
         for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
             struct lq_linear w;
