@@ -246,8 +246,7 @@ struct lq_m1_lane {
 };
 
 LQ_M1_FN void lq_m1_lane_init(const struct lq_m1_args *a, int bpc, int thread, int row0, int kt_end,
-                              const uint32_t *pairs, const uint32_t *xs, const uint32_t *zeros,
-                              struct lq_m1_lane *l) {
+                              const uint32_t *pairs, struct lq_m1_lane *l) {
     const int lane = thread & 31, g = lane >> 2, t = lane & 3;
     l->t = t;
     LQ_M1_UNROLL
@@ -262,7 +261,6 @@ LQ_M1_FN void lq_m1_lane_init(const struct lq_m1_args *a, int bpc, int thread, i
     // steps belong to (b = 0 throughout when bpc = 1).
     l->real_first = g == 2 * t, l->real_second = bpc == 1 ? g == 2 * t : g == 2 * t + 1;
     l->lane_address = lq_m1_window(pairs) + (uint32_t)lane * 4u;
-    (void)xs, (void)zeros;
     // A quad's four prefetches cover a tile P ahead of both rows: lanes 0 and 1 row g at its
     // chunks 0 and 2, lanes 2 and 3 row g+8 (a tile of a row is 4·b0 words: two prefetches
     // 8·b0 bytes apart reach every 32-byte sector it touches in most cases; it is a hint).
@@ -404,7 +402,7 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     // The first tile's loads and the L1 values go out before the staging: HBM latency
     // overlaps it.
     struct lq_m1_lane lane_state;
-    lq_m1_lane_init(a, bpc, thread, row0, kt_end, pairs, xs, zeros, &lane_state);
+    lq_m1_lane_init(a, bpc, thread, row0, kt_end, pairs, &lane_state);
     struct lq_m1_cursor cursor;
     cursor.kt = kt_begin, cursor.chunk = (uint32_t)(kt_begin * LQ_M1_TILE_CHUNKS + t);
     cursor.x[0] =
