@@ -44,6 +44,7 @@
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/cuda/pdl_cuda.cuh"
 #include "kernels/cuda/rope_angle_cuda.cuh"
+#include "kernels/cuda/rope_args.h"
 
 namespace {
 
@@ -66,14 +67,10 @@ struct attention_params {
     int heads, kv_heads, head_dim, group;
     int splits, split_len; // split_len: a multiple of the kernel's key tile
     float scale;
-    int vec;           // head_dim % 4 == 0 and every array 16-byte aligned: float4 copies
-    float *part_out;   // splits > 1: [rows_out][splits][head_dim], unnormalized
-    float *part_stats; // splits > 1: [rows_out][splits][2], (max, sum)
-    // the one-token kernel's rotary embedding of q and the new keys (lq_ad_args)
-    int rope;
-    const float *rope_table;
-    int rope_positions;
-    float rope_theta;
+    int vec;                  // head_dim % 4 == 0 and every array 16-byte aligned: float4 copies
+    float *part_out;          // splits > 1: [rows_out][splits][head_dim], unnormalized
+    float *part_stats;        // splits > 1: [rows_out][splits][2], (max, sum)
+    struct lq_rope_args rope; // the one-token kernel's rotary embedding of q and the new keys
 };
 
 __device__ float4 load4(const float *p) {
@@ -577,8 +574,7 @@ int attention_decode_run(struct lq_cuda *cuda, attention_params p, int sequences
     a.heads = p.heads, a.kv_heads = p.kv_heads, a.head_dim = p.head_dim, a.group = p.group;
     a.splits = p.splits, a.split_len = p.split_len, a.scale = p.scale;
     a.part_out = p.part_out, a.part_stats = p.part_stats;
-    a.rope = p.rope, a.rope_table = p.rope_table, a.rope_positions = p.rope_positions;
-    a.rope_theta = p.rope_theta;
+    a.rope = p.rope;
     void (*kernel)(lq_ad_args) = chunks == 1   ? decode_kernel_for<1>(rows)
                                  : chunks == 2 ? decode_kernel_for<2>(rows)
                                  : chunks == 4 ? decode_kernel_for<4>(rows)
@@ -756,9 +752,9 @@ int lq_cuda_rope_attention_batch_device(struct lq_backend *backend, float *q, fl
         int rc = batch_params(&p, q, k_new, v_new, k_caches, v_caches, positions, heads, kv_heads,
                               head_dim, true, out); // the caches: as attention_batch_device
         if (rc) return rc;
-        p.rope = 1;
-        p.rope_table = lq_cuda_rope_cos_sin(cuda, theta, head_dim, &p.rope_positions);
-        p.rope_theta = theta;
+        p.rope.on = 1;
+        p.rope.table = lq_cuda_rope_cos_sin(cuda, theta, head_dim, &p.rope.positions);
+        p.rope.theta = theta;
         rc = attention_decode_run(cuda, p, n, keys_bound);
         if (rc <= 0) return rc; // ran (or failed); 1: the one-token kernel does not apply
     }

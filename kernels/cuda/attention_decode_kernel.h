@@ -18,7 +18,7 @@
 //     kernel's do.
 // The new key and value of a batched step are read from k_new/v_new and stored into the cache
 // row by the one block whose split holds the position, as in the tile kernel.
-// With a->rope (a batched step, head_dim = 32·M with M >= 2) the kernel also does the step's
+// With a->rope.on (a batched step, head_dim = 32·M with M >= 2) the kernel also does the step's
 // rotary embedding, which was a kernel of its own before it: q and the new key arrive
 // unrotated, and each is rotated where it is read, the new key also where it is stored, with
 // the rope kernel's arithmetic (kernels/cuda/ops_cuda.cu rope_rows: cos and sin from the cached
@@ -43,6 +43,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/cuda/rope_args.h"
+
 #define LQ_AD_WARPS 8
 #define LQ_AD_THREADS (LQ_AD_WARPS * 32)
 #define LQ_AD_STEP_KEYS (LQ_AD_WARPS * 4) // keys a CTA scores at once: 4 per warp
@@ -64,13 +66,8 @@ struct lq_ad_args {
     float scale;
     float *part_out;   // splits > 1: [rows][splits][head_dim], unnormalized
     float *part_stats; // splits > 1: [rows][splits][2], (max, sum)
-    // rotary embedding of q and the new keys (batch only; lq_ad_rope_fits): the rope kernel's
-    // cos/sin table (row p: cos[head_dim/2] then sin[head_dim/2]) for positions below
-    // rope_positions (NULL: none), and theta for the rest
-    int rope;
-    const float *rope_table;
-    int rope_positions;
-    float rope_theta;
+    struct lq_rope_args
+        rope; // rotary embedding of q and the new keys (batch only; lq_ad_rope_fits)
 };
 
 // Float4 chunks of head_dim per lane (1, 2, 4, 8) and q rows per CTA (the group, up to a
@@ -132,11 +129,11 @@ LQ_AD_FN void lq_ad_load_row(const float *row, int valid, int M, int j, int chun
 
 // cos and sin of angle k (< head_dim/2) of `position`: the table's, or computed.
 LQ_AD_FN void lq_ad_cos_sin(const struct lq_ad_args *a, int position, int k, float *c, float *s) {
-    if (a->rope_table && position >= 0 && position < a->rope_positions) {
-        const float *row = a->rope_table + (size_t)position * a->head_dim;
+    if (a->rope.table && position >= 0 && position < a->rope.positions) {
+        const float *row = a->rope.table + (size_t)position * a->head_dim;
         *c = row[k], *s = row[a->head_dim / 2 + k];
     } else {
-        lq_ad_rope_angle(position, k, a->head_dim, a->rope_theta, c, s);
+        lq_ad_rope_angle(position, k, a->head_dim, a->rope.theta, c, s);
     }
 }
 
@@ -200,7 +197,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
     // The token's cos and sin, once per CTA (past the cached rows each is a double-precision
     // pow and sincos: not once per q row and lane).
     const int half = hd / 2;
-    if (a->rope) {
+    if (a->rope.on) {
         for (int k = thread; k < half; k += LQ_AD_THREADS)
             lq_ad_cos_sin(a, start, k, &cs[k], &cs[half + k]);
         lq_ad_sync();
@@ -210,7 +207,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
         float *v_row = a->v_caches[seq] + (size_t)start * kv_dim + (size_t)kv_head * hd;
         for (int d = thread; d < hd; d += LQ_AD_THREADS) {
             float key = k_fresh[d];
-            if (a->rope) { // the rotated key: this dimension's side of its pair
+            if (a->rope.on) { // the rotated key: this dimension's side of its pair
                 const int k = d < half ? d : d - half;
                 float x0 = k_fresh[k], x1 = k_fresh[k + half];
                 lq_ad_rotate_pair(cs[k], cs[half + k], &x0, &x1);
@@ -226,7 +223,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
     for (int g = 0; g < G; g++) {
         const size_t row = (size_t)seq * a->heads + (size_t)kv_head * a->group + g;
         lq_ad_load_row(a->q + row * hd, g < a->group, M, j, chunks, q + g * M);
-        if (a->rope) lq_ad_rotate(cs, half, M, j, q + g * M);
+        if (a->rope.on) lq_ad_rotate(cs, half, M, j, q + g * M);
     }
 
     // pass 1: the scores and each row's maximum
@@ -238,7 +235,7 @@ LQ_AD_FN void lq_ad_body(const struct lq_ad_args *a, int M, int G, int kv_head, 
         float k[8][4];
         lq_ad_load_row(lq_ad_key_row(k_base, k_fresh, fresh_key, key, kv_dim), valid, M, j, chunks,
                        k);
-        if (a->rope && key == fresh_key) lq_ad_rotate(cs, half, M, j, k); // as it was stored
+        if (a->rope.on && key == fresh_key) lq_ad_rotate(cs, half, M, j, k); // as it was stored
         LQ_AD_UNROLL
         for (int g = 0; g < G; g++) {
             float s = 0.0f;

@@ -201,8 +201,8 @@ static void check_case_rope(int batch, int sequences, const int *positions, int 
     a.splits = splits, a.split_len = split_len;
     a.scale = 1.0f / sqrtf((float)head_dim);
     a.part_out = part_out, a.part_stats = part_stats;
-    a.rope = rope, a.rope_table = table, a.rope_positions = ROPE_TABLE_ROWS;
-    a.rope_theta = ROPE_THETA;
+    a.rope.on = rope, a.rope.table = table, a.rope.positions = ROPE_TABLE_ROWS;
+    a.rope.theta = ROPE_THETA;
     const struct launch l = {&a, chunks, rows, kv_heads};
     cta_run_grid(run_thread, &l, kv_heads * sequences * splits, LQ_AD_THREADS,
                  lq_ad_shared_floats(rows, head_dim, split_len) * sizeof(float));
