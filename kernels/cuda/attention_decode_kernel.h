@@ -66,8 +66,8 @@ struct lq_ad_args {
     float scale;
     float *part_out;   // splits > 1: [rows][splits][head_dim], unnormalized
     float *part_stats; // splits > 1: [rows][splits][2], (max, sum)
-    struct lq_rope_args
-        rope; // rotary embedding of q and the new keys (batch only; lq_ad_rope_fits)
+    // rotary embedding of q and the new keys (batch only; lq_ad_rope_fits)
+    struct lq_rope_args rope;
 };
 
 // Float4 chunks of head_dim per lane (1, 2, 4, 8) and q rows per CTA (the group, up to a
