@@ -394,12 +394,13 @@ static bool lq_mma1_share_scales(const struct lq_linear *w) {
 
 // v6's kernel, or NULL where it cannot run (b0 = 8, B0 = 8, x too wide, an older GPU).
 static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear *w,
-                             const struct lq_cuda_linear_data *data, int bpc) {
+                             const struct lq_cuda_linear_data *data, int bpc, bool *share_out) {
     const int b0 = w->q.config.b0;
     if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 || !data->pairs ||
         lq_m1_shared_bytes(b0, w->cols / 32, cuda->reserved_shared) > LQ_M1_MAX_SHARED)
         return NULL;
     const bool share = lq_mma1_share_scales(w);
+    *share_out = share;
     return b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share)
            : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share)
                      : lq_mma1_kernel_for<4>(bpc, share);
@@ -411,7 +412,7 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
 // LQ_CUDA_MMA1_PREFETCH tiles ahead (default 2, 0 off). Lanes share block scales where two
 // chunks of a quad always share a block (LQ_CUDA_MMA1_SHARE_SCALES=0: each rebuilds its own).
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
-                                  const uint32_t *pairs, lq_m1_fn kernel, bool overlap,
+                                  const uint32_t *pairs, lq_m1_fn kernel, bool share, bool overlap,
                                   const lq_decode_args &d) {
     const lq_packed &q = d.q;
     lq_m1_args a;
@@ -435,7 +436,7 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     if (forced == 1 || forced == 2 || forced == 4 || forced == 8)
         a.rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
     a.prefetch_tiles = lq_env_int("LQ_CUDA_MMA1_PREFETCH", 2);
-    a.share_scales = lq_mma1_share_scales(w); // as lq_mma1_pick chose the kernel
+    a.share_scales = share; // as lq_mma1_pick chose the kernel
     return lq_launch_pdl(overlap, kernel,
                          dim3((unsigned)((groups + (1L << a.rg_log) - 1) >> a.rg_log)),
                          dim3(LQ_M1_THREADS), smem, cuda->stream, a);
@@ -559,6 +560,7 @@ struct lq_decode_plan {
     int nt, bpc, b0, variant, rows_per_warp;
     lq_decode_fn rows_fn;
     lq_m1_fn mma1_kernel;
+    bool mma1_share; // its lanes share block scales (the kernel's template argument)
     bool split_projection, gemv, overlap;
     lq_decode_grid grid;
     lq_decode_args a;      // a.t and a.partials are the caller's workspaces
@@ -580,7 +582,7 @@ static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
     p->rows_fn = variant == 5 || variant == 52 || variant == 54
                      ? lq_rows_pick(cuda, w, p->bpc, variant, &p->rows_per_warp)
                      : NULL;
-    p->mma1_kernel = variant == 6 ? lq_mma1_pick(cuda, w, data, p->bpc) : NULL;
+    p->mma1_kernel = variant == 6 ? lq_mma1_pick(cuda, w, data, p->bpc, &p->mma1_share) : NULL;
     if (variant == 6 && !p->mma1_kernel) variant = 1;
     p->variant = variant;
     p->split_projection = p->rows_fn != NULL || p->mma1_kernel != NULL;
@@ -645,8 +647,9 @@ static int lq_decode_main(struct lq_cuda *cuda, const struct lq_decode_plan *p) 
         return LQ_OK;
     }
     if (p->mma1_kernel) {
-        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data->pairs, p->mma1_kernel, overlap, a),
-                    "lq_gemv_mma1_kernel");
+        LQ_CUDA_TRY(
+            lq_launch_mma1(cuda, w, p->data->pairs, p->mma1_kernel, p->mma1_share, overlap, a),
+            "lq_gemv_mma1_kernel");
         return LQ_OK;
     }
     if (p->rows_fn) {
