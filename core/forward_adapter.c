@@ -182,3 +182,21 @@ int lq_forward_linears(const struct lq_runtime *r, int layer, const enum lq_line
     }
     return LQ_OK;
 }
+
+int lq_forward_fuses(const struct lq_runtime *r, const struct lq_row_run *runs, int n_runs, int n) {
+    const struct lq_backend_ops *ops = r->backend->ops;
+    if (!ops->linear_fused || !ops->fuses_linears) return 0;
+    for (int i = 0; i < n_runs; i++)
+        if (runs[i].adapter) return 0;
+    return ops->fuses_linears(r->backend, n);
+}
+
+int lq_forward_linears_fused(const struct lq_runtime *r, int layer,
+                             const enum lq_linear_kind *kinds, int count,
+                             const struct lq_linear_input *in, int n, float *const *y,
+                             int accumulate) {
+    if (count < 1 || count > LQ_LINEARS_PER_LAYER) return LQ_EINVAL;
+    const struct lq_linear *w[LQ_LINEARS_PER_LAYER];
+    for (int i = 0; i < count; i++) w[i] = &r->model->layers[layer].linear[kinds[i]];
+    return r->backend->ops->linear_fused(r->backend, w, count, in, n, y, accumulate);
+}

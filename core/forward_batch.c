@@ -140,11 +140,13 @@ static int add_norm(struct lq_batch *batch, const float *y, const float *weight,
     return rc ? rc : b->ops->rmsnorm(b, batch->x, weight, n, c->dim, c->norm_eps, batch->h);
 }
 
-/* One transformer block for the n stacked tokens, from batch->h = its input norm of batch->x:
- * batch->x updated in place, and batch->h left holding `next_norm` of it (the next block's
- * input norm, or the final norm). */
+/* One transformer block for the n stacked tokens. Unfused: from batch->h = its input norm of
+ * batch->x, batch->x updated in place, and batch->h left holding `next_norm` of it (the next
+ * block's input norm, or the final norm). Fused (lq_forward_fuses): from batch->x alone, the
+ * norms taken inside the linears that read them, the residual adds inside the linears that
+ * write them, SwiGLU inside down's: batch->x updated in place, batch->h untouched. */
 static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int l, int n,
-                       const struct step_args *args, const float *next_norm) {
+                       const struct step_args *args, const float *next_norm, int fused) {
     const struct lq_runtime *r = batch->runtime;
     const struct lq_model_config *c = &r->model->config;
     struct lq_backend *b = r->backend;
@@ -156,8 +158,18 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
     static const enum lq_linear_kind gate_up[] = {LQ_GATE_PROJ, LQ_UP_PROJ};
     float *const qkv_out[] = {batch->q, batch->k, batch->v};
     float *const gate_up_out[] = {batch->gate, batch->up};
-    int rc;
-    if ((rc = LINEARS(qkv, 3, batch->h, qkv_out))) return rc;
+#define FUSED(kinds, count, input, y, accumulate)                                                  \
+    lq_forward_linears_fused(r, l, kinds, count, input, n, y, accumulate)
+    static const enum lq_linear_kind o_proj[] = {LQ_O_PROJ}, down_proj[] = {LQ_DOWN_PROJ};
+    float *const residual[] = {batch->x};
+    const struct lq_linear_input attn_in = {LQ_INPUT_RMSNORM, batch->x, r->attn_norm[l],
+                                            c->norm_eps, NULL};
+    const struct lq_linear_input o_in = {LQ_INPUT_PLAIN, batch->attn, NULL, 0.0f, NULL};
+    const struct lq_linear_input ffn_in = {LQ_INPUT_RMSNORM, batch->x, r->ffn_norm[l], c->norm_eps,
+                                           NULL};
+    const struct lq_linear_input down_in = {LQ_INPUT_SWIGLU, batch->gate, NULL, 0.0f, batch->up};
+    int rc = fused ? FUSED(qkv, 3, &attn_in, qkv_out, 0) : LINEARS(qkv, 3, batch->h, qkv_out);
+    if (rc) return rc;
 #define ROPE(x, heads)                                                                             \
     (args->device ? ops->rope_device(b, x, n, heads, c->head_dim, args->positions, c->rope_theta)  \
                   : ops->rope(b, x, n, heads, c->head_dim, batch->positions, c->rope_theta))
@@ -192,6 +204,13 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
                                   batch->attn);
     }
     if (rc) return rc;
+    if (fused) {
+        if ((rc = FUSED(o_proj, 1, &o_in, residual, 1)) ||
+            (rc = FUSED(gate_up, 2, &ffn_in, gate_up_out, 0)) ||
+            (rc = FUSED(down_proj, 1, &down_in, residual, 1)))
+            return rc;
+        return LQ_OK;
+    }
     if ((rc = LINEAR(LQ_O_PROJ, batch->attn, batch->out)) ||
         (rc = add_norm(batch, batch->out, r->ffn_norm[l], n)) ||
         (rc = LINEARS(gate_up, 2, batch->h, gate_up_out)) ||
@@ -199,6 +218,7 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
         (rc = LINEAR(LQ_DOWN_PROJ, batch->gate, batch->out)) ||
         (rc = add_norm(batch, batch->out, next_norm, n)))
         return rc;
+#undef FUSED
 #undef LINEARS
 #undef LINEAR
     return LQ_OK;
@@ -212,10 +232,14 @@ static int run_step(struct lq_batch *batch, struct lq_session **sessions, const 
     struct lq_backend *b = r->backend;
     int rc = args->device ? b->ops->embed_device(b, r->embed, c->dim, args->ids, n, batch->x)
                           : lq_runtime_embed(r, tokens, n, batch->x);
-    if (!rc) rc = b->ops->rmsnorm(b, batch->x, r->attn_norm[0], n, c->dim, c->norm_eps, batch->h);
+    const int fused = lq_forward_fuses(r, batch->runs, batch->n_runs, n);
+    if (!rc && !fused)
+        rc = b->ops->rmsnorm(b, batch->x, r->attn_norm[0], n, c->dim, c->norm_eps, batch->h);
     for (int l = 0; l < c->n_layers && !rc; l++)
         rc = batch_block(batch, sessions, l, n, args,
-                         l + 1 < c->n_layers ? r->attn_norm[l + 1] : r->final_norm);
+                         l + 1 < c->n_layers ? r->attn_norm[l + 1] : r->final_norm, fused);
+    if (!rc && fused)
+        rc = b->ops->rmsnorm(b, batch->x, r->final_norm, n, c->dim, c->norm_eps, batch->h);
     if (!rc) rc = lq_runtime_logits(r, batch->h, n, batch->logits);
     return rc;
 }

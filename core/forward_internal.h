@@ -55,6 +55,17 @@ int lq_forward_linears(const struct lq_runtime *runtime, int layer,
                        const enum lq_linear_kind *kinds, int count, const struct lq_row_run *runs,
                        int n_runs, const float *x, int n, float *const *y);
 
+/* Whether a step of n tokens on these runs takes ops->linear_fused: the backend has it and says
+ * it pays at n, and no run has an adapter (an adapter's pairs need the input materialized). */
+int lq_forward_fuses(const struct lq_runtime *runtime, const struct lq_row_run *runs, int n_runs,
+                     int n);
+
+/* ops->linear_fused for layer l's kinds[0 .. count) (see kernels/backend.h). */
+int lq_forward_linears_fused(const struct lq_runtime *runtime, int layer,
+                             const enum lq_linear_kind *kinds, int count,
+                             const struct lq_linear_input *in, int n, float *const *y,
+                             int accumulate);
+
 /* logits[n, vocab] = h[n, dim] · lm_headᵀ, by the backend's own head when it keeps one. */
 static inline int lq_runtime_logits(const struct lq_runtime *runtime, const float *h, int n,
                                     float *logits) {

@@ -20,6 +20,17 @@ struct lq_backend_memory;
 struct lq_adamw_params; /* the training ops' AdamW settings, below */
 struct lq_sample_row;   /* one row of the sample op, below */
 
+/* What linear_fused multiplies: x itself, rmsnorm(x, weight, eps) (each token's row of dim =
+ * the layers' cols), or silu(x)·up (swiglu's). */
+enum lq_linear_input_kind { LQ_INPUT_PLAIN = 0, LQ_INPUT_RMSNORM = 1, LQ_INPUT_SWIGLU = 2 };
+struct lq_linear_input {
+    enum lq_linear_input_kind kind;
+    const float *x;      /* [n][cols] */
+    const float *weight; /* LQ_INPUT_RMSNORM: [cols] */
+    float eps;           /* LQ_INPUT_RMSNORM */
+    const float *up;     /* LQ_INPUT_SWIGLU: [n][cols] */
+};
+
 struct lq_backend_ops {
     const char *name;
     void (*destroy)(struct lq_backend *backend);
@@ -267,6 +278,23 @@ struct lq_backend_ops {
                                        float *const *v_caches, const int *positions, int n,
                                        int heads, int kv_heads, int head_dim, int keys_bound,
                                        float theta, float *out);
+
+    /* ---- linear layers fed by the op before them, fused with it: NULL where the backend has
+     * none (callers then run rmsnorm or swiglu, linear_group, add). ---- */
+
+    /* Whether linear_fused is worth calling for a step of n tokens: where it is not, the
+     * backend would only run the unfused ops inside it, and callers do better with the
+     * add_rmsnorm that the unfused path has. */
+    int (*fuses_linears)(struct lq_backend *backend, int n);
+
+    /* y[i] = W_i · f(in) for i < count, f(in) what in->kind names (struct lq_linear_input),
+     * or with accumulate (count == 1) y[0] += W_0 · f(in), the add as add() does it. Equal to
+     * the unfused ops within their precision: not bit for bit (an rmsnorm's sum of squares may
+     * be taken in another order; the low-rank part may take the norm's scale after its sum).
+     * No y[i] overlaps in->x, in->up or another y[j]. With LQ_INPUT_SWIGLU, in->x may be left
+     * holding silu(x)·up, as swiglu leaves it. */
+    int (*linear_fused)(struct lq_backend *backend, const struct lq_linear *const *w, int count,
+                        const struct lq_linear_input *in, int n, float *const *y, int accumulate);
 };
 
 /* graph_begin's answers. */

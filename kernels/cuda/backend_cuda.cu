@@ -364,6 +364,16 @@ static int op_linear_group(struct lq_backend *backend, const struct lq_linear *c
     LOCKED(lq_cuda_linear_group(backend, w, count, x, n, y));
 }
 
+static int op_fuses_linears(struct lq_backend *backend, int n) {
+    return lq_cuda_fuses_linears(backend, n); // the environment only: no lock
+}
+
+static int op_linear_fused(struct lq_backend *backend, const struct lq_linear *const *w, int count,
+                           const struct lq_linear_input *in, int n, float *const *y,
+                           int accumulate) {
+    LOCKED(lq_cuda_linear_fused(backend, w, count, in, n, y, accumulate));
+}
+
 static int op_rope_attention_batch_device(struct lq_backend *backend, float *q, float *k_new,
                                           const float *v_new, float *const *k_caches,
                                           float *const *v_caches, const int *positions, int n,
@@ -499,6 +509,8 @@ static const struct lq_backend_ops cuda_ops = {
     /* sample */ lq_cuda_op_sample,
     /* linear_group */ op_linear_group,
     /* rope_attention_batch_device */ op_rope_attention_batch_device,
+    /* fuses_linears */ op_fuses_linears,
+    /* linear_fused */ op_linear_fused,
 };
 
 extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq_backend **out,

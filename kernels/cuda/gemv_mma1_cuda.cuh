@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "kernels/cuda/pdl_cuda.cuh"
+#include "kernels/cuda/silu_cuda.cuh"
 
 #define LQ_M1_FN __device__ __forceinline__ static
 #define LQ_M1_HD __host__ __device__ __forceinline__ static
@@ -113,6 +114,12 @@ __device__ __forceinline__ static void lq_m1_mma(float d[4], const uint32_t a[4]
 }
 __device__ __forceinline__ static float lq_m1_shfl_xor(float v, int offset) {
     return __shfl_xor_sync(0xffffffffu, v, offset);
+}
+__device__ __forceinline__ static double lq_m1_shfl_xor_f64(double v, int offset) {
+    return __shfl_xor_sync(0xffffffffu, v, offset);
+}
+__device__ __forceinline__ static float lq_m1_silu_times(float gate, float up) {
+    return lq_silu_times(gate, up);
 }
 __device__ __forceinline__ static void lq_m1_sync(void) {
     __syncthreads();

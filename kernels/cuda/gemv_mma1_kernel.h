@@ -59,9 +59,21 @@
 //   void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1);   (d += A·B)
 //   float lq_m1_shfl_xor(float v, int offset); void lq_m1_sync(void);
 //   void lq_m1_wait_prerequisite(void); void lq_m1_prefetch_l2(const void *p);
+//   double lq_m1_shfl_xor_f64(double v, int offset);
+//   float lq_m1_silu_times(float gate, float up);   (the backend's swiglu of one value)
+//
+// Fused inputs (kernels/backend.h linear_fused): x may be the op before's input instead of
+// its output, and the kernel takes that op's work into its staging of x, which reads all of x
+// anyway: rmsnorm(x, weight) (a pass for the sum of squares, then x·s·w as the rmsnorm op
+// computes it) or silu(x)·up; the projection kernel then took t from w·x (it cannot know s,
+// which needs all of x), so t is scaled by s here. With accumulate, y += the result (the
+// residual add; each row is read and written by one thread). Why: at one token each of those
+// ops was a launch of its own that every kernel after it waited for, a few microseconds of a
+// layer's ~30 without doing anything the decode kernels could not do on the way.
 #ifndef LQ_GEMV_MMA1_KERNEL_H
 #define LQ_GEMV_MMA1_KERNEL_H
 
+#include <math.h>
 #include <stdint.h>
 
 #include "kernels/cuda/divisor.h"
@@ -78,6 +90,11 @@
 #define LQ_M1_SCALE_BF16 0
 #define LQ_M1_SCALE_FP16 1
 #define LQ_M1_SCALE_FP32 2
+
+// What x holds (kernels/backend.h's enum lq_linear_input_kind, repeated likewise).
+#define LQ_M1_INPUT_PLAIN 0
+#define LQ_M1_INPUT_RMSNORM 1
+#define LQ_M1_INPUT_SWIGLU 2
 
 struct lq_m1_args {
     const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + 16 bytes of padding
@@ -97,6 +114,11 @@ struct lq_m1_args {
     int share_scales;      // bpc = 1, B0 % 64 == 0 and cols % B0 == 0: see lq_m1_tile_scales (the
                            // GPU takes it as a template argument: lq_m1_body's share)
     uint32_t table_offset; // lq_m1_table_offset(bits, chunks_per_row, window base)
+    int input;             // LQ_M1_INPUT_*: the token is x, rmsnorm(x), or silu(x)·up
+    const float *norm_weight; // LQ_M1_INPUT_RMSNORM: [cols], 16-byte aligned
+    float eps;                // LQ_M1_INPUT_RMSNORM
+    const float *up;          // LQ_M1_INPUT_SWIGLU: [cols], 16-byte aligned
+    int accumulate;           // y += the result instead of y = it
 };
 
 // Shared memory, in this order: x in fp16 (16 words per chunk, for every chunk of the padded
@@ -214,17 +236,59 @@ LQ_M1_HD void lq_m1_build_pairs(const float *table, int bits, uint32_t *out) {
     }
 }
 
+// rmsnorm's scale s = 1 / sqrt(mean(x²) + eps) for the CTA, every thread's: the sum of squares
+// in double as the rmsnorm op takes it (its order of terms is its own: s may differ from the
+// op's in the last bit). warp_sums: 8 doubles of shared memory, free until the barrier after
+// the staging.
+LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread, double *warp_sums) {
+    double sum = 0.0;
+    for (int i = thread; i < a->cols / 4; i += LQ_M1_THREADS) {
+        float v[4];
+        lq_m1_ldg_f32x4(a->x + 4 * i, v);
+        sum +=
+            (double)v[0] * v[0] + (double)v[1] * v[1] + (double)v[2] * v[2] + (double)v[3] * v[3];
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) sum += lq_m1_shfl_xor_f64(sum, offset);
+    if ((thread & 31) == 0) warp_sums[thread >> 5] = sum;
+    lq_m1_sync();
+    double total = 0.0;
+    for (int w = 0; w < LQ_M1_WARPS; w++) total += warp_sums[w];
+    return (float)(1.0 / sqrt(total / a->cols + a->eps)); // the CPU's formula
+}
+
+// The token's values at columns 4i .. 4i + 3 (i < cols / 4), as the unfused op would have
+// written them: x, (x·s)·w (two roundings, as rmsnorm), or silu(x)·up.
+LQ_M1_FN void lq_m1_input_quad(const struct lq_m1_args *a, int i, float scale, float v[4]) {
+    lq_m1_ldg_f32x4(a->x + 4 * i, v);
+    float second[4];
+    if (a->input == LQ_M1_INPUT_RMSNORM) {
+        lq_m1_ldg_f32x4(a->norm_weight + 4 * i, second);
+        for (int j = 0; j < 4; j++) v[j] = lq_m1_fmul(lq_m1_fmul(v[j], scale), second[j]);
+    } else if (a->input == LQ_M1_INPUT_SWIGLU) {
+        lq_m1_ldg_f32x4(a->up + 4 * i, second);
+        for (int j = 0; j < 4; j++) v[j] = lq_m1_silu_times(v[j], second[j]);
+    }
+}
+
 // The pair table (copied: lq_m1_copy_wait before the barrier), x in fp16 and the zero area, by
-// all threads of the CTA.
+// all threads of the CTA; with a normed input, also its scale into *norm_scale (read after the
+// barrier).
 LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int bits, int thread, uint32_t *pairs,
-                          uint32_t *xs, uint32_t *zeros) {
+                          uint32_t *xs, uint32_t *zeros, float *norm_scale) {
     const int words = (int)lq_m1_pair_words(bits);
     for (int i = 4 * thread; i < words; i += 4 * LQ_M1_THREADS)
         lq_m1_copy16(pairs + i, a->pairs + i);
+    float scale = 1.0f;
+    if (a->input == LQ_M1_INPUT_RMSNORM) {
+        // the row-sum area (zeros + 16) holds 8 doubles here: it is 8-byte aligned, and written
+        // only after the main loop
+        scale = lq_m1_norm_scale(a, thread, (double *)(zeros + 16));
+        if (thread == 0) *norm_scale = scale;
+    }
     const int quads = a->cols / 4, padded = (int)lq_m1_x_words(a->chunks_per_row) / 2;
     for (int i = thread; i < padded; i += LQ_M1_THREADS) {
         float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (i < quads) lq_m1_ldg_f32x4(a->x + 4 * i, v);
+        if (i < quads) lq_m1_input_quad(a, i, scale, v);
         xs[2 * i] = lq_m1_half2_bits(v[0], v[1]);
         xs[2 * i + 1] = lq_m1_half2_bits(v[2], v[3]);
     }
@@ -384,6 +448,7 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
                          int thread, uint32_t *shared) {
     uint32_t *xs = shared, *zeros = xs + lq_m1_x_words(a->chunks_per_row) + 4;
     float *sums = (float *)(zeros + 16);
+    float *norm_scale = (float *)(xs + lq_m1_x_words(a->chunks_per_row)); // a padding word
     uint32_t *pairs = (uint32_t *)((char *)shared + a->table_offset);
     if (lq_m1_window(pairs) & (lq_m1_table_align(bits) - 1u)) {
         lq_m1_misaligned(); // the host's window base was wrong: no wrong sums, a loud failure
@@ -420,7 +485,7 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
         l1[h][m] =
             k < a->rank ? lq_m1_ldg_f32(a->lora_B + lq_m1_l1_index(a, &lane_state, h, k)) : 0.0f;
     }
-    lq_m1_stage(a, bits, thread, pairs, xs, zeros);
+    lq_m1_stage(a, bits, thread, pairs, xs, zeros, norm_scale);
     lq_m1_copy_wait();
     lq_m1_sync();
 
@@ -433,19 +498,20 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     }
 
     // The low-rank term: every thread waits for the projection kernel (so that none is still
-    // writing t when this grid ends), then adds its share.
+    // writing t when this grid ends), then adds its share. A normed input's t is w·x's: s here.
     if (a->rank > 0) {
         lq_m1_wait_prerequisite();
+        const float t_scale = a->input == LQ_M1_INPUT_RMSNORM ? *norm_scale : 1.0f;
         LQ_M1_UNROLL
         for (int m = 0; m < LQ_M1_RANK_REGS; m++) {
             const int k = rank_pos + rank_stride * m;
             if (k >= a->rank) break;
-            const float tk = lq_m1_t_at(a, k);
+            const float tk = lq_m1_fmul(lq_m1_t_at(a, k), t_scale);
             LQ_M1_UNROLL
             for (int h = 0; h < 2; h++) acc[h] = lq_m1_fma(l1[h][m], tk, acc[h]);
         }
         for (int k = rank_pos + rank_stride * LQ_M1_RANK_REGS; k < a->rank; k += rank_stride) {
-            const float tk = lq_m1_t_at(a, k);
+            const float tk = lq_m1_fmul(lq_m1_t_at(a, k), t_scale);
             LQ_M1_UNROLL
             for (int h = 0; h < 2; h++)
                 acc[h] = lq_m1_fma(lq_m1_ldg_f32(a->lora_B + lq_m1_l1_index(a, &lane_state, h, k)),
@@ -470,7 +536,7 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
             const float *slices = sums + in_cta * ks_count * 16 + r;
             float total = slices[0];
             for (int s = 1; s < ks_count; s++) total = lq_m1_fadd(total, slices[s * 16]);
-            a->y[out] = total;
+            a->y[out] = a->accumulate ? lq_m1_fadd(a->y[out], total) : total;
         }
     }
 }

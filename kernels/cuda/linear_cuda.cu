@@ -351,6 +351,9 @@ static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_li
 
 // v6 (gemv_mma1_cuda.cuh): its shared memory takes the pair table and x in fp16, up to this.
 #define LQ_M1_MAX_SHARED (100 * 1024)
+static_assert(LQ_M1_INPUT_PLAIN == LQ_INPUT_PLAIN && LQ_M1_INPUT_RMSNORM == LQ_INPUT_RMSNORM &&
+                  LQ_M1_INPUT_SWIGLU == LQ_INPUT_SWIGLU,
+              "gemv_mma1_kernel.h repeats kernels/backend.h's input kinds");
 static_assert(LQ_M1_SCALE_BF16 == LQ_SCALE_BF16 && LQ_M1_SCALE_FP16 == LQ_SCALE_FP16 &&
                   LQ_M1_SCALE_FP32 == LQ_SCALE_FP32,
               "gemv_mma1_kernel.h's scale types are core/nf.h's");
@@ -413,6 +416,7 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
 // chunks of a quad always share a block (LQ_CUDA_MMA1_SHARE_SCALES=0: each rebuilds its own).
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
                                   const uint32_t *pairs, lq_m1_fn kernel, bool share, bool overlap,
+                                  const struct lq_linear_input &input, bool accumulate,
                                   const lq_decode_args &d) {
     const lq_packed &q = d.q;
     lq_m1_args a;
@@ -437,6 +441,8 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
         a.rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
     a.prefetch_tiles = lq_env_int("LQ_CUDA_MMA1_PREFETCH", 2);
     a.share_scales = share; // as lq_mma1_pick chose the kernel
+    a.input = input.kind, a.norm_weight = input.weight, a.eps = input.eps, a.up = input.up;
+    a.accumulate = accumulate;
     return lq_launch_pdl(overlap, kernel,
                          dim3((unsigned)((groups + (1L << a.rg_log) - 1) >> a.rg_log)),
                          dim3(LQ_M1_THREADS), smem, cuda->stream, a);
@@ -561,6 +567,10 @@ struct lq_decode_plan {
     lq_decode_fn rows_fn;
     lq_m1_fn mma1_kernel;
     bool mma1_share; // its lanes share block scales (the kernel's template argument)
+    // A fused input and the residual add (lq_cuda_linear_fused: v6 plans only; else plain,
+    // with input.x = a.x)
+    struct lq_linear_input input;
+    bool accumulate;
     bool split_projection, gemv, overlap;
     lq_decode_grid grid;
     lq_decode_args a;      // a.t and a.partials are the caller's workspaces
@@ -591,6 +601,7 @@ static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
     p->grid =
         p->gemv ? lq_gemv_grid_for(cuda, w, beside_projection) : lq_decode_grid_for(cuda, w, p->nt);
     p->overlap = w->rank > 0 && data->overlap;
+    p->input.kind = LQ_INPUT_PLAIN, p->input.x = x;
     lq_decode_args &a = p->a;
     memset(&a, 0, sizeof a);
     a.q = lq_packed_of(w, data);
@@ -621,7 +632,11 @@ static int lq_decode_project(struct lq_cuda *cuda, const struct lq_decode_plan *
         const int at = g.count++;
         g.lora_A[at] = p->data->lora_A, g.rank[at] = p->w->rank, g.t[at] = (float *)p->a.t;
         g.first[at + 1] = g.first[at] + p->w->rank;
+        // one input per group (lq_cuda_linear_fused): only the split kernel takes a fused one
+        g.input = p->input.kind;
+        g.second = p->input.kind == LQ_INPUT_RMSNORM ? p->input.weight : p->input.up;
     }
+    if (whole.count && whole.input != LQ_INPUT_PLAIN) return LQ_EINVAL;
     if (split.count)
         LQ_CUDA_TRY(lq_launch_pdl(
                         cuda->pdl, lq_lowrank_project_split_kernel,
@@ -647,9 +662,9 @@ static int lq_decode_main(struct lq_cuda *cuda, const struct lq_decode_plan *p) 
         return LQ_OK;
     }
     if (p->mma1_kernel) {
-        LQ_CUDA_TRY(
-            lq_launch_mma1(cuda, w, p->data->pairs, p->mma1_kernel, p->mma1_share, overlap, a),
-            "lq_gemv_mma1_kernel");
+        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data->pairs, p->mma1_kernel, p->mma1_share, overlap,
+                                   p->input, p->accumulate, a),
+                    "lq_gemv_mma1_kernel");
         return LQ_OK;
     }
     if (p->rows_fn) {
@@ -838,6 +853,75 @@ int lq_cuda_linear_group(struct lq_backend *backend, const struct lq_linear *con
         lq_cuda_prefetch_plan(cuda, data, &prefetch);
         lq_decode_plan_for(cuda, w[i], data, x, n, y[i], &prefetch, &plans[i]);
     }
+    return lq_decode_layers(cuda, plans, count);
+}
+
+int lq_cuda_fuses_linears(struct lq_backend *backend, int n) {
+    (void)backend;
+    return n == 1 && lq_decode_variant() == 6 && lq_env_int("LQ_CUDA_FUSE", 1) != 0;
+}
+
+// linear_fused where its kernels cannot take the input or the add: the unfused ops, the input
+// in a workspace of its own (rmsnorm; swiglu in place, as the unfused pass does it), the
+// accumulated result in another, then add.
+static int lq_linear_fused_apart(struct lq_backend *backend, const struct lq_linear *const *w,
+                                 int count, const struct lq_linear_input *in, int n,
+                                 float *const *y, int accumulate) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    const int cols = w[0]->cols;
+    const float *x = in->x;
+    int rc;
+    if (in->kind == LQ_INPUT_RMSNORM) {
+        void *normed = NULL;
+        if ((rc = lq_cuda_slot(cuda, LQ_CUDA_FUSED_INPUT, (size_t)n * cols * sizeof(float),
+                               &normed)) ||
+            (rc = lq_cuda_rmsnorm(backend, in->x, in->weight, n, cols, in->eps, (float *)normed)))
+            return rc;
+        x = (const float *)normed;
+    } else if (in->kind == LQ_INPUT_SWIGLU &&
+               (rc = lq_cuda_swiglu(backend, (float *)in->x, in->up, (size_t)n * cols))) {
+        return rc;
+    }
+    if (!accumulate) return lq_cuda_linear_group(backend, w, count, x, n, y);
+    void *out = NULL;
+    if ((rc = lq_cuda_slot(cuda, LQ_CUDA_FUSED_OUTPUT, (size_t)n * w[0]->rows * sizeof(float),
+                           &out)) ||
+        (rc = lq_cuda_linear(backend, w[0], x, n, (float *)out)))
+        return rc;
+    return lq_cuda_add(backend, y[0], (const float *)out, (size_t)n * w[0]->rows);
+}
+
+int lq_cuda_linear_fused(struct lq_backend *backend, const struct lq_linear *const *w, int count,
+                         const struct lq_linear_input *in, int n, float *const *y, int accumulate) {
+    struct lq_cuda *cuda = lq_cuda_of(backend);
+    if (count < 1 || count > LQ_CUDA_GROUP_MAX || n < 0 || !in || !in->x ||
+        (accumulate && count != 1) ||
+        (in->kind != LQ_INPUT_PLAIN && in->kind != LQ_INPUT_RMSNORM &&
+         in->kind != LQ_INPUT_SWIGLU) ||
+        (in->kind == LQ_INPUT_RMSNORM && !in->weight) || (in->kind == LQ_INPUT_SWIGLU && !in->up))
+        return LQ_EINVAL;
+    for (int i = 0; i < count; i++)
+        if (!w[i]->backend_data || w[i]->cols != w[0]->cols) return LQ_EINVAL;
+    if (n == 0) return LQ_OK;
+    // In the kernels only where every layer takes v6 at one token, and its inputs are aligned
+    // as its float4 loads need; LQ_CUDA_FUSE=0 runs the ops apart (for benchmarks).
+    bool fused = lq_cuda_fuses_linears(backend, n) && ((uintptr_t)in->x & 15u) == 0 &&
+                 (in->kind != LQ_INPUT_RMSNORM || ((uintptr_t)in->weight & 15u) == 0) &&
+                 (in->kind != LQ_INPUT_SWIGLU || ((uintptr_t)in->up & 15u) == 0);
+    struct lq_decode_plan plans[LQ_CUDA_GROUP_MAX];
+    for (int i = 0; i < count && fused; i++) {
+        struct lq_cuda_linear_data *data = (struct lq_cuda_linear_data *)w[i]->backend_data;
+        fused = w[i]->is_lq && y[i] != in->x && y[i] != in->up;
+        for (int j = 0; j < i && fused; j++) fused = y[j] != y[i];
+        if (!fused) break;
+        struct lq_prefetch prefetch;
+        lq_cuda_prefetch_plan(cuda, data, &prefetch);
+        lq_decode_plan_for(cuda, w[i], data, in->x, n, y[i], &prefetch, &plans[i]);
+        fused = plans[i].mma1_kernel != NULL;
+        plans[i].input = *in;
+        plans[i].accumulate = accumulate != 0;
+    }
+    if (!fused) return lq_linear_fused_apart(backend, w, count, in, n, y, accumulate);
     return lq_decode_layers(cuda, plans, count);
 }
 

@@ -23,6 +23,7 @@
 #include "kernels/cuda/cuda_internal.h"
 #include "kernels/cuda/pdl_cuda.cuh"
 #include "kernels/cuda/rope_angle_cuda.cuh"
+#include "kernels/cuda/silu_cuda.cuh"
 
 namespace {
 
@@ -216,10 +217,6 @@ __global__ void rope_rows(float *x, int heads, float *x2, int heads2, const int 
 
 // ---------- swiglu, add ----------
 
-__device__ float silu_times(float gate, float up) {
-    return gate / (1.0f + expf(-gate)) * up; // the CPU's expression, IEEE division
-}
-
 // gate = silu(gate) * up. vec: both arrays 16-byte aligned, so the first count/4*4 elements
 // go as float4 and the rest one by one.
 __global__ void swiglu_elements(float *gate, const float *up, size_t count, int vec) {
@@ -230,13 +227,14 @@ __global__ void swiglu_elements(float *gate, const float *up, size_t count, int 
     for (size_t i = first; i < quads; i += stride) {
         float4 g = ((float4 *)gate)[i];
         const float4 u = ((const float4 *)up)[i];
-        g.x = silu_times(g.x, u.x);
-        g.y = silu_times(g.y, u.y);
-        g.z = silu_times(g.z, u.z);
-        g.w = silu_times(g.w, u.w);
+        g.x = lq_silu_times(g.x, u.x);
+        g.y = lq_silu_times(g.y, u.y);
+        g.z = lq_silu_times(g.z, u.z);
+        g.w = lq_silu_times(g.w, u.w);
         ((float4 *)gate)[i] = g;
     }
-    for (size_t i = quads * 4 + first; i < count; i += stride) gate[i] = silu_times(gate[i], up[i]);
+    for (size_t i = quads * 4 + first; i < count; i += stride)
+        gate[i] = lq_silu_times(gate[i], up[i]);
 }
 
 // x += y, laid out like swiglu_elements.

@@ -374,18 +374,12 @@ static void test_linear_lq_gemv(void) {
     free(saved);
 }
 
-/* linear_group (three layers of one input, as a step's Q, K and V): bit for bit what linear
- * gives layer by layer, for each one-token kernel (each layer's projection and decode kernel
- * then run apart from the others', in another order), for 1 to 4 tokens (decoded together) and
- * 5 and 9 (layer by layer), ranks 0, 8 and 80 mixed, two configurations in one group. */
-static void test_linear_group(void) {
-    const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
-                                           {2, 8, LQ_SCALE_FP16, 32, 16},
-                                           {3, 4, LQ_SCALE_BF16, 16, 8}};
-    const int shapes[][3] = {{3000, 2080, 8}, {9000, 2080, 0}, {1000, 2080, 80}};
-    struct lq_linear host[3], dev[3];
+/* count LQ layers, layer i of shape {rows, cols, rank} shapes[i] under configs[i], on the host
+ * and prepared on the GPU: how many were made (those are the caller's to release and free). */
+static int make_layers(int count, const struct lq_nf_config *configs, const int (*shapes)[3],
+                       struct lq_linear *host, struct lq_linear *dev) {
     int made = 0;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < count; i++) {
         if (make_lq(shapes[i][0], shapes[i][1], configs[i], shapes[i][2], &host[i])) break;
         struct lq_error err = {0};
         dev[i] = host[i];
@@ -396,6 +390,20 @@ static void test_linear_group(void) {
         }
         made++;
     }
+    return made;
+}
+
+/* linear_group (three layers of one input, as a step's Q, K and V): bit for bit what linear
+ * gives layer by layer, for each one-token kernel (each layer's projection and decode kernel
+ * then run apart from the others', in another order), for 1 to 4 tokens (decoded together) and
+ * 5 and 9 (layer by layer), ranks 0, 8 and 80 mixed, two configurations in one group. */
+static void test_linear_group(void) {
+    const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
+                                           {2, 8, LQ_SCALE_FP16, 32, 16},
+                                           {3, 4, LQ_SCALE_BF16, 16, 8}};
+    const int shapes[][3] = {{3000, 2080, 8}, {9000, 2080, 0}, {1000, 2080, 80}};
+    struct lq_linear host[3], dev[3];
+    const int made = make_layers(3, configs, shapes, host, dev);
     CHECK(made == 3);
     const char *before = getenv("LQ_CUDA_DECODE");
     char *saved = before ? strdup(before) : NULL;
@@ -701,6 +709,102 @@ static void restore_env(const struct saved_env *saved) {
         setenv(saved->name, saved->value, 1);
     else
         unsetenv(saved->name);
+}
+
+/* linear_fused: the op before (rmsnorm, swiglu) and the residual add taken into the one-token
+ * kernel (v6), against the CPU's unfused ops (fp16's tolerance: v6) and against the GPU's
+ * unfused ops (LQ_CUDA_FUSE=0: the same kernels fed a materialized input, so only the norm's
+ * scale and the low-rank term's order of rounding differ); three layers of one input, or one
+ * layer accumulating; 1 and 2 tokens (2: apart inside the op), under v6 and v1 (apart), and a
+ * group with a B0 = 8 layer that v6 cannot take (apart). Timed fused and apart. */
+static void fused_case(const struct lq_linear *host, struct lq_linear *dev, int count, int kind,
+                       int accumulate, int n, const char *variant) {
+    const int cols = host[0].cols;
+    static const char *const kinds[] = {"x", "rmsnorm(x)", "silu(x)*up"};
+    float *x = random_floats((size_t)n * cols, kind == LQ_INPUT_RMSNORM ? 7.0f : 1.0f);
+    float *second = random_floats((size_t)n * cols, 1.0f); /* the norm's weight (row 0), or up */
+    float *input = malloc((size_t)n * cols * sizeof(float));
+    memcpy(input, x, (size_t)n * cols * sizeof(float));
+    if (kind == LQ_INPUT_RMSNORM)
+        CHECK_OK(cpu->ops->rmsnorm(cpu, x, second, n, cols, 1e-5f, input));
+    else if (kind == LQ_INPUT_SWIGLU)
+        CHECK_OK(cpu->ops->swiglu(cpu, input, second, (size_t)n * cols));
+    float *dx = device_floats(x, (size_t)n * cols),
+          *dsecond = device_floats(second, (size_t)n * cols);
+    const struct lq_linear_input in = {(enum lq_linear_input_kind)kind, dx,
+                                       kind == LQ_INPUT_RMSNORM ? dsecond : NULL, 1e-5f,
+                                       kind == LQ_INPUT_SWIGLU ? dsecond : NULL};
+    const struct lq_linear *w[3] = {&dev[0], &dev[1], &dev[2]};
+    float *residual[3] = {NULL, NULL, NULL}, *fused[3], *apart[3], *ref[3];
+    for (int i = 0; i < count; i++) {
+        const size_t rows = (size_t)n * host[i].rows;
+        residual[i] = accumulate ? random_floats(rows, 1.0f) : NULL;
+        ref[i] = malloc(rows * sizeof(float));
+        CHECK_OK(cpu->ops->linear(cpu, &host[i], input, n, ref[i]));
+        if (accumulate) CHECK_OK(cpu->ops->add(cpu, ref[i], residual[i], rows));
+    }
+    const struct saved_env fuse = save_env("LQ_CUDA_FUSE");
+    for (int pass = 0; pass < 2; pass++) { /* fused, then apart */
+        setenv("LQ_CUDA_FUSE", pass ? "0" : "1", 1);
+        float *dy[3];
+        for (int i = 0; i < count; i++)
+            dy[i] = device_floats(residual[i], (size_t)n * host[i].rows); /* or NaN poison */
+        CHECK_OK(gpu->ops->copy_to_device(gpu, dx, x, (size_t)n * cols * sizeof(float)));
+        CHECK_OK(gpu->ops->linear_fused(gpu, w, count, &in, n, dy, accumulate));
+        for (int i = 0; i < count; i++) {
+            (pass ? apart : fused)[i] = to_host(dy[i], (size_t)n * host[i].rows);
+            CHECK_CLOSE((pass ? apart : fused)[i], ref[i], (size_t)n * host[i].rows, TOL_FP16,
+                        "fused layer %d, %s%s, %s, n %d, %s", i, kinds[kind],
+                        accumulate ? ", y +=" : "", variant, n, pass ? "apart" : "fused");
+        }
+        /* timed on what the call leaves: swiglu's apart path rewrites x in place, which only
+         * changes the values */
+        TIME_GPU(gpu->ops->linear_fused(gpu, w, count, &in, n, dy, accumulate),
+                 "%d layer(s), %s, %s, n %d, %s", count, kinds[kind], variant, n,
+                 pass ? "apart" : "fused");
+        for (int i = 0; i < count; i++) gpu->ops->buffer_free(gpu, dy[i]);
+    }
+    restore_env(&fuse);
+    for (int i = 0; i < count; i++) {
+        CHECK_CLOSE(fused[i], apart[i], (size_t)n * host[i].rows, 1e-5,
+                    "fused layer %d against apart, %s, %s, n %d", i, kinds[kind], variant, n);
+        free(fused[i]), free(apart[i]), free(ref[i]), free(residual[i]);
+    }
+    gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dsecond);
+    free(x), free(second), free(input);
+}
+
+static void test_linear_fused(void) {
+    const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
+                                           {2, 8, LQ_SCALE_FP16, 32, 16},
+                                           {4, 4, LQ_SCALE_BF16, 16, 8},
+                                           {3, 8, LQ_SCALE_FP32, 8, 64}}; /* B0 = 8: not v6 */
+    const int shapes[][3] = {{3000, 2080, 8}, {1000, 2080, 80}, {520, 2080, 0}, {640, 2080, 16}};
+    struct lq_linear host[4], dev[4];
+    const int made = make_layers(4, configs, shapes, host, dev);
+    CHECK(made == 4);
+    const struct saved_env decode = save_env("LQ_CUDA_DECODE");
+    static const char *const variants[] = {"v6", "v1"};
+    for (size_t v = 0; v < 2 && made == 4; v++) {
+        setenv("LQ_CUDA_DECODE", variants[v], 1);
+        CHECK(gpu->ops->fuses_linears(gpu, 1) == (v == 0) && !gpu->ops->fuses_linears(gpu, 2));
+        for (int n = 1; n <= 2; n++)
+            for (int kind = LQ_INPUT_PLAIN; kind <= LQ_INPUT_SWIGLU; kind++) {
+                fused_case(host, dev, 3, kind, 0, n, variants[v]);
+                fused_case(host, dev, 1, kind, 1, n, variants[v]);
+            }
+        fused_case(host + 1, dev + 1, 3, LQ_INPUT_RMSNORM, 0, 1, variants[v]); /* with B0 = 8 */
+        fused_case(host + 3, dev + 3, 1, LQ_INPUT_SWIGLU, 1, 1, variants[v]);
+    }
+    restore_env(&decode);
+    /* refused: several layers accumulating */
+    float *d = device_floats(NULL, 4096);
+    const struct lq_linear *w[2] = {&dev[0], &dev[1]};
+    float *y[2] = {d, d + 2048};
+    const struct lq_linear_input in = {LQ_INPUT_PLAIN, d, NULL, 0.0f, NULL};
+    CHECK(gpu->ops->linear_fused(gpu, w, 2, &in, 1, y, 1) == LQ_EINVAL);
+    gpu->ops->buffer_free(gpu, d);
+    for (int i = 0; i < made; i++) gpu->ops->linear_release(gpu, &dev[i]), lq_linear_free(&host[i]);
 }
 
 /* rope_attention_batch_device: the rotary embedding done by the one-token attention kernel
@@ -1102,12 +1206,25 @@ int main(int argc, char **argv) {
     CHECK_OK(lq_backend_cpu_create(&cpu, &err));
     lq_rng_seed(&rng, 20261126);
     static const struct lq_test_case cases[] = {
-        LQ_TEST(test_rmsnorm),      LQ_TEST(test_embed),           LQ_TEST(test_rope),
-        LQ_TEST(test_swiglu_add),   LQ_TEST(test_fused_ops),       LQ_TEST(test_linear_dense),
-        LQ_TEST(test_linear_lq),    LQ_TEST(test_linear_lq_mma),   LQ_TEST(test_linear_lq_gemv),
-        LQ_TEST(test_linear_group), LQ_TEST(test_linear_adapter),  LQ_TEST(test_matmul),
-        LQ_TEST(test_attention),    LQ_TEST(test_attention_batch), LQ_TEST(test_rope_attention),
-        LQ_TEST(test_decompose),    LQ_TEST(test_cholqr),          LQ_TEST(test_memory_accounting),
+        LQ_TEST(test_rmsnorm),
+        LQ_TEST(test_embed),
+        LQ_TEST(test_rope),
+        LQ_TEST(test_swiglu_add),
+        LQ_TEST(test_fused_ops),
+        LQ_TEST(test_linear_dense),
+        LQ_TEST(test_linear_lq),
+        LQ_TEST(test_linear_lq_mma),
+        LQ_TEST(test_linear_lq_gemv),
+        LQ_TEST(test_linear_group),
+        LQ_TEST(test_linear_fused),
+        LQ_TEST(test_linear_adapter),
+        LQ_TEST(test_matmul),
+        LQ_TEST(test_attention),
+        LQ_TEST(test_attention_batch),
+        LQ_TEST(test_rope_attention),
+        LQ_TEST(test_decompose),
+        LQ_TEST(test_cholqr),
+        LQ_TEST(test_memory_accounting),
     };
     int failed = 0;
     const char *filter = NULL;

@@ -37,6 +37,17 @@ static float cta_shfl_xor(float v, int offset) {
     return other;
 }
 
+/* __shfl_xor_sync(all lanes, v, offset) for a double */
+static double cta_lanes_f64[CTA_MAX_WARPS][32];
+static inline double cta_shfl_xor_f64(double v, int offset) {
+    const int warp = cta_thread / 32, lane = cta_thread % 32;
+    cta_lanes_f64[warp][lane] = v;
+    cta_warp_wait();
+    const double other = cta_lanes_f64[warp][lane ^ offset];
+    cta_warp_wait();
+    return other;
+}
+
 /* What each CPU thread runs: body(arg, block, thread, shared). */
 typedef void (*cta_body)(const void *arg, int block, int thread, void *shared);
 
@@ -66,7 +77,9 @@ static void cta_run_grid(cta_body body, const void *arg, int blocks, int threads
     if (!shared) abort();
     pthread_attr_t attr;
     pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, (size_t)1 << 17);
+    /* 1 MiB: glibc takes the static TLS (OpenBLAS's, where a test links the CPU backend) out of it
+     */
+    pthread_attr_setstacksize(&attr, (size_t)1 << 20);
     if (pthread_barrier_init(&cta_barrier, NULL, (unsigned)threads) != 0) abort();
     for (int w = 0; w < threads / 32; w++)
         if (pthread_barrier_init(&cta_warp_barrier[w], NULL, 32) != 0) abort();

@@ -25,6 +25,7 @@
 #include "core/bitpack.h"
 #include "core/nf.h"
 #include "core/rng.h"
+#include "kernels/backend.h"
 
 /* ---------- the CUDA words the kernel uses, for a CPU thread per CUDA thread ---------- */
 
@@ -153,6 +154,15 @@ static float lq_m1_shfl_xor(float v, int offset) {
     return cta_shfl_xor(v, offset);
 }
 
+static double lq_m1_shfl_xor_f64(double v, int offset) {
+    return cta_shfl_xor_f64(v, offset);
+}
+
+/* the CPU backend's swiglu of one value (kernels/cpu/backend_cpu.c) */
+static float lq_m1_silu_times(float gate, float up) {
+    return gate / (1.0f + expf(-gate)) * up;
+}
+
 static void lq_m1_sync(void) {
     cta_sync();
 }
@@ -221,22 +231,28 @@ static int blocks_per_chunk(const struct lq_nf_config *c) {
 }
 
 static void check_case_shared(int rows, int cols, struct lq_nf_config c, int rank, int rg_log,
-                              int share_scales);
+                              int share_scales, int input, int accumulate);
 
 /* Each case as the host launches it, and where it shares scales between lanes also without. */
 static void check_case(int rows, int cols, struct lq_nf_config c, int rank, int rg_log) {
     const int share = c.B0 % 64 == 0 && cols % c.B0 == 0; /* linear_cuda.cu's rule */
-    check_case_shared(rows, cols, c, rank, rg_log, share);
-    if (share) check_case_shared(rows, cols, c, rank, rg_log, 0);
+    check_case_shared(rows, cols, c, rank, rg_log, share, LQ_M1_INPUT_PLAIN, 0);
+    if (share) check_case_shared(rows, cols, c, rank, rg_log, 0, LQ_M1_INPUT_PLAIN, 0);
 }
 
+/* The CPU backend, for the unfused ops that a fused input stands for. */
+static struct lq_backend *cpu;
+
+static const char *input_names[] = {"x", "rmsnorm(x)", "silu(x)·up"};
+
 static void check_case_shared(int rows, int cols, struct lq_nf_config c, int rank, int rg_log,
-                              int share_scales) {
-    char label[200], text[64];
+                              int share_scales, int input, int accumulate) {
+    char label[240], text[64];
     snprintf(label, sizeof label,
-             "%s %d x %d rank %d, %d row groups per CTA, prefetch %d, %s scales",
+             "%s %d x %d rank %d, %d row groups per CTA, prefetch %d, %s scales, input %s%s",
              lq_nf_config_format(&c, text, sizeof text), rows, cols, rank, 1 << rg_log,
-             (rows + rank) % 3, share_scales ? "shared" : "own");
+             (rows + rank) % 3, share_scales ? "shared" : "own", input_names[input],
+             accumulate ? ", y +=" : "");
     const int bpc = blocks_per_chunk(&c);
     CHECK_MSG(bpc > 0 && cols % 32 == 0, "%s: not a shape of the kernel", label);
     float *dense = random_floats((size_t)rows * cols, 0.05);
@@ -247,26 +263,45 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
         free(dense);
         return;
     }
-    float *x = random_floats((size_t)cols, 1.0);
+    /* What the kernel reads (raw: x, or the norm's or swiglu's input) and the token it
+     * multiplies (x: raw, or what the CPU backend's rmsnorm or swiglu makes of it). */
+    float *raw = random_floats((size_t)cols, input == LQ_M1_INPUT_RMSNORM ? 7.0 : 1.0);
+    float *second = random_floats((size_t)cols, 1.0); /* the norm's weight, or up */
+    float *x = aligned_alloc(16, (size_t)cols * sizeof(float) + 16);
+    if (!x) abort();
+    memcpy(x, raw, (size_t)cols * sizeof(float));
+    const float eps = 1e-5f;
+    if (input == LQ_M1_INPUT_RMSNORM)
+        CHECK(cpu->ops->rmsnorm(cpu, raw, second, 1, cols, eps, x) == 0);
+    else if (input == LQ_M1_INPUT_SWIGLU)
+        CHECK(cpu->ops->swiglu(cpu, x, second, (size_t)cols) == 0);
     float *l1 = rank > 0 ? random_floats((size_t)rows * rank, 0.05) : NULL;
     float *l2 = rank > 0 ? random_floats((size_t)rank * cols, 0.05) : NULL;
     const int slices = (cols + 1023) / 1024;
     float *t = calloc((size_t)slices * (rank > 0 ? rank : 1), sizeof(float));
     if (!t) abort();
-    for (int s = 0; s < slices; s++) /* the projection kernel's slice sums (any order will do) */
+    /* the projection kernel's slice sums (any order will do), of what it reads: for a normed
+     * input w·raw, which the kernel scales by the norm's s */
+    for (int s = 0; s < slices; s++)
         for (int k = 0; k < rank; k++) {
             float sum = 0.0f;
             for (int j = s * 1024; j < cols && j < (s + 1) * 1024; j++)
-                sum = fmaf(l2[(size_t)k * cols + j], x[j], sum);
+                sum = fmaf(l2[(size_t)k * cols + j],
+                           input == LQ_M1_INPUT_RMSNORM ? second[j] * raw[j] : x[j], sum);
             t[(size_t)s * rank + k] = sum;
         }
+    /* the exact low-rank term's t (for a normed input, of the normed x) */
+    double *t_exact = calloc(rank > 0 ? (size_t)rank : 1, sizeof(double));
+    if (!t_exact) abort();
+    for (int k = 0; k < rank; k++)
+        for (int j = 0; j < cols; j++) t_exact[k] += (double)l2[(size_t)k * cols + j] * x[j];
 
     uint32_t *codes = padded_words(q.codes, lq_nf_codes_bytes(&q));
     uint32_t *scale_codes = padded_words(q.scale_codes, lq_nf_scale_codes_bytes(&q));
     uint32_t *group_scales = padded_words(q.group_scales, lq_nf_group_scales_bytes(&q));
-    float *y = malloc((size_t)rows * sizeof(float));
+    float *y = malloc((size_t)rows * sizeof(float)), *residual = random_floats((size_t)rows, 1.0);
     if (!y) abort();
-    for (int r = 0; r < rows; r++) y[r] = NAN;
+    for (int r = 0; r < rows; r++) y[r] = accumulate ? residual[r] : NAN;
 
     struct lq_m1_args a;
     memset(&a, 0, sizeof a);
@@ -274,7 +309,10 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     uint32_t *pairs = aligned_alloc(16, 4 * lq_m1_pair_words(c.b0));
     if (!pairs) abort();
     lq_m1_build_pairs(lq_nf_code_table(c.b0), c.b0, pairs);
-    a.pairs = pairs, a.x = x, a.lora_B = l1, a.t = t, a.y = y;
+    a.pairs = pairs, a.x = input == LQ_M1_INPUT_PLAIN ? x : raw, a.lora_B = l1, a.t = t, a.y = y;
+    a.input = input, a.eps = eps, a.accumulate = accumulate;
+    a.norm_weight = input == LQ_M1_INPUT_RMSNORM ? second : NULL;
+    a.up = input == LQ_M1_INPUT_SWIGLU ? second : NULL;
     a.rows = rows, a.cols = cols, a.b1 = c.b1, a.b2 = (int)c.b2, a.rank = rank;
     a.t_slices = slices;
     a.offset = q.scale_offset;
@@ -306,6 +344,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     int bad = 0;
     for (int r = 0; r < rows; r++) {
         double sum = 0.0, magnitude = 0.0, exact = 0.0;
+        if (accumulate) sum = exact = residual[r], magnitude = fabs(residual[r]);
         for (int j = 0; j < cols; j++) {
             const size_t flat = (size_t)r * cols + j;
             const uint32_t code = lq_bitpack_get(q.codes, flat, c.b0);
@@ -316,9 +355,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
             exact += (double)deq[flat] * x[j];
         }
         for (int k = 0; k < rank; k++) {
-            double tk = 0.0;
-            for (int s = 0; s < slices; s++) tk += t[(size_t)s * rank + k];
-            const double term = (double)l1[(size_t)r * rank + k] * tk;
+            const double term = (double)l1[(size_t)r * rank + k] * t_exact[k];
             sum += term, exact += term, magnitude += fabs(term);
         }
         const double error = fabs(y[r] - sum) / (magnitude + 1e-30);
@@ -337,11 +374,14 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
               "reference, %.3g against the exact product",
               label, bad, worst, worst_exact);
     free(deq), free(y), free(codes), free(scale_codes), free(group_scales), free(pairs);
-    free(t), free(l1), free(l2), free(x), free(dense);
+    free(t), free(t_exact), free(l1), free(l2), free(x), free(raw), free(second), free(residual);
+    free(dense);
     lq_nf_matrix_free(&q);
 }
 
 static void test_configs(void) {
+    struct lq_error err = {0};
+    CHECK_MSG(lq_backend_cpu_create(&cpu, &err) == 0, "%s", err.message);
     lq_rng_seed(&rng, 61);
     const struct lq_nf_config configs[] = {
         {3, 8, LQ_SCALE_FP32, 64, 256}, /* the 7B benchmark's */
@@ -411,5 +451,25 @@ static void test_misaligned(void) {
     for (int r = 0; r < 16; r++) CHECK_MSG(isnan(y[r]), "y[%d] written", r);
 }
 
+/* Fused inputs (kernels/backend.h linear_fused): the rmsnorm or swiglu that the kernel takes
+ * into its staging, and the residual add, against the CPU backend's ops before an unfused
+ * product. A wrong s (or none) on x or on t is off by a factor of ~7 here (x at scale 7). */
+static void test_fused_inputs(void) {
+    lq_rng_seed(&rng, 65);
+    const struct lq_nf_config c = {3, 8, LQ_SCALE_FP32, 64, 256};
+    for (int input = LQ_M1_INPUT_PLAIN; input <= LQ_M1_INPUT_SWIGLU; input++)
+        for (int accumulate = 0; accumulate <= 1; accumulate++) {
+            check_case_shared(40, 640, c, 8, 0, 1, input, accumulate);
+            check_case_shared(24, 2112, (struct lq_nf_config){2, 8, LQ_SCALE_FP16, 16, 4}, 80, 1, 0,
+                              input, accumulate);
+        }
+    check_case_shared(20, 64, c, 4, 0, 0, LQ_M1_INPUT_RMSNORM, 1); /* one k-tile, most warps idle */
+    if (cpu) {
+        cpu->ops->destroy(cpu);
+        cpu = NULL;
+    }
+}
+
 LQ_TEST_MAIN(LQ_TEST(test_configs), LQ_TEST(test_cta_shapes), LQ_TEST(test_long_rows),
-             LQ_TEST(test_small), LQ_TEST(test_layout), LQ_TEST(test_misaligned))
+             LQ_TEST(test_small), LQ_TEST(test_layout), LQ_TEST(test_misaligned),
+             LQ_TEST(test_fused_inputs))
