@@ -386,6 +386,13 @@ LQ_M1_FN void lq_m1_tile_scales(const struct lq_m1_args *a, int bpc, int share,
     for (int h = 0; h < 2; h++) lq_m1_scales(a, bpc, &raw[h], scale[h]);
 }
 
+// An L2 prefetch of the lane's prefetch row at chunk `ahead` (clamped into the row).
+LQ_M1_FN void lq_m1_prefetch(const struct lq_m1_args *a, int bits, const struct lq_m1_lane *l,
+                             uint32_t ahead) {
+    const uint32_t chunk = ahead < l->last_chunk ? ahead : l->last_chunk;
+    lq_m1_prefetch_l2(a->codes + (uint64_t)(l->prefetch_ci + chunk) * (uint32_t)bits);
+}
+
 // One tile: the next tile's loads go out (and a later one's L2 prefetch), then cur is decoded
 // into the mma fragments, multiplied with x and scaled into acc; the cursor moves on.
 LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, int share,
@@ -397,11 +404,8 @@ LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, int shar
     // Two tiles of words in registers are too few to cover HBM's latency with 24 warps per
     // SM; a tile further ahead waits in L2 without taking registers. (kt and kt_end are the
     // warp's: no divergence.)
-    if (a->prefetch_tiles > 0 && c->kt + a->prefetch_tiles < l->kt_end) {
-        const uint32_t ahead = c->chunk + l->prefetch_ahead;
-        const uint32_t chunk = ahead < l->last_chunk ? ahead : l->last_chunk;
-        lq_m1_prefetch_l2(a->codes + (uint64_t)(l->prefetch_ci + chunk) * (uint32_t)bits);
-    }
+    if (a->prefetch_tiles > 0 && c->kt + a->prefetch_tiles < l->kt_end)
+        lq_m1_prefetch(a, bits, l, c->chunk + l->prefetch_ahead);
     lq_m1_load_tile(a, bits, bpc, share, l, &n, next);
     float scale[2][2];
     lq_m1_tile_scales(a, bpc, share, l, cur, scale);
@@ -476,6 +480,14 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
         lane_state.real_second ? lq_m1_window(xs + cursor.chunk * 16 + 8) : lq_m1_window(zeros + 8);
     struct lq_m1_raw buffer_a[2], buffer_b[2];
     lq_m1_load_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_a);
+    // So do the prefetches of the tiles the loop's never reach (1 .. prefetch_tiles − 1 after
+    // the first) and of its first one's (prefetch_tiles after; asked for again there): with a
+    // few tiles per warp (4 for a 4096-column layer) the staging, and a fused input's norm pass,
+    // would otherwise overlap one tile's trip to HBM.
+    for (int p = 1; p <= a->prefetch_tiles && kt_begin + p < kt_end; p++)
+        lq_m1_prefetch(a, bits, &lane_state,
+                       cursor.chunk + lane_state.prefetch_ahead -
+                           (uint32_t)(LQ_M1_TILE_CHUNKS * (a->prefetch_tiles - p)));
     const int rank_pos = ks * 4 + t, rank_stride = 4 * ks_count;
     float l1[2][LQ_M1_RANK_REGS];
     LQ_M1_UNROLL
