@@ -240,6 +240,13 @@ static lq_decode_grid lq_decode_grid_for(const struct lq_cuda *cuda, const struc
 // in one process. v1 to v4 give the same bits; v5 sums in another order. v6
 // (gemv_mma1_kernel.h: tensor cores, fp16 values and x, fp32 sums) at b0 = 2, 3, 4 with B0 a
 // multiple of 32 or 16, else v1.
+// Whether auto takes v6 for one token (where it can run). Not until its figures on a GPU say
+// so (`sh tests/kernels/gpu_check.sh pending`): v6 has not run on one yet. linear_fused follows
+// this choice (lq_cuda_fuses_linears).
+static bool lq_auto_takes_mma1(void) {
+    return false;
+}
+
 static int lq_decode_variant(void) {
     const char *value = getenv("LQ_CUDA_DECODE");
     if (!value || !*value || strcmp(value, "auto") == 0) return 0;
@@ -588,7 +595,8 @@ static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
     p->bpc = ((uintptr_t)x & 15u) == 0 ? lq_cuda_blocks_per_chunk(w) : 0;
     p->b0 = w->q.config.b0;
     int variant = p->bpc && p->nt == 1 && p->b0 <= 4 ? lq_decode_variant() : 1;
-    if (variant == 0) variant = w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;
+    if (variant == 0)
+        variant = lq_auto_takes_mma1() ? 6 : w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;
     p->rows_fn = variant == 5 || variant == 52 || variant == 54
                      ? lq_rows_pick(cuda, w, p->bpc, variant, &p->rows_per_warp)
                      : NULL;
@@ -858,7 +866,9 @@ int lq_cuda_linear_group(struct lq_backend *backend, const struct lq_linear *con
 
 int lq_cuda_fuses_linears(struct lq_backend *backend, int n) {
     (void)backend;
-    return n == 1 && lq_decode_variant() == 6 && lq_env_int("LQ_CUDA_FUSE", 1) != 0;
+    const int variant = lq_decode_variant();
+    return n == 1 && (variant == 6 || (variant == 0 && lq_auto_takes_mma1())) &&
+           lq_env_int("LQ_CUDA_FUSE", 1) != 0;
 }
 
 // linear_fused where its kernels cannot take the input or the add: the unfused ops, the input

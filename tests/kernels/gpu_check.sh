@@ -186,6 +186,10 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, most import
     LQ_CUDA_ATTENTION_DECODE=0 TAIL=8 STEP_TIMEOUT=120 step decode_attention_tile \
         "$run/bench_cuda" --decode-variants 1
     TAIL=30 STEP_TIMEOUT=120 step bench_gemv "$run/bench_cuda" --linear-only auto,v1,v5,v6
+    for g in 2 4; do # v6 with fatter CTAs (fewer stagings of x; default: the fewest for a wave)
+        LQ_CUDA_MMA1_ROW_GROUPS=$g TAIL=12 STEP_TIMEOUT=60 step "bench_gemv_v6_rows$g" \
+            "$run/bench_cuda" --linear-only v6
+    done
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
     LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=150 step ncu_decode_v6 sh -c "'$ncu' \
         --csv --metrics gpu__time_duration.sum --cache-control none --clock-control none \
