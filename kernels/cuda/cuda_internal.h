@@ -176,16 +176,17 @@ struct lq_prefetch {
 // L1/L2); dense layers are uploaded as they are.
 // What lq_cuda_linear_prepare leaves in lq_linear.backend_data (owned by the backend):
 struct lq_cuda_linear_data {
-    float *dense;          // dense layers: rows x cols
-    uint32_t *codes;       // the packed codes as 32-bit words (+ padding)
-    uint32_t *scale_codes; // the packed block-scale codes (+ padding)
-    uint8_t *group_scales; // the group scales (+ padding)
-    float *table;          // the NF table of b0 bits
-    uint32_t *pairs;       // b0 = 2, 3, 4: the one-token tensor-core kernel's pair table (v6)
-    float *lora_A;         // L2 [rank, cols]
-    float *lora_B;         // L1 [rows, rank]
-    unsigned *tickets;     // per decode row band: slices finished (back to 0 after each call)
-    int overlap;           // programmatic dependent launch works (sm_90 device and code)
+    float *dense;            // dense layers: rows x cols
+    uint32_t *codes;         // the packed codes as 32-bit words (+ padding)
+    uint32_t *scale_codes;   // the packed block-scale codes (+ padding)
+    uint8_t *group_scales;   // the group scales (+ padding)
+    float *table;            // the NF table of b0 bits
+    uint32_t *pairs;         // b0 = 2, 3, 4: the one-token tensor-core kernel's pair table (v6)
+    float *group_scales_f32; // b0 = 2, 3, 4 with bf16 or fp16 group scales: them in fp32 (v6)
+    float *lora_A;           // L2 [rank, cols]
+    float *lora_B;           // L1 [rows, rank]
+    unsigned *tickets;       // per decode row band: slices finished (back to 0 after each call)
+    int overlap;             // programmatic dependent launch works (sm_90 device and code)
     size_t codes_bytes, scale_codes_bytes, group_scales_bytes; // what the buffers hold
     // The layer that ran after this one last time (learned; see struct lq_cuda): its decode
     // kernel prefetches that layer's buffers into L2 while it runs.

@@ -20,9 +20,6 @@
 __device__ __forceinline__ static uint32_t lq_m1_ldg_u32(const uint32_t *p) {
     return __ldg(p);
 }
-__device__ __forceinline__ static uint32_t lq_m1_ldg_u16(const uint16_t *p) {
-    return (uint32_t)__ldg((const unsigned short *)p);
-}
 __device__ __forceinline__ static float lq_m1_ldg_f32(const float *p) {
     return __ldg(p);
 }
@@ -75,14 +72,8 @@ __host__ __device__ __forceinline__ static uint32_t lq_m1_half2_bits(float lo, f
     memcpy(&out, &h, 4);
     return out;
 }
-__device__ __forceinline__ static float lq_m1_half_to_float(uint32_t bits) {
-    return __half2float(__ushort_as_half((unsigned short)bits));
-}
 __device__ __forceinline__ static float lq_m1_u2f(uint32_t v) {
     return __uint2float_rn(v);
-}
-__device__ __forceinline__ static float lq_m1_u32_as_float(uint32_t bits) {
-    return __uint_as_float(bits);
 }
 __device__ __forceinline__ static float lq_m1_fmul(float x, float y) {
     return __fmul_rn(x, y);

@@ -38,7 +38,7 @@
 // the CPU with a thread per CUDA thread and the warp primitives emulated. The includer
 // defines LQ_M1_FN (device function qualifiers), LQ_M1_HD (host and device), LQ_M1_UNROLL (a
 // loop-unroll pragma or nothing) and these primitives:
-//   uint32_t lq_m1_ldg_u32(const uint32_t *p); uint32_t lq_m1_ldg_u16(const uint16_t *p);
+//   uint32_t lq_m1_ldg_u32(const uint32_t *p);
 //   float lq_m1_ldg_f32(const float *p); float lq_m1_ldcg_f32(const float *p);
 //   void lq_m1_ldg_f32x4(const float *p, float v[4]);   (p 16-byte aligned)
 //   void lq_m1_lds_u32x8(uint32_t address, uint32_t v[8]);   (32 bytes at a 16-byte aligned
@@ -52,8 +52,7 @@
 //   void lq_m1_copy16(uint32_t *shared, const uint32_t *global);   (16 bytes, both 16-byte
 //       aligned, asynchronously: cp.async) and void lq_m1_copy_wait(void) (this thread's copies
 //       have landed)
-//   float lq_m1_half_to_float(uint32_t bits);   float lq_m1_u2f(uint32_t v);   (RN)
-//   float lq_m1_u32_as_float(uint32_t bits);
+//   float lq_m1_u2f(uint32_t v);   (RN)
 //   float lq_m1_fmul(float, float); float lq_m1_fadd(float, float);
 //   float lq_m1_fma(float, float, float);   (single rounding each)
 //   void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1);   (d += A·B)
@@ -85,12 +84,6 @@
 #define LQ_M1_RANK_REGS 2   // L1 values per row loaded before the main loop
 #define LQ_M1_MAX_BITS 4
 
-// The scale types of core/nf.h's enum lq_scale_dtype (b2), repeated so that this file needs no
-// project header; linear_cuda.cu checks that they agree.
-#define LQ_M1_SCALE_BF16 0
-#define LQ_M1_SCALE_FP16 1
-#define LQ_M1_SCALE_FP32 2
-
 // What x holds (kernels/backend.h's enum lq_linear_input_kind, repeated likewise).
 #define LQ_M1_INPUT_PLAIN 0
 #define LQ_M1_INPUT_RMSNORM 1
@@ -98,13 +91,14 @@
 
 struct lq_m1_args {
     const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + 16 bytes of padding
-    const uint8_t *group_scales;
-    const uint32_t *pairs; // lq_m1_build_pairs's table, 16-byte aligned
-    const float *x;        // the token, cols values, 16-byte aligned
-    const float *lora_B;   // L1 [rows][rank]
-    const float *t;        // [t_slices][rank]: x·L2ᵀ per column slice (t_slices >= 1)
-    float *y;              // [rows]
-    int rows, cols, b1, b2, rank, t_slices;
+    const float *group_scales; // in fp32 whatever b2 is: the host widens bf16 and fp16 ones
+                               // (exactly) on upload, so that the loop has no branch on b2
+    const uint32_t *pairs;     // lq_m1_build_pairs's table, 16-byte aligned
+    const float *x;            // the token, cols values, 16-byte aligned
+    const float *lora_B;       // L1 [rows][rank]
+    const float *t;            // [t_slices][rank]: x·L2ᵀ per column slice (t_slices >= 1)
+    float *y;                  // [rows]
+    int rows, cols, b1, rank, t_slices;
     float offset, levels, inv_levels; // levels = 2^b1 − 1, inv_levels = RN(1 / levels)
     struct lq_divisor chunk_block;    // chunk → block when B0 % 32 == 0 (B0 / 32)
     struct lq_divisor group;          // block → group (B1)
@@ -153,7 +147,8 @@ LQ_M1_HD uint32_t lq_m1_shared_bytes(int bits, int chunks_per_row, uint32_t wind
 // codes that starts at its first block, and its group scale's bits.
 struct lq_m1_raw {
     uint32_t w[LQ_M1_MAX_BITS];
-    uint32_t window, group_bits;
+    uint32_t window;
+    float group_scale;
 };
 
 // Chunk ci's words (ci always names a chunk of the matrix: see lq_m1_load_tile).
@@ -172,9 +167,7 @@ LQ_M1_FN void lq_m1_load_scale(const struct lq_m1_args *a, int bpc, uint32_t ci,
     const uint32_t group = lq_div(block0, a->group), bit = block0 * (uint32_t)a->b1;
     const uint32_t *s = a->scale_codes + (bit >> 5);
     r->window = lq_m1_funnel(lq_m1_ldg_u32(s), lq_m1_ldg_u32(s + 1), bit & 31u);
-    r->group_bits = a->b2 == LQ_M1_SCALE_FP32
-                        ? lq_m1_ldg_u32((const uint32_t *)a->group_scales + group)
-                        : lq_m1_ldg_u16((const uint16_t *)a->group_scales + group);
+    r->group_scale = lq_m1_ldg_f32(a->group_scales + group);
 }
 
 // ŝ = offset + code·gs / levels in core/nf.c's operation order: q·levels is an FMA-exact
@@ -189,9 +182,7 @@ LQ_M1_FN float lq_m1_block_scale(const struct lq_m1_args *a, uint32_t code, floa
 // The chunk's block scales (bpc of them; 0 for the second when bpc = 1).
 LQ_M1_FN void lq_m1_scales(const struct lq_m1_args *a, int bpc, const struct lq_m1_raw *r,
                            float scale[2]) {
-    const float group_scale = a->b2 == LQ_M1_SCALE_FP32   ? lq_m1_u32_as_float(r->group_bits)
-                              : a->b2 == LQ_M1_SCALE_BF16 ? lq_m1_u32_as_float(r->group_bits << 16)
-                                                          : lq_m1_half_to_float(r->group_bits);
+    const float group_scale = r->group_scale;
     const uint32_t mask = (1u << a->b1) - 1u;
     LQ_M1_UNROLL
     for (int b = 0; b < 2; b++)

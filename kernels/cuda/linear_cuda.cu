@@ -361,9 +361,6 @@ static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_li
 static_assert(LQ_M1_INPUT_PLAIN == LQ_INPUT_PLAIN && LQ_M1_INPUT_RMSNORM == LQ_INPUT_RMSNORM &&
                   LQ_M1_INPUT_SWIGLU == LQ_INPUT_SWIGLU,
               "gemv_mma1_kernel.h repeats kernels/backend.h's input kinds");
-static_assert(LQ_M1_SCALE_BF16 == LQ_SCALE_BF16 && LQ_M1_SCALE_FP16 == LQ_SCALE_FP16 &&
-                  LQ_M1_SCALE_FP32 == LQ_SCALE_FP32,
-              "gemv_mma1_kernel.h's scale types are core/nf.h's");
 
 // An integer from the environment (read on every call, for benchmarks), or `otherwise`.
 static int lq_env_int(const char *name, int otherwise) {
@@ -422,15 +419,17 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
 // LQ_CUDA_MMA1_PREFETCH tiles ahead (default 2, 0 off). Lanes share block scales where two
 // chunks of a quad always share a block (LQ_CUDA_MMA1_SHARE_SCALES=0: each rebuilds its own).
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
-                                  const uint32_t *pairs, lq_m1_fn kernel, bool share, bool overlap,
-                                  const struct lq_linear_input &input, bool accumulate,
-                                  const lq_decode_args &d) {
+                                  const struct lq_cuda_linear_data *data, lq_m1_fn kernel,
+                                  bool share, bool overlap, const struct lq_linear_input &input,
+                                  bool accumulate, const lq_decode_args &d) {
     const lq_packed &q = d.q;
     lq_m1_args a;
     memset(&a, 0, sizeof a);
-    a.codes = q.codes, a.scale_codes = q.scale_codes, a.group_scales = q.group_scales;
-    a.pairs = pairs, a.x = d.x, a.lora_B = d.lora_B, a.t = d.t, a.y = d.y;
-    a.rows = q.rows, a.cols = q.cols, a.b1 = q.b1, a.b2 = q.b2, a.rank = d.rank;
+    a.codes = q.codes, a.scale_codes = q.scale_codes;
+    a.group_scales = data->group_scales_f32 ? data->group_scales_f32
+                                            : (const float *)data->group_scales; // fp32 already
+    a.pairs = data->pairs, a.x = d.x, a.lora_B = d.lora_B, a.t = d.t, a.y = d.y;
+    a.rows = q.rows, a.cols = q.cols, a.b1 = q.b1, a.rank = d.rank;
     a.t_slices = d.t_slices;
     a.offset = q.offset, a.levels = q.levels, a.inv_levels = q.inv_levels;
     a.chunk_block = q.chunk_block, a.group = q.group;
@@ -670,7 +669,7 @@ static int lq_decode_main(struct lq_cuda *cuda, const struct lq_decode_plan *p) 
         return LQ_OK;
     }
     if (p->mma1_kernel) {
-        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data->pairs, p->mma1_kernel, p->mma1_share, overlap,
+        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data, p->mma1_kernel, p->mma1_share, overlap,
                                    p->input, p->accumulate, a),
                     "lq_gemv_mma1_kernel");
         return LQ_OK;
@@ -953,9 +952,9 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w) {
 // Prepare / release.
 
 static void lq_linear_data_free(struct lq_cuda *cuda, struct lq_cuda_linear_data *data) {
-    void *pointers[] = {data->dense,        data->codes,  data->scale_codes,
-                        data->group_scales, data->table,  data->pairs,
-                        data->lora_A,       data->lora_B, data->tickets};
+    void *pointers[] = {data->dense,  data->codes,  data->scale_codes,      data->group_scales,
+                        data->table,  data->pairs,  data->group_scales_f32, data->lora_A,
+                        data->lora_B, data->tickets};
     for (size_t i = 0; i < sizeof pointers / sizeof pointers[0]; i++)
         if (pointers[i]) lq_cuda_free(cuda, pointers[i]);
     free(data);
@@ -1005,6 +1004,16 @@ static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
         rc = lq_upload(cuda, pairs, words * sizeof *pairs, 0, (void **)&data->pairs, err);
         free(pairs);
         if (rc) return rc;
+        if (q->config.b2 != LQ_SCALE_FP32) { // v6 reads fp32 group scales (exact widening)
+            const size_t groups = lq_nf_group_scales_bytes(q) / 2;
+            float *wide = (float *)malloc(groups * sizeof *wide);
+            if (!wide) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+            for (size_t g = 0; g < groups; g++) wide[g] = lq_nf_group_scale(q, g);
+            rc = lq_upload(cuda, wide, groups * sizeof *wide, LQ_PACKED_PADDING,
+                           (void **)&data->group_scales_f32, err);
+            free(wide);
+            if (rc) return rc;
+        }
     }
     if (w->rank > 0 && ((rc = lq_upload(cuda, w->lora_A, (size_t)w->rank * w->cols * sizeof(float),
                                         0, (void **)&data->lora_A, err)) ||

@@ -54,9 +54,6 @@ static uint32_t float_to_fp16(float f) {
 static inline uint32_t lq_m1_ldg_u32(const uint32_t *p) {
     return *p;
 }
-static inline uint32_t lq_m1_ldg_u16(const uint16_t *p) {
-    return *p;
-}
 static inline float lq_m1_ldg_f32(const float *p) {
     return *p;
 }
@@ -96,16 +93,8 @@ static inline uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift) {
 static inline uint32_t lq_m1_half2_bits(float lo, float hi) {
     return float_to_fp16(lo) | float_to_fp16(hi) << 16;
 }
-static inline float lq_m1_half_to_float(uint32_t bits) {
-    return fp16_to_float(bits);
-}
 static inline float lq_m1_u2f(uint32_t v) {
     return (float)v;
-}
-static inline float lq_m1_u32_as_float(uint32_t bits) {
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 static inline float lq_m1_fmul(float x, float y) {
     return x * y;
@@ -298,14 +287,18 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
 
     uint32_t *codes = padded_words(q.codes, lq_nf_codes_bytes(&q));
     uint32_t *scale_codes = padded_words(q.scale_codes, lq_nf_scale_codes_bytes(&q));
-    uint32_t *group_scales = padded_words(q.group_scales, lq_nf_group_scales_bytes(&q));
+    /* the group scales widened to fp32, as linear_cuda.cu uploads them for this kernel */
+    const size_t groups = lq_nf_group_scales_bytes(&q) / (c.b2 == LQ_SCALE_FP32 ? 4 : 2);
+    float *group_scales = calloc(groups + 4, sizeof(float));
+    if (!group_scales) abort();
+    for (size_t g = 0; g < groups; g++) group_scales[g] = lq_nf_group_scale(&q, g);
     float *y = malloc((size_t)rows * sizeof(float)), *residual = random_floats((size_t)rows, 1.0);
     if (!y) abort();
     for (int r = 0; r < rows; r++) y[r] = accumulate ? residual[r] : NAN;
 
     struct lq_m1_args a;
     memset(&a, 0, sizeof a);
-    a.codes = codes, a.scale_codes = scale_codes, a.group_scales = (const uint8_t *)group_scales;
+    a.codes = codes, a.scale_codes = scale_codes, a.group_scales = group_scales;
     uint32_t *pairs = aligned_alloc(16, 4 * lq_m1_pair_words(c.b0));
     if (!pairs) abort();
     lq_m1_build_pairs(lq_nf_code_table(c.b0), c.b0, pairs);
@@ -313,7 +306,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     a.input = input, a.eps = eps, a.accumulate = accumulate;
     a.norm_weight = input == LQ_M1_INPUT_RMSNORM ? second : NULL;
     a.up = input == LQ_M1_INPUT_SWIGLU ? second : NULL;
-    a.rows = rows, a.cols = cols, a.b1 = c.b1, a.b2 = (int)c.b2, a.rank = rank;
+    a.rows = rows, a.cols = cols, a.b1 = c.b1, a.rank = rank;
     a.t_slices = slices;
     a.offset = q.scale_offset;
     a.levels = (float)((1u << c.b1) - 1u);
