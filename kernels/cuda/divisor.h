@@ -29,7 +29,14 @@ LQ_DIVISOR_FN struct lq_divisor lq_make_divisor(uint32_t d) {
 }
 
 LQ_DIVISOR_FN uint32_t lq_div(uint32_t n, struct lq_divisor d) {
-    return (uint32_t)(((uint64_t)n * d.multiplier) >> d.shift);
+    uint32_t q = (uint32_t)(((uint64_t)n * d.multiplier) >> d.shift);
+#ifdef __CUDA_ARCH__
+    // Opaque to the compiler: seeing a 64-bit value cut to 32 bits, it built an address from
+    // the quotient in 64 bits (shift, mask and carry: 6 instructions where a 32-bit quotient
+    // takes one wide multiply-add; tests/bench/sass_loop.py on the one-token kernel).
+    asm("" : "+r"(q));
+#endif
+    return q;
 }
 
 #endif
