@@ -143,6 +143,27 @@ LQ_M1_HD uint32_t lq_m1_shared_bytes(int bits, int chunks_per_row, uint32_t wind
     return lq_m1_table_offset(bits, chunks_per_row, window_base) + 4u * lq_m1_pair_words(bits);
 }
 
+// How far a launch may read past the end of each packed buffer: rows of a last, partial row
+// group are read as if the matrix went on (15 rows at most), and so are a row's chunks past its
+// end (a partial last tile, and the tile after a warp's last, which is loaded but never
+// decoded: 7 chunks at most). The host pads each buffer with zeros for that (lq_m1_padding):
+// zero codes and scales give finite values, which meet x's zero padding or a row that is never
+// written. Why: clamping the rows and chunks into the matrix took about 0.1 to 0.16
+// instructions per code in the loop (the compiler recomputed the clamped rows every tile).
+LQ_M1_HD uint64_t lq_m1_overrun_chunks(int chunks_per_row) {
+    return 15u * (uint64_t)chunks_per_row + 8u;
+}
+
+// The padding bytes after codes (b0 bits a code), scale codes (b1 bits a block of B0 codes)
+// and the fp32 group scales (one per B1 blocks): out[0], out[1], out[2].
+LQ_M1_HD void lq_m1_padding(int chunks_per_row, int bits, int b1, int B0, int B1, uint64_t out[3]) {
+    const uint64_t chunks = lq_m1_overrun_chunks(chunks_per_row);
+    const uint64_t blocks = B0 < 32 ? chunks * (32u / (uint64_t)B0) : chunks; // B0 >= 16 here
+    out[0] = chunks * (uint64_t)bits * 4u + 16u;
+    out[1] = (blocks * (uint64_t)b1 + 7u) / 8u + 16u;
+    out[2] = (blocks / (uint64_t)B1 + 2u) * 4u + 16u;
+}
+
 // What a lane loads for one row and one chunk: the chunk's words, the 32-bit window of scale
 // codes that starts at its first block, and its group scale's bits.
 struct lq_m1_raw {
@@ -151,7 +172,7 @@ struct lq_m1_raw {
     float group_scale;
 };
 
-// Chunk ci's words (ci always names a chunk of the matrix: see lq_m1_load_tile).
+// Chunk ci's words (ci may run into the padding: lq_m1_padding).
 LQ_M1_FN void lq_m1_load_words(const struct lq_m1_args *a, int bits, uint32_t ci,
                                struct lq_m1_raw *r) {
     const uint32_t *p = a->codes + (uint64_t)ci * (uint32_t)bits;
@@ -286,13 +307,13 @@ LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int bits, int thread, uint
     if (thread < 16) zeros[thread] = 0u;
 }
 
-// What a lane keeps through the main loop. Rows past the matrix are read as its last row and
-// chunks past a row as the row's last chunk, so that every load is in bounds without a branch:
-// a chunk past the row meets x's zero padding (its products are 0), and a row past the matrix
-// is never written.
+// What a lane keeps through the main loop. Its loads run past the matrix and its rows into the
+// buffers' padding (lq_m1_padding): a chunk past the row meets x's zero padding (its products
+// are 0), and a row past the matrix is never written. Prefetches stay inside the matrix (the
+// clamped rows' first chunks, and last_chunk).
 struct lq_m1_lane {
     int t, real_first, real_second, row[2], kt_end;
-    uint32_t row_ci[2]; // the first chunk of the lane's (clamped) rows
+    uint32_t row_ci[2]; // the first chunk of the lane's rows, clamped into the matrix
     uint32_t last_chunk;
     uint32_t lane_address;   // the window address of the lane's column of the pair table
     uint32_t x_step[2];      // what the cursor's x addresses advance by per tile (0: zeros)
@@ -335,6 +356,7 @@ LQ_M1_FN void lq_m1_lane_init(const struct lq_m1_args *a, int bpc, int thread, i
 struct lq_m1_cursor {
     int kt;
     uint32_t chunk;
+    uint32_t ci; // row g's chunk there, counted from the matrix's first: (row0 + g)·cpr + chunk
     uint32_t x[2];
 };
 
@@ -343,13 +365,10 @@ struct lq_m1_cursor {
 LQ_M1_FN void lq_m1_load_tile(const struct lq_m1_args *a, int bits, int bpc, int share,
                               const struct lq_m1_lane *l, const struct lq_m1_cursor *c,
                               struct lq_m1_raw raw[2]) {
-    const uint32_t chunk = c->chunk < l->last_chunk ? c->chunk : l->last_chunk;
     uint32_t ci[2];
+    ci[0] = c->ci, ci[1] = c->ci + 8u * (uint32_t)a->chunks_per_row;
     LQ_M1_UNROLL
-    for (int h = 0; h < 2; h++) {
-        ci[h] = l->row_ci[h] + chunk;
-        lq_m1_load_words(a, bits, ci[h], &raw[h]);
-    }
+    for (int h = 0; h < 2; h++) lq_m1_load_words(a, bits, ci[h], &raw[h]);
     if (share) {
         lq_m1_load_scale(a, 1, (l->t & 1) ? ci[1] : ci[0], &raw[0]);
         return;
@@ -390,7 +409,7 @@ LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, int shar
                          const struct lq_m1_lane *l, struct lq_m1_cursor *c,
                          const struct lq_m1_raw cur[2], struct lq_m1_raw next[2], float acc[2]) {
     struct lq_m1_cursor n = *c;
-    n.kt++, n.chunk += LQ_M1_TILE_CHUNKS;
+    n.kt++, n.chunk += LQ_M1_TILE_CHUNKS, n.ci += LQ_M1_TILE_CHUNKS;
     n.x[0] += l->x_step[0], n.x[1] += l->x_step[1];
     // Two tiles of words in registers are too few to cover HBM's latency with 24 warps per
     // SM; a tile further ahead waits in L2 without taking registers. (kt and kt_end are the
@@ -457,7 +476,11 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     const int ktiles = (a->chunks_per_row + LQ_M1_TILE_CHUNKS - 1) / LQ_M1_TILE_CHUNKS;
     const int per_slice = (ktiles + ks_count - 1) / ks_count;
     const int kt_begin = ks * per_slice;
-    const int kt_end = kt_begin + per_slice < ktiles ? kt_begin + per_slice : ktiles;
+    // (a row group wholly past the matrix, in a last CTA of several, has no tiles: its rows
+    // would run past the buffers' padding)
+    const int kt_end = row0 >= a->rows                 ? kt_begin
+                       : kt_begin + per_slice < ktiles ? kt_begin + per_slice
+                                                       : ktiles;
 
     // The first tile's loads and the L1 values go out before the staging: HBM latency
     // overlaps it.
@@ -465,12 +488,15 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     lq_m1_lane_init(a, bpc, thread, row0, kt_end, pairs, &lane_state);
     struct lq_m1_cursor cursor;
     cursor.kt = kt_begin, cursor.chunk = (uint32_t)(kt_begin * LQ_M1_TILE_CHUNKS + t);
+    cursor.ci = (uint32_t)(row0 + g) * (uint32_t)a->chunks_per_row + cursor.chunk;
     cursor.x[0] =
         lane_state.real_first ? lq_m1_window(xs + cursor.chunk * 16) : lq_m1_window(zeros);
     cursor.x[1] =
         lane_state.real_second ? lq_m1_window(xs + cursor.chunk * 16 + 8) : lq_m1_window(zeros + 8);
     struct lq_m1_raw buffer_a[2], buffer_b[2];
-    lq_m1_load_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_a);
+    // (a warp with no tiles, where there are fewer than slices, loads nothing: its cursor may be
+    // far past the row)
+    if (kt_begin < kt_end) lq_m1_load_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_a);
     // So do the prefetches of the tiles the loop's never reach (1 .. prefetch_tiles − 1 after
     // the first) and of its first one's (prefetch_tiles after; asked for again there): with a
     // few tiles per warp (4 for a 4096-column layer) the staging, and a fused input's norm pass,

@@ -404,6 +404,7 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
                              const struct lq_cuda_linear_data *data, int bpc, bool *share_out) {
     const int b0 = w->q.config.b0;
     if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 || !data->pairs ||
+        (w->q.config.b2 != LQ_SCALE_FP32 && !data->group_scales_f32) ||
         lq_m1_shared_bytes(b0, w->cols / 32, cuda->reserved_shared) > LQ_M1_MAX_SHARED)
         return NULL;
     const bool share = lq_mma1_share_scales(w);
@@ -985,12 +986,22 @@ static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
                             q->rows, q->cols);
     if (w->rank < 0 || (w->rank > 0 && (!w->lora_A || !w->lora_B)))
         return lq_error_set(err, LQ_EINVAL, "rank %d without both low-rank factors", w->rank);
-    if ((rc = lq_upload(cuda, q->codes, lq_nf_codes_bytes(q), LQ_PACKED_PADDING,
-                        (void **)&data->codes, err)) ||
-        (rc = lq_upload(cuda, q->scale_codes, lq_nf_scale_codes_bytes(q), LQ_PACKED_PADDING,
+    // v6 reads past the buffers' ends into zeros (lq_m1_padding: 15 rows' worth, ~0.4% of a
+    // 4096-row layer); the other kernels need 16 bytes
+    const bool mma1 = q->config.b0 >= 2 && q->config.b0 <= LQ_M1_MAX_BITS && w->cols % 32 == 0 &&
+                      q->config.B0 >= 16;
+    uint64_t padding[3] = {LQ_PACKED_PADDING, LQ_PACKED_PADDING, LQ_PACKED_PADDING};
+    if (mma1)
+        lq_m1_padding(w->cols / 32, q->config.b0, q->config.b1, q->config.B0, q->config.B1,
+                      padding);
+    const bool wide_scales = mma1 && q->config.b2 != LQ_SCALE_FP32; // else v6 reads these
+    if ((rc = lq_upload(cuda, q->codes, lq_nf_codes_bytes(q), padding[0], (void **)&data->codes,
+                        err)) ||
+        (rc = lq_upload(cuda, q->scale_codes, lq_nf_scale_codes_bytes(q), padding[1],
                         (void **)&data->scale_codes, err)) ||
-        (rc = lq_upload(cuda, q->group_scales, lq_nf_group_scales_bytes(q), LQ_PACKED_PADDING,
-                        (void **)&data->group_scales, err)) ||
+        (rc = lq_upload(cuda, q->group_scales, lq_nf_group_scales_bytes(q),
+                        wide_scales ? LQ_PACKED_PADDING : padding[2], (void **)&data->group_scales,
+                        err)) ||
         (rc =
              lq_upload(cuda, lq_nf_code_table(q->config.b0),
                        ((size_t)1 << q->config.b0) * sizeof(float), 0, (void **)&data->table, err)))
@@ -1004,12 +1015,12 @@ static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
         rc = lq_upload(cuda, pairs, words * sizeof *pairs, 0, (void **)&data->pairs, err);
         free(pairs);
         if (rc) return rc;
-        if (q->config.b2 != LQ_SCALE_FP32) { // v6 reads fp32 group scales (exact widening)
+        if (wide_scales) { // v6 reads fp32 group scales (exact widening)
             const size_t groups = lq_nf_group_scales_bytes(q) / 2;
             float *wide = (float *)malloc(groups * sizeof *wide);
             if (!wide) return lq_error_set(err, LQ_ENOMEM, "out of memory");
             for (size_t g = 0; g < groups; g++) wide[g] = lq_nf_group_scale(q, g);
-            rc = lq_upload(cuda, wide, groups * sizeof *wide, LQ_PACKED_PADDING,
+            rc = lq_upload(cuda, wide, groups * sizeof *wide, padding[2],
                            (void **)&data->group_scales_f32, err);
             free(wide);
             if (rc) return rc;
