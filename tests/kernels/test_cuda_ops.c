@@ -714,7 +714,8 @@ static void restore_env(const struct saved_env *saved) {
 /* linear_fused: the op before (rmsnorm, swiglu) and the residual add taken into the one-token
  * kernel (v6), against the CPU's unfused ops (fp16's tolerance: v6) and against the GPU's
  * unfused ops (LQ_CUDA_FUSE=0: the same kernels fed a materialized input, so only the norm's
- * scale and the low-rank term's order of rounding differ); three layers of one input, or one
+ * scale and the low-rank term's order of rounding differ; 1e-4: a scale one ulp off flips the
+ * fp16 rounding of an x value now and then, ~1e-5 of y); three layers of one input, or one
  * layer accumulating; 1 and 2 tokens (2: apart inside the op), under v6 and v1 (apart), and a
  * group with a B0 = 8 layer that v6 cannot take (apart). Timed fused and apart. */
 static void fused_case(const struct lq_linear *host, struct lq_linear *dev, int count, int kind,
@@ -766,7 +767,7 @@ static void fused_case(const struct lq_linear *host, struct lq_linear *dev, int 
     }
     restore_env(&fuse);
     for (int i = 0; i < count; i++) {
-        CHECK_CLOSE(fused[i], apart[i], (size_t)n * host[i].rows, 1e-5,
+        CHECK_CLOSE(fused[i], apart[i], (size_t)n * host[i].rows, 1e-4,
                     "fused layer %d against apart, %s, %s, n %d", i, kinds[kind], variant, n);
         free(fused[i]), free(apart[i]), free(ref[i]), free(residual[i]);
     }
