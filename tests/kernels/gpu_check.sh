@@ -156,17 +156,22 @@ rows) # the whole-row one-token decode kernel (LQ_CUDA_DECODE=v5): against the C
     done ;;
 esac
 case "${1:-}" in
-pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, most important first: v6
-    # (tuned by its SASS), linear_group, linear_fused (rmsnorm, swiglu and the residual add in
-    # v6) and the attention kernels against the CPU, graphs and end to end, then the batch-1..64
-    # step under auto and v6 (which fuses at batch 1), with the layers of one input grouped and
-    # RoPE inside attention, v6 without the fusion (LQ_CUDA_FUSE=0), with none of them
-    # (LQ_CUDA_GROUP=0 LQ_CUDA_ROPE_FUSED=0 LQ_CUDA_FUSE=0), PDL off, the tile attention kernel,
-    # each layer alone, and v6 under ncu; steps past BUDGET (default 540 s) are skipped
+pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures the issue's
+    # batch-1 target needs first: v6 (tuned by its SASS) and linear_fused (rmsnorm, swiglu and
+    # the residual add inside v6) against the CPU, then the batch-1..64 step under auto and v6
+    # (which fuses at batch 1) and v6 without the fusion (LQ_CUDA_FUSE=0); then the rest against
+    # the CPU (linear_group, RoPE in attention, the attention kernels, graphs, end to end), the
+    # step with none of the grouping, RoPE fusion and fusion, PDL off, the tile attention
+    # kernel, each layer alone (and v6 with fatter CTAs), and v6 under ncu; steps past BUDGET
+    # (default 540 s) are skipped
     BUDGET=${BUDGET:-540}
     STEP_TIMEOUT=240 step cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
-    TAIL=45 STEP_TIMEOUT=120 step cuda_ops_group "$run/test_cuda_ops" linear_group --time
     TAIL=60 STEP_TIMEOUT=120 step cuda_ops_fused "$run/test_cuda_ops" linear_fused --time
+    TAIL=40 STEP_TIMEOUT=300 step decode_steps "$run/bench_cuda" --decode-variants 1 \
+        --decode-kernels auto,v6
+    LQ_CUDA_FUSE=0 TAIL=20 STEP_TIMEOUT=200 step decode_steps_no_fuse "$run/bench_cuda" \
+        --decode-variants 1 --decode-kernels v6
+    TAIL=45 STEP_TIMEOUT=120 step cuda_ops_group "$run/test_cuda_ops" linear_group --time
     TAIL=20 STEP_TIMEOUT=120 step cuda_ops_rope_attention "$run/test_cuda_ops" rope_attention \
         --time
     TAIL=30 STEP_TIMEOUT=120 step attention_times "$run/test_cuda_ops" attention --time
@@ -174,10 +179,8 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, most import
     STEP_TIMEOUT=120 step cuda_graph "$run/test_cuda_graph"
     LQ_CUDA_DECODE=v6 STEP_TIMEOUT=120 step cuda_graph_v6 "$run/test_cuda_graph"
     TAIL=8 STEP_TIMEOUT=240 step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
-    TAIL=40 STEP_TIMEOUT=300 step decode_steps "$run/bench_cuda" --decode-variants 1 \
-        --decode-kernels auto,v6
-    LQ_CUDA_FUSE=0 TAIL=20 STEP_TIMEOUT=200 step decode_steps_no_fuse "$run/bench_cuda" \
-        --decode-variants 1 --decode-kernels v6
+    LQ_CUDA_DECODE=v6 TAIL=8 STEP_TIMEOUT=240 step gpu_e2e_v6 python3 \
+        "$root/tests/kernels/test_gpu_e2e.py"
     LQ_CUDA_GROUP=0 LQ_CUDA_ROPE_FUSED=0 LQ_CUDA_FUSE=0 TAIL=40 STEP_TIMEOUT=300 \
         step decode_steps_apart \
         "$run/bench_cuda" --decode-variants 1 --decode-kernels auto,v6
