@@ -125,11 +125,12 @@ __device__ __forceinline__ static void lq_m1_prefetch_l2(const void *p) {
 
 #include "kernels/cuda/gemv_mma1_kernel.h"
 
-// 3 CTAs (24 warps) per SM: at most 85 registers a thread.
-#define LQ_M1_CTAS_PER_SM 3
-
-template <int BITS, int BPC, int SHARE>
-__global__ void __launch_bounds__(LQ_M1_THREADS, LQ_M1_CTAS_PER_SM)
+// CTAS CTAs per SM: 3 (24 warps, 80 registers a thread: the default) or 4 (32 warps, 64
+// registers: about 0.05 to 0.1 instructions per code more and a few bytes spilled outside
+// the loop, a third more warps to cover HBM's latency; LQ_CUDA_MMA1_CTAS=4 picks it, for the
+// GPU to decide between them).
+template <int BITS, int BPC, int SHARE, int CTAS>
+__global__ void __launch_bounds__(LQ_M1_THREADS, CTAS)
     lq_gemv_mma1_kernel(const __grid_constant__ lq_m1_args a) {
     lq_pdl_trigger(); // the next kernel waits for this one before it reads (pdl_cuda.cuh)
     static_assert(BITS >= 2 && BITS <= LQ_M1_MAX_BITS, "pair tables of 16 to 256 entries");

@@ -370,25 +370,30 @@ static int lq_env_int(const char *name, int otherwise) {
     return value && *value && !*end && v >= 0 && v <= 64 ? (int)v : otherwise;
 }
 
-template <int BITS, int BPC, int SHARE> static lq_m1_fn lq_mma1_kernel(void) {
+template <int BITS, int BPC, int SHARE, int CTAS> static lq_m1_fn lq_mma1_kernel(void) {
     static int state = -1; // under the op lock: 1 when it runs here (sm_80+, limit raised)
     if (state < 0) {
         cudaFuncAttributes attributes;
-        state = cudaFuncGetAttributes(&attributes, lq_gemv_mma1_kernel<BITS, BPC, SHARE>) ==
+        state = cudaFuncGetAttributes(&attributes, lq_gemv_mma1_kernel<BITS, BPC, SHARE, CTAS>) ==
                     cudaSuccess &&
                 attributes.binaryVersion >= 80 &&
-                cudaFuncSetAttribute(lq_gemv_mma1_kernel<BITS, BPC, SHARE>,
+                cudaFuncSetAttribute(lq_gemv_mma1_kernel<BITS, BPC, SHARE, CTAS>,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      LQ_M1_MAX_SHARED) == cudaSuccess;
         cudaGetLastError();
     }
-    return state ? lq_gemv_mma1_kernel<BITS, BPC, SHARE> : NULL;
+    return state ? lq_gemv_mma1_kernel<BITS, BPC, SHARE, CTAS> : NULL;
 }
 
-template <int BITS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share) {
-    return bpc == 2 ? lq_mma1_kernel<BITS, 2, 0>()
-           : share  ? lq_mma1_kernel<BITS, 1, 1>()
-                    : lq_mma1_kernel<BITS, 1, 0>();
+template <int BITS, int CTAS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share) {
+    return bpc == 2 ? lq_mma1_kernel<BITS, 2, 0, CTAS>()
+           : share  ? lq_mma1_kernel<BITS, 1, 1, CTAS>()
+                    : lq_mma1_kernel<BITS, 1, 0, CTAS>();
+}
+
+template <int BITS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share, int ctas) {
+    return ctas == 4 ? lq_mma1_kernel_for<BITS, 4>(bpc, share)
+                     : lq_mma1_kernel_for<BITS, 3>(bpc, share);
 }
 
 // Whether v6's lanes share block scales: where two chunks of a quad always share a block
@@ -401,17 +406,19 @@ static bool lq_mma1_share_scales(const struct lq_linear *w) {
 
 // v6's kernel, or NULL where it cannot run (b0 = 8, B0 = 8, x too wide, an older GPU).
 static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear *w,
-                             const struct lq_cuda_linear_data *data, int bpc, bool *share_out) {
+                             const struct lq_cuda_linear_data *data, int bpc, bool *share_out,
+                             int *ctas_out) {
     const int b0 = w->q.config.b0;
     if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 || !data->pairs ||
         (w->q.config.b2 != LQ_SCALE_FP32 && !data->group_scales_f32) ||
         lq_m1_shared_bytes(b0, w->cols / 32, cuda->reserved_shared) > LQ_M1_MAX_SHARED)
         return NULL;
     const bool share = lq_mma1_share_scales(w);
-    *share_out = share;
-    return b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share)
-           : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share)
-                     : lq_mma1_kernel_for<4>(bpc, share);
+    const int ctas = lq_env_int("LQ_CUDA_MMA1_CTAS", 3) == 4 ? 4 : 3;
+    *share_out = share, *ctas_out = ctas;
+    return b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share, ctas)
+           : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share, ctas)
+                     : lq_mma1_kernel_for<4>(bpc, share, ctas);
 }
 
 // v6's launch: CTAs of 2^rg_log row groups of 16 rows, the fewest per CTA that still make the
@@ -421,8 +428,9 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
 // chunks of a quad always share a block (LQ_CUDA_MMA1_SHARE_SCALES=0: each rebuilds its own).
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
                                   const struct lq_cuda_linear_data *data, lq_m1_fn kernel,
-                                  bool share, bool overlap, const struct lq_linear_input &input,
-                                  bool accumulate, const lq_decode_args &d) {
+                                  bool share, int ctas, bool overlap,
+                                  const struct lq_linear_input &input, bool accumulate,
+                                  const lq_decode_args &d) {
     const lq_packed &q = d.q;
     lq_m1_args a;
     memset(&a, 0, sizeof a);
@@ -438,7 +446,7 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     const size_t smem = lq_m1_shared_bytes(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);
     a.table_offset = lq_m1_table_offset(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);
     long per_sm = (long)(227 * 1024 / (smem + cuda->reserved_shared));
-    if (per_sm > LQ_M1_CTAS_PER_SM) per_sm = LQ_M1_CTAS_PER_SM;
+    if (per_sm > ctas) per_sm = ctas; // the kernel's register budget allows no more
     const long slots = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) * (per_sm > 0 ? per_sm : 1);
     const long groups = (w->rows + 15) / 16;
     a.rg_log = 0;
@@ -574,6 +582,7 @@ struct lq_decode_plan {
     lq_decode_fn rows_fn;
     lq_m1_fn mma1_kernel;
     bool mma1_share; // its lanes share block scales (the kernel's template argument)
+    int mma1_ctas;   // CTAs per SM its registers allow (the kernel's template argument)
     // A fused input and the residual add (lq_cuda_linear_fused: v6 plans only; else plain,
     // with input.x = a.x)
     struct lq_linear_input input;
@@ -600,7 +609,8 @@ static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
     p->rows_fn = variant == 5 || variant == 52 || variant == 54
                      ? lq_rows_pick(cuda, w, p->bpc, variant, &p->rows_per_warp)
                      : NULL;
-    p->mma1_kernel = variant == 6 ? lq_mma1_pick(cuda, w, data, p->bpc, &p->mma1_share) : NULL;
+    p->mma1_kernel =
+        variant == 6 ? lq_mma1_pick(cuda, w, data, p->bpc, &p->mma1_share, &p->mma1_ctas) : NULL;
     if (variant == 6 && !p->mma1_kernel) variant = 1;
     p->variant = variant;
     p->split_projection = p->rows_fn != NULL || p->mma1_kernel != NULL;
@@ -670,8 +680,8 @@ static int lq_decode_main(struct lq_cuda *cuda, const struct lq_decode_plan *p) 
         return LQ_OK;
     }
     if (p->mma1_kernel) {
-        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data, p->mma1_kernel, p->mma1_share, overlap,
-                                   p->input, p->accumulate, a),
+        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data, p->mma1_kernel, p->mma1_share, p->mma1_ctas,
+                                   overlap, p->input, p->accumulate, a),
                     "lq_gemv_mma1_kernel");
         return LQ_OK;
     }

@@ -171,6 +171,8 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
         --decode-kernels auto,v6
     LQ_CUDA_FUSE=0 TAIL=20 STEP_TIMEOUT=200 step decode_steps_no_fuse "$run/bench_cuda" \
         --decode-variants 1 --decode-kernels v6
+    LQ_CUDA_MMA1_CTAS=4 TAIL=20 STEP_TIMEOUT=200 step decode_steps_ctas4 "$run/bench_cuda" \
+        --decode-variants 1 --decode-kernels v6
     TAIL=45 STEP_TIMEOUT=120 step cuda_ops_group "$run/test_cuda_ops" linear_group --time
     TAIL=20 STEP_TIMEOUT=120 step cuda_ops_rope_attention "$run/test_cuda_ops" rope_attention \
         --time
@@ -189,6 +191,8 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
     LQ_CUDA_ATTENTION_DECODE=0 TAIL=8 STEP_TIMEOUT=120 step decode_attention_tile \
         "$run/bench_cuda" --decode-variants 1
     TAIL=30 STEP_TIMEOUT=120 step bench_gemv "$run/bench_cuda" --linear-only auto,v1,v5,v6
+    LQ_CUDA_MMA1_CTAS=4 TAIL=12 STEP_TIMEOUT=60 step bench_gemv_v6_ctas4 "$run/bench_cuda" \
+        --linear-only v6 # 4 CTAs per SM at 64 registers
     for g in 2 4; do # v6 with fatter CTAs (fewer stagings of x; default: the fewest for a wave)
         LQ_CUDA_MMA1_ROW_GROUPS=$g TAIL=12 STEP_TIMEOUT=60 step "bench_gemv_v6_rows$g" \
             "$run/bench_cuda" --linear-only v6
