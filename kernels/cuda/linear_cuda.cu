@@ -440,7 +440,7 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     a.pairs = data->pairs, a.x = d.x, a.lora_B = d.lora_B, a.t = d.t, a.y = d.y;
     a.rows = q.rows, a.cols = q.cols, a.b1 = q.b1, a.rank = d.rank;
     a.t_slices = d.t_slices;
-    a.offset = q.offset, a.levels = q.levels, a.inv_levels = q.inv_levels;
+    a.offset = q.offset, a.inv_levels = q.inv_levels;
     a.chunk_block = q.chunk_block, a.group = q.group;
     a.chunks_per_row = d.chunks_per_row;
     const size_t smem = lq_m1_shared_bytes(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);

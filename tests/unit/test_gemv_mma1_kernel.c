@@ -312,8 +312,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     a.rows = rows, a.cols = cols, a.b1 = c.b1, a.rank = rank;
     a.t_slices = slices;
     a.offset = q.scale_offset;
-    a.levels = (float)((1u << c.b1) - 1u);
-    a.inv_levels = 1.0f / a.levels;
+    a.inv_levels = 1.0f / (float)((1u << c.b1) - 1u);
     a.chunk_block = lq_make_divisor(c.B0 % 32 == 0 ? (uint32_t)c.B0 / 32 : 1u);
     a.group = lq_make_divisor((uint32_t)c.B1);
     a.chunks_per_row = cols / 32;
