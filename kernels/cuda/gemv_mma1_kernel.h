@@ -90,9 +90,9 @@
 #define LQ_M1_INPUT_SWIGLU 2
 
 struct lq_m1_args {
-    const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + 16 bytes of padding
-    const float *group_scales; // in fp32 whatever b2 is: the host widens bf16 and fp16 ones
-                               // (exactly) on upload, so that the loop has no branch on b2
+    const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + lq_m1_padding's zeros
+    const float *group_scales; // in fp32 whatever b2 is (the host widens bf16 and fp16 ones
+                               // exactly on upload: no branch on b2 in the loop), + padding
     const uint32_t *pairs;     // lq_m1_build_pairs's table, 16-byte aligned
     const float *x;            // the token, cols values, 16-byte aligned
     const float *lora_B;       // L1 [rows][rank]
