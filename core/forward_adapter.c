@@ -194,9 +194,9 @@ int lq_forward_fuses(const struct lq_runtime *r, const struct lq_row_run *runs, 
 int lq_forward_linears_fused(const struct lq_runtime *r, int layer,
                              const enum lq_linear_kind *kinds, int count,
                              const struct lq_linear_input *in, int n, float *const *y,
-                             int accumulate) {
+                             enum lq_linear_output output) {
     if (count < 1 || count > LQ_LINEARS_PER_LAYER) return LQ_EINVAL;
     const struct lq_linear *w[LQ_LINEARS_PER_LAYER];
     for (int i = 0; i < count; i++) w[i] = &r->model->layers[layer].linear[kinds[i]];
-    return r->backend->ops->linear_fused(r->backend, w, count, in, n, y, accumulate);
+    return r->backend->ops->linear_fused(r->backend, w, count, in, n, y, output);
 }

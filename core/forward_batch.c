@@ -144,7 +144,8 @@ static int add_norm(struct lq_batch *batch, const float *y, const float *weight,
  * batch->x, batch->x updated in place, and batch->h left holding `next_norm` of it (the next
  * block's input norm, or the final norm). Fused (lq_forward_fuses): from batch->x alone, the
  * norms taken inside the linears that read them, the residual adds inside the linears that
- * write them, SwiGLU inside down's: batch->x updated in place, batch->h untouched. */
+ * write them, SwiGLU inside up's (into gate): batch->x updated in place, batch->h
+ * untouched. */
 static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int l, int n,
                        const struct step_args *args, const float *next_norm, int fused) {
     const struct lq_runtime *r = batch->runtime;
@@ -158,17 +159,17 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
     static const enum lq_linear_kind gate_up[] = {LQ_GATE_PROJ, LQ_UP_PROJ};
     float *const qkv_out[] = {batch->q, batch->k, batch->v};
     float *const gate_up_out[] = {batch->gate, batch->up};
-#define FUSED(kinds, count, input, y, accumulate)                                                  \
-    lq_forward_linears_fused(r, l, kinds, count, input, n, y, accumulate)
+#define FUSED(kinds, count, input, y, output)                                                      \
+    lq_forward_linears_fused(r, l, kinds, count, input, n, y, output)
     static const enum lq_linear_kind o_proj[] = {LQ_O_PROJ}, down_proj[] = {LQ_DOWN_PROJ};
     float *const residual[] = {batch->x};
     const struct lq_linear_input attn_in = {LQ_INPUT_RMSNORM, batch->x, r->attn_norm[l],
-                                            c->norm_eps, NULL};
-    const struct lq_linear_input o_in = {LQ_INPUT_PLAIN, batch->attn, NULL, 0.0f, NULL};
-    const struct lq_linear_input ffn_in = {LQ_INPUT_RMSNORM, batch->x, r->ffn_norm[l], c->norm_eps,
-                                           NULL};
-    const struct lq_linear_input down_in = {LQ_INPUT_SWIGLU, batch->gate, NULL, 0.0f, batch->up};
-    int rc = fused ? FUSED(qkv, 3, &attn_in, qkv_out, 0) : LINEARS(qkv, 3, batch->h, qkv_out);
+                                            c->norm_eps};
+    const struct lq_linear_input o_in = {LQ_INPUT_PLAIN, batch->attn, NULL, 0.0f};
+    const struct lq_linear_input ffn_in = {LQ_INPUT_RMSNORM, batch->x, r->ffn_norm[l], c->norm_eps};
+    const struct lq_linear_input down_in = {LQ_INPUT_PLAIN, batch->gate, NULL, 0.0f};
+    int rc = fused ? FUSED(qkv, 3, &attn_in, qkv_out, LQ_OUTPUT_WRITE)
+                   : LINEARS(qkv, 3, batch->h, qkv_out);
     if (rc) return rc;
 #define ROPE(x, heads)                                                                             \
     (args->device ? ops->rope_device(b, x, n, heads, c->head_dim, args->positions, c->rope_theta)  \
@@ -205,9 +206,9 @@ static int batch_block(struct lq_batch *batch, struct lq_session **sessions, int
     }
     if (rc) return rc;
     if (fused) {
-        if ((rc = FUSED(o_proj, 1, &o_in, residual, 1)) ||
-            (rc = FUSED(gate_up, 2, &ffn_in, gate_up_out, 0)) ||
-            (rc = FUSED(down_proj, 1, &down_in, residual, 1)))
+        if ((rc = FUSED(o_proj, 1, &o_in, residual, LQ_OUTPUT_ADD)) ||
+            (rc = FUSED(gate_up, 2, &ffn_in, gate_up_out, LQ_OUTPUT_SWIGLU)) ||
+            (rc = FUSED(down_proj, 1, &down_in, residual, LQ_OUTPUT_ADD)))
             return rc;
         return LQ_OK;
     }

@@ -64,7 +64,7 @@ int lq_forward_fuses(const struct lq_runtime *runtime, const struct lq_row_run *
 int lq_forward_linears_fused(const struct lq_runtime *runtime, int layer,
                              const enum lq_linear_kind *kinds, int count,
                              const struct lq_linear_input *in, int n, float *const *y,
-                             int accumulate);
+                             enum lq_linear_output output);
 
 /* logits[n, vocab] = h[n, dim] · lm_headᵀ, by the backend's own head when it keeps one. */
 static inline int lq_runtime_logits(const struct lq_runtime *runtime, const float *h, int n,

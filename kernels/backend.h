@@ -20,16 +20,20 @@ struct lq_backend_memory;
 struct lq_adamw_params; /* the training ops' AdamW settings, below */
 struct lq_sample_row;   /* one row of the sample op, below */
 
-/* What linear_fused multiplies: x itself, rmsnorm(x, weight, eps) (each token's row of dim =
- * the layers' cols), or silu(x)·up (swiglu's). */
-enum lq_linear_input_kind { LQ_INPUT_PLAIN = 0, LQ_INPUT_RMSNORM = 1, LQ_INPUT_SWIGLU = 2 };
+/* What linear_fused multiplies: x itself, or rmsnorm(x, weight, eps) (each token's row of dim
+ * = the layers' cols). */
+enum lq_linear_input_kind { LQ_INPUT_PLAIN = 0, LQ_INPUT_RMSNORM = 1 };
 struct lq_linear_input {
     enum lq_linear_input_kind kind;
     const float *x;      /* [n][cols] */
     const float *weight; /* LQ_INPUT_RMSNORM: [cols] */
     float eps;           /* LQ_INPUT_RMSNORM */
-    const float *up;     /* LQ_INPUT_SWIGLU: [n][cols] */
 };
+
+/* What linear_fused does with W·f(in): writes it to y, adds it to y (the residual add, as add()
+ * does it), or, for a group of two (gate and up), writes silu(W_0·f(in))·(W_1·f(in)) to y[0]
+ * (as swiglu leaves its gate; y[1] is scratch, its contents undefined). */
+enum lq_linear_output { LQ_OUTPUT_WRITE = 0, LQ_OUTPUT_ADD = 1, LQ_OUTPUT_SWIGLU = 2 };
 
 struct lq_backend_ops {
     const char *name;
@@ -288,13 +292,13 @@ struct lq_backend_ops {
     int (*fuses_linears)(struct lq_backend *backend, int n);
 
     /* y[i] = W_i · f(in) for i < count, f(in) what in->kind names (struct lq_linear_input),
-     * or with accumulate (count == 1) y[0] += W_0 · f(in), the add as add() does it. Equal to
-     * the unfused ops within their precision: not bit for bit (an rmsnorm's sum of squares may
-     * be taken in another order; the low-rank part may take the norm's scale after its sum).
-     * No y[i] overlaps in->x, in->up or another y[j]. With LQ_INPUT_SWIGLU, in->x may be left
-     * holding silu(x)·up, as swiglu leaves it. */
+     * written, added (count == 1) or put through SwiGLU (count == 2) as `output` says (enum
+     * lq_linear_output). Equal to the unfused ops within their precision: not bit for bit (an
+     * rmsnorm's sum of squares may be taken in another order; the low-rank part may take the
+     * norm's scale after its sum). No y[i] overlaps in->x or another y[j]. */
     int (*linear_fused)(struct lq_backend *backend, const struct lq_linear *const *w, int count,
-                        const struct lq_linear_input *in, int n, float *const *y, int accumulate);
+                        const struct lq_linear_input *in, int n, float *const *y,
+                        enum lq_linear_output output);
 };
 
 /* graph_begin's answers. */

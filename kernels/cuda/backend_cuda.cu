@@ -370,8 +370,8 @@ static int op_fuses_linears(struct lq_backend *backend, int n) {
 
 static int op_linear_fused(struct lq_backend *backend, const struct lq_linear *const *w, int count,
                            const struct lq_linear_input *in, int n, float *const *y,
-                           int accumulate) {
-    LOCKED(lq_cuda_linear_fused(backend, w, count, in, n, y, accumulate));
+                           enum lq_linear_output output) {
+    LOCKED(lq_cuda_linear_fused(backend, w, count, in, n, y, output));
 }
 
 static int op_rope_attention_batch_device(struct lq_backend *backend, float *q, float *k_new,

@@ -212,12 +212,13 @@ int lq_cuda_linear(struct lq_backend *backend, const struct lq_linear *w, const 
 #define LQ_CUDA_GROUP_MAX 4
 int lq_cuda_linear_group(struct lq_backend *backend, const struct lq_linear *const *w, int count,
                          const float *x, int n, float *const *y);
-// linear_fused and fuses_linears (kernels/backend.h): the input's op and the residual add in
-// the one-token tensor-core kernel (v6, gemv_mma1_kernel.h) where every layer takes it, at one
-// token with LQ_CUDA_DECODE=v6 (LQ_CUDA_FUSE=0: never); otherwise the unfused ops.
+// linear_fused and fuses_linears (kernels/backend.h): the input's norm, the residual add and
+// SwiGLU in the one-token tensor-core kernel (v6, gemv_mma1_kernel.h) where every layer takes
+// it, at one token with LQ_CUDA_DECODE=v6 (LQ_CUDA_FUSE=0: never); otherwise the unfused ops.
 int lq_cuda_fuses_linears(struct lq_backend *backend, int n);
 int lq_cuda_linear_fused(struct lq_backend *backend, const struct lq_linear *const *w, int count,
-                         const struct lq_linear_input *in, int n, float *const *y, int accumulate);
+                         const struct lq_linear_input *in, int n, float *const *y,
+                         enum lq_linear_output output);
 int lq_cuda_matmul(struct lq_backend *backend, const float *w, int rows, int cols, const float *x,
                    int n, float *y);
 

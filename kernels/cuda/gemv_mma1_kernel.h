@@ -61,14 +61,16 @@
 //   double lq_m1_shfl_xor_f64(double v, int offset);
 //   float lq_m1_silu_times(float gate, float up);   (the backend's swiglu of one value)
 //
-// Fused inputs (kernels/backend.h linear_fused): x may be the op before's input instead of
-// its output, and the kernel takes that op's work into its staging of x, which reads all of x
-// anyway: rmsnorm(x, weight) (a pass for the sum of squares, then x·s·w as the rmsnorm op
-// computes it) or silu(x)·up; the projection kernel then took t from w·x (it cannot know s,
-// which needs all of x), so t is scaled by s here. With accumulate, y += the result (the
-// residual add; each row is read and written by one thread). Why: at one token each of those
-// ops was a launch of its own that every kernel after it waited for, a few microseconds of a
-// layer's ~30 without doing anything the decode kernels could not do on the way.
+// Fused ops (kernels/backend.h linear_fused). x may be rmsnorm's input instead of its output:
+// the kernel takes the norm into its staging of x, which reads all of x anyway (a pass for the
+// sum of squares, then x·s·w as the rmsnorm op computes it); the projection kernel took t from
+// w·x (it cannot know s, which needs all of x), so t is scaled by s here. The result may be
+// added to y (the residual add) or, for up's kernel after gate's, put through SwiGLU with the
+// gate value y holds (y = silu(y)·result, as the swiglu op leaves its gate); each row is read
+// and written by one thread, the gate's after this grid has waited for gate's (the kernel
+// before it). Why: at one token each of those ops was a launch of its own that every kernel
+// after it waited for, a few microseconds of a layer's ~30 without doing anything the decode
+// kernels could not do on the way.
 #ifndef LQ_GEMV_MMA1_KERNEL_H
 #define LQ_GEMV_MMA1_KERNEL_H
 
@@ -84,10 +86,14 @@
 #define LQ_M1_RANK_REGS 2   // L1 values per row loaded before the main loop
 #define LQ_M1_MAX_BITS 4
 
-// What x holds (kernels/backend.h's enum lq_linear_input_kind, repeated likewise).
+// What x holds and what becomes of the result (kernels/backend.h's enum lq_linear_input_kind
+// and enum lq_linear_output, repeated so that this file needs no project header;
+// linear_cuda.cu checks that they agree).
 #define LQ_M1_INPUT_PLAIN 0
 #define LQ_M1_INPUT_RMSNORM 1
-#define LQ_M1_INPUT_SWIGLU 2
+#define LQ_M1_OUTPUT_WRITE 0
+#define LQ_M1_OUTPUT_ADD 1
+#define LQ_M1_OUTPUT_SWIGLU 2
 
 struct lq_m1_args {
     const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + lq_m1_padding's zeros
@@ -108,11 +114,10 @@ struct lq_m1_args {
     int share_scales;      // bpc = 1, B0 % 64 == 0 and cols % B0 == 0: see lq_m1_tile_scales (the
                            // GPU takes it as a template argument: lq_m1_body's share)
     uint32_t table_offset; // lq_m1_table_offset(bits, chunks_per_row, window base)
-    int input;             // LQ_M1_INPUT_*: the token is x, rmsnorm(x), or silu(x)·up
+    int input;             // LQ_M1_INPUT_*: the token is x, or rmsnorm(x)
     const float *norm_weight; // LQ_M1_INPUT_RMSNORM: [cols], 16-byte aligned
     float eps;                // LQ_M1_INPUT_RMSNORM
-    const float *up;          // LQ_M1_INPUT_SWIGLU: [cols], 16-byte aligned
-    int accumulate;           // y += the result instead of y = it
+    int output;               // LQ_M1_OUTPUT_*: y = result, y += result, y = silu(y)·result
 };
 
 // Shared memory, in this order: x in fp16 (16 words per chunk, for every chunk of the padded
@@ -268,16 +273,13 @@ LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread, double *
 }
 
 // The token's values at columns 4i .. 4i + 3 (i < cols / 4), as the unfused op would have
-// written them: x, (x·s)·w (two roundings, as rmsnorm), or silu(x)·up.
+// written them: x, or (x·s)·w (two roundings, as rmsnorm).
 LQ_M1_FN void lq_m1_input_quad(const struct lq_m1_args *a, int i, float scale, float v[4]) {
     lq_m1_ldg_f32x4(a->x + 4 * i, v);
-    float second[4];
     if (a->input == LQ_M1_INPUT_RMSNORM) {
-        lq_m1_ldg_f32x4(a->norm_weight + 4 * i, second);
-        for (int j = 0; j < 4; j++) v[j] = lq_m1_fmul(lq_m1_fmul(v[j], scale), second[j]);
-    } else if (a->input == LQ_M1_INPUT_SWIGLU) {
-        lq_m1_ldg_f32x4(a->up + 4 * i, second);
-        for (int j = 0; j < 4; j++) v[j] = lq_m1_silu_times(v[j], second[j]);
+        float w[4];
+        lq_m1_ldg_f32x4(a->norm_weight + 4 * i, w);
+        for (int j = 0; j < 4; j++) v[j] = lq_m1_fmul(lq_m1_fmul(v[j], scale), w[j]);
     }
 }
 
@@ -527,8 +529,9 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
 
     // The low-rank term: every thread waits for the projection kernel (so that none is still
     // writing t when this grid ends), then adds its share. A normed input's t is w·x's: s here.
+    // SwiGLU's gate values are read after the wait too (the kernel before wrote them).
+    if (a->rank > 0 || a->output == LQ_M1_OUTPUT_SWIGLU) lq_m1_wait_prerequisite();
     if (a->rank > 0) {
-        lq_m1_wait_prerequisite();
         const float t_scale = a->input == LQ_M1_INPUT_RMSNORM ? *norm_scale : 1.0f;
         LQ_M1_UNROLL
         for (int m = 0; m < LQ_M1_RANK_REGS; m++) {
@@ -564,7 +567,9 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
             const float *slices = sums + in_cta * ks_count * 16 + r;
             float total = slices[0];
             for (int s = 1; s < ks_count; s++) total = lq_m1_fadd(total, slices[s * 16]);
-            a->y[out] = a->accumulate ? lq_m1_fadd(a->y[out], total) : total;
+            a->y[out] = a->output == LQ_M1_OUTPUT_ADD      ? lq_m1_fadd(a->y[out], total)
+                        : a->output == LQ_M1_OUTPUT_SWIGLU ? lq_m1_silu_times(a->y[out], total)
+                                                           : total;
         }
     }
 }

@@ -359,8 +359,9 @@ static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_li
 // v6 (gemv_mma1_cuda.cuh): its shared memory takes the pair table and x in fp16, up to this.
 #define LQ_M1_MAX_SHARED (100 * 1024)
 static_assert(LQ_M1_INPUT_PLAIN == LQ_INPUT_PLAIN && LQ_M1_INPUT_RMSNORM == LQ_INPUT_RMSNORM &&
-                  LQ_M1_INPUT_SWIGLU == LQ_INPUT_SWIGLU,
-              "gemv_mma1_kernel.h repeats kernels/backend.h's input kinds");
+                  LQ_M1_OUTPUT_WRITE == LQ_OUTPUT_WRITE && LQ_M1_OUTPUT_ADD == LQ_OUTPUT_ADD &&
+                  LQ_M1_OUTPUT_SWIGLU == LQ_OUTPUT_SWIGLU,
+              "gemv_mma1_kernel.h repeats kernels/backend.h's input and output kinds");
 
 // An integer from the environment (read on every call, for benchmarks), or `otherwise`.
 static int lq_env_int(const char *name, int otherwise) {
@@ -429,7 +430,7 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
                                   const struct lq_cuda_linear_data *data, lq_m1_fn kernel,
                                   bool share, int ctas, bool overlap,
-                                  const struct lq_linear_input &input, bool accumulate,
+                                  const struct lq_linear_input &input, enum lq_linear_output output,
                                   const lq_decode_args &d) {
     const lq_packed &q = d.q;
     lq_m1_args a;
@@ -456,8 +457,8 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
         a.rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
     a.prefetch_tiles = lq_env_int("LQ_CUDA_MMA1_PREFETCH", 2);
     a.share_scales = share; // as lq_mma1_pick chose the kernel
-    a.input = input.kind, a.norm_weight = input.weight, a.eps = input.eps, a.up = input.up;
-    a.accumulate = accumulate;
+    a.input = input.kind, a.norm_weight = input.weight, a.eps = input.eps;
+    a.output = output;
     return lq_launch_pdl(overlap, kernel,
                          dim3((unsigned)((groups + (1L << a.rg_log) - 1) >> a.rg_log)),
                          dim3(LQ_M1_THREADS), smem, cuda->stream, a);
@@ -583,10 +584,10 @@ struct lq_decode_plan {
     lq_m1_fn mma1_kernel;
     bool mma1_share; // its lanes share block scales (the kernel's template argument)
     int mma1_ctas;   // CTAs per SM its registers allow (the kernel's template argument)
-    // A fused input and the residual add (lq_cuda_linear_fused: v6 plans only; else plain,
+    // A fused input and output (lq_cuda_linear_fused: v6 plans only; else plain and written,
     // with input.x = a.x)
     struct lq_linear_input input;
-    bool accumulate;
+    enum lq_linear_output output;
     bool split_projection, gemv, overlap;
     lq_decode_grid grid;
     lq_decode_args a;      // a.t and a.partials are the caller's workspaces
@@ -652,7 +653,7 @@ static int lq_decode_project(struct lq_cuda *cuda, const struct lq_decode_plan *
         g.first[at + 1] = g.first[at] + p->w->rank;
         // one input per group (lq_cuda_linear_fused): only the split kernel takes a fused one
         g.input = p->input.kind;
-        g.second = p->input.kind == LQ_INPUT_RMSNORM ? p->input.weight : p->input.up;
+        g.second = p->input.weight;
     }
     if (whole.count && whole.input != LQ_INPUT_PLAIN) return LQ_EINVAL;
     if (split.count)
@@ -681,7 +682,7 @@ static int lq_decode_main(struct lq_cuda *cuda, const struct lq_decode_plan *p) 
     }
     if (p->mma1_kernel) {
         LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data, p->mma1_kernel, p->mma1_share, p->mma1_ctas,
-                                   overlap, p->input, p->accumulate, a),
+                                   overlap, p->input, p->output, a),
                     "lq_gemv_mma1_kernel");
         return LQ_OK;
     }
@@ -881,12 +882,12 @@ int lq_cuda_fuses_linears(struct lq_backend *backend, int n) {
            lq_env_int("LQ_CUDA_FUSE", 1) != 0;
 }
 
-// linear_fused where its kernels cannot take the input or the add: the unfused ops, the input
-// in a workspace of its own (rmsnorm; swiglu in place, as the unfused pass does it), the
-// accumulated result in another, then add.
+// linear_fused where its kernels cannot take the norm or the output: the unfused ops, the
+// normed input in a workspace of its own, the result to add in another (then add), or SwiGLU
+// on the two results (as the unfused pass runs it).
 static int lq_linear_fused_apart(struct lq_backend *backend, const struct lq_linear *const *w,
                                  int count, const struct lq_linear_input *in, int n,
-                                 float *const *y, int accumulate) {
+                                 float *const *y, enum lq_linear_output output) {
     struct lq_cuda *cuda = lq_cuda_of(backend);
     const int cols = w[0]->cols;
     const float *x = in->x;
@@ -898,11 +899,12 @@ static int lq_linear_fused_apart(struct lq_backend *backend, const struct lq_lin
             (rc = lq_cuda_rmsnorm(backend, in->x, in->weight, n, cols, in->eps, (float *)normed)))
             return rc;
         x = (const float *)normed;
-    } else if (in->kind == LQ_INPUT_SWIGLU &&
-               (rc = lq_cuda_swiglu(backend, (float *)in->x, in->up, (size_t)n * cols))) {
-        return rc;
     }
-    if (!accumulate) return lq_cuda_linear_group(backend, w, count, x, n, y);
+    if (output == LQ_OUTPUT_WRITE) return lq_cuda_linear_group(backend, w, count, x, n, y);
+    if (output == LQ_OUTPUT_SWIGLU)
+        return (rc = lq_cuda_linear_group(backend, w, count, x, n, y))
+                   ? rc
+                   : lq_cuda_swiglu(backend, y[0], y[1], (size_t)n * w[0]->rows);
     void *out = NULL;
     if ((rc = lq_cuda_slot(cuda, LQ_CUDA_FUSED_OUTPUT, (size_t)n * w[0]->rows * sizeof(float),
                            &out)) ||
@@ -912,13 +914,15 @@ static int lq_linear_fused_apart(struct lq_backend *backend, const struct lq_lin
 }
 
 int lq_cuda_linear_fused(struct lq_backend *backend, const struct lq_linear *const *w, int count,
-                         const struct lq_linear_input *in, int n, float *const *y, int accumulate) {
+                         const struct lq_linear_input *in, int n, float *const *y,
+                         enum lq_linear_output output) {
     struct lq_cuda *cuda = lq_cuda_of(backend);
     if (count < 1 || count > LQ_CUDA_GROUP_MAX || n < 0 || !in || !in->x ||
-        (accumulate && count != 1) ||
-        (in->kind != LQ_INPUT_PLAIN && in->kind != LQ_INPUT_RMSNORM &&
-         in->kind != LQ_INPUT_SWIGLU) ||
-        (in->kind == LQ_INPUT_RMSNORM && !in->weight) || (in->kind == LQ_INPUT_SWIGLU && !in->up))
+        (in->kind != LQ_INPUT_PLAIN && in->kind != LQ_INPUT_RMSNORM) ||
+        (in->kind == LQ_INPUT_RMSNORM && !in->weight) ||
+        (output != LQ_OUTPUT_WRITE && output != LQ_OUTPUT_ADD && output != LQ_OUTPUT_SWIGLU) ||
+        (output == LQ_OUTPUT_ADD && count != 1) ||
+        (output == LQ_OUTPUT_SWIGLU && (count != 2 || w[0]->rows != w[1]->rows || y[0] == y[1])))
         return LQ_EINVAL;
     for (int i = 0; i < count; i++)
         if (!w[i]->backend_data || w[i]->cols != w[0]->cols) return LQ_EINVAL;
@@ -926,22 +930,26 @@ int lq_cuda_linear_fused(struct lq_backend *backend, const struct lq_linear *con
     // In the kernels only where every layer takes v6 at one token, and its inputs are aligned
     // as its float4 loads need; LQ_CUDA_FUSE=0 runs the ops apart (for benchmarks).
     bool fused = lq_cuda_fuses_linears(backend, n) && ((uintptr_t)in->x & 15u) == 0 &&
-                 (in->kind != LQ_INPUT_RMSNORM || ((uintptr_t)in->weight & 15u) == 0) &&
-                 (in->kind != LQ_INPUT_SWIGLU || ((uintptr_t)in->up & 15u) == 0);
+                 (in->kind != LQ_INPUT_RMSNORM || ((uintptr_t)in->weight & 15u) == 0);
     struct lq_decode_plan plans[LQ_CUDA_GROUP_MAX];
     for (int i = 0; i < count && fused; i++) {
         struct lq_cuda_linear_data *data = (struct lq_cuda_linear_data *)w[i]->backend_data;
-        fused = w[i]->is_lq && y[i] != in->x && y[i] != in->up;
+        fused = w[i]->is_lq && y[i] != in->x;
         for (int j = 0; j < i && fused; j++) fused = y[j] != y[i];
         if (!fused) break;
+        // SwiGLU: up's kernel (after gate's) writes silu(gate)·up over gate's result in y[0]
+        const bool up_of_swiglu = output == LQ_OUTPUT_SWIGLU && i == 1;
         struct lq_prefetch prefetch;
         lq_cuda_prefetch_plan(cuda, data, &prefetch);
-        lq_decode_plan_for(cuda, w[i], data, in->x, n, y[i], &prefetch, &plans[i]);
+        lq_decode_plan_for(cuda, w[i], data, in->x, n, up_of_swiglu ? y[0] : y[i], &prefetch,
+                           &plans[i]);
         fused = plans[i].mma1_kernel != NULL;
         plans[i].input = *in;
-        plans[i].accumulate = accumulate != 0;
+        plans[i].output = output == LQ_OUTPUT_SWIGLU
+                              ? (up_of_swiglu ? LQ_OUTPUT_SWIGLU : LQ_OUTPUT_WRITE)
+                              : output;
     }
-    if (!fused) return lq_linear_fused_apart(backend, w, count, in, n, y, accumulate);
+    if (!fused) return lq_linear_fused_apart(backend, w, count, in, n, y, output);
     return lq_decode_layers(cuda, plans, count);
 }
 

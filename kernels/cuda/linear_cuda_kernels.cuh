@@ -17,7 +17,6 @@ extern "C" {
 #include "kernels/cuda/divisor.h"
 #include "kernels/cuda/pdl_cuda.cuh"
 #include "kernels/cuda/prefetch_cuda.cuh"
-#include "kernels/cuda/silu_cuda.cuh"
 
 #define LQ_DECODE_WARPS 8
 #define LQ_DECODE_THREADS (LQ_DECODE_WARPS * 32)
@@ -538,8 +537,8 @@ struct lq_project_group {
     int rank[LQ_PROJECT_GROUP_MAX];
     float *t[LQ_PROJECT_GROUP_MAX];
     // What x is (lq_lowrank_project_split_kernel only; the others take LQ_INPUT_PLAIN): the
-    // token, or the input of the rmsnorm or swiglu that the decode kernels fuse
-    // (gemv_mma1_kernel.h), with `second` the norm's weight or swiglu's up.
+    // token, or the input of the rmsnorm that the decode kernels fuse (gemv_mma1_kernel.h), with
+    // `second` the norm's weight.
     int input;
     const float *second;
 };
@@ -612,9 +611,9 @@ __global__ void __launch_bounds__(256)
 // columns, CTA (k, s) (k over each layer's rank rows), one float4 of the row per thread (cols %
 // 4 == 0, x 16-byte aligned): a single round trip to memory per CTA, where
 // lq_lowrank_project_kernel's one CTA per rank row walks the whole row. The reader adds the
-// slices in order (deterministic). A layer's partials go to g.t[layer]. A fused input
-// (g.input): silu(x)·up as swiglu computes it, or w·x for rmsnorm(x, w), whose scale needs all
-// of x: the decode kernel multiplies the sum by it.
+// slices in order (deterministic). A layer's partials go to g.t[layer]. A normed input
+// (g.input, linear_fused): w·x for rmsnorm(x, w), whose scale needs all of x: the decode kernel
+// multiplies the sum by it.
 #define LQ_PROJECT_SLICE 1024
 __global__ void __launch_bounds__(256)
     lq_lowrank_project_split_kernel(const float *x, int cols,
@@ -631,10 +630,6 @@ __global__ void __launch_bounds__(256)
         if (g.input == LQ_INPUT_RMSNORM) {
             const float4 w = __ldg((const float4 *)g.second + quad);
             xv = make_float4(xv.x * w.x, xv.y * w.y, xv.z * w.z, xv.w * w.w);
-        } else if (g.input == LQ_INPUT_SWIGLU) {
-            const float4 u = __ldg((const float4 *)g.second + quad);
-            xv = make_float4(lq_silu_times(xv.x, u.x), lq_silu_times(xv.y, u.y),
-                             lq_silu_times(xv.z, u.z), lq_silu_times(xv.w, u.w));
         }
         acc = fmaf(av.x, xv.x, acc);
         acc = fmaf(av.y, xv.y, acc);

@@ -1,6 +1,6 @@
 // silu(gate)·up for one value, the CPU's expression: shared by the swiglu op (ops_cuda.cu) and
-// the decode kernels that take SwiGLU into their staging of x (gemv_mma1_cuda.cuh), so that
-// both give the same bits.
+// the one-token decode kernel that takes SwiGLU into its last write (gemv_mma1_cuda.cuh), so
+// that both give the same bits.
 #ifndef LQ_SILU_CUDA_CUH
 #define LQ_SILU_CUDA_CUH
 

@@ -719,99 +719,109 @@ static void restore_env(const struct saved_env *saved) {
         unsetenv(saved->name);
 }
 
-/* linear_fused: the op before (rmsnorm, swiglu) and the residual add taken into the one-token
- * kernel (v6), against the CPU's unfused ops (fp16's tolerance: v6) and against the GPU's
- * unfused ops (LQ_CUDA_FUSE=0: the same kernels fed a materialized input, so only the norm's
- * scale and the low-rank term's order of rounding differ; 1e-4: a scale one ulp off flips the
- * fp16 rounding of an x value now and then, ~1e-5 of y); three layers of one input, or one
- * layer accumulating; 1 and 2 tokens (2: apart inside the op), under v6 and v1 (apart), and a
- * group with a B0 = 8 layer that v6 cannot take (apart). Timed fused and apart. */
+/* linear_fused: the norm before, the residual add and SwiGLU taken into the one-token kernel
+ * (v6), against the CPU's unfused ops (fp16's tolerance: v6) and against the GPU's unfused ops
+ * (LQ_CUDA_FUSE=0: the same kernels fed a materialized input, so only the norm's scale and the
+ * low-rank term's order of rounding differ; 1e-4: a scale one ulp off flips the fp16 rounding
+ * of an x value now and then, ~1e-5 of y); three layers of one input written, one layer
+ * added, two (gate and up, equal rows) through SwiGLU; 1 and 2 tokens (2: apart inside the
+ * op), under v6 and v1 (apart), and groups with a B0 = 8 layer that v6 cannot take (apart).
+ * Timed fused and apart. */
 static void fused_case(const struct lq_linear *host, struct lq_linear *dev, int count, int kind,
-                       int accumulate, int n, const char *variant) {
+                       enum lq_linear_output output, int n, const char *variant) {
     const int cols = host[0].cols;
-    static const char *const kinds[] = {"x", "rmsnorm(x)", "silu(x)*up"};
+    static const char *const kinds[] = {"x", "rmsnorm(x)"};
+    static const char *const outputs[] = {"", ", y +=", ", swiglu"};
     float *x = random_floats((size_t)n * cols, kind == LQ_INPUT_RMSNORM ? 7.0f : 1.0f);
-    float *second = random_floats((size_t)n * cols, 1.0f); /* the norm's weight (row 0), or up */
+    float *weight = random_floats((size_t)cols, 1.0f);
     float *input = malloc((size_t)n * cols * sizeof(float));
     memcpy(input, x, (size_t)n * cols * sizeof(float));
     if (kind == LQ_INPUT_RMSNORM)
-        CHECK_OK(cpu->ops->rmsnorm(cpu, x, second, n, cols, 1e-5f, input));
-    else if (kind == LQ_INPUT_SWIGLU)
-        CHECK_OK(cpu->ops->swiglu(cpu, input, second, (size_t)n * cols));
-    float *dx = device_floats(x, (size_t)n * cols),
-          *dsecond = device_floats(second, (size_t)n * cols);
+        CHECK_OK(cpu->ops->rmsnorm(cpu, x, weight, n, cols, 1e-5f, input));
+    float *dx = device_floats(x, (size_t)n * cols), *dweight = device_floats(weight, (size_t)cols);
     const struct lq_linear_input in = {(enum lq_linear_input_kind)kind, dx,
-                                       kind == LQ_INPUT_RMSNORM ? dsecond : NULL, 1e-5f,
-                                       kind == LQ_INPUT_SWIGLU ? dsecond : NULL};
+                                       kind == LQ_INPUT_RMSNORM ? dweight : NULL, 1e-5f};
     const struct lq_linear *w[3] = {&dev[0], &dev[1], &dev[2]};
-    float *residual[3] = {NULL, NULL, NULL}, *fused[3], *apart[3], *ref[3];
+    /* what y holds before (the residual to add to), and the CPU's result in ref */
+    float *prior[3] = {NULL, NULL, NULL}, *fused[3], *apart[3], *ref[3];
+    const int checked = output == LQ_OUTPUT_SWIGLU ? 1 : count; /* SwiGLU: y[0]; y[1] scratch */
     for (int i = 0; i < count; i++) {
         const size_t rows = (size_t)n * host[i].rows;
-        residual[i] = accumulate ? random_floats(rows, 1.0f) : NULL;
+        prior[i] = output == LQ_OUTPUT_ADD ? random_floats(rows, 1.0f) : NULL;
         ref[i] = malloc(rows * sizeof(float));
         CHECK_OK(cpu->ops->linear(cpu, &host[i], input, n, ref[i]));
-        if (accumulate) CHECK_OK(cpu->ops->add(cpu, ref[i], residual[i], rows));
+        if (output == LQ_OUTPUT_ADD) CHECK_OK(cpu->ops->add(cpu, ref[i], prior[i], rows));
     }
+    if (output == LQ_OUTPUT_SWIGLU)
+        CHECK_OK(cpu->ops->swiglu(cpu, ref[0], ref[1], (size_t)n * host[0].rows));
     const struct saved_env fuse = save_env("LQ_CUDA_FUSE");
     for (int pass = 0; pass < 2; pass++) { /* fused, then apart */
         setenv("LQ_CUDA_FUSE", pass ? "0" : "1", 1);
         float *dy[3];
         for (int i = 0; i < count; i++)
-            dy[i] = device_floats(residual[i], (size_t)n * host[i].rows); /* or NaN poison */
-        CHECK_OK(gpu->ops->copy_to_device(gpu, dx, x, (size_t)n * cols * sizeof(float)));
-        CHECK_OK(gpu->ops->linear_fused(gpu, w, count, &in, n, dy, accumulate));
-        for (int i = 0; i < count; i++) {
+            dy[i] = device_floats(prior[i], (size_t)n * host[i].rows); /* or NaN poison */
+        CHECK_OK(gpu->ops->linear_fused(gpu, w, count, &in, n, dy, output));
+        for (int i = 0; i < checked; i++) {
             (pass ? apart : fused)[i] = to_host(dy[i], (size_t)n * host[i].rows);
             CHECK_CLOSE((pass ? apart : fused)[i], ref[i], (size_t)n * host[i].rows, TOL_FP16,
-                        "fused layer %d, %s%s, %s, n %d, %s", i, kinds[kind],
-                        accumulate ? ", y +=" : "", variant, n, pass ? "apart" : "fused");
+                        "fused layer %d, %s%s, %s, n %d, %s", i, kinds[kind], outputs[output],
+                        variant, n, pass ? "apart" : "fused");
         }
-        /* timed on what the call leaves: swiglu's apart path rewrites x in place, which only
-         * changes the values */
-        TIME_GPU(gpu->ops->linear_fused(gpu, w, count, &in, n, dy, accumulate),
-                 "%d layer(s), %s, %s, n %d, %s", count, kinds[kind], variant, n,
+        TIME_GPU(gpu->ops->linear_fused(gpu, w, count, &in, n, dy, output),
+                 "%d layer(s), %s%s, %s, n %d, %s", count, kinds[kind], outputs[output], variant, n,
                  pass ? "apart" : "fused");
         for (int i = 0; i < count; i++) gpu->ops->buffer_free(gpu, dy[i]);
     }
     restore_env(&fuse);
-    for (int i = 0; i < count; i++) {
+    for (int i = 0; i < checked; i++) {
         CHECK_CLOSE(fused[i], apart[i], (size_t)n * host[i].rows, 1e-4,
-                    "fused layer %d against apart, %s, %s, n %d", i, kinds[kind], variant, n);
-        free(fused[i]), free(apart[i]), free(ref[i]), free(residual[i]);
+                    "fused layer %d against apart, %s%s, %s, n %d", i, kinds[kind], outputs[output],
+                    variant, n);
+        free(fused[i]), free(apart[i]);
     }
-    gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dsecond);
-    free(x), free(second), free(input);
+    for (int i = 0; i < count; i++) free(ref[i]), free(prior[i]);
+    gpu->ops->buffer_free(gpu, dx), gpu->ops->buffer_free(gpu, dweight);
+    free(x), free(weight), free(input);
 }
 
 static void test_linear_fused(void) {
     const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
                                            {2, 8, LQ_SCALE_FP16, 32, 16},
                                            {4, 4, LQ_SCALE_BF16, 16, 8},
-                                           {3, 8, LQ_SCALE_FP32, 8, 64}}; /* B0 = 8: not v6 */
-    const int shapes[][3] = {{3000, 2080, 8}, {1000, 2080, 80}, {520, 2080, 0}, {640, 2080, 16}};
-    struct lq_linear host[4], dev[4];
-    const int made = make_layers(4, configs, shapes, host, dev);
-    CHECK(made == 4);
+                                           {3, 8, LQ_SCALE_FP32, 8, 64}, /* B0 = 8: not v6 */
+                                           {3, 4, LQ_SCALE_BF16, 64, 16}};
+    const int shapes[][3] = {
+        {3000, 2080, 8}, {1000, 2080, 80}, {520, 2080, 0}, {1000, 2080, 16}, {1000, 2080, 0}};
+    struct lq_linear host[5], dev[5];
+    const int made = make_layers(5, configs, shapes, host, dev);
+    CHECK(made == 5);
     const struct saved_env decode = save_env("LQ_CUDA_DECODE");
     static const char *const variants[] = {"v6", "v1"};
-    for (size_t v = 0; v < 2 && made == 4; v++) {
+    for (size_t v = 0; v < 2 && made == 5; v++) {
         setenv("LQ_CUDA_DECODE", variants[v], 1);
         CHECK(gpu->ops->fuses_linears(gpu, 1) == (v == 0) && !gpu->ops->fuses_linears(gpu, 2));
         for (int n = 1; n <= 2; n++)
-            for (int kind = LQ_INPUT_PLAIN; kind <= LQ_INPUT_SWIGLU; kind++) {
-                fused_case(host, dev, 3, kind, 0, n, variants[v]);
-                fused_case(host, dev, 1, kind, 1, n, variants[v]);
+            for (int kind = LQ_INPUT_PLAIN; kind <= LQ_INPUT_RMSNORM; kind++) {
+                fused_case(host, dev, 3, kind, LQ_OUTPUT_WRITE, n, variants[v]);
+                fused_case(host, dev, 1, kind, LQ_OUTPUT_ADD, n, variants[v]);
+                /* gate and up: layers 1 and 4 (1000 rows each, ranks 80 and 0) */
+                struct lq_linear pair_host[2] = {host[1], host[4]}, pair_dev[2] = {dev[1], dev[4]};
+                fused_case(pair_host, pair_dev, 2, kind, LQ_OUTPUT_SWIGLU, n, variants[v]);
             }
-        fused_case(host + 1, dev + 1, 3, LQ_INPUT_RMSNORM, 0, 1, variants[v]); /* with B0 = 8 */
-        fused_case(host + 3, dev + 3, 1, LQ_INPUT_SWIGLU, 1, 1, variants[v]);
+        fused_case(host + 1, dev + 1, 3, LQ_INPUT_RMSNORM, LQ_OUTPUT_WRITE, 1, variants[v]);
+        fused_case(host + 3, dev + 3, 1, LQ_INPUT_RMSNORM, LQ_OUTPUT_ADD, 1, variants[v]);
+        struct lq_linear b8_host[2] = {host[3], host[4]}, b8_dev[2] = {dev[3], dev[4]};
+        fused_case(b8_host, b8_dev, 2, LQ_INPUT_RMSNORM, LQ_OUTPUT_SWIGLU, 1, variants[v]);
     }
     restore_env(&decode);
-    /* refused: several layers accumulating */
-    float *d = device_floats(NULL, 4096);
+    /* refused: several layers added, SwiGLU over one layer or unequal rows */
+    float *d = device_floats(NULL, 8192);
     const struct lq_linear *w[2] = {&dev[0], &dev[1]};
-    float *y[2] = {d, d + 2048};
-    const struct lq_linear_input in = {LQ_INPUT_PLAIN, d, NULL, 0.0f, NULL};
-    CHECK(gpu->ops->linear_fused(gpu, w, 2, &in, 1, y, 1) == LQ_EINVAL);
+    float *y[2] = {d, d + 4096};
+    const struct lq_linear_input in = {LQ_INPUT_PLAIN, d + 2048, NULL, 0.0f};
+    CHECK(gpu->ops->linear_fused(gpu, w, 2, &in, 1, y, LQ_OUTPUT_ADD) == LQ_EINVAL);
+    CHECK(gpu->ops->linear_fused(gpu, w, 1, &in, 1, y, LQ_OUTPUT_SWIGLU) == LQ_EINVAL);
+    CHECK(gpu->ops->linear_fused(gpu, w, 2, &in, 1, y, LQ_OUTPUT_SWIGLU) == LQ_EINVAL);
     gpu->ops->buffer_free(gpu, d);
     for (int i = 0; i < made; i++) gpu->ops->linear_release(gpu, &dev[i]), lq_linear_free(&host[i]);
 }

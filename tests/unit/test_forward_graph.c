@@ -98,34 +98,34 @@ static int fake_linear_group(struct lq_backend *backend, const struct lq_linear 
 }
 
 /* linear_fused as the unfused ops it stands for, on odd steps sizes only (so that steps of both
- * kinds run): rmsnorm or swiglu into scratch, then linear_group, or linear into scratch and add.
- * The CPU's ops give the unfused path's bits, so the logits must not change. Counts each use:
- * [kind][count][accumulate]. */
-static int fused_calls[3][LQ_LINEARS_PER_LAYER + 1][2], fused_misuse;
+ * kinds run): rmsnorm into scratch, then linear_group, then swiglu on the two outputs, or
+ * linear into scratch and add. The CPU's ops give the unfused path's bits, so the logits must
+ * not change. Counts each use: [input kind][count][output]. */
+static int fused_calls[2][LQ_LINEARS_PER_LAYER + 1][3], fused_misuse;
 static int fake_fuses_linears(struct lq_backend *backend, int n) {
     (void)backend;
     return n % 2 == 1;
 }
 static int fake_linear_fused(struct lq_backend *backend, const struct lq_linear *const *w,
                              int count, const struct lq_linear_input *in, int n, float *const *y,
-                             int accumulate) {
-    if (count < 1 || count > LQ_LINEARS_PER_LAYER || (int)in->kind < 0 || in->kind > 2 ||
-        (accumulate && count != 1) || n % 2 != 1)
+                             enum lq_linear_output output) {
+    if (count < 1 || count > LQ_LINEARS_PER_LAYER || (int)in->kind < 0 || in->kind > 1 ||
+        (int)output < 0 || output > 2 || (output == LQ_OUTPUT_ADD && count != 1) ||
+        (output == LQ_OUTPUT_SWIGLU && (count != 2 || w[0]->rows != w[1]->rows)) || n % 2 != 1)
         return LQ_EINVAL;
-    fused_calls[in->kind][count][accumulate != 0]++;
-    for (int i = 0; i < count; i++) fused_misuse += y[i] == in->x || (in->up && y[i] == in->up);
+    fused_calls[in->kind][count][output]++;
+    for (int i = 0; i < count; i++) fused_misuse += y[i] == in->x;
     const int cols = w[0]->cols;
     float *input = malloc((size_t)n * cols * sizeof(float)), *out = NULL;
     int rc = input ? LQ_OK : LQ_ENOMEM;
     if (!rc && in->kind == LQ_INPUT_RMSNORM)
         rc = cpu_ops->rmsnorm(backend, in->x, in->weight, n, cols, in->eps, input);
-    else if (!rc && in->kind == LQ_INPUT_SWIGLU) {
+    else if (!rc)
         memcpy(input, in->x, (size_t)n * cols * sizeof(float));
-        rc = cpu_ops->swiglu(backend, input, in->up, (size_t)n * cols);
-    } else if (!rc)
-        memcpy(input, in->x, (size_t)n * cols * sizeof(float));
-    if (!rc && !accumulate) rc = fake_linear_group(backend, w, count, input, n, y);
-    if (!rc && accumulate) {
+    if (!rc && output != LQ_OUTPUT_ADD) rc = fake_linear_group(backend, w, count, input, n, y);
+    if (!rc && output == LQ_OUTPUT_SWIGLU)
+        rc = cpu_ops->swiglu(backend, y[0], y[1], (size_t)n * w[0]->rows);
+    if (!rc && output == LQ_OUTPUT_ADD) {
         out = malloc((size_t)n * w[0]->rows * sizeof(float));
         rc = out ? cpu_ops->linear(backend, w[0], input, n, out) : LQ_ENOMEM;
         if (!rc) rc = cpu_ops->add(backend, y[0], out, (size_t)n * w[0]->rows);
@@ -234,20 +234,21 @@ static void test_graph_path_equals_host_path(void) {
               "linear_group: %d calls of 3, %d of 2, %d misuses", group_calls[3], group_calls[2],
               group_misuse);
     CHECK(group_calls[3] % model->config.n_layers == 0);
-    /* every block of every fused pass: Q, K, V and gate, up from their norms, O and down into
-     * the residual, down from SwiGLU; nothing else fused */
-    const int fused_blocks = fused_calls[LQ_INPUT_RMSNORM][3][0];
+    /* every block of every fused pass: Q, K, V from the attention norm, O into the residual,
+     * gate and up from the FFN norm through SwiGLU, down from gate into the residual; nothing
+     * else fused */
+    const int fused_blocks = fused_calls[LQ_INPUT_RMSNORM][3][LQ_OUTPUT_WRITE];
     CHECK_MSG(fused_blocks > 0 && fused_blocks % model->config.n_layers == 0 &&
-                  fused_calls[LQ_INPUT_RMSNORM][2][0] == fused_blocks &&
-                  fused_calls[LQ_INPUT_PLAIN][1][1] == fused_blocks &&
-                  fused_calls[LQ_INPUT_SWIGLU][1][1] == fused_blocks && fused_misuse == 0,
-              "linear_fused: %d blocks, %d gate/up, %d o, %d down, %d misuses", fused_blocks,
-              fused_calls[LQ_INPUT_RMSNORM][2][0], fused_calls[LQ_INPUT_PLAIN][1][1],
-              fused_calls[LQ_INPUT_SWIGLU][1][1], fused_misuse);
+                  fused_calls[LQ_INPUT_RMSNORM][2][LQ_OUTPUT_SWIGLU] == fused_blocks &&
+                  fused_calls[LQ_INPUT_PLAIN][1][LQ_OUTPUT_ADD] == 2 * fused_blocks &&
+                  fused_misuse == 0,
+              "linear_fused: %d blocks, %d gate/up, %d o and down, %d misuses", fused_blocks,
+              fused_calls[LQ_INPUT_RMSNORM][2][LQ_OUTPUT_SWIGLU],
+              fused_calls[LQ_INPUT_PLAIN][1][LQ_OUTPUT_ADD], fused_misuse);
     int fused_total = 0;
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 2; k++)
         for (int c = 0; c <= LQ_LINEARS_PER_LAYER; c++)
-            fused_total += fused_calls[k][c][0] + fused_calls[k][c][1];
+            for (int o = 0; o < 3; o++) fused_total += fused_calls[k][c][o];
     CHECK(fused_total == 4 * fused_blocks);
     /* every block of every graph step: rope and attention as one op */
     CHECK_MSG(rope_attention_calls > 0 && rope_attention_calls % model->config.n_layers == 0,

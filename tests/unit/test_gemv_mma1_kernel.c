@@ -221,28 +221,35 @@ static int blocks_per_chunk(const struct lq_nf_config *c) {
 }
 
 static void check_case_shared(int rows, int cols, struct lq_nf_config c, int rank, int rg_log,
-                              int share_scales, int input, int accumulate);
+                              int share_scales, int input, int output);
 
 /* Each case as the host launches it, and where it shares scales between lanes also without. */
 static void check_case(int rows, int cols, struct lq_nf_config c, int rank, int rg_log) {
     const int share = c.B0 % 64 == 0 && cols % c.B0 == 0; /* linear_cuda.cu's rule */
-    check_case_shared(rows, cols, c, rank, rg_log, share, LQ_M1_INPUT_PLAIN, 0);
-    if (share) check_case_shared(rows, cols, c, rank, rg_log, 0, LQ_M1_INPUT_PLAIN, 0);
+    check_case_shared(rows, cols, c, rank, rg_log, share, LQ_M1_INPUT_PLAIN, LQ_M1_OUTPUT_WRITE);
+    if (share)
+        check_case_shared(rows, cols, c, rank, rg_log, 0, LQ_M1_INPUT_PLAIN, LQ_M1_OUTPUT_WRITE);
 }
 
 /* The CPU backend, for the unfused ops that a fused input stands for. */
 static struct lq_backend *cpu;
 
-static const char *input_names[] = {"x", "rmsnorm(x)", "silu(x)·up"};
+static const char *input_names[] = {"x", "rmsnorm(x)"};
+static const char *output_names[] = {"", ", y +=", ", y = silu(y)·"};
+
+/* silu(g) as the CPU backend's swiglu has it, in double */
+static double silu(double g) {
+    return g / (1.0 + exp(-g));
+}
 
 static void check_case_shared(int rows, int cols, struct lq_nf_config c, int rank, int rg_log,
-                              int share_scales, int input, int accumulate) {
+                              int share_scales, int input, int output) {
     char label[240], text[64];
     snprintf(label, sizeof label,
              "%s %d x %d rank %d, %d row groups per CTA, prefetch %d, %s scales, input %s%s",
              lq_nf_config_format(&c, text, sizeof text), rows, cols, rank, 1 << rg_log,
              (rows + rank) % 3, share_scales ? "shared" : "own", input_names[input],
-             accumulate ? ", y +=" : "");
+             output_names[output]);
     const int bpc = blocks_per_chunk(&c);
     CHECK_MSG(bpc > 0 && cols % 32 == 0, "%s: not a shape of the kernel", label);
     float *dense = random_floats((size_t)rows * cols, 0.05);
@@ -253,18 +260,16 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
         free(dense);
         return;
     }
-    /* What the kernel reads (raw: x, or the norm's or swiglu's input) and the token it
-     * multiplies (x: raw, or what the CPU backend's rmsnorm or swiglu makes of it). */
+    /* What the kernel reads (raw: x, or the norm's input) and the token it multiplies (x: raw,
+     * or what the CPU backend's rmsnorm makes of it). */
     float *raw = random_floats((size_t)cols, input == LQ_M1_INPUT_RMSNORM ? 7.0 : 1.0);
-    float *second = random_floats((size_t)cols, 1.0); /* the norm's weight, or up */
+    float *second = random_floats((size_t)cols, 1.0); /* the norm's weight */
     float *x = aligned_alloc(16, (size_t)cols * sizeof(float) + 16);
     if (!x) abort();
     memcpy(x, raw, (size_t)cols * sizeof(float));
     const float eps = 1e-5f;
     if (input == LQ_M1_INPUT_RMSNORM)
         CHECK(cpu->ops->rmsnorm(cpu, raw, second, 1, cols, eps, x) == 0);
-    else if (input == LQ_M1_INPUT_SWIGLU)
-        CHECK(cpu->ops->swiglu(cpu, x, second, (size_t)cols) == 0);
     float *l1 = rank > 0 ? random_floats((size_t)rows * rank, 0.05) : NULL;
     float *l2 = rank > 0 ? random_floats((size_t)rank * cols, 0.05) : NULL;
     const int slices = (cols + 1023) / 1024;
@@ -295,9 +300,10 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     float *group_scales = calloc(groups * sizeof(float) + (size_t)padding[2], 1);
     if (!group_scales) abort();
     for (size_t g = 0; g < groups; g++) group_scales[g] = lq_nf_group_scale(&q, g);
-    float *y = malloc((size_t)rows * sizeof(float)), *residual = random_floats((size_t)rows, 1.0);
+    /* y: poison, or what the output reads: the residual, or gate's values for SwiGLU */
+    float *y = malloc((size_t)rows * sizeof(float)), *prior = random_floats((size_t)rows, 2.0);
     if (!y) abort();
-    for (int r = 0; r < rows; r++) y[r] = accumulate ? residual[r] : NAN;
+    for (int r = 0; r < rows; r++) y[r] = output == LQ_M1_OUTPUT_WRITE ? NAN : prior[r];
 
     struct lq_m1_args a;
     memset(&a, 0, sizeof a);
@@ -306,9 +312,8 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     if (!pairs) abort();
     lq_m1_build_pairs(lq_nf_code_table(c.b0), c.b0, pairs);
     a.pairs = pairs, a.x = input == LQ_M1_INPUT_PLAIN ? x : raw, a.lora_B = l1, a.t = t, a.y = y;
-    a.input = input, a.eps = eps, a.accumulate = accumulate;
+    a.input = input, a.eps = eps, a.output = output;
     a.norm_weight = input == LQ_M1_INPUT_RMSNORM ? second : NULL;
-    a.up = input == LQ_M1_INPUT_SWIGLU ? second : NULL;
     a.rows = rows, a.cols = cols, a.b1 = c.b1, a.rank = rank;
     a.t_slices = slices;
     a.offset = q.scale_offset;
@@ -325,8 +330,8 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     launch_kernel(&a, c.b0, bpc);
     CHECK_MSG(misaligned == 0, "%s: the pair table was found misaligned", label);
     const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
-    CHECK_MSG(rank == 0 || waits == ctas * LQ_M1_THREADS,
-              "%s: %d threads waited for the projection, expected %d", label, waits,
+    CHECK_MSG((rank == 0 && output != LQ_M1_OUTPUT_SWIGLU) || waits == ctas * LQ_M1_THREADS,
+              "%s: %d threads waited for the kernel before, expected %d", label, waits,
               ctas * LQ_M1_THREADS);
 
     /* The references: fp16-rounded table values and x with the exact block scales, and the
@@ -339,7 +344,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     int bad = 0;
     for (int r = 0; r < rows; r++) {
         double sum = 0.0, magnitude = 0.0, exact = 0.0;
-        if (accumulate) sum = exact = residual[r], magnitude = fabs(residual[r]);
+        if (output == LQ_M1_OUTPUT_ADD) sum = exact = prior[r], magnitude = fabs(prior[r]);
         for (int j = 0; j < cols; j++) {
             const size_t flat = (size_t)r * cols + j;
             const uint32_t code = lq_bitpack_get(q.codes, flat, c.b0);
@@ -352,6 +357,10 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
         for (int k = 0; k < rank; k++) {
             const double term = (double)l1[(size_t)r * rank + k] * t_exact[k];
             sum += term, exact += term, magnitude += fabs(term);
+        }
+        if (output == LQ_M1_OUTPUT_SWIGLU) { /* silu(gate)·this layer's result */
+            const double gate = silu(prior[r]);
+            sum *= gate, exact *= gate, magnitude *= fabs(gate);
         }
         const double error = fabs(y[r] - sum) / (magnitude + 1e-30);
         const double error_exact = fabs(y[r] - exact) / (magnitude + 1e-30);
@@ -369,7 +378,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
               "reference, %.3g against the exact product",
               label, bad, worst, worst_exact);
     free(deq), free(y), free(codes), free(scale_codes), free(group_scales), free(pairs);
-    free(t), free(t_exact), free(l1), free(l2), free(x), free(raw), free(second), free(residual);
+    free(t), free(t_exact), free(l1), free(l2), free(x), free(raw), free(second), free(prior);
     free(dense);
     lq_nf_matrix_free(&q);
 }
@@ -447,19 +456,22 @@ static void test_misaligned(void) {
     for (int r = 0; r < 16; r++) CHECK_MSG(isnan(y[r]), "y[%d] written", r);
 }
 
-/* Fused inputs (kernels/backend.h linear_fused): the rmsnorm or swiglu that the kernel takes
- * into its staging, and the residual add, against the CPU backend's ops before an unfused
- * product. A wrong s (or none) on x or on t is off by a factor of ~7 here (x at scale 7). */
-static void test_fused_inputs(void) {
+/* Fused ops (kernels/backend.h linear_fused): the rmsnorm that the kernel takes into its
+ * staging, the residual add and SwiGLU with the gate values in y, against the CPU backend's
+ * rmsnorm before an unfused product. A wrong s (or none) on x or on t is off by a factor of ~7
+ * here (x at scale 7); a missing add or gate is off by a whole term. */
+static void test_fused_ops(void) {
     lq_rng_seed(&rng, 65);
     const struct lq_nf_config c = {3, 8, LQ_SCALE_FP32, 64, 256};
-    for (int input = LQ_M1_INPUT_PLAIN; input <= LQ_M1_INPUT_SWIGLU; input++)
-        for (int accumulate = 0; accumulate <= 1; accumulate++) {
-            check_case_shared(40, 640, c, 8, 0, 1, input, accumulate);
+    for (int input = LQ_M1_INPUT_PLAIN; input <= LQ_M1_INPUT_RMSNORM; input++)
+        for (int output = LQ_M1_OUTPUT_WRITE; output <= LQ_M1_OUTPUT_SWIGLU; output++) {
+            check_case_shared(40, 640, c, 8, 0, 1, input, output);
             check_case_shared(24, 2112, (struct lq_nf_config){2, 8, LQ_SCALE_FP16, 16, 4}, 80, 1, 0,
-                              input, accumulate);
+                              input, output);
         }
-    check_case_shared(20, 64, c, 4, 0, 0, LQ_M1_INPUT_RMSNORM, 1); /* one k-tile, most warps idle */
+    /* one k-tile, most warps idle; and SwiGLU without a low-rank term (it still waits) */
+    check_case_shared(20, 64, c, 4, 0, 0, LQ_M1_INPUT_RMSNORM, LQ_M1_OUTPUT_ADD);
+    check_case_shared(40, 640, c, 0, 0, 1, LQ_M1_INPUT_RMSNORM, LQ_M1_OUTPUT_SWIGLU);
     if (cpu) {
         cpu->ops->destroy(cpu);
         cpu = NULL;
@@ -468,4 +480,4 @@ static void test_fused_inputs(void) {
 
 LQ_TEST_MAIN(LQ_TEST(test_configs), LQ_TEST(test_cta_shapes), LQ_TEST(test_long_rows),
              LQ_TEST(test_small), LQ_TEST(test_layout), LQ_TEST(test_misaligned),
-             LQ_TEST(test_fused_inputs))
+             LQ_TEST(test_fused_ops))
