@@ -900,11 +900,11 @@ static int lq_linear_fused_apart(struct lq_backend *backend, const struct lq_lin
             return rc;
         x = (const float *)normed;
     }
-    if (output == LQ_OUTPUT_WRITE) return lq_cuda_linear_group(backend, w, count, x, n, y);
-    if (output == LQ_OUTPUT_SWIGLU)
-        return (rc = lq_cuda_linear_group(backend, w, count, x, n, y))
-                   ? rc
-                   : lq_cuda_swiglu(backend, y[0], y[1], (size_t)n * w[0]->rows);
+    if (output != LQ_OUTPUT_ADD) {
+        rc = lq_cuda_linear_group(backend, w, count, x, n, y);
+        if (rc || output == LQ_OUTPUT_WRITE) return rc;
+        return lq_cuda_swiglu(backend, y[0], y[1], (size_t)n * w[0]->rows);
+    }
     void *out = NULL;
     if ((rc = lq_cuda_slot(cuda, LQ_CUDA_FUSED_OUTPUT, (size_t)n * w[0]->rows * sizeof(float),
                            &out)) ||
