@@ -201,6 +201,12 @@ int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
 // they cannot run: cols % 32 == 0, rows·cols < 2^31, and each chunk inside one group, holding
 // whole blocks (B0 = 8, 16) or inside one (B0 % 32 == 0).
 int lq_cuda_blocks_per_chunk(const struct lq_linear *w);
+// Rows [r0, r0 + count) of an LQ layer's Q, dequantized into tile (count·cols fp32 values,
+// the caller's device memory) on cuda->stream, each value core/nf.c's bit for bit. LQ_EINVAL
+// for a dense layer or rows past the matrix.
+int lq_cuda_dequant_rows_f32(struct lq_cuda *cuda, const struct lq_linear *w,
+                             const struct lq_cuda_linear_data *data, size_t r0, size_t count,
+                             float *tile);
 // Whether programmatic dependent launch works here: a Hopper device and code compiled for it.
 int lq_cuda_pdl_supported(struct lq_cuda *cuda);
 void lq_cuda_linear_release(struct lq_backend *backend, struct lq_linear *linear);

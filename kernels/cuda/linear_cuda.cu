@@ -759,28 +759,37 @@ static int lq_decode(struct lq_cuda *cuda, const struct lq_linear *w,
     return lq_decode_layers(cuda, &plan, 1);
 }
 
-// Dequantizes rows [r0, r0 + count) of Q into the fp16 tile.
+// Dequantizes rows [r0, r0 + count) of Q into a tile of fp16 (prefill) or fp32 (training).
+template <typename T>
 static int lq_launch_dequant(struct lq_cuda *cuda, const struct lq_linear *w, const lq_packed &q,
-                             size_t r0, size_t count, __half *tile) {
+                             size_t r0, size_t count, T *tile) {
     const struct lq_nf_config *c = &w->q.config;
     const size_t cols = (size_t)w->cols, values = count * cols, first = r0 * cols;
     const bool octets =
         cols % 8 == 0 && c->B0 % 8 == 0 && (size_t)w->rows * cols < ((size_t)1 << 31);
     if (!octets) {
-        lq_dequant_tile_generic_kernel<<<lq_grid_for(values, cuda), 256, 0, cuda->stream>>>(
+        lq_dequant_tile_generic_kernel<T><<<lq_grid_for(values, cuda), 256, 0, cuda->stream>>>(
             q, (uint64_t)first, (uint64_t)values, tile);
         LQ_CUDA_LAUNCHED("lq_dequant_tile_generic_kernel");
         return LQ_OK;
     }
-    void (*dequant)(lq_packed, uint32_t, uint32_t, __half *) =
-        c->b0 == 2   ? lq_dequant_tile_kernel<2>
-        : c->b0 == 3 ? lq_dequant_tile_kernel<3>
-        : c->b0 == 4 ? lq_dequant_tile_kernel<4>
-                     : lq_dequant_tile_kernel<8>;
+    void (*dequant)(lq_packed, uint32_t, uint32_t, T *) =
+        c->b0 == 2   ? lq_dequant_tile_kernel<2, T>
+        : c->b0 == 3 ? lq_dequant_tile_kernel<3, T>
+        : c->b0 == 4 ? lq_dequant_tile_kernel<4, T>
+                     : lq_dequant_tile_kernel<8, T>;
     dequant<<<lq_grid_for(values / 8, cuda), 256, 0, cuda->stream>>>(q, (uint32_t)(first / 8),
                                                                      (uint32_t)(values / 8), tile);
     LQ_CUDA_LAUNCHED("lq_dequant_tile_kernel");
     return LQ_OK;
+}
+
+int lq_cuda_dequant_rows_f32(struct lq_cuda *cuda, const struct lq_linear *w,
+                             const struct lq_cuda_linear_data *data, size_t r0, size_t count,
+                             float *tile) {
+    if (!w->is_lq || !data->codes || r0 + count > (size_t)w->rows) return LQ_EINVAL;
+    if (count == 0) return LQ_OK;
+    return lq_launch_dequant(cuda, w, lq_packed_of(w, data), r0, count, tile);
 }
 
 static int lq_prefill(struct lq_cuda *cuda, const struct lq_linear *w,

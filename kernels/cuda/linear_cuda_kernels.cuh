@@ -648,13 +648,29 @@ __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill: fp16 tiles for the tensor cores.
+// Tiles of Q: fp16 for prefill's tensor-core GEMMs, fp32 for training (train_cuda.cu).
 
-// 8 consecutive values (one block: B0 % 8 == 0, cols % 8 == 0) per thread, one 16-byte store.
-template <int BITS>
+// A block scale for an fp32 tile: core/nf.c's offset + code·gs / levels with its IEEE
+// division, so a training tile is the CPU's bit for bit (an fp16 tile takes lq_block_scale).
+__device__ __forceinline__ float lq_block_scale_divided(const lq_packed &q, uint32_t code,
+                                                        float group_scale) {
+    return __fadd_rn(q.offset, __fdiv_rn(__fmul_rn(__uint2float_rn(code), group_scale), q.levels));
+}
+
+__device__ __forceinline__ void lq_tile_store(__half *tile, size_t i, float v) {
+    tile[i] = __float2half_rn(v);
+}
+__device__ __forceinline__ void lq_tile_store(float *tile, size_t i, float v) {
+    tile[i] = v;
+}
+
+// 8 consecutive values (one block: B0 % 8 == 0, cols % 8 == 0) per thread: one 16-byte store
+// of fp16 values, two of fp32.
+template <int BITS, typename T>
 __global__ void __launch_bounds__(256)
     lq_dequant_tile_kernel(const __grid_constant__ lq_packed q, uint32_t first_octet,
-                           uint32_t octets, __half *tile) {
+                           uint32_t octets, T *tile) {
+    constexpr bool F32 = sizeof(T) == sizeof(float);
     __shared__ float table[1 << BITS];
     for (int i = threadIdx.x; i < (1 << BITS); i += blockDim.x) table[i] = __ldg(q.table + i);
     __syncthreads();
@@ -670,32 +686,38 @@ __global__ void __launch_bounds__(256)
             low = lq_bit_window(q.codes, (uint64_t)octet * (8 * BITS));
         }
         const uint32_t block = lq_div(octet * 8u, q.block);
-        const float scale =
-            lq_block_scale(q, lq_bit_window(q.scale_codes, (uint64_t)block * (uint32_t)q.b1) & mask,
-                           lq_group_scale(q, lq_div(block, q.group)));
-        __half2 out[4];
+        const uint32_t scale_code =
+            lq_bit_window(q.scale_codes, (uint64_t)block * (uint32_t)q.b1) & mask;
+        const float group_scale = lq_group_scale(q, lq_div(block, q.group));
+        const float scale = F32 ? lq_block_scale_divided(q, scale_code, group_scale)
+                                : lq_block_scale(q, scale_code, group_scale);
+        float v[8];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            float v[2];
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int i = 2 * k + h;
-                const uint32_t code = BITS == 8 ? ((i < 4 ? low : high) >> (8 * (i & 3))) & 255u
-                                                : (low >> (i * BITS)) & ((1u << BITS) - 1u);
-                v[h] = __fmul_rn(table[code], scale);
-            }
-            out[k] = __floats2half2_rn(v[0], v[1]);
+        for (int i = 0; i < 8; i++) {
+            const uint32_t code = BITS == 8 ? ((i < 4 ? low : high) >> (8 * (i & 3))) & 255u
+                                            : (low >> (i * BITS)) & ((1u << BITS) - 1u);
+            v[i] = __fmul_rn(table[code], scale);
         }
-        uint4 packed;
-        memcpy(&packed, out, sizeof packed);
-        *((uint4 *)tile + g) = packed;
+        if constexpr (F32) {
+            float4 *out = (float4 *)tile + 2 * (size_t)g;
+            out[0] = make_float4(v[0], v[1], v[2], v[3]);
+            out[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            __half2 out[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) out[k] = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
+            uint4 packed;
+            memcpy(&packed, out, sizeof packed);
+            *((uint4 *)tile + g) = packed;
+        }
     }
 }
 
 // Any configuration: one value per thread.
+template <typename T>
 __global__ void __launch_bounds__(256)
     lq_dequant_tile_generic_kernel(const __grid_constant__ lq_packed q, uint64_t first,
-                                   uint64_t count, __half *tile) {
+                                   uint64_t count, T *tile) {
     __shared__ float table[256];
     for (int i = threadIdx.x; i < 256; i += blockDim.x)
         table[i] = i < (1 << q.b0) ? __ldg(q.table + i) : 0.0f;
@@ -703,9 +725,12 @@ __global__ void __launch_bounds__(256)
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
          i += (uint64_t)gridDim.x * blockDim.x) {
         const uint64_t f = first + i, block = f / (uint64_t)q.B0;
-        const float scale = lq_block_scale(q, lq_packed_get(q.scale_codes, block, q.b1),
-                                           lq_group_scale(q, block / (uint64_t)q.B1));
-        tile[i] = __float2half_rn(__fmul_rn(table[lq_packed_get(q.codes, f, q.b0)], scale));
+        const uint32_t scale_code = lq_packed_get(q.scale_codes, block, q.b1);
+        const float group_scale = lq_group_scale(q, block / (uint64_t)q.B1);
+        const float scale = sizeof(T) == sizeof(float)
+                                ? lq_block_scale_divided(q, scale_code, group_scale)
+                                : lq_block_scale(q, scale_code, group_scale);
+        lq_tile_store(tile, i, __fmul_rn(table[lq_packed_get(q.codes, f, q.b0)], scale));
     }
 }
 

@@ -1,15 +1,20 @@
 // The training ops of the CUDA backend (kernels/backend.h, "training ops"), all but
 // attention_backward (its own file). The CPU's versions (kernels/cpu/train_cpu.c) are the
 // reference; these keep fp32 (and double where the CPU sums in double) throughout, so a
-// training step agrees with the CPU's within fp32 rounding (tests/kernels/test_cuda_train_ops.c).
+// training step agrees with the CPU's within fp32 rounding (tests/kernels/test_cuda_train_ops.c),
+// except where the products with a frozen weight take TF32 (below).
 //
-//   - Matrix products are cuBLAS SGEMMs on cuda->stream (the handle's default math: no TF32).
-//     Row-major arrays are their column-major transposes, so C = op(A)·op(B) is computed as
-//     Cᵀ = op(B)ᵀ·op(A)ᵀ (lq_train_gemm).
+//   - Matrix products are cuBLAS GEMMs on cuda->stream. Row-major arrays are their
+//     column-major transposes, so C = op(A)·op(B) is computed as Cᵀ = op(B)ᵀ·op(A)ᵀ
+//     (lq_train_gemm). The products with a layer's frozen weight (y = x·Wᵀ, dx = dy·W: almost
+//     all of a LoRA step's flops) run on TF32 tensor cores unless LQ_CUDA_TRAIN_TF32=0, as
+//     LoRA trainers run them in bf16; the trained pair's products and the weights' gradients
+//     are SGEMMs.
 //   - LQ layers (linear_lora, and dx of linear_backward): Q is dequantized into fp32 tiles of
-//     at most LQ_TRAIN_TILE_BYTES in the LQ_CUDA_LINEAR_TILE workspace, each value computed as
-//     core/nf.c computes it (IEEE-rounded operations in the same order: bit for bit the CPU's
-//     tile), then one SGEMM per tile. Never a whole dense Q.
+//     at most LQ_TRAIN_TILE_BYTES in the LQ_CUDA_LINEAR_TILE workspace by the prefill's tile
+//     kernel (lq_cuda_dequant_rows_f32, linear_cuda.cu: 8 values a thread, 32-bit index
+//     arithmetic), each value core/nf.c's bit for bit, then one GEMM per tile. Never a whole
+//     dense Q.
 //   - Row reductions (rmsnorm_backward, cross_entropy): one block per row, double sums.
 //   - sum_squares: per 65536-value chunk a double partial (one block, a fixed reduction tree),
 //     the partials summed on the host in chunk order: the same bits on every run.
@@ -26,10 +31,6 @@
 
 #include "kernels/cuda/cuda_internal.h"
 
-extern "C" {
-#include "core/nf.h"
-}
-
 // An fp32 tile of Q rows is at most this large.
 #define LQ_TRAIN_TILE_BYTES ((size_t)16 << 20)
 // sum_squares: values per partial sum (as train_cpu.c's chunks).
@@ -45,81 +46,35 @@ unsigned grid_for(const struct lq_cuda *cuda, size_t items) {
 }
 
 // C[m, n] = alpha · op(A)[m, k] · op(B)[k, n] + beta · C for row-major arrays (ld in elements),
-// as train_cpu.c's sgemm; nothing happens for an empty product (as there).
-int lq_train_gemm(struct lq_cuda *cuda, bool trans_a, bool trans_b, int m, int n, int k,
+// as train_cpu.c's sgemm; nothing happens for an empty product (as there). tf32: on TF32
+// tensor cores (inputs rounded to 10-bit mantissas, fp32 sums), else an SGEMM.
+int lq_train_gemm(struct lq_cuda *cuda, bool tf32, bool trans_a, bool trans_b, int m, int n, int k,
                   float alpha, const float *a, int lda, const float *b, int ldb, float beta,
                   float *c, int ldc) {
     if (m <= 0 || n <= 0 || k <= 0) return LQ_OK;
-    LQ_CUBLAS_TRY(cublasSgemm(cuda->cublas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                              trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, ldb, a, lda,
-                              &beta, c, ldc),
-                  "cublasSgemm (training)");
+    const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                            op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if (tf32) {
+        LQ_CUBLAS_TRY(cublasGemmEx(cuda->cublas, op_b, op_a, n, m, k, &alpha, b, CUDA_R_32F, ldb, a,
+                                   CUDA_R_32F, lda, &beta, c, CUDA_R_32F, ldc,
+                                   CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT),
+                      "cublasGemmEx (training, TF32)");
+        return LQ_OK;
+    }
+    LQ_CUBLAS_TRY(
+        cublasSgemm(cuda->cublas, op_b, op_a, n, m, k, &alpha, b, ldb, a, lda, &beta, c, ldc),
+        "cublasSgemm (training)");
     return LQ_OK;
 }
 
-// ---------------------------------------------------------------------------------------------
-// fp32 dequantization of Q, value for value as core/nf.c's lq_nf_dequantize_range.
-
-struct lq_train_packed {
-    const uint8_t *codes, *scale_codes, *group_scales;
-    const float *table;
-    int b0, b1, b2, B0, B1;
-    float offset, levels;
-};
-
-// Code `index` of a byte-packed stream of `bits`-bit codes (core/bitpack.h's lq_bitpack_get).
-// The second byte may lie past the codes: prepare pads every packed buffer.
-__device__ __forceinline__ unsigned lq_train_code(const uint8_t *packed, uint64_t index, int bits) {
-    const uint64_t bit = index * (uint64_t)bits;
-    const uint8_t *p = packed + (bit >> 3);
-    const unsigned window = (unsigned)__ldg(p) | ((unsigned)__ldg(p + 1) << 8);
-    return (window >> (unsigned)(bit & 7)) & ((1u << bits) - 1u);
-}
-
-__device__ __forceinline__ float lq_train_group_scale(const lq_train_packed &q, uint64_t group) {
-    if (q.b2 == LQ_SCALE_FP32) {
-        uint32_t bits = (uint32_t)__ldg(q.group_scales + 4 * group) |
-                        ((uint32_t)__ldg(q.group_scales + 4 * group + 1) << 8) |
-                        ((uint32_t)__ldg(q.group_scales + 4 * group + 2) << 16) |
-                        ((uint32_t)__ldg(q.group_scales + 4 * group + 3) << 24);
-        return __uint_as_float(bits);
-    }
-    const unsigned short half =
-        (unsigned short)((unsigned)__ldg(q.group_scales + 2 * group) |
-                         ((unsigned)__ldg(q.group_scales + 2 * group + 1) << 8));
-    if (q.b2 == LQ_SCALE_BF16) return __uint_as_float((uint32_t)half << 16);
-    return __half2float(__ushort_as_half(half));
-}
-
-// tile[i] = Q value first + i, for i < count: table[code] · (offset + code_s · gs / levels).
-__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
-    lq_train_dequant_kernel(const lq_train_packed q, uint64_t first, uint64_t count, float *tile) {
-    __shared__ float table[256];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x)
-        table[i] = i < (1 << q.b0) ? q.table[i] : 0.0f;
-    __syncthreads();
-    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
-         i += (uint64_t)gridDim.x * blockDim.x) {
-        const uint64_t f = first + i, block = f / (uint64_t)q.B0;
-        const unsigned scale_code = lq_train_code(q.scale_codes, block, q.b1);
-        const float group_scale = lq_train_group_scale(q, block / (uint64_t)q.B1);
-        const float scale = __fadd_rn(
-            q.offset, __fdiv_rn(__fmul_rn(__uint2float_rn(scale_code), group_scale), q.levels));
-        tile[i] = __fmul_rn(table[lq_train_code(q.codes, f, q.b0)], scale);
-    }
-}
-
-lq_train_packed packed_of(const struct lq_linear *w, const struct lq_cuda_linear_data *data) {
-    const struct lq_nf_config *c = &w->q.config;
-    lq_train_packed q;
-    q.codes = (const uint8_t *)data->codes;
-    q.scale_codes = (const uint8_t *)data->scale_codes;
-    q.group_scales = data->group_scales;
-    q.table = data->table;
-    q.b0 = c->b0, q.b1 = c->b1, q.b2 = (int)c->b2, q.B0 = c->B0, q.B1 = c->B1;
-    q.offset = w->q.scale_offset;
-    q.levels = (float)((1u << c->b1) - 1u);
-    return q;
+// Whether the products with a layer's frozen weight (Q tiles or a dense W: y = x·Wᵀ and
+// dx = dy·W) run on TF32 tensor cores: LQ_CUDA_TRAIN_TF32, read on every call, 0 for SGEMMs
+// (the CPU's results to fp32 rounding), anything else or unset for TF32. The trained pair's
+// products and every gradient of a weight stay SGEMMs: they are a rank's width and take the
+// updates' precision.
+bool frozen_products_tf32(void) {
+    const char *value = getenv("LQ_CUDA_TRAIN_TF32");
+    return !(value && strcmp(value, "0") == 0);
 }
 
 // Rows of Q per fp32 tile.
@@ -127,15 +82,6 @@ size_t tile_rows(const struct lq_linear *w) {
     size_t step = LQ_TRAIN_TILE_BYTES / ((size_t)w->cols * sizeof(float));
     if (step < 1) step = 1;
     return step < (size_t)w->rows ? step : (size_t)w->rows;
-}
-
-int dequant_rows(struct lq_cuda *cuda, const lq_train_packed &q, const struct lq_linear *w,
-                 size_t r0, size_t count, float *tile) {
-    const size_t values = count * (size_t)w->cols;
-    lq_train_dequant_kernel<<<grid_for(cuda, values), LQ_TRAIN_THREADS, 0, cuda->stream>>>(
-        q, (uint64_t)(r0 * (size_t)w->cols), (uint64_t)values, tile);
-    LQ_CUDA_LAUNCHED("lq_train_dequant_kernel");
-    return LQ_OK;
 }
 
 const struct lq_cuda_linear_data *prepared(const struct lq_linear *w) {
@@ -157,10 +103,11 @@ int linear_lora(struct lq_backend *backend, const struct lq_linear *w, const flo
     if (!data || n < 0 || rank < 0 || (rank > 0 && (!L1 || !L2))) return LQ_EINVAL;
     if (n == 0) return LQ_OK;
     const int rows = w->rows, cols = w->cols;
+    const bool tf32 = frozen_products_tf32();
     int rc;
     if (!w->is_lq) {
-        if ((rc = lq_train_gemm(cuda, false, true, n, rows, cols, 1.0f, x, cols, data->dense, cols,
-                                0.0f, y, rows)))
+        if ((rc = lq_train_gemm(cuda, tf32, false, true, n, rows, cols, 1.0f, x, cols, data->dense,
+                                cols, 0.0f, y, rows)))
             return rc;
     } else {
         // y[:, tile] = x · tileᵀ, tile by tile in fp32 (not linear()'s fp16 tensor-core tiles)
@@ -169,11 +116,10 @@ int linear_lora(struct lq_backend *backend, const struct lq_linear *w, const flo
         if ((rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, step * (size_t)cols * sizeof(float),
                                &tile)))
             return rc;
-        const lq_train_packed q = packed_of(w, data);
         for (size_t r0 = 0; r0 < (size_t)rows; r0 += step) {
             const size_t count = (size_t)rows - r0 < step ? (size_t)rows - r0 : step;
-            if ((rc = dequant_rows(cuda, q, w, r0, count, (float *)tile)) ||
-                (rc = lq_train_gemm(cuda, false, true, n, (int)count, cols, 1.0f, x, cols,
+            if ((rc = lq_cuda_dequant_rows_f32(cuda, w, data, r0, count, (float *)tile)) ||
+                (rc = lq_train_gemm(cuda, tf32, false, true, n, (int)count, cols, 1.0f, x, cols,
                                     (const float *)tile, cols, 0.0f, y + r0, rows)))
                 return rc;
         }
@@ -195,6 +141,7 @@ int linear_backward(struct lq_backend *backend, const struct lq_linear *w, const
     if (n == 0) return LQ_OK;
     const int rows = w->rows, cols = w->cols, own = w->is_lq ? w->rank : 0;
     const size_t step = w->is_lq ? tile_rows(w) : 0;
+    const bool tf32 = frozen_products_tf32();
 
     // Workspaces first, at their largest: nothing regrows under a queued kernel.
     void *tile = NULL, *t = NULL, *u = NULL;
@@ -210,48 +157,47 @@ int linear_backward(struct lq_backend *backend, const struct lq_linear *w, const
         return rc;
 
     if (dx && !w->is_lq) {
-        if ((rc = lq_train_gemm(cuda, false, false, n, cols, rows, 1.0f, dy, rows, data->dense,
-                                cols, accumulate_dx ? 1.0f : 0.0f, dx, cols)))
+        if ((rc = lq_train_gemm(cuda, tf32, false, false, n, cols, rows, 1.0f, dy, rows,
+                                data->dense, cols, accumulate_dx ? 1.0f : 0.0f, dx, cols)))
             return rc;
     } else if (dx) {
         if (!accumulate_dx)
             LQ_CUDA_TRY(cudaMemsetAsync(dx, 0, (size_t)n * cols * sizeof(float), cuda->stream),
                         "cudaMemsetAsync (dx)");
-        const lq_train_packed q = packed_of(w, data);
         for (size_t r0 = 0; r0 < (size_t)rows; r0 += step) { // dx += dy[:, tile] · Q[tile]
             const size_t count = (size_t)rows - r0 < step ? (size_t)rows - r0 : step;
-            if ((rc = dequant_rows(cuda, q, w, r0, count, (float *)tile)) ||
-                (rc = lq_train_gemm(cuda, false, false, n, cols, (int)count, 1.0f, dy + r0, rows,
-                                    (const float *)tile, cols, 1.0f, dx, cols)))
+            if ((rc = lq_cuda_dequant_rows_f32(cuda, w, data, r0, count, (float *)tile)) ||
+                (rc = lq_train_gemm(cuda, tf32, false, false, n, cols, (int)count, 1.0f, dy + r0,
+                                    rows, (const float *)tile, cols, 1.0f, dx, cols)))
                 return rc;
         }
         if (own > 0) { // the frozen pair: dx += (dy · lora_B) · lora_A
-            if ((rc = lq_train_gemm(cuda, false, false, n, own, rows, 1.0f, dy, rows, data->lora_B,
-                                    own, 0.0f, (float *)u, own)) ||
-                (rc = lq_train_gemm(cuda, false, false, n, cols, own, 1.0f, (const float *)u, own,
-                                    data->lora_A, cols, 1.0f, dx, cols)))
+            if ((rc = lq_train_gemm(cuda, false, false, false, n, own, rows, 1.0f, dy, rows,
+                                    data->lora_B, own, 0.0f, (float *)u, own)) ||
+                (rc = lq_train_gemm(cuda, false, false, false, n, cols, own, 1.0f, (const float *)u,
+                                    own, data->lora_A, cols, 1.0f, dx, cols)))
                 return rc;
         }
     }
-    if (dW && (rc = lq_train_gemm(cuda, true, false, rows, cols, n, 1.0f, dy, rows, x, cols, 1.0f,
-                                  dW, cols)))
+    if (dW && (rc = lq_train_gemm(cuda, false, true, false, rows, cols, n, 1.0f, dy, rows, x, cols,
+                                  1.0f, dW, cols)))
         return rc;
     if (rank <= 0) return LQ_OK;
     // t = x · L2ᵀ and u = dy · L1, both [n, rank]
     float *tf = (float *)t, *uf = (float *)u;
-    if ((rc = lq_train_gemm(cuda, false, true, n, rank, cols, 1.0f, x, cols, L2, cols, 0.0f, tf,
-                            rank)) ||
-        (rc = lq_train_gemm(cuda, false, false, n, rank, rows, 1.0f, dy, rows, L1, rank, 0.0f, uf,
-                            rank)))
+    if ((rc = lq_train_gemm(cuda, false, false, true, n, rank, cols, 1.0f, x, cols, L2, cols, 0.0f,
+                            tf, rank)) ||
+        (rc = lq_train_gemm(cuda, false, false, false, n, rank, rows, 1.0f, dy, rows, L1, rank,
+                            0.0f, uf, rank)))
         return rc;
-    if (dL1 && (rc = lq_train_gemm(cuda, true, false, rows, rank, n, 1.0f, dy, rows, tf, rank, 1.0f,
-                                   dL1, rank)))
+    if (dL1 && (rc = lq_train_gemm(cuda, false, true, false, rows, rank, n, 1.0f, dy, rows, tf,
+                                   rank, 1.0f, dL1, rank)))
         return rc;
-    if (dL2 && (rc = lq_train_gemm(cuda, true, false, rank, cols, n, 1.0f, uf, rank, x, cols, 1.0f,
-                                   dL2, cols)))
+    if (dL2 && (rc = lq_train_gemm(cuda, false, true, false, rank, cols, n, 1.0f, uf, rank, x, cols,
+                                   1.0f, dL2, cols)))
         return rc;
-    if (dx && (rc = lq_train_gemm(cuda, false, false, n, cols, rank, 1.0f, uf, rank, L2, cols, 1.0f,
-                                  dx, cols)))
+    if (dx && (rc = lq_train_gemm(cuda, false, false, false, n, cols, rank, 1.0f, uf, rank, L2,
+                                  cols, 1.0f, dx, cols)))
         return rc;
     return LQ_OK;
 }
@@ -259,8 +205,8 @@ int linear_backward(struct lq_backend *backend, const struct lq_linear *w, const
 int matmul_backward(struct lq_backend *backend, const float *w, int rows, int cols, const float *dy,
                     int n, float *dx, int accumulate) {
     if (n < 0 || rows < 0 || cols < 0) return LQ_EINVAL;
-    return lq_train_gemm(lq_cuda_of(backend), false, false, n, cols, rows, 1.0f, dy, rows, w, cols,
-                         accumulate ? 1.0f : 0.0f, dx, cols);
+    return lq_train_gemm(lq_cuda_of(backend), frozen_products_tf32(), false, false, n, cols, rows,
+                         1.0f, dy, rows, w, cols, accumulate ? 1.0f : 0.0f, dx, cols);
 }
 
 // ---------------------------------------------------------------------------------------------

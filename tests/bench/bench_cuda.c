@@ -25,16 +25,18 @@
  * fp32, 64, 256) = 3.127 bits) and ~2.75 bits (k, v and up at (2, 8, fp32, 64, 256), the rest
  * NF3: 2.74 bits, the kind of mix the ILP picks). Prints figures; exit 1 only on errors, 77
  * without a GPU. Also each linear layer alone at several batch sizes.
- * --train adds LoRA training tokens/s of the ~2.75-bit model. --decode-variants [LIST] runs only
- * the decode of the ~3-bit model, with decode-step graphs and weight prefetch each on and off
- * (LIST: which of the four, by index 0-3, e.g. "1" for graphs without prefetch), and with
+ * --train adds LoRA training tokens/s of the ~2.75-bit model (--train-only: nothing else).
+ * --decode-variants [LIST] runs only the decode of the ~3-bit model, with decode-step graphs and
+ * weight prefetch each on and off (LIST: which of the four, by index 0-3, e.g. "1" for graphs
+ * without prefetch), and with
  * --decode-kernels v1,v2,... each of those under each one-token decode kernel (LQ_CUDA_DECODE),
  * --decode-pdl DIGITS (e.g. 101) each with programmatic dependent launch on (1) or off (0) in
  * that order (LQ_CUDA_PDL), all on fresh backends.
  * --linear-only [LIST] runs only the linear layers alone, at 1, 2 and 4 tokens, once per
  * one-token decode kernel named in LIST (LQ_CUDA_DECODE values, default v1,v2,v3,v4).
  * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--only-decompose]
- *                   [--table-sample K] [--variants LIST] [--train] [--decode-variants]
+ *                   [--table-sample K] [--variants LIST] [--train] [--train-only]
+ *                   [--decode-variants]
  *                   [--decode-kernels LIST] [--decode-pdl DIGITS] [--decode-profile]
  *                   [--linear-only [LIST]] */
 #include <cuda_runtime_api.h>
@@ -310,33 +312,54 @@ static int linear_alone(struct lq_backend *gpu, const char *decode_variants, str
 }
 
 /* LoRA training (LQ init: every L1, L2 trained, Q frozen) of the model on the GPU: tokens/s of
- * optimizer steps of 8 rows x 256 tokens (micro-batches of 2), after one warm-up step. */
+ * optimizer steps of 8 rows x 256 tokens (micro-batches of 2), after one warm-up step; once
+ * with the frozen weights' products as SGEMMs (LQ_CUDA_TRAIN_TF32=0), once on TF32 tensor
+ * cores (the default). */
 static int training(struct lq_backend *gpu, struct lq_model *m, struct lq_error *err) {
-    struct lq_train_options o;
-    lq_train_options_default(&o);
-    o.seq_len = 256, o.micro_batch = 2, o.learning_rate = 1e-4;
-    struct lq_trainer *trainer = NULL;
-    if (lq_trainer_create(gpu, m, &o, &trainer, err)) return -1;
-    enum { ROWS = 8, LEN = 256 };
-    static int inputs[ROWS * LEN], targets[ROWS * LEN];
-    for (int i = 0; i < ROWS * LEN; i++)
-        inputs[i] = (i * 131) % VOCAB, targets[i] = (i * 17 + 5) % VOCAB;
-    struct lq_train_batch batch = {ROWS, LEN, inputs, targets, NULL};
-    struct lq_train_stats stats;
-    int rc = lq_trainer_step(trainer, &batch, &stats, err);
-    double start = now();
-    const int steps = 3;
-    for (int i = 0; i < steps && !rc; i++) rc = lq_trainer_step(trainer, &batch, &stats, err);
-    if (!rc) {
-        double seconds = (now() - start) / steps;
-        struct lq_backend_memory memory;
-        gpu->ops->memory(gpu, &memory);
-        printf("training (LQ init, rank %d, %d x %d tokens a step, micro-batch %d): %.2f s/step, "
-               "%.0f tokens/s, loss %.3f; %.2f GB on the GPU\n",
-               RANK, ROWS, LEN, o.micro_batch, seconds, ROWS * LEN / seconds, stats.loss,
-               (memory.weights + memory.buffers + memory.scratch) / 1e9);
+    static const char *const modes[][2] = {{"fp32", "0"}, {"tf32", NULL}};
+    const char *saved = getenv("LQ_CUDA_TRAIN_TF32");
+    char *restore = saved ? strdup(saved) : NULL;
+    int rc = 0;
+    for (size_t mode = 0; mode < sizeof modes / sizeof modes[0] && !rc; mode++) {
+        if (modes[mode][1])
+            setenv("LQ_CUDA_TRAIN_TF32", modes[mode][1], 1);
+        else
+            unsetenv("LQ_CUDA_TRAIN_TF32");
+        struct lq_train_options o;
+        lq_train_options_default(&o);
+        o.seq_len = 256, o.micro_batch = 2, o.learning_rate = 1e-4;
+        struct lq_trainer *trainer = NULL;
+        if (lq_trainer_create(gpu, m, &o, &trainer, err)) {
+            rc = -1;
+            break;
+        }
+        enum { ROWS = 8, LEN = 256 };
+        static int inputs[ROWS * LEN], targets[ROWS * LEN];
+        for (int i = 0; i < ROWS * LEN; i++)
+            inputs[i] = (i * 131) % VOCAB, targets[i] = (i * 17 + 5) % VOCAB;
+        struct lq_train_batch batch = {ROWS, LEN, inputs, targets, NULL};
+        struct lq_train_stats stats;
+        rc = lq_trainer_step(trainer, &batch, &stats, err);
+        double start = now();
+        const int steps = 3;
+        for (int i = 0; i < steps && !rc; i++) rc = lq_trainer_step(trainer, &batch, &stats, err);
+        if (!rc) {
+            double seconds = (now() - start) / steps;
+            struct lq_backend_memory memory;
+            gpu->ops->memory(gpu, &memory);
+            printf("training, frozen products %s (LQ init, rank %d, %d x %d tokens a step, "
+                   "micro-batch %d): %.2f s/step, %.0f tokens/s, loss %.3f; %.2f GB on the GPU\n",
+                   modes[mode][0], RANK, ROWS, LEN, o.micro_batch, seconds, ROWS * LEN / seconds,
+                   stats.loss, (memory.weights + memory.buffers + memory.scratch) / 1e9);
+            fflush(stdout);
+        }
+        lq_trainer_free(trainer);
     }
-    lq_trainer_free(trainer);
+    if (restore)
+        setenv("LQ_CUDA_TRAIN_TF32", restore, 1);
+    else
+        unsetenv("LQ_CUDA_TRAIN_TF32");
+    free(restore);
     return rc;
 }
 
@@ -561,6 +584,7 @@ static int decomposition(struct lq_backend *gpu, int table_sample, const char *v
 
 int main(int argc, char **argv) {
     int layers = 32, skip_decompose = 0, table_sample = 1, skip_models = 0, train = 0;
+    int train_only = 0;
     int only_decompose = 0;
     /* the old path and the default */
     const char *variants = "householder+fp32+thread-sketch+team-values,default";
@@ -576,6 +600,8 @@ int main(int argc, char **argv) {
             skip_models = 1;
         else if (strcmp(argv[i], "--train") == 0)
             train = 1;
+        else if (strcmp(argv[i], "--train-only") == 0)
+            train_only = 1;
         else if (strcmp(argv[i], "--only-decompose") == 0)
             only_decompose = skip_models = 1;
         else if (strcmp(argv[i], "--table-sample") == 0 && i + 1 < argc)
@@ -634,6 +660,18 @@ int main(int argc, char **argv) {
         int rc = decode_variants(m, bandwidth, decode_which, decode_kernels, decode_pdl, &err);
         if (rc) fprintf(stderr, "bench_cuda: decode: %s\n", err.message);
         lq_model_free(m);
+        return rc ? 1 : 0;
+    }
+    if (train_only) { /* training of the ~2.75-bit model only */
+        double bits = 0;
+        struct lq_model *m = build_model(layers, 1, &rng, &bits);
+        printf("model: %d layers, %.3f bits/param (k, v, up NF2 + rest NF3), rank %d fp32 "
+               "factors\n",
+               layers, bits, RANK);
+        int rc = !m ? LQ_ENOMEM : training(gpu, m, &err);
+        if (rc) fprintf(stderr, "bench_cuda: training: %s\n", m ? err.message : "no memory");
+        lq_model_free(m);
+        gpu->ops->destroy(gpu);
         return rc ? 1 : 0;
     }
     if (linear_variants) { /* the linear layers alone, per decode kernel variant */

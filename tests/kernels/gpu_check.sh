@@ -162,7 +162,8 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
     # (which fuses at batch 1) and v6 without the fusion (LQ_CUDA_FUSE=0); then the rest against
     # the CPU (linear_group, RoPE in attention, the attention kernels, graphs, end to end), the
     # step with none of the grouping, RoPE fusion and fusion, PDL off, the tile attention
-    # kernel, each layer alone (and v6 with fatter CTAs), and v6 under ncu; steps past BUDGET
+    # kernel, each layer alone (and v6 with fatter CTAs), and v6 under ncu; the training ops
+    # and training tokens/s with the frozen products on TF32 and in fp32; steps past BUDGET
     # (default 540 s) are skipped
     BUDGET=${BUDGET:-540}
     STEP_TIMEOUT=240 step cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
@@ -183,6 +184,9 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
     TAIL=8 STEP_TIMEOUT=240 step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
     LQ_CUDA_DECODE=v6 TAIL=8 STEP_TIMEOUT=240 step gpu_e2e_v6 python3 \
         "$root/tests/kernels/test_gpu_e2e.py"
+    # training's frozen products on TF32 tensor cores, fp32 tiles by the prefill's tile kernel
+    TAIL=20 STEP_TIMEOUT=180 step cuda_train_ops "$run/test_cuda_train_ops"
+    TAIL=4 STEP_TIMEOUT=120 step bench_train "$run/bench_cuda" --train-only
     LQ_CUDA_GROUP=0 LQ_CUDA_ROPE_FUSED=0 LQ_CUDA_FUSE=0 TAIL=40 STEP_TIMEOUT=300 \
         step decode_steps_apart \
         "$run/bench_cuda" --decode-variants 1 --decode-kernels auto,v6
@@ -296,6 +300,7 @@ esac
 case "${1:-}" in
 train) step cuda_train_ops "$run/test_cuda_train_ops"
     step cuda_attention_backward "$run/test_cuda_attention_backward" --time
+    TAIL=4 step bench_train "$run/bench_cuda" --train-only
     step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
 esac
 case "${1:-}" in

@@ -30,11 +30,29 @@ __attribute__((constructor)) static void exact_cpu_kernels(void) {
 /* fp32 products and sums in another order (cuBLAS, block reductions): far under 1e-5. The
  * LQ tiles are dequantized bit for bit as the CPU does, so LQ layers get the same bound. */
 #define TOL_FP32 2e-5
+/* Products with a frozen weight on TF32 tensor cores (the default, LQ_CUDA_TRAIN_TF32 unset):
+ * each input rounded to a 10-bit mantissa (relative error at most 2^-11 each), fp32 sums.
+ * On these random inputs the errors are independent, ~5e-4 of ‖y‖; the bound leaves 4x. */
+#define TOL_TF32 2e-3
 /* Element-wise ops computed with the CPU's operations in its order (expf, sin/cos of the
  * same double angle may differ by an ulp). */
 #define TOL_ELEMENTWISE 1e-6
 /* Double sums in another order. */
 #define TOL_DOUBLE 1e-12
+
+/* The tolerance of outputs that take a product with the frozen weight (y, dx): TOL_FP32 while
+ * the cases run with LQ_CUDA_TRAIN_TF32=0, TOL_TF32 in the *_tf32 cases. */
+static double tol_frozen = TOL_FP32;
+
+static void frozen_products_fp32(void) {
+    setenv("LQ_CUDA_TRAIN_TF32", "0", 1);
+    tol_frozen = TOL_FP32;
+}
+
+static void frozen_products_tf32(void) {
+    unsetenv("LQ_CUDA_TRAIN_TF32"); /* the default */
+    tol_frozen = TOL_TF32;
+}
 
 static float *copy_floats(const float *x, size_t count) {
     float *y = malloc((count ? count : 1) * sizeof *y);
@@ -140,7 +158,7 @@ static void compare_layer(const struct lq_linear *w, int rank, int n, int varian
     float *y = malloc(ny * sizeof *y), *d_y = device_floats(NULL, ny);
     CHECK_OK(cpu->ops->linear_lora(cpu, w, L1, L2, rank, x, n, y));
     CHECK_OK(gpu->ops->linear_lora(gpu, &on_gpu, d_L1, d_L2, rank, d_x, n, d_y));
-    CHECK_DEVICE(d_y, y, ny, TOL_FP32, "linear_lora %s, rank %d, n %d", label, rank, n);
+    CHECK_DEVICE(d_y, y, ny, tol_frozen, "linear_lora %s, rank %d, n %d", label, rank, n);
 
     /* backward: variant 0 overwrites dx and asks for everything; 1 accumulates into dx;
      * 2 has no dx and only dL1 */
@@ -161,8 +179,9 @@ static void compare_layer(const struct lq_linear *w, int rank, int n, int varian
     CHECK_OK(gpu->ops->linear_backward(gpu, &on_gpu, d_L1, d_L2, rank, d_x, d_dy, n, d_dx,
                                        accumulate, d_dL1, d_dL2, d_dW));
     if (want_dx)
-        CHECK_DEVICE(d_dx, dx, nx, TOL_FP32, "linear_backward dx (accumulate %d) %s, rank %d, n %d",
-                     accumulate, label, rank, n);
+        CHECK_DEVICE(d_dx, dx, nx, tol_frozen,
+                     "linear_backward dx (accumulate %d) %s, rank %d, n %d", accumulate, label,
+                     rank, n);
     if (rank)
         CHECK_DEVICE(d_dL1, dL1, nL1, TOL_FP32, "linear_backward dL1 %s, rank %d, n %d", label,
                      rank, n);
@@ -186,7 +205,7 @@ static void compare_layer(const struct lq_linear *w, int rank, int n, int varian
     free(dx0), free(dL10), free(dL20), free(dW0), free(dx), free(dL1), free(dL2), free(dW);
 }
 
-static void test_linear_dense(void) {
+static void linear_dense_cases(void) {
     const int shapes[][2] = {{37, 53}, {64, 64}, {300, 129}};
     const int ranks[] = {0, 4, 8};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
@@ -201,19 +220,24 @@ static void test_linear_dense(void) {
     }
 }
 
-static void test_linear_lq(void) {
-    /* b0 2, 3, 4, 8; every scale type; blocks that divide 32, are multiples of it and neither;
-     * partial last blocks and groups */
-    const struct lq_nf_config configs[] = {
-        {4, 8, LQ_SCALE_FP32, 64, 256},
-        {2, 2, LQ_SCALE_BF16, 16, 16},
-        {3, 4, LQ_SCALE_FP16, 48, 3},
-        {8, 8, LQ_SCALE_FP32, 64, 256},
-    };
-    const int shapes[][2] = {{37, 53}, {256, 512}, {300, 129}};
+/* b0 2, 3, 4, 8; every scale type; blocks that divide 32, are multiples of it and neither;
+ * partial last blocks and groups */
+static const struct lq_nf_config train_configs[] = {
+    {4, 8, LQ_SCALE_FP32, 64, 256},
+    {2, 2, LQ_SCALE_BF16, 16, 16},
+    {3, 4, LQ_SCALE_FP16, 48, 3},
+    {8, 8, LQ_SCALE_FP32, 64, 256},
+};
+#define TRAIN_CONFIGS (sizeof train_configs / sizeof train_configs[0])
+/* odd shapes take the one-value-per-thread tile kernel, 256 x 512 the 8-values one */
+static const int train_shapes[][2] = {{37, 53}, {256, 512}, {300, 129}};
+
+static void linear_lq_cases(void) {
+    const struct lq_nf_config *configs = train_configs;
+    const int(*shapes)[2] = train_shapes;
     const int own_ranks[] = {0, 4, 8}, ranks[] = {0, 4, 8};
-    for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++)
-        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (size_t c = 0; c < TRAIN_CONFIGS; c++)
+        for (size_t s = 0; s < sizeof train_shapes / sizeof train_shapes[0]; s++)
             for (size_t o = 0; o < 3; o++) {
                 struct lq_linear w;
                 if (make_lq(shapes[s][0], shapes[s][1], configs[c], own_ranks[o], &w)) {
@@ -240,7 +264,71 @@ static void test_linear_lq(void) {
     lq_linear_free(&w);
 }
 
-static void test_matmul_backward(void) {
+static void test_linear_dense(void) {
+    frozen_products_fp32();
+    linear_dense_cases();
+}
+
+static void test_linear_dense_tf32(void) {
+    frozen_products_tf32();
+    linear_dense_cases();
+    frozen_products_fp32();
+}
+
+static void test_linear_lq(void) {
+    frozen_products_fp32();
+    linear_lq_cases();
+}
+
+static void test_linear_lq_tf32(void) {
+    frozen_products_tf32();
+    linear_lq_cases();
+    frozen_products_fp32();
+}
+
+/* The fp32 tiles of Q are core/nf.c's values bit for bit: with x = I (one token per column)
+ * and SGEMMs, y = x·Qᵀ is Qᵀ itself (each sum one value times 1 plus zeros, exact), which must
+ * equal lq_nf_dequantize's values. */
+static void test_linear_lq_tile_exact(void) {
+    frozen_products_fp32();
+    for (size_t c = 0; c < TRAIN_CONFIGS; c++)
+        for (size_t s = 0; s < sizeof train_shapes / sizeof train_shapes[0]; s++) {
+            struct lq_linear w;
+            if (make_lq(train_shapes[s][0], train_shapes[s][1], train_configs[c], 0, &w)) {
+                CHECK(0);
+                continue;
+            }
+            const int rows = w.rows, cols = w.cols, n = cols;
+            const size_t nx = (size_t)n * cols, ny = (size_t)n * rows;
+            float *x = calloc(nx, sizeof *x), *y = malloc(ny * sizeof *y);
+            float *q = malloc((size_t)rows * cols * sizeof *q);
+            for (int i = 0; i < n; i++) x[(size_t)i * cols + i] = 1.0f;
+            lq_nf_dequantize(&w.q, q);
+            for (int i = 0; i < n; i++) /* y[i][r] = Q[r][i] */
+                for (int r = 0; r < rows; r++) y[(size_t)i * rows + r] = q[(size_t)r * cols + i];
+            struct lq_error err = {0};
+            struct lq_linear on_gpu = w;
+            CHECK_OK(gpu->ops->linear_prepare(gpu, &on_gpu, &err));
+            float *d_x = device_floats(x, nx), *d_y = device_floats(NULL, ny);
+            CHECK_OK(gpu->ops->linear_lora(gpu, &on_gpu, NULL, NULL, 0, d_x, n, d_y));
+            float *h = to_host(d_y, ny);
+            size_t differ = 0, first = ny;
+            for (size_t i = 0; i < ny; i++)
+                if (!(h[i] == y[i])) differ++, first = first < ny ? first : i;
+            char text[64];
+            CHECK_MSG(differ == 0,
+                      "Q tile of %s %d x %d: %zu of %zu values differ (first at %zu: "
+                      "%.9g vs %.9g)",
+                      lq_nf_config_format(&train_configs[c], text, sizeof text), rows, cols, differ,
+                      ny, first, first < ny ? h[first] : 0.0, first < ny ? y[first] : 0.0);
+            gpu->ops->linear_release(gpu, &on_gpu);
+            release(d_x), release(d_y);
+            free(x), free(y), free(q), free(h);
+            lq_linear_free(&w);
+        }
+}
+
+static void matmul_backward_cases(void) {
     const int shapes[][2] = {{37, 53}, {512, 64}, {1000, 288}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t b = 0; b < TOKEN_COUNTS; b++)
@@ -254,11 +342,23 @@ static void test_matmul_backward(void) {
                 CHECK_OK(cpu->ops->matmul_backward(cpu, w, rows, cols, dy, n, dx, accumulate));
                 CHECK_OK(
                     gpu->ops->matmul_backward(gpu, d_w, rows, cols, d_dy, n, d_dx, accumulate));
-                CHECK_DEVICE(d_dx, dx, nx, TOL_FP32, "matmul_backward %d x %d, n %d, accumulate %d",
-                             rows, cols, n, accumulate);
+                CHECK_DEVICE(d_dx, dx, nx, tol_frozen,
+                             "matmul_backward %d x %d, n %d, accumulate %d", rows, cols, n,
+                             accumulate);
                 release(d_w), release(d_dy), release(d_dx);
                 free(w), free(dy), free(dx);
             }
+}
+
+static void test_matmul_backward(void) {
+    frozen_products_fp32();
+    matmul_backward_cases();
+}
+
+static void test_matmul_backward_tf32(void) {
+    frozen_products_tf32();
+    matmul_backward_cases();
+    frozen_products_fp32();
 }
 
 /* ---------- row-wise and element-wise ops ---------- */
@@ -516,7 +616,9 @@ int main(int argc, char **argv) {
     lq_rng_seed(&rng, 20261203);
     static const struct lq_test_case cases[] = {
         LQ_TEST(test_zero_copy),          LQ_TEST(test_linear_dense),
-        LQ_TEST(test_linear_lq),          LQ_TEST(test_matmul_backward),
+        LQ_TEST(test_linear_lq),          LQ_TEST(test_linear_lq_tile_exact),
+        LQ_TEST(test_matmul_backward),    LQ_TEST(test_linear_dense_tf32),
+        LQ_TEST(test_linear_lq_tf32),     LQ_TEST(test_matmul_backward_tf32),
         LQ_TEST(test_rmsnorm_backward),   LQ_TEST(test_rope_backward),
         LQ_TEST(test_swiglu_backward),    LQ_TEST(test_cross_entropy),
         LQ_TEST(test_token_nll),          LQ_TEST(test_sum_squares),

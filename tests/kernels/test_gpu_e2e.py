@@ -26,8 +26,15 @@ DEVICE = os.environ.get("LQ_E2E_DEVICE", "cuda")  # "cpu" only to try this scrip
 TEXT = os.environ.get("LQ_PPL_TEXT", os.path.join(ROOT, "tests", "data", "tinystories_val_subset.txt"))
 
 
-def lqd(*args, timeout=900):
-    return subprocess.run([LQD, *args], capture_output=True, text=True, timeout=timeout)
+def lqd(*args, timeout=900, env=None):
+    return subprocess.run([LQD, *args], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
+
+
+# The training ops' products with frozen weights: TF32 tensor cores by default, SGEMMs with
+# LQ_CUDA_TRAIN_TF32=0. Each GPU run below is compared with the CPU's in both, the SGEMM run
+# at fp32 rounding's bound, the TF32 run at one that 10-bit mantissas leave room for.
+TRAIN_MATH = (("fp32", {"LQ_CUDA_TRAIN_TF32": "0"}), ("tf32", {}))
 
 
 def generate(device, prompt):
@@ -72,47 +79,55 @@ def main():
         with open(train, "w") as f:
             f.writelines(lines)
         losses = {}
-        for device in ("cpu", "cuda"):
+        runs = [("cpu", "cpu", {})] + [("cuda", "cuda " + name, env) for name, env in TRAIN_MATH]
+        for device, label, env in runs:
             started = time.time()
             r = lqd("finetune", "--model", LQ, "--tokenizer", TOKENIZER, "--train", train, "--out",
-                    os.path.join(tmp, "adapter-" + device), "--steps", "20", "--batch-size", "8",
-                    "--seq-len", "128", "--learning-rate", "3e-3", "--json", "--device", device)
-            check(r.returncode == 0, f"finetune on {device}: {r.stderr}")
+                    os.path.join(tmp, "adapter-" + label.replace(" ", "-")), "--steps", "20",
+                    "--batch-size", "8", "--seq-len", "128", "--learning-rate", "3e-3", "--json",
+                    "--device", device, env=env)
+            check(r.returncode == 0, f"finetune on {label}: {r.stderr}")
             events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
             steps = [e for e in events if e.get("train_loss") is not None]
-            losses[device] = [e["train_loss"] for e in steps]
-            print(f"finetune on {device}: {time.time() - started:.1f} s, train loss "
-                  f"{losses[device][0] if steps else None} -> {losses[device][-1] if steps else None}; "
+            losses[label] = [e["train_loss"] for e in steps]
+            print(f"finetune on {label}: {time.time() - started:.1f} s, train loss "
+                  f"{losses[label][0] if steps else None} -> {losses[label][-1] if steps else None}; "
                   f"{r.stderr.strip().splitlines()[:1]}")
-        on_gpu = "running on cuda" in r.stderr and "no training ops" not in r.stderr
-        check(on_gpu, "lqd finetune --device cuda trains on the GPU")
-        check(losses["cpu"] and len(losses["cpu"]) == len(losses["cuda"]) and
-              all(abs(a - b) <= 2e-3 * abs(a) for a, b in zip(losses["cpu"], losses["cuda"])),
-              f"train losses agree: cpu {losses['cpu']} cuda {losses['cuda']}")
+            if device == "cuda":
+                check("running on cuda" in r.stderr and "no training ops" not in r.stderr,
+                      f"lqd finetune --device cuda ({label}) trains on the GPU")
+        for label, bound in (("cuda fp32", 1e-4), ("cuda tf32", 2e-3)):
+            worst = max((abs(a - b) / abs(a) for a, b in zip(losses["cpu"], losses[label])),
+                        default=float("inf"))
+            print(f"train losses, {label} vs cpu: worst relative difference {worst:.2e}")
+            check(losses["cpu"] and len(losses["cpu"]) == len(losses[label]) and worst <= bound,
+                  f"train losses agree: cpu {losses['cpu']} {label} {losses[label]}")
 
         grid = "2,8,fp32,64,256;3,8,fp32,64,256;4,8,fp32,64,256;3,4,bf16,32,64"
         # the Fisher estimate on the GPU (the training ops) equals the CPU's to rounding
         fisher = {}
-        for device in ("cpu", "cuda"):
-            path = os.path.join(tmp, f"fisher-{device}.safetensors")
+        for device, label, env in runs:
+            path = os.path.join(tmp, f"fisher-{label.replace(' ', '-')}.safetensors")
             r = lqd("compress", "--model", HF, "--bits", "3", "--rank", "8", "--configs", grid,
-                    "--out", os.path.join(tmp, f"fisher-model-{device}"), "--no-cache", "--fisher",
-                    train, "--fisher-samples", "32", "--fisher-seq-len", "128", "--fisher-save",
-                    path, "--device", device)
-            check(r.returncode == 0, f"compress --fisher on {device}: {r.stderr}")
+                    "--out", os.path.join(tmp, f"fisher-model-{label.replace(' ', '-')}"),
+                    "--no-cache", "--fisher", train, "--fisher-samples", "32",
+                    "--fisher-seq-len", "128", "--fisher-save", path, "--device", device, env=env)
+            check(r.returncode == 0, f"compress --fisher on {label}: {r.stderr}")
             check(device == "cpu" or "on cuda" in r.stderr, f"Fisher estimated on the GPU: {r.stderr}")
             try:
                 from safetensors.numpy import load_file
-                fisher[device] = load_file(path)
+                fisher[label] = load_file(path)
             except ImportError:
                 print("safetensors is not installed: the Fisher files are not compared")
-        if len(fisher) == 2:
+        if len(fisher) == len(runs):
             import numpy as np
-            worst = max(float(np.linalg.norm(fisher["cuda"][k] - v) / max(np.linalg.norm(v), 1e-30))
-                        for k, v in fisher["cpu"].items())
-            print(f"Fisher: worst relative difference GPU vs CPU over {len(fisher['cpu'])} matrices: {worst:.2e}")
-            check(fisher["cpu"].keys() == fisher["cuda"].keys() and worst <= 1e-3,
-                  f"Fisher on the GPU equals the CPU's: worst relative difference {worst}")
+            for label, bound in (("cuda fp32", 1e-3), ("cuda tf32", 1e-2)):
+                worst = max(float(np.linalg.norm(fisher[label][k] - v) / max(np.linalg.norm(v), 1e-30))
+                            for k, v in fisher["cpu"].items())
+                print(f"Fisher: worst relative difference {label} vs CPU over {len(fisher['cpu'])} "
+                      f"matrices: {worst:.2e}")
+                check(fisher["cpu"].keys() == fisher[label].keys() and worst <= bound,
+                      f"Fisher on the GPU ({label}) equals the CPU's: worst relative difference {worst}")
         outputs = {}
         for device in ("cpu", "cuda"):
             out = os.path.join(tmp, device)
