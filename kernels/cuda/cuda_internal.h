@@ -201,6 +201,15 @@ int lq_cuda_linear_prepare(struct lq_backend *backend, struct lq_linear *linear,
 // they cannot run: cols % 32 == 0, rows·cols < 2^31, and each chunk inside one group, holding
 // whole blocks (B0 = 8, 16) or inside one (B0 % 32 == 0).
 int lq_cuda_blocks_per_chunk(const struct lq_linear *w);
+// y[n, rows] (leading dimension ldy) = x[n, cols] · w[rows, cols]ᵀ + beta · y for row-major
+// fp32 arrays on cuda->stream: on TF32 tensor cores (inputs rounded to 10-bit mantissas, fp32
+// sums) when tf32, else as an SGEMM.
+int lq_cuda_gemm_nt(struct lq_cuda *cuda, bool tf32, const float *w, int rows, int cols,
+                    const float *x, int n, float beta, float *y, int ldy);
+// Whether the low-rank products of the paths whose main product takes fp16 tensor cores
+// (prefill, 17 to 64 tokens) run on TF32 ones: LQ_CUDA_LOWRANK_TF32, read on every call, 0 for
+// SGEMMs, anything else or unset for TF32.
+bool lq_cuda_lowrank_tf32(void);
 // Rows [r0, r0 + count) of an LQ layer's Q, dequantized into tile (count·cols fp32 values,
 // the caller's device memory) on cuda->stream, each value core/nf.c's bit for bit. LQ_EINVAL
 // for a dense layer or rows past the matrix.

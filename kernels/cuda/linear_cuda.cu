@@ -57,7 +57,9 @@
 // (LQ_CUDA_LINEAR_INPUT), then per tile of at most LQ_TILE_BYTES of rows (LQ_CUDA_LINEAR_TILE) Q
 // is dequantized to fp16 (8 values per thread, one 16-byte store) and cublasGemmEx (fp16 inputs,
 // fp32 accumulate and output, tensor cores) writes y straight in place (ldc = rows); then
-// t = x·L2ᵀ and y += t·L1ᵀ as fp32 SGEMMs. Bytes: the packed matrix once, 2·rows·cols·2 of fp16
+// t = x·L2ᵀ and y += t·L1ᵀ from the fp32 factors on TF32 tensor cores, whose 10-bit mantissas
+// are the fp16 product's (LQ_CUDA_LOWRANK_TF32=0: SGEMMs, which at n = 512 took a third of a
+// 4096 x 4096 layer's time on the H200). Bytes: the packed matrix once, 2·rows·cols·2 of fp16
 // tiles (mostly L2), x and y.
 #include <stdint.h>
 #include <stdio.h>
@@ -198,13 +200,30 @@ int lq_cuda_blocks_per_chunk(const struct lq_linear *w) {
 
 // cuBLAS is column-major: y[n, rows] row-major is yᵀ [rows × n] with ld rows, so
 // yᵀ = W · xᵀ with W read transposed from its row-major [rows, cols] storage.
-static int lq_sgemm_nt(struct lq_cuda *cuda, const float *w, int rows, int cols, const float *x,
-                       int n, float beta, float *y, int ldy) {
+int lq_cuda_gemm_nt(struct lq_cuda *cuda, bool tf32, const float *w, int rows, int cols,
+                    const float *x, int n, float beta, float *y, int ldy) {
     const float one = 1.0f;
+    if (tf32) {
+        LQ_CUBLAS_TRY(cublasGemmEx(cuda->cublas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &one, w,
+                                   CUDA_R_32F, cols, x, CUDA_R_32F, cols, &beta, y, CUDA_R_32F, ldy,
+                                   CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT),
+                      "cublasGemmEx (linear, TF32)");
+        return LQ_OK;
+    }
     LQ_CUBLAS_TRY(cublasSgemm(cuda->cublas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &one, w, cols,
                               x, cols, &beta, y, ldy),
                   "cublasSgemm (linear)");
     return LQ_OK;
+}
+
+static int lq_sgemm_nt(struct lq_cuda *cuda, const float *w, int rows, int cols, const float *x,
+                       int n, float beta, float *y, int ldy) {
+    return lq_cuda_gemm_nt(cuda, false, w, rows, cols, x, n, beta, y, ldy);
+}
+
+bool lq_cuda_lowrank_tf32(void) {
+    const char *value = getenv("LQ_CUDA_LOWRANK_TF32");
+    return !(value && strcmp(value, "0") == 0);
 }
 
 // The fast decode kernel's grid: bands of rows x slices of 1024 columns.
@@ -826,10 +845,13 @@ static int lq_prefill(struct lq_cuda *cuda, const struct lq_linear *w,
                                    CUBLAS_GEMM_DEFAULT),
                       "cublasGemmEx (LQ tile)");
     }
-    if (rank > 0) { // y += (x · L2ᵀ) · L1ᵀ in fp32
-        if ((rc = lq_sgemm_nt(cuda, data->lora_A, rank, cols, x, n, 0.0f, (float *)t, rank)))
+    if (rank > 0) { // y += (x · L2ᵀ) · L1ᵀ, fp32 values, TF32 products (lq_cuda_lowrank_tf32)
+        const bool tf32 = lq_cuda_lowrank_tf32();
+        if ((rc = lq_cuda_gemm_nt(cuda, tf32, data->lora_A, rank, cols, x, n, 0.0f, (float *)t,
+                                  rank)))
             return rc;
-        return lq_sgemm_nt(cuda, data->lora_B, rows, rank, (const float *)t, n, 1.0f, y, rows);
+        return lq_cuda_gemm_nt(cuda, tf32, data->lora_B, rows, rank, (const float *)t, n, 1.0f, y,
+                               rows);
     }
     return LQ_OK;
 }

@@ -2,7 +2,8 @@
 // packed Q once per call and never writing a dequantized copy of it anywhere.
 //
 // y[n, rows] = x · Qᵀ + (x · L2ᵀ) · L1ᵀ, with Q packed as core/nf.h lays it out. Per call:
-//   1. (rank > 0) t = x · L2ᵀ [n, rank] with cuBLAS SGEMM, fp32 (as the prefill path does).
+//   1. (rank > 0) t = x · L2ᵀ [n, rank]: up to 16 tokens lq_lowrank_project_kernel (fp32), past
+//      that cuBLAS on TF32 tensor cores, as the prefill path does (LQ_CUDA_LOWRANK_TF32=0: SGEMM).
 //   2. lq_mma_to_half_kernel: x → fp16 once (workspace LQ_CUDA_LINEAR_INPUT).
 //   3. lq_mma_kernel<b0, blocks per chunk, NT>: NT = n padded to 16, 32, 48 or 64 token slots.
 //      Grid (row bands of 256) x (splits of K in k-tiles of 128 columns), 8 warps, as many
@@ -257,11 +258,10 @@ int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
     if (w->rank > 0 && n <= 16) { // t = x · L2ᵀ, fp32, one or two launches of CTAs per rank row
         if ((rc = lq_cuda_lowrank_project(cuda, b->lora_A, w->rank, w->cols, x, n, (float *)t)))
             return rc;
-    } else if (w->rank > 0) { // t = x · L2ᵀ, fp32 (column-major: tᵀ [rank × n] = L2 · xᵀ)
-        const float one = 1.0f, zero = 0.0f;
-        LQ_CUBLAS_TRY(cublasSgemm(cuda->cublas, CUBLAS_OP_T, CUBLAS_OP_N, w->rank, n, w->cols, &one,
-                                  b->lora_A, w->cols, x, w->cols, &zero, (float *)t, w->rank),
-                      "cublasSgemm (LQ low rank)");
+    } else if (w->rank > 0) { // t = x · L2ᵀ, fp32 values, TF32 products (lq_cuda_lowrank_tf32)
+        if ((rc = lq_cuda_gemm_nt(cuda, lq_cuda_lowrank_tf32(), b->lora_A, w->rank, w->cols, x, n,
+                                  0.0f, (float *)t, w->rank)))
+            return rc;
     }
     const int vector_x = ((uintptr_t)x & 15u) == 0; // x_count % 4 == 0: cols % 32 == 0
     LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_mma_to_half_kernel,

@@ -34,11 +34,12 @@
  * that order (LQ_CUDA_PDL), all on fresh backends.
  * --linear-only [LIST] runs only the linear layers alone, at 1, 2 and 4 tokens, once per
  * one-token decode kernel named in LIST (LQ_CUDA_DECODE values, default v1,v2,v3,v4).
+ * --linear-all runs only the linear layers alone, at every batch size (1 to 512 tokens).
  * Usage: bench_cuda [--layers N] [--skip-models] [--skip-decompose] [--only-decompose]
  *                   [--table-sample K] [--variants LIST] [--train] [--train-only]
  *                   [--decode-variants]
  *                   [--decode-kernels LIST] [--decode-pdl DIGITS] [--decode-profile]
- *                   [--linear-only [LIST]] */
+ *                   [--linear-only [LIST]] [--linear-all] */
 #include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
@@ -584,7 +585,7 @@ static int decomposition(struct lq_backend *gpu, int table_sample, const char *v
 
 int main(int argc, char **argv) {
     int layers = 32, skip_decompose = 0, table_sample = 1, skip_models = 0, train = 0;
-    int train_only = 0;
+    int train_only = 0, linear_all = 0;
     int only_decompose = 0;
     /* the old path and the default */
     const char *variants = "householder+fp32+thread-sketch+team-values,default";
@@ -602,6 +603,8 @@ int main(int argc, char **argv) {
             train = 1;
         else if (strcmp(argv[i], "--train-only") == 0)
             train_only = 1;
+        else if (strcmp(argv[i], "--linear-all") == 0)
+            linear_all = 1;
         else if (strcmp(argv[i], "--only-decompose") == 0)
             only_decompose = skip_models = 1;
         else if (strcmp(argv[i], "--table-sample") == 0 && i + 1 < argc)
@@ -683,6 +686,10 @@ int main(int argc, char **argv) {
     if (!only_decompose && linear_alone(gpu, NULL, &err)) {
         fprintf(stderr, "bench_cuda: linear: %s\n", err.message);
         return 1;
+    }
+    if (linear_all) {
+        gpu->ops->destroy(gpu);
+        return 0;
     }
     for (int mixed = 1; mixed >= 0 && !skip_models; mixed--) {
         double bits = 0;

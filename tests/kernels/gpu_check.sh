@@ -184,6 +184,10 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
     TAIL=8 STEP_TIMEOUT=240 step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
     LQ_CUDA_DECODE=v6 TAIL=8 STEP_TIMEOUT=240 step gpu_e2e_v6 python3 \
         "$root/tests/kernels/test_gpu_e2e.py"
+    # the low-rank products of prefill and 17-64 tokens on TF32 (default) and as SGEMMs
+    TAIL=12 STEP_TIMEOUT=90 step bench_linear_lowrank_tf32 "$run/bench_cuda" --linear-all
+    LQ_CUDA_LOWRANK_TF32=0 TAIL=12 STEP_TIMEOUT=90 step bench_linear_lowrank_sgemm \
+        "$run/bench_cuda" --linear-all
     # training's frozen products on TF32 tensor cores, fp32 tiles by the prefill's tile kernel
     TAIL=20 STEP_TIMEOUT=180 step cuda_train_ops "$run/test_cuda_train_ops"
     TAIL=4 STEP_TIMEOUT=120 step bench_train "$run/bench_cuda" --train-only

@@ -488,6 +488,34 @@ static void test_linear_lq_mma(void) {
         }
 }
 
+/* The low-rank products of the prefill path and of the 17-64-token path run on TF32 tensor
+ * cores by default (test_linear_lq checks that); with LQ_CUDA_LOWRANK_TF32=0 as SGEMMs: the
+ * same cases there, a rank large enough that a wrong product shows far above the tolerance. */
+static void test_linear_lq_lowrank_sgemm(void) {
+    const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
+                                           {4, 2, LQ_SCALE_BF16, 8, 5}};
+    const int shapes[][2] = {{300, 1056}, {37, 53}};
+    const int batches[] = {17, 64, 100};
+    setenv("LQ_CUDA_LOWRANK_TF32", "0", 1);
+    for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++)
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+            struct lq_linear w;
+            if (make_lq(shapes[s][0], shapes[s][1], configs[c], 24, &w)) {
+                CHECK(0);
+                continue;
+            }
+            for (size_t b = 0; b < sizeof batches / sizeof batches[0]; b++) {
+                char label[128], text[64];
+                snprintf(label, sizeof label, "LQ %s %d x %d rank %d, low rank as SGEMMs",
+                         lq_nf_config_format(&configs[c], text, sizeof text), w.rows, w.cols,
+                         w.rank);
+                compare_linear(&w, batches[b], TOL_FP16, label);
+            }
+            lq_linear_free(&w);
+        }
+    unsetenv("LQ_CUDA_LOWRANK_TF32");
+}
+
 /* The adapter ops (lowrank_cuda.cu): linear_base (the layer without its own pair) and
  * lowrank_add (y += (x · L2ᵀ) · L1ᵀ with uploaded factors, on a slice of rows as the batched
  * forward pass adds each adapter group's pair), each against the CPU op; and linear_base +
@@ -1233,6 +1261,7 @@ int main(int argc, char **argv) {
         LQ_TEST(test_linear_dense),
         LQ_TEST(test_linear_lq),
         LQ_TEST(test_linear_lq_mma),
+        LQ_TEST(test_linear_lq_lowrank_sgemm),
         LQ_TEST(test_linear_lq_gemv),
         LQ_TEST(test_linear_group),
         LQ_TEST(test_linear_fused),
