@@ -217,7 +217,13 @@ static int request_admit(struct lq_scheduler *s, struct lq_request *r) {
     struct lq_error err = {0};
     int chunk = r->prompt_tokens < LQ_SCHEDULER_PREFILL_CHUNK ? r->prompt_tokens
                                                               : LQ_SCHEDULER_PREFILL_CHUNK;
-    int rc = lq_session_create(r->model->runtime, r->context, chunk, &r->session, &err);
+    /* The session holds the positions this request can reach, its prompt and max_tokens (their
+     * sum was checked against the context at submission), not the whole context: a KV cache
+     * is allocated whole, in device memory on a GPU, and a 7B model's takes 0.5 MiB a position
+     * (2 GiB at 4096): 256 tokens after a 100-token prompt now hold 356 positions, not 4096. */
+    const long reach = (long)r->prompt_tokens + r->max_tokens;
+    const int positions = reach < r->context ? (int)reach : r->context;
+    int rc = lq_session_create(r->model->runtime, positions, chunk, &r->session, &err);
     if (!rc && r->adapter) rc = lq_session_set_adapter(r->session, r->adapter->weights, &err);
     size_t vocab = (size_t)lq_runtime_config(r->model->runtime)->vocab_size;
     if (!rc && s->prefill_capacity < vocab) {

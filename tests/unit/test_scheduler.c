@@ -8,6 +8,7 @@
 #include "tests/unit/lq_test.h"
 
 #include <pthread.h>
+#include <time.h>
 
 static const char *root(void) {
     return getenv("LQ_REPO_ROOT") ? getenv("LQ_REPO_ROOT") : ".";
@@ -339,6 +340,82 @@ static void test_cancel_and_queue_full(void) {
     backend->ops->destroy(backend);
 }
 
+/* The buffers the backend holds while one request of this prompt and max_tokens runs (read
+ * with the scheduler inside the request's second on_text), less those it holds idle; returns
+ * once the scheduler has freed what the request held (after on_finish, and the batch once no
+ * request runs). */
+static long running_buffers(struct lq_backend *backend, struct lq_scheduler *scheduler,
+                            struct lq_served_model *model, int max_tokens) {
+    reset_counters();
+    struct lq_backend_memory idle, running;
+    backend->ops->memory(backend, &idle);
+    struct lq_generate_options options;
+    lq_generate_options_default(&options);
+    options.sampler.temperature = 0;
+    options.max_tokens = max_tokens;
+    static struct collected c;
+    memset(&c, 0, sizeof c);
+    c.gate_at = 2;
+    close_gate();
+    struct lq_request *request = submit(scheduler, model, "Once upon a time", &options, &c, 0);
+    wait_at_gate();
+    backend->ops->memory(backend, &running);
+    open_gate();
+    wait_finished(1);
+    CHECK(c.finishes == 1 && c.error_code == 0 && c.completion_tokens == max_tokens);
+    lq_request_release(request);
+    struct lq_backend_memory after;
+    for (int i = 0; i < 5000; i++) { /* up to 5 s */
+        backend->ops->memory(backend, &after);
+        if (after.buffers == idle.buffers) break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    CHECK_MSG(after.buffers == idle.buffers, "the scheduler still holds %ld bytes of buffers",
+              (long)after.buffers - (long)idle.buffers);
+    return (long)running.buffers - (long)idle.buffers;
+}
+
+/* A request's session holds the positions it can reach (its prompt and max_tokens), not the
+ * whole context: two requests that differ only in max_tokens differ in the KV cache they hold
+ * by exactly that many positions (the CPU backend counts each buffer rounded to 64 bytes, plus
+ * a 64-byte header). */
+static void test_session_holds_request_positions(void) {
+    struct lq_backend *backend = NULL;
+    struct lq_registry *registry = open_registry(&backend);
+    struct lq_served_model *model = lq_registry_get(registry, "stories");
+    struct lq_scheduler_options scheduler_options;
+    lq_scheduler_options_default(&scheduler_options);
+    struct lq_scheduler *scheduler = NULL;
+    CHECK(lq_scheduler_create(&scheduler_options, &scheduler, NULL) == 0);
+    const struct lq_model_config *config = lq_runtime_config(model->runtime);
+    int prompt_tokens = 0;
+    free(encode(model, "Once upon a time", &prompt_tokens));
+    const int short_tokens = 20, long_tokens = 300;
+    const long short_bytes = running_buffers(backend, scheduler, model, short_tokens);
+    const long long_bytes = running_buffers(backend, scheduler, model, long_tokens);
+    const size_t row = (size_t)config->n_kv_heads * config->head_dim * sizeof(float);
+#define CPU_BUFFER(bytes) (64 + ((bytes) + 63) / 64 * 64)
+    const long kv_short =
+        2L * config->n_layers * (long)CPU_BUFFER((size_t)(prompt_tokens + short_tokens) * row);
+    const long kv_long =
+        2L * config->n_layers * (long)CPU_BUFFER((size_t)(prompt_tokens + long_tokens) * row);
+    const long kv_context =
+        2L * config->n_layers * (long)CPU_BUFFER((size_t)config->max_seq_len * row);
+#undef CPU_BUFFER
+    CHECK_MSG(long_bytes - short_bytes == kv_long - kv_short,
+              "max_tokens %d and %d: the sessions' buffers differ by %ld bytes, not the %ld of "
+              "their KV caches",
+              short_tokens, long_tokens, long_bytes - short_bytes, kv_long - kv_short);
+    CHECK_MSG(short_bytes < kv_context,
+              "a request for %d tokens holds %ld bytes, the whole "
+              "context's KV cache is %ld",
+              short_tokens, short_bytes, kv_context);
+    lq_scheduler_free(scheduler);
+    lq_served_model_release(model);
+    lq_registry_free(registry);
+    backend->ops->destroy(backend);
+}
+
 /* Loading a model under a name in use while requests run: the running and queued requests
  * finish on the model they started with, new ones use the new model, and the old model is
  * freed when its last request is done. */
@@ -455,4 +532,5 @@ static void test_free_with_requests_in_flight(void) {
 
 LQ_TEST_MAIN(LQ_TEST(test_concurrent_equals_sequential), LQ_TEST(test_greedy_matches_llama2c),
              LQ_TEST(test_cancel_and_queue_full), LQ_TEST(test_hot_swap),
-             LQ_TEST(test_free_with_requests_in_flight))
+             LQ_TEST(test_free_with_requests_in_flight),
+             LQ_TEST(test_session_holds_request_positions))
