@@ -219,8 +219,8 @@ static int request_admit(struct lq_scheduler *s, struct lq_request *r) {
                                                               : LQ_SCHEDULER_PREFILL_CHUNK;
     /* The session holds the positions this request can reach, its prompt and max_tokens (their
      * sum was checked against the context at submission), not the whole context: a KV cache
-     * is allocated whole, in device memory on a GPU, and a 7B model's takes 0.5 MiB a position
-     * (2 GiB at 4096): 256 tokens after a 100-token prompt now hold 356 positions, not 4096. */
+     * is allocated whole, in device memory on a GPU, and a 7B model's takes 1 MiB a position
+     * (4 GiB at 4096): 256 tokens after a 100-token prompt now hold 356 positions, not 4096. */
     const long reach = (long)r->prompt_tokens + r->max_tokens;
     const int positions = reach < r->context ? (int)reach : r->context;
     int rc = lq_session_create(r->model->runtime, positions, chunk, &r->session, &err);
