@@ -87,6 +87,35 @@ void lq_runtime_free(struct lq_runtime *r) {
     free(r);
 }
 
+/* A session's buffers on the backend: K and V caches per layer, then the activations. */
+enum { SESSION_ACTIVATIONS = 8 };
+struct session_sizes {
+    size_t cache;                           /* bytes of each layer's K (and V) cache */
+    size_t activation[SESSION_ACTIVATIONS]; /* x, h, q, attn, out, gate, up, logits */
+};
+
+static struct session_sizes session_sizes(const struct lq_model_config *c, int context,
+                                          int max_batch) {
+    struct session_sizes z;
+    size_t B = (size_t)max_batch, q_dim = (size_t)c->n_heads * c->head_dim;
+    size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    size_t widest = q_dim > (size_t)c->dim ? q_dim : (size_t)c->dim;
+    z.cache = (size_t)context * kv_dim * sizeof(float);
+    for (int i = 0; i < 5; i++) z.activation[i] = B * widest * sizeof(float);
+    z.activation[5] = z.activation[6] = B * (size_t)c->hidden_dim * sizeof(float);
+    z.activation[7] = B * (size_t)c->vocab_size * sizeof(float);
+    return z;
+}
+
+size_t lq_session_bytes(const struct lq_runtime *runtime, int context, int max_batch) {
+    const struct lq_model_config *c = &runtime->model->config;
+    if (max_batch > context) max_batch = context;
+    const struct session_sizes z = session_sizes(c, context, max_batch);
+    size_t total = 2 * (size_t)c->n_layers * z.cache;
+    for (int i = 0; i < SESSION_ACTIVATIONS; i++) total += z.activation[i];
+    return total;
+}
+
 int lq_session_create(struct lq_runtime *runtime, int context, int max_batch,
                       struct lq_session **out, struct lq_error *err) {
     *out = NULL;
@@ -100,34 +129,21 @@ int lq_session_create(struct lq_runtime *runtime, int context, int max_batch,
     if (!s) return lq_error_set(err, LQ_ENOMEM, "out of memory");
     s->runtime = runtime, s->context = context, s->max_batch = max_batch;
     struct lq_backend *b = runtime->backend;
-    size_t B = (size_t)max_batch, q_dim = (size_t)c->n_heads * c->head_dim;
-    size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    size_t widest = q_dim > (size_t)c->dim ? q_dim : (size_t)c->dim;
+    const struct session_sizes z = session_sizes(c, context, max_batch);
     s->k_cache = calloc((size_t)c->n_layers, sizeof *s->k_cache);
     s->v_cache = calloc((size_t)c->n_layers, sizeof *s->v_cache);
-    s->positions = malloc(B * sizeof *s->positions);
+    s->positions = malloc((size_t)max_batch * sizeof *s->positions);
     int rc = !s->k_cache || !s->v_cache || !s->positions
                  ? lq_error_set(err, LQ_ENOMEM, "out of memory")
                  : 0;
     for (int l = 0; l < c->n_layers && !rc; l++) {
-        rc = b->ops->buffer_alloc(b, (size_t)context * kv_dim * sizeof(float),
-                                  (void **)&s->k_cache[l], err);
-        if (!rc)
-            rc = b->ops->buffer_alloc(b, (size_t)context * kv_dim * sizeof(float),
-                                      (void **)&s->v_cache[l], err);
+        rc = b->ops->buffer_alloc(b, z.cache, (void **)&s->k_cache[l], err);
+        if (!rc) rc = b->ops->buffer_alloc(b, z.cache, (void **)&s->v_cache[l], err);
     }
-    float **buffers[] = {&s->x, &s->h, &s->q, &s->attn, &s->out};
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0] && !rc; i++)
-        rc = b->ops->buffer_alloc(b, B * widest * sizeof(float), (void **)buffers[i], err);
-    if (!rc)
-        rc = b->ops->buffer_alloc(b, B * (size_t)c->hidden_dim * sizeof(float), (void **)&s->gate,
-                                  err);
-    if (!rc)
-        rc = b->ops->buffer_alloc(b, B * (size_t)c->hidden_dim * sizeof(float), (void **)&s->up,
-                                  err);
-    if (!rc)
-        rc = b->ops->buffer_alloc(b, B * (size_t)c->vocab_size * sizeof(float), (void **)&s->logits,
-                                  err);
+    float **buffers[SESSION_ACTIVATIONS] = {&s->x,   &s->h,    &s->q,  &s->attn,
+                                            &s->out, &s->gate, &s->up, &s->logits};
+    for (int i = 0; i < SESSION_ACTIVATIONS && !rc; i++)
+        rc = b->ops->buffer_alloc(b, z.activation[i], (void **)buffers[i], err);
     if (rc) {
         lq_session_free(s);
         return rc;

@@ -26,6 +26,9 @@ const struct lq_model_config *lq_runtime_config(const struct lq_runtime *runtime
 int lq_session_create(struct lq_runtime *runtime, int context, int max_batch,
                       struct lq_session **out, struct lq_error *err);
 void lq_session_free(struct lq_session *session);
+/* The bytes of backend buffers lq_session_create(runtime, context, max_batch) allocates: its
+ * KV caches and activations (what a caller weighs against the device's free memory). */
+size_t lq_session_bytes(const struct lq_runtime *runtime, int context, int max_batch);
 /* Forgets the sequence (the KV cache is overwritten from position 0 on). */
 void lq_session_reset(struct lq_session *session);
 int lq_session_position(const struct lq_session *session);

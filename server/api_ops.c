@@ -62,6 +62,7 @@ void lq_api_metrics(void *app, struct lq_http_request *request) {
         lq_scheduler_stats(api->scheduler, &stats);
         gauges.queued = stats.queued;
         gauges.running = stats.running;
+        gauges.deferred = stats.deferred;
     }
     pthread_rwlock_unlock(&api->scheduler_lock);
     gauges.draining = atomic_load(&api->draining);

@@ -213,6 +213,10 @@ char *lq_metrics_render(struct lq_metrics *m, const struct lq_metrics_gauges *g,
     fprintf(out, "lqd_queue_depth %d\n", g->queued);
     header(out, "lqd_running_sequences", "gauge", "Sequences being decoded.");
     fprintf(out, "lqd_running_sequences %d\n", g->running);
+    header(out, "lqd_admissions_deferred_total", "counter",
+           "Scheduler steps at which the request at the head of the queue could not start: its "
+           "KV cache did not fit the device's memory while other sequences ran.");
+    fprintf(out, "lqd_admissions_deferred_total %llu\n", g->deferred);
     header(out, "lqd_draining", "gauge", "1 while the daemon drains before exiting.");
     fprintf(out, "lqd_draining %d\n", g->draining ? 1 : 0);
     header(out, "lqd_models_loaded", "gauge", "Models being served.");

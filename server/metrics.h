@@ -35,6 +35,7 @@ struct lq_metrics_model {
 };
 struct lq_metrics_gauges {
     int queued, running;
+    unsigned long long deferred; /* the scheduler's count (struct lq_scheduler_stats) */
     int draining;
     const struct lq_metrics_model *models;
     size_t n_models;

@@ -204,16 +204,25 @@ static int request_advance(struct lq_scheduler *s, struct lq_request *r, float *
     return request_take(s, r, token, logprob);
 }
 
-/* Starts a queued request: session, prefill, first token. Returns 1 when it runs on. */
+/* Whether `bytes` more fit under the backend's memory limit (always, where it has none). */
+static int backend_fits(struct lq_backend *backend, size_t bytes) {
+    struct lq_backend_memory m;
+    backend->ops->memory(backend, &m);
+    if (m.limit == 0) return 1;
+    const size_t used = m.weights + m.buffers + m.scratch + m.jobs;
+    return used <= m.limit && bytes <= m.limit - used;
+}
+
+/* request_admit's answers. */
+enum { ADMIT_FINISHED = 0, ADMIT_RUNNING = 1, ADMIT_DEFERRED = 2 };
+
+/* Starts a queued request: session, prefill, first token. ADMIT_RUNNING when it runs on,
+ * ADMIT_FINISHED when it has ended (refused, failed or done), ADMIT_DEFERRED when its session
+ * does not fit the device's memory while other requests run: it goes back to the head of the
+ * queue untouched and starts when they have freed enough (alone, it fails with the backend's
+ * out-of-memory error instead). */
 static int request_admit(struct lq_scheduler *s, struct lq_request *r) {
-    if (request_interrupted(s, r, monotonic_seconds())) return 0;
-    pthread_mutex_lock(&s->lock);
-    s->stats.prompt_tokens += (unsigned long long)r->prompt_tokens;
-    pthread_mutex_unlock(&s->lock);
-    if (r->max_tokens == 0) {
-        request_finish(s, r, LQ_FINISH_LENGTH, NULL);
-        return 0;
-    }
+    if (request_interrupted(s, r, monotonic_seconds())) return ADMIT_FINISHED;
     struct lq_error err = {0};
     int chunk = r->prompt_tokens < LQ_SCHEDULER_PREFILL_CHUNK ? r->prompt_tokens
                                                               : LQ_SCHEDULER_PREFILL_CHUNK;
@@ -223,7 +232,24 @@ static int request_admit(struct lq_scheduler *s, struct lq_request *r) {
      * (4 GiB at 4096): 256 tokens after a 100-token prompt now hold 356 positions, not 4096. */
     const long reach = (long)r->prompt_tokens + r->max_tokens;
     const int positions = reach < r->context ? (int)reach : r->context;
-    int rc = lq_session_create(r->model->runtime, positions, chunk, &r->session, &err);
+    int rc = LQ_OK;
+    if (r->max_tokens > 0) {
+        struct lq_runtime *runtime = r->model->runtime;
+        /* weighed first: a session that fails half-way frees what it got, and on a GPU each
+         * free waits for the device */
+        if (s->running_count > 0 &&
+            !backend_fits(r->model->backend, lq_session_bytes(runtime, positions, chunk)))
+            return ADMIT_DEFERRED;
+        rc = lq_session_create(runtime, positions, chunk, &r->session, &err);
+        if (rc == LQ_ENOMEM && s->running_count > 0) return ADMIT_DEFERRED;
+    }
+    pthread_mutex_lock(&s->lock);
+    s->stats.prompt_tokens += (unsigned long long)r->prompt_tokens;
+    pthread_mutex_unlock(&s->lock);
+    if (r->max_tokens == 0) {
+        request_finish(s, r, LQ_FINISH_LENGTH, NULL);
+        return ADMIT_FINISHED;
+    }
     if (!rc && r->adapter) rc = lq_session_set_adapter(r->session, r->adapter->weights, &err);
     size_t vocab = (size_t)lq_runtime_config(r->model->runtime)->vocab_size;
     if (!rc && s->prefill_capacity < vocab) {
@@ -243,11 +269,11 @@ static int request_admit(struct lq_scheduler *s, struct lq_request *r) {
     }
     if (rc) {
         request_finish(s, r, LQ_FINISH_STOP, &err);
-        return 0;
+        return ADMIT_FINISHED;
     }
     free(r->prompt); /* history keeps a copy */
     r->prompt = NULL;
-    return !request_advance(s, r, s->prefill_logits);
+    return request_advance(s, r, s->prefill_logits) ? ADMIT_FINISHED : ADMIT_RUNNING;
 }
 
 static struct model_batch *model_batch_get(struct lq_scheduler *s, struct lq_served_model *model,
@@ -416,6 +442,21 @@ static void queue_take(struct lq_scheduler *s, int slots, double now, struct lq_
     s->stats.queued = s->queued;
 }
 
+/* Puts a list of requests taken by queue_take back at the head of the queue, in its order. */
+static void queue_return(struct lq_scheduler *s, struct lq_request *list) {
+    if (!list) return;
+    int count = 1;
+    struct lq_request *last = list;
+    for (; last->next; last = last->next) count++;
+    pthread_mutex_lock(&s->lock);
+    last->next = s->head;
+    if (!s->head) s->tail = last;
+    s->head = list;
+    s->queued += count;
+    s->stats.queued = s->queued;
+    pthread_mutex_unlock(&s->lock);
+}
+
 /* Finishes every request of a list (each with error when given, else by its own state). */
 static void finish_list(struct lq_scheduler *s, struct lq_request *list, int code,
                         const char *message) {
@@ -461,7 +502,16 @@ static void *scheduler_main(void *argument) {
             struct lq_request *r = admitted;
             admitted = r->next;
             r->next = NULL;
-            if (request_admit(s, r)) s->running[s->running_count++] = r;
+            const int state = request_admit(s, r);
+            if (state == ADMIT_RUNNING) s->running[s->running_count++] = r;
+            if (state == ADMIT_DEFERRED) { /* it and those after it wait, in order */
+                r->next = admitted;
+                queue_return(s, r);
+                pthread_mutex_lock(&s->lock);
+                s->stats.deferred++;
+                pthread_mutex_unlock(&s->lock);
+                break;
+            }
         }
         decode_step(s);
     }

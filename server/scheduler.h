@@ -85,6 +85,9 @@ struct lq_scheduler_stats {
     int queued, running;
     unsigned long long prompt_tokens, completion_tokens, requests_finished;
     unsigned long long decode_steps; /* lq_forward_batch calls */
+    /* admissions put off because the request's session did not fit the device's memory while
+     * others ran (the request waited at the head of the queue) */
+    unsigned long long deferred;
 };
 void lq_scheduler_stats(struct lq_scheduler *scheduler, struct lq_scheduler_stats *out);
 

@@ -416,6 +416,105 @@ static void test_session_holds_request_positions(void) {
     backend->ops->destroy(backend);
 }
 
+/* A CPU backend with a memory limit (its ops swapped for a copy whose buffer_alloc refuses
+ * past limited_budget and whose memory() reports it as the limit), as a GPU's --gpu-memory
+ * is. */
+static size_t limited_budget;
+static const struct lq_backend_ops *cpu_ops_of_limited;
+static int limited_buffer_alloc(struct lq_backend *backend, size_t bytes, void **out,
+                                struct lq_error *err) {
+    struct lq_backend_memory m;
+    cpu_ops_of_limited->memory(backend, &m);
+    if (m.buffers + m.weights + bytes > limited_budget) {
+        *out = NULL;
+        return lq_error_set(err, LQ_ENOMEM, "a %zu-byte buffer does not fit the test's budget",
+                            bytes);
+    }
+    return cpu_ops_of_limited->buffer_alloc(backend, bytes, out, err);
+}
+static void limited_memory(struct lq_backend *backend, struct lq_backend_memory *out) {
+    cpu_ops_of_limited->memory(backend, out);
+    out->limit = limited_budget;
+}
+static void limit_backend(struct lq_backend *backend) {
+    static struct lq_backend_ops ops;
+    cpu_ops_of_limited = backend->ops;
+    ops = *backend->ops;
+    ops.buffer_alloc = limited_buffer_alloc;
+    ops.memory = limited_memory;
+    limited_budget = (size_t)-1 / 2;
+    backend->ops = &ops;
+}
+
+/* Requests whose sessions do not all fit the device's memory wait at the head of the queue
+ * while others run, then run: with room for two sessions, five requests admitted together
+ * all finish without error and with the text each gives alone, and admissions were put off.
+ * A request that does not fit even alone fails with the out-of-memory error. */
+static void test_admission_waits_for_memory(void) {
+    reset_counters();
+    struct lq_backend *backend = NULL;
+    struct lq_registry *registry = open_registry(&backend);
+    limit_backend(backend); /* its limit far away until measured */
+    struct lq_served_model *model = lq_registry_get(registry, "stories");
+    struct lq_scheduler_options scheduler_options;
+    lq_scheduler_options_default(&scheduler_options);
+    scheduler_options.max_running = 5;
+    struct lq_scheduler *scheduler = NULL;
+    CHECK(lq_scheduler_create(&scheduler_options, &scheduler, NULL) == 0);
+    const char *prompt = "Once upon a time";
+    const int max_tokens = 60;
+    int prompt_tokens = 0;
+    free(encode(model, prompt, &prompt_tokens));
+    struct lq_generate_options options;
+    lq_generate_options_default(&options);
+    options.sampler.temperature = 0;
+    options.max_tokens = max_tokens;
+    struct collected want;
+    generate_alone(model, prompt, &options, &want); /* before the budget: a whole context */
+    /* one request holds the batch's buffers and its session; allow one session more, and half
+     * of a third (each buffer rounded up to 64 bytes plus a 64-byte header besides) */
+    struct lq_backend_memory idle;
+    backend->ops->memory(backend, &idle);
+    const long one = running_buffers(backend, scheduler, model, max_tokens);
+    const size_t session =
+        lq_session_bytes(model->runtime, prompt_tokens + max_tokens, prompt_tokens) +
+        128 * (2 * (size_t)lq_runtime_config(model->runtime)->n_layers + 8);
+    limited_budget = idle.buffers + idle.weights + (size_t)one + session + session / 2;
+
+    enum { N = 5 };
+    static struct collected got[N];
+    struct lq_request *requests[N];
+    reset_counters();
+    for (int i = 0; i < N; i++) {
+        memset(&got[i], 0, sizeof got[i]);
+        requests[i] = submit(scheduler, model, prompt, &options, &got[i], 0);
+    }
+    wait_finished(N);
+    for (int i = 0; i < N; i++) {
+        check_same(&got[i], &want, i);
+        lq_request_release(requests[i]);
+    }
+    struct lq_scheduler_stats stats;
+    lq_scheduler_stats(scheduler, &stats);
+    CHECK_MSG(stats.deferred > 0, "no admission was put off");
+    CHECK(stats.queued == 0);
+
+    /* alone and still too large: refused with the backend's error, not kept waiting */
+    limited_budget = idle.buffers + idle.weights + session / 2;
+    static struct collected alone;
+    memset(&alone, 0, sizeof alone);
+    reset_counters();
+    struct lq_request *request = submit(scheduler, model, prompt, &options, &alone, 0);
+    wait_finished(1);
+    CHECK_MSG(alone.finishes == 1 && alone.error_code == LQ_ENOMEM,
+              "a session too large for the device: error %d", alone.error_code);
+    lq_request_release(request);
+    lq_scheduler_free(scheduler);
+    lq_served_model_release(model);
+    lq_registry_free(registry);
+    backend->ops->destroy(backend);
+}
+
 /* Loading a model under a name in use while requests run: the running and queued requests
  * finish on the model they started with, new ones use the new model, and the old model is
  * freed when its last request is done. */
@@ -533,4 +632,5 @@ static void test_free_with_requests_in_flight(void) {
 LQ_TEST_MAIN(LQ_TEST(test_concurrent_equals_sequential), LQ_TEST(test_greedy_matches_llama2c),
              LQ_TEST(test_cancel_and_queue_full), LQ_TEST(test_hot_swap),
              LQ_TEST(test_free_with_requests_in_flight),
-             LQ_TEST(test_session_holds_request_positions))
+             LQ_TEST(test_session_holds_request_positions),
+             LQ_TEST(test_admission_waits_for_memory))
