@@ -9,6 +9,7 @@
 #define LQ_CUDA_INTERNAL_H
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
@@ -36,6 +37,7 @@ enum lq_cuda_slot {
     LQ_CUDA_ATTENTION,    // attention partial results
     LQ_CUDA_FUSED_INPUT,  // linear_fused's input, where its kernels cannot take the op before
     LQ_CUDA_FUSED_OUTPUT, // linear_fused's result before its add, likewise
+    LQ_CUDA_TRAIN_INPUT,  // training's bf16 copy of x or dy for the bf16 products
     LQ_CUDA_SLOT_COUNT
 };
 
@@ -216,6 +218,10 @@ bool lq_cuda_lowrank_tf32(void);
 int lq_cuda_dequant_rows_f32(struct lq_cuda *cuda, const struct lq_linear *w,
                              const struct lq_cuda_linear_data *data, size_t r0, size_t count,
                              float *tile);
+// The same rounded to bf16 (the fp32 value's nearest).
+int lq_cuda_dequant_rows_bf16(struct lq_cuda *cuda, const struct lq_linear *w,
+                              const struct lq_cuda_linear_data *data, size_t r0, size_t count,
+                              __nv_bfloat16 *tile);
 // Whether programmatic dependent launch works here: a Hopper device and code compiled for it.
 int lq_cuda_pdl_supported(struct lq_cuda *cuda);
 void lq_cuda_linear_release(struct lq_backend *backend, struct lq_linear *linear);

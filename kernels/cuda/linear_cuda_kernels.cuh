@@ -4,6 +4,7 @@
 #ifndef LQ_LINEAR_CUDA_KERNELS_CUH
 #define LQ_LINEAR_CUDA_KERNELS_CUH
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -648,7 +649,7 @@ __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiles of Q: fp16 for prefill's tensor-core GEMMs, fp32 for training (train_cuda.cu).
+// Tiles of Q: fp16 for prefill's tensor-core GEMMs, fp32 or bf16 for training (train_cuda.cu).
 
 // A block scale for an fp32 tile: core/nf.c's offset + code·gs / levels with its IEEE
 // division, so a training tile is the CPU's bit for bit (an fp16 tile takes lq_block_scale).
@@ -663,9 +664,26 @@ __device__ __forceinline__ void lq_tile_store(__half *tile, size_t i, float v) {
 __device__ __forceinline__ void lq_tile_store(float *tile, size_t i, float v) {
     tile[i] = v;
 }
+__device__ __forceinline__ void lq_tile_store(__nv_bfloat16 *tile, size_t i, float v) {
+    tile[i] = __float2bfloat16_rn(v);
+}
+
+// Two values rounded to a 16-bit type, packed as one 32-bit word (the first in the low half).
+__device__ __forceinline__ uint32_t lq_tile_pair(const __half *, float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    uint32_t word;
+    memcpy(&word, &h, sizeof word);
+    return word;
+}
+__device__ __forceinline__ uint32_t lq_tile_pair(const __nv_bfloat16 *, float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    uint32_t word;
+    memcpy(&word, &h, sizeof word);
+    return word;
+}
 
 // 8 consecutive values (one block: B0 % 8 == 0, cols % 8 == 0) per thread: one 16-byte store
-// of fp16 values, two of fp32.
+// of fp16 or bf16 values, two of fp32.
 template <int BITS, typename T>
 __global__ void __launch_bounds__(256)
     lq_dequant_tile_kernel(const __grid_constant__ lq_packed q, uint32_t first_octet,
@@ -703,11 +721,9 @@ __global__ void __launch_bounds__(256)
             out[0] = make_float4(v[0], v[1], v[2], v[3]);
             out[1] = make_float4(v[4], v[5], v[6], v[7]);
         } else {
-            __half2 out[4];
-#pragma unroll
-            for (int k = 0; k < 4; k++) out[k] = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
-            uint4 packed;
-            memcpy(&packed, out, sizeof packed);
+            const uint4 packed =
+                make_uint4(lq_tile_pair(tile, v[0], v[1]), lq_tile_pair(tile, v[2], v[3]),
+                           lq_tile_pair(tile, v[4], v[5]), lq_tile_pair(tile, v[6], v[7]));
             *((uint4 *)tile + g) = packed;
         }
     }

@@ -2,28 +2,28 @@
 // attention_backward (its own file). The CPU's versions (kernels/cpu/train_cpu.c) are the
 // reference; these keep fp32 (and double where the CPU sums in double) throughout, so a
 // training step agrees with the CPU's within fp32 rounding (tests/kernels/test_cuda_train_ops.c),
-// except where the products with a frozen weight take TF32 (below).
+// except where the products with a frozen weight take TF32 or bf16 (below).
 //
 //   - Matrix products are cuBLAS GEMMs on cuda->stream. Row-major arrays are their
 //     column-major transposes, so C = op(A)·op(B) is computed as Cᵀ = op(B)ᵀ·op(A)ᵀ
 //     (lq_train_gemm). The products with a layer's frozen weight (y = x·Wᵀ, dx = dy·W: almost
-//     all of a LoRA step's flops) run on TF32 tensor cores unless LQ_CUDA_TRAIN_TF32=0, as
-//     LoRA trainers run them in bf16; the trained pair's products and the weights' gradients
-//     are SGEMMs.
-//   - LQ layers (linear_lora, and dx of linear_backward): Q is dequantized into fp32 tiles of
-//     at most LQ_TRAIN_TILE_BYTES in the LQ_CUDA_LINEAR_TILE workspace by the prefill's tile
-//     kernel (lq_cuda_dequant_rows_f32, linear_cuda.cu: 8 values a thread, 32-bit index
-//     arithmetic), each value core/nf.c's bit for bit, then one GEMM per tile. Never a whole
-//     dense Q.
+//     all of a LoRA step's flops) run on TF32 tensor cores by default, in bf16 or as SGEMMs
+//     by LQ_CUDA_TRAIN_MATH (frozen_products_math); the trained pair's products and the
+//     weights' gradients are SGEMMs.
+//   - LQ layers (linear_lora, and dx of linear_backward): Q is dequantized into tiles of at
+//     most LQ_TRAIN_TILE_BYTES in the LQ_CUDA_LINEAR_TILE workspace by the prefill's tile
+//     kernel (lq_cuda_dequant_rows_f32 / _bf16, linear_cuda.cu: 8 values a thread, 32-bit
+//     index arithmetic), fp32 values core/nf.c's bit for bit (bf16: those rounded), then one
+//     GEMM per tile. Never a whole dense Q.
 //   - Row reductions (rmsnorm_backward, cross_entropy): one block per row, double sums.
 //   - sum_squares: per 65536-value chunk a double partial (one block, a fixed reduction tree),
 //     the partials summed on the host in chunk order: the same bits on every run.
 //   - Host arguments (positions, targets, mask) are staged through lq_cuda_stage; results
 //     for the host (loss, sum of squares) are copied back and the stream synchronized.
 // Workspaces: LQ_CUDA_LINEAR_TILE (Q tiles), LQ_CUDA_LOWRANK (t = x·L2ᵀ), LQ_CUDA_LINEAR_INPUT
-// (u = dy·L1), LQ_CUDA_STAGE_0..2 (staged arguments, per-row losses, partial sums). Each op
-// takes every workspace it needs before it queues anything, so none is regrown under a queued
-// kernel.
+// (u = dy·L1), LQ_CUDA_TRAIN_INPUT (bf16 x or dy), LQ_CUDA_STAGE_0..2 (staged arguments, per-row
+// losses, partial sums). Each op takes every workspace it needs before it queues anything, so none
+// is regrown under a queued kernel.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -67,21 +67,59 @@ int lq_train_gemm(struct lq_cuda *cuda, bool tf32, bool trans_a, bool trans_b, i
     return LQ_OK;
 }
 
-// Whether the products with a layer's frozen weight (Q tiles or a dense W: y = x·Wᵀ and
-// dx = dy·W) run on TF32 tensor cores: LQ_CUDA_TRAIN_TF32, read on every call, 0 for SGEMMs
-// (the CPU's results to fp32 rounding), anything else or unset for TF32. The trained pair's
-// products and every gradient of a weight stay SGEMMs: they are a rank's width and take the
-// updates' precision.
-bool frozen_products_tf32(void) {
-    const char *value = getenv("LQ_CUDA_TRAIN_TF32");
-    return !(value && strcmp(value, "0") == 0);
+// C[m, n] = alpha · op(A) · op(B) + beta · C as lq_train_gemm, with A and B in bf16 and C in
+// fp32 (bf16 tensor cores, fp32 sums).
+int lq_train_gemm_bf16(struct lq_cuda *cuda, bool trans_a, bool trans_b, int m, int n, int k,
+                       float alpha, const __nv_bfloat16 *a, int lda, const __nv_bfloat16 *b,
+                       int ldb, float beta, float *c, int ldc) {
+    if (m <= 0 || n <= 0 || k <= 0) return LQ_OK;
+    LQ_CUBLAS_TRY(cublasGemmEx(cuda->cublas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                               trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, CUDA_R_16BF,
+                               ldb, a, CUDA_R_16BF, lda, &beta, c, CUDA_R_32F, ldc,
+                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                  "cublasGemmEx (training, bf16)");
+    return LQ_OK;
 }
 
-// Rows of Q per fp32 tile.
-size_t tile_rows(const struct lq_linear *w) {
-    size_t step = LQ_TRAIN_TILE_BYTES / ((size_t)w->cols * sizeof(float));
+// How the products with a layer's frozen weight (Q tiles or a dense W: y = x·Wᵀ and
+// dx = dy·W, almost all of a LoRA step's flops) run: LQ_CUDA_TRAIN_MATH, read on every call.
+//   fp32: SGEMMs on fp32 tiles of Q (the CPU's results to fp32 rounding);
+//   tf32 (the default, also for anything unrecognised): TF32 tensor cores on the same tiles;
+//   bf16: Q's tiles and the activations (x, dy) rounded to bf16, bf16 tensor cores with fp32
+//         sums, as QLoRA computes; dense weights (and the head) take TF32 there, which needs no
+//         copy of them.
+// The trained pair's products and every gradient of a weight stay SGEMMs: they are a rank's
+// width and take the updates' precision.
+enum train_math { TRAIN_FP32, TRAIN_TF32, TRAIN_BF16 };
+
+train_math frozen_products_math(void) {
+    const char *value = getenv("LQ_CUDA_TRAIN_MATH");
+    if (value && strcmp(value, "fp32") == 0) return TRAIN_FP32;
+    if (value && strcmp(value, "bf16") == 0) return TRAIN_BF16;
+    return TRAIN_TF32;
+}
+
+// Rows of Q per tile of values of `bytes` each.
+size_t tile_rows(const struct lq_linear *w, size_t bytes) {
+    size_t step = LQ_TRAIN_TILE_BYTES / ((size_t)w->cols * bytes);
     if (step < 1) step = 1;
     return step < (size_t)w->rows ? step : (size_t)w->rows;
+}
+
+__global__ void __launch_bounds__(LQ_TRAIN_THREADS)
+    lq_train_to_bf16_kernel(const float *x, size_t count, __nv_bfloat16 *out) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16_rn(x[i]);
+}
+
+// A bf16 copy of count fp32 values in workspace LQ_CUDA_TRAIN_INPUT (taken by the caller with
+// its other workspaces, at least count values).
+int to_bf16(struct lq_cuda *cuda, const float *x, size_t count, __nv_bfloat16 *out) {
+    lq_train_to_bf16_kernel<<<grid_for(cuda, count), LQ_TRAIN_THREADS, 0, cuda->stream>>>(x, count,
+                                                                                          out);
+    LQ_CUDA_LAUNCHED("lq_train_to_bf16_kernel");
+    return LQ_OK;
 }
 
 const struct lq_cuda_linear_data *prepared(const struct lq_linear *w) {
@@ -103,25 +141,38 @@ int linear_lora(struct lq_backend *backend, const struct lq_linear *w, const flo
     if (!data || n < 0 || rank < 0 || (rank > 0 && (!L1 || !L2))) return LQ_EINVAL;
     if (n == 0) return LQ_OK;
     const int rows = w->rows, cols = w->cols;
-    const bool tf32 = frozen_products_tf32();
+    const train_math math = frozen_products_math();
+    const bool tf32 = math != TRAIN_FP32, bf16 = math == TRAIN_BF16;
     int rc;
     if (!w->is_lq) {
         if ((rc = lq_train_gemm(cuda, tf32, false, true, n, rows, cols, 1.0f, x, cols, data->dense,
                                 cols, 0.0f, y, rows)))
             return rc;
     } else {
-        // y[:, tile] = x · tileᵀ, tile by tile in fp32 (not linear()'s fp16 tensor-core tiles)
-        const size_t step = tile_rows(w);
-        void *tile = NULL;
-        if ((rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, step * (size_t)cols * sizeof(float),
-                               &tile)))
+        // y[:, tile] = x · tileᵀ, tile by tile in fp32 or bf16 (not linear()'s fp16 tiles)
+        const size_t value_bytes = bf16 ? sizeof(__nv_bfloat16) : sizeof(float);
+        const size_t step = tile_rows(w, value_bytes);
+        void *tile = NULL, *x16 = NULL;
+        if ((rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, step * (size_t)cols * value_bytes,
+                               &tile)) ||
+            (bf16 && (rc = lq_cuda_slot(cuda, LQ_CUDA_TRAIN_INPUT,
+                                        (size_t)n * cols * sizeof(__nv_bfloat16), &x16))) ||
+            (bf16 && (rc = to_bf16(cuda, x, (size_t)n * cols, (__nv_bfloat16 *)x16))))
             return rc;
         for (size_t r0 = 0; r0 < (size_t)rows; r0 += step) {
             const size_t count = (size_t)rows - r0 < step ? (size_t)rows - r0 : step;
-            if ((rc = lq_cuda_dequant_rows_f32(cuda, w, data, r0, count, (float *)tile)) ||
-                (rc = lq_train_gemm(cuda, tf32, false, true, n, (int)count, cols, 1.0f, x, cols,
-                                    (const float *)tile, cols, 0.0f, y + r0, rows)))
-                return rc;
+            if (bf16)
+                rc = lq_cuda_dequant_rows_bf16(cuda, w, data, r0, count, (__nv_bfloat16 *)tile);
+            else
+                rc = lq_cuda_dequant_rows_f32(cuda, w, data, r0, count, (float *)tile);
+            if (!rc && bf16)
+                rc = lq_train_gemm_bf16(cuda, false, true, n, (int)count, cols, 1.0f,
+                                        (const __nv_bfloat16 *)x16, cols,
+                                        (const __nv_bfloat16 *)tile, cols, 0.0f, y + r0, rows);
+            else if (!rc)
+                rc = lq_train_gemm(cuda, tf32, false, true, n, (int)count, cols, 1.0f, x, cols,
+                                   (const float *)tile, cols, 0.0f, y + r0, rows);
+            if (rc) return rc;
         }
         if (w->rank > 0 && (rc = lq_cuda_lowrank_add(backend, data->lora_B, data->lora_A, rows,
                                                      cols, w->rank, x, n, y)))
@@ -140,16 +191,20 @@ int linear_backward(struct lq_backend *backend, const struct lq_linear *w, const
     if (dW && w->is_lq) return LQ_EINVAL; // a quantized weight has no gradient here
     if (n == 0) return LQ_OK;
     const int rows = w->rows, cols = w->cols, own = w->is_lq ? w->rank : 0;
-    const size_t step = w->is_lq ? tile_rows(w) : 0;
-    const bool tf32 = frozen_products_tf32();
+    const train_math math = frozen_products_math();
+    const bool tf32 = math != TRAIN_FP32, bf16 = math == TRAIN_BF16 && w->is_lq && dx;
+    const size_t value_bytes = bf16 ? sizeof(__nv_bfloat16) : sizeof(float);
+    const size_t step = w->is_lq ? tile_rows(w, value_bytes) : 0;
 
     // Workspaces first, at their largest: nothing regrows under a queued kernel.
-    void *tile = NULL, *t = NULL, *u = NULL;
+    void *tile = NULL, *t = NULL, *u = NULL, *dy16 = NULL;
     const int thin = own > rank ? own : rank;
     int rc;
     if ((dx && w->is_lq &&
-         (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, step * (size_t)cols * sizeof(float),
-                            &tile))) ||
+         (rc =
+              lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, step * (size_t)cols * value_bytes, &tile))) ||
+        (bf16 && (rc = lq_cuda_slot(cuda, LQ_CUDA_TRAIN_INPUT,
+                                    (size_t)n * rows * sizeof(__nv_bfloat16), &dy16))) ||
         (rank > 0 &&
          (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, (size_t)n * rank * sizeof(float), &t))) ||
         (thin > 0 &&
@@ -164,12 +219,21 @@ int linear_backward(struct lq_backend *backend, const struct lq_linear *w, const
         if (!accumulate_dx)
             LQ_CUDA_TRY(cudaMemsetAsync(dx, 0, (size_t)n * cols * sizeof(float), cuda->stream),
                         "cudaMemsetAsync (dx)");
+        if (bf16 && (rc = to_bf16(cuda, dy, (size_t)n * rows, (__nv_bfloat16 *)dy16))) return rc;
         for (size_t r0 = 0; r0 < (size_t)rows; r0 += step) { // dx += dy[:, tile] · Q[tile]
             const size_t count = (size_t)rows - r0 < step ? (size_t)rows - r0 : step;
-            if ((rc = lq_cuda_dequant_rows_f32(cuda, w, data, r0, count, (float *)tile)) ||
-                (rc = lq_train_gemm(cuda, tf32, false, false, n, cols, (int)count, 1.0f, dy + r0,
-                                    rows, (const float *)tile, cols, 1.0f, dx, cols)))
-                return rc;
+            if (bf16)
+                rc = lq_cuda_dequant_rows_bf16(cuda, w, data, r0, count, (__nv_bfloat16 *)tile);
+            else
+                rc = lq_cuda_dequant_rows_f32(cuda, w, data, r0, count, (float *)tile);
+            if (!rc && bf16)
+                rc = lq_train_gemm_bf16(cuda, false, false, n, cols, (int)count, 1.0f,
+                                        (const __nv_bfloat16 *)dy16 + r0, rows,
+                                        (const __nv_bfloat16 *)tile, cols, 1.0f, dx, cols);
+            else if (!rc)
+                rc = lq_train_gemm(cuda, tf32, false, false, n, cols, (int)count, 1.0f, dy + r0,
+                                   rows, (const float *)tile, cols, 1.0f, dx, cols);
+            if (rc) return rc;
         }
         if (own > 0) { // the frozen pair: dx += (dy · lora_B) · lora_A
             if ((rc = lq_train_gemm(cuda, false, false, false, n, own, rows, 1.0f, dy, rows,
@@ -205,8 +269,8 @@ int linear_backward(struct lq_backend *backend, const struct lq_linear *w, const
 int matmul_backward(struct lq_backend *backend, const float *w, int rows, int cols, const float *dy,
                     int n, float *dx, int accumulate) {
     if (n < 0 || rows < 0 || cols < 0) return LQ_EINVAL;
-    return lq_train_gemm(lq_cuda_of(backend), frozen_products_tf32(), false, false, n, cols, rows,
-                         1.0f, dy, rows, w, cols, accumulate ? 1.0f : 0.0f, dx, cols);
+    return lq_train_gemm(lq_cuda_of(backend), frozen_products_math() != TRAIN_FP32, false, false, n,
+                         cols, rows, 1.0f, dy, rows, w, cols, accumulate ? 1.0f : 0.0f, dx, cols);
 }
 
 // ---------------------------------------------------------------------------------------------

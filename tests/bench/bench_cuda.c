@@ -314,18 +314,18 @@ static int linear_alone(struct lq_backend *gpu, const char *decode_variants, str
 
 /* LoRA training (LQ init: every L1, L2 trained, Q frozen) of the model on the GPU: tokens/s of
  * optimizer steps of 8 rows x 256 tokens (micro-batches of 2), after one warm-up step; once
- * with the frozen weights' products as SGEMMs (LQ_CUDA_TRAIN_TF32=0), once on TF32 tensor
- * cores (the default). */
+ * per way the frozen weights' products run (LQ_CUDA_TRAIN_MATH): as SGEMMs, on TF32 tensor
+ * cores (the default) and in bf16. */
 static int training(struct lq_backend *gpu, struct lq_model *m, struct lq_error *err) {
-    static const char *const modes[][2] = {{"fp32", "0"}, {"tf32", NULL}};
-    const char *saved = getenv("LQ_CUDA_TRAIN_TF32");
+    static const char *const modes[][2] = {{"fp32", "fp32"}, {"tf32", NULL}, {"bf16", "bf16"}};
+    const char *saved = getenv("LQ_CUDA_TRAIN_MATH");
     char *restore = saved ? strdup(saved) : NULL;
     int rc = 0;
     for (size_t mode = 0; mode < sizeof modes / sizeof modes[0] && !rc; mode++) {
         if (modes[mode][1])
-            setenv("LQ_CUDA_TRAIN_TF32", modes[mode][1], 1);
+            setenv("LQ_CUDA_TRAIN_MATH", modes[mode][1], 1);
         else
-            unsetenv("LQ_CUDA_TRAIN_TF32");
+            unsetenv("LQ_CUDA_TRAIN_MATH");
         struct lq_train_options o;
         lq_train_options_default(&o);
         o.seq_len = 256, o.micro_batch = 2, o.learning_rate = 1e-4;
@@ -357,9 +357,9 @@ static int training(struct lq_backend *gpu, struct lq_model *m, struct lq_error 
         lq_trainer_free(trainer);
     }
     if (restore)
-        setenv("LQ_CUDA_TRAIN_TF32", restore, 1);
+        setenv("LQ_CUDA_TRAIN_MATH", restore, 1);
     else
-        unsetenv("LQ_CUDA_TRAIN_TF32");
+        unsetenv("LQ_CUDA_TRAIN_MATH");
     free(restore);
     return rc;
 }

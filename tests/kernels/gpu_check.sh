@@ -163,7 +163,7 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
     # the CPU (linear_group, RoPE in attention, the attention kernels, graphs, end to end), the
     # step with none of the grouping, RoPE fusion and fusion, PDL off, the tile attention
     # kernel, each layer alone (and v6 with fatter CTAs), and v6 under ncu; the training ops
-    # and training tokens/s with the frozen products on TF32 and in fp32; steps past BUDGET
+    # and training tokens/s with the frozen products in fp32, TF32 and bf16; steps past BUDGET
     # (default 540 s) are skipped
     BUDGET=${BUDGET:-540}
     STEP_TIMEOUT=240 step cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
@@ -188,7 +188,8 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
     TAIL=12 STEP_TIMEOUT=90 step bench_linear_lowrank_tf32 "$run/bench_cuda" --linear-all
     LQ_CUDA_LOWRANK_TF32=0 TAIL=12 STEP_TIMEOUT=90 step bench_linear_lowrank_sgemm \
         "$run/bench_cuda" --linear-all
-    # training's frozen products on TF32 tensor cores, fp32 tiles by the prefill's tile kernel
+    # training's frozen products on TF32 (default) or bf16 tensor cores, tiles by the prefill's
+    # tile kernel
     TAIL=20 STEP_TIMEOUT=180 step cuda_train_ops "$run/test_cuda_train_ops"
     TAIL=4 STEP_TIMEOUT=120 step bench_train "$run/bench_cuda" --train-only
     LQ_CUDA_GROUP=0 LQ_CUDA_ROPE_FUSED=0 LQ_CUDA_FUSE=0 TAIL=40 STEP_TIMEOUT=300 \

@@ -30,10 +30,13 @@ __attribute__((constructor)) static void exact_cpu_kernels(void) {
 /* fp32 products and sums in another order (cuBLAS, block reductions): far under 1e-5. The
  * LQ tiles are dequantized bit for bit as the CPU does, so LQ layers get the same bound. */
 #define TOL_FP32 2e-5
-/* Products with a frozen weight on TF32 tensor cores (the default, LQ_CUDA_TRAIN_TF32 unset):
+/* Products with a frozen weight on TF32 tensor cores (the default, LQ_CUDA_TRAIN_MATH unset):
  * each input rounded to a 10-bit mantissa (relative error at most 2^-11 each), fp32 sums.
  * On these random inputs the errors are independent, ~5e-4 of ‖y‖; the bound leaves 4x. */
 #define TOL_TF32 2e-3
+/* LQ_CUDA_TRAIN_MATH=bf16: Q's values and x (dy) rounded to 8-bit mantissas (at most 2^-9
+ * each), fp32 sums: ~2e-3 of ‖y‖; dense layers take TF32 there. */
+#define TOL_BF16 1e-2
 /* Element-wise ops computed with the CPU's operations in its order (expf, sin/cos of the
  * same double angle may differ by an ulp). */
 #define TOL_ELEMENTWISE 1e-6
@@ -41,16 +44,22 @@ __attribute__((constructor)) static void exact_cpu_kernels(void) {
 #define TOL_DOUBLE 1e-12
 
 /* The tolerance of outputs that take a product with the frozen weight (y, dx): TOL_FP32 while
- * the cases run with LQ_CUDA_TRAIN_TF32=0, TOL_TF32 in the *_tf32 cases. */
+ * the cases run with LQ_CUDA_TRAIN_MATH=fp32, TOL_TF32 and TOL_BF16 in the *_tf32 and *_bf16
+ * cases. */
 static double tol_frozen = TOL_FP32;
 
 static void frozen_products_fp32(void) {
-    setenv("LQ_CUDA_TRAIN_TF32", "0", 1);
+    setenv("LQ_CUDA_TRAIN_MATH", "fp32", 1);
     tol_frozen = TOL_FP32;
 }
 
+static void frozen_products_bf16(void) {
+    setenv("LQ_CUDA_TRAIN_MATH", "bf16", 1);
+    tol_frozen = TOL_BF16;
+}
+
 static void frozen_products_tf32(void) {
-    unsetenv("LQ_CUDA_TRAIN_TF32"); /* the default */
+    unsetenv("LQ_CUDA_TRAIN_MATH"); /* the default */
     tol_frozen = TOL_TF32;
 }
 
@@ -283,6 +292,18 @@ static void test_linear_lq(void) {
 static void test_linear_lq_tf32(void) {
     frozen_products_tf32();
     linear_lq_cases();
+    frozen_products_fp32();
+}
+
+static void test_linear_lq_bf16(void) {
+    frozen_products_bf16();
+    linear_lq_cases();
+    frozen_products_fp32();
+}
+
+static void test_linear_dense_bf16(void) { /* dense weights take TF32 there */
+    frozen_products_bf16();
+    linear_dense_cases();
     frozen_products_fp32();
 }
 
@@ -619,6 +640,7 @@ int main(int argc, char **argv) {
         LQ_TEST(test_linear_lq),          LQ_TEST(test_linear_lq_tile_exact),
         LQ_TEST(test_matmul_backward),    LQ_TEST(test_linear_dense_tf32),
         LQ_TEST(test_linear_lq_tf32),     LQ_TEST(test_matmul_backward_tf32),
+        LQ_TEST(test_linear_lq_bf16),     LQ_TEST(test_linear_dense_bf16),
         LQ_TEST(test_rmsnorm_backward),   LQ_TEST(test_rope_backward),
         LQ_TEST(test_swiglu_backward),    LQ_TEST(test_cross_entropy),
         LQ_TEST(test_token_nll),          LQ_TEST(test_sum_squares),

@@ -32,9 +32,11 @@ def lqd(*args, timeout=900, env=None):
 
 
 # The training ops' products with frozen weights: TF32 tensor cores by default, SGEMMs with
-# LQ_CUDA_TRAIN_TF32=0. Each GPU run below is compared with the CPU's in both, the SGEMM run
-# at fp32 rounding's bound, the TF32 run at one that 10-bit mantissas leave room for.
-TRAIN_MATH = (("fp32", {"LQ_CUDA_TRAIN_TF32": "0"}), ("tf32", {}))
+# LQ_CUDA_TRAIN_MATH=fp32, bf16 with =bf16. Each GPU run below is compared with the CPU's, the
+# SGEMM run at fp32 rounding's bound, the others at bounds their mantissas (10 and 7 bits)
+# leave room for.
+TRAIN_MATH = (("fp32", {"LQ_CUDA_TRAIN_MATH": "fp32"}), ("tf32", {}),
+              ("bf16", {"LQ_CUDA_TRAIN_MATH": "bf16"}))
 
 
 def generate(device, prompt):
@@ -96,7 +98,7 @@ def main():
             if device == "cuda":
                 check("running on cuda" in r.stderr and "no training ops" not in r.stderr,
                       f"lqd finetune --device cuda ({label}) trains on the GPU")
-        for label, bound in (("cuda fp32", 1e-4), ("cuda tf32", 2e-3)):
+        for label, bound in (("cuda fp32", 1e-4), ("cuda tf32", 2e-3), ("cuda bf16", 1e-2)):
             worst = max((abs(a - b) / abs(a) for a, b in zip(losses["cpu"], losses[label])),
                         default=float("inf"))
             print(f"train losses, {label} vs cpu: worst relative difference {worst:.2e}")
@@ -106,6 +108,8 @@ def main():
         grid = "2,8,fp32,64,256;3,8,fp32,64,256;4,8,fp32,64,256;3,4,bf16,32,64"
         # the Fisher estimate on the GPU (the training ops) equals the CPU's to rounding
         fisher = {}
+        # the HF model's layers are dense: bf16 runs them on TF32, as the tf32 run does
+        runs = [run for run in runs if run[1] != "cuda bf16"]
         for device, label, env in runs:
             path = os.path.join(tmp, f"fisher-{label.replace(' ', '-')}.safetensors")
             r = lqd("compress", "--model", HF, "--bits", "3", "--rank", "8", "--configs", grid,
