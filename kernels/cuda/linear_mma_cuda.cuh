@@ -151,6 +151,10 @@ __device__ __forceinline__ void lq_mma_scales(const lq_mma_args &a, const lq_mma
 // the tile — BITS aligned words, one vector load — and decodes codes 4s..4s+3 at step s into
 // its two A registers of that row (pairs 2s and 2s+1). B follows: the x staging puts x[token
 // 8·jt + g][32c + 4s .. +3] at xs[((tile·8 + s)·JT + jt)·32 + lane], one LDS.64 per fragment.
+__device__ __forceinline__ void lq_mma_prefetch_l2(const void *p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 template <int BITS, int BPC, int NT>
 __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
     lq_mma_kernel(const __grid_constant__ lq_mma_args a) {
@@ -181,6 +185,19 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
     for (int q = 0; q < 4; q++)
         lq_mma_load<BITS, BPC>(a, row_ok[q] && (int)chunk0 < a.chunks_per_row,
                                (uint32_t)row[q] * (uint32_t)a.chunks_per_row + chunk0, cur[q]);
+    // The low-rank epilogue reads this split's share of the rows of L1 once, at the end, one k
+    // per loop trip, each trip waiting for its loads: they are asked into L2 now (the four
+    // lanes of a row take a 32-byte sector each in turn), so that a trip waits for L2 rather
+    // than HBM. No registers stay held across the main loop for it.
+    if (a.rank > 0) {
+        const int share = (a.rank + (int)gridDim.y - 1) / (int)gridDim.y;
+        const int k_begin = (int)blockIdx.y * share, k_end = min(a.rank, k_begin + share);
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            if (row_ok[q])
+                for (int k = k_begin + 8 * c; k < k_end; k += 32)
+                    lq_mma_prefetch_l2(a.lora_B + (size_t)row[q] * a.rank + k);
+    }
     lq_pdl_trigger(); // the reduction waits for this grid's end before reading
 
     // Pair table: entry e = lo | hi << BITS holds half2(table[lo], table[hi]) in every lane's
