@@ -208,9 +208,9 @@ int lq_cuda_blocks_per_chunk(const struct lq_linear *w);
 // sums) when tf32, else as an SGEMM.
 int lq_cuda_gemm_nt(struct lq_cuda *cuda, bool tf32, const float *w, int rows, int cols,
                     const float *x, int n, float beta, float *y, int ldy);
-// Whether the low-rank products of the paths whose main product takes fp16 tensor cores
-// (prefill, 17 to 64 tokens) run on TF32 ones: LQ_CUDA_LOWRANK_TF32, read on every call, 0 for
-// SGEMMs, anything else or unset for TF32.
+// Whether the prefill path's low-rank products (its main product takes fp16 tensor cores) run
+// on TF32 ones: LQ_CUDA_LOWRANK_TF32, read on every call, 0 for SGEMMs, anything else or unset
+// for TF32.
 bool lq_cuda_lowrank_tf32(void);
 // Rows [r0, r0 + count) of an LQ layer's Q, dequantized into tile (count·cols fp32 values,
 // the caller's device memory) on cuda->stream, each value core/nf.c's bit for bit. LQ_EINVAL
@@ -263,9 +263,9 @@ int lq_cuda_linear_mma_supported(struct lq_cuda *cuda, const struct lq_linear *w
 int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
                        const struct lq_cuda_lq_buffers *buffers, const float *x, int n, float *y);
 
-// t[n, rank] = x · L2ᵀ (lora_A [rank, cols]) with one CTA per rank row, eight tokens per launch.
-// For a few tokens this beats cuBLAS, whose SGEMM of the skinny shape (M = rank, N = n,
-// K = cols) runs on a handful of CTAs (an H200: 12 us of a 25 us layer at 8 tokens).
+// t[n, rank] = x · L2ᵀ (lora_A [rank, cols]) in one launch, a CTA per rank row and 8 tokens.
+// This beats cuBLAS, whose SGEMM of the skinny shape (M = rank, N = n, K = cols) runs on a
+// handful of CTAs (an H200: 12 us of a 25 us layer at 8 tokens), and launches with PDL.
 int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank, int cols,
                             const float *x, int n, float *t);
 

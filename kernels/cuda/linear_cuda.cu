@@ -544,14 +544,13 @@ static lq_project_group lq_project_one(const float *lora_A, int rank, float *t) 
 int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank, int cols,
                             const float *x, int n, float *t) {
     const int vector = cols % 4 == 0 && ((uintptr_t)x & 15u) == 0;
-    for (int k0 = 0; k0 < n; k0 += 8) {
-        const int count = n - k0 < 8 ? n - k0 : 8;
-        // with PDL: the kernel waits for the one before it, and the next may launch meanwhile
-        LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_lowrank_project_kernel<8>, dim3((unsigned)rank),
-                                  dim3(256), 0, cuda->stream, x + (size_t)k0 * cols, count, cols,
-                                  lq_project_one(lora_A, rank, t + (size_t)k0 * rank), vector),
-                    "lq_lowrank_project_kernel");
-    }
+    if (n <= 0) return LQ_OK;
+    // one launch, a CTA per (rank row, 8 tokens); with PDL it waits for the kernel before it,
+    // and the next may launch meanwhile
+    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_lowrank_project_kernel<8>,
+                              dim3((unsigned)rank, (unsigned)((n + 7) / 8)), dim3(256), 0,
+                              cuda->stream, x, n, cols, lq_project_one(lora_A, rank, t), vector),
+                "lq_lowrank_project_kernel");
     return LQ_OK;
 }
 

@@ -553,7 +553,8 @@ __device__ __forceinline__ int lq_project_layer(const lq_project_group &g, int r
     return layer;
 }
 
-// t[token, k] = x[token] · L2[k] for tokens < n: one CTA per rank row k (of each layer).
+// t[token, k] = x[token] · L2[k] for tokens < n: one CTA per rank row k (of each layer) and
+// group of NT tokens (blockIdx.y: tokens NT·y ..; one group where gridDim.y = 1).
 template <int NT>
 __global__ void __launch_bounds__(256)
     lq_lowrank_project_kernel(const float *x, int n, int cols,
@@ -564,8 +565,10 @@ __global__ void __launch_bounds__(256)
     __shared__ float partial[8][NT];
     int row;
     const int layer = lq_project_layer(g, (int)blockIdx.x, &row);
-    const int rank = g.rank[layer];
-    float *t = g.t[layer];
+    const int rank = g.rank[layer], first = (int)blockIdx.y * NT;
+    float *t = g.t[layer] + (size_t)first * rank;
+    x += (size_t)first * cols;
+    n -= first;
     const float *a_row = g.lora_A[layer] + (size_t)row * cols;
     float acc[NT];
 #pragma unroll

@@ -2,9 +2,13 @@
 // packed Q once per call and never writing a dequantized copy of it anywhere.
 //
 // y[n, rows] = x · Qᵀ + (x · L2ᵀ) · L1ᵀ, with Q packed as core/nf.h lays it out. Per call:
-//   1. (rank > 0) t = x · L2ᵀ [n, rank]: up to 16 tokens lq_lowrank_project_kernel (fp32), past
-//      that cuBLAS on TF32 tensor cores, as the prefill path does (LQ_CUDA_LOWRANK_TF32=0: SGEMM).
-//   2. lq_mma_to_half_kernel: x → fp16 once (workspace LQ_CUDA_LINEAR_INPUT).
+//   1. (rank > 0) t = x · L2ᵀ [n, rank] in fp32: lq_lowrank_project_kernel, one launch of a CTA
+//      per (rank row, 8 tokens). It waits for x's producer and then lets the GEMM launch, so
+//      the GEMM stages x at once and waits for t only in its epilogue: the projection runs
+//      beside the main loop. (It was cuBLAS past 16 tokens, a skinny SGEMM on a handful of
+//      CTAs that no kernel after it could overlap; and x went through a conversion kernel
+//      of its own, which the GEMM's staging now does.)
+//   2. (the GEMM rounds x to fp16 as it stages it)
 //   3. lq_mma_kernel<b0, blocks per chunk, NT>: NT = n padded to 16, 32, 48 or 64 token slots.
 //      Grid (row bands of 256) x (splits of K in k-tiles of 128 columns), 8 warps, as many
 //      CTAs as the SMs hold at once (one wave: 2 per SM for the 16- and 32-token kernels, whose
@@ -28,7 +32,9 @@
 //      storing, so no separate pass over y is needed.
 //   4. (splits > 1) lq_mma_reduce_kernel: y = Σ partials in split order. Deterministic.
 //   Kernels 3 and 4 use programmatic dependent launch when available: the GEMM loads its first
-//   tile and builds its table while the conversion runs; the reduction is resident when it ends.
+//   tile, builds its table, stages x and runs its main loop while the projection runs (without
+//   factors it waits for the kernel before it to end before staging x); the reduction is
+//   resident when it ends.
 //
 // Fast path only: b0 in {2, 3, 4}, cols % 32 == 0, B0 a multiple of 32, or 16 (B1 even), or 8
 // (B1 % 4 == 0) — every 32-code chunk inside one group — and rows·cols < 2^31; anything else
@@ -243,31 +249,23 @@ int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
     lq_mma_plan plan = {};
     int rc = lq_mma_plan_for(cuda, w, n, bpc, &plan);
     if (rc) return rc;
-    const size_t x_count = (size_t)n * w->cols, y_count = (size_t)n * w->rows;
+    const size_t y_count = (size_t)n * w->rows;
 
     // Workspaces first: nothing is queued when one cannot be had.
-    void *input = NULL, *partials = NULL, *t = NULL;
-    if ((rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_INPUT, x_count * sizeof(__half), &input)) ||
-        (plan.splits > 1 &&
+    void *partials = NULL, *t = NULL;
+    if ((plan.splits > 1 &&
          (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
                             (size_t)plan.splits * y_count * sizeof(float), &partials))) ||
         (w->rank > 0 &&
          (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, (size_t)n * w->rank * sizeof(float), &t))))
         return rc;
 
-    if (w->rank > 0 && n <= 16) { // t = x · L2ᵀ, fp32, one or two launches of CTAs per rank row
-        if ((rc = lq_cuda_lowrank_project(cuda, b->lora_A, w->rank, w->cols, x, n, (float *)t)))
-            return rc;
-    } else if (w->rank > 0) { // t = x · L2ᵀ, fp32 values, TF32 products (lq_cuda_lowrank_tf32)
-        if ((rc = lq_cuda_gemm_nt(cuda, lq_cuda_lowrank_tf32(), b->lora_A, w->rank, w->cols, x, n,
-                                  0.0f, (float *)t, w->rank)))
-            return rc;
-    }
-    const int vector_x = ((uintptr_t)x & 15u) == 0; // x_count % 4 == 0: cols % 32 == 0
-    LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_mma_to_half_kernel,
-                              dim3(lq_mma_grid_for(vector_x ? x_count / 4 : x_count, cuda)),
-                              dim3(256), 0, cuda->stream, x, x_count, vector_x, (__half *)input),
-                "lq_mma_to_half_kernel");
+    // t = x · L2ᵀ, fp32, a CTA per (rank row, 8 tokens); it runs beside the GEMM's main loop
+    if (w->rank > 0 &&
+        (rc = lq_cuda_lowrank_project(cuda, b->lora_A, w->rank, w->cols, x, n, (float *)t)))
+        return rc;
+    // x goes to fp16 as the GEMM stages it (cols % 32 == 0: whole 16-byte pieces)
+    const int vector_x = ((uintptr_t)x & 15u) == 0;
 
     lq_mma_args a;
     memset(&a, 0, sizeof a);
@@ -279,7 +277,12 @@ int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
     a.inv_levels = 1.0f / a.levels;
     a.chunk_block = lq_make_divisor(c->B0 % 32 == 0 ? (uint32_t)c->B0 / 32 : 1u);
     a.group = lq_make_divisor((uint32_t)c->B1);
-    a.x = (const __half *)input, a.n = n;
+    a.x = x, a.n = n, a.x_vector = vector_x;
+    // With factors, the kernel before the GEMM is t's projection, which waited for x's
+    // producer before letting the GEMM launch (lq_lowrank_project_kernel), or cuBLAS, which
+    // ends before it starts: x is complete at launch, and the projection can run beside the
+    // main loop. Without, the kernel before may still be writing x.
+    a.x_early = w->rank > 0;
     a.lora_B = b->lora_B, a.t = (const float *)t, a.rank = w->rank;
     a.out = plan.splits > 1 ? (float *)partials : y;
     a.tiles_per_split = plan.tiles_per_split;

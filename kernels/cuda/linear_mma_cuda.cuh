@@ -38,8 +38,13 @@ struct lq_mma_args {
     float offset, levels, inv_levels; // levels = 2^b1 − 1, inv_levels = RN(1 / levels)
     lq_divisor chunk_block;           // 32-value chunk → block when B0 % 32 == 0 (B0 / 32)
     lq_divisor group;                 // block → group (B1)
-    const __half *x;                  // the tokens in fp16 [n][cols]
+    const float *x;                   // the tokens [n][cols], rounded to fp16 as staged
     int n;
+    int x_vector; // x 16-byte aligned: staged by float4 loads
+    // x was complete when this grid launched (the kernel before it waited for its own
+    // predecessor before letting this one launch: the projection of t), so x is staged before
+    // the wait, and only t, in the epilogue, waits for that kernel; else all waits at first
+    int x_early;
     const float *lora_B; // L1 [rows][rank]
     const float *t;      // x · L2ᵀ [n][rank], fp32
     int rank;
@@ -208,19 +213,33 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
                                      __ldg(a.table + (e >> BITS)));
     }
 
-    // x (and t) come from the kernels before this one.
-    lq_pdl_wait();
+    // x (and t) come from the kernels before this one (see x_early).
+    if (!a.x_early) lq_pdl_wait();
     {
-        // 16-byte pieces of x: piece p of token `token` in tile kt is columns 8p .. 8p+7, i.e.
-        // lane c = p / 4's steps 2·(p % 4) and 2·(p % 4) + 1.
+        // 16-byte pieces of x in fp16: piece p of token `token` in tile kt is columns
+        // 8p .. 8p+7, i.e. lane c = p / 4's steps 2·(p % 4) and 2·(p % 4) + 1. Each is
+        // rounded from fp32 here (what a conversion kernel before this one used to do).
         const int pieces = tiles * NT * 16;
         const int col0 = tile0 * LQ_MMA_TILE_COLS;
         for (int i = threadIdx.x; i < pieces; i += LQ_MMA_THREADS) {
             const int p = i & 15, token = (i >> 4) % NT, kt = (i >> 4) / NT;
             const int col = col0 + kt * LQ_MMA_TILE_COLS + 8 * p;
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (token < a.n && col < a.cols)
-                v = __ldg((const uint4 *)(a.x + (size_t)token * a.cols + col));
+            if (token < a.n && col < a.cols) {
+                const float *from = a.x + (size_t)token * a.cols + col;
+                float f[8];
+                if (a.x_vector) {
+                    const float4 lo = __ldg((const float4 *)from),
+                                 hi = __ldg((const float4 *)from + 1);
+                    f[0] = lo.x, f[1] = lo.y, f[2] = lo.z, f[3] = lo.w;
+                    f[4] = hi.x, f[5] = hi.y, f[6] = hi.z, f[7] = hi.w;
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 8; j++) f[j] = __ldg(from + j);
+                }
+                v = make_uint4(lq_mma_half2_bits(f[0], f[1]), lq_mma_half2_bits(f[2], f[3]),
+                               lq_mma_half2_bits(f[4], f[5]), lq_mma_half2_bits(f[6], f[7]));
+            }
             const int s = 2 * (p & 3), jt = token >> 3, l = (token & 7) * 4 + (p >> 2);
             lq_mma_xs[((kt * LQ_MMA_STEPS + s) * JT + jt) * 32 + l] = make_uint2(v.x, v.y);
             lq_mma_xs[((kt * LQ_MMA_STEPS + s + 1) * JT + jt) * 32 + l] = make_uint2(v.z, v.w);
@@ -286,6 +305,7 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
 
     // The low-rank term in fp32: the CTA of split s adds L1[rows, share]·t[share] for its
     // 1/splits share of the rank, so the reduction sums it with the rest.
+    if (a.x_early) lq_pdl_wait(); // t: the projection that may have run beside the main loop
     if (a.rank > 0) {
         const int share = (a.rank + (int)gridDim.y - 1) / (int)gridDim.y;
         const int k_begin = (int)blockIdx.y * share;
@@ -327,24 +347,6 @@ __global__ void __launch_bounds__(LQ_MMA_THREADS, 1)
 
 // ---------------------------------------------------------------------------------------------
 // Around the GEMM.
-
-// out = fp16(x), count values (a multiple of 4 when vector: then x is 16-byte aligned).
-__global__ void __launch_bounds__(256)
-    lq_mma_to_half_kernel(const float *x, size_t count, int vector, __half *out) {
-    // x is ready once the kernel before has ended; the GEMM's prologue does not read out
-    lq_pdl_enter();
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    if (vector) {
-        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count / 4; i += stride) {
-            const float4 v = __ldg((const float4 *)x + i);
-            ((uint2 *)out)[i] =
-                make_uint2(lq_mma_half2_bits(v.x, v.y), lq_mma_half2_bits(v.z, v.w));
-        }
-        return;
-    }
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride)
-        out[i] = __float2half_rn(x[i]);
-}
 
 // y = Σ_s partials[s] in split order (deterministic), count values each; vector: count % 4 == 0
 // and y 16-byte aligned.

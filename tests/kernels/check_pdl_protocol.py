@@ -114,7 +114,7 @@ def main():
         for body in by_name.get(name, ()):
             named.update(k for k in kernels if re.search(r"\b%s\b" % re.escape(k), body))
     # a kernel launched by name with <<<...>>> and never named inside a launch call with the
-    # attribute's arguments (e.g. lq_mma_to_half_kernel beside the GEMM it feeds) is left out
+    # attribute's arguments (e.g. lq_to_half_kernel beside the prefill GEMM it feeds) is left out
     chevron = set(re.findall(r"\b([A-Za-z_][A-Za-z_0-9]*)\s*(?:<[^<>;{}()]*>)?\s*<<<", text))
     in_calls = set()
     for m in re.finditer(r"\b(?:lq_launch_pdl|cudaLaunchKernelEx)\s*\(", text):

@@ -184,7 +184,8 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
     TAIL=8 STEP_TIMEOUT=240 step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
     LQ_CUDA_DECODE=v6 TAIL=8 STEP_TIMEOUT=240 step gpu_e2e_v6 python3 \
         "$root/tests/kernels/test_gpu_e2e.py"
-    # the low-rank products of prefill and 17-64 tokens on TF32 (default) and as SGEMMs
+    # the prefill's low-rank products on TF32 (default) and as SGEMMs; 5-64 tokens with the
+    # projection beside the GEMM (each layer's time with and without factors)
     TAIL=12 STEP_TIMEOUT=90 step bench_linear_lowrank_tf32 "$run/bench_cuda" --linear-all
     LQ_CUDA_LOWRANK_TF32=0 TAIL=12 STEP_TIMEOUT=90 step bench_linear_lowrank_sgemm \
         "$run/bench_cuda" --linear-all
