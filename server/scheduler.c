@@ -204,12 +204,18 @@ static int request_advance(struct lq_scheduler *s, struct lq_request *r, float *
     return request_take(s, r, token, logprob);
 }
 
-/* Whether `bytes` more fit under the backend's memory limit (always, where it has none). */
+/* Whether `bytes` more fit under the backend's memory limit (always, where it has none),
+ * keeping back a headroom for what the running sequences' steps may still take: a device's
+ * workspaces grow with a step's batch (the tensor-core GEMM's partial sums, prefill tiles), and
+ * a step that cannot grow one fails every request in it. The headroom is a twentieth of the
+ * limit, at most 256 MiB (prefill's fp16 tiles of Q are 16 MiB, cuBLAS's workspace 32). */
 static int backend_fits(struct lq_backend *backend, size_t bytes) {
     struct lq_backend_memory m;
     backend->ops->memory(backend, &m);
     if (m.limit == 0) return 1;
-    const size_t used = m.weights + m.buffers + m.scratch + m.jobs;
+    size_t headroom = m.limit / 20;
+    if (headroom > ((size_t)256 << 20)) headroom = (size_t)256 << 20;
+    const size_t used = m.weights + m.buffers + m.scratch + m.jobs + headroom;
     return used <= m.limit && bytes <= m.limit - used;
 }
 
