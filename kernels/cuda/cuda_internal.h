@@ -260,14 +260,22 @@ void lq_cuda_prefetch_plan(struct lq_cuda *cuda, struct lq_cuda_linear_data *dat
                            struct lq_prefetch *out);
 // Whether lq_cuda_linear_mma runs w at n tokens (b0 2..4, chunks inside groups, sm_80+ code).
 int lq_cuda_linear_mma_supported(struct lq_cuda *cuda, const struct lq_linear *w, int n);
+// Layers of one input x (count 1 to LQ_CUDA_GROUP_MAX, equal cols, distinct outputs apart
+// from x) at n tokens: one projection launch for all, then each layer's GEMM (and reduction),
+// each starting while the one before runs; the same bits as one layer at a time.
+int lq_cuda_linear_mma_group(struct lq_cuda *cuda, const struct lq_linear *const *w,
+                             const struct lq_cuda_lq_buffers *const *buffers, int count,
+                             const float *x, int n, float *const *y);
 int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
                        const struct lq_cuda_lq_buffers *buffers, const float *x, int n, float *y);
 
-// t[n, rank] = x · L2ᵀ (lora_A [rank, cols]) in one launch, a CTA per rank row and 8 tokens.
-// This beats cuBLAS, whose SGEMM of the skinny shape (M = rank, N = n, K = cols) runs on a
-// handful of CTAs (an H200: 12 us of a 25 us layer at 8 tokens), and launches with PDL.
-int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank, int cols,
-                            const float *x, int n, float *t);
+// t[i][n, rank[i]] = x · L2ᵀ (lora_A[i] [rank[i], cols]) for each of count layers (1 to
+// LQ_CUDA_GROUP_MAX, ranks >= 1) in one launch, a CTA per rank row and 8 tokens. This beats
+// cuBLAS, whose SGEMM of the skinny shape (M = rank, N = n, K = cols) runs on a handful of CTAs
+// (an H200: 12 us of a 25 us layer at 8 tokens), and launches with PDL.
+int lq_cuda_lowrank_project_group(struct lq_cuda *cuda, int count, const float *const *lora_A,
+                                  const int *rank, int cols, const float *x, int n,
+                                  float *const *t);
 
 // ops_cuda.cu: the element-wise and row-wise ops.
 int lq_cuda_embed(struct lq_backend *backend, const float *table, int dim, const int *ids, int n,

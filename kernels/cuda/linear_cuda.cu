@@ -533,23 +533,25 @@ static int lq_launch_projection(struct lq_cuda *cuda, const lq_project_group &g,
     return LQ_OK;
 }
 
-// A group of one layer.
-static lq_project_group lq_project_one(const float *lora_A, int rank, float *t) {
-    lq_project_group g;
-    memset(&g, 0, sizeof g);
-    g.count = 1, g.first[1] = rank, g.lora_A[0] = lora_A, g.rank[0] = rank, g.t[0] = t;
-    return g;
-}
-
-int lq_cuda_lowrank_project(struct lq_cuda *cuda, const float *lora_A, int rank, int cols,
-                            const float *x, int n, float *t) {
+int lq_cuda_lowrank_project_group(struct lq_cuda *cuda, int count, const float *const *lora_A,
+                                  const int *rank, int cols, const float *x, int n,
+                                  float *const *t) {
+    if (count < 1 || count > LQ_PROJECT_GROUP_MAX) return LQ_EINVAL;
     const int vector = cols % 4 == 0 && ((uintptr_t)x & 15u) == 0;
     if (n <= 0) return LQ_OK;
-    // one launch, a CTA per (rank row, 8 tokens); with PDL it waits for the kernel before it,
-    // and the next may launch meanwhile
+    lq_project_group g;
+    memset(&g, 0, sizeof g);
+    g.count = count;
+    for (int i = 0; i < count; i++) {
+        if (rank[i] < 1) return LQ_EINVAL;
+        g.lora_A[i] = lora_A[i], g.rank[i] = rank[i], g.t[i] = t[i];
+        g.first[i + 1] = g.first[i] + rank[i];
+    }
+    // one launch, a CTA per (rank row of a layer, 8 tokens); with PDL it waits for the kernel
+    // before it, and the next may launch meanwhile
     LQ_CUDA_TRY(lq_launch_pdl(cuda->pdl, lq_lowrank_project_kernel<8>,
-                              dim3((unsigned)rank, (unsigned)((n + 7) / 8)), dim3(256), 0,
-                              cuda->stream, x, n, cols, lq_project_one(lora_A, rank, t), vector),
+                              dim3((unsigned)g.first[count], (unsigned)((n + 7) / 8)), dim3(256), 0,
+                              cuda->stream, x, n, cols, g, vector),
                 "lq_lowrank_project_kernel");
     return LQ_OK;
 }
@@ -888,13 +890,29 @@ int lq_cuda_linear_group(struct lq_backend *backend, const struct lq_linear *con
                          const float *x, int n, float *const *y) {
     struct lq_cuda *cuda = lq_cuda_of(backend);
     if (count < 0 || n < 0) return LQ_EINVAL;
-    // Together only where every layer takes the one-to-four-token decode kernels, and nothing
-    // that a layer writes is read by another.
-    bool together = count > 1 && count <= LQ_CUDA_GROUP_MAX && n >= 1 && n < LQ_MMA_MIN_TOKENS &&
+    // Together only where every layer takes the one-to-four-token decode kernels, or every one
+    // the 5-to-64-token tensor-core GEMM, and nothing that a layer writes is read by another.
+    const bool mma = n >= LQ_MMA_MIN_TOKENS && n <= LQ_CUDA_MMA_MAX_TOKENS;
+    bool together = count > 1 && count <= LQ_CUDA_GROUP_MAX && n >= 1 &&
+                    (n < LQ_MMA_MIN_TOKENS || mma) &&
                     lq_env_int("LQ_CUDA_GROUP", 1) != 0; // 0: apart (for benchmarks)
     for (int i = 0; i < count && together; i++) {
-        together = w[i]->backend_data && w[i]->is_lq && w[i]->cols == w[0]->cols && y[i] != x;
+        together = w[i]->backend_data && w[i]->is_lq && w[i]->cols == w[0]->cols && y[i] != x &&
+                   (!mma || lq_cuda_linear_mma_supported(cuda, w[i], n));
         for (int j = 0; j < i && together; j++) together = y[j] != y[i];
+    }
+    if (together && mma) {
+        struct lq_cuda_lq_buffers buffers[LQ_CUDA_GROUP_MAX];
+        const struct lq_cuda_lq_buffers *of[LQ_CUDA_GROUP_MAX];
+        for (int i = 0; i < count; i++) {
+            struct lq_cuda_linear_data *data = (struct lq_cuda_linear_data *)w[i]->backend_data;
+            struct lq_prefetch prefetch;
+            lq_cuda_prefetch_plan(cuda, data, &prefetch);
+            buffers[i] = {data->codes,  data->scale_codes, data->group_scales, data->table,
+                          data->lora_A, data->lora_B,      data->overlap,      prefetch};
+            of[i] = &buffers[i];
+        }
+        return lq_cuda_linear_mma_group(cuda, w, of, count, x, n, y);
     }
     if (!together) {
         for (int i = 0; i < count; i++) {

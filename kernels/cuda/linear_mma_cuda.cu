@@ -240,73 +240,117 @@ static int lq_mma_launch_gemm(struct lq_cuda *cuda, int bpc, const lq_mma_plan &
     }
 }
 
-int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
-                       const struct lq_cuda_lq_buffers *b, const float *x, int n, float *y) {
-    const struct lq_nf_config *c = &w->q.config;
-    const int bpc = lq_cuda_blocks_per_chunk(w);
-    if (n < 1 || n > LQ_CUDA_MMA_MAX_TOKENS || !bpc || (c->b0 != 2 && c->b0 != 3 && c->b0 != 4))
-        return LQ_EUNSUPPORTED;
-    lq_mma_plan plan = {};
-    int rc = lq_mma_plan_for(cuda, w, n, bpc, &plan);
+// The layers' plans and blocks per chunk, or LQ_EUNSUPPORTED where one cannot run here.
+static int lq_mma_plans(struct lq_cuda *cuda, const struct lq_linear *const *w, int count, int n,
+                        lq_mma_plan *plans, int *bpcs) {
+    for (int i = 0; i < count; i++) {
+        const struct lq_nf_config *c = &w[i]->q.config;
+        bpcs[i] = lq_cuda_blocks_per_chunk(w[i]);
+        if (n < 1 || n > LQ_CUDA_MMA_MAX_TOKENS || !bpcs[i] ||
+            (c->b0 != 2 && c->b0 != 3 && c->b0 != 4) || w[i]->cols != w[0]->cols)
+            return LQ_EUNSUPPORTED;
+        plans[i] = lq_mma_plan{};
+        const int rc = lq_mma_plan_for(cuda, w[i], n, bpcs[i], &plans[i]);
+        if (rc) return rc;
+    }
+    return LQ_OK;
+}
+
+int lq_cuda_linear_mma_group(struct lq_cuda *cuda, const struct lq_linear *const *w,
+                             const struct lq_cuda_lq_buffers *const *b, int count, const float *x,
+                             int n, float *const *y) {
+    if (count < 1 || count > LQ_CUDA_GROUP_MAX) return LQ_EINVAL;
+    lq_mma_plan plans[LQ_CUDA_GROUP_MAX];
+    int bpcs[LQ_CUDA_GROUP_MAX];
+    int rc = lq_mma_plans(cuda, w, count, n, plans, bpcs);
     if (rc) return rc;
-    const size_t y_count = (size_t)n * w->rows;
 
-    // Workspaces first: nothing is queued when one cannot be had.
+    // Workspaces first, one piece per layer (a layer's GEMM may start while the reduction of
+    // the one before still reads its partial sums): nothing is queued when one cannot be had.
+    size_t t_total = 0, partial_total = 0;
+    for (int i = 0; i < count; i++) {
+        t_total += (size_t)n * (size_t)(w[i]->rank > 0 ? w[i]->rank : 0);
+        if (plans[i].splits > 1) partial_total += (size_t)plans[i].splits * n * w[i]->rows;
+    }
     void *partials = NULL, *t = NULL;
-    if ((plan.splits > 1 &&
-         (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
-                            (size_t)plan.splits * y_count * sizeof(float), &partials))) ||
-        (w->rank > 0 &&
-         (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, (size_t)n * w->rank * sizeof(float), &t))))
+    if ((partial_total > 0 && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
+                                                 partial_total * sizeof(float), &partials))) ||
+        (t_total > 0 && (rc = lq_cuda_slot(cuda, LQ_CUDA_LOWRANK, t_total * sizeof(float), &t))))
         return rc;
+    float *t_of[LQ_CUDA_GROUP_MAX], *partials_of[LQ_CUDA_GROUP_MAX];
+    const float *lora_A[LQ_CUDA_GROUP_MAX];
+    int ranks[LQ_CUDA_GROUP_MAX], projected = 0;
+    float *t_projected[LQ_CUDA_GROUP_MAX];
+    size_t t_at = 0, p_at = 0;
+    for (int i = 0; i < count; i++) {
+        t_of[i] = (float *)t + t_at, partials_of[i] = (float *)partials + p_at;
+        if (w[i]->rank > 0) {
+            lora_A[projected] = b[i]->lora_A, ranks[projected] = w[i]->rank;
+            t_projected[projected++] = t_of[i];
+            t_at += (size_t)n * w[i]->rank;
+        }
+        if (plans[i].splits > 1) p_at += (size_t)plans[i].splits * n * w[i]->rows;
+    }
 
-    // t = x · L2ᵀ, fp32, a CTA per (rank row, 8 tokens); it runs beside the GEMM's main loop
-    if (w->rank > 0 &&
-        (rc = lq_cuda_lowrank_project(cuda, b->lora_A, w->rank, w->cols, x, n, (float *)t)))
+    // t = x · L2ᵀ of every layer with factors, fp32, one launch (a CTA per rank row and 8
+    // tokens). It waits for x's producer and then lets the first GEMM launch, so x is complete
+    // when any GEMM of the group starts: each stages x at once, and the projection runs beside
+    // the GEMMs' main loops (each waits for the kernel before it only in its epilogue, and
+    // that kernel waited for the one before: the projection has ended when t is read).
+    if (projected > 0 && (rc = lq_cuda_lowrank_project_group(cuda, projected, lora_A, ranks,
+                                                             w[0]->cols, x, n, t_projected)))
         return rc;
-    // x goes to fp16 as the GEMM stages it (cols % 32 == 0: whole 16-byte pieces)
+    // x goes to fp16 as a GEMM stages it (cols % 32 == 0: whole 16-byte pieces)
     const int vector_x = ((uintptr_t)x & 15u) == 0;
 
-    lq_mma_args a;
-    memset(&a, 0, sizeof a);
-    a.codes = b->codes, a.scale_codes = b->scale_codes, a.group_scales = b->group_scales;
-    a.table = b->table;
-    a.rows = w->rows, a.cols = w->cols, a.b1 = c->b1, a.b2 = (int)c->b2;
-    a.offset = w->q.scale_offset;
-    a.levels = (float)((1u << c->b1) - 1u);
-    a.inv_levels = 1.0f / a.levels;
-    a.chunk_block = lq_make_divisor(c->B0 % 32 == 0 ? (uint32_t)c->B0 / 32 : 1u);
-    a.group = lq_make_divisor((uint32_t)c->B1);
-    a.x = x, a.n = n, a.x_vector = vector_x;
-    // With factors, the kernel before the GEMM is t's projection, which waited for x's
-    // producer before letting the GEMM launch (lq_lowrank_project_kernel), or cuBLAS, which
-    // ends before it starts: x is complete at launch, and the projection can run beside the
-    // main loop. Without, the kernel before may still be writing x.
-    a.x_early = w->rank > 0;
-    a.lora_B = b->lora_B, a.t = (const float *)t, a.rank = w->rank;
-    a.out = plan.splits > 1 ? (float *)partials : y;
-    a.tiles_per_split = plan.tiles_per_split;
-    a.chunks_per_row = w->cols / 32;
-    a.prefetch = b->prefetch;
-    const bool overlap = b->overlap != 0;
-    switch (c->b0) {
-    case 2:
-        rc = lq_mma_launch_gemm<2>(cuda, bpc, plan, overlap, a);
-        break;
-    case 3:
-        rc = lq_mma_launch_gemm<3>(cuda, bpc, plan, overlap, a);
-        break;
-    default:
-        rc = lq_mma_launch_gemm<4>(cuda, bpc, plan, overlap, a);
-        break;
+    for (int i = 0; i < count; i++) {
+        const struct lq_nf_config *c = &w[i]->q.config;
+        const lq_mma_plan &plan = plans[i];
+        lq_mma_args a;
+        memset(&a, 0, sizeof a);
+        a.codes = b[i]->codes, a.scale_codes = b[i]->scale_codes;
+        a.group_scales = b[i]->group_scales, a.table = b[i]->table;
+        a.rows = w[i]->rows, a.cols = w[i]->cols, a.b1 = c->b1, a.b2 = (int)c->b2;
+        a.offset = w[i]->q.scale_offset;
+        a.levels = (float)((1u << c->b1) - 1u);
+        a.inv_levels = 1.0f / a.levels;
+        a.chunk_block = lq_make_divisor(c->B0 % 32 == 0 ? (uint32_t)c->B0 / 32 : 1u);
+        a.group = lq_make_divisor((uint32_t)c->B1);
+        a.x = x, a.n = n, a.x_vector = vector_x;
+        // Without a projection the kernel before the first GEMM may still be writing x, and a
+        // GEMM lets the next launch before it waits: then each waits before staging x.
+        a.x_early = projected > 0;
+        a.lora_B = b[i]->lora_B, a.t = t_of[i], a.rank = w[i]->rank;
+        a.out = plan.splits > 1 ? partials_of[i] : y[i];
+        a.tiles_per_split = plan.tiles_per_split;
+        a.chunks_per_row = w[i]->cols / 32;
+        a.prefetch = b[i]->prefetch;
+        const bool overlap = b[i]->overlap != 0;
+        switch (c->b0) {
+        case 2:
+            rc = lq_mma_launch_gemm<2>(cuda, bpcs[i], plan, overlap, a);
+            break;
+        case 3:
+            rc = lq_mma_launch_gemm<3>(cuda, bpcs[i], plan, overlap, a);
+            break;
+        default:
+            rc = lq_mma_launch_gemm<4>(cuda, bpcs[i], plan, overlap, a);
+            break;
+        }
+        if (rc) return rc;
+        if (plan.splits == 1) continue;
+        const size_t y_count = (size_t)n * w[i]->rows;
+        const int vector_y = ((uintptr_t)y[i] & 15u) == 0 && y_count % 4 == 0;
+        LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_mma_reduce_kernel,
+                                  dim3(lq_mma_grid_for(vector_y ? y_count / 4 : y_count, cuda)),
+                                  dim3(256), 0, cuda->stream, (const float *)partials_of[i],
+                                  plan.splits, y_count, vector_y, y[i]),
+                    "lq_mma_reduce_kernel");
     }
-    if (rc || plan.splits == 1) return rc;
-
-    const int vector_y = ((uintptr_t)y & 15u) == 0 && y_count % 4 == 0;
-    LQ_CUDA_TRY(lq_launch_pdl(overlap, lq_mma_reduce_kernel,
-                              dim3(lq_mma_grid_for(vector_y ? y_count / 4 : y_count, cuda)),
-                              dim3(256), 0, cuda->stream, (const float *)partials, plan.splits,
-                              y_count, vector_y, y),
-                "lq_mma_reduce_kernel");
     return LQ_OK;
+}
+
+int lq_cuda_linear_mma(struct lq_cuda *cuda, const struct lq_linear *w,
+                       const struct lq_cuda_lq_buffers *b, const float *x, int n, float *y) {
+    return lq_cuda_linear_mma_group(cuda, &w, &b, 1, x, n, &y);
 }
