@@ -33,7 +33,7 @@ const char lq_serve_usage[] =
     "  --api-key-file F       the same, keys read from F, one per line\n"
     "  --models-dir D         directories POST /v1/models/load may read (repeatable; default:\n"
     "                         the directories holding the --model paths)\n"
-    "  --max-running N        sequences decoded together (default 16)\n"
+    "  --max-running N        sequences decoded together (default 16 on the CPU, 64 on a GPU)\n"
     "  --max-queued N         requests waiting; more get 429 with Retry-After (default 64)\n"
     "  --context N            positions per sequence (default: each model's maximum)\n"
     "  --max-choices N        prompts x n of one request, at most (default 64)\n"
@@ -293,7 +293,7 @@ static void set_defaults(struct lq_serve_config *c) {
     memset(c, 0, sizeof *c);
     c->host = strdup("127.0.0.1");
     c->port = 8080;
-    c->max_running = 16;
+    c->max_running = 0; /* by device, in cmd_serve.c */
     c->max_queued = 64;
     c->max_choices = 64;
     c->max_connections = 256;
