@@ -175,6 +175,9 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
     LQ_CUDA_MMA1_CTAS=4 TAIL=20 STEP_TIMEOUT=200 step decode_steps_ctas4 "$run/bench_cuda" \
         --decode-variants 1 --decode-kernels v6
     TAIL=45 STEP_TIMEOUT=120 step cuda_ops_group "$run/test_cuda_ops" linear_group --time
+    # 5-64 tokens (the projection beside the GEMM, x staged by it) and prefill (TF32 low rank)
+    TAIL=12 STEP_TIMEOUT=180 step cuda_ops_linear "$run/test_cuda_ops" 'linear_lq$' \
+        linear_lq_mma linear_lq_lowrank linear_dense linear_adapter
     TAIL=20 STEP_TIMEOUT=120 step cuda_ops_rope_attention "$run/test_cuda_ops" rope_attention \
         --time
     TAIL=30 STEP_TIMEOUT=120 step attention_times "$run/test_cuda_ops" attention --time

@@ -3,7 +3,8 @@
  * poisoned with NaN before each run, so an element a kernel never writes fails the check.
  * Tolerances are relative L2 errors ‖gpu − cpu‖ / ‖cpu‖, stated per path below.
  * Without a usable GPU (or in a build without CUDA) the test exits 77: meson's "skipped".
- * Usage: test_cuda_ops [CASE] [--time] (CASE: a substring of a case name). */
+ * Usage: test_cuda_ops [CASE]... [--time] (CASE: a substring of a case name, or with a '$' at
+ * its end, the end of one: linear_lq$ is test_linear_lq alone; the cases any CASE names run). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1288,16 +1289,28 @@ int main(int argc, char **argv) {
         LQ_TEST(test_cholqr),
         LQ_TEST(test_memory_accounting),
     };
-    int failed = 0;
-    const char *filter = NULL;
+    int failed = 0, filters = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--time") == 0)
             timing = 1;
         else
-            filter = argv[i];
+            filters++;
     }
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        if (filter && !strstr(cases[i].name, filter)) continue;
+        /* each other argument selects the cases whose names contain it; one ending in '$' the
+         * case whose name ends with what comes before it (linear_lq$: test_linear_lq alone) */
+        int selected = filters == 0;
+        for (int a = 1; a < argc && !selected; a++) {
+            const char *f = argv[a];
+            const size_t length = strlen(f), name_length = strlen(cases[i].name);
+            if (strcmp(f, "--time") == 0) continue;
+            if (length > 0 && f[length - 1] == '$')
+                selected = name_length >= length - 1 &&
+                           strncmp(cases[i].name + name_length - (length - 1), f, length - 1) == 0;
+            else
+                selected = strstr(cases[i].name, f) != NULL;
+        }
+        if (!selected) continue;
         int before = lq_test_failures;
         cases[i].run();
         printf("%s %s\n", lq_test_failures == before ? "ok  " : "FAIL", cases[i].name);
