@@ -804,20 +804,25 @@ static int lq_launch_dequant(struct lq_cuda *cuda, const struct lq_linear *w, co
     return LQ_OK;
 }
 
-int lq_cuda_dequant_rows_f32(struct lq_cuda *cuda, const struct lq_linear *w,
-                             const struct lq_cuda_linear_data *data, size_t r0, size_t count,
-                             float *tile) {
+template <typename T>
+static int lq_dequant_rows(struct lq_cuda *cuda, const struct lq_linear *w,
+                           const struct lq_cuda_linear_data *data, size_t r0, size_t count,
+                           T *tile) {
     if (!w->is_lq || !data->codes || r0 + count > (size_t)w->rows) return LQ_EINVAL;
     if (count == 0) return LQ_OK;
     return lq_launch_dequant(cuda, w, lq_packed_of(w, data), r0, count, tile);
 }
 
+int lq_cuda_dequant_rows_f32(struct lq_cuda *cuda, const struct lq_linear *w,
+                             const struct lq_cuda_linear_data *data, size_t r0, size_t count,
+                             float *tile) {
+    return lq_dequant_rows(cuda, w, data, r0, count, tile);
+}
+
 int lq_cuda_dequant_rows_bf16(struct lq_cuda *cuda, const struct lq_linear *w,
                               const struct lq_cuda_linear_data *data, size_t r0, size_t count,
                               __nv_bfloat16 *tile) {
-    if (!w->is_lq || !data->codes || r0 + count > (size_t)w->rows) return LQ_EINVAL;
-    if (count == 0) return LQ_OK;
-    return lq_launch_dequant(cuda, w, lq_packed_of(w, data), r0, count, tile);
+    return lq_dequant_rows(cuda, w, data, r0, count, tile);
 }
 
 static int lq_prefill(struct lq_cuda *cuda, const struct lq_linear *w,
