@@ -95,4 +95,37 @@ static void test_llama2c_logits(void) {
     check_model(path);
 }
 
-LQ_TEST_MAIN(LQ_TEST(test_hf_logits), LQ_TEST(test_llama2c_logits))
+/* lq_session_bytes is what lq_session_create allocates on the backend: the CPU backend's
+ * count grows by it, each of the 2·layers + 8 buffers rounded up to 64 bytes plus a 64-byte
+ * header, for contexts and batches that clamp (batch > context) and that do not. */
+static void test_session_bytes(void) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/models/stories260K-hf", root());
+    struct lq_model *model;
+    struct lq_backend *backend;
+    struct lq_runtime *runtime;
+    struct lq_error err = {0};
+    CHECK(lq_model_load(path, &model, &err) == 0);
+    CHECK(lq_backend_cpu_create(&backend, &err) == 0);
+    CHECK(lq_runtime_create(backend, model, &runtime, &err) == 0);
+    const int cases[][2] = {{1, 1}, {37, 5}, {100, 512}, {512, 16}, {300, 300}};
+    const size_t buffers = 2 * (size_t)lq_runtime_config(runtime)->n_layers + 8;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct lq_backend_memory before, during;
+        backend->ops->memory(backend, &before);
+        struct lq_session *session = NULL;
+        CHECK(lq_session_create(runtime, cases[i][0], cases[i][1], &session, &err) == 0);
+        backend->ops->memory(backend, &during);
+        const size_t grown = during.buffers - before.buffers;
+        const size_t bytes = lq_session_bytes(runtime, cases[i][0], cases[i][1]);
+        CHECK_MSG(grown >= bytes + 64 * buffers && grown <= bytes + 128 * buffers,
+                  "context %d, batch %d: the buffers grew by %zu, lq_session_bytes says %zu",
+                  cases[i][0], cases[i][1], grown, bytes);
+        lq_session_free(session);
+    }
+    lq_runtime_free(runtime);
+    backend->ops->destroy(backend);
+    lq_model_free(model);
+}
+
+LQ_TEST_MAIN(LQ_TEST(test_hf_logits), LQ_TEST(test_llama2c_logits), LQ_TEST(test_session_bytes))
