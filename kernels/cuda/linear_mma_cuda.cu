@@ -266,11 +266,15 @@ int lq_cuda_linear_mma_group(struct lq_cuda *cuda, const struct lq_linear *const
     if (rc) return rc;
 
     // Workspaces first, one piece per layer (a layer's GEMM may start while the reduction of
-    // the one before still reads its partial sums): nothing is queued when one cannot be had.
+    // the one before still reads its partial sums), each starting on 16 bytes (the reduction
+    // reads float4s): nothing is queued when one cannot be had.
+    size_t t_size[LQ_CUDA_GROUP_MAX], partial_size[LQ_CUDA_GROUP_MAX];
     size_t t_total = 0, partial_total = 0;
     for (int i = 0; i < count; i++) {
-        t_total += (size_t)n * (size_t)(w[i]->rank > 0 ? w[i]->rank : 0);
-        if (plans[i].splits > 1) partial_total += (size_t)plans[i].splits * n * w[i]->rows;
+        t_size[i] = ((size_t)n * (size_t)(w[i]->rank > 0 ? w[i]->rank : 0) + 3) & ~(size_t)3;
+        partial_size[i] =
+            plans[i].splits > 1 ? ((size_t)plans[i].splits * n * w[i]->rows + 3) & ~(size_t)3 : 0;
+        t_total += t_size[i], partial_total += partial_size[i];
     }
     void *partials = NULL, *t = NULL;
     if ((partial_total > 0 && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE,
@@ -284,12 +288,11 @@ int lq_cuda_linear_mma_group(struct lq_cuda *cuda, const struct lq_linear *const
     size_t t_at = 0, p_at = 0;
     for (int i = 0; i < count; i++) {
         t_of[i] = (float *)t + t_at, partials_of[i] = (float *)partials + p_at;
+        t_at += t_size[i], p_at += partial_size[i];
         if (w[i]->rank > 0) {
             lora_A[projected] = b[i]->lora_A, ranks[projected] = w[i]->rank;
             t_projected[projected++] = t_of[i];
-            t_at += (size_t)n * w[i]->rank;
         }
-        if (plans[i].splits > 1) p_at += (size_t)plans[i].splits * n * w[i]->rows;
     }
 
     // t = x · L2ᵀ of every layer with factors, fp32, one launch (a CTA per rank row and 8
