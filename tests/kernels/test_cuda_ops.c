@@ -417,7 +417,7 @@ static void test_linear_group(void) {
     const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
                                            {2, 8, LQ_SCALE_FP16, 32, 16},
                                            {3, 4, LQ_SCALE_BF16, 16, 8}};
-    const int shapes[][3] = {{3000, 2080, 8}, {9000, 2080, 0}, {1001, 2080, 80}};
+    const int shapes[][3] = {{1001, 2080, 80}, {9000, 2080, 0}, {3000, 2080, 8}};
     struct lq_linear host[3], dev[3];
     const int made = make_layers(3, configs, shapes, host, dev);
     CHECK(made == 3);
@@ -425,8 +425,9 @@ static void test_linear_group(void) {
     char *saved = before ? strdup(before) : NULL;
     static const char *const variants[] = {"auto", "v1", "v5", "v6"};
     /* 5 to 64: the tensor-core GEMM's group (one projection launch, the GEMMs chained; the
-     * rank-0 layer in the middle; 1001 rows at an odd count: partial sums of a size that is
-     * no multiple of 4 before the next layer's, which the reductions read as float4s) */
+     * rank-0 layer in the middle; the first layer's 1001 rows at an odd count: partial sums
+     * of a size that is no multiple of 4 before the next layer's, which its reduction reads as
+     * float4s) */
     const int tokens[] = {1, 2, 4, 5, 9, 16, 33, 64};
     for (size_t v = 0; v < sizeof variants / sizeof variants[0] && made == 3; v++)
         for (size_t t = 0; t < sizeof tokens / sizeof tokens[0]; t++) {
