@@ -218,8 +218,10 @@ check(main.metric("lqd_completion_tokens_total") == before_tokens + 20, "complet
 check(main.metric("lqd_time_to_first_token_seconds_count") == before_ttft + 1, "TTFT histogram count")
 metrics_text = main.request("GET", "/metrics")[1].decode()
 for name in ("lqd_time_per_output_token_seconds_bucket", "lqd_queue_depth", "lqd_running_sequences",
-             "lqd_model_memory_bytes", "lqd_prompt_tokens_total"):
+             "lqd_model_memory_bytes", "lqd_prompt_tokens_total", "lqd_admissions_deferred_total"):
     check(name in metrics_text, f"/metrics lacks {name}")
+# the CPU has no memory limit: no admission ever waits for memory
+check(main.metric("lqd_admissions_deferred_total") == 0, "lqd_admissions_deferred_total is 0 on the CPU")
 
 # auth: 401 without a key or with a wrong one, on every route but /health
 for path in ("/v1/models", "/ready", "/metrics", f"/v1/models/{model}"):
