@@ -235,7 +235,8 @@ int lq_cuda_linear_group(struct lq_backend *backend, const struct lq_linear *con
                          const float *x, int n, float *const *y);
 // linear_fused and fuses_linears (kernels/backend.h): the input's norm, the residual add and
 // SwiGLU in the one-token tensor-core kernel (v6, gemv_mma1_kernel.h) where every layer takes
-// it, at one token with LQ_CUDA_DECODE=v6 (LQ_CUDA_FUSE=0: never); otherwise the unfused ops.
+// it, at one token where v6 is the kernel (LQ_CUDA_DECODE unset, auto or v6; LQ_CUDA_FUSE=0:
+// never); otherwise the unfused ops.
 int lq_cuda_fuses_linears(struct lq_backend *backend, int n);
 int lq_cuda_linear_fused(struct lq_backend *backend, const struct lq_linear *const *w, int count,
                          const struct lq_linear_input *in, int n, float *const *y,

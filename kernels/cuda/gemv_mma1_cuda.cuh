@@ -17,11 +17,19 @@
 #define LQ_M1_HD __host__ __device__ __forceinline__ static
 #define LQ_M1_UNROLL _Pragma("unroll")
 
+// Volatile, so that each load stays where the kernel puts it: a tile ahead of its use. As
+// plain read-only loads the compiler moved a tile's loads down next to their first use, to
+// free registers, and the warp then waited out HBM's latency every tile (ncu: the largest
+// stalls of v6's loop, on the H100).
 __device__ __forceinline__ static uint32_t lq_m1_ldg_u32(const uint32_t *p) {
-    return __ldg(p);
+    uint32_t v;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
 }
 __device__ __forceinline__ static float lq_m1_ldg_f32(const float *p) {
-    return __ldg(p);
+    float v;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
 }
 // t is written by the projection kernel that runs beside this one: L2 only, never a stale L1.
 __device__ __forceinline__ static float lq_m1_ldcg_f32(const float *p) {
@@ -119,16 +127,23 @@ __device__ __forceinline__ static void lq_m1_wait_prerequisite(void) {
     lq_pdl_wait();
 }
 
+// Why: at its register cap the compiler moved the loads of tile k + 1 down past tile k's
+// decode, next to their use, so that every other tile waited out HBM's latency (ncu, H100: the
+// loop's largest stall). Loads are not moved across a warp barrier.
+__device__ __forceinline__ static void lq_m1_tile_fence(void) {
+    __syncwarp();
+}
+
 __device__ __forceinline__ static void lq_m1_prefetch_l2(const void *p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 #include "kernels/cuda/gemv_mma1_kernel.h"
 
-// CTAS CTAs per SM: 3 (24 warps, 80 registers a thread: the default) or 4 (32 warps, 64
-// registers: about 0.05 to 0.1 instructions per code more and a few bytes spilled outside
-// the loop, a third more warps to cover HBM's latency; LQ_CUDA_MMA1_CTAS=4 picks it, for the
-// GPU to decide between them).
+// CTAS CTAs per SM: 2 (16 warps, up to 128 registers a thread: layers whose grid is no wider
+// than 2 CTAs a SM anyway), 3 (24 warps, 80 registers: wider layers) or 4 (32 warps, 64
+// registers, some loads late and a few bytes spilled: slower on the H100, kept for
+// LQ_CUDA_MMA1_CTAS=4). linear_cuda.cu's lq_mma1_pick chooses.
 template <int BITS, int BPC, int SHARE, int CTAS>
 __global__ void __launch_bounds__(LQ_M1_THREADS, CTAS)
     lq_gemv_mma1_kernel(const __grid_constant__ lq_m1_args a) {

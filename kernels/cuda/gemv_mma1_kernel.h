@@ -58,6 +58,8 @@
 //   void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1);   (d += A·B)
 //   float lq_m1_shfl_xor(float v, int offset); void lq_m1_sync(void);
 //   void lq_m1_wait_prerequisite(void); void lq_m1_prefetch_l2(const void *p);
+//   void lq_m1_tile_fence(void);   (keeps the compiler from moving a tile's loads down past it:
+//       __syncwarp on the GPU)
 //   double lq_m1_shfl_xor_f64(double v, int offset);
 //   float lq_m1_silu_times(float gate, float up);   (the backend's swiglu of one value)
 //
@@ -169,11 +171,15 @@ LQ_M1_HD void lq_m1_padding(int chunks_per_row, int bits, int b1, int B0, int B1
     out[2] = (blocks / (uint64_t)B1 + 2u) * 4u + 16u;
 }
 
-// What a lane loads for one row and one chunk: the chunk's words, the 32-bit window of scale
-// codes that starts at its first block, and its group scale's bits.
+// What a lane loads for one row and one chunk: the chunk's words, the two words of scale codes
+// that hold its blocks' (the 32-bit window at bit `shift` of them, formed when the tile is
+// decoded), and its group scale's bits.
+// Why the window waits: formed at the load, its funnel shift stalled the warp a whole trip to
+// HBM right there, once in the prologue and once a tile (8% of v6's stall samples each,
+// tests/bench/sass_stalls.py on the H100).
 struct lq_m1_raw {
     uint32_t w[LQ_M1_MAX_BITS];
-    uint32_t window;
+    uint32_t scale_lo, scale_hi, shift;
     float group_scale;
 };
 
@@ -192,7 +198,7 @@ LQ_M1_FN void lq_m1_load_scale(const struct lq_m1_args *a, int bpc, uint32_t ci,
     const uint32_t block0 = bpc == 1 ? lq_div(ci, a->chunk_block) : ci * (uint32_t)bpc;
     const uint32_t group = lq_div(block0, a->group), bit = block0 * (uint32_t)a->b1;
     const uint32_t *s = a->scale_codes + (bit >> 5);
-    r->window = lq_m1_funnel(lq_m1_ldg_u32(s), lq_m1_ldg_u32(s + 1), bit & 31u);
+    r->scale_lo = lq_m1_ldg_u32(s), r->scale_hi = lq_m1_ldg_u32(s + 1), r->shift = bit & 31u;
     r->group_scale = lq_m1_ldg_f32(a->group_scales + group);
 }
 
@@ -208,11 +214,12 @@ LQ_M1_FN float lq_m1_block_scale(const struct lq_m1_args *a, uint32_t code, floa
 LQ_M1_FN void lq_m1_scales(const struct lq_m1_args *a, int bpc, const struct lq_m1_raw *r,
                            float scale[2]) {
     const float group_scale = r->group_scale;
-    const uint32_t mask = (1u << a->b1) - 1u;
+    const uint32_t mask = (1u << a->b1) - 1u,
+                   window = lq_m1_funnel(r->scale_lo, r->scale_hi, r->shift);
     LQ_M1_UNROLL
     for (int b = 0; b < 2; b++)
         scale[b] =
-            b < bpc ? lq_m1_block_scale(a, (r->window >> (b * a->b1)) & mask, group_scale) : 0.0f;
+            b < bpc ? lq_m1_block_scale(a, (window >> (b * a->b1)) & mask, group_scale) : 0.0f;
 }
 
 // Pair p's entry for this lane in the pair table: the pair's 2·bits bits (codes 2p and 2p+1 of
@@ -252,13 +259,43 @@ LQ_M1_HD void lq_m1_build_pairs(const float *table, int bits, uint32_t *out) {
     }
 }
 
-// rmsnorm's scale s = 1 / sqrt(mean(x²) + eps) for the CTA, every thread's: the sum of squares
-// in double as the rmsnorm op takes it (its order of terms is its own: s may differ from the
-// op's in the last bit). warp_sums: 8 doubles of shared memory, free until the barrier after
-// the staging.
-LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread, double *warp_sums) {
+// The quads of x (and of the norm's weights) a thread holds through the staging: cols / 4 /
+// LQ_M1_THREADS of them, all asked for before the first is used (4: up to 4096 columns; wider
+// rows read the rest again). Why: the norm's pass and the staging each read x and waited for
+// it, two trips to L2 in a row before the main loop (ncu on the H100: a third of the stall
+// samples of a normed layer were in that prologue).
+#define LQ_M1_HELD_QUADS 4
+
+// The token's values at columns 4i .. 4i + 3 (i < cols / 4) as the unfused op would have
+// written them, from x's values v and the norm's weights w there: x, or (x·s)·w (two roundings,
+// as rmsnorm).
+LQ_M1_FN void lq_m1_normed_quad(const struct lq_m1_args *a, float scale, const float w[4],
+                                float v[4]) {
+    if (a->input == LQ_M1_INPUT_RMSNORM)
+        for (int j = 0; j < 4; j++) v[j] = lq_m1_fmul(lq_m1_fmul(v[j], scale), w[j]);
+}
+
+// Quad i of x into v, and of the norm's weights into w (a normed input only).
+LQ_M1_FN void lq_m1_load_quad(const struct lq_m1_args *a, int i, float v[4], float w[4]) {
+    lq_m1_ldg_f32x4(a->x + 4 * i, v);
+    if (a->input == LQ_M1_INPUT_RMSNORM) lq_m1_ldg_f32x4(a->norm_weight + 4 * i, w);
+}
+
+// rmsnorm's scale s = 1 / sqrt(mean(x²) + eps) for the CTA, every thread's, from the quads it
+// holds (and the rest of its quads, read again): the sum of squares in double as the rmsnorm
+// op takes it (its order of terms is its own: s may differ from the op's in the last bit).
+// warp_sums: 8 doubles of shared memory, free until the barrier after the staging.
+LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread,
+                                float held[LQ_M1_HELD_QUADS][4], double *warp_sums) {
     double sum = 0.0;
-    for (int i = thread; i < a->cols / 4; i += LQ_M1_THREADS) {
+    LQ_M1_UNROLL
+    for (int k = 0; k < LQ_M1_HELD_QUADS; k++) {
+        const float *v = held[k];
+        if (thread + k * LQ_M1_THREADS < a->cols / 4)
+            sum += (double)v[0] * v[0] + (double)v[1] * v[1] + (double)v[2] * v[2] +
+                   (double)v[3] * v[3];
+    }
+    for (int i = thread + LQ_M1_HELD_QUADS * LQ_M1_THREADS; i < a->cols / 4; i += LQ_M1_THREADS) {
         float v[4];
         lq_m1_ldg_f32x4(a->x + 4 * i, v);
         sum +=
@@ -272,17 +309,6 @@ LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread, double *
     return (float)(1.0 / sqrt(total / a->cols + a->eps)); // the CPU's formula
 }
 
-// The token's values at columns 4i .. 4i + 3 (i < cols / 4), as the unfused op would have
-// written them: x, or (x·s)·w (two roundings, as rmsnorm).
-LQ_M1_FN void lq_m1_input_quad(const struct lq_m1_args *a, int i, float scale, float v[4]) {
-    lq_m1_ldg_f32x4(a->x + 4 * i, v);
-    if (a->input == LQ_M1_INPUT_RMSNORM) {
-        float w[4];
-        lq_m1_ldg_f32x4(a->norm_weight + 4 * i, w);
-        for (int j = 0; j < 4; j++) v[j] = lq_m1_fmul(lq_m1_fmul(v[j], scale), w[j]);
-    }
-}
-
 // The pair table (copied: lq_m1_copy_wait before the barrier), x in fp16 and the zero area, by
 // all threads of the CTA; with a normed input, also its scale into *norm_scale (read after the
 // barrier).
@@ -291,17 +317,35 @@ LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int bits, int thread, uint
     const int words = (int)lq_m1_pair_words(bits);
     for (int i = 4 * thread; i < words; i += 4 * LQ_M1_THREADS)
         lq_m1_copy16(pairs + i, a->pairs + i);
+    const int quads = a->cols / 4, padded = (int)lq_m1_x_words(a->chunks_per_row) / 2;
+    float held[LQ_M1_HELD_QUADS][4], held_w[LQ_M1_HELD_QUADS][4];
+    LQ_M1_UNROLL
+    for (int k = 0; k < LQ_M1_HELD_QUADS; k++) {
+        const int i = thread + k * LQ_M1_THREADS;
+        for (int j = 0; j < 4; j++) held[k][j] = 0.0f, held_w[k][j] = 0.0f;
+        if (i < quads) lq_m1_load_quad(a, i, held[k], held_w[k]);
+    }
     float scale = 1.0f;
     if (a->input == LQ_M1_INPUT_RMSNORM) {
         // the row-sum area (zeros + 16) holds 8 doubles here: it is 8-byte aligned, and written
         // only after the main loop
-        scale = lq_m1_norm_scale(a, thread, (double *)(zeros + 16));
+        scale = lq_m1_norm_scale(a, thread, held, (double *)(zeros + 16));
         if (thread == 0) *norm_scale = scale;
     }
-    const int quads = a->cols / 4, padded = (int)lq_m1_x_words(a->chunks_per_row) / 2;
-    for (int i = thread; i < padded; i += LQ_M1_THREADS) {
-        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (i < quads) lq_m1_input_quad(a, i, scale, v);
+    LQ_M1_UNROLL
+    for (int k = 0; k < LQ_M1_HELD_QUADS; k++) { // (held quads past x are zeros)
+        const int i = thread + k * LQ_M1_THREADS;
+        if (i >= padded) break;
+        if (i < quads) lq_m1_normed_quad(a, scale, held_w[k], held[k]);
+        xs[2 * i] = lq_m1_half2_bits(held[k][0], held[k][1]);
+        xs[2 * i + 1] = lq_m1_half2_bits(held[k][2], held[k][3]);
+    }
+    for (int i = thread + LQ_M1_HELD_QUADS * LQ_M1_THREADS; i < padded; i += LQ_M1_THREADS) {
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, w[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (i < quads) {
+            lq_m1_load_quad(a, i, v, w);
+            lq_m1_normed_quad(a, scale, w, v);
+        }
         xs[2 * i] = lq_m1_half2_bits(v[0], v[1]);
         xs[2 * i + 1] = lq_m1_half2_bits(v[2], v[3]);
     }
@@ -418,6 +462,7 @@ LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, int shar
     // than the test (0.05 instructions per code).
     if (a->prefetch_tiles > 0) lq_m1_prefetch(a, bits, l, c->chunk + l->prefetch_ahead);
     lq_m1_load_tile(a, bits, bpc, share, l, &n, next);
+    lq_m1_tile_fence(); // the loads stay here, a tile ahead of their use
     float scale[2][2];
     lq_m1_tile_scales(a, bpc, share, l, cur, scale);
     // x's words for steps 0-3 now, for steps 4-7 half way: 8 registers fewer held through
@@ -519,12 +564,15 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     lq_m1_copy_wait();
     lq_m1_sync();
 
-    // Tiles in twos, so that the two register sets have static names (no copies).
+    // A tile a pass, the words loaded for the next one copied over at its end. Why not two
+    // tiles a pass with the register sets swapped (no copies): the test between the two let
+    // the compiler move the first tile's loads past it, down to their use in the second, and
+    // every other tile then waited out HBM's latency (ncu on the H100: the loop's largest
+    // stall).
     float acc[2] = {0.0f, 0.0f};
     while (cursor.kt < kt_end) {
         lq_m1_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_a, buffer_b, acc);
-        if (cursor.kt >= kt_end) break;
-        lq_m1_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_b, buffer_a, acc);
+        buffer_a[0] = buffer_b[0], buffer_a[1] = buffer_b[1];
     }
 
     // The low-rank term: every thread waits for the projection kernel (so that none is still

@@ -39,7 +39,8 @@
 //      values in ~R·NT shuffles) and writes one partial per row, token and slice; the last CTA
 //      of a band to finish (an atomic ticket) sums the slices in slice order into y.
 //      Deterministic: the same inputs give the same bits on every run.
-//      LQ_CUDA_DECODE=v2, v3 or v4 (default v1): one token at b0 = 3, 4 with B0 >= 16 takes
+//      LQ_CUDA_DECODE=v2, v3 or v4 (v1 where asked, or where the default v6 cannot run): one
+//      token at b0 = 3, 4 with B0 >= 16 takes
 //      lq_gemv_kernel (gemv_cuda.cuh) instead, the same arithmetic (the same bits) with the
 //      next row group's loads in flight while the current one is decoded, in a one-wave grid;
 //      v3 also sums the slices within a thread-block cluster instead of the partials + ticket,
@@ -247,10 +248,11 @@ static lq_decode_grid lq_decode_grid_for(const struct lq_cuda *cuda, const struc
     return g;
 }
 
-// LQ_CUDA_DECODE picks the kernel for one token: unset or auto takes lq_gemv_rows_kernel (v5)
-// for matrices with 8192 or more rows or columns and lq_decode_kernel (v1) for the others
-// (measured with ncu on an H100, 7B shapes at ~3.1 bits: 11008 x 4096 24 vs 31 us, 4096 x
-// 11008 28 vs 31 us, 4096 x 4096 13.6 vs 12.9 us); v1, v5 (v5r2, v5r4: 2 or 4 rows per warp)
+// LQ_CUDA_DECODE picks the kernel for one token: unset or auto takes v6 where it can run, and
+// elsewhere lq_gemv_rows_kernel (v5) for matrices with 8192 or more rows or columns and
+// lq_decode_kernel (v1) for the others (measured with ncu on an H100, 7B shapes at ~3.1 bits:
+// 11008 x 4096 24 vs 31 us, 4096 x 11008 28 vs 31 us, 4096 x 4096 13.6 vs 12.9 us); v1, v5
+// (v5r2, v5r4: 2 or 4 rows per warp)
 // force one; v2 lq_gemv_kernel (gemv_cuda.cuh), v3 lq_gemv_kernel with the slices of a band as
 // one cluster, v4 v3 with a grid that leaves room for the projection kernel's CTAs
 // (lq_gemv_grid_for), those three at b0 = 3 and 4 only (else v1); v3 and v4 run without
@@ -259,11 +261,12 @@ static lq_decode_grid lq_decode_grid_for(const struct lq_cuda *cuda, const struc
 // in one process. v1 to v4 give the same bits; v5 sums in another order. v6
 // (gemv_mma1_kernel.h: tensor cores, fp16 values and x, fp32 sums) at b0 = 2, 3, 4 with B0 a
 // multiple of 32 or 16, else v1.
-// Whether auto takes v6 for one token (where it can run). Not until its figures on a GPU say
-// so (`sh tests/kernels/gpu_check.sh pending`): v6 has not run on one yet. linear_fused follows
-// this choice (lq_cuda_fuses_linears).
+// Whether auto takes v6 for one token (where it can run); linear_fused follows this choice
+// (lq_cuda_fuses_linears). On the H100 (2026-11-27, bench_cuda --decode-variants 1
+// --decode-kernels v6,auto) the batch-1 step of the 7B-shaped ~3-bit model took 4.08 ms with
+// v6 at 2 CTAs per SM against 4.41 ms with v1/v5, the fused ops included.
 static bool lq_auto_takes_mma1(void) {
-    return false;
+    return true;
 }
 
 static int lq_decode_variant(void) {
@@ -412,8 +415,9 @@ template <int BITS, int CTAS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool s
 }
 
 template <int BITS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share, int ctas) {
-    return ctas == 4 ? lq_mma1_kernel_for<BITS, 4>(bpc, share)
-                     : lq_mma1_kernel_for<BITS, 3>(bpc, share);
+    return ctas == 4   ? lq_mma1_kernel_for<BITS, 4>(bpc, share)
+           : ctas == 2 ? lq_mma1_kernel_for<BITS, 2>(bpc, share)
+                       : lq_mma1_kernel_for<BITS, 3>(bpc, share);
 }
 
 // Whether v6's lanes share block scales: where two chunks of a quad always share a block
@@ -434,7 +438,15 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
         lq_m1_shared_bytes(b0, w->cols / 32, cuda->reserved_shared) > LQ_M1_MAX_SHARED)
         return NULL;
     const bool share = lq_mma1_share_scales(w);
-    const int ctas = lq_env_int("LQ_CUDA_MMA1_CTAS", 3) == 4 ? 4 : 3;
+    // 2 CTAs per SM (up to 128 registers) where a row group a CTA fills no more than 2 a SM (a
+    // 4096-row layer on 132 SMs: 256 CTAs), else 3 (80 registers). Why: where 3 would not make
+    // the grid any wider, their register cap only costs (H100, each layer alone: 4096 x 4096
+    // 13.7 -> 10.9 us, 4096 x 11008 25.5 -> 19.7 us), and an 11008-row layer at 2 would need
+    // 4 row groups a CTA, half the warps (22.5 -> 27.7 us). LQ_CUDA_MMA1_CTAS (2, 3, 4) forces
+    // one.
+    const long groups = (w->rows + 15) / 16, sms = cuda->sm_count > 0 ? cuda->sm_count : 1;
+    const int wanted = lq_env_int("LQ_CUDA_MMA1_CTAS", 0);
+    const int ctas = wanted == 2 || wanted == 3 || wanted == 4 ? wanted : groups <= 2 * sms ? 2 : 3;
     *share_out = share, *ctas_out = ctas;
     return b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share, ctas)
            : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share, ctas)
@@ -625,14 +637,15 @@ static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
     p->bpc = ((uintptr_t)x & 15u) == 0 ? lq_cuda_blocks_per_chunk(w) : 0;
     p->b0 = w->q.config.b0;
     int variant = p->bpc && p->nt == 1 && p->b0 <= 4 ? lq_decode_variant() : 1;
-    if (variant == 0)
-        variant = lq_auto_takes_mma1() ? 6 : w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;
+    const bool automatic = variant == 0;
+    if (automatic && lq_auto_takes_mma1()) variant = 6;
+    p->mma1_kernel =
+        variant == 6 ? lq_mma1_pick(cuda, w, data, p->bpc, &p->mma1_share, &p->mma1_ctas) : NULL;
+    if (variant == 6 && !p->mma1_kernel) variant = automatic ? 0 : 1;
+    if (variant == 0) variant = w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;
     p->rows_fn = variant == 5 || variant == 52 || variant == 54
                      ? lq_rows_pick(cuda, w, p->bpc, variant, &p->rows_per_warp)
                      : NULL;
-    p->mma1_kernel =
-        variant == 6 ? lq_mma1_pick(cuda, w, data, p->bpc, &p->mma1_share, &p->mma1_ctas) : NULL;
-    if (variant == 6 && !p->mma1_kernel) variant = 1;
     p->variant = variant;
     p->split_projection = p->rows_fn != NULL || p->mma1_kernel != NULL;
     p->gemv = variant >= 2 && variant <= 4 && (p->bpc == 1 || p->bpc == 2) && p->b0 >= 3;

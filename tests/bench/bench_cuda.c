@@ -315,9 +315,9 @@ static int linear_alone(struct lq_backend *gpu, const char *decode_variants, str
 /* LoRA training (LQ init: every L1, L2 trained, Q frozen) of the model on the GPU: tokens/s of
  * optimizer steps of 8 rows x 256 tokens (micro-batches of 2), after one warm-up step; once
  * per way the frozen weights' products run (LQ_CUDA_TRAIN_MATH): as SGEMMs, on TF32 tensor
- * cores (the default) and in bf16. */
+ * cores and in bf16 (the default). */
 static int training(struct lq_backend *gpu, struct lq_model *m, struct lq_error *err) {
-    static const char *const modes[][2] = {{"fp32", "fp32"}, {"tf32", NULL}, {"bf16", "bf16"}};
+    static const char *const modes[][2] = {{"fp32", "fp32"}, {"tf32", "tf32"}, {"bf16", NULL}};
     const char *saved = getenv("LQ_CUDA_TRAIN_MATH");
     char *restore = saved ? strdup(saved) : NULL;
     int rc = 0;

@@ -61,9 +61,12 @@ def main():
         entry[1] += us
     total = sum(us for _, _, us in step)
     scale = args.scale_to / args.layers
-    # the head follows the last layer's residual add (fused with the final norm): not per layer
+    # the head follows the last layer's residual add (fused with the final norm), or, where the
+    # decode kernels add the residual themselves (LQ_CUDA_FUSE), the final norm: not per layer
     adds = [i for i, k in enumerate(step) if "add_elements" in k[1] or "add_rmsnorm" in k[1]]
-    tail = sum(us for _, _, us in step[adds[-1] + 1:]) if adds else 0.0
+    norms = [i for i, k in enumerate(step) if short_name(k[1]).endswith("::rmsnorm_rows")]
+    tail_from = adds[-1] + 1 if adds else norms[-1] if norms else len(step)
+    tail = sum(us for _, _, us in step[tail_from:])
     print("one decode step at batch 1: %d kernels, %.1f us on %d layers" % (len(step), total, args.layers))
     print("%-92s %6s %10s %10s" % ("kernel", "count", "us/step", "us x%d/%d" % (args.scale_to, args.layers)))
     for name, (count, us) in sorted(per_name.items(), key=lambda item: -item[1][1]):

@@ -218,6 +218,173 @@ pending) # what the 2026-11-26 CPU-only sessions wrote, in one call, the figures
         "$logs/ncu_decode_v6.csv" --layers 2 ;;
 esac
 case "${1:-}" in
+session) # one short call (2026-11-27): the batch-1..64 step under auto and v6 alone on the GPU,
+    # then every correctness check of the CPU-only sessions' code side by side (each one's CPU
+    # reference on 2 threads; no timings among them), then the timings one at a time, most wanted
+    # first; steps past BUDGET (default 400 s) are skipped
+    BUDGET=${BUDGET:-400}
+    TAIL=40 STEP_TIMEOUT=200 step decode_steps "$run/bench_cuda" --decode-variants 1 \
+        --decode-kernels auto,v6
+    pstep() { # name, command...: in the background, its exit status in name.rc
+        name=$1; shift
+        (timeout "${STEP_TIMEOUT:-240}" "$@" >"$logs/$name.log" 2>&1; echo $? >"$logs/$name.rc") &
+    }
+    parallel_start=$(date +%s)
+    export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
+    pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
+    pstep cuda_ops_fused "$run/test_cuda_ops" linear_fused
+    pstep cuda_ops_group "$run/test_cuda_ops" linear_group
+    pstep cuda_ops_linear "$run/test_cuda_ops" 'linear_lq$' linear_lq_mma linear_lq_lowrank \
+        linear_dense linear_adapter
+    pstep cuda_ops_rope_attention "$run/test_cuda_ops" rope_attention
+    pstep cuda_ops_attention "$run/test_cuda_ops" attention attention_batch
+    pstep cuda_ops_rest "$run/test_cuda_ops" rmsnorm embed 'rope$' swiglu fused_ops matmul \
+        memory_accounting decompose cholqr
+    pstep cuda_sample "$run/test_cuda_sample"
+    pstep cuda_attention_backward "$run/test_cuda_attention_backward"
+    pstep cuda_eig "$run/test_cuda_eig"
+    pstep cuda_graph "$run/test_cuda_graph"
+    pstep cuda_graph_v6 env LQ_CUDA_DECODE=v6 "$run/test_cuda_graph"
+    pstep cuda_train_ops "$run/test_cuda_train_ops"
+    pstep gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
+    pstep gpu_e2e_v6 env LQ_CUDA_DECODE=v6 python3 "$root/tests/kernels/test_gpu_e2e.py"
+    wait
+    unset OPENBLAS_NUM_THREADS LQ_THREADS
+    echo "== side by side: $(( $(date +%s) - parallel_start )) s"
+    for f in "$logs"/*.rc; do
+        name=$(basename "$f" .rc)
+        rc=$(cat "$f")
+        echo "== $name: exit $rc"
+        tail -n 6 "$logs/$name.log"
+        [ "$rc" = 0 ] || status=1
+    done
+    TAIL=30 STEP_TIMEOUT=90 step bench_gemv "$run/bench_cuda" --linear-only auto,v1,v5,v6
+    LQ_CUDA_FUSE=0 TAIL=12 STEP_TIMEOUT=120 step decode_steps_no_fuse "$run/bench_cuda" \
+        --decode-variants 1 --decode-kernels v6
+    TAIL=12 STEP_TIMEOUT=90 step bench_linear_lowrank_tf32 "$run/bench_cuda" --linear-all
+    LQ_CUDA_LOWRANK_TF32=0 TAIL=12 STEP_TIMEOUT=90 step bench_linear_lowrank_sgemm \
+        "$run/bench_cuda" --linear-all
+    TAIL=4 STEP_TIMEOUT=120 step bench_train "$run/bench_cuda" --train-only
+    LQ_CUDA_MMA1_CTAS=4 TAIL=12 STEP_TIMEOUT=120 step decode_steps_ctas4 "$run/bench_cuda" \
+        --decode-variants 1 --decode-kernels v6
+    LQ_CUDA_GROUP=0 LQ_CUDA_ROPE_FUSED=0 LQ_CUDA_FUSE=0 TAIL=12 STEP_TIMEOUT=120 \
+        step decode_steps_apart "$run/bench_cuda" --decode-variants 1 --decode-kernels v6
+    LQ_CUDA_PDL=0 TAIL=12 STEP_TIMEOUT=120 step decode_steps_no_pdl "$run/bench_cuda" \
+        --decode-variants 1 --decode-kernels v6
+    TAIL=30 STEP_TIMEOUT=60 step fused_times "$run/test_cuda_ops" linear_fused --time
+    TAIL=30 STEP_TIMEOUT=60 step group_times "$run/test_cuda_ops" linear_group --time
+    TAIL=20 STEP_TIMEOUT=60 step attention_times "$run/test_cuda_ops" attention attention_batch \
+        --time
+    LQ_CUDA_ATTENTION_DECODE=0 TAIL=8 STEP_TIMEOUT=120 step decode_attention_tile \
+        "$run/bench_cuda" --decode-variants 1 ;;
+esac
+case "${1:-}" in
+second) # the call after `session` (2026-11-27): the attention harness's fixed timing, the whole
+    # benchmark (both models, prefill), v6's L2 prefetch distance and row groups per CTA, each
+    # layer alone and in the step, then where a v6 step's GPU time goes (ncu per kernel, and
+    # v6's warp states), and the training checks with bf16 as the default
+    BUDGET=${BUDGET:-330}
+    TAIL=14 STEP_TIMEOUT=60 step rope_attention_times "$run/test_cuda_ops" rope_attention --time
+    TAIL=30 STEP_TIMEOUT=150 step bench_full "$run/bench_cuda"
+    for p in 0 4 8; do
+        LQ_CUDA_MMA1_PREFETCH=$p TAIL=10 STEP_TIMEOUT=60 step "bench_gemv_v6_prefetch$p" \
+            "$run/bench_cuda" --linear-only v6
+    done
+    for g in 2 4; do
+        LQ_CUDA_MMA1_ROW_GROUPS=$g TAIL=10 STEP_TIMEOUT=60 step "bench_gemv_v6_rows$g" \
+            "$run/bench_cuda" --linear-only v6
+    done
+    LQ_CUDA_MMA1_PREFETCH=4 TAIL=8 STEP_TIMEOUT=100 step decode_steps_prefetch4 \
+        "$run/bench_cuda" --decode-variants 1 --decode-kernels v6
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=150 step ncu_decode_v6 sh -c "'$ncu' \
+        --csv --metrics gpu__time_duration.sum --cache-control none --clock-control none \
+        '$run/bench_cuda' --decode-profile --layers 2 > '$logs/ncu_decode_v6.csv'"
+    TAIL=16 step ncu_summary_v6 python3 "$root/tests/bench/ncu_decode_summary.py" \
+        "$logs/ncu_decode_v6.csv" --layers 2
+    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=5 STEP_TIMEOUT=120 step ncu_sections_v6 sh -c \
+        "'$ncu' --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' --launch-skip 7 \
+        --launch-count 3 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section LaunchStats --section MemoryWorkloadAnalysis \
+        '$run/bench_cuda' --decode-profile --layers 2"
+    TAIL=6 STEP_TIMEOUT=120 step cuda_train_ops "$run/test_cuda_train_ops"
+    TAIL=14 STEP_TIMEOUT=200 step gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py" ;;
+esac
+case "${1:-}" in
+ceiling) # the best a step of one streaming kernel per layer can reach (plain, PDL, PDL with the
+    # loads before the wait: bench_stream_ceiling), then where v6's warps stall (ncu source
+    # counters) and what the low-rank projection kernel does (ncu sections)
+    TAIL=40 STEP_TIMEOUT=120 step stream_ceiling "$run/bench_stream_ceiling"
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=3 STEP_TIMEOUT=120 step ncu_source_v6 sh -c \
+        "'$ncu' --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' --launch-skip 7 \
+        --launch-count 2 --section WarpStateStats --section SourceCounters \
+        --section InstructionStats --print-details all \
+        '$run/bench_cuda' --decode-profile --layers 2"
+    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=3 STEP_TIMEOUT=90 step ncu_projection sh -c \
+        "'$ncu' --clock-control none --kernel-name regex:'lq_lowrank_project' --launch-skip 3 \
+        --launch-count 2 --section SpeedOfLight --section LaunchStats --section Occupancy \
+        --section WarpStateStats '$run/bench_cuda' --decode-profile --layers 2" ;;
+esac
+case "${1:-}" in
+stalls) # where v6's warps wait, instruction by instruction (ncu's source page: SASS with its
+    # warp-stall samples), for a 4096 x 4096 layer with the fused norm (Q, K, V) and an
+    # 11008 x 4096 one (gate, up), for reading offline with tests/bench/sass_stalls.py
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    for k in "7 q" "11 gate"; do
+        set -- $k
+        LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=90 step "ncu_sass_v6_$2" sh -c \
+            "'$ncu' --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' \
+            --launch-skip $1 --launch-count 1 --section SourceCounters --section LaunchStats \
+            --page source --print-source sass --csv \
+            '$run/bench_cuda' --decode-profile --layers 2 > '$logs/ncu_sass_v6_$2.csv'"
+    done ;;
+esac
+case "${1:-}" in
+loads) # v6 with its loads a tile ahead (one tile a pass), x read once in the staging and the
+    # scale window formed at decode: against the CPU and the other kernels (side by side), then
+    # the batch-1..64 step and each layer alone, new against the build before
+    # (.devrun/bench_cuda_old, when packed), at 3 and 2 CTAs per SM, then ncu's source page of
+    # a normed 4096 x 4096 layer
+    pstep() { name=$1; shift
+        (timeout "${STEP_TIMEOUT:-200}" "$@" >"$logs/$name.log" 2>&1; echo $? >"$logs/$name.rc") &
+    }
+    export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
+    pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
+    pstep cuda_ops_fused "$run/test_cuda_ops" linear_fused
+    pstep cuda_ops_group "$run/test_cuda_ops" linear_group
+    pstep cuda_graph_v6 env LQ_CUDA_DECODE=v6 "$run/test_cuda_graph"
+    pstep gpu_e2e_v6 env LQ_CUDA_DECODE=v6 python3 "$root/tests/kernels/test_gpu_e2e.py"
+    wait
+    unset OPENBLAS_NUM_THREADS LQ_THREADS
+    for f in "$logs"/*.rc; do
+        name=$(basename "$f" .rc); rc=$(cat "$f")
+        echo "== $name: exit $rc"; tail -n 4 "$logs/$name.log"
+        [ "$rc" = 0 ] || status=1
+    done
+    [ -f "$run/bench_cuda_old.xz" ] && xz -dc "$run/bench_cuda_old.xz" > "$run/bench_cuda_old" &&
+        chmod +x "$run/bench_cuda_old"
+    TAIL=12 STEP_TIMEOUT=60 step decode_new "$run/bench_cuda" --decode-variants 1 \
+        --decode-kernels v6,auto
+    [ -x "$run/bench_cuda_old" ] && TAIL=7 STEP_TIMEOUT=60 step decode_old \
+        "$run/bench_cuda_old" --decode-variants 1 --decode-kernels v6
+    LQ_CUDA_MMA1_CTAS=2 TAIL=7 STEP_TIMEOUT=60 step decode_new_ctas2 "$run/bench_cuda" \
+        --decode-variants 1 --decode-kernels v6
+    TAIL=10 STEP_TIMEOUT=30 step gemv_new "$run/bench_cuda" --linear-only v6,v1
+    [ -x "$run/bench_cuda_old" ] && TAIL=10 STEP_TIMEOUT=30 step gemv_old \
+        "$run/bench_cuda_old" --linear-only v6
+    LQ_CUDA_MMA1_CTAS=2 TAIL=10 STEP_TIMEOUT=30 step gemv_new_ctas2 "$run/bench_cuda" \
+        --linear-only v6
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=60 step ncu_sass_v6_q sh -c \
+        "'$ncu' --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' \
+        --launch-skip 7 --launch-count 1 --section SourceCounters --section LaunchStats \
+        --page source --print-source sass --csv \
+        '$run/bench_cuda' --decode-profile --layers 2 > '$logs/ncu_sass_v6_q.csv'"
+    TAIL=30 step sass_stalls_q python3 "$root/tests/bench/sass_stalls.py" \
+        "$logs/ncu_sass_v6_q.csv" --top 12 ;;
+esac
+case "${1:-}" in
 attention) # the one-token attention kernel (attention_decode_kernel.h): both kernels against
     # the CPU and timed, then the batch-1..64 decode step with the tile kernel and with it
     TAIL=40 step attention_times "$run/test_cuda_ops" attention --time

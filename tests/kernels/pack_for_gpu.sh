@@ -12,7 +12,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 out="$root/.devrun"
 binaries="server/lqd kernels/liblqd_cuda.so tests/test_cuda_ops tests/test_cuda_train_ops
           tests/test_cuda_attention_backward tests/test_cuda_graph tests/test_cuda_sample
-          tests/test_cuda_eig tests/bench_cuda"
+          tests/test_cuda_eig tests/bench_cuda tests/bench_stream_ceiling"
 rm -rf "$out" && mkdir -p "$out/lib"
 packed=lib
 for binary in $binaries; do

@@ -30,12 +30,12 @@ __attribute__((constructor)) static void exact_cpu_kernels(void) {
 /* fp32 products and sums in another order (cuBLAS, block reductions): far under 1e-5. The
  * LQ tiles are dequantized bit for bit as the CPU does, so LQ layers get the same bound. */
 #define TOL_FP32 2e-5
-/* Products with a frozen weight on TF32 tensor cores (the default, LQ_CUDA_TRAIN_MATH unset):
+/* Products with a frozen weight on TF32 tensor cores (LQ_CUDA_TRAIN_MATH=tf32):
  * each input rounded to a 10-bit mantissa (relative error at most 2^-11 each), fp32 sums.
  * On these random inputs the errors are independent, ~5e-4 of ‖y‖; the bound leaves 4x. */
 #define TOL_TF32 2e-3
-/* LQ_CUDA_TRAIN_MATH=bf16: Q's values and x (dy) rounded to 8-bit mantissas (at most 2^-9
- * each), fp32 sums: ~2e-3 of ‖y‖; dense layers take TF32 there. */
+/* bf16 (the default, LQ_CUDA_TRAIN_MATH unset): Q's values and x (dy) rounded to 8-bit mantissas
+ * (at most 2^-9 each), fp32 sums: ~2e-3 of ‖y‖; dense layers take TF32 there. */
 #define TOL_BF16 1e-2
 /* Element-wise ops computed with the CPU's operations in its order (expf, sin/cos of the
  * same double angle may differ by an ulp). */
@@ -54,12 +54,12 @@ static void frozen_products_fp32(void) {
 }
 
 static void frozen_products_bf16(void) {
-    setenv("LQ_CUDA_TRAIN_MATH", "bf16", 1);
+    unsetenv("LQ_CUDA_TRAIN_MATH"); /* the default */
     tol_frozen = TOL_BF16;
 }
 
 static void frozen_products_tf32(void) {
-    unsetenv("LQ_CUDA_TRAIN_MATH"); /* the default */
+    setenv("LQ_CUDA_TRAIN_MATH", "tf32", 1);
     tol_frozen = TOL_TF32;
 }
 

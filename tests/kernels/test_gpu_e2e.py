@@ -31,12 +31,12 @@ def lqd(*args, timeout=900, env=None):
                           env=None if env is None else {**os.environ, **env})
 
 
-# The training ops' products with frozen weights: TF32 tensor cores by default, SGEMMs with
-# LQ_CUDA_TRAIN_MATH=fp32, bf16 with =bf16. Each GPU run below is compared with the CPU's, the
+# The training ops' products with frozen weights: bf16 tensor cores by default, SGEMMs with
+# LQ_CUDA_TRAIN_MATH=fp32, TF32 with =tf32. Each GPU run below is compared with the CPU's, the
 # SGEMM run at fp32 rounding's bound, the others at bounds their mantissas (10 and 7 bits)
 # leave room for.
-TRAIN_MATH = (("fp32", {"LQ_CUDA_TRAIN_MATH": "fp32"}), ("tf32", {}),
-              ("bf16", {"LQ_CUDA_TRAIN_MATH": "bf16"}))
+TRAIN_MATH = (("fp32", {"LQ_CUDA_TRAIN_MATH": "fp32"}), ("tf32", {"LQ_CUDA_TRAIN_MATH": "tf32"}),
+              ("bf16", {}))
 
 
 def generate(device, prompt):

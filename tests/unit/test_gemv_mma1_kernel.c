@@ -156,6 +156,8 @@ static void lq_m1_sync(void) {
     cta_sync();
 }
 
+static void lq_m1_tile_fence(void) {} /* a compiler matter: nothing to emulate */
+
 static int waits; /* griddepcontrol.wait calls of the launch */
 static void lq_m1_wait_prerequisite(void) {
     __atomic_add_fetch(&waits, 1, __ATOMIC_RELAXED);
