@@ -551,6 +551,13 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
         lq_m1_prefetch(a, bits, &lane_state,
                        cursor.chunk + lane_state.prefetch_ahead -
                            (uint32_t)(LQ_M1_TILE_CHUNKS * (a->prefetch_tiles - p)));
+    // The residual a row's sum is added to (y +=), read now, by the thread that writes the row:
+    // the kernel's last write then waits for no trip to L2. It was written before the kernel
+    // that launched this one waited (a residual is never the previous kernel's output; SwiGLU's
+    // gate values are, and are read after the wait).
+    const int out_row = (block << a->rg_log) * 16 + thread;
+    const int writes = thread < (16 << a->rg_log) && out_row < a->rows;
+    const float residual = writes && a->output == LQ_M1_OUTPUT_ADD ? a->y[out_row] : 0.0f;
     const int rank_pos = ks * 4 + t, rank_stride = 4 * ks_count;
     float l1[2][LQ_M1_RANK_REGS];
     LQ_M1_UNROLL
@@ -609,16 +616,14 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
         mine[g] = acc[0], mine[g + 8] = acc[1];
     }
     lq_m1_sync();
-    if (thread < (16 << a->rg_log)) {
-        const int in_cta = thread >> 4, r = thread & 15, out = (block << a->rg_log) * 16 + thread;
-        if (out < a->rows) {
-            const float *slices = sums + in_cta * ks_count * 16 + r;
-            float total = slices[0];
-            for (int s = 1; s < ks_count; s++) total = lq_m1_fadd(total, slices[s * 16]);
-            a->y[out] = a->output == LQ_M1_OUTPUT_ADD      ? lq_m1_fadd(a->y[out], total)
-                        : a->output == LQ_M1_OUTPUT_SWIGLU ? lq_m1_silu_times(a->y[out], total)
+    if (writes) {
+        const int in_cta = thread >> 4, r = thread & 15;
+        const float *slices = sums + in_cta * ks_count * 16 + r;
+        float total = slices[0];
+        for (int s = 1; s < ks_count; s++) total = lq_m1_fadd(total, slices[s * 16]);
+        a->y[out_row] = a->output == LQ_M1_OUTPUT_ADD      ? lq_m1_fadd(residual, total)
+                        : a->output == LQ_M1_OUTPUT_SWIGLU ? lq_m1_silu_times(a->y[out_row], total)
                                                            : total;
-        }
     }
 }
 
