@@ -474,6 +474,9 @@ static void test_fused_ops(void) {
     /* one k-tile, most warps idle; and SwiGLU without a low-rank term (it still waits) */
     check_case_shared(20, 64, c, 4, 0, 0, LQ_M1_INPUT_RMSNORM, LQ_M1_OUTPUT_ADD);
     check_case_shared(40, 640, c, 0, 0, 1, LQ_M1_INPUT_RMSNORM, LQ_M1_OUTPUT_SWIGLU);
+    /* wider than the quads a thread holds through the staging (LQ_M1_HELD_QUADS · 4 · 256 =
+     * 4096 columns): the rest is read again, for the norm and for the staging */
+    check_case_shared(16, 4352, c, 8, 0, 1, LQ_M1_INPUT_RMSNORM, LQ_M1_OUTPUT_ADD);
     if (cpu) {
         cpu->ops->destroy(cpu);
         cpu = NULL;
