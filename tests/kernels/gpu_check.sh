@@ -247,7 +247,7 @@ session) # one short call (2026-11-27): the batch-1..64 step under auto and v6 a
     pstep cuda_graph_v6 env LQ_CUDA_DECODE=v6 "$run/test_cuda_graph"
     pstep cuda_train_ops "$run/test_cuda_train_ops"
     pstep gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
-    pstep gpu_e2e_v6 env LQ_CUDA_DECODE=v6 python3 "$root/tests/kernels/test_gpu_e2e.py"
+    pstep gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
     wait
     unset OPENBLAS_NUM_THREADS LQ_THREADS
     echo "== side by side: $(( $(date +%s) - parallel_start )) s"
@@ -342,10 +342,11 @@ stalls) # where v6's warps wait, instruction by instruction (ncu's source page: 
 esac
 case "${1:-}" in
 loads) # v6 with its loads a tile ahead (one tile a pass), x read once in the staging and the
-    # scale window formed at decode: against the CPU and the other kernels (side by side), then
-    # the batch-1..64 step and each layer alone, new against the build before
-    # (.devrun/bench_cuda_old, when packed), at 3 and 2 CTAs per SM, then ncu's source page of
-    # a normed 4096 x 4096 layer
+    # scale window formed at decode: against the CPU and the other kernels (side by side; v6 at
+    # 2, 3 and 4 CTAs a SM), end to end with the default (auto: v6), then the batch-1..64 step
+    # and each layer alone, new (the default's choice of 2 or 3 CTAs a SM per layer, and each
+    # forced) against the build before (.devrun/bench_cuda_old.xz, when packed: xz -c
+    # build-before/tests/bench_cuda), then ncu's source page of a normed 4096 x 4096 layer
     pstep() { name=$1; shift
         (timeout "${STEP_TIMEOUT:-200}" "$@" >"$logs/$name.log" 2>&1; echo $? >"$logs/$name.rc") &
     }
@@ -365,11 +366,13 @@ loads) # v6 with its loads a tile ahead (one tile a pass), x read once in the st
     [ -f "$run/bench_cuda_old.xz" ] && xz -dc "$run/bench_cuda_old.xz" > "$run/bench_cuda_old" &&
         chmod +x "$run/bench_cuda_old"
     TAIL=12 STEP_TIMEOUT=60 step decode_new "$run/bench_cuda" --decode-variants 1 \
-        --decode-kernels v6,auto
+        --decode-kernels auto,v1
     [ -x "$run/bench_cuda_old" ] && TAIL=7 STEP_TIMEOUT=60 step decode_old \
         "$run/bench_cuda_old" --decode-variants 1 --decode-kernels v6
-    LQ_CUDA_MMA1_CTAS=2 TAIL=7 STEP_TIMEOUT=60 step decode_new_ctas2 "$run/bench_cuda" \
-        --decode-variants 1 --decode-kernels v6
+    for c in 2 3; do
+        LQ_CUDA_MMA1_CTAS=$c TAIL=7 STEP_TIMEOUT=60 step "decode_new_ctas$c" "$run/bench_cuda" \
+            --decode-variants 1 --decode-kernels v6
+    done
     TAIL=10 STEP_TIMEOUT=30 step gemv_new "$run/bench_cuda" --linear-only v6,v1
     [ -x "$run/bench_cuda_old" ] && TAIL=10 STEP_TIMEOUT=30 step gemv_old \
         "$run/bench_cuda_old" --linear-only v6
