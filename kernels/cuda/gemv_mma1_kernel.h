@@ -58,8 +58,8 @@
 //   void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1);   (d += A·B)
 //   float lq_m1_shfl_xor(float v, int offset); void lq_m1_sync(void);
 //   void lq_m1_wait_prerequisite(void); void lq_m1_prefetch_l2(const void *p);
-//   void lq_m1_tile_fence(void);   (keeps the compiler from moving a tile's loads down past it:
-//       __syncwarp on the GPU)
+//   void lq_m1_tile_fence(void);   (a scheduling boundary between the next tile's loads and
+//       this tile's decode: __syncwarp on the GPU)
 //   double lq_m1_shfl_xor_f64(double v, int offset);
 //   float lq_m1_silu_times(float gate, float up);   (the backend's swiglu of one value)
 //
@@ -462,7 +462,9 @@ LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, int shar
     // than the test (0.05 instructions per code).
     if (a->prefetch_tiles > 0) lq_m1_prefetch(a, bits, l, c->chunk + l->prefetch_ahead);
     lq_m1_load_tile(a, bits, bpc, share, l, &n, next);
-    lq_m1_tile_fence(); // the loads stay here, a tile ahead of their use
+    // (what keeps the loads a tile ahead is the loop of one tile a pass; with this boundary the
+    // loop also compiles to 0.03-0.1 fewer instructions a code, and it is what ran on the H100)
+    lq_m1_tile_fence();
     float scale[2][2];
     lq_m1_tile_scales(a, bpc, share, l, cur, scale);
     // x's words for steps 0-3 now, for steps 4-7 half way: 8 registers fewer held through
