@@ -28,6 +28,18 @@ step() { # name, command... (skipped once BUDGET seconds have gone since the scr
     tail -n "${TAIL:-25}" "$logs/$name.log"
     [ $rc -eq 0 ] || status=1
 }
+pstep() { # name, command...: in the background (STEP_TIMEOUT, default 240 s), exit status in name.rc
+    name=$1; shift
+    (timeout "${STEP_TIMEOUT:-240}" "$@" >"$logs/$name.log" 2>&1; echo $? >"$logs/$name.rc") &
+}
+pwait() { # waits for the pstep runs, then each one's exit status and its log's last TAIL lines
+    wait
+    for f in "$logs"/*.rc; do
+        name=$(basename "$f" .rc); rc=$(cat "$f")
+        echo "== $name: exit $rc"; tail -n "${TAIL:-6}" "$logs/$name.log"
+        [ "$rc" = 0 ] || status=1
+    done
+}
 case "${1:-all}" in
 all|ops)
     step cuda_ops "$run/test_cuda_ops"
@@ -225,10 +237,6 @@ session) # one short call (2026-11-27): the batch-1..64 step under auto and v6 a
     BUDGET=${BUDGET:-400}
     TAIL=40 STEP_TIMEOUT=200 step decode_steps "$run/bench_cuda" --decode-variants 1 \
         --decode-kernels auto,v6
-    pstep() { # name, command...: in the background, its exit status in name.rc
-        name=$1; shift
-        (timeout "${STEP_TIMEOUT:-240}" "$@" >"$logs/$name.log" 2>&1; echo $? >"$logs/$name.rc") &
-    }
     parallel_start=$(date +%s)
     export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
     pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
@@ -247,17 +255,10 @@ session) # one short call (2026-11-27): the batch-1..64 step under auto and v6 a
     pstep cuda_graph_v6 env LQ_CUDA_DECODE=v6 "$run/test_cuda_graph"
     pstep cuda_train_ops "$run/test_cuda_train_ops"
     pstep gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
-    pstep gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
-    wait
+    pstep gpu_e2e_v6 env LQ_CUDA_DECODE=v6 python3 "$root/tests/kernels/test_gpu_e2e.py"
+    pwait
     unset OPENBLAS_NUM_THREADS LQ_THREADS
     echo "== side by side: $(( $(date +%s) - parallel_start )) s"
-    for f in "$logs"/*.rc; do
-        name=$(basename "$f" .rc)
-        rc=$(cat "$f")
-        echo "== $name: exit $rc"
-        tail -n 6 "$logs/$name.log"
-        [ "$rc" = 0 ] || status=1
-    done
     TAIL=30 STEP_TIMEOUT=90 step bench_gemv "$run/bench_cuda" --linear-only auto,v1,v5,v6
     LQ_CUDA_FUSE=0 TAIL=12 STEP_TIMEOUT=120 step decode_steps_no_fuse "$run/bench_cuda" \
         --decode-variants 1 --decode-kernels v6
@@ -347,22 +348,14 @@ loads) # v6 with its loads a tile ahead (one tile a pass), x read once in the st
     # and each layer alone, new (the default's choice of 2 or 3 CTAs a SM per layer, and each
     # forced) against the build before (.devrun/bench_cuda_old.xz, when packed: xz -c
     # build-before/tests/bench_cuda), then ncu's source page of a normed 4096 x 4096 layer
-    pstep() { name=$1; shift
-        (timeout "${STEP_TIMEOUT:-200}" "$@" >"$logs/$name.log" 2>&1; echo $? >"$logs/$name.rc") &
-    }
     export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
     pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
     pstep cuda_ops_fused "$run/test_cuda_ops" linear_fused
     pstep cuda_ops_group "$run/test_cuda_ops" linear_group
     pstep cuda_graph_v6 env LQ_CUDA_DECODE=v6 "$run/test_cuda_graph"
-    pstep gpu_e2e_v6 env LQ_CUDA_DECODE=v6 python3 "$root/tests/kernels/test_gpu_e2e.py"
-    wait
+    pstep gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
+    TAIL=4 pwait
     unset OPENBLAS_NUM_THREADS LQ_THREADS
-    for f in "$logs"/*.rc; do
-        name=$(basename "$f" .rc); rc=$(cat "$f")
-        echo "== $name: exit $rc"; tail -n 4 "$logs/$name.log"
-        [ "$rc" = 0 ] || status=1
-    done
     [ -f "$run/bench_cuda_old.xz" ] && xz -dc "$run/bench_cuda_old.xz" > "$run/bench_cuda_old" &&
         chmod +x "$run/bench_cuda_old"
     TAIL=12 STEP_TIMEOUT=60 step decode_new "$run/bench_cuda" --decode-variants 1 \
