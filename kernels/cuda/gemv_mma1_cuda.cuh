@@ -68,6 +68,48 @@ __device__ __forceinline__ static void lq_m1_copy16(uint32_t *shared, const uint
 __device__ __forceinline__ static void lq_m1_copy_wait(void) {
     asm volatile("cp.async.wait_all;" ::: "memory");
 }
+__device__ __forceinline__ static void lq_m1_copy16_window(uint32_t address,
+                                                           const uint32_t *global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global)
+                 : "memory");
+}
+__device__ __forceinline__ static void lq_m1_copy_commit(void) {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+// n: a constant after inlining (wait_group takes an immediate)
+__device__ __forceinline__ static void lq_m1_copy_wait_groups(int n) {
+    if (n <= 0)
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+    else if (n == 1)
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+    else if (n == 2)
+        asm volatile("cp.async.wait_group 2;" ::: "memory");
+    else
+        asm volatile("cp.async.wait_group 3;" ::: "memory");
+}
+// A tile's words of one row from its slot (bits constant: one 64-bit, one 128-bit or three
+// 32-bit loads; the slot's layout makes each conflict-free). Volatile with a memory clobber: it
+// stays after the copy wait and the warp's barrier.
+__device__ __forceinline__ static void lq_m1_lds_words(uint32_t address, int bits, uint32_t w[4]) {
+    w[0] = w[1] = w[2] = w[3] = 0u;
+    if (bits == 2)
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                     : "=r"(w[0]), "=r"(w[1])
+                     : "r"(address)
+                     : "memory");
+    else if (bits == 4)
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                     : "r"(address)
+                     : "memory");
+    else
+        asm volatile("ld.shared.u32 %0, [%3];\n\t"
+                     "ld.shared.u32 %1, [%3+4];\n\t"
+                     "ld.shared.u32 %2, [%3+8];"
+                     : "=r"(w[0]), "=r"(w[1]), "=r"(w[2])
+                     : "r"(address)
+                     : "memory");
+}
 __device__ __forceinline__ static void lq_m1_misaligned(void) {
     __trap();
 }
@@ -139,18 +181,22 @@ __device__ __forceinline__ static void lq_m1_prefetch_l2(const void *p) {
 
 #include "kernels/cuda/gemv_mma1_kernel.h"
 
+static_assert(LQ_M1_RING <= 4, "lq_m1_copy_wait_groups waits with up to 3 groups pending");
+
 // CTAS CTAs per SM: 2 (16 warps, up to 128 registers a thread: layers whose grid is no wider
 // than 2 CTAs a SM anyway), 3 (24 warps, 80 registers: wider layers) or 4 (32 warps, 64
 // registers, some loads late and a few bytes spilled: slower on the H100, kept for
 // LQ_CUDA_MMA1_CTAS=4). linear_cuda.cu's lq_mma1_pick chooses.
-template <int BITS, int BPC, int SHARE, int CTAS>
+// STAGE: the codes go through the warps' rings in shared memory (gemv_mma1_kernel.h).
+template <int BITS, int BPC, int SHARE, int CTAS, int STAGE>
 __global__ void __launch_bounds__(LQ_M1_THREADS, CTAS)
     lq_gemv_mma1_kernel(const __grid_constant__ lq_m1_args a) {
     lq_pdl_trigger(); // the next kernel waits for this one before it reads (pdl_cuda.cuh)
     static_assert(BITS >= 2 && BITS <= LQ_M1_MAX_BITS, "pair tables of 16 to 256 entries");
     static_assert(BPC == 1 || BPC == 2, "one block per chunk, or two (B0 = 16)");
     static_assert(!SHARE || BPC == 1, "shared scales need B0 % 64 == 0");
-    lq_m1_body(&a, BITS, BPC, SHARE, (int)blockIdx.x, (int)threadIdx.x, (uint32_t *)lq_m1_shared);
+    lq_m1_body(&a, BITS, BPC, SHARE, STAGE, (int)blockIdx.x, (int)threadIdx.x,
+               (uint32_t *)lq_m1_shared);
 }
 
 #endif

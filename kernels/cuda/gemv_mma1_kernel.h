@@ -34,6 +34,19 @@
 // projection kernel's column-slice sums, added in slice order) is read after griddepcontrol.wait,
 // which every thread passes.
 //
+// Staged codes (a->stage, a template argument on the GPU): each warp copies its tiles' codes
+// into a ring of LQ_M1_RING tiles in shared memory with asynchronous 16-byte copies (cp.async),
+// the first LQ_M1_RING of them before anything else, and each later one as soon as the tile
+// LQ_M1_RING before it has been read; the loop reads the words from there. Why: a warp has only
+// a few tiles (4 for a 4096-column layer), and with the words in registers one tile ahead
+// every tile waited out a trip to L2 or HBM, and the first one the whole staging; a kernel that
+// streams bytes with all of its loads in flight before the first use runs a step of the same
+// bytes at 81-102% of the copy bandwidth against v6's 31% (tests/bench/bench_stream_ceiling.cu,
+// H100). A tile's rows sit 4·b0 words apart in its slot, which makes the lanes' loads of their
+// chunk's words conflict-free (b0 = 2: 64-bit loads, 4: 128-bit, 3: three 32-bit). The scale
+// codes and group scales are still loaded into registers a tile ahead: a row's fit in one
+// sector for many tiles, so after the first they come from L1.
+//
 // This file is C as well as CUDA: tests/unit/test_gemv_mma1_kernel.c runs this very code on
 // the CPU with a thread per CUDA thread and the warp primitives emulated. The includer
 // defines LQ_M1_FN (device function qualifiers), LQ_M1_HD (host and device), LQ_M1_UNROLL (a
@@ -51,7 +64,13 @@
 //       host and device)
 //   void lq_m1_copy16(uint32_t *shared, const uint32_t *global);   (16 bytes, both 16-byte
 //       aligned, asynchronously: cp.async) and void lq_m1_copy_wait(void) (this thread's copies
-//       have landed)
+//       have landed); void lq_m1_copy16_window(uint32_t address, const uint32_t *global) (the
+//       same to a shared-window address), void lq_m1_copy_commit(void) (this thread's copies
+//       since the last commit form a group: cp.async.commit_group) and
+//       void lq_m1_copy_wait_groups(int n) (all but this thread's n most recent groups have
+//       landed: cp.async.wait_group n, n a constant)
+//   void lq_m1_lds_words(uint32_t address, int bits, uint32_t w[4]);   (bits words from a
+//       shared-window address aligned for them: 8 bytes for 2, 16 for 4; w[bits..3] = 0)
 //   float lq_m1_u2f(uint32_t v);   (RN)
 //   float lq_m1_fmul(float, float); float lq_m1_fadd(float, float);
 //   float lq_m1_fma(float, float, float);   (single rounding each)
@@ -59,7 +78,8 @@
 //   float lq_m1_shfl_xor(float v, int offset); void lq_m1_sync(void);
 //   void lq_m1_wait_prerequisite(void); void lq_m1_prefetch_l2(const void *p);
 //   void lq_m1_tile_fence(void);   (a scheduling boundary between the next tile's loads and
-//       this tile's decode: __syncwarp on the GPU)
+//       this tile's decode, and with staged codes the warp's barrier between its lanes' copies
+//       and reads of a slot: __syncwarp on the GPU)
 //   double lq_m1_shfl_xor_f64(double v, int offset);
 //   float lq_m1_silu_times(float gate, float up);   (the backend's swiglu of one value)
 //
@@ -87,6 +107,7 @@
 #define LQ_M1_STEPS 8       // mma steps (16 k each) per k-tile
 #define LQ_M1_RANK_REGS 2   // L1 values per row loaded before the main loop
 #define LQ_M1_MAX_BITS 4
+#define LQ_M1_RING 4 // staged codes: the tiles a warp has copied ahead (a power of 2, >= 2)
 
 // What x holds and what becomes of the result (kernels/backend.h's enum lq_linear_input_kind
 // and enum lq_linear_output, repeated so that this file needs no project header;
@@ -115,6 +136,8 @@ struct lq_m1_args {
     int prefetch_tiles;    // > 0: the words of tile kt + prefetch_tiles are asked into L2 at kt
     int share_scales;      // bpc = 1, B0 % 64 == 0 and cols % B0 == 0: see lq_m1_tile_scales (the
                            // GPU takes it as a template argument: lq_m1_body's share)
+    int stage;             // the codes go through shared memory (lq_m1_can_stage; a template
+                           // argument on the GPU: lq_m1_body's stage)
     uint32_t table_offset; // lq_m1_table_offset(bits, chunks_per_row, window base)
     int input;             // LQ_M1_INPUT_*: the token is x, or rmsnorm(x)
     const float *norm_weight; // LQ_M1_INPUT_RMSNORM: [cols], 16-byte aligned
@@ -148,6 +171,22 @@ LQ_M1_HD uint32_t lq_m1_table_offset(int bits, int chunks_per_row, uint32_t wind
 }
 LQ_M1_HD uint32_t lq_m1_shared_bytes(int bits, int chunks_per_row, uint32_t window_base) {
     return lq_m1_table_offset(bits, chunks_per_row, window_base) + 4u * lq_m1_pair_words(bits);
+}
+
+// Staged codes: the warps' rings follow the pair table (16-byte aligned there), warp w's at
+// ring bytes w·LQ_M1_RING·lq_m1_slot_bytes; a slot holds one tile of 16 rows, row r's 4·bits
+// words at word r·4·bits.
+LQ_M1_HD uint32_t lq_m1_slot_bytes(int bits) {
+    return 16u * 4u * (uint32_t)bits * 4u;
+}
+LQ_M1_HD uint32_t lq_m1_staged_shared_bytes(int bits, int chunks_per_row, uint32_t window_base) {
+    return lq_m1_shared_bytes(bits, chunks_per_row, window_base) +
+           LQ_M1_WARPS * LQ_M1_RING * lq_m1_slot_bytes(bits);
+}
+// Whether the codes can be staged: every row's tiles start 16-byte aligned (the copies are
+// 16-byte cp.async; the host also checks the codes' address).
+LQ_M1_HD int lq_m1_can_stage(int bits, int chunks_per_row) {
+    return (chunks_per_row * bits) % 4 == 0;
 }
 
 // How far a launch may read past the end of each packed buffer: rows of a last, partial row
@@ -309,14 +348,18 @@ LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread,
     return (float)(1.0 / sqrt(total / a->cols + a->eps)); // the CPU's formula
 }
 
-// The pair table (copied: lq_m1_copy_wait before the barrier), x in fp16 and the zero area, by
-// all threads of the CTA; with a normed input, also its scale into *norm_scale (read after the
-// barrier).
-LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int bits, int thread, uint32_t *pairs,
-                          uint32_t *xs, uint32_t *zeros, float *norm_scale) {
+// The pair table's copy into shared memory, by all threads of the CTA (asynchronous: a wait
+// for this thread's copies before the barrier).
+LQ_M1_FN void lq_m1_copy_pairs(const struct lq_m1_args *a, int bits, int thread, uint32_t *pairs) {
     const int words = (int)lq_m1_pair_words(bits);
     for (int i = 4 * thread; i < words; i += 4 * LQ_M1_THREADS)
         lq_m1_copy16(pairs + i, a->pairs + i);
+}
+
+// x in fp16 and the zero area, by all threads of the CTA; with a normed input, also its scale
+// into *norm_scale (read after the barrier).
+LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int thread, uint32_t *xs, uint32_t *zeros,
+                          float *norm_scale) {
     const int quads = a->cols / 4, padded = (int)lq_m1_x_words(a->chunks_per_row) / 2;
     float held[LQ_M1_HELD_QUADS][4], held_w[LQ_M1_HELD_QUADS][4];
     LQ_M1_UNROLL
@@ -364,12 +407,36 @@ struct lq_m1_lane {
     uint32_t x_step[2];      // what the cursor's x addresses advance by per tile (0: zeros)
     uint32_t prefetch_ci;    // the row (g or g+8, by t / 2) this lane prefetches: its first chunk
     uint32_t prefetch_ahead; // from the lane's chunk to the one it prefetches
+    // Staged codes: the window address of the warp's ring; where in a slot the lane's words of
+    // row g start (bytes; row g+8's are 32·bits words on); the lane's share of a tile's copies,
+    // pieces j = lane and lane + 32 of its 16·bits 16-byte pieces (row j / bits, piece j mod
+    // bits): their first words in codes at tile 0 (tile kt's are 4·bits·kt words on) and their
+    // places in a slot (bytes), and whether the second exists.
+    uint32_t ring, words_at;
+    uint32_t copy_src[2], copy_dst[2];
+    int second_copy;
 };
 
-LQ_M1_FN void lq_m1_lane_init(const struct lq_m1_args *a, int bpc, int thread, int row0, int kt_end,
-                              const uint32_t *pairs, struct lq_m1_lane *l) {
+LQ_M1_FN void lq_m1_lane_init(const struct lq_m1_args *a, int bits, int bpc, int stage, int thread,
+                              int row0, int kt_end, const uint32_t *pairs, uint32_t ring,
+                              struct lq_m1_lane *l) {
     const int lane = thread & 31, g = lane >> 2, t = lane & 3;
     l->t = t;
+    if (stage) {
+        l->ring = ring;
+        l->words_at = (uint32_t)(g * 4 * bits + t * bits) * 4u;
+        LQ_M1_UNROLL
+        for (int c = 0; c < 2; c++) {
+            const int j = lane + 32 * c, r = j / bits, piece = j % bits;
+            l->copy_src[c] = (uint32_t)(row0 + r) * (uint32_t)a->chunks_per_row * (uint32_t)bits +
+                             4u * (uint32_t)piece;
+            l->copy_dst[c] = (uint32_t)(r * 4 * bits + 4 * piece) * 4u;
+        }
+        l->second_copy = lane + 32 < 16 * bits;
+    } else {
+        l->ring = l->words_at = 0u, l->second_copy = 0;
+        l->copy_src[0] = l->copy_src[1] = l->copy_dst[0] = l->copy_dst[1] = 0u;
+    }
     LQ_M1_UNROLL
     for (int h = 0; h < 2; h++) {
         l->row[h] = row0 + g + 8 * h;
@@ -405,21 +472,67 @@ struct lq_m1_cursor {
     uint32_t x[2];
 };
 
-// The cursor's tile for both rows. With shared scales (share) a lane loads the scale codes of
-// row t mod 2 only, into raw[0].
-LQ_M1_FN void lq_m1_load_tile(const struct lq_m1_args *a, int bits, int bpc, int share,
-                              const struct lq_m1_lane *l, const struct lq_m1_cursor *c,
-                              struct lq_m1_raw raw[2]) {
-    uint32_t ci[2];
+// The window address of tile kt's slot in the warp's ring.
+LQ_M1_FN uint32_t lq_m1_slot(int bits, const struct lq_m1_lane *l, int kt) {
+    return l->ring + (uint32_t)(kt & (LQ_M1_RING - 1)) * lq_m1_slot_bytes(bits);
+}
+
+// Staged codes: tile kt's copies into its slot, this lane's share, as one group (an empty one
+// past the warp's tiles: each tile is then the same number of groups back).
+LQ_M1_FN void lq_m1_ring_fill(const struct lq_m1_args *a, int bits, const struct lq_m1_lane *l,
+                              int kt) {
+    if (kt < l->kt_end) {
+        const uint32_t slot = lq_m1_slot(bits, l, kt), tile = (uint32_t)kt * 4u * (uint32_t)bits;
+        lq_m1_copy16_window(slot + l->copy_dst[0], a->codes + l->copy_src[0] + tile);
+        if (l->second_copy)
+            lq_m1_copy16_window(slot + l->copy_dst[1], a->codes + l->copy_src[1] + tile);
+    }
+    lq_m1_copy_commit();
+}
+
+// The chunk of each of the cursor's rows, counted from the matrix's first.
+LQ_M1_FN void lq_m1_tile_chunks(const struct lq_m1_args *a, const struct lq_m1_cursor *c,
+                                uint32_t ci[2]) {
     ci[0] = c->ci, ci[1] = c->ci + 8u * (uint32_t)a->chunks_per_row;
+}
+
+// The cursor's tile's words for both rows (at chunks ci): from its slot (staged), or from the
+// codes.
+LQ_M1_FN void lq_m1_load_tile_words(const struct lq_m1_args *a, int bits, int stage,
+                                    const struct lq_m1_lane *l, const struct lq_m1_cursor *c,
+                                    const uint32_t ci[2], struct lq_m1_raw raw[2]) {
+    if (stage) {
+        const uint32_t at = lq_m1_slot(bits, l, c->kt) + l->words_at;
+        LQ_M1_UNROLL
+        for (int h = 0; h < 2; h++)
+            lq_m1_lds_words(at + (uint32_t)(h * 32 * bits * 4), bits, raw[h].w);
+        return;
+    }
     LQ_M1_UNROLL
     for (int h = 0; h < 2; h++) lq_m1_load_words(a, bits, ci[h], &raw[h]);
+}
+
+// The scale codes and group scales of both rows' chunks ci. With shared scales (share) a lane
+// loads those of row t mod 2 only, into raw[0].
+LQ_M1_FN void lq_m1_load_tile_scales(const struct lq_m1_args *a, int bpc, int share,
+                                     const struct lq_m1_lane *l, const uint32_t ci[2],
+                                     struct lq_m1_raw raw[2]) {
     if (share) {
         lq_m1_load_scale(a, 1, (l->t & 1) ? ci[1] : ci[0], &raw[0]);
         return;
     }
     LQ_M1_UNROLL
     for (int h = 0; h < 2; h++) lq_m1_load_scale(a, bpc, ci[h], &raw[h]);
+}
+
+// The cursor's tile for both rows.
+LQ_M1_FN void lq_m1_load_tile(const struct lq_m1_args *a, int bits, int bpc, int share, int stage,
+                              const struct lq_m1_lane *l, const struct lq_m1_cursor *c,
+                              struct lq_m1_raw raw[2]) {
+    uint32_t ci[2];
+    lq_m1_tile_chunks(a, c, ci);
+    lq_m1_load_tile_words(a, bits, stage, l, c, ci, raw);
+    lq_m1_load_tile_scales(a, bpc, share, l, ci, raw);
 }
 
 // The block scales of the tile at c for both rows. Shared: lanes t and t ^ 1 decode chunks of
@@ -450,21 +563,31 @@ LQ_M1_FN void lq_m1_prefetch(const struct lq_m1_args *a, int bits, const struct 
 
 // One tile: the next tile's loads go out (and a later one's L2 prefetch), then cur is decoded
 // into the mma fragments, multiplied with x and scaled into acc; the cursor moves on.
-LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, int share,
+LQ_M1_FN void lq_m1_tile(const struct lq_m1_args *a, int bits, int bpc, int share, int stage,
                          const struct lq_m1_lane *l, struct lq_m1_cursor *c,
                          const struct lq_m1_raw cur[2], struct lq_m1_raw next[2], float acc[2]) {
     struct lq_m1_cursor n = *c;
     n.kt++, n.chunk += LQ_M1_TILE_CHUNKS, n.ci += LQ_M1_TILE_CHUNKS;
     n.x[0] += l->x_step[0], n.x[1] += l->x_step[1];
-    // Two tiles of words in registers are too few to cover HBM's latency with 24 warps per
-    // SM; a tile further ahead waits in L2 without taking registers. Past the warp's last tile
-    // it asks for the next slice's (or the row's last chunk): a hint, in the matrix, cheaper
-    // than the test (0.05 instructions per code).
-    if (a->prefetch_tiles > 0) lq_m1_prefetch(a, bits, l, c->chunk + l->prefetch_ahead);
-    lq_m1_load_tile(a, bits, bpc, share, l, &n, next);
-    // (what keeps the loads a tile ahead is the loop of one tile a pass; with this boundary the
-    // loop also compiles to 0.03-0.1 fewer instructions a code, and it is what ran on the H100)
-    lq_m1_tile_fence();
+    if (stage) {
+        // The next tile's copies have landed, every lane's (the barrier), and every lane has
+        // read this tile's slot (its words are in cur): the tile LQ_M1_RING on goes there.
+        lq_m1_copy_wait_groups(LQ_M1_RING - 2);
+        lq_m1_tile_fence();
+        lq_m1_ring_fill(a, bits, l, c->kt + LQ_M1_RING);
+        lq_m1_load_tile(a, bits, bpc, share, stage, l, &n, next);
+    } else {
+        // Two tiles of words in registers are too few to cover HBM's latency with 24 warps
+        // per SM; a tile further ahead waits in L2 without taking registers. Past the warp's
+        // last tile it asks for the next slice's (or the row's last chunk): a hint, in the
+        // matrix, cheaper than the test (0.05 instructions per code).
+        if (a->prefetch_tiles > 0) lq_m1_prefetch(a, bits, l, c->chunk + l->prefetch_ahead);
+        lq_m1_load_tile(a, bits, bpc, share, stage, l, &n, next);
+        // (what keeps the loads a tile ahead is the loop of one tile a pass; with this boundary
+        // the loop also compiles to 0.03-0.1 fewer instructions a code, and it is what ran on
+        // the H100)
+        lq_m1_tile_fence();
+    }
     float scale[2][2];
     lq_m1_tile_scales(a, bpc, share, l, cur, scale);
     // x's words for steps 0-3 now, for steps 4-7 half way: 8 registers fewer held through
@@ -505,9 +628,10 @@ LQ_M1_FN uint64_t lq_m1_l1_index(const struct lq_m1_args *a, const struct lq_m1_
 
 // The kernel: CTA `block` of the grid, thread `thread` of the CTA; `shared` holds
 // lq_m1_shared_bytes(bits, chunks_per_row) bytes, 16-byte aligned. bits, bpc (1, or 2 for
-// B0 = 16) and share (a->share_scales) are compile-time constants on the GPU.
-LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int share, int block,
-                         int thread, uint32_t *shared) {
+// B0 = 16), share (a->share_scales) and stage (a->stage) are compile-time constants on the GPU;
+// with stage, `shared` holds lq_m1_staged_shared_bytes.
+LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int share, int stage,
+                         int block, int thread, uint32_t *shared) {
     uint32_t *xs = shared, *zeros = xs + lq_m1_x_words(a->chunks_per_row) + 4;
     float *sums = (float *)(zeros + 16);
     float *norm_scale = (float *)(xs + lq_m1_x_words(a->chunks_per_row)); // a padding word
@@ -533,7 +657,9 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     // The first tile's loads and the L1 values go out before the staging: HBM latency
     // overlaps it.
     struct lq_m1_lane lane_state;
-    lq_m1_lane_init(a, bpc, thread, row0, kt_end, pairs, &lane_state);
+    const uint32_t ring = lq_m1_window(pairs) + 4u * lq_m1_pair_words(bits) +
+                          (uint32_t)warp * LQ_M1_RING * lq_m1_slot_bytes(bits);
+    lq_m1_lane_init(a, bits, bpc, stage, thread, row0, kt_end, pairs, ring, &lane_state);
     struct lq_m1_cursor cursor;
     cursor.kt = kt_begin, cursor.chunk = (uint32_t)(kt_begin * LQ_M1_TILE_CHUNKS + t);
     cursor.ci = (uint32_t)(row0 + g) * (uint32_t)a->chunks_per_row + cursor.chunk;
@@ -542,14 +668,27 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     cursor.x[1] =
         lane_state.real_second ? lq_m1_window(xs + cursor.chunk * 16 + 8) : lq_m1_window(zeros + 8);
     struct lq_m1_raw buffer_a[2], buffer_b[2];
+    // Staged: the pair table's copies (one group), then the first LQ_M1_RING tiles' (a group
+    // each), then the first tile's scales; its words are read after the barrier.
+    if (stage) {
+        lq_m1_copy_pairs(a, bits, thread, pairs);
+        lq_m1_copy_commit();
+        for (int p = 0; p < LQ_M1_RING; p++) lq_m1_ring_fill(a, bits, &lane_state, kt_begin + p);
+        if (kt_begin < kt_end) {
+            uint32_t ci[2];
+            lq_m1_tile_chunks(a, &cursor, ci);
+            lq_m1_load_tile_scales(a, bpc, share, &lane_state, ci, buffer_a);
+        }
+    }
     // (a warp with no tiles, where there are fewer than slices, loads nothing: its cursor may be
     // far past the row)
-    if (kt_begin < kt_end) lq_m1_load_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_a);
+    if (!stage && kt_begin < kt_end)
+        lq_m1_load_tile(a, bits, bpc, share, stage, &lane_state, &cursor, buffer_a);
     // So do the prefetches of the tiles the loop's never reach (1 .. prefetch_tiles − 1 after
     // the first) and of its first one's (prefetch_tiles after; asked for again there): with a
     // few tiles per warp (4 for a 4096-column layer) the staging, and a fused input's norm pass,
     // would otherwise overlap one tile's trip to HBM.
-    for (int p = 1; p <= a->prefetch_tiles && kt_begin + p < kt_end; p++)
+    for (int p = 1; !stage && p <= a->prefetch_tiles && kt_begin + p < kt_end; p++)
         lq_m1_prefetch(a, bits, &lane_state,
                        cursor.chunk + lane_state.prefetch_ahead -
                            (uint32_t)(LQ_M1_TILE_CHUNKS * (a->prefetch_tiles - p)));
@@ -569,9 +708,19 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
         l1[h][m] =
             k < a->rank ? lq_m1_ldg_f32(a->lora_B + lq_m1_l1_index(a, &lane_state, h, k)) : 0.0f;
     }
-    lq_m1_stage(a, bits, thread, pairs, xs, zeros, norm_scale);
-    lq_m1_copy_wait();
+    if (!stage) lq_m1_copy_pairs(a, bits, thread, pairs);
+    lq_m1_stage(a, thread, xs, zeros, norm_scale);
+    // the pair table and (staged) the first tile have landed, every thread's (the barrier)
+    if (stage)
+        lq_m1_copy_wait_groups(LQ_M1_RING - 1);
+    else
+        lq_m1_copy_wait();
     lq_m1_sync();
+    if (stage && kt_begin < kt_end) {
+        uint32_t ci[2];
+        lq_m1_tile_chunks(a, &cursor, ci);
+        lq_m1_load_tile_words(a, bits, stage, &lane_state, &cursor, ci, buffer_a);
+    }
 
     // A tile a pass, the words loaded for the next one copied over at its end. Why not two
     // tiles a pass with the register sets swapped (no copies): the test between the two let
@@ -580,7 +729,7 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     // stall).
     float acc[2] = {0.0f, 0.0f};
     while (cursor.kt < kt_end) {
-        lq_m1_tile(a, bits, bpc, share, &lane_state, &cursor, buffer_a, buffer_b, acc);
+        lq_m1_tile(a, bits, bpc, share, stage, &lane_state, &cursor, buffer_a, buffer_b, acc);
         buffer_a[0] = buffer_b[0], buffer_a[1] = buffer_b[1];
     }
 

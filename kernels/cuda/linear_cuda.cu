@@ -378,8 +378,10 @@ static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_li
                          (size_t)columns * 32 * 128, cuda->stream, a);
 }
 
-// v6 (gemv_mma1_cuda.cuh): its shared memory takes the pair table and x in fp16, up to this.
+// v6 (gemv_mma1_cuda.cuh): its shared memory takes the pair table and x in fp16, up to this;
+// with staged codes also the warps' rings (lq_mma1_pick keeps CTAS of them within an SM).
 #define LQ_M1_MAX_SHARED (100 * 1024)
+#define LQ_M1_MAX_SHARED_STAGED (200 * 1024)
 static_assert(LQ_M1_INPUT_PLAIN == LQ_INPUT_PLAIN && LQ_M1_INPUT_RMSNORM == LQ_INPUT_RMSNORM &&
                   LQ_M1_OUTPUT_WRITE == LQ_OUTPUT_WRITE && LQ_M1_OUTPUT_ADD == LQ_OUTPUT_ADD &&
                   LQ_M1_OUTPUT_SWIGLU == LQ_OUTPUT_SWIGLU,
@@ -393,31 +395,41 @@ static int lq_env_int(const char *name, int otherwise) {
     return value && *value && !*end && v >= 0 && v <= 64 ? (int)v : otherwise;
 }
 
-template <int BITS, int BPC, int SHARE, int CTAS> static lq_m1_fn lq_mma1_kernel(void) {
+template <int BITS, int BPC, int SHARE, int CTAS, int STAGE> static lq_m1_fn lq_mma1_kernel(void) {
     static int state = -1; // under the op lock: 1 when it runs here (sm_80+, limit raised)
+    lq_m1_fn kernel = lq_gemv_mma1_kernel<BITS, BPC, SHARE, CTAS, STAGE>;
     if (state < 0) {
         cudaFuncAttributes attributes;
-        state = cudaFuncGetAttributes(&attributes, lq_gemv_mma1_kernel<BITS, BPC, SHARE, CTAS>) ==
-                    cudaSuccess &&
-                attributes.binaryVersion >= 80 &&
-                cudaFuncSetAttribute(lq_gemv_mma1_kernel<BITS, BPC, SHARE, CTAS>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     LQ_M1_MAX_SHARED) == cudaSuccess;
+        state =
+            cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+            attributes.binaryVersion >= 80 &&
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 STAGE ? LQ_M1_MAX_SHARED_STAGED : LQ_M1_MAX_SHARED) == cudaSuccess;
         cudaGetLastError();
     }
-    return state ? lq_gemv_mma1_kernel<BITS, BPC, SHARE, CTAS> : NULL;
+    return state ? kernel : NULL;
 }
 
-template <int BITS, int CTAS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share) {
-    return bpc == 2 ? lq_mma1_kernel<BITS, 2, 0, CTAS>()
-           : share  ? lq_mma1_kernel<BITS, 1, 1, CTAS>()
-                    : lq_mma1_kernel<BITS, 1, 0, CTAS>();
+template <int BITS, int CTAS, int STAGE> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share) {
+    return bpc == 2 ? lq_mma1_kernel<BITS, 2, 0, CTAS, STAGE>()
+           : share  ? lq_mma1_kernel<BITS, 1, 1, CTAS, STAGE>()
+                    : lq_mma1_kernel<BITS, 1, 0, CTAS, STAGE>();
 }
 
-template <int BITS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share, int ctas) {
-    return ctas == 4   ? lq_mma1_kernel_for<BITS, 4>(bpc, share)
-           : ctas == 2 ? lq_mma1_kernel_for<BITS, 2>(bpc, share)
-                       : lq_mma1_kernel_for<BITS, 3>(bpc, share);
+// (no staged instance at 4 CTAs per SM: their 64 registers already spill)
+template <int BITS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share, int ctas, bool stage) {
+    if (stage)
+        return ctas == 2   ? lq_mma1_kernel_for<BITS, 2, 1>(bpc, share)
+               : ctas == 3 ? lq_mma1_kernel_for<BITS, 3, 1>(bpc, share)
+                           : NULL;
+    return ctas == 4   ? lq_mma1_kernel_for<BITS, 4, 0>(bpc, share)
+           : ctas == 2 ? lq_mma1_kernel_for<BITS, 2, 0>(bpc, share)
+                       : lq_mma1_kernel_for<BITS, 3, 0>(bpc, share);
+}
+
+// An SM's shared memory, for all its CTAs.
+static size_t lq_mma1_shared_per_sm(const struct lq_cuda *cuda) {
+    return cuda->shared_per_sm > 0 ? cuda->shared_per_sm : 227 * 1024;
 }
 
 // Whether v6's lanes share block scales: where two chunks of a quad always share a block
@@ -431,7 +443,7 @@ static bool lq_mma1_share_scales(const struct lq_linear *w) {
 // v6's kernel, or NULL where it cannot run (b0 = 8, B0 = 8, x too wide, an older GPU).
 static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear *w,
                              const struct lq_cuda_linear_data *data, int bpc, bool *share_out,
-                             int *ctas_out) {
+                             int *ctas_out, bool *stage_out) {
     const int b0 = w->q.config.b0;
     if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 || !data->pairs ||
         (w->q.config.b2 != LQ_SCALE_FP32 && !data->group_scales_f32) ||
@@ -447,10 +459,26 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
     const long groups = (w->rows + 15) / 16, sms = cuda->sm_count > 0 ? cuda->sm_count : 1;
     const int wanted = lq_env_int("LQ_CUDA_MMA1_CTAS", 0);
     const int ctas = wanted == 2 || wanted == 3 || wanted == 4 ? wanted : groups <= 2 * sms ? 2 : 3;
-    *share_out = share, *ctas_out = ctas;
-    return b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share, ctas)
-           : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share, ctas)
-                     : lq_mma1_kernel_for<4>(bpc, share, ctas);
+    // Staged codes (gemv_mma1_kernel.h) wherever the rows' tiles are 16-byte aligned and the
+    // rings leave room for as many CTAs per SM as the registers do; LQ_CUDA_MMA1_STAGE=0 keeps
+    // the codes in registers.
+    const int chunks = w->cols / 32;
+    const size_t staged = lq_m1_staged_shared_bytes(b0, chunks, cuda->reserved_shared);
+    const bool stage =
+        lq_env_int("LQ_CUDA_MMA1_STAGE", 1) != 0 && ctas != 4 && lq_m1_can_stage(b0, chunks) &&
+        ((uintptr_t)data->codes & 15u) == 0 && staged <= LQ_M1_MAX_SHARED_STAGED &&
+        (staged + cuda->reserved_shared) * (size_t)ctas <= lq_mma1_shared_per_sm(cuda);
+    *share_out = share, *ctas_out = ctas, *stage_out = stage;
+    lq_m1_fn kernel = b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share, ctas, stage)
+                      : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share, ctas, stage)
+                                : lq_mma1_kernel_for<4>(bpc, share, ctas, stage);
+    if (!kernel && stage) { // its limit could not be raised: the codes in registers
+        *stage_out = false;
+        kernel = b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share, ctas, false)
+                 : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share, ctas, false)
+                           : lq_mma1_kernel_for<4>(bpc, share, ctas, false);
+    }
+    return kernel;
 }
 
 // v6's launch: CTAs of 2^rg_log row groups of 16 rows, the fewest per CTA that still make the
@@ -460,7 +488,7 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
 // chunks of a quad always share a block (LQ_CUDA_MMA1_SHARE_SCALES=0: each rebuilds its own).
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
                                   const struct lq_cuda_linear_data *data, lq_m1_fn kernel,
-                                  bool share, int ctas, bool overlap,
+                                  bool share, int ctas, bool stage, bool overlap,
                                   const struct lq_linear_input &input, enum lq_linear_output output,
                                   const lq_decode_args &d) {
     const lq_packed &q = d.q;
@@ -475,9 +503,11 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     a.offset = q.offset, a.inv_levels = q.inv_levels;
     a.chunk_block = q.chunk_block, a.group = q.group;
     a.chunks_per_row = d.chunks_per_row;
-    const size_t smem = lq_m1_shared_bytes(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);
+    const size_t smem =
+        stage ? lq_m1_staged_shared_bytes(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared)
+              : lq_m1_shared_bytes(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);
     a.table_offset = lq_m1_table_offset(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);
-    long per_sm = (long)(227 * 1024 / (smem + cuda->reserved_shared));
+    long per_sm = (long)(lq_mma1_shared_per_sm(cuda) / (smem + cuda->reserved_shared));
     if (per_sm > ctas) per_sm = ctas; // the kernel's register budget allows no more
     const long slots = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) * (per_sm > 0 ? per_sm : 1);
     const long groups = (w->rows + 15) / 16;
@@ -486,8 +516,9 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     const int forced = lq_env_int("LQ_CUDA_MMA1_ROW_GROUPS", 0);
     if (forced == 1 || forced == 2 || forced == 4 || forced == 8)
         a.rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
-    a.prefetch_tiles = lq_env_int("LQ_CUDA_MMA1_PREFETCH", 2);
-    a.share_scales = share; // as lq_mma1_pick chose the kernel
+    // (staged codes are copied LQ_M1_RING tiles ahead: no L2 prefetch)
+    a.prefetch_tiles = stage ? 0 : lq_env_int("LQ_CUDA_MMA1_PREFETCH", 2);
+    a.share_scales = share, a.stage = stage; // as lq_mma1_pick chose the kernel
     a.input = input.kind, a.norm_weight = input.weight, a.eps = input.eps;
     a.output = output;
     return lq_launch_pdl(overlap, kernel,
@@ -616,6 +647,7 @@ struct lq_decode_plan {
     lq_m1_fn mma1_kernel;
     bool mma1_share; // its lanes share block scales (the kernel's template argument)
     int mma1_ctas;   // CTAs per SM its registers allow (the kernel's template argument)
+    bool mma1_stage; // its codes go through shared memory (the kernel's template argument)
     // A fused input and output (lq_cuda_linear_fused: v6 plans only; else plain and written,
     // with input.x = a.x)
     struct lq_linear_input input;
@@ -639,8 +671,9 @@ static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
     int variant = p->bpc && p->nt == 1 && p->b0 <= 4 ? lq_decode_variant() : 1;
     const bool automatic = variant == 0;
     if (automatic && lq_auto_takes_mma1()) variant = 6;
-    p->mma1_kernel =
-        variant == 6 ? lq_mma1_pick(cuda, w, data, p->bpc, &p->mma1_share, &p->mma1_ctas) : NULL;
+    p->mma1_kernel = variant == 6 ? lq_mma1_pick(cuda, w, data, p->bpc, &p->mma1_share,
+                                                 &p->mma1_ctas, &p->mma1_stage)
+                                  : NULL;
     if (variant == 6 && !p->mma1_kernel) variant = automatic ? 0 : 1;
     if (variant == 0) variant = w->rows >= 8192 || w->cols >= 8192 ? 5 : 1;
     p->rows_fn = variant == 5 || variant == 52 || variant == 54
@@ -715,7 +748,7 @@ static int lq_decode_main(struct lq_cuda *cuda, const struct lq_decode_plan *p) 
     }
     if (p->mma1_kernel) {
         LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data, p->mma1_kernel, p->mma1_share, p->mma1_ctas,
-                                   overlap, p->input, p->output, a),
+                                   p->mma1_stage, overlap, p->input, p->output, a),
                     "lq_gemv_mma1_kernel");
         return LQ_OK;
     }

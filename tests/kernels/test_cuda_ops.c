@@ -314,7 +314,8 @@ static void test_linear_lq(void) {
  * clusters), ranks whose share per slice is 0, under 32 and over 32 values: each against the
  * CPU, and v2, v3, v4 bit for bit against v1 (the same arithmetic in the same order; v5 and
  * its forced 2 and 4 rows per warp sum in another order: against the CPU only; v6 rounds the
- * values and x to fp16: against the CPU at fp16's tolerance). The
+ * values and x to fp16: against the CPU at fp16's tolerance; with its codes staged in shared
+ * memory, where the shape allows, and in registers (LQ_CUDA_MMA1_STAGE=0): the same bits). The
  * environment variable is restored afterwards. */
 static void test_linear_lq_gemv(void) {
     const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
@@ -322,7 +323,10 @@ static void test_linear_lq_gemv(void) {
                                            {3, 4, LQ_SCALE_BF16, 16, 8},
                                            {2, 8, LQ_SCALE_FP16, 8, 64}};
     /* the last: x too wide for v5's shared memory (it falls back to v1) */
-    const int shapes[][2] = {{3000, 2080}, {9000, 64}, {20000, 64}, {100, 8224}, {40, 32800}};
+    /* (4100 x 2048: rows whose tiles start 16-byte aligned at every b0, which v6 stages; a
+     * partial last row group) */
+    const int shapes[][2] = {{3000, 2080}, {9000, 64},  {20000, 64},
+                             {100, 8224},  {40, 32800}, {4100, 2048}};
     const int ranks[] = {0, 8, 80};
     const char *before = getenv("LQ_CUDA_DECODE");
     char *saved = before ? strdup(before) : NULL;
@@ -350,27 +354,31 @@ static void test_linear_lq_gemv(void) {
                 float *ref = malloc(out_count * sizeof *ref);
                 CHECK_OK(cpu->ops->linear(cpu, &w, x, 1, ref));
                 float *dx = device_floats(x, (size_t)w.cols);
-                float *out[11] = {NULL};
-                /* the last three: v6 at 2, 3 and 4 CTAs per SM (the kernel's register cap; the
-                 * first v6 takes lq_mma1_pick's choice) */
-                static const char *const variants[11] = {"v1",   "v2", "v3", "v4", "v5", "v5r2",
-                                                         "v5r4", "v6", "v6", "v6", "v6"};
-                static const char *const mma1_ctas[11] = {NULL, NULL, NULL, NULL, NULL, NULL,
-                                                          NULL, NULL, "2",  "3",  "4"};
-                for (int v = 0; v < 11; v++) {
+                enum { VARIANTS = 12 };
+                float *out[VARIANTS] = {NULL};
+                /* v6 at lq_mma1_pick's choice, at 2, 3 and 4 CTAs per SM (the kernel's register
+                 * cap), and with its codes in registers */
+                static const char *const variants[VARIANTS] = {
+                    "v1", "v2", "v3", "v4", "v5", "v5r2", "v5r4", "v6", "v6", "v6", "v6", "v6"};
+                static const char *const mma1_ctas[VARIANTS] = {NULL, NULL, NULL, NULL, NULL, NULL,
+                                                                NULL, NULL, "2",  "3",  "4",  NULL};
+                for (int v = 0; v < VARIANTS; v++) {
                     setenv("LQ_CUDA_DECODE", variants[v], 1);
                     if (mma1_ctas[v]) setenv("LQ_CUDA_MMA1_CTAS", mma1_ctas[v], 1);
+                    if (v == 11) setenv("LQ_CUDA_MMA1_STAGE", "0", 1);
                     float *dy = device_floats(NULL, out_count); /* NaN poison */
                     CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy));
                     out[v] = to_host(dy, out_count);
                     /* v6: fp16 values and x on the tensor cores (B0 = 8: v1) */
                     char how[32] = "";
                     if (mma1_ctas[v]) snprintf(how, sizeof how, " (%s CTAs per SM)", mma1_ctas[v]);
+                    if (v == 11) snprintf(how, sizeof how, " (codes in registers)");
                     CHECK_CLOSE(out[v], ref, out_count, v >= 7 ? TOL_FP16 : TOL_FP32, "%s, %s%s",
                                 label, variants[v], how);
                     TIME_GPU(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy), "%s, n 1, %s%s", label,
                              variants[v], how);
                     if (mma1_ctas[v]) unsetenv("LQ_CUDA_MMA1_CTAS");
+                    if (v == 11) unsetenv("LQ_CUDA_MMA1_STAGE");
                     gpu->ops->buffer_free(gpu, dy);
                 }
                 for (int v = 1; v < 4; v++)
@@ -386,7 +394,11 @@ static void test_linear_lq_gemv(void) {
                         CHECK_CLOSE(out[v], out[7], out_count, TOL_FP32,
                                     "%s: v6 at %s CTAs per SM against its own choice", label,
                                     mma1_ctas[v]);
-                for (int v = 0; v < 11; v++) free(out[v]);
+                /* staged or not, the same grid and the same arithmetic */
+                CHECK_MSG(
+                    out[7] && out[11] && memcmp(out[7], out[11], out_count * sizeof(float)) == 0,
+                    "%s: v6 with its codes staged differs in its bits from v6 without", label);
+                for (int v = 0; v < VARIANTS; v++) free(out[v]);
                 free(x), free(ref);
                 lq_linear_free(&w);
             }

@@ -79,10 +79,70 @@ static inline uint32_t lq_m1_lds_pair(uint32_t address) {
 static inline void lq_m1_lds_u32x8(uint32_t address, uint32_t v[8]) {
     memcpy(v, shared_start + (address - window_base), 32);
 }
-static inline void lq_m1_copy16(uint32_t *shared, const uint32_t *global) {
-    memcpy(shared, global, 16);
+/* cp.async: a thread's copies are held back until a wait says they must have landed (lazy: a
+ * read before its wait, or before the barrier after another lane's wait, finds the poison), or
+ * made at once (eager: a copy into a slot that a lane has yet to read overwrites it first).
+ * Sources must lie in the codes or the pair table (their padding included), 16-byte aligned,
+ * and so must the shared-window addresses: the GPU faults otherwise. */
+static int copy_eager;
+static const char *copy_sources[2][2]; /* [begin, end) of the codes (padded), the pair table */
+enum { MAX_PENDING = 64 };
+static _Thread_local struct {
+    char *to;
+    const char *from;
+    int group;
+} pending[MAX_PENDING];
+static _Thread_local int pending_count, open_group;
+static void copy_now(int i) {
+    memcpy(pending[i].to, pending[i].from, 16);
 }
-static inline void lq_m1_copy_wait(void) {}
+static void copy_issue(char *to, const char *from) {
+    int inside = 0;
+    for (int r = 0; r < 2; r++)
+        inside |= from >= copy_sources[r][0] && from + 16 <= copy_sources[r][1];
+    if (!inside || (uintptr_t)from % 16 != 0 || (to - shared_start) % 16 != 0 ||
+        pending_count == MAX_PENDING)
+        abort();
+    pending[pending_count].to = to, pending[pending_count].from = from;
+    pending[pending_count].group = open_group;
+    if (copy_eager)
+        copy_now(pending_count);
+    else
+        pending_count++;
+}
+/* Every pending copy of a group older than `newest` groups back lands. */
+static void copy_land(int newest) {
+    int kept = 0;
+    for (int i = 0; i < pending_count; i++) {
+        if (pending[i].group < open_group - newest)
+            copy_now(i);
+        else
+            pending[kept++] = pending[i];
+    }
+    pending_count = kept;
+}
+static inline void lq_m1_copy16(uint32_t *shared, const uint32_t *global) {
+    copy_issue((char *)shared, (const char *)global);
+}
+static inline void lq_m1_copy16_window(uint32_t address, const uint32_t *global) {
+    copy_issue((char *)shared_start + (address - window_base), (const char *)global);
+}
+static inline void lq_m1_copy_commit(void) {
+    open_group++;
+}
+static inline void lq_m1_copy_wait_groups(int n) {
+    copy_land(n);
+}
+static inline void lq_m1_copy_wait(void) { /* wait_all: the open group too */
+    open_group++;
+    copy_land(0);
+}
+static inline void lq_m1_lds_words(uint32_t address, int bits, uint32_t w[4]) {
+    const uint32_t align = bits == 2 ? 8u : bits == 4 ? 16u : 4u;
+    if ((address - window_base) % align != 0) abort();
+    w[0] = w[1] = w[2] = w[3] = 0u;
+    memcpy(w, shared_start + (address - window_base), 4u * (uint32_t)bits);
+}
 static int misaligned; /* lq_m1_misaligned calls of the launch */
 static void lq_m1_misaligned(void) {
     __atomic_add_fetch(&misaligned, 1, __ATOMIC_RELAXED);
@@ -156,7 +216,10 @@ static void lq_m1_sync(void) {
     cta_sync();
 }
 
-static void lq_m1_tile_fence(void) {} /* a compiler matter: nothing to emulate */
+/* __syncwarp: with staged codes, the barrier between lanes' copies and reads of a slot */
+static void lq_m1_tile_fence(void) {
+    cta_warp_wait();
+}
 
 static int waits; /* griddepcontrol.wait calls of the launch */
 static void lq_m1_wait_prerequisite(void) {
@@ -181,10 +244,16 @@ struct launch {
     int bits, bpc;
 };
 
+static int copies_left;             /* threads that ended with copies never waited for */
+static int prefetches_in_registers; /* the last case's prefetches with the codes in registers */
+
 static void run_thread(const void *arg, int block, int thread, void *shared) {
     const struct launch *l = arg;
     __atomic_store_n(&shared_start, (const char *)shared, __ATOMIC_RELAXED); /* one value a CTA */
-    lq_m1_body(l->args, l->bits, l->bpc, l->args->share_scales, block, thread, shared);
+    pending_count = 0, open_group = 0;
+    lq_m1_body(l->args, l->bits, l->bpc, l->args->share_scales, l->args->stage, block, thread,
+               shared);
+    if (pending_count) __atomic_add_fetch(&copies_left, 1, __ATOMIC_RELAXED);
 }
 
 /* Every CTA of the grid, one after another. */
@@ -192,9 +261,10 @@ static void launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
     const int groups = (args->rows + 15) / 16;
     const int ctas = (groups + (1 << args->rg_log) - 1) >> args->rg_log;
     const struct launch l = {args, bits, bpc};
-    waits = 0, prefetches = 0, misaligned = 0;
+    waits = 0, prefetches = 0, misaligned = 0, copies_left = 0;
     cta_run_grid(run_thread, &l, ctas, LQ_M1_THREADS,
-                 lq_m1_shared_bytes(bits, args->chunks_per_row, window_base));
+                 args->stage ? lq_m1_staged_shared_bytes(bits, args->chunks_per_row, window_base)
+                             : lq_m1_shared_bytes(bits, args->chunks_per_row, window_base));
 }
 
 /* ---------- the cases ---------- */
@@ -329,56 +399,76 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     window_base = (rows + cols) % 2 ? 0x400u : 0x90u; /* sm_90's reserved 1 KB, and another */
     a.table_offset = lq_m1_table_offset(c.b0, a.chunks_per_row, window_base);
     codes_begin = codes, codes_end = (const char *)codes + lq_nf_codes_bytes(&q);
-    launch_kernel(&a, c.b0, bpc);
-    CHECK_MSG(misaligned == 0, "%s: the pair table was found misaligned", label);
-    const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
-    CHECK_MSG((rank == 0 && output != LQ_M1_OUTPUT_SWIGLU) || waits == ctas * LQ_M1_THREADS,
-              "%s: %d threads waited for the kernel before, expected %d", label, waits,
-              ctas * LQ_M1_THREADS);
-
-    /* The references: fp16-rounded table values and x with the exact block scales, and the
-     * dequantized matrix with x as it is. */
+    copy_sources[0][0] = (const char *)codes;
+    copy_sources[0][1] = (const char *)codes + lq_nf_codes_bytes(&q) + padding[0];
+    copy_sources[1][0] = (const char *)pairs;
+    copy_sources[1][1] = (const char *)pairs + 4 * lq_m1_pair_words(c.b0);
     float *deq = malloc((size_t)rows * cols * sizeof(float));
     if (!deq) abort();
     lq_nf_dequantize(&q, deq);
-    const float *table = lq_nf_code_table(c.b0);
-    double worst = 0.0, worst_exact = 0.0;
-    int bad = 0;
-    for (int r = 0; r < rows; r++) {
-        double sum = 0.0, magnitude = 0.0, exact = 0.0;
-        if (output == LQ_M1_OUTPUT_ADD) sum = exact = prior[r], magnitude = fabs(prior[r]);
-        for (int j = 0; j < cols; j++) {
-            const size_t flat = (size_t)r * cols + j;
-            const uint32_t code = lq_bitpack_get(q.codes, flat, c.b0);
-            const double term = (double)fp16_to_float(float_to_fp16(table[code])) *
-                                fp16_to_float(float_to_fp16(x[j])) *
-                                lq_nf_block_scale(&q, flat / (size_t)c.B0);
-            sum += term, magnitude += fabs(term);
-            exact += (double)deq[flat] * x[j];
+    /* The codes in registers; where they can be staged, through the rings with the copies
+     * held back to their waits, and in some cases also with the copies made at once. */
+    const int modes = !lq_m1_can_stage(c.b0, cols / 32) ? 1 : (rows + rank) % 2 ? 3 : 2;
+    static const char *const mode_names[] = {"", ", staged", ", staged (eager copies)"};
+    const size_t base_length = strlen(label);
+    for (int mode = 0; mode < modes; mode++) {
+        snprintf(label + base_length, sizeof label - base_length, "%s", mode_names[mode]);
+        a.stage = mode > 0, copy_eager = mode == 2;
+        for (int r = 0; r < rows; r++) y[r] = output == LQ_M1_OUTPUT_WRITE ? NAN : prior[r];
+        launch_kernel(&a, c.b0, bpc);
+        CHECK_MSG(misaligned == 0, "%s: the pair table was found misaligned", label);
+        CHECK_MSG(copies_left == 0, "%s: %d threads ended with copies never waited for", label,
+                  copies_left);
+        if (mode == 0)
+            prefetches_in_registers = prefetches;
+        else /* the rings are the prefetch */
+            CHECK_MSG(prefetches == 0, "%s: %d L2 prefetches", label, prefetches);
+        const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
+        CHECK_MSG((rank == 0 && output != LQ_M1_OUTPUT_SWIGLU) || waits == ctas * LQ_M1_THREADS,
+                  "%s: %d threads waited for the kernel before, expected %d", label, waits,
+                  ctas * LQ_M1_THREADS);
+
+        /* The references: fp16-rounded table values and x with the exact block scales, and the
+         * dequantized matrix with x as it is. */
+        const float *table = lq_nf_code_table(c.b0);
+        double worst = 0.0, worst_exact = 0.0;
+        int bad = 0;
+        for (int r = 0; r < rows; r++) {
+            double sum = 0.0, magnitude = 0.0, exact = 0.0;
+            if (output == LQ_M1_OUTPUT_ADD) sum = exact = prior[r], magnitude = fabs(prior[r]);
+            for (int j = 0; j < cols; j++) {
+                const size_t flat = (size_t)r * cols + j;
+                const uint32_t code = lq_bitpack_get(q.codes, flat, c.b0);
+                const double term = (double)fp16_to_float(float_to_fp16(table[code])) *
+                                    fp16_to_float(float_to_fp16(x[j])) *
+                                    lq_nf_block_scale(&q, flat / (size_t)c.B0);
+                sum += term, magnitude += fabs(term);
+                exact += (double)deq[flat] * x[j];
+            }
+            for (int k = 0; k < rank; k++) {
+                const double term = (double)l1[(size_t)r * rank + k] * t_exact[k];
+                sum += term, exact += term, magnitude += fabs(term);
+            }
+            if (output == LQ_M1_OUTPUT_SWIGLU) { /* silu(gate)·this layer's result */
+                const double gate = silu(prior[r]);
+                sum *= gate, exact *= gate, magnitude *= fabs(gate);
+            }
+            const double error = fabs(y[r] - sum) / (magnitude + 1e-30);
+            const double error_exact = fabs(y[r] - exact) / (magnitude + 1e-30);
+            if (!(error <= 4e-6) || !(error_exact <= 1e-3)) {
+                if (bad++ < 5)
+                    fprintf(stderr, "%s: row %d: y %.9g, fp16 reference %.9g, exact %.9g\n", label,
+                            r, y[r], sum, exact);
+            }
+            if (!(error <= worst)) worst = error;
+            if (!(error_exact <= worst_exact)) worst_exact = error_exact;
         }
-        for (int k = 0; k < rank; k++) {
-            const double term = (double)l1[(size_t)r * rank + k] * t_exact[k];
-            sum += term, exact += term, magnitude += fabs(term);
-        }
-        if (output == LQ_M1_OUTPUT_SWIGLU) { /* silu(gate)·this layer's result */
-            const double gate = silu(prior[r]);
-            sum *= gate, exact *= gate, magnitude *= fabs(gate);
-        }
-        const double error = fabs(y[r] - sum) / (magnitude + 1e-30);
-        const double error_exact = fabs(y[r] - exact) / (magnitude + 1e-30);
-        if (!(error <= 4e-6) || !(error_exact <= 1e-3)) {
-            if (bad++ < 5)
-                fprintf(stderr, "%s: row %d: y %.9g, fp16 reference %.9g, exact %.9g\n", label, r,
-                        y[r], sum, exact);
-        }
-        if (!(error <= worst)) worst = error;
-        if (!(error_exact <= worst_exact)) worst_exact = error_exact;
+        printf("%s: worst %.2g (fp16 reference), %.2g (exact)\n", label, worst, worst_exact);
+        CHECK_MSG(bad == 0,
+                  "%s: %d rows off; worst error %.3g of the terms' magnitude against the fp16 "
+                  "reference, %.3g against the exact product",
+                  label, bad, worst, worst_exact);
     }
-    printf("%s: worst %.2g (fp16 reference), %.2g (exact)\n", label, worst, worst_exact);
-    CHECK_MSG(bad == 0,
-              "%s: %d rows off; worst error %.3g of the terms' magnitude against the fp16 "
-              "reference, %.3g against the exact product",
-              label, bad, worst, worst_exact);
     free(deq), free(y), free(codes), free(scale_codes), free(group_scales), free(pairs);
     free(t), free(t_exact), free(l1), free(l2), free(x), free(raw), free(second), free(prior);
     free(dense);
@@ -405,6 +495,9 @@ static void test_cta_shapes(void) {
     lq_rng_seed(&rng, 62);
     const struct lq_nf_config c = {3, 8, LQ_SCALE_FP32, 64, 256};
     for (int rg_log = 0; rg_log <= 3; rg_log++) check_case(72, 2112, c, 80, rg_log);
+    /* staged (66 chunks a row of 3 words are not 16-byte aligned rows; 64 are): 2 to 16 tiles
+     * a warp, the rings wrapping around */
+    for (int rg_log = 0; rg_log <= 3; rg_log++) check_case(72, 2048, c, 80, rg_log);
 }
 
 static void test_long_rows(void) {
@@ -414,7 +507,8 @@ static void test_long_rows(void) {
     /* prefetch 2: each of a warp's four tiles asks for one two ahead (the last two for the
      * next slice's), and before the staging for tiles 1 and 2; one prefetch a lane (a quad
      * covers both rows) */
-    CHECK_MSG(prefetches == 8 * 32 * 6, "%d prefetches, expected 1536", prefetches);
+    CHECK_MSG(prefetches_in_registers == 8 * 32 * 6, "%d prefetches, expected 1536",
+              prefetches_in_registers);
     check_case(32, 3072, (struct lq_nf_config){2, 8, LQ_SCALE_FP32, 64, 256}, 80, 3);
 }
 
