@@ -12,9 +12,11 @@
  * 8 row groups): y against the float64 sum of the same fp16-rounded table values and x times
  * the exact block scales (lq_nf_block_scale) plus the low-rank term, to within fp32 rounding
  * of the sum of |terms| (a value in a wrong k slot or block is off by far more), and against
- * the float64 product of the dequantized matrix to within fp16's rounding. This is the
- * kernel's indexing, fragments, block separation and reductions as a GPU would run them, short
- * of the GPU's memory model and timing; tests/kernels/test_cuda_ops.c runs it on a GPU. */
+ * the float64 product of the dequantized matrix to within fp16's rounding; where the rows'
+ * tiles are 16-byte aligned, with the codes staged through the warps' rings too (cp.async held
+ * back to its wait, and in some cases made at once). This is the kernel's indexing,
+ * fragments, block separation and reductions as a GPU would run them, short of the GPU's
+ * memory model and timing; tests/kernels/test_cuda_ops.c runs it on a GPU. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
