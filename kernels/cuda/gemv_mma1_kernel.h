@@ -34,7 +34,8 @@
 // projection kernel's column-slice sums, added in slice order) is read after griddepcontrol.wait,
 // which every thread passes.
 //
-// Staged codes (a->stage, a template argument on the GPU): each warp copies its tiles' codes
+// Staged codes (a->stage, a template argument on the GPU; the host's LQ_CUDA_MMA1_STAGE=1,
+// off by default until it has run on a GPU): each warp copies its tiles' codes
 // into a ring of LQ_M1_RING tiles in shared memory with asynchronous 16-byte copies (cp.async),
 // the first LQ_M1_RING of them before anything else, and each later one as soon as the tile
 // LQ_M1_RING before it has been read; the loop reads the words from there. Why: a warp has only

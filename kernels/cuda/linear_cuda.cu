@@ -459,13 +459,14 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
     const long groups = (w->rows + 15) / 16, sms = cuda->sm_count > 0 ? cuda->sm_count : 1;
     const int wanted = lq_env_int("LQ_CUDA_MMA1_CTAS", 0);
     const int ctas = wanted == 2 || wanted == 3 || wanted == 4 ? wanted : groups <= 2 * sms ? 2 : 3;
-    // Staged codes (gemv_mma1_kernel.h) wherever the rows' tiles are 16-byte aligned and the
-    // rings leave room for as many CTAs per SM as the registers do; LQ_CUDA_MMA1_STAGE=0 keeps
-    // the codes in registers.
+    // Staged codes (gemv_mma1_kernel.h) with LQ_CUDA_MMA1_STAGE=1, wherever the rows' tiles are
+    // 16-byte aligned and the rings leave room for as many CTAs per SM as the registers do.
+    // Off by default until it has run on a GPU (written 2026-11-27 without one; the CPU run of
+    // the kernel checks it, tests/kernels/gpu_check.sh staged is the GPU's check and timing).
     const int chunks = w->cols / 32;
     const size_t staged = lq_m1_staged_shared_bytes(b0, chunks, cuda->reserved_shared);
     const bool stage =
-        lq_env_int("LQ_CUDA_MMA1_STAGE", 1) != 0 && ctas != 4 && lq_m1_can_stage(b0, chunks) &&
+        lq_env_int("LQ_CUDA_MMA1_STAGE", 0) != 0 && ctas != 4 && lq_m1_can_stage(b0, chunks) &&
         ((uintptr_t)data->codes & 15u) == 0 && staged <= LQ_M1_MAX_SHARED_STAGED &&
         (staged + cuda->reserved_shared) * (size_t)ctas <= lq_mma1_shared_per_sm(cuda);
     *share_out = share, *ctas_out = ctas, *stage_out = stage;

@@ -382,32 +382,34 @@ loads) # v6 with its loads a tile ahead (one tile a pass), x read once in the st
 esac
 case "${1:-}" in
 staged) # v6 with its codes staged in shared memory (each warp's ring of LQ_M1_RING tiles,
-    # cp.async, the default where a layer's rows allow), 2026-11-27: against the CPU and bit for
-    # bit against the codes in registers (test_cuda_ops lq_gemv, also v6 at 2, 3 and 4 CTAs a
-    # SM, never checked on a GPU before), the fused and grouped layers, graphs, end to end; then
-    # the same binary on the same GPU staged and not (LQ_CUDA_MMA1_STAGE=0): the batch-1..64
-    # step, each layer alone, and ncu's source page of a staged normed 4096 x 4096 layer
+    # cp.async; LQ_CUDA_MMA1_STAGE=1, off by default until this has run), 2026-11-27: against
+    # the CPU and bit for bit against the codes in registers (test_cuda_ops lq_gemv, also v6
+    # at 2, 3 and 4 CTAs a SM, never checked on a GPU before), the fused and grouped layers,
+    # graphs, end to end, all staged; then the same binary on the same GPU staged and not: the
+    # batch-1..64 step, each layer alone, and ncu's source page of a staged normed 4096 x 4096
+    # layer
     export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
     pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
-    pstep cuda_ops_fused "$run/test_cuda_ops" linear_fused
-    pstep cuda_ops_group "$run/test_cuda_ops" linear_group
-    pstep cuda_graph_v6 env LQ_CUDA_DECODE=v6 "$run/test_cuda_graph"
-    pstep gpu_e2e python3 "$root/tests/kernels/test_gpu_e2e.py"
+    pstep cuda_ops_fused env LQ_CUDA_MMA1_STAGE=1 "$run/test_cuda_ops" linear_fused
+    pstep cuda_ops_group env LQ_CUDA_MMA1_STAGE=1 "$run/test_cuda_ops" linear_group
+    pstep cuda_graph_v6 env LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_DECODE=v6 "$run/test_cuda_graph"
+    pstep gpu_e2e env LQ_CUDA_MMA1_STAGE=1 python3 "$root/tests/kernels/test_gpu_e2e.py"
     TAIL=4 pwait
     unset OPENBLAS_NUM_THREADS LQ_THREADS
-    TAIL=12 STEP_TIMEOUT=60 step decode_staged "$run/bench_cuda" --decode-variants 1 \
-        --decode-kernels auto,v1
-    LQ_CUDA_MMA1_STAGE=0 TAIL=7 STEP_TIMEOUT=60 step decode_registers "$run/bench_cuda" \
-        --decode-variants 1 --decode-kernels auto
+    LQ_CUDA_MMA1_STAGE=1 TAIL=12 STEP_TIMEOUT=60 step decode_staged "$run/bench_cuda" \
+        --decode-variants 1 --decode-kernels auto,v1
+    TAIL=7 STEP_TIMEOUT=60 step decode_registers "$run/bench_cuda" --decode-variants 1 \
+        --decode-kernels auto
     for c in 2 3; do
-        LQ_CUDA_MMA1_CTAS=$c TAIL=7 STEP_TIMEOUT=60 step "decode_staged_ctas$c" "$run/bench_cuda" \
-            --decode-variants 1 --decode-kernels v6
+        LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=$c TAIL=7 STEP_TIMEOUT=60 \
+            step "decode_staged_ctas$c" "$run/bench_cuda" --decode-variants 1 --decode-kernels v6
     done
-    TAIL=10 STEP_TIMEOUT=30 step gemv_staged "$run/bench_cuda" --linear-only v6,v1
-    LQ_CUDA_MMA1_STAGE=0 TAIL=10 STEP_TIMEOUT=30 step gemv_registers "$run/bench_cuda" \
-        --linear-only v6
+    LQ_CUDA_MMA1_STAGE=1 TAIL=10 STEP_TIMEOUT=30 step gemv_staged "$run/bench_cuda" \
+        --linear-only v6,v1
+    TAIL=10 STEP_TIMEOUT=30 step gemv_registers "$run/bench_cuda" --linear-only v6
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=60 step ncu_sass_staged_q sh -c \
+    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=60 \
+        step ncu_sass_staged_q sh -c \
         "'$ncu' --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' \
         --launch-skip 7 --launch-count 1 --section SourceCounters --section LaunchStats \
         --page source --print-source sass --csv \

@@ -314,8 +314,8 @@ static void test_linear_lq(void) {
  * clusters), ranks whose share per slice is 0, under 32 and over 32 values: each against the
  * CPU, and v2, v3, v4 bit for bit against v1 (the same arithmetic in the same order; v5 and
  * its forced 2 and 4 rows per warp sum in another order: against the CPU only; v6 rounds the
- * values and x to fp16: against the CPU at fp16's tolerance; with its codes staged in shared
- * memory, where the shape allows, and in registers (LQ_CUDA_MMA1_STAGE=0): the same bits). The
+ * values and x to fp16: against the CPU at fp16's tolerance; with its codes in registers and,
+ * where the shape allows, staged in shared memory (LQ_CUDA_MMA1_STAGE=1): the same bits). The
  * environment variable is restored afterwards. */
 static void test_linear_lq_gemv(void) {
     const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
@@ -357,7 +357,7 @@ static void test_linear_lq_gemv(void) {
                 enum { VARIANTS = 12 };
                 float *out[VARIANTS] = {NULL};
                 /* v6 at lq_mma1_pick's choice, at 2, 3 and 4 CTAs per SM (the kernel's register
-                 * cap), and with its codes in registers */
+                 * cap), and with its codes staged */
                 static const char *const variants[VARIANTS] = {
                     "v1", "v2", "v3", "v4", "v5", "v5r2", "v5r4", "v6", "v6", "v6", "v6", "v6"};
                 static const char *const mma1_ctas[VARIANTS] = {NULL, NULL, NULL, NULL, NULL, NULL,
@@ -365,14 +365,14 @@ static void test_linear_lq_gemv(void) {
                 for (int v = 0; v < VARIANTS; v++) {
                     setenv("LQ_CUDA_DECODE", variants[v], 1);
                     if (mma1_ctas[v]) setenv("LQ_CUDA_MMA1_CTAS", mma1_ctas[v], 1);
-                    if (v == 11) setenv("LQ_CUDA_MMA1_STAGE", "0", 1);
+                    if (v == 11) setenv("LQ_CUDA_MMA1_STAGE", "1", 1);
                     float *dy = device_floats(NULL, out_count); /* NaN poison */
                     CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy));
                     out[v] = to_host(dy, out_count);
                     /* v6: fp16 values and x on the tensor cores (B0 = 8: v1) */
                     char how[32] = "";
                     if (mma1_ctas[v]) snprintf(how, sizeof how, " (%s CTAs per SM)", mma1_ctas[v]);
-                    if (v == 11) snprintf(how, sizeof how, " (codes in registers)");
+                    if (v == 11) snprintf(how, sizeof how, " (codes staged)");
                     CHECK_CLOSE(out[v], ref, out_count, v >= 7 ? TOL_FP16 : TOL_FP32, "%s, %s%s",
                                 label, variants[v], how);
                     TIME_GPU(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy), "%s, n 1, %s%s", label,
