@@ -40,6 +40,15 @@ pwait() { # waits for the pstep runs, then each one's exit status and its log's 
         [ "$rc" = 0 ] || status=1
     done
 }
+sass_page() { # name, launches to skip: ncu's source page (SASS with its warp-stall samples) of
+    # one v6 decode kernel of a 2-layer batch-1 step, into name.csv (tests/bench/sass_stalls.py)
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=90 step "$1" sh -c \
+        "'$ncu' --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' \
+        --launch-skip $2 --launch-count 1 --section SourceCounters --section LaunchStats \
+        --page source --print-source sass --csv \
+        '$run/bench_cuda' --decode-profile --layers 2 > '$logs/$1.csv'"
+}
 case "${1:-all}" in
 all|ops)
     step cuda_ops "$run/test_cuda_ops"
@@ -331,15 +340,8 @@ case "${1:-}" in
 stalls) # where v6's warps wait, instruction by instruction (ncu's source page: SASS with its
     # warp-stall samples), for a 4096 x 4096 layer with the fused norm (Q, K, V) and an
     # 11008 x 4096 one (gate, up), for reading offline with tests/bench/sass_stalls.py
-    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-    for k in "7 q" "11 gate"; do
-        set -- $k
-        LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=90 step "ncu_sass_v6_$2" sh -c \
-            "'$ncu' --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' \
-            --launch-skip $1 --launch-count 1 --section SourceCounters --section LaunchStats \
-            --page source --print-source sass --csv \
-            '$run/bench_cuda' --decode-profile --layers 2 > '$logs/ncu_sass_v6_$2.csv'"
-    done ;;
+    sass_page ncu_sass_v6_q 7
+    sass_page ncu_sass_v6_gate 11 ;;
 esac
 case "${1:-}" in
 loads) # v6 with its loads a tile ahead (one tile a pass), x read once in the staging and the
@@ -371,12 +373,7 @@ loads) # v6 with its loads a tile ahead (one tile a pass), x read once in the st
         "$run/bench_cuda_old" --linear-only v6
     LQ_CUDA_MMA1_CTAS=2 TAIL=10 STEP_TIMEOUT=30 step gemv_new_ctas2 "$run/bench_cuda" \
         --linear-only v6
-    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-    LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=60 step ncu_sass_v6_q sh -c \
-        "'$ncu' --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' \
-        --launch-skip 7 --launch-count 1 --section SourceCounters --section LaunchStats \
-        --page source --print-source sass --csv \
-        '$run/bench_cuda' --decode-profile --layers 2 > '$logs/ncu_sass_v6_q.csv'"
+    sass_page ncu_sass_v6_q 7
     TAIL=30 step sass_stalls_q python3 "$root/tests/bench/sass_stalls.py" \
         "$logs/ncu_sass_v6_q.csv" --top 12 ;;
 esac
@@ -407,13 +404,7 @@ staged) # v6 with its codes staged in shared memory (each warp's ring of LQ_M1_R
     LQ_CUDA_MMA1_STAGE=1 TAIL=10 STEP_TIMEOUT=30 step gemv_staged "$run/bench_cuda" \
         --linear-only v6,v1
     TAIL=10 STEP_TIMEOUT=30 step gemv_registers "$run/bench_cuda" --linear-only v6
-    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=2 STEP_TIMEOUT=60 \
-        step ncu_sass_staged_q sh -c \
-        "'$ncu' --clock-control none --kernel-name regex:'lq_gemv_mma1_kernel' \
-        --launch-skip 7 --launch-count 1 --section SourceCounters --section LaunchStats \
-        --page source --print-source sass --csv \
-        '$run/bench_cuda' --decode-profile --layers 2 > '$logs/ncu_sass_staged_q.csv'"
+    LQ_CUDA_MMA1_STAGE=1 sass_page ncu_sass_staged_q 7
     TAIL=30 step sass_stalls_staged_q python3 "$root/tests/bench/sass_stalls.py" \
         "$logs/ncu_sass_staged_q.csv" --top 12 ;;
 esac
