@@ -183,7 +183,6 @@ struct lq_cuda_linear_data {
     uint32_t *scale_codes;   // the packed block-scale codes (+ padding)
     uint8_t *group_scales;   // the group scales (+ padding)
     float *table;            // the NF table of b0 bits
-    uint32_t *pairs;         // b0 = 2, 3, 4: the one-token tensor-core kernel's pair table (v6)
     float *group_scales_f32; // b0 = 2, 3, 4 with bf16 or fp16 group scales: them in fp32 (v6)
     float *lora_A;           // L2 [rank, cols]
     float *lora_B;           // L1 [rows, rank]

@@ -60,17 +60,13 @@ __device__ __forceinline__ static uint32_t lq_m1_lds_pair(uint32_t address) {
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address) : "memory");
     return v;
 }
-__device__ __forceinline__ static void lq_m1_copy16(uint32_t *shared, const uint32_t *global) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(lq_m1_window(shared)),
-                 "l"(global)
-                 : "memory");
-}
-__device__ __forceinline__ static void lq_m1_copy_wait(void) {
-    asm volatile("cp.async.wait_all;" ::: "memory");
-}
 __device__ __forceinline__ static void lq_m1_copy16_window(uint32_t address,
                                                            const uint32_t *global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global)
+                 : "memory");
+}
+__device__ __forceinline__ static void lq_m1_sts_u32x4(uint32_t *shared, uint32_t v) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(lq_m1_window(shared)), "r"(v)
                  : "memory");
 }
 __device__ __forceinline__ static void lq_m1_copy_commit(void) {

@@ -63,13 +63,12 @@
 //   uint32_t lq_m1_funnel(uint32_t lo, uint32_t hi, uint32_t shift);   (__funnelshift_r)
 //   uint32_t lq_m1_half2_bits(float lo, float hi);   (round to nearest, lo in the low half;
 //       host and device)
-//   void lq_m1_copy16(uint32_t *shared, const uint32_t *global);   (16 bytes, both 16-byte
-//       aligned, asynchronously: cp.async) and void lq_m1_copy_wait(void) (this thread's copies
-//       have landed); void lq_m1_copy16_window(uint32_t address, const uint32_t *global) (the
-//       same to a shared-window address), void lq_m1_copy_commit(void) (this thread's copies
-//       since the last commit form a group: cp.async.commit_group) and
-//       void lq_m1_copy_wait_groups(int n) (all but this thread's n most recent groups have
-//       landed: cp.async.wait_group n, n a constant)
+//   void lq_m1_copy16_window(uint32_t address, const uint32_t *global);   (16 bytes to a
+//       shared-window address, both 16-byte aligned, asynchronously: cp.async),
+//       void lq_m1_copy_commit(void) (this thread's copies since the last commit form a group:
+//       cp.async.commit_group) and void lq_m1_copy_wait_groups(int n) (all but this thread's n
+//       most recent groups have landed: cp.async.wait_group n, n a constant)
+//   void lq_m1_sts_u32x4(uint32_t *shared, uint32_t v);   (v into 4 words, 16-byte aligned)
 //   void lq_m1_lds_words(uint32_t address, int bits, uint32_t w[4]);   (bits words from a
 //       shared-window address aligned for them: 8 bytes for 2, 16 for 4; w[bits..3] = 0)
 //   float lq_m1_u2f(uint32_t v);   (RN)
@@ -123,7 +122,6 @@ struct lq_m1_args {
     const uint32_t *codes, *scale_codes; // as core/nf.h packs them, + lq_m1_padding's zeros
     const float *group_scales; // in fp32 whatever b2 is (the host widens bf16 and fp16 ones
                                // exactly on upload: no branch on b2 in the loop), + padding
-    const uint32_t *pairs;     // lq_m1_build_pairs's table, 16-byte aligned
     const float *x;            // the token, cols values, 16-byte aligned
     const float *lora_B;       // L1 [rows][rank]
     const float *t;            // [t_slices][rank]: x·L2ᵀ per column slice (t_slices >= 1)
@@ -144,6 +142,7 @@ struct lq_m1_args {
     const float *norm_weight; // LQ_M1_INPUT_RMSNORM: [cols], 16-byte aligned
     float eps;                // LQ_M1_INPUT_RMSNORM
     int output;               // LQ_M1_OUTPUT_*: y = result, y += result, y = silu(y)·result
+    float nf_table[1 << LQ_M1_MAX_BITS]; // the NF table of b0 bits (lq_nf_code_table: 2^b0 values)
 };
 
 // Shared memory, in this order: x in fp16 (16 words per chunk, for every chunk of the padded
@@ -287,16 +286,10 @@ LQ_M1_FN float lq_m1_t_at(const struct lq_m1_args *a, int k) {
     return tk;
 }
 
-// The pair table of the NF table `table` (2^bits values), as the kernel reads it: entry e = lo |
-// hi << bits holds half2(table[lo], table[hi]) in each of the 32 lanes' words (e·32 + lane).
-// out: lq_m1_pair_words(bits) words. Built once per layer on the host (it is 2 to 32 KB, and
-// a CTA copies it with 16-byte asynchronous copies instead of building it from the table).
-LQ_M1_HD void lq_m1_build_pairs(const float *table, int bits, uint32_t *out) {
-    const uint32_t words = lq_m1_pair_words(bits), mask = (1u << bits) - 1u;
-    for (uint32_t i = 0; i < words; i++) {
-        const uint32_t e = i >> 5;
-        out[i] = lq_m1_half2_bits(table[e & mask], table[e >> bits]);
-    }
+// Entry e = lo | hi << bits of the pair table of the NF table `table` (2^bits values):
+// half2(table[lo], table[hi]), which the table holds in each of the 32 lanes' words (e·32 + lane).
+LQ_M1_HD uint32_t lq_m1_pair_entry(const float *table, int bits, uint32_t e) {
+    return lq_m1_half2_bits(table[e & ((1u << bits) - 1u)], table[e >> bits]);
 }
 
 // The quads of x (and of the norm's weights) a thread holds through the staging: cols / 4 /
@@ -349,12 +342,17 @@ LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread,
     return (float)(1.0 / sqrt(total / a->cols + a->eps)); // the CPU's formula
 }
 
-// The pair table's copy into shared memory, by all threads of the CTA (asynchronous: a wait
-// for this thread's copies before the barrier).
-LQ_M1_FN void lq_m1_copy_pairs(const struct lq_m1_args *a, int bits, int thread, uint32_t *pairs) {
-    const int words = (int)lq_m1_pair_words(bits);
-    for (int i = 4 * thread; i < words; i += 4 * LQ_M1_THREADS)
-        lq_m1_copy16(pairs + i, a->pairs + i);
+// The pair table (2 to 32 KB) built into shared memory from the NF table, by all threads of the
+// CTA, four words (one entry's, for four lanes) a store; read after the barrier. Why not a
+// copy of a table built once on the host: every CTA read it from L2, and with x and the norm's
+// weights that was about as many bytes again as the codes a CTA streams from HBM (ncu on the
+// H100: L2 throughput 31% of its peak beside DRAM's 15% for a normed 4096 x 4096 layer, so L2
+// would have saturated near half of HBM's bandwidth).
+LQ_M1_FN void lq_m1_build_pair_table(const struct lq_m1_args *a, int bits, int thread,
+                                     uint32_t *pairs) {
+    const int quads = (int)lq_m1_pair_words(bits) / 4;
+    for (int q = thread; q < quads; q += LQ_M1_THREADS)
+        lq_m1_sts_u32x4(pairs + 4 * q, lq_m1_pair_entry(a->nf_table, bits, (uint32_t)q >> 3));
 }
 
 // x in fp16 and the zero area, by all threads of the CTA; with a normed input, also its scale
@@ -669,11 +667,9 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     cursor.x[1] =
         lane_state.real_second ? lq_m1_window(xs + cursor.chunk * 16 + 8) : lq_m1_window(zeros + 8);
     struct lq_m1_raw buffer_a[2], buffer_b[2];
-    // Staged: the pair table's copies (one group), then the first LQ_M1_RING tiles' (a group
-    // each), then the first tile's scales; its words are read after the barrier.
+    // Staged: the first LQ_M1_RING tiles' copies (a group each), then the first tile's scales;
+    // its words are read after the barrier.
     if (stage) {
-        lq_m1_copy_pairs(a, bits, thread, pairs);
-        lq_m1_copy_commit();
         for (int p = 0; p < LQ_M1_RING; p++) lq_m1_ring_fill(a, bits, &lane_state, kt_begin + p);
         if (kt_begin < kt_end) {
             uint32_t ci[2];
@@ -709,13 +705,10 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
         l1[h][m] =
             k < a->rank ? lq_m1_ldg_f32(a->lora_B + lq_m1_l1_index(a, &lane_state, h, k)) : 0.0f;
     }
-    if (!stage) lq_m1_copy_pairs(a, bits, thread, pairs);
+    lq_m1_build_pair_table(a, bits, thread, pairs);
     lq_m1_stage(a, thread, xs, zeros, norm_scale);
-    // the pair table and (staged) the first tile have landed, every thread's (the barrier)
-    if (stage)
-        lq_m1_copy_wait_groups(LQ_M1_RING - 1);
-    else
-        lq_m1_copy_wait();
+    // (staged) the first tile has landed, every thread's copies (the barrier)
+    if (stage) lq_m1_copy_wait_groups(LQ_M1_RING - 1);
     lq_m1_sync();
     if (stage && kt_begin < kt_end) {
         uint32_t ci[2];

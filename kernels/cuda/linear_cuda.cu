@@ -445,7 +445,7 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
                              const struct lq_cuda_linear_data *data, int bpc, bool *share_out,
                              int *ctas_out, bool *stage_out) {
     const int b0 = w->q.config.b0;
-    if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 || !data->pairs ||
+    if ((bpc != 1 && bpc != 2) || b0 < 2 || b0 > 4 ||
         (w->q.config.b2 != LQ_SCALE_FP32 && !data->group_scales_f32) ||
         lq_m1_shared_bytes(b0, w->cols / 32, cuda->reserved_shared) > LQ_M1_MAX_SHARED)
         return NULL;
@@ -498,7 +498,8 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     a.codes = q.codes, a.scale_codes = q.scale_codes;
     a.group_scales = data->group_scales_f32 ? data->group_scales_f32
                                             : (const float *)data->group_scales; // fp32 already
-    a.pairs = data->pairs, a.x = d.x, a.lora_B = d.lora_B, a.t = d.t, a.y = d.y;
+    memcpy(a.nf_table, lq_nf_code_table(w->q.config.b0), sizeof(float) << w->q.config.b0);
+    a.x = d.x, a.lora_B = d.lora_B, a.t = d.t, a.y = d.y;
     a.rows = q.rows, a.cols = q.cols, a.b1 = q.b1, a.rank = d.rank;
     a.t_slices = d.t_slices;
     a.offset = q.offset, a.inv_levels = q.inv_levels;
@@ -1079,9 +1080,9 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w) {
 // Prepare / release.
 
 static void lq_linear_data_free(struct lq_cuda *cuda, struct lq_cuda_linear_data *data) {
-    void *pointers[] = {data->dense,  data->codes,  data->scale_codes,      data->group_scales,
-                        data->table,  data->pairs,  data->group_scales_f32, data->lora_A,
-                        data->lora_B, data->tickets};
+    void *pointers[] = {data->dense,        data->codes,  data->scale_codes,
+                        data->group_scales, data->table,  data->group_scales_f32,
+                        data->lora_A,       data->lora_B, data->tickets};
     for (size_t i = 0; i < sizeof pointers / sizeof pointers[0]; i++)
         if (pointers[i]) lq_cuda_free(cuda, pointers[i]);
     free(data);
@@ -1132,25 +1133,16 @@ static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
              lq_upload(cuda, lq_nf_code_table(q->config.b0),
                        ((size_t)1 << q->config.b0) * sizeof(float), 0, (void **)&data->table, err)))
         return rc;
-    if (q->config.b0 >= 2 && q->config.b0 <= LQ_M1_MAX_BITS) { // v6's pair table (2 to 32 KB)
-        const size_t words = lq_m1_pair_words(q->config.b0);
-        uint32_t *pairs = (uint32_t *)malloc(words * sizeof *pairs);
-        if (!pairs) return lq_error_set(err, LQ_ENOMEM, "out of memory");
-        lq_m1_build_pairs(lq_nf_code_table(q->config.b0), q->config.b0, pairs);
+    if (wide_scales) { // v6 reads fp32 group scales (exact widening)
+        const size_t groups = lq_nf_group_scales_bytes(q) / 2;
+        float *wide = (float *)malloc(groups * sizeof *wide);
+        if (!wide) return lq_error_set(err, LQ_ENOMEM, "out of memory");
+        for (size_t g = 0; g < groups; g++) wide[g] = lq_nf_group_scale(q, g);
         // pageable memory: cudaMemcpyAsync has taken the bytes when it returns
-        rc = lq_upload(cuda, pairs, words * sizeof *pairs, 0, (void **)&data->pairs, err);
-        free(pairs);
+        rc = lq_upload(cuda, wide, groups * sizeof *wide, padding[2],
+                       (void **)&data->group_scales_f32, err);
+        free(wide);
         if (rc) return rc;
-        if (wide_scales) { // v6 reads fp32 group scales (exact widening)
-            const size_t groups = lq_nf_group_scales_bytes(q) / 2;
-            float *wide = (float *)malloc(groups * sizeof *wide);
-            if (!wide) return lq_error_set(err, LQ_ENOMEM, "out of memory");
-            for (size_t g = 0; g < groups; g++) wide[g] = lq_nf_group_scale(q, g);
-            rc = lq_upload(cuda, wide, groups * sizeof *wide, padding[2],
-                           (void **)&data->group_scales_f32, err);
-            free(wide);
-            if (rc) return rc;
-        }
     }
     if (w->rank > 0 && ((rc = lq_upload(cuda, w->lora_A, (size_t)w->rank * w->cols * sizeof(float),
                                         0, (void **)&data->lora_A, err)) ||

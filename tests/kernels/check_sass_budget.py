@@ -33,28 +33,31 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import sass_loop  # noqa: E402
 
 # (b0, blocks per chunk, shared scales): the most instructions per code the main loop may take.
-# Measured with nvcc 13.0 when this was written, at 3 (and 2) CTAs per SM: 2.55 2.62 2.72
-# (shared; 2.55 2.61 2.67), 2.81 2.92 3.00 (B0 = 32; 2.81 2.88 2.94), 3.03 3.14 3.20 (B0 = 16;
-# 3.02 3.06 3.12) for b0 = 2, 3, 4. The loop of two tiles before took 2.47-2.90, and lost the
-# difference and more to the loads its second tile waited for.
+# Measured with nvcc 13.0 when this was written, at 3 (and 2) CTAs per SM: 2.61 2.69 2.78
+# (shared; 2.62 2.67 2.73), 2.89 3.00 3.06 (B0 = 32; 2.88 2.94 3.00), 3.12 3.20 3.27 (B0 = 16;
+# 3.08 3.14 3.20) for b0 = 2, 3, 4: 0.02-0.07 more than before the pair table was built in the
+# kernel (the compiler now recomputes the L2 prefetch's distance in the loop, one register
+# short at the cap), for 2 to 32 KB less read from L2 by every CTA. The loop of two tiles a pass
+# before took 2.47-2.90, and lost the difference and more to the loads its second tile waited
+# for.
 BUDGET = {
-    (2, 1, 1): 2.6, (3, 1, 1): 2.66, (4, 1, 1): 2.76,
-    (2, 1, 0): 2.85, (3, 1, 0): 2.96, (4, 1, 0): 3.04,
-    (2, 2, 0): 3.07, (3, 2, 0): 3.18, (4, 2, 0): 3.24,
+    (2, 1, 1): 2.65, (3, 1, 1): 2.72, (4, 1, 1): 2.81,
+    (2, 1, 0): 2.92, (3, 1, 0): 3.03, (4, 1, 0): 3.09,
+    (2, 2, 0): 3.15, (3, 2, 0): 3.23, (4, 2, 0): 3.3,
 }
 # Staged codes (the template's last argument; 2 and 3 CTAs per SM): the words come from the
 # warp's ring in shared memory, and each pass also issues its share of the copies of the tile 4
 # on (LDGSTS, each with three never-executed LDS), waits for the next one's (DEPBAR) and passes
 # the warp's barrier. Measured with nvcc 13.0 when this was written, at 3 (and 2) CTAs per SM:
-# 2.84 3.00 3.06 (shared; 2.83 3.00 3.08), 3.17 3.31 3.39 (B0 = 32; 3.05 3.27 3.31), 3.34 3.45
-# 3.58 (B0 = 16; 3.17 3.39 3.39) for b0 = 2, 3, 4.
+# 2.91 3.02 3.16 (shared; 2.91 3.00 3.17), 3.12 3.33 3.45 (B0 = 32; 3.16 3.25 3.41), 3.41 3.53
+# 3.66 (B0 = 16; 3.30 3.48 3.61) for b0 = 2, 3, 4.
 BUDGET_STAGED = {
-    (2, 1, 1): 2.9, (3, 1, 1): 3.05, (4, 1, 1): 3.13,
-    (2, 1, 0): 3.22, (3, 1, 0): 3.36, (4, 1, 0): 3.44,
-    (2, 2, 0): 3.39, (3, 2, 0): 3.5, (4, 2, 0): 3.63,
+    (2, 1, 1): 2.94, (3, 1, 1): 3.05, (4, 1, 1): 3.2,
+    (2, 1, 0): 3.22, (3, 1, 0): 3.36, (4, 1, 0): 3.48,
+    (2, 2, 0): 3.44, (3, 2, 0): 3.56, (4, 2, 0): 3.69,
 }
-# The 4-CTAs-per-SM instances (64 registers, LQ_CUDA_MMA1_CTAS=4: 2.62 2.69 2.78, 2.88 2.89
-# 2.92, 3.09 3.12 3.23 when this was written) have some of their loads still late (too few
+# The 4-CTAs-per-SM instances (64 registers, LQ_CUDA_MMA1_CTAS=4: 2.67 2.73 2.80, 2.94 2.98
+# 3.02, 3.16 3.20 3.20 when this was written) have some of their loads still late (too few
 # registers to hold a tile ahead): budgets this much more, no load-order check.
 BUDGET_4_CTAS = 0.1
 CODES_PER_PASS = 64  # one k-tile of 2 rows x 32 codes per lane

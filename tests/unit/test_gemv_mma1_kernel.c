@@ -84,10 +84,10 @@ static inline void lq_m1_lds_u32x8(uint32_t address, uint32_t v[8]) {
 /* cp.async: a thread's copies are held back until a wait says they must have landed (lazy: a
  * read before its wait, or before the barrier after another lane's wait, finds the poison), or
  * made at once (eager: a copy into a slot that a lane has yet to read overwrites it first).
- * Sources must lie in the codes or the pair table (their padding included), 16-byte aligned,
- * and so must the shared-window addresses: the GPU faults otherwise. */
+ * Sources must lie in the codes (their padding included), 16-byte aligned, and so must the
+ * shared-window addresses: the GPU faults otherwise. */
 static int copy_eager;
-static const char *copy_sources[2][2]; /* [begin, end) of the codes (padded), the pair table */
+static const char *copy_begin, *copy_end; /* the codes, their padding included */
 enum { MAX_PENDING = 64 };
 static _Thread_local struct {
     char *to;
@@ -99,11 +99,8 @@ static void copy_now(int i) {
     memcpy(pending[i].to, pending[i].from, 16);
 }
 static void copy_issue(char *to, const char *from) {
-    int inside = 0;
-    for (int r = 0; r < 2; r++)
-        inside |= from >= copy_sources[r][0] && from + 16 <= copy_sources[r][1];
-    if (!inside || (uintptr_t)from % 16 != 0 || (to - shared_start) % 16 != 0 ||
-        pending_count == MAX_PENDING)
+    if (from < copy_begin || from + 16 > copy_end || (uintptr_t)from % 16 != 0 ||
+        (to - shared_start) % 16 != 0 || pending_count == MAX_PENDING)
         abort();
     pending[pending_count].to = to, pending[pending_count].from = from;
     pending[pending_count].group = open_group;
@@ -123,9 +120,6 @@ static void copy_land(int newest) {
     }
     pending_count = kept;
 }
-static inline void lq_m1_copy16(uint32_t *shared, const uint32_t *global) {
-    copy_issue((char *)shared, (const char *)global);
-}
 static inline void lq_m1_copy16_window(uint32_t address, const uint32_t *global) {
     copy_issue((char *)shared_start + (address - window_base), (const char *)global);
 }
@@ -135,9 +129,9 @@ static inline void lq_m1_copy_commit(void) {
 static inline void lq_m1_copy_wait_groups(int n) {
     copy_land(n);
 }
-static inline void lq_m1_copy_wait(void) { /* wait_all: the open group too */
-    open_group++;
-    copy_land(0);
+static inline void lq_m1_sts_u32x4(uint32_t *shared, uint32_t v) {
+    if ((uintptr_t)((char *)shared - shared_start) % 16 != 0) abort();
+    for (int i = 0; i < 4; i++) shared[i] = v;
 }
 static inline void lq_m1_lds_words(uint32_t address, int bits, uint32_t w[4]) {
     const uint32_t align = bits == 2 ? 8u : bits == 4 ? 16u : 4u;
@@ -382,10 +376,8 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     struct lq_m1_args a;
     memset(&a, 0, sizeof a);
     a.codes = codes, a.scale_codes = scale_codes, a.group_scales = group_scales;
-    uint32_t *pairs = aligned_alloc(16, 4 * lq_m1_pair_words(c.b0));
-    if (!pairs) abort();
-    lq_m1_build_pairs(lq_nf_code_table(c.b0), c.b0, pairs);
-    a.pairs = pairs, a.x = input == LQ_M1_INPUT_PLAIN ? x : raw, a.lora_B = l1, a.t = t, a.y = y;
+    memcpy(a.nf_table, lq_nf_code_table(c.b0), sizeof(float) << c.b0);
+    a.x = input == LQ_M1_INPUT_PLAIN ? x : raw, a.lora_B = l1, a.t = t, a.y = y;
     a.input = input, a.eps = eps, a.output = output;
     a.norm_weight = input == LQ_M1_INPUT_RMSNORM ? second : NULL;
     a.rows = rows, a.cols = cols, a.b1 = c.b1, a.rank = rank;
@@ -401,10 +393,8 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     window_base = (rows + cols) % 2 ? 0x400u : 0x90u; /* sm_90's reserved 1 KB, and another */
     a.table_offset = lq_m1_table_offset(c.b0, a.chunks_per_row, window_base);
     codes_begin = codes, codes_end = (const char *)codes + lq_nf_codes_bytes(&q);
-    copy_sources[0][0] = (const char *)codes;
-    copy_sources[0][1] = (const char *)codes + lq_nf_codes_bytes(&q) + padding[0];
-    copy_sources[1][0] = (const char *)pairs;
-    copy_sources[1][1] = (const char *)pairs + 4 * lq_m1_pair_words(c.b0);
+    copy_begin = (const char *)codes;
+    copy_end = (const char *)codes + lq_nf_codes_bytes(&q) + padding[0];
     float *deq = malloc((size_t)rows * cols * sizeof(float));
     if (!deq) abort();
     lq_nf_dequantize(&q, deq);
@@ -471,7 +461,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
                   "reference, %.3g against the exact product",
                   label, bad, worst, worst_exact);
     }
-    free(deq), free(y), free(codes), free(scale_codes), free(group_scales), free(pairs);
+    free(deq), free(y), free(codes), free(scale_codes), free(group_scales);
     free(t), free(t_exact), free(l1), free(l2), free(x), free(raw), free(second), free(prior);
     free(dense);
     lq_nf_matrix_free(&q);
