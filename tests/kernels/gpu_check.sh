@@ -404,6 +404,21 @@ staged) # v6 with its codes staged in shared memory (each warp's ring of LQ_M1_R
     LQ_CUDA_MMA1_STAGE=1 TAIL=10 STEP_TIMEOUT=30 step gemv_staged "$run/bench_cuda" \
         --linear-only v6,v1
     TAIL=10 STEP_TIMEOUT=30 step gemv_registers "$run/bench_cuda" --linear-only v6
+    # fewer, larger CTAs (32 rows: half the reads of x and the norm's weights from L2 per byte
+    # of codes) and 3 CTAs a SM everywhere (a slot left for the next kernel's CTAs), staged
+    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_ROW_GROUPS=2 TAIL=10 STEP_TIMEOUT=30 \
+        step gemv_staged_rg2 "$run/bench_cuda" --linear-only v6
+    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=3 TAIL=10 STEP_TIMEOUT=30 \
+        step gemv_staged_ctas3 "$run/bench_cuda" --linear-only v6
+    # L2 against DRAM for a staged normed 4096 x 4096 layer and the next two (before: L2 at 31%
+    # of its peak beside DRAM's 15%, ncu_sections_v6_h100_2026-11-27.log)
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=5 STEP_TIMEOUT=120 \
+        step ncu_sections_staged sh -c "'$ncu' --clock-control none \
+        --kernel-name regex:'lq_gemv_mma1_kernel' --launch-skip 7 --launch-count 3 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section LaunchStats --section MemoryWorkloadAnalysis \
+        '$run/bench_cuda' --decode-profile --layers 2"
     LQ_CUDA_MMA1_STAGE=1 sass_page ncu_sass_staged_q 7
     TAIL=30 step sass_stalls_staged_q python3 "$root/tests/bench/sass_stalls.py" \
         "$logs/ncu_sass_staged_q.csv" --top 12 ;;
