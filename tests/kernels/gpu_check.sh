@@ -404,8 +404,8 @@ staged) # v6 with its codes staged in shared memory (each warp's ring of LQ_M1_R
     LQ_CUDA_MMA1_STAGE=1 TAIL=10 STEP_TIMEOUT=30 step gemv_staged "$run/bench_cuda" \
         --linear-only v6,v1
     TAIL=10 STEP_TIMEOUT=30 step gemv_registers "$run/bench_cuda" --linear-only v6
-    # fewer, larger CTAs (32 rows: half the reads of x and the norm's weights from L2 per byte
-    # of codes) and 3 CTAs a SM everywhere (a slot left for the next kernel's CTAs), staged
+    # fewer, larger CTAs (32 rows, one a SM for 4096 rows) and 3 CTAs a SM everywhere (a slot
+    # left for the next kernel's CTAs), staged
     LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_ROW_GROUPS=2 TAIL=10 STEP_TIMEOUT=30 \
         step gemv_staged_rg2 "$run/bench_cuda" --linear-only v6
     LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=3 TAIL=10 STEP_TIMEOUT=30 \
