@@ -69,6 +69,50 @@ __device__ __forceinline__ static void lq_m1_sts_u32x4(uint32_t *shared, uint32_
     asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(lq_m1_window(shared)), "r"(v)
                  : "memory");
 }
+// Thread-block clusters (sm_90; the host launches clusters only there).
+__device__ __forceinline__ static int lq_m1_cluster_rank(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return (int)rank;
+#else
+    return 0;
+#endif
+}
+__device__ __forceinline__ static void lq_m1_cluster_sync(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\t"
+                 "barrier.cluster.wait.acquire.aligned;" ::
+                     : "memory");
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ static void lq_m1_st_cluster_u32x2(uint32_t address, int rank,
+                                                              uint32_t lo, uint32_t hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
+    asm volatile("st.shared::cluster.v2.u32 [%0], {%1, %2};" ::"r"(remote), "r"(lo), "r"(hi)
+                 : "memory");
+#else
+    (void)address, (void)rank, (void)lo, (void)hi;
+    __trap();
+#endif
+}
+__device__ __forceinline__ static double lq_m1_ld_cluster_f64(uint32_t address, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t remote;
+    double v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
+    asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(remote) : "memory");
+    return v;
+#else
+    (void)address, (void)rank;
+    __trap();
+    return 0.0;
+#endif
+}
 __device__ __forceinline__ static void lq_m1_copy_commit(void) {
     asm volatile("cp.async.commit_group;" ::: "memory");
 }

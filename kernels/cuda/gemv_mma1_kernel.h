@@ -69,6 +69,11 @@
 //       cp.async.commit_group) and void lq_m1_copy_wait_groups(int n) (all but this thread's n
 //       most recent groups have landed: cp.async.wait_group n, n a constant)
 //   void lq_m1_sts_u32x4(uint32_t *shared, uint32_t v);   (v into 4 words, 16-byte aligned)
+//   int lq_m1_cluster_rank(void); void lq_m1_cluster_sync(void);   (the CTA's rank in its
+//       cluster; a barrier of all the cluster's threads, release and acquire)
+//   void lq_m1_st_cluster_u32x2(uint32_t address, int rank, uint32_t lo, uint32_t hi) and
+//   double lq_m1_ld_cluster_f64(uint32_t address, int rank);   (8 bytes at a shared-window
+//       address, 8-byte aligned, in the shared memory of the cluster's CTA `rank`)
 //   void lq_m1_lds_words(uint32_t address, int bits, uint32_t w[4]);   (bits words from a
 //       shared-window address aligned for them: 8 bytes for 2, 16 for 4; w[bits..3] = 0)
 //   float lq_m1_u2f(uint32_t v);   (RN)
@@ -143,6 +148,7 @@ struct lq_m1_args {
     float eps;                // LQ_M1_INPUT_RMSNORM
     int output;               // LQ_M1_OUTPUT_*: y = result, y += result, y = silu(y)·result
     float nf_table[1 << LQ_M1_MAX_BITS]; // the NF table of b0 bits (lq_nf_code_table: 2^b0 values)
+    int cluster_log; // > 0: launched in clusters of 2^cluster_log CTAs, which share x's staging
 };
 
 // Shared memory, in this order: x in fp16 (16 words per chunk, for every chunk of the padded
@@ -182,6 +188,12 @@ LQ_M1_HD uint32_t lq_m1_slot_bytes(int bits) {
 LQ_M1_HD uint32_t lq_m1_staged_shared_bytes(int bits, int chunks_per_row, uint32_t window_base) {
     return lq_m1_shared_bytes(bits, chunks_per_row, window_base) +
            LQ_M1_WARPS * LQ_M1_RING * lq_m1_slot_bytes(bits);
+}
+// The grid: CTAs of 2^rg_log row groups of 16 rows, as many as the rows take, rounded up to
+// whole clusters of 2^cluster_log CTAs (a CTA past the rows only helps stage x).
+LQ_M1_HD int lq_m1_grid(int rows, int rg_log, int cluster_log) {
+    const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
+    return (ctas + (1 << cluster_log) - 1) >> cluster_log << cluster_log;
 }
 // Whether the codes can be staged: every row's tiles start 16-byte aligned (the copies are
 // 16-byte cp.async; the host also checks the codes' address).
@@ -314,21 +326,38 @@ LQ_M1_FN void lq_m1_load_quad(const struct lq_m1_args *a, int i, float v[4], flo
     if (a->input == LQ_M1_INPUT_RMSNORM) lq_m1_ldg_f32x4(a->norm_weight + 4 * i, w);
 }
 
+// The quads of x (and of the norm's weights) the CTA stages, [*begin, *end) of the padded
+// lq_m1_x_words / 2: all of them, or in a cluster (a->cluster_log > 0) its rank's share, whole
+// 128-byte lines, which it writes into every CTA of the cluster. Why a cluster: each SM's CTAs
+// read x and the norm's weights from L2 (32 KB at 4096 columns, shared by the SM's CTAs
+// through L1) besides a 4096 x 4096 layer's 66 KB of codes from HBM, and ncu on the H100 put
+// L2 at twice DRAM's share of its peak: a cluster of C CTAs on C SMs reads them once.
+LQ_M1_FN void lq_m1_x_span(const struct lq_m1_args *a, int rank, int *begin, int *end) {
+    const int padded = (int)lq_m1_x_words(a->chunks_per_row) / 2;
+    const int count = 1 << a->cluster_log;
+    const int share = ((padded + count - 1) / count + 7) / 8 * 8;
+    *begin = rank * share < padded ? rank * share : padded;
+    *end = *begin + share < padded ? *begin + share : padded;
+}
+
 // rmsnorm's scale s = 1 / sqrt(mean(x²) + eps) for the CTA, every thread's, from the quads it
-// holds (and the rest of its quads, read again): the sum of squares in double as the rmsnorm
-// op takes it (its order of terms is its own: s may differ from the op's in the last bit).
-// warp_sums: 8 doubles of shared memory, free until the barrier after the staging.
-LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread,
+// holds (and the rest of its quads [begin, end), read again): the sum of squares in double as
+// the rmsnorm op takes it (its order of terms is its own: s may differ from the op's in the
+// last bit); in a cluster, the CTAs' sums of their shares added in rank order, the same s in
+// every CTA. warp_sums: 9 doubles of shared memory, free until the barrier after the staging
+// (the ninth, the CTA's sum, is read by the cluster's other CTAs).
+LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread, int begin, int end,
                                 float held[LQ_M1_HELD_QUADS][4], double *warp_sums) {
+    const int quads = a->cols / 4, last = end < quads ? end : quads;
     double sum = 0.0;
     LQ_M1_UNROLL
     for (int k = 0; k < LQ_M1_HELD_QUADS; k++) {
         const float *v = held[k];
-        if (thread + k * LQ_M1_THREADS < a->cols / 4)
+        if (begin + thread + k * LQ_M1_THREADS < last)
             sum += (double)v[0] * v[0] + (double)v[1] * v[1] + (double)v[2] * v[2] +
                    (double)v[3] * v[3];
     }
-    for (int i = thread + LQ_M1_HELD_QUADS * LQ_M1_THREADS; i < a->cols / 4; i += LQ_M1_THREADS) {
+    for (int i = begin + thread + LQ_M1_HELD_QUADS * LQ_M1_THREADS; i < last; i += LQ_M1_THREADS) {
         float v[4];
         lq_m1_ldg_f32x4(a->x + 4 * i, v);
         sum +=
@@ -339,7 +368,26 @@ LQ_M1_FN float lq_m1_norm_scale(const struct lq_m1_args *a, int thread,
     lq_m1_sync();
     double total = 0.0;
     for (int w = 0; w < LQ_M1_WARPS; w++) total += warp_sums[w];
+    if (a->cluster_log > 0) {
+        if (thread == 0) warp_sums[LQ_M1_WARPS] = total;
+        lq_m1_cluster_sync();
+        total = 0.0;
+        for (int r = 0; r < 1 << a->cluster_log; r++)
+            total += lq_m1_ld_cluster_f64(lq_m1_window(warp_sums + LQ_M1_WARPS), r);
+    }
     return (float)(1.0 / sqrt(total / a->cols + a->eps)); // the CPU's formula
+}
+
+// Quad i of the staged x, its two words of fp16: into this CTA's shared memory, or in a
+// cluster into every CTA's.
+LQ_M1_FN void lq_m1_put_x(const struct lq_m1_args *a, uint32_t *xs, int i, uint32_t lo,
+                          uint32_t hi) {
+    if (a->cluster_log == 0) {
+        xs[2 * i] = lo, xs[2 * i + 1] = hi;
+        return;
+    }
+    for (int r = 0; r < 1 << a->cluster_log; r++)
+        lq_m1_st_cluster_u32x2(lq_m1_window(xs + 2 * i), r, lo, hi);
 }
 
 // The pair table (2 to 32 KB) built into shared memory from the NF table, by all threads of the
@@ -355,43 +403,46 @@ LQ_M1_FN void lq_m1_build_pair_table(const struct lq_m1_args *a, int bits, int t
         lq_m1_sts_u32x4(pairs + 4 * q, lq_m1_pair_entry(a->nf_table, bits, (uint32_t)q >> 3));
 }
 
-// x in fp16 and the zero area, by all threads of the CTA; with a normed input, also its scale
-// into *norm_scale (read after the barrier).
+// x in fp16 and the zero area, by all threads of the CTA (in a cluster, the CTA's share of x
+// into every CTA's, then the cluster's barrier); with a normed input, also its scale into
+// *norm_scale (read after the barrier).
 LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int thread, uint32_t *xs, uint32_t *zeros,
                           float *norm_scale) {
-    const int quads = a->cols / 4, padded = (int)lq_m1_x_words(a->chunks_per_row) / 2;
+    const int quads = a->cols / 4;
+    int begin, end;
+    lq_m1_x_span(a, a->cluster_log > 0 ? lq_m1_cluster_rank() : 0, &begin, &end);
     float held[LQ_M1_HELD_QUADS][4], held_w[LQ_M1_HELD_QUADS][4];
     LQ_M1_UNROLL
     for (int k = 0; k < LQ_M1_HELD_QUADS; k++) {
-        const int i = thread + k * LQ_M1_THREADS;
+        const int i = begin + thread + k * LQ_M1_THREADS;
         for (int j = 0; j < 4; j++) held[k][j] = 0.0f, held_w[k][j] = 0.0f;
-        if (i < quads) lq_m1_load_quad(a, i, held[k], held_w[k]);
+        if (i < end && i < quads) lq_m1_load_quad(a, i, held[k], held_w[k]);
     }
     float scale = 1.0f;
     if (a->input == LQ_M1_INPUT_RMSNORM) {
-        // the row-sum area (zeros + 16) holds 8 doubles here: it is 8-byte aligned, and written
+        // the row-sum area (zeros + 16) holds 9 doubles here: it is 8-byte aligned, and written
         // only after the main loop
-        scale = lq_m1_norm_scale(a, thread, held, (double *)(zeros + 16));
+        scale = lq_m1_norm_scale(a, thread, begin, end, held, (double *)(zeros + 16));
         if (thread == 0) *norm_scale = scale;
     }
     LQ_M1_UNROLL
     for (int k = 0; k < LQ_M1_HELD_QUADS; k++) { // (held quads past x are zeros)
-        const int i = thread + k * LQ_M1_THREADS;
-        if (i >= padded) break;
+        const int i = begin + thread + k * LQ_M1_THREADS;
+        if (i >= end) break;
         if (i < quads) lq_m1_normed_quad(a, scale, held_w[k], held[k]);
-        xs[2 * i] = lq_m1_half2_bits(held[k][0], held[k][1]);
-        xs[2 * i + 1] = lq_m1_half2_bits(held[k][2], held[k][3]);
+        lq_m1_put_x(a, xs, i, lq_m1_half2_bits(held[k][0], held[k][1]),
+                    lq_m1_half2_bits(held[k][2], held[k][3]));
     }
-    for (int i = thread + LQ_M1_HELD_QUADS * LQ_M1_THREADS; i < padded; i += LQ_M1_THREADS) {
+    for (int i = begin + thread + LQ_M1_HELD_QUADS * LQ_M1_THREADS; i < end; i += LQ_M1_THREADS) {
         float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, w[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (i < quads) {
             lq_m1_load_quad(a, i, v, w);
             lq_m1_normed_quad(a, scale, w, v);
         }
-        xs[2 * i] = lq_m1_half2_bits(v[0], v[1]);
-        xs[2 * i + 1] = lq_m1_half2_bits(v[2], v[3]);
+        lq_m1_put_x(a, xs, i, lq_m1_half2_bits(v[0], v[1]), lq_m1_half2_bits(v[2], v[3]));
     }
     if (thread < 16) zeros[thread] = 0u;
+    if (a->cluster_log > 0) lq_m1_cluster_sync(); // every CTA's share is in
 }
 
 // What a lane keeps through the main loop. Its loads run past the matrix and its rows into the

@@ -523,9 +523,38 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     a.share_scales = share, a.stage = stage; // as lq_mma1_pick chose the kernel
     a.input = input.kind, a.norm_weight = input.weight, a.eps = input.eps;
     a.output = output;
-    return lq_launch_pdl(overlap, kernel,
-                         dim3((unsigned)((groups + (1L << a.rg_log) - 1) >> a.rg_log)),
-                         dim3(LQ_M1_THREADS), smem, cuda->stream, a);
+    // LQ_CUDA_MMA1_CLUSTER=2|4 (off by default until it has run on a GPU; written 2026-11-27
+    // without one): clusters of that many CTAs stage x together, each reading its share of x
+    // and the norm's weights from L2 and writing it into every CTA's shared memory
+    // (gemv_mma1_kernel.h, lq_m1_x_span), where the GPU can hold such clusters
+    const int wanted = lq_env_int("LQ_CUDA_MMA1_CLUSTER", 0);
+    a.cluster_log = wanted == 2 ? 1 : wanted == 4 ? 2 : 0;
+    cudaLaunchAttribute attributes[2] = {};
+    attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[0].val.programmaticStreamSerializationAllowed = 1;
+    attributes[1].id = cudaLaunchAttributeClusterDimension;
+    attributes[1].val.clusterDim.x = 1u << a.cluster_log;
+    attributes[1].val.clusterDim.y = attributes[1].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3((unsigned)lq_m1_grid(a.rows, a.rg_log, a.cluster_log));
+    config.blockDim = dim3(LQ_M1_THREADS);
+    config.dynamicSmemBytes = smem;
+    config.stream = cuda->stream;
+    config.attrs = attributes + 1;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (a.cluster_log > 0 &&
+        (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess ||
+         clusters < 1)) {
+        cudaGetLastError(); // (no clusters here, or none of this size: one CTA stages all of x)
+        a.cluster_log = 0;
+    }
+    if (a.cluster_log == 0)
+        return lq_launch_pdl(overlap, kernel, dim3((unsigned)lq_m1_grid(a.rows, a.rg_log, 0)),
+                             dim3(LQ_M1_THREADS), smem, cuda->stream, a);
+    config.attrs = overlap ? attributes : attributes + 1;
+    config.numAttrs = overlap ? 2 : 1;
+    return cudaLaunchKernelEx(&config, kernel, a);
 }
 
 // b0 = 3 or 4 with 1 or 2 blocks per chunk (4, i.e. B0 = 8, would spill: lq_decode_kernel);

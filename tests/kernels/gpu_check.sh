@@ -380,14 +380,18 @@ esac
 case "${1:-}" in
 staged) # v6 with its codes staged in shared memory (each warp's ring of LQ_M1_RING tiles,
     # cp.async; LQ_CUDA_MMA1_STAGE=1, off by default until this has run), 2026-11-27: against
-    # the CPU and bit for bit against the codes in registers (test_cuda_ops lq_gemv, also v6
-    # at 2, 3 and 4 CTAs a SM, never checked on a GPU before), the fused and grouped layers,
-    # graphs, end to end, all staged; then the same binary on the same GPU staged and not: the
-    # batch-1..64 step, each layer alone, and ncu's source page of a staged normed 4096 x 4096
-    # layer
+    # the CPU and bit for bit against the codes in registers and against x staged by clusters
+    # (test_cuda_ops lq_gemv, also v6 at 2, 3 and 4 CTAs a SM, never checked on a GPU before),
+    # the fused and grouped layers, graphs, end to end, all staged (the fused layers also in
+    # clusters of 4); then the same binary on the same GPU staged and not: the batch-1..64 step,
+    # each layer alone, and ncu's L2 and DRAM sections of a staged normed 4096 x 4096 layer and
+    # the next two (before: L2 at 31% of its peak beside DRAM's 15%,
+    # ncu_sections_v6_h100_2026-11-27.log). `staged_more` has the variants.
     export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
     pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
     pstep cuda_ops_fused env LQ_CUDA_MMA1_STAGE=1 "$run/test_cuda_ops" linear_fused
+    pstep cuda_ops_fused_cluster env LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CLUSTER=4 \
+        "$run/test_cuda_ops" linear_fused
     pstep cuda_ops_group env LQ_CUDA_MMA1_STAGE=1 "$run/test_cuda_ops" linear_group
     pstep cuda_graph_v6 env LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_DECODE=v6 "$run/test_cuda_graph"
     pstep gpu_e2e env LQ_CUDA_MMA1_STAGE=1 python3 "$root/tests/kernels/test_gpu_e2e.py"
@@ -397,28 +401,34 @@ staged) # v6 with its codes staged in shared memory (each warp's ring of LQ_M1_R
         --decode-variants 1 --decode-kernels auto,v1
     TAIL=7 STEP_TIMEOUT=60 step decode_registers "$run/bench_cuda" --decode-variants 1 \
         --decode-kernels auto
-    for c in 2 3; do
-        LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=$c TAIL=7 STEP_TIMEOUT=60 \
-            step "decode_staged_ctas$c" "$run/bench_cuda" --decode-variants 1 --decode-kernels v6
-    done
     LQ_CUDA_MMA1_STAGE=1 TAIL=10 STEP_TIMEOUT=30 step gemv_staged "$run/bench_cuda" \
         --linear-only v6,v1
     TAIL=10 STEP_TIMEOUT=30 step gemv_registers "$run/bench_cuda" --linear-only v6
-    # fewer, larger CTAs (32 rows, one a SM for 4096 rows) and 3 CTAs a SM everywhere (a slot
-    # left for the next kernel's CTAs), staged
-    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_ROW_GROUPS=2 TAIL=10 STEP_TIMEOUT=30 \
-        step gemv_staged_rg2 "$run/bench_cuda" --linear-only v6
-    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=3 TAIL=10 STEP_TIMEOUT=30 \
-        step gemv_staged_ctas3 "$run/bench_cuda" --linear-only v6
-    # L2 against DRAM for a staged normed 4096 x 4096 layer and the next two (before: L2 at 31%
-    # of its peak beside DRAM's 15%, ncu_sections_v6_h100_2026-11-27.log)
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
     LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_DECODE=v6 LQ_CUDA_GRAPHS=0 TAIL=5 STEP_TIMEOUT=120 \
         step ncu_sections_staged sh -c "'$ncu' --clock-control none \
         --kernel-name regex:'lq_gemv_mma1_kernel' --launch-skip 7 --launch-count 3 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section LaunchStats --section MemoryWorkloadAnalysis \
-        '$run/bench_cuda' --decode-profile --layers 2"
+        '$run/bench_cuda' --decode-profile --layers 2" ;;
+staged_more) # the staged v6's variants on the same GPU: 2 and 3 CTAs a SM everywhere (3
+    # leaves a slot for the next kernel's CTAs), 32-row CTAs, x staged by clusters of 2 and 4
+    # CTAs (LQ_CUDA_MMA1_CLUSTER: x and the norm's weights read from L2 once a cluster), then
+    # ncu's source page of a staged normed 4096 x 4096 layer
+    for c in 2 3; do
+        LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=$c TAIL=7 STEP_TIMEOUT=60 \
+            step "decode_staged_ctas$c" "$run/bench_cuda" --decode-variants 1 --decode-kernels v6
+    done
+    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_ROW_GROUPS=2 TAIL=10 STEP_TIMEOUT=30 \
+        step gemv_staged_rg2 "$run/bench_cuda" --linear-only v6
+    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=3 TAIL=10 STEP_TIMEOUT=30 \
+        step gemv_staged_ctas3 "$run/bench_cuda" --linear-only v6
+    for c in 2 4; do
+        LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CLUSTER=$c TAIL=7 STEP_TIMEOUT=60 \
+            step "decode_staged_cluster$c" "$run/bench_cuda" --decode-variants 1 --decode-kernels v6
+        LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CLUSTER=$c TAIL=10 STEP_TIMEOUT=30 \
+            step "gemv_staged_cluster$c" "$run/bench_cuda" --linear-only v6
+    done
     LQ_CUDA_MMA1_STAGE=1 sass_page ncu_sass_staged_q 7
     TAIL=30 step sass_stalls_staged_q python3 "$root/tests/bench/sass_stalls.py" \
         "$logs/ncu_sass_staged_q.csv" --top 12 ;;

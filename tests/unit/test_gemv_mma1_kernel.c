@@ -33,7 +33,7 @@
 
 /* A warp's mma exchange: every lane writes its fragments, all wait, each reads what it needs,
  * all wait again (so the buffer may be written anew). */
-static struct { uint32_t a[32][4], b[32][2]; } exchange[CTA_MAX_WARPS];
+static struct { uint32_t a[32][4], b[32][2]; } exchange[CTA_MAX_CLUSTER][CTA_MAX_WARPS];
 
 static float fp16_to_float(uint32_t bits) {
     const uint16_t h = (uint16_t)bits;
@@ -69,7 +69,7 @@ static inline void lq_m1_ldg_f32x4(const float *p, float v[4]) {
 /* The shared window: the emulated CTA's shared memory starts at window address window_base
  * (on the GPU, after the driver's reserved bytes); each case picks one. */
 static uint32_t window_base = 0x400;
-static const char *shared_start; /* the running CTA's shared memory */
+static _Thread_local const char *shared_start; /* the calling thread's CTA's shared memory */
 static inline uint32_t lq_m1_window(const void *p) {
     return window_base + (uint32_t)((const char *)p - shared_start);
 }
@@ -133,6 +133,28 @@ static inline void lq_m1_sts_u32x4(uint32_t *shared, uint32_t v) {
     if ((uintptr_t)((char *)shared - shared_start) % 16 != 0) abort();
     for (int i = 0; i < 4; i++) shared[i] = v;
 }
+/* Clusters: the emulation's (cta_emulation.h), a cluster's CTAs run together. */
+static inline int lq_m1_cluster_rank(void) {
+    return cta_rank;
+}
+static inline void lq_m1_cluster_sync(void) {
+    cta_cluster_sync();
+}
+static inline char *cluster_shared(uint32_t address, int rank, uint32_t align) {
+    if ((address - window_base) % align != 0 || rank < 0 || rank >= CTA_MAX_CLUSTER ||
+        !cta_shared[rank])
+        abort();
+    return (char *)cta_shared[rank] + (address - window_base);
+}
+static inline void lq_m1_st_cluster_u32x2(uint32_t address, int rank, uint32_t lo, uint32_t hi) {
+    const uint32_t v[2] = {lo, hi};
+    memcpy(cluster_shared(address, rank, 8), v, 8);
+}
+static inline double lq_m1_ld_cluster_f64(uint32_t address, int rank) {
+    double v;
+    memcpy(&v, cluster_shared(address, rank, 8), 8);
+    return v;
+}
 static inline void lq_m1_lds_words(uint32_t address, int bits, uint32_t w[4]) {
     const uint32_t align = bits == 2 ? 8u : bits == 4 ? 16u : 4u;
     if ((address - window_base) % align != 0) abort();
@@ -169,19 +191,19 @@ static inline float lq_m1_fma(float x, float y, float z) {
  * columns 2·tig (+1). */
 static float fragment_a(int m, int k) {
     const int lane = (m % 8) * 4 + (k % 8) / 2, reg = (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return fp16_to_float(exchange[cta_thread / 32].a[lane][reg] >> (16 * (k % 2)));
+    return fp16_to_float(exchange[cta_rank][cta_thread / 32].a[lane][reg] >> (16 * (k % 2)));
 }
 static float fragment_b(int k, int n) {
     const int lane = n * 4 + (k % 8) / 2, reg = k >= 8 ? 1 : 0;
-    return fp16_to_float(exchange[cta_thread / 32].b[lane][reg] >> (16 * (k % 2)));
+    return fp16_to_float(exchange[cta_rank][cta_thread / 32].b[lane][reg] >> (16 * (k % 2)));
 }
 
 /* d += A·B: products exact, the sum of 16 in double, rounded once (the tensor core's internal
  * order and precision are its own: the test's bound covers fp32 rounding, not a wrong term). */
 static void lq_m1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
     const int warp = cta_thread / 32, lane = cta_thread % 32;
-    memcpy(exchange[warp].a[lane], a, 16);
-    exchange[warp].b[lane][0] = b0, exchange[warp].b[lane][1] = b1;
+    memcpy(exchange[cta_rank][warp].a[lane], a, 16);
+    exchange[cta_rank][warp].b[lane][0] = b0, exchange[cta_rank][warp].b[lane][1] = b1;
     cta_warp_wait();
     const int g = lane / 4, tig = lane % 4;
     float out[4];
@@ -245,7 +267,7 @@ static int prefetches_in_registers; /* the last case's prefetches with the codes
 
 static void run_thread(const void *arg, int block, int thread, void *shared) {
     const struct launch *l = arg;
-    __atomic_store_n(&shared_start, (const char *)shared, __ATOMIC_RELAXED); /* one value a CTA */
+    shared_start = (const char *)shared;
     pending_count = 0, open_group = 0;
     lq_m1_body(l->args, l->bits, l->bpc, l->args->share_scales, l->args->stage, block, thread,
                shared);
@@ -254,13 +276,13 @@ static void run_thread(const void *arg, int block, int thread, void *shared) {
 
 /* Every CTA of the grid, one after another. */
 static void launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
-    const int groups = (args->rows + 15) / 16;
-    const int ctas = (groups + (1 << args->rg_log) - 1) >> args->rg_log;
     const struct launch l = {args, bits, bpc};
     waits = 0, prefetches = 0, misaligned = 0, copies_left = 0;
-    cta_run_grid(run_thread, &l, ctas, LQ_M1_THREADS,
-                 args->stage ? lq_m1_staged_shared_bytes(bits, args->chunks_per_row, window_base)
-                             : lq_m1_shared_bytes(bits, args->chunks_per_row, window_base));
+    cta_run_clusters(
+        run_thread, &l, lq_m1_grid(args->rows, args->rg_log, args->cluster_log), LQ_M1_THREADS,
+        args->stage ? lq_m1_staged_shared_bytes(bits, args->chunks_per_row, window_base)
+                    : lq_m1_shared_bytes(bits, args->chunks_per_row, window_base),
+        1 << args->cluster_log);
 }
 
 /* ---------- the cases ---------- */
@@ -399,23 +421,42 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     if (!deq) abort();
     lq_nf_dequantize(&q, deq);
     /* The codes in registers; where they can be staged, through the rings with the copies
-     * held back to their waits, and in some cases also with the copies made at once. */
-    const int modes = !lq_m1_can_stage(c.b0, cols / 32) ? 1 : (rows + rank) % 2 ? 3 : 2;
-    static const char *const mode_names[] = {"", ", staged", ", staged (eager copies)"};
+     * held back to their waits, and in some cases also with the copies made at once; and x
+     * staged by clusters of 2 CTAs (codes in registers) and, in the other cases, of 4 (staged
+     * where they can be). */
+    const int can_stage = lq_m1_can_stage(c.b0, cols / 32);
+    struct {
+        int stage, eager, cluster_log;
+    } runs[5] = {{0, 0, 0}};
+    int run_count = 1;
+    if (can_stage) runs[run_count].stage = 1, run_count++;
+    if (can_stage && (rows + rank) % 2)
+        runs[run_count].stage = runs[run_count].eager = 1, run_count++;
+    runs[run_count].cluster_log = 1, run_count++;
+    if ((rows + rank) % 2 == 0)
+        runs[run_count].stage = can_stage, runs[run_count].cluster_log = 2, run_count++;
     const size_t base_length = strlen(label);
-    for (int mode = 0; mode < modes; mode++) {
-        snprintf(label + base_length, sizeof label - base_length, "%s", mode_names[mode]);
-        a.stage = mode > 0, copy_eager = mode == 2;
+    for (int run = 0; run < run_count; run++) {
+        a.stage = runs[run].stage, copy_eager = runs[run].eager;
+        a.cluster_log = runs[run].cluster_log;
+        snprintf(label + base_length, sizeof label - base_length, "%s%s%s",
+                 a.stage ? ", staged" : "", copy_eager ? " (eager copies)" : "",
+                 a.cluster_log == 1   ? ", clusters of 2"
+                 : a.cluster_log == 2 ? ", clusters of 4"
+                                      : "");
         for (int r = 0; r < rows; r++) y[r] = output == LQ_M1_OUTPUT_WRITE ? NAN : prior[r];
         launch_kernel(&a, c.b0, bpc);
         CHECK_MSG(misaligned == 0, "%s: the pair table was found misaligned", label);
         CHECK_MSG(copies_left == 0, "%s: %d threads ended with copies never waited for", label,
                   copies_left);
-        if (mode == 0)
+        if (run == 0)
             prefetches_in_registers = prefetches;
+        else if (!a.stage) /* (the clusters' extra CTAs have no rows) */
+            CHECK_MSG(prefetches == prefetches_in_registers, "%s: %d L2 prefetches, %d unclustered",
+                      label, prefetches, prefetches_in_registers);
         else /* the rings are the prefetch */
             CHECK_MSG(prefetches == 0, "%s: %d L2 prefetches", label, prefetches);
-        const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
+        const int ctas = lq_m1_grid(rows, rg_log, a.cluster_log);
         CHECK_MSG((rank == 0 && output != LQ_M1_OUTPUT_SWIGLU) || waits == ctas * LQ_M1_THREADS,
                   "%s: %d threads waited for the kernel before, expected %d", label, waits,
                   ctas * LQ_M1_THREADS);
