@@ -756,8 +756,13 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
         l1[h][m] =
             k < a->rank ? lq_m1_ldg_f32(a->lora_B + lq_m1_l1_index(a, &lane_state, h, k)) : 0.0f;
     }
-    lq_m1_build_pair_table(a, bits, thread, pairs);
+    // The pair table: staged, before x's staging; with the codes in registers, after it (there
+    // the compiler's choices at the 80-register cap otherwise left the loop 0.1 instructions a
+    // code longer and 12-44 bytes of spills at 3 CTAs a SM; staged, after it, a pass's scale
+    // load came after its first lookup at b0 = 2: tests/kernels/check_sass_budget.py, ptxas -v)
+    if (stage) lq_m1_build_pair_table(a, bits, thread, pairs);
     lq_m1_stage(a, thread, xs, zeros, norm_scale);
+    if (!stage) lq_m1_build_pair_table(a, bits, thread, pairs);
     // (staged) the first tile has landed, every thread's copies (the barrier)
     if (stage) lq_m1_copy_wait_groups(LQ_M1_RING - 1);
     lq_m1_sync();
