@@ -124,8 +124,43 @@ __device__ __forceinline__ static void lq_m1_copy_wait_groups(int n) {
         asm volatile("cp.async.wait_group 1;" ::: "memory");
     else if (n == 2)
         asm volatile("cp.async.wait_group 2;" ::: "memory");
-    else
+    else if (n == 3)
         asm volatile("cp.async.wait_group 3;" ::: "memory");
+    else
+        asm volatile("cp.async.wait_group 4;" ::: "memory");
+}
+// The projection in the kernel (gemv_mma1_kernel.h): the pieces' counter of the layer.
+__device__ __forceinline__ static uint32_t lq_m1_ld_acquire_u32(const uint32_t *p) {
+    uint32_t v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ static uint32_t lq_m1_add_release_u32(uint32_t *p, uint32_t v) {
+    uint32_t old;
+    asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;"
+                 : "=r"(old)
+                 : "l"(p), "r"(v)
+                 : "memory");
+    return old;
+}
+__device__ __forceinline__ static uint32_t lq_m1_add_acq_rel_u32(uint32_t *p, uint32_t v) {
+    uint32_t old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;"
+                 : "=r"(old)
+                 : "l"(p), "r"(v)
+                 : "memory");
+    return old;
+}
+__device__ __forceinline__ static void lq_m1_st_relaxed_u32(uint32_t *p, uint32_t v) {
+    asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ static void lq_m1_backoff(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    __nanosleep(128);
+#endif
+}
+__device__ __forceinline__ static void lq_m1_stalled(void) {
+    __trap();
 }
 // A tile's words of one row from its slot (bits constant: one 64-bit, one 128-bit or three
 // 32-bit loads; the slot's layout makes each conflict-free). Volatile with a memory clobber: it
@@ -221,21 +256,22 @@ __device__ __forceinline__ static void lq_m1_prefetch_l2(const void *p) {
 
 #include "kernels/cuda/gemv_mma1_kernel.h"
 
-static_assert(LQ_M1_RING <= 4, "lq_m1_copy_wait_groups waits with up to 3 groups pending");
+static_assert(LQ_M1_RING <= 4, "lq_m1_copy_wait_groups waits with up to 4 groups pending");
 
 // CTAS CTAs per SM: 2 (16 warps, up to 128 registers a thread: layers whose grid is no wider
 // than 2 CTAs a SM anyway), 3 (24 warps, 80 registers: wider layers) or 4 (32 warps, 64
 // registers, some loads late and a few bytes spilled: slower on the H100, kept for
 // LQ_CUDA_MMA1_CTAS=4). linear_cuda.cu's lq_mma1_pick chooses.
 // STAGE: the codes go through the warps' rings in shared memory (gemv_mma1_kernel.h).
-template <int BITS, int BPC, int SHARE, int CTAS, int STAGE>
+// PROJECT: t = x·L2ᵀ is computed in the kernel (a.t_pieces > 0: gemv_mma1_kernel.h).
+template <int BITS, int BPC, int SHARE, int CTAS, int STAGE, int PROJECT>
 __global__ void __launch_bounds__(LQ_M1_THREADS, CTAS)
     lq_gemv_mma1_kernel(const __grid_constant__ lq_m1_args a) {
     lq_pdl_trigger(); // the next kernel waits for this one before it reads (pdl_cuda.cuh)
     static_assert(BITS >= 2 && BITS <= LQ_M1_MAX_BITS, "pair tables of 16 to 256 entries");
     static_assert(BPC == 1 || BPC == 2, "one block per chunk, or two (B0 = 16)");
     static_assert(!SHARE || BPC == 1, "shared scales need B0 % 64 == 0");
-    lq_m1_body(&a, BITS, BPC, SHARE, STAGE, (int)blockIdx.x, (int)threadIdx.x,
+    lq_m1_body(&a, BITS, BPC, SHARE, STAGE, PROJECT, (int)blockIdx.x, (int)threadIdx.x,
                (uint32_t *)lq_m1_shared);
 }
 

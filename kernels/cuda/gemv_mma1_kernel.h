@@ -32,7 +32,8 @@
 // second kernel, the same bits on every run. The low-rank term: lane t of warp slice ks adds
 // L1[row][k]·t[k] for k = 4·ks + t + 4·KS·m, its L1 values loaded before the main loop; t (the
 // projection kernel's column-slice sums, added in slice order) is read after griddepcontrol.wait,
-// which every thread passes.
+// which every thread passes (or, projected in the kernel, once every CTA has published its
+// pieces).
 //
 // Staged codes (a->stage, a template argument on the GPU; the host's LQ_CUDA_MMA1_STAGE=1,
 // off by default until it has run on a GPU): each warp copies its tiles' codes
@@ -47,6 +48,24 @@
 // chunk's words conflict-free (b0 = 2: 64-bit loads, 4: 128-bit, 3: three 32-bit). The scale
 // codes and group scales are still loaded into registers a tile ahead: a row's fit in one
 // sector for many tiles, so after the first they come from L1.
+//
+// The projection in the kernel (a->t_pieces > 0, a template argument on the GPU as well; the
+// host's LQ_CUDA_MMA1_INLINE_T=1, off by default until it has run on a GPU): t = x·L2ᵀ is no
+// longer a kernel of its own before this one. The CTAs split its rank · t_slices slice sums (the projection kernel's, bit for bit: the
+// same products, in the same order) among themselves: each copies its pieces' L2 quads into
+// shared memory first thing, takes the products while it stages x (which it reads anyway), adds
+// them up after the staging's barrier and publishes them (a release add on a counter of the
+// layer's), and every warp waits for all the CTAs' pieces (an acquire poll of that counter)
+// only before its epilogue reads t; the last CTA out sets the counter back to 0. Why: with the
+// projection between them, a decode kernel could launch only once the projection had waited for
+// the kernel before, so its weights' loads never overlapped that kernel's last wave (a kernel
+// that streams a step's bytes did 84% of the copy bandwidth that way, 102% with its loads out
+// before its wait: tests/bench/bench_stream_ceiling.cu, H100), and every layer paid a launch
+// more. The poll needs every CTA of the grid resident at once: the host takes this path only
+// where the grid is one wave of what the SMs hold (registers and shared memory), and a poll
+// that goes on for seconds stops the launch (lq_m1_stalled) instead of hanging. x is then the
+// kernel before's output where the layer is the first of its group (a->wait_before_x: the
+// staging waits for it); the other layers of a group read an x written two or more kernels back.
 //
 // This file is C as well as CUDA: tests/unit/test_gemv_mma1_kernel.c runs this very code on
 // the CPU with a thread per CUDA thread and the warp primitives emulated. The includer
@@ -87,6 +106,13 @@
 //       and reads of a slot: __syncwarp on the GPU)
 //   double lq_m1_shfl_xor_f64(double v, int offset);
 //   float lq_m1_silu_times(float gate, float up);   (the backend's swiglu of one value)
+//   uint32_t lq_m1_ld_acquire_u32(const uint32_t *p);   (ld.acquire.gpu)
+//   uint32_t lq_m1_add_release_u32(uint32_t *p, uint32_t v);   (atom.release.gpu add: the
+//       thread's writes before it are seen by whoever acquires the sum; returns the old value)
+//   uint32_t lq_m1_add_acq_rel_u32(uint32_t *p, uint32_t v);   (atom.acq_rel.gpu add)
+//   void lq_m1_st_relaxed_u32(uint32_t *p, uint32_t v);   (st.relaxed.gpu)
+//   void lq_m1_backoff(void);   (a short sleep between polls: __nanosleep)
+//   void lq_m1_stalled(void);   (stops the launch with an error: __trap)
 //
 // Fused ops (kernels/backend.h linear_fused). x may be rmsnorm's input instead of its output:
 // the kernel takes the norm into its staging of x, which reads all of x anyway (a pass for the
@@ -113,6 +139,13 @@
 #define LQ_M1_RANK_REGS 2   // L1 values per row loaded before the main loop
 #define LQ_M1_MAX_BITS 4
 #define LQ_M1_RING 4 // staged codes: the tiles a warp has copied ahead (a power of 2, >= 2)
+// The projection in the kernel: a slice of t's sums is 1024 columns (linear_cuda_kernels.cuh's
+// LQ_PROJECT_SLICE), a quad of x per thread; a CTA takes at most LQ_M1_MAX_T_PIECES of them.
+#define LQ_M1_SLICE_QUADS LQ_M1_THREADS
+#define LQ_M1_MAX_T_PIECES 4
+#ifndef LQ_M1_SPIN_LIMIT
+#define LQ_M1_SPIN_LIMIT (1u << 24) // polls of the pieces' counter before lq_m1_stalled (~2 s)
+#endif
 
 // What x holds and what becomes of the result (kernels/backend.h's enum lq_linear_input_kind
 // and enum lq_linear_output, repeated so that this file needs no project header;
@@ -149,6 +182,13 @@ struct lq_m1_args {
     int output;               // LQ_M1_OUTPUT_*: y = result, y += result, y = silu(y)·result
     float nf_table[1 << LQ_M1_MAX_BITS]; // the NF table of b0 bits (lq_nf_code_table: 2^b0 values)
     int cluster_log; // > 0: launched in clusters of 2^cluster_log CTAs, which share x's staging
+    // The projection in the kernel (cluster_log = 0 and rank > 0 only)
+    int t_pieces;        // > 0: a CTA's most pieces of t (lq_m1_piece); 0: t is the projection
+                         // kernel's
+    int wait_before_x;   // x is the kernel before's output: the staging waits for it
+    const float *lora_A; // L2 [rank][cols], 16-byte aligned (t_pieces > 0)
+    float *t_out;        // = t: where the pieces' sums go (t_pieces > 0)
+    uint32_t *barrier;   // [2]: pieces published, CTAs done with them; 0 before and after
 };
 
 // Shared memory, in this order: x in fp16 (16 words per chunk, for every chunk of the padded
@@ -189,12 +229,33 @@ LQ_M1_HD uint32_t lq_m1_staged_shared_bytes(int bits, int chunks_per_row, uint32
     return lq_m1_shared_bytes(bits, chunks_per_row, window_base) +
            LQ_M1_WARPS * LQ_M1_RING * lq_m1_slot_bytes(bits);
 }
+// The projection in the kernel: its area follows the pair table (or the rings, staged), piece j's
+// L2 quads at byte j·16·LQ_M1_SLICE_QUADS (a thread's at 16·thread of it), then the warps'
+// sums of each piece (LQ_M1_WARPS x LQ_M1_MAX_T_PIECES floats). table_offset: the args'.
+LQ_M1_HD uint32_t lq_m1_t_area(int bits, uint32_t table_offset, int stage) {
+    return table_offset + 4u * lq_m1_pair_words(bits) +
+           (stage ? LQ_M1_WARPS * LQ_M1_RING * lq_m1_slot_bytes(bits) : 0u);
+}
+LQ_M1_HD uint32_t lq_m1_t_area_bytes(int pieces) {
+    return pieces > 0
+               ? (uint32_t)pieces * 16u * LQ_M1_SLICE_QUADS + 4u * LQ_M1_WARPS * LQ_M1_MAX_T_PIECES
+               : 0u;
+}
 // The grid: CTAs of 2^rg_log row groups of 16 rows, as many as the rows take, rounded up to
 // whole clusters of 2^cluster_log CTAs (a CTA past the rows only helps stage x).
 LQ_M1_HD int lq_m1_grid(int rows, int rg_log, int cluster_log) {
     const int ctas = ((rows + 15) / 16 + (1 << rg_log) - 1) >> rg_log;
     return (ctas + (1 << cluster_log) - 1) >> cluster_log << cluster_log;
 }
+// Piece j of CTA `block`'s share of the projection: piece p = block + j·(the grid's CTAs) of
+// the rank · t_slices sums, rank row k = p mod rank of column slice s = p / rank; 0 past them.
+LQ_M1_FN int lq_m1_piece(const struct lq_m1_args *a, int block, int j, int *k, int *s) {
+    const int p = block + j * lq_m1_grid(a->rows, a->rg_log, 0);
+    if (j >= a->t_pieces || p >= a->rank * a->t_slices) return 0;
+    *k = p % a->rank, *s = p / a->rank;
+    return 1;
+}
+
 // Whether the codes can be staged: every row's tiles start 16-byte aligned (the copies are
 // 16-byte cp.async; the host also checks the codes' address).
 LQ_M1_HD int lq_m1_can_stage(int bits, int chunks_per_row) {
@@ -403,14 +464,106 @@ LQ_M1_FN void lq_m1_build_pair_table(const struct lq_m1_args *a, int bits, int t
         lq_m1_sts_u32x4(pairs + 4 * q, lq_m1_pair_entry(a->nf_table, bits, (uint32_t)q >> 3));
 }
 
+// The CTA's pieces' L2 quads into its shared area (l2: lq_m1_t_area), this thread's (quad
+// s·LQ_M1_SLICE_QUADS + thread of rank row k), as one group of copies: the first of the launch.
+LQ_M1_FN void lq_m1_copy_pieces(const struct lq_m1_args *a, int block, int thread, float *l2) {
+    LQ_M1_UNROLL
+    for (int j = 0; j < LQ_M1_MAX_T_PIECES; j++) {
+        int k, s;
+        if (!lq_m1_piece(a, block, j, &k, &s)) break;
+        const int i = s * LQ_M1_SLICE_QUADS + thread;
+        if (i < a->cols / 4)
+            lq_m1_copy16_window(
+                lq_m1_window(l2 + 4 * (j * LQ_M1_SLICE_QUADS + thread)),
+                (const uint32_t *)(a->lora_A + (uint64_t)k * (uint32_t)a->cols + 4u * (uint32_t)i));
+    }
+    lq_m1_copy_commit();
+}
+
+// Quad i of x (raw values v, the norm's weights w) into this thread's products of the CTA's
+// pieces of its slice, as lq_lowrank_project_split_kernel takes them: w·x for a normed input
+// (rounded), then four FMAs from 0.
+LQ_M1_FN void lq_m1_project_quad(const struct lq_m1_args *a, int block, int thread, int i,
+                                 const float v[4], const float w[4], const float *l2,
+                                 float acc[LQ_M1_MAX_T_PIECES]) {
+    float u[4];
+    for (int c = 0; c < 4; c++)
+        u[c] = a->input == LQ_M1_INPUT_RMSNORM ? lq_m1_fmul(v[c], w[c]) : v[c];
+    LQ_M1_UNROLL
+    for (int j = 0; j < LQ_M1_MAX_T_PIECES; j++) {
+        int k, s;
+        if (!lq_m1_piece(a, block, j, &k, &s)) break;
+        if (s != i / LQ_M1_SLICE_QUADS) continue;
+        const float *l = l2 + 4 * (j * LQ_M1_SLICE_QUADS + thread);
+        for (int c = 0; c < 4; c++) acc[j] = lq_m1_fma(l[c], u[c], acc[j]);
+    }
+}
+
+// The pieces' sums of the warp's threads, into the warp's row of the area's sums (lane 0),
+// added as lq_warp_sum adds them.
+LQ_M1_FN void lq_m1_pieces_warp_sums(const struct lq_m1_args *a, int block, int thread,
+                                     float acc[LQ_M1_MAX_T_PIECES], float *piece_sums) {
+    LQ_M1_UNROLL
+    for (int j = 0; j < LQ_M1_MAX_T_PIECES; j++) {
+        int k, s;
+        if (!lq_m1_piece(a, block, j, &k, &s)) break;
+        float v = acc[j];
+        for (int offset = 16; offset > 0; offset >>= 1)
+            v = lq_m1_fadd(v, lq_m1_shfl_xor(v, offset));
+        if ((thread & 31) == 0) piece_sums[(thread >> 5) * LQ_M1_MAX_T_PIECES + j] = v;
+    }
+}
+
+// After the barrier that follows the staging, by one thread: the pieces' sums (the warps' in
+// warp order, from 0) into t, then the CTA's arrival on the counter (release: whoever sees the
+// count sees the sums).
+LQ_M1_FN void lq_m1_publish_pieces(const struct lq_m1_args *a, int block, const float *piece_sums) {
+    for (int j = 0; j < LQ_M1_MAX_T_PIECES; j++) {
+        int k, s;
+        if (!lq_m1_piece(a, block, j, &k, &s)) break;
+        float sum = 0.0f;
+        for (int w = 0; w < LQ_M1_WARPS; w++)
+            sum = lq_m1_fadd(sum, piece_sums[w * LQ_M1_MAX_T_PIECES + j]);
+        a->t_out[(uint64_t)s * (uint32_t)a->rank + (uint32_t)k] = sum;
+    }
+    lq_m1_add_release_u32(&a->barrier[0], 1u);
+}
+
+// Until every CTA of the grid has published its pieces (acquire), or lq_m1_stalled.
+LQ_M1_FN void lq_m1_await_pieces(const struct lq_m1_args *a) {
+    const uint32_t ctas = (uint32_t)lq_m1_grid(a->rows, a->rg_log, 0);
+    for (uint32_t polls = 0; lq_m1_ld_acquire_u32(&a->barrier[0]) < ctas; polls++) {
+        if (polls == LQ_M1_SPIN_LIMIT) {
+            lq_m1_stalled(); // not every CTA was resident: a host's mistake, made loud
+            return;
+        }
+        lq_m1_backoff();
+    }
+}
+
+// After the CTA is done with t, by one thread: the CTA's departure; the last CTA out sets both
+// counts back to 0 for the layer's next launch (every CTA has passed its poll by then).
+LQ_M1_FN void lq_m1_depart_pieces(const struct lq_m1_args *a) {
+    const uint32_t ctas = (uint32_t)lq_m1_grid(a->rows, a->rg_log, 0);
+    if (lq_m1_add_acq_rel_u32(&a->barrier[1], 1u) == ctas - 1u) {
+        lq_m1_st_relaxed_u32(&a->barrier[0], 0u);
+        lq_m1_st_relaxed_u32(&a->barrier[1], 0u);
+    }
+}
+
 // x in fp16 and the zero area, by all threads of the CTA (in a cluster, the CTA's share of x
 // into every CTA's, then the cluster's barrier); with a normed input, also its scale into
-// *norm_scale (read after the barrier).
-LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int thread, uint32_t *xs, uint32_t *zeros,
-                          float *norm_scale) {
+// *norm_scale (read after the barrier). With the projection in the kernel (project; t_area: the
+// CTA's pieces' L2 quads, their copies the group `older` groups before the newest), the products of
+// each quad of x with them on the way, and the warps' sums into the area's (read after the
+// barrier).
+LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int project, int block, int thread, int older,
+                          uint32_t *xs, uint32_t *zeros, float *norm_scale, float *t_area) {
     const int quads = a->cols / 4;
     int begin, end;
     lq_m1_x_span(a, a->cluster_log > 0 ? lq_m1_cluster_rank() : 0, &begin, &end);
+    float acc[LQ_M1_MAX_T_PIECES] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (project && a->wait_before_x) lq_m1_wait_prerequisite();
     float held[LQ_M1_HELD_QUADS][4], held_w[LQ_M1_HELD_QUADS][4];
     LQ_M1_UNROLL
     for (int k = 0; k < LQ_M1_HELD_QUADS; k++) {
@@ -425,10 +578,13 @@ LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int thread, uint32_t *xs, 
         scale = lq_m1_norm_scale(a, thread, begin, end, held, (double *)(zeros + 16));
         if (thread == 0) *norm_scale = scale;
     }
+    if (project) lq_m1_copy_wait_groups(older); // this thread's L2 quads have landed
     LQ_M1_UNROLL
     for (int k = 0; k < LQ_M1_HELD_QUADS; k++) { // (held quads past x are zeros)
         const int i = begin + thread + k * LQ_M1_THREADS;
         if (i >= end) break;
+        if (project && i < quads)
+            lq_m1_project_quad(a, block, thread, i, held[k], held_w[k], t_area, acc);
         if (i < quads) lq_m1_normed_quad(a, scale, held_w[k], held[k]);
         lq_m1_put_x(a, xs, i, lq_m1_half2_bits(held[k][0], held[k][1]),
                     lq_m1_half2_bits(held[k][2], held[k][3]));
@@ -437,10 +593,13 @@ LQ_M1_FN void lq_m1_stage(const struct lq_m1_args *a, int thread, uint32_t *xs, 
         float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, w[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (i < quads) {
             lq_m1_load_quad(a, i, v, w);
+            if (project) lq_m1_project_quad(a, block, thread, i, v, w, t_area, acc);
             lq_m1_normed_quad(a, scale, w, v);
         }
         lq_m1_put_x(a, xs, i, lq_m1_half2_bits(v[0], v[1]), lq_m1_half2_bits(v[2], v[3]));
     }
+    if (project)
+        lq_m1_pieces_warp_sums(a, block, thread, acc, t_area + 4 * a->t_pieces * LQ_M1_SLICE_QUADS);
     if (thread < 16) zeros[thread] = 0u;
     if (a->cluster_log > 0) lq_m1_cluster_sync(); // every CTA's share is in
 }
@@ -678,10 +837,15 @@ LQ_M1_FN uint64_t lq_m1_l1_index(const struct lq_m1_args *a, const struct lq_m1_
 
 // The kernel: CTA `block` of the grid, thread `thread` of the CTA; `shared` holds
 // lq_m1_shared_bytes(bits, chunks_per_row) bytes, 16-byte aligned. bits, bpc (1, or 2 for
-// B0 = 16), share (a->share_scales) and stage (a->stage) are compile-time constants on the GPU;
-// with stage, `shared` holds lq_m1_staged_shared_bytes.
+// B0 = 16), share (a->share_scales), stage (a->stage) and project (a->t_pieces > 0) are
+// compile-time constants on the GPU; with stage, `shared` holds lq_m1_staged_shared_bytes, and
+// with project lq_m1_t_area_bytes(a->t_pieces) more. Why project is one: as a run-time test,
+// its few instructions outside the main loop changed the compiler's choices at the 80-register
+// cap enough to lengthen every instance's loop, by up to 0.5 instructions a code (b0 = 3 staged
+// at 3 CTAs a SM); as a template argument the instances without it compile as before, and
+// those with it take up to 0.25 more (tests/kernels/check_sass_budget.py, BUDGET_PROJECT).
 LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int share, int stage,
-                         int block, int thread, uint32_t *shared) {
+                         int project, int block, int thread, uint32_t *shared) {
     uint32_t *xs = shared, *zeros = xs + lq_m1_x_words(a->chunks_per_row) + 4;
     float *sums = (float *)(zeros + 16);
     float *norm_scale = (float *)(xs + lq_m1_x_words(a->chunks_per_row)); // a padding word
@@ -718,6 +882,9 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     cursor.x[1] =
         lane_state.real_second ? lq_m1_window(xs + cursor.chunk * 16 + 8) : lq_m1_window(zeros + 8);
     struct lq_m1_raw buffer_a[2], buffer_b[2];
+    // The projection in the kernel: the pieces' L2 quads, the launch's first group of copies.
+    float *t_area = (float *)((char *)shared + lq_m1_t_area(bits, a->table_offset, stage));
+    if (project) lq_m1_copy_pieces(a, block, thread, t_area);
     // Staged: the first LQ_M1_RING tiles' copies (a group each), then the first tile's scales;
     // its words are read after the barrier.
     if (stage) {
@@ -761,11 +928,13 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     // code longer and 12-44 bytes of spills at 3 CTAs a SM; staged, after it, a pass's scale
     // load came after its first lookup at b0 = 2: tests/kernels/check_sass_budget.py, ptxas -v)
     if (stage) lq_m1_build_pair_table(a, bits, thread, pairs);
-    lq_m1_stage(a, thread, xs, zeros, norm_scale);
+    lq_m1_stage(a, project, block, thread, stage ? LQ_M1_RING : 0, xs, zeros, norm_scale, t_area);
     if (!stage) lq_m1_build_pair_table(a, bits, thread, pairs);
     // (staged) the first tile has landed, every thread's copies (the barrier)
     if (stage) lq_m1_copy_wait_groups(LQ_M1_RING - 1);
     lq_m1_sync();
+    if (project && thread == 0)
+        lq_m1_publish_pieces(a, block, t_area + 4 * a->t_pieces * LQ_M1_SLICE_QUADS);
     if (stage && kt_begin < kt_end) {
         uint32_t ci[2];
         lq_m1_tile_chunks(a, &cursor, ci);
@@ -787,6 +956,12 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     // writing t when this grid ends), then adds its share. A normed input's t is w·x's: s here.
     // SwiGLU's gate values are read after the wait too (the kernel before wrote them).
     if (a->rank > 0 || a->output == LQ_M1_OUTPUT_SWIGLU) lq_m1_wait_prerequisite();
+    // With the projection in the kernel, t is whole once every CTA has published its pieces:
+    // one lane of each warp polls, the warp's barrier passes it on.
+    if (project) {
+        if (lane == 0) lq_m1_await_pieces(a);
+        lq_m1_tile_fence();
+    }
     if (a->rank > 0) {
         const float t_scale = a->input == LQ_M1_INPUT_RMSNORM ? *norm_scale : 1.0f;
         LQ_M1_UNROLL
@@ -817,6 +992,7 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
         mine[g] = acc[0], mine[g + 8] = acc[1];
     }
     lq_m1_sync();
+    if (project && thread == 0) lq_m1_depart_pieces(a); // (every warp has read t)
     if (writes) {
         const int in_cta = thread >> 4, r = thread & 15;
         const float *slices = sums + in_cta * ks_count * 16 + r;

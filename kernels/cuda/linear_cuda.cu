@@ -72,6 +72,7 @@
 #include "kernels/cuda/gemv_cuda.cuh"
 #include "kernels/cuda/gemv_rows_cuda.cuh"
 #include "kernels/cuda/gemv_mma1_cuda.cuh"
+#include "kernels/cuda/gemv_mma1_select_cuda.cuh"
 
 extern "C" {
 #include "core/nf.h"
@@ -101,7 +102,6 @@ size_t lq_cuda_linear_bytes_read(const struct lq_linear *w);
 // Host side (struct lq_cuda_linear_data, what prepare leaves in backend_data: cuda_internal.h).
 
 typedef void (*lq_decode_fn)(lq_decode_args);
-typedef void (*lq_m1_fn)(lq_m1_args);
 
 // One token at b0 = 2 takes the pair-table kernel, everything else the table lookups.
 template <int BITS, int BPC> static lq_decode_fn lq_decode_one_token(void) {
@@ -378,10 +378,6 @@ static cudaError_t lq_launch_rows(const struct lq_cuda *cuda, const struct lq_li
                          (size_t)columns * 32 * 128, cuda->stream, a);
 }
 
-// v6 (gemv_mma1_cuda.cuh): its shared memory takes the pair table and x in fp16, up to this;
-// with staged codes also the warps' rings (lq_mma1_pick keeps CTAS of them within an SM).
-#define LQ_M1_MAX_SHARED (100 * 1024)
-#define LQ_M1_MAX_SHARED_STAGED (200 * 1024)
 static_assert(LQ_M1_INPUT_PLAIN == LQ_INPUT_PLAIN && LQ_M1_INPUT_RMSNORM == LQ_INPUT_RMSNORM &&
                   LQ_M1_OUTPUT_WRITE == LQ_OUTPUT_WRITE && LQ_M1_OUTPUT_ADD == LQ_OUTPUT_ADD &&
                   LQ_M1_OUTPUT_SWIGLU == LQ_OUTPUT_SWIGLU,
@@ -393,38 +389,6 @@ static int lq_env_int(const char *name, int otherwise) {
     char *end;
     const long v = value && *value ? strtol(value, &end, 10) : 0;
     return value && *value && !*end && v >= 0 && v <= 64 ? (int)v : otherwise;
-}
-
-template <int BITS, int BPC, int SHARE, int CTAS, int STAGE> static lq_m1_fn lq_mma1_kernel(void) {
-    static int state = -1; // under the op lock: 1 when it runs here (sm_80+, limit raised)
-    lq_m1_fn kernel = lq_gemv_mma1_kernel<BITS, BPC, SHARE, CTAS, STAGE>;
-    if (state < 0) {
-        cudaFuncAttributes attributes;
-        state =
-            cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
-            attributes.binaryVersion >= 80 &&
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 STAGE ? LQ_M1_MAX_SHARED_STAGED : LQ_M1_MAX_SHARED) == cudaSuccess;
-        cudaGetLastError();
-    }
-    return state ? kernel : NULL;
-}
-
-template <int BITS, int CTAS, int STAGE> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share) {
-    return bpc == 2 ? lq_mma1_kernel<BITS, 2, 0, CTAS, STAGE>()
-           : share  ? lq_mma1_kernel<BITS, 1, 1, CTAS, STAGE>()
-                    : lq_mma1_kernel<BITS, 1, 0, CTAS, STAGE>();
-}
-
-// (no staged instance at 4 CTAs per SM: their 64 registers already spill)
-template <int BITS> static lq_m1_fn lq_mma1_kernel_for(int bpc, bool share, int ctas, bool stage) {
-    if (stage)
-        return ctas == 2   ? lq_mma1_kernel_for<BITS, 2, 1>(bpc, share)
-               : ctas == 3 ? lq_mma1_kernel_for<BITS, 3, 1>(bpc, share)
-                           : NULL;
-    return ctas == 4   ? lq_mma1_kernel_for<BITS, 4, 0>(bpc, share)
-           : ctas == 2 ? lq_mma1_kernel_for<BITS, 2, 0>(bpc, share)
-                       : lq_mma1_kernel_for<BITS, 3, 0>(bpc, share);
 }
 
 // An SM's shared memory, for all its CTAs.
@@ -470,26 +434,116 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
         ((uintptr_t)data->codes & 15u) == 0 && staged <= LQ_M1_MAX_SHARED_STAGED &&
         (staged + cuda->reserved_shared) * (size_t)ctas <= lq_mma1_shared_per_sm(cuda);
     *share_out = share, *ctas_out = ctas, *stage_out = stage;
-    lq_m1_fn kernel = b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share, ctas, stage)
-                      : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share, ctas, stage)
-                                : lq_mma1_kernel_for<4>(bpc, share, ctas, stage);
+    lq_m1_fn kernel = lq_mma1_select<0>(b0, bpc, share, ctas, stage);
     if (!kernel && stage) { // its limit could not be raised: the codes in registers
         *stage_out = false;
-        kernel = b0 == 2   ? lq_mma1_kernel_for<2>(bpc, share, ctas, false)
-                 : b0 == 3 ? lq_mma1_kernel_for<3>(bpc, share, ctas, false)
-                           : lq_mma1_kernel_for<4>(bpc, share, ctas, false);
+        kernel = lq_mma1_select<0>(b0, bpc, share, ctas, false);
     }
     return kernel;
 }
 
-// v6's launch: CTAs of 2^rg_log row groups of 16 rows, the fewest per CTA that still make the
-// grid one wave (each CTA's 8 warps then split the columns into 8 / 2^rg_log slices);
-// LQ_CUDA_MMA1_ROW_GROUPS (1, 2, 4, 8) forces one. The L2 prefetch runs
-// LQ_CUDA_MMA1_PREFETCH tiles ahead (default 2, 0 off). Lanes share block scales where two
-// chunks of a quad always share a block (LQ_CUDA_MMA1_SHARE_SCALES=0: each rebuilds its own).
+// Whether the GPU can hold clusters of `size` CTAs of v6's `kernel` with `smem` bytes of shared
+// memory (cudaOccupancyMaxActiveClusters; remembered per kernel, size and bytes: it is asked
+// while plans are made, at every decode call outside a graph). Under the op lock.
+static bool lq_mma1_clusters_fit(const struct lq_cuda *cuda, lq_m1_fn kernel, int size,
+                                 size_t smem) {
+    static struct {
+        lq_m1_fn kernel;
+        int size, fits;
+        size_t smem;
+    } known[32];
+    static int count;
+    for (int i = 0; i < count; i++)
+        if (known[i].kernel == kernel && known[i].size == size && known[i].smem == smem)
+            return known[i].fits;
+    cudaLaunchAttribute attribute = {};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = (unsigned)size;
+    attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    const long ctas = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) * size;
+    config.gridDim = dim3((unsigned)ctas);
+    config.blockDim = dim3(LQ_M1_THREADS);
+    config.dynamicSmemBytes = smem;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    const bool fits =
+        cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters >= 1;
+    cudaGetLastError(); // (no clusters here, or none of this size)
+    if (count < (int)(sizeof known / sizeof known[0]))
+        known[count].kernel = kernel, known[count].size = size, known[count].smem = smem,
+        known[count++].fits = fits;
+    return fits;
+}
+
+static_assert(LQ_PROJECT_SLICE == 4 * LQ_M1_SLICE_QUADS,
+              "v6's pieces of t are the projection kernel's slices");
+
+// v6's launch shape (lq_mma1_shape_for): CTAs of 2^rg_log row groups of 16 rows, the fewest per
+// CTA that still make the grid one wave (each CTA's 8 warps then split the columns into 8 /
+// 2^rg_log slices; LQ_CUDA_MMA1_ROW_GROUPS = 1, 2, 4, 8 forces one); clusters of 2^cluster_log
+// CTAs (LQ_CUDA_MMA1_CLUSTER=2|4, where the GPU holds them); t_pieces > 0: the projection in the
+// kernel (LQ_CUDA_MMA1_INLINE_T=1); smem: the dynamic shared memory of it all.
+struct lq_mma1_shape {
+    int rg_log, cluster_log, t_pieces;
+    size_t smem;
+};
+
+// *kernel: lq_mma1_pick's; the instance with the projection in it where that is the shape.
+static void lq_mma1_shape_for(const struct lq_cuda *cuda, const struct lq_linear *w,
+                              const struct lq_cuda_linear_data *data, int bpc, bool share, int ctas,
+                              bool stage, int t_slices, lq_m1_fn *kernel,
+                              struct lq_mma1_shape *out) {
+    const int bits = w->q.config.b0, chunks = w->cols / 32;
+    const size_t smem = stage ? lq_m1_staged_shared_bytes(bits, chunks, cuda->reserved_shared)
+                              : lq_m1_shared_bytes(bits, chunks, cuda->reserved_shared);
+    const long sms = cuda->sm_count > 0 ? cuda->sm_count : 1;
+    // the CTAs an SM holds: what the registers allow (the kernel's CTAS), or fewer where the
+    // shared memory runs out first
+    const auto per_sm = [&](size_t bytes) {
+        const long fit = (long)(lq_mma1_shared_per_sm(cuda) / (bytes + cuda->reserved_shared));
+        return fit < ctas ? (fit > 0 ? fit : 1) : (long)ctas;
+    };
+    const long slots = sms * per_sm(smem);
+    const long groups = (w->rows + 15) / 16;
+    int rg_log = 0;
+    while (rg_log < 3 && (groups + (1L << rg_log) - 1) >> rg_log > slots) rg_log++;
+    const int forced = lq_env_int("LQ_CUDA_MMA1_ROW_GROUPS", 0);
+    if (forced == 1 || forced == 2 || forced == 4 || forced == 8)
+        rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
+    const int cluster = lq_env_int("LQ_CUDA_MMA1_CLUSTER", 0);
+    int cluster_log = cluster == 2 ? 1 : cluster == 4 ? 2 : 0;
+    if (cluster_log > 0 && !lq_mma1_clusters_fit(cuda, *kernel, 1 << cluster_log, smem))
+        cluster_log = 0; // one CTA stages all of x
+    out->rg_log = rg_log, out->cluster_log = cluster_log, out->t_pieces = 0, out->smem = smem;
+    // The projection in the kernel (gemv_mma1_kernel.h), off by default until it has run on a
+    // GPU (written 2026-11-27 without one): its CTAs wait for each other, so only where all of
+    // them fit on the GPU at once (one wave of what the registers and the shared memory, its
+    // pieces' area included, let an SM hold), at most LQ_M1_MAX_T_PIECES pieces a CTA.
+    const long grid = lq_m1_grid(w->rows, rg_log, 0);
+    const long pieces = ((long)w->rank * t_slices + grid - 1) / grid;
+    if (lq_env_int("LQ_CUDA_MMA1_INLINE_T", 0) == 0 || w->rank <= 0 || cluster_log > 0 ||
+        t_slices <= 0 || pieces > LQ_M1_MAX_T_PIECES || !data->lora_A || !data->tickets ||
+        ((uintptr_t)data->lora_A & 15u) != 0)
+        return;
+    const size_t with_pieces = smem + lq_m1_t_area_bytes((int)pieces);
+    if (with_pieces > (stage ? LQ_M1_MAX_SHARED_STAGED : LQ_M1_MAX_SHARED) ||
+        grid > sms * per_sm(with_pieces))
+        return;
+    const lq_m1_fn projecting = lq_mma1_projecting_kernel(bits, bpc, share, ctas, stage);
+    if (!projecting) return; // (4 CTAs a SM: no such instance)
+    *kernel = projecting;
+    out->t_pieces = (int)pieces, out->smem = with_pieces;
+}
+
+// v6's launch in its shape. The L2 prefetch runs LQ_CUDA_MMA1_PREFETCH tiles ahead (default 2,
+// 0 off). wait_before_x: x is the kernel before's output (the projection in the kernel only:
+// else the projection kernel comes between them).
 static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_linear *w,
                                   const struct lq_cuda_linear_data *data, lq_m1_fn kernel,
-                                  bool share, int ctas, bool stage, bool overlap,
+                                  bool share, bool stage, const struct lq_mma1_shape &shape,
+                                  bool wait_before_x, bool overlap,
                                   const struct lq_linear_input &input, enum lq_linear_output output,
                                   const lq_decode_args &d) {
     const lq_packed &q = d.q;
@@ -505,30 +559,21 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     a.offset = q.offset, a.inv_levels = q.inv_levels;
     a.chunk_block = q.chunk_block, a.group = q.group;
     a.chunks_per_row = d.chunks_per_row;
-    const size_t smem =
-        stage ? lq_m1_staged_shared_bytes(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared)
-              : lq_m1_shared_bytes(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);
     a.table_offset = lq_m1_table_offset(w->q.config.b0, a.chunks_per_row, cuda->reserved_shared);
-    long per_sm = (long)(lq_mma1_shared_per_sm(cuda) / (smem + cuda->reserved_shared));
-    if (per_sm > ctas) per_sm = ctas; // the kernel's register budget allows no more
-    const long slots = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) * (per_sm > 0 ? per_sm : 1);
-    const long groups = (w->rows + 15) / 16;
-    a.rg_log = 0;
-    while (a.rg_log < 3 && (groups + (1L << a.rg_log) - 1) >> a.rg_log > slots) a.rg_log++;
-    const int forced = lq_env_int("LQ_CUDA_MMA1_ROW_GROUPS", 0);
-    if (forced == 1 || forced == 2 || forced == 4 || forced == 8)
-        a.rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
+    a.rg_log = shape.rg_log, a.cluster_log = shape.cluster_log;
     // (staged codes are copied LQ_M1_RING tiles ahead: no L2 prefetch)
     a.prefetch_tiles = stage ? 0 : lq_env_int("LQ_CUDA_MMA1_PREFETCH", 2);
     a.share_scales = share, a.stage = stage; // as lq_mma1_pick chose the kernel
     a.input = input.kind, a.norm_weight = input.weight, a.eps = input.eps;
     a.output = output;
-    // LQ_CUDA_MMA1_CLUSTER=2|4 (off by default until it has run on a GPU; written 2026-11-27
-    // without one): clusters of that many CTAs stage x together, each reading its share of x
-    // and the norm's weights from L2 and writing it into every CTA's shared memory
-    // (gemv_mma1_kernel.h, lq_m1_x_span), where the GPU can hold such clusters
-    const int wanted = lq_env_int("LQ_CUDA_MMA1_CLUSTER", 0);
-    a.cluster_log = wanted == 2 ? 1 : wanted == 4 ? 2 : 0;
+    if (shape.t_pieces > 0) { // t is the workspace the projection kernel would have written
+        a.t_pieces = shape.t_pieces, a.wait_before_x = wait_before_x;
+        a.lora_A = data->lora_A, a.t_out = (float *)d.t, a.barrier = data->tickets;
+    }
+    const dim3 grid((unsigned)lq_m1_grid(a.rows, a.rg_log, a.cluster_log));
+    if (a.cluster_log == 0)
+        return lq_launch_pdl(overlap, kernel, grid, dim3(LQ_M1_THREADS), shape.smem, cuda->stream,
+                             a);
     cudaLaunchAttribute attributes[2] = {};
     attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attributes[0].val.programmaticStreamSerializationAllowed = 1;
@@ -536,22 +581,10 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     attributes[1].val.clusterDim.x = 1u << a.cluster_log;
     attributes[1].val.clusterDim.y = attributes[1].val.clusterDim.z = 1;
     cudaLaunchConfig_t config = {};
-    config.gridDim = dim3((unsigned)lq_m1_grid(a.rows, a.rg_log, a.cluster_log));
+    config.gridDim = grid;
     config.blockDim = dim3(LQ_M1_THREADS);
-    config.dynamicSmemBytes = smem;
+    config.dynamicSmemBytes = shape.smem;
     config.stream = cuda->stream;
-    config.attrs = attributes + 1;
-    config.numAttrs = 1;
-    int clusters = 0;
-    if (a.cluster_log > 0 &&
-        (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess ||
-         clusters < 1)) {
-        cudaGetLastError(); // (no clusters here, or none of this size: one CTA stages all of x)
-        a.cluster_log = 0;
-    }
-    if (a.cluster_log == 0)
-        return lq_launch_pdl(overlap, kernel, dim3((unsigned)lq_m1_grid(a.rows, a.rg_log, 0)),
-                             dim3(LQ_M1_THREADS), smem, cuda->stream, a);
     config.attrs = overlap ? attributes : attributes + 1;
     config.numAttrs = overlap ? 2 : 1;
     return cudaLaunchKernelEx(&config, kernel, a);
@@ -679,6 +712,8 @@ struct lq_decode_plan {
     bool mma1_share; // its lanes share block scales (the kernel's template argument)
     int mma1_ctas;   // CTAs per SM its registers allow (the kernel's template argument)
     bool mma1_stage; // its codes go through shared memory (the kernel's template argument)
+    struct lq_mma1_shape mma1_shape; // its grid, clusters, projection and shared memory
+    bool wait_before_x; // x is the kernel before's output (mma1_shape.t_pieces > 0 only)
     // A fused input and output (lq_cuda_linear_fused: v6 plans only; else plain and written,
     // with input.x = a.x)
     struct lq_linear_input input;
@@ -730,6 +765,10 @@ static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
     a.t_slices = p->split_projection ? (w->cols + LQ_PROJECT_SLICE - 1) / LQ_PROJECT_SLICE : 0;
     p->t_bytes =
         w->rank > 0 ? (size_t)(p->split_projection ? a.t_slices : n) * w->rank * sizeof(float) : 0;
+    if (p->mma1_kernel)
+        lq_mma1_shape_for(cuda, w, data, p->bpc, p->mma1_share, p->mma1_ctas, p->mma1_stage,
+                          a.t_slices, &p->mma1_kernel, &p->mma1_shape);
+    p->wait_before_x = true; // (lq_decode_layers: not for the later layers of a group)
     p->partials_bytes = p->bpc ? (size_t)p->grid.slices * p->nt * w->rows * sizeof(float) : 0;
 }
 
@@ -742,7 +781,7 @@ static int lq_decode_project(struct lq_cuda *cuda, const struct lq_decode_plan *
     const struct lq_decode_plan *split_plan = NULL, *whole_plan = NULL;
     for (int i = 0; i < count; i++) {
         const struct lq_decode_plan *p = &plans[i];
-        if (p->w->rank <= 0) continue;
+        if (p->w->rank <= 0 || p->mma1_shape.t_pieces > 0) continue; // (projected in the kernel)
         lq_project_group &g = p->split_projection ? split : whole;
         (p->split_projection ? split_plan : whole_plan) = p;
         const int at = g.count++;
@@ -778,8 +817,9 @@ static int lq_decode_main(struct lq_cuda *cuda, const struct lq_decode_plan *p) 
         return LQ_OK;
     }
     if (p->mma1_kernel) {
-        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data, p->mma1_kernel, p->mma1_share, p->mma1_ctas,
-                                   p->mma1_stage, overlap, p->input, p->output, a),
+        LQ_CUDA_TRY(lq_launch_mma1(cuda, w, p->data, p->mma1_kernel, p->mma1_share, p->mma1_stage,
+                                   p->mma1_shape, p->wait_before_x, overlap, p->input, p->output,
+                                   a),
                     "lq_gemv_mma1_kernel");
         return LQ_OK;
     }
@@ -837,6 +877,9 @@ static int lq_decode_layers(struct lq_cuda *cuda, struct lq_decode_plan *plans, 
     if (partials_bytes && (rc = lq_cuda_slot(cuda, LQ_CUDA_LINEAR_TILE, partials_bytes, &partials)))
         return rc;
     for (int i = 0; i < count; i++) {
+        // x is the kernel before's output for the first layer only: the others' kernels follow
+        // it (or the projection kernel), written two or more kernels back
+        plans[i].wait_before_x = i == 0;
         plans[i].a.t = plans[i].t_bytes ? (const float *)t : NULL;
         plans[i].a.partials = plans[i].partials_bytes ? (float *)partials : NULL;
         t = (char *)t + lq_workspace_round(plans[i].t_bytes);
@@ -1178,8 +1221,9 @@ static int lq_upload_lq(struct lq_cuda *cuda, const struct lq_linear *w,
                         (rc = lq_upload(cuda, w->lora_B, (size_t)w->rows * w->rank * sizeof(float),
                                         0, (void **)&data->lora_B, err))))
         return rc;
-    // One ticket per band of the smallest band height (8 warps x 4 rows), all zero.
-    const size_t tickets = ((size_t)w->rows + 31) / 32;
+    // One ticket per band of the smallest band height (8 warps x 4 rows), all zero; v6 with the
+    // projection in the kernel takes the first two as its counter (gemv_mma1_kernel.h).
+    const size_t bands = ((size_t)w->rows + 31) / 32, tickets = bands > 2 ? bands : 2;
     return lq_upload(cuda, NULL, 0, tickets * sizeof(unsigned), (void **)&data->tickets, err);
 }
 

@@ -378,14 +378,17 @@ loads) # v6 with its loads a tile ahead (one tile a pass), x read once in the st
         "$logs/ncu_sass_v6_q.csv" --top 12 ;;
 esac
 case "${1:-}" in
-staged) # v6 with its codes staged in shared memory (each warp's ring of LQ_M1_RING tiles,
-    # cp.async; LQ_CUDA_MMA1_STAGE=1, off by default until this has run), 2026-11-27: against
-    # the CPU and bit for bit against the codes in registers and against x staged by clusters
-    # (test_cuda_ops lq_gemv, also v6 at 2, 3 and 4 CTAs a SM, never checked on a GPU before),
-    # the fused and grouped layers, graphs, end to end, all staged (the fused layers also in
-    # clusters of 4); then the same binary on the same GPU staged and not: the batch-1..64 step,
-    # each layer alone, and ncu's L2 and DRAM sections of a staged normed 4096 x 4096 layer and
-    # the next two (before: L2 at 31% of its peak beside DRAM's 15%,
+staged) # Written 2026-11-27 without a GPU, off by default until this has run: v6 with its codes
+    # staged in shared memory (each warp's ring of LQ_M1_RING tiles, cp.async;
+    # LQ_CUDA_MMA1_STAGE=1) and with t = x·L2ᵀ projected by the decode kernels' CTAs
+    # (LQ_CUDA_MMA1_INLINE_T=1: no projection kernel between a layer and the kernel before).
+    # Against the CPU and bit for bit against the codes in registers, against x staged by
+    # clusters and against the projection kernel (test_cuda_ops lq_gemv, also v6 at 2, 3 and 4
+    # CTAs a SM, never checked on a GPU before), the fused and grouped layers, graphs, end to
+    # end, all staged (the fused layers also in clusters of 4) and staged with t projected here;
+    # then the same binary on the same GPU staged and not, projecting or not: the batch-1..64
+    # step, each layer alone, and ncu's L2 and DRAM sections of a staged normed 4096 x 4096
+    # layer and the next two (before: L2 at 31% of its peak beside DRAM's 15%,
     # ncu_sections_v6_h100_2026-11-27.log). `staged_more` has the variants.
     export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
     pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
@@ -395,12 +398,24 @@ staged) # v6 with its codes staged in shared memory (each warp's ring of LQ_M1_R
     pstep cuda_ops_group env LQ_CUDA_MMA1_STAGE=1 "$run/test_cuda_ops" linear_group
     pstep cuda_graph_v6 env LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_DECODE=v6 "$run/test_cuda_graph"
     pstep gpu_e2e env LQ_CUDA_MMA1_STAGE=1 python3 "$root/tests/kernels/test_gpu_e2e.py"
+    pstep cuda_ops_fused_inline env LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_INLINE_T=1 \
+        "$run/test_cuda_ops" linear_fused
+    pstep cuda_ops_group_inline env LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_INLINE_T=1 \
+        "$run/test_cuda_ops" linear_group
+    pstep cuda_graph_inline env LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_INLINE_T=1 LQ_CUDA_DECODE=v6 \
+        "$run/test_cuda_graph"
+    pstep gpu_e2e_inline env LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_INLINE_T=1 \
+        python3 "$root/tests/kernels/test_gpu_e2e.py"
     TAIL=4 pwait
     unset OPENBLAS_NUM_THREADS LQ_THREADS
     LQ_CUDA_MMA1_STAGE=1 TAIL=12 STEP_TIMEOUT=60 step decode_staged "$run/bench_cuda" \
         --decode-variants 1 --decode-kernels auto,v1
     TAIL=7 STEP_TIMEOUT=60 step decode_registers "$run/bench_cuda" --decode-variants 1 \
         --decode-kernels auto
+    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_INLINE_T=1 TAIL=7 STEP_TIMEOUT=60 \
+        step decode_staged_inline "$run/bench_cuda" --decode-variants 1 --decode-kernels auto
+    LQ_CUDA_MMA1_INLINE_T=1 TAIL=7 STEP_TIMEOUT=60 \
+        step decode_inline "$run/bench_cuda" --decode-variants 1 --decode-kernels auto
     LQ_CUDA_MMA1_STAGE=1 TAIL=10 STEP_TIMEOUT=30 step gemv_staged "$run/bench_cuda" \
         --linear-only v6,v1
     TAIL=10 STEP_TIMEOUT=30 step gemv_registers "$run/bench_cuda" --linear-only v6

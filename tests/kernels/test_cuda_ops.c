@@ -315,8 +315,10 @@ static void test_linear_lq(void) {
  * CPU, and v2, v3, v4 bit for bit against v1 (the same arithmetic in the same order; v5 and
  * its forced 2 and 4 rows per warp sum in another order: against the CPU only; v6 rounds the
  * values and x to fp16: against the CPU at fp16's tolerance; with its codes in registers and,
- * where the shape allows, staged in shared memory (LQ_CUDA_MMA1_STAGE=1), and with x staged by
- * clusters of 2 and 4 CTAs (LQ_CUDA_MMA1_CLUSTER): the same bits). The
+ * where the shape allows, staged in shared memory (LQ_CUDA_MMA1_STAGE=1), with x staged by
+ * clusters of 2 and 4 CTAs (LQ_CUDA_MMA1_CLUSTER), and with t = x·L2ᵀ computed by its CTAs
+ * where the grid allows (LQ_CUDA_MMA1_INLINE_T=1; else by the projection kernel): the same
+ * bits). The
  * environment variable is restored afterwards. */
 static void test_linear_lq_gemv(void) {
     const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
@@ -355,22 +357,24 @@ static void test_linear_lq_gemv(void) {
                 float *ref = malloc(out_count * sizeof *ref);
                 CHECK_OK(cpu->ops->linear(cpu, &w, x, 1, ref));
                 float *dx = device_floats(x, (size_t)w.cols);
-                enum { VARIANTS = 14 };
+                enum { VARIANTS = 16 };
                 float *out[VARIANTS] = {NULL};
                 /* v6 at lq_mma1_pick's choice, at 2, 3 and 4 CTAs per SM (the kernel's register
-                 * cap), with its codes staged, and with x staged by clusters of 2 (codes staged)
-                 * and of 4 CTAs */
-                static const char *const variants[VARIANTS] = {"v1",   "v2",   "v3", "v4", "v5",
-                                                               "v5r2", "v5r4", "v6", "v6", "v6",
-                                                               "v6",   "v6",   "v6", "v6"};
-                static const char *const mma1_ctas[VARIANTS] = {NULL, NULL, NULL, NULL, NULL,
-                                                                NULL, NULL, NULL, "2",  "3",
-                                                                "4",  NULL, NULL, NULL};
+                 * cap), with its codes staged, with x staged by clusters of 2 (codes staged)
+                 * and of 4 CTAs, and with t projected in the kernel (codes in registers, and
+                 * staged) */
+                static const char *const variants[VARIANTS] = {
+                    "v1", "v2", "v3", "v4", "v5", "v5r2", "v5r4", "v6",
+                    "v6", "v6", "v6", "v6", "v6", "v6",   "v6",   "v6"};
+                static const char *const mma1_ctas[VARIANTS] = {NULL, NULL, NULL, NULL, NULL, NULL,
+                                                                NULL, NULL, "2",  "3",  "4",  NULL,
+                                                                NULL, NULL, NULL, NULL};
                 for (int v = 0; v < VARIANTS; v++) {
                     setenv("LQ_CUDA_DECODE", variants[v], 1);
                     if (mma1_ctas[v]) setenv("LQ_CUDA_MMA1_CTAS", mma1_ctas[v], 1);
-                    if (v == 11 || v == 12) setenv("LQ_CUDA_MMA1_STAGE", "1", 1);
-                    if (v >= 12) setenv("LQ_CUDA_MMA1_CLUSTER", v == 12 ? "2" : "4", 1);
+                    if (v == 11 || v == 12 || v == 15) setenv("LQ_CUDA_MMA1_STAGE", "1", 1);
+                    if (v == 12 || v == 13) setenv("LQ_CUDA_MMA1_CLUSTER", v == 12 ? "2" : "4", 1);
+                    if (v >= 14) setenv("LQ_CUDA_MMA1_INLINE_T", "1", 1);
                     float *dy = device_floats(NULL, out_count); /* NaN poison */
                     CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy));
                     out[v] = to_host(dy, out_count);
@@ -378,16 +382,20 @@ static void test_linear_lq_gemv(void) {
                     char how[32] = "";
                     if (mma1_ctas[v]) snprintf(how, sizeof how, " (%s CTAs per SM)", mma1_ctas[v]);
                     if (v == 11) snprintf(how, sizeof how, " (codes staged)");
-                    if (v >= 12)
+                    if (v == 12 || v == 13)
                         snprintf(how, sizeof how, " (clusters of %d%s)", v == 12 ? 2 : 4,
                                  v == 12 ? ", staged" : "");
+                    if (v >= 14)
+                        snprintf(how, sizeof how, " (t projected here%s)",
+                                 v == 15 ? ", staged" : "");
                     CHECK_CLOSE(out[v], ref, out_count, v >= 7 ? TOL_FP16 : TOL_FP32, "%s, %s%s",
                                 label, variants[v], how);
                     TIME_GPU(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy), "%s, n 1, %s%s", label,
                              variants[v], how);
                     if (mma1_ctas[v]) unsetenv("LQ_CUDA_MMA1_CTAS");
-                    if (v == 11 || v == 12) unsetenv("LQ_CUDA_MMA1_STAGE");
-                    if (v >= 12) unsetenv("LQ_CUDA_MMA1_CLUSTER");
+                    if (v == 11 || v == 12 || v == 15) unsetenv("LQ_CUDA_MMA1_STAGE");
+                    if (v == 12 || v == 13) unsetenv("LQ_CUDA_MMA1_CLUSTER");
+                    if (v >= 14) unsetenv("LQ_CUDA_MMA1_INLINE_T");
                     gpu->ops->buffer_free(gpu, dy);
                 }
                 for (int v = 1; v < 4; v++)
@@ -403,15 +411,19 @@ static void test_linear_lq_gemv(void) {
                         CHECK_CLOSE(out[v], out[7], out_count, TOL_FP32,
                                     "%s: v6 at %s CTAs per SM against its own choice", label,
                                     mma1_ctas[v]);
-                /* staged or not, in clusters or not: the same rows per CTA and the same
-                 * arithmetic (x is a plain input: no norm's sum to split) */
+                /* staged or not, in clusters or not, t projected here or by its kernel: the
+                 * same rows per CTA and the same arithmetic (x is a plain input: no norm's sum to
+                 * split; the kernel's pieces are the projection kernel's slice sums, in its
+                 * order) */
                 for (int v = 11; v < VARIANTS; v++)
                     CHECK_MSG(out[7] && out[v] &&
                                   memcmp(out[7], out[v], out_count * sizeof(float)) == 0,
                               "%s: v6 %s differs in its bits from v6 alone", label,
                               v == 11   ? "staged"
                               : v == 12 ? "in clusters of 2"
-                                        : "in clusters of 4");
+                              : v == 13 ? "in clusters of 4"
+                              : v == 14 ? "with t projected here"
+                                        : "staged with t projected here");
                 for (int v = 0; v < VARIANTS; v++) free(out[v]);
                 free(x), free(ref);
                 lq_linear_free(&w);

@@ -3,7 +3,8 @@
  * grid one after another, __syncthreads as a barrier of the CTA's threads, warp-collective
  * operations (shuffles, mma) through a per-warp exchange between two barriers of the warp's 32
  * threads (every lane of a warp calls them together, as on the GPU); the CTAs of a thread-block
- * cluster run together, with a barrier of the cluster and each other's shared memory. Shared
+ * cluster run together, with a barrier of the cluster and each other's shared memory (and all
+ * the CTAs of a grid whose CTAs wait for each other through global memory). Shared
  * memory is poisoned (all bits set: NaN as floats) before each CTA, so a read of something
  * never written shows. */
 #ifndef LQ_CTA_EMULATION_H
@@ -13,10 +14,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define CTA_MAX_THREADS 256
 #define CTA_MAX_WARPS (CTA_MAX_THREADS / 32)
-#define CTA_MAX_CLUSTER 4 /* CTAs of a thread-block cluster, run together */
+#define CTA_MAX_CLUSTER 8 /* CTAs of a thread-block cluster (or a grid), run together */
 
 static pthread_barrier_t cta_barrier[CTA_MAX_CLUSTER],
     cta_warp_barrier[CTA_MAX_CLUSTER][CTA_MAX_WARPS], cta_cluster_barrier;
@@ -69,9 +71,14 @@ struct cta_launch {
     void *shared;
 };
 
+/* When > 0, the threads of each cluster's first CTA start this many microseconds late: a CTA
+ * that reads what another writes without waiting for it then finds it unwritten. */
+static int cta_late_us;
+
 static inline void *cta_run_thread(void *p) {
     const struct cta_launch *l = p;
     cta_thread = l->thread, cta_rank = l->rank;
+    if (cta_late_us > 0 && l->rank == 0) usleep((useconds_t)cta_late_us);
     l->body(l->arg, l->block, l->thread, l->shared);
     return NULL;
 }
@@ -125,6 +132,13 @@ static inline void cta_run_clusters(cta_body body, const void *arg, int blocks, 
     }
     pthread_barrier_destroy(&cta_cluster_barrier);
     pthread_attr_destroy(&attr);
+}
+
+/* Every CTA of the grid at once (blocks <= CTA_MAX_CLUSTER), as one cluster: a kernel whose
+ * CTAs wait for each other through global memory. */
+static inline void cta_run_together(cta_body body, const void *arg, int blocks, int threads,
+                                    size_t shared_bytes) {
+    cta_run_clusters(body, arg, blocks, threads, shared_bytes, blocks);
 }
 
 /* CTAs 0 .. blocks − 1, one after another (no clusters). */

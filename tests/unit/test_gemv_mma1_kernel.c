@@ -17,6 +17,7 @@
  * back to its wait, and in some cases made at once). This is the kernel's indexing,
  * fragments, block separation and reductions as a GPU would run them, short of the GPU's
  * memory model and timing; tests/kernels/test_cuda_ops.c runs it on a GPU. */
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,10 +85,11 @@ static inline void lq_m1_lds_u32x8(uint32_t address, uint32_t v[8]) {
 /* cp.async: a thread's copies are held back until a wait says they must have landed (lazy: a
  * read before its wait, or before the barrier after another lane's wait, finds the poison), or
  * made at once (eager: a copy into a slot that a lane has yet to read overwrites it first).
- * Sources must lie in the codes (their padding included), 16-byte aligned, and so must the
+ * Sources must lie in the codes (their padding included) or L2, 16-byte aligned, and so must the
  * shared-window addresses: the GPU faults otherwise. */
 static int copy_eager;
-static const char *copy_begin, *copy_end; /* the codes, their padding included */
+static const char *copy_begin, *copy_end;       /* the codes, their padding included */
+static const char *copy_l2_begin, *copy_l2_end; /* L2 (the projection in the kernel) */
 enum { MAX_PENDING = 64 };
 static _Thread_local struct {
     char *to;
@@ -99,8 +101,10 @@ static void copy_now(int i) {
     memcpy(pending[i].to, pending[i].from, 16);
 }
 static void copy_issue(char *to, const char *from) {
-    if (from < copy_begin || from + 16 > copy_end || (uintptr_t)from % 16 != 0 ||
-        (to - shared_start) % 16 != 0 || pending_count == MAX_PENDING)
+    const int in_codes = from >= copy_begin && from + 16 <= copy_end;
+    const int in_l2 = from >= copy_l2_begin && from + 16 <= copy_l2_end;
+    if ((!in_codes && !in_l2) || (uintptr_t)from % 16 != 0 || (to - shared_start) % 16 != 0 ||
+        pending_count == MAX_PENDING)
         abort();
     pending[pending_count].to = to, pending[pending_count].from = from;
     pending[pending_count].group = open_group;
@@ -244,6 +248,27 @@ static void lq_m1_wait_prerequisite(void) {
     __atomic_add_fetch(&waits, 1, __ATOMIC_RELAXED);
 }
 
+/* The projection in the kernel: the layer's counter, polled; a poll yields the CPU (the CTAs'
+ * threads outnumber its cores). */
+static inline uint32_t lq_m1_ld_acquire_u32(const uint32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+static inline uint32_t lq_m1_add_release_u32(uint32_t *p, uint32_t v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_RELEASE);
+}
+static inline uint32_t lq_m1_add_acq_rel_u32(uint32_t *p, uint32_t v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_ACQ_REL);
+}
+static inline void lq_m1_st_relaxed_u32(uint32_t *p, uint32_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+static void lq_m1_backoff(void) {
+    sched_yield();
+}
+static void lq_m1_stalled(void) {
+    abort();
+}
+
 /* A prefetch must name a word of the codes (a wild address would fault on the GPU). */
 static const void *codes_begin, *codes_end;
 static int prefetches;
@@ -269,20 +294,28 @@ static void run_thread(const void *arg, int block, int thread, void *shared) {
     const struct launch *l = arg;
     shared_start = (const char *)shared;
     pending_count = 0, open_group = 0;
-    lq_m1_body(l->args, l->bits, l->bpc, l->args->share_scales, l->args->stage, block, thread,
-               shared);
+    lq_m1_body(l->args, l->bits, l->bpc, l->args->share_scales, l->args->stage,
+               l->args->t_pieces > 0, block, thread, shared);
     if (pending_count) __atomic_add_fetch(&copies_left, 1, __ATOMIC_RELAXED);
 }
 
-/* Every CTA of the grid, one after another. */
+/* Every CTA of the grid, one after another (a cluster's together); with the projection in the
+ * kernel, all of them together, the first starting late. */
 static void launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
     const struct launch l = {args, bits, bpc};
     waits = 0, prefetches = 0, misaligned = 0, copies_left = 0;
-    cta_run_clusters(
-        run_thread, &l, lq_m1_grid(args->rows, args->rg_log, args->cluster_log), LQ_M1_THREADS,
-        args->stage ? lq_m1_staged_shared_bytes(bits, args->chunks_per_row, window_base)
-                    : lq_m1_shared_bytes(bits, args->chunks_per_row, window_base),
-        1 << args->cluster_log);
+    const size_t shared =
+        (args->stage ? lq_m1_staged_shared_bytes(bits, args->chunks_per_row, window_base)
+                     : lq_m1_shared_bytes(bits, args->chunks_per_row, window_base)) +
+        lq_m1_t_area_bytes(args->t_pieces);
+    const int ctas = lq_m1_grid(args->rows, args->rg_log, args->cluster_log);
+    if (args->t_pieces > 0) {
+        cta_late_us = 20000;
+        cta_run_together(run_thread, &l, ctas, LQ_M1_THREADS, shared);
+        cta_late_us = 0;
+        return;
+    }
+    cta_run_clusters(run_thread, &l, ctas, LQ_M1_THREADS, shared, 1 << args->cluster_log);
 }
 
 /* ---------- the cases ---------- */
@@ -425,9 +458,19 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
      * staged by clusters of 2 CTAs (codes in registers) and, in the other cases, of 4 (staged
      * where they can be). */
     const int can_stage = lq_m1_can_stage(c.b0, cols / 32);
+    /* The projection in the kernel, where every CTA can run at once here and takes at most
+     * LQ_M1_MAX_T_PIECES pieces: t poisoned, written by the kernel. */
+    const int grid = lq_m1_grid(rows, rg_log, 0);
+    const int pieces = (rank * slices + grid - 1) / grid;
+    const int can_project = rank > 0 && grid <= CTA_MAX_CLUSTER && pieces <= LQ_M1_MAX_T_PIECES;
+    float *t_inline = malloc((size_t)slices * (rank > 0 ? rank : 1) * sizeof(float));
+    uint32_t barrier[2] = {0u, 0u};
+    if (!t_inline) abort();
+    copy_l2_begin = (const char *)l2;
+    copy_l2_end = (const char *)l2 + (rank > 0 ? (size_t)rank * cols * sizeof(float) : 0);
     struct {
-        int stage, eager, cluster_log;
-    } runs[5] = {{0, 0, 0}};
+        int stage, eager, cluster_log, project;
+    } runs[8] = {{0, 0, 0, 0}};
     int run_count = 1;
     if (can_stage) runs[run_count].stage = 1, run_count++;
     if (can_stage && (rows + rank) % 2)
@@ -435,17 +478,54 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     runs[run_count].cluster_log = 1, run_count++;
     if ((rows + rank) % 2 == 0)
         runs[run_count].stage = can_stage, runs[run_count].cluster_log = 2, run_count++;
+    if (can_project) runs[run_count].project = 1, run_count++;
+    if (can_project && can_stage)
+        runs[run_count].project = runs[run_count].stage = 1,
+        runs[run_count].eager = (rows + rank) % 2, run_count++;
     const size_t base_length = strlen(label);
     for (int run = 0; run < run_count; run++) {
         a.stage = runs[run].stage, copy_eager = runs[run].eager;
         a.cluster_log = runs[run].cluster_log;
-        snprintf(label + base_length, sizeof label - base_length, "%s%s%s",
+        /* (x the kernel before's in half the cases: the staging waits for it) */
+        a.t_pieces = runs[run].project ? pieces : 0;
+        a.wait_before_x = runs[run].project && (rows + cols / 32 + run) % 2;
+        a.lora_A = runs[run].project ? l2 : NULL;
+        a.t = runs[run].project ? t_inline : t;
+        a.t_out = runs[run].project ? t_inline : NULL;
+        a.barrier = runs[run].project ? barrier : NULL;
+        for (int i = 0; i < slices * rank; i++) t_inline[i] = NAN;
+        snprintf(label + base_length, sizeof label - base_length, "%s%s%s%s",
                  a.stage ? ", staged" : "", copy_eager ? " (eager copies)" : "",
                  a.cluster_log == 1   ? ", clusters of 2"
                  : a.cluster_log == 2 ? ", clusters of 4"
-                                      : "");
+                                      : "",
+                 a.t_pieces
+                     ? (a.wait_before_x ? ", projected here after the wait" : ", projected here")
+                     : "");
         for (int r = 0; r < rows; r++) y[r] = output == LQ_M1_OUTPUT_WRITE ? NAN : prior[r];
         launch_kernel(&a, c.b0, bpc);
+        if (a.t_pieces) {
+            CHECK_MSG(barrier[0] == 0 && barrier[1] == 0, "%s: the counter ended at %u, %u", label,
+                      barrier[0], barrier[1]);
+            /* every slice sum, against float64 (what the projection kernel would have written,
+             * to within fp32 rounding of its terms) */
+            int wrong = 0;
+            for (int sl = 0; sl < slices; sl++)
+                for (int k = 0; k < rank; k++) {
+                    double sum = 0.0, magnitude = 0.0;
+                    for (int j = sl * 1024; j < cols && j < (sl + 1) * 1024; j++) {
+                        const double u = input == LQ_M1_INPUT_RMSNORM ? (double)(second[j] * raw[j])
+                                                                      : (double)x[j];
+                        sum += (double)l2[(size_t)k * cols + j] * u;
+                        magnitude += fabs((double)l2[(size_t)k * cols + j] * u);
+                    }
+                    const float got = t_inline[(size_t)sl * rank + k];
+                    if (!(fabs(got - sum) <= 2e-6 * magnitude + 1e-30) && wrong++ < 3)
+                        fprintf(stderr, "%s: t slice %d row %d: %.9g, expected %.9g\n", label, sl,
+                                k, got, sum);
+                }
+            CHECK_MSG(wrong == 0, "%s: %d of t's slice sums wrong", label, wrong);
+        }
         CHECK_MSG(misaligned == 0, "%s: the pair table was found misaligned", label);
         CHECK_MSG(copies_left == 0, "%s: %d threads ended with copies never waited for", label,
                   copies_left);
@@ -457,9 +537,12 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
         else /* the rings are the prefetch */
             CHECK_MSG(prefetches == 0, "%s: %d L2 prefetches", label, prefetches);
         const int ctas = lq_m1_grid(rows, rg_log, a.cluster_log);
-        CHECK_MSG((rank == 0 && output != LQ_M1_OUTPUT_SWIGLU) || waits == ctas * LQ_M1_THREADS,
-                  "%s: %d threads waited for the kernel before, expected %d", label, waits,
-                  ctas * LQ_M1_THREADS);
+        const int expected_waits =
+            ((rank == 0 && output != LQ_M1_OUTPUT_SWIGLU) ? 0 : ctas * LQ_M1_THREADS) +
+            (a.wait_before_x ? ctas * LQ_M1_THREADS : 0);
+        CHECK_MSG((rank == 0 && output != LQ_M1_OUTPUT_SWIGLU && !a.wait_before_x) ||
+                      waits == expected_waits,
+                  "%s: %d waits for the kernel before, expected %d", label, waits, expected_waits);
 
         /* The references: fp16-rounded table values and x with the exact block scales, and the
          * dequantized matrix with x as it is. */
@@ -502,6 +585,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
                   "reference, %.3g against the exact product",
                   label, bad, worst, worst_exact);
     }
+    free(t_inline);
     free(deq), free(y), free(codes), free(scale_codes), free(group_scales);
     free(t), free(t_exact), free(l1), free(l2), free(x), free(raw), free(second), free(prior);
     free(dense);
@@ -610,6 +694,24 @@ static void test_fused_ops(void) {
     }
 }
 
+/* The projection in the kernel (t_pieces > 0) on grids of 6 and 8 CTAs, all of them running at
+ * once and the first starting late (cta_run_together): 3 pieces a CTA over 3 slices; fewer
+ * pieces than CTAs (the last 4 have none); 2 row groups a CTA; and rows wider than the quads a
+ * thread holds through the staging (5 slices, the last partial) with a normed input and a
+ * residual add. Most cases above run it too (40 x 640 at rank 8: 3 CTAs of 3 pieces). */
+static void test_projection_here(void) {
+    struct lq_error err = {0};
+    CHECK_MSG(lq_backend_cpu_create(&cpu, &err) == 0, "%s", err.message);
+    lq_rng_seed(&rng, 66);
+    const struct lq_nf_config c = {3, 8, LQ_SCALE_FP32, 64, 256};
+    check_case(128, 2112, c, 8, 0);
+    check_case(128, 64, (struct lq_nf_config){4, 8, LQ_SCALE_FP16, 32, 2}, 4, 0);
+    check_case(256, 1056, (struct lq_nf_config){2, 8, LQ_SCALE_BF16, 16, 4}, 8, 1);
+    check_case_shared(96, 4352, c, 4, 0, 1, LQ_M1_INPUT_RMSNORM, LQ_M1_OUTPUT_ADD);
+    cpu->ops->destroy(cpu);
+    cpu = NULL;
+}
+
 LQ_TEST_MAIN(LQ_TEST(test_configs), LQ_TEST(test_cta_shapes), LQ_TEST(test_long_rows),
              LQ_TEST(test_small), LQ_TEST(test_layout), LQ_TEST(test_misaligned),
-             LQ_TEST(test_fused_ops))
+             LQ_TEST(test_fused_ops), LQ_TEST(test_projection_here))
