@@ -51,8 +51,9 @@
 //
 // The projection in the kernel (a->t_pieces > 0, a template argument on the GPU as well; the
 // host's LQ_CUDA_MMA1_INLINE_T=1, off by default until it has run on a GPU): t = x·L2ᵀ is no
-// longer a kernel of its own before this one. The CTAs split its rank · t_slices slice sums (the projection kernel's, bit for bit: the
-// same products, in the same order) among themselves: each copies its pieces' L2 quads into
+// longer a kernel of its own before this one. The CTAs split its rank · t_slices slice sums
+// (the projection kernel's, bit for bit: the same products, in the same order) among
+// themselves: each copies its pieces' L2 quads into
 // shared memory first thing, takes the products while it stages x (which it reads anyway), adds
 // them up after the staging's barrier and publishes them (a release add on a counter of the
 // layer's), and every warp waits for all the CTAs' pieces (an acquire poll of that counter)
