@@ -481,7 +481,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     if (can_project) runs[run_count].project = 1, run_count++;
     if (can_project && can_stage)
         runs[run_count].project = runs[run_count].stage = 1,
-        runs[run_count].eager = (rows + rank) % 2, run_count++;
+        runs[run_count].eager = (rows / 8 + rank) % 2, run_count++;
     const size_t base_length = strlen(label);
     for (int run = 0; run < run_count; run++) {
         a.stage = runs[run].stage, copy_eager = runs[run].eager;
