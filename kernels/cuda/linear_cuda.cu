@@ -505,7 +505,12 @@ static void lq_mma1_shape_for(const struct lq_cuda *cuda, const struct lq_linear
         const long fit = (long)(lq_mma1_shared_per_sm(cuda) / (bytes + cuda->reserved_shared));
         return fit < ctas ? (fit > 0 ? fit : 1) : (long)ctas;
     };
-    const long slots = sms * per_sm(smem);
+    // LQ_CUDA_MMA1_ROOM=N (default 0): the grid leaves N CTA slots of each SM free, where the
+    // kernel after it (launched early by PDL) can start its loads while this one runs (a
+    // measurement: at 2 CTAs a SM of 128 registers, or 3 of 80, an SM has no room for another
+    // CTA until one of this kernel's ends)
+    const long room = lq_env_int("LQ_CUDA_MMA1_ROOM", 0), held = per_sm(smem);
+    const long slots = sms * (held - room > 1 ? held - room : 1);
     const long groups = (w->rows + 15) / 16;
     int rg_log = 0;
     while (rg_log < 3 && (groups + (1L << rg_log) - 1) >> rg_log > slots) rg_log++;

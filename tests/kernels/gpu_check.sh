@@ -427,12 +427,20 @@ staged) # Written 2026-11-27 without a GPU, off by default until this has run: v
         --section LaunchStats --section MemoryWorkloadAnalysis \
         '$run/bench_cuda' --decode-profile --layers 2" ;;
 staged_more) # the staged v6's variants on the same GPU: 2 and 3 CTAs a SM everywhere (3
-    # leaves a slot for the next kernel's CTAs), 32-row CTAs, x staged by clusters of 2 and 4
+    # leaves a slot for the next kernel's CTAs), a CTA slot left free on every SM with t
+    # projected here, 32-row CTAs, x staged by clusters of 2 and 4
     # CTAs (LQ_CUDA_MMA1_CLUSTER: x and the norm's weights read from L2 once a cluster), then
     # ncu's source page of a staged normed 4096 x 4096 layer
     for c in 2 3; do
         LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=$c TAIL=7 STEP_TIMEOUT=60 \
             step "decode_staged_ctas$c" "$run/bench_cuda" --decode-variants 1 --decode-kernels v6
+    done
+    # room for the next kernel's CTAs on every SM (LQ_CUDA_MMA1_ROOM), t projected here: the
+    # next layer's copies then go out while this one decodes
+    for c in 2 3; do
+        LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_INLINE_T=1 LQ_CUDA_MMA1_ROOM=1 LQ_CUDA_MMA1_CTAS=$c \
+            TAIL=7 STEP_TIMEOUT=60 step "decode_staged_inline_room_ctas$c" "$run/bench_cuda" \
+            --decode-variants 1 --decode-kernels v6
     done
     LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_ROW_GROUPS=2 TAIL=10 STEP_TIMEOUT=30 \
         step gemv_staged_rg2 "$run/bench_cuda" --linear-only v6
