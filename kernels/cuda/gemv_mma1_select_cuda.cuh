@@ -30,6 +30,11 @@ static lq_m1_fn lq_mma1_kernel(void) {
             attributes.binaryVersion >= 80 &&
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  STAGE ? LQ_M1_MAX_SHARED_STAGED : LQ_M1_MAX_SHARED) == cudaSuccess;
+        // its CTAs wait for each other: an SM's shared memory all for them, so that as many
+        // fit as the host counted on (linear_cuda.cu, lq_mma1_shape_for)
+        if (PROJECT && state)
+            state = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         cudaSharedmemCarveoutMaxShared) == cudaSuccess;
         cudaGetLastError();
     }
     return state ? kernel : NULL;

@@ -442,39 +442,45 @@ static lq_m1_fn lq_mma1_pick(const struct lq_cuda *cuda, const struct lq_linear 
     return kernel;
 }
 
-// Whether the GPU can hold clusters of `size` CTAs of v6's `kernel` with `smem` bytes of shared
-// memory (cudaOccupancyMaxActiveClusters; remembered per kernel, size and bytes: it is asked
-// while plans are made, at every decode call outside a graph). Under the op lock.
-static bool lq_mma1_clusters_fit(const struct lq_cuda *cuda, lq_m1_fn kernel, int size,
-                                 size_t smem) {
+// What the GPU holds of v6's `kernel` with `smem` bytes of dynamic shared memory, as the runtime
+// computes it: CTAs per SM (cluster = 1: cudaOccupancyMaxActiveBlocksPerMultiprocessor), or
+// clusters of `cluster` CTAs on the whole GPU (cudaOccupancyMaxActiveClusters); 0 where it
+// cannot say. Remembered per kernel, bytes and cluster: plans are made at every decode call
+// outside a graph. Under the op lock.
+static int lq_mma1_occupancy(const struct lq_cuda *cuda, lq_m1_fn kernel, size_t smem,
+                             int cluster) {
     static struct {
         lq_m1_fn kernel;
-        int size, fits;
         size_t smem;
-    } known[32];
-    static int count;
-    for (int i = 0; i < count; i++)
-        if (known[i].kernel == kernel && known[i].size == size && known[i].smem == smem)
-            return known[i].fits;
-    cudaLaunchAttribute attribute = {};
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = (unsigned)size;
-    attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    const long ctas = (long)(cuda->sm_count > 0 ? cuda->sm_count : 1) * size;
-    config.gridDim = dim3((unsigned)ctas);
-    config.blockDim = dim3(LQ_M1_THREADS);
-    config.dynamicSmemBytes = smem;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    int clusters = 0;
-    const bool fits =
-        cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters >= 1;
+        int cluster, count;
+    } known[64];
+    static int known_count;
+    for (int i = 0; i < known_count; i++)
+        if (known[i].kernel == kernel && known[i].smem == smem && known[i].cluster == cluster)
+            return known[i].count;
+    int count = 0;
+    if (cluster == 1) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, LQ_M1_THREADS, smem) !=
+            cudaSuccess)
+            count = 0;
+    } else {
+        cudaLaunchAttribute attribute = {};
+        attribute.id = cudaLaunchAttributeClusterDimension;
+        attribute.val.clusterDim.x = (unsigned)cluster;
+        attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3((unsigned)((cuda->sm_count > 0 ? cuda->sm_count : 1) * cluster));
+        config.blockDim = dim3(LQ_M1_THREADS);
+        config.dynamicSmemBytes = smem;
+        config.attrs = &attribute;
+        config.numAttrs = 1;
+        if (cudaOccupancyMaxActiveClusters(&count, kernel, &config) != cudaSuccess) count = 0;
+    }
     cudaGetLastError(); // (no clusters here, or none of this size)
-    if (count < (int)(sizeof known / sizeof known[0]))
-        known[count].kernel = kernel, known[count].size = size, known[count].smem = smem,
-        known[count++].fits = fits;
-    return fits;
+    if (known_count < (int)(sizeof known / sizeof known[0]))
+        known[known_count].kernel = kernel, known[known_count].smem = smem,
+        known[known_count].cluster = cluster, known[known_count++].count = count;
+    return count;
 }
 
 static_assert(LQ_PROJECT_SLICE == 4 * LQ_M1_SLICE_QUADS,
@@ -519,7 +525,7 @@ static void lq_mma1_shape_for(const struct lq_cuda *cuda, const struct lq_linear
         rg_log = forced == 1 ? 0 : forced == 2 ? 1 : forced == 4 ? 2 : 3;
     const int cluster = lq_env_int("LQ_CUDA_MMA1_CLUSTER", 0);
     int cluster_log = cluster == 2 ? 1 : cluster == 4 ? 2 : 0;
-    if (cluster_log > 0 && !lq_mma1_clusters_fit(cuda, *kernel, 1 << cluster_log, smem))
+    if (cluster_log > 0 && lq_mma1_occupancy(cuda, *kernel, smem, 1 << cluster_log) < 1)
         cluster_log = 0; // one CTA stages all of x
     out->rg_log = rg_log, out->cluster_log = cluster_log, out->t_pieces = 0, out->smem = smem;
     // The projection in the kernel (gemv_mma1_kernel.h), off by default until it has run on a
@@ -537,7 +543,8 @@ static void lq_mma1_shape_for(const struct lq_cuda *cuda, const struct lq_linear
         grid > sms * per_sm(with_pieces))
         return;
     const lq_m1_fn projecting = lq_mma1_projecting_kernel(bits, bpc, share, ctas, stage);
-    if (!projecting) return; // (4 CTAs a SM: no such instance)
+    if (!projecting || grid > sms * lq_mma1_occupancy(cuda, projecting, with_pieces, 1))
+        return; // (4 CTAs a SM: no such instance; or the runtime says the SMs hold fewer)
     *kernel = projecting;
     out->t_pieces = (int)pieces, out->smem = with_pieces;
 }
