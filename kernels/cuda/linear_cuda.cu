@@ -780,7 +780,6 @@ static void lq_decode_plan_for(struct lq_cuda *cuda, const struct lq_linear *w,
     if (p->mma1_kernel)
         lq_mma1_shape_for(cuda, w, data, p->bpc, p->mma1_share, p->mma1_ctas, p->mma1_stage,
                           a.t_slices, &p->mma1_kernel, &p->mma1_shape);
-    p->wait_before_x = true; // (lq_decode_layers: not for the later layers of a group)
     p->partials_bytes = p->bpc ? (size_t)p->grid.slices * p->nt * w->rows * sizeof(float) : 0;
 }
 
