@@ -32,6 +32,11 @@
  * --decode-kernels v1,v2,... each of those under each one-token decode kernel (LQ_CUDA_DECODE),
  * --decode-pdl DIGITS (e.g. 101) each with programmatic dependent launch on (1) or off (0) in
  * that order (LQ_CUDA_PDL), all on fresh backends.
+ * --decode-env SPECS runs only the decode of the ~3-bit model under each environment variant
+ * of SPECS (tests/bench/env_variants.h: "A=1 B=2;A=1;-"), one fresh backend each, graphs on,
+ * at the batch sizes of --decode-batches LIST (default 1), --rounds N times (default 3), then
+ * a summary of the variants' medians; --list-variants prints what SPECS parses to and exits
+ * (no GPU needed; a malformed SPECS exits 2 on any machine).
  * --linear-only [LIST] runs only the linear layers alone, at 1, 2 and 4 tokens, once per
  * one-token decode kernel named in LIST (LQ_CUDA_DECODE values, default v1,v2,v3,v4).
  * --linear-all runs only the linear layers alone, at every batch size (1 to 512 tokens).
@@ -39,6 +44,7 @@
  *                   [--table-sample K] [--variants LIST] [--train] [--train-only]
  *                   [--decode-variants]
  *                   [--decode-kernels LIST] [--decode-pdl DIGITS] [--decode-profile]
+ *                   [--decode-env SPECS [--decode-batches LIST] [--rounds N] [--list-variants]]
  *                   [--linear-only [LIST]] [--linear-all] */
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -52,6 +58,7 @@
 #include "core/rng.h"
 #include "core/train.h"
 #include "kernels/backend.h"
+#include "tests/bench/env_variants.h"
 
 static double copy_bw; /* measured, bytes per second */
 /* --decode-profile: one warm-up and one timed step at batch 1, for a profiler (ncu) to see
@@ -165,7 +172,7 @@ static double copy_bandwidth(void) {
 }
 
 static int decode(struct lq_runtime *runtime, const struct lq_model *m, int batch_size,
-                  double bandwidth, struct lq_error *err) {
+                  double bandwidth, double *ms_out, double *percent_out, struct lq_error *err) {
     struct lq_session *sessions[64] = {0};
     struct lq_batch *batch = NULL;
     float *logits = malloc((size_t)batch_size * VOCAB * sizeof *logits);
@@ -199,6 +206,9 @@ static int decode(struct lq_runtime *runtime, const struct lq_model *m, int batc
                "bandwidth limit %.1f steps/s: %.0f%% of it\n",
                batch_size, batch_size / seconds, seconds * 1e3, bytes / 1e9, limit,
                100.0 / seconds / limit);
+        fflush(stdout);
+        if (ms_out) *ms_out = seconds * 1e3;
+        if (percent_out) *percent_out = 100.0 / seconds / limit;
     }
     for (int i = 0; i < batch_size; i++) lq_session_free(sessions[i]);
     lq_batch_free(batch);
@@ -456,7 +466,7 @@ static int decode_variants(const struct lq_model *m, double bandwidth, const cha
                                    : ", PDL off (LQ_CUDA_PDL=0)");
                 const int batches[] = {1, 8, 32, 64};
                 for (int b = 0; b < 4 && !rc; b++)
-                    rc = decode(runtime, m, batches[b], bandwidth, err);
+                    rc = decode(runtime, m, batches[b], bandwidth, NULL, NULL, err);
                 if (runtime) lq_runtime_free(runtime);
                 if (gpu) gpu->ops->destroy(gpu);
                 if (rc) return rc;
@@ -467,6 +477,28 @@ static int decode_variants(const struct lq_model *m, double bandwidth, const cha
     if (pdl) unsetenv("LQ_CUDA_PDL");
     if (kernels) unsetenv("LQ_CUDA_DECODE");
     return LQ_OK;
+}
+
+/* --decode-env (env_variants_sweep): one variant's decode of the model on a fresh backend. */
+struct sweep_context {
+    const struct lq_model *model;
+    double bandwidth;
+};
+
+static int sweep_measure(void *context, const int *batches, int batch_count, double *ms,
+                         double *percent, char *why, size_t why_size) {
+    const struct sweep_context *c = context;
+    struct lq_error err = {0};
+    struct lq_backend *gpu = NULL;
+    struct lq_runtime *runtime = NULL;
+    int rc = lq_backend_cuda_create(0, 0, &gpu, &err);
+    if (!rc) rc = lq_runtime_create(gpu, (struct lq_model *)c->model, &runtime, &err);
+    for (int b = 0; b < batch_count && !rc; b++)
+        rc = decode(runtime, c->model, batches[b], c->bandwidth, &ms[b], &percent[b], &err);
+    if (runtime) lq_runtime_free(runtime);
+    if (gpu) gpu->ops->destroy(gpu);
+    if (rc) snprintf(why, why_size, "%s", err.message);
+    return rc ? -1 : 0;
 }
 
 /* ms per LQ iteration: 6 steps less 1 step (both after a warm-up), then one profiled 6-step
@@ -591,7 +623,9 @@ int main(int argc, char **argv) {
     const char *variants = "householder+fp32+thread-sketch+team-values,default";
     int decode_variants_only = 0;
     const char *decode_which = NULL, *decode_kernels = NULL, *decode_pdl = NULL;
-    const char *linear_variants = NULL; /* --linear-only LIST */
+    const char *linear_variants = NULL;              /* --linear-only LIST */
+    const char *env_spec = NULL, *env_batches = "1"; /* --decode-env, --decode-batches */
+    int env_rounds = 3, list_variants = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 && i + 1 < argc)
             layers = atoi(argv[++i]);
@@ -623,6 +657,51 @@ int main(int argc, char **argv) {
             linear_variants = i + 1 < argc && argv[i + 1][0] != '-' ? argv[++i] : "v1,v2,v3,v4";
         else if (strcmp(argv[i], "--variants") == 0 && i + 1 < argc)
             variants = argv[++i];
+        else if (strcmp(argv[i], "--decode-env") == 0 && i + 1 < argc)
+            env_spec = argv[++i];
+        else if (strcmp(argv[i], "--decode-batches") == 0 && i + 1 < argc)
+            env_batches = argv[++i];
+        else if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc)
+            env_rounds = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--list-variants") == 0)
+            list_variants = 1;
+        else {
+            fprintf(stderr,
+                    "bench_cuda: unknown argument '%s' (usage: the top of "
+                    "tests/bench/bench_cuda.c)\n",
+                    argv[i]);
+            return 2;
+        }
+    }
+    /* --decode-env: checked before the GPU is asked for, so that a bad spec fails anywhere */
+    static struct env_variant env_variants[ENV_VARIANTS_MAX];
+    int env_count = 0, sweep_batches[ENV_SWEEP_BATCHES_MAX], sweep_batch_count = 0;
+    if (env_spec) {
+        char why[256];
+        if (env_variants_parse(env_spec, env_variants, ENV_VARIANTS_MAX, &env_count, why,
+                               sizeof why)) {
+            fprintf(stderr, "bench_cuda: --decode-env: %s\n", why);
+            return 2;
+        }
+        if (env_variants_parse_batches(env_batches, sweep_batches, ENV_SWEEP_BATCHES_MAX,
+                                       &sweep_batch_count) ||
+            env_rounds < 1 || env_rounds > ENV_SWEEP_ROUNDS_MAX) {
+            fprintf(stderr,
+                    "bench_cuda: --decode-batches %s, --rounds %d: up to %d sizes of 1 to 64, "
+                    "1 to %d rounds\n",
+                    env_batches, env_rounds, ENV_SWEEP_BATCHES_MAX, ENV_SWEEP_ROUNDS_MAX);
+            return 2;
+        }
+        if (list_variants) {
+            for (int v = 0; v < env_count; v++) printf("%d: %s\n", v, env_variants[v].label);
+            printf("batches:");
+            for (int b = 0; b < sweep_batch_count; b++) printf(" %d", sweep_batches[b]);
+            printf("; rounds: %d\n", env_rounds);
+            return 0;
+        }
+    } else if (list_variants) {
+        fprintf(stderr, "bench_cuda: --list-variants lists --decode-env's variants\n");
+        return 2;
     }
     if (table_sample < 1) {
         fprintf(stderr, "bench_cuda: --table-sample %d: must be >= 1\n", table_sample);
@@ -646,22 +725,32 @@ int main(int argc, char **argv) {
         struct lq_model *m = build_model(layers, 0, &rng, &bits);
         struct lq_runtime *runtime = NULL;
         int rc = !m ? LQ_ENOMEM : lq_runtime_create(gpu, m, &runtime, &err);
-        if (!rc) rc = decode(runtime, m, 1, bandwidth, &err);
+        if (!rc) rc = decode(runtime, m, 1, bandwidth, NULL, NULL, &err);
         if (rc) fprintf(stderr, "bench_cuda: decode profile: %s\n", m ? err.message : "no memory");
         if (runtime) lq_runtime_free(runtime);
         lq_model_free(m);
         gpu->ops->destroy(gpu);
         return rc ? 1 : 0;
     }
-    if (decode_variants_only) { /* the all-NF3 model only, decode only */
+    if (env_spec || decode_variants_only) { /* the all-NF3 model only, decode only */
         double bits = 0;
         gpu->ops->destroy(gpu);
         struct lq_model *m = build_model(layers, 0, &rng, &bits);
         if (!m) return 1;
         printf("model: %d layers, %.3f bits/param (all NF3), rank %d fp32 factors\n", layers, bits,
                RANK);
-        int rc = decode_variants(m, bandwidth, decode_which, decode_kernels, decode_pdl, &err);
-        if (rc) fprintf(stderr, "bench_cuda: decode: %s\n", err.message);
+        int rc;
+        if (env_spec) { /* graphs on and prefetch off, as lqd serves, unless a variant says */
+            struct env_variant base;
+            int base_count = 0;
+            env_variants_parse("LQ_CUDA_GRAPHS=1 LQ_CUDA_PREFETCH=0", &base, 1, &base_count, NULL,
+                               0);
+            struct sweep_context context = {m, bandwidth};
+            rc = env_variants_sweep(env_variants, env_count, &base, sweep_batches,
+                                    sweep_batch_count, env_rounds, sweep_measure, &context, stdout);
+        } else if ((rc = decode_variants(m, bandwidth, decode_which, decode_kernels, decode_pdl,
+                                         &err)))
+            fprintf(stderr, "bench_cuda: decode: %s\n", err.message);
         lq_model_free(m);
         return rc ? 1 : 0;
     }
@@ -708,7 +797,7 @@ int main(int argc, char **argv) {
                memory.weights / 1e9, now() - t0);
         const int batches[] = {1, 8, 32, 64};
         for (int b = 0; b < 4; b++)
-            if (decode(runtime, m, batches[b], bandwidth, &err)) {
+            if (decode(runtime, m, batches[b], bandwidth, NULL, NULL, &err)) {
                 fprintf(stderr, "bench_cuda: decode: %s\n", err.message);
                 return 1;
             }

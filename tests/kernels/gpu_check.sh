@@ -380,16 +380,19 @@ esac
 case "${1:-}" in
 staged) # Written 2026-11-27 without a GPU, off by default until this has run: v6 with its codes
     # staged in shared memory (each warp's ring of LQ_M1_RING tiles, cp.async;
-    # LQ_CUDA_MMA1_STAGE=1) and with t = x·L2ᵀ projected by the decode kernels' CTAs
-    # (LQ_CUDA_MMA1_INLINE_T=1: no projection kernel between a layer and the kernel before).
+    # LQ_CUDA_MMA1_STAGE=1), with t = x·L2ᵀ projected by the decode kernels' CTAs
+    # (LQ_CUDA_MMA1_INLINE_T=1: no projection kernel between a layer and the kernel before) and
+    # with x staged by clusters (LQ_CUDA_MMA1_CLUSTER=2|4).
     # Against the CPU and bit for bit against the codes in registers, against x staged by
     # clusters and against the projection kernel (test_cuda_ops lq_gemv, also v6 at 2, 3 and 4
     # CTAs a SM, never checked on a GPU before), the fused and grouped layers, graphs, end to
     # end, all staged (the fused layers also in clusters of 4) and staged with t projected here;
-    # then the same binary on the same GPU staged and not, projecting or not: the batch-1..64
-    # step, each layer alone, and ncu's L2 and DRAM sections of a staged normed 4096 x 4096
-    # layer and the next two (before: L2 at 31% of its peak beside DRAM's 15%,
-    # ncu_sections_v6_h100_2026-11-27.log). `staged_more` has the variants.
+    # then the batch-1 step under every variant in one process (bench_cuda --decode-env: one
+    # model, fresh backends, the variants interleaved over 3 rounds, medians), those that poll
+    # (t projected here: a trap would end the process) in a second; each layer alone; ncu's L2
+    # and DRAM sections of a staged normed 4096 x 4096 layer and the next two (before: L2 at 31%
+    # of its peak beside DRAM's 15%, ncu_sections_v6_h100_2026-11-27.log). `staged_more` has
+    # the source page.
     export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
     pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
     pstep cuda_ops_fused env LQ_CUDA_MMA1_STAGE=1 "$run/test_cuda_ops" linear_fused
@@ -408,14 +411,14 @@ staged) # Written 2026-11-27 without a GPU, off by default until this has run: v
         python3 "$root/tests/kernels/test_gpu_e2e.py"
     TAIL=4 pwait
     unset OPENBLAS_NUM_THREADS LQ_THREADS
-    LQ_CUDA_MMA1_STAGE=1 TAIL=12 STEP_TIMEOUT=60 step decode_staged "$run/bench_cuda" \
-        --decode-variants 1 --decode-kernels auto,v1
-    TAIL=7 STEP_TIMEOUT=60 step decode_registers "$run/bench_cuda" --decode-variants 1 \
-        --decode-kernels auto
-    LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_INLINE_T=1 TAIL=7 STEP_TIMEOUT=60 \
-        step decode_staged_inline "$run/bench_cuda" --decode-variants 1 --decode-kernels auto
-    LQ_CUDA_MMA1_INLINE_T=1 TAIL=7 STEP_TIMEOUT=60 \
-        step decode_inline "$run/bench_cuda" --decode-variants 1 --decode-kernels auto
+    s=LQ_CUDA_MMA1_STAGE=1 c=LQ_CUDA_MMA1_CTAS
+    TAIL=12 STEP_TIMEOUT=150 step decode_sweep "$run/bench_cuda" --decode-env \
+        "-;$s;$s $c=2;$s $c=3;$c=2;$c=3;$s LQ_CUDA_MMA1_CLUSTER=2;$s LQ_CUDA_MMA1_CLUSTER=4"
+    i=LQ_CUDA_MMA1_INLINE_T=1 r=LQ_CUDA_MMA1_ROOM=1
+    TAIL=10 STEP_TIMEOUT=150 step decode_sweep_inline "$run/bench_cuda" --decode-env \
+        "-;$i;$s $i;$s $i $c=2;$s $i $c=3;$s $i $r $c=2;$s $i $r $c=3;$i $r"
+    TAIL=7 STEP_TIMEOUT=60 step decode_batches "$run/bench_cuda" --decode-env "-;$s" \
+        --decode-batches 1,8,32,64 --rounds 1
     LQ_CUDA_MMA1_STAGE=1 TAIL=10 STEP_TIMEOUT=30 step gemv_staged "$run/bench_cuda" \
         --linear-only v6,v1
     TAIL=10 STEP_TIMEOUT=30 step gemv_registers "$run/bench_cuda" --linear-only v6
@@ -426,29 +429,13 @@ staged) # Written 2026-11-27 without a GPU, off by default until this has run: v
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section LaunchStats --section MemoryWorkloadAnalysis \
         '$run/bench_cuda' --decode-profile --layers 2" ;;
-staged_more) # the staged v6's variants on the same GPU: 2 and 3 CTAs a SM everywhere (3
-    # leaves a slot for the next kernel's CTAs), a CTA slot left free on every SM with t
-    # projected here, 32-row CTAs, x staged by clusters of 2 and 4
-    # CTAs (LQ_CUDA_MMA1_CLUSTER: x and the norm's weights read from L2 once a cluster), then
-    # ncu's source page of a staged normed 4096 x 4096 layer
-    for c in 2 3; do
-        LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=$c TAIL=7 STEP_TIMEOUT=60 \
-            step "decode_staged_ctas$c" "$run/bench_cuda" --decode-variants 1 --decode-kernels v6
-    done
-    # room for the next kernel's CTAs on every SM (LQ_CUDA_MMA1_ROOM), t projected here: the
-    # next layer's copies then go out while this one decodes
-    for c in 2 3; do
-        LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_INLINE_T=1 LQ_CUDA_MMA1_ROOM=1 LQ_CUDA_MMA1_CTAS=$c \
-            TAIL=7 STEP_TIMEOUT=60 step "decode_staged_inline_room_ctas$c" "$run/bench_cuda" \
-            --decode-variants 1 --decode-kernels v6
-    done
+staged_more) # each layer alone under the staged v6's variants (32-row CTAs, 3 CTAs a SM,
+    # clusters of 2 and 4), then ncu's source page of a staged normed 4096 x 4096 layer
     LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_ROW_GROUPS=2 TAIL=10 STEP_TIMEOUT=30 \
         step gemv_staged_rg2 "$run/bench_cuda" --linear-only v6
     LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CTAS=3 TAIL=10 STEP_TIMEOUT=30 \
         step gemv_staged_ctas3 "$run/bench_cuda" --linear-only v6
     for c in 2 4; do
-        LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CLUSTER=$c TAIL=7 STEP_TIMEOUT=60 \
-            step "decode_staged_cluster$c" "$run/bench_cuda" --decode-variants 1 --decode-kernels v6
         LQ_CUDA_MMA1_STAGE=1 LQ_CUDA_MMA1_CLUSTER=$c TAIL=10 STEP_TIMEOUT=30 \
             step "gemv_staged_cluster$c" "$run/bench_cuda" --linear-only v6
     done
