@@ -554,9 +554,20 @@ extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq
     pthread_mutex_init(&cuda->memory_lock, NULL);
     int rc = LQ_OK;
     cudaDeviceProp properties;
+    // The op stream at the device's greatest priority: a compress job's decompositions run
+    // beside serving on streams of their own at the default, the least (decompose_cuda.cu), and
+    // the block scheduler hands a freed SM slot to the higher priority's waiting CTAs first. So
+    // a decode step does not queue behind an error table's kernels, and the decode kernel that
+    // projects t itself (LQ_CUDA_MMA1_INLINE_T), whose CTAs wait for each other, gets the rest
+    // of its grid onto the GPU as soon as slots free (a hint to the scheduler, not a guarantee:
+    // its poll traps after about 2 s).
+    int least_priority = 0, greatest_priority = 0;
     if ((status = cudaSetDevice(device)) != cudaSuccess ||
         (status = cudaGetDeviceProperties(&properties, device)) != cudaSuccess ||
-        (status = cudaStreamCreateWithFlags(&cuda->stream, cudaStreamNonBlocking)) != cudaSuccess) {
+        (status = cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority)) !=
+            cudaSuccess ||
+        (status = cudaStreamCreateWithPriority(&cuda->stream, cudaStreamNonBlocking,
+                                               greatest_priority)) != cudaSuccess) {
         rc = lq_cuda_fail(status, "opening the device", err);
         goto fail;
     }
