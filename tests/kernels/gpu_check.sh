@@ -383,16 +383,20 @@ staged) # Written 2026-11-27 without a GPU, off by default until this has run: v
     # LQ_CUDA_MMA1_STAGE=1), with t = x·L2ᵀ projected by the decode kernels' CTAs
     # (LQ_CUDA_MMA1_INLINE_T=1: no projection kernel between a layer and the kernel before) and
     # with x staged by clusters (LQ_CUDA_MMA1_CLUSTER=2|4).
-    # Against the CPU and bit for bit against the codes in registers, against x staged by
-    # clusters and against the projection kernel (test_cuda_ops lq_gemv, also v6 at 2, 3 and 4
-    # CTAs a SM, never checked on a GPU before), the fused and grouped layers, graphs, end to
-    # end, all staged (the fused layers also in clusters of 4) and staged with t projected here;
-    # then the batch-1 step under every variant in one process (bench_cuda --decode-env: one
-    # model, fresh backends, the variants interleaved over 3 rounds, medians), those that poll
-    # (t projected here: a trap would end the process) in a second; each layer alone; ncu's L2
-    # and DRAM sections of a staged normed 4096 x 4096 layer and the next two (before: L2 at 31%
-    # of its peak beside DRAM's 15%, ncu_sections_v6_h100_2026-11-27.log). `staged_more` has
-    # the source page.
+    # First the batch-1 step under the variants that cannot trap, alone on the GPU (what a
+    # short call must bring back): bench_cuda --decode-env, one model, fresh backends, the
+    # variants interleaved over 3 rounds, medians. Then the checks, side by side: against the
+    # CPU and bit for bit against the codes in registers, against x staged by clusters and
+    # against the projection kernel (test_cuda_ops lq_gemv, also v6 at 2, 3 and 4 CTAs a SM),
+    # the fused and grouped layers, graphs, end to end, all staged (the fused layers also in
+    # clusters of 4) and staged with t projected here. Then the variants that poll (t projected
+    # here: a trap would end the process) in a process of their own; the step at batch 1 to 64;
+    # each layer alone; ncu's L2 and DRAM sections of a staged normed 4096 x 4096 layer and the
+    # next two (before: L2 at 31% of its peak beside DRAM's 15%,
+    # ncu_sections_v6_h100_2026-11-27.log). `staged_more` has the source page.
+    s=LQ_CUDA_MMA1_STAGE=1 c=LQ_CUDA_MMA1_CTAS
+    TAIL=12 STEP_TIMEOUT=150 step decode_sweep "$run/bench_cuda" --decode-env \
+        "-;$s;$s $c=2;$s $c=3;$c=2;$c=3;$s LQ_CUDA_MMA1_CLUSTER=2;$s LQ_CUDA_MMA1_CLUSTER=4"
     export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
     pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
     pstep cuda_ops_fused env LQ_CUDA_MMA1_STAGE=1 "$run/test_cuda_ops" linear_fused
@@ -411,9 +415,6 @@ staged) # Written 2026-11-27 without a GPU, off by default until this has run: v
         python3 "$root/tests/kernels/test_gpu_e2e.py"
     TAIL=4 pwait
     unset OPENBLAS_NUM_THREADS LQ_THREADS
-    s=LQ_CUDA_MMA1_STAGE=1 c=LQ_CUDA_MMA1_CTAS
-    TAIL=12 STEP_TIMEOUT=150 step decode_sweep "$run/bench_cuda" --decode-env \
-        "-;$s;$s $c=2;$s $c=3;$c=2;$c=3;$s LQ_CUDA_MMA1_CLUSTER=2;$s LQ_CUDA_MMA1_CLUSTER=4"
     i=LQ_CUDA_MMA1_INLINE_T=1 r=LQ_CUDA_MMA1_ROOM=1
     TAIL=10 STEP_TIMEOUT=150 step decode_sweep_inline "$run/bench_cuda" --decode-env \
         "-;$i;$s $i;$s $i $c=2;$s $i $c=3;$s $i $r $c=2;$s $i $r $c=3;$i $r"
