@@ -395,7 +395,7 @@ staged) # Written 2026-11-27 without a GPU, off by default until this has run: v
     # next two (before: L2 at 31% of its peak beside DRAM's 15%,
     # ncu_sections_v6_h100_2026-11-27.log). `staged_more` has the source page.
     s=LQ_CUDA_MMA1_STAGE=1 c=LQ_CUDA_MMA1_CTAS
-    TAIL=12 STEP_TIMEOUT=150 step decode_sweep "$run/bench_cuda" --decode-env \
+    TAIL=12 STEP_TIMEOUT=200 step decode_sweep "$run/bench_cuda" --decode-env \
         "-;$s;$s $c=2;$s $c=3;$c=2;$c=3;$s LQ_CUDA_MMA1_CLUSTER=2;$s LQ_CUDA_MMA1_CLUSTER=4"
     export OPENBLAS_NUM_THREADS=2 LQ_THREADS=2
     pstep cuda_ops_gemv "$run/test_cuda_ops" lq_gemv
@@ -416,7 +416,7 @@ staged) # Written 2026-11-27 without a GPU, off by default until this has run: v
     TAIL=4 pwait
     unset OPENBLAS_NUM_THREADS LQ_THREADS
     i=LQ_CUDA_MMA1_INLINE_T=1 r=LQ_CUDA_MMA1_ROOM=1
-    TAIL=10 STEP_TIMEOUT=150 step decode_sweep_inline "$run/bench_cuda" --decode-env \
+    TAIL=10 STEP_TIMEOUT=200 step decode_sweep_inline "$run/bench_cuda" --decode-env \
         "-;$i;$s $i;$s $i $c=2;$s $i $c=3;$s $i $r $c=2;$s $i $r $c=3;$i $r"
     TAIL=7 STEP_TIMEOUT=60 step decode_batches "$run/bench_cuda" --decode-env "-;$s" \
         --decode-batches 1,8,32,64 --rounds 1
