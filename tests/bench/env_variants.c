@@ -51,7 +51,7 @@ static int parse_setting(const char *text, size_t length, struct env_variant *va
     return 0;
 }
 
-/* One variant, text[0 .. length) (settings separated by spaces or commas; "-" or blank: none). */
+/* One variant, text[0 .. length) (settings separated by spaces or commas; "-": none). */
 static int parse_variant(const char *text, size_t length, struct env_variant *variant, char *why,
                          size_t why_size) {
     memset(variant, 0, sizeof *variant);
@@ -144,14 +144,22 @@ int env_variants_parse_batches(const char *list, int *batches, int max, int *cou
     return *count > 0 ? 0 : -1;
 }
 
+static const struct env_variant no_settings; /* a base of NULL */
+
 /* Sets base's settings, then the variant's; -1 (nothing left set) if either could not be. */
 static int apply_both(const struct env_variant *base, const struct env_variant *variant,
                       struct env_saved *base_saved, struct env_saved *saved) {
-    static const struct env_variant none;
-    if (env_variant_apply(base ? base : &none, base_saved)) return -1;
+    if (env_variant_apply(base ? base : &no_settings, base_saved)) return -1;
     if (env_variant_apply(variant, saved) == 0) return 0;
-    env_variant_restore(base ? base : &none, base_saved);
+    env_variant_restore(base ? base : &no_settings, base_saved);
     return -1;
+}
+
+/* Undoes apply_both: the variant's settings, then base's. */
+static void restore_both(const struct env_variant *base, const struct env_variant *variant,
+                         struct env_saved *base_saved, struct env_saved *saved) {
+    env_variant_restore(variant, saved);
+    env_variant_restore(base ? base : &no_settings, base_saved);
 }
 
 static void print_summary(const struct env_variant *variants, int count, const int *batches,
@@ -206,9 +214,7 @@ int env_variants_sweep(const struct env_variant *variants, int count,
             if (rc == 0) {
                 why[0] = '\0';
                 rc = measure(context, batches, batch_count, run_ms, run_percent, why, sizeof why);
-                env_variant_restore(&variants[v], &saved);
-                static const struct env_variant none;
-                env_variant_restore(base ? base : &none, &base_saved);
+                restore_both(base, &variants[v], &base_saved, &saved);
             }
             if (rc) {
                 fprintf(out, "FAILED: %s: %s\n", variants[v].label, why);
