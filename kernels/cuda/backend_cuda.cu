@@ -560,7 +560,7 @@ extern "C" int lq_backend_cuda_create(int device, size_t memory_limit, struct lq
     // a decode step does not queue behind an error table's kernels, and the decode kernel that
     // projects t itself (LQ_CUDA_MMA1_INLINE_T), whose CTAs wait for each other, gets the rest
     // of its grid onto the GPU as soon as slots free (a hint to the scheduler, not a guarantee:
-    // its poll traps after about 2 s).
+    // a warp whose poll runs out takes the sums it needs itself, slower but the same bits).
     int least_priority = 0, greatest_priority = 0;
     if ((status = cudaSetDevice(device)) != cudaSuccess ||
         (status = cudaGetDeviceProperties(&properties, device)) != cudaSuccess ||

@@ -159,9 +159,6 @@ __device__ __forceinline__ static void lq_m1_backoff(void) {
     __nanosleep(128);
 #endif
 }
-__device__ __forceinline__ static void lq_m1_stalled(void) {
-    __trap();
-}
 // A tile's words of one row from its slot (bits constant: one 64-bit, one 128-bit or three
 // 32-bit loads; the slot's layout makes each conflict-free). Volatile with a memory clobber: it
 // stays after the copy wait and the warp's barrier.

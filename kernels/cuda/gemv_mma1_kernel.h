@@ -62,10 +62,13 @@
 // the kernel before, so its weights' loads never overlapped that kernel's last wave (a kernel
 // that streams a step's bytes did 84% of the copy bandwidth that way, 102% with its loads out
 // before its wait: tests/bench/bench_stream_ceiling.cu, H100), and every layer paid a launch
-// more. The poll needs every CTA of the grid resident at once: the host takes this path only
-// where the grid is one wave of what the SMs hold (registers and shared memory), and a poll
-// that goes on for seconds stops the launch (lq_m1_stalled) instead of hanging. x is then the
-// kernel before's output where the layer is the first of its group (a->wait_before_x: the
+// more. The poll is fast only where every CTA of the grid is resident at once: the host takes
+// this path only where the grid is one wave of what the SMs hold (registers and shared memory).
+// Still, other work on the GPU (a compress job's kernels) can keep a CTA out for a while, and a
+// warp whose poll runs past a->spin_limit takes the sums it reads itself (lq_m1_low_rank_here:
+// the same products in the same order, the same bits) rather than wait on or stop the launch:
+// every CTA still publishes its pieces and counts itself out, so the counter ends at 0. x is then
+// the kernel before's output where the layer is the first of its group (a->wait_before_x: the
 // staging waits for it); the other layers of a group read an x written two or more kernels back.
 //
 // This file is C as well as CUDA: tests/unit/test_gemv_mma1_kernel.c runs this very code on
@@ -113,7 +116,6 @@
 //   uint32_t lq_m1_add_acq_rel_u32(uint32_t *p, uint32_t v);   (atom.acq_rel.gpu add)
 //   void lq_m1_st_relaxed_u32(uint32_t *p, uint32_t v);   (st.relaxed.gpu)
 //   void lq_m1_backoff(void);   (a short sleep between polls: __nanosleep)
-//   void lq_m1_stalled(void);   (stops the launch with an error: __trap)
 //
 // Fused ops (kernels/backend.h linear_fused). x may be rmsnorm's input instead of its output:
 // the kernel takes the norm into its staging of x, which reads all of x anyway (a pass for the
@@ -144,9 +146,6 @@
 // LQ_PROJECT_SLICE), a quad of x per thread; a CTA takes at most LQ_M1_MAX_T_PIECES of them.
 #define LQ_M1_SLICE_QUADS LQ_M1_THREADS
 #define LQ_M1_MAX_T_PIECES 4
-#ifndef LQ_M1_SPIN_LIMIT
-#define LQ_M1_SPIN_LIMIT (1u << 24) // polls of the pieces' counter before lq_m1_stalled (~2 s)
-#endif
 
 // What x holds and what becomes of the result (kernels/backend.h's enum lq_linear_input_kind
 // and enum lq_linear_output, repeated so that this file needs no project header;
@@ -190,6 +189,7 @@ struct lq_m1_args {
     const float *lora_A; // L2 [rank][cols], 16-byte aligned (t_pieces > 0)
     float *t_out;        // = t: where the pieces' sums go (t_pieces > 0)
     uint32_t *barrier;   // [2]: pieces published, CTAs done with them; 0 before and after
+    uint32_t spin_limit; // polls of barrier[0] before a warp takes the sums itself (0: at once)
 };
 
 // Shared memory, in this order: x in fp16 (16 words per chunk, for every chunk of the padded
@@ -530,16 +530,14 @@ LQ_M1_FN void lq_m1_publish_pieces(const struct lq_m1_args *a, int block, const 
     lq_m1_add_release_u32(&a->barrier[0], 1u);
 }
 
-// Until every CTA of the grid has published its pieces (acquire), or lq_m1_stalled.
-LQ_M1_FN void lq_m1_await_pieces(const struct lq_m1_args *a) {
+// Whether every CTA of the grid has published its pieces (acquire), by a->spin_limit polls.
+LQ_M1_FN int lq_m1_await_pieces(const struct lq_m1_args *a) {
     const uint32_t ctas = (uint32_t)lq_m1_grid(a->rows, a->rg_log, 0);
-    for (uint32_t polls = 0; lq_m1_ld_acquire_u32(&a->barrier[0]) < ctas; polls++) {
-        if (polls == LQ_M1_SPIN_LIMIT) {
-            lq_m1_stalled(); // not every CTA was resident: a host's mistake, made loud
-            return;
-        }
+    for (uint32_t polls = 0; polls < a->spin_limit; polls++) {
+        if (lq_m1_ld_acquire_u32(&a->barrier[0]) >= ctas) return 1;
         lq_m1_backoff();
     }
+    return 0;
 }
 
 // After the CTA is done with t, by one thread: the CTA's departure; the last CTA out sets both
@@ -836,6 +834,63 @@ LQ_M1_FN uint64_t lq_m1_l1_index(const struct lq_m1_args *a, const struct lq_m1_
     return (uint64_t)row * (uint32_t)a->rank + (uint32_t)k;
 }
 
+// Slice s's sum of t's row k as the CTA that owns the piece publishes it, by the whole warp
+// (lane `lane` stands for thread w·32 + lane of each warp w in turn): its quads' products
+// (lq_m1_project_quad: four FMAs from 0), the warp's sum (lq_m1_pieces_warp_sums), the warps'
+// in order from 0 (lq_m1_publish_pieces). x is whole: the caller has waited for the kernel
+// before.
+LQ_M1_FN float lq_m1_piece_here(const struct lq_m1_args *a, int k, int s, int lane) {
+    float sum = 0.0f;
+    for (int w = 0; w < LQ_M1_WARPS; w++) {
+        const int i = s * LQ_M1_SLICE_QUADS + w * 32 + lane;
+        float v = 0.0f;
+        if (i < a->cols / 4) {
+            float x[4], wt[4], l[4];
+            lq_m1_load_quad(a, i, x, wt);
+            lq_m1_ldg_f32x4(a->lora_A + (uint64_t)k * (uint32_t)a->cols + 4u * (uint32_t)i, l);
+            for (int c = 0; c < 4; c++)
+                v = lq_m1_fma(l[c],
+                              a->input == LQ_M1_INPUT_RMSNORM ? lq_m1_fmul(x[c], wt[c]) : x[c], v);
+        }
+        for (int offset = 16; offset > 0; offset >>= 1)
+            v = lq_m1_fadd(v, lq_m1_shfl_xor(v, offset));
+        sum = lq_m1_fadd(sum, v);
+    }
+    return sum;
+}
+
+// The low-rank term of a warp whose poll ran out (a CTA of the grid has yet to publish): acc as
+// the epilogue adds it from t (the same k a lane, in the same order, each t as lq_m1_t_at sums
+// its slices), with every t the warp reads taken here (lq_m1_piece_here). The warp's loops are
+// uniform (the pieces are taken by all its lanes together); a lane keeps its own k's.
+LQ_M1_FN void lq_m1_low_rank_here(const struct lq_m1_args *a, const struct lq_m1_lane *l, int ks,
+                                  int rank_stride, int lane, float t_scale,
+                                  const float l1[2][LQ_M1_RANK_REGS], float acc[2]) {
+    const int t = lane & 3;
+    for (int base = ks * 4, m = 0; base < a->rank; base += rank_stride, m++) {
+        float mine = 0.0f;
+        for (int q = 0; q < 4 && base + q < a->rank; q++) {
+            float tk = lq_m1_piece_here(a, base + q, 0, lane);
+            for (int s = 1; s < a->t_slices; s++)
+                tk = lq_m1_fadd(tk, lq_m1_piece_here(a, base + q, s, lane));
+            if (q == t) mine = tk;
+        }
+        const int k = base + t;
+        if (k >= a->rank) continue;
+        const float tk = lq_m1_fmul(mine, t_scale);
+        LQ_M1_UNROLL
+        for (int h = 0; h < 2; h++) {
+            float held = 0.0f;
+            LQ_M1_UNROLL
+            for (int r = 0; r < LQ_M1_RANK_REGS; r++)
+                if (m == r) held = l1[h][r];
+            acc[h] = lq_m1_fma(
+                m < LQ_M1_RANK_REGS ? held : lq_m1_ldg_f32(a->lora_B + lq_m1_l1_index(a, l, h, k)),
+                tk, acc[h]);
+        }
+    }
+}
+
 // The kernel: CTA `block` of the grid, thread `thread` of the CTA; `shared` holds
 // lq_m1_shared_bytes(bits, chunks_per_row) bytes, 16-byte aligned. bits, bpc (1, or 2 for
 // B0 = 16), share (a->share_scales), stage (a->stage) and project (a->t_pieces > 0) are
@@ -958,12 +1013,21 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     // SwiGLU's gate values are read after the wait too (the kernel before wrote them).
     if (a->rank > 0 || a->output == LQ_M1_OUTPUT_SWIGLU) lq_m1_wait_prerequisite();
     // With the projection in the kernel, t is whole once every CTA has published its pieces:
-    // one lane of each warp polls, the warp's barrier passes it on.
+    // one lane of each warp polls, the warp's barrier passes it on; its answer goes to every
+    // lane as a sum of lane 0's 1 or 0 (the warp's branch must be uniform).
+    int whole = 1;
     if (project) {
-        if (lane == 0) lq_m1_await_pieces(a);
+        float polled = 0.0f;
+        if (lane == 0) polled = lq_m1_await_pieces(a) ? 1.0f : 0.0f;
+        for (int offset = 16; offset > 0; offset >>= 1)
+            polled = lq_m1_fadd(polled, lq_m1_shfl_xor(polled, offset));
+        whole = polled != 0.0f;
         lq_m1_tile_fence();
     }
-    if (a->rank > 0) {
+    if (a->rank > 0 && project && !whole) {
+        lq_m1_low_rank_here(a, &lane_state, ks, rank_stride, lane,
+                            a->input == LQ_M1_INPUT_RMSNORM ? *norm_scale : 1.0f, l1, acc);
+    } else if (a->rank > 0) {
         const float t_scale = a->input == LQ_M1_INPUT_RMSNORM ? *norm_scale : 1.0f;
         LQ_M1_UNROLL
         for (int m = 0; m < LQ_M1_RANK_REGS; m++) {

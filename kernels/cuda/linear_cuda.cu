@@ -391,6 +391,19 @@ static int lq_env_int(const char *name, int otherwise) {
     return value && *value && !*end && v >= 0 && v <= 64 ? (int)v : otherwise;
 }
 
+// The projection in the kernel: the polls of the pieces' counter before a warp takes the sums
+// it reads itself (gemv_mma1_kernel.h lq_m1_low_rank_here). LQ_CUDA_MMA1_SPIN=N (0 to 2^30;
+// 0: every warp takes them at once, which the GPU tests use to run that path). Default 4096:
+// a poll is an L2 round trip and a 128 ns sleep, so about a millisecond or more, far past the
+// few microseconds a resident grid's CTAs take to publish, and short beside a stall behind a
+// compress job's kernels (an estimate, not yet measured on a GPU).
+static uint32_t lq_mma1_spin_limit(void) {
+    const char *value = getenv("LQ_CUDA_MMA1_SPIN");
+    char *end;
+    const long v = value && *value ? strtol(value, &end, 10) : -1;
+    return value && *value && !*end && v >= 0 && v <= (1L << 30) ? (uint32_t)v : 4096u;
+}
+
 // An SM's shared memory, for all its CTAs.
 static size_t lq_mma1_shared_per_sm(const struct lq_cuda *cuda) {
     return cuda->shared_per_sm > 0 ? cuda->shared_per_sm : 227 * 1024;
@@ -581,6 +594,7 @@ static cudaError_t lq_launch_mma1(const struct lq_cuda *cuda, const struct lq_li
     if (shape.t_pieces > 0) { // t is the workspace the projection kernel would have written
         a.t_pieces = shape.t_pieces, a.wait_before_x = wait_before_x;
         a.lora_A = data->lora_A, a.t_out = (float *)d.t, a.barrier = data->tickets;
+        a.spin_limit = lq_mma1_spin_limit();
     }
     const dim3 grid((unsigned)lq_m1_grid(a.rows, a.rg_log, a.cluster_log));
     if (a.cluster_log == 0)

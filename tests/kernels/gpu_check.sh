@@ -383,14 +383,15 @@ staged) # Written 2026-11-27 without a GPU, off by default until this has run: v
     # LQ_CUDA_MMA1_STAGE=1), with t = x·L2ᵀ projected by the decode kernels' CTAs
     # (LQ_CUDA_MMA1_INLINE_T=1: no projection kernel between a layer and the kernel before) and
     # with x staged by clusters (LQ_CUDA_MMA1_CLUSTER=2|4).
-    # First the batch-1 step under the variants that cannot trap, alone on the GPU (what a
+    # First the batch-1 step under the variants that do not poll, alone on the GPU (what a
     # short call must bring back): bench_cuda --decode-env, one model, fresh backends, the
     # variants interleaved over 3 rounds, medians. Then the checks, side by side: against the
     # CPU and bit for bit against the codes in registers, against x staged by clusters and
     # against the projection kernel (test_cuda_ops lq_gemv, also v6 at 2, 3 and 4 CTAs a SM),
     # the fused and grouped layers, graphs, end to end, all staged (the fused layers also in
     # clusters of 4) and staged with t projected here. Then the variants that poll (t projected
-    # here: a trap would end the process) in a process of their own; the step at batch 1 to 64;
+    # here, never run on a GPU: a fault would end the process) in a process of their own; the
+    # step at batch 1 to 64;
     # each layer alone; ncu's L2 and DRAM sections of a staged normed 4096 x 4096 layer and the
     # next two (before: L2 at 31% of its peak beside DRAM's 15%,
     # ncu_sections_v6_h100_2026-11-27.log). `staged_more` has the source page.

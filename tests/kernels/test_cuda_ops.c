@@ -317,8 +317,9 @@ static void test_linear_lq(void) {
  * values and x to fp16: against the CPU at fp16's tolerance; with its codes in registers and,
  * where the shape allows, staged in shared memory (LQ_CUDA_MMA1_STAGE=1), with x staged by
  * clusters of 2 and 4 CTAs (LQ_CUDA_MMA1_CLUSTER), and with t = x·L2ᵀ computed by its CTAs
- * where the grid allows (LQ_CUDA_MMA1_INLINE_T=1; else by the projection kernel): the same
- * bits). The
+ * where the grid allows (LQ_CUDA_MMA1_INLINE_T=1; else by the projection kernel), also with
+ * every warp taking the sums it reads itself, as a warp whose poll runs out does
+ * (LQ_CUDA_MMA1_SPIN=0): the same bits). The
  * environment variable is restored afterwards. */
 static void test_linear_lq_gemv(void) {
     const struct lq_nf_config configs[] = {{3, 8, LQ_SCALE_FP32, 64, 256},
@@ -357,45 +358,48 @@ static void test_linear_lq_gemv(void) {
                 float *ref = malloc(out_count * sizeof *ref);
                 CHECK_OK(cpu->ops->linear(cpu, &w, x, 1, ref));
                 float *dx = device_floats(x, (size_t)w.cols);
-                enum { VARIANTS = 16 };
+                enum { VARIANTS = 18 };
                 float *out[VARIANTS] = {NULL};
                 /* v6 at lq_mma1_pick's choice, at 2, 3 and 4 CTAs per SM (the kernel's register
                  * cap), with its codes staged, with x staged by clusters of 2 (codes staged)
                  * and of 4 CTAs, and with t projected in the kernel (codes in registers, and
-                 * staged) */
+                 * staged), then with every warp taking t itself (the same two) */
                 static const char *const variants[VARIANTS] = {
-                    "v1", "v2", "v3", "v4", "v5", "v5r2", "v5r4", "v6",
-                    "v6", "v6", "v6", "v6", "v6", "v6",   "v6",   "v6"};
+                    "v1", "v2", "v3", "v4", "v5", "v5r2", "v5r4", "v6", "v6",
+                    "v6", "v6", "v6", "v6", "v6", "v6",   "v6",   "v6", "v6"};
                 static const char *const mma1_ctas[VARIANTS] = {NULL, NULL, NULL, NULL, NULL, NULL,
                                                                 NULL, NULL, "2",  "3",  "4",  NULL,
-                                                                NULL, NULL, NULL, NULL};
+                                                                NULL, NULL, NULL, NULL, NULL, NULL};
                 for (int v = 0; v < VARIANTS; v++) {
                     setenv("LQ_CUDA_DECODE", variants[v], 1);
                     if (mma1_ctas[v]) setenv("LQ_CUDA_MMA1_CTAS", mma1_ctas[v], 1);
-                    if (v == 11 || v == 12 || v == 15) setenv("LQ_CUDA_MMA1_STAGE", "1", 1);
+                    const int staged = v == 11 || v == 12 || v == 15 || v == 17;
+                    if (staged) setenv("LQ_CUDA_MMA1_STAGE", "1", 1);
                     if (v == 12 || v == 13) setenv("LQ_CUDA_MMA1_CLUSTER", v == 12 ? "2" : "4", 1);
                     if (v >= 14) setenv("LQ_CUDA_MMA1_INLINE_T", "1", 1);
+                    if (v >= 16) setenv("LQ_CUDA_MMA1_SPIN", "0", 1);
                     float *dy = device_floats(NULL, out_count); /* NaN poison */
                     CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy));
                     out[v] = to_host(dy, out_count);
                     /* v6: fp16 values and x on the tensor cores (B0 = 8: v1) */
-                    char how[32] = "";
+                    char how[48] = "";
                     if (mma1_ctas[v]) snprintf(how, sizeof how, " (%s CTAs per SM)", mma1_ctas[v]);
                     if (v == 11) snprintf(how, sizeof how, " (codes staged)");
                     if (v == 12 || v == 13)
                         snprintf(how, sizeof how, " (clusters of %d%s)", v == 12 ? 2 : 4,
                                  v == 12 ? ", staged" : "");
                     if (v >= 14)
-                        snprintf(how, sizeof how, " (t projected here%s)",
-                                 v == 15 ? ", staged" : "");
+                        snprintf(how, sizeof how, " (t projected here%s%s)",
+                                 staged ? ", staged" : "", v >= 16 ? ", each warp's own" : "");
                     CHECK_CLOSE(out[v], ref, out_count, v >= 7 ? TOL_FP16 : TOL_FP32, "%s, %s%s",
                                 label, variants[v], how);
                     TIME_GPU(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy), "%s, n 1, %s%s", label,
                              variants[v], how);
                     if (mma1_ctas[v]) unsetenv("LQ_CUDA_MMA1_CTAS");
-                    if (v == 11 || v == 12 || v == 15) unsetenv("LQ_CUDA_MMA1_STAGE");
+                    if (staged) unsetenv("LQ_CUDA_MMA1_STAGE");
                     if (v == 12 || v == 13) unsetenv("LQ_CUDA_MMA1_CLUSTER");
                     if (v >= 14) unsetenv("LQ_CUDA_MMA1_INLINE_T");
+                    if (v >= 16) unsetenv("LQ_CUDA_MMA1_SPIN");
                     gpu->ops->buffer_free(gpu, dy);
                 }
                 for (int v = 1; v < 4; v++)
@@ -423,7 +427,9 @@ static void test_linear_lq_gemv(void) {
                               : v == 12 ? "in clusters of 2"
                               : v == 13 ? "in clusters of 4"
                               : v == 14 ? "with t projected here"
-                                        : "staged with t projected here");
+                              : v == 15 ? "staged with t projected here"
+                              : v == 16 ? "with t taken by each warp"
+                                        : "staged with t taken by each warp");
                 for (int v = 0; v < VARIANTS; v++) free(out[v]);
                 free(x), free(ref);
                 lq_linear_free(&w);

@@ -265,9 +265,6 @@ static inline void lq_m1_st_relaxed_u32(uint32_t *p, uint32_t v) {
 static void lq_m1_backoff(void) {
     sched_yield();
 }
-static void lq_m1_stalled(void) {
-    abort();
-}
 
 /* A prefetch must name a word of the codes (a wild address would fault on the GPU). */
 static const void *codes_begin, *codes_end;
@@ -299,8 +296,13 @@ static void run_thread(const void *arg, int block, int thread, void *shared) {
     if (pending_count) __atomic_add_fetch(&copies_left, 1, __ATOMIC_RELAXED);
 }
 
+/* With the projection in the kernel: its CTAs one after another, as a GPU runs a grid that does
+ * not fit (every CTA but the last finds its poll run out and takes the sums itself). */
+static int serial_projection;
+
 /* Every CTA of the grid, one after another (a cluster's together); with the projection in the
- * kernel, all of them together, the first starting late. */
+ * kernel, all of them together, the first starting late (or one after another:
+ * serial_projection). */
 static void launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
     const struct launch l = {args, bits, bpc};
     waits = 0, prefetches = 0, misaligned = 0, copies_left = 0;
@@ -309,7 +311,7 @@ static void launch_kernel(const struct lq_m1_args *args, int bits, int bpc) {
                      : lq_m1_shared_bytes(bits, args->chunks_per_row, window_base)) +
         lq_m1_t_area_bytes(args->t_pieces);
     const int ctas = lq_m1_grid(args->rows, args->rg_log, args->cluster_log);
-    if (args->t_pieces > 0) {
+    if (args->t_pieces > 0 && !serial_projection) {
         cta_late_us = 20000;
         cta_run_together(run_thread, &l, ctas, LQ_M1_THREADS, shared);
         cta_late_us = 0;
@@ -464,13 +466,18 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     const int pieces = (rank * slices + grid - 1) / grid;
     const int can_project = rank > 0 && grid <= CTA_MAX_CLUSTER && pieces <= LQ_M1_MAX_T_PIECES;
     float *t_inline = malloc((size_t)slices * (rank > 0 ? rank : 1) * sizeof(float));
+    float *y_polled = malloc((size_t)rows * sizeof(float)); /* the polling run's y */
     uint32_t barrier[2] = {0u, 0u};
-    if (!t_inline) abort();
+    if (!t_inline || !y_polled) abort();
     copy_l2_begin = (const char *)l2;
     copy_l2_end = (const char *)l2 + (rank > 0 ? (size_t)rank * cols * sizeof(float) : 0);
+    /* The projection's runs: polling (LQ_M1_POLL, with room to wait out the late CTA), every
+     * warp taking its sums itself at once (LQ_M1_AT_ONCE), and the CTAs one after another with a
+     * short poll (LQ_M1_SERIAL): the last two's y equals the first's bit for bit. */
+    enum { LQ_M1_POLL = 1, LQ_M1_AT_ONCE, LQ_M1_SERIAL };
     struct {
         int stage, eager, cluster_log, project;
-    } runs[8] = {{0, 0, 0, 0}};
+    } runs[10] = {{0, 0, 0, 0}};
     int run_count = 1;
     if (can_stage) runs[run_count].stage = 1, run_count++;
     if (can_stage && (rows + rank) % 2)
@@ -478,10 +485,15 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     runs[run_count].cluster_log = 1, run_count++;
     if ((rows + rank) % 2 == 0)
         runs[run_count].stage = can_stage, runs[run_count].cluster_log = 2, run_count++;
-    if (can_project) runs[run_count].project = 1, run_count++;
+    if (can_project) runs[run_count].project = LQ_M1_POLL, run_count++;
     if (can_project && can_stage)
-        runs[run_count].project = runs[run_count].stage = 1,
+        runs[run_count].project = LQ_M1_POLL, runs[run_count].stage = 1,
         runs[run_count].eager = (rows / 8 + rank) % 2, run_count++;
+    /* (staged where the polling run before them was; at once in half the cases, for time) */
+    if (can_project && (rows / 8 + rank) % 2 == 0)
+        runs[run_count] = runs[run_count - 1], runs[run_count].project = LQ_M1_AT_ONCE, run_count++;
+    if (can_project)
+        runs[run_count] = runs[run_count - 1], runs[run_count].project = LQ_M1_SERIAL, run_count++;
     const size_t base_length = strlen(label);
     for (int run = 0; run < run_count; run++) {
         a.stage = runs[run].stage, copy_eager = runs[run].eager;
@@ -493,15 +505,22 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
         a.t = runs[run].project ? t_inline : t;
         a.t_out = runs[run].project ? t_inline : NULL;
         a.barrier = runs[run].project ? barrier : NULL;
+        a.spin_limit = runs[run].project == LQ_M1_POLL     ? 1u << 30
+                       : runs[run].project == LQ_M1_SERIAL ? 16u
+                                                           : 0u;
+        serial_projection = runs[run].project == LQ_M1_SERIAL;
         for (int i = 0; i < slices * rank; i++) t_inline[i] = NAN;
-        snprintf(label + base_length, sizeof label - base_length, "%s%s%s%s",
+        snprintf(label + base_length, sizeof label - base_length, "%s%s%s%s%s",
                  a.stage ? ", staged" : "", copy_eager ? " (eager copies)" : "",
                  a.cluster_log == 1   ? ", clusters of 2"
                  : a.cluster_log == 2 ? ", clusters of 4"
                                       : "",
                  a.t_pieces
                      ? (a.wait_before_x ? ", projected here after the wait" : ", projected here")
-                     : "");
+                     : "",
+                 runs[run].project == LQ_M1_AT_ONCE  ? " (t taken by every warp)"
+                 : runs[run].project == LQ_M1_SERIAL ? " (CTAs one after another)"
+                                                     : "");
         for (int r = 0; r < rows; r++) y[r] = output == LQ_M1_OUTPUT_WRITE ? NAN : prior[r];
         launch_kernel(&a, c.b0, bpc);
         if (a.t_pieces) {
@@ -525,6 +544,13 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
                                 k, got, sum);
                 }
             CHECK_MSG(wrong == 0, "%s: %d of t's slice sums wrong", label, wrong);
+            if (runs[run].project == LQ_M1_POLL) memcpy(y_polled, y, (size_t)rows * sizeof(float));
+            int differ = 0;
+            for (int r = 0; r < rows && runs[run].project != LQ_M1_POLL; r++)
+                if (memcmp(&y[r], &y_polled[r], sizeof(float)) != 0 && differ++ < 3)
+                    fprintf(stderr, "%s: row %d: %.9g, polling %.9g\n", label, r, y[r],
+                            y_polled[r]);
+            CHECK_MSG(differ == 0, "%s: %d rows not the polling run's bits", label, differ);
         }
         CHECK_MSG(misaligned == 0, "%s: the pair table was found misaligned", label);
         CHECK_MSG(copies_left == 0, "%s: %d threads ended with copies never waited for", label,
@@ -585,7 +611,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
                   "reference, %.3g against the exact product",
                   label, bad, worst, worst_exact);
     }
-    free(t_inline);
+    free(t_inline), free(y_polled);
     free(deq), free(y), free(codes), free(scale_codes), free(group_scales);
     free(t), free(t_exact), free(l1), free(l2), free(x), free(raw), free(second), free(prior);
     free(dense);
