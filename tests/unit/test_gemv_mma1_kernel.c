@@ -460,20 +460,24 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
      * staged by clusters of 2 CTAs (codes in registers) and, in the other cases, of 4 (staged
      * where they can be). */
     const int can_stage = lq_m1_can_stage(c.b0, cols / 32);
-    /* The projection in the kernel, where every CTA can run at once here and takes at most
-     * LQ_M1_MAX_T_PIECES pieces: t poisoned, written by the kernel. */
+    /* The projection in the kernel, where a CTA takes at most LQ_M1_MAX_T_PIECES pieces: t
+     * poisoned, written by the kernel. */
     const int grid = lq_m1_grid(rows, rg_log, 0);
     const int pieces = (rank * slices + grid - 1) / grid;
-    const int can_project = rank > 0 && grid <= CTA_MAX_CLUSTER && pieces <= LQ_M1_MAX_T_PIECES;
+    const int can_project = rank > 0 && pieces <= LQ_M1_MAX_T_PIECES;
+    const int together = grid <= CTA_MAX_CLUSTER; /* every CTA can run at once here */
     float *t_inline = malloc((size_t)slices * (rank > 0 ? rank : 1) * sizeof(float));
-    float *y_polled = malloc((size_t)rows * sizeof(float)); /* the polling run's y */
+    float *y_first = malloc((size_t)rows * sizeof(float)); /* the first projecting run's y */
     uint32_t barrier[2] = {0u, 0u};
-    if (!t_inline || !y_polled) abort();
+    if (!t_inline || !y_first) abort();
     copy_l2_begin = (const char *)l2;
     copy_l2_end = (const char *)l2 + (rank > 0 ? (size_t)rank * cols * sizeof(float) : 0);
-    /* The projection's runs: polling (LQ_M1_POLL, with room to wait out the late CTA), every
-     * warp taking its sums itself at once (LQ_M1_AT_ONCE), and the CTAs one after another with a
-     * short poll (LQ_M1_SERIAL): the last two's y equals the first's bit for bit. */
+    /* The projection's runs: polling (LQ_M1_POLL, with room to wait out the late CTA; where
+     * every CTA can run at once), every warp taking its sums itself at once (LQ_M1_AT_ONCE), and
+     * the CTAs one after another with a short poll (LQ_M1_SERIAL: every CTA but the last runs
+     * out): each one's y equals the first's bit for bit. A grid too large to run at once here
+     * runs its CTAs one after another in all of them, at once in LQ_M1_AT_ONCE's sense (no
+     * polls) and then serially, so that the last CTA reads the pieces the others published. */
     enum { LQ_M1_POLL = 1, LQ_M1_AT_ONCE, LQ_M1_SERIAL };
     struct {
         int stage, eager, cluster_log, project;
@@ -485,12 +489,14 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
     runs[run_count].cluster_log = 1, run_count++;
     if ((rows + rank) % 2 == 0)
         runs[run_count].stage = can_stage, runs[run_count].cluster_log = 2, run_count++;
-    if (can_project) runs[run_count].project = LQ_M1_POLL, run_count++;
-    if (can_project && can_stage)
+    if (can_project && together) runs[run_count].project = LQ_M1_POLL, run_count++;
+    if (can_project && together && can_stage)
         runs[run_count].project = LQ_M1_POLL, runs[run_count].stage = 1,
         runs[run_count].eager = (rows / 8 + rank) % 2, run_count++;
+    if (can_project && !together)
+        runs[run_count].project = LQ_M1_AT_ONCE, runs[run_count].stage = can_stage, run_count++;
     /* (staged where the polling run before them was; at once in half the cases, for time) */
-    if (can_project && (rows / 8 + rank) % 2 == 0)
+    else if (can_project && (rows / 8 + rank) % 2 == 0)
         runs[run_count] = runs[run_count - 1], runs[run_count].project = LQ_M1_AT_ONCE, run_count++;
     if (can_project)
         runs[run_count] = runs[run_count - 1], runs[run_count].project = LQ_M1_SERIAL, run_count++;
@@ -508,7 +514,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
         a.spin_limit = runs[run].project == LQ_M1_POLL     ? 1u << 30
                        : runs[run].project == LQ_M1_SERIAL ? 16u
                                                            : 0u;
-        serial_projection = runs[run].project == LQ_M1_SERIAL;
+        serial_projection = runs[run].project == LQ_M1_SERIAL || !together;
         for (int i = 0; i < slices * rank; i++) t_inline[i] = NAN;
         snprintf(label + base_length, sizeof label - base_length, "%s%s%s%s%s",
                  a.stage ? ", staged" : "", copy_eager ? " (eager copies)" : "",
@@ -544,13 +550,15 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
                                 k, got, sum);
                 }
             CHECK_MSG(wrong == 0, "%s: %d of t's slice sums wrong", label, wrong);
-            if (runs[run].project == LQ_M1_POLL) memcpy(y_polled, y, (size_t)rows * sizeof(float));
+            const int first = !runs[run - 1].project;
+            if (first) memcpy(y_first, y, (size_t)rows * sizeof(float));
             int differ = 0;
-            for (int r = 0; r < rows && runs[run].project != LQ_M1_POLL; r++)
-                if (memcmp(&y[r], &y_polled[r], sizeof(float)) != 0 && differ++ < 3)
-                    fprintf(stderr, "%s: row %d: %.9g, polling %.9g\n", label, r, y[r],
-                            y_polled[r]);
-            CHECK_MSG(differ == 0, "%s: %d rows not the polling run's bits", label, differ);
+            for (int r = 0; r < rows && !first; r++)
+                if (memcmp(&y[r], &y_first[r], sizeof(float)) != 0 && differ++ < 3)
+                    fprintf(stderr, "%s: row %d: %.9g, first projecting run %.9g\n", label, r, y[r],
+                            y_first[r]);
+            CHECK_MSG(differ == 0, "%s: %d rows not the first projecting run's bits", label,
+                      differ);
         }
         CHECK_MSG(misaligned == 0, "%s: the pair table was found misaligned", label);
         CHECK_MSG(copies_left == 0, "%s: %d threads ended with copies never waited for", label,
@@ -611,7 +619,7 @@ static void check_case_shared(int rows, int cols, struct lq_nf_config c, int ran
                   "reference, %.3g against the exact product",
                   label, bad, worst, worst_exact);
     }
-    free(t_inline), free(y_polled);
+    free(t_inline), free(y_first);
     free(deq), free(y), free(codes), free(scale_codes), free(group_scales);
     free(t), free(t_exact), free(l1), free(l2), free(x), free(raw), free(second), free(prior);
     free(dense);
@@ -721,7 +729,8 @@ static void test_fused_ops(void) {
 }
 
 /* The projection in the kernel (t_pieces > 0) on grids of 6 and 8 CTAs, all of them running at
- * once and the first starting late (cta_run_together): 3 pieces a CTA over 3 slices; fewer
+ * once and the first starting late (cta_run_together), then one after another (the warps' sums
+ * taken by themselves): 3 pieces a CTA over 3 slices; fewer
  * pieces than CTAs (the last 4 have none); 2 row groups a CTA; and rows wider than the quads a
  * thread holds through the staging (5 slices, the last partial) with a normed input and a
  * residual add. Most cases above run it too (40 x 640 at rank 8: 3 CTAs of 3 pieces). */
@@ -734,6 +743,11 @@ static void test_projection_here(void) {
     check_case(128, 64, (struct lq_nf_config){4, 8, LQ_SCALE_FP16, 32, 2}, 4, 0);
     check_case(256, 1056, (struct lq_nf_config){2, 8, LQ_SCALE_BF16, 16, 4}, 8, 1);
     check_case_shared(96, 4352, c, 4, 0, 1, LQ_M1_INPUT_RMSNORM, LQ_M1_OUTPUT_ADD);
+    /* grids too large to run at once here, as a 7B layer's are (128 to 688 CTAs): their CTAs
+     * one after another (20 CTAs of which the last 4 have no piece; 9 CTAs of 2 row groups
+     * and 4 pieces each but the last, a normed input into SwiGLU) */
+    check_case(320, 1056, c, 8, 0);
+    check_case_shared(288, 2048, c, 16, 1, 1, LQ_M1_INPUT_RMSNORM, LQ_M1_OUTPUT_SWIGLU);
     cpu->ops->destroy(cpu);
     cpu = NULL;
 }
