@@ -383,12 +383,16 @@ static_assert(LQ_M1_INPUT_PLAIN == LQ_INPUT_PLAIN && LQ_M1_INPUT_RMSNORM == LQ_I
                   LQ_M1_OUTPUT_SWIGLU == LQ_OUTPUT_SWIGLU,
               "gemv_mma1_kernel.h repeats kernels/backend.h's input and output kinds");
 
-// An integer from the environment (read on every call, for benchmarks), or `otherwise`.
-static int lq_env_int(const char *name, int otherwise) {
+// An integer 0 .. most from the environment (read on every call, for benchmarks), or
+// `otherwise`.
+static long lq_env_upto(const char *name, long most, long otherwise) {
     const char *value = getenv(name);
     char *end;
     const long v = value && *value ? strtol(value, &end, 10) : 0;
-    return value && *value && !*end && v >= 0 && v <= 64 ? (int)v : otherwise;
+    return value && *value && !*end && v >= 0 && v <= most ? v : otherwise;
+}
+static int lq_env_int(const char *name, int otherwise) {
+    return (int)lq_env_upto(name, 64, otherwise);
 }
 
 // The projection in the kernel: the polls of the pieces' counter before a warp takes the sums
@@ -398,10 +402,7 @@ static int lq_env_int(const char *name, int otherwise) {
 // few microseconds a resident grid's CTAs take to publish, and short beside a stall behind a
 // compress job's kernels (an estimate, not yet measured on a GPU).
 static uint32_t lq_mma1_spin_limit(void) {
-    const char *value = getenv("LQ_CUDA_MMA1_SPIN");
-    char *end;
-    const long v = value && *value ? strtol(value, &end, 10) : -1;
-    return value && *value && !*end && v >= 0 && v <= (1L << 30) ? (uint32_t)v : 4096u;
+    return (uint32_t)lq_env_upto("LQ_CUDA_MMA1_SPIN", 1L << 30, 4096);
 }
 
 // An SM's shared memory, for all its CTAs.
