@@ -363,43 +363,44 @@ static void test_linear_lq_gemv(void) {
                 /* v6 at lq_mma1_pick's choice, at 2, 3 and 4 CTAs per SM (the kernel's register
                  * cap), with its codes staged, with x staged by clusters of 2 (codes staged)
                  * and of 4 CTAs, and with t projected in the kernel (codes in registers, and
-                 * staged), then with every warp taking t itself (the same two) */
+                 * staged), then with every warp taking t itself (the same two). Each v6
+                 * variant's settings: LQ_CUDA_MMA1_ + mma1_names[i] = settings[i] (NULL: unset). */
                 static const char *const variants[VARIANTS] = {
                     "v1", "v2", "v3", "v4", "v5", "v5r2", "v5r4", "v6", "v6",
                     "v6", "v6", "v6", "v6", "v6", "v6",   "v6",   "v6", "v6"};
-                static const char *const mma1_ctas[VARIANTS] = {NULL, NULL, NULL, NULL, NULL, NULL,
-                                                                NULL, NULL, "2",  "3",  "4",  NULL,
-                                                                NULL, NULL, NULL, NULL, NULL, NULL};
+                static const char *const mma1_names[5] = {
+                    "LQ_CUDA_MMA1_CTAS", "LQ_CUDA_MMA1_STAGE", "LQ_CUDA_MMA1_CLUSTER",
+                    "LQ_CUDA_MMA1_INLINE_T", "LQ_CUDA_MMA1_SPIN"};
+                static const struct {
+                    const char *settings[5], *how;
+                } mma1[VARIANTS] = {
+                    [8] = {{"2"}, " (2 CTAs per SM)"},
+                    [9] = {{"3"}, " (3 CTAs per SM)"},
+                    [10] = {{"4"}, " (4 CTAs per SM)"},
+                    [11] = {{NULL, "1"}, " (codes staged)"},
+                    [12] = {{NULL, "1", "2"}, " (clusters of 2, staged)"},
+                    [13] = {{NULL, NULL, "4"}, " (clusters of 4)"},
+                    [14] = {{NULL, NULL, NULL, "1"}, " (t projected here)"},
+                    [15] = {{NULL, "1", NULL, "1"}, " (t projected here, staged)"},
+                    [16] = {{NULL, NULL, NULL, "1", "0"}, " (t projected here, each warp's own)"},
+                    [17] = {{NULL, "1", NULL, "1", "0"},
+                            " (t projected here, staged, each warp's own)"},
+                };
                 for (int v = 0; v < VARIANTS; v++) {
                     setenv("LQ_CUDA_DECODE", variants[v], 1);
-                    if (mma1_ctas[v]) setenv("LQ_CUDA_MMA1_CTAS", mma1_ctas[v], 1);
-                    const int staged = v == 11 || v == 12 || v == 15 || v == 17;
-                    if (staged) setenv("LQ_CUDA_MMA1_STAGE", "1", 1);
-                    if (v == 12 || v == 13) setenv("LQ_CUDA_MMA1_CLUSTER", v == 12 ? "2" : "4", 1);
-                    if (v >= 14) setenv("LQ_CUDA_MMA1_INLINE_T", "1", 1);
-                    if (v >= 16) setenv("LQ_CUDA_MMA1_SPIN", "0", 1);
+                    for (int i = 0; i < 5; i++)
+                        if (mma1[v].settings[i]) setenv(mma1_names[i], mma1[v].settings[i], 1);
                     float *dy = device_floats(NULL, out_count); /* NaN poison */
                     CHECK_OK(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy));
                     out[v] = to_host(dy, out_count);
                     /* v6: fp16 values and x on the tensor cores (B0 = 8: v1) */
-                    char how[48] = "";
-                    if (mma1_ctas[v]) snprintf(how, sizeof how, " (%s CTAs per SM)", mma1_ctas[v]);
-                    if (v == 11) snprintf(how, sizeof how, " (codes staged)");
-                    if (v == 12 || v == 13)
-                        snprintf(how, sizeof how, " (clusters of %d%s)", v == 12 ? 2 : 4,
-                                 v == 12 ? ", staged" : "");
-                    if (v >= 14)
-                        snprintf(how, sizeof how, " (t projected here%s%s)",
-                                 staged ? ", staged" : "", v >= 16 ? ", each warp's own" : "");
+                    const char *how = mma1[v].how ? mma1[v].how : "";
                     CHECK_CLOSE(out[v], ref, out_count, v >= 7 ? TOL_FP16 : TOL_FP32, "%s, %s%s",
                                 label, variants[v], how);
                     TIME_GPU(gpu->ops->linear(gpu, &on_gpu, dx, 1, dy), "%s, n 1, %s%s", label,
                              variants[v], how);
-                    if (mma1_ctas[v]) unsetenv("LQ_CUDA_MMA1_CTAS");
-                    if (staged) unsetenv("LQ_CUDA_MMA1_STAGE");
-                    if (v == 12 || v == 13) unsetenv("LQ_CUDA_MMA1_CLUSTER");
-                    if (v >= 14) unsetenv("LQ_CUDA_MMA1_INLINE_T");
-                    if (v >= 16) unsetenv("LQ_CUDA_MMA1_SPIN");
+                    for (int i = 0; i < 5; i++)
+                        if (mma1[v].settings[i]) unsetenv(mma1_names[i]);
                     gpu->ops->buffer_free(gpu, dy);
                 }
                 for (int v = 1; v < 4; v++)
@@ -413,8 +414,7 @@ static void test_linear_lq_gemv(void) {
                 for (int v = 8; v < 11; v++)
                     if (out[7] && out[v])
                         CHECK_CLOSE(out[v], out[7], out_count, TOL_FP32,
-                                    "%s: v6 at %s CTAs per SM against its own choice", label,
-                                    mma1_ctas[v]);
+                                    "%s: v6%s against its own choice", label, mma1[v].how);
                 /* staged or not, in clusters or not, t projected here or by its kernel: the
                  * same rows per CTA and the same arithmetic (x is a plain input: no norm's sum to
                  * split; the kernel's pieces are the projection kernel's slice sums, in its
@@ -422,14 +422,7 @@ static void test_linear_lq_gemv(void) {
                 for (int v = 11; v < VARIANTS; v++)
                     CHECK_MSG(out[7] && out[v] &&
                                   memcmp(out[7], out[v], out_count * sizeof(float)) == 0,
-                              "%s: v6 %s differs in its bits from v6 alone", label,
-                              v == 11   ? "staged"
-                              : v == 12 ? "in clusters of 2"
-                              : v == 13 ? "in clusters of 4"
-                              : v == 14 ? "with t projected here"
-                              : v == 15 ? "staged with t projected here"
-                              : v == 16 ? "with t taken by each warp"
-                                        : "staged with t taken by each warp");
+                              "%s: v6%s differs in its bits from v6 alone", label, mma1[v].how);
                 for (int v = 0; v < VARIANTS; v++) free(out[v]);
                 free(x), free(ref);
                 lq_linear_free(&w);
