@@ -500,6 +500,12 @@ LQ_M1_FN void lq_m1_project_quad(const struct lq_m1_args *a, int block, int thre
     }
 }
 
+// v summed over the warp's lanes, every lane's the same (lq_warp_sum's order: xor 16 to 1).
+LQ_M1_FN float lq_m1_warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = lq_m1_fadd(v, lq_m1_shfl_xor(v, offset));
+    return v;
+}
+
 // The pieces' sums of the warp's threads, into the warp's row of the area's sums (lane 0),
 // added as lq_warp_sum adds them.
 LQ_M1_FN void lq_m1_pieces_warp_sums(const struct lq_m1_args *a, int block, int thread,
@@ -508,9 +514,7 @@ LQ_M1_FN void lq_m1_pieces_warp_sums(const struct lq_m1_args *a, int block, int 
     for (int j = 0; j < LQ_M1_MAX_T_PIECES; j++) {
         int k, s;
         if (!lq_m1_piece(a, block, j, &k, &s)) break;
-        float v = acc[j];
-        for (int offset = 16; offset > 0; offset >>= 1)
-            v = lq_m1_fadd(v, lq_m1_shfl_xor(v, offset));
+        const float v = lq_m1_warp_sum(acc[j]);
         if ((thread & 31) == 0) piece_sums[(thread >> 5) * LQ_M1_MAX_T_PIECES + j] = v;
     }
 }
@@ -852,9 +856,7 @@ LQ_M1_FN float lq_m1_piece_here(const struct lq_m1_args *a, int k, int s, int la
                 v = lq_m1_fma(l[c],
                               a->input == LQ_M1_INPUT_RMSNORM ? lq_m1_fmul(x[c], wt[c]) : x[c], v);
         }
-        for (int offset = 16; offset > 0; offset >>= 1)
-            v = lq_m1_fadd(v, lq_m1_shfl_xor(v, offset));
-        sum = lq_m1_fadd(sum, v);
+        sum = lq_m1_fadd(sum, lq_m1_warp_sum(v));
     }
     return sum;
 }
@@ -1017,11 +1019,8 @@ LQ_M1_FN void lq_m1_body(const struct lq_m1_args *a, int bits, int bpc, int shar
     // lane as a sum of lane 0's 1 or 0 (the warp's branch must be uniform).
     int whole = 1;
     if (project) {
-        float polled = 0.0f;
-        if (lane == 0) polled = lq_m1_await_pieces(a) ? 1.0f : 0.0f;
-        for (int offset = 16; offset > 0; offset >>= 1)
-            polled = lq_m1_fadd(polled, lq_m1_shfl_xor(polled, offset));
-        whole = polled != 0.0f;
+        const float polled = lane == 0 && lq_m1_await_pieces(a) ? 1.0f : 0.0f;
+        whole = lq_m1_warp_sum(polled) != 0.0f;
         lq_m1_tile_fence();
     }
     if (a->rank > 0 && project && !whole) {
